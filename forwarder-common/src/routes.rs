@@ -1,0 +1,72 @@
+//! `EFWD_ROUTES_V1`: hash map, [`RouteKey`] → [`RouteValue`]. One entry per forwarded
+//! stream: RTP with this SSRC, arriving on this listener from this source, goes to one
+//! destination with its headers rewritten. Fan-out (1→N) will key a destination list
+//! off the same key; `flags` leaves room for route kinds.
+
+use crate::assert_size;
+
+pub const MAP_NAME: &str = "EFWD_ROUTES_V1";
+/// Also the size of the per-route statistics array (`stats_slot` < this).
+pub const MAX_ROUTES: u32 = 65_536;
+
+/// Which packet a route matches. Addresses are 16 bytes (IPv4 v4-mapped).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct RouteKey {
+    /// Our address the publisher sends to.
+    pub listen_addr: [u8; 16],
+    /// The publisher's address.
+    pub src_addr: [u8; 16],
+    pub listen_port_be: [u8; 2],
+    pub src_port_be: [u8; 2],
+    pub ssrc_be: [u8; 4],
+}
+assert_size!(RouteKey, 40);
+
+impl RouteKey {
+    pub const ZERO: RouteKey = RouteKey {
+        listen_addr: [0; 16],
+        src_addr: [0; 16],
+        listen_port_be: [0; 2],
+        src_port_be: [0; 2],
+        ssrc_be: [0; 4],
+    };
+}
+
+/// Rewrite the payload type `pt_from` to `pt_to`.
+pub const FLAG_REWRITE_PT: u32 = 1 << 0;
+/// Output addresses are IPv6 (must match the input family: the header length
+/// cannot change in place).
+pub const FLAG_IPV6: u32 = 1 << 1;
+
+/// Where and how the copy goes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RouteValue {
+    /// Next hop's MAC address.
+    pub dst_mac: [u8; 6],
+    /// Egress interface's MAC address.
+    pub src_mac: [u8; 6],
+    pub out_src_addr: [u8; 16],
+    pub out_dst_addr: [u8; 16],
+    pub out_src_port_be: [u8; 2],
+    pub out_dst_port_be: [u8; 2],
+    /// Same as the ingress interface: XDP_TX; other: XDP_REDIRECT via `EFWD_EGRESS_V1`.
+    pub egress_ifindex: u32,
+    pub ssrc_out_be: [u8; 4],
+    /// Added (mod 2^32) to the RTP timestamp.
+    pub ts_delta: u32,
+    /// Added (mod 2^16) to the RTP sequence number.
+    pub seq_delta: u16,
+    pub pt_from: u8,
+    pub pt_to: u8,
+    /// Index into `EFWD_RSTATS_V1`.
+    pub stats_slot: u32,
+    pub flags: u32,
+}
+assert_size!(RouteValue, 72);
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for RouteKey {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for RouteValue {}

@@ -1,0 +1,181 @@
+//! RTP/RTCP facts shared by both data paths: the RFC 7983 demultiplexing of the first
+//! payload byte, the RFC 5761 RTP/RTCP split, RTP header validation, and the header
+//! rewrite the userspace path applies (the XDP program does the same on packet memory).
+
+use crate::routes::{FLAG_REWRITE_PT, RouteValue};
+
+pub const RTP_FIXED_HEADER_LEN: usize = 12;
+/// Largest RTP packet either data path handles (jumbo frames); also keeps the
+/// verifier's packet offsets bounded.
+pub const MAX_RTP_LEN: usize = 9000;
+
+/// What the first two bytes of a UDP payload say it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    Stun,
+    Dtls,
+    TurnChannel,
+    Rtp,
+    Rtcp,
+    Unknown,
+}
+
+/// RFC 7983 §7 first-byte ranges, then RFC 5761 §4 for RTP vs RTCP: RTCP packet types
+/// 192-223 (SR 200, RR 201, ... FIR 192) appear as the second byte, which for RTP
+/// holds marker + payload type, and payload types 64-95 are reserved for that reason.
+#[inline(always)]
+pub fn classify(b0: u8, b1: u8) -> Class {
+    match b0 {
+        0..=3 => Class::Stun,
+        20..=63 => Class::Dtls,
+        64..=79 => Class::TurnChannel,
+        128..=191 => {
+            if (192..=223).contains(&b1) {
+                Class::Rtcp
+            } else {
+                Class::Rtp
+            }
+        }
+        _ => Class::Unknown,
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RtpError {
+    /// Shorter than the 12-byte fixed header plus the CSRC list.
+    Truncated,
+    /// Extension header or its declared length runs past the packet.
+    ExtensionTruncated,
+    /// Padding count is 0 or larger than the payload.
+    BadPadding,
+    TooLong,
+}
+
+/// Validates an RTP packet; returns the header length (fixed + CSRCs + extension).
+pub fn validate(pkt: &[u8]) -> Result<usize, RtpError> {
+    if pkt.len() > MAX_RTP_LEN {
+        return Err(RtpError::TooLong);
+    }
+    if pkt.len() < RTP_FIXED_HEADER_LEN {
+        return Err(RtpError::Truncated);
+    }
+    let cc = (pkt[0] & 0x0f) as usize;
+    let mut hlen = RTP_FIXED_HEADER_LEN + 4 * cc;
+    if pkt.len() < hlen {
+        return Err(RtpError::Truncated);
+    }
+    if pkt[0] & 0x10 != 0 {
+        if pkt.len() < hlen + 4 {
+            return Err(RtpError::ExtensionTruncated);
+        }
+        let words = u16::from_be_bytes([pkt[hlen + 2], pkt[hlen + 3]]) as usize;
+        hlen += 4 + 4 * words;
+        if pkt.len() < hlen {
+            return Err(RtpError::ExtensionTruncated);
+        }
+    }
+    if pkt[0] & 0x20 != 0 {
+        let pad = pkt[pkt.len() - 1] as usize;
+        if pad == 0 || hlen + pad > pkt.len() {
+            return Err(RtpError::BadPadding);
+        }
+    }
+    Ok(hlen)
+}
+
+/// Applies a route's RTP rewrite (payload type, sequence, timestamp, SSRC) in place.
+/// `pkt` must have passed [`validate`].
+pub fn rewrite(pkt: &mut [u8], route: &RouteValue) {
+    if route.flags & FLAG_REWRITE_PT != 0 && pkt[1] & 0x7f == route.pt_from {
+        pkt[1] = (pkt[1] & 0x80) | (route.pt_to & 0x7f);
+    }
+    let seq = u16::from_be_bytes([pkt[2], pkt[3]]).wrapping_add(route.seq_delta);
+    pkt[2..4].copy_from_slice(&seq.to_be_bytes());
+    let ts = u32::from_be_bytes([pkt[4], pkt[5], pkt[6], pkt[7]]).wrapping_add(route.ts_delta);
+    pkt[4..8].copy_from_slice(&ts.to_be_bytes());
+    pkt[8..12].copy_from_slice(&route.ssrc_out_be);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rtp(b0: u8, extra: &[u8]) -> [u8; 64] {
+        let mut p = [0u8; 64];
+        p[0] = b0;
+        p[1] = 96;
+        p[12..12 + extra.len()].copy_from_slice(extra);
+        p
+    }
+
+    #[test]
+    fn classify_rfc7983_ranges() {
+        assert_eq!(classify(0, 1), Class::Stun);
+        assert_eq!(classify(3, 0), Class::Stun);
+        assert_eq!(classify(4, 0), Class::Unknown);
+        assert_eq!(classify(19, 0), Class::Unknown);
+        assert_eq!(classify(20, 0), Class::Dtls);
+        assert_eq!(classify(22, 0), Class::Dtls);
+        assert_eq!(classify(63, 0), Class::Dtls);
+        assert_eq!(classify(64, 0), Class::TurnChannel);
+        assert_eq!(classify(79, 0), Class::TurnChannel);
+        assert_eq!(classify(80, 0), Class::Unknown);
+        assert_eq!(classify(127, 0), Class::Unknown);
+        assert_eq!(classify(0x80, 96), Class::Rtp);
+        assert_eq!(classify(0x80, 96 | 0x80), Class::Rtp);
+        assert_eq!(classify(0x80, 200), Class::Rtcp);
+        assert_eq!(classify(0x81, 201), Class::Rtcp);
+        assert_eq!(classify(0x80, 192), Class::Rtcp);
+        assert_eq!(classify(0x80, 223), Class::Rtcp);
+        assert_eq!(classify(0x80, 224), Class::Rtp);
+        assert_eq!(classify(191, 0), Class::Rtp);
+        assert_eq!(classify(192, 0), Class::Unknown);
+    }
+
+    #[test]
+    fn validate_headers() {
+        assert_eq!(validate(&rtp(0x80, &[])), Ok(12));
+        assert_eq!(validate(&[0x80; 11]), Err(RtpError::Truncated));
+        // Two CSRCs.
+        assert_eq!(validate(&rtp(0x82, &[])), Ok(20));
+        assert_eq!(validate(&rtp(0x82, &[])[..19]), Err(RtpError::Truncated));
+        // Extension with 2 words after 0 CSRCs.
+        let p = rtp(0x90, &[0xbe, 0xde, 0, 2]);
+        assert_eq!(validate(&p), Ok(24));
+        assert_eq!(validate(&p[..23]), Err(RtpError::ExtensionTruncated));
+        assert_eq!(validate(&p[..15]), Err(RtpError::ExtensionTruncated));
+        // Padding: last byte counts padding including itself.
+        let mut p = rtp(0xa0, &[]);
+        p[63] = 4;
+        assert_eq!(validate(&p), Ok(12));
+        p[63] = 0;
+        assert_eq!(validate(&p), Err(RtpError::BadPadding));
+        p[63] = 53;
+        assert_eq!(validate(&p), Err(RtpError::BadPadding));
+        p[63] = 52;
+        assert_eq!(validate(&p), Ok(12));
+        assert_eq!(validate(&[0x80; MAX_RTP_LEN + 1]), Err(RtpError::TooLong));
+    }
+
+    #[test]
+    fn rewrite_wraps() {
+        let mut p = rtp(0x80, &[]);
+        p[1] = 0x80 | 100;
+        p[2..4].copy_from_slice(&0xfffeu16.to_be_bytes());
+        p[4..8].copy_from_slice(&0xffff_fff0u32.to_be_bytes());
+        let route = RouteValue {
+            seq_delta: 5,
+            ts_delta: 0x20,
+            ssrc_out_be: 0xdead_beefu32.to_be_bytes(),
+            pt_from: 100,
+            pt_to: 111,
+            flags: FLAG_REWRITE_PT,
+            ..Default::default()
+        };
+        rewrite(&mut p, &route);
+        assert_eq!(p[1], 0x80 | 111, "marker kept, PT remapped");
+        assert_eq!(u16::from_be_bytes([p[2], p[3]]), 3);
+        assert_eq!(u32::from_be_bytes([p[4], p[5], p[6], p[7]]), 0x10);
+        assert_eq!(&p[8..12], &0xdead_beefu32.to_be_bytes());
+    }
+}

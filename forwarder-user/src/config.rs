@@ -1,0 +1,156 @@
+//! TOML configuration: media listeners and routes.
+//!
+//! ```toml
+//! [[listener]]
+//! addr = "198.51.100.2:5004"
+//! drop_unknown_source = true   # default true: RTP from strangers dies in XDP
+//! drop_no_route = false        # default false: unrouted SSRCs go to the stack
+//!
+//! [[route]]
+//! listen = "198.51.100.2:5004"  # where the publisher sends
+//! source = "198.51.100.1:40000" # the publisher
+//! ssrc = 0x11223344
+//! out_src = "203.0.113.2:5006"  # the copy leaves from here
+//! out_dst = "203.0.113.1:6000"  # ... to here
+//! ssrc_out = 0x55667788         # default: unchanged
+//! seq_delta = 1000              # default 0, added mod 2^16
+//! ts_delta = 90000              # default 0, added mod 2^32
+//! pt_from = 96                  # optional payload-type remap,
+//! pt_to = 100                   # both or neither
+//! egress = "eth1"               # optional: else from the kernel routing table
+//! dst_mac = "02:00:00:00:00:01" # optional: else from the neighbour table
+//! ```
+
+use std::{net::SocketAddr, path::Path};
+
+use anyhow::{Context as _, Result, bail};
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default, rename = "listener")]
+    pub listeners: Vec<ListenerConfig>,
+    #[serde(default, rename = "route")]
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub addr: SocketAddr,
+    #[serde(default = "yes")]
+    pub drop_unknown_source: bool,
+    #[serde(default)]
+    pub drop_no_route: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub listen: SocketAddr,
+    pub source: SocketAddr,
+    pub ssrc: u32,
+    pub out_src: SocketAddr,
+    pub out_dst: SocketAddr,
+    pub ssrc_out: Option<u32>,
+    #[serde(default)]
+    pub seq_delta: u16,
+    #[serde(default)]
+    pub ts_delta: u32,
+    pub pt_from: Option<u8>,
+    pub pt_to: Option<u8>,
+    pub egress: Option<String>,
+    pub dst_mac: Option<String>,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("in config {}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<Config> {
+        let cfg: Config = toml::from_str(text)?;
+        for (i, r) in cfg.routes.iter().enumerate() {
+            if r.pt_from.is_some() != r.pt_to.is_some() {
+                bail!("route #{} (ssrc {}): set both pt_from and pt_to, or neither", i + 1, r.ssrc);
+            }
+            if !cfg.listeners.iter().any(|l| l.addr == r.listen) {
+                bail!(
+                    "route #{} (ssrc {}): listen {} has no [[listener]] with that addr; add one",
+                    i + 1,
+                    r.ssrc,
+                    r.listen
+                );
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+pub fn parse_mac(s: &str) -> Result<[u8; 6]> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let mut mac = [0u8; 6];
+    if parts.len() != 6 {
+        bail!("{s:?} is not a MAC address (want six hex bytes like 02:00:5e:10:00:01)");
+    }
+    for (b, p) in mac.iter_mut().zip(parts) {
+        *b = u8::from_str_radix(p, 16)
+            .with_context(|| format!("{s:?} is not a MAC address (bad byte {p:?})"))?;
+    }
+    Ok(mac)
+}
+
+pub fn fmt_mac(m: &[u8; 6]) -> String {
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_full_example() {
+        let c = Config::parse(
+            r#"
+            [[listener]]
+            addr = "198.51.100.2:5004"
+            [[route]]
+            listen = "198.51.100.2:5004"
+            source = "198.51.100.1:40000"
+            ssrc = 0x11223344
+            out_src = "203.0.113.2:5006"
+            out_dst = "203.0.113.1:6000"
+            pt_from = 96
+            pt_to = 100
+            dst_mac = "02:00:00:00:00:01"
+            "#,
+        )
+        .unwrap();
+        assert!(c.listeners[0].drop_unknown_source);
+        assert!(!c.listeners[0].drop_no_route);
+        assert_eq!(c.routes[0].ssrc, 0x11223344);
+        assert_eq!(parse_mac(c.routes[0].dst_mac.as_deref().unwrap()).unwrap()[5], 1);
+    }
+
+    #[test]
+    fn errors_say_what_to_fix() {
+        let e = Config::parse("[[listener]]\naddr = \"1.2.3.4\"\n").unwrap_err();
+        assert!(format!("{e:#}").contains("invalid socket address"), "{e:#}");
+        let e = Config::parse("[[listner]]\n").unwrap_err();
+        assert!(format!("{e:#}").contains("unknown field"), "{e:#}");
+        let e = Config::parse(
+            "[[route]]\nlisten=\"1.1.1.1:1\"\nsource=\"1.1.1.2:1\"\nssrc=1\nout_src=\"1.1.1.1:2\"\nout_dst=\"1.1.1.3:1\"\n",
+        )
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("has no [[listener]]"), "{e:#}");
+        assert!(parse_mac("02:00:00:00:00").is_err());
+        assert!(parse_mac("02:00:00:00:00:zz").is_err());
+    }
+}

@@ -1,0 +1,362 @@
+//! edgefwd: daemon (`run`) and CLI (`routes`, `stats`, `simulate`) in one binary.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, atomic::AtomicBool},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use edgefwd::{
+    config::{Config, RouteConfig},
+    loader::{self, Counters},
+    maps::{Listener, Maps, Route},
+    metrics, resolve,
+    simulate::{Simulator, pcap_frames},
+    stats, userpath,
+};
+use forwarder_common::{DEFAULT_PIN_DIR, PROG_FORWARD};
+
+#[derive(Parser)]
+#[command(name = "edgefwd", version, about = "eBPF/XDP-accelerated WebRTC SFU edge forwarder")]
+struct Cli {
+    /// bpffs directory where the daemon pins its maps and the CLI finds them.
+    #[arg(long, global = true, default_value = DEFAULT_PIN_DIR, env = "EDGEFWD_PIN_DIR")]
+    pin_dir: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Datapath {
+    /// XDP in the kernel (native mode, generic as fallback).
+    Xdp,
+    /// recvmmsg/sendmmsg on UDP sockets.
+    User,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Load the data plane, program routes from the config, serve metrics.
+    Run {
+        /// Interface the media arrives on (XDP attaches here).
+        #[arg(long)]
+        iface: Option<String>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "xdp")]
+        datapath: Datapath,
+        /// Prometheus /metrics listen address.
+        #[arg(long)]
+        metrics: Option<SocketAddr>,
+        /// Stop by itself after this many seconds (demos, tests).
+        #[arg(long)]
+        duration: Option<u64>,
+    },
+    /// List, add or delete routes in the live maps.
+    Routes {
+        #[command(subcommand)]
+        cmd: RoutesCmd,
+    },
+    /// Counters by verdict (forwarded, passed, dropped by reason) with rates.
+    Stats {
+        #[arg(long)]
+        json: bool,
+        /// Seconds between the two samples rates are computed from (0: no rates).
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        /// Show verdicts with zero packets too.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Ask the XDP program what it would do with a packet (BPF_PROG_TEST_RUN against
+    /// the live routes; nothing is sent and the live counters are not touched).
+    Simulate {
+        /// Ethernet frame as hex.
+        #[arg(long, conflicts_with = "pcap", required_unless_present = "pcap")]
+        packet: Option<String>,
+        /// pcap file of Ethernet frames.
+        #[arg(long)]
+        pcap: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum RoutesCmd {
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add or replace a route (the listener is created if missing).
+    Add {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        source: SocketAddr,
+        #[arg(long, value_parser = parse_u32)]
+        ssrc: u32,
+        #[arg(long)]
+        out_src: SocketAddr,
+        #[arg(long)]
+        out_dst: SocketAddr,
+        #[arg(long, value_parser = parse_u32)]
+        ssrc_out: Option<u32>,
+        #[arg(long, default_value_t = 0)]
+        seq_delta: u16,
+        #[arg(long, default_value_t = 0)]
+        ts_delta: u32,
+        /// Payload type remap FROM:TO.
+        #[arg(long)]
+        pt: Option<String>,
+        #[arg(long)]
+        egress: Option<String>,
+        #[arg(long)]
+        dst_mac: Option<String>,
+    },
+    Del {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        source: SocketAddr,
+        #[arg(long, value_parser = parse_u32)]
+        ssrc: u32,
+    },
+}
+
+fn parse_u32(s: &str) -> Result<u32, String> {
+    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => u32::from_str_radix(h, 16),
+        None => s.parse(),
+    };
+    r.map_err(|_| format!("{s:?} is not a 32-bit number (decimal or 0x-hex)"))
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    if let Err(e) = real_main(cli) {
+        eprintln!("edgefwd: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Run { iface, config, datapath, metrics, duration } => {
+            let cfg = match &config {
+                Some(p) => Config::load(p)?,
+                None => Config::default(),
+            };
+            let rt = tokio::runtime::Runtime::new()?;
+            match datapath {
+                Datapath::Xdp => {
+                    let iface = iface.context("--iface is required with --datapath xdp")?;
+                    rt.block_on(run_xdp(cli.pin_dir, iface, cfg, metrics, duration))
+                }
+                Datapath::User => rt.block_on(run_user(cfg, metrics, duration)),
+            }
+        }
+        Cmd::Routes { cmd } => routes_cmd(&cli.pin_dir, cmd),
+        Cmd::Stats { json, interval, all } => {
+            let maps = Maps::open_pinned(&cli.pin_dir)?;
+            let rows = stats::verdict_rows(&maps, Duration::from_secs_f64(interval.max(0.0)))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                stats::print_verdicts(&rows, all);
+            }
+            Ok(())
+        }
+        Cmd::Simulate { packet, pcap, json } => {
+            let frames = match (packet, pcap) {
+                (Some(h), _) => {
+                    let clean: String = h.chars().filter(|c| !c.is_whitespace() && *c != ':').collect();
+                    vec![hex::decode(&clean).context("--packet is not hex")?]
+                }
+                (None, Some(p)) => pcap_frames(&p)?,
+                (None, None) => bail!("give --packet HEX or --pcap FILE"),
+            };
+            let mut sim = Simulator::new(&cli.pin_dir)?;
+            let mut all = Vec::new();
+            for (i, f) in frames.iter().enumerate() {
+                let o = sim.run(f)?;
+                if !json {
+                    println!("#{} {} ({})", i + 1, o.action, o.verdict.unwrap_or("?"));
+                    if o.action == "XDP_TX" || o.action == "XDP_REDIRECT" {
+                        println!("{}", o.decoded);
+                        println!("out {}", hex::encode(&o.output));
+                    }
+                }
+                all.push(o);
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn routes_cmd(pin_dir: &std::path::Path, cmd: RoutesCmd) -> Result<()> {
+    let mut maps = Maps::open_pinned(pin_dir)?;
+    match cmd {
+        RoutesCmd::List { json } => {
+            let rows = stats::route_rows(maps.routes()?);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                stats::print_routes(&rows);
+            }
+        }
+        RoutesCmd::Add {
+            listen, source, ssrc, out_src, out_dst, ssrc_out, seq_delta, ts_delta, pt, egress, dst_mac,
+        } => {
+            let (pt_from, pt_to) = match pt {
+                Some(p) => {
+                    let (f, t) = p.split_once(':').context("--pt wants FROM:TO, e.g. 96:100")?;
+                    (Some(f.parse().context("--pt FROM")?), Some(t.parse().context("--pt TO")?))
+                }
+                None => (None, None),
+            };
+            let rc = RouteConfig {
+                listen, source, ssrc, out_src, out_dst, ssrc_out, seq_delta, ts_delta, pt_from, pt_to, egress, dst_mac,
+            };
+            if !maps.listeners()?.iter().any(|l| l.addr == listen) {
+                maps.set_listener(&Listener { addr: listen, drop_unknown_source: true, drop_no_route: false })?;
+            }
+            let route = resolve::resolve(&rc)?;
+            maps.add_route(&route)?;
+            println!("route {ssrc:#010x} from {source} on {listen} -> {out_dst} added");
+        }
+        RoutesCmd::Del { listen, source, ssrc } => {
+            let key = Route {
+                listen, source, ssrc,
+                out_src: listen, out_dst: listen, egress_ifindex: 0, src_mac: [0; 6], dst_mac: [0; 6],
+                ssrc_out: 0, seq_delta: 0, ts_delta: 0, pt_remap: None,
+            }
+            .key();
+            if !maps.del_route(&key)? {
+                bail!("no route for SSRC {ssrc:#010x} from {source} on {listen} (see `edgefwd routes list`)");
+            }
+            println!("route {ssrc:#010x} from {source} on {listen} deleted");
+        }
+    }
+    Ok(())
+}
+
+async fn shutdown_signal(duration: Option<u64>) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let sleep = async {
+        match duration {
+            Some(s) => tokio::time::sleep(Duration::from_secs(s)).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => log::info!("SIGINT: shutting down"),
+        _ = term.recv() => log::info!("SIGTERM: shutting down"),
+        _ = sleep => log::info!("--duration elapsed: shutting down"),
+    }
+    Ok(())
+}
+
+async fn run_xdp(
+    pin_dir: PathBuf,
+    iface: String,
+    cfg: Config,
+    metrics_addr: Option<SocketAddr>,
+    duration: Option<u64>,
+) -> Result<()> {
+    let mut ebpf = loader::load(&pin_dir, Counters::Pinned)?;
+    match aya_log::EbpfLogger::init(&mut ebpf) {
+        Ok(logger) => {
+            let mut fd = tokio::io::unix::AsyncFd::with_interest(logger, tokio::io::Interest::READABLE)?;
+            tokio::spawn(async move {
+                loop {
+                    let Ok(mut guard) = fd.readable_mut().await else { break };
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+            });
+        }
+        Err(e) => log::warn!("eBPF logs unavailable: {e}"),
+    }
+    let mode = loader::attach(&mut ebpf, PROG_FORWARD, &iface)?;
+    log::info!("XDP attached to {iface} in {mode:?} mode; maps pinned in {}", pin_dir.display());
+    let mut maps = Maps::from_ebpf(&mut ebpf)?;
+    for l in &cfg.listeners {
+        maps.set_listener(&Listener {
+            addr: l.addr,
+            drop_unknown_source: l.drop_unknown_source,
+            drop_no_route: l.drop_no_route,
+        })?;
+    }
+    for rc in &cfg.routes {
+        let route = resolve::resolve(rc).with_context(|| format!("route for SSRC {:#010x}", rc.ssrc))?;
+        maps.add_route(&route)?;
+        log::info!(
+            "route {:#010x} {} on {} -> {} via ifindex {}",
+            rc.ssrc, rc.source, rc.listen, rc.out_dst, route.egress_ifindex
+        );
+    }
+    drop(maps);
+    if let Some(addr) = metrics_addr {
+        let source = metrics::Source::Pinned(pin_dir.clone());
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(addr, source).await {
+                log::error!("metrics server: {e:#}");
+            }
+        });
+    }
+    println!("edgefwd: forwarding on {iface} (XDP {mode:?})");
+    shutdown_signal(duration).await?;
+    // Dropping the object detaches XDP; pinned maps (routes, counters) stay for the
+    // next start and for the CLI.
+    drop(ebpf);
+    Ok(())
+}
+
+async fn run_user(cfg: Config, metrics_addr: Option<SocketAddr>, duration: Option<u64>) -> Result<()> {
+    let routes: Vec<Route> = cfg
+        .routes
+        .iter()
+        .map(|rc| {
+            let mut r = Route {
+                listen: rc.listen, source: rc.source, ssrc: rc.ssrc, out_src: rc.out_src, out_dst: rc.out_dst,
+                egress_ifindex: 0, src_mac: [0; 6], dst_mac: [0; 6],
+                ssrc_out: rc.ssrc_out.unwrap_or(rc.ssrc), seq_delta: rc.seq_delta, ts_delta: rc.ts_delta,
+                pt_remap: rc.pt_from.zip(rc.pt_to),
+            };
+            // L2 is the kernel's job on this path.
+            r.egress_ifindex = 0;
+            r
+        })
+        .collect();
+    let listeners: Vec<(SocketAddr, bool)> =
+        cfg.listeners.iter().map(|l| (l.addr, l.drop_unknown_source)).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let counters = Arc::new(userpath::UserCounters::default());
+    let handles = userpath::run_all(&listeners, &routes, stop.clone(), counters.clone())?;
+    if let Some(addr) = metrics_addr {
+        let source = metrics::Source::User(counters.clone());
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(addr, source).await {
+                log::error!("metrics server: {e:#}");
+            }
+        });
+    }
+    println!("edgefwd: forwarding on {} listener(s) (userspace datapath)", listeners.len());
+    shutdown_signal(duration).await?;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for h in handles {
+        h.join().map_err(|_| anyhow::anyhow!("forwarding thread panicked"))??;
+    }
+    let fwd: u64 = counters.totals().iter().filter(|(v, _)| v.action() == forwarder_common::verdicts::Action::Forward).map(|(_, s)| s.packets).sum();
+    log::info!("userspace datapath forwarded {fwd} packets");
+    Ok(())
+}

@@ -1,0 +1,417 @@
+//! The one place that writes forwarding state into the maps, used by the daemon, the
+//! CLI and the tests alike, so the maps stay consistent with each other: every route
+//! has a zeroed statistics slot, its source is counted in the sources map, and its
+//! egress interface is in the devmap.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::Path,
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::{
+    Ebpf,
+    maps::{DevMapHash, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
+    util::nr_cpus,
+};
+use forwarder_common::{
+    addr::{as_v4, v4_mapped},
+    egress,
+    listeners::{self, FLAG_DROP_NO_ROUTE, FLAG_DROP_UNKNOWN_SOURCE, ListenerKey, ListenerValue},
+    route_stats::{self, RouteStats},
+    routes::{self, FLAG_IPV6, FLAG_REWRITE_PT, MAX_ROUTES, RouteKey, RouteValue},
+    sources::{self, SourceKey, SourceValue},
+    verdicts::{self, Verdict, VerdictStats},
+};
+use serde::Serialize;
+
+/// One forwarded stream, as people and configs speak of it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Route {
+    /// Our address:port the publisher sends to.
+    pub listen: SocketAddr,
+    /// The publisher's address:port.
+    pub source: SocketAddr,
+    pub ssrc: u32,
+    /// Address:port the copy is sent from.
+    pub out_src: SocketAddr,
+    /// Address:port the copy is sent to.
+    pub out_dst: SocketAddr,
+    /// 0: back out of the ingress interface (XDP_TX).
+    pub egress_ifindex: u32,
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub ssrc_out: u32,
+    pub seq_delta: u16,
+    pub ts_delta: u32,
+    /// Payload type `from` is rewritten to `to`.
+    pub pt_remap: Option<(u8, u8)>,
+}
+
+pub fn addr16(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4_mapped(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+pub fn ip_from16(a: [u8; 16]) -> IpAddr {
+    match as_v4(&a) {
+        Some(v4) => IpAddr::V4(Ipv4Addr::from(v4)),
+        None => IpAddr::V6(Ipv6Addr::from(a)),
+    }
+}
+
+fn sock(a: [u8; 16], port_be: [u8; 2]) -> SocketAddr {
+    SocketAddr::new(ip_from16(a), u16::from_be_bytes(port_be))
+}
+
+impl Route {
+    pub fn key(&self) -> RouteKey {
+        RouteKey {
+            listen_addr: addr16(self.listen.ip()),
+            src_addr: addr16(self.source.ip()),
+            listen_port_be: self.listen.port().to_be_bytes(),
+            src_port_be: self.source.port().to_be_bytes(),
+            ssrc_be: self.ssrc.to_be_bytes(),
+        }
+    }
+
+    pub fn source_key(&self) -> SourceKey {
+        let k = self.key();
+        SourceKey {
+            listen_addr: k.listen_addr,
+            src_addr: k.src_addr,
+            listen_port_be: k.listen_port_be,
+            src_port_be: k.src_port_be,
+        }
+    }
+
+    pub fn value(&self, stats_slot: u32) -> RouteValue {
+        let mut flags = 0;
+        if self.out_dst.is_ipv6() {
+            flags |= FLAG_IPV6;
+        }
+        let (pt_from, pt_to) = match self.pt_remap {
+            Some((f, t)) => {
+                flags |= FLAG_REWRITE_PT;
+                (f, t)
+            }
+            None => (0, 0),
+        };
+        RouteValue {
+            dst_mac: self.dst_mac,
+            src_mac: self.src_mac,
+            out_src_addr: addr16(self.out_src.ip()),
+            out_dst_addr: addr16(self.out_dst.ip()),
+            out_src_port_be: self.out_src.port().to_be_bytes(),
+            out_dst_port_be: self.out_dst.port().to_be_bytes(),
+            egress_ifindex: self.egress_ifindex,
+            ssrc_out_be: self.ssrc_out.to_be_bytes(),
+            ts_delta: self.ts_delta,
+            seq_delta: self.seq_delta,
+            pt_from,
+            pt_to,
+            stats_slot,
+            flags,
+        }
+    }
+
+    pub fn from_map(k: &RouteKey, v: &RouteValue) -> Route {
+        Route {
+            listen: sock(k.listen_addr, k.listen_port_be),
+            source: sock(k.src_addr, k.src_port_be),
+            ssrc: u32::from_be_bytes(k.ssrc_be),
+            out_src: sock(v.out_src_addr, v.out_src_port_be),
+            out_dst: sock(v.out_dst_addr, v.out_dst_port_be),
+            egress_ifindex: v.egress_ifindex,
+            src_mac: v.src_mac,
+            dst_mac: v.dst_mac,
+            ssrc_out: u32::from_be_bytes(v.ssrc_out_be),
+            seq_delta: v.seq_delta,
+            ts_delta: v.ts_delta,
+            pt_remap: (v.flags & FLAG_REWRITE_PT != 0).then_some((v.pt_from, v.pt_to)),
+        }
+    }
+
+    /// Rejects what the data plane cannot do, saying what to change.
+    pub fn validate(&self) -> Result<()> {
+        if self.listen.is_ipv6() != self.source.is_ipv6() {
+            bail!(
+                "route {}: listen {} and source {} are of different IP families",
+                self.ssrc,
+                self.listen,
+                self.source
+            );
+        }
+        if self.out_src.is_ipv6() != self.out_dst.is_ipv6() {
+            bail!(
+                "route {}: out_src {} and out_dst {} are of different IP families",
+                self.ssrc,
+                self.out_src,
+                self.out_dst
+            );
+        }
+        if self.listen.is_ipv6() != self.out_dst.is_ipv6() {
+            bail!(
+                "route {}: input is {} but output is {}; the header is rewritten in place, so \
+                 both sides must be the same IP family",
+                self.ssrc,
+                if self.listen.is_ipv6() { "IPv6" } else { "IPv4" },
+                if self.out_dst.is_ipv6() { "IPv6" } else { "IPv4" }
+            );
+        }
+        if let Some((f, t)) = self.pt_remap
+            && (f > 127 || t > 127 || (64..=95).contains(&t))
+        {
+            bail!(
+                "route {}: payload types are 0-127 and 64-95 would be taken for RTCP (RFC \
+                 5761); got {f} -> {t}",
+                self.ssrc
+            );
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Listener {
+    pub addr: SocketAddr,
+    pub drop_unknown_source: bool,
+    pub drop_no_route: bool,
+}
+
+impl Listener {
+    pub fn key(&self) -> ListenerKey {
+        ListenerKey {
+            addr: addr16(self.addr.ip()),
+            port_be: self.addr.port().to_be_bytes(),
+            _pad: [0; 2],
+        }
+    }
+
+    pub fn value(&self) -> ListenerValue {
+        let mut flags = 0;
+        if self.drop_unknown_source {
+            flags |= FLAG_DROP_UNKNOWN_SOURCE;
+        }
+        if self.drop_no_route {
+            flags |= FLAG_DROP_NO_ROUTE;
+        }
+        ListenerValue { flags }
+    }
+}
+
+/// Typed handles on every map.
+pub struct Maps {
+    pub routes: HashMap<MapData, RouteKey, RouteValue>,
+    pub listeners: HashMap<MapData, ListenerKey, ListenerValue>,
+    pub sources: HashMap<MapData, SourceKey, SourceValue>,
+    pub route_stats: PerCpuArray<MapData, RouteStats>,
+    pub verdicts: PerCpuArray<MapData, VerdictStats>,
+    pub egress: DevMapHash<MapData>,
+}
+
+fn take(ebpf: &mut Ebpf, name: &str) -> Result<Map> {
+    ebpf.take_map(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the XDP object"))
+}
+
+fn pinned(dir: &Path, name: &str) -> Result<Map> {
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path).with_context(|| {
+        format!(
+            "opening pinned map {}: is `edgefwd run` running (or has it run) with this pin \
+             directory? Start it, or pass --pin-dir",
+            path.display()
+        )
+    })?;
+    Map::from_map_data(data).with_context(|| format!("pinned map {}", path.display()))
+}
+
+impl Maps {
+    /// Takes the maps out of a loaded object (the daemon, tests).
+    pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self> {
+        Self::build(|name| take(ebpf, name))
+    }
+
+    /// Opens the maps a running daemon pinned (the CLI).
+    pub fn open_pinned(dir: &Path) -> Result<Self> {
+        crate::preflight::require_root()?;
+        Self::build(|name| pinned(dir, name))
+    }
+
+    fn build(mut get: impl FnMut(&str) -> Result<Map>) -> Result<Self> {
+        Ok(Maps {
+            routes: get(routes::MAP_NAME)?.try_into()?,
+            listeners: get(listeners::MAP_NAME)?.try_into()?,
+            sources: get(sources::MAP_NAME)?.try_into()?,
+            route_stats: get(route_stats::MAP_NAME)?.try_into()?,
+            verdicts: get(verdicts::MAP_NAME)?.try_into()?,
+            egress: get(egress::MAP_NAME)?.try_into()?,
+        })
+    }
+
+    pub fn set_listener(&mut self, l: &Listener) -> Result<()> {
+        self.listeners
+            .insert(l.key(), l.value(), 0)
+            .map_err(|e| full_or(e, "listeners", listeners::MAX_LISTENERS))
+            .with_context(|| format!("adding listener {}", l.addr))
+    }
+
+    pub fn listeners(&self) -> Result<Vec<Listener>> {
+        let mut out = Vec::new();
+        for item in self.listeners.iter() {
+            let (k, v) = item?;
+            out.push(Listener {
+                addr: sock(k.addr, k.port_be),
+                drop_unknown_source: v.flags & FLAG_DROP_UNKNOWN_SOURCE != 0,
+                drop_no_route: v.flags & FLAG_DROP_NO_ROUTE != 0,
+            });
+        }
+        out.sort_by_key(|l| l.addr);
+        Ok(out)
+    }
+
+    /// Adds or replaces a route. A replaced route keeps its statistics slot.
+    pub fn add_route(&mut self, r: &Route) -> Result<()> {
+        r.validate()?;
+        let key = r.key();
+        let listener = ListenerKey {
+            addr: key.listen_addr,
+            port_be: key.listen_port_be,
+            _pad: [0; 2],
+        };
+        if self.listeners.get(&listener, 0).is_err() {
+            bail!(
+                "route {}: {} is not a listener; add it first (config [[listener]] or \
+                 `edgefwd routes add` creates it)",
+                r.ssrc,
+                r.listen
+            );
+        }
+        if r.egress_ifindex != 0 {
+            self.egress
+                .insert(r.egress_ifindex, r.egress_ifindex, None, 0)
+                .with_context(|| {
+                    format!(
+                        "adding ifindex {} to the egress devmap: does the interface exist in \
+                         this namespace?",
+                        r.egress_ifindex
+                    )
+                })?;
+        }
+        let (slot, existed) = match self.routes.get(&key, 0) {
+            Ok(v) => (v.stats_slot, true),
+            Err(MapError::KeyNotFound) => (self.free_slot()?, false),
+            Err(e) => return Err(e).context("looking up route"),
+        };
+        if !existed {
+            let zeros = PerCpuValues::try_from(vec![RouteStats::default(); ncpus()?])?;
+            self.route_stats.set(slot, zeros, 0)?;
+        }
+        self.routes
+            .insert(key, r.value(slot), 0)
+            .map_err(|e| full_or(e, "routes", MAX_ROUTES))
+            .with_context(|| format!("adding route for SSRC {:#010x}", r.ssrc))?;
+        if !existed {
+            let sk = r.source_key();
+            let n = self.sources.get(&sk, 0).map(|v| v.routes).unwrap_or(0);
+            self.sources
+                .insert(sk, SourceValue { routes: n + 1 }, 0)
+                .map_err(|e| full_or(e, "sources", sources::MAX_SOURCES))?;
+        }
+        Ok(())
+    }
+
+    /// Removes a route; returns false if there was none.
+    pub fn del_route(&mut self, key: &RouteKey) -> Result<bool> {
+        match self.routes.remove(key) {
+            Ok(()) => {}
+            Err(MapError::KeyNotFound) => return Ok(false),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                return Ok(false);
+            }
+            Err(e) => return Err(e).context("removing route"),
+        }
+        let sk = SourceKey {
+            listen_addr: key.listen_addr,
+            src_addr: key.src_addr,
+            listen_port_be: key.listen_port_be,
+            src_port_be: key.src_port_be,
+        };
+        match self.sources.get(&sk, 0) {
+            Ok(v) if v.routes > 1 => self.sources.insert(
+                sk,
+                SourceValue {
+                    routes: v.routes - 1,
+                },
+                0,
+            )?,
+            Ok(_) => self.sources.remove(&sk)?,
+            Err(_) => {}
+        }
+        Ok(true)
+    }
+
+    fn free_slot(&self) -> Result<u32> {
+        let used: BTreeSet<u32> = self
+            .routes
+            .iter()
+            .filter_map(|r| r.ok().map(|(_, v)| v.stats_slot))
+            .collect();
+        (0..MAX_ROUTES).find(|s| !used.contains(s)).ok_or_else(|| {
+            anyhow!("all {MAX_ROUTES} route statistics slots are in use: remove routes first")
+        })
+    }
+
+    /// Routes with their per-route counters summed over CPUs.
+    pub fn routes(&self) -> Result<Vec<(Route, RouteStats)>> {
+        let mut out = Vec::new();
+        for item in self.routes.iter() {
+            let (k, v) = item?;
+            let mut total = RouteStats::default();
+            if let Ok(per_cpu) = self.route_stats.get(&v.stats_slot, 0) {
+                for s in per_cpu.iter() {
+                    total.packets += s.packets;
+                    total.bytes += s.bytes;
+                }
+            }
+            out.push((Route::from_map(&k, &v), total));
+        }
+        out.sort_by_key(|(r, _)| (r.listen, r.source, r.ssrc));
+        Ok(out)
+    }
+
+    /// Every verdict's packets and bytes, summed over CPUs.
+    pub fn verdict_totals(&self) -> Result<Vec<(Verdict, VerdictStats)>> {
+        Verdict::ALL
+            .iter()
+            .map(|v| {
+                let per_cpu = self.verdicts.get(&(*v as u32), 0)?;
+                let mut t = VerdictStats::default();
+                for s in per_cpu.iter() {
+                    t.packets += s.packets;
+                    t.bytes += s.bytes;
+                }
+                Ok((*v, t))
+            })
+            .collect()
+    }
+}
+
+fn ncpus() -> Result<usize> {
+    nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))
+}
+
+fn full_or(e: MapError, what: &str, max: u32) -> anyhow::Error {
+    if let MapError::SyscallError(s) = &e
+        && s.io_error.raw_os_error() == Some(libc::E2BIG)
+    {
+        return anyhow!(
+            "the {what} map is full ({max} entries): remove entries you no longer need"
+        );
+    }
+    anyhow::Error::new(e)
+}

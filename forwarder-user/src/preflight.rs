@@ -1,0 +1,81 @@
+//! Checks that turn kernel errno soup into a sentence saying what to fix.
+
+use std::path::Path;
+
+use anyhow::{Context as _, Result, bail};
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+pub fn require_root() -> Result<()> {
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "edgefwd needs root (CAP_BPF, CAP_NET_ADMIN) to load XDP programs and open pinned \
+             maps: run it with sudo"
+        );
+    }
+    Ok(())
+}
+
+/// The pin directory must be on a bpffs; creates the directory if the bpffs is there.
+pub fn require_bpffs(pin_dir: &Path) -> Result<()> {
+    let parent = pin_dir.parent().unwrap_or(Path::new("/"));
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let c = std::ffi::CString::new(parent.as_os_str().as_encoded_bytes())?;
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 || st.f_type as i64 != BPF_FS_MAGIC {
+        bail!(
+            "{} is not on a bpf filesystem, so maps cannot be pinned: mount one with \
+             `mount -t bpf bpf {}` (or run `cargo xtask setup`)",
+            pin_dir.display(),
+            parent.display()
+        );
+    }
+    std::fs::create_dir_all(pin_dir)
+        .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
+    Ok(())
+}
+
+pub fn ifindex(iface: &str) -> Result<u32> {
+    let c = std::ffi::CString::new(iface)?;
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if idx == 0 {
+        bail!(
+            "interface {iface:?} does not exist in this network namespace: check `ip link` \
+             (inside a namespace, run edgefwd with `ip netns exec NS`)"
+        );
+    }
+    Ok(idx)
+}
+
+pub fn ifname(ifindex: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    let s = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Some(s.to_string_lossy().into_owned())
+}
+
+/// Kernel (major, minor) from uname.
+pub fn kernel_version() -> Option<(u32, u32)> {
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return None;
+    }
+    let rel = unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) }.to_string_lossy();
+    let mut it = rel.split(|c: char| !c.is_ascii_digit());
+    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+}
+
+/// BPF-to-BPF calls with packet pointers, DEVMAP_HASH and bpf_link XDP attach need 5.9.
+pub fn require_kernel() -> Result<()> {
+    if let Some((maj, min)) = kernel_version()
+        && (maj, min) < (5, 9)
+    {
+        bail!(
+            "kernel {maj}.{min} is too old for the XDP data plane (needs 5.9+): upgrade the \
+             kernel or run with `--datapath user`"
+        );
+    }
+    Ok(())
+}

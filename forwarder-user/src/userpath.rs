@@ -1,0 +1,342 @@
+//! Userspace data path: the same routing and rewrite as the XDP program, on a UDP
+//! socket with recvmmsg/sendmmsg. The fallback where XDP is unavailable, and the
+//! honest baseline the benchmarks compare the kernel path against.
+
+use std::{
+    collections::HashMap,
+    io,
+    mem::{self, MaybeUninit},
+    net::{SocketAddr, UdpSocket},
+    os::fd::AsRawFd,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use forwarder_common::{
+    rtp::{self, Class, classify},
+    routes::RouteValue,
+    verdicts::{NUM_VERDICTS, Verdict, VerdictStats},
+};
+
+use crate::maps::Route;
+
+const BATCH: usize = 64;
+const BUF: usize = 2048;
+
+/// Per-verdict counters, the userspace twin of `EFWD_VERDICT_V1`.
+pub struct UserCounters {
+    packets: [AtomicU64; NUM_VERDICTS as usize],
+    bytes: [AtomicU64; NUM_VERDICTS as usize],
+}
+
+impl Default for UserCounters {
+    fn default() -> Self {
+        UserCounters {
+            packets: std::array::from_fn(|_| AtomicU64::new(0)),
+            bytes: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+impl UserCounters {
+    fn add(&self, v: Verdict, len: usize) {
+        self.packets[v as usize].fetch_add(1, Ordering::Relaxed);
+        self.bytes[v as usize].fetch_add(len as u64, Ordering::Relaxed);
+    }
+
+    pub fn totals(&self) -> Vec<(Verdict, VerdictStats)> {
+        Verdict::ALL
+            .iter()
+            .map(|v| {
+                (
+                    *v,
+                    VerdictStats {
+                        packets: self.packets[*v as usize].load(Ordering::Relaxed),
+                        bytes: self.bytes[*v as usize].load(Ordering::Relaxed),
+                    },
+                )
+            })
+            .collect()
+    }
+}
+
+struct Target {
+    value: RouteValue,
+    out_dst: SocketAddr,
+    /// Index into the output sockets.
+    sock: usize,
+}
+
+/// One listener's forwarding loop.
+pub struct UserPath {
+    listen: UdpSocket,
+    outs: Vec<UdpSocket>,
+    routes: HashMap<(SocketAddr, u32), Target>,
+    drop_unknown_source: bool,
+}
+
+impl UserPath {
+    pub fn new(listen: SocketAddr, routes: &[Route], drop_unknown_source: bool) -> Result<Self> {
+        let sock = UdpSocket::bind(listen)
+            .with_context(|| format!("binding listener {listen}: in use, or not a local address?"))?;
+        // Big buffers: a burst of a few thousand packets must not overflow them.
+        set_buf(&sock, libc::SO_RCVBUF, 8 << 20);
+        let mut outs: Vec<(SocketAddr, UdpSocket)> = Vec::new();
+        let mut table = HashMap::new();
+        for r in routes.iter().filter(|r| r.listen == listen) {
+            r.validate()?;
+            let idx = if r.out_src == listen {
+                usize::MAX
+            } else if let Some(i) = outs.iter().position(|(a, _)| *a == r.out_src) {
+                i
+            } else {
+                let s = UdpSocket::bind(r.out_src).with_context(|| {
+                    format!("binding route source {}: in use, or not a local address?", r.out_src)
+                })?;
+                set_buf(&s, libc::SO_SNDBUF, 8 << 20);
+                outs.push((r.out_src, s));
+                outs.len() - 1
+            };
+            table.insert(
+                (r.source, r.ssrc),
+                Target {
+                    value: r.value(0),
+                    out_dst: r.out_dst,
+                    sock: idx,
+                },
+            );
+        }
+        let mut outs: Vec<UdpSocket> = outs.into_iter().map(|(_, s)| s).collect();
+        // usize::MAX meant "the listening socket": it goes last.
+        outs.push(sock.try_clone()?);
+        let last = outs.len() - 1;
+        for t in table.values_mut() {
+            if t.sock == usize::MAX {
+                t.sock = last;
+            }
+        }
+        sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+        Ok(UserPath {
+            listen: sock,
+            outs,
+            routes: table,
+            drop_unknown_source,
+        })
+    }
+
+    /// Forwards until `stop` is set.
+    pub fn run(&self, stop: &AtomicBool, counters: &UserCounters) -> Result<()> {
+        let mut bufs = vec![[0u8; BUF]; BATCH];
+        let mut addrs: Vec<libc::sockaddr_storage> = vec![unsafe { mem::zeroed() }; BATCH];
+        let mut iovs: Vec<libc::iovec> = Vec::with_capacity(BATCH);
+        let mut msgs: Vec<libc::mmsghdr> = Vec::with_capacity(BATCH);
+        let mut out_addrs: Vec<libc::sockaddr_storage> = vec![unsafe { mem::zeroed() }; BATCH];
+        let mut sends: Vec<Vec<(usize, usize, libc::socklen_t)>> = vec![Vec::new(); self.outs.len()];
+        while !stop.load(Ordering::Relaxed) {
+            iovs.clear();
+            msgs.clear();
+            for (buf, addr) in bufs.iter_mut().zip(addrs.iter_mut()) {
+                iovs.push(libc::iovec {
+                    iov_base: buf.as_mut_ptr().cast(),
+                    iov_len: BUF,
+                });
+                let mut h: libc::mmsghdr = unsafe { mem::zeroed() };
+                h.msg_hdr.msg_name = (addr as *mut libc::sockaddr_storage).cast();
+                h.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as u32;
+                msgs.push(h);
+            }
+            for (m, iov) in msgs.iter_mut().zip(iovs.iter_mut()) {
+                m.msg_hdr.msg_iov = iov;
+                m.msg_hdr.msg_iovlen = 1;
+            }
+            let n = unsafe {
+                libc::recvmmsg(
+                    self.listen.as_raw_fd(),
+                    msgs.as_mut_ptr(),
+                    BATCH as u32,
+                    libc::MSG_WAITFORONE,
+                    std::ptr::null_mut(),
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => continue,
+                    _ => return Err(e).context("recvmmsg"),
+                }
+            }
+            for s in sends.iter_mut() {
+                s.clear();
+            }
+            for i in 0..n as usize {
+                let len = msgs[i].msg_len as usize;
+                let Some(src) = sockaddr_to(&addrs[i]) else { continue };
+                let pkt = &mut bufs[i][..len];
+                let v = self.route_one(i, pkt, src, &mut out_addrs[i], &mut sends);
+                if let Some(v) = v {
+                    counters.add(v, len);
+                } else {
+                    counters.add(Verdict::ForwardRedirect, len);
+                }
+            }
+            for (sock, batch) in self.outs.iter().zip(sends.iter()) {
+                if batch.is_empty() {
+                    continue;
+                }
+                let mut out_iovs: Vec<libc::iovec> = batch
+                    .iter()
+                    .map(|&(i, len, _)| libc::iovec {
+                        iov_base: bufs[i].as_mut_ptr().cast(),
+                        iov_len: len,
+                    })
+                    .collect();
+                let mut out_msgs: Vec<libc::mmsghdr> = batch
+                    .iter()
+                    .zip(out_iovs.iter_mut())
+                    .map(|(&(i, _, alen), iov)| {
+                        let mut h: libc::mmsghdr = unsafe { mem::zeroed() };
+                        h.msg_hdr.msg_name = (&mut out_addrs[i] as *mut libc::sockaddr_storage).cast();
+                        h.msg_hdr.msg_namelen = alen;
+                        h.msg_hdr.msg_iov = iov;
+                        h.msg_hdr.msg_iovlen = 1;
+                        h
+                    })
+                    .collect();
+                let mut off = 0;
+                while off < out_msgs.len() {
+                    let r = unsafe {
+                        libc::sendmmsg(
+                            sock.as_raw_fd(),
+                            out_msgs[off..].as_mut_ptr(),
+                            (out_msgs.len() - off) as u32,
+                            0,
+                        )
+                    };
+                    if r <= 0 {
+                        // A full socket buffer loses the rest of the batch, like a full
+                        // NIC queue would; it is not worth stalling the receive side.
+                        break;
+                    }
+                    off += r as usize;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Routes one datagram: `None` means queued for sending, else the verdict.
+    fn route_one(
+        &self,
+        slot: usize,
+        pkt: &mut [u8],
+        src: SocketAddr,
+        out_addr: &mut libc::sockaddr_storage,
+        sends: &mut [Vec<(usize, usize, libc::socklen_t)>],
+    ) -> Option<Verdict> {
+        if pkt.len() < 2 {
+            return Some(Verdict::DropUnknownProtocol);
+        }
+        match classify(pkt[0], pkt[1]) {
+            Class::Stun => return Some(Verdict::PassStun),
+            Class::Dtls => return Some(Verdict::PassDtls),
+            Class::TurnChannel => return Some(Verdict::PassTurnChannel),
+            Class::Rtcp => return Some(Verdict::PassRtcp),
+            Class::Unknown => return Some(Verdict::DropUnknownProtocol),
+            Class::Rtp => {}
+        }
+        if rtp::validate(pkt).is_err() {
+            return Some(Verdict::DropMalformedRtp);
+        }
+        let ssrc = u32::from_be_bytes([pkt[8], pkt[9], pkt[10], pkt[11]]);
+        let Some(t) = self.routes.get(&(src, ssrc)) else {
+            let known = self.routes.keys().any(|(s, _)| *s == src);
+            return Some(match (known, self.drop_unknown_source) {
+                (true, _) => Verdict::PassNoRoute,
+                (false, true) => Verdict::DropUnknownSource,
+                (false, false) => Verdict::PassUnknownSource,
+            });
+        };
+        rtp::rewrite(pkt, &t.value);
+        let alen = sockaddr_from(t.out_dst, out_addr);
+        sends[t.sock].push((slot, pkt.len(), alen));
+        None
+    }
+}
+
+fn set_buf(s: &UdpSocket, opt: libc::c_int, bytes: libc::c_int) {
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            (&bytes as *const libc::c_int).cast(),
+            mem::size_of::<libc::c_int>() as u32,
+        );
+    }
+}
+
+fn sockaddr_to(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match ss.ss_family as libc::c_int {
+        libc::AF_INET => {
+            let a: &libc::sockaddr_in = unsafe { &*(ss as *const _ as *const libc::sockaddr_in) };
+            Some(SocketAddr::new(
+                std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)).into(),
+                u16::from_be(a.sin_port),
+            ))
+        }
+        libc::AF_INET6 => {
+            let a: &libc::sockaddr_in6 =
+                unsafe { &*(ss as *const _ as *const libc::sockaddr_in6) };
+            Some(SocketAddr::new(
+                std::net::Ipv6Addr::from(a.sin6_addr.s6_addr).into(),
+                u16::from_be(a.sin6_port),
+            ))
+        }
+        _ => None,
+    }
+}
+
+fn sockaddr_from(a: SocketAddr, ss: &mut libc::sockaddr_storage) -> libc::socklen_t {
+    *ss = unsafe { MaybeUninit::zeroed().assume_init() };
+    match a {
+        SocketAddr::V4(v4) => {
+            let s: &mut libc::sockaddr_in = unsafe { &mut *(ss as *mut _ as *mut libc::sockaddr_in) };
+            s.sin_family = libc::AF_INET as libc::sa_family_t;
+            s.sin_port = v4.port().to_be();
+            s.sin_addr.s_addr = u32::from(*v4.ip()).to_be();
+            mem::size_of::<libc::sockaddr_in>() as u32
+        }
+        SocketAddr::V6(v6) => {
+            let s: &mut libc::sockaddr_in6 =
+                unsafe { &mut *(ss as *mut _ as *mut libc::sockaddr_in6) };
+            s.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            s.sin6_port = v6.port().to_be();
+            s.sin6_addr.s6_addr = v6.ip().octets();
+            mem::size_of::<libc::sockaddr_in6>() as u32
+        }
+    }
+}
+
+/// Runs one forwarding thread per listener until `stop`; the first error ends all.
+pub fn run_all(
+    listeners: &[(SocketAddr, bool)],
+    routes: &[Route],
+    stop: Arc<AtomicBool>,
+    counters: Arc<UserCounters>,
+) -> Result<Vec<std::thread::JoinHandle<Result<()>>>> {
+    if listeners.is_empty() {
+        bail!("no listeners configured: add a [[listener]] to the config");
+    }
+    let mut handles = Vec::new();
+    for &(addr, drop_unknown) in listeners {
+        let path = UserPath::new(addr, routes, drop_unknown)?;
+        let stop = stop.clone();
+        let counters = counters.clone();
+        handles.push(std::thread::spawn(move || path.run(&stop, &counters)));
+    }
+    Ok(handles)
+}
