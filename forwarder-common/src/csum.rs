@@ -117,8 +117,7 @@ mod tests {
     #[test]
     fn incremental_matches_full_recompute() {
         let mut hdr = [
-            0x45u8, 0, 0, 60, 0x1c, 0x46, 0x40, 0, 64, 17, 0, 0, 198, 51, 100, 1, 198, 51, 100,
-            2,
+            0x45u8, 0, 0, 60, 0x1c, 0x46, 0x40, 0, 64, 17, 0, 0, 198, 51, 100, 1, 198, 51, 100, 2,
         ];
         let c = checksum(&hdr);
         hdr[10..12].copy_from_slice(&c.to_be_bytes());

@@ -165,8 +165,16 @@ fn ipv4(ctx: &XdpContext, l3: usize) -> Outcome {
         ipd.word(old, ld(base + 8));
         // Source and destination: 4 words from offset 12, IPv4 part of the v4-mapped
         // route addresses (bytes 12..16).
-        replace_words::<2>(base + 12, route.out_src_addr.as_ptr() as usize + 12, &mut l4d);
-        replace_words::<2>(base + 16, route.out_dst_addr.as_ptr() as usize + 12, &mut l4d);
+        replace_words::<2>(
+            base + 12,
+            route.out_src_addr.as_ptr() as usize + 12,
+            &mut l4d,
+        );
+        replace_words::<2>(
+            base + 16,
+            route.out_dst_addr.as_ptr() as usize + 12,
+            &mut l4d,
+        );
         // The UDP pseudo-header holds the same addresses: same change for both sums.
         ipd.merge(&l4d);
         st(base + 10, ipd.apply_word(ld(base + 10)));
@@ -268,9 +276,7 @@ fn match_rtp(
         Class::TurnChannel => return Err(pass(Verdict::PassTurnChannel)),
         Class::Unknown => return Err(drop(Verdict::DropUnknownProtocol)),
         Class::Rtcp => {
-            if flags & FLAG_DROP_UNKNOWN_SOURCE != 0
-                && !source_known(key)
-            {
+            if flags & FLAG_DROP_UNKNOWN_SOURCE != 0 && !source_known(key) {
                 return Err(drop(Verdict::DropUnknownSource));
             }
             return Err(pass(Verdict::PassRtcp));

@@ -79,7 +79,11 @@ impl Config {
         let cfg: Config = toml::from_str(text)?;
         for (i, r) in cfg.routes.iter().enumerate() {
             if r.pt_from.is_some() != r.pt_to.is_some() {
-                bail!("route #{} (ssrc {}): set both pt_from and pt_to, or neither", i + 1, r.ssrc);
+                bail!(
+                    "route #{} (ssrc {}): set both pt_from and pt_to, or neither",
+                    i + 1,
+                    r.ssrc
+                );
             }
             if !cfg.listeners.iter().any(|l| l.addr == r.listen) {
                 bail!(
@@ -108,7 +112,10 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6]> {
 }
 
 pub fn fmt_mac(m: &[u8; 6]) -> String {
-    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 #[cfg(test)]
@@ -136,7 +143,10 @@ mod tests {
         assert!(c.listeners[0].drop_unknown_source);
         assert!(!c.listeners[0].drop_no_route);
         assert_eq!(c.routes[0].ssrc, 0x11223344);
-        assert_eq!(parse_mac(c.routes[0].dst_mac.as_deref().unwrap()).unwrap()[5], 1);
+        assert_eq!(
+            parse_mac(c.routes[0].dst_mac.as_deref().unwrap()).unwrap()[5],
+            1
+        );
     }
 
     #[test]

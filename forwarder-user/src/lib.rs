@@ -12,5 +12,4 @@ pub mod stats;
 pub mod userpath;
 
 /// The XDP object built by build.rs (aya-build), embedded in the binary.
-pub static EBPF_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/forwarder"));
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/forwarder"));

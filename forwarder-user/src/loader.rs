@@ -7,9 +7,7 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{Xdp, XdpMode},
 };
-use forwarder_common::{
-    egress, listeners, route_stats, routes, sources, verdicts,
-};
+use forwarder_common::{egress, listeners, route_stats, routes, sources, verdicts};
 
 use crate::{EBPF_OBJECT, preflight};
 
@@ -38,7 +36,11 @@ pub fn load(pin_dir: &Path, counters: Counters) -> Result<Ebpf> {
     preflight::require_bpffs(pin_dir)?;
     let paths: Vec<(&str, PathBuf)> = STATE_MAPS
         .iter()
-        .chain(if counters == Counters::Pinned { &COUNTER_MAPS[..] } else { &[] })
+        .chain(if counters == Counters::Pinned {
+            &COUNTER_MAPS[..]
+        } else {
+            &[]
+        })
         .map(|name| (*name, pin_dir.join(name)))
         .collect();
     let mut loader = EbpfLoader::new();
@@ -57,7 +59,8 @@ pub fn load(pin_dir: &Path, counters: Counters) -> Result<Ebpf> {
         let prog: &mut Xdp = prog
             .try_into()
             .with_context(|| format!("{name} is not an XDP program"))?;
-        prog.load().with_context(|| format!("the verifier rejected {name}"))?;
+        prog.load()
+            .with_context(|| format!("the verifier rejected {name}"))?;
     }
     Ok(ebpf)
 }

@@ -20,7 +20,11 @@ use edgefwd::{
 use forwarder_common::{DEFAULT_PIN_DIR, PROG_FORWARD};
 
 #[derive(Parser)]
-#[command(name = "edgefwd", version, about = "eBPF/XDP-accelerated WebRTC SFU edge forwarder")]
+#[command(
+    name = "edgefwd",
+    version,
+    about = "eBPF/XDP-accelerated WebRTC SFU edge forwarder"
+)]
 struct Cli {
     /// bpffs directory where the daemon pins its maps and the CLI finds them.
     #[arg(long, global = true, default_value = DEFAULT_PIN_DIR, env = "EDGEFWD_PIN_DIR")]
@@ -146,7 +150,13 @@ fn main() {
 
 fn real_main(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Run { iface, config, datapath, metrics, duration } => {
+        Cmd::Run {
+            iface,
+            config,
+            datapath,
+            metrics,
+            duration,
+        } => {
             let cfg = match &config {
                 Some(p) => Config::load(p)?,
                 None => Config::default(),
@@ -161,7 +171,11 @@ fn real_main(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Routes { cmd } => routes_cmd(&cli.pin_dir, cmd),
-        Cmd::Stats { json, interval, all } => {
+        Cmd::Stats {
+            json,
+            interval,
+            all,
+        } => {
             let maps = Maps::open_pinned(&cli.pin_dir)?;
             let rows = stats::verdict_rows(&maps, Duration::from_secs_f64(interval.max(0.0)))?;
             if json {
@@ -174,7 +188,10 @@ fn real_main(cli: Cli) -> Result<()> {
         Cmd::Simulate { packet, pcap, json } => {
             let frames = match (packet, pcap) {
                 (Some(h), _) => {
-                    let clean: String = h.chars().filter(|c| !c.is_whitespace() && *c != ':').collect();
+                    let clean: String = h
+                        .chars()
+                        .filter(|c| !c.is_whitespace() && *c != ':')
+                        .collect();
                     vec![hex::decode(&clean).context("--packet is not hex")?]
                 }
                 (None, Some(p)) => pcap_frames(&p)?,
@@ -213,34 +230,79 @@ fn routes_cmd(pin_dir: &std::path::Path, cmd: RoutesCmd) -> Result<()> {
             }
         }
         RoutesCmd::Add {
-            listen, source, ssrc, out_src, out_dst, ssrc_out, seq_delta, ts_delta, pt, egress, dst_mac,
+            listen,
+            source,
+            ssrc,
+            out_src,
+            out_dst,
+            ssrc_out,
+            seq_delta,
+            ts_delta,
+            pt,
+            egress,
+            dst_mac,
         } => {
             let (pt_from, pt_to) = match pt {
                 Some(p) => {
-                    let (f, t) = p.split_once(':').context("--pt wants FROM:TO, e.g. 96:100")?;
-                    (Some(f.parse().context("--pt FROM")?), Some(t.parse().context("--pt TO")?))
+                    let (f, t) = p
+                        .split_once(':')
+                        .context("--pt wants FROM:TO, e.g. 96:100")?;
+                    (
+                        Some(f.parse().context("--pt FROM")?),
+                        Some(t.parse().context("--pt TO")?),
+                    )
                 }
                 None => (None, None),
             };
             let rc = RouteConfig {
-                listen, source, ssrc, out_src, out_dst, ssrc_out, seq_delta, ts_delta, pt_from, pt_to, egress, dst_mac,
+                listen,
+                source,
+                ssrc,
+                out_src,
+                out_dst,
+                ssrc_out,
+                seq_delta,
+                ts_delta,
+                pt_from,
+                pt_to,
+                egress,
+                dst_mac,
             };
             if !maps.listeners()?.iter().any(|l| l.addr == listen) {
-                maps.set_listener(&Listener { addr: listen, drop_unknown_source: true, drop_no_route: false })?;
+                maps.set_listener(&Listener {
+                    addr: listen,
+                    drop_unknown_source: true,
+                    drop_no_route: false,
+                })?;
             }
             let route = resolve::resolve(&rc)?;
             maps.add_route(&route)?;
             println!("route {ssrc:#010x} from {source} on {listen} -> {out_dst} added");
         }
-        RoutesCmd::Del { listen, source, ssrc } => {
+        RoutesCmd::Del {
+            listen,
+            source,
+            ssrc,
+        } => {
             let key = Route {
-                listen, source, ssrc,
-                out_src: listen, out_dst: listen, egress_ifindex: 0, src_mac: [0; 6], dst_mac: [0; 6],
-                ssrc_out: 0, seq_delta: 0, ts_delta: 0, pt_remap: None,
+                listen,
+                source,
+                ssrc,
+                out_src: listen,
+                out_dst: listen,
+                egress_ifindex: 0,
+                src_mac: [0; 6],
+                dst_mac: [0; 6],
+                ssrc_out: 0,
+                seq_delta: 0,
+                ts_delta: 0,
+                pt_remap: None,
             }
             .key();
             if !maps.del_route(&key)? {
-                bail!("no route for SSRC {ssrc:#010x} from {source} on {listen} (see `edgefwd routes list`)");
+                bail!(
+                    "no route for SSRC {ssrc:#010x} from {source} on {listen} (see `edgefwd routes list`)"
+                );
             }
             println!("route {ssrc:#010x} from {source} on {listen} deleted");
         }
@@ -275,10 +337,13 @@ async fn run_xdp(
     let mut ebpf = loader::load(&pin_dir, Counters::Pinned)?;
     match aya_log::EbpfLogger::init(&mut ebpf) {
         Ok(logger) => {
-            let mut fd = tokio::io::unix::AsyncFd::with_interest(logger, tokio::io::Interest::READABLE)?;
+            let mut fd =
+                tokio::io::unix::AsyncFd::with_interest(logger, tokio::io::Interest::READABLE)?;
             tokio::spawn(async move {
                 loop {
-                    let Ok(mut guard) = fd.readable_mut().await else { break };
+                    let Ok(mut guard) = fd.readable_mut().await else {
+                        break;
+                    };
                     guard.get_inner_mut().flush();
                     guard.clear_ready();
                 }
@@ -287,7 +352,10 @@ async fn run_xdp(
         Err(e) => log::warn!("eBPF logs unavailable: {e}"),
     }
     let mode = loader::attach(&mut ebpf, PROG_FORWARD, &iface)?;
-    log::info!("XDP attached to {iface} in {mode:?} mode; maps pinned in {}", pin_dir.display());
+    log::info!(
+        "XDP attached to {iface} in {mode:?} mode; maps pinned in {}",
+        pin_dir.display()
+    );
     let mut maps = Maps::from_ebpf(&mut ebpf)?;
     for l in &cfg.listeners {
         maps.set_listener(&Listener {
@@ -297,11 +365,16 @@ async fn run_xdp(
         })?;
     }
     for rc in &cfg.routes {
-        let route = resolve::resolve(rc).with_context(|| format!("route for SSRC {:#010x}", rc.ssrc))?;
+        let route =
+            resolve::resolve(rc).with_context(|| format!("route for SSRC {:#010x}", rc.ssrc))?;
         maps.add_route(&route)?;
         log::info!(
             "route {:#010x} {} on {} -> {} via ifindex {}",
-            rc.ssrc, rc.source, rc.listen, rc.out_dst, route.egress_ifindex
+            rc.ssrc,
+            rc.source,
+            rc.listen,
+            rc.out_dst,
+            route.egress_ifindex
         );
     }
     drop(maps);
@@ -321,15 +394,27 @@ async fn run_xdp(
     Ok(())
 }
 
-async fn run_user(cfg: Config, metrics_addr: Option<SocketAddr>, duration: Option<u64>) -> Result<()> {
+async fn run_user(
+    cfg: Config,
+    metrics_addr: Option<SocketAddr>,
+    duration: Option<u64>,
+) -> Result<()> {
     let routes: Vec<Route> = cfg
         .routes
         .iter()
         .map(|rc| {
             let mut r = Route {
-                listen: rc.listen, source: rc.source, ssrc: rc.ssrc, out_src: rc.out_src, out_dst: rc.out_dst,
-                egress_ifindex: 0, src_mac: [0; 6], dst_mac: [0; 6],
-                ssrc_out: rc.ssrc_out.unwrap_or(rc.ssrc), seq_delta: rc.seq_delta, ts_delta: rc.ts_delta,
+                listen: rc.listen,
+                source: rc.source,
+                ssrc: rc.ssrc,
+                out_src: rc.out_src,
+                out_dst: rc.out_dst,
+                egress_ifindex: 0,
+                src_mac: [0; 6],
+                dst_mac: [0; 6],
+                ssrc_out: rc.ssrc_out.unwrap_or(rc.ssrc),
+                seq_delta: rc.seq_delta,
+                ts_delta: rc.ts_delta,
                 pt_remap: rc.pt_from.zip(rc.pt_to),
             };
             // L2 is the kernel's job on this path.
@@ -337,8 +422,11 @@ async fn run_user(cfg: Config, metrics_addr: Option<SocketAddr>, duration: Optio
             r
         })
         .collect();
-    let listeners: Vec<(SocketAddr, bool)> =
-        cfg.listeners.iter().map(|l| (l.addr, l.drop_unknown_source)).collect();
+    let listeners: Vec<(SocketAddr, bool)> = cfg
+        .listeners
+        .iter()
+        .map(|l| (l.addr, l.drop_unknown_source))
+        .collect();
     let stop = Arc::new(AtomicBool::new(false));
     let counters = Arc::new(userpath::UserCounters::default());
     let handles = userpath::run_all(&listeners, &routes, stop.clone(), counters.clone())?;
@@ -350,13 +438,22 @@ async fn run_user(cfg: Config, metrics_addr: Option<SocketAddr>, duration: Optio
             }
         });
     }
-    println!("edgefwd: forwarding on {} listener(s) (userspace datapath)", listeners.len());
+    println!(
+        "edgefwd: forwarding on {} listener(s) (userspace datapath)",
+        listeners.len()
+    );
     shutdown_signal(duration).await?;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for h in handles {
-        h.join().map_err(|_| anyhow::anyhow!("forwarding thread panicked"))??;
+        h.join()
+            .map_err(|_| anyhow::anyhow!("forwarding thread panicked"))??;
     }
-    let fwd: u64 = counters.totals().iter().filter(|(v, _)| v.action() == forwarder_common::verdicts::Action::Forward).map(|(_, s)| s.packets).sum();
+    let fwd: u64 = counters
+        .totals()
+        .iter()
+        .filter(|(v, _)| v.action() == forwarder_common::verdicts::Action::Forward)
+        .map(|(_, s)| s.packets)
+        .sum();
     log::info!("userspace datapath forwarded {fwd} packets");
     Ok(())
 }

@@ -158,8 +158,16 @@ impl Route {
                 "route {}: input is {} but output is {}; the header is rewritten in place, so \
                  both sides must be the same IP family",
                 self.ssrc,
-                if self.listen.is_ipv6() { "IPv6" } else { "IPv4" },
-                if self.out_dst.is_ipv6() { "IPv6" } else { "IPv4" }
+                if self.listen.is_ipv6() {
+                    "IPv6"
+                } else {
+                    "IPv4"
+                },
+                if self.out_dst.is_ipv6() {
+                    "IPv6"
+                } else {
+                    "IPv4"
+                }
             );
         }
         if let Some((f, t)) = self.pt_remap

@@ -22,11 +22,17 @@ pub enum Source {
 pub fn render(source: &Source) -> Result<String> {
     let registry = Registry::new();
     let packets = IntCounterVec::new(
-        Opts::new("edgefwd_packets_total", "Packets seen by the data plane, by verdict"),
+        Opts::new(
+            "edgefwd_packets_total",
+            "Packets seen by the data plane, by verdict",
+        ),
         &["verdict", "action"],
     )?;
     let bytes = IntCounterVec::new(
-        Opts::new("edgefwd_bytes_total", "Bytes seen by the data plane, by verdict"),
+        Opts::new(
+            "edgefwd_bytes_total",
+            "Bytes seen by the data plane, by verdict",
+        ),
         &["verdict", "action"],
     )?;
     registry.register(Box::new(packets.clone()))?;
@@ -37,8 +43,12 @@ pub fn render(source: &Source) -> Result<String> {
     };
     for (v, s) in &totals {
         let action = format!("{:?}", v.action()).to_lowercase();
-        packets.with_label_values(&[v.name(), &action]).inc_by(s.packets);
-        bytes.with_label_values(&[v.name(), &action]).inc_by(s.bytes);
+        packets
+            .with_label_values(&[v.name(), &action])
+            .inc_by(s.packets);
+        bytes
+            .with_label_values(&[v.name(), &action])
+            .inc_by(s.bytes);
     }
     if let Source::Pinned(dir) = source {
         let rp = IntCounterVec::new(
@@ -52,7 +62,11 @@ pub fn render(source: &Source) -> Result<String> {
         registry.register(Box::new(rp.clone()))?;
         registry.register(Box::new(rb.clone()))?;
         for (r, s) in Maps::open_pinned(dir)?.routes()? {
-            let labels = [r.listen.to_string(), r.source.to_string(), r.ssrc.to_string()];
+            let labels = [
+                r.listen.to_string(),
+                r.source.to_string(),
+                r.ssrc.to_string(),
+            ];
             let labels = [labels[0].as_str(), labels[1].as_str(), labels[2].as_str()];
             rp.with_label_values(&labels).inc_by(s.packets);
             rb.with_label_values(&labels).inc_by(s.bytes);
@@ -72,7 +86,9 @@ async fn metrics(State(source): State<Source>) -> (StatusCode, String) {
 }
 
 pub async fn serve(addr: SocketAddr, source: Source) -> Result<()> {
-    let app = Router::new().route("/metrics", get(metrics)).with_state(source);
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(source);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding metrics address {addr}: is it in use? pass --metrics"))?;

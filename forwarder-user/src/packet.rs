@@ -113,7 +113,11 @@ impl std::fmt::Display for Decoded {
             s.push('\n');
         }
         if let (Some(a), Some(b)) = (self.udp_src, self.udp_dst) {
-            let _ = write!(s, "udp {a} -> {b} checksum {:#06x}", self.udp_checksum.unwrap_or(0));
+            let _ = write!(
+                s,
+                "udp {a} -> {b} checksum {:#06x}",
+                self.udp_checksum.unwrap_or(0)
+            );
             match self.udp_checksum_ok {
                 Some(true) => s.push_str(" ok"),
                 Some(false) => s.push_str(" BAD"),
@@ -129,7 +133,11 @@ impl std::fmt::Display for Decoded {
                 let _ = write!(
                     s,
                     " pt {pt}{} seq {seq} ts {ts} ssrc {ssrc:#010x}",
-                    if self.rtp_marker == Some(true) { " (marker)" } else { "" }
+                    if self.rtp_marker == Some(true) {
+                        " (marker)"
+                    } else {
+                        ""
+                    }
                 );
             }
             s.push('\n');

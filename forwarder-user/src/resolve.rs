@@ -34,7 +34,8 @@ fn ip_json(args: &[&str]) -> Result<Value> {
     if out.stdout.iter().all(|b| b.is_ascii_whitespace()) {
         return Ok(Value::Array(vec![]));
     }
-    serde_json::from_slice(&out.stdout).with_context(|| format!("parsing `ip -j {}`", args.join(" ")))
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("parsing `ip -j {}`", args.join(" ")))
 }
 
 pub fn iface_mac(iface: &str) -> Result<[u8; 6]> {
@@ -46,7 +47,9 @@ pub fn iface_mac(iface: &str) -> Result<[u8; 6]> {
 /// (egress interface, next hop) for `dst` as the kernel would route it.
 pub fn route_get(dst: IpAddr) -> Result<(String, IpAddr)> {
     let v = ip_json(&["route", "get", &dst.to_string()])?;
-    let r = v.get(0).ok_or_else(|| anyhow!("no route to {dst}: add one (`ip route`)"))?;
+    let r = v
+        .get(0)
+        .ok_or_else(|| anyhow!("no route to {dst}: add one (`ip route`)"))?;
     let dev = r["dev"]
         .as_str()
         .ok_or_else(|| anyhow!("no egress device for {dst} in `ip route get`"))?

@@ -4,8 +4,8 @@
 use std::path::Path;
 
 use anyhow::{Context as _, Result, bail};
-use aya::{Ebpf, programs::TestRun as _};
 use aya::programs::TestRunOptions;
+use aya::{Ebpf, programs::TestRun as _};
 use forwarder_common::{PROG_FORWARD, verdicts::Verdict};
 use serde::Serialize;
 
@@ -66,7 +66,10 @@ impl Simulator {
 
     pub fn run(&mut self, frame: &[u8]) -> Result<Outcome> {
         if frame.len() < 14 {
-            bail!("packet is {} bytes; an Ethernet frame needs at least 14", frame.len());
+            bail!(
+                "packet is {} bytes; an Ethernet frame needs at least 14",
+                frame.len()
+            );
         }
         let before = self.counters.verdict_totals()?;
         let prog = loader::program(&mut self.ebpf, PROG_FORWARD)?;
@@ -98,8 +101,12 @@ impl Simulator {
 /// Frames of a pcap file (Ethernet link type).
 pub fn pcap_frames(path: &Path) -> Result<Vec<Vec<u8>>> {
     let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut r = pcap_file::pcap::PcapReader::new(f)
-        .with_context(|| format!("{} is not a pcap file (pcapng: convert with editcap -F pcap)", path.display()))?;
+    let mut r = pcap_file::pcap::PcapReader::new(f).with_context(|| {
+        format!(
+            "{} is not a pcap file (pcapng: convert with editcap -F pcap)",
+            path.display()
+        )
+    })?;
     let mut out = Vec::new();
     while let Some(p) = r.next_packet() {
         out.push(p?.data.into_owned());

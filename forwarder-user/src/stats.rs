@@ -39,14 +39,21 @@ pub fn verdict_rows(maps: &Maps, interval: Duration) -> Result<Vec<VerdictRow>> 
             action: format!("{:?}", v.action()).to_lowercase(),
             packets: s1.packets,
             bytes: s1.bytes,
-            pps: if secs > 0.0 { (s1.packets - s0.packets) as f64 / secs } else { 0.0 },
+            pps: if secs > 0.0 {
+                (s1.packets - s0.packets) as f64 / secs
+            } else {
+                0.0
+            },
             help: v.help(),
         })
         .collect())
 }
 
 pub fn print_verdicts(rows: &[VerdictRow], all: bool) {
-    println!("{:<26} {:>8} {:>14} {:>16} {:>12}", "VERDICT", "ACTION", "PACKETS", "BYTES", "PPS");
+    println!(
+        "{:<26} {:>8} {:>14} {:>16} {:>12}",
+        "VERDICT", "ACTION", "PACKETS", "BYTES", "PPS"
+    );
     for r in rows.iter().filter(|r| all || r.packets > 0) {
         println!(
             "{:<26} {:>8} {:>14} {:>16} {:>12.0}",
@@ -54,7 +61,11 @@ pub fn print_verdicts(rows: &[VerdictRow], all: bool) {
         );
     }
     let total: u64 = rows.iter().map(|r| r.packets).sum();
-    let drops: u64 = rows.iter().filter(|r| r.action == "drop").map(|r| r.packets).sum();
+    let drops: u64 = rows
+        .iter()
+        .filter(|r| r.action == "drop")
+        .map(|r| r.packets)
+        .sum();
     println!("total {total} packets, {drops} dropped");
 }
 
@@ -85,8 +96,19 @@ pub fn route_rows(routes: Vec<(Route, RouteStats)>) -> Vec<RouteRow> {
 pub fn print_routes(rows: &[RouteRow]) {
     println!(
         "{:<24} {:<24} {:>10}  ->  {:<24} {:<24} {:>10} {:<10} {:<17} {:>7} {:>10} {:>7} {:>12} {:>14}",
-        "LISTEN", "SOURCE", "SSRC", "OUT_SRC", "OUT_DST", "SSRC_OUT", "EGRESS", "DST_MAC",
-        "SEQ+", "TS+", "PT", "PACKETS", "BYTES"
+        "LISTEN",
+        "SOURCE",
+        "SSRC",
+        "OUT_SRC",
+        "OUT_DST",
+        "SSRC_OUT",
+        "EGRESS",
+        "DST_MAC",
+        "SEQ+",
+        "TS+",
+        "PT",
+        "PACKETS",
+        "BYTES"
     );
     for r in rows {
         let x = &r.route;
@@ -102,7 +124,9 @@ pub fn print_routes(rows: &[RouteRow]) {
             fmt_mac(&x.dst_mac),
             x.seq_delta,
             x.ts_delta,
-            x.pt_remap.map(|(f, t)| format!("{f}>{t}")).unwrap_or_else(|| "-".into()),
+            x.pt_remap
+                .map(|(f, t)| format!("{f}>{t}"))
+                .unwrap_or_else(|| "-".into()),
             r.packets,
             r.bytes
         );

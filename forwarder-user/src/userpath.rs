@@ -17,8 +17,8 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use forwarder_common::{
-    rtp::{self, Class, classify},
     routes::RouteValue,
+    rtp::{self, Class, classify},
     verdicts::{NUM_VERDICTS, Verdict, VerdictStats},
 };
 
@@ -81,8 +81,9 @@ pub struct UserPath {
 
 impl UserPath {
     pub fn new(listen: SocketAddr, routes: &[Route], drop_unknown_source: bool) -> Result<Self> {
-        let sock = UdpSocket::bind(listen)
-            .with_context(|| format!("binding listener {listen}: in use, or not a local address?"))?;
+        let sock = UdpSocket::bind(listen).with_context(|| {
+            format!("binding listener {listen}: in use, or not a local address?")
+        })?;
         // Big buffers: a burst of a few thousand packets must not overflow them.
         set_buf(&sock, libc::SO_RCVBUF, 8 << 20);
         let mut outs: Vec<(SocketAddr, UdpSocket)> = Vec::new();
@@ -95,7 +96,10 @@ impl UserPath {
                 i
             } else {
                 let s = UdpSocket::bind(r.out_src).with_context(|| {
-                    format!("binding route source {}: in use, or not a local address?", r.out_src)
+                    format!(
+                        "binding route source {}: in use, or not a local address?",
+                        r.out_src
+                    )
                 })?;
                 set_buf(&s, libc::SO_SNDBUF, 8 << 20);
                 outs.push((r.out_src, s));
@@ -135,7 +139,8 @@ impl UserPath {
         let mut iovs: Vec<libc::iovec> = Vec::with_capacity(BATCH);
         let mut msgs: Vec<libc::mmsghdr> = Vec::with_capacity(BATCH);
         let mut out_addrs: Vec<libc::sockaddr_storage> = vec![unsafe { mem::zeroed() }; BATCH];
-        let mut sends: Vec<Vec<(usize, usize, libc::socklen_t)>> = vec![Vec::new(); self.outs.len()];
+        let mut sends: Vec<Vec<(usize, usize, libc::socklen_t)>> =
+            vec![Vec::new(); self.outs.len()];
         while !stop.load(Ordering::Relaxed) {
             iovs.clear();
             msgs.clear();
@@ -174,7 +179,9 @@ impl UserPath {
             }
             for i in 0..n as usize {
                 let len = msgs[i].msg_len as usize;
-                let Some(src) = sockaddr_to(&addrs[i]) else { continue };
+                let Some(src) = sockaddr_to(&addrs[i]) else {
+                    continue;
+                };
                 let pkt = &mut bufs[i][..len];
                 let v = self.route_one(i, pkt, src, &mut out_addrs[i], &mut sends);
                 if let Some(v) = v {
@@ -199,7 +206,8 @@ impl UserPath {
                     .zip(out_iovs.iter_mut())
                     .map(|(&(i, _, alen), iov)| {
                         let mut h: libc::mmsghdr = unsafe { mem::zeroed() };
-                        h.msg_hdr.msg_name = (&mut out_addrs[i] as *mut libc::sockaddr_storage).cast();
+                        h.msg_hdr.msg_name =
+                            (&mut out_addrs[i] as *mut libc::sockaddr_storage).cast();
                         h.msg_hdr.msg_namelen = alen;
                         h.msg_hdr.msg_iov = iov;
                         h.msg_hdr.msg_iovlen = 1;
@@ -289,8 +297,7 @@ fn sockaddr_to(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
             ))
         }
         libc::AF_INET6 => {
-            let a: &libc::sockaddr_in6 =
-                unsafe { &*(ss as *const _ as *const libc::sockaddr_in6) };
+            let a: &libc::sockaddr_in6 = unsafe { &*(ss as *const _ as *const libc::sockaddr_in6) };
             Some(SocketAddr::new(
                 std::net::Ipv6Addr::from(a.sin6_addr.s6_addr).into(),
                 u16::from_be(a.sin6_port),
@@ -304,7 +311,8 @@ fn sockaddr_from(a: SocketAddr, ss: &mut libc::sockaddr_storage) -> libc::sockle
     *ss = unsafe { MaybeUninit::zeroed().assume_init() };
     match a {
         SocketAddr::V4(v4) => {
-            let s: &mut libc::sockaddr_in = unsafe { &mut *(ss as *mut _ as *mut libc::sockaddr_in) };
+            let s: &mut libc::sockaddr_in =
+                unsafe { &mut *(ss as *mut _ as *mut libc::sockaddr_in) };
             s.sin_family = libc::AF_INET as libc::sa_family_t;
             s.sin_port = v4.port().to_be();
             s.sin_addr.s_addr = u32::from(*v4.ip()).to_be();

@@ -1,1 +1,82 @@
+//! Test support: network-namespace guards, pin-directory guards, packet builders, and a
+//! lock that serialises tests touching kernel state.
 
+pub mod netns;
+pub mod pkt;
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        Mutex, MutexGuard,
+        atomic::{AtomicU32, Ordering},
+    },
+};
+
+static KERNEL: Mutex<()> = Mutex::new(());
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// Tests that attach programs, create namespaces or pin maps run one at a time.
+pub fn kernel_lock() -> MutexGuard<'static, ()> {
+    KERNEL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A name unique to this process and call, for namespaces and pin dirs.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}{}x{}",
+        std::process::id() % 100_000,
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub fn require_root() {
+    assert!(
+        unsafe { libc::geteuid() } == 0,
+        "this test loads XDP programs and creates network namespaces: run it as root \
+         (cargo xtask test does)"
+    );
+}
+
+/// A pin directory on bpffs, removed (with the maps pinned in it) on drop.
+pub struct PinDir(pub PathBuf);
+
+impl PinDir {
+    pub fn new() -> PinDir {
+        require_root();
+        let p = PathBuf::from("/sys/fs/bpf").join(unique("edgefwd-test-"));
+        PinDir(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Default for PinDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The edgefwd binary built beside this test (cargo xtask test builds it first).
+pub fn edgefwd_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> -> target/<profile>/edgefwd
+    let p = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("edgefwd");
+    assert!(
+        p.exists(),
+        "{} not found: build it first (`cargo build -p forwarder-user`; cargo xtask test does)",
+        p.display()
+    );
+    p
+}

@@ -1,0 +1,730 @@
+//! Katran-style fixture table: packets through the real XDP program with
+//! BPF_PROG_TEST_RUN, maps filled by the real control-plane code (`Maps::add_route`),
+//! expected action, counted verdict and output bytes.
+
+use std::net::{IpAddr, SocketAddr};
+
+use edgefwd::{
+    loader::{self, Counters},
+    maps::{Listener, Maps, Route},
+    simulate::Simulator,
+};
+use edgefwd_tests::{
+    PinDir, kernel_lock,
+    netns::NetNs,
+    pkt::{Frame, MAC_FWD, MAC_FWD_B, MAC_NEXT, MAC_PUB, Rtp},
+};
+use forwarder_common::verdicts::Verdict;
+
+const L1: &str = "198.51.100.2:5004"; // drops strangers and unrouted SSRCs
+const L2: &str = "198.51.100.2:5008"; // passes them to the stack
+const L6: &str = "[2001:db8:a::2]:5004";
+const PUB: &str = "198.51.100.1:40000";
+const PUB6: &str = "[2001:db8:a::1]:40000";
+
+const SSRC_TX: u32 = 0x1122_3344;
+const SSRC_WRAP: u32 = 0x0a0b_0c0d;
+const SSRC_REDIRECT: u32 = 0x0000_beef;
+const SSRC_V6: u32 = 0x0000_0066;
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn route(listen: &str, source: &str, ssrc: u32, out_src: &str, out_dst: &str) -> Route {
+    Route {
+        listen: sa(listen),
+        source: sa(source),
+        ssrc,
+        out_src: sa(out_src),
+        out_dst: sa(out_dst),
+        egress_ifindex: 0,
+        src_mac: MAC_FWD_B,
+        dst_mac: MAC_NEXT,
+        ssrc_out: ssrc,
+        seq_delta: 0,
+        ts_delta: 0,
+        pt_remap: None,
+    }
+}
+
+fn tx_route() -> Route {
+    Route {
+        ssrc_out: 0x5566_7788,
+        seq_delta: 1000,
+        ts_delta: 90_000,
+        pt_remap: Some((96, 100)),
+        ..route(L1, PUB, SSRC_TX, "203.0.113.2:5006", "203.0.113.1:6000")
+    }
+}
+
+fn wrap_route() -> Route {
+    Route {
+        ssrc_out: 0x0102_0304,
+        seq_delta: 10,
+        ts_delta: 0x20,
+        ..route(L1, PUB, SSRC_WRAP, "203.0.113.2:5006", "203.0.113.1:6002")
+    }
+}
+
+/// Runs a test inside a fresh namespace with a veth `d0` to redirect to
+/// (non-live test runs only report a redirect, they never transmit).
+fn in_ns(f: impl FnOnce() + Send + 'static) {
+    let _k = kernel_lock();
+    let ns = NetNs::new("fx");
+    ns.exec(&["ip", "link", "add", "d0", "type", "veth", "peer", "name", "d1"]);
+    ns.exec(&["ip", "link", "set", "d0", "up"]);
+    ns.run(f);
+}
+
+fn d0() -> u32 {
+    edgefwd::preflight::ifindex("d0").unwrap()
+}
+
+fn redirect_route() -> Route {
+    Route {
+        egress_ifindex: d0(),
+        ..route(
+            L1,
+            PUB,
+            SSRC_REDIRECT,
+            "203.0.113.2:5006",
+            "203.0.113.1:6004",
+        )
+    }
+}
+
+fn v6_route() -> Route {
+    Route {
+        ssrc_out: 0x6666_0000,
+        seq_delta: 7,
+        ts_delta: 3000,
+        ..route(
+            L6,
+            PUB6,
+            SSRC_V6,
+            "[2001:db8:b::2]:5006",
+            "[2001:db8:b::1]:6000",
+        )
+    }
+}
+
+fn setup(pin: &PinDir) -> Simulator {
+    let mut ebpf = loader::load(pin.path(), Counters::Private).expect("load");
+    let mut maps = Maps::from_ebpf(&mut ebpf).expect("maps");
+    for (addr, strict) in [(L1, true), (L2, false), (L6, true)] {
+        maps.set_listener(&Listener {
+            addr: sa(addr),
+            drop_unknown_source: strict,
+            drop_no_route: strict,
+        })
+        .unwrap();
+    }
+    for r in [tx_route(), wrap_route(), redirect_route(), v6_route()] {
+        maps.add_route(&r).unwrap();
+    }
+    // A route on L2 so PUB is a known source there.
+    maps.add_route(&route(
+        L2,
+        PUB,
+        0x0000_0001,
+        "203.0.113.2:5006",
+        "203.0.113.1:6008",
+    ))
+    .unwrap();
+    Simulator::from_parts(ebpf, maps)
+}
+
+fn from_pub(dport: u16) -> Frame {
+    Frame {
+        eth_src: MAC_PUB,
+        eth_dst: MAC_FWD,
+        vlan: None,
+        src: ip("198.51.100.1"),
+        dst: ip("198.51.100.2"),
+        ttl: 64,
+        sport: 40000,
+        dport,
+    }
+}
+
+fn from_pub6() -> Frame {
+    Frame {
+        src: ip("2001:db8:a::1"),
+        dst: ip("2001:db8:a::2"),
+        ..from_pub(5004)
+    }
+}
+
+/// The frame a route should produce from `input` framing and `rtp`.
+fn rewritten(input: &Frame, r: &Route, rtp: &Rtp) -> Vec<u8> {
+    let out = Frame {
+        eth_src: r.src_mac,
+        eth_dst: r.dst_mac,
+        vlan: input.vlan,
+        src: r.out_src.ip(),
+        dst: r.out_dst.ip(),
+        ttl: input.ttl - 1,
+        sport: r.out_src.port(),
+        dport: r.out_dst.port(),
+    };
+    let mut x = rtp.clone();
+    if let Some((f, t)) = r.pt_remap
+        && x.pt == f
+    {
+        x.pt = t;
+    }
+    x.seq = x.seq.wrapping_add(r.seq_delta);
+    x.ts = x.ts.wrapping_add(r.ts_delta);
+    x.ssrc = r.ssrc_out;
+    out.build(&x.bytes())
+}
+
+struct Fixture {
+    desc: &'static str,
+    input: Vec<u8>,
+    action: &'static str,
+    verdict: Verdict,
+    /// None: the frame must come out unchanged.
+    output: Option<Vec<u8>>,
+}
+
+fn fx(
+    desc: &'static str,
+    input: Vec<u8>,
+    action: &'static str,
+    verdict: Verdict,
+    output: Option<Vec<u8>>,
+) -> Fixture {
+    Fixture {
+        desc,
+        input,
+        action,
+        verdict,
+        output,
+    }
+}
+
+fn set(mut v: Vec<u8>, off: usize, bytes: &[u8]) -> Vec<u8> {
+    v[off..off + bytes.len()].copy_from_slice(bytes);
+    v
+}
+
+fn fixtures() -> Vec<Fixture> {
+    let f = from_pub(5004);
+    let l4 = f.l4_offset();
+    let basic = Rtp::new(SSRC_TX, 1234, 5678, 160);
+    let mut fancy = Rtp::new(SSRC_TX, 40000, 0xdead_0000, 100);
+    fancy.marker = true;
+    fancy.csrcs = vec![0xaaaa_aaaa, 0xbbbb_bbbb];
+    fancy.ext = Some((0xbede, vec![0x1020_3040, 0x5060_7080]));
+    fancy.padding = 4;
+    let wrap = Rtp::new(SSRC_WRAP, 65530, 0xffff_fff0, 20);
+    let redirect = Rtp::new(SSRC_REDIRECT, 1, 2, 1200);
+    let v6 = Rtp::new(SSRC_V6, 9, 10, 300);
+    let vlan = Frame {
+        vlan: Some(100),
+        ..f.clone()
+    };
+    let rtcp_sr = {
+        let mut v = vec![0x80, 200, 0, 6];
+        v.extend_from_slice(&SSRC_TX.to_be_bytes());
+        v.extend_from_slice(&[0u8; 20]);
+        v
+    };
+    let stun = {
+        // Binding request, no attributes.
+        let mut v = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42];
+        v.extend_from_slice(&[7u8; 12]);
+        v
+    };
+    let dtls = vec![22, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1];
+    let stranger = Frame {
+        sport: 40001,
+        ..f.clone()
+    };
+    let small = Rtp::new(SSRC_TX, 1, 1, 0).bytes();
+
+    let mut v = vec![
+        fx(
+            "IPv4 RTP, full rewrite back out the ingress interface",
+            f.build(&basic.bytes()),
+            "XDP_TX",
+            Verdict::ForwardTx,
+            Some(rewritten(&f, &tx_route(), &basic)),
+        ),
+        fx(
+            "IPv4 RTP with marker, 2 CSRCs, header extension and padding",
+            f.build(&fancy.bytes()),
+            "XDP_TX",
+            Verdict::ForwardTx,
+            Some(rewritten(&f, &tx_route(), &fancy)),
+        ),
+        fx(
+            "sequence number and timestamp wrap around on rewrite",
+            f.build(&wrap.bytes()),
+            "XDP_TX",
+            Verdict::ForwardTx,
+            Some(rewritten(&f, &wrap_route(), &wrap)),
+        ),
+        fx(
+            "1200-byte RTP redirected to another interface",
+            f.build(&redirect.bytes()),
+            "XDP_REDIRECT",
+            Verdict::ForwardRedirect,
+            Some(rewritten(&f, &redirect_route(), &redirect)),
+        ),
+        fx(
+            "IPv6 RTP, full rewrite, mandatory UDP checksum",
+            from_pub6().build(&v6.bytes()),
+            "XDP_TX",
+            Verdict::ForwardTx,
+            Some(rewritten(&from_pub6(), &v6_route(), &v6)),
+        ),
+        fx(
+            "802.1Q-tagged IPv4 RTP keeps its tag",
+            vlan.build(&basic.bytes()),
+            "XDP_TX",
+            Verdict::ForwardTx,
+            Some(rewritten(&vlan, &tx_route(), &basic)),
+        ),
+        fx(
+            "IPv4 UDP without checksum stays without",
+            set(f.build(&basic.bytes()), l4 + 6, &[0, 0]),
+            "XDP_TX",
+            Verdict::ForwardTx,
+            Some(set(rewritten(&f, &tx_route(), &basic), l4 + 6, &[0, 0])),
+        ),
+        fx(
+            "IPv6 UDP with checksum 0 is invalid",
+            set(from_pub6().build(&v6.bytes()), 14 + 40 + 6, &[0, 0]),
+            "XDP_DROP",
+            Verdict::DropZeroUdpChecksumV6,
+            None,
+        ),
+        fx(
+            "TTL 1 would expire: forwarding loop guard",
+            Frame {
+                ttl: 1,
+                ..f.clone()
+            }
+            .build(&basic.bytes()),
+            "XDP_DROP",
+            Verdict::DropTtlExceeded,
+            None,
+        ),
+        fx(
+            "RTCP sender report from a known source goes to the stack",
+            f.build(&rtcp_sr),
+            "XDP_PASS",
+            Verdict::PassRtcp,
+            None,
+        ),
+        fx(
+            "RTCP from an unknown source is dropped",
+            stranger.build(&rtcp_sr),
+            "XDP_DROP",
+            Verdict::DropUnknownSource,
+            None,
+        ),
+        fx(
+            "STUN binding request from anyone goes to the stack (ICE)",
+            stranger.build(&stun),
+            "XDP_PASS",
+            Verdict::PassStun,
+            None,
+        ),
+        fx(
+            "DTLS record goes to the stack",
+            f.build(&dtls),
+            "XDP_PASS",
+            Verdict::PassDtls,
+            None,
+        ),
+        fx(
+            "TURN channel data goes to the stack",
+            f.build(&[0x40, 0x00, 0, 4, 1, 2, 3, 4]),
+            "XDP_PASS",
+            Verdict::PassTurnChannel,
+            None,
+        ),
+        fx(
+            "first byte outside RFC 7983 ranges",
+            f.build(&[0x10; 20]),
+            "XDP_DROP",
+            Verdict::DropUnknownProtocol,
+            None,
+        ),
+        fx(
+            "empty UDP payload",
+            f.build(&[]),
+            "XDP_DROP",
+            Verdict::DropUnknownProtocol,
+            None,
+        ),
+        fx(
+            "RTP shorter than its fixed header",
+            f.build(&small[..8]),
+            "XDP_DROP",
+            Verdict::DropMalformedRtp,
+            None,
+        ),
+        fx(
+            "CSRC count runs past the packet",
+            f.build(&set(small.clone(), 0, &[0x84])),
+            "XDP_DROP",
+            Verdict::DropMalformedRtp,
+            None,
+        ),
+        fx(
+            "extension length runs past the packet",
+            f.build(&{
+                let mut r = Rtp::new(SSRC_TX, 1, 1, 4);
+                r.ext = Some((0xbede, vec![]));
+                set(r.bytes(), 14, &[0, 9])
+            }),
+            "XDP_DROP",
+            Verdict::DropMalformedRtp,
+            None,
+        ),
+        fx(
+            "padding count 0",
+            f.build(&{
+                let mut r = Rtp::new(SSRC_TX, 1, 1, 8);
+                r.padding = 1;
+                let mut b = r.bytes();
+                *b.last_mut().unwrap() = 0;
+                b
+            }),
+            "XDP_DROP",
+            Verdict::DropMalformedRtp,
+            None,
+        ),
+        fx(
+            "padding longer than the payload",
+            f.build(&{
+                let mut r = Rtp::new(SSRC_TX, 1, 1, 8);
+                r.padding = 1;
+                let mut b = r.bytes();
+                *b.last_mut().unwrap() = 200;
+                b
+            }),
+            "XDP_DROP",
+            Verdict::DropMalformedRtp,
+            None,
+        ),
+        fx(
+            "unknown SSRC from a known source, strict listener",
+            f.build(&Rtp::new(0x7777, 1, 1, 10).bytes()),
+            "XDP_DROP",
+            Verdict::DropNoRoute,
+            None,
+        ),
+        fx(
+            "unknown SSRC from a known source, lenient listener",
+            from_pub(5008).build(&Rtp::new(0x7777, 1, 1, 10).bytes()),
+            "XDP_PASS",
+            Verdict::PassNoRoute,
+            None,
+        ),
+        fx(
+            "RTP from an unknown source, strict listener",
+            stranger.build(&basic.bytes()),
+            "XDP_DROP",
+            Verdict::DropUnknownSource,
+            None,
+        ),
+        fx(
+            "RTP from an unknown source, lenient listener",
+            Frame {
+                sport: 40001,
+                ..from_pub(5008)
+            }
+            .build(&basic.bytes()),
+            "XDP_PASS",
+            Verdict::PassUnknownSource,
+            None,
+        ),
+        fx(
+            "UDP to a port that is not a listener",
+            from_pub(9999).build(&basic.bytes()),
+            "XDP_PASS",
+            Verdict::PassNotListener,
+            None,
+        ),
+        fx(
+            "IPv4 fragment (MF set)",
+            set(f.build(&basic.bytes()), 14 + 6, &[0x20, 0x00]),
+            "XDP_PASS",
+            Verdict::PassFragment,
+            None,
+        ),
+        fx(
+            "IPv4 non-first fragment",
+            set(f.build(&basic.bytes()), 14 + 6, &[0x00, 0x10]),
+            "XDP_PASS",
+            Verdict::PassFragment,
+            None,
+        ),
+        fx(
+            "IPv6 fragment header",
+            set(from_pub6().build(&v6.bytes()), 14 + 6, &[44]),
+            "XDP_PASS",
+            Verdict::PassFragment,
+            None,
+        ),
+        fx(
+            "TCP goes to the stack",
+            set(f.build(&basic.bytes()), 14 + 9, &[6]),
+            "XDP_PASS",
+            Verdict::PassNotUdp,
+            None,
+        ),
+        fx(
+            "ARP goes to the stack",
+            {
+                let mut a = vec![0xff; 6];
+                a.extend_from_slice(&MAC_PUB);
+                a.extend_from_slice(&[0x08, 0x06]);
+                a.extend_from_slice(&[0u8; 28]);
+                a
+            },
+            "XDP_PASS",
+            Verdict::PassNotIp,
+            None,
+        ),
+        fx(
+            "truncated IPv4 header",
+            f.build(&basic.bytes())[..14 + 10].to_vec(),
+            "XDP_DROP",
+            Verdict::DropMalformedIp,
+            None,
+        ),
+        fx(
+            "IPv4 header length below 20",
+            set(f.build(&basic.bytes()), 14, &[0x44]),
+            "XDP_DROP",
+            Verdict::DropMalformedIp,
+            None,
+        ),
+        fx(
+            "IPv4 total length beyond the frame",
+            set(f.build(&basic.bytes()), 14 + 2, &[0x0f, 0xff]),
+            "XDP_DROP",
+            Verdict::DropMalformedIp,
+            None,
+        ),
+        fx(
+            "IPv6 payload length beyond the frame",
+            set(from_pub6().build(&v6.bytes()), 14 + 4, &[0x0f, 0xff]),
+            "XDP_DROP",
+            Verdict::DropMalformedIp,
+            None,
+        ),
+        fx(
+            "UDP length larger than the IP payload",
+            set(f.build(&basic.bytes()), l4 + 4, &[0x0f, 0xff]),
+            "XDP_DROP",
+            Verdict::DropMalformedUdp,
+            None,
+        ),
+        fx(
+            "UDP length smaller than the IP payload",
+            set(f.build(&basic.bytes()), l4 + 4, &[0x00, 20]),
+            "XDP_DROP",
+            Verdict::DropMalformedUdp,
+            None,
+        ),
+    ];
+    // Ethernet padding after a short IP packet is legal and must not upset the lengths.
+    let mut padded = f.build(&small);
+    padded.resize(padded.len() + 6, 0);
+    let mut expect = rewritten(&f, &tx_route(), &Rtp::new(SSRC_TX, 1, 1, 0));
+    expect.resize(expect.len() + 6, 0);
+    v.push(fx(
+        "Ethernet trailer padding after a minimal RTP packet",
+        padded,
+        "XDP_TX",
+        Verdict::ForwardTx,
+        Some(expect),
+    ));
+    v
+}
+
+#[test]
+fn fixture_table() {
+    in_ns(|| {
+        let pin = PinDir::new();
+        let mut sim = setup(&pin);
+        let mut failures = Vec::new();
+        for fx in fixtures() {
+            let out = sim
+                .run(&fx.input)
+                .unwrap_or_else(|e| panic!("{}: {e:#}", fx.desc));
+            let want_out = fx.output.clone().unwrap_or_else(|| fx.input.clone());
+            let mut errs = Vec::new();
+            if out.action != fx.action {
+                errs.push(format!("action {} (want {})", out.action, fx.action));
+            }
+            if out.verdict != Some(fx.verdict.name()) {
+                errs.push(format!(
+                    "verdict {:?} (want {})",
+                    out.verdict,
+                    fx.verdict.name()
+                ));
+            }
+            if out.output != want_out {
+                errs.push(format!(
+                    "output differs\n   got  {}\n   want {}\n   got decoded:\n{}",
+                    hex(&out.output),
+                    hex(&want_out),
+                    out.decoded
+                ));
+            }
+            if fx.output.is_some() {
+                // Independent of the byte comparison: checksums verified from scratch.
+                if out.decoded.ipv4_checksum_ok == Some(false) {
+                    errs.push("IPv4 header checksum wrong".into());
+                }
+                if out.decoded.udp_checksum_ok == Some(false) {
+                    errs.push("UDP checksum wrong".into());
+                }
+            }
+            if !errs.is_empty() {
+                failures.push(format!("{}:\n  {}", fx.desc, errs.join("\n  ")));
+            }
+        }
+        assert!(
+            failures.is_empty(),
+            "{} fixture(s) failed:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+    });
+}
+
+#[test]
+fn counters_and_route_stats_follow_traffic() {
+    in_ns(|| {
+        let pin = PinDir::new();
+        let mut sim = setup(&pin);
+        let f = from_pub(5004);
+        let pkt = f.build(&Rtp::new(SSRC_TX, 1, 1, 100).bytes());
+        for _ in 0..5 {
+            assert_eq!(sim.run(&pkt).unwrap().action, "XDP_TX");
+        }
+        let routes = sim.maps().routes().unwrap();
+        let (_, stats) = routes.iter().find(|(r, _)| r.ssrc == SSRC_TX).unwrap();
+        assert_eq!(stats.packets, 5);
+        assert_eq!(stats.bytes, 5 * pkt.len() as u64);
+        let (_, other) = routes.iter().find(|(r, _)| r.ssrc == SSRC_WRAP).unwrap();
+        assert_eq!(
+            other.packets, 0,
+            "a route's traffic must not count on another"
+        );
+        let totals = sim.maps().verdict_totals().unwrap();
+        let tx = totals
+            .iter()
+            .find(|(v, _)| *v == Verdict::ForwardTx)
+            .unwrap()
+            .1;
+        assert_eq!(tx.packets, 5);
+    });
+}
+
+#[test]
+fn redirect_to_interface_missing_from_devmap_is_counted() {
+    in_ns(|| {
+        let pin = PinDir::new();
+        let mut sim = setup(&pin);
+        sim.maps().egress.remove(d0()).unwrap();
+        let pkt = from_pub(5004).build(&Rtp::new(SSRC_REDIRECT, 1, 1, 100).bytes());
+        let out = sim.run(&pkt).unwrap();
+        assert_eq!(out.action, "XDP_DROP");
+        assert_eq!(out.verdict, Some(Verdict::DropRedirectError.name()));
+    });
+}
+
+#[test]
+fn route_deletion_and_replacement_keep_maps_consistent() {
+    in_ns(|| {
+        let pin = PinDir::new();
+        let mut sim = setup(&pin);
+        let pkt = from_pub(5004).build(&Rtp::new(SSRC_TX, 1, 1, 100).bytes());
+        sim.run(&pkt).unwrap();
+        // Replacing keeps the statistics slot and its counts.
+        let mut r = tx_route();
+        r.seq_delta = 1;
+        sim.maps().add_route(&r).unwrap();
+        let stats = |sim: &mut Simulator| {
+            sim.maps()
+                .routes()
+                .unwrap()
+                .into_iter()
+                .find(|(r, _)| r.ssrc == SSRC_TX)
+                .map(|(_, s)| s.packets)
+        };
+        assert_eq!(stats(&mut sim), Some(1));
+        // Deleting: the source stays known while other routes from it remain.
+        assert!(sim.maps().del_route(&r.key()).unwrap());
+        assert!(
+            !sim.maps().del_route(&r.key()).unwrap(),
+            "second delete finds nothing"
+        );
+        assert_eq!(
+            sim.run(&pkt).unwrap().verdict,
+            Some(Verdict::DropNoRoute.name())
+        );
+        for k in [wrap_route().key(), redirect_route().key()] {
+            assert!(sim.maps().del_route(&k).unwrap());
+        }
+        assert_eq!(
+            sim.run(&pkt).unwrap().verdict,
+            Some(Verdict::DropUnknownSource.name())
+        );
+    });
+}
+
+#[test]
+fn bad_routes_are_refused_with_a_reason() {
+    in_ns(|| {
+        let pin = PinDir::new();
+        let mut sim = setup(&pin);
+        let mixed = Route {
+            out_dst: sa("[2001:db8:b::1]:6000"),
+            out_src: sa("[2001:db8:b::2]:5006"),
+            ..tx_route()
+        };
+        let e = sim.maps().add_route(&mixed).unwrap_err();
+        assert!(format!("{e:#}").contains("same IP family"), "{e:#}");
+        let no_listener = route(
+            "198.51.100.2:7777",
+            PUB,
+            1,
+            "203.0.113.2:5006",
+            "203.0.113.1:6000",
+        );
+        let e = sim.maps().add_route(&no_listener).unwrap_err();
+        assert!(format!("{e:#}").contains("not a listener"), "{e:#}");
+        let bad_pt = Route {
+            pt_remap: Some((96, 72)),
+            ..tx_route()
+        };
+        let e = sim.maps().add_route(&bad_pt).unwrap_err();
+        assert!(format!("{e:#}").contains("RFC 5761"), "{e:#}");
+        let bad_if = Route {
+            egress_ifindex: 999_999,
+            ..tx_route()
+        };
+        let e = sim.maps().add_route(&bad_if).unwrap_err();
+        assert!(format!("{e:#}").contains("egress devmap"), "{e:#}");
+    });
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
