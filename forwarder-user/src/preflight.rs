@@ -18,13 +18,20 @@ pub fn require_root() -> Result<()> {
 
 /// The pin directory must be on a bpffs; creates the directory if the bpffs is there.
 pub fn require_bpffs(pin_dir: &Path) -> Result<()> {
-    let parent = pin_dir.parent().unwrap_or(Path::new("/"));
+    // The nearest existing ancestor tells which filesystem the directory would be on.
+    let parent = pin_dir
+        .ancestors()
+        .skip(1)
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     let c = std::ffi::CString::new(parent.as_os_str().as_encoded_bytes())?;
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 || st.f_type as i64 != BPF_FS_MAGIC {
         bail!(
             "{} is not on a bpf filesystem, so maps cannot be pinned: mount one with \
-             `mount -t bpf bpf {}` (or run `cargo xtask setup`)",
+             `mount -t bpf bpf {}` (or run `cargo xtask setup`). Note that `ip netns exec` \
+             gives the command a fresh /sys without the bpffs; use `nsenter --net=/run/netns/NS` \
+             instead",
             pin_dir.display(),
             parent.display()
         );

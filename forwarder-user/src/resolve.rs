@@ -38,10 +38,14 @@ fn ip_json(args: &[&str]) -> Result<Value> {
         .with_context(|| format!("parsing `ip -j {}`", args.join(" ")))
 }
 
+/// The interface's MAC. Asks netlink (`ip link`) rather than /sys/class/net, which
+/// shows the interfaces of the namespace sysfs was mounted in, not necessarily ours.
 pub fn iface_mac(iface: &str) -> Result<[u8; 6]> {
-    let path = format!("/sys/class/net/{iface}/address");
-    let s = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    parse_mac(s.trim())
+    let v = ip_json(&["link", "show", "dev", iface])?;
+    let mac = v[0]["address"]
+        .as_str()
+        .ok_or_else(|| anyhow!("interface {iface} has no MAC address (not Ethernet?)"))?;
+    parse_mac(mac)
 }
 
 /// (egress interface, next hop) for `dst` as the kernel would route it.

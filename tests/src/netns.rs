@@ -1,8 +1,9 @@
 //! Network namespaces with unique names, deleted on drop even when a test panics.
 
 use std::{
+    ffi::CString,
     fs::File,
-    os::fd::AsRawFd,
+    os::{fd::AsRawFd, unix::process::CommandExt as _},
     process::{Command, Output},
 };
 
@@ -33,19 +34,50 @@ impl NetNs {
         ip(&["netns", "add", &name]);
         let ns = NetNs { name };
         ns.exec(&["ip", "link", "set", "lo", "up"]);
+        // No duplicate address detection, link-local addresses included: a tentative
+        // address stalls neighbour discovery for a second or two.
+        for key in ["all", "default"] {
+            ns.exec(&[
+                "sysctl",
+                "-qw",
+                &format!("net.ipv6.conf.{key}.accept_dad=0"),
+            ]);
+        }
         ns
     }
 
     /// Runs a command inside the namespace; panics with its stderr if it fails.
     pub fn exec(&self, args: &[&str]) -> Output {
-        let mut full = vec!["netns", "exec", &self.name];
-        full.extend_from_slice(args);
-        ip(&full)
+        let out = self
+            .command(args[0])
+            .args(&args[1..])
+            .output()
+            .expect("spawn");
+        assert!(
+            out.status.success(),
+            "{} in {} failed: {}",
+            args.join(" "),
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
     }
 
+    /// A command that runs in this network namespace. Unlike `ip netns exec`, it keeps
+    /// the caller's mount namespace, so /sys/fs/bpf (and pinned maps) stay visible.
     pub fn command(&self, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name, program]);
+        let path = CString::new(format!("/run/netns/{}", self.name)).unwrap();
+        let mut c = Command::new(program);
+        unsafe {
+            c.pre_exec(move || {
+                let fd = libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+                if fd < 0 || libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(fd);
+                Ok(())
+            });
+        }
         c
     }
 
@@ -136,6 +168,49 @@ impl Topology {
     }
 }
 
+impl Topology {
+    /// Resolves every neighbour the tests send to, and waits until each is resolved:
+    /// a burst into an unresolved neighbour mostly dies in the stack's small queue.
+    pub fn settle(&self) {
+        for (ns, targets) in [
+            (&self.publisher, [FWD_A_V4, FWD_A_V6]),
+            (&self.forwarder, [RCV_V4, RCV_V6]),
+            (&self.forwarder, [PUB_V4, PUB_V6]),
+        ] {
+            for t in targets {
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+                loop {
+                    let addr: std::net::IpAddr = t.parse().unwrap();
+                    let bind = if addr.is_ipv6() {
+                        "[::]:0"
+                    } else {
+                        "0.0.0.0:0"
+                    };
+                    let target = std::net::SocketAddr::new(addr, 9);
+                    ns.run(move || {
+                        let s = std::net::UdpSocket::bind(bind).unwrap();
+                        let _ = s.send_to(b"", target);
+                    });
+                    let out = ns.exec(&["ip", "neigh", "show", "to", t]);
+                    let text = String::from_utf8_lossy(&out.stdout);
+                    if text.contains("lladdr")
+                        && !text.contains("INCOMPLETE")
+                        && !text.contains("FAILED")
+                    {
+                        break;
+                    }
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "neighbour {t} never resolved in {}",
+                        ns.name
+                    );
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+            }
+        }
+    }
+}
+
 impl Default for Topology {
     fn default() -> Self {
         Self::new()
@@ -160,6 +235,11 @@ fn link(a: &NetNs, an: &str, aaddrs: &[&str], b: &NetNs, bn: &str, baddrs: &[&st
                 ns.exec(&["ip", "addr", "add", &cidr, "dev", dev]);
             }
         }
+        // Locally sent UDP leaves veth with a partial checksum (CHECKSUM_PARTIAL: only
+        // the pseudo-header sum, to be completed by "hardware"); XDP sees that raw
+        // frame and its rewrite cannot complete it. Packets off a real wire carry full
+        // checksums, so make the test hosts send those.
+        ns.exec(&["ethtool", "-K", dev, "tx", "off"]);
         ns.exec(&["ip", "link", "set", dev, "up"]);
     }
 }

@@ -76,7 +76,9 @@ fn wrap_route() -> Route {
 fn in_ns(f: impl FnOnce() + Send + 'static) {
     let _k = kernel_lock();
     let ns = NetNs::new("fx");
-    ns.exec(&["ip", "link", "add", "d0", "type", "veth", "peer", "name", "d1"]);
+    ns.exec(&[
+        "ip", "link", "add", "d0", "type", "veth", "peer", "name", "d1",
+    ]);
     ns.exec(&["ip", "link", "set", "d0", "up"]);
     ns.run(f);
 }
