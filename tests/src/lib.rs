@@ -67,12 +67,14 @@ impl Drop for PinDir {
 /// The edgefwd binary built beside this test (cargo xtask test builds it first).
 pub fn edgefwd_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/<test> -> target/<profile>/edgefwd
-    let p = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join("edgefwd");
+    // Binaries sit beside edgefwd in target/<profile>/, tests one level down in deps/.
+    let dir = exe.parent().expect("target dir");
+    let p = if dir.ends_with("deps") {
+        dir.parent().unwrap()
+    } else {
+        dir
+    }
+    .join("edgefwd");
     assert!(
         p.exists(),
         "{} not found: build it first (`cargo build -p forwarder-user`; cargo xtask test does)",

@@ -1,1 +1,264 @@
-fn main() {}
+//! Project tasks. `setup` installs what a fresh machine lacks; every other task runs it
+//! first, so the README's two commands work on a clean clone.
+//!
+//! xtask deliberately depends on no workspace crate: those need the eBPF toolchain
+//! that `setup` installs.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "edgefwd project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install toolchain pieces, Debian packages and bpffs (idempotent).
+    Setup,
+    /// Run the whole test suite (unit, fixtures, network namespaces). Needs root.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// A live relay in network namespaces with per-second rates; ends by itself.
+    Demo {
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+    /// Benchmarks: `forward` measures packets per second per core.
+    Bench {
+        #[arg(default_value = "forward")]
+        which: String,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 3)]
+        seconds: u64,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Setup => setup(),
+        Cmd::Test { args } => {
+            setup()?;
+            require_root("the tests load XDP programs and create network namespaces")?;
+            // The namespace tests start the real daemon binary.
+            cargo(&["build", "--package", "forwarder-user"])?;
+            let mut a = vec!["test"];
+            a.extend(args.iter().map(String::as_str));
+            cargo(&a)
+        }
+        Cmd::Demo { seconds } => {
+            setup()?;
+            require_root("the demo creates network namespaces and attaches XDP")?;
+            cargo(&[
+                "build",
+                "--release",
+                "--package",
+                "forwarder-user",
+                "--package",
+                "edgefwd-tests",
+            ])?;
+            sh(Command::new(root().join("target/release/edgefwd-demo")).arg(seconds.to_string()))
+        }
+        Cmd::Bench { which, seconds } => {
+            if which != "forward" {
+                bail!("unknown benchmark {which:?}; available: forward");
+            }
+            setup()?;
+            require_root("the benchmark creates network namespaces and attaches XDP")?;
+            cargo(&[
+                "build",
+                "--release",
+                "--package",
+                "forwarder-user",
+                "--package",
+                "edgefwd-tests",
+            ])?;
+            sh(Command::new(root().join("target/release/edgefwd-bench"))
+                .args(["--seconds", &seconds.to_string(), "--out"])
+                .arg(root().join("bench/results")))
+        }
+    }
+}
+
+fn require_root(why: &str) -> Result<()> {
+    let out = Command::new("id").arg("-u").output()?;
+    if String::from_utf8_lossy(&out.stdout).trim() != "0" {
+        bail!("run as root: {why} (e.g. `sudo -E cargo xtask ...`)");
+    }
+    Ok(())
+}
+
+fn sh(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    sh(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(args)
+            .current_dir(root()),
+    )
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+const DEBIAN_PACKAGES: &[&str] = &["iproute2", "ethtool", "procps", "util-linux"];
+
+fn setup() -> Result<()> {
+    // 1. Nightly with rust-src: the eBPF crate is built with -Z build-std=core.
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))
+        .context("rustup not found: install Rust with rustup")?;
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        step("installing the nightly toolchain");
+        sh(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    let comps = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]))
+    .unwrap_or_default();
+    if !comps.lines().any(|l| l.starts_with("rust-src")) {
+        step("adding rust-src to nightly");
+        sh(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+
+    // 2. bpf-linker, built against the nightly's own libLLVM (no system LLVM needed).
+    // It links the nightly's libLLVM dynamically, so ask through `rustup run nightly`,
+    // which puts the toolchain's lib directory on the library path (as aya-build does).
+    if output(Command::new("rustup").args(["run", "nightly", "bpf-linker", "--version"])).is_none()
+    {
+        let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
+            .context("rustc +nightly --print sysroot")?;
+        let lib = PathBuf::from(sysroot.trim()).join("lib");
+        let so = std::fs::read_dir(&lib)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("libLLVM.so."))
+            })
+            .with_context(|| {
+                format!(
+                    "no libLLVM.so.* in {}: is the nightly toolchain complete?",
+                    lib.display()
+                )
+            })?;
+        let vv = output(Command::new("rustc").args(["+nightly", "-vV"])).unwrap_or_default();
+        let major = vv
+            .lines()
+            .find_map(|l| l.strip_prefix("LLVM version: "))
+            .and_then(|v| v.split('.').next())
+            .context("nightly rustc reports no LLVM version")?
+            .to_string();
+        let prefix = root().join("target/llvm-prefix");
+        std::fs::create_dir_all(prefix.join("lib"))?;
+        let link = prefix.join("lib/libLLVM.so");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&so, &link)?;
+        step(&format!(
+            "building bpf-linker against {} (LLVM {major})",
+            so.display()
+        ));
+        sh(Command::new("cargo")
+            .args([
+                "install",
+                "--force",
+                "bpf-linker",
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{major}"),
+            ])
+            .env("LLVM_PREFIX", &prefix))?;
+    }
+
+    // 3. Debian packages the tests and the daemon use.
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .is_some_and(|s| s.contains("install ok installed"))
+        })
+        .collect();
+    if !missing.is_empty() {
+        step(&format!(
+            "installing Debian packages: {}",
+            missing.join(" ")
+        ));
+        require_root("installing Debian packages")?;
+        sh(Command::new("apt-get").args(["update", "-qq"]))?;
+        sh(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+
+    // 4. bpffs, where the daemon pins its maps.
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    if !mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
+    {
+        if output(Command::new("id").arg("-u")).is_some_and(|u| u.trim() == "0") {
+            step("mounting bpffs on /sys/fs/bpf");
+            sh(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+        } else {
+            eprintln!(
+                "xtask: note: bpffs is not mounted on /sys/fs/bpf; as root: mount -t bpf bpf /sys/fs/bpf"
+            );
+        }
+    }
+    Ok(())
+}
+
+fn step(what: &str) {
+    eprintln!("xtask setup: {what}");
+}

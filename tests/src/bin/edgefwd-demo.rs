@@ -1,0 +1,199 @@
+//! `cargo xtask demo`: a live RTP relay through the XDP forwarder in network
+//! namespaces, printing per-second rates, ending by itself.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    net::UdpSocket,
+    process::Stdio,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use edgefwd::{
+    loader::{self, Counters},
+    maps::Maps,
+};
+use edgefwd_tests::{PinDir, edgefwd_bin, netns::Topology, pkt::Rtp};
+use forwarder_common::{PROG_PASS, verdicts::Action};
+
+const PPS: u64 = 20_000;
+
+/// The embedded default: one publisher stream relayed to one receiver, with the SSRC,
+/// sequence number, timestamp and payload type rewritten on the way.
+const DEMO_CONFIG: &str = r#"
+[[listener]]
+addr = "198.51.100.2:5004"
+drop_unknown_source = true
+
+[[route]]
+listen = "198.51.100.2:5004"
+source = "198.51.100.1:40000"
+ssrc = 0x0000cafe
+out_src = "203.0.113.2:5006"
+out_dst = "203.0.113.1:6000"
+ssrc_out = 0x00c0ffee
+seq_delta = 1000
+ts_delta = 48000
+pt_from = 111
+pt_to = 100
+"#;
+
+fn main() {
+    let seconds: u64 = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    println!(
+        "edgefwd demo: publisher 198.51.100.1 -> forwarder (XDP on f0) -> receiver 203.0.113.1"
+    );
+    let t = Topology::new();
+    let pin = PinDir::new();
+    let peers = PinDir::new();
+    let mut keep = Vec::new();
+    for (ns, dev) in [(&t.publisher, "p0"), (&t.receiver, "r0")] {
+        let dir = peers.path().join(dev);
+        keep.push(ns.run(move || {
+            let mut e = loader::load(&dir, Counters::Private).expect("load");
+            loader::attach(&mut e, PROG_PASS, dev).expect("attach");
+            e
+        }));
+    }
+    t.settle();
+    let cfg = std::env::temp_dir().join(format!("edgefwd-demo-{}.toml", std::process::id()));
+    std::fs::write(&cfg, DEMO_CONFIG).unwrap();
+    println!("config ({}):{DEMO_CONFIG}", cfg.display());
+    let mut daemon = t
+        .forwarder
+        .command(edgefwd_bin().to_str().unwrap())
+        .args([
+            "--pin-dir",
+            pin.path().to_str().unwrap(),
+            "run",
+            "--iface",
+            "f0",
+            "--config",
+        ])
+        .arg(&cfg)
+        .args(["--duration", &(seconds + 3).to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start edgefwd");
+    let mut line = String::new();
+    BufReader::new(daemon.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(
+        line.contains("forwarding on"),
+        "edgefwd did not start: {line}"
+    );
+    print!("{line}");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let received = Arc::new(AtomicU64::new(0));
+    let sent = Arc::new(AtomicU64::new(0));
+    let rx = {
+        let (stop, received) = (stop.clone(), received.clone());
+        t.receiver.spawn(move || {
+            let s = UdpSocket::bind("203.0.113.1:6000").unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            let mut buf = [0u8; 2048];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((n, _)) = s.recv_from(&mut buf) {
+                    assert_eq!(&buf[8..12], &0x00c0_ffeeu32.to_be_bytes(), "SSRC rewritten");
+                    assert!(n > 12);
+                    received.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    let tx = {
+        let (stop, sent) = (stop.clone(), sent.clone());
+        t.publisher.spawn(move || {
+            let s = UdpSocket::bind("198.51.100.1:40000").unwrap();
+            let start = Instant::now();
+            let mut i: u64 = 0;
+            while !stop.load(Ordering::Relaxed) {
+                // Paced: catch up to PPS * elapsed, 1 ms at a time.
+                let due = (start.elapsed().as_secs_f64() * PPS as f64) as u64;
+                while i < due {
+                    let mut r = Rtp::new(0xcafe, i as u16, (i * 960) as u32, 200);
+                    r.pt = 111;
+                    let _ = s.send_to(&r.bytes(), "198.51.100.2:5004");
+                    i += 1;
+                }
+                sent.store(i, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+    };
+    let maps = Maps::open_pinned(pin.path()).expect("pinned maps");
+    let totals = |m: &Maps| {
+        let t = m.verdict_totals().unwrap();
+        let f: u64 = t
+            .iter()
+            .filter(|(v, _)| v.action() == Action::Forward)
+            .map(|(_, s)| s.packets)
+            .sum();
+        let d: u64 = t
+            .iter()
+            .filter(|(v, _)| v.action() == Action::Drop)
+            .map(|(_, s)| s.packets)
+            .sum();
+        (f, d)
+    };
+    println!(
+        "{:>4} {:>12} {:>14} {:>16} {:>12}",
+        "SEC", "SENT/s", "XDP FWD/s", "RECEIVED/s", "XDP DROP/s"
+    );
+    let (mut ls, mut lr, (mut lf, mut ld)) = (0, 0, totals(&maps));
+    for sec in 1..=seconds {
+        std::thread::sleep(Duration::from_secs(1));
+        let (s, r, (f, d)) = (
+            sent.load(Ordering::Relaxed),
+            received.load(Ordering::Relaxed),
+            totals(&maps),
+        );
+        println!(
+            "{sec:>4} {:>12} {:>14} {:>16} {:>12}",
+            s - ls,
+            f - lf,
+            r - lr,
+            d - ld
+        );
+        (ls, lr, lf, ld) = (s, r, f, d);
+    }
+    stop.store(true, Ordering::Relaxed);
+    tx.join().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    rx.join().unwrap();
+    let out = t
+        .forwarder
+        .command(edgefwd_bin().to_str().unwrap())
+        .args(["--pin-dir", pin.path().to_str().unwrap(), "routes", "list"])
+        .output()
+        .unwrap();
+    println!(
+        "\n$ edgefwd routes list\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let (s, r) = (
+        sent.load(Ordering::Relaxed),
+        received.load(Ordering::Relaxed),
+    );
+    println!(
+        "sent {s}, received {r} ({:.2}% delivered)",
+        100.0 * r as f64 / s.max(1) as f64
+    );
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    let _ = daemon.wait();
+    let _ = std::fs::remove_file(&cfg);
+    drop(keep);
+    if r == 0 {
+        eprintln!("demo failed: nothing was relayed");
+        std::process::exit(1);
+    }
+}
