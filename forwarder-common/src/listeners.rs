@@ -7,7 +7,9 @@ use crate::assert_size;
 pub const MAP_NAME: &str = "EFWD_LISTEN_V1";
 pub const MAX_LISTENERS: u32 = 1024;
 
-#[repr(C)]
+// align(4): the XDP program builds, hashes and compares keys a word at a time;
+// byte alignment made LLVM emit byte stores and a memset call.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct ListenerKey {
     pub addr: [u8; 16],

@@ -10,7 +10,9 @@ pub const MAP_NAME: &str = "EFWD_ROUTES_V1";
 pub const MAX_ROUTES: u32 = 65_536;
 
 /// Which packet a route matches. Addresses are 16 bytes (IPv4 v4-mapped).
-#[repr(C)]
+// align(4): the XDP program builds, hashes and compares keys a word at a time;
+// byte alignment made LLVM emit byte stores and a memset call.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct RouteKey {
     /// Our address the publisher sends to.

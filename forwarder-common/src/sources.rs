@@ -8,7 +8,9 @@ use crate::assert_size;
 pub const MAP_NAME: &str = "EFWD_SOURCES_V1";
 pub const MAX_SOURCES: u32 = 65_536;
 
-#[repr(C)]
+// align(4): the XDP program builds, hashes and compares keys a word at a time;
+// byte alignment made LLVM emit byte stores and a memset call.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct SourceKey {
     pub listen_addr: [u8; 16],

@@ -48,8 +48,10 @@ enum Cmd {
         /// Interface the media arrives on (XDP attaches here).
         #[arg(long)]
         iface: Option<String>,
+        /// TOML file of listeners and routes (see README).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Which data path forwards the media.
         #[arg(long, value_enum, default_value = "xdp")]
         datapath: Datapath,
         /// Prometheus /metrics listen address.
@@ -66,6 +68,7 @@ enum Cmd {
     },
     /// Counters by verdict (forwarded, passed, dropped by reason) with rates.
     Stats {
+        /// Machine-readable output.
         #[arg(long)]
         json: bool,
         /// Seconds between the two samples rates are computed from (0: no rates).
@@ -84,6 +87,7 @@ enum Cmd {
         /// pcap file of Ethernet frames.
         #[arg(long)]
         pcap: Option<PathBuf>,
+        /// Machine-readable output.
         #[arg(long)]
         json: bool,
     },
@@ -91,41 +95,57 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum RoutesCmd {
+    /// Routes with their per-route packet and byte counters.
     List {
+        /// Machine-readable output.
         #[arg(long)]
         json: bool,
     },
     /// Add or replace a route (the listener is created if missing).
     Add {
+        /// Our address:port the publisher sends to.
         #[arg(long)]
         listen: SocketAddr,
+        /// The publisher's address:port.
         #[arg(long)]
         source: SocketAddr,
+        /// The publisher's SSRC (decimal or 0x-hex).
         #[arg(long, value_parser = parse_u32)]
         ssrc: u32,
+        /// Address:port the copy is sent from.
         #[arg(long)]
         out_src: SocketAddr,
+        /// Address:port the copy is sent to.
         #[arg(long)]
         out_dst: SocketAddr,
+        /// SSRC written into the copy (default: unchanged).
         #[arg(long, value_parser = parse_u32)]
         ssrc_out: Option<u32>,
+        /// Added to the sequence number (mod 2^16).
         #[arg(long, default_value_t = 0)]
         seq_delta: u16,
+        /// Added to the timestamp (mod 2^32).
         #[arg(long, default_value_t = 0)]
         ts_delta: u32,
         /// Payload type remap FROM:TO.
         #[arg(long)]
         pt: Option<String>,
+        /// Egress interface (default: from the kernel's route to --out-dst).
         #[arg(long)]
         egress: Option<String>,
+        /// Next-hop MAC (default: from the neighbour table, resolved if needed).
         #[arg(long)]
         dst_mac: Option<String>,
     },
+    /// Delete the route matching (listen, source, SSRC).
     Del {
+        /// Our address:port the publisher sends to.
         #[arg(long)]
         listen: SocketAddr,
+        /// The publisher's address:port.
         #[arg(long)]
         source: SocketAddr,
+        /// The publisher's SSRC (decimal or 0x-hex).
         #[arg(long, value_parser = parse_u32)]
         ssrc: u32,
     },
@@ -337,8 +357,15 @@ async fn run_xdp(
     let mut ebpf = loader::load(&pin_dir, Counters::Pinned)?;
     match aya_log::EbpfLogger::init(&mut ebpf) {
         Ok(logger) => {
-            let mut fd =
-                tokio::io::unix::AsyncFd::with_interest(logger, tokio::io::Interest::READABLE)?;
+            // SAFETY: the logger owns its ring-buffer fd for as long as it lives, and the
+            // AsyncFd owns the logger, so the fd stays open and the same throughout.
+            let mut fd = unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(
+                    logger,
+                    tokio::io::Interest::READABLE,
+                )
+            }
+            .map_err(|e| anyhow::anyhow!("watching the eBPF log ring buffer: {e}"))?;
             tokio::spawn(async move {
                 loop {
                     let Ok(mut guard) = fd.readable_mut().await else {

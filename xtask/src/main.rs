@@ -136,7 +136,14 @@ fn output(cmd: &mut Command) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-const DEBIAN_PACKAGES: &[&str] = &["iproute2", "ethtool", "procps", "util-linux"];
+// fonts-dejavu-core: the text of the benchmark chart (rendered without fontconfig).
+const DEBIAN_PACKAGES: &[&str] = &[
+    "iproute2",
+    "ethtool",
+    "procps",
+    "util-linux",
+    "fonts-dejavu-core",
+];
 
 fn setup() -> Result<()> {
     // 1. Nightly with rust-src: the eBPF crate is built with -Z build-std=core.
