@@ -15,7 +15,7 @@ use edgefwd::loader::{self, Counters};
 use edgefwd_tests::{
     PinDir, edgefwd_bin, kernel_lock,
     netns::{NetNs, Topology},
-    pkt::Rtp,
+    pkt::{Frame, Rtp},
     unique,
 };
 use forwarder_common::PROG_PASS;
@@ -439,6 +439,9 @@ fn e2e(user: bool) {
             .unwrap();
         assert_eq!(fwd["packets"], N as u64);
     }
+    if !user {
+        cli_against_live_daemon(&t, &pin);
+    }
 
     unsafe { libc::kill(daemon.0.id() as i32, libc::SIGTERM) };
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -474,4 +477,99 @@ fn xdp_datapath_relays_rtp_between_namespaces() {
 #[test]
 fn user_datapath_relays_rtp_between_namespaces() {
     e2e(true);
+}
+
+/// `edgefwd simulate` and `routes add/del` against the running daemon's pinned maps.
+fn cli_against_live_daemon(t: &Topology, pin: &PinDir) {
+    let cli = |args: &[&str]| -> serde_json::Value {
+        let mut a = vec![edgefwd_bin().to_str().unwrap().to_string()];
+        a.extend(["--pin-dir", pin.path().to_str().unwrap()].map(String::from));
+        a.extend(args.iter().map(|s| s.to_string()));
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let out = t.forwarder.exec(&a);
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    };
+    let verdicts = || cli(&["stats", "--json", "--interval", "0", "--all"]);
+    let before = verdicts();
+
+    // A publisher packet of the IPv4 route, as it would arrive on f0.
+    let frame = Frame {
+        eth_src: [2, 0, 0, 0, 0, 1],
+        eth_dst: [2, 0, 0, 0, 0, 2],
+        vlan: None,
+        src: "198.51.100.1".parse().unwrap(),
+        dst: "198.51.100.2".parse().unwrap(),
+        ttl: 64,
+        sport: 40000,
+        dport: 5004,
+    }
+    .build(&Rtp::new(SSRC_V4, 7, 1000, 100).bytes());
+    let hex: String = frame.iter().map(|b| format!("{b:02x}")).collect();
+    let sim = cli(&["simulate", "--packet", &hex, "--json"]);
+    let sim = if sim.is_array() { sim[0].clone() } else { sim };
+    assert_eq!(sim["action"], "XDP_REDIRECT", "{sim}");
+    assert_eq!(sim["verdict"], "forward_redirect", "{sim}");
+    assert_eq!(sim["decoded"]["rtp_ssrc"], 0x2222_0001u32, "{sim}");
+    assert_eq!(sim["decoded"]["ip_dst"], "203.0.113.1", "{sim}");
+    assert_eq!(sim["decoded"]["udp_checksum_ok"], true, "{sim}");
+    assert_eq!(sim["decoded"]["ipv4_checksum_ok"], true, "{sim}");
+    // An unknown SSRC from the known publisher: no route, passed to the stack.
+    let mut other = frame.clone();
+    let rtp_ssrc = 14 + 20 + 8 + 8;
+    other[rtp_ssrc..rtp_ssrc + 4].copy_from_slice(&0x0bad_0badu32.to_be_bytes());
+    let hex: String = other.iter().map(|b| format!("{b:02x}")).collect();
+    let sim = cli(&["simulate", "--packet", &hex, "--json"]);
+    let sim = if sim.is_array() { sim[0].clone() } else { sim };
+    assert_eq!(sim["action"], "XDP_PASS", "{sim}");
+    assert_eq!(sim["verdict"], "pass_no_route", "{sim}");
+    // Simulation does not count as traffic.
+    assert_eq!(verdicts(), before, "simulate touched the live counters");
+
+    // Routes added by the CLI land in the live maps, and simulate sees them at once.
+    let added = t.forwarder.exec(&[
+        edgefwd_bin().to_str().unwrap(),
+        "--pin-dir",
+        pin.path().to_str().unwrap(),
+        "routes",
+        "add",
+        "--listen",
+        "198.51.100.2:5004",
+        "--source",
+        "198.51.100.1:40000",
+        "--ssrc",
+        "0x0bad0bad",
+        "--out-src",
+        "203.0.113.2:5006",
+        "--out-dst",
+        "203.0.113.1:6002",
+        "--ssrc-out",
+        "0x33330001",
+    ]);
+    assert!(added.status.success());
+    assert_eq!(
+        cli(&["routes", "list", "--json"]).as_array().unwrap().len(),
+        4
+    );
+    let sim = cli(&["simulate", "--packet", &hex, "--json"]);
+    let sim = if sim.is_array() { sim[0].clone() } else { sim };
+    assert_eq!(sim["action"], "XDP_REDIRECT", "{sim}");
+    assert_eq!(sim["decoded"]["rtp_ssrc"], 0x3333_0001u32, "{sim}");
+    assert_eq!(sim["decoded"]["udp_dst"], 6002, "{sim}");
+    t.forwarder.exec(&[
+        edgefwd_bin().to_str().unwrap(),
+        "--pin-dir",
+        pin.path().to_str().unwrap(),
+        "routes",
+        "del",
+        "--listen",
+        "198.51.100.2:5004",
+        "--source",
+        "198.51.100.1:40000",
+        "--ssrc",
+        "0x0bad0bad",
+    ]);
+    assert_eq!(
+        cli(&["routes", "list", "--json"]).as_array().unwrap().len(),
+        3
+    );
 }
