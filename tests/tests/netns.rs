@@ -526,10 +526,7 @@ fn cli_against_live_daemon(t: &Topology, pin: &PinDir) {
     assert_eq!(verdicts(), before, "simulate touched the live counters");
 
     // Routes added by the CLI land in the live maps, and simulate sees them at once.
-    let added = t.forwarder.exec(&[
-        edgefwd_bin().to_str().unwrap(),
-        "--pin-dir",
-        pin.path().to_str().unwrap(),
+    cli(&[
         "routes",
         "add",
         "--listen",
@@ -545,7 +542,6 @@ fn cli_against_live_daemon(t: &Topology, pin: &PinDir) {
         "--ssrc-out",
         "0x33330001",
     ]);
-    assert!(added.status.success());
     assert_eq!(
         cli(&["routes", "list", "--json"]).as_array().unwrap().len(),
         4
@@ -555,10 +551,7 @@ fn cli_against_live_daemon(t: &Topology, pin: &PinDir) {
     assert_eq!(sim["action"], "XDP_REDIRECT", "{sim}");
     assert_eq!(sim["decoded"]["rtp_ssrc"], 0x3333_0001u32, "{sim}");
     assert_eq!(sim["decoded"]["udp_dst"], 6002, "{sim}");
-    t.forwarder.exec(&[
-        edgefwd_bin().to_str().unwrap(),
-        "--pin-dir",
-        pin.path().to_str().unwrap(),
+    cli(&[
         "routes",
         "del",
         "--listen",

@@ -26,7 +26,7 @@ enum Cmd {
     /// Run the whole test suite (unit, fixtures, network namespaces). Needs root.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
-        #[arg(trailing_var_arg = true)]
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// A live relay in network namespaces with per-second rates; ends by itself.
@@ -74,14 +74,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Demo { seconds } => {
             setup()?;
             require_root("the demo creates network namespaces and attaches XDP")?;
-            cargo(&[
-                "build",
-                "--release",
-                "--package",
-                "forwarder-user",
-                "--package",
-                "edgefwd-tests",
-            ])?;
+            build_release_tools()?;
             sh(Command::new(root().join("target/release/edgefwd-demo")).arg(seconds.to_string()))
         }
         Cmd::Bench { which, seconds } => {
@@ -90,19 +83,24 @@ fn run(cli: Cli) -> Result<()> {
             }
             setup()?;
             require_root("the benchmark creates network namespaces and attaches XDP")?;
-            cargo(&[
-                "build",
-                "--release",
-                "--package",
-                "forwarder-user",
-                "--package",
-                "edgefwd-tests",
-            ])?;
+            build_release_tools()?;
             sh(Command::new(root().join("target/release/edgefwd-bench"))
                 .args(["--seconds", &seconds.to_string(), "--out"])
                 .arg(root().join("bench/results")))
         }
     }
+}
+
+/// The daemon plus the demo and bench binaries, optimised.
+fn build_release_tools() -> Result<()> {
+    cargo(&[
+        "build",
+        "--release",
+        "--package",
+        "forwarder-user",
+        "--package",
+        "edgefwd-tests",
+    ])
 }
 
 fn require_root(why: &str) -> Result<()> {

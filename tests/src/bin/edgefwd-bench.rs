@@ -199,26 +199,12 @@ fn kernel_case(case: Case, rtp_bytes: usize, seconds: f64) -> Row {
     };
     // Neighbours first: once a sink drops everything, ARP through it fails too.
     t.settle();
+    // A veth peer needs an XDP program of its own for XDP_TX/REDIRECT frames to land:
+    // the sink is one such peer, the other gets XDP_PASS.
     let mut keep = Vec::new();
-    if case == Case::XdpForwardRedirect {
-        // p0 needs a program for frames XDP_TX'd back to it; unused here but harmless.
-        keep.push(attach_private(
-            &t.publisher,
-            progs.path().join("p0"),
-            PROG_PASS,
-            "p0",
-        ));
-    }
-    if case != Case::XdpDropCeiling {
-        // The forwarder's second veth's peer must have XDP for redirected frames to land;
-        // the redirect case gets its sink there below.
-        if case == Case::XdpForwardTx {
-            keep.push(attach_private(
-                &t.receiver,
-                progs.path().join("r0"),
-                PROG_PASS,
-                "r0",
-            ));
+    for (ns, dev) in [(&t.publisher, "p0"), (&t.receiver, "r0")] {
+        if dev != sink_dev {
+            keep.push(attach_private(ns, progs.path().join(dev), PROG_PASS, dev));
         }
     }
     let sink = attach_private(sink_ns, progs.path().join("sink"), PROG_DROP, sink_dev);
