@@ -426,29 +426,8 @@ async fn run_user(
     metrics_addr: Option<SocketAddr>,
     duration: Option<u64>,
 ) -> Result<()> {
-    let routes: Vec<Route> = cfg
-        .routes
-        .iter()
-        .map(|rc| {
-            let mut r = Route {
-                listen: rc.listen,
-                source: rc.source,
-                ssrc: rc.ssrc,
-                out_src: rc.out_src,
-                out_dst: rc.out_dst,
-                egress_ifindex: 0,
-                src_mac: [0; 6],
-                dst_mac: [0; 6],
-                ssrc_out: rc.ssrc_out.unwrap_or(rc.ssrc),
-                seq_delta: rc.seq_delta,
-                ts_delta: rc.ts_delta,
-                pt_remap: rc.pt_from.zip(rc.pt_to),
-            };
-            // L2 is the kernel's job on this path.
-            r.egress_ifindex = 0;
-            r
-        })
-        .collect();
+    // No resolution: L2 and the egress interface are the kernel's job on this path.
+    let routes: Vec<Route> = cfg.routes.iter().map(resolve::unresolved).collect();
     let listeners: Vec<(SocketAddr, bool)> = cfg
         .listeners
         .iter()

@@ -114,17 +114,28 @@ pub fn resolve(rc: &RouteConfig) -> Result<Route> {
         None => neighbour_mac(hop, &dev, rc.out_src.ip())?,
     };
     Ok(Route {
+        egress_ifindex: ifindex,
+        src_mac,
+        dst_mac,
+        ..unresolved(rc)
+    })
+}
+
+/// The route as configured, without egress interface or MACs: what the userspace data
+/// path needs (the kernel's stack does L2 there), and the base `resolve` fills in.
+pub fn unresolved(rc: &RouteConfig) -> Route {
+    Route {
         listen: rc.listen,
         source: rc.source,
         ssrc: rc.ssrc,
         out_src: rc.out_src,
         out_dst: rc.out_dst,
-        egress_ifindex: ifindex,
-        src_mac,
-        dst_mac,
+        egress_ifindex: 0,
+        src_mac: [0; 6],
+        dst_mac: [0; 6],
         ssrc_out: rc.ssrc_out.unwrap_or(rc.ssrc),
         seq_delta: rc.seq_delta,
         ts_delta: rc.ts_delta,
         pt_remap: rc.pt_from.zip(rc.pt_to),
-    })
+    }
 }

@@ -3,7 +3,7 @@
 //! honest baseline the benchmarks compare the kernel path against.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     io,
     mem::{self, MaybeUninit},
     net::{SocketAddr, UdpSocket},
@@ -66,7 +66,9 @@ impl UserCounters {
 
 struct Target {
     value: RouteValue,
-    out_dst: SocketAddr,
+    /// `out_dst` as a sockaddr, converted once here rather than per packet.
+    out_sa: libc::sockaddr_storage,
+    out_sa_len: libc::socklen_t,
     /// Index into the output sockets.
     sock: usize,
 }
@@ -76,6 +78,9 @@ pub struct UserPath {
     listen: UdpSocket,
     outs: Vec<UdpSocket>,
     routes: HashMap<(SocketAddr, u32), Target>,
+    /// Sources with at least one route: the userspace twin of `EFWD_SOURCES_V1`, so a
+    /// route miss is one lookup, not a scan of the routes.
+    sources: HashSet<SocketAddr>,
     drop_unknown_source: bool,
 }
 
@@ -105,11 +110,14 @@ impl UserPath {
                 outs.push((r.out_src, s));
                 outs.len() - 1
             };
+            let mut out_sa: libc::sockaddr_storage = unsafe { mem::zeroed() };
+            let out_sa_len = sockaddr_from(r.out_dst, &mut out_sa);
             table.insert(
                 (r.source, r.ssrc),
                 Target {
                     value: r.value(0),
-                    out_dst: r.out_dst,
+                    out_sa,
+                    out_sa_len,
                     sock: idx,
                 },
             );
@@ -127,36 +135,43 @@ impl UserPath {
         Ok(UserPath {
             listen: sock,
             outs,
+            sources: table.keys().map(|(src, _)| *src).collect(),
             routes: table,
             drop_unknown_source,
         })
     }
 
-    /// Forwards until `stop` is set.
+    /// Forwards until `stop` is set. Every buffer and message header is set up once;
+    /// the loop itself allocates nothing.
     pub fn run(&self, stop: &AtomicBool, counters: &UserCounters) -> Result<()> {
         let mut bufs = vec![[0u8; BUF]; BATCH];
         let mut addrs: Vec<libc::sockaddr_storage> = vec![unsafe { mem::zeroed() }; BATCH];
-        let mut iovs: Vec<libc::iovec> = Vec::with_capacity(BATCH);
-        let mut msgs: Vec<libc::mmsghdr> = Vec::with_capacity(BATCH);
-        let mut out_addrs: Vec<libc::sockaddr_storage> = vec![unsafe { mem::zeroed() }; BATCH];
-        let mut sends: Vec<Vec<(usize, usize, libc::socklen_t)>> =
-            vec![Vec::new(); self.outs.len()];
-        while !stop.load(Ordering::Relaxed) {
-            iovs.clear();
-            msgs.clear();
-            for (buf, addr) in bufs.iter_mut().zip(addrs.iter_mut()) {
-                iovs.push(libc::iovec {
-                    iov_base: buf.as_mut_ptr().cast(),
-                    iov_len: BUF,
-                });
+        let mut iovs: Vec<libc::iovec> = bufs
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: BUF,
+            })
+            .collect();
+        let mut msgs: Vec<libc::mmsghdr> = iovs
+            .iter_mut()
+            .zip(addrs.iter_mut())
+            .map(|(iov, addr)| {
                 let mut h: libc::mmsghdr = unsafe { mem::zeroed() };
                 h.msg_hdr.msg_name = (addr as *mut libc::sockaddr_storage).cast();
-                h.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as u32;
-                msgs.push(h);
-            }
-            for (m, iov) in msgs.iter_mut().zip(iovs.iter_mut()) {
-                m.msg_hdr.msg_iov = iov;
-                m.msg_hdr.msg_iovlen = 1;
+                h.msg_hdr.msg_iov = iov;
+                h.msg_hdr.msg_iovlen = 1;
+                h
+            })
+            .collect();
+        // Per output socket: the datagrams queued for it in this batch.
+        let mut out_iovs: Vec<Vec<libc::iovec>> = vec![Vec::with_capacity(BATCH); self.outs.len()];
+        let mut out_msgs: Vec<Vec<libc::mmsghdr>> =
+            vec![Vec::with_capacity(BATCH); self.outs.len()];
+        while !stop.load(Ordering::Relaxed) {
+            for m in msgs.iter_mut() {
+                // The kernel overwrote these with the previous batch's lengths.
+                m.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as u32;
             }
             let n = unsafe {
                 libc::recvmmsg(
@@ -174,53 +189,48 @@ impl UserPath {
                     _ => return Err(e).context("recvmmsg"),
                 }
             }
-            for s in sends.iter_mut() {
-                s.clear();
-            }
             for i in 0..n as usize {
                 let len = msgs[i].msg_len as usize;
                 let Some(src) = sockaddr_to(&addrs[i]) else {
                     continue;
                 };
                 let pkt = &mut bufs[i][..len];
-                let v = self.route_one(i, pkt, src, &mut out_addrs[i], &mut sends);
-                if let Some(v) = v {
-                    counters.add(v, len);
-                } else {
-                    counters.add(Verdict::ForwardRedirect, len);
+                match self.route_one(pkt, src) {
+                    Ok(t) => {
+                        out_iovs[t.sock].push(libc::iovec {
+                            iov_base: pkt.as_mut_ptr().cast(),
+                            iov_len: len,
+                        });
+                        let mut h: libc::mmsghdr = unsafe { mem::zeroed() };
+                        // sendmmsg only reads the address.
+                        h.msg_hdr.msg_name = (&t.out_sa as *const libc::sockaddr_storage)
+                            .cast_mut()
+                            .cast();
+                        h.msg_hdr.msg_namelen = t.out_sa_len;
+                        out_msgs[t.sock].push(h);
+                        counters.add(Verdict::ForwardRedirect, len);
+                    }
+                    Err(v) => counters.add(v, len),
                 }
             }
-            for (sock, batch) in self.outs.iter().zip(sends.iter()) {
-                if batch.is_empty() {
-                    continue;
+            for ((sock, iovs), msgs) in self
+                .outs
+                .iter()
+                .zip(out_iovs.iter_mut())
+                .zip(out_msgs.iter_mut())
+            {
+                // The iovecs are complete now: point the headers at them.
+                for (m, iov) in msgs.iter_mut().zip(iovs.iter_mut()) {
+                    m.msg_hdr.msg_iov = iov;
+                    m.msg_hdr.msg_iovlen = 1;
                 }
-                let mut out_iovs: Vec<libc::iovec> = batch
-                    .iter()
-                    .map(|&(i, len, _)| libc::iovec {
-                        iov_base: bufs[i].as_mut_ptr().cast(),
-                        iov_len: len,
-                    })
-                    .collect();
-                let mut out_msgs: Vec<libc::mmsghdr> = batch
-                    .iter()
-                    .zip(out_iovs.iter_mut())
-                    .map(|(&(i, _, alen), iov)| {
-                        let mut h: libc::mmsghdr = unsafe { mem::zeroed() };
-                        h.msg_hdr.msg_name =
-                            (&mut out_addrs[i] as *mut libc::sockaddr_storage).cast();
-                        h.msg_hdr.msg_namelen = alen;
-                        h.msg_hdr.msg_iov = iov;
-                        h.msg_hdr.msg_iovlen = 1;
-                        h
-                    })
-                    .collect();
                 let mut off = 0;
-                while off < out_msgs.len() {
+                while off < msgs.len() {
                     let r = unsafe {
                         libc::sendmmsg(
                             sock.as_raw_fd(),
-                            out_msgs[off..].as_mut_ptr(),
-                            (out_msgs.len() - off) as u32,
+                            msgs[off..].as_mut_ptr(),
+                            (msgs.len() - off) as u32,
                             0,
                         )
                     };
@@ -231,47 +241,41 @@ impl UserPath {
                     }
                     off += r as usize;
                 }
+                iovs.clear();
+                msgs.clear();
             }
         }
         Ok(())
     }
 
-    /// Routes one datagram: `None` means queued for sending, else the verdict.
-    fn route_one(
-        &self,
-        slot: usize,
-        pkt: &mut [u8],
-        src: SocketAddr,
-        out_addr: &mut libc::sockaddr_storage,
-        sends: &mut [Vec<(usize, usize, libc::socklen_t)>],
-    ) -> Option<Verdict> {
+    /// Routes one datagram: rewritten in place with its target, or the verdict.
+    fn route_one(&self, pkt: &mut [u8], src: SocketAddr) -> Result<&Target, Verdict> {
         if pkt.len() < 2 {
-            return Some(Verdict::DropUnknownProtocol);
+            return Err(Verdict::DropUnknownProtocol);
         }
         match classify(pkt[0], pkt[1]) {
-            Class::Stun => return Some(Verdict::PassStun),
-            Class::Dtls => return Some(Verdict::PassDtls),
-            Class::TurnChannel => return Some(Verdict::PassTurnChannel),
-            Class::Rtcp => return Some(Verdict::PassRtcp),
-            Class::Unknown => return Some(Verdict::DropUnknownProtocol),
+            Class::Stun => return Err(Verdict::PassStun),
+            Class::Dtls => return Err(Verdict::PassDtls),
+            Class::TurnChannel => return Err(Verdict::PassTurnChannel),
+            Class::Rtcp => return Err(Verdict::PassRtcp),
+            Class::Unknown => return Err(Verdict::DropUnknownProtocol),
             Class::Rtp => {}
         }
         if rtp::validate(pkt).is_err() {
-            return Some(Verdict::DropMalformedRtp);
+            return Err(Verdict::DropMalformedRtp);
         }
         let ssrc = u32::from_be_bytes([pkt[8], pkt[9], pkt[10], pkt[11]]);
         let Some(t) = self.routes.get(&(src, ssrc)) else {
-            let known = self.routes.keys().any(|(s, _)| *s == src);
-            return Some(match (known, self.drop_unknown_source) {
-                (true, _) => Verdict::PassNoRoute,
-                (false, true) => Verdict::DropUnknownSource,
-                (false, false) => Verdict::PassUnknownSource,
-            });
+            return Err(
+                match (self.sources.contains(&src), self.drop_unknown_source) {
+                    (true, _) => Verdict::PassNoRoute,
+                    (false, true) => Verdict::DropUnknownSource,
+                    (false, false) => Verdict::PassUnknownSource,
+                },
+            );
         };
         rtp::rewrite(pkt, &t.value);
-        let alen = sockaddr_from(t.out_dst, out_addr);
-        sends[t.sock].push((slot, pkt.len(), alen));
-        None
+        Ok(t)
     }
 }
 

@@ -5,7 +5,9 @@ pub mod netns;
 pub mod pkt;
 
 use std::{
+    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
     sync::{
         Mutex, MutexGuard,
         atomic::{AtomicU32, Ordering},
@@ -81,4 +83,24 @@ pub fn edgefwd_bin() -> PathBuf {
         p.display()
     );
     p
+}
+
+/// Starts `edgefwd run` and waits for its "forwarding on" line (printed once routes are
+/// programmed). Its log (stderr) stays on the caller's stderr.
+pub fn spawn_edgefwd(mut cmd: Command) -> Child {
+    let mut child = cmd.stdout(Stdio::piped()).spawn().expect("start edgefwd");
+    let mut line = String::new();
+    let _ = BufReader::new(child.stdout.take().unwrap()).read_line(&mut line);
+    if !line.contains("forwarding on") {
+        let status = child.wait();
+        panic!("edgefwd did not start ({status:?}); first line {line:?}; its log is above");
+    }
+    print!("{line}");
+    child
+}
+
+/// SIGTERM, then waits: the daemon detaches XDP and exits.
+pub fn stop_edgefwd(child: &mut Child) -> std::process::ExitStatus {
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.wait().expect("waiting for edgefwd")
 }

@@ -5,9 +5,9 @@
 //! InCsumErrors counters, prove the checksums.
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream, UdpSocket},
-    process::{Child, Stdio},
+    process::Child,
     time::{Duration, Instant},
 };
 
@@ -16,7 +16,7 @@ use edgefwd_tests::{
     PinDir, edgefwd_bin, kernel_lock,
     netns::{NetNs, Topology},
     pkt::{Frame, Rtp},
-    unique,
+    spawn_edgefwd, unique,
 };
 use forwarder_common::PROG_PASS;
 
@@ -193,25 +193,7 @@ fn start_daemon(t: &Topology, pin: &PinDir, cfg_path: &str, user: bool) -> Daemo
     } else {
         cmd.args(["--iface", "f0"]);
     }
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn edgefwd");
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    let started = out.read_line(&mut line).is_ok() && line.contains("forwarding on");
-    if !started {
-        let mut err = String::new();
-        let _ = child.wait();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
-        panic!("edgefwd did not start: {line}{err}");
-    }
+    let child = spawn_edgefwd(cmd);
     Daemon(child)
 }
 
@@ -335,40 +317,25 @@ fn e2e(user: bool) {
     );
     let body = scrape(&t);
     if std::env::var_os("EDGEFWD_DEBUG").is_some() {
-        for (ns, dev) in [(&t.receiver, "r0"), (&t.publisher, "p0")] {
+        // Where copies went missing: interface, IP/UDP and softnet counters.
+        for (ns, args) in [
+            (&t.receiver, &["ip", "-s", "link", "show", "r0"][..]),
+            (&t.receiver, &["cat", "/proc/net/snmp"]),
+            (&t.publisher, &["ip", "-s", "link", "show", "p0"]),
+            (&t.publisher, &["cat", "/proc/net/snmp"]),
+            (&t.publisher, &["cat", "/proc/net/snmp6"]),
+            (&t.forwarder, &["ip", "-s", "link"]),
+            (&t.forwarder, &["cat", "/proc/net/snmp6"]),
+            (&t.forwarder, &["cat", "/proc/net/softnet_stat"]),
+            (&t.receiver, &["ip", "link"]),
+        ] {
             eprintln!(
-                "{}",
-                String::from_utf8_lossy(&ns.exec(&["ip", "-s", "link", "show", dev]).stdout)
-            );
-            eprintln!(
-                "{}",
-                String::from_utf8_lossy(&ns.exec(&["cat", "/proc/net/snmp"]).stdout)
+                "{} $ {}\n{}",
+                ns.name,
+                args.join(" "),
+                String::from_utf8_lossy(&ns.exec(args).stdout)
             );
         }
-        eprintln!(
-            "{}",
-            String::from_utf8_lossy(&t.forwarder.exec(&["cat", "/proc/net/snmp6"]).stdout)
-        );
-        eprintln!(
-            "{}",
-            String::from_utf8_lossy(&t.forwarder.exec(&["ip", "-s", "link", "show", "f0"]).stdout)
-        );
-        eprintln!(
-            "PUB {}",
-            String::from_utf8_lossy(&t.publisher.exec(&["cat", "/proc/net/snmp6"]).stdout)
-        );
-        eprintln!(
-            "{}",
-            String::from_utf8_lossy(&t.forwarder.exec(&["cat", "/proc/net/softnet_stat"]).stdout)
-        );
-        eprintln!(
-            "{}",
-            String::from_utf8_lossy(&t.forwarder.exec(&["ip", "link"]).stdout)
-        );
-        eprintln!(
-            "{}",
-            String::from_utf8_lossy(&t.receiver.exec(&["ip", "link"]).stdout)
-        );
     }
     assert_eq!(
         (got4, got6, goth),

@@ -15,11 +15,10 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    io::{BufRead as _, BufReader},
     net::UdpSocket,
     os::{fd::AsRawFd as _, unix::process::CommandExt as _},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     time::{Duration, Instant},
 };
 
@@ -36,6 +35,7 @@ use edgefwd_tests::{
     PinDir, edgefwd_bin,
     netns::{FWD_A_V4, NetNs, PUB_V4, RCV_V4, Topology},
     pkt::{Frame, Rtp},
+    spawn_edgefwd, stop_edgefwd,
 };
 use forwarder_common::{PROG_DROP, PROG_FORWARD, PROG_PASS, verdicts::VerdictStats};
 use serde::Serialize;
@@ -262,7 +262,7 @@ fn kernel_case(case: Case, rtp_bytes: usize, seconds: f64) -> Row {
         }
     }
     if let Some(mut d) = daemon {
-        stop(&mut d);
+        stop_edgefwd(&mut d);
     }
     drop(keep);
     let mut r = best.unwrap();
@@ -524,7 +524,7 @@ fn user_case(rtp_bytes: usize, seconds: f64) -> Row {
             }
         }
     }
-    stop(&mut daemon);
+    stop_edgefwd(&mut daemon);
     drop(keep.drain(..));
     let (_, tr) = best.expect("the userspace relay lost more than 1% even at 25 kpps: broken");
     row(
@@ -616,8 +616,7 @@ fn start_daemon(ns: &NetNs, pin: &Path, config: &str, extra: &[&str]) -> Child {
         "--config",
     ])
     .arg(&cfg)
-    .args(extra)
-    .stdout(Stdio::piped());
+    .args(extra);
     unsafe {
         // The whole relay (every thread it starts inherits this) on the forwarder core.
         cmd.pre_exec(|| {
@@ -625,22 +624,9 @@ fn start_daemon(ns: &NetNs, pin: &Path, config: &str, extra: &[&str]) -> Child {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().expect("start edgefwd");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(
-        line.contains("forwarding on"),
-        "edgefwd did not start: {line:?}"
-    );
+    let child = spawn_edgefwd(cmd);
     let _ = std::fs::remove_file(&cfg);
     child
-}
-
-fn stop(child: &mut Child) {
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let _ = child.wait();
 }
 
 fn set_affinity(pid: i32, cpu: usize) -> bool {

@@ -2,9 +2,7 @@
 //! namespaces, printing per-second rates, ending by itself.
 
 use std::{
-    io::{BufRead as _, BufReader},
     net::UdpSocket,
-    process::Stdio,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -16,7 +14,7 @@ use edgefwd::{
     loader::{self, Counters},
     maps::Maps,
 };
-use edgefwd_tests::{PinDir, edgefwd_bin, netns::Topology, pkt::Rtp};
+use edgefwd_tests::{PinDir, edgefwd_bin, netns::Topology, pkt::Rtp, spawn_edgefwd, stop_edgefwd};
 use forwarder_common::{PROG_PASS, verdicts::Action};
 
 const PPS: u64 = 20_000;
@@ -65,31 +63,18 @@ fn main() {
     let cfg = std::env::temp_dir().join(format!("edgefwd-demo-{}.toml", std::process::id()));
     std::fs::write(&cfg, DEMO_CONFIG).unwrap();
     println!("config ({}):{DEMO_CONFIG}", cfg.display());
-    let mut daemon = t
-        .forwarder
-        .command(edgefwd_bin().to_str().unwrap())
-        .args([
-            "--pin-dir",
-            pin.path().to_str().unwrap(),
-            "run",
-            "--iface",
-            "f0",
-            "--config",
-        ])
-        .arg(&cfg)
-        .args(["--duration", &(seconds + 3).to_string()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start edgefwd");
-    let mut line = String::new();
-    BufReader::new(daemon.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(
-        line.contains("forwarding on"),
-        "edgefwd did not start: {line}"
-    );
-    print!("{line}");
+    let mut cmd = t.forwarder.command(edgefwd_bin().to_str().unwrap());
+    cmd.args([
+        "--pin-dir",
+        pin.path().to_str().unwrap(),
+        "run",
+        "--iface",
+        "f0",
+        "--config",
+    ])
+    .arg(&cfg)
+    .args(["--duration", &(seconds + 3).to_string()]);
+    let mut daemon = spawn_edgefwd(cmd);
 
     let stop = Arc::new(AtomicBool::new(false));
     let received = Arc::new(AtomicU64::new(0));
@@ -188,8 +173,7 @@ fn main() {
         "sent {s}, received {r} ({:.2}% delivered)",
         100.0 * r as f64 / s.max(1) as f64
     );
-    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
-    let _ = daemon.wait();
+    stop_edgefwd(&mut daemon);
     let _ = std::fs::remove_file(&cfg);
     drop(keep);
     if r == 0 {
