@@ -33,6 +33,8 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     #[serde(default, rename = "route")]
     pub routes: Vec<RouteConfig>,
+    /// WebRTC control plane (WHIP/WHEP); absent: off.
+    pub webrtc: Option<crate::webrtc::WebrtcConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -10,6 +10,7 @@ pub mod resolve;
 pub mod simulate;
 pub mod stats;
 pub mod userpath;
+pub mod webrtc;
 
 /// The XDP object built by build.rs (aya-build), embedded in the binary.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/forwarder"));

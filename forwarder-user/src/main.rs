@@ -16,6 +16,7 @@ use edgefwd::{
     metrics, resolve,
     simulate::{Simulator, pcap_frames},
     stats, userpath,
+    webrtc::WebrtcConfig,
 };
 use forwarder_common::{DEFAULT_PIN_DIR, PROG_FORWARD};
 
@@ -60,6 +61,12 @@ enum Cmd {
         /// Stop by itself after this many seconds (demos, tests).
         #[arg(long)]
         duration: Option<u64>,
+        /// Serve WHIP/WHEP and the built-in page here (sets [webrtc] http).
+        #[arg(long, requires = "webrtc_media")]
+        webrtc_http: Option<SocketAddr>,
+        /// The UDP port for all WebRTC media (sets [webrtc] media).
+        #[arg(long, requires = "webrtc_http")]
+        webrtc_media: Option<SocketAddr>,
     },
     /// List, add or delete routes in the live maps.
     Routes {
@@ -159,8 +166,22 @@ fn parse_u32(s: &str) -> Result<u32, String> {
     r.map_err(|_| format!("{s:?} is not a 32-bit number (decimal or 0x-hex)"))
 }
 
+/// webrtc-dtls warns about every ClientHello extension it does not know (DTLS 1.3 key
+/// shares and versions from current browsers); that is expected, not news.
+const LOG_DEFAULT: &str = "info,webrtc_dtls::handshake=error";
+
+type WebrtcServer = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>;
+
+/// Binds the WebRTC sockets now, before the daemon says it is ready.
+async fn start_webrtc(cfg: Option<WebrtcConfig>) -> Result<Option<WebrtcServer>> {
+    match cfg {
+        Some(w) => Ok(Some(Box::pin(edgefwd::webrtc::start(w).await?))),
+        None => Ok(None),
+    }
+}
+
 fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(LOG_DEFAULT)).init();
     let cli = Cli::parse();
     if let Err(e) = real_main(cli) {
         eprintln!("edgefwd: error: {e:#}");
@@ -176,11 +197,27 @@ fn real_main(cli: Cli) -> Result<()> {
             datapath,
             metrics,
             duration,
+            webrtc_http,
+            webrtc_media,
         } => {
-            let cfg = match &config {
+            let mut cfg = match &config {
                 Some(p) => Config::load(p)?,
                 None => Config::default(),
             };
+            if let (Some(http), Some(media)) = (webrtc_http, webrtc_media) {
+                let w = cfg.webrtc.get_or_insert(WebrtcConfig {
+                    http,
+                    media,
+                    candidates: vec![],
+                    token: None,
+                    consent_timeout: 30,
+                });
+                (w.http, w.media) = (http, media);
+            }
+            if let Some(w) = &cfg.webrtc {
+                // Fail before loading anything if the answer could not name an address.
+                w.candidates()?;
+            }
             let rt = tokio::runtime::Runtime::new()?;
             match datapath {
                 Datapath::Xdp => {
@@ -330,8 +367,15 @@ fn routes_cmd(pin_dir: &std::path::Path, cmd: RoutesCmd) -> Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal(duration: Option<u64>) -> Result<()> {
+/// Waits for a stop signal, the --duration, or the WebRTC control plane failing.
+async fn shutdown_signal(duration: Option<u64>, webrtc: Option<WebrtcServer>) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
+    let web = async {
+        match webrtc {
+            Some(w) => w.await,
+            None => std::future::pending().await,
+        }
+    };
     let mut term = signal(SignalKind::terminate())?;
     let sleep = async {
         match duration {
@@ -343,6 +387,7 @@ async fn shutdown_signal(duration: Option<u64>) -> Result<()> {
         _ = tokio::signal::ctrl_c() => log::info!("SIGINT: shutting down"),
         _ = term.recv() => log::info!("SIGTERM: shutting down"),
         _ = sleep => log::info!("--duration elapsed: shutting down"),
+        r = web => return r,
     }
     Ok(())
 }
@@ -354,6 +399,7 @@ async fn run_xdp(
     metrics_addr: Option<SocketAddr>,
     duration: Option<u64>,
 ) -> Result<()> {
+    let cfg_webrtc = cfg.webrtc.clone();
     let mut ebpf = loader::load(&pin_dir, Counters::Pinned)?;
     match aya_log::EbpfLogger::init(&mut ebpf) {
         Ok(logger) => {
@@ -413,8 +459,9 @@ async fn run_xdp(
             }
         });
     }
+    let cfg_webrtc = start_webrtc(cfg_webrtc).await?;
     println!("edgefwd: forwarding on {iface} (XDP {mode:?})");
-    shutdown_signal(duration).await?;
+    shutdown_signal(duration, cfg_webrtc).await?;
     // Dropping the object detaches XDP; pinned maps (routes, counters) stay for the
     // next start and for the CLI.
     drop(ebpf);
@@ -426,6 +473,7 @@ async fn run_user(
     metrics_addr: Option<SocketAddr>,
     duration: Option<u64>,
 ) -> Result<()> {
+    let cfg_webrtc = cfg.webrtc.clone();
     // No resolution: L2 and the egress interface are the kernel's job on this path.
     let routes: Vec<Route> = cfg.routes.iter().map(resolve::unresolved).collect();
     let listeners: Vec<(SocketAddr, bool)> = cfg
@@ -435,6 +483,11 @@ async fn run_user(
         .collect();
     let stop = Arc::new(AtomicBool::new(false));
     let counters = Arc::new(userpath::UserCounters::default());
+    if listeners.is_empty() && cfg_webrtc.is_none() {
+        bail!(
+            "nothing to serve: add a [[listener]] or a [webrtc] section to the config (or pass --webrtc-http and --webrtc-media)"
+        );
+    }
     let handles = userpath::run_all(&listeners, &routes, stop.clone(), counters.clone())?;
     if let Some(addr) = metrics_addr {
         let source = metrics::Source::User(counters.clone());
@@ -444,11 +497,12 @@ async fn run_user(
             }
         });
     }
+    let cfg_webrtc = start_webrtc(cfg_webrtc).await?;
     println!(
         "edgefwd: forwarding on {} listener(s) (userspace datapath)",
         listeners.len()
     );
-    shutdown_signal(duration).await?;
+    shutdown_signal(duration, cfg_webrtc).await?;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for h in handles {
         h.join()

@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use forwarder_common::{
     routes::RouteValue,
     rtp::{self, Class, classify},
@@ -340,9 +340,6 @@ pub fn run_all(
     stop: Arc<AtomicBool>,
     counters: Arc<UserCounters>,
 ) -> Result<Vec<std::thread::JoinHandle<Result<()>>>> {
-    if listeners.is_empty() {
-        bail!("no listeners configured: add a [[listener]] to the config");
-    }
     let mut handles = Vec::new();
     for &(addr, drop_unknown) in listeners {
         let path = UserPath::new(addr, routes, drop_unknown)?;

@@ -93,7 +93,7 @@ fn sent(i: u16, ssrc: u32) -> Rtp {
         0xffff_ff00u32.wrapping_add(i as u32 * 960),
         160 + (i as usize % 5) * 200,
     );
-    r.marker = i % 10 == 0;
+    r.marker = i.is_multiple_of(10);
     r
 }
 

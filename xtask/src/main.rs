@@ -135,13 +135,22 @@ fn output(cmd: &mut Command) -> Option<String> {
 }
 
 // fonts-dejavu-core: the text of the benchmark chart (rendered without fontconfig).
+// chromium: the browser the WebRTC tests publish and watch with (playwright-core drives
+// it; no browser download). nftables: random loss on a namespace's loopback (this
+// kernel has no netem).
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
     "procps",
     "util-linux",
     "fonts-dejavu-core",
+    "chromium",
+    "nftables",
+    "python3-venv",
 ];
+
+/// Where `setup` puts aiortc, the second WebRTC implementation the tests use.
+const AIORTC_VENV: &str = "target/aiortc-venv";
 
 fn setup() -> Result<()> {
     // 1. Nightly with rust-src: the eBPF crate is built with -Z build-std=core.
@@ -225,7 +234,15 @@ fn setup() -> Result<()> {
     }
 
     // 3. Debian packages the tests and the daemon use.
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+    let mut wanted: Vec<&str> = DEBIAN_PACKAGES.to_vec();
+    if which("node").is_none() || which("npm").is_none() {
+        wanted.extend(["nodejs", "npm"]);
+    }
+    // python3 may come from pyenv (venv built in) rather than Debian.
+    if output(Command::new("python3").args(["-c", "import venv, ensurepip"])).is_some() {
+        wanted.retain(|p| *p != "python3-venv");
+    }
+    let missing: Vec<&str> = wanted
         .iter()
         .copied()
         .filter(|p| {
@@ -246,7 +263,31 @@ fn setup() -> Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
 
-    // 4. bpffs, where the daemon pins its maps.
+    // 4. playwright-core (pinned by package-lock.json) for driving Debian's chromium.
+    let browser = root().join("tests/browser");
+    if !browser
+        .join("node_modules/playwright-core/package.json")
+        .exists()
+    {
+        step("installing playwright-core (npm ci in tests/browser)");
+        sh(Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(&browser))?;
+    }
+
+    // 5. aiortc in a virtualenv (PyPI wheels: libsrtp, OpenSSL and FFmpeg included).
+    let py = root().join(AIORTC_VENV).join("bin/python");
+    if output(Command::new(&py).args(["-c", "import aiortc"])).is_none() {
+        step("installing aiortc into target/aiortc-venv");
+        sh(Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(root().join(AIORTC_VENV)))?;
+        sh(Command::new(&py)
+            .args(["-m", "pip", "install", "-q", "-r"])
+            .arg(root().join("tests/clients/requirements.txt")))?;
+    }
+
+    // 6. bpffs, where the daemon pins its maps.
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
     if !mounts
         .lines()
@@ -262,6 +303,10 @@ fn setup() -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn which(program: &str) -> Option<String> {
+    output(Command::new("sh").args(["-c", &format!("command -v {program}")]))
 }
 
 fn step(what: &str) {

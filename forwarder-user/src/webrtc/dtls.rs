@@ -1,0 +1,393 @@
+//! DTLS-SRTP server side: webrtc-dtls does the handshake over a demultiplexed share of
+//! the one media socket; we pick the SRTP profile and check the peer's fingerprint.
+//!
+//! Profile choice: webrtc-dtls takes the first of the *client's* use_srtp profiles that
+//! it is configured with, and Chromium lists AES_CM_128_HMAC_SHA1_80 first. To prefer
+//! AEAD_AES_128_GCM (about half the per-packet cost with AES-NI) we read the use_srtp
+//! list from the ClientHello ourselves, reassembling it from its handshake fragments
+//! (Chromium's post-quantum ClientHello spans two datagrams), and configure the
+//! server with exactly the profile we chose.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use async_trait::async_trait;
+use sha2::{Digest, Sha256};
+use tokio::{net::UdpSocket, sync::mpsc};
+use webrtc_dtls::{
+    config::{ClientAuthType, Config, ExtendedMasterSecretType},
+    conn::DTLSConn,
+    crypto::Certificate,
+    extension::extension_use_srtp::SrtpProtectionProfile,
+};
+use webrtc_srtp::protection_profile::ProtectionProfile;
+use webrtc_util::conn::Conn;
+
+/// SRTP protection profiles we implement, in the server's order of preference.
+pub const PREFERENCE: [u16; 2] = [
+    0x0007, /* AEAD_AES_128_GCM */
+    0x0001, /* AES_CM_128_HMAC_SHA1_80 */
+];
+
+pub fn profile_name(id: u16) -> &'static str {
+    match id {
+        0x0001 => "AES_CM_128_HMAC_SHA1_80",
+        0x0007 => "AEAD_AES_128_GCM",
+        _ => "unsupported",
+    }
+}
+
+pub fn srtp_profile(id: u16) -> Option<ProtectionProfile> {
+    match id {
+        0x0001 => Some(ProtectionProfile::Aes128CmHmacSha1_80),
+        0x0007 => Some(ProtectionProfile::AeadAes128Gcm),
+        _ => None,
+    }
+}
+
+fn dtls_profile(id: u16) -> SrtpProtectionProfile {
+    SrtpProtectionProfile::from(id)
+}
+
+/// Collects the first ClientHello from DTLS datagrams, fragment by fragment.
+#[derive(Default)]
+pub struct ClientHelloReader {
+    body: Vec<u8>,
+    have: Vec<bool>,
+    started: bool,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum HelloState {
+    /// More fragments needed.
+    Incomplete,
+    /// The client's use_srtp profiles, in its order (empty: no use_srtp extension).
+    Complete(Vec<u16>),
+}
+
+impl ClientHelloReader {
+    /// Feeds one datagram. Errors describe what is malformed; the caller drops the peer.
+    pub fn push(&mut self, datagram: &[u8]) -> Result<HelloState, &'static str> {
+        let mut rest = datagram;
+        while rest.len() >= 13 {
+            let (ctype, len) = (rest[0], u16::from_be_bytes([rest[11], rest[12]]) as usize);
+            let rec = rest
+                .get(13..13 + len)
+                .ok_or("DTLS record longer than its datagram")?;
+            rest = &rest[13 + len..];
+            if ctype != 22 {
+                continue; // not handshake
+            }
+            let mut hs = rec;
+            while hs.len() >= 12 {
+                let msg_type = hs[0];
+                let total = u32::from_be_bytes([0, hs[1], hs[2], hs[3]]) as usize;
+                let off = u32::from_be_bytes([0, hs[6], hs[7], hs[8]]) as usize;
+                let flen = u32::from_be_bytes([0, hs[9], hs[10], hs[11]]) as usize;
+                let frag = hs
+                    .get(12..12 + flen)
+                    .ok_or("handshake fragment longer than its record")?;
+                hs = &hs[12 + flen..];
+                if msg_type != 1 {
+                    continue; // not ClientHello
+                }
+                if total > 1 << 16 {
+                    return Err("ClientHello larger than 64 KiB");
+                }
+                if !self.started {
+                    self.body = vec![0; total];
+                    self.have = vec![false; total];
+                    self.started = true;
+                }
+                if total != self.body.len() || off + flen > total {
+                    return Err("ClientHello fragments disagree on its length");
+                }
+                self.body[off..off + flen].copy_from_slice(frag);
+                self.have[off..off + flen]
+                    .iter_mut()
+                    .for_each(|h| *h = true);
+            }
+        }
+        if self.started && self.have.iter().all(|h| *h) {
+            return parse_use_srtp(&self.body).map(HelloState::Complete);
+        }
+        Ok(HelloState::Incomplete)
+    }
+}
+
+/// The use_srtp (14) profile list of a ClientHello body (RFC 6347 §4.2.2, RFC 5764 §4.1.1).
+fn parse_use_srtp(body: &[u8]) -> Result<Vec<u16>, &'static str> {
+    const TRUNC: &str = "truncated ClientHello";
+    let mut p = 2 + 32; // client_version, random
+    let sid = *body.get(p).ok_or(TRUNC)? as usize;
+    p += 1 + sid;
+    let cookie = *body.get(p).ok_or(TRUNC)? as usize;
+    p += 1 + cookie;
+    let suites =
+        u16::from_be_bytes([*body.get(p).ok_or(TRUNC)?, *body.get(p + 1).ok_or(TRUNC)?]) as usize;
+    p += 2 + suites;
+    let comp = *body.get(p).ok_or(TRUNC)? as usize;
+    p += 1 + comp;
+    if p == body.len() {
+        return Ok(vec![]); // no extensions at all
+    }
+    let ext_len =
+        u16::from_be_bytes([*body.get(p).ok_or(TRUNC)?, *body.get(p + 1).ok_or(TRUNC)?]) as usize;
+    p += 2;
+    let exts = body.get(p..p + ext_len).ok_or(TRUNC)?;
+    let mut e = exts;
+    while e.len() >= 4 {
+        let typ = u16::from_be_bytes([e[0], e[1]]);
+        let len = u16::from_be_bytes([e[2], e[3]]) as usize;
+        let data = e.get(4..4 + len).ok_or(TRUNC)?;
+        e = &e[4 + len..];
+        if typ == 14 {
+            let n = u16::from_be_bytes([*data.first().ok_or(TRUNC)?, *data.get(1).ok_or(TRUNC)?])
+                as usize;
+            let list = data.get(2..2 + n).ok_or(TRUNC)?;
+            return Ok(list
+                .chunks_exact(2)
+                .map(|c| u16::from_be_bytes([c[0], c[1]]))
+                .collect());
+        }
+    }
+    Ok(vec![])
+}
+
+/// Our preferred profile among the client's.
+pub fn choose_profile(client: &[u16]) -> Option<u16> {
+    PREFERENCE.iter().copied().find(|p| client.contains(p))
+}
+
+/// A per-peer view of the shared media socket: the demultiplexer feeds it the peer's
+/// DTLS datagrams; sends go to the peer's current address.
+pub struct DemuxConn {
+    /// Datagrams read before the handshake started (the ClientHello we peeked at).
+    pending: Mutex<std::collections::VecDeque<Vec<u8>>>,
+    rx: tokio::sync::Mutex<mpsc::Receiver<Vec<u8>>>,
+    socket: Arc<UdpSocket>,
+    peer: Arc<Mutex<SocketAddr>>,
+}
+
+impl DemuxConn {
+    pub fn new(
+        pending: Vec<Vec<u8>>,
+        rx: mpsc::Receiver<Vec<u8>>,
+        socket: Arc<UdpSocket>,
+        peer: Arc<Mutex<SocketAddr>>,
+    ) -> Self {
+        DemuxConn {
+            pending: Mutex::new(pending.into()),
+            rx: tokio::sync::Mutex::new(rx),
+            socket,
+            peer,
+        }
+    }
+    fn peer(&self) -> SocketAddr {
+        *self.peer.lock().unwrap()
+    }
+}
+
+fn closed() -> webrtc_util::Error {
+    webrtc_util::Error::Io(
+        std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "session closed").into(),
+    )
+}
+
+#[async_trait]
+impl Conn for DemuxConn {
+    async fn connect(&self, _addr: SocketAddr) -> webrtc_util::Result<()> {
+        Ok(())
+    }
+    async fn recv(&self, buf: &mut [u8]) -> webrtc_util::Result<usize> {
+        let queued = self.pending.lock().unwrap().pop_front();
+        let d = match queued {
+            Some(d) => d,
+            None => self.rx.lock().await.recv().await.ok_or_else(closed)?,
+        };
+        let n = d.len().min(buf.len());
+        buf[..n].copy_from_slice(&d[..n]);
+        Ok(n)
+    }
+    async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
+        let n = self.recv(buf).await?;
+        Ok((n, self.peer()))
+    }
+    async fn send(&self, buf: &[u8]) -> webrtc_util::Result<usize> {
+        Ok(self.socket.send_to(buf, self.peer()).await?)
+    }
+    async fn send_to(&self, buf: &[u8], target: SocketAddr) -> webrtc_util::Result<usize> {
+        Ok(self.socket.send_to(buf, target).await?)
+    }
+    fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {
+        Ok(self.socket.local_addr()?)
+    }
+    fn remote_addr(&self) -> Option<SocketAddr> {
+        Some(self.peer())
+    }
+    async fn close(&self) -> webrtc_util::Result<()> {
+        Ok(())
+    }
+    fn as_any(&self) -> &(dyn std::any::Any + Send + Sync) {
+        self
+    }
+}
+
+pub fn sha256(der: &[u8]) -> Vec<u8> {
+    Sha256::digest(der).to_vec()
+}
+
+/// Our certificate and its SHA-256 fingerprint (for a=fingerprint).
+pub struct Identity {
+    pub cert: Certificate,
+    pub fingerprint: Vec<u8>,
+}
+
+impl Identity {
+    pub fn generate() -> anyhow::Result<Identity> {
+        let cert = Certificate::generate_self_signed(vec!["edgefwd".to_string()])
+            .map_err(|e| anyhow::anyhow!("generating the DTLS certificate: {e}"))?;
+        let fingerprint = sha256(cert.certificate[0].as_ref());
+        Ok(Identity { cert, fingerprint })
+    }
+}
+
+/// Runs the server handshake with exactly `profile`, then checks that the client's
+/// certificate is the one its SDP fingerprint names.
+pub async fn accept(
+    conn: Arc<DemuxConn>,
+    identity: &Identity,
+    profile: u16,
+    expected_fingerprint: &(String, Vec<u8>),
+) -> anyhow::Result<DTLSConn> {
+    let config = Config {
+        certificates: vec![identity.cert.clone()],
+        srtp_protection_profiles: vec![dtls_profile(profile)],
+        // WebRTC authenticates by the SDP fingerprint, not by a CA (RFC 8827 §6.5).
+        client_auth: ClientAuthType::RequireAnyClientCert,
+        insecure_skip_verify: true,
+        extended_master_secret: ExtendedMasterSecretType::Require,
+        ..Default::default()
+    };
+    let dtls = DTLSConn::new(conn, config, false, None)
+        .await
+        .map_err(|e| anyhow::anyhow!("DTLS handshake: {e}"))?;
+    let state = dtls.connection_state().await;
+    let cert = state
+        .peer_certificates
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("the client sent no DTLS certificate"))?;
+    if expected_fingerprint.0 != "sha-256" {
+        anyhow::bail!(
+            "a=fingerprint uses {}; only sha-256 is supported",
+            expected_fingerprint.0
+        );
+    }
+    if sha256(cert) != expected_fingerprint.1 {
+        anyhow::bail!(
+            "the client's DTLS certificate does not match the a=fingerprint of its offer"
+        );
+    }
+    Ok(dtls)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A ClientHello body with the given use_srtp profiles, and padding extensions
+    /// to make it large enough to need fragments.
+    fn hello_body(profiles: &[u16], pad: usize) -> Vec<u8> {
+        let mut b = vec![0xfe, 0xfd];
+        b.extend([7u8; 32]);
+        b.push(0); // session id
+        b.push(0); // cookie
+        b.extend(4u16.to_be_bytes());
+        b.extend([0xc0, 0x2b, 0xc0, 0x2f]);
+        b.extend([1, 0]); // compression: null
+        let mut exts = Vec::new();
+        exts.extend(0x0015u16.to_be_bytes()); // padding extension first
+        exts.extend((pad as u16).to_be_bytes());
+        exts.extend(vec![0; pad]);
+        exts.extend(14u16.to_be_bytes());
+        exts.extend(((profiles.len() * 2 + 3) as u16).to_be_bytes());
+        exts.extend(((profiles.len() * 2) as u16).to_be_bytes());
+        for p in profiles {
+            exts.extend(p.to_be_bytes());
+        }
+        exts.push(0); // MKI
+        b.extend((exts.len() as u16).to_be_bytes());
+        b.extend(exts);
+        b
+    }
+
+    fn record(frag_of: &[u8], off: usize, len: usize) -> Vec<u8> {
+        let mut hs = vec![1];
+        hs.extend(&(frag_of.len() as u32).to_be_bytes()[1..]);
+        hs.extend([0, 0]);
+        hs.extend(&(off as u32).to_be_bytes()[1..]);
+        hs.extend(&(len as u32).to_be_bytes()[1..]);
+        hs.extend(&frag_of[off..off + len]);
+        let mut r = vec![22, 0xfe, 0xff, 0, 0, 0, 0, 0, 0, 0, 0];
+        r.extend((hs.len() as u16).to_be_bytes());
+        r.extend(hs);
+        r
+    }
+
+    #[test]
+    fn one_datagram_hello() {
+        let body = hello_body(&[0x0001, 0x0007], 0);
+        let mut r = ClientHelloReader::default();
+        assert_eq!(
+            r.push(&record(&body, 0, body.len())).unwrap(),
+            HelloState::Complete(vec![1, 7])
+        );
+    }
+
+    #[test]
+    fn fragmented_hello_over_two_datagrams_with_use_srtp_in_the_second() {
+        let body = hello_body(&[0x0001, 0x0007], 1400);
+        let half = 1000;
+        let mut r = ClientHelloReader::default();
+        assert_eq!(
+            r.push(&record(&body, 0, half)).unwrap(),
+            HelloState::Incomplete
+        );
+        assert_eq!(
+            r.push(&record(&body, half, body.len() - half)).unwrap(),
+            HelloState::Complete(vec![1, 7])
+        );
+        // Out of order works too.
+        let mut r = ClientHelloReader::default();
+        assert_eq!(
+            r.push(&record(&body, half, body.len() - half)).unwrap(),
+            HelloState::Incomplete
+        );
+        assert_eq!(
+            r.push(&record(&body, 0, half)).unwrap(),
+            HelloState::Complete(vec![1, 7])
+        );
+    }
+
+    #[test]
+    fn server_prefers_gcm_but_takes_cm_when_that_is_all() {
+        assert_eq!(choose_profile(&[0x0001, 0x0007]), Some(0x0007));
+        assert_eq!(choose_profile(&[0x0001, 0x0002]), Some(0x0001));
+        assert_eq!(choose_profile(&[0x0002]), None);
+    }
+
+    #[test]
+    fn malformed_hellos_are_errors_not_panics() {
+        let body = hello_body(&[7], 0);
+        let mut rec = record(&body, 0, body.len());
+        rec.truncate(rec.len() - 5);
+        assert!(ClientHelloReader::default().push(&rec).is_err());
+        let mut r = ClientHelloReader::default();
+        let trunc = &body[..40];
+        let mut rec = record(trunc, 0, trunc.len());
+        rec[14..17].copy_from_slice(&[0, 0, 40]);
+        assert!(r.push(&rec).is_err());
+    }
+}

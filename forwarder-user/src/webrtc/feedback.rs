@@ -1,0 +1,314 @@
+//! RTCP between the two legs: what subscribers ask for (keyframes, retransmissions),
+//! translated into the publisher's SSRC and sequence space, and the reports we
+//! originate (SR to subscribers, RR to publishers) so both ends have statistics.
+
+use bytes::Bytes;
+use rtcp::{
+    packet::Packet,
+    payload_feedbacks::{
+        full_intra_request::FullIntraRequest, picture_loss_indication::PictureLossIndication,
+    },
+    receiver_report::ReceiverReport,
+    reception_report::ReceptionReport,
+    sender_report::SenderReport,
+    source_description::{
+        SdesType, SourceDescription, SourceDescriptionChunk, SourceDescriptionItem,
+    },
+    transport_feedbacks::transport_layer_nack::{
+        TransportLayerNack, nack_pairs_from_sequence_numbers,
+    },
+};
+
+/// Something a receiver asked of the SSRC it receives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// PLI or FIR: send a keyframe.
+    KeyFrame { media_ssrc: u32 },
+    /// Generic NACK: resend these sequence numbers.
+    Nack { media_ssrc: u32, seqs: Vec<u16> },
+    /// A sender report from a publisher: (NTP time, RTP time) for lip sync and LSR.
+    SenderReport { ssrc: u32, ntp: u64, rtp: u32 },
+}
+
+/// Reads a decrypted RTCP compound packet. Unknown or malformed packets are skipped
+/// (the caller counts the error); nothing here panics on input.
+pub fn parse(plain: &[u8]) -> Result<Vec<Request>, rtcp::Error> {
+    let mut buf = Bytes::copy_from_slice(plain);
+    let pkts = rtcp::packet::unmarshal(&mut buf)?;
+    let mut out = Vec::new();
+    for p in pkts {
+        let any = p.as_any();
+        if let Some(pli) = any.downcast_ref::<PictureLossIndication>() {
+            out.push(Request::KeyFrame {
+                media_ssrc: pli.media_ssrc,
+            });
+        } else if let Some(fir) = any.downcast_ref::<FullIntraRequest>() {
+            for e in &fir.fir {
+                out.push(Request::KeyFrame { media_ssrc: e.ssrc });
+            }
+        } else if let Some(n) = any.downcast_ref::<TransportLayerNack>() {
+            let seqs = n.nacks.iter().flat_map(|p| p.packet_list()).collect();
+            out.push(Request::Nack {
+                media_ssrc: n.media_ssrc,
+                seqs,
+            });
+        } else if let Some(sr) = any.downcast_ref::<SenderReport>() {
+            out.push(Request::SenderReport {
+                ssrc: sr.ssrc,
+                ntp: sr.ntp_time,
+                rtp: sr.rtp_time,
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn marshal(pkts: Vec<Box<dyn Packet + Send + Sync>>) -> Vec<u8> {
+    // Only fails for packets we built wrong (e.g. over 31 report blocks).
+    rtcp::packet::marshal(&pkts)
+        .map(|b| b.to_vec())
+        .unwrap_or_default()
+}
+
+/// PLI from `sender` (our RTCP SSRC towards the publisher) about the publisher's SSRC.
+pub fn pli(sender: u32, media_ssrc: u32) -> Vec<u8> {
+    marshal(vec![Box::new(PictureLossIndication {
+        sender_ssrc: sender,
+        media_ssrc,
+    })])
+}
+
+/// A subscriber's NACK, moved into the publisher's sequence space.
+pub fn translated_nack(sender: u32, media_ssrc: u32, view_seqs: &[u16], seq_delta: u16) -> Vec<u8> {
+    let seqs: Vec<u16> = view_seqs
+        .iter()
+        .map(|s| s.wrapping_sub(seq_delta))
+        .collect();
+    marshal(vec![Box::new(TransportLayerNack {
+        sender_ssrc: sender,
+        media_ssrc,
+        nacks: nack_pairs_from_sequence_numbers(&seqs),
+    })])
+}
+
+/// SR + SDES for one stream we send a subscriber.
+pub fn sender_report(
+    ssrc: u32,
+    ntp: u64,
+    rtp: u32,
+    packets: u32,
+    octets: u32,
+    cname: &str,
+) -> Vec<u8> {
+    marshal(vec![
+        Box::new(SenderReport {
+            ssrc,
+            ntp_time: ntp,
+            rtp_time: rtp,
+            packet_count: packets,
+            octet_count: octets,
+            reports: vec![],
+            profile_extensions: Bytes::new(),
+        }),
+        Box::new(SourceDescription {
+            chunks: vec![SourceDescriptionChunk {
+                source: ssrc,
+                items: vec![SourceDescriptionItem {
+                    sdes_type: SdesType::SdesCname,
+                    text: Bytes::copy_from_slice(cname.as_bytes()),
+                }],
+            }],
+        }),
+    ])
+}
+
+/// Per-source reception statistics (RFC 3550 §6.4.1, appendix A.3 and A.8).
+#[derive(Debug, Default, Clone)]
+pub struct Reception {
+    started: bool,
+    base_seq: u16,
+    max_seq: u16,
+    cycles: u32,
+    received: u32,
+    expected_prior: u32,
+    received_prior: u32,
+    /// Interarrival jitter in timestamp units, scaled by 16 as in A.8.
+    jitter_q4: u32,
+    last_transit: Option<i64>,
+    /// Middle 32 bits of the last SR's NTP time and when it arrived (for LSR/DLSR).
+    pub last_sr: Option<(u32, std::time::Instant)>,
+}
+
+impl Reception {
+    /// Records a packet: its sequence number, RTP timestamp, and arrival time in the
+    /// same clock units.
+    pub fn update(&mut self, seq: u16, ts: u32, arrival_units: u64) {
+        if !self.started {
+            self.started = true;
+            self.base_seq = seq;
+            self.max_seq = seq;
+        } else {
+            let delta = seq.wrapping_sub(self.max_seq);
+            if delta != 0 && delta < 0x8000 {
+                if seq < self.max_seq {
+                    self.cycles = self.cycles.wrapping_add(1 << 16);
+                }
+                self.max_seq = seq;
+            }
+        }
+        self.received = self.received.wrapping_add(1);
+        let transit = arrival_units as i64 - ts as i64;
+        if let Some(last) = self.last_transit {
+            let d = (transit - last).unsigned_abs() as u32;
+            // J += (|D| - J) / 16, kept scaled by 16.
+            self.jitter_q4 = self
+                .jitter_q4
+                .wrapping_add(d)
+                .wrapping_sub((self.jitter_q4 + 8) >> 4);
+        }
+        self.last_transit = Some(transit);
+    }
+
+    pub fn extended_max(&self) -> u32 {
+        self.cycles.wrapping_add(self.max_seq as u32)
+    }
+
+    /// The report block for this source; advances the interval counters.
+    pub fn report(&mut self, ssrc: u32, now: std::time::Instant) -> Option<ReceptionReport> {
+        if !self.started {
+            return None;
+        }
+        let expected = self
+            .extended_max()
+            .wrapping_sub(self.base_seq as u32)
+            .wrapping_add(1);
+        let lost_total = expected.saturating_sub(self.received).min(0x7fffff);
+        let expected_interval = expected.wrapping_sub(self.expected_prior);
+        let received_interval = self.received.wrapping_sub(self.received_prior);
+        self.expected_prior = expected;
+        self.received_prior = self.received;
+        let lost_interval = expected_interval.saturating_sub(received_interval);
+        let fraction_lost = if expected_interval == 0 || lost_interval == 0 {
+            0
+        } else {
+            ((lost_interval << 8) / expected_interval).min(255) as u8
+        };
+        let (lsr, dlsr) = match self.last_sr {
+            Some((mid, at)) => (mid, (now.duration_since(at).as_secs_f64() * 65536.0) as u32),
+            None => (0, 0),
+        };
+        Some(ReceptionReport {
+            ssrc,
+            fraction_lost,
+            total_lost: lost_total,
+            last_sequence_number: self.extended_max(),
+            jitter: self.jitter_q4 >> 4,
+            last_sender_report: lsr,
+            delay: dlsr,
+        })
+    }
+}
+
+/// RR from `sender` with up to 31 report blocks.
+pub fn receiver_report(sender: u32, mut reports: Vec<ReceptionReport>) -> Vec<u8> {
+    reports.truncate(31);
+    marshal(vec![Box::new(ReceiverReport {
+        ssrc: sender,
+        reports,
+        profile_extensions: Bytes::new(),
+    })])
+}
+
+/// NTP timestamp (RFC 3550 §4) for a wall-clock time.
+pub fn ntp_time(t: std::time::SystemTime) -> u64 {
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs() + 2_208_988_800;
+    (secs << 32) | (((d.subsec_nanos() as u64) << 32) / 1_000_000_000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keyframe_requests_and_nacks_are_read() {
+        let mut compound = pli(1, 0xaabbccdd);
+        compound.extend(
+            rtcp::packet::marshal(&[Box::new(FullIntraRequest {
+                sender_ssrc: 1,
+                media_ssrc: 0,
+                fir: vec![rtcp::payload_feedbacks::full_intra_request::FirEntry {
+                    ssrc: 0x1234,
+                    sequence_number: 3,
+                }],
+            }) as Box<dyn Packet + Send + Sync>])
+            .unwrap(),
+        );
+        compound.extend(translated_nack(1, 0x55, &[10, 11, 13], 0));
+        let got = parse(&compound).unwrap();
+        assert_eq!(
+            got,
+            vec![
+                Request::KeyFrame {
+                    media_ssrc: 0xaabbccdd
+                },
+                Request::KeyFrame { media_ssrc: 0x1234 },
+                Request::Nack {
+                    media_ssrc: 0x55,
+                    seqs: vec![10, 11, 13]
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn nack_moves_into_the_publisher_sequence_space_across_wraparound() {
+        // The subscriber sees seq = publisher seq + 100 (mod 2^16).
+        let raw = translated_nack(9, 0x77, &[50, 51, 99], 100);
+        assert_eq!(
+            parse(&raw).unwrap(),
+            vec![Request::Nack {
+                media_ssrc: 0x77,
+                seqs: vec![65486, 65487, 65535]
+            }]
+        );
+    }
+
+    #[test]
+    fn sender_report_roundtrip() {
+        let raw = sender_report(0x42, 0x1122334455667788, 9000, 10, 1000, "edgefwd");
+        assert_eq!(
+            parse(&raw).unwrap(),
+            vec![Request::SenderReport {
+                ssrc: 0x42,
+                ntp: 0x1122334455667788,
+                rtp: 9000
+            }]
+        );
+    }
+
+    #[test]
+    fn reception_counts_loss_wraparound_and_jitter() {
+        let mut r = Reception::default();
+        let t0 = std::time::Instant::now();
+        // 65530..=65535, then 0..=9 with 3 and 4 lost: 16 expected, 14 received.
+        for (n, s) in (65530u32..65536).chain(0..10).map(|s| s as u16).enumerate() {
+            let n = n as u64;
+            if s != 3 && s != 4 {
+                r.update(s, (n * 3000) as u32, n * 3000 + (n % 2) * 90);
+            }
+        }
+        let rep = r.report(7, t0).unwrap();
+        assert_eq!(rep.last_sequence_number, (1 << 16) + 9);
+        assert_eq!(rep.total_lost, 2);
+        assert_eq!(rep.fraction_lost, (2 * 256 / 16) as u8);
+        assert!(
+            rep.jitter > 0,
+            "alternating 90-unit transit changes show as jitter"
+        );
+        // Next interval without loss reports 0 lost in the interval, 2 in total.
+        r.update(10, 0, 0);
+        let rep = r.report(7, t0).unwrap();
+        assert_eq!((rep.fraction_lost, rep.total_lost), (0, 2));
+    }
+}

@@ -1,0 +1,586 @@
+//! SDP offer reading and answer writing for WHIP (publish) and WHEP (subscribe).
+//!
+//! The sdp crate parses and marshals; this module decides: which codec each m-line
+//! gets, which m-lines are refused, and what the answer says about ICE-lite, DTLS and
+//! the one media port.
+
+use std::{fmt, io::Cursor, net::SocketAddr};
+
+use sdp::{
+    SessionDescription,
+    description::{
+        common::{Address, Attribute, ConnectionInformation},
+        media::{MediaDescription, RangedPort},
+    },
+};
+
+/// Why an offer cannot be answered. Each message says what the client must change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OfferError {
+    /// Not parseable SDP at all.
+    Syntax(String),
+    /// A required attribute is missing.
+    Missing(&'static str),
+    /// Nothing in the offer that we can carry.
+    NoUsableMedia,
+    /// A codec the client requires that we (or the publisher) cannot provide.
+    Unsupported(String),
+}
+
+impl fmt::Display for OfferError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OfferError::Syntax(e) => write!(
+                f,
+                "the body is not valid SDP ({e}); send the offer from RTCPeerConnection.createOffer()"
+            ),
+            OfferError::Missing(what) => write!(
+                f,
+                "the offer has no {what}; WebRTC offers must carry it (RFC 8829)"
+            ),
+            OfferError::NoUsableMedia => write!(
+                f,
+                "the offer has no audio or video m-line with a supported codec (Opus; VP8, H264 packetization-mode=1, VP9, AV1)"
+            ),
+            OfferError::Unsupported(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for OfferError {}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Audio,
+    Video,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Audio => "audio",
+            Kind::Video => "video",
+        }
+    }
+}
+
+/// One payload type of an m-line.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Codec {
+    pub pt: u8,
+    pub name: String,
+    pub clock_rate: u32,
+    pub channels: u16,
+    pub fmtp: String,
+    pub feedback: Vec<String>,
+}
+
+impl Codec {
+    fn fmtp_param(&self, key: &str) -> Option<&str> {
+        self.fmtp.split(';').find_map(|kv| {
+            let (k, v) = kv.trim().split_once('=')?;
+            k.eq_ignore_ascii_case(key).then_some(v.trim())
+        })
+    }
+
+    /// Whether media encoded for `self` decodes at a receiver that negotiated `other`.
+    pub fn compatible(&self, other: &Codec) -> bool {
+        if !self.name.eq_ignore_ascii_case(&other.name) || self.clock_rate != other.clock_rate {
+            return false;
+        }
+        match self.name.to_ascii_uppercase().as_str() {
+            "H264" => {
+                let mode = |c: &Codec| {
+                    c.fmtp_param("packetization-mode")
+                        .unwrap_or("0")
+                        .to_string()
+                };
+                // profile_idc + constraint flags; the level may differ (the decoder
+                // handles lower levels and Chromium offers one level per profile).
+                let profile = |c: &Codec| {
+                    c.fmtp_param("profile-level-id")
+                        .unwrap_or("42e01f")
+                        .get(..4)
+                        .unwrap_or("")
+                        .to_ascii_lowercase()
+                };
+                mode(self) == mode(other) && profile(self) == profile(other)
+            }
+            "VP9" => {
+                let p = |c: &Codec| c.fmtp_param("profile-id").unwrap_or("0").to_string();
+                p(self) == p(other)
+            }
+            "AV1" => {
+                let p = |c: &Codec| c.fmtp_param("profile").unwrap_or("0").to_string();
+                p(self) == p(other)
+            }
+            _ => true,
+        }
+    }
+
+    /// Codecs the forwarder carries: media is relayed, never decoded, so this is
+    /// about what both ends can agree on and what keyframe requests work for.
+    fn supported(&self, kind: Kind) -> bool {
+        let name = self.name.to_ascii_uppercase();
+        match kind {
+            Kind::Audio => name == "OPUS" && self.clock_rate == 48000,
+            Kind::Video => match name.as_str() {
+                "VP8" | "VP9" | "AV1" => self.clock_rate == 90000,
+                // Mode 0 sends one NAL unit per packet and needs no FU-A support,
+                // but Chromium never sends large frames that way; mode 1 is what works.
+                "H264" => {
+                    self.clock_rate == 90000 && self.fmtp_param("packetization-mode") == Some("1")
+                }
+                _ => false,
+            },
+        }
+    }
+
+    /// Feedback the forwarder answers: NACK (from the packet cache), PLI, FIR.
+    /// transport-cc and goog-remb need a bandwidth estimator, which we don't run.
+    fn answer_feedback(&self) -> Vec<String> {
+        self.feedback
+            .iter()
+            .filter(|f| matches!(f.as_str(), "nack" | "nack pli" | "ccm fir"))
+            .cloned()
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    SendRecv,
+    SendOnly,
+    RecvOnly,
+    Inactive,
+}
+
+/// One m-line of an offer.
+#[derive(Debug, Clone)]
+pub struct OfferMedia {
+    pub mid: String,
+    /// None for m-lines that are not audio/video (data channels): always refused.
+    pub kind: Option<Kind>,
+    pub direction: Direction,
+    pub codecs: Vec<Codec>,
+    /// Media SSRCs (a=ssrc), without the RTX/FEC members of ssrc-groups.
+    pub ssrcs: Vec<u32>,
+    /// Kept to write the refusal: the m-line's media name and formats.
+    media_name: sdp::description::media::MediaName,
+}
+
+/// What an offer says that the answer and the transport need.
+#[derive(Debug, Clone)]
+pub struct Offer {
+    pub ice_ufrag: String,
+    pub ice_pwd: String,
+    /// (hash function, digest bytes) from a=fingerprint.
+    pub fingerprint: (String, Vec<u8>),
+    pub media: Vec<OfferMedia>,
+}
+
+fn attr<'a>(
+    session: &'a SessionDescription,
+    m: &'a MediaDescription,
+    key: &str,
+) -> Option<&'a str> {
+    m.attribute(key)
+        .flatten()
+        .or_else(|| session.attribute(key).map(|s| s.as_str()))
+}
+
+pub fn parse_offer(text: &str) -> Result<Offer, OfferError> {
+    let sd = SessionDescription::unmarshal(&mut Cursor::new(text.as_bytes()))
+        .map_err(|e| OfferError::Syntax(e.to_string()))?;
+    let first = sd
+        .media_descriptions
+        .first()
+        .ok_or(OfferError::NoUsableMedia)?;
+    let ice_ufrag = attr(&sd, first, "ice-ufrag")
+        .ok_or(OfferError::Missing("a=ice-ufrag"))?
+        .to_string();
+    let ice_pwd = attr(&sd, first, "ice-pwd")
+        .ok_or(OfferError::Missing("a=ice-pwd"))?
+        .to_string();
+    let fp = attr(&sd, first, "fingerprint").ok_or(OfferError::Missing("a=fingerprint"))?;
+    let (alg, hex) = fp
+        .split_once(' ')
+        .ok_or(OfferError::Missing("a=fingerprint hash and value"))?;
+    let digest = hex
+        .trim()
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<Vec<u8>, _>>()
+        .map_err(|_| {
+            OfferError::Syntax(format!(
+                "a=fingerprint value {hex:?} is not colon-separated hex"
+            ))
+        })?;
+    let mut media = Vec::new();
+    for (i, m) in sd.media_descriptions.iter().enumerate() {
+        let kind = match m.media_name.media.as_str() {
+            "audio" => Some(Kind::Audio),
+            "video" => Some(Kind::Video),
+            _ => None,
+        };
+        let mid = m
+            .attribute("mid")
+            .flatten()
+            .map(str::to_string)
+            .unwrap_or_else(|| i.to_string());
+        let direction = if m.has_attribute("sendonly") {
+            Direction::SendOnly
+        } else if m.has_attribute("recvonly") {
+            Direction::RecvOnly
+        } else if m.has_attribute("inactive") {
+            Direction::Inactive
+        } else {
+            Direction::SendRecv
+        };
+        let mut codecs = Vec::new();
+        for f in &m.media_name.formats {
+            let Ok(pt) = f.parse::<u8>() else { continue };
+            let prefix = format!("{pt} ");
+            let values = |key: &str| {
+                m.attributes
+                    .iter()
+                    .filter(move |a| a.key == key)
+                    .filter_map(|a| a.value.as_deref())
+                    .filter_map(|v| v.strip_prefix(prefix.as_str()).map(str::to_string))
+                    .collect::<Vec<_>>()
+            };
+            let Some(rtpmap) = values("rtpmap").into_iter().next() else {
+                continue;
+            };
+            let mut parts = rtpmap.split('/');
+            let name = parts.next().unwrap_or_default().to_string();
+            let clock_rate = parts.next().and_then(|c| c.parse().ok()).unwrap_or(0);
+            let channels = parts.next().and_then(|c| c.parse().ok()).unwrap_or(0);
+            codecs.push(Codec {
+                pt,
+                name,
+                clock_rate,
+                channels,
+                fmtp: values("fmtp").into_iter().next().unwrap_or_default(),
+                feedback: values("rtcp-fb"),
+            });
+        }
+        // RTX/FEC SSRCs are the non-first members of ssrc-groups: not media.
+        let secondary: Vec<u32> = m
+            .attributes
+            .iter()
+            .filter(|a| a.key == "ssrc-group")
+            .filter_map(|a| a.value.as_deref())
+            .flat_map(|v| {
+                v.split_whitespace()
+                    .skip(2)
+                    .filter_map(|s| s.parse().ok())
+                    .collect::<Vec<u32>>()
+            })
+            .collect();
+        let mut ssrcs = Vec::new();
+        for a in m.attributes.iter().filter(|a| a.key == "ssrc") {
+            if let Some(s) = a
+                .value
+                .as_deref()
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|s| s.parse().ok())
+                && !secondary.contains(&s)
+                && !ssrcs.contains(&s)
+            {
+                ssrcs.push(s);
+            }
+        }
+        media.push(OfferMedia {
+            mid,
+            kind,
+            direction,
+            codecs,
+            ssrcs,
+            media_name: m.media_name.clone(),
+        });
+    }
+    Ok(Offer {
+        ice_ufrag,
+        ice_pwd,
+        fingerprint: (alg.to_ascii_lowercase(), digest),
+        media,
+    })
+}
+
+impl OfferMedia {
+    /// The codec a publisher's m-line is received with: the first supported one in the
+    /// client's order (the client's preference, e.g. from setCodecPreferences).
+    pub fn publish_codec(&self) -> Option<&Codec> {
+        let kind = self.kind?;
+        if !matches!(self.direction, Direction::SendOnly | Direction::SendRecv) {
+            return None;
+        }
+        self.codecs.iter().find(|c| c.supported(kind))
+    }
+
+    /// The subscriber's payload type for a publisher's codec.
+    pub fn subscribe_codec(&self, published: &Codec) -> Option<&Codec> {
+        if !matches!(self.direction, Direction::RecvOnly | Direction::SendRecv) {
+            return None;
+        }
+        self.codecs.iter().find(|c| published.compatible(c))
+    }
+}
+
+/// How one offered m-line is answered.
+#[derive(Debug, Clone)]
+pub enum AnswerMedia {
+    /// Receive this codec from the publisher.
+    Receive { codec: Codec },
+    /// Send this codec to the subscriber from `ssrc`, labelled with msid.
+    Send {
+        codec: Codec,
+        ssrc: u32,
+        stream_id: String,
+        track_id: String,
+    },
+    /// Refused (port 0).
+    Reject,
+}
+
+pub struct AnswerParams<'a> {
+    pub offer: &'a Offer,
+    pub ice_ufrag: &'a str,
+    pub ice_pwd: &'a str,
+    /// SHA-256 of our DTLS certificate.
+    pub fingerprint: &'a [u8],
+    pub candidates: &'a [SocketAddr],
+    pub media: &'a [AnswerMedia],
+    pub cname: &'a str,
+}
+
+pub fn fingerprint_hex(digest: &[u8]) -> String {
+    digest
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The answer: ICE-lite, DTLS passive (we are the DTLS server), BUNDLE of the accepted
+/// m-lines on one port, rtcp-mux and reduced-size RTCP, host candidates only.
+pub fn build_answer(p: &AnswerParams<'_>) -> String {
+    let port = p.candidates.first().map(|c| c.port()).unwrap_or(9);
+    let conn_ip = p.candidates.first().map(|c| c.ip());
+    let accepted: Vec<&str> = p
+        .offer
+        .media
+        .iter()
+        .zip(p.media)
+        .filter(|(_, a)| !matches!(a, AnswerMedia::Reject))
+        .map(|(m, _)| m.mid.as_str())
+        .collect();
+    let mut sd = SessionDescription::new_jsep_session_description(false)
+        .with_property_attribute("ice-lite".into())
+        .with_value_attribute("group".into(), format!("BUNDLE {}", accepted.join(" ")))
+        .with_value_attribute("msid-semantic".into(), " WMS *".trim().into());
+    sd.session_name = "edgefwd".into();
+    for (om, am) in p.offer.media.iter().zip(p.media) {
+        let (codec, direction) = match am {
+            AnswerMedia::Receive { codec } => (codec, "recvonly"),
+            AnswerMedia::Send { codec, .. } => (codec, "sendonly"),
+            AnswerMedia::Reject => {
+                let mut md = MediaDescription {
+                    media_name: om.media_name.clone(),
+                    media_title: None,
+                    connection_information: None,
+                    bandwidth: vec![],
+                    encryption_key: None,
+                    attributes: vec![Attribute::new("mid".into(), Some(om.mid.clone()))],
+                };
+                md.media_name.port = RangedPort {
+                    value: 0,
+                    range: None,
+                };
+                sd = sd.with_media(md);
+                continue;
+            }
+        };
+        let kind = om.kind.expect("only audio/video m-lines are accepted");
+        let mut md = MediaDescription::new_jsep_media_description(kind.as_str().into(), vec![]);
+        md.media_name.port = RangedPort {
+            value: port as isize,
+            range: None,
+        };
+        if let Some(ip) = conn_ip {
+            md.connection_information = Some(ConnectionInformation {
+                network_type: "IN".into(),
+                address_type: if ip.is_ipv4() { "IP4" } else { "IP6" }.into(),
+                address: Some(Address {
+                    address: ip.to_string(),
+                    ttl: None,
+                    range: None,
+                }),
+            });
+        }
+        md = md
+            .with_value_attribute("mid".into(), om.mid.clone())
+            .with_ice_credentials(p.ice_ufrag.into(), p.ice_pwd.into())
+            .with_fingerprint("sha-256".into(), fingerprint_hex(p.fingerprint))
+            .with_value_attribute("setup".into(), "passive".into())
+            .with_property_attribute(direction.into())
+            .with_property_attribute("rtcp-mux".into())
+            .with_property_attribute("rtcp-rsize".into())
+            .with_codec(
+                codec.pt,
+                codec.name.clone(),
+                codec.clock_rate,
+                codec.channels,
+                codec.fmtp.clone(),
+            );
+        for fb in codec.answer_feedback() {
+            md = md.with_value_attribute("rtcp-fb".into(), format!("{} {fb}", codec.pt));
+        }
+        if let AnswerMedia::Send {
+            ssrc,
+            stream_id,
+            track_id,
+            ..
+        } = am
+        {
+            md = md
+                .with_value_attribute("msid".into(), format!("{stream_id} {track_id}"))
+                .with_value_attribute("ssrc".into(), format!("{ssrc} cname:{}", p.cname))
+                .with_value_attribute("ssrc".into(), format!("{ssrc} msid:{stream_id} {track_id}"));
+        }
+        for (n, c) in p.candidates.iter().enumerate() {
+            // RFC 8445 host priority: type pref 126, local pref by order, component 1.
+            let prio = (126u32 << 24) | ((65535 - n as u32) << 8) | 255;
+            md = md.with_candidate(format!(
+                "{} 1 udp {prio} {} {} typ host",
+                n + 1,
+                c.ip(),
+                c.port()
+            ));
+        }
+        md = md.with_property_attribute("end-of-candidates".into());
+        sd = sd.with_media(md);
+    }
+    sd.marshal()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Trimmed from a real Chromium 156 offer: audio + video sendonly, RTX groups,
+    /// several H264 variants, a data channel.
+    const CHROMIUM_OFFER: &str = include_str!("testdata/chromium-offer.sdp");
+
+    #[test]
+    fn parses_a_chromium_offer() {
+        let o = parse_offer(CHROMIUM_OFFER).unwrap();
+        assert_eq!(o.ice_ufrag, "8hhY");
+        assert_eq!(o.ice_pwd, "asd88fgpdd777uzjYhagZg4b");
+        assert_eq!(o.fingerprint.0, "sha-256");
+        assert_eq!(o.fingerprint.1.len(), 32);
+        assert_eq!(o.fingerprint.1[0], 0xD2);
+        assert_eq!(o.media.len(), 3);
+        assert_eq!(o.media[0].kind, Some(Kind::Audio));
+        assert_eq!(o.media[0].ssrcs, vec![1111]);
+        assert_eq!(
+            o.media[1].ssrcs,
+            vec![2222],
+            "the RTX SSRC of the FID group is not media"
+        );
+        assert_eq!(o.media[1].direction, Direction::SendOnly);
+        assert_eq!(o.media[2].kind, None);
+        assert_eq!(o.media[0].publish_codec().unwrap().name, "opus");
+        assert_eq!(o.media[1].publish_codec().unwrap().pt, 96);
+    }
+
+    #[test]
+    fn h264_needs_packetization_mode_1_and_a_matching_profile() {
+        let o = parse_offer(CHROMIUM_OFFER).unwrap();
+        let mut v = o.media[1].clone();
+        v.codecs.retain(|c| c.name == "H264");
+        assert_eq!(v.publish_codec().unwrap().pt, 104, "mode 0 variant skipped");
+        let published = v.publish_codec().unwrap().clone();
+        let mut sub = v.clone();
+        sub.direction = Direction::RecvOnly;
+        assert_eq!(sub.subscribe_codec(&published).unwrap().pt, 104);
+        let mut other_profile = published.clone();
+        other_profile.fmtp = "packetization-mode=1;profile-level-id=640c1f".into();
+        assert!(sub.subscribe_codec(&other_profile).is_none());
+    }
+
+    #[test]
+    fn answer_is_ice_lite_passive_bundle_with_refused_datachannel() {
+        let o = parse_offer(CHROMIUM_OFFER).unwrap();
+        let media = vec![
+            AnswerMedia::Receive {
+                codec: o.media[0].publish_codec().unwrap().clone(),
+            },
+            AnswerMedia::Receive {
+                codec: o.media[1].publish_codec().unwrap().clone(),
+            },
+            AnswerMedia::Reject,
+        ];
+        let cand = ["127.0.0.1:40000".parse().unwrap()];
+        let text = build_answer(&AnswerParams {
+            offer: &o,
+            ice_ufrag: "uFrG",
+            ice_pwd: "0123456789abcdefghijkl",
+            fingerprint: &[0xAB; 32],
+            candidates: &cand,
+            media: &media,
+            cname: "edgefwd",
+        });
+        for want in [
+            "a=ice-lite",
+            "a=group:BUNDLE 0 1\r\n",
+            "m=audio 40000 UDP/TLS/RTP/SAVPF 111\r\n",
+            "m=video 40000 UDP/TLS/RTP/SAVPF 96\r\n",
+            "m=application 0 UDP/DTLS/SCTP webrtc-datachannel",
+            "a=setup:passive",
+            "a=recvonly",
+            "a=rtpmap:111 opus/48000/2",
+            "a=fmtp:111 minptime=10;useinbandfec=1",
+            "a=rtcp-fb:96 nack pli",
+            "a=rtcp-fb:96 ccm fir",
+            "a=candidate:1 1 udp 2130706431 127.0.0.1 40000 typ host",
+            "a=fingerprint:sha-256 AB:AB:",
+        ] {
+            assert!(text.contains(want), "answer lacks {want:?}:\n{text}");
+        }
+        assert!(
+            !text.contains("transport-cc"),
+            "we run no bandwidth estimator, so don't offer its feedback"
+        );
+        assert!(
+            !text.contains("rtx"),
+            "no RTX: retransmissions reuse the media SSRC"
+        );
+        // The answer must parse back.
+        let back = SessionDescription::unmarshal(&mut Cursor::new(text.as_bytes())).unwrap();
+        assert_eq!(back.media_descriptions.len(), 3);
+    }
+
+    #[test]
+    fn bad_offers_say_what_is_missing() {
+        assert!(matches!(parse_offer("hello"), Err(OfferError::Syntax(_))));
+        let no_pwd = CHROMIUM_OFFER.replace("a=ice-pwd:asd88fgpdd777uzjYhagZg4b\r\n", "");
+        assert_eq!(
+            parse_offer(&no_pwd).unwrap_err(),
+            OfferError::Missing("a=ice-pwd")
+        );
+        let no_fp: String = CHROMIUM_OFFER
+            .lines()
+            .filter(|l| !l.starts_with("a=fingerprint"))
+            .map(|l| format!("{l}\r\n"))
+            .collect();
+        assert!(
+            parse_offer(&no_fp)
+                .unwrap_err()
+                .to_string()
+                .contains("a=fingerprint")
+        );
+    }
+}

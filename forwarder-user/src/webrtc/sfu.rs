@@ -1,0 +1,1217 @@
+//! The SFU state model and the media socket.
+//!
+//! One model holds every room, session, published track and subscriber down-track.
+//! A down-track carries exactly what a data-plane route carries (source SSRC → SSRC
+//! out, sequence and timestamp deltas, payload-type remap, destination 5-tuple), so a
+//! later change can hand a down-track to the kernel or to a crypto worker by writing
+//! the same fields into the maps.
+//!
+//! All media goes through one UDP socket, demultiplexed by first byte (RFC 7983) and
+//! then by the source address that ICE bound to a session.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use forwarder_common::rtp::{self, Class};
+use rand::{Rng, distributions::Alphanumeric};
+use serde::Serialize;
+use tokio::{net::UdpSocket, sync::mpsc};
+use webrtc_srtp::context::Context;
+
+use super::{
+    dtls::{self, ClientHelloReader, DemuxConn, HelloState, Identity},
+    feedback::{self, Reception, Request},
+    sdp::{AnswerMedia, AnswerParams, Codec, Kind, Offer, OfferError, build_answer},
+};
+
+/// Drop reasons on the media socket, by name. Every datagram that is not delivered is
+/// counted under exactly one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Drop {
+    /// First byte is none of STUN, DTLS, RTP/RTCP (RFC 7983).
+    UnknownProtocol,
+    /// STUN that is not a well-formed binding request.
+    StunMalformed,
+    /// Binding request for a ufrag no session has.
+    StunUnknownUfrag,
+    /// Integrity or fingerprint check failed, or the remote ufrag is wrong.
+    StunUnauthenticated,
+    /// DTLS or SRTP from an address no valid ICE check came from.
+    UnknownPeer,
+    /// DTLS that is not a usable ClientHello (or offers no common SRTP profile).
+    DtlsMalformed,
+    /// SRTP/SRTCP before the handshake finished.
+    NotConnected,
+    /// SRTP/SRTCP that fails authentication or replay checks.
+    SrtpAuth,
+    /// RTP header malformed after decryption.
+    RtpMalformed,
+    /// RTP with an SSRC/payload type the offer did not announce.
+    UnknownSsrc,
+    /// RTP from a subscriber (they only send RTCP).
+    UnexpectedRtp,
+    /// RTCP that does not parse.
+    RtcpMalformed,
+    /// The socket refused the datagram (buffer full).
+    SendFailed,
+}
+
+impl Drop {
+    pub const ALL: [Drop; 13] = [
+        Drop::UnknownProtocol,
+        Drop::StunMalformed,
+        Drop::StunUnknownUfrag,
+        Drop::StunUnauthenticated,
+        Drop::UnknownPeer,
+        Drop::DtlsMalformed,
+        Drop::NotConnected,
+        Drop::SrtpAuth,
+        Drop::RtpMalformed,
+        Drop::UnknownSsrc,
+        Drop::UnexpectedRtp,
+        Drop::RtcpMalformed,
+        Drop::SendFailed,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            Drop::UnknownProtocol => "unknown_protocol",
+            Drop::StunMalformed => "stun_malformed",
+            Drop::StunUnknownUfrag => "stun_unknown_ufrag",
+            Drop::StunUnauthenticated => "stun_unauthenticated",
+            Drop::UnknownPeer => "unknown_peer",
+            Drop::DtlsMalformed => "dtls_malformed",
+            Drop::NotConnected => "not_connected",
+            Drop::SrtpAuth => "srtp_auth",
+            Drop::RtpMalformed => "rtp_malformed",
+            Drop::UnknownSsrc => "unknown_ssrc",
+            Drop::UnexpectedRtp => "unexpected_rtp",
+            Drop::RtcpMalformed => "rtcp_malformed",
+            Drop::SendFailed => "send_failed",
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Counters {
+    pub drops: [AtomicU64; Drop::ALL.len()],
+    pub stun_answered: AtomicU64,
+    pub rtp_in: AtomicU64,
+    pub rtp_out: AtomicU64,
+    pub rtcp_in: AtomicU64,
+    pub rtcp_out: AtomicU64,
+    pub nack_resent: AtomicU64,
+    pub keyframe_requests: AtomicU64,
+    pub dtls_handshakes: AtomicU64,
+    /// ClientHellos that spanned more than one datagram (post-quantum key shares).
+    pub dtls_fragmented_hellos: AtomicU64,
+}
+
+impl Counters {
+    fn drop(&self, why: Drop) {
+        self.drops[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Publisher,
+    Subscriber,
+}
+
+/// A track a publisher sends us.
+pub struct Track {
+    pub kind: Kind,
+    pub mid: String,
+    pub codec: Codec,
+    /// From a=ssrc, or learned from the first packet with the track's payload type.
+    pub ssrc: Option<u32>,
+    pub track_id: String,
+    pub reception: Reception,
+    pub packets: u64,
+    pub bytes: u64,
+    /// Last SR of this source: (NTP, RTP, arrival), to carry lip sync to subscribers.
+    pub last_sr: Option<(u64, u32, Instant)>,
+    last_keyframe_request: Option<Instant>,
+}
+
+/// The RTP header fields the relay reads (validated by `rtp::validate` first).
+struct RtpFields {
+    payload_type: u8,
+    sequence: u16,
+    timestamp: u32,
+    ssrc: u32,
+    header_len: usize,
+}
+
+impl RtpFields {
+    fn read(p: &[u8], header_len: usize) -> RtpFields {
+        RtpFields {
+            payload_type: p[1] & 0x7f,
+            sequence: u16::from_be_bytes([p[2], p[3]]),
+            timestamp: u32::from_be_bytes([p[4], p[5], p[6], p[7]]),
+            ssrc: u32::from_be_bytes([p[8], p[9], p[10], p[11]]),
+            header_len,
+        }
+    }
+}
+
+/// Packets kept per down-track for retransmission on NACK (~2 s of 720p video).
+const CACHE: usize = 512;
+
+/// What one subscriber receives of one track: the userspace twin of a data-plane route.
+pub struct DownTrack {
+    pub src_session: String,
+    pub src_track: usize,
+    pub kind: Kind,
+    pub ssrc_out: u32,
+    pub pt_out: u8,
+    pub seq_delta: u16,
+    pub ts_delta: u32,
+    pub clock_rate: u32,
+    pub packets: u32,
+    pub octets: u32,
+    pub nack_resent: u64,
+    last_ts_out: u32,
+    last_out_at: Option<Instant>,
+    /// Plaintext packets as sent, indexed by outgoing sequence number.
+    cache: Vec<Option<(u16, Vec<u8>)>>,
+}
+
+pub struct Srtp {
+    pub profile: u16,
+    rx: Context,
+    tx: Context,
+}
+
+pub struct Session {
+    pub id: String,
+    pub room: String,
+    pub role: Role,
+    ice_ufrag: String,
+    ice_pwd: String,
+    remote_ufrag: String,
+    remote_fingerprint: (String, Vec<u8>),
+    created: Instant,
+    last_consent: Option<Instant>,
+    /// Every address a valid check came from; media from any of them is this session's.
+    pub addrs: Vec<SocketAddr>,
+    /// The pair the client nominated (USE-CANDIDATE): media goes there.
+    pub nominated: Option<SocketAddr>,
+    /// Where the DTLS task sends: the address the client's DTLS last came from.
+    dtls_peer: Arc<Mutex<SocketAddr>>,
+    dtls_in: Option<mpsc::Sender<Vec<u8>>>,
+    pub srtp: Option<Srtp>,
+    /// How many datagrams the client's first ClientHello took (2 with Chromium's
+    /// post-quantum key share) and the SRTP profiles it offered.
+    hello: Option<(usize, Vec<u16>)>,
+    /// Our SSRC in RTCP we originate towards this peer.
+    rtcp_ssrc: u32,
+    pub tracks: Vec<Track>,
+    pub downtracks: Vec<DownTrack>,
+}
+
+impl Session {
+    fn media_addr(&self) -> Option<SocketAddr> {
+        self.nominated.or_else(|| self.addrs.last().copied())
+    }
+}
+
+#[derive(Default)]
+pub struct Room {
+    pub publishers: Vec<String>,
+    pub subscribers: Vec<String>,
+}
+
+#[derive(Default)]
+pub struct State {
+    pub sessions: HashMap<String, Session>,
+    by_ufrag: HashMap<String, String>,
+    by_addr: HashMap<SocketAddr, String>,
+    pub rooms: BTreeMap<String, Room>,
+}
+
+impl State {
+    fn remove(&mut self, id: &str) -> Option<Session> {
+        let s = self.sessions.remove(id)?;
+        self.by_ufrag.remove(&s.ice_ufrag);
+        for a in &s.addrs {
+            if self.by_addr.get(a).is_some_and(|x| x == id) {
+                self.by_addr.remove(a);
+            }
+        }
+        if let Some(room) = self.rooms.get_mut(&s.room) {
+            room.publishers.retain(|x| x != id);
+            room.subscribers.retain(|x| x != id);
+            if room.publishers.is_empty() && room.subscribers.is_empty() {
+                self.rooms.remove(&s.room);
+            }
+        }
+        // Subscribers keep their sessions but lose the down-tracks of a gone publisher.
+        if s.role == Role::Publisher {
+            for sub in self.sessions.values_mut() {
+                sub.downtracks.retain(|d| d.src_session != id);
+            }
+        }
+        Some(s)
+    }
+}
+
+/// Why a WHIP/WHEP request is refused; maps to an HTTP status.
+#[derive(Debug)]
+pub enum ApiError {
+    BadOffer(OfferError),
+    UnknownRoom(String),
+    UnsupportedCodec(String),
+    UnknownSession,
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ApiError::BadOffer(e) => write!(f, "{e}"),
+            ApiError::UnknownRoom(r) => write!(
+                f,
+                "room {r:?} has no publisher; publish to it first with POST /whip/{r}"
+            ),
+            ApiError::UnsupportedCodec(e) => write!(f, "{e}"),
+            ApiError::UnknownSession => write!(
+                f,
+                "no such session (already deleted, or timed out without ICE consent)"
+            ),
+        }
+    }
+}
+
+pub struct Sfu {
+    pub socket: Arc<UdpSocket>,
+    sender: std::net::UdpSocket,
+    pub identity: Identity,
+    pub candidates: Vec<SocketAddr>,
+    pub consent_timeout: Duration,
+    pub cname: String,
+    pub state: Mutex<State>,
+    pub counters: Counters,
+}
+
+fn random_string(n: usize) -> String {
+    rand::thread_rng()
+        .sample_iter(&Alphanumeric)
+        .take(n)
+        .map(char::from)
+        .collect()
+}
+
+fn nonzero_u32() -> u32 {
+    rand::thread_rng().gen_range(1..=u32::MAX)
+}
+
+impl Sfu {
+    /// Takes the bound media socket; must run inside the tokio runtime.
+    pub fn new(
+        socket: std::net::UdpSocket,
+        candidates: Vec<SocketAddr>,
+        consent_timeout: Duration,
+    ) -> anyhow::Result<Arc<Sfu>> {
+        socket.set_nonblocking(true)?;
+        // Sends go through a plain non-blocking clone of the fd: tokio's try_send_to
+        // answers WouldBlock until its reactor has seen the socket writable once.
+        let sender = socket.try_clone()?;
+        Ok(Arc::new(Sfu {
+            socket: Arc::new(UdpSocket::from_std(socket)?),
+            sender,
+            identity: Identity::generate()?,
+            candidates,
+            consent_timeout,
+            cname: format!("edgefwd-{}", random_string(8)),
+            state: Mutex::new(State::default()),
+            counters: Counters::default(),
+        }))
+    }
+
+    fn new_session(&self, room: &str, role: Role, offer: &Offer) -> Session {
+        Session {
+            id: random_string(16),
+            room: room.to_string(),
+            role,
+            ice_ufrag: random_string(8),
+            ice_pwd: random_string(24),
+            remote_ufrag: offer.ice_ufrag.clone(),
+            remote_fingerprint: offer.fingerprint.clone(),
+            created: Instant::now(),
+            last_consent: None,
+            addrs: vec![],
+            nominated: None,
+            dtls_peer: Arc::new(Mutex::new(SocketAddr::from(([0, 0, 0, 0], 0)))),
+            dtls_in: None,
+            srtp: None,
+            hello: None,
+            rtcp_ssrc: nonzero_u32(),
+            tracks: vec![],
+            downtracks: vec![],
+        }
+    }
+
+    fn answer(&self, offer: &Offer, s: &Session, media: &[AnswerMedia]) -> String {
+        build_answer(&AnswerParams {
+            offer,
+            ice_ufrag: &s.ice_ufrag,
+            ice_pwd: &s.ice_pwd,
+            fingerprint: &self.identity.fingerprint,
+            candidates: &self.candidates,
+            media,
+            cname: &self.cname,
+        })
+    }
+
+    /// WHIP: a publisher joins `room`. Returns (session id, SDP answer).
+    pub fn publish(&self, room: &str, offer: &Offer) -> Result<(String, String), ApiError> {
+        let mut s = self.new_session(room, Role::Publisher, offer);
+        let mut media = Vec::new();
+        for m in &offer.media {
+            match (m.kind, m.publish_codec()) {
+                (Some(kind), Some(codec)) => {
+                    s.tracks.push(Track {
+                        kind,
+                        mid: m.mid.clone(),
+                        codec: codec.clone(),
+                        ssrc: m.ssrcs.first().copied(),
+                        track_id: format!("{}-{}", kind.as_str(), random_string(6)),
+                        reception: Reception::default(),
+                        packets: 0,
+                        bytes: 0,
+                        last_sr: None,
+                        last_keyframe_request: None,
+                    });
+                    media.push(AnswerMedia::Receive {
+                        codec: codec.clone(),
+                    });
+                }
+                _ => media.push(AnswerMedia::Reject),
+            }
+        }
+        if s.tracks.is_empty() {
+            return Err(ApiError::BadOffer(OfferError::NoUsableMedia));
+        }
+        let answer = self.answer(offer, &s, &media);
+        let id = s.id.clone();
+        let mut st = self.state.lock().unwrap();
+        st.by_ufrag.insert(s.ice_ufrag.clone(), id.clone());
+        st.rooms
+            .entry(room.to_string())
+            .or_default()
+            .publishers
+            .push(id.clone());
+        st.sessions.insert(id.clone(), s);
+        Ok((id, answer))
+    }
+
+    /// WHEP: a subscriber joins `room` and gets every published track its offer has an
+    /// m-line of the same kind for, in publication order.
+    pub fn subscribe(&self, room: &str, offer: &Offer) -> Result<(String, String), ApiError> {
+        let mut st = self.state.lock().unwrap();
+        let publishers = st
+            .rooms
+            .get(room)
+            .map(|r| r.publishers.clone())
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| ApiError::UnknownRoom(room.to_string()))?;
+        let mut s = self.new_session(room, Role::Subscriber, offer);
+        // (publisher, track index) not yet given to an m-line.
+        let mut available: Vec<(String, usize)> = publishers
+            .iter()
+            .flat_map(|p| (0..st.sessions[p].tracks.len()).map(move |i| (p.clone(), i)))
+            .collect();
+        let mut media = Vec::new();
+        let mut refusals = Vec::new();
+        for m in &offer.media {
+            let Some(kind) = m.kind else {
+                media.push(AnswerMedia::Reject);
+                continue;
+            };
+            let mut chosen = None;
+            for (n, (p, i)) in available.iter().enumerate() {
+                let t = &st.sessions[p].tracks[*i];
+                if t.kind != kind {
+                    continue;
+                }
+                match m.subscribe_codec(&t.codec) {
+                    Some(c) => {
+                        chosen = Some((n, c.clone()));
+                        break;
+                    }
+                    None => refusals.push(format!(
+                        "the {} track is {} ({}), which the offer's m-line {} does not accept",
+                        kind.as_str(),
+                        t.codec.name,
+                        t.codec.fmtp,
+                        m.mid
+                    )),
+                }
+            }
+            let Some((n, codec)) = chosen else {
+                media.push(AnswerMedia::Reject);
+                continue;
+            };
+            let (p, i) = available.remove(n);
+            let t = &st.sessions[&p].tracks[i];
+            let ssrc_out = nonzero_u32();
+            s.downtracks.push(DownTrack {
+                src_session: p.clone(),
+                src_track: i,
+                kind,
+                ssrc_out,
+                pt_out: codec.pt,
+                // Random starts, as a fresh sender would pick (RFC 3550 §5.1).
+                seq_delta: rand::thread_rng().r#gen(),
+                ts_delta: rand::thread_rng().r#gen(),
+                clock_rate: t.codec.clock_rate,
+                packets: 0,
+                octets: 0,
+                nack_resent: 0,
+                last_ts_out: 0,
+                last_out_at: None,
+                cache: vec![None; CACHE],
+            });
+            media.push(AnswerMedia::Send {
+                codec,
+                ssrc: ssrc_out,
+                stream_id: p.clone(),
+                track_id: t.track_id.clone(),
+            });
+        }
+        if s.downtracks.is_empty() {
+            return Err(if refusals.is_empty() {
+                ApiError::BadOffer(OfferError::NoUsableMedia)
+            } else {
+                ApiError::UnsupportedCodec(refusals.join("; "))
+            });
+        }
+        let answer = self.answer(offer, &s, &media);
+        let id = s.id.clone();
+        st.by_ufrag.insert(s.ice_ufrag.clone(), id.clone());
+        st.rooms
+            .entry(room.to_string())
+            .or_default()
+            .subscribers
+            .push(id.clone());
+        st.sessions.insert(id.clone(), s);
+        Ok((id, answer))
+    }
+
+    /// DELETE of a WHIP/WHEP resource.
+    pub fn leave(&self, room: &str, id: &str, role: Role) -> Result<(), ApiError> {
+        let mut st = self.state.lock().unwrap();
+        match st.sessions.get(id) {
+            Some(s) if s.room == room && s.role == role => {
+                st.remove(id);
+                log::info!("session {id} ({role:?}) left room {room}");
+                Ok(())
+            }
+            _ => Err(ApiError::UnknownSession),
+        }
+    }
+
+    fn send(&self, buf: &[u8], to: SocketAddr) -> bool {
+        match self.sender.send_to(buf, to) {
+            Ok(_) => true,
+            Err(_) => {
+                self.counters.drop(Drop::SendFailed);
+                false
+            }
+        }
+    }
+
+    /// Receives from the media socket until it fails.
+    pub async fn run_socket(self: Arc<Self>) -> anyhow::Result<()> {
+        let mut buf = vec![0u8; 2048];
+        loop {
+            let (n, from) = self.socket.recv_from(&mut buf).await?;
+            self.on_datagram(&buf[..n], from);
+        }
+    }
+
+    pub fn on_datagram(self: &Arc<Self>, buf: &[u8], from: SocketAddr) {
+        if buf.len() < 2 {
+            return self.counters.drop(Drop::UnknownProtocol);
+        }
+        match rtp::classify(buf[0], buf[1]) {
+            Class::Stun => self.on_stun(buf, from),
+            Class::Dtls => self.on_dtls(buf, from),
+            Class::Rtp => self.on_srtp(buf, from, false),
+            Class::Rtcp => self.on_srtp(buf, from, true),
+            Class::TurnChannel | Class::Unknown => self.counters.drop(Drop::UnknownProtocol),
+        }
+    }
+
+    fn on_stun(&self, buf: &[u8], from: SocketAddr) {
+        let check = match super::ice::parse_check(buf) {
+            Ok(c) => c,
+            Err(_) => return self.counters.drop(Drop::StunMalformed),
+        };
+        let mut st = self.state.lock().unwrap();
+        let Some(id) = st.by_ufrag.get(&check.local_ufrag).cloned() else {
+            return self.counters.drop(Drop::StunUnknownUfrag);
+        };
+        let s = st
+            .sessions
+            .get_mut(&id)
+            .expect("by_ufrag points at live sessions");
+        if check.remote_ufrag != s.remote_ufrag {
+            return self.counters.drop(Drop::StunUnauthenticated);
+        }
+        let nominate = check.use_candidate;
+        let resp = match check.answer(&s.ice_pwd, from) {
+            Ok(r) => r,
+            Err(_) => return self.counters.drop(Drop::StunUnauthenticated),
+        };
+        s.last_consent = Some(Instant::now());
+        if nominate && s.nominated != Some(from) {
+            log::info!("session {id}: client nominated {from}");
+            s.nominated = Some(from);
+        }
+        let new_addr = !s.addrs.contains(&from);
+        if new_addr {
+            s.addrs.push(from);
+        }
+        if new_addr {
+            st.by_addr.insert(from, id);
+        }
+        drop(st);
+        if self.send(&resp, from) {
+            self.counters.stun_answered.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn on_dtls(self: &Arc<Self>, buf: &[u8], from: SocketAddr) {
+        let mut st = self.state.lock().unwrap();
+        let Some(id) = st.by_addr.get(&from).cloned() else {
+            return self.counters.drop(Drop::UnknownPeer);
+        };
+        let s = st
+            .sessions
+            .get_mut(&id)
+            .expect("by_addr points at live sessions");
+        *s.dtls_peer.lock().unwrap() = from;
+        let tx = match &s.dtls_in {
+            Some(tx) => tx.clone(),
+            None => {
+                let (tx, rx) = mpsc::channel(64);
+                s.dtls_in = Some(tx.clone());
+                let sfu = self.clone();
+                let peer = s.dtls_peer.clone();
+                let fp = s.remote_fingerprint.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = sfu.clone().dtls_session(id.clone(), rx, peer, fp).await {
+                        log::warn!("session {id}: {e:#}; closing it");
+                    }
+                    sfu.state.lock().unwrap().remove(&id);
+                });
+                tx
+            }
+        };
+        drop(st);
+        // A full queue means the handshake task is stuck; DTLS retransmits anyway.
+        let _ = tx.try_send(buf.to_vec());
+    }
+
+    /// One session's DTLS: read the ClientHello's profiles, handshake, key SRTP, then
+    /// keep reading so alerts (close_notify) end the session.
+    async fn dtls_session(
+        self: Arc<Self>,
+        id: String,
+        mut rx: mpsc::Receiver<Vec<u8>>,
+        peer: Arc<Mutex<SocketAddr>>,
+        fingerprint: (String, Vec<u8>),
+    ) -> anyhow::Result<()> {
+        let mut reader = ClientHelloReader::default();
+        let mut seen = Vec::new();
+        let offered = loop {
+            let d = rx
+                .recv()
+                .await
+                .ok_or_else(|| anyhow::anyhow!("session deleted during DTLS"))?;
+            let r = reader.push(&d);
+            seen.push(d);
+            match r {
+                Ok(HelloState::Complete(p)) => break p,
+                Ok(HelloState::Incomplete) => continue,
+                Err(e) => {
+                    self.counters.drop(Drop::DtlsMalformed);
+                    anyhow::bail!("malformed ClientHello: {e}");
+                }
+            }
+        };
+        if let Some(s) = self.state.lock().unwrap().sessions.get_mut(&id) {
+            s.hello = Some((seen.len(), offered.clone()));
+        }
+        if seen.len() > 1 {
+            self.counters
+                .dtls_fragmented_hellos
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        let Some(profile) = dtls::choose_profile(&offered) else {
+            self.counters.drop(Drop::DtlsMalformed);
+            anyhow::bail!(
+                "the client offers SRTP profiles {offered:04x?}, none of AEAD_AES_128_GCM, AES_CM_128_HMAC_SHA1_80"
+            );
+        };
+        let conn = Arc::new(DemuxConn::new(seen, rx, self.socket.clone(), peer));
+        let handshake = dtls::accept(conn, &self.identity, profile, &fingerprint);
+        let dtls = tokio::time::timeout(Duration::from_secs(20), handshake)
+            .await
+            .map_err(|_| anyhow::anyhow!("DTLS handshake did not finish in 20 s"))??;
+        let srtp_profile = dtls::srtp_profile(profile).expect("chosen from PREFERENCE");
+        let mut cfg = webrtc_srtp::config::Config {
+            profile: srtp_profile,
+            ..Default::default()
+        };
+        cfg.extract_session_keys_from_dtls(dtls.connection_state().await, false)
+            .await
+            .map_err(|e| anyhow::anyhow!("exporting SRTP keys: {e}"))?;
+        let k = &cfg.keys;
+        let rx_ctx = Context::new(
+            &k.remote_master_key,
+            &k.remote_master_salt,
+            srtp_profile,
+            Some(webrtc_srtp::option::srtp_replay_protection(512)),
+            Some(webrtc_srtp::option::srtcp_replay_protection(128)),
+        )?;
+        let tx_ctx = Context::new(
+            &k.local_master_key,
+            &k.local_master_salt,
+            srtp_profile,
+            None,
+            None,
+        )?;
+        {
+            let mut st = self.state.lock().unwrap();
+            let s = st
+                .sessions
+                .get_mut(&id)
+                .ok_or_else(|| anyhow::anyhow!("session deleted during DTLS"))?;
+            s.srtp = Some(Srtp {
+                profile,
+                rx: rx_ctx,
+                tx: tx_ctx,
+            });
+            self.counters
+                .dtls_handshakes
+                .fetch_add(1, Ordering::Relaxed);
+            log::info!(
+                "session {id}: DTLS up, SRTP {} (client offered {:04x?} in a ClientHello of {} datagram(s))",
+                dtls::profile_name(profile),
+                offered,
+                s.hello.as_ref().map_or(0, |h| h.0)
+            );
+            if s.role == Role::Subscriber {
+                // A new viewer needs a keyframe now, not at the next periodic one.
+                let wants: Vec<(String, usize)> = s
+                    .downtracks
+                    .iter()
+                    .filter(|d| d.kind == Kind::Video)
+                    .map(|d| (d.src_session.clone(), d.src_track))
+                    .collect();
+                for (p, i) in wants {
+                    self.request_keyframe(&mut st, &p, i);
+                }
+            }
+        }
+        let mut buf = vec![0u8; 2048];
+        loop {
+            // We carry no application data; reading processes alerts and retransmits.
+            match dtls.read(&mut buf, None).await {
+                Ok(_) => continue,
+                Err(e) => {
+                    let _ = dtls.close().await;
+                    log::info!("session {id}: DTLS ended ({e}); removing the session");
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Sends a PLI for a publisher's track, at most every 300 ms per track so a room
+    /// of viewers asking at once costs the publisher one keyframe.
+    fn request_keyframe(&self, st: &mut State, publisher: &str, track: usize) {
+        let Some(p) = st.sessions.get_mut(publisher) else {
+            return;
+        };
+        let (Some(addr), Some(t)) = (p.media_addr(), p.tracks.get_mut(track)) else {
+            return;
+        };
+        let (Some(ssrc), Some(srtp)) = (t.ssrc, p.srtp.as_mut()) else {
+            return;
+        };
+        let now = Instant::now();
+        if t.last_keyframe_request
+            .is_some_and(|at| now - at < Duration::from_millis(300))
+        {
+            return;
+        }
+        t.last_keyframe_request = Some(now);
+        if let Ok(pkt) = srtp.tx.encrypt_rtcp(&feedback::pli(p.rtcp_ssrc, ssrc))
+            && self.send(&pkt, addr)
+        {
+            self.counters
+                .keyframe_requests
+                .fetch_add(1, Ordering::Relaxed);
+            self.counters.rtcp_out.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn on_srtp(&self, buf: &[u8], from: SocketAddr, is_rtcp: bool) {
+        let mut st = self.state.lock().unwrap();
+        let Some(id) = st.by_addr.get(&from).cloned() else {
+            return self.counters.drop(Drop::UnknownPeer);
+        };
+        if is_rtcp {
+            self.on_rtcp(&mut st, &id, buf);
+        } else {
+            self.on_rtp(&mut st, &id, buf);
+        }
+    }
+
+    fn on_rtp(&self, st: &mut State, id: &str, buf: &[u8]) {
+        let s = st
+            .sessions
+            .get_mut(id)
+            .expect("by_addr points at live sessions");
+        if s.role != Role::Publisher {
+            return self.counters.drop(Drop::UnexpectedRtp);
+        }
+        let Some(srtp) = s.srtp.as_mut() else {
+            return self.counters.drop(Drop::NotConnected);
+        };
+        let plain = match srtp.rx.decrypt_rtp(buf) {
+            Ok(p) => p,
+            Err(_) => return self.counters.drop(Drop::SrtpAuth),
+        };
+        let Ok(header_len) = rtp::validate(&plain) else {
+            return self.counters.drop(Drop::RtpMalformed);
+        };
+        let h = RtpFields::read(&plain, header_len);
+        let ssrc = h.ssrc;
+        let idx = match s.tracks.iter().position(|t| t.ssrc == Some(ssrc)) {
+            Some(i) => i,
+            // Unsignalled SSRC: the track whose payload type it carries, if still unbound.
+            None => match s
+                .tracks
+                .iter()
+                .position(|t| t.ssrc.is_none() && t.codec.pt == h.payload_type)
+            {
+                Some(i) => {
+                    s.tracks[i].ssrc = Some(ssrc);
+                    i
+                }
+                None => return self.counters.drop(Drop::UnknownSsrc),
+            },
+        };
+        self.counters.rtp_in.fetch_add(1, Ordering::Relaxed);
+        let t = &mut s.tracks[idx];
+        t.packets += 1;
+        t.bytes += plain.len() as u64;
+        let arrival = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        let units =
+            (arrival.as_micros() as u64).wrapping_mul(t.codec.clock_rate as u64) / 1_000_000;
+        t.reception.update(h.sequence, h.timestamp, units);
+        let subscribers = st
+            .rooms
+            .get(&st.sessions[id].room)
+            .map(|r| r.subscribers.clone())
+            .unwrap_or_default();
+        let now = Instant::now();
+        for sub_id in subscribers {
+            let Some(sub) = st.sessions.get_mut(&sub_id) else {
+                continue;
+            };
+            let Some(addr) = sub.media_addr() else {
+                continue;
+            };
+            let Some(srtp) = sub.srtp.as_mut() else {
+                continue;
+            };
+            for d in sub
+                .downtracks
+                .iter_mut()
+                .filter(|d| d.src_session == id && d.src_track == idx)
+            {
+                let mut out = plain.to_vec();
+                let seq = h.sequence.wrapping_add(d.seq_delta);
+                let ts = h.timestamp.wrapping_add(d.ts_delta);
+                out[1] = (out[1] & 0x80) | (d.pt_out & 0x7f);
+                out[2..4].copy_from_slice(&seq.to_be_bytes());
+                out[4..8].copy_from_slice(&ts.to_be_bytes());
+                out[8..12].copy_from_slice(&d.ssrc_out.to_be_bytes());
+                let Ok(enc) = srtp.tx.encrypt_rtp(&out) else {
+                    continue;
+                };
+                if self.send(&enc, addr) {
+                    self.counters.rtp_out.fetch_add(1, Ordering::Relaxed);
+                    d.packets = d.packets.wrapping_add(1);
+                    d.octets = d.octets.wrapping_add((out.len() - h.header_len) as u32);
+                    d.last_ts_out = ts;
+                    d.last_out_at = Some(now);
+                }
+                d.cache[seq as usize % CACHE] = Some((seq, out));
+            }
+        }
+    }
+
+    fn on_rtcp(&self, st: &mut State, id: &str, buf: &[u8]) {
+        let s = st
+            .sessions
+            .get_mut(id)
+            .expect("by_addr points at live sessions");
+        let Some(srtp) = s.srtp.as_mut() else {
+            return self.counters.drop(Drop::NotConnected);
+        };
+        let plain = match srtp.rx.decrypt_rtcp(buf) {
+            Ok(p) => p,
+            Err(_) => return self.counters.drop(Drop::SrtpAuth),
+        };
+        let requests = match feedback::parse(&plain) {
+            Ok(r) => r,
+            Err(_) => return self.counters.drop(Drop::RtcpMalformed),
+        };
+        self.counters.rtcp_in.fetch_add(1, Ordering::Relaxed);
+        let role = s.role;
+        for r in requests {
+            match (role, r) {
+                (Role::Publisher, Request::SenderReport { ssrc, ntp, rtp }) => {
+                    let s = st.sessions.get_mut(id).expect("still there");
+                    if let Some(t) = s.tracks.iter_mut().find(|t| t.ssrc == Some(ssrc)) {
+                        let now = Instant::now();
+                        t.last_sr = Some((ntp, rtp, now));
+                        t.reception.last_sr = Some(((ntp >> 16) as u32, now));
+                    }
+                }
+                (Role::Subscriber, Request::KeyFrame { media_ssrc }) => {
+                    let s = &st.sessions[id];
+                    if let Some(d) = s.downtracks.iter().find(|d| d.ssrc_out == media_ssrc) {
+                        let (p, i) = (d.src_session.clone(), d.src_track);
+                        self.request_keyframe(st, &p, i);
+                    }
+                }
+                (Role::Subscriber, Request::Nack { media_ssrc, seqs }) => {
+                    self.on_nack(st, id, media_ssrc, &seqs)
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Resends what the cache has; asks the publisher for the rest.
+    fn on_nack(&self, st: &mut State, id: &str, media_ssrc: u32, seqs: &[u16]) {
+        let s = st.sessions.get_mut(id).expect("caller checked");
+        let Some(addr) = s.media_addr() else { return };
+        let Some(srtp) = s.srtp.as_mut() else { return };
+        let Some(d) = s.downtracks.iter_mut().find(|d| d.ssrc_out == media_ssrc) else {
+            return;
+        };
+        let mut missing = Vec::new();
+        for &seq in seqs {
+            match &d.cache[seq as usize % CACHE] {
+                Some((cached, pkt)) if *cached == seq => {
+                    if let Ok(enc) = srtp.tx.encrypt_rtp(pkt)
+                        && self.send(&enc, addr)
+                    {
+                        d.nack_resent += 1;
+                        self.counters.nack_resent.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                _ => missing.push(seq),
+            }
+        }
+        if missing.is_empty() {
+            return;
+        }
+        let (p, i, delta) = (d.src_session.clone(), d.src_track, d.seq_delta);
+        let Some(ps) = st.sessions.get_mut(&p) else {
+            return;
+        };
+        let (Some(addr), Some(ssrc)) = (ps.media_addr(), ps.tracks.get(i).and_then(|t| t.ssrc))
+        else {
+            return;
+        };
+        let sender = ps.rtcp_ssrc;
+        if let Some(srtp) = ps.srtp.as_mut()
+            && let Ok(pkt) = srtp
+                .tx
+                .encrypt_rtcp(&feedback::translated_nack(sender, ssrc, &missing, delta))
+            && self.send(&pkt, addr)
+        {
+            self.counters.rtcp_out.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Once a second: consent freshness, SR to subscribers, RR to publishers.
+    pub fn tick(&self) {
+        let now = Instant::now();
+        let mut st = self.state.lock().unwrap();
+        let expired: Vec<String> = st
+            .sessions
+            .values()
+            .filter(|s| now - s.last_consent.unwrap_or(s.created) > self.consent_timeout)
+            .map(|s| s.id.clone())
+            .collect();
+        for id in expired {
+            log::info!(
+                "session {id}: no ICE consent for {:?}; removing it",
+                self.consent_timeout
+            );
+            st.remove(&id);
+        }
+        let wall = SystemTime::now();
+        let ids: Vec<String> = st.sessions.keys().cloned().collect();
+        for id in ids {
+            let role = st.sessions[&id].role;
+            match role {
+                Role::Subscriber => {
+                    // Lip sync survives the relay: each SR maps the publisher's NTP/RTP
+                    // pair into our timestamp space.
+                    let mut reports = Vec::new();
+                    for d in &st.sessions[&id].downtracks {
+                        if d.packets == 0 {
+                            continue;
+                        }
+                        let src = st
+                            .sessions
+                            .get(&d.src_session)
+                            .and_then(|p| p.tracks.get(d.src_track));
+                        let (ntp, rtp) = match src.and_then(|t| t.last_sr) {
+                            Some((ntp, rtp, at)) => {
+                                let el = now - at;
+                                let ntp = ntp
+                                    .wrapping_add(((el.as_nanos() as u64) << 32) / 1_000_000_000);
+                                let rtp = rtp
+                                    .wrapping_add(d.ts_delta)
+                                    .wrapping_add((el.as_secs_f64() * d.clock_rate as f64) as u32);
+                                (ntp, rtp)
+                            }
+                            None => {
+                                let el = d.last_out_at.map(|t| now - t).unwrap_or_default();
+                                (
+                                    feedback::ntp_time(wall),
+                                    d.last_ts_out.wrapping_add(
+                                        (el.as_secs_f64() * d.clock_rate as f64) as u32,
+                                    ),
+                                )
+                            }
+                        };
+                        reports.push(feedback::sender_report(
+                            d.ssrc_out,
+                            ntp,
+                            rtp,
+                            d.packets,
+                            d.octets,
+                            &self.cname,
+                        ));
+                    }
+                    let s = st.sessions.get_mut(&id).expect("listed");
+                    let (Some(addr), Some(srtp)) = (s.media_addr(), s.srtp.as_mut()) else {
+                        continue;
+                    };
+                    for r in reports {
+                        if let Ok(p) = srtp.tx.encrypt_rtcp(&r)
+                            && self.send(&p, addr)
+                        {
+                            self.counters.rtcp_out.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                Role::Publisher => {
+                    let s = st.sessions.get_mut(&id).expect("listed");
+                    let blocks: Vec<_> = s
+                        .tracks
+                        .iter_mut()
+                        .filter_map(|t| t.reception.report(t.ssrc?, now))
+                        .collect();
+                    let sender = s.rtcp_ssrc;
+                    let (Some(addr), Some(srtp)) = (s.media_addr(), s.srtp.as_mut()) else {
+                        continue;
+                    };
+                    if blocks.is_empty() {
+                        continue;
+                    }
+                    if let Ok(p) = srtp
+                        .tx
+                        .encrypt_rtcp(&feedback::receiver_report(sender, blocks))
+                        && self.send(&p, addr)
+                    {
+                        self.counters.rtcp_out.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A JSON view of the state model (the `/api/sessions` body).
+    pub fn snapshot(&self) -> serde_json::Value {
+        let st = self.state.lock().unwrap();
+        let mut rooms = serde_json::Map::new();
+        for (name, r) in &st.rooms {
+            let sessions: Vec<_> = r
+                .publishers
+                .iter()
+                .chain(&r.subscribers)
+                .filter_map(|id| st.sessions.get(id))
+                .map(|s| {
+                    serde_json::json!({
+                        "id": s.id,
+                        "role": s.role,
+                        "connected": s.srtp.is_some(),
+                        "srtp_profile": s.srtp.as_ref().map(|x| dtls::profile_name(x.profile)),
+                        "client_hello_datagrams": s.hello.as_ref().map(|h| h.0),
+                        "client_srtp_profiles": s.hello.as_ref().map(|h| h.1.iter().map(|p| dtls::profile_name(*p)).collect::<Vec<_>>()),
+                        "nominated": s.nominated.map(|a| a.to_string()),
+                        "addrs": s.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                        "tracks": s.tracks.iter().map(|t| serde_json::json!({
+                            "kind": t.kind, "mid": t.mid, "codec": t.codec.name, "pt": t.codec.pt,
+                            "ssrc": t.ssrc, "packets": t.packets, "bytes": t.bytes,
+                        })).collect::<Vec<_>>(),
+                        "downtracks": s.downtracks.iter().map(|d| serde_json::json!({
+                            "kind": d.kind, "from_session": d.src_session, "ssrc_out": d.ssrc_out,
+                            "pt_out": d.pt_out, "seq_delta": d.seq_delta, "ts_delta": d.ts_delta,
+                            "packets": d.packets, "nack_resent": d.nack_resent,
+                        })).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            rooms.insert(name.clone(), serde_json::Value::Array(sessions));
+        }
+        let c = &self.counters;
+        let drops: serde_json::Map<String, serde_json::Value> = Drop::ALL
+            .iter()
+            .map(|d| {
+                (
+                    d.name().to_string(),
+                    c.drops[*d as usize].load(Ordering::Relaxed).into(),
+                )
+            })
+            .collect();
+        serde_json::json!({
+            "rooms": rooms,
+            "counters": {
+                "stun_answered": c.stun_answered.load(Ordering::Relaxed),
+                "rtp_in": c.rtp_in.load(Ordering::Relaxed),
+                "rtp_out": c.rtp_out.load(Ordering::Relaxed),
+                "rtcp_in": c.rtcp_in.load(Ordering::Relaxed),
+                "rtcp_out": c.rtcp_out.load(Ordering::Relaxed),
+                "nack_resent": c.nack_resent.load(Ordering::Relaxed),
+                "keyframe_requests": c.keyframe_requests.load(Ordering::Relaxed),
+                "dtls_handshakes": c.dtls_handshakes.load(Ordering::Relaxed),
+                "dtls_fragmented_hellos": c.dtls_fragmented_hellos.load(Ordering::Relaxed),
+                "drops": drops,
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::webrtc::{ice::tests::request, sdp::parse_offer};
+
+    const OFFER: &str = include_str!("testdata/chromium-offer.sdp");
+
+    fn answer_attr<'a>(answer: &'a str, key: &str) -> &'a str {
+        answer
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("a={key}:")))
+            .unwrap_or_else(|| panic!("answer has no a={key}"))
+    }
+
+    async fn sfu(consent: Duration) -> Arc<Sfu> {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = sock.local_addr().unwrap();
+        Sfu::new(sock, vec![addr], consent).unwrap()
+    }
+
+    #[tokio::test]
+    async fn checks_bind_addresses_and_keep_consent_until_they_stop() {
+        let sfu = sfu(Duration::from_millis(300)).await;
+        let offer = parse_offer(OFFER).unwrap();
+        let (id, answer) = sfu.publish("r", &offer).unwrap();
+        let (ufrag, pwd) = (answer_attr(&answer, "ice-ufrag"), answer_attr(&answer, "ice-pwd"));
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let from = client.local_addr().unwrap();
+        let user = format!("{ufrag}:{}", offer.ice_ufrag);
+
+        // Wrong password: no answer, no binding, counted.
+        sfu.on_datagram(&request(&user, "not-the-password", true), from);
+        assert_eq!(sfu.counters.drops[Drop::StunUnauthenticated as usize].load(Ordering::Relaxed), 1);
+        assert!(sfu.state.lock().unwrap().sessions[&id].addrs.is_empty());
+
+        // A valid nominating check: answered to the sender, address bound and nominated.
+        sfu.on_datagram(&request(&user, pwd, true), from);
+        let mut buf = [0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(2), client.recv(&mut buf)).await.unwrap().unwrap();
+        let mut resp = stun::message::Message::new();
+        resp.unmarshal_binary(&buf[..n]).unwrap();
+        assert_eq!(resp.typ, stun::message::BINDING_SUCCESS);
+        {
+            let st = sfu.state.lock().unwrap();
+            assert_eq!(st.sessions[&id].nominated, Some(from));
+            assert_eq!(st.by_addr.get(&from), Some(&id));
+        }
+
+        // Checks every 100 ms keep it alive past the 300 ms timeout ...
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            sfu.on_datagram(&request(&user, pwd, false), from);
+            sfu.tick();
+        }
+        assert!(sfu.state.lock().unwrap().sessions.contains_key(&id));
+        // ... and without them it goes, with its room and address binding.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        sfu.tick();
+        let st = sfu.state.lock().unwrap();
+        assert!(st.sessions.is_empty() && st.rooms.is_empty() && st.by_addr.is_empty());
+    }
+
+    #[tokio::test]
+    async fn garbage_is_counted_by_reason_never_fatal() {
+        let sfu = sfu(Duration::from_secs(30)).await;
+        let from: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        sfu.on_datagram(&[], from);
+        sfu.on_datagram(&[0xff, 0], from);
+        sfu.on_datagram(&[0x16, 0xfe, 0xfd, 0, 0], from); // DTLS from nobody
+        sfu.on_datagram(&[0x80, 96, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1], from); // RTP from nobody
+        sfu.on_datagram(&[0, 1, 0, 0, 0x21, 0x12, 0xa4, 0x42], from); // truncated STUN
+        let d = |r: Drop| sfu.counters.drops[r as usize].load(Ordering::Relaxed);
+        assert_eq!(d(Drop::UnknownProtocol), 2);
+        assert_eq!(d(Drop::UnknownPeer), 2);
+        assert_eq!(d(Drop::StunMalformed), 1);
+    }
+
+    #[tokio::test]
+    async fn subscribers_get_the_publishers_tracks_with_their_own_payload_types() {
+        let sfu = sfu(Duration::from_secs(30)).await;
+        let pub_offer = parse_offer(OFFER).unwrap();
+        assert!(matches!(sfu.subscribe("r", &pub_offer), Err(ApiError::UnknownRoom(_))));
+        let (pid, _) = sfu.publish("r", &pub_offer).unwrap();
+        // The subscriber numbers VP8 as 120 and offers recvonly.
+        let sub_sdp = OFFER
+            .replace("a=sendonly", "a=recvonly")
+            .replace(" 96 97 103 104 45", " 120 97 103 104 45")
+            .replace("a=rtpmap:96 VP8/90000", "a=rtpmap:120 VP8/90000");
+        let (sid, answer) = sfu.subscribe("r", &parse_offer(&sub_sdp).unwrap()).unwrap();
+        assert!(answer.contains("a=sendonly") && answer.contains("a=rtpmap:120 VP8/90000"), "{answer}");
+        let st = sfu.state.lock().unwrap();
+        let d = &st.sessions[&sid].downtracks;
+        assert_eq!(d.len(), 2);
+        assert_eq!((d[1].kind, d[1].pt_out, d[1].src_session.as_str()), (Kind::Video, 120, pid.as_str()));
+        assert!(answer.contains(&format!("a=ssrc:{} cname:", d[1].ssrc_out)), "the answer names the SSRC we send from");
+    }
+}

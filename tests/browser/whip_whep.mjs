@@ -1,0 +1,99 @@
+// One browser scenario against a running edgefwd, through its built-in page:
+//   publish: a Chromium publishes the fake camera + microphone over WHIP;
+//   watch:   a second Chromium process subscribes over WHEP and must decode.
+// Prints one JSON object on stdout (the Rust test asserts on it); exits non-zero
+// with the reason on stderr if the subscriber never decodes.
+//
+//   node whip_whep.mjs --base http://127.0.0.1:8080 --room r1 [--codec VP8|H264]
+//        [--no-pqc] [--role both|publish|watch] [--hold SECONDS] [--timeout SECONDS]
+import { chromium } from 'playwright-core';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+const args = process.argv.slice(2);
+const opt = (name, dflt) => {
+  const i = args.indexOf('--' + name);
+  return i >= 0 ? args[i + 1] : dflt;
+};
+const flag = name => args.includes('--' + name);
+const base = opt('base');
+const room = opt('room', 'test');
+const codec = opt('codec', '');
+const role = opt('role', 'both');
+const hold = Number(opt('hold', '0'));
+const timeoutMs = Number(opt('timeout', '40')) * 1000;
+if (!base) {
+  console.error('usage: whip_whep.mjs --base URL [--room R] [--codec VP8|H264] [--no-pqc] [--role both|publish|watch]');
+  process.exit(2);
+}
+
+const dirs = [];
+async function launch() {
+  const dir = mkdtempSync(join(tmpdir(), 'edgefwd-chromium-'));
+  dirs.push(dir);
+  const extra = flag('no-pqc') ? ['--disable-features=WebRtcPqcForDtls'] : [];
+  // launchPersistentContext owns --user-data-dir: a fresh profile per process.
+  const ctx = await chromium.launchPersistentContext(dir, {
+    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+    headless: true,
+    args: [
+      '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync',
+      '--use-fake-device-for-media-stream', '--use-fake-ui-for-media-stream',
+      '--allow-loopback-in-peer-connection', ...extra,
+    ],
+  });
+  const page = ctx.pages()[0] || await ctx.newPage();
+  page.on('console', m => { if (m.type() === 'error') console.error('[page]', m.text()); });
+  await page.goto(base + '/');
+  return { ctx, page };
+}
+
+const sleep = ms => new Promise(r => setTimeout(r, ms));
+const result = { codec, pqc: !flag('no-pqc') };
+const browsers = [];
+let ok = true;
+try {
+  let pub, sub;
+  if (role !== 'watch') {
+    pub = await launch();
+    browsers.push(pub);
+    result.whip = await pub.page.evaluate(([r, c]) => window.publish(r, c), [room, codec]);
+  }
+  if (role === 'publish') {
+    await sleep(hold * 1000);
+    result.publisher = await pub.page.evaluate(() => window.summary(window.pubPc));
+  } else {
+    sub = await launch();
+    browsers.push(sub);
+    result.whep = await sub.page.evaluate(r => window.watch(r), room);
+    const deadline = Date.now() + timeoutMs;
+    let s;
+    for (;;) {
+      s = await sub.page.evaluate(() => window.summary(window.subPc));
+      const v = s.inbound.video, a = s.inbound.audio;
+      // A few seconds of decoding, so keyframe, NACK and RTCP paths have run.
+      if (v && v.framesDecoded > 30 && a && a.packetsReceived > 50) break;
+      if (Date.now() > deadline) {
+        ok = false;
+        console.error(`subscriber did not decode within ${timeoutMs / 1000} s: ${JSON.stringify(s)}`);
+        break;
+      }
+      await sleep(500);
+    }
+    await sleep(hold * 1000);
+    result.subscriber = await sub.page.evaluate(() => window.summary(window.subPc));
+    if (pub) result.publisher = await pub.page.evaluate(() => window.summary(window.pubPc));
+    await sub.page.evaluate(() => window.leave());
+  }
+  if (pub) await pub.page.evaluate(() => window.leave());
+} catch (e) {
+  ok = false;
+  console.error(String(e && e.stack || e));
+} finally {
+  for (const b of browsers) await b.ctx.close().catch(() => {});
+  for (const d of dirs) rmSync(d, { recursive: true, force: true });
+}
+console.log(JSON.stringify(result));
+process.exit(ok ? 0 : 1);

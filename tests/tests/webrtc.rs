@@ -1,0 +1,458 @@
+//! The WebRTC control plane with real peers: Debian's Chromium driven by playwright-core
+//! (tests/browser), and aiortc (tests/clients), against a real `edgefwd run`.
+//!
+//! `cargo xtask test` installs chromium, playwright-core and aiortc first.
+
+use std::{
+    net::{TcpListener, UdpSocket},
+    path::PathBuf,
+    process::{Command, Output},
+    time::Duration,
+};
+
+use edgefwd_tests::{edgefwd_bin, kernel_lock, netns::NetNs, spawn_edgefwd, stop_edgefwd, unique};
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn browser_script() -> PathBuf {
+    let dir = repo().join("tests/browser");
+    assert!(
+        dir.join("node_modules/playwright-core").exists(),
+        "playwright-core is not installed: run `cargo xtask setup` (it runs `npm ci` in tests/browser)"
+    );
+    dir.join("whip_whep.mjs")
+}
+
+fn aiortc_python() -> PathBuf {
+    let py = repo().join("target/aiortc-venv/bin/python");
+    assert!(
+        py.exists(),
+        "aiortc is not installed: run `cargo xtask setup` (it creates target/aiortc-venv)"
+    );
+    py
+}
+
+/// Free loopback ports for HTTP and media (bound and released: the daemon takes them
+/// right after).
+fn free_ports() -> (u16, u16) {
+    let t = TcpListener::bind("127.0.0.1:0").unwrap();
+    let u = UdpSocket::bind("127.0.0.1:0").unwrap();
+    (
+        t.local_addr().unwrap().port(),
+        u.local_addr().unwrap().port(),
+    )
+}
+
+struct Sfu {
+    child: std::process::Child,
+    base: String,
+}
+
+impl Drop for Sfu {
+    fn drop(&mut self) {
+        stop_edgefwd(&mut self.child);
+    }
+}
+
+/// `edgefwd run --datapath user` with WebRTC on loopback, optionally inside `ns`.
+fn start_sfu(ns: Option<&NetNs>, extra_config: &str) -> Sfu {
+    let (http, media) = free_ports();
+    let cfg = std::env::temp_dir().join(format!("{}.toml", unique("edgefwd-webrtc-")));
+    std::fs::write(
+        &cfg,
+        format!(
+            "[webrtc]\nhttp = \"127.0.0.1:{http}\"\nmedia = \"127.0.0.1:{media}\"\n{extra_config}"
+        ),
+    )
+    .unwrap();
+    let bin = edgefwd_bin();
+    let mut cmd = match ns {
+        Some(ns) => ns.command(bin.to_str().unwrap()),
+        None => Command::new(bin),
+    };
+    cmd.args([
+        "run",
+        "--datapath",
+        "user",
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    let child = spawn_edgefwd(cmd);
+    Sfu {
+        child,
+        base: format!("http://127.0.0.1:{http}"),
+    }
+}
+
+fn parse_result(what: &str, out: &Output) -> Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\nstdout: {stdout}\nstderr: {stderr}",
+        out.status
+    );
+    serde_json::from_str(stdout.lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("{what}: no JSON result ({e}):\n{stdout}\n{stderr}"))
+}
+
+fn node(ns: Option<&NetNs>, args: &[&str]) -> Command {
+    let mut c = match ns {
+        Some(ns) => ns.command("node"),
+        None => Command::new("node"),
+    };
+    c.arg(browser_script()).args(args);
+    c
+}
+
+fn get_json(base: &str, path: &str) -> Value {
+    ureq::get(&format!("{base}{path}"))
+        .call()
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+        .body_mut()
+        .read_json()
+        .unwrap()
+}
+
+fn counter(base: &str, name: &str) -> u64 {
+    get_json(base, "/api/sessions")["counters"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {name}"))
+}
+
+/// What every successful subscriber shows: decoded video of the codec asked for, audio,
+/// the GCM profile we prefer, and our SR (remote-outbound) reaching it.
+fn assert_subscriber_ok(r: &Value, codec: Option<&str>) {
+    let sub = &r["subscriber"];
+    let v = &sub["inbound"]["video"];
+    let a = &sub["inbound"]["audio"];
+    assert!(
+        v["framesDecoded"].as_u64().unwrap_or(0) > 30,
+        "video not decoded: {r}"
+    );
+    assert!(
+        a["packetsReceived"].as_u64().unwrap_or(0) > 50,
+        "audio not received: {r}"
+    );
+    assert_eq!(a["codec"], "audio/opus", "{r}");
+    if let Some(c) = codec {
+        assert_eq!(v["codec"], format!("video/{c}"), "{r}");
+    }
+    assert_eq!(
+        sub["transport"]["srtpCipher"], "SRTP_AEAD_AES_128_GCM",
+        "the server prefers GCM even though Chromium lists AES_CM first: {r}"
+    );
+    assert!(
+        sub["remoteOutbound"]["video"]["reportsSent"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0,
+        "no RTCP SR from the SFU reached the subscriber: {r}"
+    );
+}
+
+#[test]
+fn chromium_publishes_and_chromium_watches_vp8_h264_with_and_without_pqc() {
+    let _k = kernel_lock(); // one browser scenario at a time on 2 cores
+    let sfu = start_sfu(None, "");
+    for codec in ["VP8", "H264"] {
+        for pqc in [true, false] {
+            let before = counter(&sfu.base, "dtls_fragmented_hellos");
+            let handshakes = counter(&sfu.base, "dtls_handshakes");
+            let room = unique("room");
+            let mut cmd = node(
+                None,
+                &["--base", &sfu.base, "--room", &room, "--codec", codec],
+            );
+            if !pqc {
+                cmd.arg("--no-pqc");
+            }
+            let r = parse_result(&format!("{codec} pqc={pqc}"), &cmd.output().unwrap());
+            println!("{codec} pqc={pqc}: {}", r["subscriber"]["inbound"]);
+            assert_subscriber_ok(&r, Some(codec));
+            // Our RR (with LSR/DLSR) lets the publisher compute a round-trip time.
+            assert!(
+                r["publisher"]["remoteInbound"]["video"]["roundTripTime"]
+                    .as_f64()
+                    .is_some(),
+                "publisher got no usable RR: {r}"
+            );
+            assert_eq!(counter(&sfu.base, "dtls_handshakes"), handshakes + 2);
+            let fragmented = counter(&sfu.base, "dtls_fragmented_hellos") - before;
+            if pqc {
+                assert_eq!(
+                    fragmented, 2,
+                    "Chromium's post-quantum ClientHello spans two datagrams, for both peers"
+                );
+            } else {
+                assert_eq!(
+                    fragmented, 0,
+                    "without the PQ key share the ClientHello fits one datagram"
+                );
+            }
+            // Both left with DELETE: nothing remains of the room.
+            assert!(
+                get_json(&sfu.base, "/api/sessions")["rooms"]
+                    .get(&room)
+                    .is_none(),
+                "sessions left behind after DELETE"
+            );
+        }
+    }
+}
+
+#[test]
+fn aiortc_and_chromium_interoperate_through_the_sfu() {
+    let _k = kernel_lock();
+    let sfu = start_sfu(None, "");
+    let py = aiortc_python();
+    let client = repo().join("tests/clients/aiortc_client.py");
+
+    // aiortc → aiortc.
+    let room = unique("aio");
+    let out = Command::new(&py)
+        .arg(&client)
+        .args(["--base", &sfu.base, "--room", &room])
+        .output()
+        .unwrap();
+    let r = parse_result("aiortc publish+watch", &out);
+    assert!(
+        r["frames"]["video"].as_u64().unwrap() >= 30
+            && r["frames"]["audio"].as_u64().unwrap() >= 50,
+        "{r}"
+    );
+    assert_eq!(r["delete_status"], serde_json::json!([200, 200]), "{r}");
+
+    // Chromium publishes, aiortc watches.
+    let room = unique("c2a");
+    let mut publisher = node(
+        None,
+        &[
+            "--base", &sfu.base, "--room", &room, "--codec", "VP8", "--role", "publish", "--hold",
+            "25",
+        ],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    wait_for_publisher(&sfu.base, &room);
+    let out = Command::new(&py)
+        .arg(&client)
+        .args(["--base", &sfu.base, "--room", &room, "--role", "watch"])
+        .output()
+        .unwrap();
+    let r = parse_result("aiortc watching Chromium", &out);
+    assert!(r["frames"]["video"].as_u64().unwrap() >= 30, "{r}");
+    assert_eq!(
+        r["video_sizes"],
+        serde_json::json!([[640, 360]]),
+        "Chromium's fake camera at the size the page asks for: {r}"
+    );
+    let _ = publisher.kill();
+    let _ = publisher.wait();
+
+    // aiortc publishes, Chromium watches.
+    let room = unique("a2c");
+    let mut publisher = Command::new(&py)
+        .arg(&client)
+        .args([
+            "--base", &sfu.base, "--room", &room, "--role", "publish", "--hold", "25",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_publisher(&sfu.base, &room);
+    let r = parse_result(
+        "Chromium watching aiortc",
+        &node(
+            None,
+            &["--base", &sfu.base, "--room", &room, "--role", "watch"],
+        )
+        .output()
+        .unwrap(),
+    );
+    assert_subscriber_ok(&r, Some("VP8"));
+    let _ = publisher.kill();
+    let _ = publisher.wait();
+}
+
+fn wait_for_publisher(base: &str, room: &str) {
+    for _ in 0..200 {
+        let s = get_json(base, "/api/sessions");
+        if s["rooms"][room].as_array().is_some_and(|a| {
+            a.iter()
+                .any(|x| x["role"] == "publisher" && x["connected"] == true)
+        }) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("no publisher connected in room {room} within 20 s");
+}
+
+/// 5% of UDP dropped at random on the namespace's loopback (nftables numgen; the kernel
+/// here has no netem): the subscriber NACKs, the SFU resends from its cache (or asks
+/// the publisher), and video keeps decoding. HTTP (TCP) is left alone.
+#[test]
+fn lossy_path_is_repaired_with_nack_and_keyframes() {
+    let _k = kernel_lock();
+    let ns = NetNs::new("rtc");
+    ns.exec(&["nft", "add table inet loss"]);
+    ns.exec(&[
+        "nft",
+        "add chain inet loss out { type filter hook output priority 0 ; }",
+    ]);
+    ns.exec(&[
+        "nft",
+        "add rule inet loss out meta l4proto udp numgen random mod 100 < 5 counter drop",
+    ]);
+    let sfu = start_sfu(Some(&ns), "");
+    let room = unique("loss");
+    let out = node(
+        Some(&ns),
+        &[
+            "--base",
+            &sfu.base,
+            "--room",
+            &room,
+            "--codec",
+            "VP8",
+            "--hold",
+            "4",
+            "--timeout",
+            "60",
+        ],
+    )
+    .output()
+    .unwrap();
+    // The API is in the namespace too: ask from a thread inside it.
+    let base = sfu.base.clone();
+    let counters = ns.run(move || get_json(&base, "/api/sessions")["counters"].clone());
+    let dropped =
+        String::from_utf8_lossy(&ns.exec(&["nft", "list chain inet loss out"]).stdout).to_string();
+    let r = parse_result("VP8 over a lossy loopback", &out);
+    println!("{dropped}");
+    println!(
+        "under loss: {} / SFU counters {counters}",
+        r["subscriber"]["inbound"]
+    );
+    assert_subscriber_ok(&r, Some("VP8"));
+    assert!(
+        r["subscriber"]["inbound"]["video"]["nackCount"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0,
+        "no NACKs under 5% loss: {r}"
+    );
+    assert!(
+        counters["nack_resent"].as_u64().unwrap() > 0,
+        "the SFU resent nothing from its cache: {counters}"
+    );
+}
+
+/// Bad requests get a 4xx with a message that says what to fix.
+#[test]
+fn whip_whep_refuse_bad_requests_clearly() {
+    let _k = kernel_lock();
+    let sfu = start_sfu(None, "token = \"s3cret\"\n");
+    let post = |path: &str, ct: &str, auth: Option<&str>, body: &str| -> (u16, String) {
+        let mut req = ureq::post(&format!("{}{path}", sfu.base)).header("Content-Type", ct);
+        if let Some(a) = auth {
+            req = req.header("Authorization", a);
+        }
+        match req.config().http_status_as_error(false).build().send(body) {
+            Ok(mut r) => (r.status().as_u16(), r.body_mut().read_to_string().unwrap()),
+            Err(e) => panic!("POST {path}: {e}"),
+        }
+    };
+    let auth = Some("Bearer s3cret");
+    let (s, m) = post("/whip/r", "application/sdp", None, "v=0");
+    assert_eq!(s, 401, "{m}");
+    assert!(m.contains("Authorization: Bearer"), "{m}");
+    let (s, m) = post("/whip/r", "application/sdp", Some("Bearer wrong"), "v=0");
+    assert_eq!(s, 401, "{m}");
+    let (s, m) = post("/whip/r", "text/plain", auth, "v=0");
+    assert_eq!(s, 415, "{m}");
+    assert!(m.contains("application/sdp"), "{m}");
+    let (s, m) = post("/whip/r", "application/sdp", auth, "this is not sdp");
+    assert_eq!(s, 400, "{m}");
+    assert!(m.contains("not valid SDP"), "{m}");
+    let (s, m) = post("/whip/bad%20room", "application/sdp", auth, "v=0");
+    assert_eq!(s, 400, "{m}");
+    assert!(m.contains("room name"), "{m}");
+    let offer = include_str!("../../forwarder-user/src/webrtc/testdata/chromium-offer.sdp");
+    let (s, m) = post("/whep/nobody", "application/sdp", auth, offer);
+    assert_eq!(s, 404, "{m}");
+    assert!(m.contains("POST /whip/nobody"), "{m}");
+    // An offer whose only video codec we don't carry, and no audio.
+    let g722_only: String = offer
+        .replace(
+            "m=audio 9 UDP/TLS/RTP/SAVPF 111 63 9",
+            "m=audio 9 UDP/TLS/RTP/SAVPF 9",
+        )
+        .replace(
+            "m=video 9 UDP/TLS/RTP/SAVPF 96 97 103 104 45",
+            "m=video 9 UDP/TLS/RTP/SAVPF 97",
+        );
+    let (s, m) = post("/whip/r", "application/sdp", auth, &g722_only);
+    assert_eq!(s, 400, "{m}");
+    assert!(m.contains("supported codec"), "{m}");
+    // A good offer creates a resource; PATCH (trickle) is refused, DELETE works once.
+    let (s, answer) = post("/whip/r", "application/sdp", auth, offer);
+    assert_eq!(s, 201, "{answer}");
+    assert!(
+        answer.contains("a=ice-lite") && answer.contains("a=setup:passive"),
+        "{answer}"
+    );
+    let loc = {
+        let mut r = ureq::post(&format!("{}/whip/r2", sfu.base))
+            .header("Content-Type", "application/sdp")
+            .header("Authorization", "Bearer s3cret")
+            .send(offer)
+            .unwrap();
+        let _ = r.body_mut().read_to_string();
+        r.headers()
+            .get("location")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+    let status = |r: Result<ureq::http::Response<ureq::Body>, ureq::Error>| match r {
+        Ok(r) => r.status().as_u16(),
+        Err(ureq::Error::StatusCode(c)) => c,
+        Err(e) => panic!("{e}"),
+    };
+    let url = format!("{}{loc}", sfu.base);
+    assert_eq!(
+        status(
+            ureq::patch(&url)
+                .header("Authorization", "Bearer s3cret")
+                .send("")
+        ),
+        405
+    );
+    assert_eq!(
+        status(
+            ureq::delete(&url)
+                .header("Authorization", "Bearer s3cret")
+                .call()
+        ),
+        200
+    );
+    assert_eq!(
+        status(
+            ureq::delete(&url)
+                .header("Authorization", "Bearer s3cret")
+                .call()
+        ),
+        404
+    );
+}
