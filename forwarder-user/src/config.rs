@@ -19,6 +19,11 @@
 //! pt_to = 100                   # both or neither
 //! egress = "eth1"               # optional: else from the kernel routing table
 //! dst_mac = "02:00:00:00:00:01" # optional: else from the neighbour table
+//!
+//! [webrtc]                      # optional: WHIP/WHEP control plane (see webrtc::WebrtcConfig)
+//! http = "0.0.0.0:8080"
+//! media = "0.0.0.0:50000"
+//! candidates = ["203.0.113.10"]
 //! ```
 
 use std::{net::SocketAddr, path::Path};
@@ -123,6 +128,27 @@ pub fn fmt_mac(m: &[u8; 6]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn webrtc_section_and_its_candidate_rule() {
+        let c = Config::parse(
+            "[webrtc]\nhttp = \"127.0.0.1:8080\"\nmedia = \"127.0.0.1:50000\"\ntoken = \"t\"\n",
+        )
+        .unwrap();
+        let w = c.webrtc.unwrap();
+        assert_eq!(w.candidates().unwrap(), vec!["127.0.0.1:50000".parse().unwrap()]);
+        assert_eq!((w.token.as_deref(), w.consent_timeout), (Some("t"), 30));
+        let c = Config::parse("[webrtc]\nhttp = \"0.0.0.0:8080\"\nmedia = \"0.0.0.0:50000\"\n").unwrap();
+        let e = c.webrtc.unwrap().candidates().unwrap_err().to_string();
+        assert!(e.contains("set candidates"), "{e}");
+        let c = Config::parse(
+            "[webrtc]\nhttp = \"0.0.0.0:8080\"\nmedia = \"0.0.0.0:50000\"\ncandidates = [\"192.0.2.7\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.webrtc.unwrap().candidates().unwrap(), vec!["192.0.2.7:50000".parse().unwrap()]);
+        let e = format!("{:#}", Config::parse("[webrtc]\nhttp = \"127.0.0.1:1\"\nmedia = \"x\"\n").unwrap_err());
+        assert!(e.contains("media"), "{e}");
+    }
 
     #[test]
     fn parses_full_example() {
