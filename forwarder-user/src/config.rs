@@ -136,17 +136,27 @@ mod tests {
         )
         .unwrap();
         let w = c.webrtc.unwrap();
-        assert_eq!(w.candidates().unwrap(), vec!["127.0.0.1:50000".parse().unwrap()]);
+        assert_eq!(
+            w.candidates().unwrap(),
+            vec!["127.0.0.1:50000".parse().unwrap()]
+        );
         assert_eq!((w.token.as_deref(), w.consent_timeout), (Some("t"), 30));
-        let c = Config::parse("[webrtc]\nhttp = \"0.0.0.0:8080\"\nmedia = \"0.0.0.0:50000\"\n").unwrap();
+        let c = Config::parse("[webrtc]\nhttp = \"0.0.0.0:8080\"\nmedia = \"0.0.0.0:50000\"\n")
+            .unwrap();
         let e = c.webrtc.unwrap().candidates().unwrap_err().to_string();
         assert!(e.contains("set candidates"), "{e}");
         let c = Config::parse(
             "[webrtc]\nhttp = \"0.0.0.0:8080\"\nmedia = \"0.0.0.0:50000\"\ncandidates = [\"192.0.2.7\"]\n",
         )
         .unwrap();
-        assert_eq!(c.webrtc.unwrap().candidates().unwrap(), vec!["192.0.2.7:50000".parse().unwrap()]);
-        let e = format!("{:#}", Config::parse("[webrtc]\nhttp = \"127.0.0.1:1\"\nmedia = \"x\"\n").unwrap_err());
+        assert_eq!(
+            c.webrtc.unwrap().candidates().unwrap(),
+            vec!["192.0.2.7:50000".parse().unwrap()]
+        );
+        let e = format!(
+            "{:#}",
+            Config::parse("[webrtc]\nhttp = \"127.0.0.1:1\"\nmedia = \"x\"\n").unwrap_err()
+        );
         assert!(e.contains("media"), "{e}");
     }
 

@@ -205,6 +205,24 @@ fn chromium_publishes_and_chromium_watches_vp8_h264_with_and_without_pqc() {
             );
         }
     }
+    // The same counters for Prometheus, with every drop reason present.
+    let text = ureq::get(&format!("{}/metrics", sfu.base))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    let handshakes = counter(&sfu.base, "dtls_handshakes");
+    assert!(
+        text.contains(&format!(
+            "edgefwd_webrtc_events_total{{event=\"dtls_handshakes\"}} {handshakes}"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("edgefwd_webrtc_drops_total{reason=\"srtp_auth\"}"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -32,6 +32,7 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/", get(|| async { Html(PAGE) }))
         .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .route("/api/sessions", get(sessions))
+        .route("/metrics", get(metrics))
         .route("/whip/{room}", post(whip).options(options))
         .route("/whep/{room}", post(whep).options(options))
         .route(
@@ -242,4 +243,19 @@ async fn options() -> Response {
 
 async fn sessions(State(api): State<Arc<Api>>) -> Response {
     axum::Json(api.sfu.snapshot()).into_response()
+}
+
+/// Prometheus exposition of the control plane's counters and session gauges.
+async fn metrics(State(api): State<Arc<Api>>) -> Response {
+    match api.sfu.render_metrics() {
+        Ok(text) => {
+            let mut r = text.into_response();
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            r
+        }
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")).into_response(),
+    }
 }

@@ -63,13 +63,12 @@ impl WebrtcConfig {
 /// clients can connect once this returns), then returns the future that serves.
 pub async fn start(cfg: WebrtcConfig) -> Result<impl std::future::Future<Output = Result<()>>> {
     let candidates = cfg.candidates()?;
-    let socket = std::net::UdpSocket::bind(cfg.media)
-        .with_context(|| {
-            format!(
-                "binding the WebRTC media port {} (in use? pick another with [webrtc] media)",
-                cfg.media
-            )
-        })?;
+    let socket = std::net::UdpSocket::bind(cfg.media).with_context(|| {
+        format!(
+            "binding the WebRTC media port {} (in use? pick another with [webrtc] media)",
+            cfg.media
+        )
+    })?;
     let listener = tokio::net::TcpListener::bind(cfg.http)
         .await
         .with_context(|| {

@@ -1056,6 +1056,72 @@ impl Sfu {
         }
     }
 
+    /// Prometheus text: counters by name, drops by reason, sessions by role.
+    pub fn render_metrics(&self) -> anyhow::Result<String> {
+        use prometheus::{Encoder as _, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+        let registry = Registry::new();
+        let c = &self.counters;
+        let events = IntCounterVec::new(
+            Opts::new(
+                "edgefwd_webrtc_events_total",
+                "WebRTC media socket events by kind",
+            ),
+            &["event"],
+        )?;
+        for (name, v) in [
+            ("stun_answered", &c.stun_answered),
+            ("rtp_in", &c.rtp_in),
+            ("rtp_out", &c.rtp_out),
+            ("rtcp_in", &c.rtcp_in),
+            ("rtcp_out", &c.rtcp_out),
+            ("nack_resent", &c.nack_resent),
+            ("keyframe_requests", &c.keyframe_requests),
+            ("dtls_handshakes", &c.dtls_handshakes),
+            ("dtls_fragmented_hellos", &c.dtls_fragmented_hellos),
+        ] {
+            events
+                .with_label_values(&[name])
+                .inc_by(v.load(Ordering::Relaxed));
+        }
+        let drops = IntCounterVec::new(
+            Opts::new(
+                "edgefwd_webrtc_drops_total",
+                "Datagrams the WebRTC media socket dropped, by reason",
+            ),
+            &["reason"],
+        )?;
+        for d in Drop::ALL {
+            drops
+                .with_label_values(&[d.name()])
+                .inc_by(c.drops[d as usize].load(Ordering::Relaxed));
+        }
+        let sessions = IntGaugeVec::new(
+            Opts::new(
+                "edgefwd_webrtc_sessions",
+                "Live WebRTC sessions by role and DTLS state",
+            ),
+            &["role", "connected"],
+        )?;
+        {
+            let st = self.state.lock().unwrap();
+            for s in st.sessions.values() {
+                let role = match s.role {
+                    Role::Publisher => "publisher",
+                    Role::Subscriber => "subscriber",
+                };
+                sessions
+                    .with_label_values(&[role, if s.srtp.is_some() { "true" } else { "false" }])
+                    .inc();
+            }
+        }
+        registry.register(Box::new(events))?;
+        registry.register(Box::new(drops))?;
+        registry.register(Box::new(sessions))?;
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&registry.gather(), &mut buf)?;
+        Ok(String::from_utf8(buf)?)
+    }
+
     /// A JSON view of the state model (the `/api/sessions` body).
     pub fn snapshot(&self) -> serde_json::Value {
         let st = self.state.lock().unwrap();
@@ -1143,20 +1209,29 @@ mod tests {
         let sfu = sfu(Duration::from_millis(300)).await;
         let offer = parse_offer(OFFER).unwrap();
         let (id, answer) = sfu.publish("r", &offer).unwrap();
-        let (ufrag, pwd) = (answer_attr(&answer, "ice-ufrag"), answer_attr(&answer, "ice-pwd"));
+        let (ufrag, pwd) = (
+            answer_attr(&answer, "ice-ufrag"),
+            answer_attr(&answer, "ice-pwd"),
+        );
         let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let from = client.local_addr().unwrap();
         let user = format!("{ufrag}:{}", offer.ice_ufrag);
 
         // Wrong password: no answer, no binding, counted.
         sfu.on_datagram(&request(&user, "not-the-password", true), from);
-        assert_eq!(sfu.counters.drops[Drop::StunUnauthenticated as usize].load(Ordering::Relaxed), 1);
+        assert_eq!(
+            sfu.counters.drops[Drop::StunUnauthenticated as usize].load(Ordering::Relaxed),
+            1
+        );
         assert!(sfu.state.lock().unwrap().sessions[&id].addrs.is_empty());
 
         // A valid nominating check: answered to the sender, address bound and nominated.
         sfu.on_datagram(&request(&user, pwd, true), from);
         let mut buf = [0u8; 512];
-        let n = tokio::time::timeout(Duration::from_secs(2), client.recv(&mut buf)).await.unwrap().unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(2), client.recv(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
         let mut resp = stun::message::Message::new();
         resp.unmarshal_binary(&buf[..n]).unwrap();
         assert_eq!(resp.typ, stun::message::BINDING_SUCCESS);
@@ -1199,7 +1274,10 @@ mod tests {
     async fn subscribers_get_the_publishers_tracks_with_their_own_payload_types() {
         let sfu = sfu(Duration::from_secs(30)).await;
         let pub_offer = parse_offer(OFFER).unwrap();
-        assert!(matches!(sfu.subscribe("r", &pub_offer), Err(ApiError::UnknownRoom(_))));
+        assert!(matches!(
+            sfu.subscribe("r", &pub_offer),
+            Err(ApiError::UnknownRoom(_))
+        ));
         let (pid, _) = sfu.publish("r", &pub_offer).unwrap();
         // The subscriber numbers VP8 as 120 and offers recvonly.
         let sub_sdp = OFFER
@@ -1207,11 +1285,20 @@ mod tests {
             .replace(" 96 97 103 104 45", " 120 97 103 104 45")
             .replace("a=rtpmap:96 VP8/90000", "a=rtpmap:120 VP8/90000");
         let (sid, answer) = sfu.subscribe("r", &parse_offer(&sub_sdp).unwrap()).unwrap();
-        assert!(answer.contains("a=sendonly") && answer.contains("a=rtpmap:120 VP8/90000"), "{answer}");
+        assert!(
+            answer.contains("a=sendonly") && answer.contains("a=rtpmap:120 VP8/90000"),
+            "{answer}"
+        );
         let st = sfu.state.lock().unwrap();
         let d = &st.sessions[&sid].downtracks;
         assert_eq!(d.len(), 2);
-        assert_eq!((d[1].kind, d[1].pt_out, d[1].src_session.as_str()), (Kind::Video, 120, pid.as_str()));
-        assert!(answer.contains(&format!("a=ssrc:{} cname:", d[1].ssrc_out)), "the answer names the SSRC we send from");
+        assert_eq!(
+            (d[1].kind, d[1].pt_out, d[1].src_session.as_str()),
+            (Kind::Video, 120, pid.as_str())
+        );
+        assert!(
+            answer.contains(&format!("a=ssrc:{} cname:", d[1].ssrc_out)),
+            "the answer names the SSRC we send from"
+        );
     }
 }
