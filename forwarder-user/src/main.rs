@@ -170,6 +170,17 @@ fn parse_u32(s: &str) -> Result<u32, String> {
 /// shares and versions from current browsers); that is expected, not news.
 const LOG_DEFAULT: &str = "info,webrtc_dtls::handshake=error";
 
+/// Serves the data plane's /metrics in the background, if asked to.
+fn spawn_metrics(addr: Option<SocketAddr>, source: metrics::Source) {
+    if let Some(addr) = addr {
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(addr, source).await {
+                log::error!("metrics server: {e:#}");
+            }
+        });
+    }
+}
+
 type WebrtcServer = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>;
 
 /// Binds the WebRTC sockets now, before the daemon says it is ready.
@@ -451,14 +462,7 @@ async fn run_xdp(
         );
     }
     drop(maps);
-    if let Some(addr) = metrics_addr {
-        let source = metrics::Source::Pinned(pin_dir.clone());
-        tokio::spawn(async move {
-            if let Err(e) = metrics::serve(addr, source).await {
-                log::error!("metrics server: {e:#}");
-            }
-        });
-    }
+    spawn_metrics(metrics_addr, metrics::Source::Pinned(pin_dir.clone()));
     let cfg_webrtc = start_webrtc(cfg_webrtc).await?;
     println!("edgefwd: forwarding on {iface} (XDP {mode:?})");
     shutdown_signal(duration, cfg_webrtc).await?;
@@ -489,14 +493,7 @@ async fn run_user(
         );
     }
     let handles = userpath::run_all(&listeners, &routes, stop.clone(), counters.clone())?;
-    if let Some(addr) = metrics_addr {
-        let source = metrics::Source::User(counters.clone());
-        tokio::spawn(async move {
-            if let Err(e) = metrics::serve(addr, source).await {
-                log::error!("metrics server: {e:#}");
-            }
-        });
-    }
+    spawn_metrics(metrics_addr, metrics::Source::User(counters.clone()));
     let cfg_webrtc = start_webrtc(cfg_webrtc).await?;
     println!(
         "edgefwd: forwarding on {} listener(s) (userspace datapath)",

@@ -147,20 +147,7 @@ async fn whip(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(r) = check_room(&room).and_then(|_| check_auth(&api, &headers)) {
-        return r;
-    }
-    let offer = match read_offer(&headers, &body) {
-        Ok(o) => o,
-        Err(r) => return r,
-    };
-    match api.sfu.publish(&room, &offer) {
-        Ok((id, answer)) => {
-            log::info!("session {id}: publisher joined room {room}");
-            created("whip", &room, &id, answer)
-        }
-        Err(e) => api_error(e),
-    }
+    join(&api, &room, &headers, &body, Role::Publisher)
 }
 
 async fn whep(
@@ -169,17 +156,26 @@ async fn whep(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(r) = check_room(&room).and_then(|_| check_auth(&api, &headers)) {
+    join(&api, &room, &headers, &body, Role::Subscriber)
+}
+
+/// WHIP (publish) or WHEP (subscribe): checks, offer, answer.
+fn join(api: &Api, room: &str, headers: &HeaderMap, body: &[u8], role: Role) -> Response {
+    if let Err(r) = check_room(room).and_then(|_| check_auth(api, headers)) {
         return r;
     }
-    let offer = match read_offer(&headers, &body) {
+    let offer = match read_offer(headers, body) {
         Ok(o) => o,
         Err(r) => return r,
     };
-    match api.sfu.subscribe(&room, &offer) {
+    let (joined, kind) = match role {
+        Role::Publisher => (api.sfu.publish(room, &offer), "whip"),
+        Role::Subscriber => (api.sfu.subscribe(room, &offer), "whep"),
+    };
+    match joined {
         Ok((id, answer)) => {
-            log::info!("session {id}: subscriber joined room {room}");
-            created("whep", &room, &id, answer)
+            log::info!("session {id}: {role:?} joined room {room}");
+            created(kind, room, &id, answer)
         }
         Err(e) => api_error(e),
     }
