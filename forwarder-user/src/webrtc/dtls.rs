@@ -216,10 +216,16 @@ impl Conn for DemuxConn {
         Ok((n, self.peer()))
     }
     async fn send(&self, buf: &[u8]) -> webrtc_util::Result<usize> {
-        Ok(self.socket.send_to(buf, self.peer()).await?)
+        self.send_to(buf, self.peer()).await
     }
+    /// A refused datagram (ENOBUFS, or EPERM from a firewall drop) is loss, as on the
+    /// wire: DTLS retransmits its flight, so report it sent instead of failing the
+    /// handshake.
     async fn send_to(&self, buf: &[u8], target: SocketAddr) -> webrtc_util::Result<usize> {
-        Ok(self.socket.send_to(buf, target).await?)
+        if let Err(e) = self.socket.send_to(buf, target).await {
+            log::debug!("DTLS datagram to {target} not sent ({e}); DTLS will retransmit");
+        }
+        Ok(buf.len())
     }
     fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {
         Ok(self.socket.local_addr()?)

@@ -240,6 +240,19 @@ pub struct State {
 }
 
 impl State {
+    /// Registers a new session under its ufrag and in its room; returns its id.
+    fn insert(&mut self, s: Session) -> String {
+        let id = s.id.clone();
+        self.by_ufrag.insert(s.ice_ufrag.clone(), id.clone());
+        let room = self.rooms.entry(s.room.clone()).or_default();
+        match s.role {
+            Role::Publisher => room.publishers.push(id.clone()),
+            Role::Subscriber => room.subscribers.push(id.clone()),
+        }
+        self.sessions.insert(id.clone(), s);
+        id
+    }
+
     fn remove(&mut self, id: &str) -> Option<Session> {
         let s = self.sessions.remove(id)?;
         self.by_ufrag.remove(&s.ice_ufrag);
@@ -402,16 +415,7 @@ impl Sfu {
             return Err(ApiError::BadOffer(OfferError::NoUsableMedia));
         }
         let answer = self.answer(offer, &s, &media);
-        let id = s.id.clone();
-        let mut st = self.state.lock().unwrap();
-        st.by_ufrag.insert(s.ice_ufrag.clone(), id.clone());
-        st.rooms
-            .entry(room.to_string())
-            .or_default()
-            .publishers
-            .push(id.clone());
-        st.sessions.insert(id.clone(), s);
-        Ok((id, answer))
+        Ok((self.state.lock().unwrap().insert(s), answer))
     }
 
     /// WHEP: a subscriber joins `room` and gets every published track its offer has an
@@ -496,15 +500,7 @@ impl Sfu {
             });
         }
         let answer = self.answer(offer, &s, &media);
-        let id = s.id.clone();
-        st.by_ufrag.insert(s.ice_ufrag.clone(), id.clone());
-        st.rooms
-            .entry(room.to_string())
-            .or_default()
-            .subscribers
-            .push(id.clone());
-        st.sessions.insert(id.clone(), s);
-        Ok((id, answer))
+        Ok((st.insert(s), answer))
     }
 
     /// DELETE of a WHIP/WHEP resource.
@@ -825,14 +821,17 @@ impl Sfu {
         let units =
             (arrival.as_micros() as u64).wrapping_mul(t.codec.clock_rate as u64) / 1_000_000;
         t.reception.update(h.sequence, h.timestamp, units);
-        let subscribers = st
-            .rooms
-            .get(&st.sessions[id].room)
-            .map(|r| r.subscribers.clone())
-            .unwrap_or_default();
+        // Disjoint fields: walk the room's subscriber list in place while changing
+        // sessions, instead of cloning the list (and its strings) per packet.
+        let State {
+            sessions, rooms, ..
+        } = st;
+        let Some(room) = rooms.get(&sessions[id].room) else {
+            return;
+        };
         let now = Instant::now();
-        for sub_id in subscribers {
-            let Some(sub) = st.sessions.get_mut(&sub_id) else {
+        for sub_id in &room.subscribers {
+            let Some(sub) = sessions.get_mut(sub_id) else {
                 continue;
             };
             let Some(addr) = sub.media_addr() else {
@@ -846,24 +845,28 @@ impl Sfu {
                 .iter_mut()
                 .filter(|d| d.src_session == id && d.src_track == idx)
             {
-                let mut out = plain.to_vec();
                 let seq = h.sequence.wrapping_add(d.seq_delta);
                 let ts = h.timestamp.wrapping_add(d.ts_delta);
+                // The copy lives on in the NACK cache; reuse the buffer of the slot
+                // it replaces rather than allocating one per packet.
+                let slot = seq as usize % CACHE;
+                let mut out = d.cache[slot].take().map(|(_, v)| v).unwrap_or_default();
+                out.clear();
+                out.extend_from_slice(&plain);
                 out[1] = (out[1] & 0x80) | (d.pt_out & 0x7f);
                 out[2..4].copy_from_slice(&seq.to_be_bytes());
                 out[4..8].copy_from_slice(&ts.to_be_bytes());
                 out[8..12].copy_from_slice(&d.ssrc_out.to_be_bytes());
-                let Ok(enc) = srtp.tx.encrypt_rtp(&out) else {
-                    continue;
-                };
-                if self.send(&enc, addr) {
+                if let Ok(enc) = srtp.tx.encrypt_rtp(&out)
+                    && self.send(&enc, addr)
+                {
                     self.counters.rtp_out.fetch_add(1, Ordering::Relaxed);
                     d.packets = d.packets.wrapping_add(1);
                     d.octets = d.octets.wrapping_add((out.len() - h.header_len) as u32);
                     d.last_ts_out = ts;
                     d.last_out_at = Some(now);
                 }
-                d.cache[seq as usize % CACHE] = Some((seq, out));
+                d.cache[slot] = Some((seq, out));
             }
         }
     }
