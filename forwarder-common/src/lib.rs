@@ -14,6 +14,7 @@ pub mod egress;
 pub mod listeners;
 pub mod route_stats;
 pub mod routes;
+pub mod routes4;
 pub mod rtp;
 pub mod sources;
 pub mod verdicts;

@@ -1,15 +1,22 @@
-//! `EFWD_ROUTES_V1`: hash map, [`RouteKey`] → [`RouteValue`]. One entry per forwarded
-//! stream: RTP with this SSRC, arriving on this listener from this source, goes to one
-//! destination with its headers rewritten. Fan-out (1→N) will key a destination list
-//! off the same key; `flags` leaves room for route kinds.
+//! `EFWD_ROUTES6_V1`: hash map, [`RouteKey`] → [`RouteValue`], the IPv6 routes; and
+//! [`RouteValue`], shared with the IPv4 routes (`EFWD_ROUTES4_V1`, [`crate::routes4`]).
+//! One entry per forwarded stream: RTP with this SSRC, arriving on this listener from
+//! this source, goes to one destination with its headers rewritten. Fan-out (1→N) will
+//! key a destination list off the same key; `flags` leaves room for route kinds.
+//!
+//! [`RouteKey`] is also how userspace names any route (IPv4 as v4-mapped addresses);
+//! the route writer stores IPv4 routes under the 16-byte [`crate::routes4::RouteKey4`],
+//! because hashing and comparing the key is a large part of the per-packet cost.
 
 use crate::assert_size;
 
-pub const MAP_NAME: &str = "EFWD_ROUTES_V1";
-/// Also the size of the per-route statistics array (`stats_slot` < this).
+pub const MAP_NAME: &str = "EFWD_ROUTES6_V1";
+/// Per family; also the size of the per-route statistics array (`stats_slot` < this),
+/// whose slots both families share.
 pub const MAX_ROUTES: u32 = 65_536;
 
-/// Which packet a route matches. Addresses are 16 bytes (IPv4 v4-mapped).
+/// Which packet a route matches. Addresses are 16 bytes (IPv4 v4-mapped when naming an
+/// IPv4 route; the IPv4 map itself uses [`crate::routes4::RouteKey4`]).
 // align(4): the XDP program builds, hashes and compares keys a word at a time;
 // byte alignment made LLVM emit byte stores and a memset call.
 #[repr(C, align(4))]

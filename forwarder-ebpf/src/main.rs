@@ -22,6 +22,7 @@ use forwarder_common::{
     },
     route_stats::RouteStats,
     routes::{FLAG_IPV6, FLAG_REWRITE_PT, MAX_ROUTES, RouteKey, RouteValue},
+    routes4::RouteKey4,
     rtp::{Class, MAX_RTP_LEN, RTP_FIXED_HEADER_LEN, classify},
     sources::{MAX_SOURCES, SourceKey, SourceValue},
     verdicts::{NUM_VERDICTS, Verdict, VerdictStats},
@@ -34,7 +35,9 @@ use network_types::{
 };
 
 #[map]
-static EFWD_ROUTES_V1: HashMap<RouteKey, RouteValue> = HashMap::with_max_entries(MAX_ROUTES, 0);
+static EFWD_ROUTES4_V1: HashMap<RouteKey4, RouteValue> = HashMap::with_max_entries(MAX_ROUTES, 0);
+#[map]
+static EFWD_ROUTES6_V1: HashMap<RouteKey, RouteValue> = HashMap::with_max_entries(MAX_ROUTES, 0);
 #[map]
 static EFWD_LISTEN_V1: HashMap<ListenerKey, ListenerValue> =
     HashMap::with_max_entries(MAX_LISTENERS, 0);
@@ -140,17 +143,14 @@ fn ipv4(ctx: &XdpContext, l3: usize) -> Outcome {
     }
     let l4 = l3 + ihl;
     let base = ip as *mut Ipv4Hdr as usize;
-    // v4-mapped addresses (::ffff:a.b.c.d), written a word at a time.
-    let mut slot = mem::MaybeUninit::<RouteKey>::uninit();
-    let key = unsafe { zero_key(slot.as_mut_ptr()) };
+    let mut slot = mem::MaybeUninit::<RouteKey4>::uninit();
+    let key = slot.as_mut_ptr();
     unsafe {
-        let k = key as *mut RouteKey as usize;
-        st(k + 10, 0xffff);
-        st32(k + 12, ld32(base + 16));
-        st(k + 26, 0xffff);
-        st32(k + 28, ld32(base + 12));
+        let k = key as usize;
+        st32(k, ld32(base + 16));
+        st32(k + 4, ld32(base + 12));
     }
-    let route = match match_rtp(ctx, l4, tot_len - ihl, key) {
+    let route = match match_rtp(ctx, l4, tot_len - ihl, unsafe { &mut *key }) {
         Ok(r) => unsafe { &*r },
         Err(o) => return o,
     };
@@ -209,13 +209,13 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Outcome {
     let l4 = l3 + Ipv6Hdr::LEN;
     let base = ip as *mut Ipv6Hdr as usize;
     let mut slot = mem::MaybeUninit::<RouteKey>::uninit();
-    let key = unsafe { zero_key(slot.as_mut_ptr()) };
+    let key = slot.as_mut_ptr();
     unsafe {
-        let k = key as *mut RouteKey as usize;
+        let k = key as usize;
         copy_words32::<4>(k, base + 24);
         copy_words32::<4>(k + 16, base + 8);
     }
-    let route = match match_rtp(ctx, l4, payload_len, key) {
+    let route = match match_rtp(ctx, l4, payload_len, unsafe { &mut *key }) {
         Ok(r) => unsafe { &*r },
         Err(o) => return o,
     };
@@ -241,49 +241,139 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Outcome {
     finish(ctx, l4, route, l4d, true)
 }
 
-// Not inlined: shared by both IP families, and a separate frame keeps each
-// function's stack under the 512-byte limit.
-#[inline(never)]
+/// A route key of one IP family, built in place by the program: addresses first (by
+/// the caller), then ports and SSRC here.
+trait Key {
+    /// Writes the ports and the SSRC (both as on the wire).
+    fn fill(&mut self, dst_port_be: [u8; 2], src_port_be: [u8; 2], ssrc: u32);
+    fn route(&self) -> Option<*mut RouteValue>;
+    /// Only built on a miss: the listener and sources maps use v4-mapped addresses.
+    fn listener(&self) -> ListenerKey;
+    fn source(&self) -> SourceKey;
+}
+
+impl Key for RouteKey4 {
+    #[inline(always)]
+    fn fill(&mut self, dst_port_be: [u8; 2], src_port_be: [u8; 2], ssrc: u32) {
+        self.listen_port_be = dst_port_be;
+        self.src_port_be = src_port_be;
+        unsafe { st32(self.ssrc_be.as_mut_ptr() as usize, ssrc) };
+    }
+
+    #[inline(always)]
+    fn route(&self) -> Option<*mut RouteValue> {
+        EFWD_ROUTES4_V1.get_ptr_mut(self)
+    }
+
+    #[inline(always)]
+    fn listener(&self) -> ListenerKey {
+        let mut k = mem::MaybeUninit::<ListenerKey>::uninit();
+        unsafe {
+            let p = k.as_mut_ptr() as usize;
+            st_mapped(p, ld32(self.listen_addr.as_ptr() as usize));
+            st(p + 16, ld(self.listen_port_be.as_ptr() as usize));
+            st(p + 18, 0);
+            k.assume_init()
+        }
+    }
+
+    #[inline(always)]
+    fn source(&self) -> SourceKey {
+        let mut k = mem::MaybeUninit::<SourceKey>::uninit();
+        unsafe {
+            let p = k.as_mut_ptr() as usize;
+            st_mapped(p, ld32(self.listen_addr.as_ptr() as usize));
+            st_mapped(p + 16, ld32(self.src_addr.as_ptr() as usize));
+            st(p + 32, ld(self.listen_port_be.as_ptr() as usize));
+            st(p + 34, ld(self.src_port_be.as_ptr() as usize));
+            k.assume_init()
+        }
+    }
+}
+
+impl Key for RouteKey {
+    #[inline(always)]
+    fn fill(&mut self, dst_port_be: [u8; 2], src_port_be: [u8; 2], ssrc: u32) {
+        self.listen_port_be = dst_port_be;
+        self.src_port_be = src_port_be;
+        unsafe { st32(self.ssrc_be.as_mut_ptr() as usize, ssrc) };
+    }
+
+    #[inline(always)]
+    fn route(&self) -> Option<*mut RouteValue> {
+        EFWD_ROUTES6_V1.get_ptr_mut(self)
+    }
+
+    #[inline(always)]
+    fn listener(&self) -> ListenerKey {
+        let mut k = mem::MaybeUninit::<ListenerKey>::uninit();
+        unsafe {
+            let p = k.as_mut_ptr() as usize;
+            copy_words32::<4>(p, self.listen_addr.as_ptr() as usize);
+            st(p + 16, ld(self.listen_port_be.as_ptr() as usize));
+            st(p + 18, 0);
+            k.assume_init()
+        }
+    }
+
+    #[inline(always)]
+    fn source(&self) -> SourceKey {
+        let mut k = mem::MaybeUninit::<SourceKey>::uninit();
+        unsafe {
+            let p = k.as_mut_ptr() as usize;
+            copy_words32::<8>(p, self.listen_addr.as_ptr() as usize);
+            st(p + 32, ld(self.listen_port_be.as_ptr() as usize));
+            st(p + 34, ld(self.src_port_be.as_ptr() as usize));
+            k.assume_init()
+        }
+    }
+}
+
+/// ::ffff:a.b.c.d at `p`, a word at a time (LLVM makes array literals memset calls).
+#[inline(always)]
+unsafe fn st_mapped(p: usize, v4: u32) {
+    unsafe {
+        st32(p, 0);
+        st32(p + 4, 0);
+        st32(p + 8, u32::from_ne_bytes([0, 0, 0xff, 0xff]));
+        st32(p + 12, v4);
+    }
+}
+
 /// Finds the route of a valid RTP packet; `key` comes with the addresses filled in.
 /// The hot path is one hash lookup: a route exists only on a listener, so a hit says
 /// everything, and the listener table is consulted only to judge the rest.
-fn match_rtp(
+#[inline(always)]
+fn match_rtp<K: Key>(
     ctx: &XdpContext,
     l4: usize,
     ip_payload_len: usize,
-    key: &mut RouteKey,
+    key: &mut K,
 ) -> Result<*mut RouteValue, Outcome> {
     let Some(udp) = ptr_at::<UdpHdr>(ctx, l4) else {
         return Err(drop(Verdict::DropMalformedUdp));
     };
     let udp = unsafe { &*udp };
-    key.listen_port_be = udp.dst;
-    key.src_port_be = udp.src;
     let parsed = rtp_ssrc(ctx, l4, udp, ip_payload_len);
-    if let Ok(ssrc) = parsed {
-        unsafe { st32(key.ssrc_be.as_mut_ptr() as usize, ssrc) };
-        if let Some(route) = EFWD_ROUTES_V1.get_ptr_mut(&*key) {
-            return Ok(route);
-        }
+    key.fill(udp.dst, udp.src, *parsed.as_ref().unwrap_or(&0));
+    if parsed.is_ok()
+        && let Some(route) = key.route()
+    {
+        return Ok(route);
     }
-    let lkey = ListenerKey {
-        addr: key.listen_addr,
-        port_be: udp.dst,
-        _pad: [0; 2],
-    };
-    let Some(listener) = (unsafe { EFWD_LISTEN_V1.get(&lkey) }) else {
+    let Some(listener) = (unsafe { EFWD_LISTEN_V1.get(&key.listener()) }) else {
         return Err(pass(Verdict::PassNotListener));
     };
     let flags = listener.flags;
     match parsed {
         Err((Verdict::PassRtcp, _))
-            if flags & FLAG_DROP_UNKNOWN_SOURCE != 0 && !source_known(key) =>
+            if flags & FLAG_DROP_UNKNOWN_SOURCE != 0 && !source_known(&key.source()) =>
         {
             Err(drop(Verdict::DropUnknownSource))
         }
         Err(o) => Err(o),
         // A miss: only misses pay for the sources lookup.
-        Ok(_) => Err(if source_known(key) {
+        Ok(_) => Err(if source_known(&key.source()) {
             if flags & FLAG_DROP_NO_ROUTE != 0 {
                 drop(Verdict::DropNoRoute)
             } else {
@@ -362,14 +452,8 @@ fn rtp_ssrc(
 }
 
 #[inline(always)]
-fn source_known(key: &RouteKey) -> bool {
-    let skey = SourceKey {
-        listen_addr: key.listen_addr,
-        src_addr: key.src_addr,
-        listen_port_be: key.listen_port_be,
-        src_port_be: key.src_port_be,
-    };
-    unsafe { EFWD_SOURCES_V1.get(&skey) }.is_some()
+fn source_known(key: &SourceKey) -> bool {
+    unsafe { EFWD_SOURCES_V1.get(key) }.is_some()
 }
 
 /// Rewrites Ethernet, UDP and RTP (the IP header is done by the caller), fixes the UDP
@@ -467,20 +551,6 @@ unsafe fn ld(p: usize) -> u16 {
 #[inline(always)]
 unsafe fn st(p: usize, v: u16) {
     unsafe { (p as *mut u16).write(v) }
-}
-
-/// Zeroes a route key in place with ten word stores. Volatile and in place, because
-/// LLVM turns plain zeroing (or a returned `RouteKey::ZERO`) into a call to
-/// compiler_builtins' memset, a byte-at-a-time loop of some 200 instructions.
-#[inline(always)]
-unsafe fn zero_key<'a>(key: *mut RouteKey) -> &'a mut RouteKey {
-    let p = key as *mut u32;
-    let mut i = 0;
-    while i < mem::size_of::<RouteKey>() / 4 {
-        unsafe { p.add(i).write_volatile(0) };
-        i += 1;
-    }
-    unsafe { &mut *key }
 }
 
 /// 32-bit access for addresses and the SSRC: x86 and arm64 JITs allow unaligned packet

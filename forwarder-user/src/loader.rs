@@ -7,12 +7,13 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{Xdp, XdpMode},
 };
-use forwarder_common::{egress, listeners, route_stats, routes, sources, verdicts};
+use forwarder_common::{egress, listeners, route_stats, routes, routes4, sources, verdicts};
 
 use crate::{EBPF_OBJECT, preflight};
 
 /// Maps that carry control-plane state, shared by the daemon, the CLI and simulate.
-pub const STATE_MAPS: [&str; 4] = [
+pub const STATE_MAPS: [&str; 5] = [
+    routes4::MAP_NAME,
     routes::MAP_NAME,
     listeners::MAP_NAME,
     sources::MAP_NAME,

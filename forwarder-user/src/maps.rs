@@ -21,6 +21,7 @@ use forwarder_common::{
     listeners::{self, FLAG_DROP_NO_ROUTE, FLAG_DROP_UNKNOWN_SOURCE, ListenerKey, ListenerValue},
     route_stats::{self, RouteStats},
     routes::{self, FLAG_IPV6, FLAG_REWRITE_PT, MAX_ROUTES, RouteKey, RouteValue},
+    routes4::{self, RouteKey4},
     sources::{self, SourceKey, SourceValue},
     verdicts::{self, Verdict, VerdictStats},
 };
@@ -213,7 +214,8 @@ impl Listener {
 
 /// Typed handles on every map.
 pub struct Maps {
-    pub routes: HashMap<MapData, RouteKey, RouteValue>,
+    pub routes4: HashMap<MapData, RouteKey4, RouteValue>,
+    pub routes6: HashMap<MapData, RouteKey, RouteValue>,
     pub listeners: HashMap<MapData, ListenerKey, ListenerValue>,
     pub sources: HashMap<MapData, SourceKey, SourceValue>,
     pub route_stats: PerCpuArray<MapData, RouteStats>,
@@ -252,7 +254,8 @@ impl Maps {
 
     fn build(mut get: impl FnMut(&str) -> Result<Map>) -> Result<Self> {
         Ok(Maps {
-            routes: get(routes::MAP_NAME)?.try_into()?,
+            routes4: get(routes4::MAP_NAME)?.try_into()?,
+            routes6: get(routes::MAP_NAME)?.try_into()?,
             listeners: get(listeners::MAP_NAME)?.try_into()?,
             sources: get(sources::MAP_NAME)?.try_into()?,
             route_stats: get(route_stats::MAP_NAME)?.try_into()?,
@@ -310,7 +313,7 @@ impl Maps {
                     )
                 })?;
         }
-        let (slot, existed) = match self.routes.get(&key, 0) {
+        let (slot, existed) = match self.get_route(&key) {
             Ok(v) => (v.stats_slot, true),
             Err(MapError::KeyNotFound) => (self.free_slot()?, false),
             Err(e) => return Err(e).context("looking up route"),
@@ -319,10 +322,13 @@ impl Maps {
             let zeros = PerCpuValues::try_from(vec![RouteStats::default(); ncpus()?])?;
             self.route_stats.set(slot, zeros, 0)?;
         }
-        self.routes
-            .insert(key, r.value(slot), 0)
-            .map_err(|e| full_or(e, "routes", MAX_ROUTES))
-            .with_context(|| format!("adding route for SSRC {:#010x}", r.ssrc))?;
+        let value = r.value(slot);
+        match RouteKey4::from_mapped(&key) {
+            Some(k4) => self.routes4.insert(k4, value, 0),
+            None => self.routes6.insert(key, value, 0),
+        }
+        .map_err(|e| full_or(e, "routes", MAX_ROUTES))
+        .with_context(|| format!("adding route for SSRC {:#010x}", r.ssrc))?;
         if !existed {
             let sk = r.source_key();
             let n = self.sources.get(&sk, 0).map(|v| v.routes).unwrap_or(0);
@@ -335,7 +341,11 @@ impl Maps {
 
     /// Removes a route; returns false if there was none.
     pub fn del_route(&mut self, key: &RouteKey) -> Result<bool> {
-        match self.routes.remove(key) {
+        let removed = match RouteKey4::from_mapped(key) {
+            Some(k4) => self.routes4.remove(&k4),
+            None => self.routes6.remove(key),
+        };
+        match removed {
             Ok(()) => {}
             Err(MapError::KeyNotFound) => return Ok(false),
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
@@ -363,11 +373,32 @@ impl Maps {
         Ok(true)
     }
 
+    /// A route by its (v4-mapped or IPv6) key, from the map of its family.
+    pub fn get_route(&self, key: &RouteKey) -> Result<RouteValue, MapError> {
+        match RouteKey4::from_mapped(key) {
+            Some(k4) => self.routes4.get(&k4, 0),
+            None => self.routes6.get(key, 0),
+        }
+    }
+
+    /// Every route of both families, keyed the userspace way.
+    fn all_routes(&self) -> Result<Vec<(RouteKey, RouteValue)>> {
+        let mut out = Vec::new();
+        for item in self.routes4.iter() {
+            let (k, v) = item?;
+            out.push((k.to_mapped(), v));
+        }
+        for item in self.routes6.iter() {
+            out.push(item?);
+        }
+        Ok(out)
+    }
+
     fn free_slot(&self) -> Result<u32> {
         let used: BTreeSet<u32> = self
-            .routes
-            .iter()
-            .filter_map(|r| r.ok().map(|(_, v)| v.stats_slot))
+            .all_routes()?
+            .into_iter()
+            .map(|(_, v)| v.stats_slot)
             .collect();
         (0..MAX_ROUTES).find(|s| !used.contains(s)).ok_or_else(|| {
             anyhow!("all {MAX_ROUTES} route statistics slots are in use: remove routes first")
@@ -377,8 +408,7 @@ impl Maps {
     /// Routes with their per-route counters summed over CPUs.
     pub fn routes(&self) -> Result<Vec<(Route, RouteStats)>> {
         let mut out = Vec::new();
-        for item in self.routes.iter() {
-            let (k, v) = item?;
+        for (k, v) in self.all_routes()? {
             let mut total = RouteStats::default();
             if let Ok(per_cpu) = self.route_stats.get(&v.stats_slot, 0) {
                 for s in per_cpu.iter() {

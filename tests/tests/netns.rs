@@ -425,7 +425,8 @@ fn e2e(user: bool) {
     );
     if !user {
         // Routes and counters outlive the daemon for the CLI and the next start.
-        assert!(pin.path().join("EFWD_ROUTES_V1").exists());
+        assert!(pin.path().join("EFWD_ROUTES4_V1").exists());
+        assert!(pin.path().join("EFWD_ROUTES6_V1").exists());
         let out = t.forwarder.exec(&["ip", "link", "show", "f0"]);
         assert!(
             !String::from_utf8_lossy(&out.stdout).contains("xdp"),

@@ -84,9 +84,12 @@ fn run(cli: Cli) -> Result<()> {
             setup()?;
             require_root("the benchmark creates network namespaces and attaches XDP")?;
             build_release_tools()?;
+            let c_ref = build_c_reference()?;
             sh(Command::new(root().join("target/release/edgefwd-bench"))
                 .args(["--seconds", &seconds.to_string(), "--out"])
-                .arg(root().join("bench/results")))
+                .arg(root().join("bench/results"))
+                .arg("--c-ref")
+                .arg(c_ref))
         }
     }
 }
@@ -101,6 +104,32 @@ fn build_release_tools() -> Result<()> {
         "--package",
         "edgefwd-tests",
     ])
+}
+
+/// The hand-written C XDP forwarder the benchmark measures ours against, in the same
+/// run: clang's BPF target with libbpf's headers (both from setup).
+fn build_c_reference() -> Result<PathBuf> {
+    let src = root().join("tests/bench-ref/ref_forward.c");
+    let out_dir = root().join("target/bench-ref");
+    std::fs::create_dir_all(&out_dir)?;
+    let obj = out_dir.join("ref_forward.o");
+    // linux/bpf.h includes asm/types.h, which Debian keeps under the multiarch directory
+    // that clang's BPF target does not search by itself.
+    let multiarch = output(Command::new("cc").arg("-print-multiarch"))
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| format!("{}-linux-gnu", std::env::consts::ARCH));
+    sh(Command::new("clang")
+        .args(["-O2", "-g", "-Wall", "-Werror", "-target", "bpf"])
+        .arg(format!("-I/usr/include/{multiarch}"))
+        .arg("-c")
+        .arg(&src)
+        .arg("-o")
+        .arg(&obj))
+    .context(
+        "building the C reference forwarder (clang and libbpf-dev come from `cargo xtask setup`)",
+    )?;
+    Ok(obj)
 }
 
 fn require_root(why: &str) -> Result<()> {
@@ -137,7 +166,8 @@ fn output(cmd: &mut Command) -> Option<String> {
 // fonts-dejavu-core: the text of the benchmark chart (rendered without fontconfig).
 // chromium: the browser the WebRTC tests publish and watch with (playwright-core drives
 // it; no browser download). nftables: random loss on a namespace's loopback (this
-// kernel has no netem).
+// kernel has no netem). clang, libbpf-dev: the C reference forwarder the benchmark
+// compares against in the same run.
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
@@ -147,6 +177,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "chromium",
     "nftables",
     "python3-venv",
+    "clang",
+    "libbpf-dev",
 ];
 
 /// Where `setup` puts aiortc, the second WebRTC implementation the tests use.

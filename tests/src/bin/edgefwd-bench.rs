@@ -9,6 +9,13 @@
 //!   core together with the sink's NAPI kthread (so the cost of receiving the copy is
 //!   counted, as a real NIC's TX completion would be) and, for the userspace path, the
 //!   relay process itself. ns/packet = on-CPU time of those threads / packets delivered.
+//! * Same-run baseline: a hand-written C XDP forwarder doing the same job
+//!   (tests/bench-ref/ref_forward.c, built by xtask with clang) runs in the same
+//!   topology, in rounds alternating with ours, so the comparison is a ratio measured
+//!   minutes apart rather than against a figure from another day.
+//! * Program alone: one more trial with the kernel's BPF run-time statistics on gives
+//!   the mean ns per run of the program on the ingress veth, live (the clock reads
+//!   that statistics add are in it, the same for every program).
 //!
 //! Prints a table, writes `bench/results/forward-<stamp>.{csv,json}`, `forward.{csv,json}`
 //! (latest) and `forward.png`.
@@ -24,12 +31,13 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{Array, PerCpuArray},
-    programs::{TestRun as _, TestRunAttrs, TestRunOptions},
+    maps::{Array, DevMapHash, HashMap as AyaHashMap, PerCpuArray},
+    programs::{TestRun as _, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
 };
 use edgefwd::{
+    config::Config,
     loader::{self, Counters},
-    resolve::iface_mac,
+    resolve::{self, iface_mac},
 };
 use edgefwd_tests::{
     PinDir, edgefwd_bin,
@@ -47,7 +55,8 @@ const SSRC: u32 = 0x0bea_c0de;
 /// calls must be long.
 const GEN_REPEAT: u32 = 4_000_000;
 const GEN_BATCH: u32 = 64;
-const TRIALS: usize = 3;
+/// Rounds of the kernel cases (one trial of each per round).
+const ROUNDS: usize = 3;
 const GEN_TEMPLATE_LEN: usize = 64;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize)]
@@ -58,16 +67,41 @@ enum Case {
     XdpForwardRedirect,
     /// The forwarder, full rewrite, XDP_TX back out of the ingress veth.
     XdpForwardTx,
+    /// The hand-written C reference forwarder (tests/bench-ref), same job, REDIRECT.
+    CRefForwardRedirect,
+    /// The C reference, XDP_TX.
+    CRefForwardTx,
     /// `edgefwd run --datapath user`: recvmmsg/sendmmsg relay, best rate with ≤1% loss.
     UserRelay,
 }
 
 impl Case {
+    fn short(self) -> &'static str {
+        match self {
+            Case::XdpDropCeiling => "drop",
+            Case::XdpForwardRedirect => "redirect",
+            Case::XdpForwardTx => "tx",
+            Case::CRefForwardRedirect => "c-redirect",
+            Case::CRefForwardTx => "c-tx",
+            Case::UserRelay => "user",
+        }
+    }
+
+    fn is_c_ref(self) -> bool {
+        matches!(self, Case::CRefForwardRedirect | Case::CRefForwardTx)
+    }
+
+    fn redirects(self) -> bool {
+        matches!(self, Case::XdpForwardRedirect | Case::CRefForwardRedirect)
+    }
+
     fn label(self) -> &'static str {
         match self {
             Case::XdpDropCeiling => "XDP_DROP ceiling",
             Case::XdpForwardRedirect => "XDP forward, rewrite + REDIRECT",
             Case::XdpForwardTx => "XDP forward, rewrite + XDP_TX",
+            Case::CRefForwardRedirect => "C reference, rewrite + REDIRECT",
+            Case::CRefForwardTx => "C reference, rewrite + XDP_TX",
             Case::UserRelay => "userspace relay (recvmmsg/sendmmsg)",
         }
     }
@@ -87,7 +121,8 @@ struct Row {
     fwd_core_ns_per_pkt: f64,
     /// Share of the forwarder core those threads used during the run.
     fwd_core_busy_pct: f64,
-    /// The XDP program alone, mean ns per run (BPF_PROG_TEST_RUN, not live).
+    /// The XDP program on the ingress veth alone, mean ns per run, live (kernel BPF
+    /// run-time statistics, in a separate trial).
     prog_ns_per_run: Option<f64>,
     seconds: f64,
 }
@@ -96,15 +131,27 @@ struct Args {
     seconds: f64,
     out: PathBuf,
     sizes: Vec<usize>,
-    skip_user: bool,
+    cases: Vec<Case>,
+    /// The C reference object (clang -target bpf output of tests/bench-ref).
+    c_ref: Option<PathBuf>,
 }
+
+const ALL_CASES: [Case; 6] = [
+    Case::XdpDropCeiling,
+    Case::XdpForwardRedirect,
+    Case::CRefForwardRedirect,
+    Case::XdpForwardTx,
+    Case::CRefForwardTx,
+    Case::UserRelay,
+];
 
 fn parse_args() -> Args {
     let mut a = Args {
         seconds: 3.0,
         out: PathBuf::from("bench/results"),
         sizes: vec![22, 1200],
-        skip_user: false,
+        cases: ALL_CASES.to_vec(),
+        c_ref: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -128,16 +175,42 @@ fn parse_args() -> Args {
                     })
                     .collect()
             }
-            "--skip-user" => a.skip_user = true,
+            "--cases" => {
+                a.cases = val("--cases")
+                    .split(',')
+                    .map(|s| {
+                        *ALL_CASES
+                            .iter()
+                            .find(|c| c.short() == s)
+                            .unwrap_or_else(|| {
+                                panic!(
+                                    "unknown case {s:?} in --cases; known: {}",
+                                    ALL_CASES.map(Case::short).join(",")
+                                )
+                            })
+                    })
+                    .collect()
+            }
+            "--c-ref" => a.c_ref = Some(PathBuf::from(val("--c-ref"))),
+            "--prog-only" => a.cases.clear(),
             "--help" | "-h" => {
                 println!(
-                    "edgefwd-bench [--seconds S] [--out DIR] [--sizes 22,1200] [--skip-user]\n\
-                     Run as root (cargo xtask bench forward does the setup)."
+                    "edgefwd-bench [--seconds S] [--out DIR] [--sizes 22,1200] [--cases {}]\n\
+                     \x20             [--c-ref OBJECT] [--prog-only]\n\
+                     Run as root; `cargo xtask bench forward` does the setup and builds the C\n\
+                     reference object.",
+                    ALL_CASES.map(Case::short).join(",")
                 );
                 std::process::exit(0);
             }
             other => panic!("unknown argument {other} (see --help)"),
         }
+    }
+    if a.c_ref.is_none() && a.cases.iter().any(|c| c.is_c_ref()) {
+        panic!(
+            "the C reference cases need --c-ref OBJECT (`cargo xtask bench forward` builds \
+             tests/bench-ref/ref_forward.c and passes it), or leave them out with --cases"
+        );
     }
     for s in &a.sizes {
         assert!(
@@ -158,43 +231,62 @@ fn main() {
     );
     pin_self(GEN_CPU);
     let mut rows = Vec::new();
+    let mut costs = Vec::new();
     for &size in &args.sizes {
-        for case in [
-            Case::XdpDropCeiling,
-            Case::XdpForwardRedirect,
-            Case::XdpForwardTx,
-        ] {
-            let row = kernel_case(case, size, args.seconds);
-            print_row(&row);
-            rows.push(row);
+        // Kernel cases in rounds, one trial of each per round, so drift on the host hits
+        // ours and the C reference alike; the best trial of each is kept, because on a
+        // shared VM noise only ever adds time.
+        let cost = prog_costs(size, args.c_ref.as_deref());
+        print_cost(&cost);
+        costs.push(cost);
+        let mut best: Vec<Row> = Vec::new();
+        for round in 1..=ROUNDS {
+            for &case in args.cases.iter().filter(|c| **c != Case::UserRelay) {
+                let r = kernel_case(case, size, args.seconds, args.c_ref.as_deref());
+                print!("round {round}/{ROUNDS}: ");
+                print_row(&r);
+                match best.iter_mut().find(|b| b.case == case) {
+                    Some(b) if b.fwd_core_ns_per_pkt <= r.fwd_core_ns_per_pkt => {}
+                    Some(b) => *b = r,
+                    None => best.push(r),
+                }
+            }
         }
-        if !args.skip_user {
+        rows.extend(best);
+        if args.cases.contains(&Case::UserRelay) {
             let row = user_case(size, args.seconds.min(2.0));
             print_row(&row);
             rows.push(row);
         }
     }
     println!();
+    if rows.is_empty() {
+        // --prog-only: a quick comparison, nothing saved.
+        for line in summarise(&rows, &costs) {
+            println!("{line}");
+        }
+        return;
+    }
     print_table(&rows);
-    let summary = summarise(&rows);
+    let summary = summarise(&rows, &costs);
     for line in &summary {
         println!("{line}");
     }
-    save(&args.out, &rows, &summary);
+    save(&args.out, &rows, &costs, &summary);
 }
 
 // ---------------------------------------------------------------------------------------
 // Kernel cases
 
-fn kernel_case(case: Case, rtp_bytes: usize, seconds: f64) -> Row {
+fn kernel_case(case: Case, rtp_bytes: usize, seconds: f64, c_ref: Option<&Path>) -> Row {
     let t = Topology::new();
     let pin = PinDir::new();
     let progs = PinDir::new();
     // The sink, and the generator's own peer program.
     let (sink_ns, sink_dev) = match case {
         Case::XdpDropCeiling => (&t.forwarder, "f0"),
-        Case::XdpForwardRedirect => (&t.receiver, "r0"),
-        Case::XdpForwardTx => (&t.publisher, "p0"),
+        Case::XdpForwardRedirect | Case::CRefForwardRedirect => (&t.receiver, "r0"),
+        Case::XdpForwardTx | Case::CRefForwardTx => (&t.publisher, "p0"),
         Case::UserRelay => unreachable!(),
     };
     // Neighbours first: once a sink drops everything, ARP through it fails too.
@@ -210,89 +302,310 @@ fn kernel_case(case: Case, rtp_bytes: usize, seconds: f64) -> Row {
     let sink = attach_private(sink_ns, progs.path().join("sink"), PROG_DROP, sink_dev);
 
     let mut daemon = None;
+    let mut c_prog = None;
     let before_napi = napi_threads();
     if case != Case::XdpDropCeiling {
-        let (out_src, out_dst) = if case == Case::XdpForwardTx {
-            ("198.51.100.2:5006", "198.51.100.1:6000")
-        } else {
+        let (out_src, out_dst) = if case.redirects() {
             ("203.0.113.2:5006", "203.0.113.1:6000")
+        } else {
+            ("198.51.100.2:5006", "198.51.100.1:6000")
         };
-        daemon = Some(start_daemon(
-            &t.forwarder,
-            pin.path(),
-            &route_config(out_src, out_dst),
-            &[],
-        ));
+        let config = route_config(out_src, out_dst);
+        if case.is_c_ref() {
+            c_prog = Some(load_c_ref(&t.forwarder, c_ref.unwrap(), &config, true));
+        } else {
+            daemon = Some(start_daemon(&t.forwarder, pin.path(), &config, &[]));
+        }
     }
     // Threaded NAPI on the forwarder's ingress veth, pinned to the forwarder core. The
     // sink's NAPI is scheduled from that thread and runs as its softirq on the way out,
     // so the sink's cost is counted there too (as a NIC's TX completion would be).
     let napi = thread_napi(&[(&t.forwarder, "f0")], &before_napi);
 
-    let frame = gen_frame(&t, rtp_bytes);
-    let prog = if case == Case::XdpDropCeiling {
-        PROG_DROP
-    } else {
-        PROG_FORWARD
+    let frame = gen_frame(&t, rtp_bytes, 64);
+    let sink_before = sink_count(&sink);
+    let cpu_before = cpu_time(&napi);
+    let (frames, elapsed) = generate(&t.publisher, &frame, seconds);
+    std::thread::sleep(Duration::from_millis(100));
+    let delivered = sink_count(&sink) - sink_before;
+    let cpu = cpu_time(&napi) - cpu_before;
+    let mut r = row(
+        case,
+        rtp_bytes,
+        frame.len(),
+        frames,
+        delivered,
+        cpu,
+        elapsed,
+    );
+    // The program on f0 alone, live: the kernel's own run-time statistics, on for one
+    // extra trial only (timing every run costs two clock reads per packet).
+    let prog = match case {
+        Case::XdpDropCeiling => PROG_DROP,
+        Case::XdpForwardRedirect | Case::XdpForwardTx => PROG_FORWARD,
+        _ => C_REF_PROG,
     };
-    let prog_ns = prog_cost(&t.forwarder, pin.path(), &frame, prog);
-    // Best of three: on a shared VM, noise only ever adds time.
-    let mut best: Option<Row> = None;
-    for _ in 0..TRIALS {
-        let sink_before = sink_count(&sink);
-        let cpu_before = cpu_time(&napi);
-        let (frames, elapsed) = generate(&t.publisher, &frame, seconds);
-        std::thread::sleep(Duration::from_millis(100));
-        let delivered = sink_count(&sink) - sink_before;
-        let cpu = cpu_time(&napi) - cpu_before;
-        let r = row(
-            case,
-            rtp_bytes,
-            frame.len(),
-            frames,
-            delivered,
-            cpu,
-            elapsed,
-        );
-        if best
-            .as_ref()
-            .is_none_or(|b| r.fwd_core_ns_per_pkt < b.fwd_core_ns_per_pkt)
-        {
-            best = Some(r);
-        }
-    }
+    let stats =
+        aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS (kernel >= 5.8)");
+    let before = prog_runtime(prog);
+    generate(&t.publisher, &frame, seconds.min(1.0));
+    let after = prog_runtime(prog);
+    drop(stats);
     if let Some(mut d) = daemon {
         stop_edgefwd(&mut d);
     }
+    drop(c_prog);
     drop(keep);
-    let mut r = best.unwrap();
-    r.prog_ns_per_run = Some(prog_ns);
+    let runs = after.1 - before.1;
+    assert!(runs > 0, "{prog} did not run during the statistics trial");
+    r.prog_ns_per_run = Some((after.0 - before.0) as f64 / runs as f64);
     r
 }
 
-/// The program alone: BPF_PROG_TEST_RUN (not live) over the frame, against the routes
-/// the daemon wrote. The kernel reports the mean time per run.
-fn prog_cost(ns: &NetNs, pin: &Path, frame: &[u8], prog: &'static str) -> f64 {
-    let (pin, frame) = (pin.to_path_buf(), frame.to_vec());
+/// (ns, runs) summed over every loaded program of that name: only the attached one
+/// runs, the others (the same object loaded for peers and sinks) add nothing.
+fn prog_runtime(name: &str) -> (u64, u64) {
+    aya::programs::loaded_programs()
+        .flatten()
+        .filter(|p| p.name_as_str() == Some(name))
+        .fold((0, 0), |(t, n), p| {
+            (t + p.run_time().as_nanos() as u64, n + p.run_count())
+        })
+}
+
+// ---------------------------------------------------------------------------------------
+// The C reference forwarder (tests/bench-ref/ref_forward.c)
+
+const C_REF_PROG: &str = "ref_forward";
+
+/// Its `struct ref_key`, all network order.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CRefKey {
+    listen_addr: [u8; 4],
+    src_addr: [u8; 4],
+    listen_port: [u8; 2],
+    src_port: [u8; 2],
+    ssrc: [u8; 4],
+}
+unsafe impl aya::Pod for CRefKey {}
+
+/// Its `struct ref_route`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CRefRoute {
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    out_src_addr: [u8; 4],
+    out_dst_addr: [u8; 4],
+    out_src_port: [u8; 2],
+    out_dst_port: [u8; 2],
+    ssrc_out: [u8; 4],
+    ts_delta: u32,
+    seq_delta: u16,
+    pt_from: u8,
+    pt_to: u8,
+    egress_ifindex: u32,
+    stats_slot: u32,
+}
+unsafe impl aya::Pod for CRefRoute {}
+const _: () = assert!(std::mem::size_of::<CRefKey>() == 16);
+const _: () = assert!(std::mem::size_of::<CRefRoute>() == 44);
+
+fn v4(a: std::net::SocketAddr) -> [u8; 4] {
+    match a.ip() {
+        std::net::IpAddr::V4(v) => v.octets(),
+        std::net::IpAddr::V6(_) => panic!("the C reference forwards IPv4 only"),
+    }
+}
+
+/// Loads the C reference on f0 and programs its route from the same config the daemon
+/// gets, resolved by the daemon's own code (egress, MACs).
+fn load_c_ref(ns: &NetNs, object: &Path, config: &str, attach: bool) -> Ebpf {
+    let (object, config) = (object.to_path_buf(), config.to_string());
     ns.run(move || {
-        let mut e = loader::load(&pin, Counters::Private).expect("load");
-        let p = loader::program(&mut e, prog).unwrap();
-        let mut out = vec![0u8; frame.len() + 256];
-        // The least of several runs: other guests' noise only ever adds time.
-        (0..7)
-            .map(|_| {
-                let r = p
-                    .test_run(TestRunOptions {
-                        data_in: Some(&frame),
-                        data_out: Some(&mut out),
-                        repeat: 300_000,
-                        ..Default::default()
-                    })
-                    .expect("BPF_PROG_TEST_RUN");
-                r.duration.as_nanos() as f64
-            })
-            .fold(f64::MAX, f64::min)
+        let mut e = Ebpf::load_file(&object).unwrap_or_else(|err| {
+            panic!(
+                "loading the C reference {}: {err} (built by `cargo xtask bench forward`)",
+                object.display()
+            )
+        });
+        let p: &mut Xdp = e.program_mut(C_REF_PROG).unwrap().try_into().unwrap();
+        p.load().expect("the verifier rejected the C reference");
+        if attach {
+            p.attach("f0", XdpMode::Driver)
+                .expect("attaching the C reference to f0 in native mode");
+        }
+        for (slot, rc) in Config::parse(&config)
+            .expect("bench route config")
+            .routes
+            .iter()
+            .enumerate()
+        {
+            let route = resolve::resolve(rc).expect("resolving the bench route");
+            let mut egress =
+                DevMapHash::try_from(e.map_mut("REF_EGRESS").expect("REF_EGRESS")).unwrap();
+            egress
+                .insert(route.egress_ifindex, route.egress_ifindex, None, 0)
+                .unwrap();
+            let mut routes: AyaHashMap<_, CRefKey, CRefRoute> =
+                AyaHashMap::try_from(e.map_mut("REF_ROUTES").expect("REF_ROUTES")).unwrap();
+            let (pt_from, pt_to) = route.pt_remap.unwrap_or((0xff, 0));
+            routes
+                .insert(
+                    CRefKey {
+                        listen_addr: v4(route.listen),
+                        src_addr: v4(route.source),
+                        listen_port: route.listen.port().to_be_bytes(),
+                        src_port: route.source.port().to_be_bytes(),
+                        ssrc: route.ssrc.to_be_bytes(),
+                    },
+                    CRefRoute {
+                        dst_mac: route.dst_mac,
+                        src_mac: route.src_mac,
+                        out_src_addr: v4(route.out_src),
+                        out_dst_addr: v4(route.out_dst),
+                        out_src_port: route.out_src.port().to_be_bytes(),
+                        out_dst_port: route.out_dst.port().to_be_bytes(),
+                        ssrc_out: route.ssrc_out.to_be_bytes(),
+                        ts_delta: route.ts_delta,
+                        seq_delta: route.seq_delta,
+                        pt_from,
+                        pt_to,
+                        egress_ifindex: route.egress_ifindex,
+                        stats_slot: slot as u32,
+                    },
+                    0,
+                )
+                .unwrap();
+        }
+        e
     })
+}
+
+// ---------------------------------------------------------------------------------------
+// The program alone
+
+/// Program cost alone, BPF_PROG_TEST_RUN (not live): the kernel runs the program
+/// `PROG_REPEAT` times over one frame and reports the mean. Each run rewrites the frame
+/// it is given, so the routes come in a pair that maps the frame to its mirror image and
+/// back (A → B → A …, every field rewritten each time); the frame starts with TTL 255,
+/// which covers the repeat count. Calls alternate between the programs and the least
+/// mean of each is kept: noise only ever adds time.
+#[derive(Clone, Copy, Debug, Serialize)]
+struct ProgCost {
+    rtp_bytes: usize,
+    drop_ns: f64,
+    ours_ns: f64,
+    c_ref_ns: Option<f64>,
+}
+
+const PROG_ROUNDS: usize = 200;
+const PROG_REPEAT: u32 = 250;
+
+fn ping_pong_config(f0_mac: &str) -> String {
+    let (s1, s2) = (SSRC, 0x5eed_0001u32);
+    format!(
+        r#"
+[[listener]]
+addr = "{FWD_A_V4}:5004"
+[[listener]]
+addr = "{FWD_A_V4}:6002"
+
+[[route]]
+listen = "{FWD_A_V4}:5004"
+source = "{PUB_V4}:40000"
+ssrc = {s1}
+out_src = "{PUB_V4}:6000"
+out_dst = "{FWD_A_V4}:6002"
+ssrc_out = {s2}
+seq_delta = 40000
+ts_delta = 4294960000
+pt_from = 96
+pt_to = 100
+egress = "f0"
+dst_mac = "{f0_mac}"
+
+[[route]]
+listen = "{FWD_A_V4}:6002"
+source = "{PUB_V4}:6000"
+ssrc = {s2}
+out_src = "{PUB_V4}:40000"
+out_dst = "{FWD_A_V4}:5004"
+ssrc_out = {s1}
+seq_delta = 25536
+ts_delta = 7296
+pt_from = 100
+pt_to = 96
+egress = "f0"
+dst_mac = "{f0_mac}"
+"#
+    )
+}
+
+fn prog_costs(rtp_bytes: usize, c_ref: Option<&Path>) -> ProgCost {
+    let t = Topology::new();
+    let pin = PinDir::new();
+    let mac = t.forwarder.run(|| iface_mac("f0").expect("f0 MAC"));
+    let mac = mac.map(|b| format!("{b:02x}")).join(":");
+    let config = ping_pong_config(&mac);
+    let mut daemon = start_daemon(&t.forwarder, pin.path(), &config, &[]);
+    let mut c = c_ref.map(|o| load_c_ref(&t.forwarder, o, &config, false));
+    let frame = gen_frame(&t, rtp_bytes, 255);
+    let pin_dir = pin.path().to_path_buf();
+    let mut ours = t
+        .forwarder
+        .run(move || loader::load(&pin_dir, Counters::Private).expect("load"));
+    let (mut drop_ns, mut ours_ns, mut c_ns) = (f64::MAX, f64::MAX, f64::MAX);
+    for _ in 0..PROG_ROUNDS {
+        let p = loader::program(&mut ours, PROG_DROP).unwrap();
+        drop_ns = drop_ns.min(test_run_ns(p, &frame, XDP_DROP));
+        let p = loader::program(&mut ours, PROG_FORWARD).unwrap();
+        ours_ns = ours_ns.min(test_run_ns(p, &frame, XDP_REDIRECT));
+        if let Some(e) = &mut c {
+            let p: &mut Xdp = e.program_mut(C_REF_PROG).unwrap().try_into().unwrap();
+            c_ns = c_ns.min(test_run_ns(p, &frame, XDP_REDIRECT));
+        }
+    }
+    stop_edgefwd(&mut daemon);
+    ProgCost {
+        rtp_bytes,
+        drop_ns,
+        ours_ns,
+        c_ref_ns: c.map(|_| c_ns),
+    }
+}
+
+const XDP_DROP: u32 = 1;
+const XDP_REDIRECT: u32 = 4;
+
+fn test_run_ns(p: &Xdp, frame: &[u8], want: u32) -> f64 {
+    let mut out = vec![0u8; frame.len() + 256];
+    let r = p
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat: PROG_REPEAT,
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    // The last run's verdict: if the ping-pong broke, the program would have fallen
+    // off the timed path (pass or drop) long before.
+    assert_eq!(
+        r.return_value, want,
+        "the program left the timed path (XDP action {} instead of {want})",
+        r.return_value
+    );
+    if want == XDP_REDIRECT {
+        // An even number of runs brings the frame back to itself, TTL aside.
+        assert_eq!(out[26..34], frame[26..34], "addresses after the ping-pong");
+        assert_eq!(
+            out[14 + 8],
+            255 - PROG_REPEAT as u8,
+            "TTL after the ping-pong"
+        );
+    }
+    r.duration.as_nanos() as f64
 }
 
 fn row(
@@ -347,7 +660,7 @@ pt_to = 100
 }
 
 /// The generator's frame: publisher → forwarder listener, matching the route.
-fn gen_frame(t: &Topology, rtp_bytes: usize) -> Vec<u8> {
+fn gen_frame(t: &Topology, rtp_bytes: usize, ttl: u8) -> Vec<u8> {
     let eth_src = t.publisher.run(|| iface_mac("p0").expect("p0 MAC"));
     let eth_dst = t.forwarder.run(|| iface_mac("f0").expect("f0 MAC"));
     let mut rtp = Rtp::new(SSRC, 65_000, 4_000_000_000, rtp_bytes - 12);
@@ -358,7 +671,7 @@ fn gen_frame(t: &Topology, rtp_bytes: usize) -> Vec<u8> {
         vlan: None,
         src: PUB_V4.parse().unwrap(),
         dst: FWD_A_V4.parse().unwrap(),
-        ttl: 64,
+        ttl,
         sport: 40000,
         dport: 5004,
     }
@@ -723,7 +1036,7 @@ fn cpu_time(threads: &[i32]) -> u64 {
 
 fn print_row(r: &Row) {
     println!(
-        "{:<38} {:>5} B  offered {:>6.3} Mpps  delivered {:>6.3} Mpps  loss {:>5.1}%  {:>7.0} ns/pkt on the forwarder core ({:.0}% busy), program alone {}",
+        "{:<38} {:>5} B  offered {:>6.3} Mpps  delivered {:>6.3} Mpps  loss {:>5.1}%  {:>7.0} ns/pkt on the forwarder core ({:.0}% busy), program {}",
         r.label,
         r.rtp_bytes,
         r.offered_mpps,
@@ -732,13 +1045,24 @@ fn print_row(r: &Row) {
         r.fwd_core_ns_per_pkt,
         r.fwd_core_busy_pct,
         r.prog_ns_per_run
-            .map_or("-".into(), |n| format!("{n:.0} ns"))
+            .map_or("-".into(), |n| format!("{n:.0} ns/run"))
+    );
+}
+
+fn print_cost(c: &ProgCost) {
+    println!(
+        "program alone, {} B RTP (BPF_PROG_TEST_RUN, mean of {PROG_REPEAT} runs, least of {PROG_ROUNDS}): \
+         edgefwd_drop {:.1} ns, edgefwd_xdp {:.1} ns, C reference {}",
+        c.rtp_bytes,
+        c.drop_ns,
+        c.ours_ns,
+        c.c_ref_ns.map_or("-".into(), |n| format!("{n:.1} ns"))
     );
 }
 
 fn print_table(rows: &[Row]) {
     println!(
-        "| {:<38} | {:>8} | {:>9} | {:>12} | {:>14} | {:>6} | {:>10} | {:>9} |",
+        "| {:<38} | {:>8} | {:>9} | {:>12} | {:>14} | {:>6} | {:>10} | {:>9} | {:>12} |",
         "case",
         "RTP B",
         "frame B",
@@ -746,10 +1070,11 @@ fn print_table(rows: &[Row]) {
         "delivered Mpps",
         "loss %",
         "ns/packet",
-        "core busy"
+        "core busy",
+        "prog ns/run"
     );
     println!(
-        "|{}|{}|{}|{}|{}|{}|{}|{}|",
+        "|{}|{}|{}|{}|{}|{}|{}|{}|{}|",
         "-".repeat(40),
         "-".repeat(10),
         "-".repeat(11),
@@ -757,11 +1082,12 @@ fn print_table(rows: &[Row]) {
         "-".repeat(16),
         "-".repeat(8),
         "-".repeat(12),
-        "-".repeat(11)
+        "-".repeat(11),
+        "-".repeat(14)
     );
     for r in rows {
         println!(
-            "| {:<38} | {:>8} | {:>9} | {:>12.3} | {:>14.3} | {:>6.1} | {:>10.0} | {:>8.0}% |",
+            "| {:<38} | {:>8} | {:>9} | {:>12.3} | {:>14.3} | {:>6.1} | {:>10.0} | {:>8.0}% | {:>12} |",
             r.label,
             r.rtp_bytes,
             r.frame_bytes,
@@ -769,7 +1095,8 @@ fn print_table(rows: &[Row]) {
             r.delivered_mpps,
             r.loss_pct,
             r.fwd_core_ns_per_pkt,
-            r.fwd_core_busy_pct
+            r.fwd_core_busy_pct,
+            r.prog_ns_per_run.map_or("-".into(), |n| format!("{n:.0}"))
         );
     }
 }
@@ -778,12 +1105,52 @@ fn find(rows: &[Row], case: Case, size: usize) -> Option<&Row> {
     rows.iter().find(|r| r.case == case && r.rtp_bytes == size)
 }
 
-/// Ratios measured in this run: kernel forward vs the userspace relay and vs the ceiling.
-fn summarise(rows: &[Row]) -> Vec<String> {
+/// Ratios measured in this run: kernel forward vs the C reference, the userspace relay
+/// and the ceiling.
+fn summarise(rows: &[Row], costs: &[ProgCost]) -> Vec<String> {
+    let mut out = Vec::new();
+    for c in costs {
+        if let Some(cn) = c.c_ref_ns {
+            out.push(format!(
+                "{} B RTP, program alone: edgefwd_xdp {:.1} ns vs C reference {:.1} ns per run \
+                 ({:.0}% of C's speed); above the empty program ({:.1} ns): {:.1} vs {:.1} ns",
+                c.rtp_bytes,
+                c.ours_ns,
+                cn,
+                100.0 * cn / c.ours_ns,
+                c.drop_ns,
+                c.ours_ns - c.drop_ns,
+                cn - c.drop_ns
+            ));
+        }
+    }
     let mut sizes: Vec<usize> = rows.iter().map(|r| r.rtp_bytes).collect();
     sizes.dedup();
-    let mut out = Vec::new();
     for s in sizes {
+        for (ours, c, how) in [
+            (
+                Case::XdpForwardRedirect,
+                Case::CRefForwardRedirect,
+                "REDIRECT",
+            ),
+            (Case::XdpForwardTx, Case::CRefForwardTx, "XDP_TX"),
+        ] {
+            if let (Some(o), Some(c)) = (find(rows, ours, s), find(rows, c, s)) {
+                out.push(format!(
+                    "{s} B RTP, {how}: edgefwd {:.2} Mpps vs C reference {:.2} Mpps = {:.0}% of C \
+                     by rate; {:.0} vs {:.0} ns/pkt on the forwarder core = {:.0}% of C by CPU; \
+                     program alone {} vs {} ns",
+                    o.delivered_mpps,
+                    c.delivered_mpps,
+                    100.0 * o.delivered_mpps / c.delivered_mpps,
+                    o.fwd_core_ns_per_pkt,
+                    c.fwd_core_ns_per_pkt,
+                    100.0 * c.fwd_core_ns_per_pkt / o.fwd_core_ns_per_pkt,
+                    o.prog_ns_per_run.map_or("-".into(), |n| format!("{n:.0}")),
+                    c.prog_ns_per_run.map_or("-".into(), |n| format!("{n:.0}")),
+                ));
+            }
+        }
         let (Some(fwd), Some(ceil)) = (
             find(rows, Case::XdpForwardRedirect, s),
             find(rows, Case::XdpDropCeiling, s),
@@ -811,15 +1178,15 @@ fn summarise(rows: &[Row]) -> Vec<String> {
     out
 }
 
-fn save(dir: &Path, rows: &[Row], summary: &[String]) {
+fn save(dir: &Path, rows: &[Row], costs: &[ProgCost], summary: &[String]) {
     std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
     let stamp = utc_stamp();
     let mut csv = String::from(
-        "case,rtp_bytes,frame_bytes,offered_mpps,delivered_mpps,loss_pct,fwd_core_ns_per_pkt,fwd_core_busy_pct,seconds\n",
+        "case,rtp_bytes,frame_bytes,offered_mpps,delivered_mpps,loss_pct,fwd_core_ns_per_pkt,fwd_core_busy_pct,prog_ns_per_run,seconds\n",
     );
     for r in rows {
         csv += &format!(
-            "{:?},{},{},{:.4},{:.4},{:.2},{:.1},{:.1},{:.2}\n",
+            "{:?},{},{},{:.4},{:.4},{:.2},{:.1},{:.1},{},{:.2}\n",
             r.case,
             r.rtp_bytes,
             r.frame_bytes,
@@ -828,6 +1195,8 @@ fn save(dir: &Path, rows: &[Row], summary: &[String]) {
             r.loss_pct,
             r.fwd_core_ns_per_pkt,
             r.fwd_core_busy_pct,
+            r.prog_ns_per_run
+                .map_or(String::new(), |n| format!("{n:.1}")),
             r.seconds
         );
     }
@@ -835,6 +1204,7 @@ fn save(dir: &Path, rows: &[Row], summary: &[String]) {
         "date_utc": stamp,
         "machine": machine(),
         "rows": rows,
+        "program_alone": costs,
         "summary": summary,
     }))
     .unwrap();
@@ -897,6 +1267,8 @@ fn chart(path: &Path, rows: &[Row]) -> Result<(), Box<dyn std::error::Error>> {
                 Case::XdpDropCeiling => "DROP ceiling",
                 Case::XdpForwardRedirect => "fwd REDIRECT",
                 Case::XdpForwardTx => "fwd XDP_TX",
+                Case::CRefForwardRedirect => "C ref REDIRECT",
+                Case::CRefForwardTx => "C ref XDP_TX",
                 Case::UserRelay => "user relay",
             };
             format!("{short} {}B", r.rtp_bytes)
@@ -932,6 +1304,8 @@ fn chart(path: &Path, rows: &[Row]) -> Result<(), Box<dyn std::error::Error>> {
             Case::XdpDropCeiling => RGBColor(150, 150, 150),
             Case::XdpForwardRedirect => RGBColor(31, 119, 180),
             Case::XdpForwardTx => RGBColor(44, 160, 44),
+            Case::CRefForwardRedirect => RGBColor(158, 202, 225),
+            Case::CRefForwardTx => RGBColor(161, 217, 155),
             Case::UserRelay => RGBColor(214, 39, 40),
         };
         Rectangle::new(
