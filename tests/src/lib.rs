@@ -26,9 +26,34 @@ pub fn kernel_lock() -> MutexGuard<'static, ()> {
 pub fn unique(prefix: &str) -> String {
     format!(
         "{prefix}{}x{}",
-        std::process::id() % 100_000,
+        std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// Whether `name` is `<prefix><pid>x<n>` (from [`unique`]) of a process that is gone.
+/// Guards clean up on drop, panics included, but a test or bench killed by a signal
+/// never drops them; what it left is recognisable by its dead owner.
+pub fn orphaned(name: &str, prefix: &str) -> bool {
+    let Some(rest) = name.strip_prefix(prefix) else {
+        return false;
+    };
+    let Some(pid) = rest.split('x').next().and_then(|p| p.parse::<u32>().ok()) else {
+        return false;
+    };
+    pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Removes pin directories left by killed processes (once per process).
+fn sweep_pin_dirs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        for e in std::fs::read_dir("/sys/fs/bpf").into_iter().flatten().flatten() {
+            if orphaned(&e.file_name().to_string_lossy(), "edgefwd-test-") {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    });
 }
 
 pub fn require_root() {
@@ -45,6 +70,7 @@ pub struct PinDir(pub PathBuf);
 impl PinDir {
     pub fn new() -> PinDir {
         require_root();
+        sweep_pin_dirs();
         let p = PathBuf::from("/sys/fs/bpf").join(unique("edgefwd-test-"));
         PinDir(p)
     }
@@ -103,4 +129,21 @@ pub fn spawn_edgefwd(mut cmd: Command) -> Child {
 pub fn stop_edgefwd(child: &mut Child) -> std::process::ExitStatus {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     child.wait().expect("waiting for edgefwd")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn orphaned_names_are_those_of_dead_processes() {
+        let mine = unique("efwd-fwd-");
+        assert!(!orphaned(&mine, "efwd-fwd-"), "{mine} belongs to this process");
+        // Above the kernel's largest pid_max (2^22): no such process can exist.
+        assert!(orphaned("efwd-fwd-4194305x1", "efwd-fwd-"));
+        assert!(!orphaned("efwd-fwd-4194305x1", "edgefwd-test-"));
+        assert!(!orphaned("efwd-fwd-notapid", "efwd-fwd-"));
+        let init = "efwd-fwd-1x0";
+        assert!(!orphaned(init, "efwd-fwd-"), "pid 1 is alive");
+    }
 }

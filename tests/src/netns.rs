@@ -7,7 +7,7 @@ use std::{
     process::{Command, Output},
 };
 
-use crate::{require_root, unique};
+use crate::{orphaned, require_root, unique};
 
 pub struct NetNs {
     pub name: String,
@@ -27,9 +27,33 @@ fn ip(args: &[&str]) -> Output {
     out
 }
 
+/// Deletes namespaces left by killed test or bench processes (once per process); their
+/// names are `efwd-<role>-<pid>x<n>`.
+fn sweep() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let out = ip(&["netns", "list"]);
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let Some(name) = line.split_whitespace().next() else {
+                continue;
+            };
+            let role_end = name
+                .strip_prefix("efwd-")
+                .and_then(|r| r.find('-'))
+                .map(|i| "efwd-".len() + i + 1);
+            if let Some(end) = role_end
+                && orphaned(name, &name[..end])
+            {
+                let _ = Command::new("ip").args(["netns", "del", name]).output();
+            }
+        }
+    });
+}
+
 impl NetNs {
     pub fn new(prefix: &str) -> NetNs {
         require_root();
+        sweep();
         let name = unique(&format!("efwd-{prefix}-"));
         ip(&["netns", "add", &name]);
         let ns = NetNs { name };
