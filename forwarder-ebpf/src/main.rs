@@ -252,18 +252,25 @@ trait Key {
     fn source(&self) -> SourceKey;
 }
 
-impl Key for RouteKey4 {
-    #[inline(always)]
-    fn fill(&mut self, dst_port_be: [u8; 2], src_port_be: [u8; 2], ssrc: u32) {
-        self.listen_port_be = dst_port_be;
-        self.src_port_be = src_port_be;
-        unsafe { st32(self.ssrc_be.as_mut_ptr() as usize, ssrc) };
-    }
+/// `fill` and `route`: both key types end in the same three fields.
+macro_rules! key_tail {
+    ($map:ident) => {
+        #[inline(always)]
+        fn fill(&mut self, dst_port_be: [u8; 2], src_port_be: [u8; 2], ssrc: u32) {
+            self.listen_port_be = dst_port_be;
+            self.src_port_be = src_port_be;
+            unsafe { st32(self.ssrc_be.as_mut_ptr() as usize, ssrc) };
+        }
 
-    #[inline(always)]
-    fn route(&self) -> Option<*mut RouteValue> {
-        EFWD_ROUTES4_V1.get_ptr_mut(self)
-    }
+        #[inline(always)]
+        fn route(&self) -> Option<*mut RouteValue> {
+            $map.get_ptr_mut(self)
+        }
+    };
+}
+
+impl Key for RouteKey4 {
+    key_tail!(EFWD_ROUTES4_V1);
 
     #[inline(always)]
     fn listener(&self) -> ListenerKey {
@@ -292,17 +299,7 @@ impl Key for RouteKey4 {
 }
 
 impl Key for RouteKey {
-    #[inline(always)]
-    fn fill(&mut self, dst_port_be: [u8; 2], src_port_be: [u8; 2], ssrc: u32) {
-        self.listen_port_be = dst_port_be;
-        self.src_port_be = src_port_be;
-        unsafe { st32(self.ssrc_be.as_mut_ptr() as usize, ssrc) };
-    }
-
-    #[inline(always)]
-    fn route(&self) -> Option<*mut RouteValue> {
-        EFWD_ROUTES6_V1.get_ptr_mut(self)
-    }
+    key_tail!(EFWD_ROUTES6_V1);
 
     #[inline(always)]
     fn listener(&self) -> ListenerKey {

@@ -48,7 +48,11 @@ pub fn orphaned(name: &str, prefix: &str) -> bool {
 fn sweep_pin_dirs() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        for e in std::fs::read_dir("/sys/fs/bpf").into_iter().flatten().flatten() {
+        for e in std::fs::read_dir("/sys/fs/bpf")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             if orphaned(&e.file_name().to_string_lossy(), "edgefwd-test-") {
                 let _ = std::fs::remove_dir_all(e.path());
             }
@@ -138,7 +142,10 @@ mod tests {
     #[test]
     fn orphaned_names_are_those_of_dead_processes() {
         let mine = unique("efwd-fwd-");
-        assert!(!orphaned(&mine, "efwd-fwd-"), "{mine} belongs to this process");
+        assert!(
+            !orphaned(&mine, "efwd-fwd-"),
+            "{mine} belongs to this process"
+        );
         // Above the kernel's largest pid_max (2^22): no such process can exist.
         assert!(orphaned("efwd-fwd-4194305x1", "efwd-fwd-"));
         assert!(!orphaned("efwd-fwd-4194305x1", "edgefwd-test-"));

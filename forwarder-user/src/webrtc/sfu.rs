@@ -234,8 +234,9 @@ pub struct Room {
 #[derive(Default)]
 pub struct State {
     pub sessions: HashMap<String, Session>,
-    by_ufrag: HashMap<String, String>,
-    by_addr: HashMap<SocketAddr, String>,
+    // Arc<str>: looked up and cloned for every datagram (no allocation per packet).
+    by_ufrag: HashMap<String, Arc<str>>,
+    by_addr: HashMap<SocketAddr, Arc<str>>,
     pub rooms: BTreeMap<String, Room>,
 }
 
@@ -243,7 +244,8 @@ impl State {
     /// Registers a new session under its ufrag and in its room; returns its id.
     fn insert(&mut self, s: Session) -> String {
         let id = s.id.clone();
-        self.by_ufrag.insert(s.ice_ufrag.clone(), id.clone());
+        self.by_ufrag
+            .insert(s.ice_ufrag.clone(), id.as_str().into());
         let room = self.rooms.entry(s.room.clone()).or_default();
         match s.role {
             Role::Publisher => room.publishers.push(id.clone()),
@@ -257,7 +259,7 @@ impl State {
         let s = self.sessions.remove(id)?;
         self.by_ufrag.remove(&s.ice_ufrag);
         for a in &s.addrs {
-            if self.by_addr.get(a).is_some_and(|x| x == id) {
+            if self.by_addr.get(a).is_some_and(|x| &**x == id) {
                 self.by_addr.remove(a);
             }
         }
@@ -559,7 +561,7 @@ impl Sfu {
         };
         let s = st
             .sessions
-            .get_mut(&id)
+            .get_mut(&*id)
             .expect("by_ufrag points at live sessions");
         if check.remote_ufrag != s.remote_ufrag {
             return self.counters.drop(Drop::StunUnauthenticated);
@@ -594,7 +596,7 @@ impl Sfu {
         };
         let s = st
             .sessions
-            .get_mut(&id)
+            .get_mut(&*id)
             .expect("by_addr points at live sessions");
         *s.dtls_peer.lock().unwrap() = from;
         let tx = match &s.dtls_in {
@@ -606,7 +608,7 @@ impl Sfu {
                 let peer = s.dtls_peer.clone();
                 let fp = s.remote_fingerprint.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = sfu.clone().dtls_session(id.clone(), rx, peer, fp).await {
+                    if let Err(e) = sfu.clone().dtls_session(id.to_string(), rx, peer, fp).await {
                         log::warn!("session {id}: {e:#}; closing it");
                     }
                     sfu.state.lock().unwrap().remove(&id);
@@ -1241,7 +1243,7 @@ mod tests {
         {
             let st = sfu.state.lock().unwrap();
             assert_eq!(st.sessions[&id].nominated, Some(from));
-            assert_eq!(st.by_addr.get(&from), Some(&id));
+            assert_eq!(st.by_addr.get(&from).map(|x| &**x), Some(id.as_str()));
         }
 
         // Checks every 100 ms keep it alive past the 300 ms timeout ...
