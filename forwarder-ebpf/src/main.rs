@@ -25,7 +25,7 @@ use forwarder_common::{
     routes4::RouteKey4,
     rtp::{Class, MAX_RTP_LEN, RTP_FIXED_HEADER_LEN, classify},
     sources::{MAX_SOURCES, SourceKey, SourceValue},
-    verdicts::{NUM_VERDICTS, Verdict, VerdictStats},
+    verdicts::{Action, NUM_VERDICTS, Verdict, VerdictStats},
 };
 use network_types::{
     eth::EthHdr,
@@ -56,22 +56,36 @@ const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 const IPPROTO_UDP: u8 = 17;
 
-type Outcome = (Verdict, u32);
+// What the program did and why: the XDP action follows from the verdict, so one
+// register carries both out of the parser (a (verdict, action) pair went through the
+// stack).
+type Outcome = Verdict;
 
 #[inline(always)]
 const fn pass(v: Verdict) -> Outcome {
-    (v, xdp_action::XDP_PASS)
+    v
 }
 
 #[inline(always)]
 const fn drop(v: Verdict) -> Outcome {
-    (v, xdp_action::XDP_DROP)
+    v
+}
+
+#[inline(always)]
+fn xdp_action_of(v: Verdict) -> u32 {
+    match v.action() {
+        Action::Pass => xdp_action::XDP_PASS,
+        Action::Drop => xdp_action::XDP_DROP,
+        Action::Forward if matches!(v, Verdict::ForwardTx) => xdp_action::XDP_TX,
+        // bpf_redirect_map succeeded: it returned XDP_REDIRECT.
+        Action::Forward => xdp_action::XDP_REDIRECT,
+    }
 }
 
 #[xdp]
 pub fn edgefwd_xdp(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
-    let (verdict, action) = process(&ctx);
+    let verdict = process(&ctx);
     if let Some(c) = EFWD_VERDICT_V1.get_ptr_mut(verdict as u32) {
         // Per-CPU slot: plain adds, no atomics needed.
         unsafe {
@@ -79,7 +93,7 @@ pub fn edgefwd_xdp(ctx: XdpContext) -> u32 {
             (*c).bytes += len;
         }
     }
-    action
+    xdp_action_of(verdict)
 }
 
 /// Bounds-checked pointer into the packet; the check is what the verifier wants to see.
@@ -118,19 +132,23 @@ fn frame_len(ctx: &XdpContext) -> usize {
     ctx.data_end() - ctx.data()
 }
 
-// Not inlined: each IP family gets its own frame, so neither path's spills count
-// against the other's share of the 512-byte stack.
-#[inline(never)]
+// IPv4, the bulk of media, is inlined into the entry (no call, the verdict stays in
+// a register); IPv6 and the miss path (`judge`) are calls with their own frames, so
+// their keys and spills do not add to the entry's share of the 512-byte stack.
+#[inline(always)]
 fn ipv4(ctx: &XdpContext, l3: usize) -> Outcome {
     let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, l3) else {
         return drop(Verdict::DropMalformedIp);
     };
+    let base = ip as usize;
     let ip = unsafe { &mut *ip };
     let ihl = (ip.vihl & 0x0f) as usize * 4;
     if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
         return drop(Verdict::DropMalformedIp);
     }
-    let tot_len = u16::from_be_bytes(ip.tot_len) as usize;
+    // Word loads of the 16-bit fields: network-types declares them as byte arrays,
+    // which LLVM assembles from two byte loads.
+    let tot_len = u16::from_be(unsafe { ld(base + 2) }) as usize;
     if tot_len < ihl || l3 + tot_len > frame_len(ctx) {
         return drop(Verdict::DropMalformedIp);
     }
@@ -138,11 +156,10 @@ fn ipv4(ctx: &XdpContext, l3: usize) -> Outcome {
         return pass(Verdict::PassNotUdp);
     }
     // MF flag or a fragment offset: only the stack can reassemble.
-    if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
+    if unsafe { ld(base + 6) } & 0x3fffu16.to_be() != 0 {
         return pass(Verdict::PassFragment);
     }
     let l4 = l3 + ihl;
-    let base = ip as *mut Ipv4Hdr as usize;
     let mut slot = mem::MaybeUninit::<RouteKey4>::uninit();
     let key = slot.as_mut_ptr();
     unsafe {
@@ -163,10 +180,14 @@ fn ipv4(ctx: &XdpContext, l3: usize) -> Outcome {
     let mut ipd = Delta::new();
     let mut l4d = Delta::new();
     unsafe {
-        // TTL shares its word with the protocol: offset 8.
+        // TTL shares its word with the protocol (offset 8); TTL is the byte at the
+        // lower address, the low byte of a little-endian load, and is > 1 here, so
+        // the word decrements without a borrow. One word store: a byte store followed
+        // by a word reload stalls store forwarding.
         let old = ld(base + 8);
-        ip.ttl -= 1;
-        ipd.word(old, ld(base + 8));
+        let new = (u16::from_le(old) - 1).to_le();
+        st(base + 8, new);
+        ipd.word(old, new);
         // Source and destination: 4 words from offset 12, IPv4 part of the v4-mapped
         // route addresses (bytes 12..16).
         replace_words::<2>(
@@ -191,11 +212,12 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Outcome {
     let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, l3) else {
         return drop(Verdict::DropMalformedIp);
     };
+    let base = ip as usize;
     let ip = unsafe { &mut *ip };
     if ip.vcf[0] >> 4 != 6 {
         return drop(Verdict::DropMalformedIp);
     }
-    let payload_len = u16::from_be_bytes(ip.payload_len) as usize;
+    let payload_len = u16::from_be(unsafe { ld(base + 4) }) as usize;
     if l3 + Ipv6Hdr::LEN + payload_len > frame_len(ctx) {
         return drop(Verdict::DropMalformedIp);
     }
@@ -207,7 +229,6 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Outcome {
         return pass(Verdict::PassNotUdp);
     }
     let l4 = l3 + Ipv6Hdr::LEN;
-    let base = ip as *mut Ipv6Hdr as usize;
     let mut slot = mem::MaybeUninit::<RouteKey>::uninit();
     let key = slot.as_mut_ptr();
     unsafe {
@@ -245,7 +266,7 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Outcome {
 /// the caller), then ports and SSRC here.
 trait Key {
     /// Writes the ports and the SSRC (both as on the wire).
-    fn fill(&mut self, dst_port_be: [u8; 2], src_port_be: [u8; 2], ssrc: u32);
+    fn fill(&mut self, ports: u32, ssrc: u32);
     fn route(&self) -> Option<*mut RouteValue>;
     /// Only built on a miss: the listener and sources maps use v4-mapped addresses.
     fn listener(&self) -> ListenerKey;
@@ -256,9 +277,16 @@ trait Key {
 macro_rules! key_tail {
     ($map:ident) => {
         #[inline(always)]
-        fn fill(&mut self, dst_port_be: [u8; 2], src_port_be: [u8; 2], ssrc: u32) {
-            self.listen_port_be = dst_port_be;
-            self.src_port_be = src_port_be;
+        fn fill(&mut self, ports: u32, ssrc: u32) {
+            // The UDP header's first word is source then destination port; the key
+            // wants destination (listen) then source.
+            unsafe {
+                st(
+                    self.listen_port_be.as_mut_ptr() as usize,
+                    (ports >> 16) as u16,
+                );
+                st(self.src_port_be.as_mut_ptr() as usize, ports as u16);
+            }
             unsafe { st32(self.ssrc_be.as_mut_ptr() as usize, ssrc) };
         }
 
@@ -352,35 +380,48 @@ fn match_rtp<K: Key>(
     };
     let udp = unsafe { &*udp };
     let parsed = rtp_ssrc(ctx, l4, udp, ip_payload_len);
-    key.fill(udp.dst, udp.src, *parsed.as_ref().unwrap_or(&0));
+    key.fill(
+        unsafe { ld32(udp as *const UdpHdr as usize) },
+        *parsed.as_ref().unwrap_or(&0),
+    );
     if parsed.is_ok()
         && let Some(route) = key.route()
     {
         return Ok(route);
     }
+    Err(judge(key, parsed.err()))
+}
+
+/// What to do with a datagram that has no route: `not_rtp` is the parser's verdict,
+/// None for valid RTP. Not inlined: the listener and source keys it builds stay out
+/// of the forwarding path's stack frame and registers.
+#[inline(never)]
+fn judge<K: Key>(key: &K, not_rtp: Option<Verdict>) -> Verdict {
     let Some(listener) = (unsafe { EFWD_LISTEN_V1.get(&key.listener()) }) else {
-        return Err(pass(Verdict::PassNotListener));
+        return pass(Verdict::PassNotListener);
     };
     let flags = listener.flags;
-    match parsed {
-        Err((Verdict::PassRtcp, _))
+    match not_rtp {
+        Some(Verdict::PassRtcp)
             if flags & FLAG_DROP_UNKNOWN_SOURCE != 0 && !source_known(&key.source()) =>
         {
-            Err(drop(Verdict::DropUnknownSource))
-        }
-        Err(o) => Err(o),
-        // A miss: only misses pay for the sources lookup.
-        Ok(_) => Err(if source_known(&key.source()) {
-            if flags & FLAG_DROP_NO_ROUTE != 0 {
-                drop(Verdict::DropNoRoute)
-            } else {
-                pass(Verdict::PassNoRoute)
-            }
-        } else if flags & FLAG_DROP_UNKNOWN_SOURCE != 0 {
             drop(Verdict::DropUnknownSource)
-        } else {
-            pass(Verdict::PassUnknownSource)
-        }),
+        }
+        Some(v) => v,
+        // A miss: only misses pay for the sources lookup.
+        None => {
+            if source_known(&key.source()) {
+                if flags & FLAG_DROP_NO_ROUTE != 0 {
+                    drop(Verdict::DropNoRoute)
+                } else {
+                    pass(Verdict::PassNoRoute)
+                }
+            } else if flags & FLAG_DROP_UNKNOWN_SOURCE != 0 {
+                drop(Verdict::DropUnknownSource)
+            } else {
+                pass(Verdict::PassUnknownSource)
+            }
+        }
     }
 }
 
@@ -393,7 +434,7 @@ fn rtp_ssrc(
     udp: &UdpHdr,
     ip_payload_len: usize,
 ) -> Result<u32, Outcome> {
-    let udp_len = u16::from_be_bytes(udp.len) as usize;
+    let udp_len = u16::from_be(unsafe { ld(udp as *const UdpHdr as usize + 4) }) as usize;
     if udp_len < UdpHdr::LEN || udp_len != ip_payload_len {
         return Err(drop(Verdict::DropMalformedUdp));
     }
@@ -425,7 +466,7 @@ fn rtp_ssrc(
         let Some(ext) = ptr_at::<[u8; 4]>(ctx, rtp_off + hlen) else {
             return Err(drop(Verdict::DropMalformedRtp));
         };
-        let words = u16::from_be_bytes(unsafe { [(*ext)[2], (*ext)[3]] }) as usize;
+        let words = u16::from_be(unsafe { ld(ext as usize + 2) }) as usize;
         hlen += 4 + 4 * words;
         if hlen > rtp_len {
             return Err(drop(Verdict::DropMalformedRtp));
@@ -478,13 +519,14 @@ fn finish(ctx: &XdpContext, l4: usize, route: &RouteValue, mut l4d: Delta, v6: b
         // UDP ports.
         replace_words::<2>(udp, route.out_src_port_be.as_ptr() as usize, &mut l4d);
 
-        // RTP word 0: V/P/X/CC and M/PT.
-        let old = ld(rtp);
-        let b1 = (rtp + 1) as *mut u8;
-        if route.flags & FLAG_REWRITE_PT != 0 && *b1 & 0x7f == route.pt_from {
-            *b1 = (*b1 & 0x80) | (route.pt_to & 0x7f);
+        // RTP word 0: V/P/X/CC, then M/PT (the high byte of a little-endian load).
+        // Rewritten in a register and stored once (see the TTL above).
+        let old = u16::from_le(ld(rtp));
+        if route.flags & FLAG_REWRITE_PT != 0 && (old >> 8) as u8 & 0x7f == route.pt_from {
+            let new = (old & 0x80ff) | ((route.pt_to & 0x7f) as u16) << 8;
+            st(rtp, new.to_le());
+            l4d.word(old.to_le(), new.to_le());
         }
-        l4d.word(old, ld(rtp));
 
         // Sequence number, host arithmetic on the big-endian field.
         let old = ld(rtp + 2);
@@ -525,10 +567,10 @@ fn finish(ctx: &XdpContext, l4: usize, route: &RouteValue, mut l4d: Delta, v6: b
 
     let egress = route.egress_ifindex;
     if egress == 0 || egress == ctx.ingress_ifindex() as u32 {
-        return (Verdict::ForwardTx, xdp_action::XDP_TX);
+        return Verdict::ForwardTx;
     }
     match EFWD_EGRESS_V1.redirect(egress, 0) {
-        Ok(action) => (Verdict::ForwardRedirect, action),
+        Ok(_) => Verdict::ForwardRedirect,
         Err(_) => {
             warn!(ctx, "egress ifindex {} is not in EFWD_EGRESS_V1", egress);
             drop(Verdict::DropRedirectError)

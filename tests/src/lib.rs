@@ -117,7 +117,7 @@ pub fn edgefwd_bin() -> PathBuf {
 
 /// Starts `edgefwd run` and waits for its "forwarding on" line (printed once routes are
 /// programmed). Its log (stderr) stays on the caller's stderr.
-pub fn spawn_edgefwd(mut cmd: Command) -> Child {
+pub fn spawn_edgefwd(mut cmd: Command) -> Edgefwd {
     let mut child = cmd.stdout(Stdio::piped()).spawn().expect("start edgefwd");
     let mut line = String::new();
     let _ = BufReader::new(child.stdout.take().unwrap()).read_line(&mut line);
@@ -126,13 +126,44 @@ pub fn spawn_edgefwd(mut cmd: Command) -> Child {
         panic!("edgefwd did not start ({status:?}); first line {line:?}; its log is above");
     }
     print!("{line}");
-    child
+    Edgefwd(Some(child))
 }
 
-/// SIGTERM, then waits: the daemon detaches XDP and exits.
-pub fn stop_edgefwd(child: &mut Child) -> std::process::ExitStatus {
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    child.wait().expect("waiting for edgefwd")
+/// A running `edgefwd`. Dropping it stops the daemon too, so a test or bench that
+/// panics leaves no daemon behind (one would keep its namespace alive and hold the
+/// caller's stderr pipe open, which hangs `cmd | tail`).
+pub struct Edgefwd(Option<Child>);
+
+impl Edgefwd {
+    pub fn id(&self) -> u32 {
+        self.0.as_ref().map_or(0, Child::id)
+    }
+
+    /// SIGTERM, then waits: the daemon detaches XDP and exits. SIGKILL after 10 s, so
+    /// a hung daemon fails the caller instead of hanging it.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.0.take().expect("edgefwd already stopped");
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        for _ in 0..1000 {
+            if let Some(status) = child.try_wait().expect("waiting for edgefwd") {
+                return status;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let status = child.wait().expect("waiting for edgefwd");
+        panic!("edgefwd ignored SIGTERM for 10 s and was killed ({status})");
+    }
+}
+
+impl Drop for Edgefwd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            // Already unwinding or done with it: no clean shutdown needed.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 #[cfg(test)]

@@ -7,13 +7,12 @@
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream, UdpSocket},
-    process::Child,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use edgefwd::loader::{self, Counters};
 use edgefwd_tests::{
-    PinDir, edgefwd_bin, kernel_lock,
+    Edgefwd, PinDir, edgefwd_bin, kernel_lock,
     netns::{NetNs, Topology},
     pkt::{Frame, Rtp},
     spawn_edgefwd, unique,
@@ -165,16 +164,7 @@ fn udp_csum_errors(ns: &NetNs) -> (u64, u64) {
     (v4, v6)
 }
 
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGKILL) };
-        let _ = self.0.wait();
-    }
-}
-
-fn start_daemon(t: &Topology, pin: &PinDir, cfg_path: &str, user: bool) -> Daemon {
+fn start_daemon(t: &Topology, pin: &PinDir, cfg_path: &str, user: bool) -> Edgefwd {
     let bin = edgefwd_bin();
     let mut cmd = t.forwarder.command(bin.to_str().unwrap());
     cmd.args([
@@ -193,8 +183,7 @@ fn start_daemon(t: &Topology, pin: &PinDir, cfg_path: &str, user: bool) -> Daemo
     } else {
         cmd.args(["--iface", "f0"]);
     }
-    let child = spawn_edgefwd(cmd);
-    Daemon(child)
+    spawn_edgefwd(cmd)
 }
 
 fn scrape(t: &Topology) -> String {
@@ -410,15 +399,8 @@ fn e2e(user: bool) {
         cli_against_live_daemon(&t, &pin);
     }
 
-    unsafe { libc::kill(daemon.0.id() as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = daemon.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "edgefwd ignored SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    // Panics if the daemon ignores SIGTERM for 10 s.
+    let status = daemon.stop();
     assert!(
         status.success(),
         "edgefwd exit status after SIGTERM: {status}"

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use edgefwd_tests::{edgefwd_bin, kernel_lock, netns::NetNs, spawn_edgefwd, stop_edgefwd, unique};
+use edgefwd_tests::{Edgefwd, edgefwd_bin, kernel_lock, netns::NetNs, spawn_edgefwd, unique};
 use serde_json::Value;
 
 fn repo() -> PathBuf {
@@ -50,13 +50,13 @@ fn free_ports() -> (u16, u16) {
 }
 
 struct Sfu {
-    child: std::process::Child,
+    child: Edgefwd,
     base: String,
 }
 
 impl Drop for Sfu {
     fn drop(&mut self) {
-        stop_edgefwd(&mut self.child);
+        self.child.stop();
     }
 }
 

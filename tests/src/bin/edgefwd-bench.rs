@@ -25,7 +25,7 @@ use std::{
     net::UdpSocket,
     os::{fd::AsRawFd as _, unix::process::CommandExt as _},
     path::{Path, PathBuf},
-    process::{Child, Command},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -40,10 +40,10 @@ use edgefwd::{
     resolve::{self, iface_mac},
 };
 use edgefwd_tests::{
-    PinDir, edgefwd_bin,
+    Edgefwd, PinDir, edgefwd_bin,
     netns::{FWD_A_V4, NetNs, PUB_V4, RCV_V4, Topology},
     pkt::{Frame, Rtp},
-    spawn_edgefwd, stop_edgefwd,
+    spawn_edgefwd,
 };
 use forwarder_common::{PROG_DROP, PROG_FORWARD, PROG_PASS, verdicts::VerdictStats};
 use serde::Serialize;
@@ -352,7 +352,7 @@ fn kernel_case(case: Case, rtp_bytes: usize, seconds: f64, c_ref: Option<&Path>)
     let after = prog_runtime(prog);
     drop(stats);
     if let Some(mut d) = daemon {
-        stop_edgefwd(&mut d);
+        d.stop();
     }
     drop(c_prog);
     drop(keep);
@@ -567,7 +567,7 @@ fn prog_costs(rtp_bytes: usize, c_ref: Option<&Path>) -> ProgCost {
             c_ns = c_ns.min(test_run_ns(p, &frame, XDP_REDIRECT));
         }
     }
-    stop_edgefwd(&mut daemon);
+    daemon.stop();
     ProgCost {
         rtp_bytes,
         drop_ns,
@@ -837,7 +837,7 @@ fn user_case(rtp_bytes: usize, seconds: f64) -> Row {
             }
         }
     }
-    stop_edgefwd(&mut daemon);
+    daemon.stop();
     drop(keep.drain(..));
     let (_, tr) = best.expect("the userspace relay lost more than 1% even at 25 kpps: broken");
     row(
@@ -912,7 +912,7 @@ fn paced_send(ns: &NetNs, payload: &[u8], pps: f64, seconds: f64) -> (u64, f64) 
 // ---------------------------------------------------------------------------------------
 // Daemon, threads, CPU accounting
 
-fn start_daemon(ns: &NetNs, pin: &Path, config: &str, extra: &[&str]) -> Child {
+fn start_daemon(ns: &NetNs, pin: &Path, config: &str, extra: &[&str]) -> Edgefwd {
     let cfg = std::env::temp_dir().join(format!(
         "edgefwd-bench-{}-{}.toml",
         std::process::id(),

@@ -14,7 +14,7 @@ use edgefwd::{
     loader::{self, Counters},
     maps::Maps,
 };
-use edgefwd_tests::{PinDir, edgefwd_bin, netns::Topology, pkt::Rtp, spawn_edgefwd, stop_edgefwd};
+use edgefwd_tests::{PinDir, edgefwd_bin, netns::Topology, pkt::Rtp, spawn_edgefwd};
 use forwarder_common::{PROG_PASS, verdicts::Action};
 
 const PPS: u64 = 20_000;
@@ -173,7 +173,7 @@ fn main() {
         "sent {s}, received {r} ({:.2}% delivered)",
         100.0 * r as f64 / s.max(1) as f64
     );
-    stop_edgefwd(&mut daemon);
+    daemon.stop();
     let _ = std::fs::remove_file(&cfg);
     drop(keep);
     if r == 0 {
