@@ -11,6 +11,7 @@
 use std::{
     net::SocketAddr,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use async_trait::async_trait;
@@ -169,6 +170,31 @@ pub struct DemuxConn {
     rx: tokio::sync::Mutex<mpsc::Receiver<Vec<u8>>>,
     socket: Arc<UdpSocket>,
     peer: Arc<Mutex<SocketAddr>>,
+    last_flight: Mutex<LastFlight>,
+}
+
+/// RFC 6347 §4.2.4: the server sends the handshake's last flight (ChangeCipherSpec +
+/// Finished) and is done, but if that flight is lost the client retransmits its own
+/// last flight until it gives up, and the server must answer each such retransmit
+/// with its last flight again. webrtc-dtls stops its handshake state machine on
+/// completion and never does, so a lost Finished left a browser "connecting" forever
+/// while the session looked keyed here. We keep the datagrams sent since the last
+/// one received (at completion: exactly the last flight) and resend them.
+#[derive(Default)]
+struct LastFlight {
+    sent: Vec<Vec<u8>>,
+    /// A datagram arrived since the last send: the next send starts a new flight.
+    new_flight: bool,
+    complete: bool,
+    last_resend: Option<std::time::Instant>,
+    resends: u64,
+}
+
+/// The client's last flight in a full handshake opens with its Certificate (we
+/// require one) or ClientKeyExchange in an epoch-0 handshake record; after
+/// completion that can only be a retransmission.
+fn is_retransmitted_client_flight(d: &[u8]) -> bool {
+    d.len() > 13 && d[0] == 22 && d[3..5] == [0, 0] && matches!(d[13], 11 | 16)
 }
 
 impl DemuxConn {
@@ -183,10 +209,49 @@ impl DemuxConn {
             rx: tokio::sync::Mutex::new(rx),
             socket,
             peer,
+            last_flight: Mutex::default(),
         }
     }
     fn peer(&self) -> SocketAddr {
         *self.peer.lock().unwrap()
+    }
+
+    /// Marks the handshake done: from now on a retransmitted client flight is
+    /// answered with our last flight.
+    pub fn handshake_complete(&self) {
+        self.last_flight.lock().unwrap().complete = true;
+    }
+
+    /// How many times the last flight was sent again for the client.
+    #[cfg(test)]
+    pub fn last_flight_resends(&self) -> u64 {
+        self.last_flight.lock().unwrap().resends
+    }
+
+    async fn on_received(&self, d: &[u8]) {
+        let resend = {
+            let mut f = self.last_flight.lock().unwrap();
+            if !f.complete {
+                f.new_flight = true;
+                return;
+            }
+            // A retransmitted flight can span datagrams: answer it once.
+            let now = std::time::Instant::now();
+            if !is_retransmitted_client_flight(d)
+                || f.last_resend
+                    .is_some_and(|t| now - t < Duration::from_millis(250))
+            {
+                return;
+            }
+            f.last_resend = Some(now);
+            f.resends += 1;
+            f.sent.clone()
+        };
+        let peer = self.peer();
+        log::debug!("DTLS peer {peer} repeated its last flight: sending ours again");
+        for d in resend {
+            let _ = self.socket.send_to(&d, peer).await;
+        }
     }
 }
 
@@ -207,6 +272,7 @@ impl Conn for DemuxConn {
             Some(d) => d,
             None => self.rx.lock().await.recv().await.ok_or_else(closed)?,
         };
+        self.on_received(&d).await;
         let n = d.len().min(buf.len());
         buf[..n].copy_from_slice(&d[..n]);
         Ok(n)
@@ -222,6 +288,16 @@ impl Conn for DemuxConn {
     /// wire: DTLS retransmits its flight, so report it sent instead of failing the
     /// handshake.
     async fn send_to(&self, buf: &[u8], target: SocketAddr) -> webrtc_util::Result<usize> {
+        {
+            let mut f = self.last_flight.lock().unwrap();
+            if !f.complete {
+                if f.new_flight {
+                    f.sent.clear();
+                    f.new_flight = false;
+                }
+                f.sent.push(buf.to_vec());
+            }
+        }
         if let Err(e) = self.socket.send_to(buf, target).await {
             log::debug!("DTLS datagram to {target} not sent ({e}); DTLS will retransmit");
         }
@@ -277,9 +353,10 @@ pub async fn accept(
         extended_master_secret: ExtendedMasterSecretType::Require,
         ..Default::default()
     };
-    let dtls = DTLSConn::new(conn, config, false, None)
+    let dtls = DTLSConn::new(conn.clone(), config, false, None)
         .await
         .map_err(|e| anyhow::anyhow!("DTLS handshake: {e}"))?;
+    conn.handshake_complete();
     let state = dtls.connection_state().await;
     let cert = state
         .peer_certificates
@@ -395,5 +472,141 @@ mod tests {
         let mut rec = record(trunc, 0, trunc.len());
         rec[14..17].copy_from_slice(&[0, 0, 40]);
         assert!(r.push(&rec).is_err());
+    }
+
+    /// The client's side of a loopback socket that loses the first datagram opening
+    /// with a ChangeCipherSpec record: the server's last flight.
+    struct LosesServerFinished {
+        sock: UdpSocket,
+        lost: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait]
+    impl Conn for LosesServerFinished {
+        async fn connect(&self, _addr: SocketAddr) -> webrtc_util::Result<()> {
+            Ok(())
+        }
+        async fn recv(&self, buf: &mut [u8]) -> webrtc_util::Result<usize> {
+            loop {
+                let n = self.sock.recv(buf).await?;
+                if n > 0 && buf[0] == 20 && !self.lost.swap(true, Ordering::SeqCst) {
+                    continue;
+                }
+                return Ok(n);
+            }
+        }
+        async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
+            let n = self.recv(buf).await?;
+            Ok((n, self.sock.peer_addr()?))
+        }
+        async fn send(&self, buf: &[u8]) -> webrtc_util::Result<usize> {
+            Ok(self.sock.send(buf).await?)
+        }
+        async fn send_to(&self, buf: &[u8], _t: SocketAddr) -> webrtc_util::Result<usize> {
+            self.send(buf).await
+        }
+        fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {
+            Ok(self.sock.local_addr()?)
+        }
+        fn remote_addr(&self) -> Option<SocketAddr> {
+            self.sock.peer_addr().ok()
+        }
+        async fn close(&self) -> webrtc_util::Result<()> {
+            Ok(())
+        }
+        fn as_any(&self) -> &(dyn std::any::Any + Send + Sync) {
+            self
+        }
+    }
+
+    use std::sync::atomic::Ordering;
+
+    #[tokio::test]
+    async fn lost_server_finished_is_sent_again_when_the_client_repeats_its_flight() {
+        let server_sock = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let client_sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        client_sock
+            .connect(server_sock.local_addr().unwrap())
+            .await
+            .unwrap();
+        let peer = Arc::new(Mutex::new(client_sock.local_addr().unwrap()));
+        // The SFU's demultiplexer, reduced to its DTLS share: every datagram to the
+        // session's queue.
+        let (tx, rx) = mpsc::channel(64);
+        let reader = server_sock.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 2048];
+            while let Ok((n, _)) = reader.recv_from(&mut buf).await {
+                if tx.send(buf[..n].to_vec()).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let conn = Arc::new(DemuxConn::new(vec![], rx, server_sock, peer));
+        let server_id = Identity::generate().unwrap();
+        let client_id = Identity::generate().unwrap();
+        let fingerprint = ("sha-256".to_string(), client_id.fingerprint.clone());
+        let server = {
+            let conn = conn.clone();
+            tokio::spawn(async move { accept(conn, &server_id, 0x0007, &fingerprint).await })
+        };
+        let client_conn = Arc::new(LosesServerFinished {
+            sock: client_sock,
+            lost: false.into(),
+        });
+        let lost = client_conn.clone();
+        let config = Config {
+            certificates: vec![client_id.cert.clone()],
+            srtp_protection_profiles: vec![SrtpProtectionProfile::Srtp_Aead_Aes_128_Gcm],
+            insecure_skip_verify: true,
+            extended_master_secret: ExtendedMasterSecretType::Require,
+            ..Default::default()
+        };
+        // The client retransmits its last flight every second; without the server's
+        // answer it would never finish.
+        let client = tokio::time::timeout(
+            Duration::from_secs(10),
+            DTLSConn::new(client_conn, config, true, None),
+        )
+        .await
+        .expect("the client's handshake never finished: the server ignored its repeated flight")
+        .expect("client handshake");
+        assert!(
+            lost.lost.load(Ordering::SeqCst),
+            "the server's ChangeCipherSpec flight was never seen, so never lost"
+        );
+        let server = server.await.unwrap().expect("server handshake");
+        assert!(conn.last_flight_resends() >= 1);
+        // Both ends export the same SRTP keys.
+        let (a, b) = (
+            client.connection_state().await,
+            server.connection_state().await,
+        );
+        let mut ka = webrtc_srtp::config::Config::default();
+        let mut kb = webrtc_srtp::config::Config::default();
+        ka.extract_session_keys_from_dtls(a, true).await.unwrap();
+        kb.extract_session_keys_from_dtls(b, false).await.unwrap();
+        assert_eq!(ka.keys.local_master_key, kb.keys.remote_master_key);
+        assert_eq!(ka.keys.remote_master_key, kb.keys.local_master_key);
+    }
+
+    #[test]
+    fn only_epoch_0_client_flights_count_as_retransmissions() {
+        let mut certificate = vec![22, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 9, 0, 40, 11];
+        certificate.extend([0; 40]);
+        assert!(is_retransmitted_client_flight(&certificate));
+        let mut key_exchange = certificate.clone();
+        key_exchange[13] = 16;
+        assert!(is_retransmitted_client_flight(&key_exchange));
+        let mut epoch1 = certificate.clone();
+        epoch1[4] = 1;
+        assert!(!is_retransmitted_client_flight(&epoch1));
+        let mut hello = certificate.clone();
+        hello[13] = 1;
+        assert!(!is_retransmitted_client_flight(&hello));
+        let mut alert = certificate;
+        alert[0] = 21;
+        assert!(!is_retransmitted_client_flight(&alert));
+        assert!(!is_retransmitted_client_flight(&[22, 0xfe]));
     }
 }
