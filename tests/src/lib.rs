@@ -116,8 +116,20 @@ pub fn edgefwd_bin() -> PathBuf {
 }
 
 /// Starts `edgefwd run` and waits for its "forwarding on" line (printed once routes are
-/// programmed). Its log (stderr) stays on the caller's stderr.
+/// programmed). Its log (stderr) stays on the caller's stderr. The daemon gets SIGTERM
+/// when the calling thread ends, so a test or bench killed by a signal (no unwinding,
+/// no guard drop) does not leave it running: call this from the thread that owns the
+/// guard.
 pub fn spawn_edgefwd(mut cmd: Command) -> Edgefwd {
+    use std::os::unix::process::CommandExt;
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     let mut child = cmd.stdout(Stdio::piped()).spawn().expect("start edgefwd");
     let mut line = String::new();
     let _ = BufReader::new(child.stdout.take().unwrap()).read_line(&mut line);
