@@ -56,21 +56,8 @@ const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 const IPPROTO_UDP: u8 = 17;
 
-// What the program did and why: the XDP action follows from the verdict, so one
-// register carries both out of the parser (a (verdict, action) pair went through the
-// stack).
-type Outcome = Verdict;
-
-#[inline(always)]
-const fn pass(v: Verdict) -> Outcome {
-    v
-}
-
-#[inline(always)]
-const fn drop(v: Verdict) -> Outcome {
-    v
-}
-
+// The parser returns only the `Verdict` (one register); the XDP action follows
+// from it. A (verdict, action) pair went through the stack.
 #[inline(always)]
 fn xdp_action_of(v: Verdict) -> u32 {
     match v.action() {
@@ -107,15 +94,15 @@ fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
 }
 
 #[inline(always)]
-fn process(ctx: &XdpContext) -> Outcome {
+fn process(ctx: &XdpContext) -> Verdict {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
-        return pass(Verdict::PassNotIp);
+        return Verdict::PassNotIp;
     };
     let mut ether_type = u16::from_be(unsafe { (*eth).ether_type });
     let mut l3 = EthHdr::LEN;
     if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
         let Some(vlan) = ptr_at::<VlanHdr>(ctx, l3) else {
-            return pass(Verdict::PassNotIp);
+            return Verdict::PassNotIp;
         };
         ether_type = u16::from_be(unsafe { (*vlan).ether_type });
         l3 += VlanHdr::LEN;
@@ -123,7 +110,7 @@ fn process(ctx: &XdpContext) -> Outcome {
     match ether_type {
         ETH_P_IP => ipv4(ctx, l3),
         ETH_P_IPV6 => ipv6(ctx, l3),
-        _ => pass(Verdict::PassNotIp),
+        _ => Verdict::PassNotIp,
     }
 }
 
@@ -136,28 +123,28 @@ fn frame_len(ctx: &XdpContext) -> usize {
 // a register); IPv6 and the miss path (`judge`) are calls with their own frames, so
 // their keys and spills do not add to the entry's share of the 512-byte stack.
 #[inline(always)]
-fn ipv4(ctx: &XdpContext, l3: usize) -> Outcome {
+fn ipv4(ctx: &XdpContext, l3: usize) -> Verdict {
     let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, l3) else {
-        return drop(Verdict::DropMalformedIp);
+        return Verdict::DropMalformedIp;
     };
     let base = ip as usize;
     let ip = unsafe { &mut *ip };
     let ihl = (ip.vihl & 0x0f) as usize * 4;
     if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
-        return drop(Verdict::DropMalformedIp);
+        return Verdict::DropMalformedIp;
     }
     // Word loads of the 16-bit fields: network-types declares them as byte arrays,
     // which LLVM assembles from two byte loads.
     let tot_len = u16::from_be(unsafe { ld(base + 2) }) as usize;
     if tot_len < ihl || l3 + tot_len > frame_len(ctx) {
-        return drop(Verdict::DropMalformedIp);
+        return Verdict::DropMalformedIp;
     }
     if ip.proto != IPPROTO_UDP {
-        return pass(Verdict::PassNotUdp);
+        return Verdict::PassNotUdp;
     }
     // MF flag or a fragment offset: only the stack can reassemble.
     if unsafe { ld(base + 6) } & 0x3fffu16.to_be() != 0 {
-        return pass(Verdict::PassFragment);
+        return Verdict::PassFragment;
     }
     let l4 = l3 + ihl;
     let mut slot = mem::MaybeUninit::<RouteKey4>::uninit();
@@ -172,10 +159,10 @@ fn ipv4(ctx: &XdpContext, l3: usize) -> Outcome {
         Err(o) => return o,
     };
     if route.flags & FLAG_IPV6 != 0 {
-        return drop(Verdict::DropFamilyMismatch);
+        return Verdict::DropFamilyMismatch;
     }
     if ip.ttl <= 1 {
-        return drop(Verdict::DropTtlExceeded);
+        return Verdict::DropTtlExceeded;
     }
     let mut ipd = Delta::new();
     let mut l4d = Delta::new();
@@ -208,25 +195,25 @@ fn ipv4(ctx: &XdpContext, l3: usize) -> Outcome {
 }
 
 #[inline(never)]
-fn ipv6(ctx: &XdpContext, l3: usize) -> Outcome {
+fn ipv6(ctx: &XdpContext, l3: usize) -> Verdict {
     let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, l3) else {
-        return drop(Verdict::DropMalformedIp);
+        return Verdict::DropMalformedIp;
     };
     let base = ip as usize;
     let ip = unsafe { &mut *ip };
     if ip.vcf[0] >> 4 != 6 {
-        return drop(Verdict::DropMalformedIp);
+        return Verdict::DropMalformedIp;
     }
     let payload_len = u16::from_be(unsafe { ld(base + 4) }) as usize;
     if l3 + Ipv6Hdr::LEN + payload_len > frame_len(ctx) {
-        return drop(Verdict::DropMalformedIp);
+        return Verdict::DropMalformedIp;
     }
     if ip.next_hdr == 44 {
-        return pass(Verdict::PassFragment);
+        return Verdict::PassFragment;
     }
     // Media never carries extension headers; anything else is for the stack.
     if ip.next_hdr != IPPROTO_UDP {
-        return pass(Verdict::PassNotUdp);
+        return Verdict::PassNotUdp;
     }
     let l4 = l3 + Ipv6Hdr::LEN;
     let mut slot = mem::MaybeUninit::<RouteKey>::uninit();
@@ -241,16 +228,16 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Outcome {
         Err(o) => return o,
     };
     if route.flags & FLAG_IPV6 == 0 {
-        return drop(Verdict::DropFamilyMismatch);
+        return Verdict::DropFamilyMismatch;
     }
     if ip.hop_limit <= 1 {
-        return drop(Verdict::DropTtlExceeded);
+        return Verdict::DropTtlExceeded;
     }
     let Some(udp) = ptr_at::<UdpHdr>(ctx, l4) else {
-        return drop(Verdict::DropMalformedUdp);
+        return Verdict::DropMalformedUdp;
     };
     if unsafe { (*udp).check } == [0, 0] {
-        return drop(Verdict::DropZeroUdpChecksumV6);
+        return Verdict::DropZeroUdpChecksumV6;
     }
     // IPv6 has no header checksum; the addresses feed the UDP pseudo-header.
     ip.hop_limit -= 1;
@@ -268,12 +255,41 @@ trait Key {
     /// Writes the ports and the SSRC (both as on the wire).
     fn fill(&mut self, ports: u32, ssrc: u32);
     fn route(&self) -> Option<*mut RouteValue>;
-    /// Only built on a miss: the listener and sources maps use v4-mapped addresses.
-    fn listener(&self) -> ListenerKey;
-    fn source(&self) -> SourceKey;
+    /// The key's ports as loaded (network order in memory): listen, source.
+    fn ports(&self) -> (u16, u16);
+    /// Writes the listen or the source address at `p` as 16 bytes, v4-mapped for IPv4
+    /// (the listener and sources maps hold both families that way).
+    unsafe fn put_addr(&self, p: usize, source: bool);
+
+    /// Only built on a miss.
+    #[inline(always)]
+    fn listener(&self) -> ListenerKey {
+        let mut k = mem::MaybeUninit::<ListenerKey>::uninit();
+        unsafe {
+            let p = k.as_mut_ptr() as usize;
+            self.put_addr(p, false);
+            st(p + 16, self.ports().0);
+            st(p + 18, 0);
+            k.assume_init()
+        }
+    }
+
+    #[inline(always)]
+    fn source(&self) -> SourceKey {
+        let mut k = mem::MaybeUninit::<SourceKey>::uninit();
+        unsafe {
+            let p = k.as_mut_ptr() as usize;
+            self.put_addr(p, false);
+            self.put_addr(p + 16, true);
+            let (listen, src) = self.ports();
+            st(p + 32, listen);
+            st(p + 34, src);
+            k.assume_init()
+        }
+    }
 }
 
-/// `fill` and `route`: both key types end in the same three fields.
+/// What both key types share: they end in the same three fields.
 macro_rules! key_tail {
     ($map:ident) => {
         #[inline(always)]
@@ -294,6 +310,16 @@ macro_rules! key_tail {
         fn route(&self) -> Option<*mut RouteValue> {
             $map.get_ptr_mut(self)
         }
+
+        #[inline(always)]
+        fn ports(&self) -> (u16, u16) {
+            unsafe {
+                (
+                    ld(self.listen_port_be.as_ptr() as usize),
+                    ld(self.src_port_be.as_ptr() as usize),
+                )
+            }
+        }
     };
 }
 
@@ -301,28 +327,13 @@ impl Key for RouteKey4 {
     key_tail!(EFWD_ROUTES4_V1);
 
     #[inline(always)]
-    fn listener(&self) -> ListenerKey {
-        let mut k = mem::MaybeUninit::<ListenerKey>::uninit();
-        unsafe {
-            let p = k.as_mut_ptr() as usize;
-            st_mapped(p, ld32(self.listen_addr.as_ptr() as usize));
-            st(p + 16, ld(self.listen_port_be.as_ptr() as usize));
-            st(p + 18, 0);
-            k.assume_init()
-        }
-    }
-
-    #[inline(always)]
-    fn source(&self) -> SourceKey {
-        let mut k = mem::MaybeUninit::<SourceKey>::uninit();
-        unsafe {
-            let p = k.as_mut_ptr() as usize;
-            st_mapped(p, ld32(self.listen_addr.as_ptr() as usize));
-            st_mapped(p + 16, ld32(self.src_addr.as_ptr() as usize));
-            st(p + 32, ld(self.listen_port_be.as_ptr() as usize));
-            st(p + 34, ld(self.src_port_be.as_ptr() as usize));
-            k.assume_init()
-        }
+    unsafe fn put_addr(&self, p: usize, source: bool) {
+        let a = if source {
+            &self.src_addr
+        } else {
+            &self.listen_addr
+        };
+        unsafe { st_mapped(p, ld32(a.as_ptr() as usize)) };
     }
 }
 
@@ -330,27 +341,13 @@ impl Key for RouteKey {
     key_tail!(EFWD_ROUTES6_V1);
 
     #[inline(always)]
-    fn listener(&self) -> ListenerKey {
-        let mut k = mem::MaybeUninit::<ListenerKey>::uninit();
-        unsafe {
-            let p = k.as_mut_ptr() as usize;
-            copy_words32::<4>(p, self.listen_addr.as_ptr() as usize);
-            st(p + 16, ld(self.listen_port_be.as_ptr() as usize));
-            st(p + 18, 0);
-            k.assume_init()
-        }
-    }
-
-    #[inline(always)]
-    fn source(&self) -> SourceKey {
-        let mut k = mem::MaybeUninit::<SourceKey>::uninit();
-        unsafe {
-            let p = k.as_mut_ptr() as usize;
-            copy_words32::<8>(p, self.listen_addr.as_ptr() as usize);
-            st(p + 32, ld(self.listen_port_be.as_ptr() as usize));
-            st(p + 34, ld(self.src_port_be.as_ptr() as usize));
-            k.assume_init()
-        }
+    unsafe fn put_addr(&self, p: usize, source: bool) {
+        let a = if source {
+            &self.src_addr
+        } else {
+            &self.listen_addr
+        };
+        unsafe { copy_words32::<4>(p, a.as_ptr() as usize) };
     }
 }
 
@@ -374,9 +371,9 @@ fn match_rtp<K: Key>(
     l4: usize,
     ip_payload_len: usize,
     key: &mut K,
-) -> Result<*mut RouteValue, Outcome> {
+) -> Result<*mut RouteValue, Verdict> {
     let Some(udp) = ptr_at::<UdpHdr>(ctx, l4) else {
-        return Err(drop(Verdict::DropMalformedUdp));
+        return Err(Verdict::DropMalformedUdp);
     };
     let udp = unsafe { &*udp };
     let parsed = rtp_ssrc(ctx, l4, udp, ip_payload_len);
@@ -398,28 +395,28 @@ fn match_rtp<K: Key>(
 #[inline(never)]
 fn judge<K: Key>(key: &K, not_rtp: Option<Verdict>) -> Verdict {
     let Some(listener) = (unsafe { EFWD_LISTEN_V1.get(&key.listener()) }) else {
-        return pass(Verdict::PassNotListener);
+        return Verdict::PassNotListener;
     };
     let flags = listener.flags;
     match not_rtp {
         Some(Verdict::PassRtcp)
             if flags & FLAG_DROP_UNKNOWN_SOURCE != 0 && !source_known(&key.source()) =>
         {
-            drop(Verdict::DropUnknownSource)
+            Verdict::DropUnknownSource
         }
         Some(v) => v,
         // A miss: only misses pay for the sources lookup.
         None => {
             if source_known(&key.source()) {
                 if flags & FLAG_DROP_NO_ROUTE != 0 {
-                    drop(Verdict::DropNoRoute)
+                    Verdict::DropNoRoute
                 } else {
-                    pass(Verdict::PassNoRoute)
+                    Verdict::PassNoRoute
                 }
             } else if flags & FLAG_DROP_UNKNOWN_SOURCE != 0 {
-                drop(Verdict::DropUnknownSource)
+                Verdict::DropUnknownSource
             } else {
-                pass(Verdict::PassUnknownSource)
+                Verdict::PassUnknownSource
             }
         }
     }
@@ -433,43 +430,43 @@ fn rtp_ssrc(
     l4: usize,
     udp: &UdpHdr,
     ip_payload_len: usize,
-) -> Result<u32, Outcome> {
+) -> Result<u32, Verdict> {
     let udp_len = u16::from_be(unsafe { ld(udp as *const UdpHdr as usize + 4) }) as usize;
     if udp_len < UdpHdr::LEN || udp_len != ip_payload_len {
-        return Err(drop(Verdict::DropMalformedUdp));
+        return Err(Verdict::DropMalformedUdp);
     }
     let rtp_off = l4 + UdpHdr::LEN;
     let rtp_len = udp_len - UdpHdr::LEN;
     let Some(first) = ptr_at::<[u8; 2]>(ctx, rtp_off) else {
-        return Err(drop(Verdict::DropUnknownProtocol));
+        return Err(Verdict::DropUnknownProtocol);
     };
     let [b0, b1] = unsafe { *first };
     match classify(b0, b1) {
-        Class::Stun => return Err(pass(Verdict::PassStun)),
-        Class::Dtls => return Err(pass(Verdict::PassDtls)),
-        Class::TurnChannel => return Err(pass(Verdict::PassTurnChannel)),
-        Class::Unknown => return Err(drop(Verdict::DropUnknownProtocol)),
-        Class::Rtcp => return Err(pass(Verdict::PassRtcp)),
+        Class::Stun => return Err(Verdict::PassStun),
+        Class::Dtls => return Err(Verdict::PassDtls),
+        Class::TurnChannel => return Err(Verdict::PassTurnChannel),
+        Class::Unknown => return Err(Verdict::DropUnknownProtocol),
+        Class::Rtcp => return Err(Verdict::PassRtcp),
         Class::Rtp => {}
     }
     if !(RTP_FIXED_HEADER_LEN..=MAX_RTP_LEN).contains(&rtp_len) {
-        return Err(drop(Verdict::DropMalformedRtp));
+        return Err(Verdict::DropMalformedRtp);
     }
     let Some(hdr) = ptr_at::<[u8; RTP_FIXED_HEADER_LEN]>(ctx, rtp_off) else {
-        return Err(drop(Verdict::DropMalformedRtp));
+        return Err(Verdict::DropMalformedRtp);
     };
     let mut hlen = RTP_FIXED_HEADER_LEN + 4 * (b0 & 0x0f) as usize;
     if hlen > rtp_len {
-        return Err(drop(Verdict::DropMalformedRtp));
+        return Err(Verdict::DropMalformedRtp);
     }
     if b0 & 0x10 != 0 {
         let Some(ext) = ptr_at::<[u8; 4]>(ctx, rtp_off + hlen) else {
-            return Err(drop(Verdict::DropMalformedRtp));
+            return Err(Verdict::DropMalformedRtp);
         };
         let words = u16::from_be(unsafe { ld(ext as usize + 2) }) as usize;
         hlen += 4 + 4 * words;
         if hlen > rtp_len {
-            return Err(drop(Verdict::DropMalformedRtp));
+            return Err(Verdict::DropMalformedRtp);
         }
     }
     if b0 & 0x20 != 0 {
@@ -479,11 +476,11 @@ fn rtp_ssrc(
         // keeps a nonzero constant in the bounds check, which the verifier needs.
         let tail_off = core::hint::black_box(rtp_off + rtp_len - 2) & 0x3fff;
         let Some(tail) = ptr_at::<[u8; 2]>(ctx, tail_off) else {
-            return Err(drop(Verdict::DropMalformedRtp));
+            return Err(Verdict::DropMalformedRtp);
         };
         let pad = unsafe { (*tail)[1] } as usize;
         if pad == 0 || hlen + pad > rtp_len {
-            return Err(drop(Verdict::DropMalformedRtp));
+            return Err(Verdict::DropMalformedRtp);
         }
     }
     Ok(unsafe { ld32(hdr as usize + 8) })
@@ -497,7 +494,7 @@ fn source_known(key: &SourceKey) -> bool {
 /// Rewrites Ethernet, UDP and RTP (the IP header is done by the caller), fixes the UDP
 /// checksum from `l4d`, counts the route and sends the frame on its way.
 #[inline(always)]
-fn finish(ctx: &XdpContext, l4: usize, route: &RouteValue, mut l4d: Delta, v6: bool) -> Outcome {
+fn finish(ctx: &XdpContext, l4: usize, route: &RouteValue, mut l4d: Delta, v6: bool) -> Verdict {
     // One bounds check covers UDP and the fixed RTP header. Pointers must come from
     // the checked ones: a fresh ctx.data() carries no proven range.
     // black_box: LLVM sees the Ethernet check as implied by the UDP one and drops it,
@@ -506,7 +503,7 @@ fn finish(ctx: &XdpContext, l4: usize, route: &RouteValue, mut l4d: Delta, v6: b
         ptr_at::<EthHdr>(ctx, core::hint::black_box(0)),
         ptr_at::<[u8; UdpHdr::LEN + RTP_FIXED_HEADER_LEN]>(ctx, l4),
     ) else {
-        return drop(Verdict::DropMalformedRtp);
+        return Verdict::DropMalformedRtp;
     };
     let data = eth as usize;
     let udp = udp as usize;
@@ -573,7 +570,7 @@ fn finish(ctx: &XdpContext, l4: usize, route: &RouteValue, mut l4d: Delta, v6: b
         Ok(_) => Verdict::ForwardRedirect,
         Err(_) => {
             warn!(ctx, "egress ifindex {} is not in EFWD_EGRESS_V1", egress);
-            drop(Verdict::DropRedirectError)
+            Verdict::DropRedirectError
         }
     }
 }
