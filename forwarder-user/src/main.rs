@@ -216,18 +216,19 @@ fn real_main(cli: Cli) -> Result<()> {
                 None => Config::default(),
             };
             if let (Some(http), Some(media)) = (webrtc_http, webrtc_media) {
-                let w = cfg.webrtc.get_or_insert(WebrtcConfig {
-                    http,
-                    media,
-                    candidates: vec![],
-                    token: None,
-                    consent_timeout: 30,
-                });
+                let w = cfg
+                    .webrtc
+                    .get_or_insert_with(|| WebrtcConfig::on(http, media));
                 (w.http, w.media) = (http, media);
             }
             if let Some(w) = &cfg.webrtc {
-                // Fail before loading anything if the answer could not name an address.
-                w.candidates()?;
+                // Fail before loading anything on settings that cannot work.
+                w.check()?;
+            }
+            match edgefwd::preflight::raise_fd_limit() {
+                Ok((a, b)) if a != b => log::info!("open-file limit raised from {a} to {b}"),
+                Ok(_) => {}
+                Err(e) => log::warn!("{e:#}"),
             }
             let rt = tokio::runtime::Runtime::new()?;
             match datapath {

@@ -86,3 +86,33 @@ pub fn require_kernel() -> Result<()> {
     }
     Ok(())
 }
+
+/// Raises the open-file limit to its hard limit: every WebRTC client holds an HTTP
+/// connection while it signals, and the default soft limit (1024) is reached by a
+/// burst of clients well below the configured caps. Returns (before, after).
+pub fn raise_fd_limit() -> Result<(u64, u64)> {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct we pass and nothing else.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) } != 0 {
+        bail!(
+            "getrlimit(RLIMIT_NOFILE): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    let before = l.rlim_cur;
+    if l.rlim_cur < l.rlim_max {
+        l.rlim_cur = l.rlim_max;
+        // SAFETY: setrlimit reads the struct we pass.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &l) } != 0 {
+            bail!(
+                "setrlimit(RLIMIT_NOFILE, {}): {} (raise LimitNOFILE in the service unit)",
+                l.rlim_max,
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    Ok((before, l.rlim_cur))
+}

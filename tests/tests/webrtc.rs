@@ -231,10 +231,52 @@ fn chromium_publishes_and_chromium_watches_vp8_h264_vp9_with_and_without_pqc() {
     );
 }
 
+/// CPU time (user + system) the process has used so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the parenthesised command name; utime and stime are the 12th and
+    // 13th of them (fields 14 and 15 of proc(5)).
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis(ticks * 1000 / hz)
+}
+
+/// After every session has ended (DELETE, a killed peer's consent expiring), the
+/// daemon's tasks end too: it uses (next to) no CPU while idle.
+fn assert_idle_after_sessions_end(sfu: &Sfu) {
+    let mut left = Value::Null;
+    for _ in 0..150 {
+        let s = get_json(&sfu.base, "/api/sessions");
+        if s["rooms"].as_object().is_some_and(|r| r.is_empty()) && s["counters"]["dtls_conns"] == 0
+        {
+            left = Value::Null;
+            break;
+        }
+        left = s;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        left.is_null(),
+        "sessions or DTLS connections left 15 s on: {left}"
+    );
+    let pid = sfu.child.id();
+    let before = cpu_time(pid);
+    std::thread::sleep(Duration::from_secs(3));
+    let used = cpu_time(pid) - before;
+    println!("idle daemon used {used:?} of CPU in 3 s");
+    assert!(
+        used < Duration::from_millis(150),
+        "the idle daemon used {used:?} of CPU in 3 s after its sessions ended (a finished session's task spins)"
+    );
+}
+
 #[test]
 fn aiortc_and_chromium_interoperate_through_the_sfu() {
     let _k = kernel_lock();
-    let sfu = start_sfu(None, "");
+    // Short consent: the killed publishers' sessions must go within the test.
+    let sfu = start_sfu(None, "consent_timeout = 3\n");
     let py = aiortc_python();
     let client = repo().join("tests/clients/aiortc_client.py");
 
@@ -305,6 +347,9 @@ fn aiortc_and_chromium_interoperate_through_the_sfu() {
     assert_subscriber_ok(&r, Some("VP8"));
     let _ = publisher.kill();
     let _ = publisher.wait();
+    // Sessions ended by DELETE (aiortc, the watchers) and by consent expiry (the
+    // killed publishers).
+    assert_idle_after_sessions_end(&sfu);
 }
 
 fn wait_for_publisher(base: &str, room: &str) {
@@ -478,5 +523,216 @@ fn whip_whep_refuse_bad_requests_clearly() {
                 .call()
         ),
         404
+    );
+}
+
+fn send(
+    req: ureq::RequestBuilder<ureq::typestate::WithBody>,
+    body: &str,
+) -> (u16, String, Option<String>) {
+    let mut r = req
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .send(body)
+        .unwrap();
+    let retry = r
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_string());
+    (
+        r.status().as_u16(),
+        r.body_mut().read_to_string().unwrap(),
+        retry,
+    )
+}
+
+fn get_status(url: &str, token: Option<&str>) -> u16 {
+    let mut req = ureq::get(url);
+    if let Some(t) = token {
+        req = req.header("Authorization", format!("Bearer {t}"));
+    }
+    req.config()
+        .http_status_as_error(false)
+        .build()
+        .call()
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// A TCP connection to `port` on 127.0.0.1 from another loopback address.
+fn connect_from(src: &str, port: u16) -> std::net::TcpStream {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(
+        &format!("{src}:0")
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
+            .into(),
+    )
+    .unwrap();
+    s.connect(
+        &format!("127.0.0.1:{port}")
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
+            .into(),
+    )
+    .unwrap();
+    s.into()
+}
+
+/// What an idle connection got from the server within `wait`: None (still open,
+/// nothing sent), or everything up to the server's close.
+fn read_until_close(c: &mut std::net::TcpStream, wait: Duration) -> Option<String> {
+    use std::io::Read;
+    c.set_read_timeout(Some(wait)).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) => return Some(String::from_utf8_lossy(&got).into_owned()),
+            Ok(n) => got.extend(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Some(String::from_utf8_lossy(&got).into_owned());
+            }
+            Err(_) => return None, // timed out: still open
+        }
+    }
+}
+
+/// With a token configured, nothing that reveals or changes state answers without
+/// it; the media type is matched exactly; session caps answer 429/503 with the cap
+/// named; never-connected sessions go after the short ICE window; idle HTTP
+/// connections beyond the per-source cap are refused at once, those admitted are
+/// closed after the header timeout, and a normal client is served meanwhile.
+#[test]
+fn http_needs_the_token_and_limits_hold_against_idle_and_greedy_clients() {
+    let _k = kernel_lock();
+    let sfu = start_sfu(
+        None,
+        "token = \"s3cret\"\n[webrtc.limits]\nmax_sessions_per_source = 2\nice_timeout = 2\n\
+         http_max_connections_per_source = 8\nhttp_header_timeout = 3\n",
+    );
+    let base = &sfu.base;
+    for path in ["/api/sessions", "/metrics"] {
+        assert_eq!(
+            get_status(&format!("{base}{path}"), None),
+            401,
+            "{path} without the token"
+        );
+        assert_eq!(
+            get_status(&format!("{base}{path}"), Some("wrong")),
+            401,
+            "{path}"
+        );
+        assert_eq!(
+            get_status(&format!("{base}{path}"), Some("s3cret")),
+            200,
+            "{path}"
+        );
+    }
+    let offer = include_str!("../../forwarder-user/src/webrtc/testdata/chromium-offer.sdp");
+    let post = |room: &str, ct: &str| {
+        send(
+            ureq::post(&format!("{base}/whip/{room}"))
+                .header("Content-Type", ct)
+                .header("Authorization", "Bearer s3cret"),
+            offer,
+        )
+    };
+    let (s, m, _) = post("r", "application/sdpfoo");
+    assert_eq!(s, 415, "another media type that starts like ours: {m}");
+    let (s, m, _) = post("r", "Application/SDP; charset=utf-8");
+    assert_eq!(s, 201, "parameters are allowed, case does not matter: {m}");
+    assert_eq!(post("r2", "application/sdp").0, 201);
+    let (s, m, retry) = post("r3", "application/sdp");
+    assert_eq!(s, 429, "{m}");
+    assert!(m.contains("max_sessions_per_source"), "{m}");
+    assert_eq!(retry.as_deref(), Some("5"));
+    // Never connected: reaped after ice_timeout (2 s), so the source may join again.
+    let mut joined = false;
+    for _ in 0..60 {
+        std::thread::sleep(Duration::from_millis(100));
+        if post("r3", "application/sdp").0 == 201 {
+            joined = true;
+            break;
+        }
+    }
+    assert!(
+        joined,
+        "never-connected sessions were not reaped within 6 s (ice_timeout = 2)"
+    );
+
+    // Idle connections from 127.0.0.2: 8 admitted, the rest refused at once.
+    let port: u16 = base.rsplit(':').next().unwrap().parse().unwrap();
+    let mut idle: Vec<_> = (0..20).map(|_| connect_from("127.0.0.2", port)).collect();
+    let mut refused = 0;
+    let mut open = Vec::new();
+    for c in &mut idle {
+        // 20 x 100 ms stays well inside the 3 s header timeout.
+        match read_until_close(c, Duration::from_millis(100)) {
+            Some(text) => {
+                assert!(
+                    text.starts_with("HTTP/1.1 503")
+                        && text.contains("http_max_connections_per_source"),
+                    "{text:?}"
+                );
+                refused += 1;
+            }
+            None => open.push(c),
+        }
+    }
+    assert_eq!((open.len(), refused), (8, 12), "per-source connection cap");
+    // Meanwhile another client is served at once.
+    let t = std::time::Instant::now();
+    assert_eq!(
+        get_status(&format!("{base}/api/sessions"), Some("s3cret")),
+        200
+    );
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    // The admitted idle ones are closed by the header timeout (3 s).
+    for c in open {
+        assert!(
+            read_until_close(c, Duration::from_secs(5)).is_some(),
+            "an idle connection outlived the 3 s header timeout"
+        );
+    }
+    // The daemon raised its own open-file limit to the hard limit.
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", sfu.child.id())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let f: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(
+        f[3], f[4],
+        "soft open-file limit not raised to the hard one: {line}"
+    );
+}
+
+/// `[webrtc] admin`: state and metrics move to their own listener.
+#[test]
+fn admin_listener_takes_state_and_metrics_off_the_public_one() {
+    let _k = kernel_lock();
+    let admin_port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let sfu = start_sfu(None, &format!("admin = \"127.0.0.1:{admin_port}\"\n"));
+    assert_eq!(get_status(&format!("{}/api/sessions", sfu.base), None), 404);
+    assert_eq!(get_status(&format!("{}/metrics", sfu.base), None), 404);
+    assert_eq!(
+        get_status(&format!("{}/", sfu.base), None),
+        200,
+        "the page stays public"
+    );
+    let admin = format!("http://127.0.0.1:{admin_port}");
+    assert_eq!(get_status(&format!("{admin}/api/sessions"), None), 200);
+    assert_eq!(get_status(&format!("{admin}/metrics"), None), 200);
+    assert_eq!(
+        get_status(&format!("{admin}/whip/r"), None),
+        404,
+        "no signaling on admin"
     );
 }

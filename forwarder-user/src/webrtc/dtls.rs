@@ -10,7 +10,10 @@
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -58,6 +61,8 @@ pub struct ClientHelloReader {
     body: Vec<u8>,
     have: Vec<bool>,
     started: bool,
+    /// The datagrams that carried the current message, for the handshake to replay.
+    datagrams: Vec<Vec<u8>>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -68,53 +73,120 @@ pub enum HelloState {
     Complete(Vec<u16>),
 }
 
+/// Whether a datagram is a sequence of well-framed DTLS records (RFC 6347 §4.1): a
+/// known content type, a DTLS version, and lengths that add up to the datagram. What
+/// fails this is junk (or an attack from a spoofed address) and is dropped before it
+/// reaches the handshake; it must never end the session.
+pub fn well_framed(datagram: &[u8]) -> bool {
+    let mut rest = datagram;
+    if rest.is_empty() {
+        return false;
+    }
+    while !rest.is_empty() {
+        if rest.len() < 13
+            || !matches!(rest[0], 20..=23)
+            || rest[1] != 0xfe
+            || !matches!(rest[2], 0xfd | 0xff)
+        {
+            return false;
+        }
+        let len = u16::from_be_bytes([rest[11], rest[12]]) as usize;
+        let Some(next) = rest.get(13 + len..) else {
+            return false;
+        };
+        rest = next;
+    }
+    true
+}
+
+/// One ClientHello fragment of a datagram: (total length, offset, bytes).
+type Fragment<'a> = (usize, usize, &'a [u8]);
+
+/// The ClientHello fragments in one datagram, or what is malformed about it.
+fn hello_fragments(datagram: &[u8]) -> Result<Vec<Fragment<'_>>, &'static str> {
+    let mut out = Vec::new();
+    let mut rest = datagram;
+    while rest.len() >= 13 {
+        let (ctype, len) = (rest[0], u16::from_be_bytes([rest[11], rest[12]]) as usize);
+        let rec = rest
+            .get(13..13 + len)
+            .ok_or("DTLS record longer than its datagram")?;
+        rest = &rest[13 + len..];
+        if ctype != 22 {
+            continue; // not handshake
+        }
+        let mut hs = rec;
+        while hs.len() >= 12 {
+            let msg_type = hs[0];
+            let total = u32::from_be_bytes([0, hs[1], hs[2], hs[3]]) as usize;
+            let off = u32::from_be_bytes([0, hs[6], hs[7], hs[8]]) as usize;
+            let flen = u32::from_be_bytes([0, hs[9], hs[10], hs[11]]) as usize;
+            let frag = hs
+                .get(12..12 + flen)
+                .ok_or("handshake fragment longer than its record")?;
+            hs = &hs[12 + flen..];
+            if msg_type != 1 {
+                continue; // not ClientHello
+            }
+            if total > 1 << 16 {
+                return Err("ClientHello larger than 64 KiB");
+            }
+            if off + flen > total {
+                return Err("ClientHello fragment beyond the message's length");
+            }
+            out.push((total, off, frag));
+        }
+    }
+    Ok(out)
+}
+
 impl ClientHelloReader {
-    /// Feeds one datagram. Errors describe what is malformed; the caller drops the peer.
+    /// Feeds one datagram. An error says what is malformed about it: the datagram is
+    /// not used, and the caller drops (and counts) it and goes on, since junk from a
+    /// spoofed address must not end a session.
     pub fn push(&mut self, datagram: &[u8]) -> Result<HelloState, &'static str> {
-        let mut rest = datagram;
-        while rest.len() >= 13 {
-            let (ctype, len) = (rest[0], u16::from_be_bytes([rest[11], rest[12]]) as usize);
-            let rec = rest
-                .get(13..13 + len)
-                .ok_or("DTLS record longer than its datagram")?;
-            rest = &rest[13 + len..];
-            if ctype != 22 {
-                continue; // not handshake
+        let frags = hello_fragments(datagram)?;
+        if frags.is_empty() {
+            return Ok(HelloState::Incomplete); // nothing of a ClientHello: not kept
+        }
+        // A fragment of another length starts over: the newest ClientHello wins (a
+        // stray or forged fragment cannot wedge the real one out).
+        if let Some(&(total, ..)) = frags
+            .iter()
+            .find(|f| !self.started || f.0 != self.body.len())
+        {
+            self.body = vec![0; total];
+            self.have = vec![false; total];
+            self.started = true;
+            self.datagrams.clear();
+        }
+        self.datagrams.push(datagram.to_vec());
+        for (total, off, frag) in frags {
+            if total != self.body.len() {
+                continue; // an older message's fragment in the same datagram
             }
-            let mut hs = rec;
-            while hs.len() >= 12 {
-                let msg_type = hs[0];
-                let total = u32::from_be_bytes([0, hs[1], hs[2], hs[3]]) as usize;
-                let off = u32::from_be_bytes([0, hs[6], hs[7], hs[8]]) as usize;
-                let flen = u32::from_be_bytes([0, hs[9], hs[10], hs[11]]) as usize;
-                let frag = hs
-                    .get(12..12 + flen)
-                    .ok_or("handshake fragment longer than its record")?;
-                hs = &hs[12 + flen..];
-                if msg_type != 1 {
-                    continue; // not ClientHello
-                }
-                if total > 1 << 16 {
-                    return Err("ClientHello larger than 64 KiB");
-                }
-                if !self.started {
-                    self.body = vec![0; total];
-                    self.have = vec![false; total];
-                    self.started = true;
-                }
-                if total != self.body.len() || off + flen > total {
-                    return Err("ClientHello fragments disagree on its length");
-                }
-                self.body[off..off + flen].copy_from_slice(frag);
-                self.have[off..off + flen]
-                    .iter_mut()
-                    .for_each(|h| *h = true);
-            }
+            self.body[off..off + frag.len()].copy_from_slice(frag);
+            self.have[off..off + frag.len()]
+                .iter_mut()
+                .for_each(|h| *h = true);
         }
         if self.started && self.have.iter().all(|h| *h) {
-            return parse_use_srtp(&self.body).map(HelloState::Complete);
+            return match parse_use_srtp(&self.body) {
+                Ok(p) => Ok(HelloState::Complete(p)),
+                Err(e) => {
+                    // A complete message that does not parse: forget it, wait for the
+                    // next (the client retransmits its ClientHello).
+                    *self = ClientHelloReader::default();
+                    Err(e)
+                }
+            };
         }
         Ok(HelloState::Incomplete)
+    }
+
+    /// The datagrams the complete ClientHello came in, in arrival order.
+    pub fn into_datagrams(self) -> Vec<Vec<u8>> {
+        self.datagrams
     }
 }
 
@@ -164,13 +236,29 @@ pub fn choose_profile(client: &[u16]) -> Option<u16> {
 
 /// A per-peer view of the shared media socket: the demultiplexer feeds it the peer's
 /// DTLS datagrams; sends go to the peer's current address.
+///
+/// The session owns the sending half of `rx`: when the session goes, `rx` closes, and
+/// [`DemuxConn::closed`] fires. `recv` must not fail then: webrtc-dtls's reader task
+/// retries a failed `recv` at once, forever (it only ends on a fatal alert or on
+/// `DTLSConn::close`/drop), so an error there spun a core per finished session. It
+/// waits instead, and the session's task closes the DTLS connection, which ends the
+/// reader.
 pub struct DemuxConn {
     /// Datagrams read before the handshake started (the ClientHello we peeked at).
     pending: Mutex<std::collections::VecDeque<Vec<u8>>>,
     rx: tokio::sync::Mutex<mpsc::Receiver<Vec<u8>>>,
+    closed: tokio::sync::watch::Sender<bool>,
     socket: Arc<UdpSocket>,
     peer: Arc<Mutex<SocketAddr>>,
     last_flight: Mutex<LastFlight>,
+    /// Connections alive (shared gauge): one that outlives its session is a leaked task.
+    live: Arc<AtomicU64>,
+}
+
+impl Drop for DemuxConn {
+    fn drop(&mut self) {
+        self.live.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// RFC 6347 §4.2.4: the server sends the handshake's last flight (ChangeCipherSpec +
@@ -203,14 +291,24 @@ impl DemuxConn {
         rx: mpsc::Receiver<Vec<u8>>,
         socket: Arc<UdpSocket>,
         peer: Arc<Mutex<SocketAddr>>,
+        live: Arc<AtomicU64>,
     ) -> Self {
+        live.fetch_add(1, Ordering::Relaxed);
         DemuxConn {
             pending: Mutex::new(pending.into()),
             rx: tokio::sync::Mutex::new(rx),
+            closed: tokio::sync::watch::Sender::new(false),
             socket,
             peer,
             last_flight: Mutex::default(),
+            live,
         }
+    }
+
+    /// Resolves once the session is gone (its datagram queue closed).
+    pub async fn closed(&self) {
+        let mut rx = self.closed.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
     }
     fn peer(&self) -> SocketAddr {
         *self.peer.lock().unwrap()
@@ -255,12 +353,6 @@ impl DemuxConn {
     }
 }
 
-fn closed() -> webrtc_util::Error {
-    webrtc_util::Error::Io(
-        std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "session closed").into(),
-    )
-}
-
 #[async_trait]
 impl Conn for DemuxConn {
     async fn connect(&self, _addr: SocketAddr) -> webrtc_util::Result<()> {
@@ -270,7 +362,14 @@ impl Conn for DemuxConn {
         let queued = self.pending.lock().unwrap().pop_front();
         let d = match queued {
             Some(d) => d,
-            None => self.rx.lock().await.recv().await.ok_or_else(closed)?,
+            None => match self.rx.lock().await.recv().await {
+                Some(d) => d,
+                None => {
+                    // Session gone: tell its task, then never return (see the type).
+                    self.closed.send_replace(true);
+                    return std::future::pending().await;
+                }
+            },
         };
         self.on_received(&d).await;
         let n = d.len().min(buf.len());
@@ -474,6 +573,61 @@ mod tests {
         assert!(r.push(&rec).is_err());
     }
 
+    #[test]
+    fn junk_and_stray_fragments_never_wedge_the_real_hello() {
+        let body = hello_body(&[0x0001, 0x0007], 1400);
+        let half = 1000;
+        let mut r = ClientHelloReader::default();
+        // A complete but unparseable ClientHello: refused, forgotten.
+        let junk = vec![0u8; 40];
+        assert!(r.push(&record(&junk, 0, junk.len())).is_err());
+        // A stray fragment of some other ClientHello, then the real one in two parts:
+        // the newest message wins.
+        let stray = vec![1u8; 3000];
+        assert_eq!(
+            r.push(&record(&stray, 0, 100)).unwrap(),
+            HelloState::Incomplete
+        );
+        let (a, b) = (
+            record(&body, 0, half),
+            record(&body, half, body.len() - half),
+        );
+        assert_eq!(r.push(&a).unwrap(), HelloState::Incomplete);
+        // Records that are not ClientHello fragments change nothing.
+        assert_eq!(
+            r.push(&[21, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 1, 0, 2, 2, 40])
+                .unwrap(),
+            HelloState::Incomplete
+        );
+        assert_eq!(r.push(&b).unwrap(), HelloState::Complete(vec![1, 7]));
+        assert_eq!(
+            r.into_datagrams(),
+            vec![a, b],
+            "only the real hello is replayed"
+        );
+    }
+
+    #[test]
+    fn framing_check_takes_records_and_refuses_junk() {
+        let body = hello_body(&[7], 0);
+        let rec = record(&body, 0, body.len());
+        assert!(well_framed(&rec));
+        assert!(well_framed(&[rec.clone(), rec.clone()].concat()));
+        assert!(!well_framed(&rec[..rec.len() - 1]), "short record");
+        assert!(
+            !well_framed(&[rec.clone(), vec![22, 0xfe]].concat()),
+            "trailing bytes"
+        );
+        let mut bad_type = rec.clone();
+        bad_type[0] = 24;
+        assert!(!well_framed(&bad_type));
+        let mut bad_version = rec;
+        bad_version[2] = 0x00;
+        assert!(!well_framed(&bad_version));
+        assert!(!well_framed(&[]));
+        assert!(!well_framed(&[0x16; 200]));
+    }
+
     /// The client's side of a loopback socket that loses the first datagram opening
     /// with a ChangeCipherSpec record: the server's last flight.
     struct LosesServerFinished {
@@ -519,8 +673,6 @@ mod tests {
         }
     }
 
-    use std::sync::atomic::Ordering;
-
     #[tokio::test]
     async fn lost_server_finished_is_sent_again_when_the_client_repeats_its_flight() {
         let server_sock = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
@@ -542,7 +694,8 @@ mod tests {
                 }
             }
         });
-        let conn = Arc::new(DemuxConn::new(vec![], rx, server_sock, peer));
+        let live = Arc::new(AtomicU64::new(0));
+        let conn = Arc::new(DemuxConn::new(vec![], rx, server_sock, peer, live));
         let server_id = Identity::generate().unwrap();
         let client_id = Identity::generate().unwrap();
         let fingerprint = ("sha-256".to_string(), client_id.fingerprint.clone());

@@ -4,16 +4,22 @@
 // size does not matter.
 #![allow(clippy::result_large_err)]
 
-use std::sync::Arc;
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use axum::{
     Router,
     body::Bytes,
-    extract::{Path, State},
+    extract::{ConnectInfo, Path, State},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{Html, IntoResponse, Response},
     routing::{get, post},
 };
+use tokio::net::TcpListener;
 
 use super::{
     sdp::parse_offer,
@@ -27,12 +33,12 @@ pub struct Api {
 
 const PAGE: &str = include_str!("page.html");
 
-pub fn router(api: Arc<Api>) -> Router {
-    Router::new()
+/// The public listener: the page, WHIP and WHEP, and (unless an admin listener
+/// takes them) the state and metrics endpoints.
+pub fn router(api: Arc<Api>, with_admin: bool) -> Router {
+    let r = Router::new()
         .route("/", get(|| async { Html(PAGE) }))
         .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
-        .route("/api/sessions", get(sessions))
-        .route("/metrics", get(metrics))
         .route("/whip/{room}", post(whip).options(options))
         .route("/whep/{room}", post(whep).options(options))
         .route(
@@ -46,8 +52,138 @@ pub fn router(api: Arc<Api>) -> Router {
             axum::routing::delete(leave_whep)
                 .patch(no_trickle)
                 .options(options),
-        )
-        .with_state(api)
+        );
+    let r = if with_admin { with_admin_routes(r) } else { r };
+    r.with_state(api)
+}
+
+/// `[webrtc] admin`: state and metrics on their own listener.
+pub fn admin_router(api: Arc<Api>) -> Router {
+    with_admin_routes(Router::new()).with_state(api)
+}
+
+fn with_admin_routes(r: Router<Arc<Api>>) -> Router<Arc<Api>> {
+    r.route("/api/sessions", get(sessions))
+        .route("/metrics", get(metrics))
+}
+
+/// Open HTTP connections, in total and per client address.
+pub struct ConnLimits {
+    max: usize,
+    max_per_source: usize,
+    header_timeout: Duration,
+    open: Mutex<(usize, HashMap<IpAddr, usize>)>,
+}
+
+/// One admitted connection; gives its place back on drop.
+struct ConnSlot {
+    limits: Arc<ConnLimits>,
+    ip: IpAddr,
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        let mut open = self.limits.open.lock().unwrap();
+        open.0 -= 1;
+        if let Some(n) = open.1.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.1.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl ConnLimits {
+    pub fn new(l: &super::Limits) -> ConnLimits {
+        ConnLimits {
+            max: l.http_max_connections,
+            max_per_source: l.http_max_connections_per_source,
+            header_timeout: Duration::from_secs(l.http_header_timeout),
+            open: Mutex::new((0, HashMap::new())),
+        }
+    }
+
+    /// A place for a connection from `ip`, or why there is none.
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnSlot, &'static str> {
+        let mut open = self.open.lock().unwrap();
+        if open.0 >= self.max {
+            return Err(
+                "the server has as many HTTP connections open as it allows (http_max_connections); retry shortly",
+            );
+        }
+        let n = open.1.entry(ip).or_default();
+        if *n >= self.max_per_source {
+            return Err(
+                "your address has as many HTTP connections open as one client may (http_max_connections_per_source); close some or reuse them",
+            );
+        }
+        *n += 1;
+        open.0 += 1;
+        Ok(ConnSlot {
+            limits: self.clone(),
+            ip,
+        })
+    }
+}
+
+/// Serves `app` on `listener` with per-connection limits: a cap on open connections
+/// (in total and per client address; over it the client gets a 503 and the
+/// connection is closed), and a header timeout that also closes idle kept-alive
+/// connections, so idle clients cannot hold the daemon's file descriptors.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: Arc<ConnLimits>,
+) -> anyhow::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors or similar: back off instead of spinning.
+                log::warn!("HTTP accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let slot = match limits.admit(peer.ip()) {
+            Ok(s) => s,
+            Err(why) => {
+                let body = format!("{why}\n");
+                let reply = format!(
+                    "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\nretry-after: 1\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                // Best effort and never waiting: the socket buffer takes it or not.
+                // (A plain write: tokio's try_write says WouldBlock until its reactor
+                // has seen the new socket writable.)
+                if let Ok(mut s) = stream.into_std() {
+                    let _ = std::io::Write::write(&mut s, reply.as_bytes());
+                }
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let header_timeout = limits.header_timeout;
+        tokio::spawn(async move {
+            let _slot = slot;
+            let svc = hyper::service::service_fn(
+                move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(ConnectInfo(peer));
+                    tower::ServiceExt::oneshot(app.clone(), req)
+                },
+            );
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = conn.await {
+                log::debug!("HTTP connection from {peer}: {e}");
+            }
+        });
+    }
 }
 
 fn text(status: StatusCode, msg: impl Into<String>) -> Response {
@@ -64,8 +200,19 @@ fn api_error(e: ApiError) -> Response {
         ApiError::BadOffer(_) => StatusCode::BAD_REQUEST,
         ApiError::UnknownRoom(_) | ApiError::UnknownSession => StatusCode::NOT_FOUND,
         ApiError::UnsupportedCodec(_) => StatusCode::NOT_ACCEPTABLE,
+        ApiError::TooManyFromSource(_) => StatusCode::TOO_MANY_REQUESTS,
+        ApiError::ServerFull(_) | ApiError::RoomFull(..) => StatusCode::SERVICE_UNAVAILABLE,
     };
-    text(status, e.to_string())
+    let retry = matches!(
+        e,
+        ApiError::TooManyFromSource(_) | ApiError::ServerFull(_) | ApiError::RoomFull(..)
+    );
+    let mut r = text(status, e.to_string());
+    if retry {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    }
+    r
 }
 
 /// Room names become URL path segments and log fields: keep them plain.
@@ -109,11 +256,10 @@ fn read_offer(headers: &HeaderMap, body: &[u8]) -> Result<super::sdp::Offer, Res
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    if !ct
-        .trim()
-        .to_ascii_lowercase()
-        .starts_with("application/sdp")
-    {
+    // The media type exactly (parameters after ';' allowed): "application/sdpfoo" is
+    // another type.
+    let media_type = ct.split(';').next().unwrap_or("").trim();
+    if !media_type.eq_ignore_ascii_case("application/sdp") {
         return Err(text(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             format!("Content-Type is {ct:?}; send the SDP offer as application/sdp"),
@@ -143,24 +289,33 @@ fn created(kind: &str, room: &str, id: &str, answer: String) -> Response {
 
 async fn whip(
     State(api): State<Arc<Api>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(room): Path<String>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    join(&api, &room, &headers, &body, Role::Publisher)
+    join(&api, peer.ip(), &room, &headers, &body, Role::Publisher)
 }
 
 async fn whep(
     State(api): State<Arc<Api>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(room): Path<String>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    join(&api, &room, &headers, &body, Role::Subscriber)
+    join(&api, peer.ip(), &room, &headers, &body, Role::Subscriber)
 }
 
 /// WHIP (publish) or WHEP (subscribe): checks, offer, answer.
-fn join(api: &Api, room: &str, headers: &HeaderMap, body: &[u8], role: Role) -> Response {
+fn join(
+    api: &Api,
+    source: IpAddr,
+    room: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+    role: Role,
+) -> Response {
     if let Err(r) = check_room(room).and_then(|_| check_auth(api, headers)) {
         return r;
     }
@@ -169,8 +324,8 @@ fn join(api: &Api, room: &str, headers: &HeaderMap, body: &[u8], role: Role) -> 
         Err(r) => return r,
     };
     let (joined, kind) = match role {
-        Role::Publisher => (api.sfu.publish(room, &offer), "whip"),
-        Role::Subscriber => (api.sfu.subscribe(room, &offer), "whep"),
+        Role::Publisher => (api.sfu.publish(room, source, &offer), "whip"),
+        Role::Subscriber => (api.sfu.subscribe(room, source, &offer), "whep"),
     };
     match joined {
         Ok((id, answer)) => {
@@ -237,12 +392,21 @@ async fn options() -> Response {
     r
 }
 
-async fn sessions(State(api): State<Arc<Api>>) -> Response {
+/// Session ids, rooms and client addresses: behind the token like everything else
+/// that reveals state.
+async fn sessions(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
+    if let Err(r) = check_auth(&api, &headers) {
+        return r;
+    }
     axum::Json(api.sfu.snapshot()).into_response()
 }
 
-/// Prometheus exposition of the control plane's counters and session gauges.
-async fn metrics(State(api): State<Arc<Api>>) -> Response {
+/// Prometheus exposition of the control plane's counters and session gauges (with a
+/// token configured, scrape with `authorization: {credentials: <token>}`).
+async fn metrics(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
+    if let Err(r) = check_auth(&api, &headers) {
+        return r;
+    }
     match api.sfu.render_metrics() {
         Ok(text) => {
             let mut r = text.into_response();

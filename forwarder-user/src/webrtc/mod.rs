@@ -29,18 +29,116 @@ pub struct WebrtcConfig {
     /// address, which then must not be a wildcard.
     #[serde(default)]
     pub candidates: Vec<IpAddr>,
-    /// If set, WHIP/WHEP POSTs need `Authorization: Bearer <token>`.
+    /// If set, every endpoint that reveals or changes state (WHIP/WHEP POST and
+    /// DELETE, `/api/sessions`, `/metrics`) needs `Authorization: Bearer <token>`.
     pub token: Option<String>,
     /// Seconds without a valid ICE check before a session is dropped (RFC 7675).
     #[serde(default = "default_consent")]
     pub consent_timeout: u64,
+    /// If set, `/api/sessions` and `/metrics` are served here (e.g. a private
+    /// address) and no longer on `http`.
+    pub admin: Option<SocketAddr>,
+    #[serde(default)]
+    pub limits: Limits,
 }
 
 fn default_consent() -> u64 {
     30
 }
 
+/// `[webrtc.limits]`: what one client, one room, or everyone together may take.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Sessions in total; beyond it POSTs get 503.
+    pub max_sessions: usize,
+    /// Sessions in one room; beyond it 503 for that room.
+    pub max_sessions_per_room: usize,
+    /// Sessions created from one client IP address; beyond it 429. A reverse proxy
+    /// in front makes every client one address: raise it there.
+    pub max_sessions_per_source: usize,
+    /// Seconds a session may wait for its first valid ICE check before it is
+    /// removed (a never-connected session should not hold state for the whole
+    /// consent timeout).
+    pub ice_timeout: u64,
+    /// HTTP connections open at once; beyond it new ones get 503 and are closed.
+    pub http_max_connections: usize,
+    /// HTTP connections open at once from one client IP address.
+    pub http_max_connections_per_source: usize,
+    /// Seconds a client has to send a request's headers, also between requests on
+    /// a kept-alive connection; then the connection is closed.
+    pub http_header_timeout: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_sessions: 10_000,
+            max_sessions_per_room: 2_000,
+            max_sessions_per_source: 200,
+            ice_timeout: 10,
+            http_max_connections: 1_024,
+            http_max_connections_per_source: 64,
+            http_header_timeout: 10,
+        }
+    }
+}
+
 impl WebrtcConfig {
+    /// WebRTC on these addresses with every other setting at its default.
+    pub fn on(http: SocketAddr, media: SocketAddr) -> WebrtcConfig {
+        WebrtcConfig {
+            http,
+            media,
+            candidates: vec![],
+            token: None,
+            consent_timeout: default_consent(),
+            admin: None,
+            limits: Limits::default(),
+        }
+    }
+
+    /// Refuses settings that cannot work, saying which to fix.
+    pub fn check(&self) -> Result<()> {
+        self.candidates()?;
+        let l = &self.limits;
+        for (name, v) in [
+            ("max_sessions", l.max_sessions),
+            ("max_sessions_per_room", l.max_sessions_per_room),
+            ("max_sessions_per_source", l.max_sessions_per_source),
+            ("http_max_connections", l.http_max_connections),
+            (
+                "http_max_connections_per_source",
+                l.http_max_connections_per_source,
+            ),
+        ] {
+            if v == 0 {
+                bail!("[webrtc.limits] {name} = 0 would refuse every client; set it to at least 1");
+            }
+        }
+        for (name, v) in [
+            ("ice_timeout", l.ice_timeout),
+            ("http_header_timeout", l.http_header_timeout),
+        ] {
+            if v == 0 {
+                bail!(
+                    "[webrtc.limits] {name} = 0 would cut every client off at once; give seconds ≥ 1"
+                );
+            }
+        }
+        if self.consent_timeout == 0 {
+            bail!(
+                "[webrtc] consent_timeout = 0 would drop every session at once; give seconds ≥ 1"
+            );
+        }
+        if self.token.as_deref() == Some("") {
+            bail!(
+                "[webrtc] token = \"\" cannot be sent as a bearer token; remove it or set a secret"
+            );
+        }
+        Ok(())
+    }
+
     pub fn candidates(&self) -> Result<Vec<SocketAddr>> {
         if self.candidates.is_empty() {
             if self.media.ip().is_unspecified() {
@@ -59,9 +157,10 @@ impl WebrtcConfig {
     }
 }
 
-/// Binds the media socket and the HTTP listener (so errors surface at start-up and
+/// Binds the media socket and the HTTP listeners (so errors surface at start-up and
 /// clients can connect once this returns), then returns the future that serves.
 pub async fn start(cfg: WebrtcConfig) -> Result<impl std::future::Future<Output = Result<()>>> {
+    cfg.check()?;
     let candidates = cfg.candidates()?;
     let socket = std::net::UdpSocket::bind(cfg.media).with_context(|| {
         format!(
@@ -69,24 +168,37 @@ pub async fn start(cfg: WebrtcConfig) -> Result<impl std::future::Future<Output 
             cfg.media
         )
     })?;
-    let listener = tokio::net::TcpListener::bind(cfg.http)
-        .await
-        .with_context(|| {
+    let bind = |addr: SocketAddr, what: &'static str| async move {
+        tokio::net::TcpListener::bind(addr).await.with_context(|| {
             format!(
-                "binding WHIP/WHEP HTTP on {} (in use? pick another with [webrtc] http)",
-                cfg.http
+                "binding {what} on {addr} (in use? pick another with [webrtc] {})",
+                if what == "the admin API" {
+                    "admin"
+                } else {
+                    "http"
+                }
             )
-        })?;
+        })
+    };
+    let listener = bind(cfg.http, "WHIP/WHEP HTTP").await?;
+    let admin_listener = match cfg.admin {
+        Some(a) => Some(bind(a, "the admin API").await?),
+        None => None,
+    };
     let sfu = sfu::Sfu::new(
         socket,
         candidates.clone(),
         Duration::from_secs(cfg.consent_timeout),
+        cfg.limits.clone(),
     )?;
     log::info!(
-        "WebRTC: WHIP/WHEP on http://{}/ , media on udp {} (candidates {:?})",
+        "WebRTC: WHIP/WHEP on http://{}/ , media on udp {} (candidates {:?}){}",
         cfg.http,
         cfg.media,
-        candidates
+        candidates,
+        cfg.admin
+            .map(|a| format!(", admin API on http://{a}/"))
+            .unwrap_or_default()
     );
     Ok(async move {
         let ticker = {
@@ -100,12 +212,21 @@ pub async fn start(cfg: WebrtcConfig) -> Result<impl std::future::Future<Output 
             })
         };
         let media = tokio::spawn(sfu.clone().run_socket());
-        let app = http::router(Arc::new(http::Api {
+        let api = Arc::new(http::Api {
             sfu,
             token: cfg.token.clone(),
-        }));
+        });
+        let limits = Arc::new(http::ConnLimits::new(&cfg.limits));
+        let public = http::router(api.clone(), admin_listener.is_none());
+        let admin = async {
+            match admin_listener {
+                Some(l) => http::serve(l, http::admin_router(api.clone()), limits.clone()).await,
+                None => std::future::pending().await,
+            }
+        };
         let res = tokio::select! {
-            r = axum::serve(listener, app) => r.context("WHIP/WHEP HTTP server"),
+            r = http::serve(listener, public, limits.clone()) => r.context("WHIP/WHEP HTTP server"),
+            r = admin => r.context("admin HTTP server"),
             r = media => r.context("media task")?.context("media socket"),
         };
         ticker.abort();

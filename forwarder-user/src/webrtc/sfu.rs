@@ -46,7 +46,9 @@ pub enum Drop {
     StunUnauthenticated,
     /// DTLS or SRTP from an address no valid ICE check came from.
     UnknownPeer,
-    /// DTLS that is not a usable ClientHello (or offers no common SRTP profile).
+    /// DTLS that is not well-framed records, or a malformed ClientHello (the session
+    /// stays: such datagrams can be spoofed), or a ClientHello with no common SRTP
+    /// profile (which ends the session).
     DtlsMalformed,
     /// SRTP/SRTCP before the handshake finished.
     NotConnected,
@@ -110,6 +112,9 @@ pub struct Counters {
     pub nack_resent: AtomicU64,
     pub keyframe_requests: AtomicU64,
     pub dtls_handshakes: AtomicU64,
+    /// DTLS connections whose tasks are alive (a gauge): one per session that got past
+    /// its ClientHello; a finished session's must go to 0.
+    pub dtls_conns: Arc<AtomicU64>,
     /// ClientHellos that spanned more than one datagram (post-quantum key shares).
     pub dtls_fragmented_hellos: AtomicU64,
 }
@@ -196,6 +201,8 @@ pub struct Session {
     pub id: String,
     pub room: String,
     pub role: Role,
+    /// The HTTP client address that created it (for the per-source cap).
+    pub http_source: std::net::IpAddr,
     ice_ufrag: String,
     ice_pwd: String,
     remote_ufrag: String,
@@ -287,6 +294,12 @@ pub enum ApiError {
     UnknownRoom(String),
     UnsupportedCodec(String),
     UnknownSession,
+    /// (the cap) sessions in total.
+    ServerFull(usize),
+    /// (room, the cap).
+    RoomFull(String, usize),
+    /// (the cap) sessions from the requesting address.
+    TooManyFromSource(usize),
 }
 
 impl std::fmt::Display for ApiError {
@@ -302,6 +315,18 @@ impl std::fmt::Display for ApiError {
                 f,
                 "no such session (already deleted, or timed out without ICE consent)"
             ),
+            ApiError::ServerFull(n) => write!(
+                f,
+                "the server has its maximum of {n} sessions ([webrtc.limits] max_sessions); retry later"
+            ),
+            ApiError::RoomFull(r, n) => write!(
+                f,
+                "room {r:?} has its maximum of {n} sessions ([webrtc.limits] max_sessions_per_room)"
+            ),
+            ApiError::TooManyFromSource(n) => write!(
+                f,
+                "your address already has {n} sessions ([webrtc.limits] max_sessions_per_source); DELETE some first"
+            ),
         }
     }
 }
@@ -312,6 +337,7 @@ pub struct Sfu {
     pub identity: Identity,
     pub candidates: Vec<SocketAddr>,
     pub consent_timeout: Duration,
+    pub limits: super::Limits,
     pub cname: String,
     pub state: Mutex<State>,
     pub counters: Counters,
@@ -335,6 +361,7 @@ impl Sfu {
         socket: std::net::UdpSocket,
         candidates: Vec<SocketAddr>,
         consent_timeout: Duration,
+        limits: super::Limits,
     ) -> anyhow::Result<Arc<Sfu>> {
         socket.set_nonblocking(true)?;
         // Sends go through a plain non-blocking clone of the fd: tokio's try_send_to
@@ -346,17 +373,25 @@ impl Sfu {
             identity: Identity::generate()?,
             candidates,
             consent_timeout,
+            limits,
             cname: format!("edgefwd-{}", random_string(8)),
             state: Mutex::new(State::default()),
             counters: Counters::default(),
         }))
     }
 
-    fn new_session(&self, room: &str, role: Role, offer: &Offer) -> Session {
+    fn new_session(
+        &self,
+        room: &str,
+        role: Role,
+        source: std::net::IpAddr,
+        offer: &Offer,
+    ) -> Session {
         Session {
             id: random_string(16),
             room: room.to_string(),
             role,
+            http_source: source,
             ice_ufrag: random_string(8),
             ice_pwd: random_string(24),
             remote_ufrag: offer.ice_ufrag.clone(),
@@ -387,9 +422,44 @@ impl Sfu {
         })
     }
 
+    /// Refuses a new session in `room` from `source` beyond the configured caps.
+    fn admit(&self, st: &State, room: &str, source: std::net::IpAddr) -> Result<(), ApiError> {
+        let l = &self.limits;
+        if st.sessions.len() >= l.max_sessions {
+            return Err(ApiError::ServerFull(l.max_sessions));
+        }
+        let in_room = st
+            .rooms
+            .get(room)
+            .map_or(0, |r| r.publishers.len() + r.subscribers.len());
+        if in_room >= l.max_sessions_per_room {
+            return Err(ApiError::RoomFull(
+                room.to_string(),
+                l.max_sessions_per_room,
+            ));
+        }
+        // A per-source count kept beside the sessions would be a second copy to keep
+        // in sync; a scan is fine at signaling rates (thousands of sessions).
+        let from = st
+            .sessions
+            .values()
+            .filter(|s| s.http_source == source)
+            .count();
+        if from >= l.max_sessions_per_source {
+            return Err(ApiError::TooManyFromSource(l.max_sessions_per_source));
+        }
+        Ok(())
+    }
+
     /// WHIP: a publisher joins `room`. Returns (session id, SDP answer).
-    pub fn publish(&self, room: &str, offer: &Offer) -> Result<(String, String), ApiError> {
-        let mut s = self.new_session(room, Role::Publisher, offer);
+    pub fn publish(
+        &self,
+        room: &str,
+        source: std::net::IpAddr,
+        offer: &Offer,
+    ) -> Result<(String, String), ApiError> {
+        self.admit(&self.state.lock().unwrap(), room, source)?;
+        let mut s = self.new_session(room, Role::Publisher, source, offer);
         let mut media = Vec::new();
         for m in &offer.media {
             match (m.kind, m.publish_codec()) {
@@ -417,20 +487,30 @@ impl Sfu {
             return Err(ApiError::BadOffer(OfferError::NoUsableMedia));
         }
         let answer = self.answer(offer, &s, &media);
-        Ok((self.state.lock().unwrap().insert(s), answer))
+        let mut st = self.state.lock().unwrap();
+        // Checked again under the lock that inserts: the first check ran before the
+        // answer was built.
+        self.admit(&st, room, source)?;
+        Ok((st.insert(s), answer))
     }
 
     /// WHEP: a subscriber joins `room` and gets every published track its offer has an
     /// m-line of the same kind for, in publication order.
-    pub fn subscribe(&self, room: &str, offer: &Offer) -> Result<(String, String), ApiError> {
+    pub fn subscribe(
+        &self,
+        room: &str,
+        source: std::net::IpAddr,
+        offer: &Offer,
+    ) -> Result<(String, String), ApiError> {
         let mut st = self.state.lock().unwrap();
+        self.admit(&st, room, source)?;
         let publishers = st
             .rooms
             .get(room)
             .map(|r| r.publishers.clone())
             .filter(|p| !p.is_empty())
             .ok_or_else(|| ApiError::UnknownRoom(room.to_string()))?;
-        let mut s = self.new_session(room, Role::Subscriber, offer);
+        let mut s = self.new_session(room, Role::Subscriber, source, offer);
         // (publisher, track index) not yet given to an m-line.
         let mut available: Vec<(String, usize)> = publishers
             .iter()
@@ -594,6 +674,9 @@ impl Sfu {
         let Some(id) = st.by_addr.get(&from).cloned() else {
             return self.counters.drop(Drop::UnknownPeer);
         };
+        if !dtls::well_framed(buf) {
+            return self.counters.drop(Drop::DtlsMalformed);
+        }
         let s = st
             .sessions
             .get_mut(&*id)
@@ -631,23 +714,23 @@ impl Sfu {
         fingerprint: (String, Vec<u8>),
     ) -> anyhow::Result<()> {
         let mut reader = ClientHelloReader::default();
-        let mut seen = Vec::new();
         let offered = loop {
             let d = rx
                 .recv()
                 .await
                 .ok_or_else(|| anyhow::anyhow!("session deleted during DTLS"))?;
-            let r = reader.push(&d);
-            seen.push(d);
-            match r {
+            match reader.push(&d) {
                 Ok(HelloState::Complete(p)) => break p,
                 Ok(HelloState::Incomplete) => continue,
                 Err(e) => {
+                    // Anyone who can spoof the client's address can send this: drop
+                    // it, keep the session.
                     self.counters.drop(Drop::DtlsMalformed);
-                    anyhow::bail!("malformed ClientHello: {e}");
+                    log::debug!("session {id}: malformed ClientHello datagram dropped: {e}");
                 }
             }
         };
+        let seen = reader.into_datagrams();
         if let Some(s) = self.state.lock().unwrap().sessions.get_mut(&id) {
             s.hello = Some((seen.len(), offered.clone()));
         }
@@ -662,11 +745,22 @@ impl Sfu {
                 "the client offers SRTP profiles {offered:04x?}, none of AEAD_AES_128_GCM, AES_CM_128_HMAC_SHA1_80"
             );
         };
-        let conn = Arc::new(DemuxConn::new(seen, rx, self.socket.clone(), peer));
-        let handshake = dtls::accept(conn, &self.identity, profile, &fingerprint);
-        let dtls = tokio::time::timeout(Duration::from_secs(20), handshake)
-            .await
-            .map_err(|_| anyhow::anyhow!("DTLS handshake did not finish in 20 s"))??;
+        let conn = Arc::new(DemuxConn::new(
+            seen,
+            rx,
+            self.socket.clone(),
+            peer,
+            self.counters.dtls_conns.clone(),
+        ));
+        let handshake = dtls::accept(conn.clone(), &self.identity, profile, &fingerprint);
+        // Dropping the handshake on the session's end drops its connection, which ends
+        // webrtc-dtls's tasks.
+        let dtls = tokio::select! {
+            r = tokio::time::timeout(Duration::from_secs(20), handshake) => {
+                r.map_err(|_| anyhow::anyhow!("DTLS handshake did not finish in 20 s"))??
+            }
+            _ = conn.closed() => anyhow::bail!("session ended during the DTLS handshake"),
+        };
         let srtp_profile = dtls::srtp_profile(profile).expect("chosen from PREFERENCE");
         let mut cfg = webrtc_srtp::config::Config {
             profile: srtp_profile,
@@ -726,11 +820,15 @@ impl Sfu {
         let mut buf = vec![0u8; 2048];
         loop {
             // We carry no application data; reading processes alerts and retransmits.
-            match dtls.read(&mut buf, None).await {
-                Ok(_) => continue,
-                Err(e) => {
+            tokio::select! {
+                r = dtls.read(&mut buf, None) => if let Err(e) = r {
                     let _ = dtls.close().await;
                     log::info!("session {id}: DTLS ended ({e}); removing the session");
+                    return Ok(());
+                },
+                _ = conn.closed() => {
+                    // Ends webrtc-dtls's reader and writer tasks.
+                    let _ = dtls.close().await;
                     return Ok(());
                 }
             }
@@ -964,17 +1062,23 @@ impl Sfu {
     pub fn tick(&self) {
         let now = Instant::now();
         let mut st = self.state.lock().unwrap();
-        let expired: Vec<String> = st
+        let ice_timeout = Duration::from_secs(self.limits.ice_timeout);
+        let expired: Vec<(String, &str)> = st
             .sessions
             .values()
-            .filter(|s| now - s.last_consent.unwrap_or(s.created) > self.consent_timeout)
-            .map(|s| s.id.clone())
+            .filter_map(|s| match s.last_consent {
+                // Never connected: a short window, not the whole consent timeout.
+                None if now - s.created > ice_timeout => {
+                    Some((s.id.clone(), "no valid ICE check since it was created"))
+                }
+                Some(at) if now - at > self.consent_timeout => {
+                    Some((s.id.clone(), "no ICE consent check"))
+                }
+                _ => None,
+            })
             .collect();
-        for id in expired {
-            log::info!(
-                "session {id}: no ICE consent for {:?}; removing it",
-                self.consent_timeout
-            );
+        for (id, why) in expired {
+            log::info!("session {id}: {why} within the timeout; removing it");
             st.remove(&id);
         }
         let wall = SystemTime::now();
@@ -1119,9 +1223,15 @@ impl Sfu {
                     .inc();
             }
         }
+        let conns = prometheus::IntGauge::new(
+            "edgefwd_webrtc_dtls_connections",
+            "DTLS connections whose tasks are alive (past the ClientHello)",
+        )?;
+        conns.set(c.dtls_conns.load(Ordering::Relaxed) as i64);
         registry.register(Box::new(events))?;
         registry.register(Box::new(drops))?;
         registry.register(Box::new(sessions))?;
+        registry.register(Box::new(conns))?;
         let mut buf = Vec::new();
         TextEncoder::new().encode(&registry.gather(), &mut buf)?;
         Ok(String::from_utf8(buf)?)
@@ -1183,6 +1293,7 @@ impl Sfu {
                 "keyframe_requests": c.keyframe_requests.load(Ordering::Relaxed),
                 "dtls_handshakes": c.dtls_handshakes.load(Ordering::Relaxed),
                 "dtls_fragmented_hellos": c.dtls_fragmented_hellos.load(Ordering::Relaxed),
+                "dtls_conns": c.dtls_conns.load(Ordering::Relaxed),
                 "drops": drops,
             }
         })
@@ -1195,6 +1306,7 @@ mod tests {
     use crate::webrtc::{ice::tests::request, sdp::parse_offer};
 
     const OFFER: &str = include_str!("testdata/chromium-offer.sdp");
+    const LOCAL: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
     fn answer_attr<'a>(answer: &'a str, key: &str) -> &'a str {
         answer
@@ -1206,14 +1318,14 @@ mod tests {
     async fn sfu(consent: Duration) -> Arc<Sfu> {
         let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let addr = sock.local_addr().unwrap();
-        Sfu::new(sock, vec![addr], consent).unwrap()
+        Sfu::new(sock, vec![addr], consent, crate::webrtc::Limits::default()).unwrap()
     }
 
     #[tokio::test]
     async fn checks_bind_addresses_and_keep_consent_until_they_stop() {
         let sfu = sfu(Duration::from_millis(300)).await;
         let offer = parse_offer(OFFER).unwrap();
-        let (id, answer) = sfu.publish("r", &offer).unwrap();
+        let (id, answer) = sfu.publish("r", LOCAL, &offer).unwrap();
         let (ufrag, pwd) = (
             answer_attr(&answer, "ice-ufrag"),
             answer_attr(&answer, "ice-pwd"),
@@ -1260,6 +1372,262 @@ mod tests {
         assert!(st.sessions.is_empty() && st.rooms.is_empty() && st.by_addr.is_empty());
     }
 
+    /// A WebRTC client reduced to what the SFU sees: ICE check, then a real
+    /// webrtc-dtls client handshake from the same socket.
+    struct Client {
+        sock: Arc<UdpSocket>,
+        id: Identity,
+        session: String,
+    }
+
+    /// The Chromium offer with its fingerprint replaced by `id`'s.
+    fn offer_for(id: &Identity) -> Offer {
+        let fp = id
+            .fingerprint
+            .iter()
+            .map(|b| format!("{b:02X}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        let sdp: String = OFFER
+            .lines()
+            .map(|l| {
+                if l.starts_with("a=fingerprint:") {
+                    format!("a=fingerprint:sha-256 {fp}\r\n")
+                } else {
+                    format!("{l}\n")
+                }
+            })
+            .collect();
+        parse_offer(&sdp).unwrap()
+    }
+
+    /// Publishes into `room` (with a matching or a foreign fingerprint) and passes ICE.
+    async fn client(sfu: &Arc<Sfu>, room: &str, matching_fingerprint: bool) -> Client {
+        let id = Identity::generate().unwrap();
+        let other = Identity::generate().unwrap();
+        let offer = offer_for(if matching_fingerprint { &id } else { &other });
+        let (session, answer) = sfu.publish(room, LOCAL, &offer).unwrap();
+        let user = format!("{}:{}", answer_attr(&answer, "ice-ufrag"), offer.ice_ufrag);
+        let pwd = answer_attr(&answer, "ice-pwd").to_string();
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        sock.connect(sfu.socket.local_addr().unwrap())
+            .await
+            .unwrap();
+        sock.send(&request(&user, &pwd, true)).await.unwrap();
+        let mut buf = [0u8; 512];
+        tokio::time::timeout(Duration::from_secs(2), sock.recv(&mut buf))
+            .await
+            .expect("no STUN answer")
+            .unwrap();
+        Client {
+            sock: Arc::new(sock),
+            id,
+            session,
+        }
+    }
+
+    impl Client {
+        async fn handshake(&self) -> Result<webrtc_dtls::conn::DTLSConn, webrtc_dtls::Error> {
+            let config = webrtc_dtls::config::Config {
+                certificates: vec![self.id.cert.clone()],
+                srtp_protection_profiles: vec![
+                    webrtc_dtls::extension::extension_use_srtp::SrtpProtectionProfile::Srtp_Aead_Aes_128_Gcm,
+                ],
+                insecure_skip_verify: true,
+                extended_master_secret: webrtc_dtls::config::ExtendedMasterSecretType::Require,
+                ..Default::default()
+            };
+            webrtc_dtls::conn::DTLSConn::new(self.sock.clone(), config, true, None).await
+        }
+    }
+
+    fn started_sfu_socket(sfu: &Arc<Sfu>) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+        tokio::spawn(sfu.clone().run_socket())
+    }
+
+    /// Waits until every DTLS connection's tasks have ended.
+    async fn dtls_tasks_end(sfu: &Sfu, why: &str) {
+        for _ in 0..200 {
+            if sfu.counters.dtls_conns.load(Ordering::Relaxed) == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!(
+            "{why}: {} DTLS connection(s) still have live tasks 2 s after their session ended \
+             (webrtc-dtls's reader spins on a closed session's conn)",
+            sfu.counters.dtls_conns.load(Ordering::Relaxed)
+        );
+    }
+
+    fn connected(sfu: &Sfu, id: &str) -> bool {
+        sfu.state
+            .lock()
+            .unwrap()
+            .sessions
+            .get(id)
+            .is_some_and(|s| s.srtp.is_some())
+    }
+
+    async fn wait_connected(sfu: &Sfu, id: &str) {
+        for _ in 0..300 {
+            if connected(sfu, id) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("session {id} never got its SRTP keys");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_finished_sessions_dtls_tasks_end_however_it_ended() {
+        let sfu = sfu(Duration::from_millis(600)).await;
+        let _media = started_sfu_socket(&sfu);
+
+        // DELETE of a connected session.
+        let c = client(&sfu, "r", true).await;
+        let dtls = c.handshake().await.expect("client handshake");
+        wait_connected(&sfu, &c.session).await;
+        assert_eq!(sfu.counters.dtls_conns.load(Ordering::Relaxed), 1);
+        sfu.leave("r", &c.session, Role::Publisher).unwrap();
+        dtls_tasks_end(&sfu, "after DELETE").await;
+        drop(dtls);
+
+        // Consent expiry of a connected session (the browser was killed mid-call).
+        let c = client(&sfu, "r", true).await;
+        let dtls = c.handshake().await.expect("client handshake");
+        wait_connected(&sfu, &c.session).await;
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        sfu.tick();
+        assert!(!sfu.state.lock().unwrap().sessions.contains_key(&c.session));
+        dtls_tasks_end(&sfu, "after consent expiry").await;
+        drop(dtls);
+
+        // DELETE in the middle of the handshake: the client sends its ClientHello and
+        // is gone before finishing.
+        let c = client(&sfu, "r", true).await;
+        let hs = tokio::spawn(async move {
+            let _ = c.handshake().await;
+        });
+        for _ in 0..200 {
+            if sfu.counters.dtls_conns.load(Ordering::Relaxed) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        hs.abort();
+        let id = sfu
+            .state
+            .lock()
+            .unwrap()
+            .sessions
+            .keys()
+            .next()
+            .cloned()
+            .unwrap();
+        sfu.leave("r", &id, Role::Publisher).unwrap();
+        dtls_tasks_end(&sfu, "after DELETE mid-handshake").await;
+
+        // A failed handshake: the certificate does not match the offer's fingerprint.
+        let c = client(&sfu, "r", false).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), c.handshake()).await;
+        for _ in 0..200 {
+            if !sfu.state.lock().unwrap().sessions.contains_key(&c.session) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            !sfu.state.lock().unwrap().sessions.contains_key(&c.session),
+            "a peer whose certificate does not match its a=fingerprint keeps its session"
+        );
+        assert_eq!(sfu.counters.dtls_handshakes.load(Ordering::Relaxed), 2);
+        dtls_tasks_end(&sfu, "after a failed handshake").await;
+    }
+
+    /// Anyone who can spoof a client's address can send it DTLS junk: before, during
+    /// and after the handshake it is dropped and counted, and the session lives on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn junk_dtls_from_a_clients_address_does_not_end_its_session() {
+        let sfu = sfu(Duration::from_secs(30)).await;
+        let _media = started_sfu_socket(&sfu);
+        let c = client(&sfu, "r", true).await;
+        let hello_junk: Vec<u8> = {
+            // A well-framed handshake record holding a truncated ClientHello.
+            let mut r = vec![22, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12 + 8];
+            r.extend([1, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 8]);
+            r.extend([0xfe, 0xfd, 1, 2, 3, 4, 5, 6]);
+            r
+        };
+        let junk: [&[u8]; 4] = [
+            &[0x16, 0xfe, 0xfd, 0, 1, 2, 3],
+            &[0x17; 300],
+            &[0x14, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 1],
+            &hello_junk,
+        ];
+        for j in junk {
+            c.sock.send(j).await.unwrap();
+        }
+        let dtls = tokio::time::timeout(Duration::from_secs(10), c.handshake())
+            .await
+            .expect("handshake after junk timed out")
+            .expect("client handshake after junk");
+        wait_connected(&sfu, &c.session).await;
+        for j in junk {
+            c.sock.send(j).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            connected(&sfu, &c.session),
+            "junk after the handshake ended the session"
+        );
+        assert_eq!(
+            sfu.counters.drops[Drop::DtlsMalformed as usize].load(Ordering::Relaxed),
+            4 + 3,
+            "all four before the handshake; after it, the three badly framed ones (the \
+             well-framed one goes to webrtc-dtls, which discards it)"
+        );
+        drop(dtls);
+    }
+
+    #[tokio::test]
+    async fn session_caps_refuse_by_total_room_and_source_and_unconnected_ones_are_reaped() {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = sock.local_addr().unwrap();
+        let limits = crate::webrtc::Limits {
+            max_sessions: 5,
+            max_sessions_per_room: 3,
+            max_sessions_per_source: 2,
+            ice_timeout: 1,
+            ..Default::default()
+        };
+        let sfu = Sfu::new(sock, vec![addr], Duration::from_secs(30), limits).unwrap();
+        let offer = parse_offer(OFFER).unwrap();
+        let watch = parse_offer(&OFFER.replace("a=sendonly", "a=recvonly")).unwrap();
+        let ip = |n: u8| std::net::IpAddr::from([10, 0, 0, n]);
+        sfu.publish("a", ip(1), &offer).unwrap();
+        sfu.publish("a", ip(1), &offer).unwrap();
+        assert!(matches!(
+            sfu.publish("b", ip(1), &offer),
+            Err(ApiError::TooManyFromSource(2))
+        ));
+        sfu.subscribe("a", ip(2), &watch).unwrap();
+        assert!(matches!(
+            sfu.subscribe("a", ip(3), &watch),
+            Err(ApiError::RoomFull(r, 3)) if r == "a"
+        ));
+        sfu.publish("b", ip(3), &offer).unwrap();
+        sfu.publish("c", ip(4), &offer).unwrap();
+        let e = sfu.publish("d", ip(5), &offer).unwrap_err();
+        assert!(matches!(e, ApiError::ServerFull(5)));
+        assert!(e.to_string().contains("max_sessions"), "{e}");
+        // None did ICE: after ice_timeout (not the 30 s consent timeout) all go.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        sfu.tick();
+        assert!(sfu.state.lock().unwrap().sessions.is_empty());
+        sfu.publish("d", ip(5), &offer).unwrap();
+    }
+
     #[tokio::test]
     async fn garbage_is_counted_by_reason_never_fatal() {
         let sfu = sfu(Duration::from_secs(30)).await;
@@ -1280,16 +1648,18 @@ mod tests {
         let sfu = sfu(Duration::from_secs(30)).await;
         let pub_offer = parse_offer(OFFER).unwrap();
         assert!(matches!(
-            sfu.subscribe("r", &pub_offer),
+            sfu.subscribe("r", LOCAL, &pub_offer),
             Err(ApiError::UnknownRoom(_))
         ));
-        let (pid, _) = sfu.publish("r", &pub_offer).unwrap();
+        let (pid, _) = sfu.publish("r", LOCAL, &pub_offer).unwrap();
         // The subscriber numbers VP8 as 120 and offers recvonly.
         let sub_sdp = OFFER
             .replace("a=sendonly", "a=recvonly")
             .replace(" 96 97 103 104 45", " 120 97 103 104 45")
             .replace("a=rtpmap:96 VP8/90000", "a=rtpmap:120 VP8/90000");
-        let (sid, answer) = sfu.subscribe("r", &parse_offer(&sub_sdp).unwrap()).unwrap();
+        let (sid, answer) = sfu
+            .subscribe("r", LOCAL, &parse_offer(&sub_sdp).unwrap())
+            .unwrap();
         assert!(
             answer.contains("a=sendonly") && answer.contains("a=rtpmap:120 VP8/90000"),
             "{answer}"
