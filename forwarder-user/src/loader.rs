@@ -5,7 +5,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{Xdp, XdpMode},
+    programs::{
+        Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
 };
 use forwarder_common::{egress, listeners, route_stats, routes, routes4, sources, verdicts};
 
@@ -74,24 +78,195 @@ pub fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
 }
 
 /// Attaches in native mode, falling back to generic (skb) mode with a warning.
-/// Returns the mode used.
+/// Returns the mode used. The attachment lasts as long as the `Ebpf` (tests, bench);
+/// the daemon uses [`attach_pinned`].
 pub fn attach(ebpf: &mut Ebpf, prog_name: &str, iface: &str) -> Result<XdpMode> {
+    attach_link(ebpf, prog_name, iface).map(|(m, _)| m)
+}
+
+fn attach_link(ebpf: &mut Ebpf, prog_name: &str, iface: &str) -> Result<(XdpMode, XdpLinkId)> {
     preflight::ifindex(iface)?;
     let prog = program(ebpf, prog_name)?;
     match prog.attach(iface, XdpMode::Driver) {
-        Ok(_) => Ok(XdpMode::Driver),
+        Ok(id) => Ok((XdpMode::Driver, id)),
         Err(native) => {
             log::warn!(
                 "native XDP attach on {iface} failed ({native}); falling back to generic mode, \
                  which runs after skb allocation and is several times slower"
             );
-            prog.attach(iface, XdpMode::Skb).with_context(|| {
+            let id = prog.attach(iface, XdpMode::Skb).with_context(|| {
                 format!(
                     "attaching {prog_name} to {iface} failed in native and generic mode; is \
                      another XDP program attached? (`ip link show {iface}`)"
                 )
             })?;
-            Ok(XdpMode::Skb)
+            Ok((XdpMode::Skb, id))
         }
+    }
+}
+
+/// The XDP link of an interface is pinned as `EFWD_XDPLINK_V1_<mode>_<iface>` (mode
+/// `native` or `generic`), so XDP stays attached and forwarding goes on while no
+/// daemon runs (a crash, kill -9, an upgrade), and the next daemon finds it with the
+/// mode it was attached in. bpffs refuses names with a dot, which interface names
+/// may have (eth0.100): the name is escaped.
+pub const LINK_PIN_PREFIX: &str = "EFWD_XDPLINK_V1_";
+
+fn link_pin_name(iface: &str, mode: XdpMode) -> String {
+    let escaped = iface.replace('%', "%25").replace('.', "%2e");
+    format!("{LINK_PIN_PREFIX}{}_{escaped}", mode_name(mode))
+}
+
+fn unescape(name: &str) -> String {
+    name.replace("%2e", ".").replace("%25", "%")
+}
+
+fn mode_name(mode: XdpMode) -> &'static str {
+    if mode == XdpMode::Skb {
+        "generic"
+    } else {
+        "native"
+    }
+}
+
+/// How `attach_pinned` got the program onto the interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attached {
+    /// Native ("driver") or generic.
+    pub mode: XdpMode,
+    /// An earlier daemon's pinned link was taken over (its program replaced in one
+    /// step, bpf_link_update: no packet sees no program).
+    pub adopted: bool,
+}
+
+impl std::fmt::Display for Attached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mode = if self.mode == XdpMode::Skb {
+            "Skb"
+        } else {
+            "Driver"
+        };
+        write!(
+            f,
+            "XDP {mode}{}",
+            if self.adopted { ", adopted" } else { "" }
+        )
+    }
+}
+
+/// The pinned link of `iface` in `pin_dir`, if any, with its mode.
+pub fn pinned_link(pin_dir: &Path, iface: &str) -> Option<(PathBuf, XdpMode)> {
+    for mode in [XdpMode::Driver, XdpMode::Skb] {
+        let p = pin_dir.join(link_pin_name(iface, mode));
+        if p.exists() {
+            return Some((p, mode));
+        }
+    }
+    None
+}
+
+/// Every pinned XDP link in `pin_dir`: (interface, path).
+pub fn pinned_links(pin_dir: &Path) -> Vec<(String, PathBuf)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(pin_dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(rest) = name.strip_prefix(LINK_PIN_PREFIX)
+            && let Some((_mode, iface)) = rest.split_once('_')
+        {
+            out.push((unescape(iface), e.path()));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Attaches `prog_name` to `iface` through a link pinned in `pin_dir`: takes over the
+/// link an earlier daemon left (replacing its program atomically), or attaches anew
+/// (native, else generic with a warning) and pins the link.
+pub fn attach_pinned(
+    ebpf: &mut Ebpf,
+    prog_name: &str,
+    iface: &str,
+    pin_dir: &Path,
+) -> Result<Attached> {
+    preflight::ifindex(iface)?;
+    if let Some((path, mode)) = pinned_link(pin_dir, iface) {
+        let prog = program(ebpf, prog_name)?;
+        let adopted = PinnedLink::from_pin(&path)
+            .map_err(anyhow::Error::from)
+            .and_then(|p| Ok(XdpLink::try_from(FdLink::from(p))?))
+            .and_then(|l| Ok(prog.attach_to_link(l)?));
+        match adopted {
+            Ok(_) => {
+                return Ok(Attached {
+                    mode,
+                    adopted: true,
+                });
+            }
+            Err(e) => {
+                // The interface went away and came back, or the pin is not a link:
+                // start over.
+                log::warn!(
+                    "the pinned XDP link {} could not be taken over ({e:#}); attaching anew",
+                    path.display()
+                );
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing the stale pin {}", path.display()))?;
+            }
+        }
+    }
+    let (mode, id) = attach_link(ebpf, prog_name, iface)?;
+    let link = program(ebpf, prog_name)?
+        .take_link(id)
+        .context("taking the XDP link to pin it")?;
+    let fd = FdLink::try_from(link).map_err(|e| {
+        anyhow!(
+            "XDP on {iface} was attached without a bpf_link ({e}), so it cannot outlive the \
+             daemon: this kernel is older than 5.9"
+        )
+    })?;
+    let path = pin_dir.join(link_pin_name(iface, mode));
+    let pinned = fd
+        .pin(&path)
+        .with_context(|| format!("pinning the XDP link at {}", path.display()))?;
+    // The pin holds the attachment now; the daemon's fd is not needed.
+    drop(pinned);
+    Ok(Attached {
+        mode,
+        adopted: false,
+    })
+}
+
+/// Removes the pinned link of `iface` (XDP detaches once nothing holds it). Returns
+/// whether there was one.
+pub fn unpin_link(pin_dir: &Path, iface: &str) -> Result<bool> {
+    match pinned_link(pin_dir, iface) {
+        Some((p, _)) => {
+            std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+            Ok(true)
+        }
+        None => Ok(false),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_pin_names_carry_mode_and_interface_without_dots() {
+        let n = link_pin_name("eth0.100", XdpMode::Driver);
+        assert_eq!(n, "EFWD_XDPLINK_V1_native_eth0%2e100");
+        assert!(!n.contains('.'), "bpffs refuses dots");
+        let rest = n.strip_prefix(LINK_PIN_PREFIX).unwrap();
+        let (mode, iface) = rest.split_once('_').unwrap();
+        assert_eq!((mode, unescape(iface).as_str()), ("native", "eth0.100"));
+        let n = link_pin_name("we%ird_if", XdpMode::Skb);
+        let (mode, iface) = n
+            .strip_prefix(LINK_PIN_PREFIX)
+            .unwrap()
+            .split_once('_')
+            .unwrap();
+        assert_eq!((mode, unescape(iface).as_str()), ("generic", "we%ird_if"));
     }
 }

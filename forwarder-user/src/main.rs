@@ -45,6 +45,11 @@ enum Datapath {
 #[derive(Subcommand)]
 enum Cmd {
     /// Load the data plane, program routes from the config, serve metrics.
+    ///
+    /// With --datapath xdp the XDP link and the maps are pinned: when the daemon
+    /// stops (SIGTERM, a crash, kill -9) forwarding of the programmed routes goes on,
+    /// and the next `run` takes the link over and reconciles the maps with its config
+    /// (adds, updates, removes; counters kept). `edgefwd down` detaches and removes.
     Run {
         /// Interface the media arrives on (XDP attaches here).
         #[arg(long)]
@@ -67,6 +72,16 @@ enum Cmd {
         /// The UDP port for all WebRTC media (sets [webrtc] media).
         #[arg(long, requires = "webrtc_http")]
         webrtc_media: Option<SocketAddr>,
+    },
+    /// Detach XDP and remove the pinned maps: what `run` leaves in place when it
+    /// stops (so forwarding survives restarts and upgrades). Stop the daemon first.
+    Down {
+        /// Only this interface's XDP link (default: every one in the pin directory).
+        #[arg(long)]
+        iface: Option<String>,
+        /// Keep the pinned maps (routes, counters); only detach.
+        #[arg(long)]
+        keep_maps: bool,
     },
     /// List, add or delete routes in the live maps.
     Routes {
@@ -108,7 +123,8 @@ enum RoutesCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Add or replace a route (the listener is created if missing).
+    /// Add a route (the listener is created if missing). A route with the same
+    /// listen, source and SSRC is refused unless --replace is given.
     Add {
         /// Our address:port the publisher sends to.
         #[arg(long)]
@@ -143,6 +159,9 @@ enum RoutesCmd {
         /// Next-hop MAC (default: from the neighbour table, resolved if needed).
         #[arg(long)]
         dst_mac: Option<String>,
+        /// Overwrite an existing route with this key (its counters are kept).
+        #[arg(long)]
+        replace: bool,
     },
     /// Delete the route matching (listen, source, SSRC).
     Del {
@@ -240,6 +259,7 @@ fn real_main(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Routes { cmd } => routes_cmd(&cli.pin_dir, cmd),
+        Cmd::Down { iface, keep_maps } => down(&cli.pin_dir, iface.as_deref(), keep_maps),
         Cmd::Stats {
             json,
             interval,
@@ -287,6 +307,39 @@ fn real_main(cli: Cli) -> Result<()> {
     }
 }
 
+fn down(pin_dir: &std::path::Path, iface: Option<&str>, keep_maps: bool) -> Result<()> {
+    edgefwd::preflight::require_root()?;
+    let links: Vec<_> = loader::pinned_links(pin_dir)
+        .into_iter()
+        .filter(|(i, _)| iface.is_none_or(|want| want == i))
+        .collect();
+    if links.is_empty() && iface.is_some() {
+        bail!(
+            "no pinned XDP link for {} in {} (see `ls {}`)",
+            iface.unwrap_or_default(),
+            pin_dir.display(),
+            pin_dir.display()
+        );
+    }
+    for (i, path) in &links {
+        std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
+        println!("XDP detached from {i}");
+    }
+    if !keep_maps && loader::pinned_links(pin_dir).is_empty() {
+        let mut n = 0;
+        for e in std::fs::read_dir(pin_dir).into_iter().flatten().flatten() {
+            if e.file_name().to_string_lossy().starts_with("EFWD_") {
+                std::fs::remove_file(e.path())
+                    .with_context(|| format!("removing {}", e.path().display()))?;
+                n += 1;
+            }
+        }
+        let _ = std::fs::remove_dir(pin_dir);
+        println!("{n} pinned map(s) removed from {}", pin_dir.display());
+    }
+    Ok(())
+}
+
 fn routes_cmd(pin_dir: &std::path::Path, cmd: RoutesCmd) -> Result<()> {
     let mut maps = Maps::open_pinned(pin_dir)?;
     match cmd {
@@ -310,6 +363,7 @@ fn routes_cmd(pin_dir: &std::path::Path, cmd: RoutesCmd) -> Result<()> {
             pt,
             egress,
             dst_mac,
+            replace,
         } => {
             let (pt_from, pt_to) = match pt {
                 Some(p) => {
@@ -345,8 +399,15 @@ fn routes_cmd(pin_dir: &std::path::Path, cmd: RoutesCmd) -> Result<()> {
                 })?;
             }
             let route = resolve::resolve(&rc)?;
-            maps.add_route(&route)?;
-            println!("route {ssrc:#010x} from {source} on {listen} -> {out_dst} added");
+            if replace {
+                maps.put_route(&route)?;
+            } else {
+                maps.add_route(&route)?;
+            }
+            println!(
+                "route {ssrc:#010x} from {source} on {listen} -> {out_dst} {}",
+                if replace { "set" } else { "added" }
+            );
         }
         RoutesCmd::Del {
             listen,
@@ -436,23 +497,22 @@ async fn run_xdp(
         }
         Err(e) => log::warn!("eBPF logs unavailable: {e}"),
     }
-    let mode = loader::attach(&mut ebpf, PROG_FORWARD, &iface)?;
-    log::info!(
-        "XDP attached to {iface} in {mode:?} mode; maps pinned in {}",
-        pin_dir.display()
-    );
+    // The maps first: an adopted link keeps forwarding with the old program until the
+    // new one replaces it, and both read the same pinned maps.
     let mut maps = Maps::from_ebpf(&mut ebpf)?;
-    for l in &cfg.listeners {
-        maps.set_listener(&Listener {
+    let listeners: Vec<Listener> = cfg
+        .listeners
+        .iter()
+        .map(|l| Listener {
             addr: l.addr,
             drop_unknown_source: l.drop_unknown_source,
             drop_no_route: l.drop_no_route,
-        })?;
-    }
+        })
+        .collect();
+    let mut routes = Vec::new();
     for rc in &cfg.routes {
         let route =
             resolve::resolve(rc).with_context(|| format!("route for SSRC {:#010x}", rc.ssrc))?;
-        maps.add_route(&route)?;
         log::info!(
             "route {:#010x} {} on {} -> {} via ifindex {}",
             rc.ssrc,
@@ -461,14 +521,28 @@ async fn run_xdp(
             rc.out_dst,
             route.egress_ifindex
         );
+        routes.push(route);
     }
+    let r = maps.reconcile(&listeners, &routes)?;
+    log::info!(
+        "maps reconciled with the config: {} route(s) added, {} kept or updated (counters kept), {} removed; {} listener(s) removed",
+        r.added,
+        r.kept,
+        r.removed,
+        r.listeners_removed
+    );
     drop(maps);
+    let attached = loader::attach_pinned(&mut ebpf, PROG_FORWARD, &iface, &pin_dir)?;
+    log::info!(
+        "{attached} on {iface}; link and maps pinned in {} (forwarding goes on if this process ends; `edgefwd down` removes it)",
+        pin_dir.display()
+    );
     spawn_metrics(metrics_addr, metrics::Source::Pinned(pin_dir.clone()));
     let cfg_webrtc = start_webrtc(cfg_webrtc).await?;
-    println!("edgefwd: forwarding on {iface} (XDP {mode:?})");
+    println!("edgefwd: forwarding on {iface} ({attached})");
     shutdown_signal(duration, cfg_webrtc).await?;
-    // Dropping the object detaches XDP; pinned maps (routes, counters) stay for the
-    // next start and for the CLI.
+    // The pinned link keeps XDP attached with the routes in the pinned maps: the next
+    // daemon takes over without a gap (`edgefwd down` detaches).
     drop(ebpf);
     Ok(())
 }

@@ -212,6 +212,15 @@ impl Listener {
     }
 }
 
+/// What [`Maps::reconcile`] changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Reconciled {
+    pub added: usize,
+    pub kept: usize,
+    pub removed: usize,
+    pub listeners_removed: usize,
+}
+
 /// Typed handles on every map.
 pub struct Maps {
     pub routes4: HashMap<MapData, RouteKey4, RouteValue>,
@@ -285,8 +294,21 @@ impl Maps {
         Ok(out)
     }
 
-    /// Adds or replaces a route. A replaced route keeps its statistics slot.
+    /// Adds a new route; refuses one whose key (listen, source, SSRC) has a route
+    /// already, which would silently reset its rewrite fields.
     pub fn add_route(&mut self, r: &Route) -> Result<()> {
+        self.write_route(r, false)
+    }
+
+    /// Adds a route or replaces the one with its key (the daemon programming its
+    /// config, `routes add --replace`). A replaced route keeps its statistics slot
+    /// and counters; the data plane sees the old value or the new one, never a mix
+    /// (one map update).
+    pub fn put_route(&mut self, r: &Route) -> Result<()> {
+        self.write_route(r, true)
+    }
+
+    fn write_route(&mut self, r: &Route, replace: bool) -> Result<()> {
         r.validate()?;
         let key = r.key();
         let listener = ListenerKey {
@@ -314,6 +336,13 @@ impl Maps {
                 })?;
         }
         let (slot, existed) = match self.get_route(&key) {
+            Ok(_) if !replace => bail!(
+                "a route for SSRC {:#010x} from {} on {} exists already; pass --replace to \
+                 overwrite it (its counters are kept) or `edgefwd routes del` it first",
+                r.ssrc,
+                r.source,
+                r.listen
+            ),
             Ok(v) => (v.stats_slot, true),
             Err(MapError::KeyNotFound) => (self.free_slot()?, false),
             Err(e) => return Err(e).context("looking up route"),
@@ -337,6 +366,42 @@ impl Maps {
                 .map_err(|e| full_or(e, "sources", sources::MAX_SOURCES))?;
         }
         Ok(())
+    }
+
+    /// Makes the maps hold exactly these listeners and routes (a restarted daemon
+    /// adopting the maps an earlier one pinned): adds what is missing, updates what
+    /// changed (keeping its statistics slot and counters), removes what is no longer
+    /// configured. Each step is one map update, so forwarding of the routes that stay
+    /// is never interrupted.
+    pub fn reconcile(&mut self, listeners: &[Listener], routes: &[Route]) -> Result<Reconciled> {
+        let mut done = Reconciled::default();
+        for l in listeners {
+            self.set_listener(l)?;
+        }
+        let want: std::collections::HashSet<RouteKey> = routes.iter().map(Route::key).collect();
+        for (k, _) in self.all_routes()? {
+            if !want.contains(&k) {
+                self.del_route(&k)?;
+                done.removed += 1;
+            }
+        }
+        for r in routes {
+            if self.get_route(&r.key()).is_ok() {
+                done.kept += 1;
+            } else {
+                done.added += 1;
+            }
+            self.put_route(r)?;
+        }
+        let keep: std::collections::HashSet<ListenerKey> =
+            listeners.iter().map(Listener::key).collect();
+        for l in self.listeners()? {
+            if !keep.contains(&l.key()) {
+                self.listeners.remove(&l.key())?;
+                done.listeners_removed += 1;
+            }
+        }
+        Ok(done)
     }
 
     /// Removes a route; returns false if there was none.

@@ -138,29 +138,48 @@ pub fn spawn_edgefwd(mut cmd: Command) -> Edgefwd {
         panic!("edgefwd did not start ({status:?}); first line {line:?}; its log is above");
     }
     print!("{line}");
-    Edgefwd(Some(child))
+    Edgefwd(Some(child), line.trim().to_string())
 }
 
 /// A running `edgefwd`. Dropping it stops the daemon too, so a test or bench that
 /// panics leaves no daemon behind (one would keep its namespace alive and hold the
 /// caller's stderr pipe open, which hangs `cmd | tail`).
-pub struct Edgefwd(Option<Child>);
+pub struct Edgefwd(Option<Child>, String);
 
 impl Edgefwd {
+    /// The daemon's "forwarding on ..." line (it names the XDP attach mode).
+    pub fn ready_line(&self) -> &str {
+        &self.1
+    }
+
     pub fn id(&self) -> u32 {
         self.0.as_ref().map_or(0, Child::id)
     }
 
-    /// SIGTERM, then waits: the daemon detaches XDP and exits. SIGKILL after 10 s, so
+    /// SIGKILL, as a crash or the OOM killer would end it; waits until it is gone.
+    pub fn kill9(&mut self) {
+        let mut child = self.0.take().expect("edgefwd already stopped");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// SIGTERM, then waits: the daemon exits (XDP stays attached through its pinned
+    /// link; `edgefwd down` removes it). SIGKILL after 10 s, so
     /// a hung daemon fails the caller instead of hanging it.
     pub fn stop(&mut self) -> std::process::ExitStatus {
+        self.stop_timed().0
+    }
+
+    /// [`Edgefwd::stop`], and how long the daemon took to exit after SIGTERM.
+    pub fn stop_timed(&mut self) -> (std::process::ExitStatus, std::time::Duration) {
         let mut child = self.0.take().expect("edgefwd already stopped");
+        let start = std::time::Instant::now();
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        for _ in 0..1000 {
+        for _ in 0..10_000 {
             if let Some(status) = child.try_wait().expect("waiting for edgefwd") {
-                return status;
+                return (status, start.elapsed());
             }
-            std::thread::sleep(std::time::Duration::from_millis(10));
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
         let _ = child.kill();
         let status = child.wait().expect("waiting for edgefwd");
@@ -175,6 +194,49 @@ impl Drop for Edgefwd {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// `cmd.output()` with a deadline: a child still running after `limit` is killed and
+/// the test fails, naming the command, instead of hanging CI.
+pub fn output_within(cmd: &mut Command, limit: std::time::Duration) -> std::process::Output {
+    use std::io::Read;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    // Drained on threads, so a chatty child cannot block on a full pipe meanwhile.
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            v
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().unwrap()));
+    let err = drain(Box::new(child.stderr.take().unwrap()));
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("waiting for a child") {
+            break s;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = err.join().unwrap_or_default();
+            panic!(
+                "{cmd:?} still running after {limit:?}: killed. Its stderr:\n{}",
+                String::from_utf8_lossy(&stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    std::process::Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
     }
 }
 

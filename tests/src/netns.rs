@@ -71,12 +71,17 @@ impl NetNs {
     }
 
     /// Runs a command inside the namespace; panics with its stderr if it fails.
+    /// Runs a command in the namespace and returns what it did, failed or not; a
+    /// command still running after 60 s is killed and fails the test.
+    pub fn exec_status(&self, args: &[&str]) -> Output {
+        crate::output_within(
+            self.command(args[0]).args(&args[1..]),
+            std::time::Duration::from_secs(60),
+        )
+    }
+
     pub fn exec(&self, args: &[&str]) -> Output {
-        let out = self
-            .command(args[0])
-            .args(&args[1..])
-            .output()
-            .expect("spawn");
+        let out = self.exec_status(args);
         assert!(
             out.status.success(),
             "{} in {} failed: {}",
