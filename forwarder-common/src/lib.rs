@@ -11,6 +11,7 @@
 pub mod addr;
 pub mod csum;
 pub mod egress;
+pub mod ifmac;
 pub mod listeners;
 pub mod route_stats;
 pub mod routes;

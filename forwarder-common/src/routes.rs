@@ -1,5 +1,5 @@
-//! `EFWD_ROUTES6_V1`: hash map, [`RouteKey`] → [`RouteValue`], the IPv6 routes; and
-//! [`RouteValue`], shared with the IPv4 routes (`EFWD_ROUTES4_V1`, [`crate::routes4`]).
+//! `EFWD_ROUTES6_V2` (V2: the egress VLAN tag in [`RouteValue`]): hash map, [`RouteKey`] → [`RouteValue`], the IPv6 routes; and
+//! [`RouteValue`], shared with the IPv4 routes (`EFWD_ROUTES4_V2`, [`crate::routes4`]).
 //! One entry per forwarded stream: RTP with this SSRC, arriving on this listener from
 //! this source, goes to one destination with its headers rewritten. Fan-out (1→N) will
 //! key a destination list off the same key; `flags` leaves room for route kinds.
@@ -10,7 +10,7 @@
 
 use crate::assert_size;
 
-pub const MAP_NAME: &str = "EFWD_ROUTES6_V1";
+pub const MAP_NAME: &str = "EFWD_ROUTES6_V2";
 /// Per family; also the size of the per-route statistics array (`stats_slot` < this),
 /// whose slots both families share.
 pub const MAX_ROUTES: u32 = 65_536;
@@ -47,6 +47,9 @@ pub const FLAG_REWRITE_PT: u32 = 1 << 0;
 /// Output addresses are IPv6 (must match the input family: the header length
 /// cannot change in place).
 pub const FLAG_IPV6: u32 = 1 << 1;
+/// The copy leaves with an 802.1Q tag of `vlan_tci_be`; without this flag it leaves
+/// untagged. The route decides the egress encapsulation, never the ingress frame.
+pub const FLAG_VLAN: u32 = 1 << 2;
 
 /// Where and how the copy goes.
 #[repr(C)]
@@ -72,8 +75,11 @@ pub struct RouteValue {
     /// Index into `EFWD_RSTATS_V1`.
     pub stats_slot: u32,
     pub flags: u32,
+    /// The egress 802.1Q tag control (PCP, DEI, VLAN id) with [`FLAG_VLAN`].
+    pub vlan_tci_be: [u8; 2],
+    pub _pad: [u8; 2],
 }
-assert_size!(RouteValue, 72);
+assert_size!(RouteValue, 76);
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for RouteKey {}

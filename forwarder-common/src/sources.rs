@@ -23,7 +23,7 @@ assert_size!(SourceKey, 36);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct SourceValue {
-    /// Routes (in `EFWD_ROUTES4_V1` or `EFWD_ROUTES6_V1`) from this source.
+    /// Routes (in `EFWD_ROUTES4_V2` or `EFWD_ROUTES6_V2`) from this source.
     pub routes: u32,
 }
 assert_size!(SourceValue, 4);

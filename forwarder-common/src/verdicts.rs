@@ -1,11 +1,11 @@
-//! `EFWD_VERDICT_V1`: per-CPU array indexed by [`Verdict`]. Every packet the XDP program
+//! `EFWD_VERDICT_V2` (V2: 27 verdicts): per-CPU array indexed by [`Verdict`]. Every packet the XDP program
 //! sees is counted exactly once, under the reason for what it did with it. The index is
 //! the enum discriminant; userspace gets names from [`Verdict::name`], never from
 //! positions.
 
 use crate::assert_size;
 
-pub const MAP_NAME: &str = "EFWD_VERDICT_V1";
+pub const MAP_NAME: &str = "EFWD_VERDICT_V2";
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -77,9 +77,14 @@ verdicts! {
     DropFamilyMismatch = 19, "drop_family_mismatch", Drop, "route sends IPv4 input to an IPv6 destination or the reverse";
     DropRedirectError = 20, "drop_redirect_error", Drop, "egress interface missing from the egress devmap";
     DropZeroUdpChecksumV6 = 21, "drop_zero_udp_checksum_v6", Drop, "IPv6 UDP with checksum 0, which RFC 8200 forbids";
+    DropIpChecksum = 22, "drop_ip_checksum", Drop, "IPv4 header checksum wrong (RFC 1812 5.2.2: a router must not forward it)";
+    DropIpInvalid = 23, "drop_ip_invalid", Drop, "IP header a router must not forward: reserved flag set, or a martian source (0/8, 127/8, multicast, 240/4; ::, ::1, ff00::/8)";
+    DropNotForUs = 24, "drop_not_for_us", Drop, "frame not addressed to the receiving interface's MAC (broadcast, multicast, another host's unicast)";
+    PassIpOptions = 25, "pass_ip_options", Pass, "IPv4 with options: left to the stack, which processes them (media never carries any)";
+    DropEncapError = 26, "drop_encap_error", Drop, "the route's egress VLAN tag could not be pushed or popped (no headroom)";
 }
 
-pub const NUM_VERDICTS: u32 = 22;
+pub const NUM_VERDICTS: u32 = 27;
 const _: () = assert!(Verdict::ALL.len() as u32 == NUM_VERDICTS);
 
 #[cfg(test)]

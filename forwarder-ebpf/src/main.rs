@@ -9,6 +9,7 @@ use core::mem;
 
 use aya_ebpf::{
     bindings::xdp_action,
+    helpers::bpf_xdp_adjust_head,
     macros::{map, xdp},
     maps::{Array, DevMapHash, HashMap, PerCpuArray},
     programs::XdpContext,
@@ -17,11 +18,12 @@ use aya_log_ebpf::warn;
 use forwarder_common::{
     csum::Delta,
     egress::MAX_EGRESS,
+    ifmac::{IFMAC_SET, IfMac, MAX_IFINDEX},
     listeners::{
         FLAG_DROP_NO_ROUTE, FLAG_DROP_UNKNOWN_SOURCE, ListenerKey, ListenerValue, MAX_LISTENERS,
     },
     route_stats::RouteStats,
-    routes::{FLAG_IPV6, FLAG_REWRITE_PT, MAX_ROUTES, RouteKey, RouteValue},
+    routes::{FLAG_IPV6, FLAG_REWRITE_PT, FLAG_VLAN, MAX_ROUTES, RouteKey, RouteValue},
     routes4::RouteKey4,
     rtp::{Class, MAX_RTP_LEN, RTP_FIXED_HEADER_LEN, classify},
     sources::{MAX_SOURCES, SourceKey, SourceValue},
@@ -35,9 +37,9 @@ use network_types::{
 };
 
 #[map]
-static EFWD_ROUTES4_V1: HashMap<RouteKey4, RouteValue> = HashMap::with_max_entries(MAX_ROUTES, 0);
+static EFWD_ROUTES4_V2: HashMap<RouteKey4, RouteValue> = HashMap::with_max_entries(MAX_ROUTES, 0);
 #[map]
-static EFWD_ROUTES6_V1: HashMap<RouteKey, RouteValue> = HashMap::with_max_entries(MAX_ROUTES, 0);
+static EFWD_ROUTES6_V2: HashMap<RouteKey, RouteValue> = HashMap::with_max_entries(MAX_ROUTES, 0);
 #[map]
 static EFWD_LISTEN_V1: HashMap<ListenerKey, ListenerValue> =
     HashMap::with_max_entries(MAX_LISTENERS, 0);
@@ -46,9 +48,11 @@ static EFWD_SOURCES_V1: HashMap<SourceKey, SourceValue> = HashMap::with_max_entr
 #[map]
 static EFWD_RSTATS_V1: PerCpuArray<RouteStats> = PerCpuArray::with_max_entries(MAX_ROUTES, 0);
 #[map]
-static EFWD_VERDICT_V1: PerCpuArray<VerdictStats> = PerCpuArray::with_max_entries(NUM_VERDICTS, 0);
+static EFWD_VERDICT_V2: PerCpuArray<VerdictStats> = PerCpuArray::with_max_entries(NUM_VERDICTS, 0);
 #[map]
 static EFWD_EGRESS_V1: DevMapHash = DevMapHash::with_max_entries(MAX_EGRESS, 0);
+#[map]
+static EFWD_IFMAC_V1: Array<IfMac> = Array::with_max_entries(MAX_IFINDEX, 0);
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -73,7 +77,7 @@ fn xdp_action_of(v: Verdict) -> u32 {
 pub fn edgefwd_xdp(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
     let verdict = process(&ctx);
-    if let Some(c) = EFWD_VERDICT_V1.get_ptr_mut(verdict as u32) {
+    if let Some(c) = EFWD_VERDICT_V2.get_ptr_mut(verdict as u32) {
         // Per-CPU slot: plain adds, no atomics needed.
         unsafe {
             (*c).packets += 1;
@@ -111,6 +115,31 @@ fn process(ctx: &XdpContext) -> Verdict {
         ETH_P_IP => ipv4(ctx, l3),
         ETH_P_IPV6 => ipv6(ctx, l3),
         _ => Verdict::PassNotIp,
+    }
+}
+
+/// Whether the frame is addressed to the interface it arrived on (RFC 1812 §5.3.4, the
+/// stack's PACKET_HOST rule): never broadcast or multicast; the registered MAC of
+/// the interface where the control plane registered one. Only routed packets pay.
+#[inline(always)]
+fn addressed_to_us(ctx: &XdpContext) -> bool {
+    let Some(eth) = ptr_at::<[u8; 6]>(ctx, 0) else {
+        return false;
+    };
+    let p = eth as usize;
+    // SAFETY: `p` points at 6 bytes inside the frame (checked above).
+    let (hi, lo) = unsafe { (ld32(p), ld(p + 4)) };
+    // The group bit: the lowest bit of the first byte (the low byte of a LE load).
+    if hi & 1 != 0 {
+        return false;
+    }
+    match EFWD_IFMAC_V1.get(ctx.ingress_ifindex() as u32) {
+        Some(m) if m.flags & IFMAC_SET != 0 => {
+            let mac = m.mac.as_ptr() as usize;
+            // SAFETY: `mac` points at the 6-byte MAC of a map value.
+            unsafe { hi == ld32(mac) && lo == ld(mac + 4) }
+        }
+        _ => true,
     }
 }
 
@@ -161,6 +190,31 @@ fn ipv4(ctx: &XdpContext, l3: usize) -> Verdict {
     if route.flags & FLAG_IPV6 != 0 {
         return Verdict::DropFamilyMismatch;
     }
+    // What a router must check before it forwards (RFC 1812 §4.2.2, §5.2.2, §5.3.7),
+    // paid only by packets that have a route.
+    if !addressed_to_us(ctx) {
+        return Verdict::DropNotForUs;
+    }
+    if ihl != Ipv4Hdr::LEN {
+        return Verdict::PassIpOptions;
+    }
+    // SAFETY: `base` is the start of the 20-byte IPv4 header checked above.
+    let (flags, src0) = unsafe { (ld(base + 6), *((base + 12) as *const u8)) };
+    if flags & 0x8000u16.to_be() != 0 || src0 == 0 || src0 == 127 || src0 >= 224 {
+        return Verdict::DropIpInvalid;
+    }
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < Ipv4Hdr::LEN / 2 {
+        // SAFETY: 10 words inside the checked 20-byte header.
+        sum += unsafe { ld(base + 2 * i) } as u32;
+        i += 1;
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    if sum != 0xffff {
+        return Verdict::DropIpChecksum;
+    }
     if ip.ttl <= 1 {
         return Verdict::DropTtlExceeded;
     }
@@ -191,7 +245,7 @@ fn ipv4(ctx: &XdpContext, l3: usize) -> Verdict {
         ipd.merge(&l4d);
         st(base + 10, ipd.apply_word(ld(base + 10)));
     }
-    finish(ctx, l4, route, l4d, false)
+    finish(ctx, l3, l4, route, l4d, false)
 }
 
 #[inline(never)]
@@ -230,6 +284,22 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Verdict {
     if route.flags & FLAG_IPV6 == 0 {
         return Verdict::DropFamilyMismatch;
     }
+    if !addressed_to_us(ctx) {
+        return Verdict::DropNotForUs;
+    }
+    // Martian sources (RFC 4291): unspecified, loopback, multicast.
+    // SAFETY: the source address is bytes 8..24 of the checked 40-byte header.
+    let (a0, a1, a2, a3) = unsafe {
+        (
+            ld32(base + 8),
+            ld32(base + 12),
+            ld32(base + 16),
+            ld32(base + 20),
+        )
+    };
+    if a0 & 0xff == 0xff || (a0 | a1 | a2 == 0 && (a3 == 0 || a3 == 1u32.to_be())) {
+        return Verdict::DropIpInvalid;
+    }
     if ip.hop_limit <= 1 {
         return Verdict::DropTtlExceeded;
     }
@@ -246,7 +316,7 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Verdict {
         replace_words::<8>(base + 8, route.out_src_addr.as_ptr() as usize, &mut l4d);
         replace_words::<8>(base + 24, route.out_dst_addr.as_ptr() as usize, &mut l4d);
     }
-    finish(ctx, l4, route, l4d, true)
+    finish(ctx, l3, l4, route, l4d, true)
 }
 
 /// A route key of one IP family, built in place by the program: addresses first (by
@@ -324,7 +394,7 @@ macro_rules! key_tail {
 }
 
 impl Key for RouteKey4 {
-    key_tail!(EFWD_ROUTES4_V1);
+    key_tail!(EFWD_ROUTES4_V2);
 
     #[inline(always)]
     unsafe fn put_addr(&self, p: usize, source: bool) {
@@ -338,7 +408,7 @@ impl Key for RouteKey4 {
 }
 
 impl Key for RouteKey {
-    key_tail!(EFWD_ROUTES6_V1);
+    key_tail!(EFWD_ROUTES6_V2);
 
     #[inline(always)]
     unsafe fn put_addr(&self, p: usize, source: bool) {
@@ -494,7 +564,14 @@ fn source_known(key: &SourceKey) -> bool {
 /// Rewrites Ethernet, UDP and RTP (the IP header is done by the caller), fixes the UDP
 /// checksum from `l4d`, counts the route and sends the frame on its way.
 #[inline(always)]
-fn finish(ctx: &XdpContext, l4: usize, route: &RouteValue, mut l4d: Delta, v6: bool) -> Verdict {
+fn finish(
+    ctx: &XdpContext,
+    l3: usize,
+    l4: usize,
+    route: &RouteValue,
+    mut l4d: Delta,
+    v6: bool,
+) -> Verdict {
     // One bounds check covers UDP and the fixed RTP header. Pointers must come from
     // the checked ones: a fresh ctx.data() carries no proven range.
     // black_box: LLVM sees the Ethernet check as implied by the UDP one and drops it,
@@ -555,6 +632,12 @@ fn finish(ctx: &XdpContext, l4: usize, route: &RouteValue, mut l4d: Delta, v6: b
         }
     }
 
+    // Last, since moving the frame start invalidates every packet pointer: the route
+    // decides the egress encapsulation, never the ingress frame.
+    if let Err(v) = encapsulate(ctx, l3 != EthHdr::LEN, route) {
+        return v;
+    }
+
     if let Some(s) = EFWD_RSTATS_V1.get_ptr_mut(route.stats_slot) {
         unsafe {
             (*s).packets += 1;
@@ -573,6 +656,59 @@ fn finish(ctx: &XdpContext, l4: usize, route: &RouteValue, mut l4d: Delta, v6: b
             Verdict::DropRedirectError
         }
     }
+}
+
+/// Gives the frame the route's egress 802.1Q tag, or none: rewrites the tag in place,
+/// pops the ingress tag, or pushes a new one (4 bytes of headroom).
+#[inline(always)]
+fn encapsulate(ctx: &XdpContext, tagged: bool, route: &RouteValue) -> Result<(), Verdict> {
+    let want = route.flags & FLAG_VLAN != 0;
+    if !tagged && !want {
+        return Ok(());
+    }
+    // The 802.1Q tag protocol identifier.
+    let tpid = ETH_P_8021Q.to_be();
+    // SAFETY: the tag control word of a map value.
+    let tci = unsafe { ld(route.vlan_tci_be.as_ptr() as usize) };
+    if tagged && want {
+        let Some(h) = ptr_at::<[u8; 18]>(ctx, 0) else {
+            return Err(Verdict::DropEncapError);
+        };
+        // SAFETY: 18 bytes checked above.
+        unsafe {
+            st(h as usize + 12, tpid);
+            st(h as usize + 14, tci);
+        }
+        return Ok(());
+    }
+    let Some(h) = ptr_at::<[u8; 12]>(ctx, 0) else {
+        return Err(Verdict::DropEncapError);
+    };
+    // The (already rewritten) MACs move with the frame start.
+    // SAFETY: 12 bytes checked above.
+    let (m0, m1, m2) = unsafe { (ld32(h as usize), ld32(h as usize + 4), ld32(h as usize + 8)) };
+    let delta: i32 = if tagged { 4 } else { -4 };
+    // SAFETY: the helper gets the context the kernel gave us.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, delta) } != 0 {
+        return Err(Verdict::DropEncapError);
+    }
+    let Some(h) = ptr_at::<[u8; 18]>(ctx, 0) else {
+        return Err(Verdict::DropEncapError);
+    };
+    let p = h as usize;
+    // SAFETY: 18 bytes checked above (a popped frame is still at least that long:
+    // it holds IP and UDP headers).
+    unsafe {
+        st32(p, m0);
+        st32(p + 4, m1);
+        st32(p + 8, m2);
+        if !tagged {
+            // Pushed: the old EtherType is now at 16, behind the new tag.
+            st(p + 12, tpid);
+            st(p + 14, tci);
+        }
+    }
+    Ok(())
 }
 
 /// Loads a 16-bit word from packet or map memory. Header fields the program touches sit

@@ -19,6 +19,7 @@
 //! pt_to = 100                   # both or neither
 //! egress = "eth1"               # optional: else from the kernel routing table
 //! dst_mac = "02:00:00:00:00:01" # optional: else from the neighbour table
+//! vlan = 100                    # optional: the copy leaves 802.1Q-tagged (default untagged)
 //!
 //! [webrtc]                      # optional: WHIP/WHEP control plane (see webrtc::WebrtcConfig)
 //! http = "0.0.0.0:8080"
@@ -73,6 +74,9 @@ pub struct RouteConfig {
     pub pt_to: Option<u8>,
     pub egress: Option<String>,
     pub dst_mac: Option<String>,
+    /// 802.1Q VLAN id the copy leaves with (1-4094); default: untagged. The ingress
+    /// frame's tag never leaks to the egress.
+    pub vlan: Option<u16>,
 }
 
 impl Config {
@@ -88,6 +92,15 @@ impl Config {
             if r.pt_from.is_some() != r.pt_to.is_some() {
                 bail!(
                     "route #{} (ssrc {}): set both pt_from and pt_to, or neither",
+                    i + 1,
+                    r.ssrc
+                );
+            }
+            if let Some(v) = r.vlan
+                && !(1..=4094).contains(&v)
+            {
+                bail!(
+                    "route #{} (ssrc {}): vlan = {v}; VLAN ids are 1-4094 (leave it out for untagged)",
                     i + 1,
                     r.ssrc
                 );

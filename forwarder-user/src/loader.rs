@@ -11,17 +11,18 @@ use aya::{
         xdp::{XdpLink, XdpLinkId},
     },
 };
-use forwarder_common::{egress, listeners, route_stats, routes, routes4, sources, verdicts};
+use forwarder_common::{egress, ifmac, listeners, route_stats, routes, routes4, sources, verdicts};
 
 use crate::{EBPF_OBJECT, preflight};
 
 /// Maps that carry control-plane state, shared by the daemon, the CLI and simulate.
-pub const STATE_MAPS: [&str; 5] = [
+pub const STATE_MAPS: [&str; 6] = [
     routes4::MAP_NAME,
     routes::MAP_NAME,
     listeners::MAP_NAME,
     sources::MAP_NAME,
     egress::MAP_NAME,
+    ifmac::MAP_NAME,
 ];
 /// Counter maps; simulate leaves these unpinned so its runs do not count as traffic.
 pub const COUNTER_MAPS: [&str; 2] = [route_stats::MAP_NAME, verdicts::MAP_NAME];

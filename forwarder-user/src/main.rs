@@ -159,6 +159,9 @@ enum RoutesCmd {
         /// Next-hop MAC (default: from the neighbour table, resolved if needed).
         #[arg(long)]
         dst_mac: Option<String>,
+        /// 802.1Q VLAN id the copy leaves with (default: untagged).
+        #[arg(long)]
+        vlan: Option<u16>,
         /// Overwrite an existing route with this key (its counters are kept).
         #[arg(long)]
         replace: bool,
@@ -363,6 +366,7 @@ fn routes_cmd(pin_dir: &std::path::Path, cmd: RoutesCmd) -> Result<()> {
             pt,
             egress,
             dst_mac,
+            vlan,
             replace,
         } => {
             let (pt_from, pt_to) = match pt {
@@ -390,6 +394,7 @@ fn routes_cmd(pin_dir: &std::path::Path, cmd: RoutesCmd) -> Result<()> {
                 pt_to,
                 egress,
                 dst_mac,
+                vlan,
             };
             if !maps.listeners()?.iter().any(|l| l.addr == listen) {
                 maps.set_listener(&Listener {
@@ -427,6 +432,7 @@ fn routes_cmd(pin_dir: &std::path::Path, cmd: RoutesCmd) -> Result<()> {
                 seq_delta: 0,
                 ts_delta: 0,
                 pt_remap: None,
+                vlan: None,
             }
             .key();
             if !maps.del_route(&key)? {
@@ -524,6 +530,10 @@ async fn run_xdp(
         routes.push(route);
     }
     let r = maps.reconcile(&listeners, &routes)?;
+    maps.set_interface_mac(
+        edgefwd::preflight::ifindex(&iface)?,
+        resolve::iface_mac(&iface)?,
+    )?;
     log::info!(
         "maps reconciled with the config: {} route(s) added, {} kept or updated (counters kept), {} removed; {} listener(s) removed",
         r.added,

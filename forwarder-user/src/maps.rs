@@ -12,15 +12,16 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf,
-    maps::{DevMapHash, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
+    maps::{Array, DevMapHash, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
     util::nr_cpus,
 };
 use forwarder_common::{
     addr::{as_v4, v4_mapped},
     egress,
+    ifmac::{self, IFMAC_SET, IfMac},
     listeners::{self, FLAG_DROP_NO_ROUTE, FLAG_DROP_UNKNOWN_SOURCE, ListenerKey, ListenerValue},
     route_stats::{self, RouteStats},
-    routes::{self, FLAG_IPV6, FLAG_REWRITE_PT, MAX_ROUTES, RouteKey, RouteValue},
+    routes::{self, FLAG_IPV6, FLAG_REWRITE_PT, FLAG_VLAN, MAX_ROUTES, RouteKey, RouteValue},
     routes4::{self, RouteKey4},
     sources::{self, SourceKey, SourceValue},
     verdicts::{self, Verdict, VerdictStats},
@@ -48,6 +49,8 @@ pub struct Route {
     pub ts_delta: u32,
     /// Payload type `from` is rewritten to `to`.
     pub pt_remap: Option<(u8, u8)>,
+    /// 802.1Q VLAN id of the egress frame; None: untagged.
+    pub vlan: Option<u16>,
 }
 
 pub fn addr16(ip: IpAddr) -> [u8; 16] {
@@ -94,6 +97,9 @@ impl Route {
         if self.out_dst.is_ipv6() {
             flags |= FLAG_IPV6;
         }
+        if self.vlan.is_some() {
+            flags |= FLAG_VLAN;
+        }
         let (pt_from, pt_to) = match self.pt_remap {
             Some((f, t)) => {
                 flags |= FLAG_REWRITE_PT;
@@ -116,6 +122,8 @@ impl Route {
             pt_to,
             stats_slot,
             flags,
+            vlan_tci_be: self.vlan.unwrap_or(0).to_be_bytes(),
+            _pad: [0; 2],
         }
     }
 
@@ -133,6 +141,7 @@ impl Route {
             seq_delta: v.seq_delta,
             ts_delta: v.ts_delta,
             pt_remap: (v.flags & FLAG_REWRITE_PT != 0).then_some((v.pt_from, v.pt_to)),
+            vlan: (v.flags & FLAG_VLAN != 0).then_some(u16::from_be_bytes(v.vlan_tci_be) & 0x0fff),
         }
     }
 
@@ -170,6 +179,11 @@ impl Route {
                     "IPv4"
                 }
             );
+        }
+        if let Some(v) = self.vlan
+            && !(1..=4094).contains(&v)
+        {
+            bail!("route {}: VLAN id {v} is outside 1-4094", self.ssrc);
         }
         if let Some((f, t)) = self.pt_remap
             && (f > 127 || t > 127 || (64..=95).contains(&t))
@@ -230,6 +244,7 @@ pub struct Maps {
     pub route_stats: PerCpuArray<MapData, RouteStats>,
     pub verdicts: PerCpuArray<MapData, VerdictStats>,
     pub egress: DevMapHash<MapData>,
+    pub ifmac: Array<MapData, IfMac>,
 }
 
 fn take(ebpf: &mut Ebpf, name: &str) -> Result<Map> {
@@ -270,7 +285,31 @@ impl Maps {
             route_stats: get(route_stats::MAP_NAME)?.try_into()?,
             verdicts: get(verdicts::MAP_NAME)?.try_into()?,
             egress: get(egress::MAP_NAME)?.try_into()?,
+            ifmac: get(ifmac::MAP_NAME)?.try_into()?,
         })
+    }
+
+    /// Registers the MAC of an interface the program runs on: frames arriving there
+    /// are forwarded only if addressed to it.
+    pub fn set_interface_mac(&mut self, ifindex: u32, mac: [u8; 6]) -> Result<()> {
+        if ifindex >= ifmac::MAX_IFINDEX {
+            bail!(
+                "interface index {ifindex} is beyond the {} the MAC filter holds; recreate \
+                 the interface (indexes grow with every interface a namespace creates)",
+                ifmac::MAX_IFINDEX
+            );
+        }
+        self.ifmac
+            .set(
+                ifindex,
+                IfMac {
+                    mac,
+                    flags: IFMAC_SET,
+                    _pad: 0,
+                },
+                0,
+            )
+            .with_context(|| format!("registering the MAC of ifindex {ifindex}"))
     }
 
     pub fn set_listener(&mut self, l: &Listener) -> Result<()> {

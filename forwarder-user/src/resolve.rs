@@ -137,5 +137,6 @@ pub fn unresolved(rc: &RouteConfig) -> Route {
         seq_delta: rc.seq_delta,
         ts_delta: rc.ts_delta,
         pt_remap: rc.pt_from.zip(rc.pt_to),
+        vlan: rc.vlan,
     }
 }

@@ -27,7 +27,7 @@ use crate::maps::Route;
 const BATCH: usize = 64;
 const BUF: usize = 2048;
 
-/// Per-verdict counters, the userspace twin of `EFWD_VERDICT_V1`.
+/// Per-verdict counters, the userspace twin of `EFWD_VERDICT_V2`.
 pub struct UserCounters {
     packets: [AtomicU64; NUM_VERDICTS as usize],
     bytes: [AtomicU64; NUM_VERDICTS as usize],

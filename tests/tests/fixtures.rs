@@ -26,6 +26,11 @@ const SSRC_TX: u32 = 0x1122_3344;
 const SSRC_WRAP: u32 = 0x0a0b_0c0d;
 const SSRC_REDIRECT: u32 = 0x0000_beef;
 const SSRC_V6: u32 = 0x0000_0066;
+const SSRC_VLAN: u32 = 0x0000_0a1a;
+const MARTIAN4: &str = "127.0.0.9:40000";
+const MARTIAN6: &str = "[::1]:40000";
+/// The veth the program "receives" on in a non-live test run is the namespace's lo.
+const TEST_RUN_IFINDEX: u32 = 1;
 
 fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap()
@@ -49,6 +54,7 @@ fn route(listen: &str, source: &str, ssrc: u32, out_src: &str, out_dst: &str) ->
         seq_delta: 0,
         ts_delta: 0,
         pt_remap: None,
+        vlan: None,
     }
 }
 
@@ -115,6 +121,13 @@ fn v6_route() -> Route {
     }
 }
 
+fn vlan_route() -> Route {
+    Route {
+        vlan: Some(200),
+        ..route(L1, PUB, SSRC_VLAN, "203.0.113.2:5006", "203.0.113.1:6010")
+    }
+}
+
 fn setup(pin: &PinDir) -> Simulator {
     let mut ebpf = loader::load(pin.path(), Counters::Private).expect("load");
     let mut maps = Maps::from_ebpf(&mut ebpf).expect("maps");
@@ -126,9 +139,33 @@ fn setup(pin: &PinDir) -> Simulator {
         })
         .unwrap();
     }
-    for r in [tx_route(), wrap_route(), redirect_route(), v6_route()] {
+    for r in [
+        tx_route(),
+        wrap_route(),
+        redirect_route(),
+        v6_route(),
+        vlan_route(),
+    ] {
         maps.add_route(&r).unwrap();
     }
+    // Routes from martian sources: a router must still refuse to forward them.
+    maps.add_route(&route(
+        L1,
+        MARTIAN4,
+        SSRC_TX,
+        "203.0.113.2:5006",
+        "203.0.113.1:6000",
+    ))
+    .unwrap();
+    maps.add_route(&route(
+        L6,
+        MARTIAN6,
+        SSRC_V6,
+        "[2001:db8:b::2]:5006",
+        "[2001:db8:b::1]:6000",
+    ))
+    .unwrap();
+    maps.set_interface_mac(TEST_RUN_IFINDEX, MAC_FWD).unwrap();
     // A route on L2 so PUB is a known source there.
     maps.add_route(&route(
         L2,
@@ -167,7 +204,8 @@ fn rewritten(input: &Frame, r: &Route, rtp: &Rtp) -> Vec<u8> {
     let out = Frame {
         eth_src: r.src_mac,
         eth_dst: r.dst_mac,
-        vlan: input.vlan,
+        // The route decides the egress tag, never the ingress frame.
+        vlan: r.vlan,
         src: r.out_src.ip(),
         dst: r.out_dst.ip(),
         ttl: input.ttl - 1,
@@ -211,6 +249,25 @@ fn fx(
     }
 }
 
+/// Recomputes the IPv4 header checksum of the header at `l3` (a fixture that changes
+/// a header field but means to test something else).
+fn with_ip_checksum(mut v: Vec<u8>, l3: usize) -> Vec<u8> {
+    let ihl = (v[l3] & 0x0f) as usize * 4;
+    v[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
+    let c = forwarder_common::csum::checksum(&v[l3..l3 + ihl]);
+    v[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
+    v
+}
+
+/// The same IPv4 frame with 4 bytes of options (NOPs) in its header.
+fn with_options(mut v: Vec<u8>) -> Vec<u8> {
+    v.splice(14 + 20..14 + 20, [1, 1, 1, 1]);
+    v[14] = 0x46;
+    let tot = u16::from_be_bytes([v[16], v[17]]) + 4;
+    v[16..18].copy_from_slice(&tot.to_be_bytes());
+    with_ip_checksum(v, 14)
+}
+
 fn set(mut v: Vec<u8>, off: usize, bytes: &[u8]) -> Vec<u8> {
     v[off..off + bytes.len()].copy_from_slice(bytes);
     v
@@ -250,6 +307,7 @@ fn fixtures() -> Vec<Fixture> {
         ..f.clone()
     };
     let small = Rtp::new(SSRC_TX, 1, 1, 0).bytes();
+    let vlan_rtp = Rtp::new(SSRC_VLAN, 77, 88, 200);
 
     let mut v = vec![
         fx(
@@ -288,12 +346,167 @@ fn fixtures() -> Vec<Fixture> {
             Some(rewritten(&from_pub6(), &v6_route(), &v6)),
         ),
         fx(
-            "802.1Q-tagged IPv4 RTP keeps its tag",
+            "802.1Q-tagged IPv4 RTP to an untagged route leaves untagged (no VLAN leak)",
             vlan.build(&basic.bytes()),
             "XDP_TX",
             Verdict::ForwardTx,
             Some(rewritten(&vlan, &tx_route(), &basic)),
         ),
+        fx(
+            "802.1ad-tagged IPv4 RTP to an untagged route leaves untagged",
+            set(vlan.build(&basic.bytes()), 12, &[0x88, 0xa8]),
+            "XDP_TX",
+            Verdict::ForwardTx,
+            Some(rewritten(&vlan, &tx_route(), &basic)),
+        ),
+        fx(
+            "untagged IPv4 RTP to a VLAN 200 route gets the route's tag",
+            f.build(&vlan_rtp.bytes()),
+            "XDP_TX",
+            Verdict::ForwardTx,
+            Some(rewritten(&f, &vlan_route(), &vlan_rtp)),
+        ),
+        fx(
+            "VLAN 100 IPv4 RTP to a VLAN 200 route leaves on VLAN 200",
+            vlan.build(&vlan_rtp.bytes()),
+            "XDP_TX",
+            Verdict::ForwardTx,
+            Some(rewritten(&vlan, &vlan_route(), &vlan_rtp)),
+        ),
+        fx(
+            "double tag (802.1ad + 802.1Q) goes to the stack",
+            {
+                let mut b = vlan.build(&basic.bytes());
+                b[12..14].copy_from_slice(&[0x88, 0xa8]);
+                b.splice(16..16, [0x81, 0x00, 0x00, 0x64]);
+                b
+            },
+            "XDP_PASS",
+            Verdict::PassNotIp,
+            None,
+        ),
+        fx(
+            "broadcast frame is not forwarded",
+            Frame {
+                eth_dst: [0xff; 6],
+                ..f.clone()
+            }
+            .build(&basic.bytes()),
+            "XDP_DROP",
+            Verdict::DropNotForUs,
+            None,
+        ),
+        fx(
+            "multicast frame is not forwarded",
+            Frame {
+                eth_dst: [0x01, 0x00, 0x5e, 0, 0, 1],
+                ..f.clone()
+            }
+            .build(&basic.bytes()),
+            "XDP_DROP",
+            Verdict::DropNotForUs,
+            None,
+        ),
+        fx(
+            "another host's unicast frame (promiscuous NIC) is not forwarded",
+            Frame {
+                eth_dst: [0x02, 0, 0, 0, 0, 0x99],
+                ..f.clone()
+            }
+            .build(&basic.bytes()),
+            "XDP_DROP",
+            Verdict::DropNotForUs,
+            None,
+        ),
+        fx(
+            "IPv6 frame to another host's MAC is not forwarded",
+            Frame {
+                eth_dst: [0x02, 0, 0, 0, 0, 0x99],
+                ..from_pub6()
+            }
+            .build(&v6.bytes()),
+            "XDP_DROP",
+            Verdict::DropNotForUs,
+            None,
+        ),
+        fx(
+            "IPv4 header checksum wrong",
+            {
+                let mut b = f.build(&basic.bytes());
+                b[14 + 10] ^= 0x5a;
+                b
+            },
+            "XDP_DROP",
+            Verdict::DropIpChecksum,
+            None,
+        ),
+        fx(
+            "IPv4 reserved flag set",
+            with_ip_checksum(set(f.build(&basic.bytes()), 14 + 6, &[0x80, 0x00]), 14),
+            "XDP_DROP",
+            Verdict::DropIpInvalid,
+            None,
+        ),
+        fx(
+            "IPv4 martian source 127.0.0.9 with a route is not forwarded",
+            Frame {
+                src: ip("127.0.0.9"),
+                ..f.clone()
+            }
+            .build(&basic.bytes()),
+            "XDP_DROP",
+            Verdict::DropIpInvalid,
+            None,
+        ),
+        fx(
+            "IPv6 loopback source with a route is not forwarded",
+            Frame {
+                src: ip("::1"),
+                ..from_pub6()
+            }
+            .build(&v6.bytes()),
+            "XDP_DROP",
+            Verdict::DropIpInvalid,
+            None,
+        ),
+        fx(
+            "IPv4 with options goes to the stack",
+            with_options(f.build(&basic.bytes())),
+            "XDP_PASS",
+            Verdict::PassIpOptions,
+            None,
+        ),
+        fx(
+            "IPv6 hop limit 1 would expire",
+            Frame {
+                ttl: 1,
+                ..from_pub6()
+            }
+            .build(&v6.bytes()),
+            "XDP_DROP",
+            Verdict::DropTtlExceeded,
+            None,
+        ),
+        {
+            // A payload for which the rewritten UDP checksum computes to 0: it must go
+            // out as 0xffff (0 means "no checksum" for IPv4 and is invalid for IPv6).
+            let (rtp, out) = (0..=u16::MAX)
+                .map(|w| {
+                    let mut r = Rtp::new(SSRC_TX, 1234, 5678, 0);
+                    r.payload = w.to_be_bytes().to_vec();
+                    let out = rewritten(&f, &tx_route(), &r);
+                    (r, out)
+                })
+                .find(|(_, out)| out[l4 + 6..l4 + 8] == [0xff, 0xff])
+                .expect("some payload word makes the checksum 0");
+            fx(
+                "a rewritten UDP checksum of 0 goes out as 0xffff",
+                f.build(&rtp.bytes()),
+                "XDP_TX",
+                Verdict::ForwardTx,
+                Some(out),
+            )
+        },
         fx(
             "IPv4 UDP without checksum stays without",
             set(f.build(&basic.bytes()), l4 + 6, &[0, 0]),
@@ -564,11 +777,23 @@ fn fixture_table() {
         let mut sim = setup(&pin);
         let mut failures = Vec::new();
         for fx in fixtures() {
+            let before = sim.maps().verdict_totals().unwrap();
             let out = sim
                 .run(&fx.input)
                 .unwrap_or_else(|e| panic!("{}: {e:#}", fx.desc));
+            let after = sim.maps().verdict_totals().unwrap();
+            // Exactly one counter moved, by exactly one packet of the input's size.
+            let moved: Vec<_> = before
+                .iter()
+                .zip(&after)
+                .filter(|(a, b)| a.1 != b.1)
+                .map(|(a, b)| (a.0.name(), b.1.packets - a.1.packets, b.1.bytes - a.1.bytes))
+                .collect();
             let want_out = fx.output.clone().unwrap_or_else(|| fx.input.clone());
             let mut errs = Vec::new();
+            if moved != [(fx.verdict.name(), 1, fx.input.len() as u64)] {
+                errs.push(format!("verdict counters moved: {moved:?}"));
+            }
             if out.action != fx.action {
                 errs.push(format!("action {} (want {})", out.action, fx.action));
             }
@@ -620,7 +845,10 @@ fn counters_and_route_stats_follow_traffic() {
             assert_eq!(sim.run(&pkt).unwrap().action, "XDP_TX");
         }
         let routes = sim.maps().routes().unwrap();
-        let (_, stats) = routes.iter().find(|(r, _)| r.ssrc == SSRC_TX).unwrap();
+        let (_, stats) = routes
+            .iter()
+            .find(|(r, _)| r.ssrc == SSRC_TX && r.source == sa(PUB))
+            .unwrap();
         assert_eq!(stats.packets, 5);
         assert_eq!(stats.bytes, 5 * pkt.len() as u64);
         let (_, other) = routes.iter().find(|(r, _)| r.ssrc == SSRC_WRAP).unwrap();
@@ -661,13 +889,15 @@ fn route_deletion_and_replacement_keep_maps_consistent() {
         // Replacing keeps the statistics slot and its counts.
         let mut r = tx_route();
         r.seq_delta = 1;
-        sim.maps().add_route(&r).unwrap();
+        let e = sim.maps().add_route(&r).unwrap_err();
+        assert!(format!("{e:#}").contains("--replace"), "{e:#}");
+        sim.maps().put_route(&r).unwrap();
         let stats = |sim: &mut Simulator| {
             sim.maps()
                 .routes()
                 .unwrap()
                 .into_iter()
-                .find(|(r, _)| r.ssrc == SSRC_TX)
+                .find(|(r, _)| r.ssrc == SSRC_TX && r.source == sa(PUB))
                 .map(|(_, s)| s.packets)
         };
         assert_eq!(stats(&mut sim), Some(1));
@@ -681,7 +911,11 @@ fn route_deletion_and_replacement_keep_maps_consistent() {
             sim.run(&pkt).unwrap().verdict,
             Some(Verdict::DropNoRoute.name())
         );
-        for k in [wrap_route().key(), redirect_route().key()] {
+        for k in [
+            wrap_route().key(),
+            redirect_route().key(),
+            vlan_route().key(),
+        ] {
             assert!(sim.maps().del_route(&k).unwrap());
         }
         assert_eq!(
