@@ -565,10 +565,14 @@ async fn run_user(
     let cfg_webrtc = cfg.webrtc.clone();
     // No resolution: L2 and the egress interface are the kernel's job on this path.
     let routes: Vec<Route> = cfg.routes.iter().map(resolve::unresolved).collect();
-    let listeners: Vec<(SocketAddr, bool)> = cfg
+    let listeners: Vec<Listener> = cfg
         .listeners
         .iter()
-        .map(|l| (l.addr, l.drop_unknown_source))
+        .map(|l| Listener {
+            addr: l.addr,
+            drop_unknown_source: l.drop_unknown_source,
+            drop_no_route: l.drop_no_route,
+        })
         .collect();
     let stop = Arc::new(AtomicBool::new(false));
     let counters = Arc::new(userpath::UserCounters::default());

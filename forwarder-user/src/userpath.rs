@@ -22,7 +22,7 @@ use forwarder_common::{
     verdicts::{NUM_VERDICTS, Verdict, VerdictStats},
 };
 
-use crate::maps::Route;
+use crate::maps::{Listener, Route};
 
 const BATCH: usize = 64;
 const BUF: usize = 2048;
@@ -71,6 +71,9 @@ struct Target {
     out_sa_len: libc::socklen_t,
     /// Index into the output sockets.
     sock: usize,
+    /// forward_tx when the copy leaves by the interface its source's packets come in
+    /// on, forward_redirect otherwise: the verdict XDP would count.
+    verdict: Verdict,
 }
 
 /// One listener's forwarding loop.
@@ -82,10 +85,19 @@ pub struct UserPath {
     /// route miss is one lookup, not a scan of the routes.
     sources: HashSet<SocketAddr>,
     drop_unknown_source: bool,
+    drop_no_route: bool,
 }
 
 impl UserPath {
-    pub fn new(listen: SocketAddr, routes: &[Route], drop_unknown_source: bool) -> Result<Self> {
+    /// `routes` carry their egress ifindex (0: the ingress interface) and
+    /// `ingress_of` names the interface a source's packets arrive on, so each copy is
+    /// counted under the verdict the XDP program gives it.
+    pub fn new(
+        listener: &Listener,
+        routes: &[Route],
+        ingress_of: impl Fn(SocketAddr) -> u32,
+    ) -> Result<Self> {
+        let listen = listener.addr;
         let sock = UdpSocket::bind(listen).with_context(|| {
             format!("binding listener {listen}: in use, or not a local address?")
         })?;
@@ -112,6 +124,7 @@ impl UserPath {
             };
             let mut out_sa: libc::sockaddr_storage = unsafe { mem::zeroed() };
             let out_sa_len = sockaddr_from(r.out_dst, &mut out_sa);
+            let tx = r.egress_ifindex == 0 || r.egress_ifindex == ingress_of(r.source);
             table.insert(
                 (r.source, r.ssrc),
                 Target {
@@ -119,6 +132,11 @@ impl UserPath {
                     out_sa,
                     out_sa_len,
                     sock: idx,
+                    verdict: if tx {
+                        Verdict::ForwardTx
+                    } else {
+                        Verdict::ForwardRedirect
+                    },
                 },
             );
         }
@@ -137,7 +155,8 @@ impl UserPath {
             outs,
             sources: table.keys().map(|(src, _)| *src).collect(),
             routes: table,
-            drop_unknown_source,
+            drop_unknown_source: listener.drop_unknown_source,
+            drop_no_route: listener.drop_no_route,
         })
     }
 
@@ -208,7 +227,7 @@ impl UserPath {
                             .cast();
                         h.msg_hdr.msg_namelen = t.out_sa_len;
                         out_msgs[t.sock].push(h);
-                        counters.add(Verdict::ForwardRedirect, len);
+                        counters.add(t.verdict, len);
                     }
                     Err(v) => counters.add(v, len),
                 }
@@ -248,6 +267,15 @@ impl UserPath {
         Ok(())
     }
 
+    /// What this path does with a datagram from `src` (rewriting it in place when it
+    /// is forwarded): the same verdict the XDP program gives the same datagram.
+    pub fn judge(&self, pkt: &mut [u8], src: SocketAddr) -> Verdict {
+        match self.route_one(pkt, src) {
+            Ok(t) => t.verdict,
+            Err(v) => v,
+        }
+    }
+
     /// Routes one datagram: rewritten in place with its target, or the verdict.
     fn route_one(&self, pkt: &mut [u8], src: SocketAddr) -> Result<&Target, Verdict> {
         if pkt.len() < 2 {
@@ -257,6 +285,9 @@ impl UserPath {
             Class::Stun => return Err(Verdict::PassStun),
             Class::Dtls => return Err(Verdict::PassDtls),
             Class::TurnChannel => return Err(Verdict::PassTurnChannel),
+            Class::Rtcp if self.drop_unknown_source && !self.sources.contains(&src) => {
+                return Err(Verdict::DropUnknownSource);
+            }
             Class::Rtcp => return Err(Verdict::PassRtcp),
             Class::Unknown => return Err(Verdict::DropUnknownProtocol),
             Class::Rtp => {}
@@ -268,6 +299,7 @@ impl UserPath {
         let Some(t) = self.routes.get(&(src, ssrc)) else {
             return Err(
                 match (self.sources.contains(&src), self.drop_unknown_source) {
+                    (true, _) if self.drop_no_route => Verdict::DropNoRoute,
                     (true, _) => Verdict::PassNoRoute,
                     (false, true) => Verdict::DropUnknownSource,
                     (false, false) => Verdict::PassUnknownSource,
@@ -335,14 +367,28 @@ fn sockaddr_from(a: SocketAddr, ss: &mut libc::sockaddr_storage) -> libc::sockle
 
 /// Runs one forwarding thread per listener until `stop`; the first error ends all.
 pub fn run_all(
-    listeners: &[(SocketAddr, bool)],
+    listeners: &[Listener],
     routes: &[Route],
     stop: Arc<AtomicBool>,
     counters: Arc<UserCounters>,
 ) -> Result<Vec<std::thread::JoinHandle<Result<()>>>> {
     let mut handles = Vec::new();
-    for &(addr, drop_unknown) in listeners {
-        let path = UserPath::new(addr, routes, drop_unknown)?;
+    // The interfaces the kernel would use: copies and their sources' packets.
+    let ifindex_to = |ip: std::net::IpAddr| {
+        crate::resolve::route_get(ip)
+            .ok()
+            .and_then(|(dev, _)| crate::preflight::ifindex(&dev).ok())
+            .unwrap_or(0)
+    };
+    let routes: Vec<Route> = routes
+        .iter()
+        .map(|r| Route {
+            egress_ifindex: ifindex_to(r.out_dst.ip()),
+            ..r.clone()
+        })
+        .collect();
+    for l in listeners {
+        let path = UserPath::new(l, &routes, |src| ifindex_to(src.ip()))?;
         let stop = stop.clone();
         let counters = counters.clone();
         handles.push(std::thread::spawn(move || path.run(&stop, &counters)));

@@ -964,3 +964,139 @@ fn bad_routes_are_refused_with_a_reason() {
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+/// Verdicts decided below UDP: the kernel stack makes these calls (or drops the
+/// frame) before a socket sees the datagram, so the socket path never does.
+const BELOW_UDP: [Verdict; 13] = [
+    Verdict::PassNotIp,
+    Verdict::PassNotUdp,
+    Verdict::PassFragment,
+    Verdict::PassNotListener,
+    Verdict::PassIpOptions,
+    Verdict::DropMalformedIp,
+    Verdict::DropMalformedUdp,
+    Verdict::DropTtlExceeded,
+    Verdict::DropZeroUdpChecksumV6,
+    Verdict::DropRedirectError,
+    Verdict::DropIpChecksum,
+    Verdict::DropIpInvalid,
+    Verdict::DropNotForUs,
+];
+
+/// The same fixture rows through the socket path (`--datapath user`): every row whose
+/// datagram a socket would receive gets the XDP program's verdict, and forwarded
+/// rows the same rewritten RTP.
+#[test]
+fn socket_path_gives_the_fixture_verdicts() {
+    use edgefwd::userpath::UserPath;
+    in_ns(|| {
+        let ns_addrs = [
+            ("198.51.100.2/32", "lo"),
+            ("203.0.113.2/32", "lo"),
+            ("2001:db8:a::2/128", "lo"),
+            ("2001:db8:b::2/128", "lo"),
+        ];
+        for (a, dev) in ns_addrs {
+            let st = std::process::Command::new("ip")
+                .args(["addr", "add", a, "dev", dev, "nodad"])
+                .status()
+                .unwrap();
+            assert!(st.success(), "ip addr add {a}");
+        }
+        let _ = std::process::Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status();
+        let routes = vec![
+            tx_route(),
+            wrap_route(),
+            redirect_route(),
+            v6_route(),
+            vlan_route(),
+            route(
+                L1,
+                MARTIAN4,
+                SSRC_TX,
+                "203.0.113.2:5006",
+                "203.0.113.1:6000",
+            ),
+            route(
+                L6,
+                MARTIAN6,
+                SSRC_V6,
+                "[2001:db8:b::2]:5006",
+                "[2001:db8:b::1]:6000",
+            ),
+            // Its own output port: each listener's path binds its routes' sources.
+            route(L2, PUB, 0x0000_0001, "203.0.113.2:5007", "203.0.113.1:6008"),
+        ];
+        let paths: Vec<(SocketAddr, UserPath)> = [(L1, true), (L2, false), (L6, true)]
+            .iter()
+            .map(|(a, strict)| {
+                let l = Listener {
+                    addr: sa(a),
+                    drop_unknown_source: *strict,
+                    drop_no_route: *strict,
+                };
+                // Every source arrives on lo (ifindex 1), as in the test runs.
+                (
+                    sa(a),
+                    UserPath::new(&l, &routes, |_| TEST_RUN_IFINDEX).unwrap(),
+                )
+            })
+            .collect();
+        let pin = PinDir::new();
+        let mut sim = setup(&pin);
+        let (mut checked, mut failures) = (0, Vec::new());
+        for fx in fixtures() {
+            if BELOW_UDP.contains(&fx.verdict) {
+                continue;
+            }
+            let Ok(p) = etherparse::SlicedPacket::from_ethernet(&fx.input) else {
+                continue;
+            };
+            let (src_ip, dst_ip): (IpAddr, IpAddr) = match &p.net {
+                Some(etherparse::NetSlice::Ipv4(v4)) => (
+                    v4.header().source_addr().into(),
+                    v4.header().destination_addr().into(),
+                ),
+                Some(etherparse::NetSlice::Ipv6(v6)) => (
+                    v6.header().source_addr().into(),
+                    v6.header().destination_addr().into(),
+                ),
+                _ => continue,
+            };
+            let Some(etherparse::TransportSlice::Udp(udp)) = &p.transport else {
+                continue;
+            };
+            let dst = SocketAddr::new(dst_ip, udp.destination_port());
+            let src = SocketAddr::new(src_ip, udp.source_port());
+            let Some((_, path)) = paths.iter().find(|(a, _)| *a == dst) else {
+                continue;
+            };
+            let mut payload = udp.payload().to_vec();
+            let got = path.judge(&mut payload, src);
+            checked += 1;
+            if got != fx.verdict {
+                failures.push(format!(
+                    "{}: socket path {} (XDP {})",
+                    fx.desc,
+                    got.name(),
+                    fx.verdict.name()
+                ));
+                continue;
+            }
+            if fx.verdict.action() == forwarder_common::verdicts::Action::Forward {
+                let out = sim.run(&fx.input).unwrap().output;
+                let o = etherparse::SlicedPacket::from_ethernet(&out).unwrap();
+                let Some(etherparse::TransportSlice::Udp(ou)) = &o.transport else {
+                    panic!("{}: XDP output has no UDP", fx.desc);
+                };
+                if ou.payload() != payload.as_slice() {
+                    failures.push(format!("{}: the paths rewrite RTP differently", fx.desc));
+                }
+            }
+        }
+        assert!(checked >= 20, "only {checked} rows reached the socket path");
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    });
+}
