@@ -23,5 +23,6 @@ pub struct IfMac {
 }
 assert_size!(IfMac, 8);
 
+// SAFETY: repr(C), integers and byte arrays only, explicit padding: every bit pattern is valid.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for IfMac {}

@@ -386,50 +386,6 @@ fn fixtures() -> Vec<Fixture> {
             None,
         ),
         fx(
-            "broadcast frame is not forwarded",
-            Frame {
-                eth_dst: [0xff; 6],
-                ..f.clone()
-            }
-            .build(&basic.bytes()),
-            "XDP_DROP",
-            Verdict::DropNotForUs,
-            None,
-        ),
-        fx(
-            "multicast frame is not forwarded",
-            Frame {
-                eth_dst: [0x01, 0x00, 0x5e, 0, 0, 1],
-                ..f.clone()
-            }
-            .build(&basic.bytes()),
-            "XDP_DROP",
-            Verdict::DropNotForUs,
-            None,
-        ),
-        fx(
-            "another host's unicast frame (promiscuous NIC) is not forwarded",
-            Frame {
-                eth_dst: [0x02, 0, 0, 0, 0, 0x99],
-                ..f.clone()
-            }
-            .build(&basic.bytes()),
-            "XDP_DROP",
-            Verdict::DropNotForUs,
-            None,
-        ),
-        fx(
-            "IPv6 frame to another host's MAC is not forwarded",
-            Frame {
-                eth_dst: [0x02, 0, 0, 0, 0, 0x99],
-                ..from_pub6()
-            }
-            .build(&v6.bytes()),
-            "XDP_DROP",
-            Verdict::DropNotForUs,
-            None,
-        ),
-        fx(
             "IPv4 header checksum wrong",
             {
                 let mut b = f.build(&basic.bytes());
@@ -755,6 +711,36 @@ fn fixtures() -> Vec<Fixture> {
             None,
         ),
     ];
+    // Frames not addressed to the receiving interface: never forwarded.
+    let foreign = [0x02, 0, 0, 0, 0, 0x99];
+    for (desc, dst, frame, rtp) in [
+        ("broadcast frame is not forwarded", [0xff; 6], &f, &basic),
+        (
+            "multicast frame is not forwarded",
+            [0x01, 0x00, 0x5e, 0, 0, 1],
+            &f,
+            &basic,
+        ),
+        (
+            "another host's unicast frame (promiscuous NIC) is not forwarded",
+            foreign,
+            &f,
+            &basic,
+        ),
+        (
+            "IPv6 frame to another host's MAC is not forwarded",
+            foreign,
+            &from_pub6(),
+            &v6,
+        ),
+    ] {
+        let input = Frame {
+            eth_dst: dst,
+            ..frame.clone()
+        }
+        .build(&rtp.bytes());
+        v.push(fx(desc, input, "XDP_DROP", Verdict::DropNotForUs, None));
+    }
     // Ethernet padding after a short IP packet is legal and must not upset the lengths.
     let mut padded = f.build(&small);
     padded.resize(padded.len() + 6, 0);
