@@ -7,6 +7,7 @@ pub mod metrics;
 pub mod packet;
 pub mod preflight;
 pub mod resolve;
+pub mod rxq;
 pub mod simulate;
 pub mod stats;
 pub mod userpath;

@@ -193,24 +193,49 @@ fn parse_u32(s: &str) -> Result<u32, String> {
 const LOG_DEFAULT: &str = "info,webrtc_dtls::handshake=error";
 
 /// Serves the data plane's /metrics in the background, if asked to.
-fn spawn_metrics(addr: Option<SocketAddr>, source: metrics::Source) {
-    if let Some(addr) = addr {
-        tokio::spawn(async move {
-            if let Err(e) = metrics::serve(addr, source).await {
-                log::error!("metrics server: {e:#}");
-            }
-        });
-    }
+/// Binds the metrics listener now (a bad address fails the start) and serves it in
+/// the background; returns the bound address for the ready line.
+async fn spawn_metrics(
+    addr: Option<SocketAddr>,
+    source: metrics::Source,
+) -> Result<Option<SocketAddr>> {
+    let Some(addr) = addr else { return Ok(None) };
+    let listener = metrics::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(e) = metrics::serve(listener, source).await {
+            log::error!("metrics server: {e:#}");
+        }
+    });
+    Ok(Some(bound))
 }
 
 type WebrtcServer = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>;
 
 /// Binds the WebRTC sockets now, before the daemon says it is ready.
-async fn start_webrtc(cfg: Option<WebrtcConfig>) -> Result<Option<WebrtcServer>> {
+async fn start_webrtc(
+    cfg: Option<WebrtcConfig>,
+) -> Result<(Option<edgefwd::webrtc::Bound>, Option<WebrtcServer>)> {
     match cfg {
-        Some(w) => Ok(Some(Box::pin(edgefwd::webrtc::start(w).await?))),
-        None => Ok(None),
+        Some(w) => {
+            let (bound, serve) = edgefwd::webrtc::start(w).await?;
+            Ok((Some(bound), Some(Box::pin(serve))))
+        }
+        None => Ok((None, None)),
     }
+}
+
+/// What the ready line adds after "forwarding on ...": every address the daemon
+/// listens on, as bound (so a config with port 0 tells its callers where to go).
+fn ready_addresses(metrics: Option<SocketAddr>, webrtc: Option<edgefwd::webrtc::Bound>) -> String {
+    let mut s = String::new();
+    if let Some(m) = metrics {
+        s.push_str(&format!(" metrics={m}"));
+    }
+    if let Some(w) = webrtc {
+        s.push_str(&format!(" {w}"));
+    }
+    s
 }
 
 fn main() {
@@ -547,9 +572,12 @@ async fn run_xdp(
         "{attached} on {iface}; link and maps pinned in {} (forwarding goes on if this process ends; `edgefwd down` removes it)",
         pin_dir.display()
     );
-    spawn_metrics(metrics_addr, metrics::Source::Pinned(pin_dir.clone()));
-    let cfg_webrtc = start_webrtc(cfg_webrtc).await?;
-    println!("edgefwd: forwarding on {iface} ({attached})");
+    let metrics_bound = spawn_metrics(metrics_addr, metrics::Source::Pinned(pin_dir.clone())).await?;
+    let (webrtc_bound, cfg_webrtc) = start_webrtc(cfg_webrtc).await?;
+    println!(
+        "edgefwd: forwarding on {iface} ({attached}){}",
+        ready_addresses(metrics_bound, webrtc_bound)
+    );
     shutdown_signal(duration, cfg_webrtc).await?;
     // The pinned link keeps XDP attached with the routes in the pinned maps: the next
     // daemon takes over without a gap (`edgefwd down` detaches).
@@ -582,11 +610,12 @@ async fn run_user(
         );
     }
     let handles = userpath::run_all(&listeners, &routes, stop.clone(), counters.clone())?;
-    spawn_metrics(metrics_addr, metrics::Source::User(counters.clone()));
-    let cfg_webrtc = start_webrtc(cfg_webrtc).await?;
+    let metrics_bound = spawn_metrics(metrics_addr, metrics::Source::User(counters.clone())).await?;
+    let (webrtc_bound, cfg_webrtc) = start_webrtc(cfg_webrtc).await?;
     println!(
-        "edgefwd: forwarding on {} listener(s) (userspace datapath)",
-        listeners.len()
+        "edgefwd: forwarding on {} listener(s) (userspace datapath){}",
+        listeners.len(),
+        ready_addresses(metrics_bound, webrtc_bound)
     );
     shutdown_signal(duration, cfg_webrtc).await?;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -600,6 +629,11 @@ async fn run_user(
         .filter(|(v, _)| v.action() == forwarder_common::verdicts::Action::Forward)
         .map(|(_, s)| s.packets)
         .sum();
-    log::info!("userspace datapath forwarded {fwd} packets");
+    log::info!(
+        "userspace datapath forwarded {fwd} packets; {} dropped by full socket queues",
+        counters
+            .socket_overflow
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
     Ok(())
 }

@@ -50,6 +50,12 @@ pub fn render(source: &Source) -> Result<String> {
             .with_label_values(&[v.name(), &action])
             .inc_by(s.bytes);
     }
+    if let Source::User(c) = source {
+        // Dropped by the kernel before the path saw them (no byte count: never read).
+        packets
+            .with_label_values(&["drop_socket_overflow", "drop"])
+            .inc_by(c.socket_overflow.load(std::sync::atomic::Ordering::Relaxed));
+    }
     if let Source::Pinned(dir) = source {
         let rp = IntCounterVec::new(
             Opts::new("edgefwd_route_packets_total", "Packets forwarded per route"),
@@ -85,14 +91,22 @@ async fn metrics(State(source): State<Source>) -> (StatusCode, String) {
     }
 }
 
-pub async fn serve(addr: SocketAddr, source: Source) -> Result<()> {
+/// Binds the metrics listener (port 0 picks a free one; the ready line reports it), so
+/// a bad address fails the start instead of a background task.
+pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding metrics address {addr}: is it in use? pick another with --metrics"))
+}
+
+pub async fn serve(listener: tokio::net::TcpListener, source: Source) -> Result<()> {
     let app = Router::new()
         .route("/metrics", get(metrics))
         .with_state(source);
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding metrics address {addr}: is it in use? pass --metrics"))?;
-    log::info!("serving Prometheus metrics on http://{addr}/metrics");
+    log::info!(
+        "serving Prometheus metrics on http://{}/metrics",
+        listener.local_addr()?
+    );
     axum::serve(listener, app).await?;
     Ok(())
 }

@@ -7,7 +7,7 @@ use std::{
     io,
     mem::{self, MaybeUninit},
     net::{SocketAddr, UdpSocket},
-    os::fd::AsRawFd,
+    os::fd::{AsFd as _, AsRawFd},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -27,10 +27,12 @@ use crate::maps::{Listener, Route};
 const BATCH: usize = 64;
 const BUF: usize = 2048;
 
-/// Per-verdict counters, the userspace twin of `EFWD_VERDICT_V2`.
+/// Per-verdict counters, the userspace twin of `EFWD_VERDICT_V2`, plus what the
+/// kernel dropped before this path could judge it (full receive queues).
 pub struct UserCounters {
     packets: [AtomicU64; NUM_VERDICTS as usize],
     bytes: [AtomicU64; NUM_VERDICTS as usize],
+    pub socket_overflow: AtomicU64,
 }
 
 impl Default for UserCounters {
@@ -38,6 +40,7 @@ impl Default for UserCounters {
         UserCounters {
             packets: std::array::from_fn(|_| AtomicU64::new(0)),
             bytes: std::array::from_fn(|_| AtomicU64::new(0)),
+            socket_overflow: Default::default(),
         }
     }
 }
@@ -102,7 +105,9 @@ impl UserPath {
             format!("binding listener {listen}: in use, or not a local address?")
         })?;
         // Big buffers: a burst of a few thousand packets must not overflow them.
-        set_buf(&sock, libc::SO_RCVBUF, 8 << 20);
+        set_buf(&sock, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, 8 << 20);
+        crate::rxq::enable(sock.as_fd())
+            .with_context(|| format!("enabling SO_RXQ_OVFL on listener {listen}"))?;
         let mut outs: Vec<(SocketAddr, UdpSocket)> = Vec::new();
         let mut table = HashMap::new();
         for r in routes.iter().filter(|r| r.listen == listen) {
@@ -118,10 +123,11 @@ impl UserPath {
                         r.out_src
                     )
                 })?;
-                set_buf(&s, libc::SO_SNDBUF, 8 << 20);
+                set_buf(&s, libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, 8 << 20);
                 outs.push((r.out_src, s));
                 outs.len() - 1
             };
+            // SAFETY: sockaddr_storage is a plain C struct; all-zero is valid.
             let mut out_sa: libc::sockaddr_storage = unsafe { mem::zeroed() };
             let out_sa_len = sockaddr_from(r.out_dst, &mut out_sa);
             let tx = r.egress_ifindex == 0 || r.egress_ifindex == ingress_of(r.source);
@@ -164,7 +170,10 @@ impl UserPath {
     /// the loop itself allocates nothing.
     pub fn run(&self, stop: &AtomicBool, counters: &UserCounters) -> Result<()> {
         let mut bufs = vec![[0u8; BUF]; BATCH];
+        // SAFETY: sockaddr_storage is a plain C struct; all-zero is valid.
         let mut addrs: Vec<libc::sockaddr_storage> = vec![unsafe { mem::zeroed() }; BATCH];
+        let mut controls = vec![crate::rxq::Control::default(); BATCH];
+        let mut overflow_seen = 0u32;
         let mut iovs: Vec<libc::iovec> = bufs
             .iter_mut()
             .map(|b| libc::iovec {
@@ -175,11 +184,14 @@ impl UserPath {
         let mut msgs: Vec<libc::mmsghdr> = iovs
             .iter_mut()
             .zip(addrs.iter_mut())
-            .map(|(iov, addr)| {
+            .zip(controls.iter_mut())
+            .map(|((iov, addr), control)| {
+                // SAFETY: mmsghdr is a plain C struct; all-zero is valid.
                 let mut h: libc::mmsghdr = unsafe { mem::zeroed() };
                 h.msg_hdr.msg_name = (addr as *mut libc::sockaddr_storage).cast();
                 h.msg_hdr.msg_iov = iov;
                 h.msg_hdr.msg_iovlen = 1;
+                h.msg_hdr.msg_control = control.as_mut_ptr().cast();
                 h
             })
             .collect();
@@ -191,7 +203,10 @@ impl UserPath {
             for m in msgs.iter_mut() {
                 // The kernel overwrote these with the previous batch's lengths.
                 m.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as u32;
+                m.msg_hdr.msg_controllen = mem::size_of::<crate::rxq::Control>();
             }
+            // SAFETY: every header points at its own live buffer, address and control
+            // block of the lengths given; BATCH is the vector's length.
             let n = unsafe {
                 libc::recvmmsg(
                     self.listen.as_raw_fd(),
@@ -208,6 +223,13 @@ impl UserPath {
                     _ => return Err(e).context("recvmmsg"),
                 }
             }
+            // The count is cumulative: the batch's last datagram carries the newest.
+            if let Some(d) = (n > 0)
+                .then(|| crate::rxq::read(&msgs[n as usize - 1].msg_hdr))
+                .flatten()
+            {
+                crate::rxq::observe(&counters.socket_overflow, &mut overflow_seen, d);
+            }
             for i in 0..n as usize {
                 let len = msgs[i].msg_len as usize;
                 let Some(src) = sockaddr_to(&addrs[i]) else {
@@ -220,6 +242,7 @@ impl UserPath {
                             iov_base: pkt.as_mut_ptr().cast(),
                             iov_len: len,
                         });
+                        // SAFETY: mmsghdr is a plain C struct; all-zero is valid.
                         let mut h: libc::mmsghdr = unsafe { mem::zeroed() };
                         // sendmmsg only reads the address.
                         h.msg_hdr.msg_name = (&t.out_sa as *const libc::sockaddr_storage)
@@ -245,6 +268,8 @@ impl UserPath {
                 }
                 let mut off = 0;
                 while off < msgs.len() {
+                    // SAFETY: the headers point at this batch's iovecs and the
+                    // routes' addresses, all alive until the call returns.
                     let r = unsafe {
                         libc::sendmmsg(
                             sock.as_raw_fd(),
@@ -311,21 +336,51 @@ impl UserPath {
     }
 }
 
-fn set_buf(s: &UdpSocket, opt: libc::c_int, bytes: libc::c_int) {
-    unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            opt,
-            (&bytes as *const libc::c_int).cast(),
-            mem::size_of::<libc::c_int>() as u32,
-        );
+/// Sets a socket buffer size: the FORCE option first, since the plain one is silently
+/// capped at net.core.[rw]mem_max (the FORCE one needs CAP_NET_ADMIN, which the
+/// daemon has); a warning if the kernel granted less than asked.
+pub(crate) fn set_buf(s: &UdpSocket, force: libc::c_int, plain: libc::c_int, bytes: libc::c_int) {
+    let set = |opt| {
+        // SAFETY: a valid socket fd and a c_int option value of the size passed.
+        unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&bytes as *const libc::c_int).cast(),
+                mem::size_of::<libc::c_int>() as u32,
+            ) == 0
+        }
+    };
+    if set(force) || set(plain) {
+        let mut got: libc::c_int = 0;
+        let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: as above, with a c_int out-parameter and its length.
+        unsafe {
+            libc::getsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                plain,
+                (&mut got as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        // The kernel reports twice the size set (it counts its bookkeeping).
+        if got < bytes {
+            log::warn!(
+                "socket buffer {} B asked, {got} B granted: raise net.core.{}mem_max or run with CAP_NET_ADMIN",
+                bytes,
+                if plain == libc::SO_RCVBUF { "r" } else { "w" }
+            );
+        }
     }
 }
 
-fn sockaddr_to(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
+pub(crate) fn sockaddr_to(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
     match ss.ss_family as libc::c_int {
         libc::AF_INET => {
+            // SAFETY: ss_family says the storage holds a sockaddr_in, which it is
+            // sized and aligned for.
             let a: &libc::sockaddr_in = unsafe { &*(ss as *const _ as *const libc::sockaddr_in) };
             Some(SocketAddr::new(
                 std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)).into(),
@@ -333,6 +388,7 @@ fn sockaddr_to(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
             ))
         }
         libc::AF_INET6 => {
+            // SAFETY: as above, for sockaddr_in6.
             let a: &libc::sockaddr_in6 = unsafe { &*(ss as *const _ as *const libc::sockaddr_in6) };
             Some(SocketAddr::new(
                 std::net::Ipv6Addr::from(a.sin6_addr.s6_addr).into(),
@@ -344,9 +400,11 @@ fn sockaddr_to(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
 }
 
 fn sockaddr_from(a: SocketAddr, ss: &mut libc::sockaddr_storage) -> libc::socklen_t {
+    // SAFETY: sockaddr_storage is a plain C struct; all-zero is valid.
     *ss = unsafe { MaybeUninit::zeroed().assume_init() };
     match a {
         SocketAddr::V4(v4) => {
+            // SAFETY: sockaddr_storage is sized and aligned for any sockaddr.
             let s: &mut libc::sockaddr_in =
                 unsafe { &mut *(ss as *mut _ as *mut libc::sockaddr_in) };
             s.sin_family = libc::AF_INET as libc::sa_family_t;
@@ -355,6 +413,7 @@ fn sockaddr_from(a: SocketAddr, ss: &mut libc::sockaddr_storage) -> libc::sockle
             mem::size_of::<libc::sockaddr_in>() as u32
         }
         SocketAddr::V6(v6) => {
+            // SAFETY: as above.
             let s: &mut libc::sockaddr_in6 =
                 unsafe { &mut *(ss as *mut _ as *mut libc::sockaddr_in6) };
             s.sin6_family = libc::AF_INET6 as libc::sa_family_t;
@@ -394,4 +453,76 @@ pub fn run_all(
         handles.push(std::thread::spawn(move || path.run(&stop, &counters)));
     }
     Ok(handles)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Datagrams the kernel dropped on a full listener queue are counted beside the
+    /// verdicts: judged + overflowed is exactly what was sent.
+    #[test]
+    fn socket_queue_overflow_is_counted() {
+        let listener = Listener {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            drop_unknown_source: true,
+            drop_no_route: false,
+        };
+        let path = UserPath::new(&listener, &[], |_| 0).unwrap();
+        let to = path.listen.local_addr().unwrap();
+        // SAFETY: a valid socket fd and a c_int option value of the size passed.
+        unsafe {
+            let size: libc::c_int = 4096;
+            libc::setsockopt(
+                path.listen.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&size as *const libc::c_int).cast(),
+                mem::size_of::<libc::c_int>() as u32,
+            )
+        };
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut rtp = [0u8; 100];
+        rtp[0] = 0x80;
+        rtp[1] = 96;
+        const SENT: u64 = 400;
+        for _ in 0..SENT {
+            tx.send_to(&rtp, to).unwrap(); // a stranger's RTP: drop_unknown_source
+        }
+        let (stop, counters) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(UserCounters::default()),
+        );
+        let worker = {
+            let (stop, counters) = (stop.clone(), counters.clone());
+            std::thread::spawn(move || path.run(&stop, &counters))
+        };
+        let seen = || {
+            let judged = counters.totals()[Verdict::DropUnknownSource as usize]
+                .1
+                .packets;
+            (judged, counters.socket_overflow.load(Ordering::Relaxed))
+        };
+        let settle = |want: u64| {
+            for _ in 0..200 {
+                let (a, b) = seen();
+                if a + b == want {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        settle(SENT); // may stop short: the last drops ride on the next datagram
+        tx.send_to(&rtp, to).unwrap();
+        settle(SENT + 1);
+        stop.store(true, Ordering::Relaxed);
+        worker.join().unwrap().unwrap();
+        let (judged, overflowed) = seen();
+        assert!(overflowed > 0, "a 4 KiB queue must overflow");
+        assert_eq!(
+            judged + overflowed,
+            SENT + 1,
+            "judged {judged} + overflowed {overflowed}"
+        );
+    }
 }

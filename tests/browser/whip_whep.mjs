@@ -85,6 +85,11 @@ try {
     await sleep(hold * 1000);
     result.subscriber = await sub.page.evaluate(() => window.summary(window.subPc));
     if (pub) result.publisher = await pub.page.evaluate(() => window.summary(window.pubPc));
+    // DELETE with the peer connections still up, then the server's view: only DELETE
+    // can have ended the sessions by then.
+    result.deleted = await sub.page.evaluate(() => window.deleteSessions());
+    if (pub) result.deleted.push(...await pub.page.evaluate(() => window.deleteSessions()));
+    result.afterDelete = await (await fetch(base + '/api/sessions')).json();
     await sub.page.evaluate(() => window.leave());
   }
   if (pub) await pub.page.evaluate(() => window.leave());

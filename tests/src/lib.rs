@@ -152,6 +152,18 @@ impl Edgefwd {
         &self.1
     }
 
+    /// An address the ready line reports as `key=addr` (`metrics`, `webrtc-http`,
+    /// `webrtc-media`, `webrtc-admin`): where the daemon bound a port-0 setting.
+    pub fn ready_addr(&self, key: &str) -> std::net::SocketAddr {
+        let prefix = format!("{key}=");
+        self.1
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("the ready line names no {key}: {:?}", self.1))
+            .parse()
+            .unwrap_or_else(|e| panic!("{key} in the ready line is no address ({e}): {:?}", self.1))
+    }
+
     pub fn id(&self) -> u32 {
         self.0.as_ref().map_or(0, Child::id)
     }

@@ -4,7 +4,6 @@
 //! `cargo xtask test` installs chromium, playwright-core and aiortc first.
 
 use std::{
-    net::{TcpListener, UdpSocket},
     path::PathBuf,
     process::{Command, Output},
     time::Duration,
@@ -38,20 +37,16 @@ fn aiortc_python() -> PathBuf {
     py
 }
 
-/// Free loopback ports for HTTP and media (bound and released: the daemon takes them
-/// right after).
-fn free_ports() -> (u16, u16) {
-    let t = TcpListener::bind("127.0.0.1:0").unwrap();
-    let u = UdpSocket::bind("127.0.0.1:0").unwrap();
-    (
-        t.local_addr().unwrap().port(),
-        u.local_addr().unwrap().port(),
-    )
-}
-
 struct Sfu {
     child: Edgefwd,
     base: String,
+}
+
+impl Sfu {
+    /// `http://` + an address the daemon reported bound in its ready line.
+    fn url(&self, key: &str) -> String {
+        format!("http://{}", self.child.ready_addr(key))
+    }
 }
 
 impl Drop for Sfu {
@@ -62,12 +57,11 @@ impl Drop for Sfu {
 
 /// `edgefwd run --datapath user` with WebRTC on loopback, optionally inside `ns`.
 fn start_sfu(ns: Option<&NetNs>, extra_config: &str) -> Sfu {
-    let (http, media) = free_ports();
     let cfg = std::env::temp_dir().join(format!("{}.toml", unique("edgefwd-webrtc-")));
     std::fs::write(
         &cfg,
         format!(
-            "[webrtc]\nhttp = \"127.0.0.1:{http}\"\nmedia = \"127.0.0.1:{media}\"\n{extra_config}"
+            "[webrtc]\nhttp = \"127.0.0.1:0\"\nmedia = \"127.0.0.1:0\"\n{extra_config}"
         ),
     )
     .unwrap();
@@ -83,11 +77,10 @@ fn start_sfu(ns: Option<&NetNs>, extra_config: &str) -> Sfu {
         "--config",
         cfg.to_str().unwrap(),
     ]);
+    // Port 0: the daemon picks free ports and names them in its ready line.
     let child = spawn_edgefwd(cmd);
-    Sfu {
-        child,
-        base: format!("http://127.0.0.1:{http}"),
-    }
+    let base = format!("http://{}", child.ready_addr("webrtc-http"));
+    Sfu { child, base }
 }
 
 fn parse_result(what: &str, out: &Output) -> Value {
@@ -203,12 +196,24 @@ fn chromium_publishes_and_chromium_watches_vp8_h264_vp9_with_and_without_pqc() {
                 "without the PQ key share the ClientHello fits one datagram"
             );
         }
-        // Both left with DELETE: nothing remains of the room.
+        // Both DELETEd while their peer connections were still up: 200 each, and the
+        // room was gone before either connection closed.
+        let deleted = r["deleted"].as_array().expect("deleted");
+        assert_eq!(deleted.len(), 2, "{r}");
+        for d in deleted {
+            assert_eq!(d["status"], 200, "DELETE {d}");
+            assert_eq!(d["connectionState"], "connected", "DELETE {d}");
+        }
+        assert!(
+            r["afterDelete"]["rooms"].get(&room).is_none(),
+            "sessions left behind after DELETE: {}",
+            r["afterDelete"]
+        );
         assert!(
             get_json(&sfu.base, "/api/sessions")["rooms"]
                 .get(&room)
                 .is_none(),
-            "sessions left behind after DELETE"
+            "sessions left behind after leaving"
         );
     }
     // The same counters for Prometheus, with every drop reason present.
@@ -480,6 +485,37 @@ fn whip_whep_refuse_bad_requests_clearly() {
         answer.contains("a=ice-lite") && answer.contains("a=setup:passive"),
         "{answer}"
     );
+    // A subscriber that takes none of the published codecs: 406 naming the track, and
+    // no session left behind. The room publishes VP8 and Opus; this one wants H264 and
+    // G722 only.
+    let h264_g722 = offer
+        .replace("a=sendonly", "a=recvonly")
+        .replace(
+            "m=audio 9 UDP/TLS/RTP/SAVPF 111 63 9",
+            "m=audio 9 UDP/TLS/RTP/SAVPF 9",
+        )
+        .replace(
+            "m=video 9 UDP/TLS/RTP/SAVPF 96 97 103 104 45",
+            "m=video 9 UDP/TLS/RTP/SAVPF 103",
+        );
+    let (s, m) = post("/whep/r", "application/sdp", auth, &h264_g722);
+    assert_eq!(s, 406, "{m}");
+    assert!(
+        m.contains("the video track is VP8") && m.contains("the audio track is opus"),
+        "{m}"
+    );
+    let sessions = ureq::get(&format!("{}/api/sessions", sfu.base))
+        .header("Authorization", "Bearer s3cret")
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_json::<Value>()
+        .unwrap();
+    assert_eq!(
+        sessions["rooms"]["r"].as_array().map(Vec::len),
+        Some(1),
+        "only the publisher: {sessions}"
+    );
     let loc = {
         let mut r = ureq::post(&format!("{}/whip/r2", sfu.base))
             .header("Content-Type", "application/sdp")
@@ -714,12 +750,7 @@ fn http_needs_the_token_and_limits_hold_against_idle_and_greedy_clients() {
 #[test]
 fn admin_listener_takes_state_and_metrics_off_the_public_one() {
     let _k = kernel_lock();
-    let admin_port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let sfu = start_sfu(None, &format!("admin = \"127.0.0.1:{admin_port}\"\n"));
+    let sfu = start_sfu(None, "admin = \"127.0.0.1:0\"\n");
     assert_eq!(get_status(&format!("{}/api/sessions", sfu.base), None), 404);
     assert_eq!(get_status(&format!("{}/metrics", sfu.base), None), 404);
     assert_eq!(
@@ -727,7 +758,7 @@ fn admin_listener_takes_state_and_metrics_off_the_public_one() {
         200,
         "the page stays public"
     );
-    let admin = format!("http://127.0.0.1:{admin_port}");
+    let admin = sfu.url("webrtc-admin");
     assert_eq!(get_status(&format!("{admin}/api/sessions"), None), 200);
     assert_eq!(get_status(&format!("{admin}/metrics"), None), 200);
     assert_eq!(

@@ -34,6 +34,15 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+    /// Fuzz every network-facing parser (cargo-fuzz, libFuzzer) from the committed
+    /// seeds; prints execs and findings per target. Crashes land in target/fuzz-artifacts.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Targets to run (default: all of them).
+        targets: Vec<String>,
+    },
     /// Benchmarks: `forward` measures packets per second per core.
     Bench {
         #[arg(default_value = "forward")]
@@ -69,7 +78,16 @@ fn run(cli: Cli) -> Result<()> {
             cargo(&["build", "--package", "forwarder-user"])?;
             let mut a = vec!["test"];
             a.extend(args.iter().map(String::as_str));
-            cargo(&a)
+            cargo(&a)?;
+            // A filtered run is someone chasing one test: no fuzzing then.
+            if args.is_empty() {
+                fuzz(FUZZ_SECONDS_IN_TEST, &[])?;
+            }
+            Ok(())
+        }
+        Cmd::Fuzz { seconds, targets } => {
+            setup()?;
+            fuzz(seconds, &targets)
         }
         Cmd::Demo { seconds } => {
             setup()?;
@@ -92,6 +110,142 @@ fn run(cli: Cli) -> Result<()> {
                 .arg(c_ref))
         }
     }
+}
+
+/// Seconds per fuzz target inside `cargo xtask test`: enough to replay the seeds and
+/// explore a little, so a parser change that panics on them fails the suite.
+const FUZZ_SECONDS_IN_TEST: u64 = 4;
+const FUZZ_DIR: &str = "tests/fuzz";
+
+/// Builds the fuzz targets once, runs each for `seconds`, prints a table and writes
+/// target/fuzz-report.json. Any crash, leak or timeout fails the run.
+fn fuzz(seconds: u64, only: &[String]) -> Result<()> {
+    let all = fuzz_targets()?;
+    for t in only {
+        if !all.contains(t) {
+            bail!("unknown fuzz target {t:?}; available: {}", all.join(", "));
+        }
+    }
+    let targets: Vec<&String> = all
+        .iter()
+        .filter(|t| only.is_empty() || only.contains(t))
+        .collect();
+    // Safe-Rust parsers: no AddressSanitizer (it halves the exec rate and finds nothing
+    // the bounds checks do not); debug assertions and overflow checks stay on.
+    let fuzz_cmd = |sub: &str| {
+        let mut c = Command::new("rustup");
+        c.args([
+            "run",
+            "nightly",
+            "cargo",
+            "fuzz",
+            sub,
+            "--fuzz-dir",
+            FUZZ_DIR,
+        ])
+        .args(["--sanitizer", "none", "--target-dir", "target/fuzz"])
+        .current_dir(root())
+        .env_remove("CARGO")
+        .env_remove("RUSTC");
+        c
+    };
+    step_x(&format!("building {} fuzz targets", targets.len()));
+    sh(&mut fuzz_cmd("build"))?;
+    let mut rows = Vec::new();
+    let mut failed = Vec::new();
+    for t in &targets {
+        let corpus = root().join("target/fuzz-corpus").join(t);
+        let artifacts = root().join("target/fuzz-artifacts").join(t);
+        std::fs::create_dir_all(&corpus)?;
+        std::fs::create_dir_all(&artifacts)?;
+        let seeds = root().join(FUZZ_DIR).join("seeds").join(t);
+        // New inputs go to the first corpus directory (under target/), never into the
+        // committed seeds.
+        let out = fuzz_cmd("run")
+            .arg(t)
+            .arg(&corpus)
+            .arg(&seeds)
+            .arg("--")
+            .arg(format!("-max_total_time={seconds}"))
+            .arg("-max_len=10000")
+            .arg("-timeout=10")
+            .arg("-print_final_stats=1")
+            .arg(format!("-artifact_prefix={}/", artifacts.display()))
+            .output()
+            .with_context(|| format!("running fuzz target {t}"))?;
+        let log = String::from_utf8_lossy(&out.stderr);
+        let stat = |name: &str| {
+            log.lines()
+                .find_map(|l| l.strip_prefix(&format!("stat::{name}:")))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        let execs = stat("number_of_executed_units").unwrap_or(0);
+        let corpus_n = std::fs::read_dir(&corpus).map(|d| d.count()).unwrap_or(0);
+        let findings = std::fs::read_dir(&artifacts)
+            .map(|d| d.count())
+            .unwrap_or(0);
+        if !out.status.success() || findings > 0 {
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!(
+                "fuzz target {t} failed ({}):\n{}",
+                out.status,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+            failed.push(t.to_string());
+        }
+        rows.push((t.to_string(), execs, corpus_n, findings));
+    }
+    println!(
+        "\n{:<12} {:>8} {:>14} {:>10} {:>8} {:>9}",
+        "target", "seconds", "execs", "execs/s", "corpus", "findings"
+    );
+    for (t, execs, corpus_n, findings) in &rows {
+        println!(
+            "{t:<12} {seconds:>8} {execs:>14} {:>10} {corpus_n:>8} {findings:>9}",
+            execs / seconds.max(1)
+        );
+    }
+    let json: Vec<String> = rows
+        .iter()
+        .map(|(t, e, c, f)| {
+            format!(
+                r#"{{"target":"{t}","seconds":{seconds},"execs":{e},"corpus":{c},"findings":{f}}}"#
+            )
+        })
+        .collect();
+    std::fs::write(
+        root().join("target/fuzz-report.json"),
+        format!("[{}]\n", json.join(",")),
+    )?;
+    if !failed.is_empty() {
+        bail!(
+            "fuzz targets failed: {} (reproduce: rustup run nightly cargo fuzz run --fuzz-dir {FUZZ_DIR} -s none TARGET target/fuzz-artifacts/TARGET/crash-*)",
+            failed.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// The `[[bin]]` names of the fuzz crate.
+fn fuzz_targets() -> Result<Vec<String>> {
+    let manifest = std::fs::read_to_string(root().join(FUZZ_DIR).join("Cargo.toml"))?;
+    let mut names = Vec::new();
+    let mut in_bin = false;
+    for l in manifest.lines().map(str::trim) {
+        if l.starts_with('[') {
+            in_bin = l == "[[bin]]";
+        } else if in_bin && let Some(v) = l.strip_prefix("name = ") {
+            names.push(v.trim_matches('"').to_string());
+        }
+    }
+    if names.is_empty() {
+        bail!("no [[bin]] targets in {FUZZ_DIR}/Cargo.toml");
+    }
+    Ok(names)
+}
+
+fn step_x(what: &str) {
+    eprintln!("xtask: {what}");
 }
 
 /// The daemon plus the demo and bench binaries, optimised.
@@ -319,7 +473,15 @@ fn setup() -> Result<()> {
             .arg(root().join("tests/clients/requirements.txt")))?;
     }
 
-    // 6. bpffs, where the daemon pins its maps.
+    // 6. cargo-fuzz, for the fuzz targets `test` runs briefly and `fuzz` runs long.
+    if output(Command::new("rustup").args(["run", "nightly", "cargo", "fuzz", "--version"]))
+        .is_none()
+    {
+        step("installing cargo-fuzz");
+        sh(Command::new("cargo").args(["install", "--locked", "cargo-fuzz"]))?;
+    }
+
+    // 7. bpffs, where the daemon pins its maps.
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
     if !mounts
         .lines()

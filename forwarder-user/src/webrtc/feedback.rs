@@ -30,37 +30,68 @@ pub enum Request {
     SenderReport { ssrc: u32, ntp: u64, rtp: u32 },
 }
 
-/// Reads a decrypted RTCP compound packet. Unknown or malformed packets are skipped
-/// (the caller counts the error); nothing here panics on input.
+/// Reads a decrypted RTCP compound packet. The compound is framed here (RFC 3550
+/// §6.1: version 2, lengths that add up exactly) and only the kinds we act on (SR,
+/// generic NACK, PLI, FIR) go to the rtcp crate, one packet at a time: its parsers
+/// for other kinds can panic on lying length fields (fuzzing found a REMB whose
+/// SSRC count overruns the packet), and a peer holding valid SRTP keys must not be
+/// able to crash the daemon that way. Other kinds are skipped; a bad frame or a
+/// malformed packet we read is an error the caller counts.
 pub fn parse(plain: &[u8]) -> Result<Vec<Request>, rtcp::Error> {
-    let mut buf = Bytes::copy_from_slice(plain);
-    let pkts = rtcp::packet::unmarshal(&mut buf)?;
     let mut out = Vec::new();
-    for p in pkts {
-        let any = p.as_any();
-        if let Some(pli) = any.downcast_ref::<PictureLossIndication>() {
-            out.push(Request::KeyFrame {
-                media_ssrc: pli.media_ssrc,
-            });
-        } else if let Some(fir) = any.downcast_ref::<FullIntraRequest>() {
-            for e in &fir.fir {
-                out.push(Request::KeyFrame { media_ssrc: e.ssrc });
-            }
-        } else if let Some(n) = any.downcast_ref::<TransportLayerNack>() {
-            let seqs = n.nacks.iter().flat_map(|p| p.packet_list()).collect();
-            out.push(Request::Nack {
-                media_ssrc: n.media_ssrc,
-                seqs,
-            });
-        } else if let Some(sr) = any.downcast_ref::<SenderReport>() {
-            out.push(Request::SenderReport {
-                ssrc: sr.ssrc,
-                ntp: sr.ntp_time,
-                rtp: sr.rtp_time,
-            });
+    let mut rest = plain;
+    if rest.is_empty() {
+        return Err(rtcp::Error::PacketTooShort);
+    }
+    while !rest.is_empty() {
+        if rest.len() < 4 {
+            return Err(rtcp::Error::PacketTooShort);
+        }
+        if rest[0] >> 6 != 2 {
+            return Err(rtcp::Error::BadVersion);
+        }
+        let len = (u16::from_be_bytes([rest[2], rest[3]]) as usize + 1) * 4;
+        if len > rest.len() {
+            return Err(rtcp::Error::PacketTooShort);
+        }
+        let (pkt, tail) = rest.split_at(len);
+        rest = tail;
+        let (pt, fmt) = (pkt[1], pkt[0] & 0x1f);
+        let wanted = matches!((pt, fmt), (200, _) | (205, 1) | (206, 1) | (206, 4));
+        if !wanted {
+            continue;
+        }
+        let mut buf = Bytes::copy_from_slice(pkt);
+        for p in rtcp::packet::unmarshal(&mut buf)? {
+            read_one(p.as_ref(), &mut out);
         }
     }
     Ok(out)
+}
+
+fn read_one(p: &(dyn Packet + Send + Sync), out: &mut Vec<Request>) {
+    let any = p.as_any();
+    if let Some(pli) = any.downcast_ref::<PictureLossIndication>() {
+        out.push(Request::KeyFrame {
+            media_ssrc: pli.media_ssrc,
+        });
+    } else if let Some(fir) = any.downcast_ref::<FullIntraRequest>() {
+        for e in &fir.fir {
+            out.push(Request::KeyFrame { media_ssrc: e.ssrc });
+        }
+    } else if let Some(n) = any.downcast_ref::<TransportLayerNack>() {
+        let seqs = n.nacks.iter().flat_map(|p| p.packet_list()).collect();
+        out.push(Request::Nack {
+            media_ssrc: n.media_ssrc,
+            seqs,
+        });
+    } else if let Some(sr) = any.downcast_ref::<SenderReport>() {
+        out.push(Request::SenderReport {
+            ssrc: sr.ssrc,
+            ntp: sr.ntp_time,
+            rtp: sr.rtp_time,
+        });
+    }
 }
 
 fn marshal(pkts: Vec<Box<dyn Packet + Send + Sync>>) -> Vec<u8> {
@@ -259,6 +290,33 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn lying_feedback_is_an_error_or_skipped_never_a_panic() {
+        // The fuzzer's find: a REMB (PSFB fmt 15) claiming 0x31 SSRCs in 24 bytes,
+        // which the rtcp crate's REMB parser reads past the end of.
+        let remb = [
+            0x8f, 0xce, 0x00, 0x05, 0, 0, 0, 1, 0, 0, 0, 0, b'R', b'E', b'M', b'B', 0x31,
+            0x12, 0x34, 0x56, 0x11, 0x22, 0x33, 0x44,
+        ];
+        assert_eq!(parse(&remb).unwrap(), vec![]);
+        // Kinds we read still come through when they follow one we skip.
+        let mut compound = remb.to_vec();
+        compound.extend(pli(1, 0xabc));
+        assert_eq!(
+            parse(&compound).unwrap(),
+            vec![Request::KeyFrame { media_ssrc: 0xabc }]
+        );
+        // A length that overruns the datagram, a wrong version, a truncated header.
+        let mut long = pli(1, 2);
+        long[3] = 9;
+        assert!(parse(&long).is_err());
+        let mut v1 = pli(1, 2);
+        v1[0] = 0x41;
+        assert!(parse(&v1).is_err());
+        assert!(parse(&pli(1, 2)[..3]).is_err());
+        assert!(parse(&[]).is_err());
     }
 
     #[test]

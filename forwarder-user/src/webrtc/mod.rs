@@ -157,11 +157,32 @@ impl WebrtcConfig {
     }
 }
 
+/// Where the WebRTC sockets ended up (port 0 in the config picks a free port).
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    pub http: SocketAddr,
+    pub media: SocketAddr,
+    pub admin: Option<SocketAddr>,
+}
+
+impl std::fmt::Display for Bound {
+    /// `webrtc-http=... webrtc-media=... [webrtc-admin=...]`, as the ready line shows it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "webrtc-http={} webrtc-media={}", self.http, self.media)?;
+        if let Some(a) = self.admin {
+            write!(f, " webrtc-admin={a}")?;
+        }
+        Ok(())
+    }
+}
+
 /// Binds the media socket and the HTTP listeners (so errors surface at start-up and
-/// clients can connect once this returns), then returns the future that serves.
-pub async fn start(cfg: WebrtcConfig) -> Result<impl std::future::Future<Output = Result<()>>> {
+/// clients can connect once this returns), then returns where they are bound and the
+/// future that serves.
+pub async fn start(
+    mut cfg: WebrtcConfig,
+) -> Result<(Bound, impl std::future::Future<Output = Result<()>>)> {
     cfg.check()?;
-    let candidates = cfg.candidates()?;
     let socket = std::net::UdpSocket::bind(cfg.media).with_context(|| {
         format!(
             "binding the WebRTC media port {} (in use? pick another with [webrtc] media)",
@@ -185,6 +206,18 @@ pub async fn start(cfg: WebrtcConfig) -> Result<impl std::future::Future<Output 
         Some(a) => Some(bind(a, "the admin API").await?),
         None => None,
     };
+    // The bound ports, not the configured ones: candidates announce the real port.
+    cfg.media = socket.local_addr()?;
+    cfg.http = listener.local_addr()?;
+    if let Some(l) = &admin_listener {
+        cfg.admin = Some(l.local_addr()?);
+    }
+    let candidates = cfg.candidates()?;
+    let bound = Bound {
+        http: cfg.http,
+        media: cfg.media,
+        admin: cfg.admin,
+    };
     let sfu = sfu::Sfu::new(
         socket,
         candidates.clone(),
@@ -200,7 +233,7 @@ pub async fn start(cfg: WebrtcConfig) -> Result<impl std::future::Future<Output 
             .map(|a| format!(", admin API on http://{a}/"))
             .unwrap_or_default()
     );
-    Ok(async move {
+    Ok((bound, async move {
         let ticker = {
             let sfu = sfu.clone();
             tokio::spawn(async move {
@@ -231,5 +264,5 @@ pub async fn start(cfg: WebrtcConfig) -> Result<impl std::future::Future<Output 
         };
         ticker.abort();
         res
-    })
+    }))
 }

@@ -64,10 +64,12 @@ pub enum Drop {
     RtcpMalformed,
     /// The socket refused the datagram (buffer full).
     SendFailed,
+    /// Lost in the kernel: the media socket's receive queue was full (SO_RXQ_OVFL).
+    SocketOverflow,
 }
 
 impl Drop {
-    pub const ALL: [Drop; 13] = [
+    pub const ALL: [Drop; 14] = [
         Drop::UnknownProtocol,
         Drop::StunMalformed,
         Drop::StunUnknownUfrag,
@@ -81,6 +83,7 @@ impl Drop {
         Drop::UnexpectedRtp,
         Drop::RtcpMalformed,
         Drop::SendFailed,
+        Drop::SocketOverflow,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -97,6 +100,7 @@ impl Drop {
             Drop::UnexpectedRtp => "unexpected_rtp",
             Drop::RtcpMalformed => "rtcp_malformed",
             Drop::SendFailed => "send_failed",
+            Drop::SocketOverflow => "socket_overflow",
         }
     }
 }
@@ -364,6 +368,9 @@ impl Sfu {
         limits: super::Limits,
     ) -> anyhow::Result<Arc<Sfu>> {
         socket.set_nonblocking(true)?;
+        crate::userpath::set_buf(&socket, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, 8 << 20);
+        crate::rxq::enable(std::os::fd::AsFd::as_fd(&socket))
+            .map_err(|e| anyhow::anyhow!("enabling SO_RXQ_OVFL on the WebRTC media socket: {e}"))?;
         // Sends go through a plain non-blocking clone of the fd: tokio's try_send_to
         // answers WouldBlock until its reactor has seen the socket writable once.
         let sender = socket.try_clone()?;
@@ -610,9 +617,20 @@ impl Sfu {
 
     /// Receives from the media socket until it fails.
     pub async fn run_socket(self: Arc<Self>) -> anyhow::Result<()> {
+        use std::os::fd::AsFd as _;
         let mut buf = vec![0u8; 2048];
+        let (mut control, mut overflow_seen) = (crate::rxq::Control::default(), 0u32);
         loop {
-            let (n, from) = self.socket.recv_from(&mut buf).await?;
+            let (n, from, overflow) = self
+                .socket
+                .async_io(tokio::io::Interest::READABLE, || {
+                    crate::rxq::recv_from(self.socket.as_fd(), &mut buf, &mut control)
+                })
+                .await?;
+            if let Some(d) = overflow {
+                let total = &self.counters.drops[Drop::SocketOverflow as usize];
+                crate::rxq::observe(total, &mut overflow_seen, d);
+            }
             self.on_datagram(&buf[..n], from);
         }
     }
@@ -1304,6 +1322,8 @@ impl Sfu {
 mod tests {
     use super::*;
     use crate::webrtc::{ice::tests::request, sdp::parse_offer};
+    use std::collections::HashSet;
+    use webrtc_srtp::protection_profile::ProtectionProfile;
 
     const OFFER: &str = include_str!("testdata/chromium-offer.sdp");
     const LOCAL: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
@@ -1319,6 +1339,57 @@ mod tests {
         let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let addr = sock.local_addr().unwrap();
         Sfu::new(sock, vec![addr], consent, crate::webrtc::Limits::default()).unwrap()
+    }
+
+    /// Datagrams the kernel dropped on a full media socket queue show up with the
+    /// other drop reasons: read + dropped is exactly what was sent.
+    #[tokio::test]
+    async fn socket_queue_overflow_is_counted_as_a_drop() {
+        use std::os::fd::AsRawFd as _;
+        let sfu = sfu(Duration::from_secs(30)).await;
+        let size: libc::c_int = 4096;
+        // SAFETY: a valid socket fd and a c_int option value of the size passed.
+        unsafe {
+            libc::setsockopt(
+                sfu.socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        let to = sfu.socket.local_addr().unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        const SENT: u64 = 400;
+        for _ in 0..SENT {
+            tx.send_to(&[0xff, 0], to).unwrap(); // junk: counted as unknown_protocol
+        }
+        let d = |r: Drop| sfu.counters.drops[r as usize].load(Ordering::Relaxed);
+        let run = tokio::spawn(sfu.clone().run_socket());
+        let settle = async |want: u64| {
+            for _ in 0..200 {
+                if d(Drop::UnknownProtocol) + d(Drop::SocketOverflow) == want {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        settle(SENT).await; // may stop short: the last drops ride on the next datagram
+        tx.send_to(&[0xff, 0], to).unwrap();
+        settle(SENT + 1).await;
+        run.abort();
+        assert!(d(Drop::SocketOverflow) > 0, "a 4 KiB queue must overflow");
+        assert_eq!(
+            d(Drop::UnknownProtocol) + d(Drop::SocketOverflow),
+            SENT + 1,
+            "read {} + overflowed {}",
+            d(Drop::UnknownProtocol),
+            d(Drop::SocketOverflow)
+        );
+        assert!(sfu.render_metrics().unwrap().contains(&format!(
+            "edgefwd_webrtc_drops_total{{reason=\"socket_overflow\"}} {}",
+            d(Drop::SocketOverflow)
+        )));
     }
 
     #[tokio::test]
@@ -1641,6 +1712,181 @@ mod tests {
         assert_eq!(d(Drop::UnknownProtocol), 2);
         assert_eq!(d(Drop::UnknownPeer), 2);
         assert_eq!(d(Drop::StunMalformed), 1);
+    }
+
+    /// A peer whose ICE check passed, with SRTP keys installed on both sides (the
+    /// DTLS part is covered by the handshake tests; here the media plane is under test).
+    struct Peer {
+        sock: UdpSocket,
+        session: String,
+        tx: Context,
+        rx: Context,
+    }
+
+    async fn peer(sfu: &Arc<Sfu>, room: &str, role: Role, sdp: &str) -> Peer {
+        let offer = parse_offer(sdp).unwrap();
+        let (session, answer) = match role {
+            Role::Publisher => sfu.publish(room, LOCAL, &offer).unwrap(),
+            Role::Subscriber => sfu.subscribe(room, LOCAL, &offer).unwrap(),
+        };
+        let user = format!("{}:{}", answer_attr(&answer, "ice-ufrag"), offer.ice_ufrag);
+        let pwd = answer_attr(&answer, "ice-pwd").to_string();
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        sock.connect(sfu.socket.local_addr().unwrap()).await.unwrap();
+        sock.send(&request(&user, &pwd, true)).await.unwrap();
+        let mut buf = [0u8; 512];
+        tokio::time::timeout(Duration::from_secs(2), sock.recv(&mut buf))
+            .await
+            .expect("no STUN answer")
+            .unwrap();
+        let key = |b: u8| ([b; 16], [b ^ 0x55; 12]);
+        let ((kc, sc), (ks, ss)) = (key(rand::random()), key(rand::random()));
+        let ctx = |k: &[u8; 16], s: &[u8; 12], replay: bool| {
+            Context::new(
+                k,
+                s,
+                ProtectionProfile::AeadAes128Gcm,
+                replay.then(|| webrtc_srtp::option::srtp_replay_protection(512)),
+                None,
+            )
+            .unwrap()
+        };
+        sfu.state.lock().unwrap().sessions.get_mut(&session).unwrap().srtp = Some(Srtp {
+            profile: 0x0007,
+            rx: ctx(&kc, &sc, true),
+            tx: ctx(&ks, &ss, false),
+        });
+        Peer {
+            sock,
+            session,
+            tx: ctx(&kc, &sc, false),
+            rx: ctx(&ks, &ss, true),
+        }
+    }
+
+    /// The Chromium offer's SSRCs renumbered, so two publishers differ.
+    fn publisher_sdp(audio: u32, video: u32) -> String {
+        OFFER
+            .replace("a=ssrc:1111 ", &format!("a=ssrc:{audio} "))
+            .replace("a=ssrc-group:FID 2222 3333", &format!("a=ssrc-group:FID {video} 3333"))
+            .replace("a=ssrc:2222 ", &format!("a=ssrc:{video} "))
+    }
+
+    /// A recvonly offer with two audio and two video m-lines (mids 0, 1, 3, 4).
+    fn four_track_subscriber_sdp() -> String {
+        let recv: String = OFFER
+            .lines()
+            .filter(|l| !l.starts_with("a=ssrc") && !l.starts_with("a=msid:"))
+            .map(|l| format!("{}\r\n", l.replace("a=sendonly", "a=recvonly")))
+            .collect();
+        let at = |m: &str| recv.find(m).unwrap();
+        let (audio, video, app) = (at("m=audio"), at("m=video"), at("m=application"));
+        let header = recv[..audio].replace("a=group:BUNDLE 0 1 2", "a=group:BUNDLE 0 1 3 4");
+        let (a, v) = (&recv[audio..video], &recv[video..app]);
+        format!(
+            "{header}{a}{v}{}{}",
+            a.replace("a=mid:0", "a=mid:3"),
+            v.replace("a=mid:1", "a=mid:4")
+        )
+    }
+
+    fn rtp_packet(pt: u8, seq: u16, ssrc: u32, tag: &[u8]) -> Vec<u8> {
+        let mut p = vec![0x80, pt];
+        p.extend_from_slice(&seq.to_be_bytes());
+        p.extend_from_slice(&(seq as u32 * 3000).to_be_bytes());
+        p.extend_from_slice(&ssrc.to_be_bytes());
+        p.extend_from_slice(tag);
+        p
+    }
+
+    /// What the subscriber got within `wait`: payload tag by (SSRC, payload type).
+    async fn received(p: &mut Peer, wait: Duration) -> Vec<(u32, u8, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 2048];
+        while let Ok(Ok(n)) = tokio::time::timeout(wait, p.sock.recv(&mut buf)).await {
+            if rtp::classify(buf[0], buf[1]) != Class::Rtp {
+                continue;
+            }
+            let plain = p.rx.decrypt_rtp(&buf[..n]).expect("SFU's SRTP decrypts");
+            let ssrc = u32::from_be_bytes(plain[8..12].try_into().unwrap());
+            out.push((ssrc, plain[1] & 0x7f, plain[12..].to_vec()));
+        }
+        out
+    }
+
+    /// Two publishers in one room, one subscriber with four m-lines: every track
+    /// arrives under its own SSRC, a PLI reaches only the publisher of the track it
+    /// names (with that publisher's SSRC), and a publisher leaving mid-stream stops
+    /// its tracks while the other's go on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_publishers_one_subscriber_pli_and_a_publisher_leaving() {
+        let sfu = sfu(Duration::from_secs(30)).await;
+        let _media = started_sfu_socket(&sfu);
+        let mut a = peer(&sfu, "r", Role::Publisher, &publisher_sdp(0xa0a0, 0xa1a1)).await;
+        let mut b = peer(&sfu, "r", Role::Publisher, &publisher_sdp(0xb0b0, 0xb1b1)).await;
+        let mut sub = peer(&sfu, "r", Role::Subscriber, &four_track_subscriber_sdp()).await;
+        let send = async |p: &mut Peer, name: &[u8], seq: u16| {
+            for (pt, ssrc, kind) in [(111, 0, b"audio"), (96, 1, b"video")] {
+                let base = if name == b"A" { 0xa0a0 } else { 0xb0b0 };
+                let tag = [name, kind.as_slice()].concat();
+                let pkt = rtp_packet(pt, seq, base + ssrc * 0x0101, &tag);
+                p.sock.send(&p.tx.encrypt_rtp(&pkt).unwrap()).await.unwrap();
+            }
+        };
+        for seq in 100..110 {
+            send(&mut a, b"A", seq).await;
+            send(&mut b, b"B", seq).await;
+        }
+        let got = received(&mut sub, Duration::from_millis(300)).await;
+        let mut by_tag: HashMap<Vec<u8>, (u32, u8, usize)> = HashMap::new();
+        for (ssrc, pt, tag) in &got {
+            let e = by_tag.entry(tag.clone()).or_insert((*ssrc, *pt, 0));
+            assert_eq!((e.0, e.1), (*ssrc, *pt), "one SSRC and PT per track");
+            e.2 += 1;
+        }
+        for (tag, pt) in [("Aaudio", 111), ("Avideo", 96), ("Baudio", 111), ("Bvideo", 96)] {
+            let e = by_tag.get(tag.as_bytes()).unwrap_or_else(|| panic!("no {tag}: {got:?}"));
+            assert_eq!((e.1, e.2), (pt, 10), "{tag}");
+        }
+        let ssrcs: HashSet<u32> = by_tag.values().map(|e| e.0).collect();
+        assert_eq!(ssrcs.len(), 4, "four down-tracks, four SSRCs");
+
+        // PLI for B's video, by the SSRC the subscriber sees: B gets one for 0xb1b1.
+        let b_video = by_tag[b"Bvideo".as_slice()].0;
+        let pli = sub.tx.encrypt_rtcp(&feedback::pli(1, b_video)).unwrap();
+        sub.sock.send(&pli).await.unwrap();
+        let mut buf = [0u8; 1500];
+        let n = tokio::time::timeout(Duration::from_secs(1), b.sock.recv(&mut buf))
+            .await
+            .expect("publisher B got no keyframe request")
+            .unwrap();
+        let plain = b.rx.decrypt_rtcp(&buf[..n]).unwrap();
+        assert_eq!(
+            feedback::parse(&plain).unwrap(),
+            vec![Request::KeyFrame { media_ssrc: 0xb1b1 }]
+        );
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), a.sock.recv(&mut buf))
+                .await
+                .is_err(),
+            "publisher A got B's keyframe request"
+        );
+
+        // A leaves mid-stream: its tracks stop, B's go on, the subscriber stays.
+        sfu.leave("r", &a.session, Role::Publisher).unwrap();
+        for seq in 110..120 {
+            send(&mut a, b"A", seq).await;
+            send(&mut b, b"B", seq).await;
+        }
+        let got = received(&mut sub, Duration::from_millis(300)).await;
+        let tags: HashSet<&[u8]> = got.iter().map(|(_, _, t)| t.as_slice()).collect();
+        assert_eq!(tags, HashSet::from([b"Baudio".as_slice(), b"Bvideo".as_slice()]));
+        assert_eq!(got.len(), 20);
+        let st = sfu.state.lock().unwrap();
+        assert_eq!(st.sessions[&sub.session].downtracks.len(), 2);
+        assert_eq!(st.rooms["r"].publishers, vec![b.session.clone()]);
+        drop(st);
+        assert!(sfu.counters.drops[Drop::UnknownPeer as usize].load(Ordering::Relaxed) >= 20);
     }
 
     #[tokio::test]
