@@ -5,9 +5,7 @@
 use bytes::Bytes;
 use rtcp::{
     packet::Packet,
-    payload_feedbacks::{
-        full_intra_request::FullIntraRequest, picture_loss_indication::PictureLossIndication,
-    },
+    payload_feedbacks::picture_loss_indication::PictureLossIndication,
     receiver_report::ReceiverReport,
     reception_report::ReceptionReport,
     sender_report::SenderReport,
@@ -31,12 +29,14 @@ pub enum Request {
 }
 
 /// Reads a decrypted RTCP compound packet. The compound is framed here (RFC 3550
-/// §6.1: version 2, lengths that add up exactly) and only the kinds we act on (SR,
-/// generic NACK, PLI, FIR) go to the rtcp crate, one packet at a time: its parsers
-/// for other kinds can panic on lying length fields (fuzzing found a REMB whose
-/// SSRC count overruns the packet), and a peer holding valid SRTP keys must not be
-/// able to crash the daemon that way. Other kinds are skipped; a bad frame or a
-/// malformed packet we read is an error the caller counts.
+/// §6.1: version 2, lengths that add up exactly, padding inside its packet) and the
+/// kinds we act on (SR, generic NACK, PLI, FIR) are read here too, each checked
+/// against its fixed layout before a field is touched. The rtcp crate only builds
+/// our packets: fuzzing found its parsers panic on lying lengths (a REMB whose SSRC
+/// count overruns the packet, a FIR shorter than its header), and a peer holding
+/// valid SRTP keys must not be able to crash the daemon that way. Other kinds are
+/// skipped; a bad frame or a malformed packet of a kind we read is an error the
+/// caller counts.
 pub fn parse(plain: &[u8]) -> Result<Vec<Request>, rtcp::Error> {
     let mut out = Vec::new();
     let mut rest = plain;
@@ -56,42 +56,85 @@ pub fn parse(plain: &[u8]) -> Result<Vec<Request>, rtcp::Error> {
         }
         let (pkt, tail) = rest.split_at(len);
         rest = tail;
-        let (pt, fmt) = (pkt[1], pkt[0] & 0x1f);
-        let wanted = matches!((pt, fmt), (200, _) | (205, 1) | (206, 1) | (206, 4));
-        if !wanted {
-            continue;
-        }
-        let mut buf = Bytes::copy_from_slice(pkt);
-        for p in rtcp::packet::unmarshal(&mut buf)? {
-            read_one(p.as_ref(), &mut out);
-        }
+        // P bit: the last octet counts padding octets, itself included (§6.4.1).
+        let body_end = if pkt[0] & 0x20 != 0 {
+            let pad = pkt[len - 1] as usize;
+            if pad == 0 || pad > len - 4 {
+                return Err(rtcp::Error::WrongPadding);
+            }
+            len - pad
+        } else {
+            len
+        };
+        read_one(pkt[1], pkt[0] & 0x1f, &pkt[..body_end], &mut out)?;
     }
     Ok(out)
 }
 
-fn read_one(p: &(dyn Packet + Send + Sync), out: &mut Vec<Request>) {
-    let any = p.as_any();
-    if let Some(pli) = any.downcast_ref::<PictureLossIndication>() {
-        out.push(Request::KeyFrame {
-            media_ssrc: pli.media_ssrc,
-        });
-    } else if let Some(fir) = any.downcast_ref::<FullIntraRequest>() {
-        for e in &fir.fir {
-            out.push(Request::KeyFrame { media_ssrc: e.ssrc });
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// One packet of a kind we act on, `pkt` being header + body without padding.
+/// Every read is behind a length check on the packet's fixed layout.
+fn read_one(pt: u8, fmt: u8, pkt: &[u8], out: &mut Vec<Request>) -> Result<(), rtcp::Error> {
+    match (pt, fmt) {
+        // SR: header, SSRC, NTP (8), RTP ts, packet and octet counts, then RC
+        // report blocks of 24 octets (and maybe profile extensions after them).
+        (200, rc) => {
+            if pkt.len() < 28 + 24 * rc as usize {
+                return Err(rtcp::Error::PacketTooShort);
+            }
+            out.push(Request::SenderReport {
+                ssrc: be32(pkt, 4),
+                ntp: (be32(pkt, 8) as u64) << 32 | be32(pkt, 12) as u64,
+                rtp: be32(pkt, 16),
+            });
         }
-    } else if let Some(n) = any.downcast_ref::<TransportLayerNack>() {
-        let seqs = n.nacks.iter().flat_map(|p| p.packet_list()).collect();
-        out.push(Request::Nack {
-            media_ssrc: n.media_ssrc,
-            seqs,
-        });
-    } else if let Some(sr) = any.downcast_ref::<SenderReport>() {
-        out.push(Request::SenderReport {
-            ssrc: sr.ssrc,
-            ntp: sr.ntp_time,
-            rtp: sr.rtp_time,
-        });
+        // Generic NACK (RFC 4585 §6.2.1): sender and media SSRC, then PID/BLP words.
+        (205, 1) => {
+            if pkt.len() < 12 || (pkt.len() - 12) % 4 != 0 {
+                return Err(rtcp::Error::PacketTooShort);
+            }
+            let mut seqs = Vec::new();
+            for fci in pkt[12..].chunks_exact(4) {
+                let pid = u16::from_be_bytes([fci[0], fci[1]]);
+                let blp = u16::from_be_bytes([fci[2], fci[3]]);
+                seqs.push(pid);
+                seqs.extend(
+                    (0..16u16)
+                        .filter(|i| blp & (1 << i) != 0)
+                        .map(|i| pid.wrapping_add(i + 1)),
+                );
+            }
+            out.push(Request::Nack {
+                media_ssrc: be32(pkt, 8),
+                seqs,
+            });
+        }
+        // PLI (RFC 4585 §6.3.1): no FCI.
+        (206, 1) => {
+            if pkt.len() != 12 {
+                return Err(rtcp::Error::PacketTooShort);
+            }
+            out.push(Request::KeyFrame {
+                media_ssrc: be32(pkt, 8),
+            });
+        }
+        // FIR (RFC 5104 §4.3.1): one 8-octet entry (SSRC, seq, reserved) per target.
+        (206, 4) => {
+            if pkt.len() < 20 || (pkt.len() - 12) % 8 != 0 {
+                return Err(rtcp::Error::PacketTooShort);
+            }
+            for e in pkt[12..].chunks_exact(8) {
+                out.push(Request::KeyFrame {
+                    media_ssrc: be32(e, 0),
+                });
+            }
+        }
+        _ => {}
     }
+    Ok(())
 }
 
 fn marshal(pkts: Vec<Box<dyn Packet + Send + Sync>>) -> Vec<u8> {
@@ -260,6 +303,7 @@ pub fn ntp_time(t: std::time::SystemTime) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 
     #[test]
     fn keyframe_requests_and_nacks_are_read() {
@@ -317,6 +361,24 @@ mod tests {
         assert!(parse(&v1).is_err());
         assert!(parse(&pli(1, 2)[..3]).is_err());
         assert!(parse(&[]).is_err());
+        // The fuzzer's second find: a FIR of 8 octets (no media SSRC, no entry),
+        // then an SR and a packet of another kind; the crate's FIR parser reads on.
+        let fir_short = [
+            0x84, 0xce, 0x00, 0x01, 0x11, 0x22, 0x33, 0x44, 0x01, 0x00, 0x00, 0x02, 0x00,
+            0x00, 0x03, 0xe8, 0x00, 0x00, 0x00, 0x14, 0, 0, 0, 0, 0, 0, 0, 0, 0x81, 0, 0,
+            0, 0, 0, 0, 0, 0x00, 0x11, 0x22, 0x33, 0x44, 0x07, 0, 0, 0, 0, 0,
+        ];
+        assert!(parse(&fir_short).is_err());
+        // Each kind we read, one octet short of its layout or with lying padding.
+        let mut short_pli = pli(1, 2);
+        short_pli[3] = 1;
+        assert!(parse(&short_pli[..8]).is_err());
+        let mut sr = sender_report(1, 2, 3, 4, 5, "c");
+        sr[0] |= 1; // RC = 1 with no report block
+        assert!(parse(&sr).is_err());
+        let mut nack = translated_nack(1, 2, &[5], 0);
+        nack[0] |= 0x20; // padding bit, last octet 0x00
+        assert!(parse(&nack).is_err());
     }
 
     #[test]
