@@ -572,7 +572,8 @@ async fn run_xdp(
         "{attached} on {iface}; link and maps pinned in {} (forwarding goes on if this process ends; `edgefwd down` removes it)",
         pin_dir.display()
     );
-    let metrics_bound = spawn_metrics(metrics_addr, metrics::Source::Pinned(pin_dir.clone())).await?;
+    let metrics_bound =
+        spawn_metrics(metrics_addr, metrics::Source::Pinned(pin_dir.clone())).await?;
     let (webrtc_bound, cfg_webrtc) = start_webrtc(cfg_webrtc).await?;
     println!(
         "edgefwd: forwarding on {iface} ({attached}){}",
@@ -610,7 +611,8 @@ async fn run_user(
         );
     }
     let handles = userpath::run_all(&listeners, &routes, stop.clone(), counters.clone())?;
-    let metrics_bound = spawn_metrics(metrics_addr, metrics::Source::User(counters.clone())).await?;
+    let metrics_bound =
+        spawn_metrics(metrics_addr, metrics::Source::User(counters.clone())).await?;
     let (webrtc_bound, cfg_webrtc) = start_webrtc(cfg_webrtc).await?;
     println!(
         "edgefwd: forwarding on {} listener(s) (userspace datapath){}",

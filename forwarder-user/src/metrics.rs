@@ -94,9 +94,9 @@ async fn metrics(State(source): State<Source>) -> (StatusCode, String) {
 /// Binds the metrics listener (port 0 picks a free one; the ready line reports it), so
 /// a bad address fails the start instead of a background task.
 pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding metrics address {addr}: is it in use? pick another with --metrics"))
+    tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!("binding metrics address {addr}: is it in use? pick another with --metrics")
+    })
 }
 
 pub async fn serve(listener: tokio::net::TcpListener, source: Source) -> Result<()> {

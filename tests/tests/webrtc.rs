@@ -60,9 +60,7 @@ fn start_sfu(ns: Option<&NetNs>, extra_config: &str) -> Sfu {
     let cfg = std::env::temp_dir().join(format!("{}.toml", unique("edgefwd-webrtc-")));
     std::fs::write(
         &cfg,
-        format!(
-            "[webrtc]\nhttp = \"127.0.0.1:0\"\nmedia = \"127.0.0.1:0\"\n{extra_config}"
-        ),
+        format!("[webrtc]\nhttp = \"127.0.0.1:0\"\nmedia = \"127.0.0.1:0\"\n{extra_config}"),
     )
     .unwrap();
     let bin = edgefwd_bin();

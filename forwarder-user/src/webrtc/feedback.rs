@@ -93,7 +93,7 @@ fn read_one(pt: u8, fmt: u8, pkt: &[u8], out: &mut Vec<Request>) -> Result<(), r
         }
         // Generic NACK (RFC 4585 §6.2.1): sender and media SSRC, then PID/BLP words.
         (205, 1) => {
-            if pkt.len() < 12 || (pkt.len() - 12) % 4 != 0 {
+            if pkt.len() < 12 || !(pkt.len() - 12).is_multiple_of(4) {
                 return Err(rtcp::Error::PacketTooShort);
             }
             let mut seqs = Vec::new();
@@ -123,7 +123,7 @@ fn read_one(pt: u8, fmt: u8, pkt: &[u8], out: &mut Vec<Request>) -> Result<(), r
         }
         // FIR (RFC 5104 §4.3.1): one 8-octet entry (SSRC, seq, reserved) per target.
         (206, 4) => {
-            if pkt.len() < 20 || (pkt.len() - 12) % 8 != 0 {
+            if pkt.len() < 20 || !(pkt.len() - 12).is_multiple_of(8) {
                 return Err(rtcp::Error::PacketTooShort);
             }
             for e in pkt[12..].chunks_exact(8) {
@@ -341,8 +341,8 @@ mod tests {
         // The fuzzer's find: a REMB (PSFB fmt 15) claiming 0x31 SSRCs in 24 bytes,
         // which the rtcp crate's REMB parser reads past the end of.
         let remb = [
-            0x8f, 0xce, 0x00, 0x05, 0, 0, 0, 1, 0, 0, 0, 0, b'R', b'E', b'M', b'B', 0x31,
-            0x12, 0x34, 0x56, 0x11, 0x22, 0x33, 0x44,
+            0x8f, 0xce, 0x00, 0x05, 0, 0, 0, 1, 0, 0, 0, 0, b'R', b'E', b'M', b'B', 0x31, 0x12,
+            0x34, 0x56, 0x11, 0x22, 0x33, 0x44,
         ];
         assert_eq!(parse(&remb).unwrap(), vec![]);
         // Kinds we read still come through when they follow one we skip.
@@ -364,9 +364,9 @@ mod tests {
         // The fuzzer's second find: a FIR of 8 octets (no media SSRC, no entry),
         // then an SR and a packet of another kind; the crate's FIR parser reads on.
         let fir_short = [
-            0x84, 0xce, 0x00, 0x01, 0x11, 0x22, 0x33, 0x44, 0x01, 0x00, 0x00, 0x02, 0x00,
-            0x00, 0x03, 0xe8, 0x00, 0x00, 0x00, 0x14, 0, 0, 0, 0, 0, 0, 0, 0, 0x81, 0, 0,
-            0, 0, 0, 0, 0, 0x00, 0x11, 0x22, 0x33, 0x44, 0x07, 0, 0, 0, 0, 0,
+            0x84, 0xce, 0x00, 0x01, 0x11, 0x22, 0x33, 0x44, 0x01, 0x00, 0x00, 0x02, 0x00, 0x00,
+            0x03, 0xe8, 0x00, 0x00, 0x00, 0x14, 0, 0, 0, 0, 0, 0, 0, 0, 0x81, 0, 0, 0, 0, 0, 0, 0,
+            0x00, 0x11, 0x22, 0x33, 0x44, 0x07, 0, 0, 0, 0, 0,
         ];
         assert!(parse(&fir_short).is_err());
         // Each kind we read, one octet short of its layout or with lying padding.

@@ -1732,7 +1732,9 @@ mod tests {
         let user = format!("{}:{}", answer_attr(&answer, "ice-ufrag"), offer.ice_ufrag);
         let pwd = answer_attr(&answer, "ice-pwd").to_string();
         let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        sock.connect(sfu.socket.local_addr().unwrap()).await.unwrap();
+        sock.connect(sfu.socket.local_addr().unwrap())
+            .await
+            .unwrap();
         sock.send(&request(&user, &pwd, true)).await.unwrap();
         let mut buf = [0u8; 512];
         tokio::time::timeout(Duration::from_secs(2), sock.recv(&mut buf))
@@ -1751,7 +1753,13 @@ mod tests {
             )
             .unwrap()
         };
-        sfu.state.lock().unwrap().sessions.get_mut(&session).unwrap().srtp = Some(Srtp {
+        sfu.state
+            .lock()
+            .unwrap()
+            .sessions
+            .get_mut(&session)
+            .unwrap()
+            .srtp = Some(Srtp {
             profile: 0x0007,
             rx: ctx(&kc, &sc, true),
             tx: ctx(&ks, &ss, false),
@@ -1768,7 +1776,10 @@ mod tests {
     fn publisher_sdp(audio: u32, video: u32) -> String {
         OFFER
             .replace("a=ssrc:1111 ", &format!("a=ssrc:{audio} "))
-            .replace("a=ssrc-group:FID 2222 3333", &format!("a=ssrc-group:FID {video} 3333"))
+            .replace(
+                "a=ssrc-group:FID 2222 3333",
+                &format!("a=ssrc-group:FID {video} 3333"),
+            )
             .replace("a=ssrc:2222 ", &format!("a=ssrc:{video} "))
     }
 
@@ -1844,8 +1855,15 @@ mod tests {
             assert_eq!((e.0, e.1), (*ssrc, *pt), "one SSRC and PT per track");
             e.2 += 1;
         }
-        for (tag, pt) in [("Aaudio", 111), ("Avideo", 96), ("Baudio", 111), ("Bvideo", 96)] {
-            let e = by_tag.get(tag.as_bytes()).unwrap_or_else(|| panic!("no {tag}: {got:?}"));
+        for (tag, pt) in [
+            ("Aaudio", 111),
+            ("Avideo", 96),
+            ("Baudio", 111),
+            ("Bvideo", 96),
+        ] {
+            let e = by_tag
+                .get(tag.as_bytes())
+                .unwrap_or_else(|| panic!("no {tag}: {got:?}"));
             assert_eq!((e.1, e.2), (pt, 10), "{tag}");
         }
         let ssrcs: HashSet<u32> = by_tag.values().map(|e| e.0).collect();
@@ -1880,7 +1898,10 @@ mod tests {
         }
         let got = received(&mut sub, Duration::from_millis(300)).await;
         let tags: HashSet<&[u8]> = got.iter().map(|(_, _, t)| t.as_slice()).collect();
-        assert_eq!(tags, HashSet::from([b"Baudio".as_slice(), b"Bvideo".as_slice()]));
+        assert_eq!(
+            tags,
+            HashSet::from([b"Baudio".as_slice(), b"Bvideo".as_slice()])
+        );
         assert_eq!(got.len(), 20);
         let st = sfu.state.lock().unwrap();
         assert_eq!(st.sessions[&sub.session].downtracks.len(), 2);
