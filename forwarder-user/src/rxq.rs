@@ -16,16 +16,15 @@ use std::{
 /// 64-bit Linux); u64 elements keep it aligned for `cmsghdr`.
 pub type Control = [u64; 4];
 
-/// Asks the kernel to report the socket's drop count with every datagram.
-pub fn enable(fd: BorrowedFd<'_>) -> io::Result<()> {
-    let on: libc::c_int = 1;
+/// Sets an int-valued `SOL_SOCKET` option (the buffer sizes, `SO_RXQ_OVFL`).
+pub fn set_int(fd: BorrowedFd<'_>, opt: libc::c_int, value: libc::c_int) -> io::Result<()> {
     // SAFETY: a valid socket fd and a c_int option value of the size passed.
     let r = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_RXQ_OVFL,
-            (&on as *const libc::c_int).cast(),
+            opt,
+            (&value as *const libc::c_int).cast(),
             mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
@@ -33,6 +32,11 @@ pub fn enable(fd: BorrowedFd<'_>) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Asks the kernel to report the socket's drop count with every datagram.
+pub fn enable(fd: BorrowedFd<'_>) -> io::Result<()> {
+    set_int(fd, libc::SO_RXQ_OVFL, 1)
 }
 
 /// The drop count carried by a received message's control data; the kernel leaves
@@ -104,17 +108,7 @@ mod tests {
     #[test]
     fn counts_what_the_full_queue_dropped() {
         let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let size: libc::c_int = 4096;
-        // SAFETY: valid fd, c_int option value of the size passed.
-        unsafe {
-            libc::setsockopt(
-                rx.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUF,
-                (&size as *const libc::c_int).cast(),
-                mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
+        set_int(rx.as_fd(), libc::SO_RCVBUF, 4096).unwrap();
         enable(rx.as_fd()).unwrap();
         let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
         const SENT: u64 = 500;

@@ -340,22 +340,11 @@ impl UserPath {
 /// capped at net.core.[rw]mem_max (the FORCE one needs CAP_NET_ADMIN, which the
 /// daemon has); a warning if the kernel granted less than asked.
 pub(crate) fn set_buf(s: &UdpSocket, force: libc::c_int, plain: libc::c_int, bytes: libc::c_int) {
-    let set = |opt| {
-        // SAFETY: a valid socket fd and a c_int option value of the size passed.
-        unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                opt,
-                (&bytes as *const libc::c_int).cast(),
-                mem::size_of::<libc::c_int>() as u32,
-            ) == 0
-        }
-    };
+    let set = |opt| crate::rxq::set_int(s.as_fd(), opt, bytes).is_ok();
     if set(force) || set(plain) {
         let mut got: libc::c_int = 0;
         let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: as above, with a c_int out-parameter and its length.
+        // SAFETY: a valid socket fd, a c_int out-parameter and its length.
         unsafe {
             libc::getsockopt(
                 s.as_raw_fd(),
@@ -470,17 +459,7 @@ mod tests {
         };
         let path = UserPath::new(&listener, &[], |_| 0).unwrap();
         let to = path.listen.local_addr().unwrap();
-        // SAFETY: a valid socket fd and a c_int option value of the size passed.
-        unsafe {
-            let size: libc::c_int = 4096;
-            libc::setsockopt(
-                path.listen.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUF,
-                (&size as *const libc::c_int).cast(),
-                mem::size_of::<libc::c_int>() as u32,
-            )
-        };
+        crate::rxq::set_int(path.listen.as_fd(), libc::SO_RCVBUF, 4096).unwrap();
         let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
         let mut rtp = [0u8; 100];
         rtp[0] = 0x80;

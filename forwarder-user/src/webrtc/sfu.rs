@@ -1472,14 +1472,10 @@ mod tests {
         parse_offer(&sdp).unwrap()
     }
 
-    /// Publishes into `room` (with a matching or a foreign fingerprint) and passes ICE.
-    async fn client(sfu: &Arc<Sfu>, room: &str, matching_fingerprint: bool) -> Client {
-        let id = Identity::generate().unwrap();
-        let other = Identity::generate().unwrap();
-        let offer = offer_for(if matching_fingerprint { &id } else { &other });
-        let (session, answer) = sfu.publish(room, LOCAL, &offer).unwrap();
-        let user = format!("{}:{}", answer_attr(&answer, "ice-ufrag"), offer.ice_ufrag);
-        let pwd = answer_attr(&answer, "ice-pwd").to_string();
+    /// A client socket that has passed ICE for the session `answer` belongs to.
+    async fn pass_ice(sfu: &Arc<Sfu>, answer: &str, offer: &Offer) -> UdpSocket {
+        let user = format!("{}:{}", answer_attr(answer, "ice-ufrag"), offer.ice_ufrag);
+        let pwd = answer_attr(answer, "ice-pwd").to_string();
         let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         sock.connect(sfu.socket.local_addr().unwrap())
             .await
@@ -1490,6 +1486,16 @@ mod tests {
             .await
             .expect("no STUN answer")
             .unwrap();
+        sock
+    }
+
+    /// Publishes into `room` (with a matching or a foreign fingerprint) and passes ICE.
+    async fn client(sfu: &Arc<Sfu>, room: &str, matching_fingerprint: bool) -> Client {
+        let id = Identity::generate().unwrap();
+        let other = Identity::generate().unwrap();
+        let offer = offer_for(if matching_fingerprint { &id } else { &other });
+        let (session, answer) = sfu.publish(room, LOCAL, &offer).unwrap();
+        let sock = pass_ice(sfu, &answer, &offer).await;
         Client {
             sock: Arc::new(sock),
             id,
@@ -1729,18 +1735,7 @@ mod tests {
             Role::Publisher => sfu.publish(room, LOCAL, &offer).unwrap(),
             Role::Subscriber => sfu.subscribe(room, LOCAL, &offer).unwrap(),
         };
-        let user = format!("{}:{}", answer_attr(&answer, "ice-ufrag"), offer.ice_ufrag);
-        let pwd = answer_attr(&answer, "ice-pwd").to_string();
-        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        sock.connect(sfu.socket.local_addr().unwrap())
-            .await
-            .unwrap();
-        sock.send(&request(&user, &pwd, true)).await.unwrap();
-        let mut buf = [0u8; 512];
-        tokio::time::timeout(Duration::from_secs(2), sock.recv(&mut buf))
-            .await
-            .expect("no STUN answer")
-            .unwrap();
+        let sock = pass_ice(sfu, &answer, &offer).await;
         let key = |b: u8| ([b; 16], [b ^ 0x55; 12]);
         let ((kc, sc), (ks, ss)) = (key(rand::random()), key(rand::random()));
         let ctx = |k: &[u8; 16], s: &[u8; 12], replay: bool| {
