@@ -2,9 +2,10 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context as _, Result, anyhow};
+use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
+    maps::MapInfo,
     programs::{
         Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -37,6 +38,12 @@ pub enum Counters {
 
 /// Loads the object; state maps are pinned at (or reused from) `pin_dir`.
 pub fn load(pin_dir: &Path, counters: Counters) -> Result<Ebpf> {
+    load_sized(pin_dir, counters, &[])
+}
+
+/// [`load`] with some maps given another capacity than the object's (tests fill a
+/// small route table to its end).
+pub fn load_sized(pin_dir: &Path, counters: Counters, sizes: &[(&str, u32)]) -> Result<Ebpf> {
     preflight::require_root()?;
     preflight::require_kernel()?;
     preflight::require_bpffs(pin_dir)?;
@@ -49,15 +56,17 @@ pub fn load(pin_dir: &Path, counters: Counters) -> Result<Ebpf> {
         })
         .map(|name| (*name, pin_dir.join(name)))
         .collect();
+    check_pinned_layouts(&paths, sizes)?;
     let mut loader = EbpfLoader::new();
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
+    for (name, n) in sizes {
+        loader.map_max_entries(name, *n);
+    }
     let mut ebpf = loader.load(EBPF_OBJECT).with_context(|| {
         format!(
-            "loading the XDP object (maps pinned in {}); if a map there has another layout, \
-             it is from an incompatible build: remove it with `rm {}/EFWD_*`",
-            pin_dir.display(),
+            "loading the XDP object (maps pinned in {})",
             pin_dir.display()
         )
     })?;
@@ -69,6 +78,118 @@ pub fn load(pin_dir: &Path, counters: Counters) -> Result<Ebpf> {
             .with_context(|| format!("the verifier rejected {name}"))?;
     }
     Ok(ebpf)
+}
+
+/// The layout of a map as the kernel sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Layout {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+}
+
+impl std::fmt::Display for Layout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "type {}, key {} B, value {} B, {} entries",
+            self.map_type, self.key_size, self.value_size, self.max_entries
+        )
+    }
+}
+
+/// aya reuses a pinned map of the same name without looking at it, so a pin left by
+/// an incompatible build would be handed to this program silently (its entries read
+/// with the wrong layout). A layout change gets a new map name (`_V2`...), so a pin
+/// whose layout differs is damage or a downgrade: refuse, and say how to clear it.
+fn check_pinned_layouts(paths: &[(&str, PathBuf)], sizes: &[(&str, u32)]) -> Result<()> {
+    let obj = aya_obj::Object::parse(EBPF_OBJECT).context("parsing the embedded XDP object")?;
+    for (name, path) in paths {
+        if !path.exists() {
+            continue;
+        }
+        let def = obj
+            .maps
+            .get(*name)
+            .ok_or_else(|| anyhow!("map {name} missing from the XDP object"))?;
+        let want = Layout {
+            map_type: def.map_type(),
+            key_size: def.key_size(),
+            value_size: def.value_size(),
+            max_entries: sizes
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or(def.max_entries(), |(_, n)| *n),
+        };
+        let info = MapInfo::from_pin(path)
+            .with_context(|| format!("reading the pinned map {}", path.display()))?;
+        let have = Layout {
+            map_type: info.map_type().map_or(u32::MAX, |t| t as u32),
+            key_size: info.key_size(),
+            value_size: info.value_size(),
+            max_entries: info.max_entries(),
+        };
+        if have != want {
+            bail!(
+                "the pinned map {} has another layout than this build's {name} ({have}; this \
+                 build needs {want}): it is from an incompatible build of edgefwd. Stop \
+                 forwarding and clear the pins with `edgefwd down --pin-dir {}` (or \
+                 `rm {}`), then start again",
+                path.display(),
+                path.parent().unwrap_or(Path::new("/")).display(),
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Pins in `pin_dir` that look like ours but that this build neither uses nor makes:
+/// maps of older layouts (`EFWD_ROUTES4_V1` once `_V2` is current).
+pub fn stale_pins(pin_dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(pin_dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("EFWD_")
+            && !name.starts_with(LINK_PIN_PREFIX)
+            && !STATE_MAPS.contains(&name.as_str())
+            && !COUNTER_MAPS.contains(&name.as_str())
+        {
+            out.push(e.path());
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Removes [`stale_pins`] once every pinned link in `pin_dir` runs this build's
+/// program (an older daemon on another interface may still use them; its program
+/// holds its maps either way, but its CLI opens them by pin). Returns what it removed.
+pub fn remove_stale_pins(pin_dir: &Path, adopted_ifaces: &[&str]) -> Result<Vec<PathBuf>> {
+    let others: Vec<String> = pinned_links(pin_dir)
+        .into_iter()
+        .map(|(i, _)| i)
+        .filter(|i| !adopted_ifaces.contains(&i.as_str()))
+        .collect();
+    let stale = stale_pins(pin_dir);
+    if !others.is_empty() {
+        if !stale.is_empty() {
+            log::warn!(
+                "keeping {} pin(s) of an older layout in {}: the XDP link(s) on {} may still \
+                 use them; restart those daemons, then this one removes them",
+                stale.len(),
+                pin_dir.display(),
+                others.join(", ")
+            );
+        }
+        return Ok(Vec::new());
+    }
+    for p in &stale {
+        std::fs::remove_file(p)
+            .with_context(|| format!("removing the stale pin {}", p.display()))?;
+    }
+    Ok(stale)
 }
 
 pub fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {

@@ -568,6 +568,13 @@ async fn run_xdp(
     );
     drop(maps);
     let attached = loader::attach_pinned(&mut ebpf, PROG_FORWARD, &iface, &pin_dir)?;
+    // Only now: until the link runs this program, the old one may still read them.
+    for p in loader::remove_stale_pins(&pin_dir, &[iface.as_str()])? {
+        log::info!(
+            "removed {}: a map of an older layout, no longer used",
+            p.display()
+        );
+    }
     log::info!(
         "{attached} on {iface}; link and maps pinned in {} (forwarding goes on if this process ends; `edgefwd down` removes it)",
         pin_dir.display()

@@ -21,7 +21,7 @@ use forwarder_common::{
     ifmac::{self, IFMAC_SET, IfMac},
     listeners::{self, FLAG_DROP_NO_ROUTE, FLAG_DROP_UNKNOWN_SOURCE, ListenerKey, ListenerValue},
     route_stats::{self, RouteStats},
-    routes::{self, FLAG_IPV6, FLAG_REWRITE_PT, FLAG_VLAN, MAX_ROUTES, RouteKey, RouteValue},
+    routes::{self, FLAG_IPV6, FLAG_REWRITE_PT, FLAG_VLAN, RouteKey, RouteValue},
     routes4::{self, RouteKey4},
     sources::{self, SourceKey, SourceValue},
     verdicts::{self, Verdict, VerdictStats},
@@ -348,6 +348,17 @@ impl Maps {
     }
 
     fn write_route(&mut self, r: &Route, replace: bool) -> Result<()> {
+        self.write_route_with(r, replace, &mut SlotAllocator::default())
+    }
+
+    /// `slots` carries the set of used statistics slots between the writes of one
+    /// batch (reconcile), so a batch of n routes reads the tables once, not n times.
+    fn write_route_with(
+        &mut self,
+        r: &Route,
+        replace: bool,
+        slots: &mut SlotAllocator,
+    ) -> Result<()> {
         r.validate()?;
         let key = r.key();
         let listener = ListenerKey {
@@ -383,7 +394,7 @@ impl Maps {
                 r.listen
             ),
             Ok(v) => (v.stats_slot, true),
-            Err(MapError::KeyNotFound) => (self.free_slot()?, false),
+            Err(MapError::KeyNotFound) => (slots.take(self)?, false),
             Err(e) => return Err(e).context("looking up route"),
         };
         if !existed {
@@ -391,12 +402,18 @@ impl Maps {
             self.route_stats.set(slot, zeros, 0)?;
         }
         let value = r.value(slot);
-        match RouteKey4::from_mapped(&key) {
+        let cap = self.route_capacity();
+        let inserted = match RouteKey4::from_mapped(&key) {
             Some(k4) => self.routes4.insert(k4, value, 0),
             None => self.routes6.insert(key, value, 0),
+        };
+        if let Err(e) = inserted {
+            if !existed {
+                slots.give_back(slot);
+            }
+            return Err(full_or(e, "routes", cap))
+                .with_context(|| format!("adding route for SSRC {:#010x}", r.ssrc));
         }
-        .map_err(|e| full_or(e, "routes", MAX_ROUTES))
-        .with_context(|| format!("adding route for SSRC {:#010x}", r.ssrc))?;
         if !existed {
             let sk = r.source_key();
             let n = self.sources.get(&sk, 0).map(|v| v.routes).unwrap_or(0);
@@ -418,6 +435,7 @@ impl Maps {
             self.set_listener(l)?;
         }
         let want: std::collections::HashSet<RouteKey> = routes.iter().map(Route::key).collect();
+        let mut slots = SlotAllocator::default();
         for (k, _) in self.all_routes()? {
             if !want.contains(&k) {
                 self.del_route(&k)?;
@@ -430,7 +448,7 @@ impl Maps {
             } else {
                 done.added += 1;
             }
-            self.put_route(r)?;
+            self.write_route_with(r, true, &mut slots)?;
         }
         let keep: std::collections::HashSet<ListenerKey> =
             listeners.iter().map(Listener::key).collect();
@@ -498,15 +516,10 @@ impl Maps {
         Ok(out)
     }
 
-    fn free_slot(&self) -> Result<u32> {
-        let used: BTreeSet<u32> = self
-            .all_routes()?
-            .into_iter()
-            .map(|(_, v)| v.stats_slot)
-            .collect();
-        (0..MAX_ROUTES).find(|s| !used.contains(s)).ok_or_else(|| {
-            anyhow!("all {MAX_ROUTES} route statistics slots are in use: remove routes first")
-        })
+    /// How many routes the tables hold: one statistics slot per route, shared by both
+    /// families (read from the map, so a map sized at load time is honoured).
+    pub fn route_capacity(&self) -> u32 {
+        self.route_stats.len()
     }
 
     /// Routes with their per-route counters summed over CPUs.
@@ -540,6 +553,48 @@ impl Maps {
                 Ok((*v, t))
             })
             .collect()
+    }
+}
+
+/// Hands out free statistics slots. The used set is read from the tables on first
+/// need and then kept up to date by the caller's batch, and the search resumes where
+/// it stopped, so a batch of n new routes costs one table walk, not n.
+#[derive(Default)]
+struct SlotAllocator {
+    used: Option<BTreeSet<u32>>,
+    next: u32,
+}
+
+impl SlotAllocator {
+    fn take(&mut self, maps: &Maps) -> Result<u32> {
+        let cap = maps.route_capacity();
+        if self.used.is_none() {
+            self.used = Some(
+                maps.all_routes()?
+                    .into_iter()
+                    .map(|(_, v)| v.stats_slot)
+                    .collect(),
+            );
+        }
+        let used = self.used.as_mut().expect("filled above");
+        let free = (self.next..cap)
+            .chain(0..self.next.min(cap))
+            .find(|s| !used.contains(s))
+            .ok_or_else(|| {
+                anyhow!(
+                    "the route table is full ({cap} routes): remove routes you no longer need \
+                     (`edgefwd routes del`, or drop them from the config)"
+                )
+            })?;
+        used.insert(free);
+        self.next = free + 1;
+        Ok(free)
+    }
+
+    fn give_back(&mut self, slot: u32) {
+        if let Some(used) = self.used.as_mut() {
+            used.remove(&slot);
+        }
     }
 }
 

@@ -947,6 +947,161 @@ fn bad_routes_are_refused_with_a_reason() {
     });
 }
 
+/// A small route table (sized at load) filled to its end: the next route is refused
+/// with the capacity and the fix; a slot freed by a delete is reused by the next route
+/// with its counters back at zero, so the new route does not inherit the old traffic.
+#[test]
+fn full_route_table_is_refused_and_a_freed_slot_starts_from_zero() {
+    in_ns(|| {
+        use forwarder_common::{route_stats, routes, routes4};
+        const CAP: u32 = 8;
+        let pin = PinDir::new();
+        let mut ebpf = loader::load_sized(
+            pin.path(),
+            Counters::Private,
+            &[
+                (routes4::MAP_NAME, CAP),
+                (routes::MAP_NAME, CAP),
+                (route_stats::MAP_NAME, CAP),
+            ],
+        )
+        .expect("load");
+        let mut maps = Maps::from_ebpf(&mut ebpf).expect("maps");
+        assert_eq!(maps.route_capacity(), CAP);
+        for addr in [L1, L6] {
+            maps.set_listener(&Listener {
+                addr: sa(addr),
+                drop_unknown_source: true,
+                drop_no_route: true,
+            })
+            .unwrap();
+        }
+        maps.set_interface_mac(TEST_RUN_IFINDEX, MAC_FWD).unwrap();
+        let v4 = |ssrc: u32| route(L1, PUB, ssrc, "203.0.113.2:5006", "203.0.113.1:6000");
+        for ssrc in 1..CAP {
+            maps.add_route(&v4(ssrc)).unwrap();
+        }
+        // Both families share the slots: the eighth route is IPv6, and then the table
+        // is full for either family.
+        maps.add_route(&v6_route()).unwrap();
+        for r in [
+            v4(100),
+            Route {
+                ssrc: 101,
+                ..v6_route()
+            },
+        ] {
+            let e = format!("{:#}", maps.add_route(&r).unwrap_err());
+            assert!(
+                e.contains("route table is full (8 routes)") && e.contains("routes del"),
+                "{e}"
+            );
+        }
+        assert_eq!(
+            maps.routes().unwrap().len(),
+            CAP as usize,
+            "a refused add changed nothing"
+        );
+        let mut sim = Simulator::from_parts(ebpf, maps);
+        let pkt = |ssrc| from_pub(5004).build(&Rtp::new(ssrc, 1, 1, 100).bytes());
+        for _ in 0..3 {
+            assert_eq!(sim.run(&pkt(3)).unwrap().action, "XDP_TX");
+        }
+        let slot_of =
+            |sim: &mut Simulator, ssrc| sim.maps().get_route(&v4(ssrc).key()).unwrap().stats_slot;
+        let packets_of = |sim: &mut Simulator, ssrc| {
+            sim.maps()
+                .routes()
+                .unwrap()
+                .into_iter()
+                .find(|(r, _)| r.ssrc == ssrc && r.listen == sa(L1))
+                .map(|(_, s)| s.packets)
+        };
+        assert_eq!(packets_of(&mut sim, 3), Some(3));
+        let freed = slot_of(&mut sim, 3);
+        assert!(sim.maps().del_route(&v4(3).key()).unwrap());
+        sim.maps().add_route(&v4(200)).unwrap();
+        assert_eq!(
+            slot_of(&mut sim, 200),
+            freed,
+            "the only free slot is the freed one"
+        );
+        assert_eq!(
+            packets_of(&mut sim, 200),
+            Some(0),
+            "a reused slot starts from zero"
+        );
+        assert_eq!(sim.run(&pkt(200)).unwrap().action, "XDP_TX");
+        assert_eq!(
+            sim.run(&pkt(3)).unwrap().verdict,
+            Some(Verdict::DropNoRoute.name())
+        );
+        assert_eq!(packets_of(&mut sim, 200), Some(1));
+        // A restart whose config is a different full table: removals come first, so
+        // it fits.
+        let listeners = sim.maps().listeners().unwrap();
+        let next: Vec<Route> = (1000..1000 + CAP).map(v4).collect();
+        let r = sim.maps().reconcile(&listeners, &next).unwrap();
+        assert_eq!((r.added, r.removed), (CAP as usize, CAP as usize));
+        let mut slots: Vec<u32> = next
+            .iter()
+            .map(|r| sim.maps().get_route(&r.key()).unwrap().stats_slot)
+            .collect();
+        slots.sort();
+        assert_eq!(slots, (0..CAP).collect::<Vec<_>>(), "one slot per route");
+    });
+}
+
+/// A pin left by an incompatible build (here: a routes map of another size, the way
+/// an older build would have left it) is refused by name with the fix, instead of
+/// being handed to the program; pins of older map versions that this build no longer
+/// uses are found, and removed once no other link may use them.
+#[test]
+fn pins_of_another_layout_are_refused_and_stale_versions_removed() {
+    in_ns(|| {
+        use forwarder_common::routes4;
+        let pin = PinDir::new();
+        drop(
+            loader::load_sized(pin.path(), Counters::Private, &[(routes4::MAP_NAME, 16)]).unwrap(),
+        );
+        let e = match loader::load(pin.path(), Counters::Private) {
+            Ok(_) => panic!("a routes map of another size was reused silently"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(
+            e.contains(routes4::MAP_NAME) && e.contains("16 entries") && e.contains("edgefwd down"),
+            "{e}"
+        );
+        std::fs::remove_file(pin.path().join(routes4::MAP_NAME)).unwrap();
+        drop(loader::load(pin.path(), Counters::Private).expect("loads once the pin is gone"));
+        // A map pinned under an older version's name.
+        let stale = pin.path().join("EFWD_VERDICT_V1");
+        let any = pin.path().join(forwarder_common::listeners::MAP_NAME);
+        // bpffs has no plain files: pin a second handle of a real map under the old name.
+        let m = aya::maps::MapData::from_pin(&any).unwrap();
+        m.pin(&stale).unwrap();
+        assert_eq!(loader::stale_pins(pin.path()), vec![stale.clone()]);
+        let other_link = pin
+            .path()
+            .join(format!("{}native_d1", loader::LINK_PIN_PREFIX));
+        m.pin(&other_link).unwrap();
+        assert!(
+            loader::remove_stale_pins(pin.path(), &["d0"])
+                .unwrap()
+                .is_empty(),
+            "another interface's link may still use them"
+        );
+        assert!(stale.exists());
+        std::fs::remove_file(&other_link).unwrap();
+        assert_eq!(
+            loader::remove_stale_pins(pin.path(), &["d0"]).unwrap(),
+            vec![stale.clone()]
+        );
+        assert!(!stale.exists());
+        assert!(any.exists(), "current maps stay");
+    });
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }

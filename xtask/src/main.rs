@@ -37,9 +37,13 @@ enum Cmd {
     /// Fuzz every network-facing parser (cargo-fuzz, libFuzzer) from the committed
     /// seeds; prints execs and findings per target. Crashes land in target/fuzz-artifacts.
     Fuzz {
-        /// Seconds per target.
+        /// Seconds per target (with --runs: the most a target may take).
         #[arg(long, default_value_t = 60)]
         seconds: u64,
+        /// Stop each target after this many executions (e.g. 10000000 for the
+        /// README's long run) instead of at --seconds.
+        #[arg(long)]
+        runs: Option<u64>,
         /// Targets to run (default: all of them).
         targets: Vec<String>,
     },
@@ -81,13 +85,17 @@ fn run(cli: Cli) -> Result<()> {
             cargo(&a)?;
             // A filtered run is someone chasing one test: no fuzzing then.
             if args.is_empty() {
-                fuzz(FUZZ_SECONDS_IN_TEST, &[])?;
+                fuzz(FUZZ_SECONDS_IN_TEST, None, &[])?;
             }
             Ok(())
         }
-        Cmd::Fuzz { seconds, targets } => {
+        Cmd::Fuzz {
+            seconds,
+            runs,
+            targets,
+        } => {
             setup()?;
-            fuzz(seconds, &targets)
+            fuzz(seconds, runs, &targets)
         }
         Cmd::Demo { seconds } => {
             setup()?;
@@ -119,7 +127,7 @@ const FUZZ_DIR: &str = "tests/fuzz";
 
 /// Builds the fuzz targets once, runs each for `seconds`, prints a table and writes
 /// target/fuzz-report.json. Any crash, leak or timeout fails the run.
-fn fuzz(seconds: u64, only: &[String]) -> Result<()> {
+fn fuzz(seconds: u64, runs: Option<u64>, only: &[String]) -> Result<()> {
     let all = fuzz_targets()?;
     for t in only {
         if !all.contains(t) {
@@ -161,8 +169,9 @@ fn fuzz(seconds: u64, only: &[String]) -> Result<()> {
         let seeds = root().join(FUZZ_DIR).join("seeds").join(t);
         // New inputs go to the first corpus directory (under target/), never into the
         // committed seeds.
-        let out = fuzz_cmd("run")
-            .arg(t)
+        let started = std::time::Instant::now();
+        let mut run = fuzz_cmd("run");
+        run.arg(t)
             .arg(&corpus)
             .arg(&seeds)
             .arg("--")
@@ -170,9 +179,14 @@ fn fuzz(seconds: u64, only: &[String]) -> Result<()> {
             .arg("-max_len=10000")
             .arg("-timeout=10")
             .arg("-print_final_stats=1")
-            .arg(format!("-artifact_prefix={}/", artifacts.display()))
+            .arg(format!("-artifact_prefix={}/", artifacts.display()));
+        if let Some(n) = runs {
+            run.arg(format!("-runs={n}"));
+        }
+        let out = run
             .output()
             .with_context(|| format!("running fuzz target {t}"))?;
+        let took = started.elapsed().as_secs_f64();
         let log = String::from_utf8_lossy(&out.stderr);
         let stat = |name: &str| {
             log.lines()
@@ -193,23 +207,29 @@ fn fuzz(seconds: u64, only: &[String]) -> Result<()> {
             );
             failed.push(t.to_string());
         }
-        rows.push((t.to_string(), execs, corpus_n, findings));
+        if let Some(n) = runs
+            && execs < n
+            && failed.last() != Some(&t.to_string())
+        {
+            eprintln!("fuzz target {t}: {execs} of {n} runs within the {seconds} s cap");
+        }
+        rows.push((t.to_string(), took, execs, corpus_n, findings));
     }
     println!(
         "\n{:<12} {:>8} {:>14} {:>10} {:>8} {:>9}",
         "target", "seconds", "execs", "execs/s", "corpus", "findings"
     );
-    for (t, execs, corpus_n, findings) in &rows {
+    for (t, took, execs, corpus_n, findings) in &rows {
         println!(
-            "{t:<12} {seconds:>8} {execs:>14} {:>10} {corpus_n:>8} {findings:>9}",
-            execs / seconds.max(1)
+            "{t:<12} {took:>8.0} {execs:>14} {:>10.0} {corpus_n:>8} {findings:>9}",
+            *execs as f64 / took.max(0.001)
         );
     }
     let json: Vec<String> = rows
         .iter()
-        .map(|(t, e, c, f)| {
+        .map(|(t, s, e, c, f)| {
             format!(
-                r#"{{"target":"{t}","seconds":{seconds},"execs":{e},"corpus":{c},"findings":{f}}}"#
+                r#"{{"target":"{t}","seconds":{s:.1},"execs":{e},"corpus":{c},"findings":{f}}}"#
             )
         })
         .collect();
