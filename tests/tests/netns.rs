@@ -278,6 +278,13 @@ fn forwarding_survives_kill_9_and_a_restart_adopts_without_a_gap() {
     std::thread::sleep(Duration::from_millis(500));
     first.kill9();
     assert!(xdp_attached(&t), "XDP went with the killed daemon");
+    // A map an older build left under its older name (the routes4 layout before V2):
+    // the new daemon drops it once it has taken the link over.
+    let stale = pin.path().join("EFWD_ROUTES4_V1");
+    aya::maps::MapData::from_pin(pin.path().join(forwarder_common::listeners::MAP_NAME))
+        .unwrap()
+        .pin(&stale)
+        .unwrap();
     // The daemon is gone for a second; then a new one takes over.
     std::thread::sleep(Duration::from_millis(1000));
     let mut second = start_daemon(&t, &pin, &cfg, false);
@@ -286,6 +293,7 @@ fn forwarding_survives_kill_9_and_a_restart_adopts_without_a_gap() {
         "the restarted daemon did not take the pinned link over: {}",
         second.ready_line()
     );
+    assert!(!stale.exists(), "the older-layout pin was left behind");
     tx.join().unwrap();
     let got = rx.join().unwrap();
     assert_eq!(got, TOTAL, "packets lost across kill -9 and restart");
