@@ -30,6 +30,9 @@ pub const PROG_FORWARD: &str = "edgefwd_xdp";
 pub const PROG_PASS: &str = "edgefwd_pass";
 /// Name of a drop-everything XDP program: the sink of the benchmark's ceiling run.
 pub const PROG_DROP: &str = "edgefwd_drop";
+/// Benchmark probe: verifies a datagram's UDP checksum over every byte (what the
+/// forwarder chooses not to do; the bench measures what it would cost).
+pub const PROG_UDP_VERIFY: &str = "edgefwd_udp_verify";
 
 /// Compile-time size check: a changed layout must come with a new map version.
 #[macro_export]

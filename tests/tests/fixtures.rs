@@ -1102,6 +1102,40 @@ fn pins_of_another_layout_are_refused_and_stale_versions_removed() {
     });
 }
 
+/// The bench's UDP-checksum probe must really verify, or its cost figure means
+/// nothing: valid datagrams of even and odd length verify, one flipped payload bit or a
+/// wrong length does not.
+#[test]
+fn udp_verify_probe_tells_good_checksums_from_bad() {
+    in_ns(|| {
+        use aya::programs::{TestRun as _, TestRunOptions};
+        let pin = PinDir::new();
+        let mut ebpf = loader::load(pin.path(), Counters::Private).expect("load");
+        let prog = loader::program(&mut ebpf, forwarder_common::PROG_UDP_VERIFY).unwrap();
+        let run = |frame: &[u8]| {
+            prog.test_run(TestRunOptions {
+                data_in: Some(frame),
+                ..Default::default()
+            })
+            .unwrap()
+            .return_value
+        };
+        const DROP: u32 = 1;
+        const PASS: u32 = 2;
+        for len in [0, 1, 2, 3, 1188, 1189, 1190, 1191] {
+            let good = from_pub(5004).build(&Rtp::new(SSRC_TX, 1, 1, len).bytes());
+            assert_eq!(run(&good), DROP, "a valid {len} B payload did not verify");
+            let mut bad = good.clone();
+            *bad.last_mut().unwrap() ^= 0x10;
+            assert_eq!(run(&bad), PASS, "a flipped bit in a {len} B payload verified");
+        }
+        let good = from_pub(5004).build(&Rtp::new(SSRC_TX, 1, 1, 100).bytes());
+        let mut short = good.clone();
+        short[14 + 20 + 5] -= 2; // UDP length 2 bytes short of the datagram
+        assert_eq!(run(&short), PASS);
+    });
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
