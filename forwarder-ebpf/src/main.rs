@@ -788,6 +788,9 @@ const UDP_VERIFY_MAX_WORDS: usize = 1500 / 4;
 /// forwarder does not do (its incremental update keeps a bad checksum bad, so the
 /// receiver still rejects the packet). XDP_DROP when it verifies, XDP_PASS when it does
 /// not, XDP_ABORTED for a frame it cannot read. Never attached by the daemon.
+// `p + 1 <= end` rather than `p < end`: the form the verifier's packet-range tracking
+// is written for, like every other bound in this file.
+#[allow(clippy::int_plus_one)]
 #[xdp]
 pub fn edgefwd_udp_verify(ctx: XdpContext) -> u32 {
     let (start, end) = (ctx.data(), ctx.data_end());

@@ -1127,7 +1127,11 @@ fn udp_verify_probe_tells_good_checksums_from_bad() {
             assert_eq!(run(&good), DROP, "a valid {len} B payload did not verify");
             let mut bad = good.clone();
             *bad.last_mut().unwrap() ^= 0x10;
-            assert_eq!(run(&bad), PASS, "a flipped bit in a {len} B payload verified");
+            assert_eq!(
+                run(&bad),
+                PASS,
+                "a flipped bit in a {len} B payload verified"
+            );
         }
         let good = from_pub(5004).build(&Rtp::new(SSRC_TX, 1, 1, 100).bytes());
         let mut short = good.clone();

@@ -45,7 +45,9 @@ use edgefwd_tests::{
     pkt::{Frame, Rtp},
     spawn_edgefwd,
 };
-use forwarder_common::{PROG_DROP, PROG_FORWARD, PROG_PASS, PROG_UDP_VERIFY, verdicts::VerdictStats};
+use forwarder_common::{
+    PROG_DROP, PROG_FORWARD, PROG_PASS, PROG_UDP_VERIFY, verdicts::VerdictStats,
+};
 use serde::Serialize;
 
 const GEN_CPU: usize = 0;
