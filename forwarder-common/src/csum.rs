@@ -66,6 +66,16 @@ impl Delta {
     }
 }
 
+/// Folds a one's complement sum below 2^48 to 16 bits in a fixed number of steps (no
+/// data-dependent loop: the eBPF verifier must see it end).
+#[inline(always)]
+pub const fn fold(sum: u64) -> u16 {
+    let s = (sum & 0xffff_ffff) + (sum >> 32);
+    let s = (s & 0xffff) + (s >> 16);
+    let s = (s & 0xffff) + (s >> 16);
+    ((s & 0xffff) + (s >> 16)) as u16
+}
+
 #[inline(always)]
 const fn fold_once(x: u32) -> u32 {
     (x & 0xffff) + (x >> 16)
@@ -81,10 +91,7 @@ pub fn sum_bytes(initial: u32, data: &[u8]) -> u32 {
     if let [last] = chunks.remainder() {
         sum += (*last as u64) << 8;
     }
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u32
+    fold(sum) as u32
 }
 
 /// Full checksum of `data` (e.g. an IPv4 header with its checksum field zeroed).

@@ -16,7 +16,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use forwarder_common::{
-    csum::Delta,
+    csum::{self, Delta},
     egress::MAX_EGRESS,
     ifmac::{IFMAC_SET, IfMac, MAX_IFINDEX},
     listeners::{
@@ -838,13 +838,7 @@ pub fn edgefwd_udp_verify(ctx: XdpContext) -> u32 {
     if off != udp_len {
         return xdp_action::XDP_ABORTED;
     }
-    // Fixed folds (a data-dependent loop is unbounded to the verifier): the sum is
-    // below 2^42, and four folds bring any such value to 16 bits.
-    sum = (sum & 0xffff_ffff) + (sum >> 32);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    if sum == 0xffff {
+    if csum::fold(sum) == 0xffff {
         xdp_action::XDP_DROP
     } else {
         xdp_action::XDP_PASS

@@ -878,15 +878,7 @@ fn route_deletion_and_replacement_keep_maps_consistent() {
         let e = sim.maps().add_route(&r).unwrap_err();
         assert!(format!("{e:#}").contains("--replace"), "{e:#}");
         sim.maps().put_route(&r).unwrap();
-        let stats = |sim: &mut Simulator| {
-            sim.maps()
-                .routes()
-                .unwrap()
-                .into_iter()
-                .find(|(r, _)| r.ssrc == SSRC_TX && r.source == sa(PUB))
-                .map(|(_, s)| s.packets)
-        };
-        assert_eq!(stats(&mut sim), Some(1));
+        assert_eq!(route_packets(&mut sim, L1, SSRC_TX), Some(1));
         // Deleting: the source stays known while other routes from it remain.
         assert!(sim.maps().del_route(&r.key()).unwrap());
         assert!(
@@ -1009,14 +1001,7 @@ fn full_route_table_is_refused_and_a_freed_slot_starts_from_zero() {
         }
         let slot_of =
             |sim: &mut Simulator, ssrc| sim.maps().get_route(&v4(ssrc).key()).unwrap().stats_slot;
-        let packets_of = |sim: &mut Simulator, ssrc| {
-            sim.maps()
-                .routes()
-                .unwrap()
-                .into_iter()
-                .find(|(r, _)| r.ssrc == ssrc && r.listen == sa(L1))
-                .map(|(_, s)| s.packets)
-        };
+        let packets_of = |sim: &mut Simulator, ssrc| route_packets(sim, L1, ssrc);
         assert_eq!(packets_of(&mut sim, 3), Some(3));
         let freed = slot_of(&mut sim, 3);
         assert!(sim.maps().del_route(&v4(3).key()).unwrap());
@@ -1138,6 +1123,16 @@ fn udp_verify_probe_tells_good_checksums_from_bad() {
         short[14 + 20 + 5] -= 2; // UDP length 2 bytes short of the datagram
         assert_eq!(run(&short), PASS);
     });
+}
+
+/// The packet counter of the route for `ssrc` on `listen` from PUB.
+fn route_packets(sim: &mut Simulator, listen: &str, ssrc: u32) -> Option<u64> {
+    sim.maps()
+        .routes()
+        .unwrap()
+        .into_iter()
+        .find(|(r, _)| r.ssrc == ssrc && r.listen == sa(listen) && r.source == sa(PUB))
+        .map(|(_, s)| s.packets)
 }
 
 fn hex(b: &[u8]) -> String {
