@@ -53,6 +53,19 @@ pub enum RtpError {
 
 /// Validates an RTP packet; returns the header length (fixed + CSRCs + extension).
 pub fn validate(pkt: &[u8]) -> Result<usize, RtpError> {
+    let hlen = header_len(pkt)?;
+    if pkt[0] & 0x20 != 0 {
+        let pad = pkt[pkt.len() - 1] as usize;
+        if pad == 0 || hlen + pad > pkt.len() {
+            return Err(RtpError::BadPadding);
+        }
+    }
+    Ok(hlen)
+}
+
+/// The header length (fixed + CSRCs + extension) of an RTP packet whose payload may be
+/// encrypted: SRTP leaves the header in the clear but hides the padding count.
+pub fn header_len(pkt: &[u8]) -> Result<usize, RtpError> {
     if pkt.len() > MAX_RTP_LEN {
         return Err(RtpError::TooLong);
     }
@@ -72,12 +85,6 @@ pub fn validate(pkt: &[u8]) -> Result<usize, RtpError> {
         hlen += 4 + 4 * words;
         if pkt.len() < hlen {
             return Err(RtpError::ExtensionTruncated);
-        }
-    }
-    if pkt[0] & 0x20 != 0 {
-        let pad = pkt[pkt.len() - 1] as usize;
-        if pad == 0 || hlen + pad > pkt.len() {
-            return Err(RtpError::BadPadding);
         }
     }
     Ok(hlen)

@@ -3,6 +3,7 @@
 pub mod config;
 pub mod loader;
 pub mod maps;
+pub mod media;
 pub mod metrics;
 pub mod packet;
 pub mod preflight;
