@@ -154,6 +154,9 @@ fn kdf(m: &MasterKey, label: u8, out: &mut [u8]) {
 }
 
 /// Session keys of one of SRTP or SRTCP, ready for packets.
+// Two per context, never in bulk: boxing the larger variant would only add a
+// pointer chase per packet.
+#[allow(clippy::large_enum_variant)]
 enum Transform {
     Cm {
         ctr: cipher::EncryptingKey,
@@ -201,7 +204,13 @@ impl Transform {
     }
 
     /// Encrypts `body` in place (CTR; decryption is the same operation).
-    fn cm_crypt(ctr: &cipher::EncryptingKey, salt: &[u8; 14], ssrc: u32, index: u64, body: &mut [u8]) {
+    fn cm_crypt(
+        ctr: &cipher::EncryptingKey,
+        salt: &[u8; 14],
+        ssrc: u32,
+        index: u64,
+        body: &mut [u8],
+    ) {
         // IV = (k_s · 2^16) ⊕ (SSRC · 2^64) ⊕ (index · 2^16)  (RFC 3711 §4.1.1)
         let mut iv = [0u8; 16];
         iv[..14].copy_from_slice(salt);
@@ -211,8 +220,11 @@ impl Transform {
         for (b, x) in iv[8..14].iter_mut().zip(&index.to_be_bytes()[2..]) {
             *b ^= x;
         }
-        ctr.less_safe_encrypt(body, cipher::EncryptionContext::Iv128(FixedLength::from(iv)))
-            .expect("CTR takes any length");
+        ctr.less_safe_encrypt(
+            body,
+            cipher::EncryptionContext::Iv128(FixedLength::from(iv)),
+        )
+        .expect("CTR takes any length");
     }
 
     fn cm_tag(auth: &hmac::Key, parts: &[&[u8]]) -> [u8; CM_TAG_LEN] {
@@ -394,7 +406,11 @@ impl Context {
                 let nonce = Transform::gcm_nonce(salt, ssrc, tail);
                 let (head, rest) = buf.split_at_mut(hlen);
                 let tag = aead
-                    .seal_in_place_separate_tag(nonce, aead::Aad::from(&*head), &mut rest[..len - hlen])
+                    .seal_in_place_separate_tag(
+                        nonce,
+                        aead::Aad::from(&*head),
+                        &mut rest[..len - hlen],
+                    )
                     .map_err(|_| Error::NoRoom)?;
                 buf[len..len + tag_len].copy_from_slice(tag.as_ref());
             }
@@ -424,7 +440,8 @@ impl Context {
         match &self.rtp {
             Transform::Cm { ctr, auth, salt } => {
                 let tag = Transform::cm_tag(auth, &[&buf[..len], &roc.to_be_bytes()]);
-                constant_time::verify_slices_are_equal(&tag, &buf[len..]).map_err(|_| Error::Auth)?;
+                constant_time::verify_slices_are_equal(&tag, &buf[len..])
+                    .map_err(|_| Error::Auth)?;
                 Transform::cm_crypt(ctr, salt, ssrc, index, &mut buf[hlen..len]);
             }
             Transform::Gcm { aead, salt } => {
@@ -457,7 +474,13 @@ impl Context {
         let word = (E_FLAG | index).to_be_bytes();
         match &self.rtcp {
             Transform::Cm { ctr, auth, salt } => {
-                Transform::cm_crypt(ctr, salt, ssrc, index as u64, &mut buf[RTCP_HEADER_LEN..len]);
+                Transform::cm_crypt(
+                    ctr,
+                    salt,
+                    ssrc,
+                    index as u64,
+                    &mut buf[RTCP_HEADER_LEN..len],
+                );
                 buf[len..len + 4].copy_from_slice(&word);
                 let tag = Transform::cm_tag(auth, &[&buf[..len + 4]]);
                 buf[len + 4..len + over].copy_from_slice(&tag);
@@ -470,7 +493,11 @@ impl Context {
                 aad[..RTCP_HEADER_LEN].copy_from_slice(&buf[..RTCP_HEADER_LEN]);
                 aad[RTCP_HEADER_LEN..].copy_from_slice(&word);
                 let tag = aead
-                    .seal_in_place_separate_tag(nonce, aead::Aad::from(aad), &mut buf[RTCP_HEADER_LEN..len])
+                    .seal_in_place_separate_tag(
+                        nonce,
+                        aead::Aad::from(aad),
+                        &mut buf[RTCP_HEADER_LEN..len],
+                    )
                     .map_err(|_| Error::NoRoom)?;
                 buf[len..len + GCM_TAG_LEN].copy_from_slice(tag.as_ref());
                 buf[len + GCM_TAG_LEN..len + over].copy_from_slice(&word);
@@ -504,8 +531,15 @@ impl Context {
         match &self.rtcp {
             Transform::Cm { ctr, auth, salt } => {
                 let tag = Transform::cm_tag(auth, &[&buf[..len + 4]]);
-                constant_time::verify_slices_are_equal(&tag, &buf[len + 4..]).map_err(|_| Error::Auth)?;
-                Transform::cm_crypt(ctr, salt, ssrc, index as u64, &mut buf[RTCP_HEADER_LEN..len]);
+                constant_time::verify_slices_are_equal(&tag, &buf[len + 4..])
+                    .map_err(|_| Error::Auth)?;
+                Transform::cm_crypt(
+                    ctr,
+                    salt,
+                    ssrc,
+                    index as u64,
+                    &mut buf[RTCP_HEADER_LEN..len],
+                );
             }
             Transform::Gcm { aead, salt } => {
                 let mut tail = [0u8; 6];
@@ -557,7 +591,10 @@ mod tests {
         kdf(&m, 1, &mut auth);
         assert_eq!(enc.to_vec(), hex("C61E7A93744F39EE10734AFE3FF7A087"));
         assert_eq!(salt.to_vec(), hex("30CBBC08863D8C85D49DB34A9AE1"));
-        assert_eq!(auth.to_vec(), hex("CEBE321F6FF7716B6FD4AB49AF256A156D38BAA4"));
+        assert_eq!(
+            auth.to_vec(),
+            hex("CEBE321F6FF7716B6FD4AB49AF256A156D38BAA4")
+        );
     }
 
     /// RFC 3711 Appendix B.2: the AES-CM keystream for SSRC 0, index 0, over 2^16 blocks
@@ -565,7 +602,11 @@ mod tests {
     #[test]
     fn rfc3711_b2_keystream() {
         let key = cipher::EncryptingKey::ctr(
-            cipher::UnboundCipherKey::new(&cipher::AES_128, &hex("2B7E151628AED2A6ABF7158809CF4F3C")).unwrap(),
+            cipher::UnboundCipherKey::new(
+                &cipher::AES_128,
+                &hex("2B7E151628AED2A6ABF7158809CF4F3C"),
+            )
+            .unwrap(),
         )
         .unwrap();
         let salt: [u8; 14] = hex("F0F1F2F3F4F5F6F7F8F9FAFBFCFD").try_into().unwrap();
@@ -582,13 +623,16 @@ mod tests {
 
     const GCM_KEY: &str = "000102030405060708090a0b0c0d0e0f";
     const GCM_SALT: &str = "517569642070726f2071756f";
-    const RFC7714_RTP: &str = "8040f17b8041f8d35501a0b2 47616c6c696120657374206f6d6e697320646976697361
+    const RFC7714_RTP: &str =
+        "8040f17b8041f8d35501a0b2 47616c6c696120657374206f6d6e697320646976697361
         20696e207061727465732074726573";
-    const RFC7714_SRTP: &str = "8040f17b8041f8d35501a0b2 f24de3a3fb34de6cacba861c9d7e4bcabe633bd50d294e6f
+    const RFC7714_SRTP: &str =
+        "8040f17b8041f8d35501a0b2 f24de3a3fb34de6cacba861c9d7e4bcabe633bd50d294e6f
         42a5f47a51c7d19b36de3adf8833 899d7f27beb16a9152cf765ee4390cce";
     const RFC7714_RTCP: &str = "81c8000d4d617273 4e5450314e545032525450200000042a0000e9304c756e61
         deadbeefdeadbeefdeadbeefdeadbeefdeadbeef";
-    const RFC7714_SRTCP: &str = "81c8000d4d617273 63e94885dcdab67ca727d7662f6b7e997ff5c0f76c06f32dc676a5f1730d6fda
+    const RFC7714_SRTCP: &str =
+        "81c8000d4d617273 63e94885dcdab67ca727d7662f6b7e997ff5c0f76c06f32dc676a5f1730d6fda
         4ce09b4686303ded0bb9275bc84aa458 96cf4d2fc5abf87245d9eade 800005d4";
 
     fn gcm_vectors() -> Context {
@@ -601,7 +645,10 @@ mod tests {
         let (plain, want) = (hex(RFC7714_RTP), hex(RFC7714_SRTP));
         let mut buf = plain.clone();
         buf.resize(plain.len() + 16, 0);
-        assert_eq!(gcm_vectors().protect_rtp(&mut buf, plain.len()), Ok(want.len()));
+        assert_eq!(
+            gcm_vectors().protect_rtp(&mut buf, plain.len()),
+            Ok(want.len())
+        );
         assert_eq!(buf, want);
         let mut rx = gcm_vectors();
         let mut tampered = want.clone();
@@ -639,7 +686,10 @@ mod tests {
     fn random_rtp(rng: &mut StdRng, seq: u16, ssrc: u32) -> Vec<u8> {
         let csrcs = rng.gen_range(0..3u8);
         let ext = rng.gen_bool(0.5);
-        let mut p = vec![0x80 | csrcs | if ext { 0x10 } else { 0 }, rng.gen_range(96..128)];
+        let mut p = vec![
+            0x80 | csrcs | if ext { 0x10 } else { 0 },
+            rng.gen_range(96..128),
+        ];
         p.extend_from_slice(&seq.to_be_bytes());
         p.extend_from_slice(&rng.r#gen::<u32>().to_be_bytes());
         p.extend_from_slice(&ssrc.to_be_bytes());
@@ -673,7 +723,9 @@ mod tests {
         for profile in Profile::ALL {
             let mut rng = StdRng::seed_from_u64(profile.dtls_id() as u64);
             let key: Vec<u8> = (0..16).map(|_| rng.r#gen()).collect();
-            let salt: Vec<u8> = (0..profile.master_salt_len()).map(|_| rng.r#gen()).collect();
+            let salt: Vec<u8> = (0..profile.master_salt_len())
+                .map(|_| rng.r#gen())
+                .collect();
             let m = MasterKey::new(profile, &key, &salt).unwrap();
             let (mut ours_tx, mut ours_rx) = (Context::new(&m), Context::new(&m));
             let (mut ref_tx, mut ref_rx) = (reference(profile, &m), reference(profile, &m));
@@ -686,14 +738,21 @@ mod tests {
                 buf.resize(plain.len() + profile.rtp_overhead(), 0);
                 let n = ours_tx.protect_rtp(&mut buf, plain.len()).unwrap();
                 let theirs = ref_tx.encrypt_rtp(&plain).unwrap();
-                assert_eq!(&buf[..n], &theirs[..], "{profile:?} seq {seq}: same ciphertext");
+                assert_eq!(
+                    &buf[..n],
+                    &theirs[..],
+                    "{profile:?} seq {seq}: same ciphertext"
+                );
                 assert_eq!(&ref_rx.decrypt_rtp(&buf[..n]).unwrap()[..], &plain[..]);
                 // webrtc-srtp → ours
                 let mut wire = theirs.to_vec();
                 let n = ours_rx.unprotect_rtp(&mut wire).unwrap();
                 assert_eq!(&wire[..n], &plain[..], "{profile:?} seq {seq}");
             }
-            assert!(ours_rx.rtp_streams[&ssrc].highest >> 16 == 1, "the ROC moved to 1");
+            assert!(
+                ours_rx.rtp_streams[&ssrc].highest >> 16 == 1,
+                "the ROC moved to 1"
+            );
             for i in 0..50u32 {
                 let mut rtcp = vec![0x81, 201, 0, 7];
                 rtcp.extend_from_slice(&ssrc.to_be_bytes());
@@ -739,19 +798,37 @@ mod tests {
             let last = forged.len() - 1;
             forged[last] ^= 0x40;
             assert_eq!(rx.unprotect_rtp(&mut forged), Err(Error::Auth));
-            assert!(rx.unprotect_rtp(&mut wire[1095].clone()).is_ok(), "the forgery changed nothing");
-            assert_eq!(rx.unprotect_rtp(&mut wire[1096][..20].to_vec()), Err(Error::Truncated));
-            assert_eq!(rx.unprotect_rtcp(&mut [0x80, 201, 0, 1, 0, 0, 0, 1]), Err(Error::Truncated));
+            assert!(
+                rx.unprotect_rtp(&mut wire[1095].clone()).is_ok(),
+                "the forgery changed nothing"
+            );
+            assert_eq!(
+                rx.unprotect_rtp(&mut wire[1096][..20].to_vec()),
+                Err(Error::Truncated)
+            );
+            assert_eq!(
+                rx.unprotect_rtcp(&mut [0x80, 201, 0, 1, 0, 0, 0, 1]),
+                Err(Error::Truncated)
+            );
         }
     }
 
     #[test]
     fn wrong_key_lengths_are_refused() {
-        assert_eq!(MasterKey::new(Profile::AeadAes128Gcm, &[0; 16], &[0; 14]).err(), Some(Error::KeyLength));
-        assert_eq!(MasterKey::new(Profile::AesCm128HmacSha1_80, &[0; 15], &[0; 14]).err(), Some(Error::KeyLength));
+        assert_eq!(
+            MasterKey::new(Profile::AeadAes128Gcm, &[0; 16], &[0; 14]).err(),
+            Some(Error::KeyLength)
+        );
+        assert_eq!(
+            MasterKey::new(Profile::AesCm128HmacSha1_80, &[0; 15], &[0; 14]).err(),
+            Some(Error::KeyLength)
+        );
         let m = MasterKey::new(Profile::AeadAes128Gcm, &[1; 16], &[2; 12]).unwrap();
         assert!(!format!("{m:?}").contains("01"), "no key bytes in Debug");
         let mut small = [0x80u8, 96, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 5];
-        assert_eq!(Context::new(&m).protect_rtp(&mut small, 13), Err(Error::NoRoom));
+        assert_eq!(
+            Context::new(&m).protect_rtp(&mut small, 13),
+            Err(Error::NoRoom)
+        );
     }
 }

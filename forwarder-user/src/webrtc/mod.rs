@@ -2,7 +2,6 @@
 //! userspace relay that re-encrypts per subscriber.
 
 pub mod dtls;
-pub mod feedback;
 pub mod http;
 pub mod ice;
 pub mod sdp;

@@ -49,21 +49,7 @@ impl fmt::Display for OfferError {
 
 impl std::error::Error for OfferError {}
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Kind {
-    Audio,
-    Video,
-}
-
-impl Kind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::Audio => "audio",
-            Kind::Video => "video",
-        }
-    }
-}
+pub use crate::media::Kind;
 
 /// One payload type of an m-line.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]

@@ -1,208 +1,66 @@
-//! The SFU state model and the media socket.
+//! The SFU's signaling state and the media socket (the socket data path).
 //!
-//! One model holds every room, session, published track and subscriber down-track.
-//! A down-track carries exactly what a data-plane route carries (source SSRC → SSRC
-//! out, sequence and timestamp deltas, payload-type remap, destination 5-tuple), so a
-//! later change can hand a down-track to the kernel or to a crypto worker by writing
-//! the same fields into the maps.
-//!
-//! All media goes through one UDP socket, demultiplexed by first byte (RFC 7983) and
-//! then by the source address that ICE bound to a session.
+//! The control plane holds rooms and sessions as signaling knows them (ICE, DTLS, the
+//! m-lines of each offer); everything per packet lives in the media engine
+//! ([`crate::media::engine`]), which this module programs with commands as sessions
+//! join, bind, key and leave. The socket path drives that engine: one UDP socket,
+//! demultiplexed by first byte (RFC 7983); STUN and DTLS are handled here, SRTP and
+//! SRTCP go to the engine, whose copies go out through the same socket.
 
 use std::{
     collections::{BTreeMap, HashMap},
     net::SocketAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU32, Ordering},
     },
     time::{Duration, Instant, SystemTime},
 };
 
 use forwarder_common::rtp::{self, Class};
 use rand::{Rng, distributions::Alphanumeric};
-use serde::Serialize;
 use tokio::{net::UdpSocket, sync::mpsc};
-use webrtc_srtp::context::Context;
+
+pub use crate::media::engine::Role;
+pub use crate::media::{Counters, Drop};
+use crate::media::{
+    Kind, Transmit, bump,
+    engine::{Command, Engine, SessionId, TrackId},
+    srtp::{MasterKey, Profile},
+};
 
 use super::{
     dtls::{self, ClientHelloReader, DemuxConn, HelloState, Identity},
-    feedback::{self, Reception, Request},
-    sdp::{AnswerMedia, AnswerParams, Codec, Kind, Offer, OfferError, build_answer},
+    sdp::{AnswerMedia, AnswerParams, Codec, Offer, OfferError, build_answer},
 };
 
-/// Drop reasons on the media socket, by name. Every datagram that is not delivered is
-/// counted under exactly one of these.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(usize)]
-pub enum Drop {
-    /// First byte is none of STUN, DTLS, RTP/RTCP (RFC 7983).
-    UnknownProtocol,
-    /// STUN that is not a well-formed binding request.
-    StunMalformed,
-    /// Binding request for a ufrag no session has.
-    StunUnknownUfrag,
-    /// Integrity or fingerprint check failed, or the remote ufrag is wrong.
-    StunUnauthenticated,
-    /// DTLS or SRTP from an address no valid ICE check came from.
-    UnknownPeer,
-    /// DTLS that is not well-framed records, or a malformed ClientHello (the session
-    /// stays: such datagrams can be spoofed), or a ClientHello with no common SRTP
-    /// profile (which ends the session).
-    DtlsMalformed,
-    /// SRTP/SRTCP before the handshake finished.
-    NotConnected,
-    /// SRTP/SRTCP that fails authentication or replay checks.
-    SrtpAuth,
-    /// RTP header malformed after decryption.
-    RtpMalformed,
-    /// RTP with an SSRC/payload type the offer did not announce.
-    UnknownSsrc,
-    /// RTP from a subscriber (they only send RTCP).
-    UnexpectedRtp,
-    /// RTCP that does not parse.
-    RtcpMalformed,
-    /// The socket refused the datagram (buffer full).
-    SendFailed,
-    /// Lost in the kernel: the media socket's receive queue was full (SO_RXQ_OVFL).
-    SocketOverflow,
-}
-
-impl Drop {
-    pub const ALL: [Drop; 14] = [
-        Drop::UnknownProtocol,
-        Drop::StunMalformed,
-        Drop::StunUnknownUfrag,
-        Drop::StunUnauthenticated,
-        Drop::UnknownPeer,
-        Drop::DtlsMalformed,
-        Drop::NotConnected,
-        Drop::SrtpAuth,
-        Drop::RtpMalformed,
-        Drop::UnknownSsrc,
-        Drop::UnexpectedRtp,
-        Drop::RtcpMalformed,
-        Drop::SendFailed,
-        Drop::SocketOverflow,
-    ];
-    pub fn name(self) -> &'static str {
-        match self {
-            Drop::UnknownProtocol => "unknown_protocol",
-            Drop::StunMalformed => "stun_malformed",
-            Drop::StunUnknownUfrag => "stun_unknown_ufrag",
-            Drop::StunUnauthenticated => "stun_unauthenticated",
-            Drop::UnknownPeer => "unknown_peer",
-            Drop::DtlsMalformed => "dtls_malformed",
-            Drop::NotConnected => "not_connected",
-            Drop::SrtpAuth => "srtp_auth",
-            Drop::RtpMalformed => "rtp_malformed",
-            Drop::UnknownSsrc => "unknown_ssrc",
-            Drop::UnexpectedRtp => "unexpected_rtp",
-            Drop::RtcpMalformed => "rtcp_malformed",
-            Drop::SendFailed => "send_failed",
-            Drop::SocketOverflow => "socket_overflow",
-        }
-    }
-}
-
-#[derive(Default)]
-pub struct Counters {
-    pub drops: [AtomicU64; Drop::ALL.len()],
-    pub stun_answered: AtomicU64,
-    pub rtp_in: AtomicU64,
-    pub rtp_out: AtomicU64,
-    pub rtcp_in: AtomicU64,
-    pub rtcp_out: AtomicU64,
-    pub nack_resent: AtomicU64,
-    pub keyframe_requests: AtomicU64,
-    pub dtls_handshakes: AtomicU64,
-    /// DTLS connections whose tasks are alive (a gauge): one per session that got past
-    /// its ClientHello; a finished session's must go to 0.
-    pub dtls_conns: Arc<AtomicU64>,
-    /// ClientHellos that spanned more than one datagram (post-quantum key shares).
-    pub dtls_fragmented_hellos: AtomicU64,
-}
-
-impl Counters {
-    fn drop(&self, why: Drop) {
-        self.drops[why as usize].fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    Publisher,
-    Subscriber,
-}
-
-/// A track a publisher sends us.
+/// A track a publisher sends us, as its offer described it.
 pub struct Track {
     pub kind: Kind,
     pub mid: String,
     pub codec: Codec,
-    /// From a=ssrc, or learned from the first packet with the track's payload type.
+    /// From a=ssrc, if the offer named one.
     pub ssrc: Option<u32>,
     pub track_id: String,
-    pub reception: Reception,
-    pub packets: u64,
-    pub bytes: u64,
-    /// Last SR of this source: (NTP, RTP, arrival), to carry lip sync to subscribers.
-    pub last_sr: Option<(u64, u32, Instant)>,
-    last_keyframe_request: Option<Instant>,
+    /// The engine's handle of this track.
+    pub media: TrackId,
 }
 
-/// The RTP header fields the relay reads (validated by `rtp::validate` first).
-struct RtpFields {
-    payload_type: u8,
-    sequence: u16,
-    timestamp: u32,
-    ssrc: u32,
-    header_len: usize,
-}
-
-impl RtpFields {
-    fn read(p: &[u8], header_len: usize) -> RtpFields {
-        RtpFields {
-            payload_type: p[1] & 0x7f,
-            sequence: u16::from_be_bytes([p[2], p[3]]),
-            timestamp: u32::from_be_bytes([p[4], p[5], p[6], p[7]]),
-            ssrc: u32::from_be_bytes([p[8], p[9], p[10], p[11]]),
-            header_len,
-        }
-    }
-}
-
-/// Packets kept per down-track for retransmission on NACK (~2 s of 720p video).
-const CACHE: usize = 512;
-
-/// What one subscriber receives of one track: the userspace twin of a data-plane route.
-pub struct DownTrack {
+/// Which publisher's track one of a subscriber's m-lines carries, with the SSRC and
+/// payload type the answer announced for it. The engine's down-track is made from
+/// this once (`AddDownTrack`) and holds the rewrite and the counters.
+pub struct Subscription {
     pub src_session: String,
-    pub src_track: usize,
+    pub track: TrackId,
     pub kind: Kind,
     pub ssrc_out: u32,
     pub pt_out: u8,
-    pub seq_delta: u16,
-    pub ts_delta: u32,
-    pub clock_rate: u32,
-    pub packets: u32,
-    pub octets: u32,
-    pub nack_resent: u64,
-    last_ts_out: u32,
-    last_out_at: Option<Instant>,
-    /// Plaintext packets as sent, indexed by outgoing sequence number.
-    cache: Vec<Option<(u16, Vec<u8>)>>,
-}
-
-pub struct Srtp {
-    pub profile: u16,
-    rx: Context,
-    tx: Context,
 }
 
 pub struct Session {
     pub id: String,
+    /// The engine's handle of this session.
+    pub media: SessionId,
     pub room: String,
     pub role: Role,
     /// The HTTP client address that created it (for the per-source cap).
@@ -220,20 +78,15 @@ pub struct Session {
     /// Where the DTLS task sends: the address the client's DTLS last came from.
     dtls_peer: Arc<Mutex<SocketAddr>>,
     dtls_in: Option<mpsc::Sender<Vec<u8>>>,
-    pub srtp: Option<Srtp>,
+    /// The SRTP profile once DTLS is up (the keys are the engine's).
+    pub profile: Option<Profile>,
     /// How many datagrams the client's first ClientHello took (2 with Chromium's
     /// post-quantum key share) and the SRTP profiles it offered.
     hello: Option<(usize, Vec<u16>)>,
     /// Our SSRC in RTCP we originate towards this peer.
     rtcp_ssrc: u32,
     pub tracks: Vec<Track>,
-    pub downtracks: Vec<DownTrack>,
-}
-
-impl Session {
-    fn media_addr(&self) -> Option<SocketAddr> {
-        self.nominated.or_else(|| self.addrs.last().copied())
-    }
+    pub downtracks: Vec<Subscription>,
 }
 
 #[derive(Default)]
@@ -281,7 +134,7 @@ impl State {
                 self.rooms.remove(&s.room);
             }
         }
-        // Subscribers keep their sessions but lose the down-tracks of a gone publisher.
+        // Subscribers keep their sessions but lose the m-lines of a gone publisher.
         if s.role == Role::Publisher {
             for sub in self.sessions.values_mut() {
                 sub.downtracks.retain(|d| d.src_session != id);
@@ -289,6 +142,31 @@ impl State {
         }
         Some(s)
     }
+}
+
+/// The socket path's [`Transmit`]: one `sendto` per copy from one reused buffer.
+struct SocketTx<'a> {
+    sock: &'a std::net::UdpSocket,
+    buf: &'a mut [u8],
+}
+
+impl Transmit for SocketTx<'_> {
+    fn transmit(
+        &mut self,
+        to: SocketAddr,
+        fill: &mut dyn FnMut(&mut [u8]) -> Option<usize>,
+    ) -> bool {
+        let Some(n) = fill(self.buf) else {
+            return false;
+        };
+        self.sock.send_to(&self.buf[..n], to).is_ok()
+    }
+}
+
+/// The engine the socket path drives, and its send buffer (jumbo frames fit).
+struct Media {
+    engine: Engine,
+    buf: Vec<u8>,
 }
 
 /// Why a WHIP/WHEP request is refused; maps to an HTTP status.
@@ -344,7 +222,10 @@ pub struct Sfu {
     pub limits: super::Limits,
     pub cname: String,
     pub state: Mutex<State>,
-    pub counters: Counters,
+    pub counters: Arc<Counters>,
+    /// Lock order: `state`, then `media`; never the other way.
+    media: Mutex<Media>,
+    next_media_id: AtomicU32,
 }
 
 fn random_string(n: usize) -> String {
@@ -374,6 +255,9 @@ impl Sfu {
         // Sends go through a plain non-blocking clone of the fd: tokio's try_send_to
         // answers WouldBlock until its reactor has seen the socket writable once.
         let sender = socket.try_clone()?;
+        let counters = Arc::new(Counters::default());
+        let cname = format!("edgefwd-{}", random_string(8));
+        let engine = Engine::new(cname.clone(), counters.clone(), Instant::now());
         Ok(Arc::new(Sfu {
             socket: Arc::new(UdpSocket::from_std(socket)?),
             sender,
@@ -381,10 +265,71 @@ impl Sfu {
             candidates,
             consent_timeout,
             limits,
-            cname: format!("edgefwd-{}", random_string(8)),
+            cname,
             state: Mutex::new(State::default()),
-            counters: Counters::default(),
+            counters,
+            media: Mutex::new(Media {
+                engine,
+                buf: vec![0u8; forwarder_common::rtp::MAX_RTP_LEN + 64],
+            }),
+            next_media_id: AtomicU32::new(1),
         }))
+    }
+
+    /// Runs `f` on the engine with the socket as its transmit.
+    fn with_engine<R>(&self, f: impl FnOnce(&mut Engine, &mut dyn Transmit) -> R) -> R {
+        let mut m = self.media.lock().unwrap();
+        let Media { engine, buf } = &mut *m;
+        let mut tx = SocketTx {
+            sock: &self.sender,
+            buf,
+        };
+        f(engine, &mut tx)
+    }
+
+    fn command(&self, cmd: Command) {
+        self.with_engine(|e, tx| e.apply(cmd, Instant::now(), tx));
+    }
+
+    fn media_id(&self) -> u32 {
+        self.next_media_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Gives the engine a new session with its tracks or down-tracks.
+    fn register(&self, s: &Session) {
+        self.command(Command::AddSession {
+            id: s.media,
+            role: s.role,
+            rtcp_ssrc: s.rtcp_ssrc,
+        });
+        for t in &s.tracks {
+            self.command(Command::AddTrack {
+                id: t.media,
+                session: s.media,
+                kind: t.kind,
+                pt: t.codec.pt,
+                clock_rate: t.codec.clock_rate,
+                ssrc: t.ssrc,
+            });
+        }
+        for d in &s.downtracks {
+            self.command(Command::AddDownTrack {
+                track: d.track,
+                sub: s.media,
+                ssrc_out: d.ssrc_out,
+                pt_out: d.pt_out,
+                // Random starts, as a fresh sender would pick (RFC 3550 §5.1).
+                seq_delta: rand::thread_rng().r#gen(),
+                ts_delta: rand::thread_rng().r#gen(),
+            });
+        }
+    }
+
+    /// Ends a session in the signaling state and in the engine.
+    fn remove(&self, st: &mut State, id: &str) -> Option<Session> {
+        let s = st.remove(id)?;
+        self.command(Command::RemoveSession { id: s.media });
+        Some(s)
     }
 
     fn new_session(
@@ -396,6 +341,7 @@ impl Sfu {
     ) -> Session {
         Session {
             id: random_string(16),
+            media: self.media_id(),
             room: room.to_string(),
             role,
             http_source: source,
@@ -409,7 +355,7 @@ impl Sfu {
             nominated: None,
             dtls_peer: Arc::new(Mutex::new(SocketAddr::from(([0, 0, 0, 0], 0)))),
             dtls_in: None,
-            srtp: None,
+            profile: None,
             hello: None,
             rtcp_ssrc: nonzero_u32(),
             tracks: vec![],
@@ -477,11 +423,7 @@ impl Sfu {
                         codec: codec.clone(),
                         ssrc: m.ssrcs.first().copied(),
                         track_id: format!("{}-{}", kind.as_str(), random_string(6)),
-                        reception: Reception::default(),
-                        packets: 0,
-                        bytes: 0,
-                        last_sr: None,
-                        last_keyframe_request: None,
+                        media: self.media_id(),
                     });
                     media.push(AnswerMedia::Receive {
                         codec: codec.clone(),
@@ -498,6 +440,7 @@ impl Sfu {
         // Checked again under the lock that inserts: the first check ran before the
         // answer was built.
         self.admit(&st, room, source)?;
+        self.register(&s);
         Ok((st.insert(s), answer))
     }
 
@@ -557,22 +500,12 @@ impl Sfu {
             let (p, i) = available.remove(n);
             let t = &st.sessions[&p].tracks[i];
             let ssrc_out = nonzero_u32();
-            s.downtracks.push(DownTrack {
+            s.downtracks.push(Subscription {
                 src_session: p.clone(),
-                src_track: i,
+                track: t.media,
                 kind,
                 ssrc_out,
                 pt_out: codec.pt,
-                // Random starts, as a fresh sender would pick (RFC 3550 §5.1).
-                seq_delta: rand::thread_rng().r#gen(),
-                ts_delta: rand::thread_rng().r#gen(),
-                clock_rate: t.codec.clock_rate,
-                packets: 0,
-                octets: 0,
-                nack_resent: 0,
-                last_ts_out: 0,
-                last_out_at: None,
-                cache: vec![None; CACHE],
             });
             media.push(AnswerMedia::Send {
                 codec,
@@ -589,6 +522,7 @@ impl Sfu {
             });
         }
         let answer = self.answer(offer, &s, &media);
+        self.register(&s);
         Ok((st.insert(s), answer))
     }
 
@@ -597,7 +531,7 @@ impl Sfu {
         let mut st = self.state.lock().unwrap();
         match st.sessions.get(id) {
             Some(s) if s.room == room && s.role == role => {
-                st.remove(id);
+                self.remove(&mut st, id);
                 log::info!("session {id} ({role:?}) left room {room}");
                 Ok(())
             }
@@ -609,7 +543,7 @@ impl Sfu {
         match self.sender.send_to(buf, to) {
             Ok(_) => true,
             Err(_) => {
-                self.counters.drop(Drop::SendFailed);
+                self.counters.count(Drop::SendFailed);
                 false
             }
         }
@@ -631,52 +565,62 @@ impl Sfu {
                 let total = &self.counters.drops[Drop::SocketOverflow as usize];
                 crate::rxq::observe(total, &mut overflow_seen, d);
             }
-            self.on_datagram(&buf[..n], from);
+            self.on_datagram(&mut buf[..n], from);
         }
     }
 
-    pub fn on_datagram(self: &Arc<Self>, buf: &[u8], from: SocketAddr) {
+    /// One datagram on the media port; SRTP is decrypted in place in `buf`.
+    pub fn on_datagram(self: &Arc<Self>, buf: &mut [u8], from: SocketAddr) {
         if buf.len() < 2 {
-            return self.counters.drop(Drop::UnknownProtocol);
+            return self.counters.count(Drop::UnknownProtocol);
         }
         match rtp::classify(buf[0], buf[1]) {
             Class::Stun => self.on_stun(buf, from),
             Class::Dtls => self.on_dtls(buf, from),
-            Class::Rtp => self.on_srtp(buf, from, false),
-            Class::Rtcp => self.on_srtp(buf, from, true),
-            Class::TurnChannel | Class::Unknown => self.counters.drop(Drop::UnknownProtocol),
+            Class::Rtp | Class::Rtcp => {
+                self.with_engine(|e, tx| e.handle_srtp(from, buf, Instant::now(), tx))
+            }
+            Class::TurnChannel | Class::Unknown => self.counters.count(Drop::UnknownProtocol),
         }
     }
 
     fn on_stun(&self, buf: &[u8], from: SocketAddr) {
         let check = match super::ice::parse_check(buf) {
             Ok(c) => c,
-            Err(_) => return self.counters.drop(Drop::StunMalformed),
+            Err(_) => return self.counters.count(Drop::StunMalformed),
         };
         let mut st = self.state.lock().unwrap();
         let Some(id) = st.by_ufrag.get(&check.local_ufrag).cloned() else {
-            return self.counters.drop(Drop::StunUnknownUfrag);
+            return self.counters.count(Drop::StunUnknownUfrag);
         };
         let s = st
             .sessions
             .get_mut(&*id)
             .expect("by_ufrag points at live sessions");
         if check.remote_ufrag != s.remote_ufrag {
-            return self.counters.drop(Drop::StunUnauthenticated);
+            return self.counters.count(Drop::StunUnauthenticated);
         }
         let nominate = check.use_candidate;
         let resp = match check.answer(&s.ice_pwd, from) {
             Ok(r) => r,
-            Err(_) => return self.counters.drop(Drop::StunUnauthenticated),
+            Err(_) => return self.counters.count(Drop::StunUnauthenticated),
         };
         s.last_consent = Some(Instant::now());
-        if nominate && s.nominated != Some(from) {
+        let newly_nominated = nominate && s.nominated != Some(from);
+        if newly_nominated {
             log::info!("session {id}: client nominated {from}");
             s.nominated = Some(from);
         }
         let new_addr = !s.addrs.contains(&from);
         if new_addr {
             s.addrs.push(from);
+        }
+        if new_addr || newly_nominated {
+            self.command(Command::Bind {
+                id: s.media,
+                addr: from,
+                nominated: newly_nominated,
+            });
         }
         if new_addr {
             st.by_addr.insert(from, id);
@@ -690,10 +634,10 @@ impl Sfu {
     fn on_dtls(self: &Arc<Self>, buf: &[u8], from: SocketAddr) {
         let mut st = self.state.lock().unwrap();
         let Some(id) = st.by_addr.get(&from).cloned() else {
-            return self.counters.drop(Drop::UnknownPeer);
+            return self.counters.count(Drop::UnknownPeer);
         };
         if !dtls::well_framed(buf) {
-            return self.counters.drop(Drop::DtlsMalformed);
+            return self.counters.count(Drop::DtlsMalformed);
         }
         let s = st
             .sessions
@@ -712,7 +656,7 @@ impl Sfu {
                     if let Err(e) = sfu.clone().dtls_session(id.to_string(), rx, peer, fp).await {
                         log::warn!("session {id}: {e:#}; closing it");
                     }
-                    sfu.state.lock().unwrap().remove(&id);
+                    sfu.remove(&mut sfu.state.lock().unwrap(), &id);
                 });
                 tx
             }
@@ -743,7 +687,7 @@ impl Sfu {
                 Err(e) => {
                     // Anyone who can spoof the client's address can send this: drop
                     // it, keep the session.
-                    self.counters.drop(Drop::DtlsMalformed);
+                    self.counters.count(Drop::DtlsMalformed);
                     log::debug!("session {id}: malformed ClientHello datagram dropped: {e}");
                 }
             }
@@ -758,7 +702,7 @@ impl Sfu {
                 .fetch_add(1, Ordering::Relaxed);
         }
         let Some(profile) = dtls::choose_profile(&offered) else {
-            self.counters.drop(Drop::DtlsMalformed);
+            self.counters.count(Drop::DtlsMalformed);
             anyhow::bail!(
                 "the client offers SRTP profiles {offered:04x?}, none of AEAD_AES_128_GCM, AES_CM_128_HMAC_SHA1_80"
             );
@@ -788,52 +732,33 @@ impl Sfu {
             .await
             .map_err(|e| anyhow::anyhow!("exporting SRTP keys: {e}"))?;
         let k = &cfg.keys;
-        let rx_ctx = Context::new(
-            &k.remote_master_key,
-            &k.remote_master_salt,
-            srtp_profile,
-            Some(webrtc_srtp::option::srtp_replay_protection(512)),
-            Some(webrtc_srtp::option::srtcp_replay_protection(128)),
-        )?;
-        let tx_ctx = Context::new(
-            &k.local_master_key,
-            &k.local_master_salt,
-            srtp_profile,
-            None,
-            None,
-        )?;
+        let srtp = Profile::from_dtls(profile).expect("chosen from PREFERENCE");
+        let key = |key: &[u8], salt: &[u8]| {
+            MasterKey::new(srtp, key, salt)
+                .map_err(|e| anyhow::anyhow!("DTLS exported SRTP keys of the wrong size: {e}"))
+        };
+        let rx = key(&k.remote_master_key, &k.remote_master_salt)?;
+        let tx = key(&k.local_master_key, &k.local_master_salt)?;
         {
             let mut st = self.state.lock().unwrap();
             let s = st
                 .sessions
                 .get_mut(&id)
                 .ok_or_else(|| anyhow::anyhow!("session deleted during DTLS"))?;
-            s.srtp = Some(Srtp {
-                profile,
-                rx: rx_ctx,
-                tx: tx_ctx,
+            s.profile = Some(srtp);
+            // A subscriber's keys also ask its publishers for keyframes (the engine).
+            self.command(Command::SetKeys {
+                id: s.media,
+                rx,
+                tx,
             });
-            self.counters
-                .dtls_handshakes
-                .fetch_add(1, Ordering::Relaxed);
+            bump(&self.counters.dtls_handshakes);
             log::info!(
                 "session {id}: DTLS up, SRTP {} (client offered {:04x?} in a ClientHello of {} datagram(s))",
-                dtls::profile_name(profile),
+                srtp.name(),
                 offered,
                 s.hello.as_ref().map_or(0, |h| h.0)
             );
-            if s.role == Role::Subscriber {
-                // A new viewer needs a keyframe now, not at the next periodic one.
-                let wants: Vec<(String, usize)> = s
-                    .downtracks
-                    .iter()
-                    .filter(|d| d.kind == Kind::Video)
-                    .map(|d| (d.src_session.clone(), d.src_track))
-                    .collect();
-                for (p, i) in wants {
-                    self.request_keyframe(&mut st, &p, i);
-                }
-            }
         }
         let mut buf = vec![0u8; 2048];
         loop {
@@ -853,230 +778,8 @@ impl Sfu {
         }
     }
 
-    /// Sends a PLI for a publisher's track, at most every 300 ms per track so a room
-    /// of viewers asking at once costs the publisher one keyframe.
-    fn request_keyframe(&self, st: &mut State, publisher: &str, track: usize) {
-        let Some(p) = st.sessions.get_mut(publisher) else {
-            return;
-        };
-        let (Some(addr), Some(t)) = (p.media_addr(), p.tracks.get_mut(track)) else {
-            return;
-        };
-        let (Some(ssrc), Some(srtp)) = (t.ssrc, p.srtp.as_mut()) else {
-            return;
-        };
-        let now = Instant::now();
-        if t.last_keyframe_request
-            .is_some_and(|at| now - at < Duration::from_millis(300))
-        {
-            return;
-        }
-        t.last_keyframe_request = Some(now);
-        if let Ok(pkt) = srtp.tx.encrypt_rtcp(&feedback::pli(p.rtcp_ssrc, ssrc))
-            && self.send(&pkt, addr)
-        {
-            self.counters
-                .keyframe_requests
-                .fetch_add(1, Ordering::Relaxed);
-            self.counters.rtcp_out.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    fn on_srtp(&self, buf: &[u8], from: SocketAddr, is_rtcp: bool) {
-        let mut st = self.state.lock().unwrap();
-        let Some(id) = st.by_addr.get(&from).cloned() else {
-            return self.counters.drop(Drop::UnknownPeer);
-        };
-        if is_rtcp {
-            self.on_rtcp(&mut st, &id, buf);
-        } else {
-            self.on_rtp(&mut st, &id, buf);
-        }
-    }
-
-    fn on_rtp(&self, st: &mut State, id: &str, buf: &[u8]) {
-        let s = st
-            .sessions
-            .get_mut(id)
-            .expect("by_addr points at live sessions");
-        if s.role != Role::Publisher {
-            return self.counters.drop(Drop::UnexpectedRtp);
-        }
-        let Some(srtp) = s.srtp.as_mut() else {
-            return self.counters.drop(Drop::NotConnected);
-        };
-        let plain = match srtp.rx.decrypt_rtp(buf) {
-            Ok(p) => p,
-            Err(_) => return self.counters.drop(Drop::SrtpAuth),
-        };
-        let Ok(header_len) = rtp::validate(&plain) else {
-            return self.counters.drop(Drop::RtpMalformed);
-        };
-        let h = RtpFields::read(&plain, header_len);
-        let ssrc = h.ssrc;
-        let idx = match s.tracks.iter().position(|t| t.ssrc == Some(ssrc)) {
-            Some(i) => i,
-            // Unsignalled SSRC: the track whose payload type it carries, if still unbound.
-            None => match s
-                .tracks
-                .iter()
-                .position(|t| t.ssrc.is_none() && t.codec.pt == h.payload_type)
-            {
-                Some(i) => {
-                    s.tracks[i].ssrc = Some(ssrc);
-                    i
-                }
-                None => return self.counters.drop(Drop::UnknownSsrc),
-            },
-        };
-        self.counters.rtp_in.fetch_add(1, Ordering::Relaxed);
-        let t = &mut s.tracks[idx];
-        t.packets += 1;
-        t.bytes += plain.len() as u64;
-        let arrival = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default();
-        let units =
-            (arrival.as_micros() as u64).wrapping_mul(t.codec.clock_rate as u64) / 1_000_000;
-        t.reception.update(h.sequence, h.timestamp, units);
-        // Disjoint fields: walk the room's subscriber list in place while changing
-        // sessions, instead of cloning the list (and its strings) per packet.
-        let State {
-            sessions, rooms, ..
-        } = st;
-        let Some(room) = rooms.get(&sessions[id].room) else {
-            return;
-        };
-        let now = Instant::now();
-        for sub_id in &room.subscribers {
-            let Some(sub) = sessions.get_mut(sub_id) else {
-                continue;
-            };
-            let Some(addr) = sub.media_addr() else {
-                continue;
-            };
-            let Some(srtp) = sub.srtp.as_mut() else {
-                continue;
-            };
-            for d in sub
-                .downtracks
-                .iter_mut()
-                .filter(|d| d.src_session == id && d.src_track == idx)
-            {
-                let seq = h.sequence.wrapping_add(d.seq_delta);
-                let ts = h.timestamp.wrapping_add(d.ts_delta);
-                // The copy lives on in the NACK cache; reuse the buffer of the slot
-                // it replaces rather than allocating one per packet.
-                let slot = seq as usize % CACHE;
-                let mut out = d.cache[slot].take().map(|(_, v)| v).unwrap_or_default();
-                out.clear();
-                out.extend_from_slice(&plain);
-                out[1] = (out[1] & 0x80) | (d.pt_out & 0x7f);
-                out[2..4].copy_from_slice(&seq.to_be_bytes());
-                out[4..8].copy_from_slice(&ts.to_be_bytes());
-                out[8..12].copy_from_slice(&d.ssrc_out.to_be_bytes());
-                if let Ok(enc) = srtp.tx.encrypt_rtp(&out)
-                    && self.send(&enc, addr)
-                {
-                    self.counters.rtp_out.fetch_add(1, Ordering::Relaxed);
-                    d.packets = d.packets.wrapping_add(1);
-                    d.octets = d.octets.wrapping_add((out.len() - h.header_len) as u32);
-                    d.last_ts_out = ts;
-                    d.last_out_at = Some(now);
-                }
-                d.cache[slot] = Some((seq, out));
-            }
-        }
-    }
-
-    fn on_rtcp(&self, st: &mut State, id: &str, buf: &[u8]) {
-        let s = st
-            .sessions
-            .get_mut(id)
-            .expect("by_addr points at live sessions");
-        let Some(srtp) = s.srtp.as_mut() else {
-            return self.counters.drop(Drop::NotConnected);
-        };
-        let plain = match srtp.rx.decrypt_rtcp(buf) {
-            Ok(p) => p,
-            Err(_) => return self.counters.drop(Drop::SrtpAuth),
-        };
-        let requests = match feedback::parse(&plain) {
-            Ok(r) => r,
-            Err(_) => return self.counters.drop(Drop::RtcpMalformed),
-        };
-        self.counters.rtcp_in.fetch_add(1, Ordering::Relaxed);
-        let role = s.role;
-        for r in requests {
-            match (role, r) {
-                (Role::Publisher, Request::SenderReport { ssrc, ntp, rtp }) => {
-                    let s = st.sessions.get_mut(id).expect("still there");
-                    if let Some(t) = s.tracks.iter_mut().find(|t| t.ssrc == Some(ssrc)) {
-                        let now = Instant::now();
-                        t.last_sr = Some((ntp, rtp, now));
-                        t.reception.last_sr = Some(((ntp >> 16) as u32, now));
-                    }
-                }
-                (Role::Subscriber, Request::KeyFrame { media_ssrc }) => {
-                    let s = &st.sessions[id];
-                    if let Some(d) = s.downtracks.iter().find(|d| d.ssrc_out == media_ssrc) {
-                        let (p, i) = (d.src_session.clone(), d.src_track);
-                        self.request_keyframe(st, &p, i);
-                    }
-                }
-                (Role::Subscriber, Request::Nack { media_ssrc, seqs }) => {
-                    self.on_nack(st, id, media_ssrc, &seqs)
-                }
-                _ => {}
-            }
-        }
-    }
-
-    /// Resends what the cache has; asks the publisher for the rest.
-    fn on_nack(&self, st: &mut State, id: &str, media_ssrc: u32, seqs: &[u16]) {
-        let s = st.sessions.get_mut(id).expect("caller checked");
-        let Some(addr) = s.media_addr() else { return };
-        let Some(srtp) = s.srtp.as_mut() else { return };
-        let Some(d) = s.downtracks.iter_mut().find(|d| d.ssrc_out == media_ssrc) else {
-            return;
-        };
-        let mut missing = Vec::new();
-        for &seq in seqs {
-            match &d.cache[seq as usize % CACHE] {
-                Some((cached, pkt)) if *cached == seq => {
-                    if let Ok(enc) = srtp.tx.encrypt_rtp(pkt)
-                        && self.send(&enc, addr)
-                    {
-                        d.nack_resent += 1;
-                        self.counters.nack_resent.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                _ => missing.push(seq),
-            }
-        }
-        if missing.is_empty() {
-            return;
-        }
-        let (p, i, delta) = (d.src_session.clone(), d.src_track, d.seq_delta);
-        let Some(ps) = st.sessions.get_mut(&p) else {
-            return;
-        };
-        let (Some(addr), Some(ssrc)) = (ps.media_addr(), ps.tracks.get(i).and_then(|t| t.ssrc))
-        else {
-            return;
-        };
-        let sender = ps.rtcp_ssrc;
-        if let Some(srtp) = ps.srtp.as_mut()
-            && let Ok(pkt) = srtp
-                .tx
-                .encrypt_rtcp(&feedback::translated_nack(sender, ssrc, &missing, delta))
-            && self.send(&pkt, addr)
-        {
-            self.counters.rtcp_out.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// Once a second: consent freshness, SR to subscribers, RR to publishers.
+    /// Once a second: consent freshness here, the engine's reports (SR to
+    /// subscribers, RR to publishers) when they are due.
     pub fn tick(&self) {
         let now = Instant::now();
         let mut st = self.state.lock().unwrap();
@@ -1097,90 +800,10 @@ impl Sfu {
             .collect();
         for (id, why) in expired {
             log::info!("session {id}: {why} within the timeout; removing it");
-            st.remove(&id);
+            self.remove(&mut st, &id);
         }
-        let wall = SystemTime::now();
-        let ids: Vec<String> = st.sessions.keys().cloned().collect();
-        for id in ids {
-            let role = st.sessions[&id].role;
-            match role {
-                Role::Subscriber => {
-                    // Lip sync survives the relay: each SR maps the publisher's NTP/RTP
-                    // pair into our timestamp space.
-                    let mut reports = Vec::new();
-                    for d in &st.sessions[&id].downtracks {
-                        if d.packets == 0 {
-                            continue;
-                        }
-                        let src = st
-                            .sessions
-                            .get(&d.src_session)
-                            .and_then(|p| p.tracks.get(d.src_track));
-                        let (ntp, rtp) = match src.and_then(|t| t.last_sr) {
-                            Some((ntp, rtp, at)) => {
-                                let el = now - at;
-                                let ntp = ntp
-                                    .wrapping_add(((el.as_nanos() as u64) << 32) / 1_000_000_000);
-                                let rtp = rtp
-                                    .wrapping_add(d.ts_delta)
-                                    .wrapping_add((el.as_secs_f64() * d.clock_rate as f64) as u32);
-                                (ntp, rtp)
-                            }
-                            None => {
-                                let el = d.last_out_at.map(|t| now - t).unwrap_or_default();
-                                (
-                                    feedback::ntp_time(wall),
-                                    d.last_ts_out.wrapping_add(
-                                        (el.as_secs_f64() * d.clock_rate as f64) as u32,
-                                    ),
-                                )
-                            }
-                        };
-                        reports.push(feedback::sender_report(
-                            d.ssrc_out,
-                            ntp,
-                            rtp,
-                            d.packets,
-                            d.octets,
-                            &self.cname,
-                        ));
-                    }
-                    let s = st.sessions.get_mut(&id).expect("listed");
-                    let (Some(addr), Some(srtp)) = (s.media_addr(), s.srtp.as_mut()) else {
-                        continue;
-                    };
-                    for r in reports {
-                        if let Ok(p) = srtp.tx.encrypt_rtcp(&r)
-                            && self.send(&p, addr)
-                        {
-                            self.counters.rtcp_out.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
-                Role::Publisher => {
-                    let s = st.sessions.get_mut(&id).expect("listed");
-                    let blocks: Vec<_> = s
-                        .tracks
-                        .iter_mut()
-                        .filter_map(|t| t.reception.report(t.ssrc?, now))
-                        .collect();
-                    let sender = s.rtcp_ssrc;
-                    let (Some(addr), Some(srtp)) = (s.media_addr(), s.srtp.as_mut()) else {
-                        continue;
-                    };
-                    if blocks.is_empty() {
-                        continue;
-                    }
-                    if let Ok(p) = srtp
-                        .tx
-                        .encrypt_rtcp(&feedback::receiver_report(sender, blocks))
-                        && self.send(&p, addr)
-                    {
-                        self.counters.rtcp_out.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-        }
+        drop(st);
+        self.with_engine(|e, tx| e.handle_timeout(now, SystemTime::now(), tx));
     }
 
     /// Prometheus text: counters by name, drops by reason, sessions by role.
@@ -1237,7 +860,7 @@ impl Sfu {
                     Role::Subscriber => "subscriber",
                 };
                 sessions
-                    .with_label_values(&[role, if s.srtp.is_some() { "true" } else { "false" }])
+                    .with_label_values(&[role, if s.profile.is_some() { "true" } else { "false" }])
                     .inc();
             }
         }
@@ -1258,6 +881,8 @@ impl Sfu {
     /// A JSON view of the state model (the `/api/sessions` body).
     pub fn snapshot(&self) -> serde_json::Value {
         let st = self.state.lock().unwrap();
+        let media = self.media.lock().unwrap();
+        let engine = &media.engine;
         let mut rooms = serde_json::Map::new();
         for (name, r) in &st.rooms {
             let sessions: Vec<_> = r
@@ -1269,19 +894,25 @@ impl Sfu {
                     serde_json::json!({
                         "id": s.id,
                         "role": s.role,
-                        "connected": s.srtp.is_some(),
-                        "srtp_profile": s.srtp.as_ref().map(|x| dtls::profile_name(x.profile)),
+                        "connected": s.profile.is_some(),
+                        "srtp_profile": s.profile.map(|p| p.name()),
                         "client_hello_datagrams": s.hello.as_ref().map(|h| h.0),
                         "client_srtp_profiles": s.hello.as_ref().map(|h| h.1.iter().map(|p| dtls::profile_name(*p)).collect::<Vec<_>>()),
                         "nominated": s.nominated.map(|a| a.to_string()),
                         "addrs": s.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-                        "tracks": s.tracks.iter().map(|t| serde_json::json!({
-                            "kind": t.kind, "mid": t.mid, "codec": t.codec.name, "pt": t.codec.pt,
-                            "ssrc": t.ssrc, "packets": t.packets, "bytes": t.bytes,
-                        })).collect::<Vec<_>>(),
-                        "downtracks": s.downtracks.iter().map(|d| serde_json::json!({
-                            "kind": d.kind, "from_session": d.src_session, "ssrc_out": d.ssrc_out,
-                            "pt_out": d.pt_out, "seq_delta": d.seq_delta, "ts_delta": d.ts_delta,
+                        "tracks": s.tracks.iter().map(|t| {
+                            let m = engine.track(t.media);
+                            serde_json::json!({
+                                "kind": t.kind, "mid": t.mid, "codec": t.codec.name, "pt": t.codec.pt,
+                                "ssrc": m.and_then(|m| m.ssrc).or(t.ssrc),
+                                "packets": m.map_or(0, |m| m.packets), "bytes": m.map_or(0, |m| m.bytes),
+                            })
+                        }).collect::<Vec<_>>(),
+                        "downtracks": engine.downtracks(s.media).iter().map(|(tid, d)| serde_json::json!({
+                            "kind": s.downtracks.iter().find(|x| x.track == *tid).map(|x| x.kind),
+                            "from_session": s.downtracks.iter().find(|x| x.track == *tid).map(|x| &x.src_session),
+                            "ssrc_out": d.ssrc_out(), "pt_out": d.route.pt_to,
+                            "seq_delta": d.route.seq_delta, "ts_delta": d.route.ts_delta,
                             "packets": d.packets, "nack_resent": d.nack_resent,
                         })).collect::<Vec<_>>(),
                     })
@@ -1321,9 +952,10 @@ impl Sfu {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::media::rtcp::{self as feedback, Request};
     use crate::webrtc::{ice::tests::request, sdp::parse_offer};
     use std::collections::HashSet;
-    use webrtc_srtp::protection_profile::ProtectionProfile;
+    use webrtc_srtp::{context::Context, protection_profile::ProtectionProfile};
 
     const OFFER: &str = include_str!("testdata/chromium-offer.sdp");
     const LOCAL: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
@@ -1406,7 +1038,7 @@ mod tests {
         let user = format!("{ufrag}:{}", offer.ice_ufrag);
 
         // Wrong password: no answer, no binding, counted.
-        sfu.on_datagram(&request(&user, "not-the-password", true), from);
+        sfu.on_datagram(&mut request(&user, "not-the-password", true), from);
         assert_eq!(
             sfu.counters.drops[Drop::StunUnauthenticated as usize].load(Ordering::Relaxed),
             1
@@ -1414,7 +1046,7 @@ mod tests {
         assert!(sfu.state.lock().unwrap().sessions[&id].addrs.is_empty());
 
         // A valid nominating check: answered to the sender, address bound and nominated.
-        sfu.on_datagram(&request(&user, pwd, true), from);
+        sfu.on_datagram(&mut request(&user, pwd, true), from);
         let mut buf = [0u8; 512];
         let n = tokio::time::timeout(Duration::from_secs(2), client.recv(&mut buf))
             .await
@@ -1432,7 +1064,7 @@ mod tests {
         // Checks every 100 ms keep it alive past the 300 ms timeout ...
         for _ in 0..5 {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            sfu.on_datagram(&request(&user, pwd, false), from);
+            sfu.on_datagram(&mut request(&user, pwd, false), from);
             sfu.tick();
         }
         assert!(sfu.state.lock().unwrap().sessions.contains_key(&id));
@@ -1543,7 +1175,7 @@ mod tests {
             .unwrap()
             .sessions
             .get(id)
-            .is_some_and(|s| s.srtp.is_some())
+            .is_some_and(|s| s.profile.is_some())
     }
 
     async fn wait_connected(sfu: &Sfu, id: &str) {
@@ -1709,11 +1341,11 @@ mod tests {
     async fn garbage_is_counted_by_reason_never_fatal() {
         let sfu = sfu(Duration::from_secs(30)).await;
         let from: SocketAddr = "127.0.0.1:9".parse().unwrap();
-        sfu.on_datagram(&[], from);
-        sfu.on_datagram(&[0xff, 0], from);
-        sfu.on_datagram(&[0x16, 0xfe, 0xfd, 0, 0], from); // DTLS from nobody
-        sfu.on_datagram(&[0x80, 96, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1], from); // RTP from nobody
-        sfu.on_datagram(&[0, 1, 0, 0, 0x21, 0x12, 0xa4, 0x42], from); // truncated STUN
+        sfu.on_datagram(&mut [], from);
+        sfu.on_datagram(&mut [0xff, 0], from);
+        sfu.on_datagram(&mut [0x16, 0xfe, 0xfd, 0, 0], from); // DTLS from nobody
+        sfu.on_datagram(&mut [0x80, 96, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1], from); // RTP from nobody
+        sfu.on_datagram(&mut [0, 1, 0, 0, 0x21, 0x12, 0xa4, 0x42], from); // truncated STUN
         let d = |r: Drop| sfu.counters.drops[r as usize].load(Ordering::Relaxed);
         assert_eq!(d(Drop::UnknownProtocol), 2);
         assert_eq!(d(Drop::UnknownPeer), 2);
@@ -1748,16 +1380,14 @@ mod tests {
             )
             .unwrap()
         };
-        sfu.state
-            .lock()
-            .unwrap()
-            .sessions
-            .get_mut(&session)
-            .unwrap()
-            .srtp = Some(Srtp {
-            profile: 0x0007,
-            rx: ctx(&kc, &sc, true),
-            tx: ctx(&ks, &ss, false),
+        // The client side stays webrtc-srtp: an independent implementation checks ours.
+        let id = sfu.state.lock().unwrap().sessions[&session].media;
+        let master =
+            |k: &[u8; 16], s: &[u8; 12]| MasterKey::new(Profile::AeadAes128Gcm, k, s).unwrap();
+        sfu.command(Command::SetKeys {
+            id,
+            rx: master(&kc, &sc),
+            tx: master(&ks, &ss),
         });
         Peer {
             sock,
@@ -1831,6 +1461,19 @@ mod tests {
         let mut a = peer(&sfu, "r", Role::Publisher, &publisher_sdp(0xa0a0, 0xa1a1)).await;
         let mut b = peer(&sfu, "r", Role::Publisher, &publisher_sdp(0xb0b0, 0xb1b1)).await;
         let mut sub = peer(&sfu, "r", Role::Subscriber, &four_track_subscriber_sdp()).await;
+        // The new viewer's keys asked each publisher for a keyframe of its own video.
+        for (p, video) in [(&mut a, 0xa1a1), (&mut b, 0xb1b1)] {
+            let mut buf = [0u8; 1500];
+            let n = tokio::time::timeout(Duration::from_secs(1), p.sock.recv(&mut buf))
+                .await
+                .expect("no keyframe request for a new viewer")
+                .unwrap();
+            let plain = p.rx.decrypt_rtcp(&buf[..n]).unwrap();
+            assert_eq!(
+                feedback::parse(&plain).unwrap(),
+                vec![Request::KeyFrame { media_ssrc: video }]
+            );
+        }
         let send = async |p: &mut Peer, name: &[u8], seq: u16| {
             for (pt, ssrc, kind) in [(111, 0, b"audio"), (96, 1, b"video")] {
                 let base = if name == b"A" { 0xa0a0 } else { 0xb0b0 };

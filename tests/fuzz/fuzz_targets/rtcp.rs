@@ -5,5 +5,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = edgefwd::webrtc::feedback::parse(data);
+    let _ = edgefwd::media::rtcp::parse(data);
 });

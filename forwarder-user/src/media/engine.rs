@@ -1,0 +1,1261 @@
+//! The sans-I/O media engine: SRTP in, fan-out with rewrite and per-subscriber
+//! protect out, NACKs answered from a cache, keyframe requests throttled and passed
+//! on, sender and receiver reports once a second.
+//!
+//! One engine owns a set of sessions whole (a room is never split between engines),
+//! so a stream's packets and every copy of them are handled on one core without a
+//! lock shared with other cores. The control plane programs it with [`Command`]s; the
+//! data path calls [`Engine::handle_srtp`] per datagram and [`Engine::handle_timeout`]
+//! at [`Engine::poll_timeout`]. Nothing here reads a clock or touches a socket.
+//!
+//! The forwarding model: a subscriber's [`DownTrack`] carries its rewrite as the
+//! data plane's own [`RouteValue`] (SSRC out, sequence and timestamp offsets, payload
+//! type map) and is applied with the one [`forwarder_common::rtp::rewrite`] every
+//! path uses; the subscriber's SRTP keys are its session's. There is no second copy.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use forwarder_common::{
+    routes::{FLAG_REWRITE_PT, RouteValue},
+    rtp,
+};
+
+use super::{
+    Counters, Drop, Kind, Transmit, bump,
+    rtcp::{self, Reception, Request},
+    srtp::{self, MasterKey},
+};
+
+/// Engine handles, chosen by the control plane so commands need no round trip.
+pub type SessionId = u32;
+pub type TrackId = u32;
+
+/// Publisher packets kept per video track for retransmission (~2 s of 720p video).
+pub const CACHE: usize = 512;
+/// At most one keyframe request per track in this interval, however many ask.
+pub const KEYFRAME_INTERVAL: Duration = Duration::from_millis(300);
+/// How often sender and receiver reports go out.
+pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Publisher,
+    Subscriber,
+}
+
+/// What the control plane tells the engine.
+#[derive(Debug)]
+pub enum Command {
+    AddSession {
+        id: SessionId,
+        role: Role,
+        /// Our SSRC in RTCP we originate towards this peer.
+        rtcp_ssrc: u32,
+    },
+    /// A valid ICE check came from `addr`: media from it is this session's; with
+    /// `nominated`, media to the session goes there.
+    Bind {
+        id: SessionId,
+        addr: SocketAddr,
+        nominated: bool,
+    },
+    /// DTLS finished (or renegotiated): the session's SRTP keys, receive and send.
+    SetKeys {
+        id: SessionId,
+        rx: MasterKey,
+        tx: MasterKey,
+    },
+    AddTrack {
+        id: TrackId,
+        session: SessionId,
+        kind: Kind,
+        pt: u8,
+        clock_rate: u32,
+        /// From a=ssrc, else learned from the first packet of the track's payload type.
+        ssrc: Option<u32>,
+    },
+    AddDownTrack {
+        track: TrackId,
+        sub: SessionId,
+        ssrc_out: u32,
+        pt_out: u8,
+        seq_delta: u16,
+        ts_delta: u32,
+    },
+    RemoveSession {
+        id: SessionId,
+    },
+}
+
+/// A track a publisher sends, with everything the fan-out needs of it.
+pub struct UpTrack {
+    pub session: SessionId,
+    pub kind: Kind,
+    pub pt: u8,
+    pub clock_rate: u32,
+    pub ssrc: Option<u32>,
+    pub packets: u64,
+    pub bytes: u64,
+    reception: Reception,
+    /// Last SR of this source: (NTP, RTP, arrival), to carry lip sync to subscribers.
+    last_sr: Option<(u64, u32, Instant)>,
+    last_keyframe_request: Option<Instant>,
+    /// Plaintext packets by source sequence number (video only).
+    cache: Vec<Option<(u16, Vec<u8>)>>,
+    pub downs: Vec<DownTrack>,
+}
+
+/// What one subscriber receives of one track.
+pub struct DownTrack {
+    pub sub: SessionId,
+    /// The rewrite half of a data-plane route; the addressing half is the subscriber
+    /// session's bound 5-tuple.
+    pub route: RouteValue,
+    pub packets: u32,
+    pub octets: u32,
+    pub nack_resent: u64,
+    last_ts_out: u32,
+    last_out_at: Option<Instant>,
+}
+
+impl DownTrack {
+    pub fn ssrc_out(&self) -> u32 {
+        u32::from_be_bytes(self.route.ssrc_out_be)
+    }
+}
+
+struct Srtp {
+    rx: srtp::Context,
+    tx: srtp::Context,
+}
+
+struct Session {
+    role: Role,
+    rtcp_ssrc: u32,
+    addrs: Vec<SocketAddr>,
+    nominated: Option<SocketAddr>,
+    srtp: Option<Srtp>,
+    /// Publisher: its tracks. Subscriber: the tracks it has a down-track of.
+    tracks: Vec<TrackId>,
+}
+
+impl Session {
+    fn media_addr(&self) -> Option<SocketAddr> {
+        self.nominated.or_else(|| self.addrs.last().copied())
+    }
+}
+
+pub struct Engine {
+    cname: String,
+    epoch: Instant,
+    counters: Arc<Counters>,
+    sessions: HashMap<SessionId, Session>,
+    tracks: HashMap<TrackId, UpTrack>,
+    by_addr: HashMap<SocketAddr, SessionId>,
+    next_report: Instant,
+}
+
+/// Protects `plain` (an RTCP compound we built) for one peer and queues it.
+fn send_rtcp(
+    ctx: &mut srtp::Context,
+    to: SocketAddr,
+    plain: &[u8],
+    c: &Counters,
+    tx: &mut dyn Transmit,
+) -> bool {
+    let sent = tx.transmit(to, &mut |out| {
+        out.get_mut(..plain.len())?.copy_from_slice(plain);
+        ctx.protect_rtcp(out, plain.len()).ok()
+    });
+    if sent {
+        bump(&c.rtcp_out);
+    } else {
+        c.count(Drop::SendFailed);
+    }
+    sent
+}
+
+/// Writes `plain` rewritten for `d` and protected with the subscriber's keys.
+fn send_copy(
+    d: &DownTrack,
+    ctx: &mut srtp::Context,
+    to: SocketAddr,
+    plain: &[u8],
+    tx: &mut dyn Transmit,
+) -> bool {
+    tx.transmit(to, &mut |out| {
+        let frame = out.get_mut(..plain.len())?;
+        frame.copy_from_slice(plain);
+        rtp::rewrite(frame, &d.route);
+        ctx.protect_rtp(out, plain.len()).ok()
+    })
+}
+
+impl Engine {
+    pub fn new(cname: String, counters: Arc<Counters>, now: Instant) -> Engine {
+        Engine {
+            cname,
+            epoch: now,
+            counters,
+            sessions: HashMap::new(),
+            tracks: HashMap::new(),
+            by_addr: HashMap::new(),
+            next_report: now + REPORT_INTERVAL,
+        }
+    }
+
+    pub fn counters(&self) -> &Arc<Counters> {
+        &self.counters
+    }
+
+    /// Applies one control-plane command. Commands about unknown handles are ignored:
+    /// the session may have ended in between.
+    pub fn apply(&mut self, cmd: Command, now: Instant, tx: &mut dyn Transmit) {
+        match cmd {
+            Command::AddSession {
+                id,
+                role,
+                rtcp_ssrc,
+            } => {
+                self.sessions.insert(
+                    id,
+                    Session {
+                        role,
+                        rtcp_ssrc,
+                        addrs: vec![],
+                        nominated: None,
+                        srtp: None,
+                        tracks: vec![],
+                    },
+                );
+            }
+            Command::Bind {
+                id,
+                addr,
+                nominated,
+            } => {
+                let Some(s) = self.sessions.get_mut(&id) else {
+                    return;
+                };
+                if !s.addrs.contains(&addr) {
+                    s.addrs.push(addr);
+                }
+                if nominated {
+                    s.nominated = Some(addr);
+                }
+                self.by_addr.insert(addr, id);
+            }
+            Command::SetKeys { id, rx, tx: tx_key } => {
+                let Some(s) = self.sessions.get_mut(&id) else {
+                    return;
+                };
+                s.srtp = Some(Srtp {
+                    rx: srtp::Context::new(&rx),
+                    tx: srtp::Context::new(&tx_key),
+                });
+                if s.role == Role::Subscriber {
+                    // A new viewer needs a keyframe now, not at the next periodic one.
+                    let video: Vec<TrackId> = s
+                        .tracks
+                        .iter()
+                        .copied()
+                        .filter(|t| self.tracks.get(t).is_some_and(|t| t.kind == Kind::Video))
+                        .collect();
+                    for t in video {
+                        self.request_keyframe(t, now, tx);
+                    }
+                }
+            }
+            Command::AddTrack {
+                id,
+                session,
+                kind,
+                pt,
+                clock_rate,
+                ssrc,
+            } => {
+                let Some(s) = self.sessions.get_mut(&session) else {
+                    return;
+                };
+                s.tracks.push(id);
+                let cache = if kind == Kind::Video {
+                    vec![None; CACHE]
+                } else {
+                    vec![]
+                };
+                self.tracks.insert(
+                    id,
+                    UpTrack {
+                        session,
+                        kind,
+                        pt,
+                        clock_rate,
+                        ssrc,
+                        packets: 0,
+                        bytes: 0,
+                        reception: Reception::default(),
+                        last_sr: None,
+                        last_keyframe_request: None,
+                        cache,
+                        downs: vec![],
+                    },
+                );
+            }
+            Command::AddDownTrack {
+                track,
+                sub,
+                ssrc_out,
+                pt_out,
+                seq_delta,
+                ts_delta,
+            } => {
+                let (Some(t), Some(s)) = (self.tracks.get_mut(&track), self.sessions.get_mut(&sub))
+                else {
+                    return;
+                };
+                s.tracks.push(track);
+                t.downs.push(DownTrack {
+                    sub,
+                    route: RouteValue {
+                        ssrc_out_be: ssrc_out.to_be_bytes(),
+                        seq_delta,
+                        ts_delta,
+                        pt_from: t.pt,
+                        pt_to: pt_out,
+                        flags: FLAG_REWRITE_PT,
+                        ..Default::default()
+                    },
+                    packets: 0,
+                    octets: 0,
+                    nack_resent: 0,
+                    last_ts_out: 0,
+                    last_out_at: None,
+                });
+            }
+            Command::RemoveSession { id } => {
+                let Some(s) = self.sessions.remove(&id) else {
+                    return;
+                };
+                for a in &s.addrs {
+                    if self.by_addr.get(a) == Some(&id) {
+                        self.by_addr.remove(a);
+                    }
+                }
+                match s.role {
+                    Role::Subscriber => {
+                        for t in &s.tracks {
+                            if let Some(t) = self.tracks.get_mut(t) {
+                                t.downs.retain(|d| d.sub != id);
+                            }
+                        }
+                    }
+                    Role::Publisher => {
+                        // Subscribers stay, without the down-tracks of a gone publisher.
+                        for tid in &s.tracks {
+                            let Some(t) = self.tracks.remove(tid) else {
+                                continue;
+                            };
+                            for d in t.downs {
+                                if let Some(sub) = self.sessions.get_mut(&d.sub) {
+                                    sub.tracks.retain(|x| x != tid);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// One SRTP or SRTCP datagram from `from`, decrypted in place in `pkt`.
+    pub fn handle_srtp(
+        &mut self,
+        from: SocketAddr,
+        pkt: &mut [u8],
+        now: Instant,
+        tx: &mut dyn Transmit,
+    ) {
+        let Some(&id) = self.by_addr.get(&from) else {
+            return self.counters.count(Drop::UnknownPeer);
+        };
+        let is_rtcp = pkt.len() >= 2 && rtp::classify(pkt[0], pkt[1]) == rtp::Class::Rtcp;
+        if is_rtcp {
+            self.on_rtcp(id, pkt, now, tx)
+        } else {
+            self.on_rtp(id, pkt, now, tx)
+        }
+    }
+
+    fn on_rtp(&mut self, id: SessionId, pkt: &mut [u8], now: Instant, tx: &mut dyn Transmit) {
+        let c = &*self.counters;
+        let s = self
+            .sessions
+            .get_mut(&id)
+            .expect("by_addr points at live sessions");
+        if s.role != Role::Publisher {
+            return c.count(Drop::UnexpectedRtp);
+        }
+        let Some(srtp) = s.srtp.as_mut() else {
+            return c.count(Drop::NotConnected);
+        };
+        let n = match srtp.rx.unprotect_rtp(pkt) {
+            Ok(n) => n,
+            Err(e) => return c.count(Drop::from_srtp(e)),
+        };
+        let plain = &pkt[..n];
+        if rtp::validate(plain).is_err() {
+            return c.count(Drop::RtpMalformed);
+        }
+        let (pt, seq) = (plain[1] & 0x7f, u16::from_be_bytes([plain[2], plain[3]]));
+        let ts = u32::from_be_bytes([plain[4], plain[5], plain[6], plain[7]]);
+        let ssrc = u32::from_be_bytes([plain[8], plain[9], plain[10], plain[11]]);
+        let tracks = &mut self.tracks;
+        let tid = match s
+            .tracks
+            .iter()
+            .copied()
+            .find(|t| tracks[t].ssrc == Some(ssrc))
+        {
+            Some(t) => t,
+            // Unsignalled SSRC: the track whose payload type it carries, if still unbound.
+            None => match s
+                .tracks
+                .iter()
+                .copied()
+                .find(|t| tracks[t].ssrc.is_none() && tracks[t].pt == pt)
+            {
+                Some(t) => {
+                    tracks.get_mut(&t).expect("listed").ssrc = Some(ssrc);
+                    t
+                }
+                None => return c.count(Drop::UnknownSsrc),
+            },
+        };
+        bump(&c.rtp_in);
+        let t = tracks.get_mut(&tid).expect("listed");
+        t.packets += 1;
+        t.bytes += n as u64;
+        let units = (now.duration_since(self.epoch).as_micros() as u64)
+            .wrapping_mul(t.clock_rate as u64)
+            / 1_000_000;
+        t.reception.update(seq, ts, units);
+        if !t.cache.is_empty() {
+            // Reuse the slot's buffer rather than allocating one per packet.
+            let slot = &mut t.cache[seq as usize % CACHE];
+            let mut buf = slot.take().map(|(_, b)| b).unwrap_or_default();
+            buf.clear();
+            buf.extend_from_slice(plain);
+            *slot = Some((seq, buf));
+        }
+        let sessions = &mut self.sessions;
+        let hlen = rtp::header_len(plain).expect("validated");
+        for d in &mut t.downs {
+            let Some(sub) = sessions.get_mut(&d.sub) else {
+                continue;
+            };
+            let (Some(to), Some(srtp)) = (sub.media_addr(), sub.srtp.as_mut()) else {
+                continue;
+            };
+            if send_copy(d, &mut srtp.tx, to, plain, tx) {
+                bump(&c.rtp_out);
+                d.packets = d.packets.wrapping_add(1);
+                d.octets = d.octets.wrapping_add((n - hlen) as u32);
+                d.last_ts_out = ts.wrapping_add(d.route.ts_delta);
+                d.last_out_at = Some(now);
+            } else {
+                c.count(Drop::SendFailed);
+            }
+        }
+    }
+
+    fn on_rtcp(&mut self, id: SessionId, pkt: &mut [u8], now: Instant, tx: &mut dyn Transmit) {
+        let c = self.counters.clone();
+        let s = self
+            .sessions
+            .get_mut(&id)
+            .expect("by_addr points at live sessions");
+        let Some(srtp) = s.srtp.as_mut() else {
+            return c.count(Drop::NotConnected);
+        };
+        let n = match srtp.rx.unprotect_rtcp(pkt) {
+            Ok(n) => n,
+            Err(e) => return c.count(Drop::from_srtp(e)),
+        };
+        let requests = match rtcp::parse(&pkt[..n]) {
+            Ok(r) => r,
+            Err(_) => return c.count(Drop::RtcpMalformed),
+        };
+        bump(&c.rtcp_in);
+        let role = s.role;
+        for r in requests {
+            match (role, r) {
+                (Role::Publisher, Request::SenderReport { ssrc, ntp, rtp }) => {
+                    let tracks = &self.tracks;
+                    let found = self.sessions[&id]
+                        .tracks
+                        .iter()
+                        .copied()
+                        .find(|t| tracks.get(t).is_some_and(|t| t.ssrc == Some(ssrc)));
+                    if let Some(t) = found.and_then(|t| self.tracks.get_mut(&t)) {
+                        t.last_sr = Some((ntp, rtp, now));
+                        t.reception.last_sr = Some(((ntp >> 16) as u32, now));
+                    }
+                }
+                (Role::Subscriber, Request::KeyFrame { media_ssrc }) => {
+                    if let Some((tid, _)) = self.downtrack_by_ssrc(id, media_ssrc) {
+                        self.request_keyframe(tid, now, tx);
+                    }
+                }
+                (Role::Subscriber, Request::Nack { media_ssrc, seqs }) => {
+                    self.on_nack(id, media_ssrc, &seqs, tx)
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The subscriber's down-track that sends `ssrc_out`: (track, index in its downs).
+    fn downtrack_by_ssrc(&self, sub: SessionId, ssrc_out: u32) -> Option<(TrackId, usize)> {
+        self.sessions.get(&sub)?.tracks.iter().find_map(|tid| {
+            let t = self.tracks.get(tid)?;
+            let i = t
+                .downs
+                .iter()
+                .position(|d| d.sub == sub && d.ssrc_out() == ssrc_out)?;
+            Some((*tid, i))
+        })
+    }
+
+    /// Sends a PLI for a publisher's track, at most every [`KEYFRAME_INTERVAL`], so a
+    /// room of viewers asking at once costs the publisher one keyframe.
+    pub fn request_keyframe(&mut self, track: TrackId, now: Instant, tx: &mut dyn Transmit) {
+        let Some(t) = self.tracks.get_mut(&track) else {
+            return;
+        };
+        let Some(p) = self.sessions.get_mut(&t.session) else {
+            return;
+        };
+        let (Some(to), Some(ssrc), Some(srtp)) = (p.media_addr(), t.ssrc, p.srtp.as_mut()) else {
+            return;
+        };
+        if t.last_keyframe_request
+            .is_some_and(|at| now - at < KEYFRAME_INTERVAL)
+        {
+            return;
+        }
+        t.last_keyframe_request = Some(now);
+        if send_rtcp(
+            &mut srtp.tx,
+            to,
+            &rtcp::pli(p.rtcp_ssrc, ssrc),
+            &self.counters,
+            tx,
+        ) {
+            bump(&self.counters.keyframe_requests);
+        }
+    }
+
+    /// Resends what the cache has; asks the publisher for the rest.
+    fn on_nack(&mut self, sub: SessionId, ssrc_out: u32, seqs: &[u16], tx: &mut dyn Transmit) {
+        let Some((tid, i)) = self.downtrack_by_ssrc(sub, ssrc_out) else {
+            return;
+        };
+        let c = &*self.counters;
+        let t = self.tracks.get_mut(&tid).expect("found");
+        let s = self.sessions.get_mut(&sub).expect("found");
+        let (Some(to), Some(srtp)) = (s.media_addr(), s.srtp.as_mut()) else {
+            return;
+        };
+        let d = &mut t.downs[i];
+        let mut missing = Vec::new();
+        for &seq in seqs {
+            let src_seq = seq.wrapping_sub(d.route.seq_delta);
+            match t.cache.get(src_seq as usize % CACHE) {
+                Some(Some((cached, plain))) if *cached == src_seq => {
+                    if send_copy(d, &mut srtp.tx, to, plain, tx) {
+                        d.nack_resent += 1;
+                        bump(&c.nack_resent);
+                    } else {
+                        c.count(Drop::SendFailed);
+                    }
+                }
+                _ => missing.push(seq),
+            }
+        }
+        if missing.is_empty() {
+            return;
+        }
+        let delta = d.route.seq_delta;
+        let Some(p) = self.sessions.get_mut(&t.session) else {
+            return;
+        };
+        let (Some(to), Some(ssrc), Some(srtp)) = (p.media_addr(), t.ssrc, p.srtp.as_mut()) else {
+            return;
+        };
+        let nack = rtcp::translated_nack(p.rtcp_ssrc, ssrc, &missing, delta);
+        send_rtcp(&mut srtp.tx, to, &nack, c, tx);
+    }
+
+    /// When [`Engine::handle_timeout`] wants to run next.
+    pub fn poll_timeout(&self) -> Instant {
+        self.next_report
+    }
+
+    /// Sender reports to subscribers (lip sync carried over from the publisher's SR),
+    /// receiver reports to publishers. `wall` is only for streams no SR has timed yet.
+    pub fn handle_timeout(&mut self, now: Instant, wall: SystemTime, tx: &mut dyn Transmit) {
+        if now < self.next_report {
+            return;
+        }
+        self.next_report = now + REPORT_INTERVAL;
+        let c = &*self.counters;
+        for t in self.tracks.values_mut() {
+            for d in &t.downs {
+                if d.packets == 0 {
+                    continue;
+                }
+                let Some(sub) = self.sessions.get_mut(&d.sub) else {
+                    continue;
+                };
+                let (Some(to), Some(srtp)) = (sub.media_addr(), sub.srtp.as_mut()) else {
+                    continue;
+                };
+                let (ntp, rtp) = match t.last_sr {
+                    Some((ntp, rtp, at)) => {
+                        let el = now - at;
+                        (
+                            ntp.wrapping_add(((el.as_nanos() as u64) << 32) / 1_000_000_000),
+                            rtp.wrapping_add(d.route.ts_delta)
+                                .wrapping_add((el.as_secs_f64() * t.clock_rate as f64) as u32),
+                        )
+                    }
+                    None => {
+                        let el = d.last_out_at.map(|at| now - at).unwrap_or_default();
+                        (
+                            rtcp::ntp_time(wall),
+                            d.last_ts_out
+                                .wrapping_add((el.as_secs_f64() * t.clock_rate as f64) as u32),
+                        )
+                    }
+                };
+                let sr =
+                    rtcp::sender_report(d.ssrc_out(), ntp, rtp, d.packets, d.octets, &self.cname);
+                send_rtcp(&mut srtp.tx, to, &sr, c, tx);
+            }
+        }
+        for s in self.sessions.values_mut() {
+            if s.role != Role::Publisher {
+                continue;
+            }
+            let blocks: Vec<_> = s
+                .tracks
+                .iter()
+                .filter_map(|t| {
+                    let t = self.tracks.get_mut(t)?;
+                    t.reception.report(t.ssrc?, now)
+                })
+                .collect();
+            let (Some(to), Some(srtp)) = (s.media_addr(), s.srtp.as_mut()) else {
+                continue;
+            };
+            if !blocks.is_empty() {
+                send_rtcp(
+                    &mut srtp.tx,
+                    to,
+                    &rtcp::receiver_report(s.rtcp_ssrc, blocks),
+                    c,
+                    tx,
+                );
+            }
+        }
+    }
+
+    pub fn track(&self, id: TrackId) -> Option<&UpTrack> {
+        self.tracks.get(&id)
+    }
+
+    /// A subscriber's down-tracks, with the track each comes from.
+    pub fn downtracks(&self, sub: SessionId) -> Vec<(TrackId, &DownTrack)> {
+        let Some(s) = self.sessions.get(&sub) else {
+            return vec![];
+        };
+        s.tracks
+            .iter()
+            .filter_map(|tid| {
+                let t = self.tracks.get(tid)?;
+                Some((*tid, t.downs.iter().find(|d| d.sub == sub)?))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::media::srtp::{Context, Profile};
+    use std::sync::atomic::Ordering;
+
+    /// The sink of a test: every datagram queued, in order; refuses when `full`.
+    #[derive(Default)]
+    struct Sink {
+        out: Vec<(SocketAddr, Vec<u8>)>,
+        full: bool,
+    }
+
+    impl Transmit for Sink {
+        fn transmit(
+            &mut self,
+            to: SocketAddr,
+            fill: &mut dyn FnMut(&mut [u8]) -> Option<usize>,
+        ) -> bool {
+            if self.full {
+                return false;
+            }
+            let mut buf = vec![0u8; 1500];
+            match fill(&mut buf) {
+                Some(n) => {
+                    buf.truncate(n);
+                    self.out.push((to, buf));
+                    true
+                }
+                None => false,
+            }
+        }
+    }
+
+    fn addr(n: u16) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, 1], 10_000 + n))
+    }
+
+    fn key(profile: Profile, b: u8) -> MasterKey {
+        MasterKey::new(
+            profile,
+            &[b; 16],
+            &vec![b ^ 0x5a; profile.master_salt_len()],
+        )
+        .unwrap()
+    }
+
+    /// A peer's side of a session: its address and SRTP contexts (peer→SFU, SFU→peer).
+    struct Peer {
+        id: SessionId,
+        addr: SocketAddr,
+        tx: Context,
+        rx: Context,
+    }
+
+    struct Fixture {
+        engine: Engine,
+        sink: Sink,
+        now: Instant,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let now = Instant::now();
+            Fixture {
+                engine: Engine::new("test".into(), Arc::new(Counters::default()), now),
+                sink: Sink::default(),
+                now,
+            }
+        }
+
+        fn cmd(&mut self, c: Command) {
+            self.engine.apply(c, self.now, &mut self.sink);
+        }
+
+        fn add(&mut self, id: SessionId, role: Role) {
+            self.cmd(Command::AddSession {
+                id,
+                role,
+                rtcp_ssrc: 0x5000 + id,
+            });
+        }
+
+        /// ICE and DTLS done: the session is bound and keyed.
+        fn connect(&mut self, id: SessionId, profile: Profile) -> Peer {
+            let (up, down) = (key(profile, id as u8), key(profile, id as u8 ^ 0xff));
+            self.cmd(Command::Bind {
+                id,
+                addr: addr(id as u16),
+                nominated: true,
+            });
+            self.cmd(Command::SetKeys {
+                id,
+                rx: up.clone(),
+                tx: down.clone(),
+            });
+            Peer {
+                id,
+                addr: addr(id as u16),
+                tx: Context::new(&up),
+                rx: Context::new(&down),
+            }
+        }
+
+        fn peer(&mut self, id: SessionId, role: Role, profile: Profile) -> Peer {
+            self.add(id, role);
+            self.connect(id, profile)
+        }
+
+        /// A subscriber with one down-track of `track`, keyed after it (as WHEP does).
+        fn viewer(
+            &mut self,
+            id: SessionId,
+            track: TrackId,
+            profile: Profile,
+            down: Command,
+        ) -> Peer {
+            self.add(id, Role::Subscriber);
+            assert!(
+                matches!(down, Command::AddDownTrack { sub, track: t, .. } if sub == id && t == track)
+            );
+            self.cmd(down);
+            self.connect(id, profile)
+        }
+
+        fn protect(from: &mut Peer, plain: &[u8]) -> Vec<u8> {
+            let mut buf = plain.to_vec();
+            buf.resize(plain.len() + 20, 0);
+            let n = if rtp::classify(plain[0], plain[1]) == rtp::Class::Rtcp {
+                from.tx.protect_rtcp(&mut buf, plain.len()).unwrap()
+            } else {
+                from.tx.protect_rtp(&mut buf, plain.len()).unwrap()
+            };
+            buf.truncate(n);
+            buf
+        }
+
+        fn send(&mut self, from: &mut Peer, plain: &[u8]) -> Vec<u8> {
+            let wire = Self::protect(from, plain);
+            self.deliver(from.addr, &wire);
+            wire
+        }
+
+        fn deliver(&mut self, from: SocketAddr, wire: &[u8]) {
+            let mut b = wire.to_vec();
+            self.engine
+                .handle_srtp(from, &mut b, self.now, &mut self.sink);
+        }
+
+        fn drops(&self, d: Drop) -> u64 {
+            self.engine.counters.dropped(d)
+        }
+    }
+
+    fn rtp_packet(pt: u8, seq: u16, ts: u32, ssrc: u32, payload: &[u8]) -> Vec<u8> {
+        let mut p = vec![0x80, pt];
+        p.extend_from_slice(&seq.to_be_bytes());
+        p.extend_from_slice(&ts.to_be_bytes());
+        p.extend_from_slice(&ssrc.to_be_bytes());
+        p.extend_from_slice(payload);
+        p
+    }
+
+    fn unprotect(p: &mut Peer, wire: &[u8]) -> Vec<u8> {
+        let mut b = wire.to_vec();
+        let n = if rtp::classify(b[0], b[1]) == rtp::Class::Rtcp {
+            p.rx.unprotect_rtcp(&mut b)
+                .expect("the SFU's SRTCP authenticates")
+        } else {
+            p.rx.unprotect_rtp(&mut b)
+                .expect("the SFU's SRTP authenticates")
+        };
+        b.truncate(n);
+        b
+    }
+
+    /// One publisher, N subscribers on either profile with their own keys, SSRCs,
+    /// offsets and payload types: each gets every packet once, rewritten its way and
+    /// decryptable only with its own keys.
+    #[test]
+    fn fan_out_to_n_subscribers_with_their_own_keys_and_rewrite() {
+        let mut f = Fixture::new();
+        let mut publisher = f.peer(1, Role::Publisher, Profile::AeadAes128Gcm);
+        f.cmd(Command::AddTrack {
+            id: 10,
+            session: 1,
+            kind: Kind::Video,
+            pt: 96,
+            clock_rate: 90_000,
+            ssrc: Some(0xaaaa),
+        });
+        let n = 25u32;
+        let mut subs: Vec<Peer> = (0..n)
+            .map(|i| {
+                let down = Command::AddDownTrack {
+                    track: 10,
+                    sub: 100 + i,
+                    ssrc_out: 0x1000 + i,
+                    pt_out: 100 + (i % 20) as u8,
+                    seq_delta: (i * 1000) as u16,
+                    ts_delta: i * 7,
+                };
+                f.viewer(100 + i, 10, Profile::ALL[i as usize % 2], down)
+            })
+            .collect();
+        // Each viewer's keys ask for a keyframe; the throttle lets the first through.
+        assert_eq!(
+            f.sink.out.len(),
+            1,
+            "one keyframe request for {n} new viewers"
+        );
+        assert_eq!(f.sink.out[0].0, publisher.addr);
+        f.sink.out.clear();
+        for seq in [65_534u16, 65_535, 0, 1] {
+            f.send(
+                &mut publisher,
+                &rtp_packet(96, seq, 3000 * seq as u32, 0xaaaa, b"frame"),
+            );
+        }
+        assert_eq!(f.sink.out.len(), 4 * n as usize);
+        for (k, (to, wire)) in std::mem::take(&mut f.sink.out).into_iter().enumerate() {
+            let i = k % n as usize;
+            let sub = &mut subs[i];
+            assert_eq!(to, sub.addr);
+            let other = (i + 1) % n as usize;
+            let mut b = wire.clone();
+            assert!(
+                Context::new(&key(Profile::ALL[other % 2], (100 + other as u8) ^ 0xff))
+                    .unprotect_rtp(&mut b)
+                    .is_err(),
+                "another subscriber's keys do not open it"
+            );
+            let p = unprotect(sub, &wire);
+            let seq_in = [65_534u16, 65_535, 0, 1][k / n as usize];
+            assert_eq!(p[1] & 0x7f, 100 + (i % 20) as u8);
+            assert_eq!(
+                u16::from_be_bytes([p[2], p[3]]),
+                seq_in.wrapping_add((i * 1000) as u16)
+            );
+            assert_eq!(
+                u32::from_be_bytes(p[4..8].try_into().unwrap()),
+                (3000 * seq_in as u32).wrapping_add(i as u32 * 7)
+            );
+            assert_eq!(
+                u32::from_be_bytes(p[8..12].try_into().unwrap()),
+                0x1000 + i as u32
+            );
+            assert_eq!(&p[12..], b"frame");
+        }
+        let c = f.engine.counters();
+        assert_eq!(c.rtp_in.load(Ordering::Relaxed), 4);
+        assert_eq!(c.rtp_out.load(Ordering::Relaxed), 4 * n as u64);
+        assert_eq!(f.engine.downtracks(105)[0].1.packets, 4);
+    }
+
+    /// Forged, replayed, truncated SRTP, SRTP from nobody, before keys, RTP from a
+    /// subscriber and an unknown SSRC: each dropped under its own reason, nothing sent.
+    #[test]
+    fn bad_srtp_is_dropped_and_counted_by_reason() {
+        let mut f = Fixture::new();
+        let mut publisher = f.peer(1, Role::Publisher, Profile::AesCm128HmacSha1_80);
+        f.cmd(Command::AddTrack {
+            id: 10,
+            session: 1,
+            kind: Kind::Audio,
+            pt: 111,
+            clock_rate: 48_000,
+            ssrc: None,
+        });
+        let down = Command::AddDownTrack {
+            track: 10,
+            sub: 2,
+            ssrc_out: 7,
+            pt_out: 111,
+            seq_delta: 0,
+            ts_delta: 0,
+        };
+        let mut sub = f.viewer(2, 10, Profile::AeadAes128Gcm, down);
+        let good = f.send(&mut publisher, &rtp_packet(111, 5, 0, 0x77, b"opus"));
+        assert_eq!(
+            f.sink.out.len(),
+            1,
+            "an unsignalled SSRC binds by payload type"
+        );
+        assert_eq!(f.engine.track(10).unwrap().ssrc, Some(0x77));
+        f.deliver(publisher.addr, &good);
+        assert_eq!(f.drops(Drop::SrtpReplay), 1);
+        let next = Fixture::protect(&mut publisher, &rtp_packet(111, 6, 0, 0x77, b"opus"));
+        let mut forged = next.clone();
+        forged[13] ^= 1;
+        f.deliver(publisher.addr, &forged);
+        assert_eq!(f.drops(Drop::SrtpAuth), 1);
+        f.deliver(publisher.addr, &next[..15]);
+        assert_eq!(f.drops(Drop::SrtpTruncated), 1);
+        f.deliver(publisher.addr, &next);
+        assert_eq!(
+            f.sink.out.len(),
+            2,
+            "the forgery and the truncation changed nothing"
+        );
+        f.deliver(addr(999), &good);
+        assert_eq!(f.drops(Drop::UnknownPeer), 1);
+        f.send(&mut publisher, &rtp_packet(8, 7, 0, 0x99, b"?"));
+        assert_eq!(f.drops(Drop::UnknownSsrc), 1);
+        f.send(&mut sub, &rtp_packet(111, 1, 0, 0x88, b"?"));
+        assert_eq!(f.drops(Drop::UnexpectedRtp), 1);
+        f.cmd(Command::AddSession {
+            id: 3,
+            role: Role::Publisher,
+            rtcp_ssrc: 1,
+        });
+        f.cmd(Command::Bind {
+            id: 3,
+            addr: addr(3),
+            nominated: false,
+        });
+        f.deliver(addr(3), &good);
+        assert_eq!(f.drops(Drop::NotConnected), 1);
+        assert_eq!(f.sink.out.len(), 2, "only the good packets were forwarded");
+    }
+
+    /// A NACK is answered from the cache with the subscriber's own rewrite and keys;
+    /// what the cache lacks is asked of the publisher in its own sequence space.
+    #[test]
+    fn nack_from_cache_and_the_rest_from_the_publisher() {
+        let mut f = Fixture::new();
+        let mut publisher = f.peer(1, Role::Publisher, Profile::AeadAes128Gcm);
+        f.cmd(Command::AddTrack {
+            id: 10,
+            session: 1,
+            kind: Kind::Video,
+            pt: 96,
+            clock_rate: 90_000,
+            ssrc: Some(0xaaaa),
+        });
+        let down = Command::AddDownTrack {
+            track: 10,
+            sub: 2,
+            ssrc_out: 0x42,
+            pt_out: 96,
+            seq_delta: 100,
+            ts_delta: 0,
+        };
+        let mut sub = f.viewer(2, 10, Profile::AeadAes128Gcm, down);
+        for seq in 0..10u16 {
+            f.send(
+                &mut publisher,
+                &rtp_packet(96, seq, 0, 0xaaaa, &[seq as u8; 30]),
+            );
+        }
+        f.sink.out.clear();
+        // The subscriber lost its 103 and 105 (source 3 and 5), and asks for 1000 too.
+        let nack = rtcp::translated_nack(9, 0x42, &[103, 105, 1000], 0);
+        f.send(&mut sub, &nack);
+        let out = std::mem::take(&mut f.sink.out);
+        assert_eq!(
+            out.len(),
+            3,
+            "two resent, one NACK to the publisher: {out:?}"
+        );
+        for (k, want) in [(0usize, 3u8), (1, 5)] {
+            assert_eq!(out[k].0, sub.addr);
+            let p = unprotect(&mut sub, &out[k].1);
+            assert_eq!(u16::from_be_bytes([p[2], p[3]]), 100 + want as u16);
+            assert_eq!(&p[12..], &[want; 30]);
+        }
+        assert_eq!(out[2].0, publisher.addr);
+        let asked = rtcp::parse(&unprotect(&mut publisher, &out[2].1)).unwrap();
+        assert_eq!(
+            asked,
+            vec![Request::Nack {
+                media_ssrc: 0xaaaa,
+                seqs: vec![900]
+            }]
+        );
+        assert_eq!(f.engine.counters.nack_resent.load(Ordering::Relaxed), 2);
+    }
+
+    /// Keyframe requests from many subscribers cost the publisher one PLI per interval.
+    #[test]
+    fn keyframe_requests_are_throttled_per_track() {
+        let mut f = Fixture::new();
+        let mut publisher = f.peer(1, Role::Publisher, Profile::AeadAes128Gcm);
+        f.cmd(Command::AddTrack {
+            id: 10,
+            session: 1,
+            kind: Kind::Video,
+            pt: 96,
+            clock_rate: 90_000,
+            ssrc: Some(0xaaaa),
+        });
+        let mut subs: Vec<Peer> = (2..6)
+            .map(|i| {
+                let down = Command::AddDownTrack {
+                    track: 10,
+                    sub: i,
+                    ssrc_out: 0x40 + i,
+                    pt_out: 96,
+                    seq_delta: 0,
+                    ts_delta: 0,
+                };
+                f.viewer(i, 10, Profile::AeadAes128Gcm, down)
+            })
+            .collect();
+        assert_eq!(f.sink.out.len(), 1, "four viewers joined at once: one PLI");
+        f.sink.out.clear();
+        f.now += KEYFRAME_INTERVAL;
+        for s in &mut subs {
+            let pli = rtcp::pli(s.id, 0x40 + s.id);
+            f.send(s, &pli);
+        }
+        assert_eq!(f.sink.out.len(), 1);
+        let got = rtcp::parse(&unprotect(&mut publisher, &f.sink.out[0].1)).unwrap();
+        assert_eq!(got, vec![Request::KeyFrame { media_ssrc: 0xaaaa }]);
+        assert_eq!(
+            f.engine.counters.keyframe_requests.load(Ordering::Relaxed),
+            2
+        );
+    }
+
+    /// New keys replace the old at once: packets under the old keys are refused.
+    #[test]
+    fn rekey_replaces_the_contexts() {
+        let mut f = Fixture::new();
+        let mut publisher = f.peer(1, Role::Publisher, Profile::AeadAes128Gcm);
+        f.cmd(Command::AddTrack {
+            id: 10,
+            session: 1,
+            kind: Kind::Audio,
+            pt: 111,
+            clock_rate: 48_000,
+            ssrc: Some(5),
+        });
+        let down = Command::AddDownTrack {
+            track: 10,
+            sub: 2,
+            ssrc_out: 6,
+            pt_out: 111,
+            seq_delta: 0,
+            ts_delta: 0,
+        };
+        let mut sub = f.viewer(2, 10, Profile::AeadAes128Gcm, down);
+        f.send(&mut publisher, &rtp_packet(111, 1, 0, 5, b"a"));
+        let (up, down) = (
+            key(Profile::AesCm128HmacSha1_80, 0x31),
+            key(Profile::AesCm128HmacSha1_80, 0x32),
+        );
+        f.cmd(Command::SetKeys {
+            id: 1,
+            rx: up.clone(),
+            tx: down,
+        });
+        f.send(&mut publisher, &rtp_packet(111, 2, 0, 5, b"b"));
+        assert_eq!(
+            f.drops(Drop::SrtpAuth),
+            1,
+            "old keys refused after the rekey"
+        );
+        publisher.tx = Context::new(&up);
+        f.send(&mut publisher, &rtp_packet(111, 3, 0, 5, b"c"));
+        let got: Vec<Vec<u8>> = std::mem::take(&mut f.sink.out)
+            .iter()
+            .map(|(_, w)| unprotect(&mut sub, w))
+            .collect();
+        assert_eq!(got.iter().map(|p| p[12]).collect::<Vec<_>>(), b"ac");
+    }
+
+    /// Reports once per interval: an SR per down-track to its subscriber in the
+    /// subscriber's SSRC, an RR to the publisher; a full sink counts a send failure.
+    #[test]
+    fn reports_and_a_full_sink() {
+        let mut f = Fixture::new();
+        let mut publisher = f.peer(1, Role::Publisher, Profile::AeadAes128Gcm);
+        f.cmd(Command::AddTrack {
+            id: 10,
+            session: 1,
+            kind: Kind::Audio,
+            pt: 111,
+            clock_rate: 48_000,
+            ssrc: Some(5),
+        });
+        let down = Command::AddDownTrack {
+            track: 10,
+            sub: 2,
+            ssrc_out: 6,
+            pt_out: 111,
+            seq_delta: 0,
+            ts_delta: 0,
+        };
+        let mut sub = f.viewer(2, 10, Profile::AeadAes128Gcm, down);
+        f.send(&mut publisher, &rtp_packet(111, 1, 0, 5, b"a"));
+        f.sink.out.clear();
+        f.engine
+            .handle_timeout(f.now, SystemTime::now(), &mut f.sink);
+        assert!(f.sink.out.is_empty(), "not due yet");
+        f.now = f.engine.poll_timeout();
+        f.engine
+            .handle_timeout(f.now, SystemTime::now(), &mut f.sink);
+        let out = std::mem::take(&mut f.sink.out);
+        assert_eq!(out.len(), 2);
+        let (sub_addr, pub_addr) = (sub.addr, publisher.addr);
+        let sr = unprotect(&mut sub, &out.iter().find(|o| o.0 == sub_addr).unwrap().1);
+        assert_eq!(
+            (sr[1], u32::from_be_bytes(sr[4..8].try_into().unwrap())),
+            (200, 6)
+        );
+        let rr = unprotect(
+            &mut publisher,
+            &out.iter().find(|o| o.0 == pub_addr).unwrap().1,
+        );
+        assert_eq!(rr[1], 201);
+        f.sink.full = true;
+        f.send(&mut publisher, &rtp_packet(111, 2, 0, 5, b"b"));
+        assert_eq!(f.drops(Drop::SendFailed), 1);
+    }
+
+    /// A subscriber leaving removes its copies; a publisher leaving removes its tracks
+    /// from its subscribers, who stay.
+    #[test]
+    fn sessions_leaving() {
+        let mut f = Fixture::new();
+        let mut publisher = f.peer(1, Role::Publisher, Profile::AeadAes128Gcm);
+        f.cmd(Command::AddTrack {
+            id: 10,
+            session: 1,
+            kind: Kind::Audio,
+            pt: 111,
+            clock_rate: 48_000,
+            ssrc: Some(5),
+        });
+        for id in [2, 3] {
+            let down = Command::AddDownTrack {
+                track: 10,
+                sub: id,
+                ssrc_out: id,
+                pt_out: 111,
+                seq_delta: 0,
+                ts_delta: 0,
+            };
+            f.viewer(id, 10, Profile::AeadAes128Gcm, down);
+        }
+        f.cmd(Command::RemoveSession { id: 2 });
+        f.send(&mut publisher, &rtp_packet(111, 1, 0, 5, b"a"));
+        assert_eq!(
+            f.sink.out.iter().map(|o| o.0).collect::<Vec<_>>(),
+            vec![addr(3)]
+        );
+        f.cmd(Command::RemoveSession { id: 1 });
+        assert!(f.engine.track(10).is_none());
+        assert!(f.engine.downtracks(3).is_empty());
+        f.deliver(
+            addr(1),
+            &[
+                0x80, 111, 0, 2, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                0, 0,
+            ],
+        );
+        assert_eq!(
+            f.drops(Drop::UnknownPeer),
+            1,
+            "the gone publisher's address is unbound"
+        );
+    }
+}
