@@ -13,6 +13,7 @@ pub mod csum;
 pub mod egress;
 pub mod ifmac;
 pub mod listeners;
+pub mod peers;
 pub mod route_stats;
 pub mod routes;
 pub mod routes4;

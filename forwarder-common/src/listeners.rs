@@ -25,6 +25,10 @@ pub const FLAG_DROP_UNKNOWN_SOURCE: u32 = 1 << 0;
 /// (else passed to the stack, e.g. for the control plane to learn a new SSRC).
 pub const FLAG_DROP_NO_ROUTE: u32 = 1 << 1;
 
+/// The WebRTC media port: SRTP/SRTCP from a bound peer (`EFWD_PEERS_V1`) goes to the
+/// AF_XDP worker of its queue, from anyone else it is dropped; STUN/DTLS pass.
+pub const FLAG_WEBRTC: u32 = 1 << 2;
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ListenerValue {

@@ -1,11 +1,11 @@
-//! `EFWD_VERDICT_V2` (V2: 27 verdicts): per-CPU array indexed by [`Verdict`]. Every packet the XDP program
+//! `EFWD_VERDICT_V3` (V3: 30 verdicts): per-CPU array indexed by [`Verdict`]. Every packet the XDP program
 //! sees is counted exactly once, under the reason for what it did with it. The index is
 //! the enum discriminant; userspace gets names from [`Verdict::name`], never from
 //! positions.
 
 use crate::assert_size;
 
-pub const MAP_NAME: &str = "EFWD_VERDICT_V2";
+pub const MAP_NAME: &str = "EFWD_VERDICT_V3";
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -82,9 +82,12 @@ verdicts! {
     DropNotForUs = 24, "drop_not_for_us", Drop, "frame not addressed to the receiving interface's MAC (broadcast, multicast, another host's unicast)";
     PassIpOptions = 25, "pass_ip_options", Pass, "IPv4 with options: left to the stack, which processes them (media never carries any)";
     DropEncapError = 26, "drop_encap_error", Drop, "the route's egress VLAN tag could not be pushed or popped (no headroom)";
+    ForwardXsk = 27, "forward_xsk", Forward, "SRTP/SRTCP of a bound WebRTC peer, steered to the AF_XDP worker of its queue";
+    PassNoWorker = 28, "pass_no_worker", Pass, "SRTP/SRTCP of a bound WebRTC peer on a queue with no AF_XDP worker: to the socket path";
+    DropUnknownPeer = 29, "drop_unknown_peer", Drop, "SRTP/SRTCP on the WebRTC port from an address ICE has not bound to a session";
 }
 
-pub const NUM_VERDICTS: u32 = 27;
+pub const NUM_VERDICTS: u32 = 30;
 const _: () = assert!(Verdict::ALL.len() as u32 == NUM_VERDICTS);
 
 #[cfg(test)]

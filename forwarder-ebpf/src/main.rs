@@ -11,7 +11,7 @@ use aya_ebpf::{
     bindings::xdp_action,
     helpers::bpf_xdp_adjust_head,
     macros::{map, xdp},
-    maps::{Array, DevMapHash, HashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, PerCpuArray, XskMap},
     programs::XdpContext,
 };
 use aya_log_ebpf::warn;
@@ -20,8 +20,10 @@ use forwarder_common::{
     egress::MAX_EGRESS,
     ifmac::{IFMAC_SET, IfMac, MAX_IFINDEX},
     listeners::{
-        FLAG_DROP_NO_ROUTE, FLAG_DROP_UNKNOWN_SOURCE, ListenerKey, ListenerValue, MAX_LISTENERS,
+        FLAG_DROP_NO_ROUTE, FLAG_DROP_UNKNOWN_SOURCE, FLAG_WEBRTC, ListenerKey, ListenerValue,
+        MAX_LISTENERS,
     },
+    peers::{MAX_PEERS, MAX_QUEUES, PeerValue},
     route_stats::RouteStats,
     routes::{FLAG_IPV6, FLAG_REWRITE_PT, FLAG_VLAN, MAX_ROUTES, RouteKey, RouteValue},
     routes4::RouteKey4,
@@ -46,9 +48,13 @@ static EFWD_LISTEN_V1: HashMap<ListenerKey, ListenerValue> =
 #[map]
 static EFWD_SOURCES_V1: HashMap<SourceKey, SourceValue> = HashMap::with_max_entries(MAX_SOURCES, 0);
 #[map]
+static EFWD_PEERS_V1: HashMap<SourceKey, PeerValue> = HashMap::with_max_entries(MAX_PEERS, 0);
+#[map]
+static EFWD_XSKS_V1: XskMap = XskMap::with_max_entries(MAX_QUEUES, 0);
+#[map]
 static EFWD_RSTATS_V1: PerCpuArray<RouteStats> = PerCpuArray::with_max_entries(MAX_ROUTES, 0);
 #[map]
-static EFWD_VERDICT_V2: PerCpuArray<VerdictStats> = PerCpuArray::with_max_entries(NUM_VERDICTS, 0);
+static EFWD_VERDICT_V3: PerCpuArray<VerdictStats> = PerCpuArray::with_max_entries(NUM_VERDICTS, 0);
 #[map]
 static EFWD_EGRESS_V1: DevMapHash = DevMapHash::with_max_entries(MAX_EGRESS, 0);
 #[map]
@@ -77,7 +83,7 @@ fn xdp_action_of(v: Verdict) -> u32 {
 pub fn edgefwd_xdp(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
     let verdict = process(&ctx);
-    if let Some(c) = EFWD_VERDICT_V2.get_ptr_mut(verdict as u32) {
+    if let Some(c) = EFWD_VERDICT_V3.get_ptr_mut(verdict as u32) {
         // Per-CPU slot: plain adds, no atomics needed.
         unsafe {
             (*c).packets += 1;
@@ -456,18 +462,21 @@ fn match_rtp<K: Key>(
     {
         return Ok(route);
     }
-    Err(judge(key, parsed.err()))
+    Err(judge(key, parsed.err(), ctx.rx_queue_index()))
 }
 
 /// What to do with a datagram that has no route: `not_rtp` is the parser's verdict,
 /// None for valid RTP. Not inlined: the listener and source keys it builds stay out
 /// of the forwarding path's stack frame and registers.
 #[inline(never)]
-fn judge<K: Key>(key: &K, not_rtp: Option<Verdict>) -> Verdict {
+fn judge<K: Key>(key: &K, not_rtp: Option<Verdict>, queue: u32) -> Verdict {
     let Some(listener) = (unsafe { EFWD_LISTEN_V1.get(&key.listener()) }) else {
         return Verdict::PassNotListener;
     };
     let flags = listener.flags;
+    if flags & FLAG_WEBRTC != 0 {
+        return steer(key, not_rtp, queue);
+    }
     match not_rtp {
         Some(Verdict::PassRtcp)
             if flags & FLAG_DROP_UNKNOWN_SOURCE != 0 && !source_known(&key.source()) =>
@@ -489,6 +498,25 @@ fn judge<K: Key>(key: &K, not_rtp: Option<Verdict>) -> Verdict {
                 Verdict::PassUnknownSource
             }
         }
+    }
+}
+
+/// The WebRTC media port: SRTP and SRTCP of a peer ICE has bound go to the AF_XDP
+/// socket of the queue they arrived on (its worker decrypts, fans out, re-encrypts);
+/// STUN and DTLS pass to the control plane. SRTP hides its padding count, so what the
+/// RTP parser calls bad padding may be valid SRTP: the worker authenticates it.
+#[inline(always)]
+fn steer<K: Key>(key: &K, not_rtp: Option<Verdict>, queue: u32) -> Verdict {
+    match not_rtp {
+        None | Some(Verdict::PassRtcp) | Some(Verdict::DropMalformedRtp) => {}
+        Some(v) => return v,
+    }
+    if unsafe { EFWD_PEERS_V1.get(&key.source()) }.is_none() {
+        return Verdict::DropUnknownPeer;
+    }
+    match EFWD_XSKS_V1.redirect(queue, xdp_action::XDP_PASS as u64) {
+        Ok(_) => Verdict::ForwardXsk,
+        Err(_) => Verdict::PassNoWorker,
     }
 }
 

@@ -1,6 +1,7 @@
 //! edgefwd userspace: loader, map writers, config, userspace data path, stats.
 
 pub mod config;
+pub mod datapath;
 pub mod loader;
 pub mod maps;
 pub mod media;
