@@ -12,12 +12,15 @@ use aya::{
         xdp::{XdpLink, XdpLinkId},
     },
 };
-use forwarder_common::{egress, ifmac, listeners, route_stats, routes, routes4, sources, verdicts};
+use forwarder_common::{
+    egress, ifmac, listeners, peers, route_stats, routes, routes4, sources, verdicts,
+};
 
 use crate::{EBPF_OBJECT, preflight};
 
 /// Maps that carry control-plane state, shared by the daemon, the CLI and simulate.
-pub const STATE_MAPS: [&str; 6] = [
+pub const STATE_MAPS: [&str; 7] = [
+    peers::MAP_NAME,
     routes4::MAP_NAME,
     routes::MAP_NAME,
     listeners::MAP_NAME,

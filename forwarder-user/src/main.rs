@@ -72,6 +72,10 @@ enum Cmd {
         /// The UDP port for all WebRTC media (sets [webrtc] media).
         #[arg(long, requires = "webrtc_http")]
         webrtc_media: Option<SocketAddr>,
+        /// How WebRTC media moves (sets [webrtc] datapath): auto (AF_XDP workers when
+        /// XDP runs on the media interface) or socket.
+        #[arg(long, value_enum)]
+        webrtc_datapath: Option<edgefwd::webrtc::MediaPath>,
     },
     /// Detach XDP and remove the pinned maps: what `run` leaves in place when it
     /// stops (so forwarding survives restarts and upgrades). Stop the daemon first.
@@ -215,10 +219,11 @@ type WebrtcServer = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()
 /// Binds the WebRTC sockets now, before the daemon says it is ready.
 async fn start_webrtc(
     cfg: Option<WebrtcConfig>,
+    xdp: Option<edgefwd::webrtc::XdpOffer>,
 ) -> Result<(Option<edgefwd::webrtc::Bound>, Option<WebrtcServer>)> {
     match cfg {
         Some(w) => {
-            let (bound, serve) = edgefwd::webrtc::start(w).await?;
+            let (bound, serve) = edgefwd::webrtc::start(w, xdp).await?;
             Ok((Some(bound), Some(Box::pin(serve))))
         }
         None => Ok((None, None)),
@@ -257,6 +262,7 @@ fn real_main(cli: Cli) -> Result<()> {
             duration,
             webrtc_http,
             webrtc_media,
+            webrtc_datapath,
         } => {
             let mut cfg = match &config {
                 Some(p) => Config::load(p)?,
@@ -267,6 +273,9 @@ fn real_main(cli: Cli) -> Result<()> {
                     .webrtc
                     .get_or_insert_with(|| WebrtcConfig::on(http, media));
                 (w.http, w.media) = (http, media);
+            }
+            if let (Some(w), Some(p)) = (cfg.webrtc.as_mut(), webrtc_datapath) {
+                w.datapath = p;
             }
             if let Some(w) = &cfg.webrtc {
                 // Fail before loading anything on settings that cannot work.
@@ -426,6 +435,7 @@ fn routes_cmd(pin_dir: &std::path::Path, cmd: RoutesCmd) -> Result<()> {
                     addr: listen,
                     drop_unknown_source: true,
                     drop_no_route: false,
+                    webrtc: false,
                 })?;
             }
             let route = resolve::resolve(&rc)?;
@@ -538,6 +548,7 @@ async fn run_xdp(
             addr: l.addr,
             drop_unknown_source: l.drop_unknown_source,
             drop_no_route: l.drop_no_route,
+            webrtc: false,
         })
         .collect();
     let mut routes = Vec::new();
@@ -566,7 +577,6 @@ async fn run_xdp(
         r.removed,
         r.listeners_removed
     );
-    drop(maps);
     let attached = loader::attach_pinned(&mut ebpf, PROG_FORWARD, &iface, &pin_dir)?;
     // Only now: until the link runs this program, the old one may still read them.
     for p in loader::remove_stale_pins(&pin_dir, &[iface.as_str()])? {
@@ -581,7 +591,11 @@ async fn run_xdp(
     );
     let metrics_bound =
         spawn_metrics(metrics_addr, metrics::Source::Pinned(pin_dir.clone())).await?;
-    let (webrtc_bound, cfg_webrtc) = start_webrtc(cfg_webrtc).await?;
+    let offer = edgefwd::webrtc::XdpOffer {
+        iface: iface.clone(),
+        maps,
+    };
+    let (webrtc_bound, cfg_webrtc) = start_webrtc(cfg_webrtc, Some(offer)).await?;
     println!(
         "edgefwd: forwarding on {iface} ({attached}){}",
         ready_addresses(metrics_bound, webrtc_bound)
@@ -608,6 +622,7 @@ async fn run_user(
             addr: l.addr,
             drop_unknown_source: l.drop_unknown_source,
             drop_no_route: l.drop_no_route,
+            webrtc: false,
         })
         .collect();
     let stop = Arc::new(AtomicBool::new(false));
@@ -620,7 +635,7 @@ async fn run_user(
     let handles = userpath::run_all(&listeners, &routes, stop.clone(), counters.clone())?;
     let metrics_bound =
         spawn_metrics(metrics_addr, metrics::Source::User(counters.clone())).await?;
-    let (webrtc_bound, cfg_webrtc) = start_webrtc(cfg_webrtc).await?;
+    let (webrtc_bound, cfg_webrtc) = start_webrtc(cfg_webrtc, None).await?;
     println!(
         "edgefwd: forwarding on {} listener(s) (userspace datapath){}",
         listeners.len(),

@@ -12,14 +12,17 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf,
-    maps::{Array, DevMapHash, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
+    maps::{Array, DevMapHash, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues, XskMap},
     util::nr_cpus,
 };
 use forwarder_common::{
     addr::{as_v4, v4_mapped},
     egress,
     ifmac::{self, IFMAC_SET, IfMac},
-    listeners::{self, FLAG_DROP_NO_ROUTE, FLAG_DROP_UNKNOWN_SOURCE, ListenerKey, ListenerValue},
+    listeners::{
+        self, FLAG_DROP_NO_ROUTE, FLAG_DROP_UNKNOWN_SOURCE, FLAG_WEBRTC, ListenerKey, ListenerValue,
+    },
+    peers::{self, PeerValue},
     route_stats::{self, RouteStats},
     routes::{self, FLAG_IPV6, FLAG_REWRITE_PT, FLAG_VLAN, RouteKey, RouteValue},
     routes4::{self, RouteKey4},
@@ -203,6 +206,8 @@ pub struct Listener {
     pub addr: SocketAddr,
     pub drop_unknown_source: bool,
     pub drop_no_route: bool,
+    /// The WebRTC media port: SRTP of bound peers to the AF_XDP workers.
+    pub webrtc: bool,
 }
 
 impl Listener {
@@ -221,6 +226,9 @@ impl Listener {
         }
         if self.drop_no_route {
             flags |= FLAG_DROP_NO_ROUTE;
+        }
+        if self.webrtc {
+            flags |= FLAG_WEBRTC;
         }
         ListenerValue { flags }
     }
@@ -245,6 +253,61 @@ pub struct Maps {
     pub verdicts: PerCpuArray<MapData, VerdictStats>,
     pub egress: DevMapHash<MapData>,
     pub ifmac: Array<MapData, IfMac>,
+    pub peers: PeerTable,
+    /// Only in the daemon's own load: its sockets die with it, so it is not pinned.
+    pub xsks: Option<XskMap<MapData>>,
+}
+
+/// `EFWD_PEERS_V1`: the WebRTC 5-tuples ICE bound, which XDP steers to the workers.
+pub struct PeerTable(HashMap<MapData, SourceKey, PeerValue>);
+
+impl PeerTable {
+    fn key(listen: SocketAddr, peer: SocketAddr) -> SourceKey {
+        SourceKey {
+            listen_addr: addr16(listen.ip()),
+            src_addr: addr16(peer.ip()),
+            listen_port_be: listen.port().to_be_bytes(),
+            src_port_be: peer.port().to_be_bytes(),
+        }
+    }
+
+    /// SRTP from `peer` to our `listen` address is session `session`'s from now on.
+    pub fn bind(&mut self, listen: SocketAddr, peer: SocketAddr, session: u32) -> Result<()> {
+        self.0
+            .insert(Self::key(listen, peer), PeerValue { session }, 0)
+            .map_err(|e| full_or(e, "WebRTC peers", peers::MAX_PEERS))
+            .with_context(|| format!("binding WebRTC peer {peer}"))
+    }
+
+    pub fn unbind(&mut self, listen: SocketAddr, peer: SocketAddr) {
+        // Absent already is fine: the goal is that it is gone.
+        let _ = self.0.remove(&Self::key(listen, peer));
+    }
+
+    /// (our address, peer, session) of every bound peer.
+    pub fn list(&self) -> Result<Vec<(SocketAddr, SocketAddr, u32)>> {
+        let mut out = Vec::new();
+        for item in self.0.iter() {
+            let (k, v) = item?;
+            out.push((
+                sock(k.listen_addr, k.listen_port_be),
+                sock(k.src_addr, k.src_port_be),
+                v.session,
+            ));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Empties the table: a starting daemon has no sessions (they do not survive a
+    /// restart yet), so bindings left by an earlier one are stale.
+    pub fn clear(&mut self) -> Result<usize> {
+        let keys: Vec<SourceKey> = self.0.keys().collect::<Result<_, _>>()?;
+        for k in &keys {
+            let _ = self.0.remove(k);
+        }
+        Ok(keys.len())
+    }
 }
 
 fn take(ebpf: &mut Ebpf, name: &str) -> Result<Map> {
@@ -267,7 +330,9 @@ fn pinned(dir: &Path, name: &str) -> Result<Map> {
 impl Maps {
     /// Takes the maps out of a loaded object (the daemon, tests).
     pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self> {
-        Self::build(|name| take(ebpf, name))
+        let mut m = Self::build(|name| take(ebpf, name))?;
+        m.xsks = Some(take(ebpf, peers::XSKS_MAP_NAME)?.try_into()?);
+        Ok(m)
     }
 
     /// Opens the maps a running daemon pinned (the CLI).
@@ -286,6 +351,8 @@ impl Maps {
             verdicts: get(verdicts::MAP_NAME)?.try_into()?,
             egress: get(egress::MAP_NAME)?.try_into()?,
             ifmac: get(ifmac::MAP_NAME)?.try_into()?,
+            peers: PeerTable(get(peers::MAP_NAME)?.try_into()?),
+            xsks: None,
         })
     }
 
@@ -327,6 +394,7 @@ impl Maps {
                 addr: sock(k.addr, k.port_be),
                 drop_unknown_source: v.flags & FLAG_DROP_UNKNOWN_SOURCE != 0,
                 drop_no_route: v.flags & FLAG_DROP_NO_ROUTE != 0,
+                webrtc: v.flags & FLAG_WEBRTC != 0,
             });
         }
         out.sort_by_key(|l| l.addr);

@@ -48,6 +48,15 @@ pub fn iface_mac(iface: &str) -> Result<[u8; 6]> {
     parse_mac(mac)
 }
 
+/// The interface's receive queue count (one AF_XDP socket per queue).
+pub fn rx_queues(iface: &str) -> Result<u32> {
+    let v = ip_json(&["-d", "link", "show", "dev", iface])?;
+    let n = v[0]["num_rx_queues"]
+        .as_u64()
+        .ok_or_else(|| anyhow!("`ip -d link show dev {iface}` gives no num_rx_queues"))?;
+    u32::try_from(n).context("queue count")
+}
+
 /// (egress interface, next hop) for `dst` as the kernel would route it.
 pub fn route_get(dst: IpAddr) -> Result<(String, IpAddr)> {
     let v = ip_json(&["route", "get", &dst.to_string()])?;

@@ -456,6 +456,7 @@ mod tests {
             addr: "127.0.0.1:0".parse().unwrap(),
             drop_unknown_source: true,
             drop_no_route: false,
+            webrtc: false,
         };
         let path = UserPath::new(&listener, &[], |_| 0).unwrap();
         let to = path.listen.local_addr().unwrap();

@@ -136,6 +136,7 @@ fn setup(pin: &PinDir) -> Simulator {
             addr: sa(addr),
             drop_unknown_source: strict,
             drop_no_route: strict,
+            webrtc: false,
         })
         .unwrap();
     }
@@ -965,6 +966,7 @@ fn full_route_table_is_refused_and_a_freed_slot_starts_from_zero() {
                 addr: sa(addr),
                 drop_unknown_source: true,
                 drop_no_route: true,
+                webrtc: false,
             })
             .unwrap();
         }
@@ -1210,6 +1212,7 @@ fn socket_path_gives_the_fixture_verdicts() {
                     addr: sa(a),
                     drop_unknown_source: *strict,
                     drop_no_route: *strict,
+                    webrtc: false,
                 };
                 // Every source arrives on lo (ifindex 1), as in the test runs.
                 (

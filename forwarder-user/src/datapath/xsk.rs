@@ -210,7 +210,7 @@ pub fn header_len(to: SocketAddr) -> usize {
 }
 
 /// What one queue's socket has seen, besides what the engine counts.
-#[derive(Default, Debug, Clone, Copy)]
+#[derive(Default, Debug, Clone, Copy, serde::Serialize)]
 pub struct Stats {
     pub rx: u64,
     pub tx: u64,
@@ -221,6 +221,19 @@ pub struct Stats {
     /// Copies to a peer whose MAC address is not known yet.
     pub tx_no_neighbour: u64,
     pub kicks: u64,
+}
+
+impl Stats {
+    pub fn named(&self) -> [(&'static str, u64); 6] {
+        [
+            ("rx", self.rx),
+            ("tx", self.tx),
+            ("rx_unparsed", self.rx_unparsed),
+            ("tx_ring_full", self.tx_ring_full),
+            ("tx_no_neighbour", self.tx_no_neighbour),
+            ("kicks", self.kicks),
+        ]
+    }
 }
 
 /// One AF_XDP socket on one receive queue with its UMEM and rings.
@@ -255,12 +268,20 @@ impl XskQueue {
         match Self::open_mode(ifindex, queue, local, mac, Mode::ZeroCopy) {
             Ok(q) => Ok(q),
             Err(zc) => Self::open_mode(ifindex, queue, local, mac, Mode::Copy).map_err(|e| {
-                anyhow!("AF_XDP on ifindex {ifindex} queue {queue}: zero-copy: {zc:#}; copy mode: {e:#}")
+                anyhow!(
+                    "AF_XDP on ifindex {ifindex} queue {queue}: zero-copy: {zc:#}; copy mode: {e:#}"
+                )
             }),
         }
     }
 
-    fn open_mode(ifindex: u32, queue: u32, local: SocketAddr, mac: [u8; 6], mode: Mode) -> Result<XskQueue> {
+    fn open_mode(
+        ifindex: u32,
+        queue: u32,
+        local: SocketAddr,
+        mac: [u8; 6],
+        mode: Mode,
+    ) -> Result<XskQueue> {
         let e = |what: &str| {
             let what = what.to_string();
             move |err: xdpilone::Errno| anyhow!("{what}: {err:?}")
@@ -278,10 +299,13 @@ impl XskQueue {
         // (both live in the returned queue, the area dropped last).
         let umem = unsafe { Umem::new(cfg, slice) }.map_err(e("registering the UMEM"))?;
         let mut info = IfInfo::invalid();
-        info.from_ifindex(ifindex).map_err(e("looking up the interface"))?;
+        info.from_ifindex(ifindex)
+            .map_err(e("looking up the interface"))?;
         info.set_queue(queue);
         let sock = Socket::with_shared(&info, &umem).map_err(e("creating the AF_XDP socket"))?;
-        let mut device = umem.fq_cq(&sock).map_err(e("creating the fill/completion rings"))?;
+        let mut device = umem
+            .fq_cq(&sock)
+            .map_err(e("creating the fill/completion rings"))?;
         let flags = SocketConfig::XDP_BIND_NEED_WAKEUP
             | match mode {
                 Mode::ZeroCopy => SocketConfig::XDP_BIND_ZEROCOPY,
@@ -299,7 +323,8 @@ impl XskQueue {
             .map_err(e("creating the RX/TX rings"))?;
         let rx = rxtx.map_rx().map_err(e("mapping the RX ring"))?;
         let tx = rxtx.map_tx().map_err(e("mapping the TX ring"))?;
-        umem.bind(&rxtx).map_err(e(&format!("binding in {} mode", mode.name())))?;
+        umem.bind(&rxtx)
+            .map_err(e(&format!("binding in {} mode", mode.name())))?;
         // The receive half goes on the fill ring at once.
         let rx_frames = FRAMES / 2;
         {
@@ -349,7 +374,10 @@ impl XskQueue {
         // slice per frame we own. The 'static lie is bounded by the caller giving the
         // frame back (recycle / tx) before the queue is dropped.
         unsafe {
-            std::slice::from_raw_parts_mut(self.area.ptr.as_ptr().add(base as usize), FRAME as usize)
+            std::slice::from_raw_parts_mut(
+                self.area.ptr.as_ptr().add(base as usize),
+                FRAME as usize,
+            )
         }
     }
 
@@ -415,22 +443,43 @@ impl XskQueue {
         }
         r.release();
     }
+}
 
-    /// Waits up to `timeout_ms` for received frames (no busy spin: a shared core's
-    /// NAPI must run too).
-    pub fn wait(&self, timeout_ms: i32) {
-        let mut p = libc::pollfd {
-            fd: self.fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the duration of the call.
-        unsafe { libc::poll(&mut p, 1, timeout_ms) };
+/// Waits up to `timeout_ms` for `fd` to have received frames (no busy spin: a shared
+/// core's NAPI must run too).
+pub fn wait_readable(fd: RawFd, timeout_ms: i32) {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut p, 1, timeout_ms) };
+}
+
+/// Pins the calling thread to one CPU (a worker per core); a failure only costs
+/// locality, so it is logged, not fatal.
+pub fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes inside it.
+    let r = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if r != 0 {
+        log::warn!(
+            "pinning an AF_XDP worker to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
 impl Transmit for XskQueue {
-    fn transmit(&mut self, to: SocketAddr, fill: &mut dyn FnMut(&mut [u8]) -> Option<usize>) -> bool {
+    fn transmit(
+        &mut self,
+        to: SocketAddr,
+        fill: &mut dyn FnMut(&mut [u8]) -> Option<usize>,
+    ) -> bool {
         let Some(&dst_mac) = self.neighbours.get(&to.ip()) else {
             self.stats.tx_no_neighbour += 1;
             return false;
@@ -482,7 +531,11 @@ mod tests {
             assert_eq!((g.from, g.to, g.src_mac), (from, to, [1; 6]));
             assert_eq!(&frame[g.payload.clone()], b"hello");
             if to.is_ipv4() {
-                assert_eq!(csum::checksum(&frame[14..34]), 0, "IPv4 header checksum verifies");
+                assert_eq!(
+                    csum::checksum(&frame[14..34]),
+                    0,
+                    "IPv4 header checksum verifies"
+                );
             } else {
                 let udp = &frame[54..len];
                 assert_eq!(

@@ -39,6 +39,70 @@ pub struct WebrtcConfig {
     pub admin: Option<SocketAddr>,
     #[serde(default)]
     pub limits: Limits,
+    /// "auto": media through the AF_XDP workers when the daemon runs XDP on the media
+    /// interface and AF_XDP works there, else the socket; "socket": always the socket.
+    #[serde(default)]
+    pub datapath: MediaPath,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum MediaPath {
+    #[default]
+    Auto,
+    Socket,
+}
+
+/// What the XDP daemon offers the WebRTC media port: the interface its program runs
+/// on and its maps (the listener, peer and XSK maps are written from here).
+pub struct XdpOffer {
+    pub iface: String,
+    pub maps: crate::maps::Maps,
+}
+
+/// Opens an AF_XDP socket per receive queue of the interface, registers them in the
+/// XSK map and makes the media address a WebRTC listener. Any failure leaves the
+/// listener out, so SRTP keeps reaching the socket.
+fn open_fast(media: SocketAddr, offer: XdpOffer) -> Result<sfu::FastPathSetup> {
+    let XdpOffer { iface, mut maps } = offer;
+    if media.ip().is_unspecified() {
+        bail!(
+            "the media address {media} is a wildcard, and AF_XDP sends from one address: set \
+             [webrtc] media to the address of {iface}"
+        );
+    }
+    let ifindex = crate::preflight::ifindex(&iface)?;
+    let mac = crate::resolve::iface_mac(&iface)?;
+    let n = crate::resolve::rx_queues(&iface)?;
+    let mut queues = Vec::new();
+    for q in 0..n {
+        queues.push(crate::datapath::xsk::XskQueue::open(
+            ifindex, q, media, mac,
+        )?);
+    }
+    let xsks = maps
+        .xsks
+        .as_mut()
+        .context("the XSK map is only in the daemon's own load")?;
+    for q in &queues {
+        xsks.set(q.queue, q.fd(), 0)
+            .with_context(|| format!("registering the AF_XDP socket of queue {}", q.queue))?;
+    }
+    let stale = maps.peers.clear()?;
+    if stale > 0 {
+        log::info!("{stale} WebRTC peer binding(s) of an earlier run removed");
+    }
+    maps.set_listener(&crate::maps::Listener {
+        addr: media,
+        drop_unknown_source: false,
+        drop_no_route: false,
+        webrtc: true,
+    })?;
+    Ok(sfu::FastPathSetup {
+        queues,
+        peers: maps.peers,
+        listen: media,
+    })
 }
 
 fn default_consent() -> u64 {
@@ -94,6 +158,7 @@ impl WebrtcConfig {
             consent_timeout: default_consent(),
             admin: None,
             limits: Limits::default(),
+            datapath: MediaPath::Auto,
         }
     }
 
@@ -180,6 +245,7 @@ impl std::fmt::Display for Bound {
 /// future that serves.
 pub async fn start(
     mut cfg: WebrtcConfig,
+    xdp: Option<XdpOffer>,
 ) -> Result<(Bound, impl std::future::Future<Output = Result<()>>)> {
     cfg.check()?;
     let socket = std::net::UdpSocket::bind(cfg.media).with_context(|| {
@@ -217,12 +283,22 @@ pub async fn start(
         media: cfg.media,
         admin: cfg.admin,
     };
+    let fast = match (cfg.datapath, xdp) {
+        (MediaPath::Socket, _) => Err("[webrtc] datapath = \"socket\"".to_string()),
+        (MediaPath::Auto, None) => {
+            Err("no XDP program on the media interface (run with --datapath xdp)".to_string())
+        }
+        (MediaPath::Auto, Some(x)) => open_fast(cfg.media, x).map_err(|e| format!("{e:#}")),
+    };
     let sfu = sfu::Sfu::new(
         socket,
         candidates.clone(),
         Duration::from_secs(cfg.consent_timeout),
         cfg.limits.clone(),
+        fast,
     )?;
+    let workers = sfu.start_workers()?;
+    log::info!("WebRTC media path: {} ({})", sfu.path.path, sfu.path.detail);
     log::info!(
         "WebRTC: WHIP/WHEP on http://{}/ , media on udp {} (candidates {:?}){}",
         cfg.http,
@@ -262,6 +338,10 @@ pub async fn start(
             r = media => r.context("media task")?.context("media socket"),
         };
         ticker.abort();
+        api.sfu.stop_workers();
+        for w in workers {
+            let _ = w.join();
+        }
         res
     }))
 }

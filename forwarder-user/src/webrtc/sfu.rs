@@ -19,8 +19,11 @@ use std::{
 
 use forwarder_common::rtp::{self, Class};
 use rand::{Rng, distributions::Alphanumeric};
+use serde::Serialize;
 use tokio::{net::UdpSocket, sync::mpsc};
 
+use crate::datapath::xsk::XskQueue;
+use crate::maps::PeerTable;
 pub use crate::media::engine::Role;
 pub use crate::media::{Counters, Drop};
 use crate::media::{
@@ -163,10 +166,46 @@ impl Transmit for SocketTx<'_> {
     }
 }
 
-/// The engine the socket path drives, and its send buffer (jumbo frames fit).
+/// Where the engine's copies go.
+enum Io {
+    /// The media socket, from one reused buffer (jumbo frames fit).
+    Socket(Vec<u8>),
+    /// The AF_XDP sockets, one per receive queue; copies the control plane causes
+    /// (keyframe requests, reports) and socket-path fallbacks leave through queue 0.
+    Xsk(Vec<XskQueue>),
+}
+
+/// The media engine and its output, behind one lock taken per receive batch.
 struct Media {
     engine: Engine,
-    buf: Vec<u8>,
+    io: Io,
+}
+
+/// The AF_XDP fast path as the control plane programs it.
+pub struct FastPath {
+    /// `EFWD_PEERS_V1`: the control plane binds a peer there when ICE binds it.
+    peers: Mutex<PeerTable>,
+    /// Our media address as the listener map has it.
+    listen: SocketAddr,
+}
+
+/// What `webrtc::start` hands the SFU to run the fast path: the interface's queues,
+/// opened, and the peer table. Without it (or when opening failed) media takes the
+/// socket path, for the reason given.
+pub struct FastPathSetup {
+    pub queues: Vec<XskQueue>,
+    pub peers: PeerTable,
+    pub listen: SocketAddr,
+}
+
+/// Which data path carries media, and why: logged at start, in `/metrics` and
+/// `/api/sessions`.
+#[derive(Clone, Debug, Serialize)]
+pub struct PathInfo {
+    /// "af_xdp" or "socket".
+    pub path: &'static str,
+    /// AF_XDP: "copy" or "zero-copy" mode and the queue count; socket: why not AF_XDP.
+    pub detail: String,
 }
 
 /// Why a WHIP/WHEP request is refused; maps to an HTTP status.
@@ -223,9 +262,13 @@ pub struct Sfu {
     pub cname: String,
     pub state: Mutex<State>,
     pub counters: Arc<Counters>,
-    /// Lock order: `state`, then `media`; never the other way.
+    /// Lock order: `state`, then `media`, then `fast.peers`; never the other way.
     media: Mutex<Media>,
     next_media_id: AtomicU32,
+    fast: Option<FastPath>,
+    pub path: PathInfo,
+    /// Tells the AF_XDP workers to end.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 fn random_string(n: usize) -> String {
@@ -247,6 +290,7 @@ impl Sfu {
         candidates: Vec<SocketAddr>,
         consent_timeout: Duration,
         limits: super::Limits,
+        fast: Result<FastPathSetup, String>,
     ) -> anyhow::Result<Arc<Sfu>> {
         socket.set_nonblocking(true)?;
         crate::userpath::set_buf(&socket, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, 8 << 20);
@@ -258,6 +302,31 @@ impl Sfu {
         let counters = Arc::new(Counters::default());
         let cname = format!("edgefwd-{}", random_string(8));
         let engine = Engine::new(cname.clone(), counters.clone(), Instant::now());
+        let (io, fast, path) = match fast {
+            Ok(f) => {
+                let path = PathInfo {
+                    path: "af_xdp",
+                    detail: format!(
+                        "{} mode, {} queue(s)",
+                        f.queues.first().map_or("?", |q| q.mode().name()),
+                        f.queues.len()
+                    ),
+                };
+                let fast = FastPath {
+                    peers: Mutex::new(f.peers),
+                    listen: f.listen,
+                };
+                (Io::Xsk(f.queues), Some(fast), path)
+            }
+            Err(why) => (
+                Io::Socket(vec![0u8; forwarder_common::rtp::MAX_RTP_LEN + 64]),
+                None,
+                PathInfo {
+                    path: "socket",
+                    detail: why,
+                },
+            ),
+        };
         Ok(Arc::new(Sfu {
             socket: Arc::new(UdpSocket::from_std(socket)?),
             sender,
@@ -268,23 +337,80 @@ impl Sfu {
             cname,
             state: Mutex::new(State::default()),
             counters,
-            media: Mutex::new(Media {
-                engine,
-                buf: vec![0u8; forwarder_common::rtp::MAX_RTP_LEN + 64],
-            }),
+            media: Mutex::new(Media { engine, io }),
             next_media_id: AtomicU32::new(1),
+            fast,
+            path,
+            stopping: Default::default(),
         }))
     }
 
-    /// Runs `f` on the engine with the socket as its transmit.
+    /// Runs `f` on the engine with the current data path as its transmit.
     fn with_engine<R>(&self, f: impl FnOnce(&mut Engine, &mut dyn Transmit) -> R) -> R {
         let mut m = self.media.lock().unwrap();
-        let Media { engine, buf } = &mut *m;
-        let mut tx = SocketTx {
-            sock: &self.sender,
-            buf,
+        let Media { engine, io } = &mut *m;
+        match io {
+            Io::Socket(buf) => f(
+                engine,
+                &mut SocketTx {
+                    sock: &self.sender,
+                    buf,
+                },
+            ),
+            Io::Xsk(queues) => {
+                let r = f(engine, &mut queues[0]);
+                queues[0].flush();
+                r
+            }
+        }
+    }
+
+    /// Starts one AF_XDP worker thread per queue (none on the socket path). Each
+    /// waits for frames without spinning, then handles a batch under the media lock.
+    pub fn start_workers(self: &Arc<Self>) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
+        let fds: Vec<(usize, std::os::fd::RawFd)> = match &self.media.lock().unwrap().io {
+            Io::Socket(_) => return Ok(vec![]),
+            Io::Xsk(qs) => qs.iter().enumerate().map(|(i, q)| (i, q.fd())).collect(),
         };
-        f(engine, &mut tx)
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut out = Vec::new();
+        for (i, fd) in fds {
+            let sfu = self.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("edgefwd-xsk{i}"))
+                .spawn(move || {
+                    crate::datapath::xsk::pin_to_cpu(i % cpus);
+                    sfu.worker(i, fd)
+                })?;
+            out.push(h);
+        }
+        Ok(out)
+    }
+
+    pub fn stop_workers(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+    }
+
+    fn worker(&self, q: usize, fd: std::os::fd::RawFd) {
+        let mut descs = Vec::with_capacity(crate::datapath::xsk::BATCH);
+        while !self.stopping.load(Ordering::Relaxed) {
+            crate::datapath::xsk::wait_readable(fd, 20);
+            let mut m = self.media.lock().unwrap();
+            let Media { engine, io } = &mut *m;
+            let Io::Xsk(queues) = io else { return };
+            let xq = &mut queues[q];
+            descs.clear();
+            xq.receive(crate::datapath::xsk::BATCH as u32, &mut descs);
+            let now = Instant::now();
+            for d in &descs {
+                match xq.datagram(d) {
+                    Some((g, frame)) => engine.handle_srtp(g.from, &mut frame[g.payload], now, xq),
+                    None => self.counters.count(Drop::UnknownProtocol),
+                }
+            }
+            xq.recycle(&descs);
+            xq.flush();
+        }
     }
 
     fn command(&self, cmd: Command) {
@@ -329,7 +455,39 @@ impl Sfu {
     fn remove(&self, st: &mut State, id: &str) -> Option<Session> {
         let s = st.remove(id)?;
         self.command(Command::RemoveSession { id: s.media });
+        if let Some(f) = &self.fast {
+            let mut peers = f.peers.lock().unwrap();
+            for a in &s.addrs {
+                peers.unbind(f.listen, *a);
+            }
+        }
         Some(s)
+    }
+
+    /// ICE bound `addr` to session `media`: XDP steers its SRTP to the workers from
+    /// now on, and the workers learn its next hop's MAC (off this thread: it may take
+    /// a neighbour resolution).
+    fn bind_fast(self: &Arc<Self>, media: SessionId, addr: SocketAddr) {
+        let Some(f) = &self.fast else { return };
+        if let Err(e) = f.peers.lock().unwrap().bind(f.listen, addr, media) {
+            log::warn!("{e:#}; its media stays on the socket path");
+            return;
+        }
+        let (sfu, local) = (self.clone(), f.listen.ip());
+        tokio::task::spawn_blocking(move || {
+            let mac = crate::resolve::route_get(addr.ip())
+                .and_then(|(dev, hop)| crate::resolve::neighbour_mac(hop, &dev, local));
+            match mac {
+                Ok(mac) => {
+                    if let Io::Xsk(qs) = &mut sfu.media.lock().unwrap().io {
+                        for q in qs {
+                            q.set_neighbour(addr.ip(), mac);
+                        }
+                    }
+                }
+                Err(e) => log::warn!("peer {addr}: {e:#}; copies wait until it sends"),
+            }
+        });
     }
 
     fn new_session(
@@ -584,7 +742,7 @@ impl Sfu {
         }
     }
 
-    fn on_stun(&self, buf: &[u8], from: SocketAddr) {
+    fn on_stun(self: &Arc<Self>, buf: &[u8], from: SocketAddr) {
         let check = match super::ice::parse_check(buf) {
             Ok(c) => c,
             Err(_) => return self.counters.count(Drop::StunMalformed),
@@ -622,10 +780,14 @@ impl Sfu {
                 nominated: newly_nominated,
             });
         }
+        let media = s.media;
         if new_addr {
             st.by_addr.insert(from, id);
         }
         drop(st);
+        if new_addr {
+            self.bind_fast(media, from);
+        }
         if self.send(&resp, from) {
             self.counters.stun_answered.fetch_add(1, Ordering::Relaxed);
         }
@@ -869,6 +1031,30 @@ impl Sfu {
             "DTLS connections whose tasks are alive (past the ClientHello)",
         )?;
         conns.set(c.dtls_conns.load(Ordering::Relaxed) as i64);
+        let path = IntGaugeVec::new(
+            Opts::new(
+                "edgefwd_webrtc_media_path",
+                "The data path WebRTC media takes (1), with why or how",
+            ),
+            &["path", "detail"],
+        )?;
+        path.with_label_values(&[self.path.path, self.path.detail.as_str()])
+            .set(1);
+        let xsk = IntCounterVec::new(
+            Opts::new(
+                "edgefwd_webrtc_xsk_frames_total",
+                "Frames through the AF_XDP sockets of the WebRTC workers, by queue and event",
+            ),
+            &["queue", "event"],
+        )?;
+        for (q, st) in self.xsk_stats() {
+            for (name, v) in st.named() {
+                xsk.with_label_values(&[q.to_string().as_str(), name])
+                    .inc_by(v);
+            }
+        }
+        registry.register(Box::new(path))?;
+        registry.register(Box::new(xsk))?;
         registry.register(Box::new(events))?;
         registry.register(Box::new(drops))?;
         registry.register(Box::new(sessions))?;
@@ -876,6 +1062,14 @@ impl Sfu {
         let mut buf = Vec::new();
         TextEncoder::new().encode(&registry.gather(), &mut buf)?;
         Ok(String::from_utf8(buf)?)
+    }
+
+    /// Per AF_XDP queue: its socket's counters (none on the socket path).
+    pub fn xsk_stats(&self) -> Vec<(u32, crate::datapath::xsk::Stats)> {
+        match &self.media.lock().unwrap().io {
+            Io::Socket(_) => vec![],
+            Io::Xsk(qs) => qs.iter().map(|q| (q.queue, q.stats)).collect(),
+        }
     }
 
     /// A JSON view of the state model (the `/api/sessions` body).
@@ -930,7 +1124,15 @@ impl Sfu {
                 )
             })
             .collect();
+        drop(media);
+        let xsk: Vec<_> = self
+            .xsk_stats()
+            .into_iter()
+            .map(|(q, st)| serde_json::json!({"queue": q, "stats": st}))
+            .collect();
         serde_json::json!({
+            "media_path": self.path,
+            "xsk": xsk,
             "rooms": rooms,
             "counters": {
                 "stun_answered": c.stun_answered.load(Ordering::Relaxed),
@@ -970,7 +1172,14 @@ mod tests {
     async fn sfu(consent: Duration) -> Arc<Sfu> {
         let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let addr = sock.local_addr().unwrap();
-        Sfu::new(sock, vec![addr], consent, crate::webrtc::Limits::default()).unwrap()
+        Sfu::new(
+            sock,
+            vec![addr],
+            consent,
+            crate::webrtc::Limits::default(),
+            Err("unit test".into()),
+        )
+        .unwrap()
     }
 
     /// Datagrams the kernel dropped on a full media socket queue show up with the
@@ -1310,7 +1519,14 @@ mod tests {
             ice_timeout: 1,
             ..Default::default()
         };
-        let sfu = Sfu::new(sock, vec![addr], Duration::from_secs(30), limits).unwrap();
+        let sfu = Sfu::new(
+            sock,
+            vec![addr],
+            Duration::from_secs(30),
+            limits,
+            Err("test".into()),
+        )
+        .unwrap();
         let offer = parse_offer(OFFER).unwrap();
         let watch = parse_offer(&OFFER.replace("a=sendonly", "a=recvonly")).unwrap();
         let ip = |n: u8| std::net::IpAddr::from([10, 0, 0, n]);
