@@ -48,13 +48,63 @@ pub fn iface_mac(iface: &str) -> Result<[u8; 6]> {
     parse_mac(mac)
 }
 
-/// The interface's receive queue count (one AF_XDP socket per queue).
+/// The interface's receive queues in use (one AF_XDP socket per queue), from the
+/// ethtool channel settings (ETHTOOL_GCHANNELS): `ip` shows only the allocated maximum,
+/// and sysfs may be another namespace's. A driver without channel settings has one.
 pub fn rx_queues(iface: &str) -> Result<u32> {
-    let v = ip_json(&["-d", "link", "show", "dev", iface])?;
-    let n = v[0]["num_rx_queues"]
-        .as_u64()
-        .ok_or_else(|| anyhow!("`ip -d link show dev {iface}` gives no num_rx_queues"))?;
-    u32::try_from(n).context("queue count")
+    #[repr(C)]
+    #[derive(Default)]
+    struct Channels {
+        cmd: u32,
+        max: [u32; 4],
+        rx: u32,
+        tx: u32,
+        other: u32,
+        combined: u32,
+    }
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        data: *mut Channels,
+        _pad: [u8; 16],
+    }
+    const ETHTOOL_GCHANNELS: u32 = 0x3c;
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    if iface.len() >= 16 {
+        bail!("interface name {iface} is longer than 15 bytes");
+    }
+    let mut ch = Channels {
+        cmd: ETHTOOL_GCHANNELS,
+        ..Default::default()
+    };
+    let mut req = IfReq {
+        name: [0; 16],
+        data: &mut ch,
+        _pad: [0; 16],
+    };
+    req.name[..iface.len()].copy_from_slice(iface.as_bytes());
+    // SAFETY: a datagram socket only for the ioctl, closed below; `req` and `ch` live
+    // across the call, which writes only inside `ch`.
+    let r = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            bail!(
+                "socket for the ethtool query: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        let r = libc::ioctl(fd, SIOCETHTOOL as _, &mut req);
+        libc::close(fd);
+        r
+    };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+            return Ok(1);
+        }
+        bail!("reading the channel settings of {iface}: {e}");
+    }
+    Ok((ch.rx + ch.combined).max(1))
 }
 
 /// (egress interface, next hop) for `dst` as the kernel would route it.

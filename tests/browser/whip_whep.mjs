@@ -33,6 +33,9 @@ async function launch() {
   const dir = mkdtempSync(join(tmpdir(), 'edgefwd-chromium-'));
   dirs.push(dir);
   const extra = flag('no-pqc') ? ['--disable-features=WebRtcPqcForDtls'] : [];
+  // getUserMedia needs a secure context; off loopback (the SFU in a network
+  // namespace) plain http is one only by this flag.
+  extra.push('--unsafely-treat-insecure-origin-as-secure=' + base);
   // launchPersistentContext owns --user-data-dir: a fresh profile per process.
   const ctx = await chromium.launchPersistentContext(dir, {
     executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
