@@ -921,3 +921,206 @@ fn chromium_and_aiortc_through_af_xdp_and_through_the_forced_socket_path() {
         );
     }
 }
+
+/// An AF_PACKET socket on one interface of the calling thread's namespace.
+struct RawSock {
+    fd: i32,
+    ifindex: i32,
+}
+
+impl RawSock {
+    fn open(dev: &str) -> RawSock {
+        let name = std::ffi::CString::new(dev).unwrap();
+        // SAFETY: plain socket calls on values we own; the fd is closed in Drop.
+        unsafe {
+            let fd = libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW,
+                (libc::ETH_P_ALL as u16).to_be() as i32,
+            );
+            assert!(
+                fd >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
+            let ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
+            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+            sll.sll_ifindex = ifindex;
+            let r = libc::bind(
+                fd,
+                &sll as *const _ as *const libc::sockaddr,
+                std::mem::size_of_val(&sll) as u32,
+            );
+            assert_eq!(r, 0, "bind AF_PACKET: {}", std::io::Error::last_os_error());
+            let tv = libc::timeval {
+                tv_sec: 1,
+                tv_usec: 0,
+            };
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &tv as *const _ as *const libc::c_void,
+                std::mem::size_of_val(&tv) as u32,
+            );
+            RawSock { fd, ifindex }
+        }
+    }
+
+    fn recv(&self) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; 2048];
+        // SAFETY: buf outlives the call, which writes at most its length.
+        let n = unsafe { libc::recv(self.fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+        if n <= 0 {
+            return None;
+        }
+        buf.truncate(n as usize);
+        Some(buf)
+    }
+
+    fn send(&self, frame: &[u8]) {
+        // SAFETY: as in open; the frame is read only.
+        let n = unsafe {
+            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_ifindex = self.ifindex;
+            sll.sll_halen = 6;
+            sll.sll_addr[..6].copy_from_slice(&frame[..6]);
+            libc::sendto(
+                self.fd,
+                frame.as_ptr() as *const libc::c_void,
+                frame.len(),
+                0,
+                &sll as *const _ as *const libc::sockaddr,
+                std::mem::size_of_val(&sll) as u32,
+            )
+        };
+        assert_eq!(
+            n,
+            frame.len() as isize,
+            "AF_PACKET send: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+impl Drop for RawSock {
+    fn drop(&mut self) {
+        // SAFETY: our fd, closed once.
+        unsafe { libc::close(self.fd) };
+    }
+}
+
+/// Rewrites an IPv4/UDP frame's UDP payload length to `len` (IP total length and
+/// header checksum fixed, UDP checksum 0: none, as RFC 768 allows on IPv4).
+fn truncate_udp(frame: &mut Vec<u8>, len: usize) {
+    frame.truncate(14 + 20 + 8 + len);
+    frame[16..18].copy_from_slice(&((20 + 8 + len) as u16).to_be_bytes());
+    frame[24..26].fill(0);
+    let c = forwarder_common::csum::checksum(&frame[14..34]);
+    frame[24..26].copy_from_slice(&c.to_be_bytes());
+    frame[38..40].copy_from_slice(&((8 + len) as u16).to_be_bytes());
+    frame[40..42].fill(0);
+}
+
+/// A live Chromium publisher's SRTP, captured on the wire and sent again: the replay,
+/// a copy with one bit of its tag flipped, one cut short, and one from a port ICE
+/// never bound reach the SFU through XDP; the workers drop the first three by reason
+/// (srtp_replay, srtp_auth, srtp_truncated) and XDP drops the last (drop_unknown_peer).
+#[test]
+fn forged_replayed_and_truncated_srtp_in_a_live_session_are_dropped_by_reason() {
+    edgefwd_tests::require_root();
+    let _k = kernel_lock();
+    let t = Topology::new();
+    let pin = PinDir::new();
+    let sfu = start_xdp_sfu(&t, &pin, "auto");
+    let room = unique("inject");
+    let mut publisher = node(
+        Some(&t.publisher),
+        &[
+            "--base", &sfu.base, "--room", &room, "--codec", "VP8", "--role", "publish", "--hold",
+            "20",
+        ],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    {
+        let (base, room) = (sfu.base.clone(), room.clone());
+        t.forwarder.run(move || wait_for_publisher(&base, &room));
+    }
+    let s = ns_json(&t.forwarder, &sfu.base, "/api/sessions");
+    let from: std::net::SocketAddr = s["rooms"][&room][0]["nominated"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let media_port = sfu.child.ready_addr("webrtc-media").port();
+    let drops = |s: &Value, r: &str| s["counters"]["drops"][r].as_u64().unwrap();
+    // Capture one SRTP (not SRTCP) frame the publisher sent.
+    let frame = t.publisher.run(move || {
+        let raw = RawSock::open("p0");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no SRTP from {from} seen on p0"
+            );
+            let Some(f) = raw.recv() else { continue };
+            if f.len() < 14 + 20 + 8 + 12 || f[12..14] != [8, 0] || f[23] != 17 {
+                continue;
+            }
+            let (sport, dport) = (
+                u16::from_be_bytes([f[34], f[35]]),
+                u16::from_be_bytes([f[36], f[37]]),
+            );
+            let (b0, b1) = (f[42], f[43] & 0x7f);
+            if sport == from.port()
+                && dport == media_port
+                && (0x80..0xc0).contains(&b0)
+                && !(64..96).contains(&b1)
+            {
+                return f;
+            }
+        }
+    });
+    let before = ns_json(&t.forwarder, &sfu.base, "/api/sessions");
+    let v_before = verdict(&verdicts(&t, &pin), "drop_unknown_peer");
+    let mut forged = frame.clone();
+    *forged.last_mut().unwrap() ^= 0x01;
+    forged[40..42].fill(0);
+    let mut short = frame.clone();
+    truncate_udp(&mut short, 14);
+    let mut stranger = frame.clone();
+    stranger[34..36].copy_from_slice(&(from.port() ^ 1).to_be_bytes());
+    stranger[40..42].fill(0);
+    t.publisher.run(move || {
+        let raw = RawSock::open("p0");
+        for f in [&frame, &forged, &short, &stranger] {
+            raw.send(f);
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let after = ns_json(&t.forwarder, &sfu.base, "/api/sessions");
+    for reason in ["srtp_replay", "srtp_auth", "srtp_truncated"] {
+        assert_eq!(
+            drops(&after, reason),
+            drops(&before, reason) + 1,
+            "{reason}: {after}"
+        );
+    }
+    assert_eq!(
+        verdict(&verdicts(&t, &pin), "drop_unknown_peer"),
+        v_before + 1
+    );
+    // The session goes on: its real packets still arrive and count.
+    assert!(
+        after["counters"]["rtp_in"].as_u64() > before["counters"]["rtp_in"].as_u64(),
+        "{after}"
+    );
+    let _ = publisher.kill();
+    let _ = publisher.wait();
+}

@@ -47,7 +47,8 @@ enum Cmd {
         /// Targets to run (default: all of them).
         targets: Vec<String>,
     },
-    /// Benchmarks: `forward` measures packets per second per core.
+    /// Benchmarks: `forward` measures packets per second per core; `srtp` the WebRTC
+    /// worker's SRTP copies per second per core, AF_XDP against the socket path.
     Bench {
         #[arg(default_value = "forward")]
         which: String,
@@ -104,12 +105,19 @@ fn run(cli: Cli) -> Result<()> {
             sh(Command::new(root().join("target/release/edgefwd-demo")).arg(seconds.to_string()))
         }
         Cmd::Bench { which, seconds } => {
-            if which != "forward" {
-                bail!("unknown benchmark {which:?}; available: forward");
+            if which != "forward" && which != "srtp" {
+                bail!("unknown benchmark {which:?}; available: forward, srtp");
             }
             setup()?;
             require_root("the benchmark creates network namespaces and attaches XDP")?;
             build_release_tools()?;
+            if which == "srtp" {
+                return sh(
+                    Command::new(root().join("target/release/edgefwd-srtp-bench"))
+                        .args(["--seconds", &seconds.to_string(), "--out"])
+                        .arg(root().join("bench/results")),
+                );
+            }
             let c_ref = build_c_reference()?;
             sh(Command::new(root().join("target/release/edgefwd-bench"))
                 .args(["--seconds", &seconds.to_string(), "--out"])

@@ -427,13 +427,35 @@ impl XskQueue {
                 self.stats.tx_ring_full += 1;
             }
             self.stats.tx += n as u64;
-            // Copy mode sends only when kicked; zero-copy only when the driver asks.
-            if self.mode == Mode::Copy || self.tx.needs_wakeup() {
-                self.tx.wake();
-                self.stats.kicks += 1;
-            }
+            self.kick();
         }
         self.reclaim();
+    }
+
+    /// Copy mode sends only inside the kick (`sendto`), at most 32 frames per call
+    /// (the kernel's per-call budget): kick until the ring is drained or the kernel
+    /// stops taking frames (device queue full). Zero-copy only when the driver asks.
+    fn kick(&mut self) {
+        match self.mode {
+            Mode::ZeroCopy => {
+                if self.tx.needs_wakeup() {
+                    self.tx.wake();
+                    self.stats.kicks += 1;
+                }
+            }
+            Mode::Copy => {
+                let mut left = self.tx.pending();
+                while left > 0 {
+                    self.tx.wake();
+                    self.stats.kicks += 1;
+                    let now = self.tx.pending();
+                    if now >= left {
+                        break;
+                    }
+                    left = now;
+                }
+            }
+        }
     }
 
     fn reclaim(&mut self) {

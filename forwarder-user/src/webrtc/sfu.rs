@@ -22,7 +22,7 @@ use rand::{Rng, distributions::Alphanumeric};
 use serde::Serialize;
 use tokio::{net::UdpSocket, sync::mpsc};
 
-use crate::datapath::xsk::XskQueue;
+use crate::datapath::{socket::SocketTx, xsk::XskQueue};
 use crate::maps::PeerTable;
 pub use crate::media::engine::Role;
 pub use crate::media::{Counters, Drop};
@@ -144,25 +144,6 @@ impl State {
             }
         }
         Some(s)
-    }
-}
-
-/// The socket path's [`Transmit`]: one `sendto` per copy from one reused buffer.
-struct SocketTx<'a> {
-    sock: &'a std::net::UdpSocket,
-    buf: &'a mut [u8],
-}
-
-impl Transmit for SocketTx<'_> {
-    fn transmit(
-        &mut self,
-        to: SocketAddr,
-        fill: &mut dyn FnMut(&mut [u8]) -> Option<usize>,
-    ) -> bool {
-        let Some(n) = fill(self.buf) else {
-            return false;
-        };
-        self.sock.send_to(&self.buf[..n], to).is_ok()
     }
 }
 
