@@ -1026,9 +1026,10 @@ fn truncate_udp(frame: &mut Vec<u8>, len: usize) {
 }
 
 /// A live Chromium publisher's SRTP, captured on the wire and sent again: the replay,
-/// a copy with one bit of its tag flipped, one cut short, and one from a port ICE
-/// never bound reach the SFU through XDP; the workers drop the first three by reason
-/// (srtp_replay, srtp_auth, srtp_truncated) and XDP drops the last (drop_unknown_peer).
+/// a copy claiming a sequence number it never had (its tag no longer matches), one cut
+/// short, and one from a port ICE never bound reach the SFU through XDP; the workers
+/// drop the first three by reason (srtp_replay, srtp_auth, srtp_truncated), XDP drops
+/// the last (drop_unknown_peer), and the session goes on.
 #[test]
 fn forged_replayed_and_truncated_srtp_in_a_live_session_are_dropped_by_reason() {
     edgefwd_tests::require_root();
@@ -1089,8 +1090,11 @@ fn forged_replayed_and_truncated_srtp_in_a_live_session_are_dropped_by_reason() 
     });
     let before = ns_json(&t.forwarder, &sfu.base, "/api/sessions");
     let v_before = verdict(&verdicts(&t, &pin), "drop_unknown_peer");
+    // A forgery must carry a sequence number not yet received, or the replay check
+    // (which comes first, and is cheaper) refuses it before its tag is read.
     let mut forged = frame.clone();
-    *forged.last_mut().unwrap() ^= 0x01;
+    let seq = u16::from_be_bytes([forged[44], forged[45]]).wrapping_add(3000);
+    forged[44..46].copy_from_slice(&seq.to_be_bytes());
     forged[40..42].fill(0);
     let mut short = frame.clone();
     truncate_udp(&mut short, 14);
