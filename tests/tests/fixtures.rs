@@ -1277,3 +1277,93 @@ fn socket_path_gives_the_fixture_verdicts() {
         assert!(failures.is_empty(), "{}", failures.join("\n"));
     });
 }
+
+/// A WebRTC listener (FLAG_WEBRTC): SRTP and SRTCP from a peer bound in
+/// `EFWD_PEERS_V1` go to the AF_XDP socket of the receive queue (or, with none there,
+/// to the stack), SRTP padding the parser cannot check (it is encrypted) included;
+/// STUN and DTLS pass; SRTP/SRTCP from an unbound address, or from a peer after it is
+/// unbound, is dropped. IPv4 and IPv6.
+#[test]
+fn webrtc_listener_steers_bound_peers_to_af_xdp_and_drops_strangers() {
+    in_ns(|| {
+        let pin = PinDir::new();
+        let mut ebpf = loader::load(pin.path(), Counters::Private).expect("load");
+        let mut maps = Maps::from_ebpf(&mut ebpf).expect("maps");
+        let (w4, w6) = (sa("198.51.100.2:5010"), sa("[2001:db8:a::2]:5010"));
+        for addr in [w4, w6] {
+            maps.set_listener(&Listener {
+                addr,
+                drop_unknown_source: false,
+                drop_no_route: false,
+                webrtc: true,
+            })
+            .unwrap();
+        }
+        maps.peers.bind(w4, sa(PUB), 7).unwrap();
+        maps.peers.bind(w6, sa(PUB6), 8).unwrap();
+        assert_eq!(maps.peers.list().unwrap().len(), 2);
+        let mut sim = Simulator::from_parts(ebpf, maps);
+        let v4 = from_pub(5010);
+        let v6 = Frame {
+            dport: 5010,
+            ..from_pub6()
+        };
+        let stranger = Frame {
+            sport: 40001,
+            ..v4.clone()
+        };
+        let srtp = Rtp::new(0x1234, 9, 9, 100).bytes();
+        // P bit set and a "pad count" larger than the payload: in SRTP the count is
+        // ciphertext, so only the worker (after authentication) may judge it.
+        let mut padded = srtp.clone();
+        padded[0] |= 0x20;
+        *padded.last_mut().unwrap() = 0xff;
+        let srtcp = [
+            0x80u8, 201, 0, 1, 0, 0, 0, 1, 0xaa, 0xbb, 0xcc, 0xdd, 0x80, 0, 0, 1,
+        ];
+        let stun = [
+            0u8, 1, 0, 0, 0x21, 0x12, 0xa4, 0x42, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+        ];
+        let dtls = [22u8, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let run = |sim: &mut Simulator, f: &Frame, p: &[u8]| {
+            let o = sim.run(&f.build(p)).unwrap();
+            (o.action, o.verdict.unwrap())
+        };
+        let no_worker = ("XDP_PASS", "pass_no_worker");
+        let dropped = ("XDP_DROP", "drop_unknown_peer");
+        for f in [&v4, &v6] {
+            assert_eq!(run(&mut sim, f, &srtp), no_worker, "{f:?}");
+            assert_eq!(run(&mut sim, f, &padded), no_worker);
+            assert_eq!(run(&mut sim, f, &srtcp), no_worker);
+            assert_eq!(run(&mut sim, f, &stun), ("XDP_PASS", "pass_stun"));
+            assert_eq!(run(&mut sim, f, &dtls), ("XDP_PASS", "pass_dtls"));
+        }
+        assert_eq!(run(&mut sim, &stranger, &srtp), dropped);
+        assert_eq!(run(&mut sim, &stranger, &srtcp), dropped);
+        assert_eq!(
+            run(&mut sim, &stranger, &stun),
+            ("XDP_PASS", "pass_stun"),
+            "ICE checks come from new addresses"
+        );
+        // An AF_XDP socket on the queue the test run arrives on (lo, queue 0).
+        let xq =
+            edgefwd::datapath::xsk::XskQueue::open(TEST_RUN_IFINDEX, 0, w4, [2, 0, 0, 0, 0, 1])
+                .expect("AF_XDP socket on lo");
+        sim.maps()
+            .xsks
+            .as_mut()
+            .unwrap()
+            .set(0, xq.fd(), 0)
+            .unwrap();
+        assert_eq!(run(&mut sim, &v4, &srtp), ("XDP_REDIRECT", "forward_xsk"));
+        assert_eq!(run(&mut sim, &v6, &srtcp), ("XDP_REDIRECT", "forward_xsk"));
+        sim.maps().peers.unbind(w4, sa(PUB));
+        assert_eq!(
+            run(&mut sim, &v4, &srtp),
+            dropped,
+            "unbound when its session ended"
+        );
+        assert_eq!(sim.maps().peers.clear().unwrap(), 1);
+        assert_eq!(run(&mut sim, &v6, &srtp), dropped);
+    });
+}
