@@ -1,18 +1,19 @@
-//! edgefwd userspace: loader, map writers, config, userspace data path, stats.
+//! edgefwd userspace. Each folder is one part of the system:
+//!
+//! * `dataplane/` — the XDP program's side: loading and attaching it, the one module
+//!   that writes its maps, resolving routes to map values, `simulate`, preflight checks.
+//! * `datapath/` — what moves packets in userspace: the AF_XDP queues and the socket
+//!   that drive the media engine, and the plain-RTP socket relay (`--datapath user`).
+//! * `media/` — the sans-I/O media engine: SRTP, RTCP, fan-out, NACK cache.
+//! * `webrtc/` — signaling: WHIP/WHEP over HTTP, SDP, ICE, DTLS, the SFU's sessions.
+//! * `daemon/` — the daemon's configuration and its Prometheus endpoint.
+//! * `cli/` — what the CLI prints from the live maps.
 
-pub mod config;
+pub mod cli;
+pub mod daemon;
 pub mod datapath;
-pub mod loader;
-pub mod maps;
+pub mod dataplane;
 pub mod media;
-pub mod metrics;
-pub mod packet;
-pub mod preflight;
-pub mod resolve;
-pub mod rxq;
-pub mod simulate;
-pub mod stats;
-pub mod userpath;
 pub mod webrtc;
 
 /// The XDP object built by build.rs (aya-build), embedded in the binary.

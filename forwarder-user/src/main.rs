@@ -10,12 +10,14 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use edgefwd::{
-    config::{Config, RouteConfig},
-    loader::{self, Counters},
-    maps::{Listener, Maps, Route},
-    metrics, resolve,
-    simulate::{Simulator, pcap_frames},
-    stats, userpath,
+    cli::stats,
+    daemon::config::{Config, RouteConfig},
+    daemon::metrics,
+    datapath::userpath,
+    dataplane::loader::{self, Counters},
+    dataplane::maps::{Listener, Maps, Route},
+    dataplane::resolve,
+    dataplane::simulate::{Simulator, pcap_frames},
     webrtc::WebrtcConfig,
 };
 use forwarder_common::{DEFAULT_PIN_DIR, PROG_FORWARD};
@@ -281,7 +283,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 // Fail before loading anything on settings that cannot work.
                 w.check()?;
             }
-            match edgefwd::preflight::raise_fd_limit() {
+            match edgefwd::dataplane::preflight::raise_fd_limit() {
                 Ok((a, b)) if a != b => log::info!("open-file limit raised from {a} to {b}"),
                 Ok(_) => {}
                 Err(e) => log::warn!("{e:#}"),
@@ -345,7 +347,7 @@ fn real_main(cli: Cli) -> Result<()> {
 }
 
 fn down(pin_dir: &std::path::Path, iface: Option<&str>, keep_maps: bool) -> Result<()> {
-    edgefwd::preflight::require_root()?;
+    edgefwd::dataplane::preflight::require_root()?;
     let links: Vec<_> = loader::pinned_links(pin_dir)
         .into_iter()
         .filter(|(i, _)| iface.is_none_or(|want| want == i))
@@ -567,7 +569,7 @@ async fn run_xdp(
     }
     let r = maps.reconcile(&listeners, &routes)?;
     maps.set_interface_mac(
-        edgefwd::preflight::ifindex(&iface)?,
+        edgefwd::dataplane::preflight::ifindex(&iface)?,
         resolve::iface_mac(&iface)?,
     )?;
     log::info!(

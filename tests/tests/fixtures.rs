@@ -5,9 +5,9 @@
 use std::net::{IpAddr, SocketAddr};
 
 use edgefwd::{
-    loader::{self, Counters},
-    maps::{Listener, Maps, Route},
-    simulate::Simulator,
+    dataplane::loader::{self, Counters},
+    dataplane::maps::{Listener, Maps, Route},
+    dataplane::simulate::Simulator,
 };
 use edgefwd_tests::{
     PinDir, kernel_lock,
@@ -90,7 +90,7 @@ fn in_ns(f: impl FnOnce() + Send + 'static) {
 }
 
 fn d0() -> u32 {
-    edgefwd::preflight::ifindex("d0").unwrap()
+    edgefwd::dataplane::preflight::ifindex("d0").unwrap()
 }
 
 fn redirect_route() -> Route {
@@ -1164,7 +1164,7 @@ const BELOW_UDP: [Verdict; 13] = [
 /// rows the same rewritten RTP.
 #[test]
 fn socket_path_gives_the_fixture_verdicts() {
-    use edgefwd::userpath::UserPath;
+    use edgefwd::datapath::userpath::UserPath;
     in_ns(|| {
         let ns_addrs = [
             ("198.51.100.2/32", "lo"),

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use edgefwd::loader::{self, Counters};
+use edgefwd::dataplane::loader::{self, Counters};
 use edgefwd_tests::{
     Edgefwd, PinDir, edgefwd_bin, kernel_lock,
     netns::{NetNs, Topology},

@@ -1,6 +1,9 @@
-//! The data paths that move WebRTC media between the wire and the media engine: the
-//! AF_XDP sockets fed by XDP steering (`xsk`), and the plain UDP socket as the
-//! fallback (in `webrtc::sfu`, beside STUN and DTLS).
+//! The data paths in userspace. For WebRTC media: the AF_XDP sockets fed by XDP
+//! steering (`xsk`) and the plain UDP socket as the fallback (`socket`), both driving
+//! the media engine. For plain RTP routes: the socket relay of `--datapath user`
+//! (`userpath`), with `rxq` counting what the kernel dropped on full socket queues.
 
+pub mod rxq;
 pub mod socket;
+pub mod userpath;
 pub mod xsk;

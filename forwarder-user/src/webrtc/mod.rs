@@ -57,7 +57,7 @@ pub enum MediaPath {
 /// on and its maps (the listener, peer and XSK maps are written from here).
 pub struct XdpOffer {
     pub iface: String,
-    pub maps: crate::maps::Maps,
+    pub maps: crate::dataplane::maps::Maps,
 }
 
 /// Opens an AF_XDP socket per receive queue of the interface, registers them in the
@@ -71,9 +71,9 @@ fn open_fast(media: SocketAddr, offer: XdpOffer) -> Result<sfu::FastPathSetup> {
              [webrtc] media to the address of {iface}"
         );
     }
-    let ifindex = crate::preflight::ifindex(&iface)?;
-    let mac = crate::resolve::iface_mac(&iface)?;
-    let n = crate::resolve::rx_queues(&iface)?;
+    let ifindex = crate::dataplane::preflight::ifindex(&iface)?;
+    let mac = crate::dataplane::resolve::iface_mac(&iface)?;
+    let n = crate::dataplane::resolve::rx_queues(&iface)?;
     let mut queues = Vec::new();
     for q in 0..n {
         queues.push(crate::datapath::xsk::XskQueue::open(
@@ -92,7 +92,7 @@ fn open_fast(media: SocketAddr, offer: XdpOffer) -> Result<sfu::FastPathSetup> {
     if stale > 0 {
         log::info!("{stale} WebRTC peer binding(s) of an earlier run removed");
     }
-    maps.set_listener(&crate::maps::Listener {
+    maps.set_listener(&crate::dataplane::maps::Listener {
         addr: media,
         drop_unknown_source: false,
         drop_no_route: false,

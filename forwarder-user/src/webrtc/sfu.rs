@@ -23,7 +23,7 @@ use serde::Serialize;
 use tokio::{net::UdpSocket, sync::mpsc};
 
 use crate::datapath::{socket::SocketTx, xsk::XskQueue};
-use crate::maps::PeerTable;
+use crate::dataplane::maps::PeerTable;
 pub use crate::media::engine::Role;
 pub use crate::media::{Counters, Drop};
 use crate::media::{
@@ -274,8 +274,8 @@ impl Sfu {
         fast: Result<FastPathSetup, String>,
     ) -> anyhow::Result<Arc<Sfu>> {
         socket.set_nonblocking(true)?;
-        crate::userpath::set_buf(&socket, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, 8 << 20);
-        crate::rxq::enable(std::os::fd::AsFd::as_fd(&socket))
+        crate::datapath::userpath::set_buf(&socket, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, 8 << 20);
+        crate::datapath::rxq::enable(std::os::fd::AsFd::as_fd(&socket))
             .map_err(|e| anyhow::anyhow!("enabling SO_RXQ_OVFL on the WebRTC media socket: {e}"))?;
         // Sends go through a plain non-blocking clone of the fd: tokio's try_send_to
         // answers WouldBlock until its reactor has seen the socket writable once.
@@ -456,8 +456,8 @@ impl Sfu {
         }
         let (sfu, local) = (self.clone(), f.listen.ip());
         tokio::task::spawn_blocking(move || {
-            let mac = crate::resolve::route_get(addr.ip())
-                .and_then(|(dev, hop)| crate::resolve::neighbour_mac(hop, &dev, local));
+            let mac = crate::dataplane::resolve::route_get(addr.ip())
+                .and_then(|(dev, hop)| crate::dataplane::resolve::neighbour_mac(hop, &dev, local));
             match mac {
                 Ok(mac) => {
                     if let Io::Xsk(qs) = &mut sfu.media.lock().unwrap().io {
@@ -692,17 +692,17 @@ impl Sfu {
     pub async fn run_socket(self: Arc<Self>) -> anyhow::Result<()> {
         use std::os::fd::AsFd as _;
         let mut buf = vec![0u8; 2048];
-        let (mut control, mut overflow_seen) = (crate::rxq::Control::default(), 0u32);
+        let (mut control, mut overflow_seen) = (crate::datapath::rxq::Control::default(), 0u32);
         loop {
             let (n, from, overflow) = self
                 .socket
                 .async_io(tokio::io::Interest::READABLE, || {
-                    crate::rxq::recv_from(self.socket.as_fd(), &mut buf, &mut control)
+                    crate::datapath::rxq::recv_from(self.socket.as_fd(), &mut buf, &mut control)
                 })
                 .await?;
             if let Some(d) = overflow {
                 let total = &self.counters.drops[Drop::SocketOverflow as usize];
-                crate::rxq::observe(total, &mut overflow_seen, d);
+                crate::datapath::rxq::observe(total, &mut overflow_seen, d);
             }
             self.on_datagram(&mut buf[..n], from);
         }

@@ -5,7 +5,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
-    if let Ok(cfg) = edgefwd::config::Config::parse(text)
+    if let Ok(cfg) = edgefwd::daemon::config::Config::parse(text)
         && let Some(w) = &cfg.webrtc
     {
         let _ = w.check();

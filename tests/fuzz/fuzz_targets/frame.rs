@@ -5,6 +5,6 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let d = edgefwd::packet::decode(data);
+    let d = edgefwd::dataplane::packet::decode(data);
     let _ = d.to_string();
 });

@@ -35,9 +35,9 @@ use aya::{
     programs::{TestRun as _, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
 };
 use edgefwd::{
-    config::Config,
-    loader::{self, Counters},
-    resolve::{self, iface_mac},
+    daemon::config::Config,
+    dataplane::loader::{self, Counters},
+    dataplane::resolve::{self, iface_mac},
 };
 use edgefwd_tests::{
     Edgefwd, PinDir, edgefwd_bin,
@@ -715,7 +715,7 @@ fn generate(ns: &NetNs, frame: &[u8], seconds: f64) -> (u64, f64) {
         let mut head = [0u8; GEN_TEMPLATE_LEN];
         head.copy_from_slice(&frame[..GEN_TEMPLATE_LEN]);
         tpl.set(0, head, 0).unwrap();
-        let ifindex = edgefwd::preflight::ifindex("p0").expect("p0");
+        let ifindex = edgefwd::dataplane::preflight::ifindex("p0").expect("p0");
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
         // egress_ifindex. Live frames want data = 0 and data_end = the frame length.
         let mut ctx = [0u8; 24];

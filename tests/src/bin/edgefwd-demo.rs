@@ -11,8 +11,8 @@ use std::{
 };
 
 use edgefwd::{
-    loader::{self, Counters},
-    maps::Maps,
+    dataplane::loader::{self, Counters},
+    dataplane::maps::Maps,
 };
 use edgefwd_tests::{PinDir, edgefwd_bin, netns::Topology, pkt::Rtp, spawn_edgefwd};
 use forwarder_common::{PROG_PASS, verdicts::Action};

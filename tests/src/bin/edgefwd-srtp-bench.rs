@@ -344,7 +344,7 @@ fn fanout(v: &Rig, path: Path, profile: Profile, n: usize, seconds: f64) -> Row 
         let local: SocketAddr = format!("{W_ADDR}:4000").parse().unwrap();
         match path {
             Path::AfXdp => {
-                let ifindex = edgefwd::preflight::ifindex("d0").unwrap();
+                let ifindex = edgefwd::dataplane::preflight::ifindex("d0").unwrap();
                 let mut q =
                     XskQueue::open(ifindex, 0, local, [2, 0, 0, 0, 0, 1]).expect("AF_XDP on d0");
                 q.set_neighbour(S_ADDR.parse().unwrap(), [2, 0, 0, 0, 0, 2]);

@@ -16,7 +16,7 @@ use forwarder_common::{
     egress, ifmac, listeners, peers, route_stats, routes, routes4, sources, verdicts,
 };
 
-use crate::{EBPF_OBJECT, preflight};
+use crate::{EBPF_OBJECT, dataplane::preflight};
 
 /// Maps that carry control-plane state, shared by the daemon, the CLI and simulate.
 pub const STATE_MAPS: [&str; 7] = [

@@ -337,7 +337,7 @@ impl Maps {
 
     /// Opens the maps a running daemon pinned (the CLI).
     pub fn open_pinned(dir: &Path) -> Result<Self> {
-        crate::preflight::require_root()?;
+        crate::dataplane::preflight::require_root()?;
         Self::build(|name| pinned(dir, name))
     }
 

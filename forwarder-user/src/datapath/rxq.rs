@@ -81,7 +81,7 @@ pub fn recv_from(
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
-    let from = crate::userpath::sockaddr_to(&addr)
+    let from = crate::datapath::userpath::sockaddr_to(&addr)
         .ok_or_else(|| io::Error::other("datagram from a non-IP address"))?;
     Ok((n as usize, from, read(&hdr)))
 }

@@ -22,7 +22,7 @@ use forwarder_common::{
     verdicts::{NUM_VERDICTS, Verdict, VerdictStats},
 };
 
-use crate::maps::{Listener, Route};
+use crate::dataplane::maps::{Listener, Route};
 
 const BATCH: usize = 64;
 const BUF: usize = 2048;
@@ -106,7 +106,7 @@ impl UserPath {
         })?;
         // Big buffers: a burst of a few thousand packets must not overflow them.
         set_buf(&sock, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, 8 << 20);
-        crate::rxq::enable(sock.as_fd())
+        crate::datapath::rxq::enable(sock.as_fd())
             .with_context(|| format!("enabling SO_RXQ_OVFL on listener {listen}"))?;
         let mut outs: Vec<(SocketAddr, UdpSocket)> = Vec::new();
         let mut table = HashMap::new();
@@ -172,7 +172,7 @@ impl UserPath {
         let mut bufs = vec![[0u8; BUF]; BATCH];
         // SAFETY: sockaddr_storage is a plain C struct; all-zero is valid.
         let mut addrs: Vec<libc::sockaddr_storage> = vec![unsafe { mem::zeroed() }; BATCH];
-        let mut controls = vec![crate::rxq::Control::default(); BATCH];
+        let mut controls = vec![crate::datapath::rxq::Control::default(); BATCH];
         let mut overflow_seen = 0u32;
         let mut iovs: Vec<libc::iovec> = bufs
             .iter_mut()
@@ -203,7 +203,7 @@ impl UserPath {
             for m in msgs.iter_mut() {
                 // The kernel overwrote these with the previous batch's lengths.
                 m.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as u32;
-                m.msg_hdr.msg_controllen = mem::size_of::<crate::rxq::Control>();
+                m.msg_hdr.msg_controllen = mem::size_of::<crate::datapath::rxq::Control>();
             }
             // SAFETY: every header points at its own live buffer, address and control
             // block of the lengths given; BATCH is the vector's length.
@@ -225,10 +225,10 @@ impl UserPath {
             }
             // The count is cumulative: the batch's last datagram carries the newest.
             if let Some(d) = (n > 0)
-                .then(|| crate::rxq::read(&msgs[n as usize - 1].msg_hdr))
+                .then(|| crate::datapath::rxq::read(&msgs[n as usize - 1].msg_hdr))
                 .flatten()
             {
-                crate::rxq::observe(&counters.socket_overflow, &mut overflow_seen, d);
+                crate::datapath::rxq::observe(&counters.socket_overflow, &mut overflow_seen, d);
             }
             for i in 0..n as usize {
                 let len = msgs[i].msg_len as usize;
@@ -340,7 +340,7 @@ impl UserPath {
 /// capped at net.core.[rw]mem_max (the FORCE one needs CAP_NET_ADMIN, which the
 /// daemon has); a warning if the kernel granted less than asked.
 pub(crate) fn set_buf(s: &UdpSocket, force: libc::c_int, plain: libc::c_int, bytes: libc::c_int) {
-    let set = |opt| crate::rxq::set_int(s.as_fd(), opt, bytes).is_ok();
+    let set = |opt| crate::datapath::rxq::set_int(s.as_fd(), opt, bytes).is_ok();
     if set(force) || set(plain) {
         let mut got: libc::c_int = 0;
         let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
@@ -423,9 +423,9 @@ pub fn run_all(
     let mut handles = Vec::new();
     // The interfaces the kernel would use: copies and their sources' packets.
     let ifindex_to = |ip: std::net::IpAddr| {
-        crate::resolve::route_get(ip)
+        crate::dataplane::resolve::route_get(ip)
             .ok()
-            .and_then(|(dev, _)| crate::preflight::ifindex(&dev).ok())
+            .and_then(|(dev, _)| crate::dataplane::preflight::ifindex(&dev).ok())
             .unwrap_or(0)
     };
     let routes: Vec<Route> = routes
@@ -460,7 +460,7 @@ mod tests {
         };
         let path = UserPath::new(&listener, &[], |_| 0).unwrap();
         let to = path.listen.local_addr().unwrap();
-        crate::rxq::set_int(path.listen.as_fd(), libc::SO_RCVBUF, 4096).unwrap();
+        crate::datapath::rxq::set_int(path.listen.as_fd(), libc::SO_RCVBUF, 4096).unwrap();
         let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
         let mut rtp = [0u8; 100];
         rtp[0] = 0x80;

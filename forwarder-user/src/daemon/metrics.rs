@@ -6,7 +6,7 @@ use anyhow::{Context as _, Result};
 use axum::{Router, extract::State, http::StatusCode, routing::get};
 use prometheus::{Encoder as _, IntCounterVec, Opts, Registry, TextEncoder};
 
-use crate::{maps::Maps, userpath::UserCounters};
+use crate::{datapath::userpath::UserCounters, dataplane::maps::Maps};
 
 /// Where the counters come from.
 #[derive(Clone)]

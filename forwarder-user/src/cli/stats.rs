@@ -7,9 +7,9 @@ use forwarder_common::{route_stats::RouteStats, verdicts::Verdict};
 use serde::Serialize;
 
 use crate::{
-    config::fmt_mac,
-    maps::{Maps, Route},
-    preflight::ifname,
+    daemon::config::fmt_mac,
+    dataplane::maps::{Maps, Route},
+    dataplane::preflight::ifname,
 };
 
 #[derive(Debug, Serialize)]

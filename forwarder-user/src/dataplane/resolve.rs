@@ -12,9 +12,9 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use serde_json::Value;
 
 use crate::{
-    config::{RouteConfig, parse_mac},
-    maps::Route,
-    preflight,
+    daemon::config::{RouteConfig, parse_mac},
+    dataplane::maps::Route,
+    dataplane::preflight,
 };
 
 /// `ip -j ARGS` as JSON.

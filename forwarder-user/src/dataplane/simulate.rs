@@ -10,9 +10,9 @@ use forwarder_common::{PROG_FORWARD, verdicts::Verdict};
 use serde::Serialize;
 
 use crate::{
-    loader::{self, Counters},
-    maps::Maps,
-    packet::{Decoded, decode},
+    dataplane::loader::{self, Counters},
+    dataplane::maps::Maps,
+    dataplane::packet::{Decoded, decode},
 };
 
 #[derive(Debug, Serialize)]

@@ -1,0 +1,4 @@
+//! The daemon's configuration (TOML) and its Prometheus endpoint.
+
+pub mod config;
+pub mod metrics;
