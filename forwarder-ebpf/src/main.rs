@@ -1,64 +1,38 @@
 //! XDP data plane: demultiplexes UDP on the media listeners (RFC 7983), forwards routed
 //! RTP with rewritten Ethernet/IP/UDP/RTP headers (XDP_TX or XDP_REDIRECT), passes
 //! STUN/DTLS/RTCP to the stack for the control plane, and counts every packet under
-//! exactly one named verdict.
+//! exactly one named verdict. The daemon's object holds this program only; the test
+//! and benchmark programs are in tools.rs (their own object).
 #![no_std]
 #![no_main]
+
+mod maps;
+mod packet;
 
 use core::mem;
 
 use aya_ebpf::{
-    bindings::xdp_action,
-    helpers::bpf_xdp_adjust_head,
-    macros::{map, xdp},
-    maps::{Array, DevMapHash, HashMap, PerCpuArray, XskMap},
-    programs::XdpContext,
+    bindings::xdp_action, helpers::bpf_xdp_adjust_head, macros::xdp, programs::XdpContext,
 };
 use aya_log_ebpf::warn;
 use forwarder_common::{
-    csum::{self, Delta},
-    egress::MAX_EGRESS,
-    ifmac::{IFMAC_SET, IfMac, MAX_IFINDEX},
-    listeners::{
-        FLAG_DROP_NO_ROUTE, FLAG_DROP_UNKNOWN_SOURCE, FLAG_WEBRTC, ListenerKey, ListenerValue,
-        MAX_LISTENERS,
-    },
-    peers::{MAX_PEERS, MAX_QUEUES, PeerValue},
-    route_stats::RouteStats,
-    routes::{FLAG_IPV6, FLAG_REWRITE_PT, FLAG_VLAN, MAX_ROUTES, RouteKey, RouteValue},
+    csum::Delta,
+    ifmac::IFMAC_SET,
+    listeners::{FLAG_DROP_NO_ROUTE, FLAG_DROP_UNKNOWN_SOURCE, FLAG_WEBRTC, ListenerKey},
+    routes::{FLAG_IPV6, FLAG_REWRITE_PT, FLAG_VLAN, RouteKey, RouteValue},
     routes4::RouteKey4,
     rtp::{Class, MAX_RTP_LEN, RTP_FIXED_HEADER_LEN, classify},
-    sources::{MAX_SOURCES, SourceKey, SourceValue},
-    verdicts::{Action, NUM_VERDICTS, Verdict, VerdictStats},
+    sources::SourceKey,
+    verdicts::{Action, Verdict},
 };
+use maps::*;
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
     udp::UdpHdr,
     vlan::VlanHdr,
 };
-
-#[map]
-static EFWD_ROUTES4_V2: HashMap<RouteKey4, RouteValue> = HashMap::with_max_entries(MAX_ROUTES, 0);
-#[map]
-static EFWD_ROUTES6_V2: HashMap<RouteKey, RouteValue> = HashMap::with_max_entries(MAX_ROUTES, 0);
-#[map]
-static EFWD_LISTEN_V1: HashMap<ListenerKey, ListenerValue> =
-    HashMap::with_max_entries(MAX_LISTENERS, 0);
-#[map]
-static EFWD_SOURCES_V1: HashMap<SourceKey, SourceValue> = HashMap::with_max_entries(MAX_SOURCES, 0);
-#[map]
-static EFWD_PEERS_V1: HashMap<SourceKey, PeerValue> = HashMap::with_max_entries(MAX_PEERS, 0);
-#[map]
-static EFWD_XSKS_V1: XskMap = XskMap::with_max_entries(MAX_QUEUES, 0);
-#[map]
-static EFWD_RSTATS_V1: PerCpuArray<RouteStats> = PerCpuArray::with_max_entries(MAX_ROUTES, 0);
-#[map]
-static EFWD_VERDICT_V3: PerCpuArray<VerdictStats> = PerCpuArray::with_max_entries(NUM_VERDICTS, 0);
-#[map]
-static EFWD_EGRESS_V1: DevMapHash = DevMapHash::with_max_entries(MAX_EGRESS, 0);
-#[map]
-static EFWD_IFMAC_V1: Array<IfMac> = Array::with_max_entries(MAX_IFINDEX, 0);
+use packet::*;
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -91,16 +65,6 @@ pub fn edgefwd_xdp(ctx: XdpContext) -> u32 {
         }
     }
     xdp_action_of(verdict)
-}
-
-/// Bounds-checked pointer into the packet; the check is what the verifier wants to see.
-#[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
-    let start = ctx.data();
-    if start + off + mem::size_of::<T>() > ctx.data_end() {
-        return None;
-    }
-    Some((start + off) as *mut T)
 }
 
 #[inline(always)]
@@ -147,11 +111,6 @@ fn addressed_to_us(ctx: &XdpContext) -> bool {
         }
         _ => true,
     }
-}
-
-#[inline(always)]
-fn frame_len(ctx: &XdpContext) -> usize {
-    ctx.data_end() - ctx.data()
 }
 
 // IPv4, the bulk of media, is inlined into the entry (no call, the verdict stays in
@@ -737,171 +696,6 @@ fn encapsulate(ctx: &XdpContext, tagged: bool, route: &RouteValue) -> Result<(),
         }
     }
     Ok(())
-}
-
-/// Loads a 16-bit word from packet or map memory. Header fields the program touches sit
-/// at even offsets from an at least 2-byte aligned frame start, and map values are
-/// 4-byte aligned; word access keeps the checksum arithmetic to one add per word
-/// (byte access made LLVM spill past the 512-byte stack).
-#[inline(always)]
-unsafe fn ld(p: usize) -> u16 {
-    unsafe { (p as *const u16).read() }
-}
-
-#[inline(always)]
-unsafe fn st(p: usize, v: u16) {
-    unsafe { (p as *mut u16).write(v) }
-}
-
-/// 32-bit access for addresses and the SSRC: x86 and arm64 JITs allow unaligned packet
-/// loads, and the verifier only enforces alignment on architectures that need it.
-#[inline(always)]
-unsafe fn ld32(p: usize) -> u32 {
-    unsafe { (p as *const u32).read() }
-}
-
-#[inline(always)]
-unsafe fn st32(p: usize, v: u32) {
-    unsafe { (p as *mut u32).write(v) }
-}
-
-#[inline(always)]
-unsafe fn copy_words32<const N: usize>(dst: usize, src: usize) {
-    let mut i = 0;
-    while i < N {
-        unsafe { st32(dst + 4 * i, ld32(src + 4 * i)) };
-        i += 1;
-    }
-}
-
-/// Replaces `N` words at `dst` with those at `src`, folding the change into `d`.
-#[inline(always)]
-unsafe fn replace_words<const N: usize>(dst: usize, src: usize, d: &mut Delta) {
-    let mut i = 0;
-    while i < N {
-        unsafe {
-            let old = ld(dst + 2 * i);
-            let new = ld(src + 2 * i);
-            d.word(old, new);
-            st(dst + 2 * i, new);
-        }
-        i += 1;
-    }
-}
-
-/// For veth peers and sinks that must have an XDP program to receive redirected frames.
-#[xdp]
-pub fn edgefwd_pass(_ctx: XdpContext) -> u32 {
-    xdp_action::XDP_PASS
-}
-
-/// Benchmark sink: counts and drops (the ceiling measurement, and the receiving end of
-/// the forward measurement).
-#[xdp]
-pub fn edgefwd_drop(ctx: XdpContext) -> u32 {
-    if let Some(c) = EFWD_SINK_V1.get_ptr_mut(0) {
-        unsafe {
-            (*c).packets += 1;
-            (*c).bytes += frame_len(&ctx) as u64;
-        }
-    }
-    xdp_action::XDP_DROP
-}
-
-/// Words of UDP a datagram of the largest frame the program forwards can have.
-const UDP_VERIFY_MAX_WORDS: usize = 1500 / 4;
-
-/// Benchmark probe for the UDP checksum policy: verifies the UDP checksum of an
-/// untagged IPv4 frame over the pseudo-header and every datagram byte, which the
-/// forwarder does not do (its incremental update keeps a bad checksum bad, so the
-/// receiver still rejects the packet). XDP_DROP when it verifies, XDP_PASS when it does
-/// not, XDP_ABORTED for a frame it cannot read. Never attached by the daemon.
-// `p + 1 <= end` rather than `p < end`: the form the verifier's packet-range tracking
-// is written for, like every other bound in this file.
-#[allow(clippy::int_plus_one)]
-#[xdp]
-pub fn edgefwd_udp_verify(ctx: XdpContext) -> u32 {
-    let (start, end) = (ctx.data(), ctx.data_end());
-    let udp = start + EthHdr::LEN + Ipv4Hdr::LEN;
-    if udp + UdpHdr::LEN > end {
-        return xdp_action::XDP_ABORTED;
-    }
-    // SAFETY: the 42 header bytes were bounds-checked above.
-    let (src, dst, len_raw) = unsafe { (ld32(start + 26), ld32(start + 30), ld(udp + 4)) };
-    let udp_len = u16::from_be(len_raw) as usize;
-    // No `udp + udp_len <= end` test up front: LLVM would use it to drop the per-word
-    // packet bound below, which the verifier needs to see; a datagram longer than the
-    // frame is caught after the loop instead.
-    if udp_len < UdpHdr::LEN {
-        return xdp_action::XDP_ABORTED;
-    }
-    // One's-complement sums are byte-order independent: words are added as loaded
-    // and the folded sum compared with 0xffff, which reads the same either way.
-    let mut sum: u64 =
-        src as u64 + dst as u64 + u16::from_ne_bytes([0, IPPROTO_UDP]) as u64 + len_raw as u64;
-    let mut off = 0usize;
-    let mut i = 0;
-    while i < UDP_VERIFY_MAX_WORDS {
-        let p = udp + off;
-        if off + 4 > udp_len || p + 4 > end {
-            break;
-        }
-        // SAFETY: p + 4 <= data_end was checked on this iteration.
-        sum += unsafe { ld32(p) } as u64;
-        off += 4;
-        i += 1;
-    }
-    let p = udp + off;
-    if off + 2 <= udp_len && p + 2 <= end {
-        // SAFETY: p + 2 <= data_end was checked.
-        sum += unsafe { ld(p) } as u64;
-        off += 2;
-    }
-    let p = udp + off;
-    if off < udp_len && p + 1 <= end {
-        // SAFETY: p + 1 <= data_end was checked; the odd byte is padded with a zero.
-        sum += u16::from_ne_bytes([unsafe { (p as *const u8).read() }, 0]) as u64;
-        off += 1;
-    }
-    if off != udp_len {
-        return xdp_action::XDP_ABORTED;
-    }
-    if csum::fold(sum) == 0xffff {
-        xdp_action::XDP_DROP
-    } else {
-        xdp_action::XDP_PASS
-    }
-}
-
-#[map]
-static EFWD_SINK_V1: PerCpuArray<VerdictStats> = PerCpuArray::with_max_entries(1, 0);
-
-/// Header bytes the generator restores on every frame: live test_run frames are
-/// recycled pages that keep whatever the forwarder wrote into them last time.
-pub const GEN_TEMPLATE_LEN: usize = 64;
-
-#[map]
-static EFWD_GENTPL_V1: Array<[u8; GEN_TEMPLATE_LEN]> = Array::with_max_entries(1, 0);
-
-/// Benchmark traffic generator, run with BPF_PROG_TEST_RUN live frames on the generator
-/// veth: restores the header template and transmits (XDP_TX) to the forwarder.
-#[xdp]
-pub fn edgefwd_gen(ctx: XdpContext) -> u32 {
-    let (Some(tpl), Some(dst)) = (
-        EFWD_GENTPL_V1.get(0),
-        ptr_at::<[u8; GEN_TEMPLATE_LEN]>(&ctx, 0),
-    ) else {
-        return xdp_action::XDP_ABORTED;
-    };
-    // Eight word copies, volatile so LLVM does not make them a call to the byte-wise
-    // memcpy of compiler_builtins (which halved the generator's rate).
-    let (src, dst) = (tpl as *const _ as *const u64, dst as *mut u64);
-    let mut i = 0;
-    while i < GEN_TEMPLATE_LEN / 8 {
-        unsafe { dst.add(i).write_volatile(src.add(i).read_volatile()) };
-        i += 1;
-    }
-    xdp_action::XDP_TX
 }
 
 #[cfg(not(test))]

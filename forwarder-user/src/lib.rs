@@ -18,3 +18,6 @@ pub mod webrtc;
 
 /// The XDP object built by build.rs (aya-build), embedded in the binary.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/forwarder"));
+/// The test and benchmark XDP programs (forwarder-ebpf/src/tools.rs), a separate object.
+pub static EBPF_TOOLS_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/forwarder-tools"));

@@ -1096,8 +1096,7 @@ fn pins_of_another_layout_are_refused_and_stale_versions_removed() {
 fn udp_verify_probe_tells_good_checksums_from_bad() {
     in_ns(|| {
         use aya::programs::{TestRun as _, TestRunOptions};
-        let pin = PinDir::new();
-        let mut ebpf = loader::load(pin.path(), Counters::Private).expect("load");
+        let mut ebpf = loader::load_tools().expect("load");
         let prog = loader::program(&mut ebpf, forwarder_common::PROG_UDP_VERIFY).unwrap();
         let run = |frame: &[u8]| {
             prog.test_run(TestRunOptions {

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use edgefwd::dataplane::loader::{self, Counters};
+use edgefwd::dataplane::loader;
 use edgefwd_tests::{
     Edgefwd, PinDir, edgefwd_bin, kernel_lock,
     netns::{NetNs, Topology},
@@ -206,19 +206,16 @@ fn metric(body: &str, name: &str, verdict: &str) -> u64 {
 }
 
 /// veth only delivers XDP_TX/REDIRECT frames to a peer that runs XDP itself.
-fn peer_programs(t: &Topology) -> (PinDir, Vec<aya::Ebpf>) {
-    let peers_pin = PinDir::new();
-    let peers_dir = peers_pin.path().to_path_buf();
+fn peer_programs(t: &Topology) -> Vec<aya::Ebpf> {
     let mut progs = Vec::new();
     for (ns, dev) in [(&t.publisher, "p0"), (&t.receiver, "r0")] {
-        let dir = peers_dir.join(dev);
         progs.push(ns.run(move || {
-            let mut e = loader::load(&dir, Counters::Private).unwrap();
+            let mut e = loader::load_tools().unwrap();
             loader::attach(&mut e, PROG_PASS, dev).unwrap();
             e
         }));
     }
-    (peers_pin, progs)
+    progs
 }
 
 fn xdp_attached(t: &Topology) -> bool {

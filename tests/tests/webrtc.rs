@@ -1054,9 +1054,12 @@ fn forged_replayed_and_truncated_srtp_in_a_live_session_are_dropped_by_reason() 
         t.forwarder.run(move || wait_for_publisher(&base, &room));
     }
     let s = ns_json(&t.forwarder, &sfu.base, "/api/sessions");
-    let from: std::net::SocketAddr = s["rooms"][&room][0]["nominated"]
+    // Where its media comes from: the nominated pair, else the address of its checks.
+    let session = &s["rooms"][&room][0];
+    let from: std::net::SocketAddr = session["nominated"]
         .as_str()
-        .unwrap()
+        .or_else(|| session["addrs"][0].as_str())
+        .unwrap_or_else(|| panic!("no address for the publisher: {session}"))
         .parse()
         .unwrap();
     let media_port = sfu.child.ready_addr("webrtc-media").port();

@@ -16,7 +16,7 @@ use forwarder_common::{
     egress, ifmac, listeners, peers, route_stats, routes, routes4, sources, verdicts,
 };
 
-use crate::{EBPF_OBJECT, dataplane::preflight};
+use crate::{EBPF_OBJECT, EBPF_TOOLS_OBJECT, dataplane::preflight};
 
 /// Maps that carry control-plane state, shared by the daemon, the CLI and simulate.
 pub const STATE_MAPS: [&str; 7] = [
@@ -73,6 +73,25 @@ pub fn load_sized(pin_dir: &Path, counters: Counters, sizes: &[(&str, u32)]) -> 
             pin_dir.display()
         )
     })?;
+    for (name, prog) in ebpf.programs_mut() {
+        let prog: &mut Xdp = prog
+            .try_into()
+            .with_context(|| format!("{name} is not an XDP program"))?;
+        prog.load()
+            .with_context(|| format!("the verifier rejected {name}"))?;
+    }
+    Ok(ebpf)
+}
+
+/// Loads the test and benchmark programs (`edgefwd_pass`, `edgefwd_drop`,
+/// `edgefwd_udp_verify`, `edgefwd_gen`): their own object, nothing pinned, so the
+/// daemon's object carries the forwarder alone.
+pub fn load_tools() -> Result<Ebpf> {
+    preflight::require_root()?;
+    preflight::require_kernel()?;
+    let mut ebpf = EbpfLoader::new()
+        .load(EBPF_TOOLS_OBJECT)
+        .context("loading the test/benchmark XDP object")?;
     for (name, prog) in ebpf.programs_mut() {
         let prog: &mut Xdp = prog
             .try_into()

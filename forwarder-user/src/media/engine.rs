@@ -613,7 +613,12 @@ impl Engine {
         if now < self.next_report {
             return;
         }
-        self.next_report = now + REPORT_INTERVAL;
+        // On a fixed schedule: the caller's timer fires a little late each time, and
+        // `now + interval` would then miss the next firing and halve the rate.
+        self.next_report += REPORT_INTERVAL;
+        if self.next_report <= now {
+            self.next_report = now + REPORT_INTERVAL;
+        }
         let c = &*self.counters;
         for t in self.tracks.values_mut() {
             for d in &t.downs {
@@ -1190,9 +1195,13 @@ mod tests {
         f.engine
             .handle_timeout(f.now, SystemTime::now(), &mut f.sink);
         assert!(f.sink.out.is_empty(), "not due yet");
-        f.now = f.engine.poll_timeout();
+        // A timer that fires late keeps the schedule: the next report is due one
+        // interval after the last one was due, not after the late firing.
+        let due = f.engine.poll_timeout();
+        f.now = due + Duration::from_millis(10);
         f.engine
             .handle_timeout(f.now, SystemTime::now(), &mut f.sink);
+        assert_eq!(f.engine.poll_timeout(), due + REPORT_INTERVAL);
         let out = std::mem::take(&mut f.sink.out);
         assert_eq!(out.len(), 2);
         let (sub_addr, pub_addr) = (sub.addr, publisher.addr);

@@ -283,7 +283,6 @@ fn main() {
 fn kernel_case(case: Case, rtp_bytes: usize, seconds: f64, c_ref: Option<&Path>) -> Row {
     let t = Topology::new();
     let pin = PinDir::new();
-    let progs = PinDir::new();
     // The sink, and the generator's own peer program.
     let (sink_ns, sink_dev) = match case {
         Case::XdpDropCeiling => (&t.forwarder, "f0"),
@@ -298,10 +297,10 @@ fn kernel_case(case: Case, rtp_bytes: usize, seconds: f64, c_ref: Option<&Path>)
     let mut keep = Vec::new();
     for (ns, dev) in [(&t.publisher, "p0"), (&t.receiver, "r0")] {
         if dev != sink_dev {
-            keep.push(attach_private(ns, progs.path().join(dev), PROG_PASS, dev));
+            keep.push(attach_tool(ns, PROG_PASS, dev));
         }
     }
-    let sink = attach_private(sink_ns, progs.path().join("sink"), PROG_DROP, sink_dev);
+    let sink = attach_tool(sink_ns, PROG_DROP, sink_dev);
 
     let mut daemon = None;
     let mut c_prog = None;
@@ -561,15 +560,18 @@ fn prog_costs(rtp_bytes: usize, c_ref: Option<&Path>) -> ProgCost {
     let mut ours = t
         .forwarder
         .run(move || loader::load(&pin_dir, Counters::Private).expect("load"));
+    let mut tools = t
+        .forwarder
+        .run(|| loader::load_tools().expect("load tools"));
     let (mut drop_ns, mut ours_ns, mut c_ns) = (f64::MAX, f64::MAX, f64::MAX);
     let mut verify_ns = f64::MAX;
     for _ in 0..PROG_ROUNDS {
-        let p = loader::program(&mut ours, PROG_DROP).unwrap();
+        let p = loader::program(&mut tools, PROG_DROP).unwrap();
         drop_ns = drop_ns.min(test_run_ns(p, &frame, XDP_DROP));
         let p = loader::program(&mut ours, PROG_FORWARD).unwrap();
         ours_ns = ours_ns.min(test_run_ns(p, &frame, XDP_REDIRECT));
         // The ping-pong frame is valid in both of its states; it verifies (XDP_DROP).
-        let p = loader::program(&mut ours, PROG_UDP_VERIFY).unwrap();
+        let p = loader::program(&mut tools, PROG_UDP_VERIFY).unwrap();
         verify_ns = verify_ns.min(test_run_ns(p, &frame, XDP_DROP));
         if let Some(e) = &mut c {
             let p: &mut Xdp = e.program_mut(C_REF_PROG).unwrap().try_into().unwrap();
@@ -688,9 +690,10 @@ fn gen_frame(t: &Topology, rtp_bytes: usize, ttl: u8) -> Vec<u8> {
     .build(&rtp.bytes())
 }
 
-fn attach_private(ns: &NetNs, dir: PathBuf, prog: &'static str, dev: &'static str) -> Ebpf {
+/// Attaches one of the test/benchmark programs (their own object) to `dev`.
+fn attach_tool(ns: &NetNs, prog: &'static str, dev: &'static str) -> Ebpf {
     ns.run(move || {
-        let mut e = loader::load(&dir, Counters::Private).expect("load the XDP object");
+        let mut e = loader::load_tools().expect("load the test/benchmark XDP object");
         loader::attach(&mut e, prog, dev).expect("attach");
         e
     })
@@ -708,8 +711,7 @@ fn generate(ns: &NetNs, frame: &[u8], seconds: f64) -> (u64, f64) {
     let frame = frame.to_vec();
     ns.run(move || {
         pin_self(GEN_CPU);
-        let dir = PinDir::new();
-        let mut e = loader::load(dir.path(), Counters::Private).expect("load generator");
+        let mut e = loader::load_tools().expect("load generator");
         let mut tpl: Array<_, [u8; GEN_TEMPLATE_LEN]> =
             Array::try_from(e.map_mut("EFWD_GENTPL_V1").expect("EFWD_GENTPL_V1")).unwrap();
         let mut head = [0u8; GEN_TEMPLATE_LEN];
@@ -749,7 +751,6 @@ fn generate(ns: &NetNs, frame: &[u8], seconds: f64) -> (u64, f64) {
 fn user_case(rtp_bytes: usize, seconds: f64) -> Row {
     let t = Topology::new();
     let pin = PinDir::new();
-    let progs = PinDir::new();
     // f0 runs XDP_PASS so the veth receives in NAPI (which we thread and pin like the
     // kernel cases); r0 is the counting sink.
     t.settle();
@@ -774,10 +775,10 @@ fn user_case(rtp_bytes: usize, seconds: f64) -> Row {
         "permanent",
     ]);
     let mut keep = vec![
-        attach_private(&t.forwarder, progs.path().join("f0"), PROG_PASS, "f0"),
-        attach_private(&t.publisher, progs.path().join("p0"), PROG_PASS, "p0"),
+        attach_tool(&t.forwarder, PROG_PASS, "f0"),
+        attach_tool(&t.publisher, PROG_PASS, "p0"),
     ];
-    let sink = attach_private(&t.receiver, progs.path().join("r0"), PROG_DROP, "r0");
+    let sink = attach_tool(&t.receiver, PROG_DROP, "r0");
     let before_napi = napi_threads();
     let mut daemon = start_daemon(
         &t.forwarder,

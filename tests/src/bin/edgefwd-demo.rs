@@ -10,10 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use edgefwd::{
-    dataplane::loader::{self, Counters},
-    dataplane::maps::Maps,
-};
+use edgefwd::{dataplane::loader, dataplane::maps::Maps};
 use edgefwd_tests::{PinDir, edgefwd_bin, netns::Topology, pkt::Rtp, spawn_edgefwd};
 use forwarder_common::{PROG_PASS, verdicts::Action};
 
@@ -49,12 +46,10 @@ fn main() {
     );
     let t = Topology::new();
     let pin = PinDir::new();
-    let peers = PinDir::new();
     let mut keep = Vec::new();
     for (ns, dev) in [(&t.publisher, "p0"), (&t.receiver, "r0")] {
-        let dir = peers.path().join(dev);
         keep.push(ns.run(move || {
-            let mut e = loader::load(&dir, Counters::Private).expect("load");
+            let mut e = loader::load_tools().expect("load");
             loader::attach(&mut e, PROG_PASS, dev).expect("attach");
             e
         }));

@@ -1,0 +1,44 @@
+//! The maps of the forwarding program, by name (forwarder-common has their layouts;
+//! forwarder-user's `dataplane::maps` is their one writer).
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, DevMapHash, HashMap, PerCpuArray, XskMap},
+};
+use forwarder_common::{
+    egress::MAX_EGRESS,
+    ifmac::{IfMac, MAX_IFINDEX},
+    listeners::{ListenerKey, ListenerValue, MAX_LISTENERS},
+    peers::{MAX_PEERS, MAX_QUEUES, PeerValue},
+    route_stats::RouteStats,
+    routes::{MAX_ROUTES, RouteKey, RouteValue},
+    routes4::RouteKey4,
+    sources::{MAX_SOURCES, SourceKey, SourceValue},
+    verdicts::{NUM_VERDICTS, VerdictStats},
+};
+
+#[map]
+pub static EFWD_ROUTES4_V2: HashMap<RouteKey4, RouteValue> =
+    HashMap::with_max_entries(MAX_ROUTES, 0);
+#[map]
+pub static EFWD_ROUTES6_V2: HashMap<RouteKey, RouteValue> =
+    HashMap::with_max_entries(MAX_ROUTES, 0);
+#[map]
+pub static EFWD_LISTEN_V1: HashMap<ListenerKey, ListenerValue> =
+    HashMap::with_max_entries(MAX_LISTENERS, 0);
+#[map]
+pub static EFWD_SOURCES_V1: HashMap<SourceKey, SourceValue> =
+    HashMap::with_max_entries(MAX_SOURCES, 0);
+#[map]
+pub static EFWD_PEERS_V1: HashMap<SourceKey, PeerValue> = HashMap::with_max_entries(MAX_PEERS, 0);
+#[map]
+pub static EFWD_XSKS_V1: XskMap = XskMap::with_max_entries(MAX_QUEUES, 0);
+#[map]
+pub static EFWD_RSTATS_V1: PerCpuArray<RouteStats> = PerCpuArray::with_max_entries(MAX_ROUTES, 0);
+#[map]
+pub static EFWD_VERDICT_V3: PerCpuArray<VerdictStats> =
+    PerCpuArray::with_max_entries(NUM_VERDICTS, 0);
+#[map]
+pub static EFWD_EGRESS_V1: DevMapHash = DevMapHash::with_max_entries(MAX_EGRESS, 0);
+#[map]
+pub static EFWD_IFMAC_V1: Array<IfMac> = Array::with_max_entries(MAX_IFINDEX, 0);
