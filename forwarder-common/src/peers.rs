@@ -18,6 +18,7 @@ pub struct PeerValue {
 }
 assert_size!(PeerValue, 4);
 
+// SAFETY: #[repr(C)], one u32, no padding: every bit pattern is a valid value.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for PeerValue {}
 

@@ -59,6 +59,7 @@ pub fn edgefwd_xdp(ctx: XdpContext) -> u32 {
     let verdict = process(&ctx);
     if let Some(c) = EFWD_VERDICT_V3.get_ptr_mut(verdict as u32) {
         // Per-CPU slot: plain adds, no atomics needed.
+        // SAFETY: the per-CPU slot is only this CPU's, and the program is not preempted mid-run.
         unsafe {
             (*c).packets += 1;
             (*c).bytes += len;
@@ -72,12 +73,14 @@ fn process(ctx: &XdpContext) -> Verdict {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return Verdict::PassNotIp;
     };
+    // SAFETY: ptr_at checked that the Ethernet header lies inside the frame.
     let mut ether_type = u16::from_be(unsafe { (*eth).ether_type });
     let mut l3 = EthHdr::LEN;
     if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
         let Some(vlan) = ptr_at::<VlanHdr>(ctx, l3) else {
             return Verdict::PassNotIp;
         };
+        // SAFETY: ptr_at checked that the VLAN tag lies inside the frame.
         ether_type = u16::from_be(unsafe { (*vlan).ether_type });
         l3 += VlanHdr::LEN;
     }
@@ -122,6 +125,7 @@ fn ipv4(ctx: &XdpContext, l3: usize) -> Verdict {
         return Verdict::DropMalformedIp;
     };
     let base = ip as usize;
+    // SAFETY: ptr_at checked the 20-byte IPv4 header; nothing else refers to it meanwhile.
     let ip = unsafe { &mut *ip };
     let ihl = (ip.vihl & 0x0f) as usize * 4;
     if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
@@ -129,6 +133,7 @@ fn ipv4(ctx: &XdpContext, l3: usize) -> Verdict {
     }
     // Word loads of the 16-bit fields: network-types declares them as byte arrays,
     // which LLVM assembles from two byte loads.
+    // SAFETY: offset 2 is inside the checked 20-byte header.
     let tot_len = u16::from_be(unsafe { ld(base + 2) }) as usize;
     if tot_len < ihl || l3 + tot_len > frame_len(ctx) {
         return Verdict::DropMalformedIp;
@@ -137,18 +142,22 @@ fn ipv4(ctx: &XdpContext, l3: usize) -> Verdict {
         return Verdict::PassNotUdp;
     }
     // MF flag or a fragment offset: only the stack can reassemble.
+    // SAFETY: offset 6 is inside the checked 20-byte header.
     if unsafe { ld(base + 6) } & 0x3fffu16.to_be() != 0 {
         return Verdict::PassFragment;
     }
     let l4 = l3 + ihl;
     let mut slot = mem::MaybeUninit::<RouteKey4>::uninit();
     let key = slot.as_mut_ptr();
+    // SAFETY: `key` is this frame's own stack slot; offsets 12..20 are inside the checked header.
     unsafe {
         let k = key as usize;
         st32(k, ld32(base + 16));
         st32(k + 4, ld32(base + 12));
     }
+    // SAFETY: match_rtp fills every field of the key before any read (ports, SSRC; addresses above).
     let route = match match_rtp(ctx, l4, tot_len - ihl, unsafe { &mut *key }) {
+        // SAFETY: `r` points at a map value, which lives while the program runs.
         Ok(r) => unsafe { &*r },
         Err(o) => return o,
     };
@@ -185,6 +194,7 @@ fn ipv4(ctx: &XdpContext, l3: usize) -> Verdict {
     }
     let mut ipd = Delta::new();
     let mut l4d = Delta::new();
+    // SAFETY: offsets 8..20 are inside the checked 20-byte header; route fields are map memory.
     unsafe {
         // TTL shares its word with the protocol (offset 8); TTL is the byte at the
         // lower address, the low byte of a little-endian load, and is > 1 here, so
@@ -219,10 +229,12 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Verdict {
         return Verdict::DropMalformedIp;
     };
     let base = ip as usize;
+    // SAFETY: ptr_at checked the 40-byte IPv6 header; nothing else refers to it meanwhile.
     let ip = unsafe { &mut *ip };
     if ip.vcf[0] >> 4 != 6 {
         return Verdict::DropMalformedIp;
     }
+    // SAFETY: offset 4 is inside the checked 40-byte header.
     let payload_len = u16::from_be(unsafe { ld(base + 4) }) as usize;
     if l3 + Ipv6Hdr::LEN + payload_len > frame_len(ctx) {
         return Verdict::DropMalformedIp;
@@ -237,12 +249,15 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Verdict {
     let l4 = l3 + Ipv6Hdr::LEN;
     let mut slot = mem::MaybeUninit::<RouteKey>::uninit();
     let key = slot.as_mut_ptr();
+    // SAFETY: `key` is this frame's own stack slot; offsets 8..40 are inside the checked header.
     unsafe {
         let k = key as usize;
         copy_words32::<4>(k, base + 24);
         copy_words32::<4>(k + 16, base + 8);
     }
+    // SAFETY: match_rtp fills every field of the key before any read (ports, SSRC; addresses above).
     let route = match match_rtp(ctx, l4, payload_len, unsafe { &mut *key }) {
+        // SAFETY: `r` points at a map value, which lives while the program runs.
         Ok(r) => unsafe { &*r },
         Err(o) => return o,
     };
@@ -271,12 +286,14 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Verdict {
     let Some(udp) = ptr_at::<UdpHdr>(ctx, l4) else {
         return Verdict::DropMalformedUdp;
     };
+    // SAFETY: ptr_at checked that the UDP header lies inside the frame.
     if unsafe { (*udp).check } == [0, 0] {
         return Verdict::DropZeroUdpChecksumV6;
     }
     // IPv6 has no header checksum; the addresses feed the UDP pseudo-header.
     ip.hop_limit -= 1;
     let mut l4d = Delta::new();
+    // SAFETY: offsets 8..40 are inside the checked 40-byte header; route fields are map memory.
     unsafe {
         replace_words::<8>(base + 8, route.out_src_addr.as_ptr() as usize, &mut l4d);
         replace_words::<8>(base + 24, route.out_dst_addr.as_ptr() as usize, &mut l4d);
@@ -300,6 +317,7 @@ trait Key {
     #[inline(always)]
     fn listener(&self) -> ListenerKey {
         let mut k = mem::MaybeUninit::<ListenerKey>::uninit();
+        // SAFETY: every byte of the key is written below before assume_init.
         unsafe {
             let p = k.as_mut_ptr() as usize;
             self.put_addr(p, false);
@@ -312,6 +330,7 @@ trait Key {
     #[inline(always)]
     fn source(&self) -> SourceKey {
         let mut k = mem::MaybeUninit::<SourceKey>::uninit();
+        // SAFETY: every byte of the key is written below before assume_init.
         unsafe {
             let p = k.as_mut_ptr() as usize;
             self.put_addr(p, false);
@@ -331,6 +350,7 @@ macro_rules! key_tail {
         fn fill(&mut self, ports: u32, ssrc: u32) {
             // The UDP header's first word is source then destination port; the key
             // wants destination (listen) then source.
+            // SAFETY: the port fields are 2-byte arrays inside `self`.
             unsafe {
                 st(
                     self.listen_port_be.as_mut_ptr() as usize,
@@ -338,6 +358,7 @@ macro_rules! key_tail {
                 );
                 st(self.src_port_be.as_mut_ptr() as usize, ports as u16);
             }
+            // SAFETY: the SSRC field is a 4-byte array inside `self`.
             unsafe { st32(self.ssrc_be.as_mut_ptr() as usize, ssrc) };
         }
 
@@ -348,6 +369,7 @@ macro_rules! key_tail {
 
         #[inline(always)]
         fn ports(&self) -> (u16, u16) {
+            // SAFETY: the port fields are 2-byte arrays inside `self`.
             unsafe {
                 (
                     ld(self.listen_port_be.as_ptr() as usize),
@@ -368,6 +390,7 @@ impl Key for RouteKey4 {
         } else {
             &self.listen_addr
         };
+        // SAFETY: the caller passes 16 writable key bytes at `p`; `a` holds 16 bytes.
         unsafe { st_mapped(p, ld32(a.as_ptr() as usize)) };
     }
 }
@@ -382,6 +405,7 @@ impl Key for RouteKey {
         } else {
             &self.listen_addr
         };
+        // SAFETY: the caller passes 16 writable key bytes at `p`; `a` holds 16 bytes.
         unsafe { copy_words32::<4>(p, a.as_ptr() as usize) };
     }
 }
@@ -389,6 +413,7 @@ impl Key for RouteKey {
 /// ::ffff:a.b.c.d at `p`, a word at a time (LLVM makes array literals memset calls).
 #[inline(always)]
 unsafe fn st_mapped(p: usize, v4: u32) {
+    // SAFETY: the caller passes 16 writable bytes at `p`.
     unsafe {
         st32(p, 0);
         st32(p + 4, 0);
@@ -410,9 +435,11 @@ fn match_rtp<K: Key>(
     let Some(udp) = ptr_at::<UdpHdr>(ctx, l4) else {
         return Err(Verdict::DropMalformedUdp);
     };
+    // SAFETY: ptr_at checked that the UDP header lies inside the frame.
     let udp = unsafe { &*udp };
     let parsed = rtp_ssrc(ctx, l4, udp, ip_payload_len);
     key.fill(
+        // SAFETY: the first 4 bytes of the checked UDP header.
         unsafe { ld32(udp as *const UdpHdr as usize) },
         *parsed.as_ref().unwrap_or(&0),
     );
@@ -429,6 +456,7 @@ fn match_rtp<K: Key>(
 /// of the forwarding path's stack frame and registers.
 #[inline(never)]
 fn judge<K: Key>(key: &K, not_rtp: Option<Verdict>, queue: u32) -> Verdict {
+    // SAFETY: a map lookup; the value is only read while the program runs.
     let Some(listener) = (unsafe { EFWD_LISTEN_V1.get(&key.listener()) }) else {
         return Verdict::PassNotListener;
     };
@@ -470,6 +498,7 @@ fn steer<K: Key>(key: &K, not_rtp: Option<Verdict>, queue: u32) -> Verdict {
         None | Some(Verdict::PassRtcp) | Some(Verdict::DropMalformedRtp) => {}
         Some(v) => return v,
     }
+    // SAFETY: a map lookup whose value is only tested for presence.
     if unsafe { EFWD_PEERS_V1.get(&key.source()) }.is_none() {
         return Verdict::DropUnknownPeer;
     }
@@ -488,6 +517,7 @@ fn rtp_ssrc(
     udp: &UdpHdr,
     ip_payload_len: usize,
 ) -> Result<u32, Verdict> {
+    // SAFETY: offset 4 of the checked 8-byte UDP header.
     let udp_len = u16::from_be(unsafe { ld(udp as *const UdpHdr as usize + 4) }) as usize;
     if udp_len < UdpHdr::LEN || udp_len != ip_payload_len {
         return Err(Verdict::DropMalformedUdp);
@@ -497,6 +527,7 @@ fn rtp_ssrc(
     let Some(first) = ptr_at::<[u8; 2]>(ctx, rtp_off) else {
         return Err(Verdict::DropUnknownProtocol);
     };
+    // SAFETY: ptr_at checked these 2 bytes.
     let [b0, b1] = unsafe { *first };
     match classify(b0, b1) {
         Class::Stun => return Err(Verdict::PassStun),
@@ -520,6 +551,7 @@ fn rtp_ssrc(
         let Some(ext) = ptr_at::<[u8; 4]>(ctx, rtp_off + hlen) else {
             return Err(Verdict::DropMalformedRtp);
         };
+        // SAFETY: ptr_at checked the 4-byte extension header.
         let words = u16::from_be(unsafe { ld(ext as usize + 2) }) as usize;
         hlen += 4 + 4 * words;
         if hlen > rtp_len {
@@ -535,16 +567,19 @@ fn rtp_ssrc(
         let Some(tail) = ptr_at::<[u8; 2]>(ctx, tail_off) else {
             return Err(Verdict::DropMalformedRtp);
         };
+        // SAFETY: ptr_at checked these 2 bytes.
         let pad = unsafe { (*tail)[1] } as usize;
         if pad == 0 || hlen + pad > rtp_len {
             return Err(Verdict::DropMalformedRtp);
         }
     }
+    // SAFETY: offset 8 of the 12-byte RTP header ptr_at checked.
     Ok(unsafe { ld32(hdr as usize + 8) })
 }
 
 #[inline(always)]
 fn source_known(key: &SourceKey) -> bool {
+    // SAFETY: a map lookup whose value is only tested for presence.
     unsafe { EFWD_SOURCES_V1.get(key) }.is_some()
 }
 
@@ -572,6 +607,7 @@ fn finish(
     let data = eth as usize;
     let udp = udp as usize;
     let rtp = udp + UdpHdr::LEN;
+    // SAFETY: the UDP and RTP headers were bounds-checked by rtp_ssrc on this path.
     unsafe {
         // Ethernet: destination then source MAC, 3 words each, not checksummed.
         let mut unused = Delta::new();
@@ -626,6 +662,7 @@ fn finish(
     }
 
     if let Some(s) = EFWD_RSTATS_V1.get_ptr_mut(route.stats_slot) {
+        // SAFETY: the per-CPU slot is only this CPU's, and the program is not preempted mid-run.
         unsafe {
             (*s).packets += 1;
             (*s).bytes += frame_len(ctx) as u64;

@@ -28,11 +28,13 @@ pub(crate) fn frame_len(ctx: &XdpContext) -> usize {
 /// (byte access made LLVM spill past the 512-byte stack).
 #[inline(always)]
 pub(crate) unsafe fn ld(p: usize) -> u16 {
+    // SAFETY: the caller checked 2 readable bytes at `p` (packet or map memory).
     unsafe { (p as *const u16).read() }
 }
 
 #[inline(always)]
 pub(crate) unsafe fn st(p: usize, v: u16) {
+    // SAFETY: the caller checked 2 writable bytes at `p`.
     unsafe { (p as *mut u16).write(v) }
 }
 
@@ -40,11 +42,13 @@ pub(crate) unsafe fn st(p: usize, v: u16) {
 /// loads, and the verifier only enforces alignment on architectures that need it.
 #[inline(always)]
 pub(crate) unsafe fn ld32(p: usize) -> u32 {
+    // SAFETY: the caller checked 4 readable bytes at `p`.
     unsafe { (p as *const u32).read() }
 }
 
 #[inline(always)]
 pub(crate) unsafe fn st32(p: usize, v: u32) {
+    // SAFETY: the caller checked 4 writable bytes at `p`.
     unsafe { (p as *mut u32).write(v) }
 }
 
@@ -52,6 +56,7 @@ pub(crate) unsafe fn st32(p: usize, v: u32) {
 pub(crate) unsafe fn copy_words32<const N: usize>(dst: usize, src: usize) {
     let mut i = 0;
     while i < N {
+        // SAFETY: the caller checked 4 * N bytes at both `dst` and `src`.
         unsafe { st32(dst + 4 * i, ld32(src + 4 * i)) };
         i += 1;
     }
@@ -62,6 +67,7 @@ pub(crate) unsafe fn copy_words32<const N: usize>(dst: usize, src: usize) {
 pub(crate) unsafe fn replace_words<const N: usize>(dst: usize, src: usize, d: &mut Delta) {
     let mut i = 0;
     while i < N {
+        // SAFETY: the caller checked 2 * N bytes at both `dst` and `src`.
         unsafe {
             let old = ld(dst + 2 * i);
             let new = ld(src + 2 * i);

@@ -31,6 +31,7 @@ pub fn edgefwd_pass(_ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn edgefwd_drop(ctx: XdpContext) -> u32 {
     if let Some(c) = EFWD_SINK_V1.get_ptr_mut(0) {
+        // SAFETY: the per-CPU slot is only this CPU's, and the program is not preempted.
         unsafe {
             (*c).packets += 1;
             (*c).bytes += frame_len(&ctx) as u64;
@@ -129,6 +130,7 @@ pub fn edgefwd_gen(ctx: XdpContext) -> u32 {
     let (src, dst) = (tpl as *const _ as *const u64, dst as *mut u64);
     let mut i = 0;
     while i < GEN_TEMPLATE_LEN / 8 {
+        // SAFETY: both are GEN_TEMPLATE_LEN bytes (map value; frame checked by ptr_at).
         unsafe { dst.add(i).write_volatile(src.add(i).read_volatile()) };
         i += 1;
     }

@@ -252,6 +252,23 @@ pub fn output_within(cmd: &mut Command, limit: std::time::Duration) -> std::proc
     }
 }
 
+const CHART_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+/// Registers the benchmark charts' font ("sans-serif"), read from its file: plotters
+/// renders text through ab_glyph, without fontconfig.
+pub fn register_chart_font() -> Result<(), Box<dyn std::error::Error>> {
+    let font = std::fs::read(CHART_FONT).map_err(|e| {
+        format!("{CHART_FONT}: {e}; install fonts-dejavu-core (cargo xtask setup does)")
+    })?;
+    plotters::style::register_font(
+        "sans-serif",
+        plotters::style::FontStyle::Normal,
+        Box::leak(font.into()),
+    )
+    .map_err(|_| "registering the chart font failed")?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

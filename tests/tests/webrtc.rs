@@ -306,17 +306,7 @@ fn aiortc_and_chromium_interoperate_through_the_sfu() {
 
     // Chromium publishes, aiortc watches.
     let room = unique("c2a");
-    let mut publisher = node(
-        None,
-        &[
-            "--base", &sfu.base, "--room", &room, "--codec", "VP8", "--role", "publish", "--hold",
-            "25",
-        ],
-    )
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped())
-    .spawn()
-    .unwrap();
+    let mut publisher = chromium_publisher(None, &sfu.base, &room, 25);
     wait_for_publisher(&sfu.base, &room);
     let out = Command::new(&py)
         .arg(&client)
@@ -359,6 +349,26 @@ fn aiortc_and_chromium_interoperate_through_the_sfu() {
     // Sessions ended by DELETE (aiortc, the watchers) and by consent expiry (the
     // killed publishers).
     assert_idle_after_sessions_end(&sfu);
+}
+
+/// Chromium publishing VP8 into `room` for `hold` seconds, in the background.
+fn chromium_publisher(
+    ns: Option<&NetNs>,
+    base: &str,
+    room: &str,
+    hold: u32,
+) -> std::process::Child {
+    let hold = hold.to_string();
+    node(
+        ns,
+        &[
+            "--base", base, "--room", room, "--codec", "VP8", "--role", "publish", "--hold", &hold,
+        ],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap()
 }
 
 fn wait_for_publisher(base: &str, room: &str) {
@@ -869,17 +879,7 @@ fn chromium_and_aiortc_through_af_xdp_and_through_the_forced_socket_path() {
         }
         // Chromium publishes, aiortc watches.
         let room = unique("xska");
-        let mut publisher = node(
-            Some(&t.publisher),
-            &[
-                "--base", &sfu.base, "--room", &room, "--codec", "VP8", "--role", "publish",
-                "--hold", "25",
-            ],
-        )
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+        let mut publisher = chromium_publisher(Some(&t.publisher), &sfu.base, &room, 25);
         {
             let (base, room) = (sfu.base.clone(), room.clone());
             t.forwarder.run(move || wait_for_publisher(&base, &room));
@@ -1038,17 +1038,7 @@ fn forged_replayed_and_truncated_srtp_in_a_live_session_are_dropped_by_reason() 
     let pin = PinDir::new();
     let sfu = start_xdp_sfu(&t, &pin, "auto");
     let room = unique("inject");
-    let mut publisher = node(
-        Some(&t.publisher),
-        &[
-            "--base", &sfu.base, "--room", &room, "--codec", "VP8", "--role", "publish", "--hold",
-            "20",
-        ],
-    )
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped())
-    .spawn()
-    .unwrap();
+    let mut publisher = chromium_publisher(Some(&t.publisher), &sfu.base, &room, 20);
     {
         let (base, room) = (sfu.base.clone(), room.clone());
         t.forwarder.run(move || wait_for_publisher(&base, &room));

@@ -73,13 +73,7 @@ pub fn load_sized(pin_dir: &Path, counters: Counters, sizes: &[(&str, u32)]) -> 
             pin_dir.display()
         )
     })?;
-    for (name, prog) in ebpf.programs_mut() {
-        let prog: &mut Xdp = prog
-            .try_into()
-            .with_context(|| format!("{name} is not an XDP program"))?;
-        prog.load()
-            .with_context(|| format!("the verifier rejected {name}"))?;
-    }
+    load_programs(&mut ebpf)?;
     Ok(ebpf)
 }
 
@@ -92,6 +86,12 @@ pub fn load_tools() -> Result<Ebpf> {
     let mut ebpf = EbpfLoader::new()
         .load(EBPF_TOOLS_OBJECT)
         .context("loading the test/benchmark XDP object")?;
+    load_programs(&mut ebpf)?;
+    Ok(ebpf)
+}
+
+/// Loads every program of an object into the kernel (each an XDP program).
+fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
     for (name, prog) in ebpf.programs_mut() {
         let prog: &mut Xdp = prog
             .try_into()
@@ -99,7 +99,7 @@ pub fn load_tools() -> Result<Ebpf> {
         prog.load()
             .with_context(|| format!("the verifier rejected {name}"))?;
     }
-    Ok(ebpf)
+    Ok(())
 }
 
 /// The layout of a map as the kernel sees it.

@@ -409,9 +409,9 @@ impl Engine {
             Err(e) => return c.count(Drop::from_srtp(e)),
         };
         let plain = &pkt[..n];
-        if rtp::validate(plain).is_err() {
+        let Ok(hlen) = rtp::validate(plain) else {
             return c.count(Drop::RtpMalformed);
-        }
+        };
         let (pt, seq) = (plain[1] & 0x7f, u16::from_be_bytes([plain[2], plain[3]]));
         let ts = u32::from_be_bytes([plain[4], plain[5], plain[6], plain[7]]);
         let ssrc = u32::from_be_bytes([plain[8], plain[9], plain[10], plain[11]]);
@@ -454,7 +454,6 @@ impl Engine {
             *slot = Some((seq, buf));
         }
         let sessions = &mut self.sessions;
-        let hlen = rtp::header_len(plain).expect("validated");
         for d in &mut t.downs {
             let Some(sub) = sessions.get_mut(&d.sub) else {
                 continue;
@@ -804,6 +803,21 @@ mod tests {
             }
         }
 
+        /// Publisher 1, connected, sending track 10 (90 kHz video or 48 kHz audio).
+        fn publisher(&mut self, profile: Profile, kind: Kind, pt: u8, ssrc: Option<u32>) -> Peer {
+            let p = self.peer(1, Role::Publisher, profile);
+            let clock_rate = if kind == Kind::Video { 90_000 } else { 48_000 };
+            self.cmd(Command::AddTrack {
+                id: 10,
+                session: 1,
+                kind,
+                pt,
+                clock_rate,
+                ssrc,
+            });
+            p
+        }
+
         fn peer(&mut self, id: SessionId, role: Role, profile: Profile) -> Peer {
             self.add(id, role);
             self.connect(id, profile)
@@ -882,15 +896,7 @@ mod tests {
     #[test]
     fn fan_out_to_n_subscribers_with_their_own_keys_and_rewrite() {
         let mut f = Fixture::new();
-        let mut publisher = f.peer(1, Role::Publisher, Profile::AeadAes128Gcm);
-        f.cmd(Command::AddTrack {
-            id: 10,
-            session: 1,
-            kind: Kind::Video,
-            pt: 96,
-            clock_rate: 90_000,
-            ssrc: Some(0xaaaa),
-        });
+        let mut publisher = f.publisher(Profile::AeadAes128Gcm, Kind::Video, 96, Some(0xaaaa));
         let n = 25u32;
         let mut subs: Vec<Peer> = (0..n)
             .map(|i| {
@@ -960,15 +966,7 @@ mod tests {
     #[test]
     fn bad_srtp_is_dropped_and_counted_by_reason() {
         let mut f = Fixture::new();
-        let mut publisher = f.peer(1, Role::Publisher, Profile::AesCm128HmacSha1_80);
-        f.cmd(Command::AddTrack {
-            id: 10,
-            session: 1,
-            kind: Kind::Audio,
-            pt: 111,
-            clock_rate: 48_000,
-            ssrc: None,
-        });
+        let mut publisher = f.publisher(Profile::AesCm128HmacSha1_80, Kind::Audio, 111, None);
         let down = Command::AddDownTrack {
             track: 10,
             sub: 2,
@@ -1026,15 +1024,7 @@ mod tests {
     #[test]
     fn nack_from_cache_and_the_rest_from_the_publisher() {
         let mut f = Fixture::new();
-        let mut publisher = f.peer(1, Role::Publisher, Profile::AeadAes128Gcm);
-        f.cmd(Command::AddTrack {
-            id: 10,
-            session: 1,
-            kind: Kind::Video,
-            pt: 96,
-            clock_rate: 90_000,
-            ssrc: Some(0xaaaa),
-        });
+        let mut publisher = f.publisher(Profile::AeadAes128Gcm, Kind::Video, 96, Some(0xaaaa));
         let down = Command::AddDownTrack {
             track: 10,
             sub: 2,
@@ -1082,15 +1072,7 @@ mod tests {
     #[test]
     fn keyframe_requests_are_throttled_per_track() {
         let mut f = Fixture::new();
-        let mut publisher = f.peer(1, Role::Publisher, Profile::AeadAes128Gcm);
-        f.cmd(Command::AddTrack {
-            id: 10,
-            session: 1,
-            kind: Kind::Video,
-            pt: 96,
-            clock_rate: 90_000,
-            ssrc: Some(0xaaaa),
-        });
+        let mut publisher = f.publisher(Profile::AeadAes128Gcm, Kind::Video, 96, Some(0xaaaa));
         let mut subs: Vec<Peer> = (2..6)
             .map(|i| {
                 let down = Command::AddDownTrack {
@@ -1124,15 +1106,7 @@ mod tests {
     #[test]
     fn rekey_replaces_the_contexts() {
         let mut f = Fixture::new();
-        let mut publisher = f.peer(1, Role::Publisher, Profile::AeadAes128Gcm);
-        f.cmd(Command::AddTrack {
-            id: 10,
-            session: 1,
-            kind: Kind::Audio,
-            pt: 111,
-            clock_rate: 48_000,
-            ssrc: Some(5),
-        });
+        let mut publisher = f.publisher(Profile::AeadAes128Gcm, Kind::Audio, 111, Some(5));
         let down = Command::AddDownTrack {
             track: 10,
             sub: 2,
@@ -1172,15 +1146,7 @@ mod tests {
     #[test]
     fn reports_and_a_full_sink() {
         let mut f = Fixture::new();
-        let mut publisher = f.peer(1, Role::Publisher, Profile::AeadAes128Gcm);
-        f.cmd(Command::AddTrack {
-            id: 10,
-            session: 1,
-            kind: Kind::Audio,
-            pt: 111,
-            clock_rate: 48_000,
-            ssrc: Some(5),
-        });
+        let mut publisher = f.publisher(Profile::AeadAes128Gcm, Kind::Audio, 111, Some(5));
         let down = Command::AddDownTrack {
             track: 10,
             sub: 2,
@@ -1225,15 +1191,7 @@ mod tests {
     #[test]
     fn sessions_leaving() {
         let mut f = Fixture::new();
-        let mut publisher = f.peer(1, Role::Publisher, Profile::AeadAes128Gcm);
-        f.cmd(Command::AddTrack {
-            id: 10,
-            session: 1,
-            kind: Kind::Audio,
-            pt: 111,
-            clock_rate: 48_000,
-            ssrc: Some(5),
-        });
+        let mut publisher = f.publisher(Profile::AeadAes128Gcm, Kind::Audio, 111, Some(5));
         for id in [2, 3] {
             let down = Command::AddDownTrack {
                 track: 10,

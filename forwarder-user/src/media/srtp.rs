@@ -237,6 +237,29 @@ impl Transform {
         t
     }
 
+    /// RFC 7714 §8.1: SRTP's nonce tail, ROC || SEQ.
+    fn rtp_tail(roc: u32, seq: u16) -> [u8; 6] {
+        let mut t = [0u8; 6];
+        t[..4].copy_from_slice(&roc.to_be_bytes());
+        t[4..].copy_from_slice(&seq.to_be_bytes());
+        t
+    }
+
+    /// RFC 7714 §9.1: SRTCP's nonce tail, 00 00 || 0 || index.
+    fn rtcp_tail(index: u32) -> [u8; 6] {
+        let mut t = [0u8; 6];
+        t[2..].copy_from_slice(&index.to_be_bytes());
+        t
+    }
+
+    /// RFC 7714 §17: SRTCP's AAD, the 8-byte header || E || index.
+    fn rtcp_aad(header: &[u8], word: [u8; 4]) -> [u8; RTCP_HEADER_LEN + 4] {
+        let mut aad = [0u8; RTCP_HEADER_LEN + 4];
+        aad[..RTCP_HEADER_LEN].copy_from_slice(&header[..RTCP_HEADER_LEN]);
+        aad[RTCP_HEADER_LEN..].copy_from_slice(&word);
+        aad
+    }
+
     /// RFC 7714 §8.1: (00 00 || SSRC || ROC || SEQ) ⊕ salt; §9.1 for SRTCP:
     /// (00 00 || SSRC || 00 00 || 0 || index) ⊕ salt.
     fn gcm_nonce(salt: &[u8; 12], ssrc: u32, tail: [u8; 6]) -> aead::Nonce {
@@ -400,10 +423,7 @@ impl Context {
                 buf[len..len + tag_len].copy_from_slice(&tag);
             }
             Transform::Gcm { aead, salt } => {
-                let mut tail = [0u8; 6];
-                tail[..4].copy_from_slice(&roc.to_be_bytes());
-                tail[4..].copy_from_slice(&seq.to_be_bytes());
-                let nonce = Transform::gcm_nonce(salt, ssrc, tail);
+                let nonce = Transform::gcm_nonce(salt, ssrc, Transform::rtp_tail(roc, seq));
                 let (head, rest) = buf.split_at_mut(hlen);
                 let tag = aead
                     .seal_in_place_separate_tag(
@@ -428,16 +448,22 @@ impl Context {
         let len = buf.len() - tag_len;
         let hlen = rtp::header_len(&buf[..len]).map_err(|_| Error::Truncated)?;
         let (seq, ssrc) = rtp_ids(buf);
-        let known = self.rtp_streams.get(&ssrc);
-        let index = match known {
+        // One stream lookup per packet: the window found here is updated below.
+        let Context {
+            rtp: transform,
+            rtp_streams,
+            ..
+        } = self;
+        let known = rtp_streams.get_mut(&ssrc);
+        let index = match known.as_deref() {
             Some(w) if w.started => estimate_index(w.highest, seq).ok_or(Error::Replay)?,
             _ => seq as u64,
         };
-        if let Some(w) = known {
+        if let Some(w) = known.as_deref() {
             w.check(index)?;
         }
         let roc = (index >> 16) as u32;
-        match &self.rtp {
+        match transform {
             Transform::Cm { ctr, auth, salt } => {
                 let tag = Transform::cm_tag(auth, &[&buf[..len], &roc.to_be_bytes()]);
                 constant_time::verify_slices_are_equal(&tag, &buf[len..])
@@ -445,16 +471,16 @@ impl Context {
                 Transform::cm_crypt(ctr, salt, ssrc, index, &mut buf[hlen..len]);
             }
             Transform::Gcm { aead, salt } => {
-                let mut tail = [0u8; 6];
-                tail[..4].copy_from_slice(&roc.to_be_bytes());
-                tail[4..].copy_from_slice(&seq.to_be_bytes());
-                let nonce = Transform::gcm_nonce(salt, ssrc, tail);
+                let nonce = Transform::gcm_nonce(salt, ssrc, Transform::rtp_tail(roc, seq));
                 let (head, rest) = buf.split_at_mut(hlen);
                 aead.open_in_place(nonce, aead::Aad::from(&*head), rest)
                     .map_err(|_| Error::Auth)?;
             }
         }
-        Self::stream(&mut self.rtp_streams, ssrc)?.accept(index);
+        match known {
+            Some(w) => w.accept(index),
+            None => Self::stream(rtp_streams, ssrc)?.accept(index),
+        }
         Ok(len)
     }
 
@@ -486,12 +512,8 @@ impl Context {
                 buf[len + 4..len + over].copy_from_slice(&tag);
             }
             Transform::Gcm { aead, salt } => {
-                let mut tail = [0u8; 6];
-                tail[2..].copy_from_slice(&index.to_be_bytes());
-                let nonce = Transform::gcm_nonce(salt, ssrc, tail);
-                let mut aad = [0u8; RTCP_HEADER_LEN + 4];
-                aad[..RTCP_HEADER_LEN].copy_from_slice(&buf[..RTCP_HEADER_LEN]);
-                aad[RTCP_HEADER_LEN..].copy_from_slice(&word);
+                let nonce = Transform::gcm_nonce(salt, ssrc, Transform::rtcp_tail(index));
+                let aad = Transform::rtcp_aad(buf, word);
                 let tag = aead
                     .seal_in_place_separate_tag(
                         nonce,
@@ -542,12 +564,8 @@ impl Context {
                 );
             }
             Transform::Gcm { aead, salt } => {
-                let mut tail = [0u8; 6];
-                tail[2..].copy_from_slice(&index.to_be_bytes());
-                let nonce = Transform::gcm_nonce(salt, ssrc, tail);
-                let mut aad = [0u8; RTCP_HEADER_LEN + 4];
-                aad[..RTCP_HEADER_LEN].copy_from_slice(&buf[..RTCP_HEADER_LEN]);
-                aad[RTCP_HEADER_LEN..].copy_from_slice(&word.to_be_bytes());
+                let nonce = Transform::gcm_nonce(salt, ssrc, Transform::rtcp_tail(index));
+                let aad = Transform::rtcp_aad(buf, word.to_be_bytes());
                 let end = buf.len() - 4;
                 aead.open_in_place(nonce, aead::Aad::from(aad), &mut buf[RTCP_HEADER_LEN..end])
                     .map_err(|_| Error::Auth)?;

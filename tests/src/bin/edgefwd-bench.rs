@@ -1272,14 +1272,9 @@ fn machine() -> String {
     )
 }
 
-const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
-
 fn chart(path: &Path, rows: &[Row]) -> Result<(), Box<dyn std::error::Error>> {
     use plotters::prelude::*;
-    let font = std::fs::read(FONT)
-        .map_err(|e| format!("{FONT}: {e}; install fonts-dejavu-core (cargo xtask setup does)"))?;
-    plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(font.into()))
-        .map_err(|_| "registering the chart font failed")?;
+    edgefwd_tests::register_chart_font()?;
     let labels: Vec<String> = rows
         .iter()
         .map(|r| {

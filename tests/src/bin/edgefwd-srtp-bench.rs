@@ -21,14 +21,17 @@ use std::{
 };
 
 use edgefwd::{
-    datapath::{socket::SocketTx, xsk::XskQueue},
+    datapath::{
+        socket::SocketTx,
+        xsk::{XskQueue, pin_to_cpu},
+    },
     media::{
         Counters, Kind, Transmit,
         engine::{Command, Engine, Role},
         srtp::{Context, MasterKey, Profile},
     },
 };
-use edgefwd_tests::netns::NetNs;
+use edgefwd_tests::{netns::NetNs, pkt::Rtp};
 
 const WORKER_CPU: usize = 1;
 const PAYLOAD: usize = 1200;
@@ -63,16 +66,6 @@ struct CryptoRow {
     ns_per_packet: f64,
 }
 
-fn set_affinity(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes inside it.
-    let ok = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
-    };
-    assert!(ok, "pinning to CPU {cpu} failed");
-}
-
 fn key(profile: Profile, b: u8) -> MasterKey {
     MasterKey::new(
         profile,
@@ -82,13 +75,9 @@ fn key(profile: Profile, b: u8) -> MasterKey {
     .unwrap()
 }
 
+/// A 1,200-byte RTP packet (the tests' own packet builder).
 fn rtp(seq: u16, ssrc: u32) -> Vec<u8> {
-    let mut p = vec![0x80, 96];
-    p.extend_from_slice(&seq.to_be_bytes());
-    p.extend_from_slice(&(seq as u32 * 3000).to_be_bytes());
-    p.extend_from_slice(&ssrc.to_be_bytes());
-    p.resize(PAYLOAD, 0xab);
-    p
+    Rtp::new(ssrc, seq, seq as u32 * 3000, PAYLOAD - 12).bytes()
 }
 
 /// ns per protect of a 1,200-byte RTP packet, over `seconds`.
@@ -339,7 +328,7 @@ fn drive<T: Transmit>(
 fn fanout(v: &Rig, path: Path, profile: Profile, n: usize, seconds: f64) -> Row {
     let before = sink_count(v);
     let (copies, ns) = v.ns.run(move || {
-        set_affinity(WORKER_CPU);
+        pin_to_cpu(WORKER_CPU);
         let (mut e, mut src, from) = engine(n, profile);
         let local: SocketAddr = format!("{W_ADDR}:4000").parse().unwrap();
         match path {
@@ -401,7 +390,7 @@ fn main() {
         }
     }
     edgefwd_tests::require_root();
-    set_affinity(WORKER_CPU);
+    pin_to_cpu(WORKER_CPU);
     if let Some(spec) = one {
         let parts: Vec<&str> = spec.split(',').collect();
         let path = if parts[0] == "xsk" {
@@ -523,14 +512,9 @@ fn save(dir: &std::path::Path, crypto: &[CryptoRow], rows: &[Row], summary: &[se
     println!("saved {0}/srtp.{{csv,json,png}}", dir.display());
 }
 
-const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
-
 fn chart(path: &std::path::Path, rows: &[Row]) -> Result<(), Box<dyn std::error::Error>> {
     use plotters::prelude::*;
-    let font = std::fs::read(FONT)
-        .map_err(|e| format!("{FONT}: {e}; install fonts-dejavu-core (cargo xtask setup does)"))?;
-    plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(font.into()))
-        .map_err(|_| "registering the chart font failed")?;
+    edgefwd_tests::register_chart_font()?;
     let max = rows
         .iter()
         .map(|r| r.copies_per_sec / 1e6)
