@@ -7,6 +7,7 @@ use anyhow::{Context as _, Result, bail};
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
 pub fn require_root() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!(
             "edgefwd needs root (CAP_BPF, CAP_NET_ADMIN) to load XDP programs and open pinned \
@@ -24,8 +25,10 @@ pub fn require_bpffs(pin_dir: &Path) -> Result<()> {
         .skip(1)
         .find(|p| p.exists())
         .unwrap_or(Path::new("/"));
+    // SAFETY: statfs is plain C data; all zeroes is a valid value.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     let c = std::ffi::CString::new(parent.as_os_str().as_encoded_bytes())?;
+    // SAFETY: `c` is a NUL-terminated path and `st` a valid out-parameter for the call.
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 || st.f_type as i64 != BPF_FS_MAGIC {
         bail!(
             "{} is not on a bpf filesystem, so maps cannot be pinned: mount one with \
@@ -43,6 +46,7 @@ pub fn require_bpffs(pin_dir: &Path) -> Result<()> {
 
 pub fn ifindex(iface: &str) -> Result<u32> {
     let c = std::ffi::CString::new(iface)?;
+    // SAFETY: `c` is a NUL-terminated interface name.
     let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
     if idx == 0 {
         bail!(
@@ -55,20 +59,25 @@ pub fn ifindex(iface: &str) -> Result<u32> {
 
 pub fn ifname(ifindex: u32) -> Option<String> {
     let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `buf` holds IF_NAMESIZE bytes, as if_indextoname requires.
     let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
     if p.is_null() {
         return None;
     }
+    // SAFETY: if_indextoname succeeded (checked above), so `buf` holds a NUL-terminated name.
     let s = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
     Some(s.to_string_lossy().into_owned())
 }
 
 /// Kernel (major, minor) from uname.
 pub fn kernel_version() -> Option<(u32, u32)> {
+    // SAFETY: utsname is plain C data; all zeroes is a valid value.
     let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `u` is a valid out-parameter for the call.
     if unsafe { libc::uname(&mut u) } != 0 {
         return None;
     }
+    // SAFETY: uname succeeded (checked above), so `release` is NUL-terminated.
     let rel = unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) }.to_string_lossy();
     let mut it = rel.split(|c: char| !c.is_ascii_digit());
     Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
