@@ -11,6 +11,7 @@
 pub mod addr;
 pub mod csum;
 pub mod egress;
+pub mod fanout;
 pub mod ifmac;
 pub mod listeners;
 pub mod peers;
@@ -26,6 +27,8 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/edgefwd";
 
 /// Name of the forwarding XDP program in the object file.
 pub const PROG_FORWARD: &str = "edgefwd_xdp";
+/// Name of the TC replicator (clsact ingress): sends every copy of a fan-out stream.
+pub const PROG_FANOUT: &str = "edgefwd_fanout";
 /// Name of a pass-everything XDP program: a veth peer needs an XDP program of its own
 /// for XDP_TX/REDIRECT frames to arrive, and tests/benchmarks attach this one there.
 pub const PROG_PASS: &str = "edgefwd_pass";

@@ -1,8 +1,9 @@
-//! `EFWD_ROUTES6_V2` (V2: the egress VLAN tag in [`RouteValue`]): hash map, [`RouteKey`] → [`RouteValue`], the IPv6 routes; and
-//! [`RouteValue`], shared with the IPv4 routes (`EFWD_ROUTES4_V2`, [`crate::routes4`]).
+//! `EFWD_ROUTES6_V3` (V3: the fan-out range in [`RouteValue`]): hash map, [`RouteKey`] → [`RouteValue`], the IPv6 routes; and
+//! [`RouteValue`], shared with the IPv4 routes (`EFWD_ROUTES4_V3`, [`crate::routes4`])
+//! and with the copies of a fan-out (`EFWD_COPIES_V1`, [`crate::fanout`]).
 //! One entry per forwarded stream: RTP with this SSRC, arriving on this listener from
-//! this source, goes to one destination with its headers rewritten. Fan-out (1→N) will
-//! key a destination list off the same key; `flags` leaves room for route kinds.
+//! this source, goes to one destination with its headers rewritten (XDP), or, with
+//! [`FLAG_FANOUT`], to every copy of a published copy list (the TC replicator).
 //!
 //! [`RouteKey`] is also how userspace names any route (IPv4 as v4-mapped addresses);
 //! the route writer stores IPv4 routes under the 16-byte [`crate::routes4::RouteKey4`],
@@ -10,7 +11,7 @@
 
 use crate::assert_size;
 
-pub const MAP_NAME: &str = "EFWD_ROUTES6_V2";
+pub const MAP_NAME: &str = "EFWD_ROUTES6_V3";
 /// Per family; also the size of the per-route statistics array (`stats_slot` < this),
 /// whose slots both families share.
 pub const MAX_ROUTES: u32 = 65_536;
@@ -50,6 +51,11 @@ pub const FLAG_IPV6: u32 = 1 << 1;
 /// The copy leaves with an 802.1Q tag of `vlan_tci_be`; without this flag it leaves
 /// untagged. The route decides the egress encapsulation, never the ingress frame.
 pub const FLAG_VLAN: u32 = 1 << 2;
+/// A stream with more than one copy: `fanout_first..fanout_first + fanout_count` in
+/// `EFWD_COPIES_V1` are its copies, and the rewrite fields of this value are unused.
+/// XDP validates the packet and hands it to the TC replicator; `stats_slot` counts
+/// the stream's incoming packets, each copy counts in its own slot.
+pub const FLAG_FANOUT: u32 = 1 << 3;
 
 /// Where and how the copy goes.
 #[repr(C)]
@@ -78,8 +84,12 @@ pub struct RouteValue {
     /// The egress 802.1Q tag control (PCP, DEI, VLAN id) with [`FLAG_VLAN`].
     pub vlan_tci_be: [u8; 2],
     pub _pad: [u8; 2],
+    /// With [`FLAG_FANOUT`]: the first copy's index in `EFWD_COPIES_V1`.
+    pub fanout_first: u32,
+    /// With [`FLAG_FANOUT`]: how many copies (2..=[`crate::fanout::MAX_COPIES`]).
+    pub fanout_count: u32,
 }
-assert_size!(RouteValue, 76);
+assert_size!(RouteValue, 84);
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for RouteKey {}

@@ -1,11 +1,11 @@
-//! `EFWD_ROUTES4_V2`: hash map, [`RouteKey4`] → [`crate::routes::RouteValue`], the IPv4
+//! `EFWD_ROUTES4_V3`: hash map, [`RouteKey4`] → [`crate::routes::RouteValue`], the IPv4
 //! routes. Same meaning as the IPv6 map, with a 16-byte key instead of 40: the kernel
 //! hashes and compares the whole key on every packet, and on this path that was a
 //! measurable share of the program's cost (see the benchmark's program-alone figures).
 
 use crate::{addr::v4_mapped, assert_size, routes::RouteKey};
 
-pub const MAP_NAME: &str = "EFWD_ROUTES4_V2";
+pub const MAP_NAME: &str = "EFWD_ROUTES4_V3";
 
 // align(4): the XDP program builds the key a word at a time.
 #[repr(C, align(4))]

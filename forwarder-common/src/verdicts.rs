@@ -1,11 +1,11 @@
-//! `EFWD_VERDICT_V3` (V3: 30 verdicts): per-CPU array indexed by [`Verdict`]. Every packet the XDP program
+//! `EFWD_VERDICT_V4` (V4: 32 verdicts): per-CPU array indexed by [`Verdict`]. Every packet the XDP program
 //! sees is counted exactly once, under the reason for what it did with it. The index is
 //! the enum discriminant; userspace gets names from [`Verdict::name`], never from
 //! positions.
 
 use crate::assert_size;
 
-pub const MAP_NAME: &str = "EFWD_VERDICT_V3";
+pub const MAP_NAME: &str = "EFWD_VERDICT_V4";
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -85,9 +85,11 @@ verdicts! {
     ForwardXsk = 27, "forward_xsk", Forward, "SRTP/SRTCP of a bound WebRTC peer, steered to the AF_XDP worker of its queue";
     PassNoWorker = 28, "pass_no_worker", Pass, "SRTP/SRTCP of a bound WebRTC peer on a queue with no AF_XDP worker: to the socket path";
     DropUnknownPeer = 29, "drop_unknown_peer", Drop, "SRTP/SRTCP on the WebRTC port from an address ICE has not bound to a session";
+    ForwardFanout = 30, "forward_fanout", Forward, "RTP of a stream with several copies, validated and handed to the TC replicator (XDP_PASS with metadata); its copies are counted in the copy verdicts";
+    DropFanoutNoMeta = 31, "drop_fanout_no_meta", Drop, "RTP of a fan-out stream on a driver that keeps no XDP metadata (attach in generic mode there)";
 }
 
-pub const NUM_VERDICTS: u32 = 30;
+pub const NUM_VERDICTS: u32 = 32;
 const _: () = assert!(Verdict::ALL.len() as u32 == NUM_VERDICTS);
 
 #[cfg(test)]

@@ -6,20 +6,25 @@
 #![no_std]
 #![no_main]
 
+mod fanout;
 mod maps;
 mod packet;
 
 use core::mem;
 
 use aya_ebpf::{
-    bindings::xdp_action, helpers::bpf_xdp_adjust_head, macros::xdp, programs::XdpContext,
+    bindings::xdp_action,
+    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_meta},
+    macros::xdp,
+    programs::XdpContext,
 };
 use aya_log_ebpf::warn;
 use forwarder_common::{
     csum::Delta,
     ifmac::IFMAC_SET,
     listeners::{FLAG_DROP_NO_ROUTE, FLAG_DROP_UNKNOWN_SOURCE, FLAG_WEBRTC, ListenerKey},
-    routes::{FLAG_IPV6, FLAG_REWRITE_PT, FLAG_VLAN, RouteKey, RouteValue},
+    fanout::{FANOUT_MAGIC, FanoutMeta, META_IPV6, META_VLAN},
+    routes::{FLAG_FANOUT, FLAG_IPV6, FLAG_REWRITE_PT, FLAG_VLAN, RouteKey, RouteValue},
     routes4::RouteKey4,
     rtp::{Class, MAX_RTP_LEN, RTP_FIXED_HEADER_LEN, classify},
     sources::SourceKey,
@@ -45,6 +50,8 @@ const IPPROTO_UDP: u8 = 17;
 #[inline(always)]
 fn xdp_action_of(v: Verdict) -> u32 {
     match v.action() {
+        // Up to the TC replicator, with the copy list in the metadata.
+        Action::Forward if matches!(v, Verdict::ForwardFanout) => xdp_action::XDP_PASS,
         Action::Pass => xdp_action::XDP_PASS,
         Action::Drop => xdp_action::XDP_DROP,
         Action::Forward if matches!(v, Verdict::ForwardTx) => xdp_action::XDP_TX,
@@ -57,7 +64,7 @@ fn xdp_action_of(v: Verdict) -> u32 {
 pub fn edgefwd_xdp(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
     let verdict = process(&ctx);
-    if let Some(c) = EFWD_VERDICT_V3.get_ptr_mut(verdict as u32) {
+    if let Some(c) = EFWD_VERDICT_V4.get_ptr_mut(verdict as u32) {
         // Per-CPU slot: plain adds, no atomics needed.
         // SAFETY: the per-CPU slot is only this CPU's, and the program is not preempted mid-run.
         unsafe {
@@ -192,6 +199,9 @@ fn ipv4(ctx: &XdpContext, l3: usize) -> Verdict {
     if ip.ttl <= 1 {
         return Verdict::DropTtlExceeded;
     }
+    if route.flags & FLAG_FANOUT != 0 {
+        return handoff(ctx, route, if l3 != EthHdr::LEN { META_VLAN } else { 0 });
+    }
     let mut ipd = Delta::new();
     let mut l4d = Delta::new();
     // SAFETY: offsets 8..20 are inside the checked 20-byte header; route fields are map memory.
@@ -290,6 +300,10 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Verdict {
     if unsafe { (*udp).check } == [0, 0] {
         return Verdict::DropZeroUdpChecksumV6;
     }
+    if route.flags & FLAG_FANOUT != 0 {
+        let vlan = if l3 != EthHdr::LEN { META_VLAN } else { 0 };
+        return handoff(ctx, route, META_IPV6 | vlan);
+    }
     // IPv6 has no header checksum; the addresses feed the UDP pseudo-header.
     ip.hop_limit -= 1;
     let mut l4d = Delta::new();
@@ -381,7 +395,7 @@ macro_rules! key_tail {
 }
 
 impl Key for RouteKey4 {
-    key_tail!(EFWD_ROUTES4_V2);
+    key_tail!(EFWD_ROUTES4_V3);
 
     #[inline(always)]
     unsafe fn put_addr(&self, p: usize, source: bool) {
@@ -396,7 +410,7 @@ impl Key for RouteKey4 {
 }
 
 impl Key for RouteKey {
-    key_tail!(EFWD_ROUTES6_V2);
+    key_tail!(EFWD_ROUTES6_V3);
 
     #[inline(always)]
     unsafe fn put_addr(&self, p: usize, source: bool) {
@@ -581,6 +595,40 @@ fn rtp_ssrc(
 fn source_known(key: &SourceKey) -> bool {
     // SAFETY: a map lookup whose value is only tested for presence.
     unsafe { EFWD_SOURCES_V1.get(key) }.is_some()
+}
+
+/// A validated packet of a stream with several copies: counted for the stream, then
+/// up to the TC replicator with the copy list in the XDP metadata. The packet itself
+/// is untouched here (TC decrements the TTL once and rewrites per copy).
+#[inline(never)]
+fn handoff(ctx: &XdpContext, route: &RouteValue, flags: u32) -> Verdict {
+    let (first, count, slot) = (route.fanout_first, route.fanout_count, route.stats_slot);
+    if let Some(s) = EFWD_RSTATS_V1.get_ptr_mut(slot) {
+        // SAFETY: the per-CPU slot is only this CPU's, and the program is not preempted mid-run.
+        unsafe {
+            (*s).packets += 1;
+            (*s).bytes += frame_len(ctx) as u64;
+        }
+    }
+    let len = mem::size_of::<FanoutMeta>() as i32;
+    // SAFETY: the helper gets the context the kernel gave us.
+    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -len) } != 0 {
+        return Verdict::DropFanoutNoMeta;
+    }
+    let meta = ctx.metadata();
+    if meta + mem::size_of::<FanoutMeta>() > ctx.data() {
+        return Verdict::DropFanoutNoMeta;
+    }
+    // SAFETY: the 16 metadata bytes in front of the packet were checked just above.
+    unsafe {
+        (meta as *mut FanoutMeta).write(FanoutMeta {
+            magic: FANOUT_MAGIC,
+            first,
+            count,
+            flags,
+        })
+    };
+    Verdict::ForwardFanout
 }
 
 /// Rewrites Ethernet, UDP and RTP (the IP header is done by the caller), fixes the UDP

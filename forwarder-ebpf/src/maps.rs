@@ -7,6 +7,7 @@ use aya_ebpf::{
 };
 use forwarder_common::{
     egress::MAX_EGRESS,
+    fanout::{MAX_COPY_SLOTS, NUM_COPY_VERDICTS},
     ifmac::{IfMac, MAX_IFINDEX},
     listeners::{ListenerKey, ListenerValue, MAX_LISTENERS},
     peers::{MAX_PEERS, MAX_QUEUES, PeerValue},
@@ -18,10 +19,10 @@ use forwarder_common::{
 };
 
 #[map]
-pub static EFWD_ROUTES4_V2: HashMap<RouteKey4, RouteValue> =
+pub static EFWD_ROUTES4_V3: HashMap<RouteKey4, RouteValue> =
     HashMap::with_max_entries(MAX_ROUTES, 0);
 #[map]
-pub static EFWD_ROUTES6_V2: HashMap<RouteKey, RouteValue> =
+pub static EFWD_ROUTES6_V3: HashMap<RouteKey, RouteValue> =
     HashMap::with_max_entries(MAX_ROUTES, 0);
 #[map]
 pub static EFWD_LISTEN_V1: HashMap<ListenerKey, ListenerValue> =
@@ -36,9 +37,14 @@ pub static EFWD_XSKS_V1: XskMap = XskMap::with_max_entries(MAX_QUEUES, 0);
 #[map]
 pub static EFWD_RSTATS_V1: PerCpuArray<RouteStats> = PerCpuArray::with_max_entries(MAX_ROUTES, 0);
 #[map]
-pub static EFWD_VERDICT_V3: PerCpuArray<VerdictStats> =
+pub static EFWD_VERDICT_V4: PerCpuArray<VerdictStats> =
     PerCpuArray::with_max_entries(NUM_VERDICTS, 0);
 #[map]
 pub static EFWD_EGRESS_V1: DevMapHash = DevMapHash::with_max_entries(MAX_EGRESS, 0);
 #[map]
 pub static EFWD_IFMAC_V1: Array<IfMac> = Array::with_max_entries(MAX_IFINDEX, 0);
+#[map]
+pub static EFWD_COPIES_V1: Array<RouteValue> = Array::with_max_entries(MAX_COPY_SLOTS, 0);
+#[map]
+pub static EFWD_COPYVERDICT_V1: PerCpuArray<VerdictStats> =
+    PerCpuArray::with_max_entries(NUM_COPY_VERDICTS, 0);

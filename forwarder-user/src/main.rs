@@ -360,9 +360,9 @@ fn down(pin_dir: &std::path::Path, iface: Option<&str>, keep_maps: bool) -> Resu
             pin_dir.display()
         );
     }
-    for (i, path) in &links {
-        std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
-        println!("XDP detached from {i}");
+    for (i, _) in &links {
+        loader::unpin_link(pin_dir, i)?;
+        println!("XDP (and the TC replicator) detached from {i}");
     }
     if !keep_maps && loader::pinned_links(pin_dir).is_empty() {
         let mut n = 0;

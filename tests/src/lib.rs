@@ -3,6 +3,9 @@
 
 pub mod netns;
 pub mod pkt;
+pub mod rawsock;
+
+pub use rawsock::RawSock;
 
 use std::{
     io::{BufRead as _, BufReader},

@@ -1366,3 +1366,173 @@ fn webrtc_listener_steers_bound_peers_to_af_xdp_and_drops_strangers() {
         assert_eq!(run(&mut sim, &v6, &srtp), dropped);
     });
 }
+
+/// Fan-out: one packet of a stream with several copies through XDP (validated, handed
+/// up with the copy list in the metadata) and the TC replicator, with live frames so
+/// the copies are really sent. Every copy is captured at its receiving end and
+/// compared byte for byte (addresses, ports, SSRC, seq/ts offsets, PT, TTL, both
+/// checksums) with what its route says; then a copy is removed and the others go on.
+#[test]
+fn fanout_sends_every_copy_rewritten_and_a_removed_copy_stops() {
+    let _k = kernel_lock();
+    let ns = NetNs::new("fo");
+    for (a, b) in [("f0", "f1"), ("d0", "d1")] {
+        ns.exec(&["ip", "link", "add", a, "type", "veth", "peer", "name", b]);
+        ns.exec(&["ip", "link", "set", a, "up"]);
+        ns.exec(&["ip", "link", "set", b, "up"]);
+    }
+    ns.run(|| {
+        let pin = PinDir::new();
+        let mut ebpf = loader::load(pin.path(), Counters::Private).expect("load");
+        let mut maps = Maps::from_ebpf(&mut ebpf).expect("maps");
+        let f0 = edgefwd::dataplane::preflight::ifindex("f0").unwrap();
+        let d0 = edgefwd::dataplane::preflight::ifindex("d0").unwrap();
+        for addr in [L1, L6] {
+            maps.set_listener(&Listener {
+                addr: sa(addr),
+                drop_unknown_source: true,
+                drop_no_route: true,
+                webrtc: false,
+            })
+            .unwrap();
+        }
+        maps.set_interface_mac(f0, MAC_FWD).unwrap();
+        let base = route(L1, PUB, SSRC_TX, "203.0.113.2:5006", "203.0.113.1:6000");
+        let copies = vec![
+            // Back out of the ingress interface, fields unchanged but addresses: a trunk.
+            base.clone(),
+            Route {
+                egress_ifindex: d0,
+                ssrc_out: 0x5566_7788,
+                seq_delta: 0xfff0,
+                ts_delta: 0xffff_ff00,
+                pt_remap: Some((96, 100)),
+                ..route(L1, PUB, SSRC_TX, "203.0.113.2:5006", "203.0.113.7:6002")
+            },
+            Route {
+                egress_ifindex: d0,
+                ssrc_out: 0x0a0a_0a0a,
+                seq_delta: 3,
+                ts_delta: 90_000,
+                ..route(L1, PUB, SSRC_TX, "203.0.113.9:5010", "203.0.113.8:6004")
+            },
+        ];
+        for c in &copies {
+            maps.add_copy(c).unwrap();
+        }
+        let copies6 = vec![
+            Route {
+                egress_ifindex: d0,
+                ssrc_out: 0x6666_0001,
+                seq_delta: 1,
+                ..route(L6, PUB6, SSRC_V6, "[2001:db8:b::2]:5006", "[2001:db8:b::1]:6000")
+            },
+            Route {
+                egress_ifindex: d0,
+                ssrc_out: 0x6666_0002,
+                seq_delta: 2,
+                ts_delta: 7,
+                ..route(L6, PUB6, SSRC_V6, "[2001:db8:b::2]:5006", "[2001:db8:b::3]:6002")
+            },
+        ];
+        for c in &copies6 {
+            maps.add_copy(c).unwrap();
+        }
+        let e = maps
+            .add_copy(&Route {
+                vlan: Some(5),
+                ..route(L1, PUB, SSRC_TX, "203.0.113.2:5006", "203.0.113.6:6000")
+            })
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("untagged"), "{e:#}");
+        let e = maps.add_copy(&copies[1]).unwrap_err();
+        assert!(format!("{e:#}").contains("has a copy to"), "{e:#}");
+        let streams = maps.streams().unwrap();
+        assert_eq!(streams.len(), 2);
+        assert!(streams.iter().all(|s| s.fanout));
+        let mut sim = Simulator::from_parts(ebpf, maps);
+        loader::attach_fanout(sim.ebpf(), "f0").expect("attach the replicator");
+        let back = edgefwd_tests::RawSock::open("f1");
+        let out = edgefwd_tests::RawSock::open("d1");
+        let rtp = Rtp {
+            pt: 96,
+            marker: true,
+            ..Rtp::new(SSRC_TX, 0x0012, 0x0000_0200, 200)
+        };
+        let input = from_pub(5004).build(&rtp.bytes());
+        let rtp6 = Rtp::new(SSRC_V6, 0xfffe, 5, 100);
+        let input6 = from_pub6().build(&rtp6.bytes());
+        sim.inject(&input, f0, 1).unwrap();
+        sim.inject(&input6, f0, 1).unwrap();
+
+        // Frames to the copies' destination ports (the veths also carry IPv6 ND).
+        let udp_to = |f: &[u8], port: u16| {
+            let l4 = match u16::from_be_bytes([f[12], f[13]]) {
+                0x0800 => 34,
+                0x86dd => 54,
+                _ => return false,
+            };
+            f.len() > l4 + 4 && u16::from_be_bytes([f[l4 + 2], f[l4 + 3]]) == port
+        };
+        let gather = |s: &edgefwd_tests::RawSock, want: usize| {
+            let mut got = Vec::new();
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            while got.len() < want && std::time::Instant::now() < until {
+                if let Some(f) = s.recv()
+                    && (6000..6010).any(|p| udp_to(&f, p))
+                {
+                    got.push(f);
+                }
+            }
+            got
+        };
+        let mut want_back = vec![rewritten(&from_pub(5004), &copies[0], &rtp)];
+        let mut want_out: Vec<Vec<u8>> = copies[1..]
+            .iter()
+            .map(|c| rewritten(&from_pub(5004), c, &rtp))
+            .chain(copies6.iter().map(|c| rewritten(&from_pub6(), c, &rtp6)))
+            .collect();
+        let mut got_back = gather(&back, 1);
+        let mut got_out = gather(&out, 4);
+        for v in [&mut want_back, &mut want_out, &mut got_back, &mut got_out] {
+            v.sort();
+        }
+        assert_eq!(
+            got_back.iter().map(|f| hex(f)).collect::<Vec<_>>(),
+            want_back.iter().map(|f| hex(f)).collect::<Vec<_>>(),
+            "the copy sent back out of f0"
+        );
+        assert_eq!(
+            got_out.iter().map(|f| hex(f)).collect::<Vec<_>>(),
+            want_out.iter().map(|f| hex(f)).collect::<Vec<_>>(),
+            "the copies redirected to d0"
+        );
+        let verdicts = sim.maps().verdict_totals().unwrap();
+        let n = |v: Verdict| verdicts.iter().find(|(x, _)| *x == v).unwrap().1.packets;
+        assert_eq!(n(Verdict::ForwardFanout), 2);
+        let copy_verdicts = sim.maps().copy_verdict_totals().unwrap();
+        assert_eq!(copy_verdicts[0].1.packets, 5, "{copy_verdicts:?}");
+        assert!(copy_verdicts[1..].iter().all(|(_, s)| s.packets == 0), "{copy_verdicts:?}");
+        for s in sim.maps().streams().unwrap() {
+            assert_eq!(s.received.packets, 1);
+            assert!(s.copies.iter().all(|(_, st)| st.packets == 1), "{s:?}");
+        }
+
+        // Remove the middle copy: the next packet reaches the other two, no one else.
+        assert!(sim.maps().del_copy(&copies[1].key(), copies[1].out_dst).unwrap());
+        let rtp2 = Rtp { seq: 0x0013, ..rtp.clone() };
+        sim.inject(&from_pub(5004).build(&rtp2.bytes()), f0, 1).unwrap();
+        let got_back = gather(&back, 1);
+        let got_out = gather(&out, 2);
+        assert_eq!(got_back, vec![rewritten(&from_pub(5004), &copies[0], &rtp2)]);
+        assert_eq!(got_out, vec![rewritten(&from_pub(5004), &copies[2], &rtp2)]);
+        let stream = &sim.maps().streams().unwrap()[0];
+        assert_eq!(stream.copies.len(), 2);
+        assert!(stream.copies.iter().all(|(_, st)| st.packets == 2), "{stream:?}");
+        // Down to one copy: a plain route again, forwarded by XDP itself.
+        assert!(sim.maps().del_copy(&copies[2].key(), copies[2].out_dst).unwrap());
+        let stream = &sim.maps().streams().unwrap()[0];
+        assert!(!stream.fanout);
+        assert_eq!(stream.copies[0].1.packets, 2, "the copy kept its counters");
+    });
+}

@@ -7,20 +7,23 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::MapInfo,
     programs::{
-        Xdp, XdpMode,
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
+        tc::{self, SchedClassifierLink},
         xdp::{XdpLink, XdpLinkId},
     },
 };
 use forwarder_common::{
-    egress, ifmac, listeners, peers, route_stats, routes, routes4, sources, verdicts,
+    PROG_FANOUT, egress, fanout, ifmac, listeners, peers, route_stats, routes, routes4, sources,
+    verdicts,
 };
 
 use crate::{EBPF_OBJECT, EBPF_TOOLS_OBJECT, dataplane::preflight};
 
 /// Maps that carry control-plane state, shared by the daemon, the CLI and simulate.
-pub const STATE_MAPS: [&str; 7] = [
+pub const STATE_MAPS: [&str; 8] = [
     peers::MAP_NAME,
+    fanout::COPIES_MAP_NAME,
     routes4::MAP_NAME,
     routes::MAP_NAME,
     listeners::MAP_NAME,
@@ -29,7 +32,11 @@ pub const STATE_MAPS: [&str; 7] = [
     ifmac::MAP_NAME,
 ];
 /// Counter maps; simulate leaves these unpinned so its runs do not count as traffic.
-pub const COUNTER_MAPS: [&str; 2] = [route_stats::MAP_NAME, verdicts::MAP_NAME];
+pub const COUNTER_MAPS: [&str; 3] = [
+    route_stats::MAP_NAME,
+    verdicts::MAP_NAME,
+    fanout::COPY_VERDICT_MAP_NAME,
+];
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Counters {
@@ -90,16 +97,53 @@ pub fn load_tools() -> Result<Ebpf> {
     Ok(ebpf)
 }
 
-/// Loads every program of an object into the kernel (each an XDP program).
+/// Loads every program of an object into the kernel: XDP programs, and the TC
+/// replicator.
 fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
     for (name, prog) in ebpf.programs_mut() {
-        let prog: &mut Xdp = prog
-            .try_into()
-            .with_context(|| format!("{name} is not an XDP program"))?;
-        prog.load()
-            .with_context(|| format!("the verifier rejected {name}"))?;
+        let loaded = if name == PROG_FANOUT {
+            let prog: &mut SchedClassifier = prog
+                .try_into()
+                .with_context(|| format!("{name} is not a TC program"))?;
+            prog.load()
+        } else {
+            let prog: &mut Xdp = prog
+                .try_into()
+                .with_context(|| format!("{name} is not an XDP program"))?;
+            prog.load()
+        };
+        loaded.with_context(|| format!("the verifier rejected {name}"))?;
     }
     Ok(())
+}
+
+fn replicator(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
+    ebpf.program_mut(PROG_FANOUT)
+        .ok_or_else(|| anyhow!("program {PROG_FANOUT} missing from the object"))?
+        .try_into()
+        .with_context(|| format!("{PROG_FANOUT} is not a TC program"))
+}
+
+/// Attaches the TC replicator to `iface`'s ingress (tcx): streams with several copies
+/// are replicated there. Lasts as long as the `Ebpf` (tests, bench); the daemon uses
+/// [`attach_pinned`], which does this too.
+pub fn attach_fanout(ebpf: &mut Ebpf, iface: &str) -> Result<()> {
+    attach_fanout_link(ebpf, iface).map(|_| ())
+}
+
+fn attach_fanout_link(
+    ebpf: &mut Ebpf,
+    iface: &str,
+) -> Result<aya::programs::tc::SchedClassifierLinkId> {
+    // Kernels before tcx (6.6) need the clsact qdisc; with tcx it is harmless.
+    if let Err(e) = tc::qdisc_add_clsact(iface) {
+        log::debug!("clsact on {iface}: {e} (exists already, or tcx makes it unneeded)");
+    }
+    replicator(ebpf)?
+        .attach(iface, TcAttachType::Ingress)
+        .with_context(|| {
+            format!("attaching the TC replicator {PROG_FANOUT} to the ingress of {iface}")
+        })
 }
 
 /// The layout of a map as the kernel sees it.
@@ -175,6 +219,7 @@ pub fn stale_pins(pin_dir: &Path) -> Vec<PathBuf> {
         let name = e.file_name().to_string_lossy().into_owned();
         if name.starts_with("EFWD_")
             && !name.starts_with(LINK_PIN_PREFIX)
+            && !name.starts_with(TC_LINK_PIN_PREFIX)
             && !STATE_MAPS.contains(&name.as_str())
             && !COUNTER_MAPS.contains(&name.as_str())
         {
@@ -255,6 +300,51 @@ fn attach_link(ebpf: &mut Ebpf, prog_name: &str, iface: &str) -> Result<(XdpMode
 /// mode it was attached in. bpffs refuses names with a dot, which interface names
 /// may have (eth0.100): the name is escaped.
 pub const LINK_PIN_PREFIX: &str = "EFWD_XDPLINK_V1_";
+/// The TC replicator's link of an interface: `EFWD_TCLINK_V1_<iface>`, beside its XDP
+/// link and for the same reason.
+pub const TC_LINK_PIN_PREFIX: &str = "EFWD_TCLINK_V1_";
+
+fn tc_link_pin_name(iface: &str) -> String {
+    let escaped = iface.replace('%', "%25").replace('.', "%2e");
+    format!("{TC_LINK_PIN_PREFIX}{escaped}")
+}
+
+/// Takes over the TC link an earlier daemon pinned for `iface` (program replaced in
+/// one step), or attaches anew and pins the link.
+fn attach_fanout_pinned(ebpf: &mut Ebpf, iface: &str, pin_dir: &Path) -> Result<()> {
+    let path = pin_dir.join(tc_link_pin_name(iface));
+    if path.exists() {
+        let adopted = PinnedLink::from_pin(&path)
+            .map_err(anyhow::Error::from)
+            .and_then(|p| Ok(SchedClassifierLink::try_from(FdLink::from(p))?))
+            .and_then(|l| Ok(replicator(ebpf)?.attach_to_link(l)?));
+        match adopted {
+            Ok(_) => return Ok(()),
+            Err(e) => {
+                log::warn!(
+                    "the pinned TC link {} could not be taken over ({e:#}); attaching anew",
+                    path.display()
+                );
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing the stale pin {}", path.display()))?;
+            }
+        }
+    }
+    let id = attach_fanout_link(ebpf, iface)?;
+    let link = replicator(ebpf)?
+        .take_link(id)
+        .context("taking the TC link to pin it")?;
+    let fd = FdLink::try_from(link).map_err(|e: aya::programs::links::LinkError| {
+        anyhow!(
+            "the TC replicator on {iface} was attached without a bpf_link ({e}), so it              cannot outlive the daemon: this kernel is older than 6.6 (tcx)"
+        )
+    })?;
+    drop(
+        fd.pin(&path)
+            .with_context(|| format!("pinning the TC link at {}", path.display()))?,
+    );
+    Ok(())
+}
 
 fn link_pin_name(iface: &str, mode: XdpMode) -> String {
     let escaped = iface.replace('%', "%25").replace('.', "%2e");
@@ -342,6 +432,7 @@ pub fn attach_pinned(
             .and_then(|l| Ok(prog.attach_to_link(l)?));
         match adopted {
             Ok(_) => {
+                attach_fanout_pinned(ebpf, iface, pin_dir)?;
                 return Ok(Attached {
                     mode,
                     adopted: true,
@@ -375,15 +466,20 @@ pub fn attach_pinned(
         .with_context(|| format!("pinning the XDP link at {}", path.display()))?;
     // The pin holds the attachment now; the daemon's fd is not needed.
     drop(pinned);
+    attach_fanout_pinned(ebpf, iface, pin_dir)?;
     Ok(Attached {
         mode,
         adopted: false,
     })
 }
 
-/// Removes the pinned link of `iface` (XDP detaches once nothing holds it). Returns
-/// whether there was one.
+/// Removes the pinned links of `iface`, XDP and TC (each detaches once nothing holds
+/// it). Returns whether there was an XDP one.
 pub fn unpin_link(pin_dir: &Path, iface: &str) -> Result<bool> {
+    let tc = pin_dir.join(tc_link_pin_name(iface));
+    if tc.exists() {
+        std::fs::remove_file(&tc).with_context(|| format!("removing {}", tc.display()))?;
+    }
     match pinned_link(pin_dir, iface) {
         Some((p, _)) => {
             std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;

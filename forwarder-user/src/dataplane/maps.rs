@@ -2,6 +2,14 @@
 //! CLI and the tests alike, so the maps stay consistent with each other: every route
 //! has a zeroed statistics slot, its source is counted in the sources map, and its
 //! egress interface is in the devmap.
+//!
+//! A stream (listen, source, SSRC) has one or more copies, each a [`Route`]. One copy
+//! is a plain route value that XDP forwards itself; several are a copy list in
+//! `EFWD_COPIES_V1` that the TC replicator sends, named by the stream's route value.
+//! A change to a list writes a new list and swaps the route value (see
+//! forwarder-common's `fanout`): a packet sees the old copies or the new ones. A
+//! change returns once the old list can no longer be read, so after `subs del`
+//! returns, the removed subscriber gets nothing more.
 
 use std::{
     collections::BTreeSet,
@@ -18,13 +26,14 @@ use aya::{
 use forwarder_common::{
     addr::{as_v4, v4_mapped},
     egress,
+    fanout::{self, CopyVerdict, MAX_COPIES},
     ifmac::{self, IFMAC_SET, IfMac},
     listeners::{
         self, FLAG_DROP_NO_ROUTE, FLAG_DROP_UNKNOWN_SOURCE, FLAG_WEBRTC, ListenerKey, ListenerValue,
     },
     peers::{self, PeerValue},
     route_stats::{self, RouteStats},
-    routes::{self, FLAG_IPV6, FLAG_REWRITE_PT, FLAG_VLAN, RouteKey, RouteValue},
+    routes::{self, FLAG_FANOUT, FLAG_IPV6, FLAG_REWRITE_PT, FLAG_VLAN, RouteKey, RouteValue},
     routes4::{self, RouteKey4},
     sources::{self, SourceKey, SourceValue},
     verdicts::{self, Verdict, VerdictStats},
@@ -127,6 +136,8 @@ impl Route {
             flags,
             vlan_tci_be: self.vlan.unwrap_or(0).to_be_bytes(),
             _pad: [0; 2],
+            fanout_first: 0,
+            fanout_count: 0,
         }
     }
 
@@ -234,6 +245,19 @@ impl Listener {
     }
 }
 
+/// A stream (what arrives: listen, source, SSRC) and its copies.
+#[derive(Clone, Debug)]
+pub struct Stream {
+    pub listen: SocketAddr,
+    pub source: SocketAddr,
+    pub ssrc: u32,
+    /// Packets the stream received (with one copy: that copy's counters).
+    pub received: RouteStats,
+    /// Replicated by the TC program (more than one copy).
+    pub fanout: bool,
+    pub copies: Vec<(Route, RouteStats)>,
+}
+
 /// What [`Maps::reconcile`] changed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Reconciled {
@@ -253,6 +277,8 @@ pub struct Maps {
     pub verdicts: PerCpuArray<MapData, VerdictStats>,
     pub egress: DevMapHash<MapData>,
     pub ifmac: Array<MapData, IfMac>,
+    pub copies: Array<MapData, RouteValue>,
+    pub copy_verdicts: PerCpuArray<MapData, VerdictStats>,
     pub peers: PeerTable,
     /// Only in the daemon's own load: its sockets die with it, so it is not pinned.
     pub xsks: Option<XskMap<MapData>>,
@@ -351,6 +377,8 @@ impl Maps {
             verdicts: get(verdicts::MAP_NAME)?.try_into()?,
             egress: get(egress::MAP_NAME)?.try_into()?,
             ifmac: get(ifmac::MAP_NAME)?.try_into()?,
+            copies: get(fanout::COPIES_MAP_NAME)?.try_into()?,
+            copy_verdicts: get(fanout::COPY_VERDICT_MAP_NAME)?.try_into()?,
             peers: PeerTable(get(peers::MAP_NAME)?.try_into()?),
             xsks: None,
         })
@@ -401,32 +429,78 @@ impl Maps {
         Ok(out)
     }
 
-    /// Adds a new route; refuses one whose key (listen, source, SSRC) has a route
-    /// already, which would silently reset its rewrite fields.
+    /// Adds a new stream with one copy; refuses one whose key (listen, source, SSRC)
+    /// has a stream already, which would silently reset its rewrite fields.
     pub fn add_route(&mut self, r: &Route) -> Result<()> {
-        self.write_route(r, false)
+        self.check_copy(r)?;
+        if self.get_route(&r.key()).is_ok() {
+            bail!(
+                "a route for SSRC {:#010x} from {} on {} exists already; pass --replace to \
+                 overwrite it (its counters are kept), `edgefwd subs add` to give it another \
+                 copy, or `edgefwd routes del` it first",
+                r.ssrc,
+                r.source,
+                r.listen
+            );
+        }
+        self.change(|m, b| m.write_stream(&r.key(), std::slice::from_ref(r), b))
     }
 
-    /// Adds a route or replaces the one with its key (the daemon programming its
-    /// config, `routes add --replace`). A replaced route keeps its statistics slot
-    /// and counters; the data plane sees the old value or the new one, never a mix
-    /// (one map update).
+    /// Adds a route or replaces the copy of its stream that goes to the same
+    /// destination (or the only copy): the daemon programming its config, `routes add
+    /// --replace`. A replaced copy keeps its statistics slot and counters; the data
+    /// plane sees the old value or the new one, never a mix (one map update).
     pub fn put_route(&mut self, r: &Route) -> Result<()> {
-        self.write_route(r, true)
+        let key = r.key();
+        let mut copies = self.copies_of(&key)?;
+        match copies.iter().position(|c| c.out_dst == r.out_dst) {
+            Some(i) => copies[i] = r.clone(),
+            None if copies.len() <= 1 => copies = vec![r.clone()],
+            None => bail!(
+                "the stream of SSRC {:#010x} from {} has {} copies and none to {}: add one \
+                 with `edgefwd subs add`, or remove one with `edgefwd subs del`",
+                r.ssrc,
+                r.source,
+                copies.len(),
+                r.out_dst
+            ),
+        }
+        self.change(|m, b| m.write_stream(&key, &copies, b))
     }
 
-    fn write_route(&mut self, r: &Route, replace: bool) -> Result<()> {
-        self.write_route_with(r, replace, &mut SlotAllocator::default())
+    /// Adds a copy to the stream of `r`'s key (creating the stream): fan-out.
+    pub fn add_copy(&mut self, r: &Route) -> Result<()> {
+        let key = r.key();
+        let mut copies = self.copies_of(&key)?;
+        if copies.iter().any(|c| c.out_dst == r.out_dst) {
+            bail!(
+                "the stream of SSRC {:#010x} from {} has a copy to {} already; `edgefwd subs \
+                 del` it first to change it",
+                r.ssrc,
+                r.source,
+                r.out_dst
+            );
+        }
+        copies.push(r.clone());
+        self.change(|m, b| m.write_stream(&key, &copies, b))
     }
 
-    /// `slots` carries the set of used statistics slots between the writes of one
-    /// batch (reconcile), so a batch of n routes reads the tables once, not n times.
-    fn write_route_with(
-        &mut self,
-        r: &Route,
-        replace: bool,
-        slots: &mut SlotAllocator,
-    ) -> Result<()> {
+    /// Removes the copy to `out_dst` from the stream of `key` (the stream itself with
+    /// its last copy); false if there was none. The other copies go on undisturbed.
+    pub fn del_copy(&mut self, key: &RouteKey, out_dst: SocketAddr) -> Result<bool> {
+        let mut copies = self.copies_of(key)?;
+        let before = copies.len();
+        copies.retain(|c| c.out_dst != out_dst);
+        if copies.len() == before {
+            return Ok(false);
+        }
+        self.change(|m, b| m.write_stream(key, &copies, b))?;
+        Ok(true)
+    }
+
+    /// Rejects a copy the data plane cannot send, saying what to change; makes sure
+    /// its egress interface is in the devmap.
+    fn check_copy(&mut self, r: &Route) -> Result<()> {
         r.validate()?;
         let key = r.key();
         let listener = ListenerKey {
@@ -453,37 +527,166 @@ impl Maps {
                     )
                 })?;
         }
-        let (slot, existed) = match self.get_route(&key) {
-            Ok(_) if !replace => bail!(
-                "a route for SSRC {:#010x} from {} on {} exists already; pass --replace to \
-                 overwrite it (its counters are kept) or `edgefwd routes del` it first",
-                r.ssrc,
-                r.source,
-                r.listen
-            ),
-            Ok(v) => (v.stats_slot, true),
-            Err(MapError::KeyNotFound) => (slots.take(self)?, false),
+        Ok(())
+    }
+
+    /// Runs a batch of writes, then waits until no replication loop can still read a
+    /// copy list the batch retired.
+    fn change<T>(&mut self, f: impl FnOnce(&mut Self, &mut Batch) -> Result<T>) -> Result<T> {
+        let mut batch = Batch::default();
+        let out = f(self, &mut batch);
+        batch.settle();
+        out
+    }
+
+    /// The copies of a stream as routes (empty if there is no stream).
+    pub fn copies_of(&self, key: &RouteKey) -> Result<Vec<Route>> {
+        Ok(self
+            .stream_values(key)?
+            .map(|(_, copies)| copies.iter().map(|c| Route::from_map(key, c)).collect())
+            .unwrap_or_default())
+    }
+
+    /// A stream's route value and its copies' values (the route value itself for a
+    /// stream with one copy).
+    fn stream_values(&self, key: &RouteKey) -> Result<Option<(RouteValue, Vec<RouteValue>)>> {
+        let v = match self.get_route(key) {
+            Ok(v) => v,
+            Err(MapError::KeyNotFound) => return Ok(None),
             Err(e) => return Err(e).context("looking up route"),
         };
-        if !existed {
-            let zeros = PerCpuValues::try_from(vec![RouteStats::default(); ncpus()?])?;
-            self.route_stats.set(slot, zeros, 0)?;
+        Ok(Some((v, self.copy_values(&v)?)))
+    }
+
+    fn copy_values(&self, v: &RouteValue) -> Result<Vec<RouteValue>> {
+        if v.flags & FLAG_FANOUT == 0 {
+            return Ok(vec![*v]);
         }
-        let value = r.value(slot);
+        (v.fanout_first..v.fanout_first + v.fanout_count)
+            .map(|i| {
+                self.copies
+                    .get(&i, 0)
+                    .with_context(|| format!("reading copy slot {i}"))
+            })
+            .collect()
+    }
+
+    /// Makes the stream of `key` have exactly `copies` (none: removes it).
+    fn write_stream(&mut self, key: &RouteKey, copies: &[Route], batch: &mut Batch) -> Result<()> {
+        if copies.is_empty() {
+            self.remove_stream(key, batch)?;
+            return Ok(());
+        }
+        let first = &copies[0];
+        for r in copies {
+            if r.key() != *key {
+                bail!("copy to {} belongs to another stream", r.out_dst);
+            }
+        }
+        if copies.len() > 1 {
+            if copies.len() > MAX_COPIES as usize {
+                bail!(
+                    "the stream of SSRC {:#010x} from {} would have {} copies; at most {} \
+                     per stream: split the audience over relays (trunks)",
+                    first.ssrc,
+                    first.source,
+                    copies.len(),
+                    MAX_COPIES
+                );
+            }
+            let mut seen = BTreeSet::new();
+            for r in copies {
+                if !seen.insert(r.out_dst) {
+                    bail!(
+                        "the stream of SSRC {:#010x} has two copies to {}; keep one",
+                        r.ssrc,
+                        r.out_dst
+                    );
+                }
+                if r.vlan.is_some() {
+                    bail!(
+                        "the copy of SSRC {:#010x} to {} has a VLAN tag, which the TC \
+                         replicator cannot push: copies of a stream with several leave \
+                         untagged (drop `vlan`, or keep this stream to one copy)",
+                        r.ssrc,
+                        r.out_dst
+                    );
+                }
+            }
+        }
+        for r in copies {
+            self.check_copy(r)?;
+        }
+        let old = self.stream_values(key)?;
+        // A copy keeps its counters by its destination; a stream with a list keeps its own.
+        let mut kept: std::collections::HashMap<SocketAddr, u32> = Default::default();
+        let mut stream_slot = None;
+        let mut old_range = None;
+        if let Some((v, old_copies)) = &old {
+            for c in old_copies {
+                kept.insert(Route::from_map(key, c).out_dst, c.stats_slot);
+            }
+            if v.flags & FLAG_FANOUT != 0 {
+                stream_slot = Some(v.stats_slot);
+                old_range = Some((v.fanout_first, v.fanout_count));
+            }
+        }
+        let mut fresh = Vec::new();
+        let mut slot_of = |r: Option<&Route>, maps: &Maps, batch: &mut Batch| -> Result<u32> {
+            if let Some(s) = r.and_then(|r| kept.get(&r.out_dst)) {
+                return Ok(*s);
+            }
+            let s = batch.slots.take(maps)?;
+            fresh.push(s);
+            Ok(s)
+        };
+        let value = if copies.len() == 1 {
+            copies[0].value(slot_of(Some(&copies[0]), self, batch)?)
+        } else {
+            let mut values = Vec::with_capacity(copies.len());
+            for r in copies {
+                values.push(r.value(slot_of(Some(r), self, batch)?));
+            }
+            let stream = match stream_slot {
+                Some(s) => s,
+                None => slot_of(None, self, batch)?,
+            };
+            let start = batch.ranges.take(self, copies.len() as u32)?;
+            // Nobody reads these slots until the route value below names them.
+            for (i, v) in values.iter().enumerate() {
+                self.copies
+                    .set(start + i as u32, *v, 0)
+                    .with_context(|| format!("writing copy slot {}", start + i as u32))?;
+            }
+            RouteValue {
+                flags: FLAG_FANOUT | if first.out_dst.is_ipv6() { FLAG_IPV6 } else { 0 },
+                stats_slot: stream,
+                fanout_first: start,
+                fanout_count: copies.len() as u32,
+                ..Default::default()
+            }
+        };
+        for s in &fresh {
+            let zeros = PerCpuValues::try_from(vec![RouteStats::default(); ncpus()?])?;
+            self.route_stats.set(*s, zeros, 0)?;
+        }
         let cap = self.route_capacity();
-        let inserted = match RouteKey4::from_mapped(&key) {
+        let inserted = match RouteKey4::from_mapped(key) {
             Some(k4) => self.routes4.insert(k4, value, 0),
-            None => self.routes6.insert(key, value, 0),
+            None => self.routes6.insert(*key, value, 0),
         };
         if let Err(e) = inserted {
-            if !existed {
-                slots.give_back(slot);
+            for s in fresh {
+                batch.slots.give_back(s);
             }
             return Err(full_or(e, "routes", cap))
-                .with_context(|| format!("adding route for SSRC {:#010x}", r.ssrc));
+                .with_context(|| format!("adding route for SSRC {:#010x}", first.ssrc));
         }
-        if !existed {
-            let sk = r.source_key();
+        if let Some(r) = old_range {
+            batch.ranges.retire(r);
+        }
+        if old.is_none() {
+            let sk = first.source_key();
             let n = self.sources.get(&sk, 0).map(|v| v.routes).unwrap_or(0);
             self.sources
                 .insert(sk, SourceValue { routes: n + 1 }, 0)
@@ -495,29 +698,46 @@ impl Maps {
     /// Makes the maps hold exactly these listeners and routes (a restarted daemon
     /// adopting the maps an earlier one pinned): adds what is missing, updates what
     /// changed (keeping its statistics slot and counters), removes what is no longer
-    /// configured. Each step is one map update, so forwarding of the routes that stay
-    /// is never interrupted.
+    /// configured. Routes with the same (listen, source, SSRC) are the copies of one
+    /// stream (fan-out). Each step is one map update, so forwarding of the routes that
+    /// stay is never interrupted.
     pub fn reconcile(&mut self, listeners: &[Listener], routes: &[Route]) -> Result<Reconciled> {
         let mut done = Reconciled::default();
         for l in listeners {
             self.set_listener(l)?;
         }
-        let want: std::collections::HashSet<RouteKey> = routes.iter().map(Route::key).collect();
-        let mut slots = SlotAllocator::default();
-        for (k, _) in self.all_routes()? {
-            if !want.contains(&k) {
-                self.del_route(&k)?;
-                done.removed += 1;
-            }
-        }
+        let mut streams: Vec<(RouteKey, Vec<Route>)> = Vec::new();
         for r in routes {
-            if self.get_route(&r.key()).is_ok() {
-                done.kept += 1;
-            } else {
-                done.added += 1;
+            match streams.iter_mut().find(|(k, _)| *k == r.key()) {
+                Some((_, c)) => c.push(r.clone()),
+                None => streams.push((r.key(), vec![r.clone()])),
             }
-            self.write_route_with(r, true, &mut slots)?;
         }
+        let want: std::collections::HashSet<RouteKey> = streams.iter().map(|(k, _)| *k).collect();
+        self.change(|m, batch| {
+            for (k, _) in m.all_routes()? {
+                if !want.contains(&k) {
+                    done.removed += m.copies_of(&k)?.len();
+                    m.remove_stream(&k, batch)?;
+                }
+            }
+            for (k, copies) in &streams {
+                let have = m.copies_of(k)?;
+                for c in copies {
+                    if have.iter().any(|h| h.out_dst == c.out_dst) {
+                        done.kept += 1;
+                    } else {
+                        done.added += 1;
+                    }
+                }
+                done.removed += have
+                    .iter()
+                    .filter(|h| !copies.iter().any(|c| c.out_dst == h.out_dst))
+                    .count();
+                m.write_stream(k, copies, batch)?;
+            }
+            Ok(())
+        })?;
         let keep: std::collections::HashSet<ListenerKey> =
             listeners.iter().map(Listener::key).collect();
         for l in self.listeners()? {
@@ -529,8 +749,13 @@ impl Maps {
         Ok(done)
     }
 
-    /// Removes a route; returns false if there was none.
+    /// Removes a stream with all its copies; returns false if there was none.
     pub fn del_route(&mut self, key: &RouteKey) -> Result<bool> {
+        self.change(|m, b| m.remove_stream(key, b))
+    }
+
+    fn remove_stream(&mut self, key: &RouteKey, batch: &mut Batch) -> Result<bool> {
+        let old = self.get_route(key).ok();
         let removed = match RouteKey4::from_mapped(key) {
             Some(k4) => self.routes4.remove(&k4),
             None => self.routes6.remove(key),
@@ -542,6 +767,11 @@ impl Maps {
                 return Ok(false);
             }
             Err(e) => return Err(e).context("removing route"),
+        }
+        if let Some(v) = old
+            && v.flags & FLAG_FANOUT != 0
+        {
+            batch.ranges.retire((v.fanout_first, v.fanout_count));
         }
         let sk = SourceKey {
             listen_addr: key.listen_addr,
@@ -590,21 +820,77 @@ impl Maps {
         self.route_stats.len()
     }
 
-    /// Routes with their per-route counters summed over CPUs.
+    fn stats(&self, slot: u32) -> RouteStats {
+        let mut total = RouteStats::default();
+        if let Ok(per_cpu) = self.route_stats.get(&slot, 0) {
+            for s in per_cpu.iter() {
+                total.packets += s.packets;
+                total.bytes += s.bytes;
+            }
+        }
+        total
+    }
+
+    /// Every copy of every stream as a route, with its own counters summed over CPUs.
     pub fn routes(&self) -> Result<Vec<(Route, RouteStats)>> {
+        Ok(self
+            .streams()?
+            .into_iter()
+            .flat_map(|s| s.copies)
+            .collect())
+    }
+
+    /// Every stream with its copies and counters, sorted by (listen, source, SSRC).
+    pub fn streams(&self) -> Result<Vec<Stream>> {
         let mut out = Vec::new();
         for (k, v) in self.all_routes()? {
-            let mut total = RouteStats::default();
-            if let Ok(per_cpu) = self.route_stats.get(&v.stats_slot, 0) {
+            let copies: Vec<(Route, RouteStats)> = self
+                .copy_values(&v)?
+                .iter()
+                .map(|c| (Route::from_map(&k, c), self.stats(c.stats_slot)))
+                .collect();
+            let r = &copies[0].0;
+            out.push(Stream {
+                listen: r.listen,
+                source: r.source,
+                ssrc: r.ssrc,
+                received: self.stats(v.stats_slot),
+                fanout: v.flags & FLAG_FANOUT != 0,
+                copies,
+            });
+        }
+        out.sort_by_key(|s| (s.listen, s.source, s.ssrc));
+        Ok(out)
+    }
+
+    /// What the TC replicator did with every copy, summed over CPUs.
+    pub fn copy_verdict_totals(&self) -> Result<Vec<(CopyVerdict, VerdictStats)>> {
+        CopyVerdict::ALL
+            .iter()
+            .map(|v| {
+                let per_cpu = self.copy_verdicts.get(&(*v as u32), 0)?;
+                let mut t = VerdictStats::default();
                 for s in per_cpu.iter() {
-                    total.packets += s.packets;
-                    total.bytes += s.bytes;
+                    t.packets += s.packets;
+                    t.bytes += s.bytes;
+                }
+                Ok((*v, t))
+            })
+            .collect()
+    }
+
+    /// Statistics slots in use: streams' and their copies'.
+    fn used_slots(&self) -> Result<BTreeSet<u32>> {
+        let mut used = BTreeSet::new();
+        for (_, v) in self.all_routes()? {
+            used.insert(v.stats_slot);
+            if v.flags & FLAG_FANOUT != 0 {
+                for c in self.copy_values(&v)? {
+                    used.insert(c.stats_slot);
                 }
             }
-            out.push((Route::from_map(&k, &v), total));
         }
-        out.sort_by_key(|(r, _)| (r.listen, r.source, r.ssrc));
-        Ok(out)
+        Ok(used)
     }
 
     /// Every verdict's packets and bytes, summed over CPUs.
@@ -637,12 +923,7 @@ impl SlotAllocator {
     fn take(&mut self, maps: &Maps) -> Result<u32> {
         let cap = maps.route_capacity();
         if self.used.is_none() {
-            self.used = Some(
-                maps.all_routes()?
-                    .into_iter()
-                    .map(|(_, v)| v.stats_slot)
-                    .collect(),
-            );
+            self.used = Some(maps.used_slots()?);
         }
         let used = self.used.as_mut().expect("filled above");
         let free = (self.next..cap)
@@ -662,6 +943,70 @@ impl SlotAllocator {
     fn give_back(&mut self, slot: u32) {
         if let Some(used) = self.used.as_mut() {
             used.remove(&slot);
+        }
+    }
+}
+
+/// Hands out contiguous ranges of the copies array for new copy lists. Ranges named by
+/// a route value are in use, and so are ranges this batch retired: a replication loop
+/// may still read them until [`Batch::settle`].
+#[derive(Default)]
+struct RangeAllocator {
+    used: Option<Vec<(u32, u32)>>,
+    retired: bool,
+}
+
+impl RangeAllocator {
+    fn take(&mut self, maps: &Maps, n: u32) -> Result<u32> {
+        if self.used.is_none() {
+            let mut used = Vec::new();
+            for (_, v) in maps.all_routes()? {
+                if v.flags & FLAG_FANOUT != 0 {
+                    used.push((v.fanout_first, v.fanout_count));
+                }
+            }
+            self.used = Some(used);
+        }
+        let used = self.used.as_mut().expect("filled above");
+        used.sort_unstable();
+        let cap = maps.copies.len();
+        // First fit over the gaps between used ranges.
+        let mut at = 0u32;
+        for (first, count) in used.iter() {
+            if first.saturating_sub(at) >= n {
+                break;
+            }
+            at = at.max(first + count);
+        }
+        if cap.saturating_sub(at) < n {
+            bail!(
+                "the copies array is full ({cap} slots, shared by every stream's copy list \
+                 while it changes): remove copies you no longer need (`edgefwd subs del`)"
+            );
+        }
+        used.push((at, n));
+        Ok(at)
+    }
+
+    fn retire(&mut self, _range: (u32, u32)) {
+        // Still in `used` (it was read from the maps, or taken in this batch), so the
+        // batch never hands it out again.
+        self.retired = true;
+    }
+}
+
+/// The allocators of one batch of writes.
+#[derive(Default)]
+struct Batch {
+    slots: SlotAllocator,
+    ranges: RangeAllocator,
+}
+
+impl Batch {
+    /// Waits until no replication loop can read a copy list this batch retired.
+    fn settle(self) {
+        if self.ranges.retired {
+            std::thread::sleep(std::time::Duration::from_millis(fanout::GRACE_MS));
         }
     }
 }

@@ -1,0 +1,297 @@
+//! TC replicator (clsact ingress): XDP cannot clone, so it validates a packet of a
+//! fan-out stream and passes it up with the stream's copy list in the XDP metadata
+//! (see forwarder-common's `fanout`). Here the TTL drops once, then each copy gets its
+//! own Ethernet/IP/UDP/RTP fields (checksums updated incrementally from the previous
+//! copy's values) and leaves by `bpf_clone_redirect`; the last copy takes the packet
+//! itself (`bpf_redirect`), saving one clone. Every copy is counted under one copy
+//! verdict and in its own statistics slot.
+
+use core::{ffi::c_void, mem};
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, __sk_buff},
+    helpers::{bpf_clone_redirect, bpf_loop, bpf_redirect, bpf_skb_vlan_pop},
+    macros::classifier,
+    programs::TcContext,
+};
+use forwarder_common::{
+    csum::Delta,
+    fanout::{CopyVerdict, FANOUT_MAGIC, FanoutMeta, MAX_COPIES, META_IPV6, META_VLAN},
+    routes::{FLAG_REWRITE_PT, RouteValue},
+};
+
+use crate::{maps::*, packet::*};
+
+const ETH: usize = 14;
+const UDP: usize = 8;
+const RTP: usize = 12;
+
+/// What every copy of one packet shares: the packet, its list, and the RTP fields as
+/// they arrived (each copy's are derived from these, not from the previous copy's).
+#[repr(C)]
+struct Replication {
+    skb: *mut __sk_buff,
+    first: u32,
+    ingress: u32,
+    /// Host order.
+    ts: u32,
+    seq: u16,
+    /// Marker bit and payload type.
+    mpt: u8,
+    v6: u8,
+}
+
+#[classifier]
+pub fn edgefwd_fanout(ctx: TcContext) -> i32 {
+    replicate(&ctx)
+}
+
+#[inline(always)]
+fn replicate(ctx: &TcContext) -> i32 {
+    let skb = ctx.skb.skb;
+    // SAFETY: reading fields of the context the kernel passed.
+    let (meta, data) = unsafe { ((*skb).data_meta as usize, (*skb).data as usize) };
+    if meta + mem::size_of::<FanoutMeta>() > data {
+        return TC_ACT_OK;
+    }
+    // SAFETY: the 16 metadata bytes were bounds-checked just above.
+    let m = unsafe { (meta as *const FanoutMeta).read() };
+    if m.magic != FANOUT_MAGIC {
+        return TC_ACT_OK;
+    }
+    // The clones share this metadata: they must not look like hand-offs to anyone.
+    // SAFETY: as above; TC's prologue made the head private, so the write is ours.
+    unsafe { st32(meta, 0) };
+    if m.count == 0 || m.count > MAX_COPIES {
+        count(CopyVerdict::DropCopyMissing, 0);
+        return TC_ACT_SHOT;
+    }
+    if m.flags & META_VLAN != 0 {
+        // The copies leave untagged: the route decides the egress, never the ingress.
+        // SAFETY: the helper gets the context the kernel gave us.
+        if unsafe { bpf_skb_vlan_pop(skb) } != 0 {
+            count(CopyVerdict::DropCopyMalformed, m.count);
+            return TC_ACT_SHOT;
+        }
+    }
+    let v6 = m.flags & META_IPV6 != 0;
+    let Some((seq, ts, mpt)) = (if v6 {
+        prepare::<true>(skb)
+    } else {
+        prepare::<false>(skb)
+    }) else {
+        count(CopyVerdict::DropCopyMalformed, m.count);
+        return TC_ACT_SHOT;
+    };
+    let mut r = Replication {
+        skb,
+        first: m.first,
+        // SAFETY: reading a field of the context the kernel passed.
+        ingress: unsafe { (*skb).ingress_ifindex },
+        ts,
+        seq,
+        mpt,
+        v6: v6 as u8,
+    };
+    if m.count > 1 {
+        // SAFETY: the callback is a BPF function of this program; `r` outlives the loop.
+        unsafe {
+            bpf_loop(
+                m.count - 1,
+                clone_one as *mut c_void,
+                &mut r as *mut Replication as *mut c_void,
+                0,
+            )
+        };
+    }
+    // The last copy is the packet itself.
+    let Some(copy) = EFWD_COPIES_V1.get(m.first + m.count - 1) else {
+        count(CopyVerdict::DropCopyMissing, 1);
+        return TC_ACT_SHOT;
+    };
+    if let Err(v) = rewrite(&r, copy) {
+        count(v, 1);
+        return TC_ACT_SHOT;
+    }
+    let egress = egress_of(&r, copy);
+    // SAFETY: plain helper call; the redirect happens when the program returns.
+    let action = unsafe { bpf_redirect(egress, 0) } as i32;
+    if action != TC_ACT_REDIRECT {
+        count(CopyVerdict::DropCopyCloneError, 1);
+        return TC_ACT_SHOT;
+    }
+    sent(copy, skb);
+    action
+}
+
+/// bpf_loop's callback: copy `i` (all but the last) as a clone.
+extern "C" fn clone_one(i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop passes back the pointer `replicate` gave it, to its live frame.
+    let r = unsafe { &*(ctx as *const Replication) };
+    let Some(copy) = EFWD_COPIES_V1.get(r.first + i as u32) else {
+        count(CopyVerdict::DropCopyMissing, 1);
+        return 0;
+    };
+    if let Err(v) = rewrite(r, copy) {
+        count(v, 1);
+        // The packet is too short for every copy alike: stop.
+        return 1;
+    }
+    // SAFETY: the skb is the program's context; the helper clones it and sends the clone.
+    if unsafe { bpf_clone_redirect(r.skb, egress_of(r, copy), 0) } != 0 {
+        count(CopyVerdict::DropCopyCloneError, 1);
+        return 0;
+    }
+    sent(copy, r.skb);
+    0
+}
+
+#[inline(always)]
+fn egress_of(r: &Replication, copy: &RouteValue) -> u32 {
+    if copy.egress_ifindex == 0 {
+        r.ingress
+    } else {
+        copy.egress_ifindex
+    }
+}
+
+#[inline(always)]
+fn sent(copy: &RouteValue, skb: *mut __sk_buff) {
+    // SAFETY: reading a field of the context the kernel passed.
+    let len = unsafe { (*skb).len } as u64;
+    if let Some(s) = EFWD_RSTATS_V1.get_ptr_mut(copy.stats_slot) {
+        // SAFETY: the per-CPU slot is only this CPU's, and the program is not preempted mid-run.
+        unsafe {
+            (*s).packets += 1;
+            (*s).bytes += len;
+        }
+    }
+    if let Some(c) = EFWD_COPYVERDICT_V1.get_ptr_mut(CopyVerdict::ForwardCopy as u32) {
+        // SAFETY: as above.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += len;
+        }
+    }
+}
+
+#[inline(always)]
+fn count(v: CopyVerdict, n: u32) {
+    if let Some(c) = EFWD_COPYVERDICT_V1.get_ptr_mut(v as u32) {
+        // SAFETY: the per-CPU slot is only this CPU's, and the program is not preempted mid-run.
+        unsafe { (*c).packets += n as u64 };
+    }
+}
+
+/// The bounds every copy's rewrite needs, from a fresh look at the packet (a clone or
+/// a helper call invalidates earlier pointers).
+#[inline(always)]
+fn headers<const V6: bool>(skb: *mut __sk_buff) -> Option<usize> {
+    let l4 = if V6 { ETH + 40 } else { ETH + 20 };
+    // SAFETY: reading fields of the context the kernel passed.
+    let (data, end) = unsafe { ((*skb).data as usize, (*skb).data_end as usize) };
+    if data + l4 + UDP + RTP > end {
+        return None;
+    }
+    Some(data)
+}
+
+/// Decrements the TTL (hop limit) once for all copies; returns the RTP sequence,
+/// timestamp and marker/payload-type byte as they arrived.
+#[inline(always)]
+fn prepare<const V6: bool>(skb: *mut __sk_buff) -> Option<(u16, u32, u8)> {
+    let p = headers::<V6>(skb)?;
+    let rtp = p + if V6 { ETH + 40 } else { ETH + 20 } + UDP;
+    // SAFETY: `headers` checked Ethernet, IP, UDP and the fixed RTP header.
+    unsafe {
+        if V6 {
+            // Hop limit: byte 7 of the IPv6 header; XDP checked it is > 1.
+            let h = (p + ETH + 7) as *mut u8;
+            *h -= 1;
+        } else {
+            // TTL and protocol share a word; TTL is its low byte in a LE load (> 1).
+            let old = ld(p + ETH + 8);
+            let new = (u16::from_le(old) - 1).to_le();
+            st(p + ETH + 8, new);
+            let mut d = Delta::new();
+            d.word(old, new);
+            st(p + ETH + 10, d.apply_word(ld(p + ETH + 10)));
+        }
+        let mpt = *((rtp + 1) as *const u8);
+        let seq = u16::from_be(ld(rtp + 2));
+        let ts = u32::from_be(ld32(rtp + 4));
+        Some((seq, ts, mpt))
+    }
+}
+
+#[inline(always)]
+fn rewrite(r: &Replication, copy: &RouteValue) -> Result<(), CopyVerdict> {
+    if r.v6 != 0 {
+        rewrite_family::<true>(r, copy)
+    } else {
+        rewrite_family::<false>(r, copy)
+    }
+}
+
+/// Gives the packet `copy`'s fields. The packet holds the previous copy's (or the
+/// original's) values, so the checksum deltas are taken against what is there.
+#[inline(always)]
+fn rewrite_family<const V6: bool>(r: &Replication, copy: &RouteValue) -> Result<(), CopyVerdict> {
+    let Some(p) = headers::<V6>(r.skb) else {
+        return Err(CopyVerdict::DropCopyMalformed);
+    };
+    let l3 = p + ETH;
+    let udp = l3 + if V6 { 40 } else { 20 };
+    let rtp = udp + UDP;
+    let mut l4d = Delta::new();
+    // SAFETY: `headers` checked Ethernet, IP, UDP and the fixed RTP header; the copy's
+    // fields are map memory.
+    unsafe {
+        // Destination then source MAC: not checksummed.
+        let mut unused = Delta::new();
+        replace_words::<6>(p, copy.dst_mac.as_ptr() as usize, &mut unused);
+        if V6 {
+            replace_words::<8>(l3 + 8, copy.out_src_addr.as_ptr() as usize, &mut l4d);
+            replace_words::<8>(l3 + 24, copy.out_dst_addr.as_ptr() as usize, &mut l4d);
+        } else {
+            replace_words::<2>(l3 + 12, copy.out_src_addr.as_ptr() as usize + 12, &mut l4d);
+            replace_words::<2>(l3 + 16, copy.out_dst_addr.as_ptr() as usize + 12, &mut l4d);
+            // The IP header sums the same address change.
+            st(l3 + 10, l4d.apply_word(ld(l3 + 10)));
+        }
+        replace_words::<2>(udp, copy.out_src_port_be.as_ptr() as usize, &mut l4d);
+
+        // RTP word 0: V/P/X/CC (low byte of a LE load, never changed), then M/PT.
+        let old = ld(rtp);
+        let mut mpt = r.mpt;
+        if copy.flags & FLAG_REWRITE_PT != 0 && mpt & 0x7f == copy.pt_from {
+            mpt = (mpt & 0x80) | (copy.pt_to & 0x7f);
+        }
+        let new = ((u16::from_le(old) & 0x00ff) | (mpt as u16) << 8).to_le();
+        l4d.word(old, new);
+        st(rtp, new);
+
+        let old = ld(rtp + 2);
+        let new = r.seq.wrapping_add(copy.seq_delta).to_be();
+        l4d.word(old, new);
+        st(rtp + 2, new);
+
+        let ts = r.ts.wrapping_add(copy.ts_delta);
+        let (old_hi, old_lo) = (ld(rtp + 4), ld(rtp + 6));
+        let (new_hi, new_lo) = (((ts >> 16) as u16).to_be(), (ts as u16).to_be());
+        l4d.word(old_hi, new_hi);
+        l4d.word(old_lo, new_lo);
+        st(rtp + 4, new_hi);
+        st(rtp + 6, new_lo);
+
+        replace_words::<2>(rtp + 8, copy.ssrc_out_be.as_ptr() as usize, &mut l4d);
+
+        // IPv4 UDP without a checksum (0) stays without; a computed 0 is sent as 0xffff.
+        let check = ld(udp + 6);
+        if V6 || check != 0 {
+            let c = l4d.apply_word(check);
+            st(udp + 6, if c == 0 { 0xffff } else { c });
+        }
+    }
+    Ok(())
+}
