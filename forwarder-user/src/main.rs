@@ -94,6 +94,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: RoutesCmd,
     },
+    /// Fan-out: list, add or remove the copies (subscribers) of a stream.
+    Subs {
+        #[command(subcommand)]
+        cmd: SubsCmd,
+    },
     /// Counters by verdict (forwarded, passed, dropped by reason) with rates.
     Stats {
         /// Machine-readable output.
@@ -132,57 +137,154 @@ enum RoutesCmd {
     /// Add a route (the listener is created if missing). A route with the same
     /// listen, source and SSRC is refused unless --replace is given.
     Add {
-        /// Our address:port the publisher sends to.
-        #[arg(long)]
-        listen: SocketAddr,
-        /// The publisher's address:port.
-        #[arg(long)]
-        source: SocketAddr,
-        /// The publisher's SSRC (decimal or 0x-hex).
-        #[arg(long, value_parser = parse_u32)]
-        ssrc: u32,
-        /// Address:port the copy is sent from.
-        #[arg(long)]
-        out_src: SocketAddr,
-        /// Address:port the copy is sent to.
-        #[arg(long)]
-        out_dst: SocketAddr,
-        /// SSRC written into the copy (default: unchanged).
-        #[arg(long, value_parser = parse_u32)]
-        ssrc_out: Option<u32>,
-        /// Added to the sequence number (mod 2^16).
-        #[arg(long, default_value_t = 0)]
-        seq_delta: u16,
-        /// Added to the timestamp (mod 2^32).
-        #[arg(long, default_value_t = 0)]
-        ts_delta: u32,
-        /// Payload type remap FROM:TO.
-        #[arg(long)]
-        pt: Option<String>,
-        /// Egress interface (default: from the kernel's route to --out-dst).
-        #[arg(long)]
-        egress: Option<String>,
-        /// Next-hop MAC (default: from the neighbour table, resolved if needed).
-        #[arg(long)]
-        dst_mac: Option<String>,
-        /// 802.1Q VLAN id the copy leaves with (default: untagged).
-        #[arg(long)]
-        vlan: Option<u16>,
-        /// Overwrite an existing route with this key (its counters are kept).
+        #[command(flatten)]
+        copy: CopyArgs,
+        /// Overwrite the copy to the same --out-dst (or the only copy) of the stream
+        /// with this key (its counters are kept).
         #[arg(long)]
         replace: bool,
     },
     /// Delete the route matching (listen, source, SSRC).
     Del {
-        /// Our address:port the publisher sends to.
+        #[command(flatten)]
+        stream: StreamArgs,
+    },
+}
+
+/// A stream (what arrives) and one copy of it (where it goes, rewritten how).
+#[derive(clap::Args)]
+struct CopyArgs {
+    #[command(flatten)]
+    stream: StreamArgs,
+    /// Address:port the copy is sent from.
+    #[arg(long)]
+    out_src: SocketAddr,
+    /// Address:port the copy is sent to.
+    #[arg(long)]
+    out_dst: SocketAddr,
+    /// SSRC written into the copy (default: unchanged).
+    #[arg(long, value_parser = parse_u32)]
+    ssrc_out: Option<u32>,
+    /// Added to the sequence number (mod 2^16).
+    #[arg(long, default_value_t = 0)]
+    seq_delta: u16,
+    /// Added to the timestamp (mod 2^32).
+    #[arg(long, default_value_t = 0)]
+    ts_delta: u32,
+    /// Payload type remap FROM:TO.
+    #[arg(long)]
+    pt: Option<String>,
+    /// Egress interface (default: from the kernel's route to --out-dst).
+    #[arg(long)]
+    egress: Option<String>,
+    /// Next-hop MAC (default: from the neighbour table, resolved if needed).
+    #[arg(long)]
+    dst_mac: Option<String>,
+    /// 802.1Q VLAN id the copy leaves with (default: untagged; one-copy streams only).
+    #[arg(long)]
+    vlan: Option<u16>,
+}
+
+/// Names a stream: what arrives where from whom.
+#[derive(clap::Args)]
+struct StreamArgs {
+    /// Our address:port the publisher sends to.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// The publisher's address:port.
+    #[arg(long)]
+    source: SocketAddr,
+    /// The publisher's SSRC (decimal or 0x-hex).
+    #[arg(long, value_parser = parse_u32)]
+    ssrc: u32,
+}
+
+impl StreamArgs {
+    fn key(&self) -> forwarder_common::routes::RouteKey {
+        Route {
+            listen: self.listen,
+            source: self.source,
+            ssrc: self.ssrc,
+            out_src: self.listen,
+            out_dst: self.listen,
+            egress_ifindex: 0,
+            src_mac: [0; 6],
+            dst_mac: [0; 6],
+            ssrc_out: 0,
+            seq_delta: 0,
+            ts_delta: 0,
+            pt_remap: None,
+            vlan: None,
+        }
+        .key()
+    }
+}
+
+impl CopyArgs {
+    /// The copy as a route, resolved (egress, MACs); the stream's listener is created
+    /// if missing.
+    fn route(self, maps: &mut Maps) -> Result<Route> {
+        let (pt_from, pt_to) = match self.pt {
+            Some(p) => {
+                let (f, t) = p
+                    .split_once(':')
+                    .context("--pt wants FROM:TO, e.g. 96:100")?;
+                (
+                    Some(f.parse().context("--pt FROM")?),
+                    Some(t.parse().context("--pt TO")?),
+                )
+            }
+            None => (None, None),
+        };
+        let listen = self.stream.listen;
+        let rc = RouteConfig {
+            listen,
+            source: self.stream.source,
+            ssrc: self.stream.ssrc,
+            out_src: self.out_src,
+            out_dst: self.out_dst,
+            ssrc_out: self.ssrc_out,
+            seq_delta: self.seq_delta,
+            ts_delta: self.ts_delta,
+            pt_from,
+            pt_to,
+            egress: self.egress,
+            dst_mac: self.dst_mac,
+            vlan: self.vlan,
+        };
+        if !maps.listeners()?.iter().any(|l| l.addr == listen) {
+            maps.set_listener(&Listener {
+                addr: listen,
+                drop_unknown_source: true,
+                drop_no_route: false,
+                webrtc: false,
+            })?;
+        }
+        resolve::resolve(&rc)
+    }
+}
+
+#[derive(Subcommand)]
+enum SubsCmd {
+    /// Streams with their copies (subscribers, trunks) and counters.
+    List {
+        /// Machine-readable output.
         #[arg(long)]
-        listen: SocketAddr,
-        /// The publisher's address:port.
+        json: bool,
+    },
+    /// Add a copy to a stream (fan-out); creates the stream if it has none. Copies
+    /// of a stream with several are replicated by the TC program, untagged.
+    Add {
+        #[command(flatten)]
+        copy: CopyArgs,
+    },
+    /// Remove the copy to --out-dst from a stream; the other copies go on undisturbed.
+    Del {
+        #[command(flatten)]
+        stream: StreamArgs,
+        /// Address:port of the copy to remove.
         #[arg(long)]
-        source: SocketAddr,
-        /// The publisher's SSRC (decimal or 0x-hex).
-        #[arg(long, value_parser = parse_u32)]
-        ssrc: u32,
+        out_dst: SocketAddr,
     },
 }
 
@@ -298,6 +400,7 @@ fn real_main(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Routes { cmd } => routes_cmd(&cli.pin_dir, cmd),
+        Cmd::Subs { cmd } => subs_cmd(&cli.pin_dir, cmd),
         Cmd::Down { iface, keep_maps } => down(&cli.pin_dir, iface.as_deref(), keep_maps),
         Cmd::Stats {
             json,
@@ -390,94 +493,78 @@ fn routes_cmd(pin_dir: &std::path::Path, cmd: RoutesCmd) -> Result<()> {
                 stats::print_routes(&rows);
             }
         }
-        RoutesCmd::Add {
-            listen,
-            source,
-            ssrc,
-            out_src,
-            out_dst,
-            ssrc_out,
-            seq_delta,
-            ts_delta,
-            pt,
-            egress,
-            dst_mac,
-            vlan,
-            replace,
-        } => {
-            let (pt_from, pt_to) = match pt {
-                Some(p) => {
-                    let (f, t) = p
-                        .split_once(':')
-                        .context("--pt wants FROM:TO, e.g. 96:100")?;
-                    (
-                        Some(f.parse().context("--pt FROM")?),
-                        Some(t.parse().context("--pt TO")?),
-                    )
-                }
-                None => (None, None),
-            };
-            let rc = RouteConfig {
-                listen,
-                source,
-                ssrc,
-                out_src,
-                out_dst,
-                ssrc_out,
-                seq_delta,
-                ts_delta,
-                pt_from,
-                pt_to,
-                egress,
-                dst_mac,
-                vlan,
-            };
-            if !maps.listeners()?.iter().any(|l| l.addr == listen) {
-                maps.set_listener(&Listener {
-                    addr: listen,
-                    drop_unknown_source: true,
-                    drop_no_route: false,
-                    webrtc: false,
-                })?;
-            }
-            let route = resolve::resolve(&rc)?;
+        RoutesCmd::Add { copy, replace } => {
+            let route = copy.route(&mut maps)?;
             if replace {
                 maps.put_route(&route)?;
             } else {
                 maps.add_route(&route)?;
             }
             println!(
-                "route {ssrc:#010x} from {source} on {listen} -> {out_dst} {}",
+                "route {:#010x} from {} on {} -> {} {}",
+                route.ssrc,
+                route.source,
+                route.listen,
+                route.out_dst,
                 if replace { "set" } else { "added" }
             );
         }
-        RoutesCmd::Del {
-            listen,
-            source,
-            ssrc,
-        } => {
-            let key = Route {
-                listen,
-                source,
-                ssrc,
-                out_src: listen,
-                out_dst: listen,
-                egress_ifindex: 0,
-                src_mac: [0; 6],
-                dst_mac: [0; 6],
-                ssrc_out: 0,
-                seq_delta: 0,
-                ts_delta: 0,
-                pt_remap: None,
-                vlan: None,
-            }
-            .key();
-            if !maps.del_route(&key)? {
+        RoutesCmd::Del { stream: s } => {
+            if !maps.del_route(&s.key())? {
                 bail!(
-                    "no route for SSRC {ssrc:#010x} from {source} on {listen} (see `edgefwd routes list`)"
+                    "no route for SSRC {:#010x} from {} on {} (see `edgefwd routes list`)",
+                    s.ssrc,
+                    s.source,
+                    s.listen
                 );
             }
-            println!("route {ssrc:#010x} from {source} on {listen} deleted");
+            println!(
+                "route {:#010x} from {} on {} deleted",
+                s.ssrc, s.source, s.listen
+            );
+        }
+    }
+    Ok(())
+}
+
+fn subs_cmd(pin_dir: &std::path::Path, cmd: SubsCmd) -> Result<()> {
+    let mut maps = Maps::open_pinned(pin_dir)?;
+    match cmd {
+        SubsCmd::List { json } => {
+            let rows = stats::stream_rows(maps.streams()?);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                stats::print_streams(&rows);
+            }
+        }
+        SubsCmd::Add { copy } => {
+            let route = copy.route(&mut maps)?;
+            maps.add_copy(&route)?;
+            let n = maps.copies_of(&route.key())?.len();
+            println!(
+                "copy of {:#010x} from {} on {} -> {} added ({n} cop{})",
+                route.ssrc,
+                route.source,
+                route.listen,
+                route.out_dst,
+                if n == 1 { "y" } else { "ies" }
+            );
+        }
+        SubsCmd::Del { stream: s, out_dst } => {
+            if !maps.del_copy(&s.key(), out_dst)? {
+                bail!(
+                    "the stream of SSRC {:#010x} from {} on {} has no copy to {out_dst} (see \
+                     `edgefwd subs list`)",
+                    s.ssrc,
+                    s.source,
+                    s.listen
+                );
+            }
+            println!(
+                "copy of {:#010x} from {} on {} -> {out_dst} removed",
+                s.ssrc, s.source, s.listen
+            );
         }
     }
     Ok(())

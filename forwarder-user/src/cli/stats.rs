@@ -3,17 +3,20 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use forwarder_common::{route_stats::RouteStats, verdicts::Verdict};
+use forwarder_common::{fanout::CopyVerdict, route_stats::RouteStats};
 use serde::Serialize;
 
 use crate::{
     daemon::config::fmt_mac,
-    dataplane::maps::{Maps, Route},
+    dataplane::maps::{Maps, Route, Stream},
     dataplane::preflight::ifname,
 };
 
 #[derive(Debug, Serialize)]
 pub struct VerdictRow {
+    /// `xdp`: every packet the XDP program saw, once; `copy`: every copy the TC
+    /// replicator made or failed to make.
+    pub stage: &'static str,
     pub verdict: &'static str,
     pub action: String,
     pub packets: u64,
@@ -24,27 +27,43 @@ pub struct VerdictRow {
 
 /// Two samples `interval` apart; rates are per second over that interval.
 pub fn verdict_rows(maps: &Maps, interval: Duration) -> Result<Vec<VerdictRow>> {
-    let a = maps.verdict_totals()?;
+    let sample = || -> Result<Vec<(&'static str, &'static str, String, &'static str, u64, u64)>> {
+        let mut v: Vec<_> = maps
+            .verdict_totals()?
+            .into_iter()
+            .map(|(v, s)| {
+                let action = format!("{:?}", v.action()).to_lowercase();
+                ("xdp", v.name(), action, v.help(), s.packets, s.bytes)
+            })
+            .collect();
+        for (c, s) in maps.copy_verdict_totals()? {
+            let action = if c == CopyVerdict::ForwardCopy { "forward" } else { "drop" };
+            v.push(("copy", c.name(), action.into(), c.help(), s.packets, s.bytes));
+        }
+        Ok(v)
+    };
+    let a = sample()?;
     let secs = interval.as_secs_f64();
     let b = if secs > 0.0 {
         std::thread::sleep(interval);
-        maps.verdict_totals()?
+        sample()?
     } else {
         a.clone()
     };
     Ok(a.iter()
         .zip(b)
-        .map(|((v, s0), (_, s1)): (&(Verdict, _), _)| VerdictRow {
-            verdict: v.name(),
-            action: format!("{:?}", v.action()).to_lowercase(),
-            packets: s1.packets,
-            bytes: s1.bytes,
+        .map(|(s0, (stage, verdict, action, help, packets, bytes))| VerdictRow {
+            stage,
+            verdict,
+            action,
+            packets,
+            bytes,
             pps: if secs > 0.0 {
-                (s1.packets - s0.packets) as f64 / secs
+                (packets - s0.4) as f64 / secs
             } else {
                 0.0
             },
-            help: v.help(),
+            help,
         })
         .collect())
 }
@@ -60,13 +79,19 @@ pub fn print_verdicts(rows: &[VerdictRow], all: bool) {
             r.verdict, r.action, r.packets, r.bytes, r.pps
         );
     }
-    let total: u64 = rows.iter().map(|r| r.packets).sum();
-    let drops: u64 = rows
-        .iter()
-        .filter(|r| r.action == "drop")
-        .map(|r| r.packets)
-        .sum();
-    println!("total {total} packets, {drops} dropped");
+    let sum = |stage: &str, drop: bool| -> u64 {
+        rows.iter()
+            .filter(|r| r.stage == stage && (!drop || r.action == "drop"))
+            .map(|r| r.packets)
+            .sum()
+    };
+    println!(
+        "total {} packets, {} dropped; fan-out copies: {} made, {} failed",
+        sum("xdp", false),
+        sum("xdp", true),
+        sum("copy", false) - sum("copy", true),
+        sum("copy", true)
+    );
 }
 
 #[derive(Debug, Serialize)]
@@ -132,4 +157,69 @@ pub fn print_routes(rows: &[RouteRow]) {
         );
     }
     println!("{} route(s)", rows.len());
+}
+
+#[derive(Debug, Serialize)]
+pub struct StreamRow {
+    pub listen: std::net::SocketAddr,
+    pub source: std::net::SocketAddr,
+    pub ssrc: u32,
+    /// `tc` (replicated by the TC program) or `xdp` (one copy, forwarded by XDP).
+    pub replicated_by: &'static str,
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    pub copies: Vec<RouteRow>,
+}
+
+pub fn stream_rows(streams: Vec<Stream>) -> Vec<StreamRow> {
+    streams
+        .into_iter()
+        .map(|s| StreamRow {
+            listen: s.listen,
+            source: s.source,
+            ssrc: s.ssrc,
+            replicated_by: if s.fanout { "tc" } else { "xdp" },
+            packets_in: s.received.packets,
+            bytes_in: s.received.bytes,
+            copies: route_rows(s.copies),
+        })
+        .collect()
+}
+
+pub fn print_streams(rows: &[StreamRow]) {
+    for s in rows {
+        println!(
+            "stream {:#010x} from {} on {}: {} cop{} ({}), {} packets in",
+            s.ssrc,
+            s.source,
+            s.listen,
+            s.copies.len(),
+            if s.copies.len() == 1 { "y" } else { "ies" },
+            s.replicated_by,
+            s.packets_in
+        );
+        println!(
+            "  {:<24} {:<24} {:>10} {:<10} {:>7} {:>10} {:>7} {:>12}",
+            "OUT_SRC", "OUT_DST", "SSRC_OUT", "EGRESS", "SEQ+", "TS+", "PT", "PACKETS"
+        );
+        for r in &s.copies {
+            let x = &r.route;
+            println!(
+                "  {:<24} {:<24} {:#010x} {:<10} {:>7} {:>10} {:>7} {:>12}",
+                x.out_src.to_string(),
+                x.out_dst.to_string(),
+                x.ssrc_out,
+                r.egress,
+                x.seq_delta,
+                x.ts_delta,
+                x.pt_remap
+                    .map(|(f, t)| format!("{f}>{t}"))
+                    .unwrap_or_else(|| "-".into()),
+                r.packets
+            );
+        }
+    }
+    if rows.is_empty() {
+        println!("no streams (add copies with `edgefwd subs add`, or [[route]] in the config)");
+    }
 }

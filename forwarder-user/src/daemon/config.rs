@@ -21,6 +21,17 @@
 //! dst_mac = "02:00:00:00:00:01" # optional: else from the neighbour table
 //! vlan = 100                    # optional: the copy leaves 802.1Q-tagged (default untagged)
 //!
+//! # Fan-out: more [[route]]s with the same listen, source and ssrc are more copies of
+//! # that stream (subscribers, or trunks to relay nodes that keep the packet as it
+//! # is); the kernel replicates them. Each copy needs its own out_dst; copies of a
+//! # stream with several leave untagged.
+//! [[route]]
+//! listen = "198.51.100.2:5004"
+//! source = "198.51.100.1:40000"
+//! ssrc = 0x11223344
+//! out_src = "203.0.113.2:5006"
+//! out_dst = "203.0.113.9:6000"
+//!
 //! [webrtc]                      # optional: WHIP/WHEP control plane (see webrtc::WebrtcConfig)
 //! http = "0.0.0.0:8080"
 //! media = "0.0.0.0:50000"
@@ -103,6 +114,18 @@ impl Config {
                     "route #{} (ssrc {}): vlan = {v}; VLAN ids are 1-4094 (leave it out for untagged)",
                     i + 1,
                     r.ssrc
+                );
+            }
+            if let Some(j) = cfg.routes[..i].iter().position(|o| {
+                (o.listen, o.source, o.ssrc, o.out_dst) == (r.listen, r.source, r.ssrc, r.out_dst)
+            }) {
+                bail!(
+                    "route #{} (ssrc {}) repeats route #{}: same stream, same out_dst {}; \
+                     a stream's copies each need their own destination",
+                    i + 1,
+                    r.ssrc,
+                    j + 1,
+                    r.out_dst
                 );
             }
             if !cfg.listeners.iter().any(|l| l.addr == r.listen) {
@@ -211,6 +234,11 @@ mod tests {
         )
         .unwrap_err();
         assert!(format!("{e:#}").contains("has no [[listener]]"), "{e:#}");
+        let copy = "[[route]]\nlisten=\"1.1.1.1:1\"\nsource=\"1.1.1.2:1\"\nssrc=1\nout_src=\"1.1.1.1:2\"\nout_dst=\"1.1.1.3:1\"\n";
+        let two = format!("[[listener]]\naddr=\"1.1.1.1:1\"\n{copy}{}", copy.replace("1.1.1.3", "1.1.1.4"));
+        assert_eq!(Config::parse(&two).unwrap().routes.len(), 2, "two copies of one stream");
+        let e = Config::parse(&format!("[[listener]]\naddr=\"1.1.1.1:1\"\n{copy}{copy}")).unwrap_err();
+        assert!(format!("{e:#}").contains("repeats route #1"), "{e:#}");
         assert!(parse_mac("02:00:00:00:00").is_err());
         assert!(parse_mac("02:00:00:00:00:zz").is_err());
     }

@@ -58,22 +58,41 @@ pub fn render(source: &Source) -> Result<String> {
     }
     if let Source::Pinned(dir) = source {
         let rp = IntCounterVec::new(
-            Opts::new("edgefwd_route_packets_total", "Packets forwarded per route"),
-            &["listen", "source", "ssrc"],
+            Opts::new(
+                "edgefwd_route_packets_total",
+                "Packets forwarded per route (per copy of a fan-out stream)",
+            ),
+            &["listen", "source", "ssrc", "out_dst"],
         )?;
         let rb = IntCounterVec::new(
-            Opts::new("edgefwd_route_bytes_total", "Bytes forwarded per route"),
-            &["listen", "source", "ssrc"],
+            Opts::new(
+                "edgefwd_route_bytes_total",
+                "Bytes forwarded per route (per copy of a fan-out stream)",
+            ),
+            &["listen", "source", "ssrc", "out_dst"],
         )?;
+        let cp = IntCounterVec::new(
+            Opts::new(
+                "edgefwd_copies_total",
+                "Copies the TC replicator made or failed to make, by verdict",
+            ),
+            &["verdict"],
+        )?;
+        registry.register(Box::new(cp.clone()))?;
         registry.register(Box::new(rp.clone()))?;
         registry.register(Box::new(rb.clone()))?;
-        for (r, s) in Maps::open_pinned(dir)?.routes()? {
+        let maps = Maps::open_pinned(dir)?;
+        for (v, s) in maps.copy_verdict_totals()? {
+            cp.with_label_values(&[v.name()]).inc_by(s.packets);
+        }
+        for (r, s) in maps.routes()? {
             let labels = [
                 r.listen.to_string(),
                 r.source.to_string(),
                 r.ssrc.to_string(),
+                r.out_dst.to_string(),
             ];
-            let labels = [labels[0].as_str(), labels[1].as_str(), labels[2].as_str()];
+            let labels = labels.each_ref().map(|l| l.as_str());
             rp.with_label_values(&labels).inc_by(s.packets);
             rb.with_label_values(&labels).inc_by(s.bytes);
         }

@@ -83,7 +83,8 @@ struct Target {
 pub struct UserPath {
     listen: UdpSocket,
     outs: Vec<UdpSocket>,
-    routes: HashMap<(SocketAddr, u32), Target>,
+    /// A stream's copies: one, or several (fan-out).
+    routes: HashMap<(SocketAddr, u32), Vec<Target>>,
     /// Sources with at least one route: the userspace twin of `EFWD_SOURCES_V1`, so a
     /// route miss is one lookup, not a scan of the routes.
     sources: HashSet<SocketAddr>,
@@ -131,8 +132,7 @@ impl UserPath {
             let mut out_sa: libc::sockaddr_storage = unsafe { mem::zeroed() };
             let out_sa_len = sockaddr_from(r.out_dst, &mut out_sa);
             let tx = r.egress_ifindex == 0 || r.egress_ifindex == ingress_of(r.source);
-            table.insert(
-                (r.source, r.ssrc),
+            table.entry((r.source, r.ssrc)).or_insert_with(Vec::new).push(
                 Target {
                     value: r.value(0),
                     out_sa,
@@ -150,7 +150,7 @@ impl UserPath {
         // usize::MAX meant "the listening socket": it goes last.
         outs.push(sock.try_clone()?);
         let last = outs.len() - 1;
-        for t in table.values_mut() {
+        for t in table.values_mut().flatten() {
             if t.sock == usize::MAX {
                 t.sock = last;
             }
@@ -195,10 +195,9 @@ impl UserPath {
                 h
             })
             .collect();
-        // Per output socket: the datagrams queued for it in this batch.
-        let mut out_iovs: Vec<Vec<libc::iovec>> = vec![Vec::with_capacity(BATCH); self.outs.len()];
-        let mut out_msgs: Vec<Vec<libc::mmsghdr>> =
-            vec![Vec::with_capacity(BATCH); self.outs.len()];
+        // Per output socket: the copies queued for it, in buffers of their own (each
+        // copy of a fan-out is rewritten differently).
+        let mut queues: Vec<OutQueue> = self.outs.iter().map(|_| OutQueue::new()).collect();
         while !stop.load(Ordering::Relaxed) {
             for m in msgs.iter_mut() {
                 // The kernel overwrote these with the previous batch's lengths.
@@ -235,58 +234,23 @@ impl UserPath {
                 let Some(src) = sockaddr_to(&addrs[i]) else {
                     continue;
                 };
-                let pkt = &mut bufs[i][..len];
+                let pkt = &bufs[i][..len];
                 match self.route_one(pkt, src) {
-                    Ok(t) => {
-                        out_iovs[t.sock].push(libc::iovec {
-                            iov_base: pkt.as_mut_ptr().cast(),
-                            iov_len: len,
-                        });
-                        // SAFETY: mmsghdr is a plain C struct; all-zero is valid.
-                        let mut h: libc::mmsghdr = unsafe { mem::zeroed() };
-                        // sendmmsg only reads the address.
-                        h.msg_hdr.msg_name = (&t.out_sa as *const libc::sockaddr_storage)
-                            .cast_mut()
-                            .cast();
-                        h.msg_hdr.msg_namelen = t.out_sa_len;
-                        out_msgs[t.sock].push(h);
-                        counters.add(t.verdict, len);
+                    Ok(targets) => {
+                        counters.add(verdict_of(targets), len);
+                        for t in targets {
+                            let q = &mut queues[t.sock];
+                            if q.full() {
+                                q.flush(&self.outs[t.sock]);
+                            }
+                            q.push(pkt, t);
+                        }
                     }
                     Err(v) => counters.add(v, len),
                 }
             }
-            for ((sock, iovs), msgs) in self
-                .outs
-                .iter()
-                .zip(out_iovs.iter_mut())
-                .zip(out_msgs.iter_mut())
-            {
-                // The iovecs are complete now: point the headers at them.
-                for (m, iov) in msgs.iter_mut().zip(iovs.iter_mut()) {
-                    m.msg_hdr.msg_iov = iov;
-                    m.msg_hdr.msg_iovlen = 1;
-                }
-                let mut off = 0;
-                while off < msgs.len() {
-                    // SAFETY: the headers point at this batch's iovecs and the
-                    // routes' addresses, all alive until the call returns.
-                    let r = unsafe {
-                        libc::sendmmsg(
-                            sock.as_raw_fd(),
-                            msgs[off..].as_mut_ptr(),
-                            (msgs.len() - off) as u32,
-                            0,
-                        )
-                    };
-                    if r <= 0 {
-                        // A full socket buffer loses the rest of the batch, like a full
-                        // NIC queue would; it is not worth stalling the receive side.
-                        break;
-                    }
-                    off += r as usize;
-                }
-                iovs.clear();
-                msgs.clear();
+            for (q, sock) in queues.iter_mut().zip(self.outs.iter()) {
+                q.flush(sock);
             }
         }
         Ok(())
@@ -296,13 +260,17 @@ impl UserPath {
     /// is forwarded): the same verdict the XDP program gives the same datagram.
     pub fn judge(&self, pkt: &mut [u8], src: SocketAddr) -> Verdict {
         match self.route_one(pkt, src) {
-            Ok(t) => t.verdict,
+            Ok([t]) => {
+                rtp::rewrite(pkt, &t.value);
+                t.verdict
+            }
+            Ok(targets) => verdict_of(targets),
             Err(v) => v,
         }
     }
 
-    /// Routes one datagram: rewritten in place with its target, or the verdict.
-    fn route_one(&self, pkt: &mut [u8], src: SocketAddr) -> Result<&Target, Verdict> {
+    /// Routes one datagram: its stream's copies, or the verdict.
+    fn route_one(&self, pkt: &[u8], src: SocketAddr) -> Result<&[Target], Verdict> {
         if pkt.len() < 2 {
             return Err(Verdict::DropUnknownProtocol);
         }
@@ -321,7 +289,7 @@ impl UserPath {
             return Err(Verdict::DropMalformedRtp);
         }
         let ssrc = u32::from_be_bytes([pkt[8], pkt[9], pkt[10], pkt[11]]);
-        let Some(t) = self.routes.get(&(src, ssrc)) else {
+        let Some(targets) = self.routes.get(&(src, ssrc)) else {
             return Err(
                 match (self.sources.contains(&src), self.drop_unknown_source) {
                     (true, _) if self.drop_no_route => Verdict::DropNoRoute,
@@ -331,8 +299,95 @@ impl UserPath {
                 },
             );
         };
-        rtp::rewrite(pkt, &t.value);
-        Ok(t)
+        Ok(targets)
+    }
+}
+
+/// The verdict XDP gives a packet with these copies: one is forwarded by XDP itself,
+/// several are handed to the replicator.
+fn verdict_of(targets: &[Target]) -> Verdict {
+    match targets {
+        [t] => t.verdict,
+        _ => Verdict::ForwardFanout,
+    }
+}
+
+/// Copies waiting for one output socket's next sendmmsg.
+struct OutQueue {
+    bufs: Vec<[u8; BUF]>,
+    lens: Vec<usize>,
+    /// Each copy's destination, pointing into its route's Target (alive as long as
+    /// the path).
+    names: Vec<(*const libc::sockaddr_storage, libc::socklen_t)>,
+    iovs: Vec<libc::iovec>,
+    msgs: Vec<libc::mmsghdr>,
+}
+
+impl OutQueue {
+    fn new() -> Self {
+        OutQueue {
+            bufs: vec![[0u8; BUF]; BATCH],
+            lens: Vec::with_capacity(BATCH),
+            names: Vec::with_capacity(BATCH),
+            iovs: Vec::with_capacity(BATCH),
+            msgs: Vec::with_capacity(BATCH),
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.lens.len() == BATCH
+    }
+
+    /// Queues a copy of `pkt` rewritten for `t` (the caller made room).
+    fn push(&mut self, pkt: &[u8], t: &Target) {
+        let i = self.lens.len();
+        let buf = &mut self.bufs[i][..pkt.len()];
+        buf.copy_from_slice(pkt);
+        rtp::rewrite(buf, &t.value);
+        self.lens.push(pkt.len());
+        self.names.push((&t.out_sa, t.out_sa_len));
+    }
+
+    fn flush(&mut self, sock: &UdpSocket) {
+        self.iovs.clear();
+        self.msgs.clear();
+        for (buf, len) in self.bufs.iter_mut().zip(&self.lens) {
+            self.iovs.push(libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: *len,
+            });
+        }
+        for (iov, (name, name_len)) in self.iovs.iter_mut().zip(&self.names) {
+            // SAFETY: mmsghdr is a plain C struct; all-zero is valid.
+            let mut h: libc::mmsghdr = unsafe { mem::zeroed() };
+            // sendmmsg only reads the address.
+            h.msg_hdr.msg_name = name.cast_mut().cast();
+            h.msg_hdr.msg_namelen = *name_len;
+            h.msg_hdr.msg_iov = iov;
+            h.msg_hdr.msg_iovlen = 1;
+            self.msgs.push(h);
+        }
+        let mut off = 0;
+        while off < self.msgs.len() {
+            // SAFETY: the headers point at this queue's buffers and the routes'
+            // addresses, all alive until the call returns.
+            let r = unsafe {
+                libc::sendmmsg(
+                    sock.as_raw_fd(),
+                    self.msgs[off..].as_mut_ptr(),
+                    (self.msgs.len() - off) as u32,
+                    0,
+                )
+            };
+            if r <= 0 {
+                // A full socket buffer loses the rest, like a full NIC queue would; it
+                // is not worth stalling the receive side.
+                break;
+            }
+            off += r as usize;
+        }
+        self.lens.clear();
+        self.names.clear();
     }
 }
 
