@@ -9,7 +9,7 @@
 use core::{ffi::c_void, mem};
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, __sk_buff},
+    bindings::{__sk_buff, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
     helpers::{bpf_clone_redirect, bpf_loop, bpf_redirect, bpf_skb_vlan_pop},
     macros::classifier,
     programs::TcContext,

@@ -21,9 +21,9 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use forwarder_common::{
     csum::Delta,
+    fanout::{FANOUT_MAGIC, FanoutMeta, META_IPV6, META_VLAN},
     ifmac::IFMAC_SET,
     listeners::{FLAG_DROP_NO_ROUTE, FLAG_DROP_UNKNOWN_SOURCE, FLAG_WEBRTC, ListenerKey},
-    fanout::{FANOUT_MAGIC, FanoutMeta, META_IPV6, META_VLAN},
     routes::{FLAG_FANOUT, FLAG_IPV6, FLAG_REWRITE_PT, FLAG_VLAN, RouteKey, RouteValue},
     routes4::RouteKey4,
     rtp::{Class, MAX_RTP_LEN, RTP_FIXED_HEADER_LEN, classify},

@@ -246,7 +246,7 @@ impl Default for Topology {
     }
 }
 
-fn link(a: &NetNs, an: &str, aaddrs: &[&str], b: &NetNs, bn: &str, baddrs: &[&str]) {
+pub fn link(a: &NetNs, an: &str, aaddrs: &[&str], b: &NetNs, bn: &str, baddrs: &[&str]) {
     ip(&[
         "link", "add", an, "netns", &a.name, "type", "veth", "peer", "name", bn, "netns", &b.name,
     ]);

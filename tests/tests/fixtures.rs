@@ -1425,14 +1425,26 @@ fn fanout_sends_every_copy_rewritten_and_a_removed_copy_stops() {
                 egress_ifindex: d0,
                 ssrc_out: 0x6666_0001,
                 seq_delta: 1,
-                ..route(L6, PUB6, SSRC_V6, "[2001:db8:b::2]:5006", "[2001:db8:b::1]:6000")
+                ..route(
+                    L6,
+                    PUB6,
+                    SSRC_V6,
+                    "[2001:db8:b::2]:5006",
+                    "[2001:db8:b::1]:6000",
+                )
             },
             Route {
                 egress_ifindex: d0,
                 ssrc_out: 0x6666_0002,
                 seq_delta: 2,
                 ts_delta: 7,
-                ..route(L6, PUB6, SSRC_V6, "[2001:db8:b::2]:5006", "[2001:db8:b::3]:6002")
+                ..route(
+                    L6,
+                    PUB6,
+                    SSRC_V6,
+                    "[2001:db8:b::2]:5006",
+                    "[2001:db8:b::3]:6002",
+                )
             },
         ];
         for c in &copies6 {
@@ -1512,25 +1524,46 @@ fn fanout_sends_every_copy_rewritten_and_a_removed_copy_stops() {
         assert_eq!(n(Verdict::ForwardFanout), 2);
         let copy_verdicts = sim.maps().copy_verdict_totals().unwrap();
         assert_eq!(copy_verdicts[0].1.packets, 5, "{copy_verdicts:?}");
-        assert!(copy_verdicts[1..].iter().all(|(_, s)| s.packets == 0), "{copy_verdicts:?}");
+        assert!(
+            copy_verdicts[1..].iter().all(|(_, s)| s.packets == 0),
+            "{copy_verdicts:?}"
+        );
         for s in sim.maps().streams().unwrap() {
             assert_eq!(s.received.packets, 1);
             assert!(s.copies.iter().all(|(_, st)| st.packets == 1), "{s:?}");
         }
 
         // Remove the middle copy: the next packet reaches the other two, no one else.
-        assert!(sim.maps().del_copy(&copies[1].key(), copies[1].out_dst).unwrap());
-        let rtp2 = Rtp { seq: 0x0013, ..rtp.clone() };
-        sim.inject(&from_pub(5004).build(&rtp2.bytes()), f0, 1).unwrap();
+        assert!(
+            sim.maps()
+                .del_copy(&copies[1].key(), copies[1].out_dst)
+                .unwrap()
+        );
+        let rtp2 = Rtp {
+            seq: 0x0013,
+            ..rtp.clone()
+        };
+        sim.inject(&from_pub(5004).build(&rtp2.bytes()), f0, 1)
+            .unwrap();
         let got_back = gather(&back, 1);
         let got_out = gather(&out, 2);
-        assert_eq!(got_back, vec![rewritten(&from_pub(5004), &copies[0], &rtp2)]);
+        assert_eq!(
+            got_back,
+            vec![rewritten(&from_pub(5004), &copies[0], &rtp2)]
+        );
         assert_eq!(got_out, vec![rewritten(&from_pub(5004), &copies[2], &rtp2)]);
         let stream = &sim.maps().streams().unwrap()[0];
         assert_eq!(stream.copies.len(), 2);
-        assert!(stream.copies.iter().all(|(_, st)| st.packets == 2), "{stream:?}");
+        assert!(
+            stream.copies.iter().all(|(_, st)| st.packets == 2),
+            "{stream:?}"
+        );
         // Down to one copy: a plain route again, forwarded by XDP itself.
-        assert!(sim.maps().del_copy(&copies[2].key(), copies[2].out_dst).unwrap());
+        assert!(
+            sim.maps()
+                .del_copy(&copies[2].key(), copies[2].out_dst)
+                .unwrap()
+        );
         let stream = &sim.maps().streams().unwrap()[0];
         assert!(!stream.fanout);
         assert_eq!(stream.copies[0].1.packets, 2, "the copy kept its counters");

@@ -10,8 +10,7 @@ use std::{
 };
 
 use edgefwd_tests::{
-    RawSock,
-    Edgefwd, PinDir, edgefwd_bin, kernel_lock,
+    Edgefwd, PinDir, RawSock, edgefwd_bin, kernel_lock,
     netns::{FWD_A_V4, NetNs, Topology},
     spawn_edgefwd, unique,
 };
@@ -923,7 +922,6 @@ fn chromium_and_aiortc_through_af_xdp_and_through_the_forced_socket_path() {
         );
     }
 }
-
 
 /// Rewrites an IPv4/UDP frame's UDP payload length to `len` (IP total length and
 /// header checksum fixed, UDP checksum 0: none, as RFC 768 allows on IPv4).

@@ -37,8 +37,19 @@ pub fn verdict_rows(maps: &Maps, interval: Duration) -> Result<Vec<VerdictRow>> 
             })
             .collect();
         for (c, s) in maps.copy_verdict_totals()? {
-            let action = if c == CopyVerdict::ForwardCopy { "forward" } else { "drop" };
-            v.push(("copy", c.name(), action.into(), c.help(), s.packets, s.bytes));
+            let action = if c == CopyVerdict::ForwardCopy {
+                "forward"
+            } else {
+                "drop"
+            };
+            v.push((
+                "copy",
+                c.name(),
+                action.into(),
+                c.help(),
+                s.packets,
+                s.bytes,
+            ));
         }
         Ok(v)
     };
@@ -52,19 +63,21 @@ pub fn verdict_rows(maps: &Maps, interval: Duration) -> Result<Vec<VerdictRow>> 
     };
     Ok(a.iter()
         .zip(b)
-        .map(|(s0, (stage, verdict, action, help, packets, bytes))| VerdictRow {
-            stage,
-            verdict,
-            action,
-            packets,
-            bytes,
-            pps: if secs > 0.0 {
-                (packets - s0.4) as f64 / secs
-            } else {
-                0.0
+        .map(
+            |(s0, (stage, verdict, action, help, packets, bytes))| VerdictRow {
+                stage,
+                verdict,
+                action,
+                packets,
+                bytes,
+                pps: if secs > 0.0 {
+                    (packets - s0.4) as f64 / secs
+                } else {
+                    0.0
+                },
+                help,
             },
-            help,
-        })
+        )
         .collect())
 }
 

@@ -235,9 +235,17 @@ mod tests {
         .unwrap_err();
         assert!(format!("{e:#}").contains("has no [[listener]]"), "{e:#}");
         let copy = "[[route]]\nlisten=\"1.1.1.1:1\"\nsource=\"1.1.1.2:1\"\nssrc=1\nout_src=\"1.1.1.1:2\"\nout_dst=\"1.1.1.3:1\"\n";
-        let two = format!("[[listener]]\naddr=\"1.1.1.1:1\"\n{copy}{}", copy.replace("1.1.1.3", "1.1.1.4"));
-        assert_eq!(Config::parse(&two).unwrap().routes.len(), 2, "two copies of one stream");
-        let e = Config::parse(&format!("[[listener]]\naddr=\"1.1.1.1:1\"\n{copy}{copy}")).unwrap_err();
+        let two = format!(
+            "[[listener]]\naddr=\"1.1.1.1:1\"\n{copy}{}",
+            copy.replace("1.1.1.3", "1.1.1.4")
+        );
+        assert_eq!(
+            Config::parse(&two).unwrap().routes.len(),
+            2,
+            "two copies of one stream"
+        );
+        let e =
+            Config::parse(&format!("[[listener]]\naddr=\"1.1.1.1:1\"\n{copy}{copy}")).unwrap_err();
         assert!(format!("{e:#}").contains("repeats route #1"), "{e:#}");
         assert!(parse_mac("02:00:00:00:00").is_err());
         assert!(parse_mac("02:00:00:00:00:zz").is_err());

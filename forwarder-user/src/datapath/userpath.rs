@@ -132,8 +132,10 @@ impl UserPath {
             let mut out_sa: libc::sockaddr_storage = unsafe { mem::zeroed() };
             let out_sa_len = sockaddr_from(r.out_dst, &mut out_sa);
             let tx = r.egress_ifindex == 0 || r.egress_ifindex == ingress_of(r.source);
-            table.entry((r.source, r.ssrc)).or_insert_with(Vec::new).push(
-                Target {
+            table
+                .entry((r.source, r.ssrc))
+                .or_insert_with(Vec::new)
+                .push(Target {
                     value: r.value(0),
                     out_sa,
                     out_sa_len,
@@ -143,8 +145,7 @@ impl UserPath {
                     } else {
                         Verdict::ForwardRedirect
                     },
-                },
-            );
+                });
         }
         let mut outs: Vec<UdpSocket> = outs.into_iter().map(|(_, s)| s).collect();
         // usize::MAX meant "the listening socket": it goes last.

@@ -659,7 +659,12 @@ impl Maps {
                     .with_context(|| format!("writing copy slot {}", start + i as u32))?;
             }
             RouteValue {
-                flags: FLAG_FANOUT | if first.out_dst.is_ipv6() { FLAG_IPV6 } else { 0 },
+                flags: FLAG_FANOUT
+                    | if first.out_dst.is_ipv6() {
+                        FLAG_IPV6
+                    } else {
+                        0
+                    },
                 stats_slot: stream,
                 fanout_first: start,
                 fanout_count: copies.len() as u32,
@@ -833,11 +838,7 @@ impl Maps {
 
     /// Every copy of every stream as a route, with its own counters summed over CPUs.
     pub fn routes(&self) -> Result<Vec<(Route, RouteStats)>> {
-        Ok(self
-            .streams()?
-            .into_iter()
-            .flat_map(|s| s.copies)
-            .collect())
+        Ok(self.streams()?.into_iter().flat_map(|s| s.copies).collect())
     }
 
     /// Every stream with its copies and counters, sorted by (listen, source, SSRC).
