@@ -1,6 +1,7 @@
 //! Test support: network-namespace guards, pin-directory guards, packet builders, and a
 //! lock that serialises tests touching kernel state.
 
+pub mod bench;
 pub mod netns;
 pub mod pkt;
 pub mod rawsock;

@@ -21,9 +21,6 @@
 //! (latest) and `forward.png`.
 
 use std::{
-    collections::{HashMap, HashSet},
-    net::UdpSocket,
-    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
     path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
@@ -31,7 +28,7 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{Array, DevMapHash, HashMap as AyaHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap as AyaHashMap},
     programs::{TestRun as _, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
 };
 use edgefwd::{
@@ -40,18 +37,19 @@ use edgefwd::{
     dataplane::resolve::{self, iface_mac},
 };
 use edgefwd_tests::{
-    Edgefwd, PinDir, edgefwd_bin,
+    PinDir,
+    bench::{
+        GEN_CPU, attach_tool, cpu_time, napi_threads, paced_send, pin_self,
+        process_threads, sink_count, start_daemon, thread_napi,
+    },
     netns::{FWD_A_V4, NetNs, PUB_V4, RCV_V4, Topology},
     pkt::{Frame, Rtp},
-    spawn_edgefwd,
 };
 use forwarder_common::{
-    PROG_DROP, PROG_FORWARD, PROG_PASS, PROG_UDP_VERIFY, verdicts::VerdictStats,
+    PROG_DROP, PROG_FORWARD, PROG_PASS, PROG_UDP_VERIFY,
 };
 use serde::Serialize;
 
-const GEN_CPU: usize = 0;
-const FWD_CPU: usize = 1;
 const SSRC: u32 = 0x0bea_c0de;
 /// Frames per BPF_PROG_TEST_RUN call: each call pays ~20 ms of page_pool teardown, so
 /// calls must be long.
@@ -690,21 +688,6 @@ fn gen_frame(t: &Topology, rtp_bytes: usize, ttl: u8) -> Vec<u8> {
     .build(&rtp.bytes())
 }
 
-/// Attaches one of the test/benchmark programs (their own object) to `dev`.
-fn attach_tool(ns: &NetNs, prog: &'static str, dev: &'static str) -> Ebpf {
-    ns.run(move || {
-        let mut e = loader::load_tools().expect("load the test/benchmark XDP object");
-        loader::attach(&mut e, prog, dev).expect("attach");
-        e
-    })
-}
-
-fn sink_count(e: &Ebpf) -> u64 {
-    let m: PerCpuArray<_, VerdictStats> =
-        PerCpuArray::try_from(e.map("EFWD_SINK_V1").expect("EFWD_SINK_V1 map")).unwrap();
-    m.get(&0, 0).unwrap().iter().map(|s| s.packets).sum()
-}
-
 /// Runs `edgefwd_gen` over live frames from the publisher's veth for `seconds`, on the
 /// generator core. Returns (frames sent, seconds).
 fn generate(ns: &NetNs, frame: &[u8], seconds: f64) -> (u64, f64) {
@@ -875,172 +858,8 @@ impl Trial {
     }
 }
 
-/// A paced sendmmsg generator on the generator core: every 200 µs it sends what is due.
-fn paced_send(ns: &NetNs, payload: &[u8], pps: f64, seconds: f64) -> (u64, f64) {
-    let payload = payload.to_vec();
-    ns.run(move || {
-        pin_self(GEN_CPU);
-        let s = UdpSocket::bind(format!("{PUB_V4}:40000")).expect("bind generator socket");
-        s.connect(format!("{FWD_A_V4}:5004")).unwrap();
-        const B: usize = 64;
-        let mut iov: Vec<libc::iovec> = (0..B)
-            .map(|_| libc::iovec {
-                iov_base: payload.as_ptr() as *mut _,
-                iov_len: payload.len(),
-            })
-            .collect();
-        let mut msgs: Vec<libc::mmsghdr> = (0..B)
-            .map(|i| {
-                let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-                m.msg_hdr.msg_iov = &mut iov[i];
-                m.msg_hdr.msg_iovlen = 1;
-                m
-            })
-            .collect();
-        let start = Instant::now();
-        let mut sent = 0u64;
-        loop {
-            let el = start.elapsed().as_secs_f64();
-            if el >= seconds {
-                break;
-            }
-            let due = (el * pps) as u64;
-            while sent < due {
-                let n = ((due - sent) as usize).min(B);
-                let r = unsafe { libc::sendmmsg(s.as_raw_fd(), msgs.as_mut_ptr(), n as u32, 0) };
-                if r <= 0 {
-                    // ENOBUFS and friends: the generator is saturated; try again later.
-                    break;
-                }
-                sent += r as u64;
-            }
-            std::thread::sleep(Duration::from_micros(200));
-        }
-        (sent, start.elapsed().as_secs_f64())
-    })
-}
-
 // ---------------------------------------------------------------------------------------
 // Daemon, threads, CPU accounting
-
-fn start_daemon(ns: &NetNs, pin: &Path, config: &str, extra: &[&str]) -> Edgefwd {
-    let cfg = std::env::temp_dir().join(format!(
-        "edgefwd-bench-{}-{}.toml",
-        std::process::id(),
-        pin.file_name().unwrap().to_string_lossy()
-    ));
-    std::fs::write(&cfg, config).unwrap();
-    let mut cmd = ns.command(edgefwd_bin().to_str().unwrap());
-    cmd.args([
-        "--pin-dir",
-        pin.to_str().unwrap(),
-        "run",
-        "--iface",
-        "f0",
-        "--config",
-    ])
-    .arg(&cfg)
-    .args(extra);
-    unsafe {
-        // The whole relay (every thread it starts inherits this) on the forwarder core.
-        cmd.pre_exec(|| {
-            set_affinity(0, FWD_CPU);
-            Ok(())
-        });
-    }
-    let child = spawn_edgefwd(cmd);
-    let _ = std::fs::remove_file(&cfg);
-    child
-}
-
-fn set_affinity(pid: i32, cpu: usize) -> bool {
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(pid, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
-    }
-}
-
-fn pin_self(cpu: usize) {
-    assert!(set_affinity(0, cpu), "pinning to CPU {cpu} failed");
-}
-
-/// NAPI kthreads by pid → name ("napi/<dev>-<id>").
-fn napi_threads() -> HashMap<i32, String> {
-    let mut out = HashMap::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        if let Ok(comm) = std::fs::read_to_string(e.path().join("comm"))
-            && comm.starts_with("napi/")
-        {
-            out.insert(pid, comm.trim().to_string());
-        }
-    }
-    out
-}
-
-/// Turns on threaded NAPI for each device (after XDP is attached: attaching recreates the
-/// veth's NAPI) and pins the new kthreads to the forwarder core.
-fn thread_napi(devs: &[(&NetNs, &str)], before: &HashMap<i32, String>) -> Vec<i32> {
-    let old: HashSet<i32> = before.keys().copied().collect();
-    for (ns, dev) in devs {
-        // `ip netns exec` mounts a sysfs of the namespace, where its devices live.
-        let out = Command::new("ip")
-            .args(["netns", "exec", &ns.name, "sh", "-c"])
-            .arg(format!("echo 1 > /sys/class/net/{dev}/threaded"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "threaded NAPI on {dev}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let new: Vec<(i32, String)> = napi_threads()
-            .into_iter()
-            .filter(|(p, n)| {
-                !old.contains(p)
-                    && devs
-                        .iter()
-                        .any(|(_, d)| n.starts_with(&format!("napi/{d}-")))
-            })
-            .collect();
-        if new.len() >= devs.len() {
-            for (pid, name) in &new {
-                assert!(set_affinity(*pid, FWD_CPU), "pinning {name} failed");
-            }
-            return new.into_iter().map(|(p, _)| p).collect();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "threaded NAPI kthreads for {devs:?} did not appear (found {new:?})",
-            devs = devs.iter().map(|(_, d)| *d).collect::<Vec<_>>()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Every thread of a process.
-fn process_threads(pid: u32) -> Vec<i32> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_string_lossy().parse().ok())
-        .collect()
-}
-
-/// Summed on-CPU nanoseconds (first field of /proc/PID/schedstat).
-fn cpu_time(threads: &[i32]) -> u64 {
-    threads
-        .iter()
-        .filter_map(|t| std::fs::read_to_string(format!("/proc/{t}/schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .sum()
-}
 
 // ---------------------------------------------------------------------------------------
 // Output
