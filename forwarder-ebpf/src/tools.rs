@@ -1,6 +1,7 @@
 //! Test and benchmark XDP programs, in an object of their own so the daemon's holds
 //! only the forwarder: a pass-everything program for veth peers, a counting sink, the
-//! UDP-checksum probe and the benchmark's traffic generator.
+//! UDP-checksum probe, the benchmark's traffic generator, and the devmap-broadcast
+//! replicator the fan-out benchmark measures the TC replicator against.
 #![no_std]
 #![no_main]
 
@@ -9,12 +10,12 @@
 mod packet;
 
 use aya_ebpf::{
-    bindings::xdp_action,
-    macros::{map, xdp},
-    maps::{Array, PerCpuArray},
-    programs::XdpContext,
+    bindings::{BPF_F_BROADCAST, TC_ACT_SHOT, xdp_action},
+    macros::{classifier, map, xdp},
+    maps::{Array, DevMap, PerCpuArray},
+    programs::{TcContext, XdpContext},
 };
-use forwarder_common::{csum, verdicts::VerdictStats};
+use forwarder_common::{csum, routes::RouteValue, verdicts::VerdictStats};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr};
 use packet::*;
 
@@ -38,6 +39,21 @@ pub fn edgefwd_drop(ctx: XdpContext) -> u32 {
         }
     }
     xdp_action::XDP_DROP
+}
+
+/// Benchmark sink for skb traffic (TC ingress): counts and drops. With RPS on its
+/// device the receiving work runs on another core than the sender's, and veth takes
+/// such a peer's frames through the backlog (no 256-frame XDP ring).
+#[classifier]
+pub fn edgefwd_tc_drop(ctx: TcContext) -> i32 {
+    if let Some(c) = EFWD_SINK_V1.get_ptr_mut(0) {
+        // SAFETY: the per-CPU slot is only this CPU's, and the program is not preempted.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += ctx.len() as u64;
+        }
+    }
+    TC_ACT_SHOT
 }
 
 /// Words of UDP a datagram of the largest frame the program forwards can have.
@@ -146,3 +162,66 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+/// Fan-out benchmark alternative: the copies of a packet by XDP devmap broadcast, one
+/// devmap entry per copy (all to the same egress), each entry's egress program
+/// rewriting its copy. Not the product's path (veth delivers at most its ring, 256
+/// frames, per poll, so large N loses copies); measured to compare.
+#[map]
+static EFWD_BCAST_V1: DevMap = DevMap::with_max_entries(1024, 0);
+/// Per-copy rewrite fields, the replicator's own layout.
+#[map]
+static EFWD_BCASTCOPY_V1: Array<RouteValue> = Array::with_max_entries(1024, 0);
+/// Copies emitted on this CPU, modulo the copy count: which entry's fields a copy gets
+/// (the egress program cannot see its entry).
+#[map]
+static EFWD_BCASTIDX_V1: PerCpuArray<u32> = PerCpuArray::with_max_entries(2, 0);
+
+#[xdp]
+pub fn edgefwd_bcast(_ctx: XdpContext) -> u32 {
+    match EFWD_BCAST_V1.redirect(0, BPF_F_BROADCAST as u64) {
+        Ok(a) => a,
+        Err(_) => xdp_action::XDP_DROP,
+    }
+}
+
+#[xdp(map = "devmap")]
+pub fn edgefwd_bcast_egress(ctx: XdpContext) -> u32 {
+    let (Some(idx), Some(n)) = (EFWD_BCASTIDX_V1.get_ptr_mut(0), EFWD_BCASTIDX_V1.get_ptr(1))
+    else {
+        return xdp_action::XDP_DROP;
+    };
+    // SAFETY: per-CPU slots, only this CPU's; the program is not preempted.
+    let i = unsafe {
+        let i = *idx;
+        *idx = if i + 1 >= *n { 0 } else { i + 1 };
+        i
+    };
+    let Some(copy) = EFWD_BCASTCOPY_V1.get(i) else {
+        return xdp_action::XDP_DROP;
+    };
+    let Some(h) = ptr_at::<[u8; 54]>(&ctx, 0) else {
+        return xdp_action::XDP_DROP;
+    };
+    let p = h as usize;
+    let mut l4d = csum::Delta::new();
+    // SAFETY: 54 bytes (Ethernet, IPv4, UDP, fixed RTP) checked above; `copy` is map memory.
+    unsafe {
+        let mut unused = csum::Delta::new();
+        replace_words::<6>(p, copy.dst_mac.as_ptr() as usize, &mut unused);
+        replace_words::<2>(p + 26, copy.out_src_addr.as_ptr() as usize + 12, &mut l4d);
+        replace_words::<2>(p + 30, copy.out_dst_addr.as_ptr() as usize + 12, &mut l4d);
+        st(p + 24, l4d.apply_word(ld(p + 24)));
+        replace_words::<2>(p + 34, copy.out_src_port_be.as_ptr() as usize, &mut l4d);
+        let old = ld(p + 44);
+        let new = u16::from_be(old).wrapping_add(copy.seq_delta).to_be();
+        l4d.word(old, new);
+        st(p + 44, new);
+        replace_words::<2>(p + 50, copy.ssrc_out_be.as_ptr() as usize, &mut l4d);
+        let check = ld(p + 40);
+        if check != 0 {
+            st(p + 40, l4d.apply_word(check));
+        }
+    }
+    xdp_action::XDP_PASS
+}

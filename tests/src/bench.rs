@@ -35,6 +35,31 @@ pub fn attach_tool(ns: &NetNs, prog: &'static str, dev: &'static str) -> Ebpf {
     })
 }
 
+/// A counting sink for skb traffic on `dev` (TC ingress, `edgefwd_tc_drop`) whose
+/// receive work RPS moves to the generator core, off the forwarder's. The backlog
+/// must hold a whole fan-out burst: `net.core.netdev_max_backlog` is raised (global).
+pub fn attach_tc_sink(ns: &NetNs, dev: &'static str) -> Ebpf {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "sh", "-c"])
+        .arg(format!(
+            "echo {:x} > /sys/class/net/{dev}/queues/rx-0/rps_cpus",
+            1u32 << GEN_CPU
+        ))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "RPS on {dev}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("sysctl")
+        .args(["-qw", "net.core.netdev_max_backlog=65536"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "netdev_max_backlog: {}", String::from_utf8_lossy(&out.stderr));
+    ns.run(move || {
+        let mut e = loader::load_tools().expect("load the test/benchmark object");
+        loader::attach_tc(&mut e, "edgefwd_tc_drop", dev).expect("attach the TC sink");
+        e
+    })
+}
+
 pub fn sink_count(e: &Ebpf) -> u64 {
     let m: PerCpuArray<_, VerdictStats> =
         PerCpuArray::try_from(e.map("EFWD_SINK_V1").expect("EFWD_SINK_V1 map")).unwrap();
@@ -212,4 +237,34 @@ pub fn cpu_time(threads: &[i32]) -> u64 {
         .filter_map(|t| std::fs::read_to_string(format!("/proc/{t}/schedstat")).ok())
         .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
         .sum()
+}
+
+pub fn utc_stamp() -> String {
+    let out = Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H%M%SZ"])
+        .output()
+        .expect("date");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let uts = Command::new("uname").arg("-r").output().unwrap();
+    // Counted from cpuinfo: this process is pinned to one core, so
+    // available_parallelism would say 1.
+    let n = std::fs::read_to_string("/proc/cpuinfo")
+        .map(|c| c.lines().filter(|l| l.starts_with("processor")).count())
+        .unwrap_or(0);
+    format!(
+        "{n} vCPU {cpu}, kernel {}",
+        String::from_utf8_lossy(&uts.stdout).trim()
+    )
 }

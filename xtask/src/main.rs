@@ -48,7 +48,8 @@ enum Cmd {
         targets: Vec<String>,
     },
     /// Benchmarks: `forward` measures packets per second per core; `srtp` the WebRTC
-    /// worker's SRTP copies per second per core, AF_XDP against the socket path.
+    /// worker's SRTP copies per second per core, AF_XDP against the socket path;
+    /// `fanout` copies per second per core for 1→N in the kernel against userspace.
     Bench {
         #[arg(default_value = "forward")]
         which: String,
@@ -105,12 +106,19 @@ fn run(cli: Cli) -> Result<()> {
             sh(Command::new(root().join("target/release/edgefwd-demo")).arg(seconds.to_string()))
         }
         Cmd::Bench { which, seconds } => {
-            if which != "forward" && which != "srtp" {
-                bail!("unknown benchmark {which:?}; available: forward, srtp");
+            if !["forward", "srtp", "fanout"].contains(&which.as_str()) {
+                bail!("unknown benchmark {which:?}; available: forward, srtp, fanout");
             }
             setup()?;
             require_root("the benchmark creates network namespaces and attaches XDP")?;
             build_release_tools()?;
+            if which == "fanout" {
+                return sh(
+                    Command::new(root().join("target/release/edgefwd-fanout-bench"))
+                        .args(["--seconds", &seconds.to_string(), "--out"])
+                        .arg(root().join("bench/results")),
+                );
+            }
             if which == "srtp" {
                 return sh(
                     Command::new(root().join("target/release/edgefwd-srtp-bench"))

@@ -97,23 +97,33 @@ pub fn load_tools() -> Result<Ebpf> {
     Ok(ebpf)
 }
 
-/// Loads every program of an object into the kernel: XDP programs, and the TC
-/// replicator.
+/// Loads every program of an object into the kernel: XDP programs, and TC ones (the
+/// replicator; a benchmark sink in the tools object).
 fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
     for (name, prog) in ebpf.programs_mut() {
-        let loaded = if name == PROG_FANOUT {
-            let prog: &mut SchedClassifier = prog
-                .try_into()
-                .with_context(|| format!("{name} is not a TC program"))?;
-            prog.load()
-        } else {
-            let prog: &mut Xdp = prog
-                .try_into()
-                .with_context(|| format!("{name} is not an XDP program"))?;
-            prog.load()
+        let loaded = match prog {
+            aya::programs::Program::SchedClassifier(p) => p.load(),
+            aya::programs::Program::Xdp(p) => p.load(),
+            _ => bail!("{name} is neither an XDP nor a TC program"),
         };
         loaded.with_context(|| format!("the verifier rejected {name}"))?;
     }
+    Ok(())
+}
+
+/// Attaches the TC program `name` of a loaded object to `iface`'s ingress, for as long
+/// as the `Ebpf` lives (tests, benchmarks).
+pub fn attach_tc(ebpf: &mut Ebpf, name: &str, iface: &str) -> Result<()> {
+    if let Err(e) = tc::qdisc_add_clsact(iface) {
+        log::debug!("clsact on {iface}: {e} (exists already, or tcx makes it unneeded)");
+    }
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+        .try_into()
+        .with_context(|| format!("{name} is not a TC program"))?;
+    prog.attach(iface, TcAttachType::Ingress)
+        .with_context(|| format!("attaching {name} to the ingress of {iface}"))?;
     Ok(())
 }
 

@@ -22,7 +22,6 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -39,15 +38,13 @@ use edgefwd::{
 use edgefwd_tests::{
     PinDir,
     bench::{
-        GEN_CPU, attach_tool, cpu_time, napi_threads, paced_send, pin_self,
-        process_threads, sink_count, start_daemon, thread_napi,
+        GEN_CPU, attach_tool, cpu_time, machine, napi_threads, paced_send, pin_self,
+        process_threads, sink_count, start_daemon, thread_napi, utc_stamp,
     },
     netns::{FWD_A_V4, NetNs, PUB_V4, RCV_V4, Topology},
     pkt::{Frame, Rtp},
 };
-use forwarder_common::{
-    PROG_DROP, PROG_FORWARD, PROG_PASS, PROG_UDP_VERIFY,
-};
+use forwarder_common::{PROG_DROP, PROG_FORWARD, PROG_PASS, PROG_UDP_VERIFY};
 use serde::Serialize;
 
 const SSRC: u32 = 0x0bea_c0de;
@@ -1059,36 +1056,6 @@ fn save(dir: &Path, rows: &[Row], costs: &[ProgCost], summary: &[String]) {
         ),
         Err(e) => panic!("rendering {}: {e}", png.display()),
     }
-}
-
-fn utc_stamp() -> String {
-    let out = Command::new("date")
-        .args(["-u", "+%Y-%m-%dT%H%M%SZ"])
-        .output()
-        .expect("date");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let uts = Command::new("uname").arg("-r").output().unwrap();
-    // Counted from cpuinfo: this process is pinned to one core, so
-    // available_parallelism would say 1.
-    let n = std::fs::read_to_string("/proc/cpuinfo")
-        .map(|c| c.lines().filter(|l| l.starts_with("processor")).count())
-        .unwrap_or(0);
-    format!(
-        "{n} vCPU {cpu}, kernel {}",
-        String::from_utf8_lossy(&uts.stdout).trim()
-    )
 }
 
 fn chart(path: &Path, rows: &[Row]) -> Result<(), Box<dyn std::error::Error>> {
