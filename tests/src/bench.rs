@@ -47,12 +47,20 @@ pub fn attach_tc_sink(ns: &NetNs, dev: &'static str) -> Ebpf {
         ))
         .output()
         .unwrap();
-    assert!(out.status.success(), "RPS on {dev}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "RPS on {dev}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = Command::new("sysctl")
         .args(["-qw", "net.core.netdev_max_backlog=65536"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "netdev_max_backlog: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "netdev_max_backlog: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     ns.run(move || {
         let mut e = loader::load_tools().expect("load the test/benchmark object");
         loader::attach_tc(&mut e, "edgefwd_tc_drop", dev).expect("attach the TC sink");

@@ -206,8 +206,7 @@ fn origin_three_relays_thirty_receivers_and_a_removed_subscriber() {
     send(N / 2..N);
 
     for k in 1..=RELAYS {
-        for j in 0..VIEWERS {
-            let s = &socks[k - 1][j];
+        for (j, s) in socks[k - 1].iter().enumerate() {
             let mut seen = vec![false; N as usize];
             let mut buf = [0u8; 2048];
             while let Ok((len, from)) = s.recv_from(&mut buf) {

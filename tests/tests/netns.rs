@@ -339,7 +339,7 @@ fn forwarding_survives_kill_9_and_a_restart_adopts_without_a_gap() {
     );
     assert!(!xdp_attached(&t), "XDP still attached after `edgefwd down`");
     assert!(
-        !pin.path().join("EFWD_ROUTES4_V2").exists(),
+        !pin.path().join("EFWD_ROUTES4_V3").exists(),
         "maps left after `down`"
     );
     let _ = std::fs::remove_file(&cfg);
@@ -548,8 +548,8 @@ fn e2e(user: bool) {
     if !user {
         // Routes, counters and the XDP link outlive the daemon for the CLI and the
         // next start (the restart test checks forwarding goes on).
-        assert!(pin.path().join("EFWD_ROUTES4_V2").exists());
-        assert!(pin.path().join("EFWD_ROUTES6_V2").exists());
+        assert!(pin.path().join("EFWD_ROUTES4_V3").exists());
+        assert!(pin.path().join("EFWD_ROUTES6_V3").exists());
         assert!(xdp_attached(&t), "XDP detached at exit");
     }
     let _ = std::fs::remove_file(&cfg);

@@ -25,9 +25,12 @@ pub struct VerdictRow {
     pub help: &'static str,
 }
 
+/// (stage, verdict, action, help, packets, bytes) of one counter.
+type Sample = (&'static str, &'static str, String, &'static str, u64, u64);
+
 /// Two samples `interval` apart; rates are per second over that interval.
 pub fn verdict_rows(maps: &Maps, interval: Duration) -> Result<Vec<VerdictRow>> {
-    let sample = || -> Result<Vec<(&'static str, &'static str, String, &'static str, u64, u64)>> {
+    let sample = || -> Result<Vec<Sample>> {
         let mut v: Vec<_> = maps
             .verdict_totals()?
             .into_iter()

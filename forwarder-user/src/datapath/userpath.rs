@@ -27,7 +27,7 @@ use crate::dataplane::maps::{Listener, Route};
 const BATCH: usize = 64;
 const BUF: usize = 2048;
 
-/// Per-verdict counters, the userspace twin of `EFWD_VERDICT_V2`, plus what the
+/// Per-verdict counters, the userspace twin of `EFWD_VERDICT_V4`, plus what the
 /// kernel dropped before this path could judge it (full receive queues).
 pub struct UserCounters {
     packets: [AtomicU64; NUM_VERDICTS as usize],

@@ -22,8 +22,8 @@ use edgefwd::dataplane::resolve::iface_mac;
 use edgefwd_tests::{
     PinDir,
     bench::{
-        FWD_CPU, GEN_CPU, attach_tc_sink, attach_tool, cpu_time, machine, napi_threads, paced_send, pin_self,
-        process_threads, sink_count, start_daemon, thread_napi_on, utc_stamp,
+        FWD_CPU, GEN_CPU, attach_tc_sink, attach_tool, cpu_time, machine, napi_threads, paced_send,
+        pin_self, process_threads, sink_count, start_daemon, thread_napi_on, utc_stamp,
     },
     netns::{FWD_A_V4, PUB_V4, RCV_V4, Topology},
     pkt::Rtp,
@@ -35,7 +35,7 @@ const SSRC: u32 = 0x0fa0_0001;
 const RTP_BYTES: usize = 1200;
 const FANOUTS: [usize; 4] = [1, 10, 100, 1000];
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, serde::Deserialize)]
 enum Path {
     /// The product: XDP hands off, the TC replicator clones (N = 1: XDP REDIRECT).
     Kernel,
@@ -46,7 +46,7 @@ enum Path {
     Broadcast,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 struct Row {
     path: Path,
     copies_per_packet: usize,
@@ -132,8 +132,8 @@ fn case(path: Path, n: usize, seconds: f64) -> Row {
     } else {
         &[]
     };
-    let mut daemon =
-        (path != Path::Broadcast).then(|| start_daemon(&t.forwarder, pin.path(), &config(n), extra));
+    let mut daemon = (path != Path::Broadcast)
+        .then(|| start_daemon(&t.forwarder, pin.path(), &config(n), extra));
     let mut threads = thread_napi_on(&[(&t.forwarder, "f0")], &before, FWD_CPU);
     if sink_is_xdp(path, n) {
         thread_napi_on(&[(&t.receiver, "r0")], &before, GEN_CPU);
@@ -245,7 +245,8 @@ fn broadcast_replicator(n: usize, r0_mac: [u8; 6]) -> aya::Ebpf {
         .unwrap();
     let mut dm = DevMap::try_from(e.map_mut("EFWD_BCAST_V1").unwrap()).unwrap();
     for i in 0..n as u32 {
-        dm.set(i, f1, Some(&fd), 0).expect("devmap entry with an egress program");
+        dm.set(i, f1, Some(&fd), 0)
+            .expect("devmap entry with an egress program");
     }
     let mut copies: Array<_, forwarder_common::routes::RouteValue> =
         Array::try_from(e.map_mut("EFWD_BCASTCOPY_V1").unwrap()).unwrap();
@@ -287,6 +288,17 @@ fn main() {
                     .split(',')
                     .map(|s| s.parse().expect("--fanouts takes numbers, e.g. 1,10,100"))
                     .collect()
+            }
+            "--chart" => {
+                // Re-renders the chart of a saved run.
+                let json = it.next().expect("--chart RESULTS.json");
+                let v: serde_json::Value =
+                    serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+                let rows: Vec<Row> = serde_json::from_value(v["rows"].clone()).unwrap();
+                let png = std::path::Path::new(&json).with_extension("png");
+                chart(&png, &rows).unwrap();
+                println!("wrote {}", png.display());
+                return;
             }
             "--help" | "-h" => {
                 println!(
@@ -332,8 +344,12 @@ fn main() {
     }
     let mut summary = Vec::new();
     for &n in &fanouts {
-        let k = rows.iter().find(|r| r.path == Path::Kernel && r.copies_per_packet == n);
-        let b = rows.iter().find(|r| r.path == Path::Broadcast && r.copies_per_packet == n);
+        let k = rows
+            .iter()
+            .find(|r| r.path == Path::Kernel && r.copies_per_packet == n);
+        let b = rows
+            .iter()
+            .find(|r| r.path == Path::Broadcast && r.copies_per_packet == n);
         if let (Some(k), Some(b)) = (k, b) {
             summary.push(format!(
                 "N={n}: devmap broadcast {:.2} M copies/s/core ({:.0} ns/copy), {}; TC clone {:.0} ns/copy",
@@ -418,12 +434,12 @@ fn chart(path: &std::path::Path, rows: &[Row]) -> Result<(), Box<dyn std::error:
         .map(|r| r.copies_per_core_s / 1e6)
         .fold(0.0, f64::max)
         * 1.15;
-    let root = BitMapBackend::new(path, (1000, 520)).into_drawing_area();
+    let root = BitMapBackend::new(path, (1200, 520)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut c = ChartBuilder::on(&root)
         .caption(
-            "edgefwd fan-out: million copies/s on one core (1,200 B RTP)",
-            ("sans-serif", 18),
+            "edgefwd fan-out, M copies/s per core (1,200 B RTP): tc = TC clone (edgefwd), bcast = devmap broadcast, user = userspace",
+            ("sans-serif", 15),
         )
         .margin(12)
         .x_label_area_size(50)
@@ -432,15 +448,13 @@ fn chart(path: &std::path::Path, rows: &[Row]) -> Result<(), Box<dyn std::error:
     let labels: Vec<String> = rows
         .iter()
         .map(|r| {
-            format!(
-                "{} N={}",
-                if r.path == Path::Kernel {
-                    "kernel"
-                } else {
-                    "user"
-                },
-                r.copies_per_packet
-            )
+            let name = match r.path {
+                Path::Kernel => "tc",
+                Path::Broadcast => "bcast",
+                Path::User => "user",
+            };
+            let lossy = if r.lossless { "" } else { " (lossy)" };
+            format!("{name} {}{lossy}", r.copies_per_packet)
         })
         .collect();
     c.configure_mesh()
