@@ -465,7 +465,7 @@ fn down(pin_dir: &std::path::Path, iface: Option<&str>, keep_maps: bool) -> Resu
     }
     for (i, _) in &links {
         loader::unpin_link(pin_dir, i)?;
-        println!("XDP (and the TC replicator) detached from {i}");
+        println!("XDP detached from {i} (and the TC replicator)");
     }
     if !keep_maps && loader::pinned_links(pin_dir).is_empty() {
         let mut n = 0;
