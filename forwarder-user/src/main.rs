@@ -94,6 +94,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: RoutesCmd,
     },
+    /// Validate a config file without starting anything (no root needed): syntax,
+    /// addresses, routes and their fan-out streams, the [webrtc] section.
+    CheckConfig {
+        /// The TOML file `run --config` would read.
+        file: PathBuf,
+    },
     /// Fan-out: list, add or remove the copies (subscribers) of a stream.
     Subs {
         #[command(subcommand)]
@@ -401,6 +407,7 @@ fn real_main(cli: Cli) -> Result<()> {
         }
         Cmd::Routes { cmd } => routes_cmd(&cli.pin_dir, cmd),
         Cmd::Subs { cmd } => subs_cmd(&cli.pin_dir, cmd),
+        Cmd::CheckConfig { file } => check_config(&file),
         Cmd::Down { iface, keep_maps } => down(&cli.pin_dir, iface.as_deref(), keep_maps),
         Cmd::Stats {
             json,
@@ -524,6 +531,40 @@ fn routes_cmd(pin_dir: &std::path::Path, cmd: RoutesCmd) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// What `run` would refuse, found without loading anything: the same parser and the
+/// same route and stream checks as the map writer. Interfaces and next hops are
+/// resolved only by `run`, on the host that runs it.
+fn check_config(file: &std::path::Path) -> Result<()> {
+    let cfg = Config::load(file)?;
+    if let Some(w) = &cfg.webrtc {
+        w.check()
+            .with_context(|| format!("in config {}", file.display()))?;
+    }
+    let mut streams: Vec<Vec<Route>> = Vec::new();
+    for rc in &cfg.routes {
+        let r = resolve::unresolved(rc);
+        match streams.iter_mut().find(|s| s[0].key() == r.key()) {
+            Some(s) => s.push(r),
+            None => streams.push(vec![r]),
+        }
+    }
+    for s in &streams {
+        edgefwd::dataplane::maps::check_stream(s)
+            .with_context(|| format!("in config {}", file.display()))?;
+    }
+    let fanout = streams.iter().filter(|s| s.len() > 1).count();
+    println!(
+        "{}: OK: {} listener(s), {} stream(s) with {} cop{} ({fanout} fanned out in the kernel), webrtc {}",
+        file.display(),
+        cfg.listeners.len(),
+        streams.len(),
+        cfg.routes.len(),
+        if cfg.routes.len() == 1 { "y" } else { "ies" },
+        if cfg.webrtc.is_some() { "on" } else { "off" }
+    );
     Ok(())
 }
 

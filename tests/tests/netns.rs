@@ -694,3 +694,65 @@ fn cli_against_live_daemon(t: &Topology, pin: &PinDir) {
         3
     );
 }
+
+/// `edgefwd check-config` (no root, nothing started) accepts the packaged example and
+/// refuses a bad file with the line to fix and a failing exit status.
+#[test]
+fn check_config_accepts_the_example_and_says_what_to_fix() {
+    let bin = edgefwd_bin();
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../forwarder-user/packaging/edgefwd.toml"
+    );
+    let out = std::process::Command::new(&bin)
+        .args(["check-config", example])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("1 stream(s) with 3 copies (1 fanned out"),
+        "{text}"
+    );
+    let bad = std::env::temp_dir().join(format!("{}.toml", unique("badcfg")));
+    let copy = |dst: &str, extra: &str| {
+        format!(
+            "[[route]]\nlisten = \"198.51.100.2:5004\"\nsource = \"198.51.100.1:1\"\nssrc = 7\n\
+             out_src = \"203.0.113.2:5006\"\nout_dst = \"{dst}\"\n{extra}"
+        )
+    };
+    for (body, want) in [
+        (
+            format!(
+                "[[listener]]\naddr = \"198.51.100.2:5004\"\n{}{}",
+                copy("203.0.113.1:1", "vlan = 9\n"),
+                copy("203.0.113.1:2", "")
+            ),
+            "leave untagged",
+        ),
+        (
+            format!(
+                "[[listener]]\naddr = \"198.51.100.2:5004\"\n{}",
+                copy("[2001:db8::1]:1", "")
+            ),
+            "different IP families",
+        ),
+        (
+            "[[listener]]\naddr = \"nowhere\"\n".to_string(),
+            "invalid socket address",
+        ),
+    ] {
+        std::fs::write(&bad, body).unwrap();
+        let out = std::process::Command::new(&bin)
+            .args(["check-config", bad.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(want),
+            "{want}: {out:?}"
+        );
+        assert!(err.contains(bad.to_str().unwrap()), "names the file: {err}");
+    }
+    let _ = std::fs::remove_file(&bad);
+}

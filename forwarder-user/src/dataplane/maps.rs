@@ -583,37 +583,7 @@ impl Maps {
                 bail!("copy to {} belongs to another stream", r.out_dst);
             }
         }
-        if copies.len() > 1 {
-            if copies.len() > MAX_COPIES as usize {
-                bail!(
-                    "the stream of SSRC {:#010x} from {} would have {} copies; at most {} \
-                     per stream: split the audience over relays (trunks)",
-                    first.ssrc,
-                    first.source,
-                    copies.len(),
-                    MAX_COPIES
-                );
-            }
-            let mut seen = BTreeSet::new();
-            for r in copies {
-                if !seen.insert(r.out_dst) {
-                    bail!(
-                        "the stream of SSRC {:#010x} has two copies to {}; keep one",
-                        r.ssrc,
-                        r.out_dst
-                    );
-                }
-                if r.vlan.is_some() {
-                    bail!(
-                        "the copy of SSRC {:#010x} to {} has a VLAN tag, which the TC \
-                         replicator cannot push: copies of a stream with several leave \
-                         untagged (drop `vlan`, or keep this stream to one copy)",
-                        r.ssrc,
-                        r.out_dst
-                    );
-                }
-            }
-        }
+        check_stream(copies)?;
         for r in copies {
             self.check_copy(r)?;
         }
@@ -909,6 +879,50 @@ impl Maps {
             })
             .collect()
     }
+}
+
+/// Rejects a stream's copies the data plane cannot send together, saying what to
+/// change (each copy is checked on its own by [`Route::validate`]). Pure: `edgefwd
+/// check-config` uses it without maps.
+pub fn check_stream(copies: &[Route]) -> Result<()> {
+    for r in copies {
+        r.validate()?;
+    }
+    let Some(first) = copies.first() else {
+        return Ok(());
+    };
+    if copies.len() > 1 {
+        if copies.len() > MAX_COPIES as usize {
+            bail!(
+                "the stream of SSRC {:#010x} from {} would have {} copies; at most {} \
+                 per stream: split the audience over relays (trunks)",
+                first.ssrc,
+                first.source,
+                copies.len(),
+                MAX_COPIES
+            );
+        }
+        let mut seen = BTreeSet::new();
+        for r in copies {
+            if !seen.insert(r.out_dst) {
+                bail!(
+                    "the stream of SSRC {:#010x} has two copies to {}; keep one",
+                    r.ssrc,
+                    r.out_dst
+                );
+            }
+            if r.vlan.is_some() {
+                bail!(
+                    "the copy of SSRC {:#010x} to {} has a VLAN tag, which the TC \
+                     replicator cannot push: copies of a stream with several leave \
+                     untagged (drop `vlan`, or keep this stream to one copy)",
+                    r.ssrc,
+                    r.out_dst
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Hands out free statistics slots. The used set is read from the tables on first
