@@ -16,7 +16,7 @@
 //! Prints a table, writes `bench/results/fanout-<stamp>.{csv,json}`,
 //! `fanout.{csv,json}` (latest) and `fanout.png`.
 
-use std::{path::PathBuf, time::Duration};
+use std::{net::UdpSocket, path::PathBuf, time::Duration};
 
 use edgefwd::dataplane::resolve::iface_mac;
 use edgefwd_tests::{
@@ -25,7 +25,7 @@ use edgefwd_tests::{
         FWD_CPU, GEN_CPU, attach_tc_sink, attach_tool, cpu_time, machine, napi_threads, paced_send,
         pin_self, process_threads, sink_count, start_daemon, thread_napi_on, utc_stamp,
     },
-    netns::{FWD_A_V4, PUB_V4, RCV_V4, Topology},
+    netns::{FWD_A_V4, NetNs, PUB_V4, RCV_V4, Topology, link},
     pkt::Rtp,
 };
 use forwarder_common::{PROG_DROP, PROG_PASS};
@@ -272,8 +272,185 @@ fn broadcast_replicator(n: usize, r0_mac: [u8; 6]) -> aya::Ebpf {
     e
 }
 
+/// Extra latency of a cascade hop, from send timestamps carried in the payload.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+struct Latency {
+    samples: usize,
+    /// Publisher → origin (TC fan-out) → receiver.
+    one_hop_median_us: f64,
+    one_hop_p99_us: f64,
+    /// Publisher → origin → trunk → relay (TC fan-out) → receiver.
+    two_hop_median_us: f64,
+    two_hop_p99_us: f64,
+}
+
+/// CLOCK_REALTIME, the clock of the kernel's receive timestamps (SO_TIMESTAMPNS).
+fn realtime_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut t) };
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+/// Receives one datagram with the kernel's receive timestamp (taken when the stack got
+/// the packet, so the reader thread's wake-up is not in it).
+fn recv_stamped(s: &UdpSocket, buf: &mut [u8]) -> Option<(usize, u64)> {
+    use std::os::fd::AsRawFd as _;
+    let mut control = [0u64; 16];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is a plain C struct; all-zero is valid.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: the header points at our buffer and control block, alive for the call.
+    let n = unsafe { libc::recvmsg(s.as_raw_fd(), &mut msg, 0) };
+    if n < 0 {
+        return None;
+    }
+    // SAFETY: walking the control messages the kernel wrote into our block.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SO_TIMESTAMPNS {
+                let ts = (libc::CMSG_DATA(c) as *const libc::timespec).read_unaligned();
+                return Some((n as usize, ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64));
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    None
+}
+
+fn node(ns: &NetNs, iface: &str, cfg: &str) -> (PinDir, edgefwd_tests::Edgefwd) {
+    let pin = PinDir::new();
+    let path = std::env::temp_dir().join(format!("{}.toml", edgefwd_tests::unique("lat")));
+    std::fs::write(&path, cfg).unwrap();
+    let bin = edgefwd_tests::edgefwd_bin();
+    let mut cmd = ns.command(bin.to_str().unwrap());
+    cmd.args(["--pin-dir", pin.path().to_str().unwrap(), "run", "--iface", iface, "--config"])
+        .arg(&path);
+    let d = edgefwd_tests::spawn_edgefwd(cmd);
+    let _ = std::fs::remove_file(&path);
+    (pin, d)
+}
+
+fn stream(listen: &str, source: &str, copies: &[(&str, &str)]) -> String {
+    let mut c = format!("[[listener]]\naddr = \"{listen}\"\n");
+    for (out_src, out_dst) in copies {
+        c += &format!(
+            "\n[[route]]\nlisten = \"{listen}\"\nsource = \"{source}\"\nssrc = {SSRC}\n\
+             out_src = \"{out_src}\"\nout_dst = \"{out_dst}\"\n"
+        );
+    }
+    c
+}
+
+/// pub → origin, which sends one copy straight to the receiver and a trunk to a relay
+/// that sends it on to the receiver (each node fans out to two, so both replicate in
+/// TC): the difference is one cascade hop. 1,000 packets/s, one core each side.
+fn latency(seconds: f64) -> Latency {
+    let (p, o, r, v) = (
+        NetNs::new("lpub"),
+        NetNs::new("lorg"),
+        NetNs::new("lrel"),
+        NetNs::new("lvw"),
+    );
+    link(&p, "p0", &["10.79.0.1"], &o, "o0", &["10.79.0.2"]);
+    link(&o, "o1", &["10.79.1.1"], &r, "i0", &["10.79.1.2"]);
+    link(&o, "o2", &["10.79.2.1"], &v, "v0", &["10.79.2.2"]);
+    link(&r, "e0", &["10.79.3.1"], &v, "v1", &["10.79.3.2"]);
+    let socks: Vec<UdpSocket> = ["10.79.2.2:6000", "10.79.3.2:6001"]
+        .iter()
+        .map(|a| {
+            let a = a.to_string();
+            v.run(move || {
+                let s = UdpSocket::bind(a).unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+                let on: libc::c_int = 1;
+                // SAFETY: setsockopt on our socket with a live int.
+                let r = unsafe {
+                    libc::setsockopt(
+                        std::os::fd::AsRawFd::as_raw_fd(&s),
+                        libc::SOL_SOCKET,
+                        libc::SO_TIMESTAMPNS,
+                        (&on as *const libc::c_int).cast(),
+                        4,
+                    )
+                };
+                assert_eq!(r, 0, "SO_TIMESTAMPNS");
+                s
+            })
+        })
+        .collect();
+    // Two copies per node, the second to a port nobody reads (the stack drops it).
+    let relay = node(
+        &r,
+        "i0",
+        &stream(
+            "10.79.1.2:5004",
+            "10.79.1.1:5004",
+            &[("10.79.3.1:5006", "10.79.3.2:6001"), ("10.79.3.1:5006", "10.79.3.2:7001")],
+        ),
+    );
+    let origin = node(
+        &o,
+        "o0",
+        &stream(
+            "10.79.0.2:5004",
+            "10.79.0.1:40000",
+            &[("10.79.2.1:5006", "10.79.2.2:6000"), ("10.79.1.1:5004", "10.79.1.2:5004")],
+        ),
+    );
+    let readers: Vec<_> = socks
+        .into_iter()
+        .map(|s| {
+            std::thread::spawn(move || {
+                let mut lat = Vec::new();
+                let mut buf = [0u8; 2048];
+                while let Some((n, at)) = recv_stamped(&s, &mut buf) {
+                    if n >= 20 {
+                        let sent = u64::from_be_bytes(buf[12..20].try_into().unwrap());
+                        lat.push(at.saturating_sub(sent) as f64 / 1e3);
+                    }
+                }
+                lat
+            })
+        })
+        .collect();
+    let tx = p.run(|| UdpSocket::bind("10.79.0.1:40000").unwrap());
+    let n = (seconds * 1000.0) as u16;
+    for i in 0..n {
+        let mut pkt = Rtp::new(SSRC, i, i as u32 * 90, 1188).bytes();
+        pkt[12..20].copy_from_slice(&realtime_ns().to_be_bytes());
+        tx.send_to(&pkt, "10.79.0.2:5004").unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut lats: Vec<Vec<f64>> = readers.into_iter().map(|h| h.join().unwrap()).collect();
+    drop((origin, relay));
+    for l in lats.iter_mut() {
+        l.sort_by(f64::total_cmp);
+        assert!(l.len() as f64 >= 0.99 * n as f64, "only {} of {n} packets arrived", l.len());
+    }
+    let q = |l: &[f64], f: f64| l[((l.len() - 1) as f64 * f) as usize];
+    Latency {
+        samples: lats[0].len().min(lats[1].len()),
+        one_hop_median_us: q(&lats[0], 0.5),
+        one_hop_p99_us: q(&lats[0], 0.99),
+        two_hop_median_us: q(&lats[1], 0.5),
+        two_hop_p99_us: q(&lats[1], 0.99),
+    }
+}
+
 fn main() {
-    let mut seconds = 2.0;
+    let mut seconds: f64 = 2.0;
     let mut out = PathBuf::from("bench/results");
     let mut fanouts = FANOUTS.to_vec();
     let mut it = std::env::args().skip(1);
@@ -288,6 +465,12 @@ fn main() {
                     .split(',')
                     .map(|s| s.parse().expect("--fanouts takes numbers, e.g. 1,10,100"))
                     .collect()
+            }
+            "--latency-only" => {
+                edgefwd_tests::require_root();
+                let l = latency(seconds.max(3.0));
+                println!("{l:?}");
+                return;
             }
             "--chart" => {
                 // Re-renders the chart of a saved run.
@@ -381,10 +564,22 @@ fn main() {
     for line in &summary {
         println!("{line}");
     }
-    save(&out, &rows, &summary, seconds);
+    let lat = latency(seconds.max(3.0));
+    let line = format!(
+        "cascade hop: one hop median {:.1} µs (p99 {:.1}), two hops median {:.1} µs (p99 {:.1}): {:.1} µs more per hop at the median, {} packets",
+        lat.one_hop_median_us,
+        lat.one_hop_p99_us,
+        lat.two_hop_median_us,
+        lat.two_hop_p99_us,
+        lat.two_hop_median_us - lat.one_hop_median_us,
+        lat.samples
+    );
+    println!("{line}");
+    summary.push(line);
+    save(&out, &rows, &summary, seconds, &lat);
 }
 
-fn save(dir: &std::path::Path, rows: &[Row], summary: &[String], seconds: f64) {
+fn save(dir: &std::path::Path, rows: &[Row], summary: &[String], seconds: f64, lat: &Latency) {
     std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
     let stamp = utc_stamp();
     let mut csv = String::from(
@@ -411,6 +606,7 @@ fn save(dir: &std::path::Path, rows: &[Row], summary: &[String], seconds: f64) {
         "rtp_bytes": RTP_BYTES,
         "trial_seconds": seconds,
         "rows": rows,
+        "cascade_latency": lat,
         "summary": summary,
     }))
     .unwrap();
