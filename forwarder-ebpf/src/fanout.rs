@@ -17,7 +17,7 @@ use aya_ebpf::{
 use forwarder_common::{
     csum::Delta,
     fanout::{CopyVerdict, FANOUT_MAGIC, FanoutMeta, MAX_COPIES, META_IPV6, META_VLAN},
-    routes::{FLAG_REWRITE_PT, RouteValue},
+    routes::RouteValue,
 };
 
 use crate::{maps::*, packet::*};
@@ -33,11 +33,7 @@ struct Replication {
     skb: *mut __sk_buff,
     first: u32,
     ingress: u32,
-    /// Host order.
-    ts: u32,
-    seq: u16,
-    /// Marker bit and payload type.
-    mpt: u8,
+    orig: RtpIn,
     v6: u8,
 }
 
@@ -75,7 +71,7 @@ fn replicate(ctx: &TcContext) -> i32 {
         }
     }
     let v6 = m.flags & META_IPV6 != 0;
-    let Some((seq, ts, mpt)) = (if v6 {
+    let Some(orig) = (if v6 {
         prepare::<true>(skb)
     } else {
         prepare::<false>(skb)
@@ -88,9 +84,7 @@ fn replicate(ctx: &TcContext) -> i32 {
         first: m.first,
         // SAFETY: reading a field of the context the kernel passed.
         ingress: unsafe { (*skb).ingress_ifindex },
-        ts,
-        seq,
-        mpt,
+        orig,
         v6: v6 as u8,
     };
     if m.count > 1 {
@@ -196,10 +190,10 @@ fn headers<const V6: bool>(skb: *mut __sk_buff) -> Option<usize> {
     Some(data)
 }
 
-/// Decrements the TTL (hop limit) once for all copies; returns the RTP sequence,
-/// timestamp and marker/payload-type byte as they arrived.
+/// Decrements the TTL (hop limit) once for all copies; returns the RTP fields as they
+/// arrived.
 #[inline(always)]
-fn prepare<const V6: bool>(skb: *mut __sk_buff) -> Option<(u16, u32, u8)> {
+fn prepare<const V6: bool>(skb: *mut __sk_buff) -> Option<RtpIn> {
     let p = headers::<V6>(skb)?;
     let rtp = p + if V6 { ETH + 40 } else { ETH + 20 } + UDP;
     // SAFETY: `headers` checked Ethernet, IP, UDP and the fixed RTP header.
@@ -217,10 +211,7 @@ fn prepare<const V6: bool>(skb: *mut __sk_buff) -> Option<(u16, u32, u8)> {
             d.word(old, new);
             st(p + ETH + 10, d.apply_word(ld(p + ETH + 10)));
         }
-        let mpt = *((rtp + 1) as *const u8);
-        let seq = u16::from_be(ld(rtp + 2));
-        let ts = u32::from_be(ld32(rtp + 4));
-        Some((seq, ts, mpt))
+        Some(RtpIn::read(rtp))
     }
 }
 
@@ -261,37 +252,8 @@ fn rewrite_family<const V6: bool>(r: &Replication, copy: &RouteValue) -> Result<
         }
         replace_words::<2>(udp, copy.out_src_port_be.as_ptr() as usize, &mut l4d);
 
-        // RTP word 0: V/P/X/CC (low byte of a LE load, never changed), then M/PT.
-        let old = ld(rtp);
-        let mut mpt = r.mpt;
-        if copy.flags & FLAG_REWRITE_PT != 0 && mpt & 0x7f == copy.pt_from {
-            mpt = (mpt & 0x80) | (copy.pt_to & 0x7f);
-        }
-        let new = ((u16::from_le(old) & 0x00ff) | (mpt as u16) << 8).to_le();
-        l4d.word(old, new);
-        st(rtp, new);
-
-        let old = ld(rtp + 2);
-        let new = r.seq.wrapping_add(copy.seq_delta).to_be();
-        l4d.word(old, new);
-        st(rtp + 2, new);
-
-        let ts = r.ts.wrapping_add(copy.ts_delta);
-        let (old_hi, old_lo) = (ld(rtp + 4), ld(rtp + 6));
-        let (new_hi, new_lo) = (((ts >> 16) as u16).to_be(), (ts as u16).to_be());
-        l4d.word(old_hi, new_hi);
-        l4d.word(old_lo, new_lo);
-        st(rtp + 4, new_hi);
-        st(rtp + 6, new_lo);
-
-        replace_words::<2>(rtp + 8, copy.ssrc_out_be.as_ptr() as usize, &mut l4d);
-
-        // IPv4 UDP without a checksum (0) stays without; a computed 0 is sent as 0xffff.
-        let check = ld(udp + 6);
-        if V6 || check != 0 {
-            let c = l4d.apply_word(check);
-            st(udp + 6, if c == 0 { 0xffff } else { c });
-        }
+        rewrite_rtp(rtp, r.orig, copy, &mut l4d);
+        fix_udp_check(udp, V6, &l4d);
     }
     Ok(())
 }

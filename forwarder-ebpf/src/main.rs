@@ -24,7 +24,7 @@ use forwarder_common::{
     fanout::{FANOUT_MAGIC, FanoutMeta, META_IPV6, META_VLAN},
     ifmac::IFMAC_SET,
     listeners::{FLAG_DROP_NO_ROUTE, FLAG_DROP_UNKNOWN_SOURCE, FLAG_WEBRTC, ListenerKey},
-    routes::{FLAG_FANOUT, FLAG_IPV6, FLAG_REWRITE_PT, FLAG_VLAN, RouteKey, RouteValue},
+    routes::{FLAG_FANOUT, FLAG_IPV6, FLAG_VLAN, RouteKey, RouteValue},
     routes4::RouteKey4,
     rtp::{Class, MAX_RTP_LEN, RTP_FIXED_HEADER_LEN, classify},
     sources::SourceKey,
@@ -664,43 +664,9 @@ fn finish(
         // UDP ports.
         replace_words::<2>(udp, route.out_src_port_be.as_ptr() as usize, &mut l4d);
 
-        // RTP word 0: V/P/X/CC, then M/PT (the high byte of a little-endian load).
-        // Rewritten in a register and stored once (see the TTL above).
-        let old = u16::from_le(ld(rtp));
-        if route.flags & FLAG_REWRITE_PT != 0 && (old >> 8) as u8 & 0x7f == route.pt_from {
-            let new = (old & 0x80ff) | ((route.pt_to & 0x7f) as u16) << 8;
-            st(rtp, new.to_le());
-            l4d.word(old.to_le(), new.to_le());
-        }
-
-        // Sequence number, host arithmetic on the big-endian field.
-        let old = ld(rtp + 2);
-        let seq = u16::from_be(old).wrapping_add(route.seq_delta).to_be();
-        l4d.word(old, seq);
-        st(rtp + 2, seq);
-
-        // Timestamp.
-        let old_hi = ld(rtp + 4);
-        let old_lo = ld(rtp + 6);
-        let ts = (((u16::from_be(old_hi) as u32) << 16) | u16::from_be(old_lo) as u32)
-            .wrapping_add(route.ts_delta);
-        let new_hi = ((ts >> 16) as u16).to_be();
-        let new_lo = (ts as u16).to_be();
-        l4d.word(old_hi, new_hi);
-        l4d.word(old_lo, new_lo);
-        st(rtp + 4, new_hi);
-        st(rtp + 6, new_lo);
-
-        // SSRC.
-        replace_words::<2>(rtp + 8, route.ssrc_out_be.as_ptr() as usize, &mut l4d);
-
-        // IPv4 UDP may carry no checksum (0): keep it that way. Otherwise a computed 0
-        // goes on the wire as 0xffff (RFC 768; for IPv6 RFC 8200 §8.1).
-        let check = ld(udp + 6);
-        if v6 || check != 0 {
-            let c = l4d.apply_word(check);
-            st(udp + 6, if c == 0 { 0xffff } else { c });
-        }
+        // RTP (payload type, sequence, timestamp, SSRC), then the UDP checksum.
+        rewrite_rtp(rtp, RtpIn::read(rtp), route, &mut l4d);
+        fix_udp_check(udp, v6, &l4d);
     }
 
     // Last, since moving the frame start invalidates every packet pointer: the route

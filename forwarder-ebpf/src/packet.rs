@@ -5,7 +5,10 @@
 use core::mem;
 
 use aya_ebpf::programs::XdpContext;
-use forwarder_common::csum::Delta;
+use forwarder_common::{
+    csum::Delta,
+    routes::{FLAG_REWRITE_PT, RouteValue},
+};
 
 /// Bounds-checked pointer into the packet; the check is what the verifier wants to see.
 #[inline(always)]
@@ -75,5 +78,84 @@ pub(crate) unsafe fn replace_words<const N: usize>(dst: usize, src: usize, d: &m
             st(dst + 2 * i, new);
         }
         i += 1;
+    }
+}
+
+/// The RTP fields a packet arrived with: a copy's are derived from these.
+#[derive(Clone, Copy)]
+pub(crate) struct RtpIn {
+    /// Marker bit and payload type (byte 1).
+    pub mpt: u8,
+    /// Host order.
+    pub seq: u16,
+    /// Host order.
+    pub ts: u32,
+}
+
+impl RtpIn {
+    /// Reads them from the fixed RTP header at `rtp`.
+    #[inline(always)]
+    pub(crate) unsafe fn read(rtp: usize) -> RtpIn {
+        // SAFETY: the caller checked the 12-byte fixed header at `rtp`.
+        unsafe {
+            RtpIn {
+                mpt: (u16::from_le(ld(rtp)) >> 8) as u8,
+                seq: u16::from_be(ld(rtp + 2)),
+                ts: u32::from_be(ld32(rtp + 4)),
+            }
+        }
+    }
+}
+
+/// Gives the RTP header at `rtp` the fields `route` makes of a packet that arrived as
+/// `orig`: payload type, sequence, timestamp, SSRC. Each change is folded into `d`
+/// against what the header holds now (the original in XDP, the previous copy's in the
+/// TC replicator): the one RTP rewrite of both programs, the kernel twin of
+/// forwarder-common's `rtp::rewrite`.
+#[inline(always)]
+pub(crate) unsafe fn rewrite_rtp(rtp: usize, orig: RtpIn, route: &RouteValue, d: &mut Delta) {
+    // SAFETY: the caller checked the 12-byte fixed header at `rtp`; `route` is map memory.
+    unsafe {
+        // Word 0: V/P/X/CC (low byte of a LE load, never changed), then M/PT. Built in
+        // a register and stored once: a byte store then a word reload stalls.
+        let mut mpt = orig.mpt;
+        if route.flags & FLAG_REWRITE_PT != 0 && mpt & 0x7f == route.pt_from {
+            mpt = (mpt & 0x80) | (route.pt_to & 0x7f);
+        }
+        let old = ld(rtp);
+        let new = ((u16::from_le(old) & 0x00ff) | (mpt as u16) << 8).to_le();
+        if new != old {
+            d.word(old, new);
+            st(rtp, new);
+        }
+
+        let old = ld(rtp + 2);
+        let new = orig.seq.wrapping_add(route.seq_delta).to_be();
+        d.word(old, new);
+        st(rtp + 2, new);
+
+        let ts = orig.ts.wrapping_add(route.ts_delta);
+        let (old_hi, old_lo) = (ld(rtp + 4), ld(rtp + 6));
+        let (new_hi, new_lo) = (((ts >> 16) as u16).to_be(), (ts as u16).to_be());
+        d.word(old_hi, new_hi);
+        d.word(old_lo, new_lo);
+        st(rtp + 4, new_hi);
+        st(rtp + 6, new_lo);
+
+        replace_words::<2>(rtp + 8, route.ssrc_out_be.as_ptr() as usize, d);
+    }
+}
+
+/// Applies `d` to the UDP checksum at `udp + 6`. IPv4 UDP may carry none (0): it stays
+/// so. A computed 0 goes on the wire as 0xffff (RFC 768; for IPv6 RFC 8200 §8.1).
+#[inline(always)]
+pub(crate) unsafe fn fix_udp_check(udp: usize, v6: bool, d: &Delta) {
+    // SAFETY: the caller checked the 8-byte UDP header at `udp`.
+    unsafe {
+        let check = ld(udp + 6);
+        if v6 || check != 0 {
+            let c = d.apply_word(check);
+            st(udp + 6, if c == 0 { 0xffff } else { c });
+        }
     }
 }

@@ -276,3 +276,61 @@ pub fn machine() -> String {
         String::from_utf8_lossy(&uts.stdout).trim()
     )
 }
+
+/// One bar of a benchmark chart.
+pub struct Bar {
+    pub label: String,
+    pub value: f64,
+    pub rgb: (u8, u8, u8),
+}
+
+/// The bar chart every benchmark saves beside its CSV and JSON: one bar per row,
+/// labelled under the axis, with its value printed above it.
+pub fn bar_chart(
+    path: &Path,
+    width: u32,
+    caption: &str,
+    y_desc: &str,
+    bars: &[Bar],
+) -> Result<(), Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
+    crate::register_chart_font()?;
+    let max = bars.iter().map(|b| b.value).fold(0.0, f64::max) * 1.15;
+    let root = BitMapBackend::new(path, (width, 520)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut c = ChartBuilder::on(&root)
+        .caption(caption, ("sans-serif", 16))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d((0..bars.len() - 1).into_segmented(), 0.0..max)?;
+    c.configure_mesh()
+        .disable_x_mesh()
+        .y_desc(y_desc)
+        .x_labels(bars.len())
+        .x_label_formatter(&|x| match x {
+            SegmentValue::CenterOf(i) => bars.get(*i).map(|b| b.label.clone()).unwrap_or_default(),
+            _ => String::new(),
+        })
+        .x_label_style(("sans-serif", 11))
+        .draw()?;
+    c.draw_series(bars.iter().enumerate().map(|(i, b)| {
+        let (r, g, bl) = b.rgb;
+        Rectangle::new(
+            [
+                (SegmentValue::Exact(i), 0.0),
+                (SegmentValue::Exact(i + 1), b.value),
+            ],
+            RGBColor(r, g, bl).filled(),
+        )
+    }))?;
+    c.draw_series(bars.iter().enumerate().map(|(i, b)| {
+        Text::new(
+            format!("{:.2}", b.value),
+            (SegmentValue::CenterOf(i), b.value + max * 0.02),
+            ("sans-serif", 12),
+        )
+    }))?;
+    root.present()?;
+    Ok(())
+}

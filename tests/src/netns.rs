@@ -122,6 +122,28 @@ impl NetNs {
         .unwrap_or_else(|e| std::panic::resume_unwind(e))
     }
 
+    /// The namespace's UDP checksum error counters (InCsumErrors), IPv4 and IPv6: the
+    /// kernel's own check of what a data plane sent into it.
+    pub fn udp_csum_errors(&self) -> (u64, u64) {
+        let snmp = String::from_utf8(self.exec(&["cat", "/proc/net/snmp"]).stdout).unwrap();
+        let snmp6 = String::from_utf8(self.exec(&["cat", "/proc/net/snmp6"]).stdout).unwrap();
+        let mut lines = snmp.lines().filter(|l| l.starts_with("Udp:"));
+        let (h, v) = (lines.next().unwrap(), lines.next().unwrap());
+        let idx = h
+            .split_whitespace()
+            .position(|f| f == "InCsumErrors")
+            .unwrap();
+        let v4: u64 = v.split_whitespace().nth(idx).unwrap().parse().unwrap();
+        let v6: u64 = snmp6
+            .lines()
+            .find(|l| l.starts_with("Udp6InCsumErrors"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap()
+            .parse()
+            .unwrap();
+        (v4, v6)
+    }
+
     /// Like `run`, but returns the handle so the caller can do other work meanwhile.
     pub fn spawn<R: Send + 'static>(
         &self,

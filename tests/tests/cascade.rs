@@ -88,17 +88,6 @@ fn start(ns: &NetNs, pin: &PinDir, iface: &str, cfg: &str) -> Edgefwd {
     spawn_edgefwd(cmd)
 }
 
-fn udp_csum_errors(ns: &NetNs) -> u64 {
-    let snmp = String::from_utf8(ns.exec(&["cat", "/proc/net/snmp"]).stdout).unwrap();
-    let mut lines = snmp.lines().filter(|l| l.starts_with("Udp:"));
-    let (h, v) = (lines.next().unwrap(), lines.next().unwrap());
-    let idx = h
-        .split_whitespace()
-        .position(|f| f == "InCsumErrors")
-        .unwrap();
-    v.split_whitespace().nth(idx).unwrap().parse().unwrap()
-}
-
 #[test]
 fn origin_three_relays_thirty_receivers_and_a_removed_subscriber() {
     let _k = kernel_lock();
@@ -269,7 +258,7 @@ fn origin_three_relays_thirty_receivers_and_a_removed_subscriber() {
             }
         }
         assert_eq!(
-            udp_csum_errors(&viewers[k - 1]),
+            viewers[k - 1].udp_csum_errors().0,
             0,
             "UDP checksum errors at viewers {k}"
         );

@@ -13,7 +13,7 @@ use std::{
 use edgefwd::dataplane::loader;
 use edgefwd_tests::{
     Edgefwd, PinDir, edgefwd_bin, kernel_lock,
-    netns::{NetNs, Topology},
+    netns::Topology,
     pkt::{Frame, Rtp},
     spawn_edgefwd, unique,
 };
@@ -142,26 +142,6 @@ fn receive(sock: &UdpSocket, n: u16, ssrc_in: u32, e: Expect) -> u16 {
         got += 1;
     }
     got
-}
-
-fn udp_csum_errors(ns: &NetNs) -> (u64, u64) {
-    let snmp = String::from_utf8(ns.exec(&["cat", "/proc/net/snmp"]).stdout).unwrap();
-    let snmp6 = String::from_utf8(ns.exec(&["cat", "/proc/net/snmp6"]).stdout).unwrap();
-    let mut lines = snmp.lines().filter(|l| l.starts_with("Udp:"));
-    let (h, v) = (lines.next().unwrap(), lines.next().unwrap());
-    let idx = h
-        .split_whitespace()
-        .position(|f| f == "InCsumErrors")
-        .unwrap();
-    let v4: u64 = v.split_whitespace().nth(idx).unwrap().parse().unwrap();
-    let v6: u64 = snmp6
-        .lines()
-        .find(|l| l.starts_with("Udp6InCsumErrors"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .unwrap()
-        .parse()
-        .unwrap();
-    (v4, v6)
 }
 
 fn start_daemon(t: &Topology, pin: &PinDir, cfg_path: &str, user: bool) -> Edgefwd {
@@ -470,12 +450,12 @@ fn e2e(user: bool) {
         "IPv4, IPv6, hairpin copies received; counters:\n{body}"
     );
     assert_eq!(
-        udp_csum_errors(&t.receiver),
+        t.receiver.udp_csum_errors(),
         (0, 0),
         "receiver saw UDP checksum errors"
     );
     assert_eq!(
-        udp_csum_errors(&t.publisher),
+        t.publisher.udp_csum_errors(),
         (0, 0),
         "publisher saw UDP checksum errors"
     );

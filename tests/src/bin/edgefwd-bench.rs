@@ -38,8 +38,8 @@ use edgefwd::{
 use edgefwd_tests::{
     PinDir,
     bench::{
-        GEN_CPU, attach_tool, cpu_time, machine, napi_threads, paced_send, pin_self,
-        process_threads, sink_count, start_daemon, thread_napi, utc_stamp,
+        Bar, GEN_CPU, attach_tool, bar_chart, cpu_time, machine, napi_threads, paced_send,
+        pin_self, process_threads, sink_count, start_daemon, thread_napi, utc_stamp,
     },
     netns::{FWD_A_V4, NetNs, PUB_V4, RCV_V4, Topology},
     pkt::{Frame, Rtp},
@@ -1059,71 +1059,32 @@ fn save(dir: &Path, rows: &[Row], costs: &[ProgCost], summary: &[String]) {
 }
 
 fn chart(path: &Path, rows: &[Row]) -> Result<(), Box<dyn std::error::Error>> {
-    use plotters::prelude::*;
-    edgefwd_tests::register_chart_font()?;
-    let labels: Vec<String> = rows
+    let bars: Vec<Bar> = rows
         .iter()
         .map(|r| {
-            let short = match r.case {
-                Case::XdpDropCeiling => "DROP ceiling",
-                Case::XdpForwardRedirect => "fwd REDIRECT",
-                Case::XdpForwardTx => "fwd XDP_TX",
-                Case::CRefForwardRedirect => "C ref REDIRECT",
-                Case::CRefForwardTx => "C ref XDP_TX",
-                Case::UserRelay => "user relay",
+            let (short, rgb) = match r.case {
+                Case::XdpDropCeiling => ("DROP ceiling", (150, 150, 150)),
+                Case::XdpForwardRedirect => ("fwd REDIRECT", (31, 119, 180)),
+                Case::XdpForwardTx => ("fwd XDP_TX", (44, 160, 44)),
+                Case::CRefForwardRedirect => ("C ref REDIRECT", (158, 202, 225)),
+                Case::CRefForwardTx => ("C ref XDP_TX", (161, 217, 155)),
+                Case::UserRelay => ("user relay", (214, 39, 40)),
             };
-            format!("{short} {}B", r.rtp_bytes)
+            Bar {
+                label: format!("{short} {}B", r.rtp_bytes),
+                value: r.delivered_mpps,
+                rgb,
+            }
         })
         .collect();
-    let max = rows.iter().map(|r| r.delivered_mpps).fold(0.0, f64::max) * 1.15;
-    let root = BitMapBackend::new(path, (1100, 520)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let mut c = ChartBuilder::on(&root)
-        .caption(
-            format!(
-                "edgefwd: delivered Mpps, forwarder on one core ({})",
-                machine()
-            ),
-            ("sans-serif", 18),
-        )
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d((0..rows.len() - 1).into_segmented(), 0.0..max)?;
-    c.configure_mesh()
-        .disable_x_mesh()
-        .y_desc("Mpps delivered")
-        .x_labels(rows.len())
-        .x_label_formatter(&|x| match x {
-            SegmentValue::CenterOf(i) => labels.get(*i).cloned().unwrap_or_default(),
-            _ => String::new(),
-        })
-        .x_label_style(("sans-serif", 12))
-        .draw()?;
-    c.draw_series(rows.iter().enumerate().map(|(i, r)| {
-        let color = match r.case {
-            Case::XdpDropCeiling => RGBColor(150, 150, 150),
-            Case::XdpForwardRedirect => RGBColor(31, 119, 180),
-            Case::XdpForwardTx => RGBColor(44, 160, 44),
-            Case::CRefForwardRedirect => RGBColor(158, 202, 225),
-            Case::CRefForwardTx => RGBColor(161, 217, 155),
-            Case::UserRelay => RGBColor(214, 39, 40),
-        };
-        Rectangle::new(
-            [
-                (SegmentValue::Exact(i), 0.0),
-                (SegmentValue::Exact(i + 1), r.delivered_mpps),
-            ],
-            color.filled(),
-        )
-    }))?;
-    c.draw_series(rows.iter().enumerate().map(|(i, r)| {
-        Text::new(
-            format!("{:.2}", r.delivered_mpps),
-            (SegmentValue::CenterOf(i), r.delivered_mpps + max * 0.02),
-            ("sans-serif", 13),
-        )
-    }))?;
-    root.present()?;
-    Ok(())
+    bar_chart(
+        path,
+        1100,
+        &format!(
+            "edgefwd: delivered Mpps, forwarder on one core ({})",
+            machine()
+        ),
+        "Mpps delivered",
+        &bars,
+    )
 }

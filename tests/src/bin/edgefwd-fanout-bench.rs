@@ -22,8 +22,9 @@ use edgefwd::dataplane::resolve::iface_mac;
 use edgefwd_tests::{
     PinDir,
     bench::{
-        FWD_CPU, GEN_CPU, attach_tc_sink, attach_tool, cpu_time, machine, napi_threads, paced_send,
-        pin_self, process_threads, sink_count, start_daemon, thread_napi_on, utc_stamp,
+        Bar, FWD_CPU, GEN_CPU, attach_tc_sink, attach_tool, bar_chart, cpu_time, machine,
+        napi_threads, paced_send, pin_self, process_threads, sink_count, start_daemon,
+        thread_napi_on, utc_stamp,
     },
     netns::{FWD_A_V4, NetNs, PUB_V4, RCV_V4, Topology, link},
     pkt::Rtp,
@@ -321,7 +322,10 @@ fn recv_stamped(s: &UdpSocket, buf: &mut [u8]) -> Option<(usize, u64)> {
         while !c.is_null() {
             if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SO_TIMESTAMPNS {
                 let ts = (libc::CMSG_DATA(c) as *const libc::timespec).read_unaligned();
-                return Some((n as usize, ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64));
+                return Some((
+                    n as usize,
+                    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64,
+                ));
             }
             c = libc::CMSG_NXTHDR(&msg, c);
         }
@@ -335,8 +339,15 @@ fn node(ns: &NetNs, iface: &str, cfg: &str) -> (PinDir, edgefwd_tests::Edgefwd) 
     std::fs::write(&path, cfg).unwrap();
     let bin = edgefwd_tests::edgefwd_bin();
     let mut cmd = ns.command(bin.to_str().unwrap());
-    cmd.args(["--pin-dir", pin.path().to_str().unwrap(), "run", "--iface", iface, "--config"])
-        .arg(&path);
+    cmd.args([
+        "--pin-dir",
+        pin.path().to_str().unwrap(),
+        "run",
+        "--iface",
+        iface,
+        "--config",
+    ])
+    .arg(&path);
     let d = edgefwd_tests::spawn_edgefwd(cmd);
     let _ = std::fs::remove_file(&path);
     (pin, d)
@@ -373,7 +384,8 @@ fn latency(seconds: f64) -> Latency {
             let a = a.to_string();
             v.run(move || {
                 let s = UdpSocket::bind(a).unwrap();
-                s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(500)))
+                    .unwrap();
                 let on: libc::c_int = 1;
                 // SAFETY: setsockopt on our socket with a live int.
                 let r = unsafe {
@@ -397,7 +409,10 @@ fn latency(seconds: f64) -> Latency {
         &stream(
             "10.79.1.2:5004",
             "10.79.1.1:5004",
-            &[("10.79.3.1:5006", "10.79.3.2:6001"), ("10.79.3.1:5006", "10.79.3.2:7001")],
+            &[
+                ("10.79.3.1:5006", "10.79.3.2:6001"),
+                ("10.79.3.1:5006", "10.79.3.2:7001"),
+            ],
         ),
     );
     let origin = node(
@@ -406,7 +421,10 @@ fn latency(seconds: f64) -> Latency {
         &stream(
             "10.79.0.2:5004",
             "10.79.0.1:40000",
-            &[("10.79.2.1:5006", "10.79.2.2:6000"), ("10.79.1.1:5004", "10.79.1.2:5004")],
+            &[
+                ("10.79.2.1:5006", "10.79.2.2:6000"),
+                ("10.79.1.1:5004", "10.79.1.2:5004"),
+            ],
         ),
     );
     let readers: Vec<_> = socks
@@ -437,7 +455,11 @@ fn latency(seconds: f64) -> Latency {
     drop((origin, relay));
     for l in lats.iter_mut() {
         l.sort_by(f64::total_cmp);
-        assert!(l.len() as f64 >= 0.99 * n as f64, "only {} of {n} packets arrived", l.len());
+        assert!(
+            l.len() as f64 >= 0.99 * n as f64,
+            "only {} of {n} packets arrived",
+            l.len()
+        );
     }
     let q = |l: &[f64], f: f64| l[((l.len() - 1) as f64 * f) as usize];
     Latency {
@@ -623,60 +645,28 @@ fn save(dir: &std::path::Path, rows: &[Row], summary: &[String], seconds: f64, l
 }
 
 fn chart(path: &std::path::Path, rows: &[Row]) -> Result<(), Box<dyn std::error::Error>> {
-    use plotters::prelude::*;
-    edgefwd_tests::register_chart_font()?;
-    let max = rows
-        .iter()
-        .map(|r| r.copies_per_core_s / 1e6)
-        .fold(0.0, f64::max)
-        * 1.15;
-    let root = BitMapBackend::new(path, (1200, 520)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let mut c = ChartBuilder::on(&root)
-        .caption(
-            "edgefwd fan-out, M copies/s per core (1,200 B RTP): tc = TC clone (edgefwd), bcast = devmap broadcast, user = userspace",
-            ("sans-serif", 15),
-        )
-        .margin(12)
-        .x_label_area_size(50)
-        .y_label_area_size(60)
-        .build_cartesian_2d((0..rows.len() - 1).into_segmented(), 0.0..max)?;
-    let labels: Vec<String> = rows
+    let bars: Vec<Bar> = rows
         .iter()
         .map(|r| {
-            let name = match r.path {
-                Path::Kernel => "tc",
-                Path::Broadcast => "bcast",
-                Path::User => "user",
+            let (name, rgb) = match r.path {
+                Path::Kernel => ("tc", (31, 119, 180)),
+                Path::Broadcast => ("bcast", (150, 150, 150)),
+                Path::User => ("user", (214, 39, 40)),
             };
             let lossy = if r.lossless { "" } else { " (lossy)" };
-            format!("{name} {}{lossy}", r.copies_per_packet)
+            Bar {
+                label: format!("{name} {}{lossy}", r.copies_per_packet),
+                value: r.copies_per_core_s / 1e6,
+                rgb,
+            }
         })
         .collect();
-    c.configure_mesh()
-        .disable_x_mesh()
-        .y_desc("M copies/s per core")
-        .x_labels(rows.len())
-        .x_label_formatter(&|x| match x {
-            SegmentValue::CenterOf(i) => labels.get(*i).cloned().unwrap_or_default(),
-            _ => String::new(),
-        })
-        .x_label_style(("sans-serif", 11))
-        .draw()?;
-    c.draw_series(rows.iter().enumerate().map(|(i, r)| {
-        let color = match r.path {
-            Path::Kernel => RGBColor(31, 119, 180),
-            Path::Broadcast => RGBColor(150, 150, 150),
-            Path::User => RGBColor(214, 39, 40),
-        };
-        Rectangle::new(
-            [
-                (SegmentValue::Exact(i), 0.0),
-                (SegmentValue::Exact(i + 1), r.copies_per_core_s / 1e6),
-            ],
-            color.filled(),
-        )
-    }))?;
-    root.present()?;
-    Ok(())
+    bar_chart(
+        path,
+        1200,
+        "edgefwd fan-out, M copies/s per core (1,200 B RTP): tc = TC clone (edgefwd), \
+         bcast = devmap broadcast, user = userspace",
+        "M copies/s per core",
+        &bars,
+    )
 }

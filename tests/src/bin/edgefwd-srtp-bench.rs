@@ -513,28 +513,10 @@ fn save(dir: &std::path::Path, crypto: &[CryptoRow], rows: &[Row], summary: &[se
 }
 
 fn chart(path: &std::path::Path, rows: &[Row]) -> Result<(), Box<dyn std::error::Error>> {
-    use plotters::prelude::*;
-    edgefwd_tests::register_chart_font()?;
-    let max = rows
+    let bars: Vec<edgefwd_tests::bench::Bar> = rows
         .iter()
-        .map(|r| r.copies_per_sec / 1e6)
-        .fold(0.0, f64::max)
-        * 1.15;
-    let root = BitMapBackend::new(path, (1200, 560)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let mut c = ChartBuilder::on(&root)
-        .caption(
-            "edgefwd WebRTC worker: million SRTP copies/s on one core (1,200 B)",
-            ("sans-serif", 18),
-        )
-        .margin(12)
-        .x_label_area_size(60)
-        .y_label_area_size(60)
-        .build_cartesian_2d((0..rows.len() - 1).into_segmented(), 0.0..max)?;
-    let labels: Vec<String> = rows
-        .iter()
-        .map(|r| {
-            format!(
+        .map(|r| edgefwd_tests::bench::Bar {
+            label: format!(
                 "{} {} N={}",
                 if r.path == Path::AfXdp { "xsk" } else { "sock" },
                 if r.profile.starts_with("AEAD") {
@@ -543,33 +525,20 @@ fn chart(path: &std::path::Path, rows: &[Row]) -> Result<(), Box<dyn std::error:
                     "CM"
                 },
                 r.subscribers
-            )
+            ),
+            value: r.copies_per_sec / 1e6,
+            rgb: if r.path == Path::AfXdp {
+                (31, 119, 180)
+            } else {
+                (214, 39, 40)
+            },
         })
         .collect();
-    c.configure_mesh()
-        .disable_x_mesh()
-        .y_desc("M copies/s")
-        .x_labels(rows.len())
-        .x_label_formatter(&|x| match x {
-            SegmentValue::CenterOf(i) => labels.get(*i).cloned().unwrap_or_default(),
-            _ => String::new(),
-        })
-        .x_label_style(("sans-serif", 10))
-        .draw()?;
-    c.draw_series(rows.iter().enumerate().map(|(i, r)| {
-        let color = if r.path == Path::AfXdp {
-            RGBColor(31, 119, 180)
-        } else {
-            RGBColor(214, 39, 40)
-        };
-        Rectangle::new(
-            [
-                (SegmentValue::Exact(i), 0.0),
-                (SegmentValue::Exact(i + 1), r.copies_per_sec / 1e6),
-            ],
-            color.filled(),
-        )
-    }))?;
-    root.present()?;
-    Ok(())
+    edgefwd_tests::bench::bar_chart(
+        path,
+        1200,
+        "edgefwd WebRTC worker: million SRTP copies/s on one core (1,200 B)",
+        "M copies/s",
+        &bars,
+    )
 }
