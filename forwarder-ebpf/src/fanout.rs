@@ -35,6 +35,8 @@ struct Replication {
     ingress: u32,
     orig: RtpIn,
     v6: u8,
+    /// Copies sent so far: counted under `forward_copy` once per packet.
+    sent: u32,
 }
 
 #[classifier]
@@ -86,6 +88,7 @@ fn replicate(ctx: &TcContext) -> i32 {
         ingress: unsafe { (*skb).ingress_ifindex },
         orig,
         v6: v6 as u8,
+        sent: 0,
     };
     if m.count > 1 {
         // SAFETY: the callback is a BPF function of this program; `r` outlives the loop.
@@ -101,10 +104,12 @@ fn replicate(ctx: &TcContext) -> i32 {
     // The last copy is the packet itself.
     let Some(copy) = EFWD_COPIES_V1.get(m.first + m.count - 1) else {
         count(CopyVerdict::DropCopyMissing, 1);
+        forwarded(r.sent, skb);
         return TC_ACT_SHOT;
     };
     if let Err(v) = rewrite(&r, copy) {
         count(v, 1);
+        forwarded(r.sent, skb);
         return TC_ACT_SHOT;
     }
     let egress = egress_of(&r, copy);
@@ -112,16 +117,19 @@ fn replicate(ctx: &TcContext) -> i32 {
     let action = unsafe { bpf_redirect(egress, 0) } as i32;
     if action != TC_ACT_REDIRECT {
         count(CopyVerdict::DropCopyCloneError, 1);
+        forwarded(r.sent, skb);
         return TC_ACT_SHOT;
     }
     sent(copy, skb);
+    forwarded(r.sent + 1, skb);
     action
 }
 
 /// bpf_loop's callback: copy `i` (all but the last) as a clone.
 extern "C" fn clone_one(i: u64, ctx: *mut c_void) -> i64 {
-    // SAFETY: bpf_loop passes back the pointer `replicate` gave it, to its live frame.
-    let r = unsafe { &*(ctx as *const Replication) };
+    // SAFETY: bpf_loop passes back the pointer `replicate` gave it, to its live frame,
+    // and nothing else refers to it while the callback runs.
+    let r = unsafe { &mut *(ctx as *mut Replication) };
     let Some(copy) = EFWD_COPIES_V1.get(r.first + i as u32) else {
         count(CopyVerdict::DropCopyMissing, 1);
         return 0;
@@ -137,6 +145,7 @@ extern "C" fn clone_one(i: u64, ctx: *mut c_void) -> i64 {
         return 0;
     }
     sent(copy, r.skb);
+    r.sent += 1;
     0
 }
 
@@ -149,6 +158,7 @@ fn egress_of(r: &Replication, copy: &RouteValue) -> u32 {
     }
 }
 
+/// Counts one copy in its own statistics slot.
 #[inline(always)]
 fn sent(copy: &RouteValue, skb: *mut __sk_buff) {
     // SAFETY: reading a field of the context the kernel passed.
@@ -160,11 +170,19 @@ fn sent(copy: &RouteValue, skb: *mut __sk_buff) {
             (*s).bytes += len;
         }
     }
+}
+
+/// Counts a packet's `n` sent copies under `forward_copy`, once per packet (every copy
+/// has the packet's length).
+#[inline(always)]
+fn forwarded(n: u32, skb: *mut __sk_buff) {
+    // SAFETY: reading a field of the context the kernel passed.
+    let len = unsafe { (*skb).len } as u64;
     if let Some(c) = EFWD_COPYVERDICT_V1.get_ptr_mut(CopyVerdict::ForwardCopy as u32) {
-        // SAFETY: as above.
+        // SAFETY: the per-CPU slot is only this CPU's, and the program is not preempted mid-run.
         unsafe {
-            (*c).packets += 1;
-            (*c).bytes += len;
+            (*c).packets += n as u64;
+            (*c).bytes += n as u64 * len;
         }
     }
 }

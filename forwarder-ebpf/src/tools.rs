@@ -213,15 +213,8 @@ pub fn edgefwd_bcast_egress(ctx: XdpContext) -> u32 {
         replace_words::<2>(p + 30, copy.out_dst_addr.as_ptr() as usize + 12, &mut l4d);
         st(p + 24, l4d.apply_word(ld(p + 24)));
         replace_words::<2>(p + 34, copy.out_src_port_be.as_ptr() as usize, &mut l4d);
-        let old = ld(p + 44);
-        let new = u16::from_be(old).wrapping_add(copy.seq_delta).to_be();
-        l4d.word(old, new);
-        st(p + 44, new);
-        replace_words::<2>(p + 50, copy.ssrc_out_be.as_ptr() as usize, &mut l4d);
-        let check = ld(p + 40);
-        if check != 0 {
-            st(p + 40, l4d.apply_word(check));
-        }
+        rewrite_rtp(p + 42, RtpIn::read(p + 42), copy, &mut l4d);
+        fix_udp_check(p + 34, false, &l4d);
     }
     xdp_action::XDP_PASS
 }

@@ -207,22 +207,7 @@ struct StreamArgs {
 
 impl StreamArgs {
     fn key(&self) -> forwarder_common::routes::RouteKey {
-        Route {
-            listen: self.listen,
-            source: self.source,
-            ssrc: self.ssrc,
-            out_src: self.listen,
-            out_dst: self.listen,
-            egress_ifindex: 0,
-            src_mac: [0; 6],
-            dst_mac: [0; 6],
-            ssrc_out: 0,
-            seq_delta: 0,
-            ts_delta: 0,
-            pt_remap: None,
-            vlan: None,
-        }
-        .key()
+        Route::key_of(self.listen, self.source, self.ssrc)
     }
 }
 
@@ -543,19 +528,13 @@ fn check_config(file: &std::path::Path) -> Result<()> {
         w.check()
             .with_context(|| format!("in config {}", file.display()))?;
     }
-    let mut streams: Vec<Vec<Route>> = Vec::new();
-    for rc in &cfg.routes {
-        let r = resolve::unresolved(rc);
-        match streams.iter_mut().find(|s| s[0].key() == r.key()) {
-            Some(s) => s.push(r),
-            None => streams.push(vec![r]),
-        }
-    }
-    for s in &streams {
+    let routes: Vec<Route> = cfg.routes.iter().map(resolve::unresolved).collect();
+    let streams = edgefwd::dataplane::maps::group_streams(&routes);
+    for (_, s) in &streams {
         edgefwd::dataplane::maps::check_stream(s)
             .with_context(|| format!("in config {}", file.display()))?;
     }
-    let fanout = streams.iter().filter(|s| s.len() > 1).count();
+    let fanout = streams.iter().filter(|(_, s)| s.len() > 1).count();
     println!(
         "{}: OK: {} listener(s), {} stream(s) with {} cop{} ({fanout} fanned out in the kernel), webrtc {}",
         file.display(),

@@ -5,7 +5,7 @@
 use std::{
     collections::{HashMap, HashSet},
     net::UdpSocket,
-    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    os::fd::AsRawFd as _,
     path::Path,
     process::Command,
     time::{Duration, Instant},
@@ -16,9 +16,8 @@ use edgefwd::dataplane::loader;
 use forwarder_common::verdicts::VerdictStats;
 
 use crate::{
-    Edgefwd, edgefwd_bin,
+    Edgefwd,
     netns::{FWD_A_V4, NetNs, PUB_V4},
-    spawn_edgefwd,
 };
 
 /// The generator (and, where said, the receivers) run here.
@@ -120,33 +119,7 @@ pub fn paced_send(ns: &NetNs, payload: &[u8], pps: f64, seconds: f64) -> (u64, f
 }
 
 pub fn start_daemon(ns: &NetNs, pin: &Path, config: &str, extra: &[&str]) -> Edgefwd {
-    let cfg = std::env::temp_dir().join(format!(
-        "edgefwd-bench-{}-{}.toml",
-        std::process::id(),
-        pin.file_name().unwrap().to_string_lossy()
-    ));
-    std::fs::write(&cfg, config).unwrap();
-    let mut cmd = ns.command(edgefwd_bin().to_str().unwrap());
-    cmd.args([
-        "--pin-dir",
-        pin.to_str().unwrap(),
-        "run",
-        "--iface",
-        "f0",
-        "--config",
-    ])
-    .arg(&cfg)
-    .args(extra);
-    unsafe {
-        // The whole relay (every thread it starts inherits this) on the forwarder core.
-        cmd.pre_exec(|| {
-            set_affinity(0, FWD_CPU);
-            Ok(())
-        });
-    }
-    let child = spawn_edgefwd(cmd);
-    let _ = std::fs::remove_file(&cfg);
-    child
+    crate::start_node(ns, pin, "f0", config, extra, Some(FWD_CPU))
 }
 
 pub fn set_affinity(pid: i32, cpu: usize) -> bool {
@@ -333,4 +306,47 @@ pub fn bar_chart(
     }))?;
     root.present()?;
     Ok(())
+}
+
+/// The best rate with ≤ 1 % loss: from `start`, grow ×1.6 until a trial loses more (or
+/// `trial` says the generator, not the system under test, fell short: going higher
+/// proves nothing more), then bisect `steps` times. `trial(rate)` returns its result,
+/// its loss (0..1) and whether the generator was the limit. Returns the best lossless
+/// trial, if any, and the first trial (what a path that never gets below 1 % reports).
+pub fn search_rate<T: Copy>(
+    start: f64,
+    steps: usize,
+    mut trial: impl FnMut(f64) -> (T, f64, bool),
+) -> (Option<T>, T) {
+    let mut best = None;
+    let mut first = None;
+    let (mut lo, mut hi) = (0.0, None);
+    let mut rate = start;
+    while hi.is_none() && rate < 1e9 {
+        let (tr, loss, gen_limited) = trial(rate);
+        first.get_or_insert(tr);
+        if loss <= 0.01 {
+            lo = rate;
+            best = Some(tr);
+            if gen_limited {
+                break;
+            }
+            rate *= 1.6;
+        } else {
+            hi = Some(rate);
+        }
+    }
+    if let Some(mut h) = hi {
+        for _ in 0..steps {
+            let mid = (lo + h) / 2.0;
+            let (tr, loss, _) = trial(mid);
+            if loss <= 0.01 {
+                lo = mid;
+                best = Some(tr);
+            } else {
+                h = mid;
+            }
+        }
+    }
+    (best, first.expect("at least one trial runs"))
 }

@@ -145,6 +145,63 @@ pub fn spawn_edgefwd(mut cmd: Command) -> Edgefwd {
     Edgefwd(Some(child), line.trim().to_string())
 }
 
+/// Writes `config` to a temporary file and starts `edgefwd run --iface IFACE` with it in
+/// `ns`, maps pinned at `pin`, plus `extra` arguments; the config file is removed once
+/// the daemon is up (it has read it).
+pub fn start_node(
+    ns: &netns::NetNs,
+    pin: &Path,
+    iface: &str,
+    config: &str,
+    extra: &[&str],
+    cpu: Option<usize>,
+) -> Edgefwd {
+    let cfg = std::env::temp_dir().join(format!("{}.toml", unique("edgefwd-cfg")));
+    std::fs::write(&cfg, config).unwrap();
+    let mut cmd = ns.command(edgefwd_bin().to_str().unwrap());
+    cmd.args([
+        "--pin-dir",
+        pin.to_str().unwrap(),
+        "run",
+        "--iface",
+        iface,
+        "--config",
+    ])
+    .arg(&cfg)
+    .args(extra);
+    if let Some(cpu) = cpu {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: sched_setaffinity on the child itself, with a set we built.
+        unsafe {
+            // The whole daemon (every thread it starts inherits this) on that core.
+            cmd.pre_exec(move || {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut set);
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+                Ok(())
+            });
+        }
+    }
+    let child = spawn_edgefwd(cmd);
+    let _ = std::fs::remove_file(&cfg);
+    child
+}
+
+/// Gives a test socket a receive buffer of `bytes` (SO_RCVBUFFORCE, as root): tests that
+/// read only after a stream ended need room for all of it.
+pub fn big_rcvbuf(s: &std::net::UdpSocket, bytes: i32) {
+    // SAFETY: setsockopt on the caller's socket with a live int.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(s),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&bytes as *const i32).cast(),
+            4,
+        )
+    };
+}
+
 /// A running `edgefwd`. Dropping it stops the daemon too, so a test or bench that
 /// panics leaves no daemon behind (one would keep its namespace alive and hold the
 /// caller's stderr pipe open, which hangs `cmd | tail`).

@@ -21,7 +21,6 @@ use edgefwd_tests::{
     Edgefwd, PinDir, edgefwd_bin, kernel_lock,
     netns::{NetNs, link},
     pkt::Rtp,
-    spawn_edgefwd,
 };
 
 const SSRC: u32 = 0x00c0_ffee;
@@ -70,22 +69,7 @@ fn relay_config(k: usize) -> String {
 }
 
 fn start(ns: &NetNs, pin: &PinDir, iface: &str, cfg: &str) -> Edgefwd {
-    let path = std::env::temp_dir().join(format!("{}.toml", edgefwd_tests::unique("cascade")));
-    std::fs::write(&path, cfg).unwrap();
-    let bin = edgefwd_bin();
-    let mut cmd = ns.command(bin.to_str().unwrap());
-    cmd.args([
-        "--pin-dir",
-        pin.path().to_str().unwrap(),
-        "run",
-        "--iface",
-        iface,
-        "--config",
-        path.to_str().unwrap(),
-        "--duration",
-        "120",
-    ]);
-    spawn_edgefwd(cmd)
+    edgefwd_tests::start_node(ns, pin.path(), iface, cfg, &["--duration", "120"], None)
 }
 
 #[test]
@@ -127,17 +111,7 @@ fn origin_three_relays_thirty_receivers_and_a_removed_subscriber() {
                         s.set_read_timeout(Some(Duration::from_millis(150)))
                             .unwrap();
                         // Read only after the stream ends: room for all of it.
-                        let size: libc::c_int = 8 << 20;
-                        // SAFETY: setsockopt on our own socket with a live int.
-                        unsafe {
-                            libc::setsockopt(
-                                std::os::fd::AsRawFd::as_raw_fd(&s),
-                                libc::SOL_SOCKET,
-                                libc::SO_RCVBUFFORCE,
-                                (&size as *const libc::c_int).cast(),
-                                4,
-                            )
-                        };
+                        edgefwd_tests::big_rcvbuf(&s, 8 << 20);
                         s
                     })
                 })

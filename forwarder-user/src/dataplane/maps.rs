@@ -83,15 +83,38 @@ fn sock(a: [u8; 16], port_be: [u8; 2]) -> SocketAddr {
     SocketAddr::new(ip_from16(a), u16::from_be_bytes(port_be))
 }
 
-impl Route {
-    pub fn key(&self) -> RouteKey {
-        RouteKey {
-            listen_addr: addr16(self.listen.ip()),
-            src_addr: addr16(self.source.ip()),
-            listen_port_be: self.listen.port().to_be_bytes(),
-            src_port_be: self.source.port().to_be_bytes(),
-            ssrc_be: self.ssrc.to_be_bytes(),
+/// Streams in first-seen order, each with its copies: routes sharing (listen, source,
+/// SSRC) are the copies of one stream.
+pub fn group_streams(routes: &[Route]) -> Vec<(RouteKey, Vec<Route>)> {
+    let mut index: std::collections::HashMap<RouteKey, usize> = Default::default();
+    let mut streams: Vec<(RouteKey, Vec<Route>)> = Vec::new();
+    for r in routes {
+        let k = r.key();
+        match index.get(&k) {
+            Some(i) => streams[*i].1.push(r.clone()),
+            None => {
+                index.insert(k, streams.len());
+                streams.push((k, vec![r.clone()]));
+            }
         }
+    }
+    streams
+}
+
+impl Route {
+    /// The key of the stream (listen, source, SSRC) a route is a copy of.
+    pub fn key_of(listen: SocketAddr, source: SocketAddr, ssrc: u32) -> RouteKey {
+        RouteKey {
+            listen_addr: addr16(listen.ip()),
+            src_addr: addr16(source.ip()),
+            listen_port_be: listen.port().to_be_bytes(),
+            src_port_be: source.port().to_be_bytes(),
+            ssrc_be: ssrc.to_be_bytes(),
+        }
+    }
+
+    pub fn key(&self) -> RouteKey {
+        Route::key_of(self.listen, self.source, self.ssrc)
     }
 
     pub fn source_key(&self) -> SourceKey {
@@ -590,15 +613,14 @@ impl Maps {
         let old = self.stream_values(key)?;
         // A copy keeps its counters by its destination; a stream with a list keeps its own.
         let mut kept: std::collections::HashMap<SocketAddr, u32> = Default::default();
+        // Some: the stream had a copy list (retired below, once the new value is in).
         let mut stream_slot = None;
-        let mut old_range = None;
         if let Some((v, old_copies)) = &old {
             for c in old_copies {
                 kept.insert(Route::from_map(key, c).out_dst, c.stats_slot);
             }
             if v.flags & FLAG_FANOUT != 0 {
                 stream_slot = Some(v.stats_slot);
-                old_range = Some((v.fanout_first, v.fanout_count));
             }
         }
         let mut fresh = Vec::new();
@@ -657,8 +679,8 @@ impl Maps {
             return Err(full_or(e, "routes", cap))
                 .with_context(|| format!("adding route for SSRC {:#010x}", first.ssrc));
         }
-        if let Some(r) = old_range {
-            batch.ranges.retire(r);
+        if stream_slot.is_some() {
+            batch.ranges.retire();
         }
         if old.is_none() {
             let sk = first.source_key();
@@ -681,13 +703,7 @@ impl Maps {
         for l in listeners {
             self.set_listener(l)?;
         }
-        let mut streams: Vec<(RouteKey, Vec<Route>)> = Vec::new();
-        for r in routes {
-            match streams.iter_mut().find(|(k, _)| *k == r.key()) {
-                Some((_, c)) => c.push(r.clone()),
-                None => streams.push((r.key(), vec![r.clone()])),
-            }
-        }
+        let streams = group_streams(routes);
         let want: std::collections::HashSet<RouteKey> = streams.iter().map(|(k, _)| *k).collect();
         self.change(|m, batch| {
             for (k, _) in m.all_routes()? {
@@ -746,7 +762,7 @@ impl Maps {
         if let Some(v) = old
             && v.flags & FLAG_FANOUT != 0
         {
-            batch.ranges.retire((v.fanout_first, v.fanout_count));
+            batch.ranges.retire();
         }
         let sk = SourceKey {
             listen_addr: key.listen_addr,
@@ -1003,9 +1019,9 @@ impl RangeAllocator {
         Ok(at)
     }
 
-    fn retire(&mut self, _range: (u32, u32)) {
-        // Still in `used` (it was read from the maps, or taken in this batch), so the
-        // batch never hands it out again.
+    /// A range left its stream. It stays in `used` (read from the maps, or taken in
+    /// this batch), so the batch never hands it out again; the batch waits at the end.
+    fn retire(&mut self) {
         self.retired = true;
     }
 }

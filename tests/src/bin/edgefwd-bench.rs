@@ -39,7 +39,7 @@ use edgefwd_tests::{
     PinDir,
     bench::{
         Bar, GEN_CPU, attach_tool, bar_chart, cpu_time, machine, napi_threads, paced_send,
-        pin_self, process_threads, sink_count, start_daemon, thread_napi, utc_stamp,
+        pin_self, process_threads, search_rate, sink_count, start_daemon, thread_napi, utc_stamp,
     },
     netns::{FWD_A_V4, NetNs, PUB_V4, RCV_V4, Topology},
     pkt::{Frame, Rtp},
@@ -796,41 +796,16 @@ fn user_case(rtp_bytes: usize, seconds: f64) -> Row {
         );
         (tr, loss)
     };
-    let mut best: Option<(f64, Trial)> = None;
-    let mut lo = 0.0;
-    let mut hi = None;
-    let mut pps = 25_000.0;
-    while hi.is_none() {
+    // The generator tops out near 0.46 Mpps; if it fell short of the asked rate the
+    // relay was not the limit yet.
+    let (best, _) = search_rate(25_000.0, 5, |pps| {
         let (tr, loss) = trial(pps);
-        // The generator tops out near 0.46 Mpps; if it fell short of the asked rate the
-        // relay was not the limit yet, but going higher proves nothing more.
         let gen_limited = (tr.sent as f64 / tr.elapsed) < 0.9 * pps;
-        if loss <= 0.01 {
-            lo = pps;
-            best = Some((pps, tr));
-            if gen_limited {
-                break;
-            }
-            pps *= 1.6;
-        } else {
-            hi = Some(pps);
-        }
-    }
-    if let Some(mut h) = hi {
-        for _ in 0..5 {
-            let mid = (lo + h) / 2.0;
-            let (tr, loss) = trial(mid);
-            if loss <= 0.01 {
-                lo = mid;
-                best = Some((mid, tr));
-            } else {
-                h = mid;
-            }
-        }
-    }
+        (tr, loss, gen_limited)
+    });
     daemon.stop();
     drop(keep.drain(..));
-    let (_, tr) = best.expect("the userspace relay lost more than 1% even at 25 kpps: broken");
+    let tr = best.expect("the userspace relay lost more than 1% even at 25 kpps: broken");
     row(
         Case::UserRelay,
         rtp_bytes,
@@ -842,6 +817,7 @@ fn user_case(rtp_bytes: usize, seconds: f64) -> Row {
     )
 }
 
+#[derive(Clone, Copy)]
 struct Trial {
     sent: u64,
     delivered: u64,

@@ -23,7 +23,7 @@ use edgefwd_tests::{
     PinDir,
     bench::{
         Bar, FWD_CPU, GEN_CPU, attach_tc_sink, attach_tool, bar_chart, cpu_time, machine,
-        napi_threads, paced_send, pin_self, process_threads, sink_count, start_daemon,
+        napi_threads, paced_send, pin_self, process_threads, search_rate, sink_count, start_daemon,
         thread_napi_on, utc_stamp,
     },
     netns::{FWD_A_V4, NetNs, PUB_V4, RCV_V4, Topology, link},
@@ -169,42 +169,13 @@ fn case(path: Path, n: usize, seconds: f64) -> Row {
         );
         (tr, loss)
     };
-    // The best rate with ≤ 1 % loss: grow until loss, then bisect.
-    let mut best: Option<Trial> = None;
-    let mut first: Option<Trial> = None;
-    let (mut lo, mut hi) = (0.0, None);
-    let mut rate = 50_000.0;
-    while hi.is_none() && rate < 20e6 {
+    // The generator tops out near 0.4-0.5 M packets/s: past that, a higher ask proves
+    // nothing more.
+    let (best, first) = search_rate(50_000.0, 4, |rate| {
         let (tr, loss) = trial(rate);
-        if first.is_none() {
-            first = Some(tr);
-        }
-        // The generator tops out near 0.4-0.5 M packets/s: past that, a higher ask
-        // proves nothing more.
         let gen_limited = (tr.sent as f64 / tr.elapsed) < 0.9 * rate / n as f64;
-        if loss <= 0.01 {
-            lo = rate;
-            best = Some(tr);
-            if gen_limited {
-                break;
-            }
-            rate *= 1.6;
-        } else {
-            hi = Some(rate);
-        }
-    }
-    if let Some(mut h) = hi {
-        for _ in 0..4 {
-            let mid = (lo + h) / 2.0;
-            let (tr, loss) = trial(mid);
-            if loss <= 0.01 {
-                lo = mid;
-                best = Some(tr);
-            } else {
-                h = mid;
-            }
-        }
-    }
+        (tr, loss, gen_limited)
+    });
     if let Some(d) = daemon.as_mut() {
         d.stop();
     }
@@ -213,7 +184,7 @@ fn case(path: Path, n: usize, seconds: f64) -> Row {
     if !lossless && path != Path::Broadcast {
         panic!("{path:?} N={n} lost more than 1% even at 50,000 copies/s: broken");
     }
-    let tr = best.or(first).expect("one trial ran");
+    let tr = best.unwrap_or(first);
     let ns = tr.cpu as f64 / tr.delivered.max(1) as f64;
     Row {
         path,
@@ -335,21 +306,7 @@ fn recv_stamped(s: &UdpSocket, buf: &mut [u8]) -> Option<(usize, u64)> {
 
 fn node(ns: &NetNs, iface: &str, cfg: &str) -> (PinDir, edgefwd_tests::Edgefwd) {
     let pin = PinDir::new();
-    let path = std::env::temp_dir().join(format!("{}.toml", edgefwd_tests::unique("lat")));
-    std::fs::write(&path, cfg).unwrap();
-    let bin = edgefwd_tests::edgefwd_bin();
-    let mut cmd = ns.command(bin.to_str().unwrap());
-    cmd.args([
-        "--pin-dir",
-        pin.path().to_str().unwrap(),
-        "run",
-        "--iface",
-        iface,
-        "--config",
-    ])
-    .arg(&path);
-    let d = edgefwd_tests::spawn_edgefwd(cmd);
-    let _ = std::fs::remove_file(&path);
+    let d = edgefwd_tests::start_node(ns, pin.path(), iface, cfg, &[], None);
     (pin, d)
 }
 
