@@ -12,7 +12,7 @@
 //!
 //! `EFWD_COPYVERDICT_V1`: per-CPU array of [`crate::verdicts::VerdictStats`] indexed by
 //! [`CopyVerdict`]: every copy the replicator makes or fails to make, counted once.
-//! Each copy also counts in its own `EFWD_RSTATS_V1` slot.
+//! Each copy also counts in its own `EFWD_RSTATS_V2` slot.
 
 use crate::assert_size;
 

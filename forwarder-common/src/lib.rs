@@ -13,6 +13,7 @@ pub mod csum;
 pub mod egress;
 pub mod fanout;
 pub mod ifmac;
+pub mod links;
 pub mod listeners;
 pub mod peers;
 pub mod route_stats;

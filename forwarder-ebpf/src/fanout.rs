@@ -109,6 +109,7 @@ fn replicate(ctx: &TcContext) -> i32 {
     };
     if let Err(v) = rewrite(&r, copy) {
         count(v, 1);
+        dropped(copy);
         forwarded(r.sent, skb);
         return TC_ACT_SHOT;
     }
@@ -117,6 +118,7 @@ fn replicate(ctx: &TcContext) -> i32 {
     let action = unsafe { bpf_redirect(egress, 0) } as i32;
     if action != TC_ACT_REDIRECT {
         count(CopyVerdict::DropCopyCloneError, 1);
+        dropped(copy);
         forwarded(r.sent, skb);
         return TC_ACT_SHOT;
     }
@@ -136,12 +138,14 @@ extern "C" fn clone_one(i: u64, ctx: *mut c_void) -> i64 {
     };
     if let Err(v) = rewrite(r, copy) {
         count(v, 1);
+        dropped(copy);
         // The packet is too short for every copy alike: stop.
         return 1;
     }
     // SAFETY: the skb is the program's context; the helper clones it and sends the clone.
     if unsafe { bpf_clone_redirect(r.skb, egress_of(r, copy), 0) } != 0 {
         count(CopyVerdict::DropCopyCloneError, 1);
+        dropped(copy);
         return 0;
     }
     sent(copy, r.skb);
@@ -163,7 +167,7 @@ fn egress_of(r: &Replication, copy: &RouteValue) -> u32 {
 fn sent(copy: &RouteValue, skb: *mut __sk_buff) {
     // SAFETY: reading a field of the context the kernel passed.
     let len = unsafe { (*skb).len } as u64;
-    if let Some(s) = EFWD_RSTATS_V1.get_ptr_mut(copy.stats_slot) {
+    if let Some(s) = EFWD_RSTATS_V2.get_ptr_mut(copy.stats_slot) {
         // SAFETY: the per-CPU slot is only this CPU's, and the program is not preempted mid-run.
         unsafe {
             (*s).packets += 1;
@@ -184,6 +188,15 @@ fn forwarded(n: u32, skb: *mut __sk_buff) {
             (*c).packets += n as u64;
             (*c).bytes += n as u64 * len;
         }
+    }
+}
+
+/// Counts a copy that could not be sent, in its own slot.
+#[inline(always)]
+fn dropped(copy: &RouteValue) {
+    if let Some(s) = EFWD_RSTATS_V2.get_ptr_mut(copy.stats_slot) {
+        // SAFETY: the per-CPU slot is only this CPU's, and the program is not preempted mid-run.
+        unsafe { (*s).drops += 1 };
     }
 }
 

@@ -603,7 +603,7 @@ fn source_known(key: &SourceKey) -> bool {
 #[inline(never)]
 fn handoff(ctx: &XdpContext, route: &RouteValue, flags: u32) -> Verdict {
     let (first, count, slot) = (route.fanout_first, route.fanout_count, route.stats_slot);
-    if let Some(s) = EFWD_RSTATS_V1.get_ptr_mut(slot) {
+    if let Some(s) = EFWD_RSTATS_V2.get_ptr_mut(slot) {
         // SAFETY: the per-CPU slot is only this CPU's, and the program is not preempted mid-run.
         unsafe {
             (*s).packets += 1;
@@ -675,7 +675,7 @@ fn finish(
         return v;
     }
 
-    if let Some(s) = EFWD_RSTATS_V1.get_ptr_mut(route.stats_slot) {
+    if let Some(s) = EFWD_RSTATS_V2.get_ptr_mut(route.stats_slot) {
         // SAFETY: the per-CPU slot is only this CPU's, and the program is not preempted mid-run.
         unsafe {
             (*s).packets += 1;

@@ -9,6 +9,7 @@ use forwarder_common::{
     egress::MAX_EGRESS,
     fanout::{MAX_COPY_SLOTS, NUM_COPY_VERDICTS},
     ifmac::{IfMac, MAX_IFINDEX},
+    links::{LinkKey, LinkState, LinkValue, MAX_LINKS},
     listeners::{ListenerKey, ListenerValue, MAX_LISTENERS},
     peers::{MAX_PEERS, MAX_QUEUES, PeerValue},
     route_stats::RouteStats,
@@ -35,7 +36,7 @@ pub static EFWD_PEERS_V1: HashMap<SourceKey, PeerValue> = HashMap::with_max_entr
 #[map]
 pub static EFWD_XSKS_V1: XskMap = XskMap::with_max_entries(MAX_QUEUES, 0);
 #[map]
-pub static EFWD_RSTATS_V1: PerCpuArray<RouteStats> = PerCpuArray::with_max_entries(MAX_ROUTES, 0);
+pub static EFWD_RSTATS_V2: PerCpuArray<RouteStats> = PerCpuArray::with_max_entries(MAX_ROUTES, 0);
 #[map]
 pub static EFWD_VERDICT_V4: PerCpuArray<VerdictStats> =
     PerCpuArray::with_max_entries(NUM_VERDICTS, 0);
@@ -48,3 +49,10 @@ pub static EFWD_COPIES_V1: Array<RouteValue> = Array::with_max_entries(MAX_COPY_
 #[map]
 pub static EFWD_COPYVERDICT_V1: PerCpuArray<VerdictStats> =
     PerCpuArray::with_max_entries(NUM_COPY_VERDICTS, 0);
+// Read and written by userspace only (the cascade links and their state), kept here
+// so they are created and pinned with the others.
+#[map]
+pub static EFWD_LINKS_V1: HashMap<LinkKey, LinkValue> = HashMap::with_max_entries(MAX_LINKS, 0);
+#[map]
+pub static EFWD_LINKSTATE_V1: HashMap<LinkKey, LinkState> =
+    HashMap::with_max_entries(MAX_LINKS, 0);

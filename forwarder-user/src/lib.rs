@@ -7,9 +7,11 @@
 //! * `media/` — the sans-I/O media engine: SRTP, RTCP, fan-out, NACK cache.
 //! * `webrtc/` — signaling: WHIP/WHEP over HTTP, SDP, ICE, DTLS, the SFU's sessions.
 //! * `daemon/` — the daemon's configuration and its Prometheus endpoint.
+//! * `cluster/` — cascades between nodes: links, their demand, the node-to-node API.
 //! * `cli/` — what the CLI prints from the live maps.
 
 pub mod cli;
+pub mod cluster;
 pub mod daemon;
 pub mod datapath;
 pub mod dataplane;

@@ -94,11 +94,19 @@ enum Cmd {
         #[command(subcommand)]
         cmd: RoutesCmd,
     },
-    /// Validate a config file without starting anything (no root needed): syntax,
-    /// addresses, routes and their fan-out streams, the [webrtc] section.
+    /// Validate config files without starting anything (no root needed): syntax,
+    /// addresses, routes and their fan-out streams, links, the [webrtc] section.
+    /// Several files (the nodes of one cascade) are also checked together: both ends
+    /// of every link agree and the links form a tree (a cycle is named).
     CheckConfig {
-        /// The TOML file `run --config` would read.
-        file: PathBuf,
+        /// The TOML files `run --config` would read.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Cascade links to other edgefwd nodes: list (with state and traffic), add, delete.
+    Links {
+        #[command(subcommand)]
+        cmd: LinksCmd,
     },
     /// Fan-out: list, add or remove the copies (subscribers) of a stream.
     Subs {
@@ -279,6 +287,47 @@ enum SubsCmd {
     },
 }
 
+#[derive(Subcommand)]
+enum LinksCmd {
+    /// Links with their state, demand, trunk copies and counters.
+    List {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a link (or replace the one to the same peer); the running daemon picks it
+    /// up within a second.
+    Add {
+        /// The peer node's name ([cluster] node in its config).
+        #[arg(long)]
+        peer: String,
+        #[arg(long, value_enum)]
+        direction: LinkDirection,
+        /// Up: our listener the trunk arrives at. Down: where trunk copies leave from.
+        #[arg(long)]
+        local: SocketAddr,
+        /// Up: where the upstream's copies leave from. Down: the peer's listener.
+        #[arg(long)]
+        remote: SocketAddr,
+        /// Up links: the upstream's node API ([cluster] api in its config).
+        #[arg(long)]
+        api: Option<SocketAddr>,
+    },
+    /// Delete the link to a peer; a down link's trunk copies stop at once.
+    Del {
+        #[arg(long)]
+        peer: String,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LinkDirection {
+    /// The peer feeds us.
+    Up,
+    /// We feed the peer.
+    Down,
+}
+
 fn parse_u32(s: &str) -> Result<u32, String> {
     let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         Some(h) => u32::from_str_radix(h, 16),
@@ -392,7 +441,8 @@ fn real_main(cli: Cli) -> Result<()> {
         }
         Cmd::Routes { cmd } => routes_cmd(&cli.pin_dir, cmd),
         Cmd::Subs { cmd } => subs_cmd(&cli.pin_dir, cmd),
-        Cmd::CheckConfig { file } => check_config(&file),
+        Cmd::CheckConfig { files } => check_config(&files),
+        Cmd::Links { cmd } => links_cmd(&cli.pin_dir, cmd),
         Cmd::Down { iface, keep_maps } => down(&cli.pin_dir, iface.as_deref(), keep_maps),
         Cmd::Stats {
             json,
@@ -522,28 +572,85 @@ fn routes_cmd(pin_dir: &std::path::Path, cmd: RoutesCmd) -> Result<()> {
 /// What `run` would refuse, found without loading anything: the same parser and the
 /// same route and stream checks as the map writer. Interfaces and next hops are
 /// resolved only by `run`, on the host that runs it.
-fn check_config(file: &std::path::Path) -> Result<()> {
-    let cfg = Config::load(file)?;
-    if let Some(w) = &cfg.webrtc {
-        w.check()
-            .with_context(|| format!("in config {}", file.display()))?;
+fn check_config(files: &[PathBuf]) -> Result<()> {
+    let mut nodes = Vec::new();
+    for file in files {
+        let cfg = Config::load(file)?;
+        let ctx = || format!("in config {}", file.display());
+        if let Some(w) = &cfg.webrtc {
+            w.check().with_context(ctx)?;
+        }
+        if let Some(c) = &cfg.cluster {
+            edgefwd::cluster::agent::secret(c).with_context(ctx)?;
+            nodes.push((c.node.clone(), cfg.links.clone()));
+        }
+        let routes: Vec<Route> = cfg.routes.iter().map(resolve::unresolved).collect();
+        let streams = edgefwd::dataplane::maps::group_streams(&routes);
+        for (_, s) in &streams {
+            edgefwd::dataplane::maps::check_stream(s).with_context(ctx)?;
+        }
+        let fanout = streams.iter().filter(|(_, s)| s.len() > 1).count();
+        println!(
+            "{}: OK: {} listener(s), {} stream(s) with {} cop{} ({fanout} fanned out in the kernel), {} link(s), webrtc {}",
+            file.display(),
+            cfg.listeners.len(),
+            streams.len(),
+            cfg.routes.len(),
+            if cfg.routes.len() == 1 { "y" } else { "ies" },
+            cfg.links.len(),
+            if cfg.webrtc.is_some() { "on" } else { "off" }
+        );
     }
-    let routes: Vec<Route> = cfg.routes.iter().map(resolve::unresolved).collect();
-    let streams = edgefwd::dataplane::maps::group_streams(&routes);
-    for (_, s) in &streams {
-        edgefwd::dataplane::maps::check_stream(s)
-            .with_context(|| format!("in config {}", file.display()))?;
+    if files.len() > 1 {
+        edgefwd::cluster::check_topology(&nodes).context("the configs together")?;
+        println!(
+            "cascade OK: {} node(s), {} link(s) between them, a tree",
+            nodes.len(),
+            nodes.iter().map(|(_, l)| l.len()).sum::<usize>() / 2
+        );
     }
-    let fanout = streams.iter().filter(|(_, s)| s.len() > 1).count();
-    println!(
-        "{}: OK: {} listener(s), {} stream(s) with {} cop{} ({fanout} fanned out in the kernel), webrtc {}",
-        file.display(),
-        cfg.listeners.len(),
-        streams.len(),
-        cfg.routes.len(),
-        if cfg.routes.len() == 1 { "y" } else { "ies" },
-        if cfg.webrtc.is_some() { "on" } else { "off" }
-    );
+    Ok(())
+}
+
+fn links_cmd(pin_dir: &std::path::Path, cmd: LinksCmd) -> Result<()> {
+    let mut maps = Maps::open_pinned(pin_dir)?;
+    match cmd {
+        LinksCmd::List { json } => {
+            let rows = stats::link_rows(&maps)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                stats::print_links(&rows);
+            }
+        }
+        LinksCmd::Add {
+            peer,
+            direction,
+            local,
+            remote,
+            api,
+        } => {
+            let l = edgefwd::cluster::Link {
+                peer,
+                direction: match direction {
+                    LinkDirection::Up => edgefwd::cluster::Direction::Up,
+                    LinkDirection::Down => edgefwd::cluster::Direction::Down,
+                },
+                local,
+                remote,
+                api,
+            };
+            // The node's own name is the daemon's; the CLI checks everything else.
+            maps.put_link("", &l)?;
+            println!("link to {} ({:?}) set", l.peer, l.direction);
+        }
+        LinksCmd::Del { peer } => {
+            if !maps.del_link(&peer)? {
+                bail!("there is no link to {peer} (see `edgefwd links list`)");
+            }
+            println!("link to {peer} deleted");
+        }
+    }
     Ok(())
 }
 
@@ -674,7 +781,18 @@ async fn run_xdp(
         );
         routes.push(route);
     }
-    let r = maps.reconcile(&listeners, &routes)?;
+    // Trunk copies of configured down links are the link manager's, not the config's.
+    let down: Vec<(SocketAddr, SocketAddr)> = cfg
+        .links
+        .iter()
+        .filter(|l| l.direction == edgefwd::cluster::Direction::Down)
+        .map(|l| (l.local, l.remote))
+        .collect();
+    let r = maps.reconcile_keeping(&listeners, &routes, |r| {
+        down.contains(&(r.out_src, r.out_dst))
+    })?;
+    let node = cfg.cluster.as_ref().map(|c| c.node.as_str()).unwrap_or("");
+    maps.reconcile_links(node, &cfg.links)?;
     maps.set_interface_mac(
         edgefwd::dataplane::preflight::ifindex(&iface)?,
         resolve::iface_mac(&iface)?,
@@ -700,14 +818,24 @@ async fn run_xdp(
     );
     let metrics_bound =
         spawn_metrics(metrics_addr, metrics::Source::Pinned(pin_dir.clone())).await?;
+    let node_api = match &cfg.cluster {
+        Some(c) => {
+            let offered = cfg.streams.iter().map(|s| (s.listen, s.source, s.ssrc)).collect();
+            edgefwd::cluster::agent::start(pin_dir.clone(), c, offered)
+                .await?
+                .api
+        }
+        None => None,
+    };
     let offer = edgefwd::webrtc::XdpOffer {
         iface: iface.clone(),
         maps,
     };
     let (webrtc_bound, cfg_webrtc) = start_webrtc(cfg_webrtc, Some(offer)).await?;
     println!(
-        "edgefwd: forwarding on {iface} ({attached}){}",
-        ready_addresses(metrics_bound, webrtc_bound)
+        "edgefwd: forwarding on {iface} ({attached}){}{}",
+        ready_addresses(metrics_bound, webrtc_bound),
+        node_api.map(|a| format!(", node API on {a}")).unwrap_or_default()
     );
     shutdown_signal(duration, cfg_webrtc).await?;
     // The pinned link keeps XDP attached with the routes in the pinned maps: the next
@@ -721,6 +849,12 @@ async fn run_user(
     metrics_addr: Option<SocketAddr>,
     duration: Option<u64>,
 ) -> Result<()> {
+    if !cfg.links.is_empty() || cfg.cluster.is_some() {
+        bail!(
+            "[cluster] and [[link]] need --datapath xdp: trunk copies are written into the \
+             kernel's maps, which the socket path does not read"
+        );
+    }
     let cfg_webrtc = cfg.webrtc.clone();
     // No resolution: L2 and the egress interface are the kernel's job on this path.
     let routes: Vec<Route> = cfg.routes.iter().map(resolve::unresolved).collect();

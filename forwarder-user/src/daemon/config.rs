@@ -32,6 +32,26 @@
 //! out_src = "203.0.113.2:5006"
 //! out_dst = "203.0.113.9:6000"
 //!
+//! # Cascade (see cluster/): this node's name, its node API and the shared secret.
+//! [cluster]
+//! node = "origin"
+//! api = "203.0.113.2:7000"        # downstream nodes send their demand here
+//! secret_file = "/etc/edgefwd/cluster.secret"
+//! lapse = 5                       # s a downstream's demand lasts without refresh
+//!
+//! [[stream]]                      # offered on down links without a local subscriber
+//! listen = "198.51.100.2:5004"
+//! source = "198.51.100.1:40000"
+//! ssrc = 0x11223344
+//!
+//! [[link]]                        # we feed relay-1 the SSRCs it asks for
+//! peer = "relay-1"
+//! direction = "down"
+//! local = "203.0.113.2:5004"      # trunk copies leave from here
+//! remote = "203.0.113.7:5004"     # relay-1's listener
+//! # at relay-1: peer = "origin", direction = "up", the two addresses swapped,
+//! # api = "203.0.113.2:7000"
+//!
 //! [webrtc]                      # optional: WHIP/WHEP control plane (see webrtc::WebrtcConfig)
 //! http = "0.0.0.0:8080"
 //! media = "0.0.0.0:50000"
@@ -43,6 +63,8 @@ use std::{net::SocketAddr, path::Path};
 use anyhow::{Context as _, Result, bail};
 use serde::Deserialize;
 
+use crate::cluster::{ClusterConfig, Direction, Link, StreamConfig};
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -52,6 +74,12 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// WebRTC control plane (WHIP/WHEP); absent: off.
     pub webrtc: Option<crate::webrtc::WebrtcConfig>,
+    /// This node in a cascade; needed by `[[link]]`.
+    pub cluster: Option<ClusterConfig>,
+    #[serde(default, rename = "link")]
+    pub links: Vec<Link>,
+    #[serde(default, rename = "stream")]
+    pub streams: Vec<StreamConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -137,7 +165,55 @@ impl Config {
                 );
             }
         }
+        cfg.check_cascade()?;
         Ok(cfg)
+    }
+
+    fn check_cascade(&self) -> Result<()> {
+        let is_listener = |a: SocketAddr| self.listeners.iter().any(|l| l.addr == a);
+        for s in &self.streams {
+            if !is_listener(s.listen) {
+                bail!(
+                    "[[stream]] (ssrc {}): listen {} has no [[listener]] with that addr; add one",
+                    s.ssrc,
+                    s.listen
+                );
+            }
+        }
+        let Some(c) = &self.cluster else {
+            if !self.links.is_empty() {
+                bail!(
+                    "[[link]] needs a [cluster] section: node = this node's name,                      secret_file = the cluster secret (and api = an address, for down links)"
+                );
+            }
+            return Ok(());
+        };
+        crate::cluster::check_name(&c.node).context("[cluster] node")?;
+        if c.secret.is_some() == c.secret_file.is_some() {
+            bail!(
+                "[cluster]: set secret_file (or secret), exactly one: the secret every node of                  the cascade shares"
+            );
+        }
+        if c.lapse == 0 {
+            bail!("[cluster] lapse = 0: demand must last at least a second (default 5)");
+        }
+        crate::cluster::check_links(&c.node, &self.links)?;
+        for l in &self.links {
+            match l.direction {
+                Direction::Up if !is_listener(l.local) => bail!(
+                    "link {}: its trunk arrives at local {}, which has no [[listener]]; add one",
+                    l.peer,
+                    l.local
+                ),
+                Direction::Down if c.api.is_none() => bail!(
+                    "link {} is a down link: set [cluster] api, where {} sends its demand",
+                    l.peer,
+                    l.peer
+                ),
+                _ => {}
+            }
+        }
+        Ok(())
     }
 }
 

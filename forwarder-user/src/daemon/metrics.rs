@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::{Context as _, Result};
 use axum::{Router, extract::State, http::StatusCode, routing::get};
-use prometheus::{Encoder as _, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{Encoder as _, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
 use crate::{datapath::userpath::UserCounters, dataplane::maps::Maps};
 
@@ -81,7 +81,16 @@ pub fn render(source: &Source) -> Result<String> {
         registry.register(Box::new(cp.clone()))?;
         registry.register(Box::new(rp.clone()))?;
         registry.register(Box::new(rb.clone()))?;
+        let rd = IntCounterVec::new(
+            Opts::new(
+                "edgefwd_route_drops_total",
+                "Copies of a route the replicator could not send",
+            ),
+            &["listen", "source", "ssrc", "out_dst"],
+        )?;
+        registry.register(Box::new(rd.clone()))?;
         let maps = Maps::open_pinned(dir)?;
+        link_metrics(&registry, &maps)?;
         for (v, s) in maps.copy_verdict_totals()? {
             cp.with_label_values(&[v.name()]).inc_by(s.packets);
         }
@@ -95,11 +104,53 @@ pub fn render(source: &Source) -> Result<String> {
             let labels = labels.each_ref().map(|l| l.as_str());
             rp.with_label_values(&labels).inc_by(s.packets);
             rb.with_label_values(&labels).inc_by(s.bytes);
+            rd.with_label_values(&labels).inc_by(s.drops);
         }
     }
     let mut out = Vec::new();
     TextEncoder::new().encode(&registry.gather(), &mut out)?;
     Ok(String::from_utf8(out)?)
+}
+
+/// The cascade links: state, demand and traffic per link.
+fn link_metrics(registry: &Registry, maps: &Maps) -> Result<()> {
+    let labels = &["peer", "direction"];
+    let gauge = |name: &str, help: &str| -> Result<IntGaugeVec> {
+        let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+        registry.register(Box::new(g.clone()))?;
+        Ok(g)
+    };
+    let counter = |name: &str, help: &str| -> Result<IntCounterVec> {
+        let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+        registry.register(Box::new(c.clone()))?;
+        Ok(c)
+    };
+    let up = gauge(
+        "edgefwd_link_up",
+        "1 if the link's peer is in contact (up: took our demand; down: its demand is fresh)",
+    )?;
+    let demand = gauge("edgefwd_link_demand_ssrcs", "SSRCs demanded on the link")?;
+    let copies = gauge("edgefwd_link_trunk_copies", "Trunk copies the link has in the maps")?;
+    let packets = counter(
+        "edgefwd_link_packets_total",
+        "Packets on the link (down: sent, up: received)",
+    )?;
+    let bytes = counter("edgefwd_link_bytes_total", "Bytes on the link (down: sent, up: received)")?;
+    let drops = counter(
+        "edgefwd_link_drops_total",
+        "Trunk copies the replicator could not send",
+    )?;
+    for r in crate::cli::stats::link_rows(maps)? {
+        let dir = format!("{:?}", r.direction).to_lowercase();
+        let l = [r.peer.as_str(), dir.as_str()];
+        up.with_label_values(&l).set((r.state == "up") as i64);
+        demand.with_label_values(&l).set(r.demand as i64);
+        copies.with_label_values(&l).set(r.copies as i64);
+        packets.with_label_values(&l).inc_by(r.packets);
+        bytes.with_label_values(&l).inc_by(r.bytes);
+        drops.with_label_values(&l).inc_by(r.drops);
+    }
+    Ok(())
 }
 
 async fn metrics(State(source): State<Source>) -> (StatusCode, String) {

@@ -14,14 +14,15 @@ use aya::{
     },
 };
 use forwarder_common::{
-    PROG_FANOUT, egress, fanout, ifmac, listeners, peers, route_stats, routes, routes4, sources,
+    PROG_FANOUT, egress, fanout, ifmac, links, listeners, peers, route_stats, routes, routes4, sources,
     verdicts,
 };
 
 use crate::{EBPF_OBJECT, EBPF_TOOLS_OBJECT, dataplane::preflight};
 
 /// Maps that carry control-plane state, shared by the daemon, the CLI and simulate.
-pub const STATE_MAPS: [&str; 8] = [
+pub const STATE_MAPS: [&str; 9] = [
+    links::MAP_NAME,
     peers::MAP_NAME,
     fanout::COPIES_MAP_NAME,
     routes4::MAP_NAME,
@@ -32,7 +33,8 @@ pub const STATE_MAPS: [&str; 8] = [
     ifmac::MAP_NAME,
 ];
 /// Counter maps; simulate leaves these unpinned so its runs do not count as traffic.
-pub const COUNTER_MAPS: [&str; 3] = [
+pub const COUNTER_MAPS: [&str; 4] = [
+    links::STATE_MAP_NAME,
     route_stats::MAP_NAME,
     verdicts::MAP_NAME,
     fanout::COPY_VERDICT_MAP_NAME,

@@ -96,10 +96,18 @@ impl Drop for ConnSlot {
 
 impl ConnLimits {
     pub fn new(l: &super::Limits) -> ConnLimits {
+        Self::with(
+            l.http_max_connections,
+            l.http_max_connections_per_source,
+            Duration::from_secs(l.http_header_timeout),
+        )
+    }
+
+    pub fn with(max: usize, max_per_source: usize, header_timeout: Duration) -> ConnLimits {
         ConnLimits {
-            max: l.http_max_connections,
-            max_per_source: l.http_max_connections_per_source,
-            header_timeout: Duration::from_secs(l.http_header_timeout),
+            max,
+            max_per_source,
+            header_timeout,
             open: Mutex::new((0, HashMap::new())),
         }
     }

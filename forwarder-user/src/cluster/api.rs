@@ -1,0 +1,215 @@
+//! The node-to-node HTTP API, on `[cluster] api`. Every request carries the cluster
+//! secret as `Authorization: Bearer <secret>`; without it the answer is 401 and
+//! nothing changes. The secret never appears in a URL, a log line or a metric.
+//!
+//! * `PUT /node/v1/links/{node}/demand` — a downstream node's demand (JSON
+//!   [`DemandRequest`]); the answer is a [`DemandReply`], or a refusal with its reason
+//!   as text (404 no such link, 409 a cycle).
+//! * `GET /node/v1/links` — this node's links with their state and counters (JSON).
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::{Path, State},
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, put},
+};
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::rt::TokioIo;
+
+use super::links::{DemandReply, DemandRequest, LinkManager};
+use crate::{cli::stats, dataplane::maps::Maps};
+
+pub struct NodeApi {
+    pub manager: Arc<Mutex<LinkManager>>,
+    pub secret: String,
+    pub pin_dir: PathBuf,
+}
+
+pub fn router(api: Arc<NodeApi>) -> Router {
+    Router::new()
+        .route("/node/v1/links/{node}/demand", put(demand))
+        .route("/node/v1/links", get(links))
+        .with_state(api)
+}
+
+fn text(status: StatusCode, msg: impl Into<String>) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        format!("{}\n", msg.into()),
+    )
+        .into_response()
+}
+
+fn authorized(api: &NodeApi, headers: &HeaderMap) -> Result<(), Response> {
+    let got = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Constant time: the comparison must not tell how much of a guess was right.
+    if aws_lc_rs::constant_time::verify_slices_are_equal(got.as_bytes(), api.secret.as_bytes())
+        .is_err()
+    {
+        return Err(text(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong cluster secret: every node of a cascade needs the same \
+             [cluster] secret_file, sent as Authorization: Bearer <secret>",
+        ));
+    }
+    Ok(())
+}
+
+async fn demand(
+    State(api): State<Arc<NodeApi>>,
+    Path(node): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = authorized(&api, &headers) {
+        return r;
+    }
+    let req: DemandRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!("the demand is not JSON {{\"node\": NAME, \"ssrcs\": [..]}}: {e}"),
+            );
+        }
+    };
+    let n = req.ssrcs.len();
+    let out = api
+        .manager
+        .lock()
+        .unwrap()
+        .on_demand(&node, req, Instant::now());
+    match out {
+        Ok(reply) => {
+            log::debug!("demand from {node}: {n} SSRC(s)");
+            Json(reply).into_response()
+        }
+        Err(r) => {
+            log::warn!("demand from {node} refused: {}", r.message);
+            text(
+                StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_REQUEST),
+                r.message,
+            )
+        }
+    }
+}
+
+async fn links(State(api): State<Arc<NodeApi>>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorized(&api, &headers) {
+        return r;
+    }
+    let dir = api.pin_dir.clone();
+    let rows = tokio::task::spawn_blocking(move || {
+        let maps = Maps::open_pinned(&dir)?;
+        stats::link_rows(&maps)
+    })
+    .await;
+    match rows {
+        Ok(Ok(rows)) => Json(rows).into_response(),
+        Ok(Err(e)) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// Binds the node API, so a bad address fails the start.
+pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!("binding the node API on {addr} ([cluster] api): is it in use, or not an address of this host?")
+    })
+}
+
+/// What a request to the upstream came to.
+#[derive(Debug)]
+pub enum Outcome<T> {
+    Ok(T),
+    /// It answered and said no: the reason it gave.
+    Refused(String),
+    /// No answer (connection, timeout, not HTTP).
+    Unreachable(String),
+}
+
+/// How long one exchange with a peer may take: well under a demand lapse.
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One request to a peer's node API, on a fresh connection.
+async fn call(
+    addr: SocketAddr,
+    secret: &str,
+    method: hyper::Method,
+    path: &str,
+    body: Vec<u8>,
+) -> Outcome<Vec<u8>> {
+    let exchange = async {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connecting: {e}"))?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| format!("HTTP handshake: {e}"))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, addr.to_string())
+            .header(header::AUTHORIZATION, format!("Bearer {secret}"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| e.to_string())?;
+        let resp = send
+            .send_request(req)
+            .await
+            .map_err(|e| format!("request: {e}"))?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("reading the answer: {e}"))?
+            .to_bytes()
+            .to_vec();
+        Ok::<_, String>((status, body))
+    };
+    match tokio::time::timeout(TIMEOUT, exchange).await {
+        Err(_) => Outcome::Unreachable(format!("no answer within {} s", TIMEOUT.as_secs())),
+        Ok(Err(e)) => Outcome::Unreachable(e),
+        Ok(Ok((s, body))) if s.is_success() => Outcome::Ok(body),
+        Ok(Ok((s, body))) => Outcome::Refused(format!(
+            "{}: {}",
+            s.as_u16(),
+            String::from_utf8_lossy(&body).trim()
+        )),
+    }
+}
+
+/// Sends our demand to the upstream's node API.
+pub async fn put_demand(api: SocketAddr, secret: &str, req: &DemandRequest) -> Outcome<DemandReply> {
+    let body = serde_json::to_vec(req).expect("a demand serializes");
+    let path = format!("/node/v1/links/{}/demand", req.node);
+    match call(api, secret, hyper::Method::PUT, &path, body).await {
+        Outcome::Ok(b) => match serde_json::from_slice(&b) {
+            Ok(r) => Outcome::Ok(r),
+            Err(e) => Outcome::Unreachable(format!(
+                "the answer is not a node API demand reply ({e}): is {api} another node's [cluster] api?"
+            )),
+        },
+        Outcome::Refused(m) => Outcome::Refused(m),
+        Outcome::Unreachable(m) => Outcome::Unreachable(m),
+    }
+}

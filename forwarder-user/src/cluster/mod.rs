@@ -1,0 +1,349 @@
+//! Cascades between edgefwd nodes: links (trunks), their demand, the node-to-node API.
+//!
+//! A link joins an upstream node to a downstream one. The upstream sends the
+//! downstream trunk copies: fan-out copies that keep the RTP packet as it is (SSRC,
+//! sequence, payload; SRTP stays valid ciphertext), only Ethernet/IP/UDP change. It
+//! sends only the SSRCs the downstream asks for: every downstream node tells its
+//! upstream, over the node API and about once a second, which SSRCs it has demand for
+//! (its own subscribers and its own downstream links' demand). Demand that is not
+//! refreshed lapses, and with it the trunk copies: an idle or vanished branch costs
+//! nothing.
+//!
+//! Links form a tree: a node has at most one upstream, never links to a peer in both
+//! directions, and refuses a link that would close a cycle, naming it. Each upstream
+//! answer carries the upstream's chain of ancestors, so a node learns the chain above
+//! it and a cycle shows as a node finding itself there.
+//!
+//! * [`links`] — the sans-I/O link manager: demand in, trunk copies and our own demand
+//!   out, link states for the maps.
+//! * [`api`] — the node-to-node HTTP API (cluster secret) and its client.
+//! * [`agent`] — the daemon's driver: the manager's plan applied to the maps.
+
+pub mod agent;
+pub mod api;
+pub mod links;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    path::PathBuf,
+};
+
+use anyhow::{Context as _, Result, bail};
+use forwarder_common::links::NAME_LEN;
+use serde::{Deserialize, Serialize};
+
+/// Longest cascade (nodes from the origin to the farthest leaf) a node accepts.
+pub const MAX_DEPTH: usize = 32;
+
+/// `[cluster]`: this node in a cascade.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's name; its peers' `[[link]] peer` name it.
+    pub node: String,
+    /// Where the node API listens (downstream nodes send their demand here).
+    pub api: Option<SocketAddr>,
+    /// The cluster secret, shared by every node of the cascade. Prefer `secret_file`.
+    pub secret: Option<String>,
+    /// A file holding the cluster secret (surrounding whitespace ignored).
+    pub secret_file: Option<PathBuf>,
+    /// Seconds a downstream's demand lasts without a refresh (default 5).
+    #[serde(default = "default_lapse")]
+    pub lapse: u64,
+}
+
+fn default_lapse() -> u64 {
+    5
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// The peer feeds us.
+    Up,
+    /// We feed the peer.
+    Down,
+}
+
+/// One link, as configs and the CLI speak of it. The two nodes' entries for one link
+/// carry the same two media addresses, swapped.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Link {
+    /// The peer node's name.
+    pub peer: String,
+    pub direction: Direction,
+    /// Up: our listener the trunk arrives at. Down: the address trunk copies leave from.
+    pub local: SocketAddr,
+    /// Up: the address the upstream's trunk copies leave from. Down: the downstream's
+    /// listener.
+    pub remote: SocketAddr,
+    /// Up links: the upstream's node API.
+    pub api: Option<SocketAddr>,
+}
+
+/// `[[stream]]`: a stream this node receives and offers on its down links even with
+/// no local subscriber (an origin's publishers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamConfig {
+    pub listen: SocketAddr,
+    pub source: SocketAddr,
+    pub ssrc: u32,
+}
+
+/// A node name is what keys the maps and the node API's paths: 1-32 bytes of letters,
+/// digits, `-`, `_`, `.`.
+pub fn check_name(name: &str) -> Result<()> {
+    if name.is_empty()
+        || name.len() > NAME_LEN
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        bail!(
+            "node name {name:?}: use 1-{NAME_LEN} letters, digits, '-', '_' or '.'"
+        );
+    }
+    Ok(())
+}
+
+impl Link {
+    /// Rejects a link that cannot work on its own, saying what to change.
+    pub fn check(&self) -> Result<()> {
+        check_name(&self.peer)?;
+        if self.local.is_ipv6() != self.remote.is_ipv6() {
+            bail!(
+                "link {}: local {} and remote {} are of different IP families",
+                self.peer,
+                self.local,
+                self.remote
+            );
+        }
+        match (self.direction, self.api) {
+            (Direction::Up, None) => bail!(
+                "link {}: an up link needs `api`, the upstream's node API address (its \
+                 [cluster] api), where this node sends its demand",
+                self.peer
+            ),
+            (Direction::Down, Some(_)) => bail!(
+                "link {}: `api` is for up links; a down link's peer calls us (drop it)",
+                self.peer
+            ),
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Rejects a set of links that would not be a tree node, naming what to fix: a link
+/// to ourselves, two links to one peer (both directions is a cycle of two), more
+/// than one upstream.
+pub fn check_links(node: &str, links: &[Link]) -> Result<()> {
+    let mut seen: BTreeMap<&str, Direction> = BTreeMap::new();
+    for l in links {
+        l.check()?;
+        if l.peer == node {
+            bail!("link {}: that is this node's own name; a node does not link to itself", l.peer);
+        }
+        if let Some(d) = seen.insert(&l.peer, l.direction) {
+            if d != l.direction {
+                let (up, down) = (node, l.peer.as_str());
+                bail!(
+                    "links to {down} in both directions form a cycle: {up} -> {down} -> {up}; \
+                     a trunk tree has one direction per link (keep one)"
+                );
+            }
+            bail!("two links to {}: keep one", l.peer);
+        }
+    }
+    let ups: Vec<&str> = links
+        .iter()
+        .filter(|l| l.direction == Direction::Up)
+        .map(|l| l.peer.as_str())
+        .collect();
+    if ups.len() > 1 {
+        bail!(
+            "{node} has {} up links ({}): in a trunk tree a node has one upstream, or a \
+             stream could arrive twice; keep one",
+            ups.len(),
+            ups.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Checks the links of several nodes' configs together (`edgefwd check-config a.toml
+/// b.toml ...`): both ends of every link agree, and the links form a tree. A cycle is
+/// refused with its nodes in feed order.
+pub fn check_topology(nodes: &[(String, Vec<Link>)]) -> Result<()> {
+    let mut names = BTreeSet::new();
+    for (n, links) in nodes {
+        if !names.insert(n.as_str()) {
+            bail!("two configs name their node {n}: node names must be unique");
+        }
+        check_links(n, links).with_context(|| format!("node {n}"))?;
+    }
+    // Feeding edges, upstream -> downstream, from both ends' views.
+    let mut parent: BTreeMap<&str, &str> = BTreeMap::new();
+    for (n, links) in nodes {
+        for l in links {
+            let (up, down) = match l.direction {
+                Direction::Up => (l.peer.as_str(), n.as_str()),
+                Direction::Down => (n.as_str(), l.peer.as_str()),
+            };
+            if let Some(p) = parent.insert(down, up)
+                && p != up
+            {
+                bail!(
+                    "{down} is fed by both {p} and {up}: in a trunk tree a node has one upstream"
+                );
+            }
+            // The other end, if its config is in the set, must have the mirror entry.
+            let other = if l.direction == Direction::Up { up } else { down };
+            if let Some((_, theirs)) = nodes.iter().find(|(m, _)| m == other) {
+                let want = match l.direction {
+                    Direction::Up => Direction::Down,
+                    Direction::Down => Direction::Up,
+                };
+                match theirs.iter().find(|t| t.peer == *n) {
+                    Some(t) if t.direction == want && (t.local, t.remote) == (l.remote, l.local) => {}
+                    Some(t) if t.direction == want => bail!(
+                        "link {up} -> {down}: {n} has local {} remote {}, {other} has local {} \
+                         remote {}; one side's local is the other's remote",
+                        l.local,
+                        l.remote,
+                        t.local,
+                        t.remote
+                    ),
+                    _ => bail!(
+                        "link {up} -> {down}: {n} has it, {other} has no `{}` link to {n}; add it \
+                         there",
+                        format!("{want:?}").to_lowercase()
+                    ),
+                }
+            }
+        }
+    }
+    for start in parent.keys() {
+        let mut chain = vec![*start];
+        let mut at = *start;
+        while let Some(p) = parent.get(at) {
+            if let Some(i) = chain.iter().position(|c| c == p) {
+                // chain is downstream-first: reverse for feed order.
+                let mut cycle: Vec<&str> = chain[i..].iter().rev().copied().collect();
+                cycle.push(cycle[0]);
+                bail!("the links form a cycle: {}", cycle.join(" -> "));
+            }
+            chain.push(p);
+            at = p;
+        }
+    }
+    Ok(())
+}
+
+/// The cycle a node would close by taking demand from (or feeding) `peer`, given the
+/// chain above it (parent first): Some(feed-order names) if `peer` is in that chain.
+pub fn cycle_through(node: &str, ancestors: &[String], peer: &str) -> Option<String> {
+    let i = ancestors.iter().position(|a| a == peer)?;
+    let mut names: Vec<&str> = ancestors[..=i].iter().rev().map(String::as_str).collect();
+    names.push(node);
+    names.push(peer);
+    Some(names.join(" -> "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(peer: &str, d: Direction, local: &str, remote: &str) -> Link {
+        Link {
+            peer: peer.into(),
+            direction: d,
+            local: local.parse().unwrap(),
+            remote: remote.parse().unwrap(),
+            api: (d == Direction::Up).then(|| "10.0.0.1:7000".parse().unwrap()),
+        }
+    }
+
+    #[test]
+    fn a_node_refuses_what_is_not_a_tree() {
+        let a = link("b", Direction::Down, "10.0.0.1:5004", "10.0.0.2:5004");
+        check_links("a", std::slice::from_ref(&a)).unwrap();
+        let back = link("b", Direction::Up, "10.0.0.1:5004", "10.0.0.2:5004");
+        let e = check_links("a", &[a.clone(), back]).unwrap_err().to_string();
+        assert!(e.contains("cycle: a -> b -> a"), "{e}");
+        let e = check_links("a", &[link("a", Direction::Down, "10.0.0.1:1", "10.0.0.2:1")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("own name"), "{e}");
+        let two_ups = [
+            link("x", Direction::Up, "10.0.0.1:1", "10.0.0.2:1"),
+            link("y", Direction::Up, "10.0.0.1:2", "10.0.0.3:1"),
+        ];
+        let e = check_links("a", &two_ups).unwrap_err().to_string();
+        assert!(e.contains("2 up links (x, y)"), "{e}");
+        let mut no_api = link("x", Direction::Up, "10.0.0.1:1", "10.0.0.2:1");
+        no_api.api = None;
+        assert!(no_api.check().unwrap_err().to_string().contains("needs `api`"));
+        assert!(check_name("relay 1").is_err());
+        assert!(check_name(&"x".repeat(33)).is_err());
+        check_name("relay-1.eu_west").unwrap();
+    }
+
+    #[test]
+    fn a_set_of_configs_is_checked_as_one_tree_and_a_cycle_is_named() {
+        let ab = link("b", Direction::Down, "10.0.1.1:5004", "10.0.1.2:5004");
+        let ba = link("a", Direction::Up, "10.0.1.2:5004", "10.0.1.1:5004");
+        let bc = link("c", Direction::Down, "10.0.2.1:5004", "10.0.2.2:5004");
+        let cb = link("b", Direction::Up, "10.0.2.2:5004", "10.0.2.1:5004");
+        let tree = vec![
+            ("a".to_string(), vec![ab.clone()]),
+            ("b".to_string(), vec![ba.clone(), bc.clone()]),
+            ("c".to_string(), vec![cb.clone()]),
+        ];
+        check_topology(&tree).unwrap();
+        // c feeds a: a -> b -> c -> a.
+        let ca = link("a", Direction::Down, "10.0.3.1:5004", "10.0.3.2:5004");
+        let ac = link("c", Direction::Up, "10.0.3.2:5004", "10.0.3.1:5004");
+        let cyclic = vec![
+            ("a".to_string(), vec![ab.clone(), ac]),
+            ("b".to_string(), vec![ba.clone(), bc.clone()]),
+            ("c".to_string(), vec![cb.clone(), ca]),
+        ];
+        let e = format!("{:#}", check_topology(&cyclic).unwrap_err());
+        assert!(
+            ["a -> b -> c -> a", "b -> c -> a -> b", "c -> a -> b -> c"]
+                .iter()
+                .any(|c| e.contains(c)),
+            "{e}"
+        );
+        // The two ends disagree on the addresses.
+        let mut wrong = ba.clone();
+        wrong.remote = "10.0.1.9:5004".parse().unwrap();
+        let e = check_topology(&[
+            ("a".to_string(), vec![ab.clone()]),
+            ("b".to_string(), vec![wrong]),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("one side's local is the other's remote"), "{e}");
+        // One end only.
+        let e = check_topology(&[("a".to_string(), vec![ab]), ("b".to_string(), vec![])])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("b has no `up` link to a"), "{e}");
+    }
+
+    #[test]
+    fn a_cycle_through_the_ancestors_is_named_in_feed_order() {
+        // c's parent is b, b's parent is a; a asking c for demand closes a -> b -> c -> a.
+        let anc = vec!["b".to_string(), "a".to_string()];
+        assert_eq!(
+            cycle_through("c", &anc, "a").as_deref(),
+            Some("a -> b -> c -> a")
+        );
+        assert_eq!(cycle_through("c", &anc, "d"), None);
+    }
+}
