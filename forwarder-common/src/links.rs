@@ -68,13 +68,18 @@ pub struct LinkState {
     pub demand: u32,
     /// Trunk copies the link has in the maps (down links).
     pub copies: u32,
+    /// Counters of the link's trunk copies that were removed (demand went): the
+    /// link's totals are these plus its live copies', so they never go down.
+    pub packets_retired: u64,
+    pub bytes_retired: u64,
+    pub drops_retired: u64,
     /// STATE_*.
     pub state: u8,
     pub _pad: [u8; 7],
     /// Why the link is down or refused, UTF-8, zero padded.
     pub message: [u8; MESSAGE_LEN],
 }
-assert_size!(LinkState, 152);
+assert_size!(LinkState, 176);
 
 impl Default for LinkState {
     fn default() -> Self {
@@ -82,6 +87,9 @@ impl Default for LinkState {
             last_ok_ms: 0,
             demand: 0,
             copies: 0,
+            packets_retired: 0,
+            bytes_retired: 0,
+            drops_retired: 0,
             state: STATE_UNKNOWN,
             _pad: [0; 7],
             message: [0; MESSAGE_LEN],

@@ -835,7 +835,7 @@ async fn run_xdp(
     println!(
         "edgefwd: forwarding on {iface} ({attached}){}{}",
         ready_addresses(metrics_bound, webrtc_bound),
-        node_api.map(|a| format!(", node API on {a}")).unwrap_or_default()
+        node_api.map(|a| format!(" node-api={a}")).unwrap_or_default()
     );
     shutdown_signal(duration, cfg_webrtc).await?;
     // The pinned link keeps XDP attached with the routes in the pinned maps: the next

@@ -293,7 +293,8 @@ pub fn link_rows(maps: &Maps) -> Result<Vec<LinkRow>> {
     let mut out = Vec::new();
     for l in maps.links()? {
         let st = states.get(&l.peer).copied().unwrap_or_default();
-        let (mut packets, mut bytes, mut drops) = (0, 0, 0);
+        let (mut packets, mut bytes, mut drops) =
+            (st.packets_retired, st.bytes_retired, st.drops_retired);
         for s in &streams {
             match l.direction {
                 Direction::Down => {

@@ -12,6 +12,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use forwarder_common::route_stats::RouteStats;
 use forwarder_common::links::{LinkState, MESSAGE_LEN, STATE_DOWN, STATE_REFUSED, STATE_UP};
 
 use super::{
@@ -99,23 +100,47 @@ pub async fn start(
     })
 }
 
+/// Where a trunk copy leaves: egress ifindex, source MAC, next-hop MAC.
+type Hop = (u32, [u8; 6], [u8; 6]);
+
 /// What the tick loop keeps between ticks.
 struct Tick {
     maps: Maps,
     /// Next hop per link (local, remote): resolved once, again after a failure.
-    hops: HashMap<(SocketAddr, SocketAddr), (u32, [u8; 6], [u8; 6])>,
+    hops: HashMap<(SocketAddr, SocketAddr), Hop>,
     /// Last logged state per link, to log transitions only.
     logged: BTreeMap<String, (u8, String)>,
     /// Last error applying the plan, to log it once.
     apply_error: Option<String>,
+    /// Per down link: counters of its removed trunk copies (seeded from the maps, so
+    /// a restart keeps them).
+    retired: HashMap<String, RouteStats>,
 }
 
 async fn run(maps: Maps, manager: Arc<Mutex<LinkManager>>, secret: String) {
+    let retired = match maps.link_states() {
+        Ok(s) => s
+            .into_iter()
+            .map(|(peer, st)| {
+                let r = RouteStats {
+                    packets: st.packets_retired,
+                    bytes: st.bytes_retired,
+                    drops: st.drops_retired,
+                };
+                (peer, r)
+            })
+            .collect(),
+        Err(e) => {
+            log::warn!("reading the link states an earlier daemon left: {e:#}");
+            HashMap::new()
+        }
+    };
     let mut t = Some(Tick {
         maps,
         hops: HashMap::new(),
         logged: BTreeMap::new(),
         apply_error: None,
+        retired,
     });
     let mut every = tokio::time::interval(TICK);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -176,7 +201,10 @@ fn step(mut t: Tick, manager: &Mutex<LinkManager>) -> (Tick, Option<(Link, super
         }
     }
     for (peer, st) in &plan.states {
-        let v = to_map_state(st, now);
+        let mut v = to_map_state(st, now);
+        if let Some(r) = t.retired.get(peer) {
+            (v.packets_retired, v.bytes_retired, v.drops_retired) = (r.packets, r.bytes, r.drops);
+        }
         if let Err(e) = t.maps.set_link_state(peer, &v) {
             log::warn!("{e:#}");
         }
@@ -222,8 +250,11 @@ fn apply(t: &mut Tick, links: &[Link], want: &BTreeSet<Trunk>) -> Result<()> {
                 (w.out_src, w.out_dst) == (l.local, l.remote)
                     && Route::key_of(w.listen, w.source, w.ssrc) == key
             });
-            if !keep {
-                t.maps.del_copy(&key, dst)?;
+            if !keep && let Some(last) = t.maps.del_copy_counted(&key, dst)? {
+                let r = t.retired.entry(l.peer.clone()).or_default();
+                r.packets += last.packets;
+                r.bytes += last.bytes;
+                r.drops += last.drops;
             }
         }
     }

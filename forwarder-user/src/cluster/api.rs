@@ -51,7 +51,7 @@ fn text(status: StatusCode, msg: impl Into<String>) -> Response {
         .into_response()
 }
 
-fn authorized(api: &NodeApi, headers: &HeaderMap) -> Result<(), Response> {
+fn authorized(api: &NodeApi, headers: &HeaderMap) -> Result<(), Box<Response>> {
     let got = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -61,11 +61,11 @@ fn authorized(api: &NodeApi, headers: &HeaderMap) -> Result<(), Response> {
     if aws_lc_rs::constant_time::verify_slices_are_equal(got.as_bytes(), api.secret.as_bytes())
         .is_err()
     {
-        return Err(text(
+        return Err(Box::new(text(
             StatusCode::UNAUTHORIZED,
             "missing or wrong cluster secret: every node of a cascade needs the same \
              [cluster] secret_file, sent as Authorization: Bearer <secret>",
-        ));
+        )));
     }
     Ok(())
 }
@@ -77,7 +77,7 @@ async fn demand(
     body: Bytes,
 ) -> Response {
     if let Err(r) = authorized(&api, &headers) {
-        return r;
+        return *r;
     }
     let req: DemandRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
@@ -111,7 +111,7 @@ async fn demand(
 
 async fn links(State(api): State<Arc<NodeApi>>, headers: HeaderMap) -> Response {
     if let Err(r) = authorized(&api, &headers) {
-        return r;
+        return *r;
     }
     let dir = api.pin_dir.clone();
     let rows = tokio::task::spawn_blocking(move || {

@@ -518,14 +518,33 @@ impl Maps {
     /// Removes the copy to `out_dst` from the stream of `key` (the stream itself with
     /// its last copy); false if there was none. The other copies go on undisturbed.
     pub fn del_copy(&mut self, key: &RouteKey, out_dst: SocketAddr) -> Result<bool> {
-        let mut copies = self.copies_of(key)?;
-        let before = copies.len();
-        copies.retain(|c| c.out_dst != out_dst);
-        if copies.len() == before {
-            return Ok(false);
-        }
+        Ok(self.del_copy_counted(key, out_dst)?.is_some())
+    }
+
+    /// [`Maps::del_copy`], returning the removed copy's final counters (read once no
+    /// replication loop can count in its slot any more); None if there was none.
+    pub fn del_copy_counted(
+        &mut self,
+        key: &RouteKey,
+        out_dst: SocketAddr,
+    ) -> Result<Option<RouteStats>> {
+        let Some((_, values)) = self.stream_values(key)? else {
+            return Ok(None);
+        };
+        let Some(slot) = values
+            .iter()
+            .find(|v| Route::from_map(key, v).out_dst == out_dst)
+            .map(|v| v.stats_slot)
+        else {
+            return Ok(None);
+        };
+        let copies: Vec<Route> = values
+            .iter()
+            .map(|v| Route::from_map(key, v))
+            .filter(|c| c.out_dst != out_dst)
+            .collect();
         self.change(|m, b| m.write_stream(key, &copies, b))?;
-        Ok(true)
+        Ok(Some(self.stats(slot)))
     }
 
     /// Rejects a copy the data plane cannot send, saying what to change; makes sure
