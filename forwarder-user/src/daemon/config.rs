@@ -183,7 +183,8 @@ impl Config {
         let Some(c) = &self.cluster else {
             if !self.links.is_empty() {
                 bail!(
-                    "[[link]] needs a [cluster] section: node = this node's name,                      secret_file = the cluster secret (and api = an address, for down links)"
+                    "[[link]] needs a [cluster] section: node = this node's name, \
+                     secret_file = the cluster secret (and api = an address, for down links)"
                 );
             }
             return Ok(());
@@ -191,7 +192,8 @@ impl Config {
         crate::cluster::check_name(&c.node).context("[cluster] node")?;
         if c.secret.is_some() == c.secret_file.is_some() {
             bail!(
-                "[cluster]: set secret_file (or secret), exactly one: the secret every node of                  the cascade shares"
+                "[cluster]: set secret_file (or secret), exactly one: the secret every node of \
+                 the cascade shares"
             );
         }
         if c.lapse == 0 {

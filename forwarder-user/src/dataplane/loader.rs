@@ -348,7 +348,8 @@ fn attach_fanout_pinned(ebpf: &mut Ebpf, iface: &str, pin_dir: &Path) -> Result<
         .context("taking the TC link to pin it")?;
     let fd = FdLink::try_from(link).map_err(|e: aya::programs::links::LinkError| {
         anyhow!(
-            "the TC replicator on {iface} was attached without a bpf_link ({e}), so it              cannot outlive the daemon: this kernel is older than 6.6 (tcx)"
+            "the TC replicator on {iface} was attached without a bpf_link ({e}), so it \
+             cannot outlive the daemon: this kernel is older than 6.6 (tcx)"
         )
     })?;
     drop(
