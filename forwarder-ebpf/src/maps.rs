@@ -54,5 +54,4 @@ pub static EFWD_COPYVERDICT_V1: PerCpuArray<VerdictStats> =
 #[map]
 pub static EFWD_LINKS_V1: HashMap<LinkKey, LinkValue> = HashMap::with_max_entries(MAX_LINKS, 0);
 #[map]
-pub static EFWD_LINKSTATE_V1: HashMap<LinkKey, LinkState> =
-    HashMap::with_max_entries(MAX_LINKS, 0);
+pub static EFWD_LINKSTATE_V1: HashMap<LinkKey, LinkState> = HashMap::with_max_entries(MAX_LINKS, 0);

@@ -8,9 +8,11 @@
 //! * `webrtc/` — signaling: WHIP/WHEP over HTTP, SDP, ICE, DTLS, the SFU's sessions.
 //! * `daemon/` — the daemon's configuration and its Prometheus endpoint.
 //! * `cluster/` — cascades between nodes: links, their demand, the node-to-node API.
-//! * `cli/` — what the CLI prints from the live maps.
+//! * `cli/` — what the CLI prints from the live maps and the daemon's API.
+//! * `client` — the small HTTP client the link agent and the CLI share.
 
 pub mod cli;
+pub mod client;
 pub mod cluster;
 pub mod daemon;
 pub mod datapath;

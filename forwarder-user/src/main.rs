@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use edgefwd::{
-    cli::stats,
+    cli::{rooms, stats},
     daemon::config::{Config, RouteConfig},
     daemon::metrics,
     datapath::userpath,
@@ -107,6 +107,24 @@ enum Cmd {
     Links {
         #[command(subcommand)]
         cmd: LinksCmd,
+    },
+    /// WebRTC rooms of a running daemon with their sessions and traffic (from its API).
+    Rooms {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// WebRTC sessions of a running daemon, of one room or of all (from its API).
+    Sessions {
+        /// Only this room's sessions.
+        room: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
     },
     /// Fan-out: list, add or remove the copies (subscribers) of a stream.
     Subs {
@@ -287,6 +305,17 @@ enum SubsCmd {
     },
 }
 
+/// Where the running daemon's WebRTC API is.
+#[derive(clap::Args)]
+struct ApiArgs {
+    /// The daemon's webrtc-http (or webrtc-admin) address from its ready line.
+    #[arg(long, env = "EDGEFWD_API", default_value = "http://127.0.0.1:8080")]
+    api: String,
+    /// The [webrtc] token, if the daemon has one.
+    #[arg(long, env = "EDGEFWD_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum LinksCmd {
     /// Links with their state, demand, trunk copies and counters.
@@ -443,6 +472,26 @@ fn real_main(cli: Cli) -> Result<()> {
         Cmd::Subs { cmd } => subs_cmd(&cli.pin_dir, cmd),
         Cmd::CheckConfig { files } => check_config(&files),
         Cmd::Links { cmd } => links_cmd(&cli.pin_dir, cmd),
+        Cmd::Rooms { api, json } => {
+            let v = rooms::fetch(&api.api, api.token.as_deref())?;
+            let rows = rooms::room_rows(&v)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                rooms::print_rooms(&rows);
+            }
+            Ok(())
+        }
+        Cmd::Sessions { room, api, json } => {
+            let v = rooms::fetch(&api.api, api.token.as_deref())?;
+            let rows = rooms::session_rows(&v, room.as_deref())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                rooms::print_sessions(&rows);
+            }
+            Ok(())
+        }
         Cmd::Down { iface, keep_maps } => down(&cli.pin_dir, iface.as_deref(), keep_maps),
         Cmd::Stats {
             json,
@@ -820,7 +869,11 @@ async fn run_xdp(
         spawn_metrics(metrics_addr, metrics::Source::Pinned(pin_dir.clone())).await?;
     let node_api = match &cfg.cluster {
         Some(c) => {
-            let offered = cfg.streams.iter().map(|s| (s.listen, s.source, s.ssrc)).collect();
+            let offered = cfg
+                .streams
+                .iter()
+                .map(|s| (s.listen, s.source, s.ssrc))
+                .collect();
             edgefwd::cluster::agent::start(pin_dir.clone(), c, offered)
                 .await?
                 .api
@@ -835,7 +888,9 @@ async fn run_xdp(
     println!(
         "edgefwd: forwarding on {iface} ({attached}){}{}",
         ready_addresses(metrics_bound, webrtc_bound),
-        node_api.map(|a| format!(" node-api={a}")).unwrap_or_default()
+        node_api
+            .map(|a| format!(" node-api={a}"))
+            .unwrap_or_default()
     );
     shutdown_signal(duration, cfg_webrtc).await?;
     // The pinned link keeps XDP attached with the routes in the pinned maps: the next

@@ -119,7 +119,13 @@ fn links(ns: &NetNs, pin: &PinDir) -> std::collections::BTreeMap<String, serde_j
 }
 
 /// Polls `f` every 100 ms until it holds; panics with `what` and the last links view.
-fn wait_for(ns: &NetNs, pin: &PinDir, limit: Duration, what: &str, f: impl Fn(&std::collections::BTreeMap<String, serde_json::Value>) -> bool) {
+fn wait_for(
+    ns: &NetNs,
+    pin: &PinDir,
+    limit: Duration,
+    what: &str,
+    f: impl Fn(&std::collections::BTreeMap<String, serde_json::Value>) -> bool,
+) {
     let start = std::time::Instant::now();
     loop {
         let l = links(ns, pin);
@@ -225,34 +231,59 @@ fn origin_three_relays_thirty_receivers_demand_lapse_and_a_removed_subscriber() 
             &["--metrics", "127.0.0.1:0"],
         ));
     }
-    wait_for(&relays[0], &relay_pins[0], Duration::from_secs(5), "relay1 reports its upstream unreachable", |l| {
-        l["origin"]["state"] == "down"
-            && l["origin"]["message"].as_str().unwrap().contains("unreachable")
-    });
+    wait_for(
+        &relays[0],
+        &relay_pins[0],
+        Duration::from_secs(5),
+        "relay1 reports its upstream unreachable",
+        |l| {
+            l["origin"]["state"] == "down"
+                && l["origin"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("unreachable")
+        },
+    );
     let mut origin_daemon = start(&origin, &origin_pin, "o0", &origin_config(&secret), &[]);
     assert_eq!(
         origin_daemon.ready_addr("node-api"),
         "0.0.0.0:7000".parse().unwrap()
     );
     // Each relay's subscribers make it ask for SSRC; the origin adds one trunk copy each.
-    wait_for(&origin, &origin_pin, Duration::from_secs(5), "every relay's demand reaches the origin", |l| {
-        (1..=RELAYS).all(|k| {
-            let r = &l[&format!("relay{k}")];
-            r["state"] == "up" && r["demand"] == 1 && r["copies"] == 1
-        })
-    });
-    wait_for(&relays[0], &relay_pins[0], Duration::from_secs(3), "relay1 sees its upstream up", |l| {
-        l["origin"]["state"] == "up" && l["origin"]["demand"] == 1
-    });
+    wait_for(
+        &origin,
+        &origin_pin,
+        Duration::from_secs(5),
+        "every relay's demand reaches the origin",
+        |l| {
+            (1..=RELAYS).all(|k| {
+                let r = &l[&format!("relay{k}")];
+                r["state"] == "up" && r["demand"] == 1 && r["copies"] == 1
+            })
+        },
+    );
+    wait_for(
+        &relays[0],
+        &relay_pins[0],
+        Duration::from_secs(3),
+        "relay1 sees its upstream up",
+        |l| l["origin"]["state"] == "up" && l["origin"]["demand"] == 1,
+    );
 
     // The node API wants the cluster secret, and knows its links.
     let r = put_demand(&publisher, "relay1", None);
-    assert!(r.starts_with("HTTP/1.0 401") || r.starts_with("HTTP/1.1 401"), "{r}");
+    assert!(
+        r.starts_with("HTTP/1.0 401") || r.starts_with("HTTP/1.1 401"),
+        "{r}"
+    );
     assert!(r.contains("cluster secret"), "{r}");
     let r = put_demand(&publisher, "relay1", Some("not-the-secret-at-all"));
     assert!(r.contains(" 401 "), "{r}");
     let r = put_demand(&publisher, "relay9", Some(SECRET));
-    assert!(r.contains(" 404 ") && r.contains("no down link to relay9"), "{r}");
+    assert!(
+        r.contains(" 404 ") && r.contains("no down link to relay9"),
+        "{r}"
+    );
 
     let tx = publisher.run(|| UdpSocket::bind("10.77.0.1:40000").unwrap());
     let send = |range: std::ops::Range<u16>| {
@@ -299,9 +330,15 @@ fn origin_three_relays_thirty_receivers_demand_lapse_and_a_removed_subscriber() 
             &SSRC.to_string(),
         ],
     );
-    wait_for(&origin, &origin_pin, Duration::from_secs(3), "relay3's empty demand removes its trunk copy", |l| {
-        l["relay3"]["demand"] == 0 && l["relay3"]["copies"] == 0 && l["relay3"]["state"] == "up"
-    });
+    wait_for(
+        &origin,
+        &origin_pin,
+        Duration::from_secs(3),
+        "relay3's empty demand removes its trunk copy",
+        |l| {
+            l["relay3"]["demand"] == 0 && l["relay3"]["copies"] == 0 && l["relay3"]["state"] == "up"
+        },
+    );
     send(N..N + EXTRA);
     std::thread::sleep(Duration::from_millis(200));
 
@@ -321,7 +358,10 @@ fn origin_three_relays_thirty_receivers_demand_lapse_and_a_removed_subscriber() 
                 );
                 let seq = u16::from_be_bytes([p[2], p[3]]).wrapping_sub(viewer_seq_delta(k, j));
                 let i = seq.wrapping_sub(65_000);
-                assert!(i < sent, "viewer {k}/{j}: sequence {seq} (packet {i}) should not have come");
+                assert!(
+                    i < sent,
+                    "viewer {k}/{j}: sequence {seq} (packet {i}) should not have come"
+                );
                 assert!(
                     !seen[i as usize],
                     "viewer {k}/{j}: packet {i} arrived twice"
@@ -346,8 +386,18 @@ fn origin_three_relays_thirty_receivers_demand_lapse_and_a_removed_subscriber() 
                 if got != sent as usize {
                     let missing: Vec<usize> = (0..sent as usize).filter(|i| !seen[*i]).collect();
                     eprintln!("viewer {k}/{j} missing {missing:?}");
-                    eprintln!("{}", String::from_utf8_lossy(&cli(&origin, &origin_pin, &["stats", "--interval", "0"])));
-                    eprintln!("{}", String::from_utf8_lossy(&cli(&origin, &origin_pin, &["links", "list"])));
+                    eprintln!(
+                        "{}",
+                        String::from_utf8_lossy(&cli(
+                            &origin,
+                            &origin_pin,
+                            &["stats", "--interval", "0"]
+                        ))
+                    );
+                    eprintln!(
+                        "{}",
+                        String::from_utf8_lossy(&cli(&origin, &origin_pin, &["links", "list"]))
+                    );
                 }
                 assert_eq!(got, sent as usize, "viewer {k}/{j} got {got} of {sent}");
             }
@@ -373,26 +423,54 @@ fn origin_three_relays_thirty_receivers_demand_lapse_and_a_removed_subscriber() 
         serde_json::from_slice(&cli(&origin, &origin_pin, &["subs", "list", "--json"])).unwrap();
     assert_eq!(v[0]["replicated_by"], "tc", "{v:#}");
     assert_eq!(v[0]["copies"].as_array().unwrap().len(), 2, "{v:#}");
-    assert!(v[0]["copies"].as_array().unwrap().iter().all(|c| c["ssrc_out"] == SSRC && c["seq_delta"] == 0), "{v:#}");
+    assert!(
+        v[0]["copies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["ssrc_out"] == SSRC && c["seq_delta"] == 0),
+        "{v:#}"
+    );
     // A relay counts what its up link brought.
     let l = links(&relays[0], &relay_pins[0]);
-    assert_eq!(l["origin"]["packets"], (N + EXTRA) as u64, "{:#}", l["origin"]);
+    assert_eq!(
+        l["origin"]["packets"],
+        (N + EXTRA) as u64,
+        "{:#}",
+        l["origin"]
+    );
 
     // A downstream that vanishes: its demand lapses and the origin drops its trunk.
     relay_daemons[1].kill9();
-    wait_for(&origin, &origin_pin, Duration::from_secs(LAPSE + 3), "relay2's trunk goes once its demand lapses", |l| {
-        l["relay2"]["state"] == "down" && l["relay2"]["copies"] == 0
-    });
+    wait_for(
+        &origin,
+        &origin_pin,
+        Duration::from_secs(LAPSE + 3),
+        "relay2's trunk goes once its demand lapses",
+        |l| l["relay2"]["state"] == "down" && l["relay2"]["copies"] == 0,
+    );
     assert!(
-        links(&origin, &origin_pin)["relay2"]["message"].as_str().unwrap().contains("no demand from relay2"),
+        links(&origin, &origin_pin)["relay2"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no demand from relay2"),
     );
 
     // An upstream that vanishes: the relay says so in its links and its metrics.
     origin_daemon.kill9();
-    wait_for(&relays[0], &relay_pins[0], Duration::from_secs(5), "relay1 reports the lost upstream", |l| {
-        l["origin"]["state"] == "down"
-            && l["origin"]["message"].as_str().unwrap().contains("unreachable")
-    });
+    wait_for(
+        &relays[0],
+        &relay_pins[0],
+        Duration::from_secs(5),
+        "relay1 reports the lost upstream",
+        |l| {
+            l["origin"]["state"] == "down"
+                && l["origin"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("unreachable")
+        },
+    );
     let m = http(
         &relays[0],
         &relay_daemons[0].ready_addr("metrics").to_string(),
@@ -403,7 +481,10 @@ fn origin_three_relays_thirty_receivers_demand_lapse_and_a_removed_subscriber() 
         "{m}"
     );
     assert!(
-        m.contains(&format!("edgefwd_link_packets_total{{direction=\"up\",peer=\"origin\"}} {}", N + EXTRA)),
+        m.contains(&format!(
+            "edgefwd_link_packets_total{{direction=\"up\",peer=\"origin\"}} {}",
+            N + EXTRA
+        )),
         "{m}"
     );
     drop(relay_daemons);
@@ -468,7 +549,11 @@ fn a_cycle_of_links_is_refused_and_named() {
     let b = write("b", fix(config("b", &[ba, bc], true), &[ba.2]));
     let c = write("c", fix(config("c", &[cb], false), &[cb.2]));
     let out = check(&[&a, &b, &c]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("cascade OK: 3 node(s), 2 link(s)"));
 
     let a = write("a", fix(config("a", &[ab, ac], true), &[ac.2]));
@@ -484,7 +569,17 @@ fn a_cycle_of_links_is_refused_and_named() {
     );
 
     // Links both ways to one peer: `run` refuses before loading anything.
-    let both = write("both", fix(config("a", &[ab, ("b", "up", "10.90.1.1:5004", "10.90.1.2:5004")], true), &["10.90.1.1:5004"]));
+    let both = write(
+        "both",
+        fix(
+            config(
+                "a",
+                &[ab, ("b", "up", "10.90.1.1:5004", "10.90.1.2:5004")],
+                true,
+            ),
+            &["10.90.1.1:5004"],
+        ),
+    );
     let out = std::process::Command::new(edgefwd_bin())
         .args(["run", "--iface", "lo", "--config"])
         .arg(&both)

@@ -121,6 +121,29 @@ fn counter(base: &str, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no counter {name}"))
 }
 
+/// `edgefwd ARGS...` (a CLI call against a running daemon): (success, stdout, stderr).
+fn edgefwd_cli(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(edgefwd_bin())
+        .args(args)
+        .env_remove("EDGEFWD_TOKEN")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `edgefwd ARGS... --json`, parsed; panics with stderr on failure.
+fn edgefwd_cli_json(args: &[&str]) -> Value {
+    let mut a = args.to_vec();
+    a.push("--json");
+    let (ok, out, err) = edgefwd_cli(&a);
+    assert!(ok, "edgefwd {args:?}: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("edgefwd {args:?}: {e}: {out}"))
+}
+
 /// What every successful subscriber shows: decoded video of the codec asked for, audio,
 /// the GCM profile we prefer, and our SR (remote-outbound) reaching it.
 fn assert_subscriber_ok(r: &Value, codec: Option<&str>) {
@@ -345,6 +368,45 @@ fn aiortc_and_chromium_interoperate_through_the_sfu() {
         .unwrap(),
     );
     assert_subscriber_ok(&r, Some("VP8"));
+    // The CLI reads the live room from the daemon's API: the publisher is still
+    // sending, the watcher has left.
+    let rooms = edgefwd_cli_json(&["rooms", "--api", &sfu.base]);
+    let row = rooms
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["room"] == room.as_str())
+        .unwrap_or_else(|| panic!("room {room} in `edgefwd rooms`: {rooms:#}"));
+    assert_eq!(
+        (row["publishers"].as_u64(), row["subscribers"].as_u64()),
+        (Some(1), Some(0)),
+        "{row:#}"
+    );
+    assert!(
+        row["packets_in"].as_u64().unwrap() > 100 && row["tracks"] == 2,
+        "{row:#}"
+    );
+    let sessions = edgefwd_cli_json(&["sessions", &room, "--api", &sfu.base]);
+    let p = &sessions.as_array().unwrap()[0];
+    assert_eq!(
+        (p["role"].as_str(), p["connected"].as_bool()),
+        (Some("publisher"), Some(true)),
+        "{sessions:#}"
+    );
+    assert!(
+        p["srtp_profile"].as_str().is_some() && p["peer"].as_str().is_some(),
+        "{sessions:#}"
+    );
+    let (ok, table, _) = edgefwd_cli(&["sessions", "--api", &sfu.base]);
+    assert!(
+        ok && table.contains(&room) && table.contains(" up "),
+        "{table}"
+    );
+    let (ok, _, err) = edgefwd_cli(&["sessions", "no-such-room", "--api", &sfu.base]);
+    assert!(
+        !ok && err.contains("no room \"no-such-room\"") && err.contains(&room),
+        "{err}"
+    );
     let _ = publisher.kill();
     let _ = publisher.wait();
     // Sessions ended by DELETE (aiortc, the watchers) and by consent expiry (the
@@ -682,6 +744,10 @@ fn http_needs_the_token_and_limits_hold_against_idle_and_greedy_clients() {
             "{path}"
         );
     }
+    // The CLI needs the token too, and says so.
+    let (ok, _, err) = edgefwd_cli(&["rooms", "--api", base]);
+    assert!(!ok && err.contains("wants its [webrtc] token"), "{err}");
+    assert!(edgefwd_cli_json(&["rooms", "--api", base, "--token", "s3cret"]).is_array());
     let offer = include_str!("../../forwarder-user/src/webrtc/testdata/chromium-offer.sdp");
     let post = |room: &str, ct: &str| {
         send(

@@ -313,7 +313,11 @@ pub fn link_rows(maps: &Maps) -> Result<Vec<LinkRow>> {
                 Direction::Up => {}
             }
         }
-        let end = st.message.iter().position(|b| *b == 0).unwrap_or(st.message.len());
+        let end = st
+            .message
+            .iter()
+            .position(|b| *b == 0)
+            .unwrap_or(st.message.len());
         out.push(LinkRow {
             state: state_name(st.state).into(),
             message: String::from_utf8_lossy(&st.message[..end]).into_owned(),

@@ -12,8 +12,8 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use forwarder_common::route_stats::RouteStats;
 use forwarder_common::links::{LinkState, MESSAGE_LEN, STATE_DOWN, STATE_REFUSED, STATE_UP};
+use forwarder_common::route_stats::RouteStats;
 
 use super::{
     ClusterConfig, Direction, Link,
@@ -46,7 +46,10 @@ pub fn secret(c: &ClusterConfig) -> Result<String> {
         ),
     };
     if s.len() < 16 {
-        bail!("[cluster]: the cluster secret is {} bytes; use at least 16 (e.g. `openssl rand -hex 32`)", s.len());
+        bail!(
+            "[cluster]: the cluster secret is {} bytes; use at least 16 (e.g. `openssl rand -hex 32`)",
+            s.len()
+        );
     }
     Ok(s)
 }
@@ -87,7 +90,10 @@ pub async fn start(
                     log::error!("node API stopped: {e:#}");
                 }
             });
-            log::info!("node API for the cascade on http://{local}/node/v1/ (node {})", cfg.node);
+            log::info!(
+                "node API for the cascade on http://{local}/node/v1/ (node {})",
+                cfg.node
+            );
             Some(local)
         }
         None => None,
@@ -173,7 +179,10 @@ async fn run(maps: Maps, manager: Arc<Mutex<LinkManager>>, secret: String) {
 }
 
 /// One round: plan from the maps, apply, record states.
-fn step(mut t: Tick, manager: &Mutex<LinkManager>) -> (Tick, Option<(Link, super::links::DemandRequest)>) {
+fn step(
+    mut t: Tick,
+    manager: &Mutex<LinkManager>,
+) -> (Tick, Option<(Link, super::links::DemandRequest)>) {
     let now = Instant::now();
     let read = (|| -> Result<Plan> {
         let links = t.maps.links()?;
@@ -211,7 +220,11 @@ fn step(mut t: Tick, manager: &Mutex<LinkManager>) -> (Tick, Option<(Link, super
         let now_logged = (st.state, st.message.clone());
         if t.logged.get(peer) != Some(&now_logged) {
             match st.state {
-                STATE_UP => log::info!("link {peer} up: {} SSRC(s) demanded, {} trunk cop(ies)", st.demand, st.copies),
+                STATE_UP => log::info!(
+                    "link {peer} up: {} SSRC(s) demanded, {} trunk cop(ies)",
+                    st.demand,
+                    st.copies
+                ),
                 STATE_DOWN | STATE_REFUSED => log::warn!("link {peer}: {}", st.message),
                 _ => log::info!("link {peer}: {}", st.message),
             }
@@ -230,7 +243,10 @@ fn to_map_state(st: &State, now: Instant) -> LinkState {
     };
     if let Some(at) = st.last_ok {
         let wall = SystemTime::now() - now.saturating_duration_since(at);
-        v.last_ok_ms = wall.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        v.last_ok_ms = wall
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
     }
     // Cut at a character boundary.
     let mut end = st.message.len().min(MESSAGE_LEN);
@@ -311,8 +327,7 @@ fn trunk_route(t: &mut Tick, w: &Trunk) -> Result<Route> {
     let (ifindex, src_mac, dst_mac) = match t.hops.get(&hop) {
         Some(h) => *h,
         None => {
-            let r = resolve::resolve(&rc)
-                .with_context(|| format!("the trunk to {}", w.out_dst))?;
+            let r = resolve::resolve(&rc).with_context(|| format!("the trunk to {}", w.out_dst))?;
             let h = (r.egress_ifindex, r.src_mac, r.dst_mac);
             t.hops.insert(hop, h);
             h

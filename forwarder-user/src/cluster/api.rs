@@ -11,7 +11,7 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use anyhow::{Context as _, Result};
@@ -23,8 +23,9 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, put},
 };
-use http_body_util::{BodyExt as _, Full};
-use hyper_util::rt::TokioIo;
+
+pub use crate::client::Outcome;
+use crate::client::call;
 
 use super::links::{DemandReply, DemandRequest, LinkManager};
 use crate::{cli::stats, dataplane::maps::Maps};
@@ -133,76 +134,15 @@ pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
     })
 }
 
-/// What a request to the upstream came to.
-#[derive(Debug)]
-pub enum Outcome<T> {
-    Ok(T),
-    /// It answered and said no: the reason it gave.
-    Refused(String),
-    /// No answer (connection, timeout, not HTTP).
-    Unreachable(String),
-}
-
-/// How long one exchange with a peer may take: well under a demand lapse.
-const TIMEOUT: Duration = Duration::from_secs(2);
-
-/// One request to a peer's node API, on a fresh connection.
-async fn call(
-    addr: SocketAddr,
-    secret: &str,
-    method: hyper::Method,
-    path: &str,
-    body: Vec<u8>,
-) -> Outcome<Vec<u8>> {
-    let exchange = async {
-        let tcp = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("connecting: {e}"))?;
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| format!("HTTP handshake: {e}"))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let req = hyper::Request::builder()
-            .method(method)
-            .uri(path)
-            .header(header::HOST, addr.to_string())
-            .header(header::AUTHORIZATION, format!("Bearer {secret}"))
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| e.to_string())?;
-        let resp = send
-            .send_request(req)
-            .await
-            .map_err(|e| format!("request: {e}"))?;
-        let status = resp.status();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| format!("reading the answer: {e}"))?
-            .to_bytes()
-            .to_vec();
-        Ok::<_, String>((status, body))
-    };
-    match tokio::time::timeout(TIMEOUT, exchange).await {
-        Err(_) => Outcome::Unreachable(format!("no answer within {} s", TIMEOUT.as_secs())),
-        Ok(Err(e)) => Outcome::Unreachable(e),
-        Ok(Ok((s, body))) if s.is_success() => Outcome::Ok(body),
-        Ok(Ok((s, body))) => Outcome::Refused(format!(
-            "{}: {}",
-            s.as_u16(),
-            String::from_utf8_lossy(&body).trim()
-        )),
-    }
-}
-
 /// Sends our demand to the upstream's node API.
-pub async fn put_demand(api: SocketAddr, secret: &str, req: &DemandRequest) -> Outcome<DemandReply> {
+pub async fn put_demand(
+    api: SocketAddr,
+    secret: &str,
+    req: &DemandRequest,
+) -> Outcome<DemandReply> {
     let body = serde_json::to_vec(req).expect("a demand serializes");
     let path = format!("/node/v1/links/{}/demand", req.node);
-    match call(api, secret, hyper::Method::PUT, &path, body).await {
+    match call(api, Some(secret), hyper::Method::PUT, &path, body).await {
         Outcome::Ok(b) => match serde_json::from_slice(&b) {
             Ok(r) => Outcome::Ok(r),
             Err(e) => Outcome::Unreachable(format!(

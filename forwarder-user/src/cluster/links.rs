@@ -80,9 +80,18 @@ struct Demand {
 #[derive(Debug, Clone)]
 enum Upstream {
     Unknown,
-    Up { at: Instant, chain: Vec<String> },
-    Down { message: String, last_ok: Option<Instant> },
-    Refused { message: String, last_ok: Option<Instant> },
+    Up {
+        at: Instant,
+        chain: Vec<String>,
+    },
+    Down {
+        message: String,
+        last_ok: Option<Instant>,
+    },
+    Refused {
+        message: String,
+        last_ok: Option<Instant>,
+    },
 }
 
 pub struct LinkManager {
@@ -113,8 +122,11 @@ impl LinkManager {
 
     /// The links as the maps hold them now (the CLI may have changed them).
     pub fn set_links(&mut self, links: Vec<Link>) {
-        self.demand
-            .retain(|peer, _| links.iter().any(|l| l.peer == *peer && l.direction == Direction::Down));
+        self.demand.retain(|peer, _| {
+            links
+                .iter()
+                .any(|l| l.peer == *peer && l.direction == Direction::Down)
+        });
         let up = |ls: &[Link]| ls.iter().find(|l| l.direction == Direction::Up).cloned();
         if up(&links) != up(&self.links) {
             self.upstream = Upstream::Unknown;
@@ -180,7 +192,8 @@ impl LinkManager {
         }
         let ssrcs: BTreeSet<u32> = req.ssrcs.into_iter().collect();
         let serving = ssrcs.iter().copied().collect();
-        self.demand.insert(peer.to_string(), Demand { ssrcs, at: now });
+        self.demand
+            .insert(peer.to_string(), Demand { ssrcs, at: now });
         let mut chain = vec![self.node.clone()];
         chain.extend(self.ancestors().iter().cloned());
         Ok(DemandReply {
@@ -196,14 +209,12 @@ impl LinkManager {
             return;
         };
         if reply.node != up.peer {
-            self.upstream_refused(
-                format!(
-                    "{} answers as node {}, not {}: check the link's api address",
-                    up.api.map(|a| a.to_string()).unwrap_or_default(),
-                    reply.node,
-                    up.peer
-                ),
-            );
+            self.upstream_refused(format!(
+                "{} answers as node {}, not {}: check the link's api address",
+                up.api.map(|a| a.to_string()).unwrap_or_default(),
+                reply.node,
+                up.peer
+            ));
             return;
         }
         if let Some(cycle) = cycle_through(&reply.node, &reply.chain[1..], &self.node) {
@@ -260,11 +271,13 @@ impl LinkManager {
             .filter(|l| l.direction == Direction::Down)
             .collect();
         let is_trunk = |out_src: SocketAddr, out_dst: SocketAddr| {
-            down.iter().any(|l| (l.local, l.remote) == (out_src, out_dst))
+            down.iter()
+                .any(|l| (l.local, l.remote) == (out_src, out_dst))
         };
         let up = self.up_link();
-        let fed_by_up =
-            |listen: SocketAddr, source: SocketAddr| up.is_some_and(|u| (u.local, u.remote) == (listen, source));
+        let fed_by_up = |listen: SocketAddr, source: SocketAddr| {
+            up.is_some_and(|u| (u.local, u.remote) == (listen, source))
+        };
         // Streams this node has without its upstream: configured ones, and any stream
         // in the maps that does not arrive on the up link.
         let mut local: BTreeMap<u32, BTreeSet<(SocketAddr, SocketAddr)>> = BTreeMap::new();
@@ -273,7 +286,10 @@ impl LinkManager {
         }
         for s in streams {
             if !fed_by_up(s.listen, s.source) {
-                local.entry(s.ssrc).or_default().insert((s.listen, s.source));
+                local
+                    .entry(s.ssrc)
+                    .or_default()
+                    .insert((s.listen, s.source));
             }
         }
         let mut wanted_upstream: BTreeSet<u32> = BTreeSet::new();
@@ -331,8 +347,7 @@ impl LinkManager {
             // follow the downstream demand above, which is already counted).
             for s in streams {
                 if fed_by_up(s.listen, s.source)
-                    && s
-                        .copies
+                    && s.copies
                         .iter()
                         .any(|(c, _)| !is_trunk(c.out_src, c.out_dst))
                 {
@@ -479,7 +494,11 @@ mod tests {
         let p = m.plan(t0 + Duration::from_secs(5), &[]);
         assert!(p.trunks.is_empty());
         assert_eq!(p.states["r1"].state, STATE_DOWN);
-        assert!(p.states["r1"].message.contains("no demand from r1"), "{:?}", p.states["r1"]);
+        assert!(
+            p.states["r1"].message.contains("no demand from r1"),
+            "{:?}",
+            p.states["r1"]
+        );
     }
 
     #[test]
@@ -493,7 +512,10 @@ mod tests {
         let e = m.on_demand("x", req("x", &[1]), t0).unwrap_err();
         assert_eq!(e.status, 404);
         assert!(e.message.contains("no down link to x"), "{}", e.message);
-        assert_eq!(m.on_demand("c", req("d", &[1]), t0).unwrap_err().status, 400);
+        assert_eq!(
+            m.on_demand("c", req("d", &[1]), t0).unwrap_err().status,
+            400
+        );
         // a tells b its chain is [a, c]: c feeds a feeds b, so c asking b closes a cycle.
         m.upstream_ok(
             DemandReply {
@@ -517,7 +539,11 @@ mod tests {
         );
         let p = m.plan(t0, &[]);
         assert_eq!(p.states["a"].state, STATE_REFUSED);
-        assert!(p.states["a"].message.contains("b -> a -> b"), "{:?}", p.states["a"]);
+        assert!(
+            p.states["a"].message.contains("b -> a -> b"),
+            "{:?}",
+            p.states["a"]
+        );
         // An impostor at the api address.
         m.upstream_ok(
             DemandReply {
@@ -527,7 +553,11 @@ mod tests {
             },
             t0,
         );
-        assert!(m.plan(t0, &[]).states["a"].message.contains("answers as node z"));
+        assert!(
+            m.plan(t0, &[]).states["a"]
+                .message
+                .contains("answers as node z")
+        );
     }
 
     #[test]
@@ -535,11 +565,24 @@ mod tests {
         let t0 = Instant::now();
         let mut m = LinkManager::new("r1", Duration::from_secs(5), vec![]);
         let upl = up("origin", "10.0.1.2:5004", "10.0.1.1:5004");
-        m.set_links(vec![upl.clone(), down("r2", "10.0.3.1:5004", "10.0.3.2:5004")]);
+        m.set_links(vec![
+            upl.clone(),
+            down("r2", "10.0.3.1:5004", "10.0.3.2:5004"),
+        ]);
         // A local subscriber to SSRC 1 from upstream; a local publisher's SSRC 9.
         let streams = vec![
-            stream("10.0.1.2:5004", "10.0.1.1:5004", 1, &[("10.0.9.1:6000", "10.0.9.2:6000")]),
-            stream("10.0.5.1:5004", "10.0.5.9:4000", 9, &[("10.0.9.1:6000", "10.0.9.3:6000")]),
+            stream(
+                "10.0.1.2:5004",
+                "10.0.1.1:5004",
+                1,
+                &[("10.0.9.1:6000", "10.0.9.2:6000")],
+            ),
+            stream(
+                "10.0.5.1:5004",
+                "10.0.5.9:4000",
+                9,
+                &[("10.0.9.1:6000", "10.0.9.3:6000")],
+            ),
         ];
         let p = m.plan(t0, &streams);
         let (l, r) = p.upstream.clone().unwrap();
@@ -550,7 +593,11 @@ mod tests {
         m.on_demand("r2", req("r2", &[1, 2, 9]), t0).unwrap();
         let p = m.plan(t0, &streams);
         assert_eq!(p.upstream.unwrap().1, req("r1", &[1, 2]));
-        let sources: Vec<_> = p.trunks.iter().map(|t| (t.ssrc, t.listen, t.source)).collect();
+        let sources: Vec<_> = p
+            .trunks
+            .iter()
+            .map(|t| (t.ssrc, t.listen, t.source))
+            .collect();
         assert_eq!(
             sources,
             vec![

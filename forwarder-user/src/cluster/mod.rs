@@ -102,9 +102,7 @@ pub fn check_name(name: &str) -> Result<()> {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
     {
-        bail!(
-            "node name {name:?}: use 1-{NAME_LEN} letters, digits, '-', '_' or '.'"
-        );
+        bail!("node name {name:?}: use 1-{NAME_LEN} letters, digits, '-', '_' or '.'");
     }
     Ok(())
 }
@@ -145,7 +143,10 @@ pub fn check_links(node: &str, links: &[Link]) -> Result<()> {
     for l in links {
         l.check()?;
         if l.peer == node {
-            bail!("link {}: that is this node's own name; a node does not link to itself", l.peer);
+            bail!(
+                "link {}: that is this node's own name; a node does not link to itself",
+                l.peer
+            );
         }
         if let Some(d) = seen.insert(&l.peer, l.direction) {
             if d != l.direction {
@@ -201,14 +202,19 @@ pub fn check_topology(nodes: &[(String, Vec<Link>)]) -> Result<()> {
                 );
             }
             // The other end, if its config is in the set, must have the mirror entry.
-            let other = if l.direction == Direction::Up { up } else { down };
+            let other = if l.direction == Direction::Up {
+                up
+            } else {
+                down
+            };
             if let Some((_, theirs)) = nodes.iter().find(|(m, _)| m == other) {
                 let want = match l.direction {
                     Direction::Up => Direction::Down,
                     Direction::Down => Direction::Up,
                 };
                 match theirs.iter().find(|t| t.peer == *n) {
-                    Some(t) if t.direction == want && (t.local, t.remote) == (l.remote, l.local) => {}
+                    Some(t)
+                        if t.direction == want && (t.local, t.remote) == (l.remote, l.local) => {}
                     Some(t) if t.direction == want => bail!(
                         "link {up} -> {down}: {n} has local {} remote {}, {other} has local {} \
                          remote {}; one side's local is the other's remote",
@@ -272,11 +278,16 @@ mod tests {
         let a = link("b", Direction::Down, "10.0.0.1:5004", "10.0.0.2:5004");
         check_links("a", std::slice::from_ref(&a)).unwrap();
         let back = link("b", Direction::Up, "10.0.0.1:5004", "10.0.0.2:5004");
-        let e = check_links("a", &[a.clone(), back]).unwrap_err().to_string();
-        assert!(e.contains("cycle: a -> b -> a"), "{e}");
-        let e = check_links("a", &[link("a", Direction::Down, "10.0.0.1:1", "10.0.0.2:1")])
+        let e = check_links("a", &[a.clone(), back])
             .unwrap_err()
             .to_string();
+        assert!(e.contains("cycle: a -> b -> a"), "{e}");
+        let e = check_links(
+            "a",
+            &[link("a", Direction::Down, "10.0.0.1:1", "10.0.0.2:1")],
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("own name"), "{e}");
         let two_ups = [
             link("x", Direction::Up, "10.0.0.1:1", "10.0.0.2:1"),
@@ -286,7 +297,13 @@ mod tests {
         assert!(e.contains("2 up links (x, y)"), "{e}");
         let mut no_api = link("x", Direction::Up, "10.0.0.1:1", "10.0.0.2:1");
         no_api.api = None;
-        assert!(no_api.check().unwrap_err().to_string().contains("needs `api`"));
+        assert!(
+            no_api
+                .check()
+                .unwrap_err()
+                .to_string()
+                .contains("needs `api`")
+        );
         assert!(check_name("relay 1").is_err());
         assert!(check_name(&"x".repeat(33)).is_err());
         check_name("relay-1.eu_west").unwrap();

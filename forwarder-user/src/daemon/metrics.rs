@@ -130,12 +130,18 @@ fn link_metrics(registry: &Registry, maps: &Maps) -> Result<()> {
         "1 if the link's peer is in contact (up: took our demand; down: its demand is fresh)",
     )?;
     let demand = gauge("edgefwd_link_demand_ssrcs", "SSRCs demanded on the link")?;
-    let copies = gauge("edgefwd_link_trunk_copies", "Trunk copies the link has in the maps")?;
+    let copies = gauge(
+        "edgefwd_link_trunk_copies",
+        "Trunk copies the link has in the maps",
+    )?;
     let packets = counter(
         "edgefwd_link_packets_total",
         "Packets on the link (down: sent, up: received)",
     )?;
-    let bytes = counter("edgefwd_link_bytes_total", "Bytes on the link (down: sent, up: received)")?;
+    let bytes = counter(
+        "edgefwd_link_bytes_total",
+        "Bytes on the link (down: sent, up: received)",
+    )?;
     let drops = counter(
         "edgefwd_link_drops_total",
         "Trunk copies the replicator could not send",

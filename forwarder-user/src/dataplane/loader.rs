@@ -14,8 +14,8 @@ use aya::{
     },
 };
 use forwarder_common::{
-    PROG_FANOUT, egress, fanout, ifmac, links, listeners, peers, route_stats, routes, routes4, sources,
-    verdicts,
+    PROG_FANOUT, egress, fanout, ifmac, links, listeners, peers, route_stats, routes, routes4,
+    sources, verdicts,
 };
 
 use crate::{EBPF_OBJECT, EBPF_TOOLS_OBJECT, dataplane::preflight};

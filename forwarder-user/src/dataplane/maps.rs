@@ -777,7 +777,11 @@ impl Maps {
     ) -> Result<Reconciled> {
         let mut all = routes.to_vec();
         for (r, _) in self.routes()? {
-            if keep(&r) && !all.iter().any(|o| o.key() == r.key() && o.out_dst == r.out_dst) {
+            if keep(&r)
+                && !all
+                    .iter()
+                    .any(|o| o.key() == r.key() && o.out_dst == r.out_dst)
+            {
                 all.push(r);
             }
         }
@@ -1000,7 +1004,11 @@ impl Maps {
     /// Adds a link, or replaces the one to the same peer; refuses one that would make
     /// this node's links no tree.
     pub fn put_link(&mut self, node: &str, l: &Link) -> Result<()> {
-        let mut all: Vec<Link> = self.links()?.into_iter().filter(|o| o.peer != l.peer).collect();
+        let mut all: Vec<Link> = self
+            .links()?
+            .into_iter()
+            .filter(|o| o.peer != l.peer)
+            .collect();
         all.push(l.clone());
         crate::cluster::check_links(node, &all)?;
         if let Some(old) = self.links()?.into_iter().find(|o| o.peer == l.peer)

@@ -1,0 +1,309 @@
+//! `edgefwd rooms` and `edgefwd sessions`: the WebRTC side of a running daemon, read
+//! from its `/api/sessions` (the public or the admin listener, with the token).
+
+use std::net::SocketAddr;
+
+use anyhow::{Context as _, Result, bail};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::client::{Outcome, call};
+
+/// `http://HOST:PORT[/]` or `HOST:PORT`: the address the daemon's ready line shows as
+/// `webrtc-http` or `webrtc-admin`.
+pub fn parse_api(api: &str) -> Result<SocketAddr> {
+    if api.starts_with("https://") {
+        bail!("--api {api}: the daemon's API is plain HTTP; give http://ADDR:PORT");
+    }
+    let a = api
+        .strip_prefix("http://")
+        .unwrap_or(api)
+        .trim_end_matches('/');
+    a.parse().with_context(|| {
+        format!(
+            "--api {api}: not ADDR:PORT; give the daemon's webrtc-http or webrtc-admin \
+             address from its ready line, e.g. http://127.0.0.1:8080"
+        )
+    })
+}
+
+/// `GET /api/sessions` of the daemon at `api`.
+pub fn fetch(api: &str, token: Option<&str>) -> Result<Value> {
+    let addr = parse_api(api)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let got = rt.block_on(call(
+        addr,
+        token,
+        hyper::Method::GET,
+        "/api/sessions",
+        vec![],
+    ));
+    match got {
+        Outcome::Ok(body) => serde_json::from_slice(&body).with_context(|| {
+            format!("{addr} answered /api/sessions with something else than JSON: is it an edgefwd [webrtc] http address?")
+        }),
+        Outcome::Refused(why) if why.starts_with("401") => bail!(
+            "the daemon at {addr} wants its [webrtc] token: pass --token or set EDGEFWD_TOKEN ({why})"
+        ),
+        Outcome::Refused(why) => bail!("the daemon at {addr} refused /api/sessions: {why}"),
+        Outcome::Unreachable(why) => bail!(
+            "cannot reach a daemon's API at {addr} ({why}): is `edgefwd run` up with [webrtc]? \
+             pass --api with the webrtc-http (or webrtc-admin) address of its ready line"
+        ),
+    }
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct RoomRow {
+    pub room: String,
+    pub publishers: usize,
+    pub subscribers: usize,
+    /// Sessions whose DTLS is up.
+    pub connected: usize,
+    /// Published tracks.
+    pub tracks: usize,
+    /// RTP packets received from the room's publishers.
+    pub packets_in: u64,
+    /// RTP copies sent to the room's subscribers.
+    pub packets_out: u64,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct SessionRow {
+    pub room: String,
+    pub id: String,
+    pub role: String,
+    pub connected: bool,
+    pub srtp_profile: Option<String>,
+    /// Where its media goes (the nominated ICE pair), else the last checked address.
+    pub peer: Option<String>,
+    /// Publisher: tracks it sends. Subscriber: down-tracks it receives.
+    pub tracks: usize,
+    /// Publisher: packets received. Subscriber: copies sent.
+    pub packets: u64,
+    /// Subscriber: packets resent from the cache on its NACKs.
+    pub nack_resent: u64,
+}
+
+fn sum(v: &Value, list: &str, field: &str) -> u64 {
+    v[list]
+        .as_array()
+        .map_or(0, |a| a.iter().filter_map(|x| x[field].as_u64()).sum())
+}
+
+fn len(v: &Value, list: &str) -> usize {
+    v[list].as_array().map_or(0, |a| a.len())
+}
+
+fn rooms_of(v: &Value) -> Result<&serde_json::Map<String, Value>> {
+    v["rooms"]
+        .as_object()
+        .context("the /api/sessions answer has no rooms: is this daemon older than the CLI?")
+}
+
+pub fn session_rows(v: &Value, room: Option<&str>) -> Result<Vec<SessionRow>> {
+    let rooms = rooms_of(v)?;
+    if let Some(r) = room
+        && !rooms.contains_key(r)
+    {
+        let names: Vec<&str> = rooms.keys().map(|k| k.as_str()).collect();
+        bail!(
+            "no room {r:?} on this daemon (rooms: {}); a room exists while it has a session",
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            }
+        );
+    }
+    let mut out = Vec::new();
+    for (name, sessions) in rooms {
+        if room.is_some_and(|r| r != name) {
+            continue;
+        }
+        for s in sessions.as_array().into_iter().flatten() {
+            let role = s["role"].as_str().unwrap_or("?").to_string();
+            let publisher = role == "publisher";
+            out.push(SessionRow {
+                room: name.clone(),
+                id: s["id"].as_str().unwrap_or("?").to_string(),
+                connected: s["connected"].as_bool().unwrap_or(false),
+                srtp_profile: s["srtp_profile"].as_str().map(str::to_string),
+                peer: s["nominated"]
+                    .as_str()
+                    .or_else(|| s["addrs"].as_array().and_then(|a| a.last()?.as_str()))
+                    .map(str::to_string),
+                tracks: if publisher {
+                    len(s, "tracks")
+                } else {
+                    len(s, "downtracks")
+                },
+                packets: if publisher {
+                    sum(s, "tracks", "packets")
+                } else {
+                    sum(s, "downtracks", "packets")
+                },
+                nack_resent: sum(s, "downtracks", "nack_resent"),
+                role,
+            });
+        }
+    }
+    Ok(out)
+}
+
+pub fn room_rows(v: &Value) -> Result<Vec<RoomRow>> {
+    let mut out: Vec<RoomRow> = Vec::new();
+    for s in session_rows(v, None)? {
+        if out.last().is_none_or(|r| r.room != s.room) {
+            out.push(RoomRow {
+                room: s.room.clone(),
+                publishers: 0,
+                subscribers: 0,
+                connected: 0,
+                tracks: 0,
+                packets_in: 0,
+                packets_out: 0,
+            });
+        }
+        let r = out.last_mut().expect("pushed above");
+        r.connected += s.connected as usize;
+        if s.role == "publisher" {
+            r.publishers += 1;
+            r.tracks += s.tracks;
+            r.packets_in += s.packets;
+        } else {
+            r.subscribers += 1;
+            r.packets_out += s.packets;
+        }
+    }
+    Ok(out)
+}
+
+pub fn print_rooms(rows: &[RoomRow]) {
+    if rows.is_empty() {
+        println!("no rooms (a room exists while someone publishes or watches: POST /whip/ROOM)");
+        return;
+    }
+    println!(
+        "{:<24} {:>10} {:>11} {:>9} {:>6} {:>12} {:>12}",
+        "ROOM", "PUBLISHERS", "SUBSCRIBERS", "CONNECTED", "TRACKS", "PACKETS IN", "PACKETS OUT"
+    );
+    for r in rows {
+        println!(
+            "{:<24} {:>10} {:>11} {:>9} {:>6} {:>12} {:>12}",
+            r.room, r.publishers, r.subscribers, r.connected, r.tracks, r.packets_in, r.packets_out
+        );
+    }
+}
+
+pub fn print_sessions(rows: &[SessionRow]) {
+    if rows.is_empty() {
+        println!("no sessions");
+        return;
+    }
+    println!(
+        "{:<20} {:<16} {:<10} {:<9} {:<24} {:<22} {:>6} {:>10} {:>6}",
+        "ROOM", "SESSION", "ROLE", "STATE", "SRTP", "PEER", "TRACKS", "PACKETS", "NACKED"
+    );
+    for s in rows {
+        println!(
+            "{:<20} {:<16} {:<10} {:<9} {:<24} {:<22} {:>6} {:>10} {:>6}",
+            s.room,
+            s.id,
+            s.role,
+            if s.connected { "up" } else { "joining" },
+            s.srtp_profile.as_deref().unwrap_or("-"),
+            s.peer.as_deref().unwrap_or("-"),
+            s.tracks,
+            s.packets,
+            s.nack_resent
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Value {
+        serde_json::json!({"rooms": {
+            "a": [
+                {"id": "p1", "role": "publisher", "connected": true, "srtp_profile": "AEAD_AES_128_GCM",
+                 "nominated": "10.0.0.1:5000", "addrs": ["10.0.0.1:5000"],
+                 "tracks": [{"packets": 10}, {"packets": 5}], "downtracks": []},
+                {"id": "s1", "role": "subscriber", "connected": true, "srtp_profile": "AEAD_AES_128_GCM",
+                 "nominated": null, "addrs": ["10.0.0.2:6000"],
+                 "tracks": [], "downtracks": [{"packets": 9, "nack_resent": 2}, {"packets": 4, "nack_resent": 0}]},
+            ],
+            "b": [
+                {"id": "s2", "role": "subscriber", "connected": false, "srtp_profile": null,
+                 "nominated": null, "addrs": [], "tracks": [], "downtracks": []},
+            ],
+        }})
+    }
+
+    #[test]
+    fn rooms_sum_their_sessions() {
+        let r = room_rows(&sample()).unwrap();
+        assert_eq!(r.len(), 2);
+        assert_eq!(
+            r[0],
+            RoomRow {
+                room: "a".into(),
+                publishers: 1,
+                subscribers: 1,
+                connected: 2,
+                tracks: 2,
+                packets_in: 15,
+                packets_out: 13,
+            }
+        );
+        assert_eq!(
+            (r[1].subscribers, r[1].connected, r[1].packets_out),
+            (1, 0, 0)
+        );
+    }
+
+    #[test]
+    fn sessions_of_one_room_and_an_unknown_room_named() {
+        let s = session_rows(&sample(), Some("a")).unwrap();
+        assert_eq!(s.len(), 2);
+        assert_eq!(
+            (s[0].packets, s[0].peer.as_deref()),
+            (15, Some("10.0.0.1:5000"))
+        );
+        // No nominated pair yet: the last checked address.
+        assert_eq!(
+            (s[1].packets, s[1].nack_resent, s[1].peer.as_deref()),
+            (13, 2, Some("10.0.0.2:6000"))
+        );
+        let e = session_rows(&sample(), Some("zz")).unwrap_err().to_string();
+        assert!(
+            e.contains("no room \"zz\"") && e.contains("rooms: a, b"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn api_addresses_are_parsed_or_explained() {
+        assert_eq!(
+            parse_api("http://127.0.0.1:8080/").unwrap(),
+            "127.0.0.1:8080".parse().unwrap()
+        );
+        assert_eq!(parse_api("[::1]:80").unwrap(), "[::1]:80".parse().unwrap());
+        assert!(
+            parse_api("https://x:1")
+                .unwrap_err()
+                .to_string()
+                .contains("plain HTTP")
+        );
+        assert!(
+            parse_api("localhost")
+                .unwrap_err()
+                .to_string()
+                .contains("ready line")
+        );
+    }
+}
