@@ -374,7 +374,7 @@ const LOG_DEFAULT: &str = "info,webrtc_dtls::handshake=error";
 /// the background; returns the bound address for the ready line.
 async fn spawn_metrics(
     addr: Option<SocketAddr>,
-    source: metrics::Source,
+    source: metrics::Scrape,
 ) -> Result<Option<SocketAddr>> {
     let Some(addr) = addr else { return Ok(None) };
     let listener = metrics::bind(addr).await?;
@@ -393,10 +393,11 @@ type WebrtcServer = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()
 async fn start_webrtc(
     cfg: Option<WebrtcConfig>,
     xdp: Option<edgefwd::webrtc::XdpOffer>,
+    scrape: metrics::Scrape,
 ) -> Result<(Option<edgefwd::webrtc::Bound>, Option<WebrtcServer>)> {
     match cfg {
         Some(w) => {
-            let (bound, serve) = edgefwd::webrtc::start(w, xdp).await?;
+            let (bound, serve) = edgefwd::webrtc::start(w, xdp, scrape).await?;
             Ok((Some(bound), Some(Box::pin(serve))))
         }
         None => Ok((None, None)),
@@ -865,8 +866,8 @@ async fn run_xdp(
         "{attached} on {iface}; link and maps pinned in {} (forwarding goes on if this process ends; `edgefwd down` removes it)",
         pin_dir.display()
     );
-    let metrics_bound =
-        spawn_metrics(metrics_addr, metrics::Source::Pinned(pin_dir.clone())).await?;
+    let scrape = metrics::Scrape::new(metrics::Source::Pinned(pin_dir.clone()));
+    let metrics_bound = spawn_metrics(metrics_addr, scrape.clone()).await?;
     let node_api = match &cfg.cluster {
         Some(c) => {
             let offered = cfg
@@ -884,7 +885,7 @@ async fn run_xdp(
         iface: iface.clone(),
         maps,
     };
-    let (webrtc_bound, cfg_webrtc) = start_webrtc(cfg_webrtc, Some(offer)).await?;
+    let (webrtc_bound, cfg_webrtc) = start_webrtc(cfg_webrtc, Some(offer), scrape).await?;
     println!(
         "edgefwd: forwarding on {iface} ({attached}){}{}",
         ready_addresses(metrics_bound, webrtc_bound),
@@ -931,9 +932,9 @@ async fn run_user(
         );
     }
     let handles = userpath::run_all(&listeners, &routes, stop.clone(), counters.clone())?;
-    let metrics_bound =
-        spawn_metrics(metrics_addr, metrics::Source::User(counters.clone())).await?;
-    let (webrtc_bound, cfg_webrtc) = start_webrtc(cfg_webrtc, None).await?;
+    let scrape = metrics::Scrape::new(metrics::Source::User(counters.clone()));
+    let metrics_bound = spawn_metrics(metrics_addr, scrape.clone()).await?;
+    let (webrtc_bound, cfg_webrtc) = start_webrtc(cfg_webrtc, None, scrape).await?;
     println!(
         "edgefwd: forwarding on {} listener(s) (userspace datapath){}",
         listeners.len(),

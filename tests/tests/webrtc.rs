@@ -872,10 +872,66 @@ fn start_xdp_sfu(t: &Topology, pin: &PinDir, datapath: &str) -> Sfu {
         cfg.to_str().unwrap(),
         "--webrtc-datapath",
         datapath,
+        "--metrics",
+        &format!("{FWD_A_V4}:0"),
     ]);
     let child = spawn_edgefwd(cmd);
     let base = format!("http://{}", child.ready_addr("webrtc-http"));
     Sfu { child, base }
+}
+
+/// `GET url` from inside `ns`, parsed as Prometheus parses it, after checking the
+/// series follow its naming conventions: `edgefwd_` prefix, snake case, `_total` on
+/// counters and only there, a HELP line for every family, no family twice.
+fn scrape(ns: &NetNs, url: &str) -> prometheus_parse::Scrape {
+    let url = url.to_string();
+    let text: String = ns.run(move || {
+        ureq::get(&url)
+            .call()
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+            .body_mut()
+            .read_to_string()
+            .unwrap()
+    });
+    let mut families = std::collections::BTreeSet::new();
+    for l in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+        let mut w = l.split_whitespace().skip(2);
+        let (name, kind) = (w.next().unwrap(), w.next().unwrap());
+        assert!(
+            families.insert(name.to_string()),
+            "{name} twice in one scrape"
+        );
+        assert!(
+            name.starts_with("edgefwd_")
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+            "{name}: not edgefwd_snake_case"
+        );
+        assert_eq!(
+            kind == "counter",
+            name.ends_with("_total"),
+            "{name} is a {kind}"
+        );
+        assert!(
+            text.contains(&format!("# HELP {name} ")),
+            "{name} has no HELP"
+        );
+    }
+    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .unwrap_or_else(|e| panic!("not the Prometheus text format ({e}):\n{text}"))
+}
+
+/// The value of `metric` with `label` = `value`.
+fn sample(s: &prometheus_parse::Scrape, metric: &str, label: &str, value: &str) -> f64 {
+    s.samples
+        .iter()
+        .find(|x| x.metric == metric && x.labels.get(label) == Some(value))
+        .map(|x| match x.value {
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) => v,
+            _ => panic!("{metric} is neither a counter nor a gauge"),
+        })
+        .unwrap_or_else(|| panic!("no {metric}{{{label}={value:?}}} in the scrape"))
 }
 
 /// `GET path` from inside the forwarder's namespace (the SFU's address lives there).
@@ -986,6 +1042,33 @@ fn chromium_and_aiortc_through_af_xdp_and_through_the_forced_socket_path() {
             "{datapath}: xsk {xsk:?}, forward_xsk {}",
             verdict(&v, "forward_xsk")
         );
+        // One scrape has it all, the same on both listeners: the data plane's verdicts
+        // (the XDP steering of this media) and the WebRTC engine's counters.
+        for url in [
+            format!("{}/metrics", sfu.base),
+            format!("http://{}/metrics", sfu.child.ready_addr("metrics")),
+        ] {
+            let m = scrape(&t.forwarder, &url);
+            let steered = sample(&m, "edgefwd_packets_total", "verdict", "forward_xsk");
+            let out = sample(&m, "edgefwd_webrtc_events_total", "event", "rtp_out");
+            assert!(
+                out >= c["rtp_out"].as_u64().unwrap() as f64,
+                "{url}: rtp_out {out}"
+            );
+            assert_eq!(
+                sample(&m, "edgefwd_webrtc_media_path", "path", want),
+                1.0,
+                "{url}"
+            );
+            if datapath == "auto" {
+                assert!(
+                    steered >= c["rtp_in"].as_u64().unwrap() as f64,
+                    "{url}: forward_xsk {steered}"
+                );
+            } else {
+                assert_eq!(steered, 0.0, "{url}");
+            }
+        }
     }
 }
 

@@ -1,6 +1,13 @@
-//! Prometheus `/metrics`, built at scrape time from the per-CPU counters in the maps.
+//! Prometheus `/metrics`: one registry per scrape holding every series the daemon
+//! has — the data plane's verdicts, routes, copies and links (from the per-CPU counters
+//! in the maps, or the socket path's), and the WebRTC sessions, drops and AF_XDP
+//! queues. `--metrics` and the WebRTC listener's `/metrics` serve the same scrape.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, OnceLock},
+};
 
 use anyhow::{Context as _, Result};
 use axum::{Router, extract::State, http::StatusCode, routing::get};
@@ -17,10 +24,30 @@ pub enum Source {
     User(Arc<UserCounters>),
 }
 
-/// Renders the exposition text. A fresh registry per scrape: the kernel already keeps
-/// the totals, so each scrape just reports them.
-pub fn render(source: &Source) -> Result<String> {
+/// What a scrape reads: the data plane, and the SFU once `[webrtc]` has started.
+#[derive(Clone)]
+pub struct Scrape {
+    pub source: Source,
+    pub sfu: Arc<OnceLock<Arc<crate::webrtc::sfu::Sfu>>>,
+}
+
+impl Scrape {
+    pub fn new(source: Source) -> Scrape {
+        Scrape {
+            source,
+            sfu: Arc::default(),
+        }
+    }
+}
+
+/// Renders the exposition text. A fresh registry per scrape: the kernel and the
+/// engine already keep the totals, so each scrape just reports them.
+pub fn render(scrape: &Scrape) -> Result<String> {
     let registry = Registry::new();
+    let source = &scrape.source;
+    if let Some(sfu) = scrape.sfu.get() {
+        sfu.register_metrics(&registry)?;
+    }
     let packets = IntCounterVec::new(
         Opts::new(
             "edgefwd_packets_total",
@@ -159,8 +186,9 @@ fn link_metrics(registry: &Registry, maps: &Maps) -> Result<()> {
     Ok(())
 }
 
-async fn metrics(State(source): State<Source>) -> (StatusCode, String) {
-    match tokio::task::spawn_blocking(move || render(&source)).await {
+/// The `/metrics` answer (blocking work off the runtime: map reads, the media lock).
+pub async fn scrape(scrape: Scrape) -> (StatusCode, String) {
+    match tokio::task::spawn_blocking(move || render(&scrape)).await {
         Ok(Ok(body)) => (StatusCode::OK, body),
         Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
@@ -175,9 +203,9 @@ pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
     })
 }
 
-pub async fn serve(listener: tokio::net::TcpListener, source: Source) -> Result<()> {
+pub async fn serve(listener: tokio::net::TcpListener, source: Scrape) -> Result<()> {
     let app = Router::new()
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(|State(s): State<Scrape>| scrape(s)))
         .with_state(source);
     log::info!(
         "serving Prometheus metrics on http://{}/metrics",

@@ -29,6 +29,8 @@ use super::{
 pub struct Api {
     pub sfu: Arc<Sfu>,
     pub token: Option<String>,
+    /// The daemon's one metrics scrape (data plane and WebRTC), served at `/metrics`.
+    pub scrape: crate::daemon::metrics::Scrape,
 }
 
 const PAGE: &str = include_str!("page.html");
@@ -415,15 +417,13 @@ async fn metrics(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
     if let Err(r) = check_auth(&api, &headers) {
         return r;
     }
-    match api.sfu.render_metrics() {
-        Ok(text) => {
-            let mut r = text.into_response();
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4"),
-            );
-            r
-        }
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")).into_response(),
+    let (status, text) = crate::daemon::metrics::scrape(api.scrape.clone()).await;
+    let mut r = (status, text).into_response();
+    if status == StatusCode::OK {
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        );
     }
+    r
 }

@@ -243,9 +243,12 @@ impl std::fmt::Display for Bound {
 /// Binds the media socket and the HTTP listeners (so errors surface at start-up and
 /// clients can connect once this returns), then returns where they are bound and the
 /// future that serves.
+/// `scrape` is the daemon's one metrics scrape: the SFU joins it, and the WebRTC
+/// listener's `/metrics` serves it whole.
 pub async fn start(
     mut cfg: WebrtcConfig,
     xdp: Option<XdpOffer>,
+    scrape: crate::daemon::metrics::Scrape,
 ) -> Result<(Bound, impl std::future::Future<Output = Result<()>>)> {
     cfg.check()?;
     let socket = std::net::UdpSocket::bind(cfg.media).with_context(|| {
@@ -298,6 +301,7 @@ pub async fn start(
         fast,
     )?;
     let workers = sfu.start_workers()?;
+    let _ = scrape.sfu.set(sfu.clone());
     log::info!("WebRTC media path: {} ({})", sfu.path.path, sfu.path.detail);
     log::info!(
         "WebRTC: WHIP/WHEP on http://{}/ , media on udp {} (candidates {:?}){}",
@@ -323,6 +327,7 @@ pub async fn start(
         let api = Arc::new(http::Api {
             sfu,
             token: cfg.token.clone(),
+            scrape,
         });
         let limits = Arc::new(http::ConnLimits::new(&cfg.limits));
         let public = http::router(api.clone(), admin_listener.is_none());

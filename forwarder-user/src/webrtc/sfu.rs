@@ -950,9 +950,10 @@ impl Sfu {
     }
 
     /// Prometheus text: counters by name, drops by reason, sessions by role.
-    pub fn render_metrics(&self) -> anyhow::Result<String> {
-        use prometheus::{Encoder as _, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
-        let registry = Registry::new();
+    /// Registers the WebRTC series (sessions, media socket events and drops, AF_XDP
+    /// queues, the media path) in `registry`: the one registry of a scrape.
+    pub fn register_metrics(&self, registry: &prometheus::Registry) -> anyhow::Result<()> {
+        use prometheus::{IntCounterVec, IntGaugeVec, Opts};
         let c = &self.counters;
         let events = IntCounterVec::new(
             Opts::new(
@@ -1040,8 +1041,17 @@ impl Sfu {
         registry.register(Box::new(drops))?;
         registry.register(Box::new(sessions))?;
         registry.register(Box::new(conns))?;
+        Ok(())
+    }
+
+    /// The WebRTC series alone, as exposition text (unit tests).
+    #[cfg(test)]
+    fn render_metrics(&self) -> anyhow::Result<String> {
+        use prometheus::Encoder as _;
+        let registry = prometheus::Registry::new();
+        self.register_metrics(&registry)?;
         let mut buf = Vec::new();
-        TextEncoder::new().encode(&registry.gather(), &mut buf)?;
+        prometheus::TextEncoder::new().encode(&registry.gather(), &mut buf)?;
         Ok(String::from_utf8(buf)?)
     }
 
