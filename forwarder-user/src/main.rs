@@ -32,8 +32,40 @@ struct Cli {
     /// bpffs directory where the daemon pins its maps and the CLI finds them.
     #[arg(long, global = true, default_value = DEFAULT_PIN_DIR, env = "EDGEFWD_PIN_DIR")]
     pin_dir: PathBuf,
+    /// Log lines on stderr: human, or one JSON object per line (for log shippers).
+    /// Verbosity from RUST_LOG (default info).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "human",
+        env = "EDGEFWD_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+/// tracing for our events; `log` records of dependencies (aya-log, webrtc-rs) go
+/// through the same subscriber.
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(LOG_DEFAULT));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        // Colours only for a person at a terminal, not in the journal or a file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Human => b.try_init(),
+        LogFormat::Json => b.json().flatten_event(true).try_init(),
+    };
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -418,8 +450,8 @@ fn ready_addresses(metrics: Option<SocketAddr>, webrtc: Option<edgefwd::webrtc::
 }
 
 fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(LOG_DEFAULT)).init();
     let cli = Cli::parse();
+    init_logs(cli.log_format);
     if let Err(e) = real_main(cli) {
         eprintln!("edgefwd: error: {e:#}");
         std::process::exit(1);

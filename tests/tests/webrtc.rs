@@ -414,6 +414,94 @@ fn aiortc_and_chromium_interoperate_through_the_sfu() {
     assert_idle_after_sessions_end(&sfu);
 }
 
+/// `--log-format json`: every stderr line is one JSON object, and each session's
+/// lifecycle (joined, first ICE check, DTLS up with its profile, left) is one line with
+/// the session id as a field.
+#[test]
+fn session_lifecycle_is_logged_as_json_lines() {
+    let _k = kernel_lock();
+    let cfg = std::env::temp_dir().join(format!("{}.toml", unique("edgefwd-log-")));
+    std::fs::write(
+        &cfg,
+        "[webrtc]\nhttp = \"127.0.0.1:0\"\nmedia = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    let log = std::env::temp_dir().join(format!("{}.log", unique("edgefwd-log-")));
+    let mut cmd = Command::new(edgefwd_bin());
+    cmd.args([
+        "--log-format",
+        "json",
+        "run",
+        "--datapath",
+        "user",
+        "--config",
+    ])
+    .arg(&cfg)
+    .env("RUST_LOG", "info")
+    .stderr(std::fs::File::create(&log).unwrap());
+    let child = spawn_edgefwd(cmd);
+    let sfu = Sfu {
+        base: format!("http://{}", child.ready_addr("webrtc-http")),
+        child,
+    };
+    let room = unique("log");
+    let out = Command::new(aiortc_python())
+        .arg(repo().join("tests/clients/aiortc_client.py"))
+        .args(["--base", &sfu.base, "--room", &room])
+        .output()
+        .unwrap();
+    let r = parse_result("aiortc publish+watch", &out);
+    assert_eq!(r["delete_status"], serde_json::json!([200, 200]), "{r}");
+    // The DELETEs are answered before their log lines are flushed.
+    std::thread::sleep(Duration::from_millis(300));
+    let text = std::fs::read_to_string(&log).unwrap();
+    let _ = std::fs::remove_file(&log);
+    let _ = std::fs::remove_file(&cfg);
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l:?}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["level"].is_string() && l["timestamp"].is_string()),
+        "{text}"
+    );
+    let joined: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["event"] == "joined" && l["room"] == room.as_str())
+        .collect();
+    assert_eq!(
+        joined.len(),
+        2,
+        "a publisher and a subscriber joined: {text}"
+    );
+    for j in joined {
+        let id = j["session"].as_str().unwrap();
+        let events: Vec<&str> = lines
+            .iter()
+            .filter(|l| l["session"] == id)
+            .filter_map(|l| l["event"].as_str())
+            .collect();
+        for want in ["joined", "ice_bound", "dtls_up", "left"] {
+            assert!(
+                events.contains(&want),
+                "session {id}: no {want} in {events:?}\n{text}"
+            );
+        }
+        let up = lines
+            .iter()
+            .find(|l| l["session"] == id && l["event"] == "dtls_up")
+            .unwrap();
+        assert!(
+            up["srtp_profile"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("AEAD_AES") || p.starts_with("AES_CM")),
+            "{up}"
+        );
+    }
+}
+
 /// Chromium publishing VP8 into `room` for `hold` seconds, in the background.
 fn chromium_publisher(
     ns: Option<&NetNs>,

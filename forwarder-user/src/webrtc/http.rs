@@ -339,7 +339,7 @@ fn join(
     };
     match joined {
         Ok((id, answer)) => {
-            log::info!("session {id}: {role:?} joined room {room}");
+            tracing::info!(event = "joined", session = %id, room, ?role, "session {id}: {role:?} joined room {room}");
             created(kind, room, &id, answer)
         }
         Err(e) => api_error(e),

@@ -671,7 +671,7 @@ impl Sfu {
         match st.sessions.get(id) {
             Some(s) if s.room == room && s.role == role => {
                 self.remove(&mut st, id);
-                log::info!("session {id} ({role:?}) left room {room}");
+                tracing::info!(event = "left", session = %id, room, ?role, "session {id} ({role:?}) left room {room}");
                 Ok(())
             }
             _ => Err(ApiError::UnknownSession),
@@ -747,11 +747,14 @@ impl Sfu {
         s.last_consent = Some(Instant::now());
         let newly_nominated = nominate && s.nominated != Some(from);
         if newly_nominated {
-            log::info!("session {id}: client nominated {from}");
+            tracing::info!(event = "nominated", session = %id, room = %s.room, addr = %from, "session {id}: client nominated {from}");
             s.nominated = Some(from);
         }
         let new_addr = !s.addrs.contains(&from);
         if new_addr {
+            if s.addrs.is_empty() {
+                tracing::info!(event = "ice_bound", session = %id, room = %s.room, addr = %from, "session {id}: first valid ICE check from {from}");
+            }
             s.addrs.push(from);
         }
         if new_addr || newly_nominated {
@@ -896,7 +899,11 @@ impl Sfu {
                 tx,
             });
             bump(&self.counters.dtls_handshakes);
-            log::info!(
+            tracing::info!(
+                event = "dtls_up",
+                session = %id,
+                room = %s.room,
+                srtp_profile = srtp.name(),
                 "session {id}: DTLS up, SRTP {} (client offered {:04x?} in a ClientHello of {} datagram(s))",
                 srtp.name(),
                 offered,
@@ -909,7 +916,7 @@ impl Sfu {
             tokio::select! {
                 r = dtls.read(&mut buf, None) => if let Err(e) = r {
                     let _ = dtls.close().await;
-                    log::info!("session {id}: DTLS ended ({e}); removing the session");
+                    tracing::info!(event = "dtls_ended", session = %id, "session {id}: DTLS ended ({e}); removing the session");
                     return Ok(());
                 },
                 _ = conn.closed() => {
@@ -927,22 +934,24 @@ impl Sfu {
         let now = Instant::now();
         let mut st = self.state.lock().unwrap();
         let ice_timeout = Duration::from_secs(self.limits.ice_timeout);
-        let expired: Vec<(String, &str)> = st
+        let expired: Vec<(String, &str, &str)> = st
             .sessions
             .values()
             .filter_map(|s| match s.last_consent {
                 // Never connected: a short window, not the whole consent timeout.
-                None if now - s.created > ice_timeout => {
-                    Some((s.id.clone(), "no valid ICE check since it was created"))
-                }
+                None if now - s.created > ice_timeout => Some((
+                    s.id.clone(),
+                    "ice_timeout",
+                    "no valid ICE check since it was created",
+                )),
                 Some(at) if now - at > self.consent_timeout => {
-                    Some((s.id.clone(), "no ICE consent check"))
+                    Some((s.id.clone(), "consent_lost", "no ICE consent check"))
                 }
                 _ => None,
             })
             .collect();
-        for (id, why) in expired {
-            log::info!("session {id}: {why} within the timeout; removing it");
+        for (id, event, why) in expired {
+            tracing::info!(event, session = %id, "session {id}: {why} within the timeout; removing it");
             self.remove(&mut st, &id);
         }
         drop(st);
