@@ -139,6 +139,15 @@ fn wait_for(
     }
 }
 
+/// A relay's links view says its upstream, the origin, does not answer.
+fn upstream_unreachable(l: &std::collections::BTreeMap<String, serde_json::Value>) -> bool {
+    l["origin"]["state"] == "down"
+        && l["origin"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("unreachable")
+}
+
 /// One HTTP/1.0 request from inside `ns`; the whole answer.
 fn http(ns: &NetNs, addr: &str, request: String) -> String {
     let addr: SocketAddr = addr.parse().unwrap();
@@ -236,13 +245,7 @@ fn origin_three_relays_thirty_receivers_demand_lapse_and_a_removed_subscriber() 
         &relay_pins[0],
         Duration::from_secs(5),
         "relay1 reports its upstream unreachable",
-        |l| {
-            l["origin"]["state"] == "down"
-                && l["origin"]["message"]
-                    .as_str()
-                    .unwrap()
-                    .contains("unreachable")
-        },
+        upstream_unreachable,
     );
     let mut origin_daemon = start(&origin, &origin_pin, "o0", &origin_config(&secret), &[]);
     assert_eq!(
@@ -463,13 +466,7 @@ fn origin_three_relays_thirty_receivers_demand_lapse_and_a_removed_subscriber() 
         &relay_pins[0],
         Duration::from_secs(5),
         "relay1 reports the lost upstream",
-        |l| {
-            l["origin"]["state"] == "down"
-                && l["origin"]["message"]
-                    .as_str()
-                    .unwrap()
-                    .contains("unreachable")
-        },
+        upstream_unreachable,
     );
     let m = http(
         &relays[0],
