@@ -1,11 +1,14 @@
 // One browser scenario against a running edgefwd, through its built-in page:
 //   publish: a Chromium publishes the fake camera + microphone over WHIP;
-//   watch:   a second Chromium process subscribes over WHEP and must decode.
+//   watch:   a second Chromium process subscribes over WHEP and must decode;
+//   view:    a Chromium opens the page's live view and waits until it shows --expect
+//            connected sessions of the room with traffic, then saves --screenshot.
 // Prints one JSON object on stdout (the Rust test asserts on it); exits non-zero
 // with the reason on stderr if the subscriber never decodes.
 //
 //   node whip_whep.mjs --base http://127.0.0.1:8080 --room r1 [--codec VP8|H264]
-//        [--no-pqc] [--role both|publish|watch] [--hold SECONDS] [--timeout SECONDS]
+//        [--no-pqc] [--role both|publish|watch|view] [--hold SECONDS] [--timeout SECONDS]
+//        [--expect N] [--screenshot PNG]
 import { chromium } from 'playwright-core';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -23,6 +26,8 @@ const codec = opt('codec', '');
 const role = opt('role', 'both');
 const hold = Number(opt('hold', '0'));
 const timeoutMs = Number(opt('timeout', '40')) * 1000;
+const expect = Number(opt('expect', '1'));
+const screenshot = opt('screenshot', '');
 if (!base) {
   console.error('usage: whip_whep.mjs --base URL [--room R] [--codec VP8|H264] [--no-pqc] [--role both|publish|watch]');
   process.exit(2);
@@ -59,12 +64,34 @@ const browsers = [];
 let ok = true;
 try {
   let pub, sub;
-  if (role !== 'watch') {
+  if (role === 'view') {
+    const v = await launch();
+    browsers.push(v);
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      result.rows = await v.page.evaluate(r => [...document.querySelectorAll('table[data-room] tr[data-session]')]
+        .filter(tr => tr.closest('table').dataset.room === r)
+        .map(tr => ({ ...tr.dataset, text: tr.innerText, sparkline: !!tr.querySelector('canvas') })), room);
+      // A few seconds of samples, so the sparklines in the screenshot show something.
+      const live = result.rows.filter(x => x.connected === 'true' && Number(x.pps) > 0 && Number(x.samples) >= 4);
+      if (live.length >= expect) break;
+      if (Date.now() > deadline) {
+        ok = false;
+        console.error(`the live view did not show ${expect} live session(s) of ${room} within ${timeoutMs / 1000} s: ${JSON.stringify(result.rows)}`);
+        break;
+      }
+      await sleep(500);
+    }
+    result.status = await v.page.evaluate(() => document.getElementById('livestatus').textContent);
+    if (screenshot) await v.page.screenshot({ path: screenshot, fullPage: true });
+  } else if (role !== 'watch') {
     pub = await launch();
     browsers.push(pub);
     result.whip = await pub.page.evaluate(([r, c]) => window.publish(r, c), [room, codec]);
   }
-  if (role === 'publish') {
+  if (role === 'view') {
+    // Done above.
+  } else if (role === 'publish') {
     await sleep(hold * 1000);
     result.publisher = await pub.page.evaluate(() => window.summary(window.pubPc));
   } else {

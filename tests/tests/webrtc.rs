@@ -502,6 +502,77 @@ fn session_lifecycle_is_logged_as_json_lines() {
     }
 }
 
+/// The built-in page's live view, in real headless Chromium, while a Chromium publisher
+/// and a Chromium subscriber are in a room: it lists both sessions, connected, with
+/// packets per second and a sparkline, from `/api/sessions`. The screenshot is left in
+/// target/page-live-view.png for a person to look at.
+#[test]
+fn the_page_shows_a_running_room_live() {
+    let _k = kernel_lock();
+    let sfu = start_sfu(None, "");
+    let room = unique("live");
+    let mut pair = node(
+        None,
+        &[
+            "--base", &sfu.base, "--room", &room, "--role", "both", "--hold", "12",
+        ],
+    )
+    .stdout(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
+    let shot = repo().join("target/page-live-view.png");
+    let _ = std::fs::remove_file(&shot);
+    let out = node(
+        None,
+        &[
+            "--base",
+            &sfu.base,
+            "--room",
+            &room,
+            "--role",
+            "view",
+            "--expect",
+            "2",
+            "--screenshot",
+            shot.to_str().unwrap(),
+            "--timeout",
+            "40",
+        ],
+    )
+    .output()
+    .unwrap();
+    let _ = pair.kill();
+    let _ = pair.wait();
+    let r = parse_result("the page's live view", &out);
+    let rows = r["rows"].as_array().unwrap();
+    for role in ["publisher", "subscriber"] {
+        let row = rows
+            .iter()
+            .find(|x| x["role"] == role)
+            .unwrap_or_else(|| panic!("no {role} row in the live view: {r:#}"));
+        assert_eq!(row["connected"], "true", "{row}");
+        assert!(
+            row["pps"].as_str().unwrap().parse::<f64>().unwrap() > 0.0,
+            "{row}"
+        );
+        assert_eq!(row["sparkline"], true, "{row}");
+        assert!(
+            row["text"].as_str().unwrap().contains("AEAD_AES_128_GCM"),
+            "{row}"
+        );
+    }
+    assert!(
+        r["status"].as_str().unwrap().contains("media path socket"),
+        "{r}"
+    );
+    let png = std::fs::read(&shot).expect("the screenshot");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "{} bytes",
+        png.len()
+    );
+}
+
 /// Chromium publishing VP8 into `room` for `hold` seconds, in the background.
 fn chromium_publisher(
     ns: Option<&NetNs>,

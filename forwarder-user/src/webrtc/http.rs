@@ -59,9 +59,10 @@ pub fn router(api: Arc<Api>, with_admin: bool) -> Router {
     r.with_state(api)
 }
 
-/// `[webrtc] admin`: state and metrics on their own listener.
+/// `[webrtc] admin`: state and metrics on their own listener, with the page for its
+/// live view (publishing from there fails: signaling stays on the public listener).
 pub fn admin_router(api: Arc<Api>) -> Router {
-    with_admin_routes(Router::new()).with_state(api)
+    with_admin_routes(Router::new().route("/", get(|| async { Html(PAGE) }))).with_state(api)
 }
 
 fn with_admin_routes(r: Router<Arc<Api>>) -> Router<Arc<Api>> {
