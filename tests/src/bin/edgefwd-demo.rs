@@ -1,5 +1,7 @@
 //! `cargo xtask demo`: a live RTP relay through the XDP forwarder in network
-//! namespaces, printing per-second rates, ending by itself.
+//! namespaces, then a WebRTC room through the same daemon (a headless Chromium
+//! publishes over WHIP, a second one watches over WHEP, media through the AF_XDP
+//! workers), printing per-second rates of both, ending by itself.
 
 use std::{
     net::UdpSocket,
@@ -34,7 +36,103 @@ seq_delta = 1000
 ts_delta = 48000
 pt_from = 111
 pt_to = 100
+
+[webrtc]
+http = "198.51.100.2:8080"
+media = "198.51.100.2:50000"
 "#;
+
+/// What the SFU has counted so far: (RTP in, RTP copies out, AF_XDP frames received,
+/// connected sessions).
+fn sfu_totals(t: &Topology) -> (u64, u64, u64, usize) {
+    let v: serde_json::Value = t.forwarder.run(|| {
+        ureq::get("http://198.51.100.2:8080/api/sessions")
+            .call()
+            .expect("the SFU's /api/sessions")
+            .body_mut()
+            .read_json()
+            .expect("JSON")
+    });
+    let c = &v["counters"];
+    let xsk_rx: u64 = v["xsk"].as_array().map_or(0, |a| {
+        a.iter().filter_map(|q| q["stats"]["rx"].as_u64()).sum()
+    });
+    let connected = v["rooms"].as_object().map_or(0, |r| {
+        r.values()
+            .flat_map(|s| s.as_array().cloned().unwrap_or_default())
+            .filter(|s| s["connected"] == true)
+            .count()
+    });
+    (
+        c["rtp_in"].as_u64().unwrap_or(0),
+        c["rtp_out"].as_u64().unwrap_or(0),
+        xsk_rx,
+        connected,
+    )
+}
+
+/// Part two: Chromium publishes and Chromium watches through the daemon; prints the
+/// SFU's per-second rates while they run and what the watcher decoded. Returns whether
+/// the watcher decoded video.
+fn webrtc_room(t: &Topology, seconds: u64) -> bool {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/browser/whip_whep.mjs");
+    println!(
+        "\nWebRTC: a headless Chromium in the publisher namespace publishes camera + microphone \
+         over WHIP to http://198.51.100.2:8080/whip/demo, a second one watches over WHEP; \
+         SRTP goes through XDP into the AF_XDP workers, which re-encrypt per subscriber."
+    );
+    let mut browsers = t
+        .publisher
+        .command("node")
+        .arg(script)
+        .args([
+            "--base",
+            "http://198.51.100.2:8080",
+            "--room",
+            "demo",
+            "--codec",
+            "VP8",
+        ])
+        .args(["--role", "both", "--hold", &seconds.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("node (installed by cargo xtask setup)");
+    println!(
+        "{:>4} {:>10} {:>12} {:>14} {:>10}",
+        "SEC", "RTP IN/s", "COPIES OUT/s", "AF_XDP RX/s", "SESSIONS"
+    );
+    let mut last = sfu_totals(t);
+    let mut sec = 0;
+    while browsers.try_wait().expect("wait").is_none() && sec < seconds + 60 {
+        std::thread::sleep(Duration::from_secs(1));
+        sec += 1;
+        let now = sfu_totals(t);
+        println!(
+            "{sec:>4} {:>10} {:>12} {:>14} {:>10}",
+            now.0 - last.0,
+            now.1 - last.1,
+            now.2 - last.2,
+            now.3
+        );
+        last = now;
+    }
+    let out = browsers.wait_with_output().expect("node");
+    let line = String::from_utf8_lossy(&out.stdout);
+    let r: serde_json::Value =
+        serde_json::from_str(line.lines().last().unwrap_or("")).unwrap_or_default();
+    let v = &r["subscriber"]["inbound"]["video"];
+    let a = &r["subscriber"]["inbound"]["audio"];
+    println!(
+        "watcher: {} video frames decoded ({}), {} audio packets, SRTP {}",
+        v["framesDecoded"],
+        v["codec"].as_str().unwrap_or("?"),
+        a["packetsReceived"],
+        r["subscriber"]["transport"]["srtpCipher"]
+            .as_str()
+            .unwrap_or("?")
+    );
+    out.status.success() && v["framesDecoded"].as_u64().unwrap_or(0) > 0
+}
 
 fn main() {
     let seconds: u64 = std::env::args()
@@ -68,7 +166,8 @@ fn main() {
         "--config",
     ])
     .arg(&cfg)
-    .args(["--duration", &(seconds + 3).to_string()]);
+    // The RTP part, then the WebRTC room (browsers start, decode, hold `seconds`).
+    .args(["--duration", &(2 * seconds + 90).to_string()]);
     let mut daemon = spawn_edgefwd(cmd);
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -168,11 +267,16 @@ fn main() {
         "sent {s}, received {r} ({:.2}% delivered)",
         100.0 * r as f64 / s.max(1) as f64
     );
+    let watched = webrtc_room(&t, seconds);
     daemon.stop();
     let _ = std::fs::remove_file(&cfg);
     drop(keep);
     if r == 0 {
         eprintln!("demo failed: nothing was relayed");
+        std::process::exit(1);
+    }
+    if !watched {
+        eprintln!("demo failed: the WebRTC watcher decoded no video");
         std::process::exit(1);
     }
 }
