@@ -29,7 +29,8 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// A live relay in network namespaces with per-second rates; ends by itself.
+    /// A live RTP relay through XDP, then a WebRTC room (Chromium over WHIP and WHEP)
+    /// through the same daemon, in network namespaces, with per-second rates; ends by itself.
     Demo {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
