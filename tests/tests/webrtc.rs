@@ -555,6 +555,11 @@ fn the_page_shows_a_running_room_live() {
             row["pps"].as_str().unwrap().parse::<f64>().unwrap() > 0.0,
             "{row}"
         );
+        // Chromium's fake camera and Opus: well above 50 kbit/s, in and out.
+        assert!(
+            row["kbps"].as_str().unwrap().parse::<f64>().unwrap() > 50.0,
+            "{row}"
+        );
         assert_eq!(row["sparkline"], true, "{row}");
         assert!(
             row["text"].as_str().unwrap().contains("AEAD_AES_128_GCM"),

@@ -1107,7 +1107,7 @@ impl Sfu {
                             "from_session": s.downtracks.iter().find(|x| x.track == *tid).map(|x| &x.src_session),
                             "ssrc_out": d.ssrc_out(), "pt_out": d.route.pt_to,
                             "seq_delta": d.route.seq_delta, "ts_delta": d.route.ts_delta,
-                            "packets": d.packets, "nack_resent": d.nack_resent,
+                            "packets": d.packets, "payload_octets": d.octets, "nack_resent": d.nack_resent,
                         })).collect::<Vec<_>>(),
                     })
                 })
