@@ -1,5 +1,6 @@
 //! A small HTTP/1 client, one request per connection: the link agent's demand to its
-//! upstream and the CLI's reads of a running daemon's API.
+//! upstream, the CLI's reads of a running daemon's API, and the load-test clients'
+//! WHIP/WHEP offers and DELETEs.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -28,6 +29,37 @@ pub async fn call(
     path: &str,
     body: Vec<u8>,
 ) -> Outcome<Vec<u8>> {
+    let req = Request {
+        method,
+        path,
+        content_type: "application/json",
+        body,
+        timeout: TIMEOUT,
+    };
+    match exchange(addr, bearer, req).await {
+        Outcome::Ok(r) => Outcome::Ok(r.body),
+        Outcome::Refused(e) => Outcome::Refused(e),
+        Outcome::Unreachable(e) => Outcome::Unreachable(e),
+    }
+}
+
+pub struct Request<'a> {
+    pub method: hyper::Method,
+    pub path: &'a str,
+    pub content_type: &'static str,
+    pub body: Vec<u8>,
+    pub timeout: Duration,
+}
+
+/// A successful answer: its Location header (a WHIP/WHEP resource) and body.
+pub struct Response {
+    pub location: Option<String>,
+    pub body: Vec<u8>,
+}
+
+/// One request on a fresh connection; a non-2xx status is `Refused` with its body.
+pub async fn exchange(addr: SocketAddr, bearer: Option<&str>, r: Request<'_>) -> Outcome<Response> {
+    let timeout = r.timeout;
     let exchange = async {
         let tcp = tokio::net::TcpStream::connect(addr)
             .await
@@ -39,21 +71,26 @@ pub async fn call(
             let _ = conn.await;
         });
         let mut req = hyper::Request::builder()
-            .method(method)
-            .uri(path)
+            .method(r.method)
+            .uri(r.path)
             .header(header::HOST, addr.to_string())
-            .header(header::CONTENT_TYPE, "application/json");
+            .header(header::CONTENT_TYPE, r.content_type);
         if let Some(b) = bearer {
             req = req.header(header::AUTHORIZATION, format!("Bearer {b}"));
         }
         let req = req
-            .body(Full::new(Bytes::from(body)))
+            .body(Full::new(Bytes::from(r.body)))
             .map_err(|e| e.to_string())?;
         let resp = send
             .send_request(req)
             .await
             .map_err(|e| format!("request: {e}"))?;
         let status = resp.status();
+        let location = resp
+            .headers()
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let body = resp
             .into_body()
             .collect()
@@ -61,16 +98,16 @@ pub async fn call(
             .map_err(|e| format!("reading the answer: {e}"))?
             .to_bytes()
             .to_vec();
-        Ok::<_, String>((status, body))
+        Ok::<_, String>((status, Response { location, body }))
     };
-    match tokio::time::timeout(TIMEOUT, exchange).await {
-        Err(_) => Outcome::Unreachable(format!("no answer within {} s", TIMEOUT.as_secs())),
+    match tokio::time::timeout(timeout, exchange).await {
+        Err(_) => Outcome::Unreachable(format!("no answer within {} s", timeout.as_secs_f64())),
         Ok(Err(e)) => Outcome::Unreachable(e),
-        Ok(Ok((s, body))) if s.is_success() => Outcome::Ok(body),
-        Ok(Ok((s, body))) => Outcome::Refused(format!(
+        Ok(Ok((s, r))) if s.is_success() => Outcome::Ok(r),
+        Ok(Ok((s, r))) => Outcome::Refused(format!(
             "{}: {}",
             s.as_u16(),
-            String::from_utf8_lossy(&body).trim()
+            String::from_utf8_lossy(&r.body).trim()
         )),
     }
 }

@@ -9,6 +9,7 @@
 //! * `daemon/` — the daemon's configuration and its Prometheus endpoint.
 //! * `cluster/` — cascades between nodes: links, their demand, the node-to-node API.
 //! * `cli/` — what the CLI prints from the live maps and the daemon's API.
+//! * `loadtest/` — `edgefwd load-test`: WHIP/WHEP clients with real ICE, DTLS, SRTP.
 //! * `client` — the small HTTP client the link agent and the CLI share.
 
 pub mod cli;
@@ -17,6 +18,7 @@ pub mod cluster;
 pub mod daemon;
 pub mod datapath;
 pub mod dataplane;
+pub mod loadtest;
 pub mod media;
 pub mod webrtc;
 

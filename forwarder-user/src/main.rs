@@ -158,6 +158,46 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Loads a running SFU with WHIP publishers and WHEP subscribers (real ICE, DTLS,
+    /// SRTP; synthetic media) and reports bitrate, loss, latency and join times.
+    LoadTest {
+        /// The SFU's WHIP/WHEP address (its ready line's webrtc-http).
+        #[arg(long, env = "EDGEFWD_API", default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// The [webrtc] token, if the SFU has one.
+        #[arg(long, env = "EDGEFWD_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Rooms, each with its own publishers and subscribers.
+        #[arg(long, default_value_t = 1)]
+        rooms: usize,
+        /// Publishers per room (each one audio and one video track).
+        #[arg(long, default_value_t = 1)]
+        publishers: usize,
+        /// Subscribers per room (each watches every publisher of its room).
+        #[arg(long, default_value_t = 5)]
+        subscribers: usize,
+        /// Video bitrate of each publisher, kbit/s.
+        #[arg(long, default_value_t = 1000)]
+        video_bitrate: u32,
+        /// Seconds of media once everyone has joined.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Joins in flight at once.
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// Seconds one join (POST, ICE, DTLS) may take before it counts as failed.
+        #[arg(long, default_value_t = 10.0)]
+        join_timeout: f64,
+        /// Room names are PREFIX-0, PREFIX-1, ... (default: load-<random>).
+        #[arg(long)]
+        room_prefix: Option<String>,
+        /// Machine-readable report on stdout (progress stays on stderr).
+        #[arg(long)]
+        json: bool,
+        /// No progress lines.
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Fan-out: list, add or remove the copies (subscribers) of a stream.
     Subs {
         #[command(subcommand)]
@@ -522,6 +562,56 @@ fn real_main(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 rooms::print_sessions(&rows);
+            }
+            Ok(())
+        }
+        Cmd::LoadTest {
+            url,
+            token,
+            rooms,
+            publishers,
+            subscribers,
+            video_bitrate,
+            duration,
+            concurrency,
+            join_timeout,
+            room_prefix,
+            json,
+            quiet,
+        } => {
+            let secs = |name: &str, v: f64| {
+                Duration::try_from_secs_f64(v)
+                    .map_err(|_| anyhow::anyhow!("--{name} {v}: give a number of seconds ≥ 0"))
+            };
+            let opts = edgefwd::loadtest::Options {
+                url,
+                token,
+                rooms,
+                publishers,
+                subscribers,
+                video_kbps: video_bitrate,
+                duration: secs("duration", duration)?,
+                concurrency,
+                join_timeout: secs("join-timeout", join_timeout)?,
+                room_prefix: room_prefix
+                    .unwrap_or_else(|| format!("load-{:04x}", rand::random::<u16>())),
+                progress: !quiet,
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let report = rt.block_on(edgefwd::loadtest::run(opts))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                report.print();
+            }
+            if report.failed > 0 {
+                bail!(
+                    "{} of {} client(s) failed (reasons above)",
+                    report.failed,
+                    report.clients
+                );
             }
             Ok(())
         }

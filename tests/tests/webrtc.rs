@@ -502,6 +502,116 @@ fn session_lifecycle_is_logged_as_json_lines() {
     }
 }
 
+/// `edgefwd load-test` against a live daemon: 20 rooms of 1 publisher and 5
+/// subscribers, every client with real ICE, DTLS and SRTP, for a few seconds. No
+/// failures, every track reaches its 5 subscribers at its bitrate with (almost) no
+/// loss, latency and join times reported; at the end every session is gone (DELETE)
+/// and the daemon idles. Without the daemon's token every join fails, by reason.
+#[test]
+fn load_test_tool_drives_twenty_publishers_and_a_hundred_subscribers() {
+    let _k = kernel_lock();
+    let sfu = start_sfu(None, "");
+    let out = Command::new(edgefwd_bin())
+        .args([
+            "load-test",
+            "--url",
+            &sfu.base,
+            "--rooms",
+            "20",
+            "--publishers",
+            "1",
+            "--subscribers",
+            "5",
+            "--video-bitrate",
+            "300",
+            "--duration",
+            "4",
+            "--json",
+        ])
+        .env_remove("EDGEFWD_TOKEN")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let r: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("load-test printed no JSON ({e}): {stderr}"));
+    assert!(out.status.success(), "load-test failed: {r:#}\n{stderr}");
+    // Progress lines on stderr while it ran.
+    assert!(stderr.contains("joined 120/120"), "{stderr}");
+    assert_eq!(r["failed"], 0, "{r:#}");
+    assert_eq!(
+        (
+            r["joined_publishers"].as_u64(),
+            r["joined_subscribers"].as_u64()
+        ),
+        (Some(20), Some(100)),
+        "{r:#}"
+    );
+    assert_eq!(r["leave_failures"], 0, "{r:#}");
+    assert_eq!(r["srtp_profiles"]["AEAD_AES_128_GCM"], 120, "{r:#}");
+    let tracks = r["tracks"].as_array().unwrap();
+    assert_eq!(tracks.len(), 40, "{r:#}");
+    for t in tracks {
+        assert_eq!(t["subscribers"], 5, "{t:#}");
+        assert!(t["loss_pct"].as_f64().unwrap() < 2.0, "{t:#}");
+        let kbps = t["kbps_per_subscriber"].as_f64().unwrap();
+        let want = if t["kind"] == "video" { 300.0 } else { 32.0 };
+        assert!(
+            kbps > want * 0.8 && kbps < want * 1.25,
+            "{kbps} kbit/s for {want}: {t:#}"
+        );
+        let (p50, p99) = (
+            t["latency_ms"]["median"].as_f64().unwrap(),
+            t["latency_ms"]["p99"].as_f64().unwrap(),
+        );
+        assert!(p50 > 0.0 && p50 <= p99 && p99 < 1000.0, "{t:#}");
+    }
+    let total = &r["total"];
+    assert!(
+        total["received"].as_u64().unwrap() > 4 * total["sent"].as_u64().unwrap(),
+        "{total:#}"
+    );
+    for who in ["join_ms_publishers", "join_ms_subscribers"] {
+        let m = r[who]["median"].as_f64().unwrap();
+        assert!(m > 0.0 && m < 10_000.0, "{who}: {r:#}");
+    }
+    assert!(r["joins_per_s"].as_f64().unwrap() > 0.0, "{r:#}");
+    // New viewers asked for keyframes, and the publishers sent them.
+    assert!(r["plis_received"].as_u64().unwrap() >= 20, "{r:#}");
+    assert_idle_after_sessions_end(&sfu);
+
+    let locked = start_sfu(None, "token = \"s3cret\"\n");
+    let out = Command::new(edgefwd_bin())
+        .args([
+            "load-test",
+            "--url",
+            &locked.base,
+            "--subscribers",
+            "1",
+            "--duration",
+            "1",
+            "--json",
+            "--quiet",
+        ])
+        .env_remove("EDGEFWD_TOKEN")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("2 client(s) failed"),
+        "{stderr}"
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["failed"], 2, "{r:#}");
+    assert!(
+        r["failures"]["http"]["example"]
+            .as_str()
+            .unwrap()
+            .contains("401"),
+        "{r:#}"
+    );
+    assert_eq!(r["failures"]["no_publisher"]["count"], 1, "{r:#}");
+}
+
 /// The built-in page's live view, in real headless Chromium, while a Chromium publisher
 /// and a Chromium subscriber are in a room: it lists both sessions, connected, with
 /// packets per second and a sparkline, from `/api/sessions`. The screenshot is left in

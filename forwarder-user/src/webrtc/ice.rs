@@ -87,37 +87,56 @@ impl Check {
     }
 }
 
+/// A connectivity check as the controlling agent sends it (RFC 8445 §7.2.2): USERNAME
+/// theirs:ours, PRIORITY, ICE-CONTROLLING, USE-CANDIDATE when `nominate`, signed with
+/// the peer's ice-pwd. The load-test clients' ICE, and the tests'.
+pub fn binding_request(user: &str, pwd: &str, nominate: bool) -> Vec<u8> {
+    let mut m = Message::new();
+    let mut setters: Vec<Box<dyn Setter>> = vec![
+        Box::new(BINDING_REQUEST),
+        Box::new(stun::agent::TransactionId::new()),
+        Box::new(TextAttribute::new(ATTR_USERNAME, user.into())),
+    ];
+    if nominate {
+        setters.push(Box::new(stun::attributes::RawAttribute {
+            typ: ATTR_USE_CANDIDATE,
+            length: 0,
+            value: vec![],
+        }));
+    }
+    setters.push(Box::new(stun::attributes::RawAttribute {
+        typ: stun::attributes::ATTR_PRIORITY,
+        length: 4,
+        value: 0x6e7f1effu32.to_be_bytes().to_vec(),
+    }));
+    setters.push(Box::new(stun::attributes::RawAttribute {
+        typ: stun::attributes::ATTR_ICE_CONTROLLING,
+        length: 8,
+        value: rand::random::<u64>().to_be_bytes().to_vec(),
+    }));
+    setters.push(Box::new(MessageIntegrity::new_short_term_integrity(
+        pwd.into(),
+    )));
+    setters.push(Box::new(FINGERPRINT));
+    m.build(&setters)
+        .expect("a binding request of fixed attributes always builds");
+    m.raw
+}
+
+/// Whether `buf` is a binding success response (to one of our checks).
+pub fn is_binding_success(buf: &[u8]) -> bool {
+    let mut m = Message::new();
+    stun::message::is_message(buf) && m.unmarshal_binary(buf).is_ok() && m.typ == BINDING_SUCCESS
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
-    use stun::{agent::TransactionId, attributes::ATTR_PRIORITY, message::Getter};
+    use stun::message::Getter;
 
     use super::*;
 
     pub(crate) fn request(user: &str, pwd: &str, nominate: bool) -> Vec<u8> {
-        let mut m = Message::new();
-        let mut setters: Vec<Box<dyn Setter>> = vec![
-            Box::new(BINDING_REQUEST),
-            Box::new(TransactionId::new()),
-            Box::new(TextAttribute::new(ATTR_USERNAME, user.into())),
-        ];
-        if nominate {
-            setters.push(Box::new(stun::attributes::RawAttribute {
-                typ: ATTR_USE_CANDIDATE,
-                length: 0,
-                value: vec![],
-            }));
-        }
-        setters.push(Box::new(stun::attributes::RawAttribute {
-            typ: ATTR_PRIORITY,
-            length: 4,
-            value: 0x6e7f1effu32.to_be_bytes().to_vec(),
-        }));
-        setters.push(Box::new(MessageIntegrity::new_short_term_integrity(
-            pwd.into(),
-        )));
-        setters.push(Box::new(FINGERPRINT));
-        m.build(&setters).unwrap();
-        m.raw
+        binding_request(user, pwd, nominate)
     }
 
     #[test]

@@ -1,0 +1,321 @@
+//! What the load test's publishers send and its subscribers measure. Synthetic video
+//! (frames split into packets, a keyframe every few seconds and whenever the SFU asks
+//! with a PLI) and Opus-sized audio; every payload carries a stamp (track, sequence,
+//! send time) so a receiver measures loss and latency without decoding anything.
+
+use std::time::Duration;
+
+use forwarder_common::rtp::RTP_FIXED_HEADER_LEN;
+
+const MAGIC: [u8; 4] = *b"EFLT";
+/// Magic, track, sequence, send time.
+pub const STAMP_LEN: usize = 20;
+/// Largest payload per packet: a 1,200-byte-ish packet like a browser's.
+pub const MAX_PAYLOAD: usize = 1100;
+/// Video payloads open with a VP8 payload descriptor and the first byte of the VP8
+/// header (RFC 7741): the stamp follows them.
+const VP8_PREFIX: usize = 2;
+
+pub const FPS: u32 = 30;
+pub const AUDIO_INTERVAL: Duration = Duration::from_millis(20);
+/// An Opus frame of 20 ms at ~32 kbit/s.
+pub const AUDIO_PAYLOAD: usize = 80;
+/// A keyframe every this many frames, three times a delta frame's size.
+pub const KEYFRAME_EVERY: u32 = 2 * FPS;
+const KEYFRAME_SCALE: usize = 3;
+
+/// One packet's stamp. `sent_ns` counts from the run's start (one clock for senders
+/// and receivers: they run in one process).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stamp {
+    pub track: u32,
+    pub seq: u32,
+    pub sent_ns: u64,
+}
+
+impl Stamp {
+    fn write(&self, out: &mut [u8]) {
+        out[..4].copy_from_slice(&MAGIC);
+        out[4..8].copy_from_slice(&self.track.to_be_bytes());
+        out[8..12].copy_from_slice(&self.seq.to_be_bytes());
+        out[12..20].copy_from_slice(&self.sent_ns.to_be_bytes());
+    }
+
+    /// The stamp in an RTP payload: at its start (audio) or after the VP8 prefix.
+    pub fn read(payload: &[u8]) -> Option<Stamp> {
+        [0, VP8_PREFIX].into_iter().find_map(|at| {
+            let p = payload.get(at..at + STAMP_LEN)?;
+            (p[..4] == MAGIC).then(|| Stamp {
+                track: u32::from_be_bytes(p[4..8].try_into().unwrap()),
+                seq: u32::from_be_bytes(p[8..12].try_into().unwrap()),
+                sent_ns: u64::from_be_bytes(p[12..20].try_into().unwrap()),
+            })
+        })
+    }
+}
+
+/// One RTP stream we send.
+pub struct Stream {
+    pub ssrc: u32,
+    pt: u8,
+    seq: u16,
+    ts: u32,
+    /// The stamp's track number and its next sequence.
+    pub track: u32,
+    stamp_seq: u32,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl Stream {
+    pub fn new(ssrc: u32, pt: u8, track: u32) -> Stream {
+        Stream {
+            ssrc,
+            pt,
+            seq: rand::random(),
+            ts: rand::random(),
+            track,
+            stamp_seq: 0,
+            packets: 0,
+            bytes: 0,
+        }
+    }
+
+    /// Writes one RTP packet of `payload_len` bytes (prefix, stamp, filler) into `buf`;
+    /// returns its length. `buf` must hold the header, the payload and the SRTP tag.
+    fn packet(
+        &mut self,
+        buf: &mut [u8],
+        marker: bool,
+        prefix: &[u8],
+        payload_len: usize,
+        now_ns: u64,
+    ) -> usize {
+        let payload_len = payload_len.max(prefix.len() + STAMP_LEN);
+        buf[0] = 0x80;
+        buf[1] = self.pt | if marker { 0x80 } else { 0 };
+        buf[2..4].copy_from_slice(&self.seq.to_be_bytes());
+        buf[4..8].copy_from_slice(&self.ts.to_be_bytes());
+        buf[8..12].copy_from_slice(&self.ssrc.to_be_bytes());
+        let p = &mut buf[RTP_FIXED_HEADER_LEN..RTP_FIXED_HEADER_LEN + payload_len];
+        p[..prefix.len()].copy_from_slice(prefix);
+        Stamp {
+            track: self.track,
+            seq: self.stamp_seq,
+            sent_ns: now_ns,
+        }
+        .write(&mut p[prefix.len()..]);
+        p[prefix.len() + STAMP_LEN..].fill(0x5a);
+        self.seq = self.seq.wrapping_add(1);
+        self.stamp_seq += 1;
+        self.packets += 1;
+        self.bytes += payload_len as u64;
+        RTP_FIXED_HEADER_LEN + payload_len
+    }
+}
+
+/// Opus-sized audio: one packet every 20 ms.
+pub struct Audio {
+    pub stream: Stream,
+}
+
+impl Audio {
+    /// The next 20 ms packet into `buf`; returns its RTP length.
+    pub fn next(&mut self, buf: &mut [u8], now_ns: u64) -> usize {
+        let n = self.stream.packet(buf, false, &[], AUDIO_PAYLOAD, now_ns);
+        self.stream.ts = self.stream.ts.wrapping_add(960);
+        n
+    }
+}
+
+/// Synthetic VP8-shaped video at a target bitrate.
+pub struct Video {
+    pub stream: Stream,
+    delta_bytes: usize,
+    frame: u32,
+    /// The SFU asked for a keyframe (PLI): the next frame is one.
+    pub key_requested: bool,
+    pub keyframes: u64,
+}
+
+impl Video {
+    pub fn new(stream: Stream, kbps: u32) -> Video {
+        let per_frame = kbps as usize * 1000 / 8 / FPS as usize;
+        // Keep the average at the target: a GOP is (KEYFRAME_EVERY-1) deltas and a key.
+        let g = KEYFRAME_EVERY as usize;
+        let delta_bytes = (per_frame * g / (g - 1 + KEYFRAME_SCALE)).max(STAMP_LEN + VP8_PREFIX);
+        Video {
+            stream,
+            delta_bytes,
+            frame: 0,
+            key_requested: true,
+            keyframes: 0,
+        }
+    }
+
+    pub fn frame_interval() -> Duration {
+        Duration::from_secs(1) / FPS
+    }
+
+    /// The next frame's packets, each written by `emit(packet bytes)`.
+    pub fn next_frame(
+        &mut self,
+        buf: &mut [u8],
+        now_ns: u64,
+        mut emit: impl FnMut(&mut [u8], usize),
+    ) {
+        let key = self.key_requested || self.frame.is_multiple_of(KEYFRAME_EVERY);
+        if key {
+            self.key_requested = false;
+            self.frame = 0;
+            self.keyframes += 1;
+        }
+        let size = self.delta_bytes * if key { KEYFRAME_SCALE } else { 1 };
+        let n = size.div_ceil(MAX_PAYLOAD).max(1);
+        for i in 0..n {
+            let first = i == 0;
+            // VP8 descriptor: S (start of partition) on the first packet; the VP8
+            // header's P bit is 0 for a keyframe.
+            let prefix = [
+                if first { 0x10 } else { 0 },
+                if first && !key { 1 } else { 0 },
+            ];
+            let len = self
+                .stream
+                .packet(buf, i + 1 == n, &prefix, size / n, now_ns);
+            emit(buf, len);
+        }
+        self.stream.ts = self.stream.ts.wrapping_add(90_000 / FPS);
+        self.frame += 1;
+    }
+}
+
+/// Most latency samples one track keeps per subscriber (then reservoir sampling).
+const MAX_SAMPLES: usize = 100_000;
+
+/// What a subscriber received of one published track.
+#[derive(Default, Clone, Debug)]
+pub struct Received {
+    pub packets: u64,
+    /// Packets the stamps' sequence says were sent from the first received on.
+    pub expected: u64,
+    pub bytes: u64,
+    max_seq: Option<u32>,
+    pub first_ns: u64,
+    pub last_ns: u64,
+    /// One-way latency in µs (sampled).
+    pub latency_us: Vec<u32>,
+    seen: u64,
+}
+
+impl Received {
+    /// Accounts one packet; returns how much `expected` grew.
+    pub fn on_packet(&mut self, s: Stamp, payload_bytes: usize, now_ns: u64) -> u64 {
+        let grew = match self.max_seq {
+            None => {
+                self.first_ns = now_ns;
+                self.max_seq = Some(s.seq);
+                1
+            }
+            Some(m) if s.seq > m => {
+                self.max_seq = Some(s.seq);
+                (s.seq - m) as u64
+            }
+            // Late (reordered) or repeated: already expected.
+            Some(_) => 0,
+        };
+        self.expected += grew;
+        self.packets += 1;
+        self.bytes += payload_bytes as u64;
+        self.last_ns = now_ns;
+        let us = (now_ns.saturating_sub(s.sent_ns) / 1000).min(u32::MAX as u64) as u32;
+        self.seen += 1;
+        if self.latency_us.len() < MAX_SAMPLES {
+            self.latency_us.push(us);
+        } else {
+            let j = rand::random::<u64>() % self.seen;
+            if (j as usize) < MAX_SAMPLES {
+                self.latency_us[j as usize] = us;
+            }
+        }
+        grew
+    }
+}
+
+/// The `q` quantile (0..=1) of `v` (sorted here).
+pub fn quantile(v: &mut [u32], q: f64) -> Option<u32> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_unstable();
+    let i = ((v.len() - 1) as f64 * q).round() as usize;
+    Some(v[i])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps_survive_both_payload_shapes() {
+        let mut buf = [0u8; 1500];
+        let mut a = Audio {
+            stream: Stream::new(7, 111, 3),
+        };
+        let n = a.next(&mut buf, 42);
+        assert_eq!(n, RTP_FIXED_HEADER_LEN + AUDIO_PAYLOAD);
+        assert_eq!(
+            Stamp::read(&buf[RTP_FIXED_HEADER_LEN..n]),
+            Some(Stamp {
+                track: 3,
+                seq: 0,
+                sent_ns: 42
+            })
+        );
+        let mut v = Video::new(Stream::new(8, 96, 4), 1000);
+        let mut stamps = vec![];
+        let mut markers = vec![];
+        v.next_frame(&mut buf, 7, |b, len| {
+            stamps.push(Stamp::read(&b[RTP_FIXED_HEADER_LEN..len]).unwrap().seq);
+            markers.push(b[1] & 0x80 != 0);
+            assert!(len <= RTP_FIXED_HEADER_LEN + MAX_PAYLOAD);
+        });
+        // A keyframe first, in several packets, the marker on the last.
+        assert!(stamps.len() > 1, "{stamps:?}");
+        assert_eq!(stamps, (0..stamps.len() as u32).collect::<Vec<_>>());
+        assert_eq!(markers.iter().filter(|m| **m).count(), 1);
+        assert!(*markers.last().unwrap());
+        assert_eq!(v.keyframes, 1);
+    }
+
+    #[test]
+    fn video_averages_its_target_bitrate() {
+        let mut buf = [0u8; 1500];
+        let mut v = Video::new(Stream::new(8, 96, 4), 800);
+        for _ in 0..KEYFRAME_EVERY * 5 {
+            v.next_frame(&mut buf, 0, |_, _| {});
+        }
+        let kbps = v.stream.bytes * 8 / 1000 / 10;
+        assert!(
+            (760..=840).contains(&kbps),
+            "{kbps} kbit/s for a target of 800"
+        );
+        assert_eq!(v.keyframes, 5);
+    }
+
+    #[test]
+    fn loss_counts_gaps_not_reordering() {
+        let mut r = Received::default();
+        let s = |seq| Stamp {
+            track: 1,
+            seq,
+            sent_ns: 0,
+        };
+        for seq in [10, 11, 13, 12, 16] {
+            r.on_packet(s(seq), 100, 1_000);
+        }
+        // 10..=16 expected, 14 and 15 lost.
+        assert_eq!((r.expected, r.packets), (7, 5));
+        assert_eq!(quantile(&mut r.latency_us, 0.5), Some(1));
+    }
+}
