@@ -50,7 +50,8 @@ enum Cmd {
     },
     /// Benchmarks: `forward` measures packets per second per core; `srtp` the WebRTC
     /// worker's SRTP copies per second per core, AF_XDP against the socket path;
-    /// `fanout` copies per second per core for 1→N in the kernel against userspace.
+    /// `fanout` copies per second per core for 1→N in the kernel against userspace;
+    /// `joins` WHIP+WHEP joins per second (ICE, DTLS, SRTP) driven by `edgefwd load-test`.
     Bench {
         #[arg(default_value = "forward")]
         which: String,
@@ -107,8 +108,8 @@ fn run(cli: Cli) -> Result<()> {
             sh(Command::new(root().join("target/release/edgefwd-demo")).arg(seconds.to_string()))
         }
         Cmd::Bench { which, seconds } => {
-            if !["forward", "srtp", "fanout"].contains(&which.as_str()) {
-                bail!("unknown benchmark {which:?}; available: forward, srtp, fanout");
+            if !["forward", "srtp", "fanout", "joins"].contains(&which.as_str()) {
+                bail!("unknown benchmark {which:?}; available: forward, srtp, fanout, joins");
             }
             setup()?;
             require_root("the benchmark creates network namespaces and attaches XDP")?;
@@ -117,6 +118,13 @@ fn run(cli: Cli) -> Result<()> {
                 return sh(
                     Command::new(root().join("target/release/edgefwd-fanout-bench"))
                         .args(["--seconds", &seconds.to_string(), "--out"])
+                        .arg(root().join("bench/results")),
+                );
+            }
+            if which == "joins" {
+                return sh(
+                    Command::new(root().join("target/release/edgefwd-joins-bench"))
+                        .arg("--out")
                         .arg(root().join("bench/results")),
                 );
             }
