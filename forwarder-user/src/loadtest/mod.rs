@@ -340,6 +340,21 @@ impl Client {
         peer::leave(&self.target, resource).await
     }
 
+    /// Leaves (DELETE) and closes DTLS; what the outcome keeps of the session.
+    async fn finish(
+        &self,
+        gate: &Semaphore,
+        j: Joined,
+    ) -> (
+        Result<Duration, Failure>,
+        Option<&'static str>,
+        Result<(), String>,
+    ) {
+        let left = self.leave(gate, &j.resource).await;
+        let _ = j.dtls.close().await;
+        (Ok(j.join_time), Some(j.profile.name()), left)
+    }
+
     fn now_ns(&self) -> u64 {
         self.epoch.elapsed().as_nanos() as u64
     }
@@ -421,13 +436,12 @@ impl Client {
                 },
             }
         }
-        let left = self.leave(&gate, &j.resource).await;
-        let _ = j.dtls.close().await;
+        let (join, profile, left) = self.finish(&gate, j).await;
         Outcome {
             role: Role::Publisher,
             room: self.room,
-            join: Ok(j.join_time),
-            profile: Some(j.profile.name()),
+            join,
+            profile,
             sent: vec![
                 (audio.stream.track, audio.stream.packets),
                 (video.stream.track, video.stream.packets),
@@ -490,13 +504,12 @@ impl Client {
                 },
             }
         }
-        let left = self.leave(&gate, &j.resource).await;
-        let _ = j.dtls.close().await;
+        let (join, profile, left) = self.finish(&gate, j).await;
         Outcome {
             role: Role::Subscriber,
             room: self.room,
-            join: Ok(j.join_time),
-            profile: Some(j.profile.name()),
+            join,
+            profile,
             sent: vec![],
             keyframes: 0,
             plis: 0,

@@ -6,21 +6,12 @@
 //!
 //! Results: table on stdout, bench/results/joins.{csv,json}.
 
-use std::{path::PathBuf, process::Command, time::Duration};
+use std::{path::PathBuf, process::Command};
 
-use edgefwd_tests::{edgefwd_bin, spawn_edgefwd, unique};
-
-/// utime + stime of a process.
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the parenthesised name: state is field 3, utime 14, stime 15.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
-    Duration::from_micros(ticks * 1_000_000 / hz)
-}
+use edgefwd_tests::{
+    bench::{cpu_time, machine, process_threads},
+    edgefwd_bin, spawn_edgefwd, unique,
+};
 
 fn main() {
     let mut out = PathBuf::from("bench/results");
@@ -65,7 +56,7 @@ fn main() {
         "JOINS/S/DAEMON-CORE"
     );
     for (rooms, subs, conc) in cases {
-        let before = cpu_time(daemon.id());
+        let before = cpu_time(&process_threads(daemon.id()));
         let o = Command::new(edgefwd_bin())
             .args([
                 "load-test",
@@ -94,7 +85,7 @@ fn main() {
             .env_remove("EDGEFWD_TOKEN")
             .output()
             .unwrap();
-        let used = cpu_time(daemon.id()) - before;
+        let used_ns = cpu_time(&process_threads(daemon.id())) - before;
         let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
             panic!(
                 "load-test gave no JSON ({e}): {}",
@@ -106,7 +97,7 @@ fn main() {
         let jps = r["joins_per_s"].as_f64().unwrap();
         // The daemon's CPU over the whole run (joins, a second of media, DELETEs): an
         // upper bound of its cost per join.
-        let ms_per_join = used.as_secs_f64() * 1e3 / joined.max(1) as f64;
+        let ms_per_join = used_ns as f64 / 1e6 / joined.max(1) as f64;
         let row = serde_json::json!({
             "clients": r["clients"], "in_flight": conc, "joined": joined, "failed": r["failed"],
             "failures": r["failures"], "joins_per_s": jps,
@@ -147,14 +138,7 @@ fn main() {
             r["joins_per_s_per_daemon_core"].as_f64().unwrap()
         );
     }
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
+    let cpu = machine();
     std::fs::write(out.join("joins.csv"), csv).unwrap();
     std::fs::write(
         out.join("joins.json"),
