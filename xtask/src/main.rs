@@ -51,7 +51,8 @@ enum Cmd {
     /// Benchmarks: `forward` measures packets per second per core; `srtp` the WebRTC
     /// worker's SRTP copies per second per core, AF_XDP against the socket path;
     /// `fanout` copies per second per core for 1→N in the kernel against userspace;
-    /// `joins` WHIP+WHEP joins per second (ICE, DTLS, SRTP) driven by `edgefwd load-test`.
+    /// `joins` WHIP+WHEP joins per second (ICE, DTLS, SRTP) driven by `edgefwd load-test`;
+    /// `viewers` WHEP subscribers per core at a target bitrate, socket path against AF_XDP.
     Bench {
         #[arg(default_value = "forward")]
         which: String,
@@ -108,18 +109,20 @@ fn run(cli: Cli) -> Result<()> {
             sh(Command::new(root().join("target/release/edgefwd-demo")).arg(seconds.to_string()))
         }
         Cmd::Bench { which, seconds } => {
-            if !["forward", "srtp", "fanout", "joins"].contains(&which.as_str()) {
-                bail!("unknown benchmark {which:?}; available: forward, srtp, fanout, joins");
+            if !["forward", "srtp", "fanout", "joins", "viewers"].contains(&which.as_str()) {
+                bail!(
+                    "unknown benchmark {which:?}; available: forward, srtp, fanout, joins, viewers"
+                );
             }
             setup()?;
             require_root("the benchmark creates network namespaces and attaches XDP")?;
             build_release_tools()?;
-            if which == "fanout" {
-                return sh(
-                    Command::new(root().join("target/release/edgefwd-fanout-bench"))
-                        .args(["--seconds", &seconds.to_string(), "--out"])
-                        .arg(root().join("bench/results")),
-                );
+            if which == "fanout" || which == "viewers" {
+                return sh(Command::new(
+                    root().join(format!("target/release/edgefwd-{which}-bench")),
+                )
+                .args(["--seconds", &seconds.to_string(), "--out"])
+                .arg(root().join("bench/results")));
             }
             if which == "joins" {
                 return sh(

@@ -13,6 +13,7 @@ use std::{
     num::NonZeroU32,
     os::fd::RawFd,
     ptr::NonNull,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Result, anyhow};
@@ -26,6 +27,10 @@ const FRAMES: u32 = 4096;
 const RING: u32 = 2048;
 /// TX descriptors queued before the ring is kicked.
 pub const BATCH: usize = 64;
+/// How long a worker waits for a full device before it drops copies: long enough for
+/// a veth peer's NAPI or a NIC to drain a burst, short enough that a stuck device does
+/// not stall the worker's receive side (its RX ring holds RING frames).
+const TX_WAIT: Duration = Duration::from_millis(2);
 const ETH: usize = 14;
 const V4_HDR: usize = ETH + 20 + 8;
 const V6_HDR: usize = ETH + 40 + 8;
@@ -216,20 +221,24 @@ pub struct Stats {
     pub tx: u64,
     /// Frames the XDP program steered here that are not UDP (never expected).
     pub rx_unparsed: u64,
-    /// Copies refused for want of a free TX frame (ring full).
+    /// Copies dropped because the device stayed full past TX_WAIT (no free TX frame,
+    /// or the ring would not take them).
     pub tx_ring_full: u64,
+    /// Short pauses waiting for the device to drain (backpressure, no loss).
+    pub tx_waits: u64,
     /// Copies to a peer whose MAC address is not known yet.
     pub tx_no_neighbour: u64,
     pub kicks: u64,
 }
 
 impl Stats {
-    pub fn named(&self) -> [(&'static str, u64); 6] {
+    pub fn named(&self) -> [(&'static str, u64); 7] {
         [
             ("rx", self.rx),
             ("tx", self.tx),
             ("rx_unparsed", self.rx_unparsed),
             ("tx_ring_full", self.tx_ring_full),
+            ("tx_waits", self.tx_waits),
             ("tx_no_neighbour", self.tx_no_neighbour),
             ("kicks", self.kicks),
         ]
@@ -414,22 +423,43 @@ impl XskQueue {
     }
 
     /// Queues what is pending on the TX ring and kicks it; takes back completed frames.
+    /// When the ring cannot take them all (the device is draining slower than copies
+    /// are made: a veth peer's 256-entry ring, a NIC queue), waits for it up to
+    /// TX_WAIT, the link's own backpressure, rather than drop; only a device that stays
+    /// stuck past that costs copies, counted as tx_ring_full.
     pub fn flush(&mut self) {
-        if !self.pending.is_empty() {
+        let mut deadline = None;
+        while !self.pending.is_empty() {
             let mut w = self.tx.transmit(self.pending.len() as u32);
             let n = w.insert(self.pending.iter().copied()) as usize;
             w.commit();
             drop(w);
-            // What the ring did not take (it holds RING, the pool half of FRAMES: only if
-            // the kernel stopped consuming) is freed and counted.
-            for d in self.pending.drain(..).skip(n) {
-                self.tx_free.push(d.addr);
-                self.stats.tx_ring_full += 1;
-            }
+            self.pending.drain(..n);
             self.stats.tx += n as u64;
             self.kick();
+            self.reclaim();
+            if self.pending.is_empty() || !self.wait_for_device(&mut deadline) {
+                break;
+            }
+        }
+        for d in self.pending.drain(..) {
+            self.tx_free.push(d.addr);
+            self.stats.tx_ring_full += 1;
         }
         self.reclaim();
+    }
+
+    /// One short pause for the device to consume frames, false once `deadline` (set on
+    /// the first call) has passed. Sleeping, not spinning: on a shared core the NAPI
+    /// that drains the device must get to run.
+    fn wait_for_device(&mut self, deadline: &mut Option<Instant>) -> bool {
+        let d = *deadline.get_or_insert_with(|| Instant::now() + TX_WAIT);
+        if Instant::now() >= d {
+            return false;
+        }
+        self.stats.tx_waits += 1;
+        std::thread::sleep(Duration::from_micros(20));
+        true
     }
 
     /// Copy mode sends only inside the kick (`sendto`), at most 32 frames per call
@@ -507,6 +537,17 @@ impl Transmit for XskQueue {
             return false;
         };
         if self.tx_free.is_empty() {
+            self.reclaim();
+        }
+        // Every frame is on the ring or in the device: push what is pending and wait
+        // (bounded) for completions, as flush does.
+        let mut deadline = None;
+        while self.tx_free.is_empty() {
+            self.flush();
+            if self.tx_free.is_empty() && !self.wait_for_device(&mut deadline) {
+                break;
+            }
+            self.kick();
             self.reclaim();
         }
         let Some(addr) = self.tx_free.pop() else {
