@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use forwarder_common::links::{LinkState, MESSAGE_LEN, STATE_DOWN, STATE_REFUSED, STATE_UP};
 use forwarder_common::route_stats::RouteStats;
 
@@ -33,25 +33,7 @@ pub const TICK: Duration = Duration::from_millis(500);
 
 /// The cluster secret from `[cluster]`: `secret_file` (trimmed) or `secret`.
 pub fn secret(c: &ClusterConfig) -> Result<String> {
-    let s = match (&c.secret, &c.secret_file) {
-        (Some(_), Some(_)) => bail!("[cluster]: set secret or secret_file, not both"),
-        (Some(s), None) => s.clone(),
-        (None, Some(f)) => std::fs::read_to_string(f)
-            .with_context(|| format!("[cluster] secret_file {}: cannot read it", f.display()))?
-            .trim()
-            .to_string(),
-        (None, None) => bail!(
-            "[cluster] needs the cluster secret (secret_file = \"/etc/edgefwd/cluster.secret\", \
-             the same on every node): nodes refuse demand without it"
-        ),
-    };
-    if s.len() < 16 {
-        bail!(
-            "[cluster]: the cluster secret is {} bytes; use at least 16 (e.g. `openssl rand -hex 32`)",
-            s.len()
-        );
-    }
-    Ok(s)
+    super::read_secret(&c.secret, &c.secret_file, "[cluster]")
 }
 
 pub struct Agent {

@@ -33,6 +33,34 @@ use anyhow::{Context as _, Result, bail};
 use forwarder_common::links::NAME_LEN;
 use serde::{Deserialize, Serialize};
 
+/// A cluster secret from a config section: `secret_file` (trimmed) or `secret`, at
+/// least 16 bytes. Shared by `[cluster]` and `[webrtc.cascade]`.
+pub fn read_secret(
+    secret: &Option<String>,
+    file: &Option<PathBuf>,
+    section: &str,
+) -> Result<String> {
+    let s = match (secret, file) {
+        (Some(_), Some(_)) => bail!("{section}: set secret or secret_file, not both"),
+        (Some(s), None) => s.clone(),
+        (None, Some(f)) => std::fs::read_to_string(f)
+            .with_context(|| format!("{section} secret_file {}: cannot read it", f.display()))?
+            .trim()
+            .to_string(),
+        (None, None) => bail!(
+            "{section} needs the cluster secret (secret_file = \"/etc/edgefwd/cluster.secret\", \
+             the same on every node): nodes refuse requests without it"
+        ),
+    };
+    if s.len() < 16 {
+        bail!(
+            "{section}: the cluster secret is {} bytes; use at least 16 (e.g. `openssl rand -hex 32`)",
+            s.len()
+        );
+    }
+    Ok(s)
+}
+
 /// Longest cascade (nodes from the origin to the farthest leaf) a node accepts.
 pub const MAX_DEPTH: usize = 32;
 

@@ -47,6 +47,10 @@ pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);
 pub enum Role {
     Publisher,
     Subscriber,
+    /// A downstream edgefwd node fed a publisher's tracks over a cascade trunk: it
+    /// gets the publisher's SRTP as it arrived (no crypto here) and sends back RTCP
+    /// (keyframe requests, NACKs) protected with a key of its own.
+    Relay,
 }
 
 /// What the control plane tells the engine.
@@ -91,6 +95,26 @@ pub enum Command {
     RemoveSession {
         id: SessionId,
     },
+    /// A cascade peer at `addr` (one address carries many sessions): its datagrams
+    /// are this session's when their SSRC (RTP) or sender SSRC (RTCP) is one of
+    /// `ssrcs`; media to the session goes to `addr`.
+    BindRelay {
+        id: SessionId,
+        addr: SocketAddr,
+        ssrcs: Vec<u32>,
+    },
+    /// Trunk copies of `track` to the relay session `relay`: the SRTP packet as the
+    /// publisher sent it, once it authenticated here.
+    AddTrunk {
+        track: TrackId,
+        relay: SessionId,
+    },
+    /// Continues receive streams another node has been authenticating: per SSRC the
+    /// highest packet index it accepted (so a rollover counter above 0 carries over).
+    ResumeRx {
+        id: SessionId,
+        streams: Vec<(u32, u64)>,
+    },
 }
 
 /// A track a publisher sends, with everything the fan-out needs of it.
@@ -109,6 +133,8 @@ pub struct UpTrack {
     /// Plaintext packets by source sequence number (video only).
     cache: Vec<Option<(u16, Vec<u8>)>>,
     pub downs: Vec<DownTrack>,
+    /// Relay sessions (downstream nodes) this track's ciphertext is copied to.
+    pub trunks: Vec<SessionId>,
 }
 
 /// What one subscriber receives of one track.
@@ -133,6 +159,9 @@ impl DownTrack {
 struct Srtp {
     rx: srtp::Context,
     tx: srtp::Context,
+    /// The receive master key, kept for a cascade handover (never logged: its Debug
+    /// is redacted).
+    rx_key: MasterKey,
 }
 
 struct Session {
@@ -158,7 +187,24 @@ pub struct Engine {
     sessions: HashMap<SessionId, Session>,
     tracks: HashMap<TrackId, UpTrack>,
     by_addr: HashMap<SocketAddr, SessionId>,
+    /// Cascade peers: (address, SSRC) → session, for addresses many sessions share.
+    by_relay: HashMap<(SocketAddr, u32), SessionId>,
+    /// The received ciphertext, kept while a packet with trunk copies is decrypted.
+    scratch: Vec<u8>,
     next_report: Instant,
+}
+
+/// Queues `bytes` unchanged (a trunk copy: still SRTP, still authenticated end to end).
+fn send_raw(to: SocketAddr, bytes: &[u8], c: &Counters, tx: &mut dyn Transmit) {
+    let sent = tx.transmit(to, &mut |out| {
+        out.get_mut(..bytes.len())?.copy_from_slice(bytes);
+        Some(bytes.len())
+    });
+    if sent {
+        bump(&c.relay_out);
+    } else {
+        c.count(Drop::SendFailed);
+    }
 }
 
 /// Protects `plain` (an RTCP compound we built) for one peer and queues it.
@@ -206,6 +252,8 @@ impl Engine {
             sessions: HashMap::new(),
             tracks: HashMap::new(),
             by_addr: HashMap::new(),
+            by_relay: HashMap::new(),
+            scratch: Vec::new(),
             next_report: now + REPORT_INTERVAL,
         }
     }
@@ -258,6 +306,7 @@ impl Engine {
                 s.srtp = Some(Srtp {
                     rx: srtp::Context::new(&rx),
                     tx: srtp::Context::new(&tx_key),
+                    rx_key: rx,
                 });
                 if s.role == Role::Subscriber {
                     // A new viewer needs a keyframe now, not at the next periodic one.
@@ -304,6 +353,7 @@ impl Engine {
                         last_keyframe_request: None,
                         cache,
                         downs: vec![],
+                        trunks: vec![],
                     },
                 );
             }
@@ -347,7 +397,15 @@ impl Engine {
                         self.by_addr.remove(a);
                     }
                 }
+                self.by_relay.retain(|_, v| *v != id);
                 match s.role {
+                    Role::Relay => {
+                        for t in &s.tracks {
+                            if let Some(t) = self.tracks.get_mut(t) {
+                                t.trunks.retain(|r| *r != id);
+                            }
+                        }
+                    }
                     Role::Subscriber => {
                         for t in &s.tracks {
                             if let Some(t) = self.tracks.get_mut(t) {
@@ -361,8 +419,8 @@ impl Engine {
                             let Some(t) = self.tracks.remove(tid) else {
                                 continue;
                             };
-                            for d in t.downs {
-                                if let Some(sub) = self.sessions.get_mut(&d.sub) {
+                            for sub in t.downs.iter().map(|d| d.sub).chain(t.trunks) {
+                                if let Some(sub) = self.sessions.get_mut(&sub) {
                                     sub.tracks.retain(|x| x != tid);
                                 }
                             }
@@ -370,7 +428,54 @@ impl Engine {
                     }
                 }
             }
+            Command::BindRelay { id, addr, ssrcs } => {
+                let Some(s) = self.sessions.get_mut(&id) else {
+                    return;
+                };
+                if !s.addrs.contains(&addr) {
+                    s.addrs.push(addr);
+                }
+                s.nominated = Some(addr);
+                for ssrc in ssrcs {
+                    self.by_relay.insert((addr, ssrc), id);
+                }
+            }
+            Command::AddTrunk { track, relay } => {
+                let (Some(t), Some(s)) =
+                    (self.tracks.get_mut(&track), self.sessions.get_mut(&relay))
+                else {
+                    return;
+                };
+                if !t.trunks.contains(&relay) {
+                    t.trunks.push(relay);
+                    s.tracks.push(track);
+                }
+                // The new branch's viewers need a keyframe to start decoding.
+                if t.kind == Kind::Video {
+                    self.request_keyframe(track, now, tx);
+                }
+            }
+            Command::ResumeRx { id, streams } => {
+                if let Some(srtp) = self.sessions.get_mut(&id).and_then(|s| s.srtp.as_mut()) {
+                    for (ssrc, highest) in streams {
+                        srtp.rx.resume_rtp(ssrc, highest);
+                    }
+                }
+            }
         }
+    }
+
+    /// The cascade handover of a publisher session: its receive master key and, per
+    /// SSRC, the highest packet index authenticated so far.
+    pub fn relay_handover(&self, id: SessionId) -> Option<(MasterKey, Vec<(u32, u64)>)> {
+        let s = self.sessions.get(&id)?;
+        let srtp = s.srtp.as_ref()?;
+        Some((srtp.rx_key.clone(), srtp.rx.rtp_highest()))
+    }
+
+    /// Whether session `id` has keys (its DTLS finished).
+    pub fn connected(&self, id: SessionId) -> bool {
+        self.sessions.get(&id).is_some_and(|s| s.srtp.is_some())
     }
 
     /// One SRTP or SRTCP datagram from `from`, decrypted in place in `pkt`.
@@ -381,10 +486,20 @@ impl Engine {
         now: Instant,
         tx: &mut dyn Transmit,
     ) {
-        let Some(&id) = self.by_addr.get(&from) else {
+        let is_rtcp = pkt.len() >= 2 && rtp::classify(pkt[0], pkt[1]) == rtp::Class::Rtcp;
+        // A cascade peer's datagrams name their session by SSRC (cleartext in SRTP and
+        // SRTCP alike: RTP bytes 8..12, the RTCP sender at 4..8).
+        let relay = if self.by_relay.is_empty() {
+            None
+        } else {
+            let at = if is_rtcp { 4 } else { 8 };
+            pkt.get(at..at + 4)
+                .map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")))
+                .and_then(|ssrc| self.by_relay.get(&(from, ssrc)).copied())
+        };
+        let Some(id) = relay.or_else(|| self.by_addr.get(&from).copied()) else {
             return self.counters.count(Drop::UnknownPeer);
         };
-        let is_rtcp = pkt.len() >= 2 && rtp::classify(pkt[0], pkt[1]) == rtp::Class::Rtcp;
         if is_rtcp {
             self.on_rtcp(id, pkt, now, tx)
         } else {
@@ -404,6 +519,15 @@ impl Engine {
         let Some(srtp) = s.srtp.as_mut() else {
             return c.count(Drop::NotConnected);
         };
+        // Trunk copies are the ciphertext: kept before the in-place decryption.
+        let relayed = s
+            .tracks
+            .iter()
+            .any(|t| self.tracks.get(t).is_some_and(|t| !t.trunks.is_empty()));
+        if relayed {
+            self.scratch.clear();
+            self.scratch.extend_from_slice(pkt);
+        }
         let n = match srtp.rx.unprotect_rtp(pkt) {
             Ok(n) => n,
             Err(e) => return c.count(Drop::from_srtp(e)),
@@ -471,6 +595,11 @@ impl Engine {
                 c.count(Drop::SendFailed);
             }
         }
+        for r in &t.trunks {
+            if let Some(to) = sessions.get(r).and_then(|s| s.media_addr()) {
+                send_raw(to, &self.scratch, c, tx);
+            }
+        }
     }
 
     fn on_rtcp(&mut self, id: SessionId, pkt: &mut [u8], now: Instant, tx: &mut dyn Transmit) {
@@ -482,6 +611,22 @@ impl Engine {
         let Some(srtp) = s.srtp.as_mut() else {
             return c.count(Drop::NotConnected);
         };
+        // A publisher's reports go down the cascade as they are (its sender reports
+        // carry lip sync to every node): the relays of any of its tracks.
+        let mut relays: Vec<SessionId> = Vec::new();
+        if s.role == Role::Publisher {
+            for t in s.tracks.iter().filter_map(|t| self.tracks.get(t)) {
+                for r in &t.trunks {
+                    if !relays.contains(r) {
+                        relays.push(*r);
+                    }
+                }
+            }
+        }
+        if !relays.is_empty() {
+            self.scratch.clear();
+            self.scratch.extend_from_slice(pkt);
+        }
         let n = match srtp.rx.unprotect_rtcp(pkt) {
             Ok(n) => n,
             Err(e) => return c.count(Drop::from_srtp(e)),
@@ -492,6 +637,11 @@ impl Engine {
         };
         bump(&c.rtcp_in);
         let role = s.role;
+        for r in &relays {
+            if let Some(to) = self.sessions.get(r).and_then(|s| s.media_addr()) {
+                send_raw(to, &self.scratch, &c, tx);
+            }
+        }
         for r in requests {
             match (role, r) {
                 (Role::Publisher, Request::SenderReport { ssrc, ntp, rtp }) => {
@@ -514,9 +664,47 @@ impl Engine {
                 (Role::Subscriber, Request::Nack { media_ssrc, seqs }) => {
                     self.on_nack(id, media_ssrc, &seqs, tx)
                 }
+                // A relay names the publisher's own SSRCs (trunks keep them).
+                (Role::Relay, Request::KeyFrame { media_ssrc }) => {
+                    if let Some(tid) = self.relayed_track(id, media_ssrc) {
+                        self.request_keyframe(tid, now, tx);
+                    }
+                }
+                (Role::Relay, Request::Nack { media_ssrc, seqs }) => {
+                    // What the relay lost on the trunk: the publisher resends it and the
+                    // resend goes down the trunk like any packet.
+                    if let Some(tid) = self.relayed_track(id, media_ssrc) {
+                        self.nack_publisher(tid, &seqs, 0, tx);
+                    }
+                }
                 _ => {}
             }
         }
+    }
+
+    /// The track of relay session `relay` whose source SSRC is `ssrc`.
+    fn relayed_track(&self, relay: SessionId, ssrc: u32) -> Option<TrackId> {
+        let s = self.sessions.get(&relay)?;
+        s.tracks
+            .iter()
+            .copied()
+            .find(|t| self.tracks.get(t).is_some_and(|t| t.ssrc == Some(ssrc)))
+    }
+
+    /// Asks the publisher of `track` for `seqs` (as the subscriber numbered them,
+    /// `delta` ahead of the source).
+    fn nack_publisher(&mut self, track: TrackId, seqs: &[u16], delta: u16, tx: &mut dyn Transmit) {
+        let Some(t) = self.tracks.get(&track) else {
+            return;
+        };
+        let Some(p) = self.sessions.get_mut(&t.session) else {
+            return;
+        };
+        let (Some(to), Some(ssrc), Some(srtp)) = (p.media_addr(), t.ssrc, p.srtp.as_mut()) else {
+            return;
+        };
+        let nack = rtcp::translated_nack(p.rtcp_ssrc, ssrc, seqs, delta);
+        send_rtcp(&mut srtp.tx, to, &nack, &self.counters, tx);
     }
 
     /// The subscriber's down-track that sends `ssrc_out`: (track, index in its downs).
@@ -591,14 +779,7 @@ impl Engine {
             return;
         }
         let delta = d.route.seq_delta;
-        let Some(p) = self.sessions.get_mut(&t.session) else {
-            return;
-        };
-        let (Some(to), Some(ssrc), Some(srtp)) = (p.media_addr(), t.ssrc, p.srtp.as_mut()) else {
-            return;
-        };
-        let nack = rtcp::translated_nack(p.rtcp_ssrc, ssrc, &missing, delta);
-        send_rtcp(&mut srtp.tx, to, &nack, c, tx);
+        self.nack_publisher(tid, &missing, delta, tx);
     }
 
     /// When [`Engine::handle_timeout`] wants to run next.
@@ -1223,6 +1404,141 @@ mod tests {
             f.drops(Drop::UnknownPeer),
             1,
             "the gone publisher's address is unbound"
+        );
+    }
+
+    /// Node A copies the publisher's SRTP down a trunk unchanged (no crypto per copy);
+    /// node B, given the handover (key and highest index, past a rollover), decrypts
+    /// and fans it out; a forged or replayed trunk packet is dropped and counted at B;
+    /// B's keyframe request goes up the trunk with the trunk key and reaches the
+    /// publisher at A.
+    #[test]
+    fn a_trunk_carries_ciphertext_and_the_relay_node_authenticates_and_fans_out() {
+        let (b_addr, a_addr) = (addr(500), addr(900));
+        let trunk = key(Profile::AeadAes128Gcm, 0x77);
+        let mut a = Fixture::new();
+        let mut publisher = a.publisher(Profile::AeadAes128Gcm, Kind::Video, 96, Some(0xaaaa));
+        // Past a rollover before the relay starts: the handover must carry ROC 1.
+        for seq in [65_535u16, 0] {
+            a.send(&mut publisher, &rtp_packet(96, seq, 1, 0xaaaa, b"before"));
+        }
+        let (pub_key, streams) = a.engine.relay_handover(1).expect("keyed");
+        assert_eq!(streams, vec![(0xaaaa, 1 << 16)]);
+        a.add(50, Role::Relay);
+        a.cmd(Command::BindRelay {
+            id: 50,
+            addr: b_addr,
+            ssrcs: vec![0x7777],
+        });
+        a.cmd(Command::SetKeys {
+            id: 50,
+            rx: trunk.clone(),
+            tx: trunk.clone(),
+        });
+        a.sink.out.clear();
+        a.cmd(Command::AddTrunk {
+            track: 10,
+            relay: 50,
+        });
+        assert_eq!(a.sink.out.len(), 1, "a new branch asks for a keyframe");
+        assert_eq!(a.sink.out[0].0, publisher.addr);
+        a.sink.out.clear();
+        let sent: Vec<Vec<u8>> = [1u16, 2, 3]
+            .iter()
+            .map(|&seq| a.send(&mut publisher, &rtp_packet(96, seq, 2, 0xaaaa, b"media")))
+            .collect();
+        let copies: Vec<_> = a.sink.out.drain(..).collect();
+        assert_eq!(copies.len(), 3);
+        for (c, w) in copies.iter().zip(&sent) {
+            assert_eq!(c.0, b_addr);
+            assert_eq!(
+                &c.1, w,
+                "the trunk copy is the publisher's packet, byte for byte"
+            );
+        }
+        assert_eq!(a.engine.counters.relay_out.load(Ordering::Relaxed), 3);
+
+        let mut b = Fixture::new();
+        b.cmd(Command::AddSession {
+            id: 1,
+            role: Role::Publisher,
+            rtcp_ssrc: 0x7777,
+        });
+        b.cmd(Command::AddTrack {
+            id: 10,
+            session: 1,
+            kind: Kind::Video,
+            pt: 96,
+            clock_rate: 90_000,
+            ssrc: Some(0xaaaa),
+        });
+        b.cmd(Command::BindRelay {
+            id: 1,
+            addr: a_addr,
+            ssrcs: vec![0xaaaa],
+        });
+        b.cmd(Command::SetKeys {
+            id: 1,
+            rx: pub_key,
+            tx: trunk.clone(),
+        });
+        b.cmd(Command::ResumeRx { id: 1, streams });
+        let down = Command::AddDownTrack {
+            track: 10,
+            sub: 100,
+            ssrc_out: 0xbbbb,
+            pt_out: 100,
+            seq_delta: 10,
+            ts_delta: 0,
+        };
+        let mut viewer = b.viewer(100, 10, Profile::AesCm128HmacSha1_80, down);
+        // The viewer's keyframe request goes up the trunk, to A's media address.
+        let pli: Vec<_> = b.sink.out.drain(..).collect();
+        assert_eq!(pli.len(), 1);
+        assert_eq!(pli[0].0, a_addr);
+        for (_, w) in &copies {
+            b.deliver(a_addr, w);
+        }
+        let got: Vec<u16> = b
+            .sink
+            .out
+            .drain(..)
+            .map(|(to, w)| {
+                assert_eq!(to, viewer.addr);
+                let plain = unprotect(&mut viewer, &w);
+                assert_eq!(&plain[12..], b"media");
+                u16::from_be_bytes([plain[2], plain[3]])
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![11, 12, 13],
+            "decrypted at B with ROC 1, rewritten for the viewer"
+        );
+        // A packet not seen yet, one payload bit flipped on the trunk.
+        let mut forged = Fixture::protect(&mut publisher, &rtp_packet(96, 4, 2, 0xaaaa, b"media"));
+        forged[14] ^= 1;
+        b.deliver(a_addr, &forged);
+        b.deliver(a_addr, &copies[1].1);
+        assert!(
+            b.sink.out.is_empty(),
+            "forged and replayed trunk packets are not forwarded"
+        );
+        assert_eq!(b.drops(Drop::SrtpAuth), 1);
+        assert_eq!(b.drops(Drop::SrtpReplay), 1);
+        // At A, past the throttle: B's PLI (trunk key, sender 0x7777) reaches the publisher.
+        a.now += KEYFRAME_INTERVAL;
+        a.deliver(b_addr, &pli[0].1);
+        let out: Vec<_> = a.sink.out.drain(..).collect();
+        assert_eq!(out.len(), 1, "one keyframe request to the publisher");
+        assert_eq!(out[0].0, publisher.addr);
+        let plain = unprotect(&mut publisher, &out[0].1);
+        assert!(
+            rtcp::parse(&plain)
+                .unwrap()
+                .iter()
+                .any(|r| matches!(r, Request::KeyFrame { media_ssrc: 0xaaaa })),
+            "a PLI for the publisher's own SSRC"
         );
     }
 }

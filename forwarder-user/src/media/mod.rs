@@ -17,7 +17,7 @@ use std::{
     },
 };
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
     Audio,
@@ -147,6 +147,8 @@ pub struct Counters {
     pub stun_answered: AtomicU64,
     pub rtp_in: AtomicU64,
     pub rtp_out: AtomicU64,
+    /// Trunk copies to downstream nodes (ciphertext as received).
+    pub relay_out: AtomicU64,
     pub rtcp_in: AtomicU64,
     pub rtcp_out: AtomicU64,
     pub nack_resent: AtomicU64,

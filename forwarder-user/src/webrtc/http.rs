@@ -43,6 +43,7 @@ pub fn router(api: Arc<Api>, with_admin: bool) -> Router {
         .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .route("/whip/{room}", post(whip).options(options))
         .route("/whep/{room}", post(whep).options(options))
+        .route("/node/v1/rooms/{room}/relay", post(relay))
         .route(
             "/whip/{room}/{id}",
             axum::routing::delete(leave_whip)
@@ -212,6 +213,9 @@ fn api_error(e: ApiError) -> Response {
         ApiError::UnknownRoom(_) | ApiError::UnknownSession => StatusCode::NOT_FOUND,
         ApiError::UnsupportedCodec(_) => StatusCode::NOT_ACCEPTABLE,
         ApiError::TooManyFromSource(_) => StatusCode::TOO_MANY_REQUESTS,
+        ApiError::Cascade(code, _) => {
+            StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
+        }
         ApiError::ServerFull(_) | ApiError::RoomFull(..) => StatusCode::SERVICE_UNAVAILABLE,
     };
     let retry = matches!(
@@ -315,7 +319,59 @@ async fn whep(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if let Err(r) = check_room(&room).and_then(|_| check_auth(&api, &headers)) {
+        return r;
+    }
+    // A room served by an upstream node: its tracks first, then the answer.
+    if let Err(e) = api.sfu.ensure_upstream(&room, vec![]).await {
+        return api_error(e);
+    }
     join(&api, peer.ip(), &room, &headers, &body, Role::Subscriber)
+}
+
+/// The node API: a downstream node asks for a room's publishers (cluster secret).
+async fn relay(
+    State(api): State<Arc<Api>>,
+    Path(room): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = check_room(&room) {
+        return r;
+    }
+    let Some(cascade) = api.sfu.cascade.get() else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "this node has no [webrtc.cascade] section: it takes no relay requests",
+        );
+    };
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !cascade.authorized(bearer) {
+        return text(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong cluster secret: every node of a cascade needs the same \
+             [webrtc.cascade] secret_file, sent as Authorization: Bearer <secret>",
+        );
+    }
+    let req: crate::webrtc::cascade::RelayRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "the relay request is not JSON {{\"node\": NAME, \"media\": \"IP:PORT\", \"via\": [..]}}: {e}"
+                ),
+            );
+        }
+    };
+    match api.sfu.relay_request(&room, req).await {
+        Ok(reply) => axum::Json(reply).into_response(),
+        Err(e) => api_error(e),
+    }
 }
 
 /// WHIP (publish) or WHEP (subscribe): checks, offer, answer.
@@ -337,6 +393,7 @@ fn join(
     let (joined, kind) = match role {
         Role::Publisher => (api.sfu.publish(room, source, &offer), "whip"),
         Role::Subscriber => (api.sfu.subscribe(room, source, &offer), "whep"),
+        Role::Relay => unreachable!("relays are made by the node API, not WHIP/WHEP"),
     };
     match joined {
         Ok((id, answer)) => {

@@ -1,6 +1,7 @@
 //! WebRTC control plane: WHIP/WHEP signaling, ICE-lite, DTLS-SRTP, RTCP, and a
 //! userspace relay that re-encrypts per subscriber.
 
+pub mod cascade;
 pub mod dtls;
 pub mod http;
 pub mod ice;
@@ -43,6 +44,9 @@ pub struct WebrtcConfig {
     /// interface and AF_XDP works there, else the socket; "socket": always the socket.
     #[serde(default)]
     pub datapath: MediaPath,
+    /// Rooms across nodes: this node's name, the cluster secret, which upstream
+    /// serves which room.
+    pub cascade: Option<cascade::CascadeConfig>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -159,6 +163,7 @@ impl WebrtcConfig {
             admin: None,
             limits: Limits::default(),
             datapath: MediaPath::Auto,
+            cascade: None,
         }
     }
 
@@ -194,6 +199,9 @@ impl WebrtcConfig {
             bail!(
                 "[webrtc] consent_timeout = 0 would drop every session at once; give seconds ≥ 1"
             );
+        }
+        if let Some(c) = &self.cascade {
+            c.check()?;
         }
         if self.token.as_deref() == Some("") {
             bail!(
@@ -300,6 +308,15 @@ pub async fn start(
         cfg.limits.clone(),
         fast,
     )?;
+    if let Some(c) = &cfg.cascade {
+        let c = cascade::Cascade::new(c)?;
+        log::info!(
+            "WebRTC cascade: node {}, node API on http://{}/node/v1/rooms/",
+            c.node,
+            cfg.http
+        );
+        let _ = sfu.cascade.set(c);
+    }
     let workers = sfu.start_workers()?;
     let _ = scrape.sfu.set(sfu.clone());
     log::info!("WebRTC media path: {} ({})", sfu.path.path, sfu.path.detail);
@@ -320,6 +337,7 @@ pub async fn start(
                 loop {
                     every.tick().await;
                     sfu.tick();
+                    sfu.cascade_tick().await;
                 }
             })
         };

@@ -52,7 +52,7 @@ impl std::error::Error for OfferError {}
 pub use crate::media::Kind;
 
 /// One payload type of an m-line.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Codec {
     pub pt: u8,
     pub name: String,

@@ -90,6 +90,8 @@ pub struct Session {
     rtcp_ssrc: u32,
     pub tracks: Vec<Track>,
     pub downtracks: Vec<Subscription>,
+    /// A publisher of an upstream node, relayed here over a cascade trunk.
+    pub relay: Option<super::cascade::RelayIn>,
 }
 
 #[derive(Default)]
@@ -105,11 +107,13 @@ pub struct State {
     by_ufrag: HashMap<String, Arc<str>>,
     by_addr: HashMap<SocketAddr, Arc<str>>,
     pub rooms: BTreeMap<String, Room>,
+    /// Trunk copies this node gives downstream nodes, by (node, publisher session).
+    pub relays_out: HashMap<(String, String), super::cascade::RelayOut>,
 }
 
 impl State {
     /// Registers a new session under its ufrag and in its room; returns its id.
-    fn insert(&mut self, s: Session) -> String {
+    pub(super) fn insert(&mut self, s: Session) -> String {
         let id = s.id.clone();
         self.by_ufrag
             .insert(s.ice_ufrag.clone(), id.as_str().into());
@@ -117,6 +121,7 @@ impl State {
         match s.role {
             Role::Publisher => room.publishers.push(id.clone()),
             Role::Subscriber => room.subscribers.push(id.clone()),
+            Role::Relay => unreachable!("relays to other nodes are relays_out, not sessions"),
         }
         self.sessions.insert(id.clone(), s);
         id
@@ -200,6 +205,8 @@ pub enum ApiError {
     ServerFull(usize),
     /// (room, the cap).
     RoomFull(String, usize),
+    /// A cascade request refused or failed: (HTTP status, what to fix).
+    Cascade(u16, String),
     /// (the cap) sessions from the requesting address.
     TooManyFromSource(usize),
 }
@@ -229,6 +236,7 @@ impl std::fmt::Display for ApiError {
                 f,
                 "your address already has {n} sessions ([webrtc.limits] max_sessions_per_source); DELETE some first"
             ),
+            ApiError::Cascade(_, m) => write!(f, "{m}"),
         }
     }
 }
@@ -250,6 +258,8 @@ pub struct Sfu {
     pub path: PathInfo,
     /// Tells the AF_XDP workers to end.
     stopping: std::sync::atomic::AtomicBool,
+    /// `[webrtc.cascade]`, once set at start.
+    pub cascade: std::sync::OnceLock<super::cascade::Cascade>,
 }
 
 fn random_string(n: usize) -> String {
@@ -323,11 +333,12 @@ impl Sfu {
             fast,
             path,
             stopping: Default::default(),
+            cascade: Default::default(),
         }))
     }
 
     /// Runs `f` on the engine with the current data path as its transmit.
-    fn with_engine<R>(&self, f: impl FnOnce(&mut Engine, &mut dyn Transmit) -> R) -> R {
+    pub(super) fn with_engine<R>(&self, f: impl FnOnce(&mut Engine, &mut dyn Transmit) -> R) -> R {
         let mut m = self.media.lock().unwrap();
         let Media { engine, io } = &mut *m;
         match io {
@@ -394,11 +405,11 @@ impl Sfu {
         }
     }
 
-    fn command(&self, cmd: Command) {
+    pub(super) fn command(&self, cmd: Command) {
         self.with_engine(|e, tx| e.apply(cmd, Instant::now(), tx));
     }
 
-    fn media_id(&self) -> u32 {
+    pub(super) fn media_id(&self) -> u32 {
         self.next_media_id.fetch_add(1, Ordering::Relaxed)
     }
 
@@ -433,22 +444,87 @@ impl Sfu {
     }
 
     /// Ends a session in the signaling state and in the engine.
-    fn remove(&self, st: &mut State, id: &str) -> Option<Session> {
+    pub(super) fn remove(&self, st: &mut State, id: &str) -> Option<Session> {
         let s = st.remove(id)?;
         self.command(Command::RemoveSession { id: s.media });
-        if let Some(f) = &self.fast {
-            let mut peers = f.peers.lock().unwrap();
-            for a in &s.addrs {
-                peers.unbind(f.listen, *a);
-            }
+        for a in &s.addrs {
+            self.unbind_fast_unless_used(st, *a);
         }
         Some(s)
+    }
+
+    /// Ends XDP's steering of `addr` unless another session or relay still uses it
+    /// (a cascade peer's one address carries many).
+    pub(super) fn unbind_fast_unless_used(&self, st: &State, addr: SocketAddr) {
+        let Some(f) = &self.fast else { return };
+        let used = st.sessions.values().any(|s| s.addrs.contains(&addr))
+            || st.relays_out.values().any(|r| r.addr == addr);
+        if !used {
+            f.peers.lock().unwrap().unbind(f.listen, addr);
+        }
+    }
+
+    /// A publisher session for a publisher of an upstream node: no ICE, no DTLS (its
+    /// keys come over the node API), connected from the start.
+    pub(super) fn relay_session(&self, room: &str, rtcp_ssrc: u32, profile: Profile) -> Session {
+        Session {
+            id: random_string(16),
+            media: self.media_id(),
+            room: room.to_string(),
+            role: Role::Publisher,
+            http_source: std::net::IpAddr::from([0, 0, 0, 0]),
+            ice_ufrag: random_string(8),
+            ice_pwd: random_string(24),
+            remote_ufrag: String::new(),
+            remote_fingerprint: (String::new(), vec![]),
+            created: Instant::now(),
+            last_consent: None,
+            addrs: vec![],
+            nominated: None,
+            dtls_peer: Arc::new(Mutex::new(SocketAddr::from(([0, 0, 0, 0], 0)))),
+            dtls_in: None,
+            profile: Some(profile),
+            hello: None,
+            rtcp_ssrc,
+            tracks: vec![],
+            downtracks: vec![],
+            relay: None,
+        }
+    }
+
+    /// Gives the engine a relayed publisher: its tracks, bound by their SSRCs at the
+    /// upstream's address, decrypted with the publisher's key from where the upstream
+    /// left off, RTCP back with the trunk key.
+    pub(super) fn register_relay_in(
+        self: &Arc<Self>,
+        s: &Session,
+        upstream: SocketAddr,
+        rx: MasterKey,
+        trunk: MasterKey,
+        streams: Vec<(u32, u64)>,
+    ) {
+        self.register(s);
+        self.command(Command::BindRelay {
+            id: s.media,
+            addr: upstream,
+            ssrcs: s.tracks.iter().filter_map(|t| t.ssrc).collect(),
+        });
+        self.command(Command::SetKeys {
+            id: s.media,
+            rx,
+            tx: trunk,
+        });
+        self.command(Command::ResumeRx {
+            id: s.media,
+            streams,
+        });
+        self.bind_fast(s.media, upstream);
     }
 
     /// ICE bound `addr` to session `media`: XDP steers its SRTP to the workers from
     /// now on, and the workers learn its next hop's MAC (off this thread: it may take
     /// a neighbour resolution).
-    fn bind_fast(self: &Arc<Self>, media: SessionId, addr: SocketAddr) {
+    pub(super) fn bind_fast(self: &Arc<Self>, media: SessionId, addr: SocketAddr) {
         let Some(f) = &self.fast else { return };
         if let Err(e) = f.peers.lock().unwrap().bind(f.listen, addr, media) {
             log::warn!("{e:#}; its media stays on the socket path");
@@ -499,6 +575,7 @@ impl Sfu {
             rtcp_ssrc: nonzero_u32(),
             tracks: vec![],
             downtracks: vec![],
+            relay: None,
         }
     }
 
@@ -937,6 +1014,8 @@ impl Sfu {
         let expired: Vec<(String, &str, &str)> = st
             .sessions
             .values()
+            // Relayed publishers have no ICE: the cascade round keeps or ends them.
+            .filter(|s| s.relay.is_none())
             .filter_map(|s| match s.last_consent {
                 // Never connected: a short window, not the whole consent timeout.
                 None if now - s.created > ice_timeout => Some((
@@ -975,6 +1054,7 @@ impl Sfu {
             ("stun_answered", &c.stun_answered),
             ("rtp_in", &c.rtp_in),
             ("rtp_out", &c.rtp_out),
+            ("relay_out", &c.relay_out),
             ("rtcp_in", &c.rtcp_in),
             ("rtcp_out", &c.rtcp_out),
             ("nack_resent", &c.nack_resent),
@@ -1008,15 +1088,45 @@ impl Sfu {
         {
             let st = self.state.lock().unwrap();
             for s in st.sessions.values() {
-                let role = match s.role {
-                    Role::Publisher => "publisher",
-                    Role::Subscriber => "subscriber",
+                let role = match (s.role, s.relay.is_some()) {
+                    (Role::Publisher, true) => "relayed_publisher",
+                    (Role::Publisher, false) => "publisher",
+                    (Role::Subscriber, _) => "subscriber",
+                    (Role::Relay, _) => "relay",
                 };
                 sessions
                     .with_label_values(&[role, if s.profile.is_some() { "true" } else { "false" }])
                     .inc();
             }
         }
+        let relays = IntGaugeVec::new(
+            Opts::new(
+                "edgefwd_webrtc_relays_out",
+                "Publishers this node relays to downstream nodes, by node",
+            ),
+            &["node"],
+        )?;
+        let upstream = IntGaugeVec::new(
+            Opts::new(
+                "edgefwd_webrtc_upstream_up",
+                "Whether every room this node relays from the upstream node answered its last request (1) or not (0)",
+            ),
+            &["node"],
+        )?;
+        if let Some(c) = self.cascade.get() {
+            for r in self.state.lock().unwrap().relays_out.values() {
+                relays.with_label_values(&[r.node.as_str()]).inc();
+            }
+            let mut up: BTreeMap<String, bool> = BTreeMap::new();
+            for s in c.status.lock().unwrap().values() {
+                *up.entry(s.node.clone()).or_insert(true) &= s.up;
+            }
+            for (node, ok) in up {
+                upstream.with_label_values(&[node.as_str()]).set(ok as i64);
+            }
+        }
+        registry.register(Box::new(relays))?;
+        registry.register(Box::new(upstream))?;
         let conns = prometheus::IntGauge::new(
             "edgefwd_webrtc_dtls_connections",
             "DTLS connections whose tasks are alive (past the ClientHello)",
@@ -1074,6 +1184,7 @@ impl Sfu {
 
     /// A JSON view of the state model (the `/api/sessions` body).
     pub fn snapshot(&self) -> serde_json::Value {
+        let cascade = self.cascade_snapshot();
         let st = self.state.lock().unwrap();
         let media = self.media.lock().unwrap();
         let engine = &media.engine;
@@ -1088,6 +1199,7 @@ impl Sfu {
                     serde_json::json!({
                         "id": s.id,
                         "role": s.role,
+                        "upstream": s.relay.as_ref().map(|r| &r.node),
                         "connected": s.profile.is_some(),
                         "srtp_profile": s.profile.map(|p| p.name()),
                         "client_hello_datagrams": s.hello.as_ref().map(|h| h.0),
@@ -1132,12 +1244,14 @@ impl Sfu {
             .collect();
         serde_json::json!({
             "media_path": self.path,
+            "cascade": cascade,
             "xsk": xsk,
             "rooms": rooms,
             "counters": {
                 "stun_answered": c.stun_answered.load(Ordering::Relaxed),
                 "rtp_in": c.rtp_in.load(Ordering::Relaxed),
                 "rtp_out": c.rtp_out.load(Ordering::Relaxed),
+                "relay_out": c.relay_out.load(Ordering::Relaxed),
                 "rtcp_in": c.rtcp_in.load(Ordering::Relaxed),
                 "rtcp_out": c.rtcp_out.load(Ordering::Relaxed),
                 "nack_resent": c.nack_resent.load(Ordering::Relaxed),
@@ -1582,6 +1696,7 @@ mod tests {
         let (session, answer) = match role {
             Role::Publisher => sfu.publish(room, LOCAL, &offer).unwrap(),
             Role::Subscriber => sfu.subscribe(room, LOCAL, &offer).unwrap(),
+            Role::Relay => panic!("relays are not WHIP/WHEP peers"),
         };
         let sock = pass_ice(sfu, &answer, &offer).await;
         let key = |b: u8| ([b; 16], [b ^ 0x55; 12]);

@@ -1,0 +1,683 @@
+//! WebRTC rooms across nodes: a subscriber on node B (or C, further down) watches a
+//! room whose publisher is on node A.
+//!
+//! The downstream node asks its upstream for the room over the node API
+//! (`POST /node/v1/rooms/{room}/relay`, cluster secret as Bearer) and refreshes that
+//! about once a second while it has demand (its own subscribers, or relays of its
+//! own further down). The upstream answers with, per publisher: its tracks, its SRTP
+//! receive master key and each stream's highest authenticated index (the handover:
+//! the downstream decrypts and authenticates every packet itself), and a trunk key
+//! for the RTCP the downstream sends back. It then copies the publisher's SRTP and
+//! SRTCP, as they arrived and once they authenticated, to the downstream's media
+//! address: no crypto per trunk copy. A request that is not refreshed lapses and the
+//! trunk copies stop; a publisher gone upstream disappears downstream at the next
+//! refresh.
+//!
+//! At the downstream, each upstream publisher is a publisher session of the room
+//! (role publisher, `upstream` set), so WHEP subscribers get its tracks like any
+//! other's; keyframe requests and NACKs its engine sends that publisher go up the
+//! trunk with the trunk key and reach the real publisher (the engine at each hop
+//! answers NACKs from its own cache first). Receiver reports end at each hop.
+//!
+//! Loop-free: each request carries the chain of nodes below (`via`); a node that
+//! finds itself there refuses (409, naming the cycle). Which upstream serves a room
+//! is a [`Directory`] (from config today; a cluster directory later).
+//!
+//! The keys travel in the body of an HTTP request authenticated with the cluster
+//! secret: never in a URL, a log line or a metric label. Plain HTTP does not hide
+//! them from the wire: run the node API on a private network (or TLS in front).
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, bail};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use super::sdp::Codec;
+use super::sfu::{ApiError, Role, Sfu};
+use crate::client::{Outcome, call};
+use crate::media::{
+    Kind,
+    engine::{Command, SessionId},
+    srtp::{MasterKey, Profile},
+};
+
+/// `[webrtc.cascade]`: this node in a WebRTC cascade.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CascadeConfig {
+    /// This node's name (what its upstream sees in `via` and in its relays).
+    pub node: String,
+    /// The cluster secret, the same on every node. Prefer `secret_file`.
+    pub secret: Option<String>,
+    pub secret_file: Option<PathBuf>,
+    /// Seconds a downstream's request lasts without a refresh (default 5).
+    #[serde(default = "default_lapse")]
+    pub lapse: u64,
+    /// Which upstream node serves which room.
+    #[serde(default)]
+    pub upstream: Vec<UpstreamConfig>,
+}
+
+fn default_lapse() -> u64 {
+    5
+}
+
+/// `[[webrtc.cascade.upstream]]`: a room (or `"*"`, every room) comes from a node.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub room: String,
+    pub node: String,
+    /// The upstream's `[webrtc] http` address (its node API is served there).
+    pub http: SocketAddr,
+}
+
+impl CascadeConfig {
+    pub fn check(&self) -> Result<()> {
+        if self.node.is_empty() {
+            bail!("[webrtc.cascade] node = \"\": give this node a name (e.g. \"edge-1\")");
+        }
+        crate::cluster::read_secret(&self.secret, &self.secret_file, "[webrtc.cascade]")?;
+        for u in &self.upstream {
+            if u.node == self.node {
+                bail!(
+                    "[[webrtc.cascade.upstream]] room {:?}: the upstream is this node ({}) itself",
+                    u.room,
+                    u.node
+                );
+            }
+        }
+        if self.lapse == 0 {
+            bail!("[webrtc.cascade] lapse = 0 would end every relay at once; give seconds ≥ 1");
+        }
+        Ok(())
+    }
+}
+
+/// Where a room's media comes from when this node has no publisher of it.
+pub trait Directory: Send + Sync {
+    fn upstream(&self, room: &str) -> Option<UpstreamConfig>;
+}
+
+/// The config's `[[webrtc.cascade.upstream]]` list: the room's own entry, else `"*"`.
+pub struct StaticDirectory(pub Vec<UpstreamConfig>);
+
+impl Directory for StaticDirectory {
+    fn upstream(&self, room: &str) -> Option<UpstreamConfig> {
+        let find = |r: &str| self.0.iter().find(|u| u.room == r).cloned();
+        find(room).or_else(|| find("*"))
+    }
+}
+
+/// The request a downstream node sends.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayRequest {
+    pub node: String,
+    /// Where trunk copies go: the downstream's media address.
+    pub media: SocketAddr,
+    /// The nodes below the requester, nearest first (loop detection).
+    #[serde(default)]
+    pub via: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct RelayReply {
+    pub node: String,
+    /// Where trunk copies come from: the upstream's media address.
+    pub media: SocketAddr,
+    pub publishers: Vec<RelayPublisher>,
+}
+
+/// One publisher as the downstream needs it. No Debug: it holds keys.
+#[derive(Serialize, Deserialize)]
+pub struct RelayPublisher {
+    /// The origin's session id: the same at every hop.
+    pub id: String,
+    /// The sender SSRC the downstream's RTCP for this publisher must carry.
+    pub rtcp_ssrc: u32,
+    /// The SRTP profile (its DTLS-SRTP id).
+    pub profile: u16,
+    pub key: Vec<u8>,
+    pub salt: Vec<u8>,
+    pub trunk_key: Vec<u8>,
+    pub trunk_salt: Vec<u8>,
+    /// Per SSRC, the highest packet index the upstream authenticated.
+    pub streams: Vec<(u32, u64)>,
+    pub tracks: Vec<RelayTrack>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct RelayTrack {
+    pub kind: Kind,
+    pub mid: String,
+    pub track_id: String,
+    pub ssrc: u32,
+    pub codec: Codec,
+}
+
+/// A publisher session that is an upstream's publisher, relayed here.
+pub struct RelayIn {
+    pub node: String,
+    pub http: SocketAddr,
+    /// The origin's session id.
+    pub upstream_id: String,
+    /// The chain below us when the relay was asked for.
+    pub via: Vec<String>,
+}
+
+/// Trunk copies of one publisher to one downstream node.
+pub struct RelayOut {
+    pub room: String,
+    pub node: String,
+    pub publisher: String,
+    pub media: SessionId,
+    pub addr: SocketAddr,
+    pub peer_rtcp_ssrc: u32,
+    pub trunk_key: MasterKey,
+    pub expires: Instant,
+}
+
+/// How a room's upstream answered last.
+#[derive(Debug, Clone, Serialize)]
+pub struct UpstreamStatus {
+    pub node: String,
+    pub http: SocketAddr,
+    pub up: bool,
+    pub message: String,
+    #[serde(skip)]
+    pub last_ok: Option<Instant>,
+    pub publishers: usize,
+}
+
+pub struct Cascade {
+    pub node: String,
+    secret: String,
+    directory: Box<dyn Directory>,
+    pub lapse: Duration,
+    pub status: Mutex<BTreeMap<String, UpstreamStatus>>,
+}
+
+impl Cascade {
+    pub fn new(cfg: &CascadeConfig) -> Result<Cascade> {
+        cfg.check()?;
+        Ok(Cascade {
+            node: cfg.node.clone(),
+            secret: crate::cluster::read_secret(&cfg.secret, &cfg.secret_file, "[webrtc.cascade]")?,
+            directory: Box::new(StaticDirectory(cfg.upstream.clone())),
+            lapse: Duration::from_secs(cfg.lapse),
+            status: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// Whether `bearer` is the cluster secret (constant time).
+    pub fn authorized(&self, bearer: &str) -> bool {
+        aws_lc_rs::constant_time::verify_slices_are_equal(bearer.as_bytes(), self.secret.as_bytes())
+            .is_ok()
+    }
+}
+
+fn refused(status: u16, msg: impl Into<String>) -> ApiError {
+    ApiError::Cascade(status, msg.into())
+}
+
+fn random_key(profile: Profile) -> MasterKey {
+    let mut key = vec![0u8; profile.master_key_len()];
+    let mut salt = vec![0u8; profile.master_salt_len()];
+    rand::thread_rng().fill(&mut key[..]);
+    rand::thread_rng().fill(&mut salt[..]);
+    MasterKey::new(profile, &key, &salt).expect("lengths of the profile")
+}
+
+impl Sfu {
+    fn cascade_or_404(&self) -> Result<&Cascade, ApiError> {
+        self.cascade.get().ok_or_else(|| {
+            refused(
+                404,
+                "this node has no [webrtc.cascade] section: it neither relays rooms nor takes relay requests",
+            )
+        })
+    }
+
+    /// Our media address as peers reach it.
+    fn media_addr(&self) -> SocketAddr {
+        self.candidates[0]
+    }
+
+    /// The node API's relay request: trunk copies of `room`'s publishers to the
+    /// requesting node (made or refreshed), and what it needs to receive them.
+    pub async fn relay_request(
+        self: &Arc<Self>,
+        room: &str,
+        req: RelayRequest,
+    ) -> Result<RelayReply, ApiError> {
+        let cascade = self.cascade_or_404()?;
+        if req.node == cascade.node || req.via.contains(&cascade.node) {
+            let mut chain = vec![cascade.node.clone()];
+            chain.extend(req.via.iter().rev().cloned());
+            chain.push(req.node.clone());
+            chain.push(cascade.node.clone());
+            return Err(refused(
+                409,
+                format!(
+                    "relaying room {room:?} would close a cycle: {}; fix the [[webrtc.cascade.upstream]] entries",
+                    chain.join(" -> ")
+                ),
+            ));
+        }
+        let mut via = req.via.clone();
+        via.push(req.node.clone());
+        self.ensure_upstream(room, via).await?;
+        let now = Instant::now();
+        let mut st = self.state.lock().unwrap();
+        let publishers: Vec<String> = st
+            .rooms
+            .get(room)
+            .map(|r| r.publishers.clone())
+            .unwrap_or_default();
+        if publishers.is_empty() {
+            return Err(ApiError::UnknownRoom(room.to_string()));
+        }
+        let mut out = Vec::new();
+        for pid in publishers {
+            let s = &st.sessions[&pid];
+            let Some(profile) = s.profile else {
+                continue; // not connected yet: next refresh
+            };
+            let origin_id = s
+                .relay
+                .as_ref()
+                .map_or(pid.clone(), |r| r.upstream_id.clone());
+            let (handover, ssrcs) = self.with_engine(|e, _| {
+                let ssrcs: Option<Vec<u32>> = s
+                    .tracks
+                    .iter()
+                    .map(|t| e.track(t.media).and_then(|m| m.ssrc).or(t.ssrc))
+                    .collect();
+                (e.relay_handover(s.media), ssrcs)
+            });
+            let (Some((key, streams)), Some(ssrcs)) = (handover, ssrcs) else {
+                continue; // no media yet: its SSRCs are not known
+            };
+            let tracks: Vec<RelayTrack> = s
+                .tracks
+                .iter()
+                .zip(&ssrcs)
+                .map(|(t, ssrc)| RelayTrack {
+                    kind: t.kind,
+                    mid: t.mid.clone(),
+                    track_id: t.track_id.clone(),
+                    ssrc: *ssrc,
+                    codec: t.codec.clone(),
+                })
+                .collect();
+            let track_ids: Vec<_> = s.tracks.iter().map(|t| t.media).collect();
+            let k = (req.node.clone(), pid.clone());
+            let fresh = match st.relays_out.get_mut(&k) {
+                Some(r) if r.addr == req.media => {
+                    r.expires = now + cascade.lapse;
+                    None
+                }
+                _ => Some(()),
+            };
+            if fresh.is_some() {
+                if let Some(old) = st.relays_out.remove(&k) {
+                    self.end_relay_out(&st, old);
+                }
+                let r = RelayOut {
+                    room: room.to_string(),
+                    node: req.node.clone(),
+                    publisher: pid.clone(),
+                    media: self.media_id(),
+                    addr: req.media,
+                    peer_rtcp_ssrc: rand::thread_rng().gen_range(1..=u32::MAX),
+                    trunk_key: random_key(profile),
+                    expires: now + cascade.lapse,
+                };
+                self.command(Command::AddSession {
+                    id: r.media,
+                    role: Role::Relay,
+                    rtcp_ssrc: rand::thread_rng().gen_range(1..=u32::MAX),
+                });
+                self.command(Command::BindRelay {
+                    id: r.media,
+                    addr: r.addr,
+                    ssrcs: vec![r.peer_rtcp_ssrc],
+                });
+                self.command(Command::SetKeys {
+                    id: r.media,
+                    rx: r.trunk_key.clone(),
+                    tx: r.trunk_key.clone(),
+                });
+                for t in &track_ids {
+                    self.command(Command::AddTrunk {
+                        track: *t,
+                        relay: r.media,
+                    });
+                }
+                self.bind_fast(r.media, r.addr);
+                tracing::info!(
+                    event = "relay_started",
+                    room,
+                    node = %req.node,
+                    publisher = %pid,
+                    "room {room}: relaying publisher {pid} to node {} at {}",
+                    req.node,
+                    r.addr
+                );
+                st.relays_out.insert(k.clone(), r);
+            }
+            let r = &st.relays_out[&k];
+            out.push(RelayPublisher {
+                id: origin_id,
+                rtcp_ssrc: r.peer_rtcp_ssrc,
+                profile: profile.dtls_id(),
+                key: key.key().to_vec(),
+                salt: key.salt().to_vec(),
+                trunk_key: r.trunk_key.key().to_vec(),
+                trunk_salt: r.trunk_key.salt().to_vec(),
+                streams,
+                tracks,
+            });
+        }
+        Ok(RelayReply {
+            node: cascade.node.clone(),
+            media: self.media_addr(),
+            publishers: out,
+        })
+    }
+
+    /// Stops one relay's trunk copies (engine and fast-path binding).
+    fn end_relay_out(&self, st: &super::sfu::State, r: RelayOut) {
+        self.command(Command::RemoveSession { id: r.media });
+        self.unbind_fast_unless_used(st, r.addr);
+        tracing::info!(
+            event = "relay_ended",
+            room = %r.room,
+            node = %r.node,
+            "room {}: relay of publisher {} to node {} ended",
+            r.room,
+            r.publisher,
+            r.node
+        );
+    }
+
+    /// When `room` has no publisher here and the directory names an upstream for
+    /// it: asks the upstream now, so a WHEP subscriber (or a relay request from
+    /// further down) finds the room's tracks.
+    pub async fn ensure_upstream(
+        self: &Arc<Self>,
+        room: &str,
+        via: Vec<String>,
+    ) -> Result<(), ApiError> {
+        let Some(cascade) = self.cascade.get() else {
+            return Ok(());
+        };
+        let has = {
+            let st = self.state.lock().unwrap();
+            st.rooms.get(room).is_some_and(|r| !r.publishers.is_empty())
+        };
+        if has {
+            return Ok(());
+        }
+        let Some(up) = cascade.directory.upstream(room) else {
+            return Ok(());
+        };
+        self.fetch_upstream(room, &up, via).await
+    }
+
+    async fn fetch_upstream(
+        self: &Arc<Self>,
+        room: &str,
+        up: &UpstreamConfig,
+        via: Vec<String>,
+    ) -> Result<(), ApiError> {
+        let cascade = self.cascade.get().expect("checked by the callers");
+        let req = RelayRequest {
+            node: cascade.node.clone(),
+            media: self.media_addr(),
+            via: via.clone(),
+        };
+        let body = serde_json::to_vec(&req).expect("serializes");
+        let path = format!("/node/v1/rooms/{room}/relay");
+        let out = call(
+            up.http,
+            Some(&cascade.secret),
+            hyper::Method::POST,
+            &path,
+            body,
+        )
+        .await;
+        let result = match out {
+            Outcome::Ok(b) => serde_json::from_slice::<RelayReply>(&b).map_err(|e| {
+                format!("the answer is not a relay reply ({e}): is {} an edgefwd [webrtc] http address?", up.http)
+            }),
+            Outcome::Refused(m) => Err(format!("refused: {}", m.trim())),
+            Outcome::Unreachable(m) => Err(format!("unreachable: {m}")),
+        };
+        let mut status = cascade.status.lock().unwrap();
+        let entry = status.entry(room.to_string()).or_insert(UpstreamStatus {
+            node: up.node.clone(),
+            http: up.http,
+            up: false,
+            message: String::new(),
+            last_ok: None,
+            publishers: 0,
+        });
+        match result {
+            Ok(reply) => {
+                entry.up = true;
+                entry.message = "ok".into();
+                entry.last_ok = Some(Instant::now());
+                entry.publishers = reply.publishers.len();
+                drop(status);
+                self.apply_relay_reply(room, up, via, reply);
+                Ok(())
+            }
+            Err(m) => {
+                let msg = format!("upstream {} at {} for room {room}: {m}", up.node, up.http);
+                if entry.up || entry.message != msg {
+                    log::warn!("{msg}");
+                }
+                entry.up = false;
+                entry.message = msg.clone();
+                Err(refused(503, msg))
+            }
+        }
+    }
+
+    /// Makes the room's relayed publishers from `up` those of the reply.
+    fn apply_relay_reply(
+        self: &Arc<Self>,
+        room: &str,
+        up: &UpstreamConfig,
+        via: Vec<String>,
+        reply: RelayReply,
+    ) {
+        let mut st = self.state.lock().unwrap();
+        let existing: Vec<(String, String)> = st
+            .rooms
+            .get(room)
+            .map(|r| r.publishers.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|id| {
+                let r = st.sessions[&id].relay.as_ref()?;
+                (r.node == up.node).then(|| (id.clone(), r.upstream_id.clone()))
+            })
+            .collect();
+        for (id, upstream_id) in &existing {
+            if !reply.publishers.iter().any(|p| &p.id == upstream_id) {
+                tracing::info!(event = "left", session = %id, room, "relayed publisher {upstream_id} left upstream {}", up.node);
+                self.remove(&mut st, id);
+            }
+        }
+        for p in reply.publishers {
+            if existing.iter().any(|(_, u)| *u == p.id) {
+                continue;
+            }
+            let keys = Profile::from_dtls(p.profile).and_then(|profile| {
+                Some((
+                    profile,
+                    MasterKey::new(profile, &p.key, &p.salt).ok()?,
+                    MasterKey::new(profile, &p.trunk_key, &p.trunk_salt).ok()?,
+                ))
+            });
+            let Some((profile, rx, trunk)) = keys else {
+                log::warn!(
+                    "upstream {} sent publisher {} of room {room} with an unknown SRTP profile or bad key lengths; skipped",
+                    up.node,
+                    p.id
+                );
+                continue;
+            };
+            let mut s = self.relay_session(room, p.rtcp_ssrc, profile);
+            s.relay = Some(RelayIn {
+                node: up.node.clone(),
+                http: up.http,
+                upstream_id: p.id.clone(),
+                via: via.clone(),
+            });
+            s.addrs = vec![reply.media];
+            s.nominated = Some(reply.media);
+            for t in &p.tracks {
+                s.tracks.push(super::sfu::Track {
+                    kind: t.kind,
+                    mid: t.mid.clone(),
+                    codec: t.codec.clone(),
+                    ssrc: Some(t.ssrc),
+                    track_id: t.track_id.clone(),
+                    media: self.media_id(),
+                });
+            }
+            self.register_relay_in(&s, reply.media, rx, trunk, p.streams);
+            tracing::info!(event = "joined", session = %s.id, room, upstream = %up.node, "relayed publisher {} from upstream {} joined room {room} as session {}", p.id, up.node, s.id);
+            st.insert(s);
+        }
+    }
+
+    /// The cascade's once-a-second round: refreshes the relays this node takes while
+    /// it has demand for them (ends them when it has none), ends the relays it gives
+    /// whose requests lapsed.
+    pub async fn cascade_tick(self: &Arc<Self>) {
+        let Some(_) = self.cascade.get() else {
+            return;
+        };
+        let now = Instant::now();
+        let mut refresh: Vec<(String, UpstreamConfig, Vec<String>)> = Vec::new();
+        {
+            let mut st = self.state.lock().unwrap();
+            let lapsed: Vec<_> = st
+                .relays_out
+                .iter()
+                .filter(|(_, r)| r.expires <= now || !st.sessions.contains_key(&r.publisher))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in lapsed {
+                if let Some(r) = st.relays_out.remove(&k) {
+                    self.end_relay_out(&st, r);
+                }
+            }
+            let rooms: Vec<String> = st.rooms.keys().cloned().collect();
+            for room in rooms {
+                let r = &st.rooms[&room];
+                let relayed: Vec<String> = r
+                    .publishers
+                    .iter()
+                    .filter(|id| st.sessions[*id].relay.is_some())
+                    .cloned()
+                    .collect();
+                if relayed.is_empty() {
+                    continue;
+                }
+                let demand =
+                    !r.subscribers.is_empty() || st.relays_out.values().any(|o| o.room == room);
+                if !demand {
+                    for id in relayed {
+                        tracing::info!(event = "left", session = %id, room = %room, "room {room}: no subscriber here any more; relayed publisher session {id} ended");
+                        self.remove(&mut st, &id);
+                    }
+                    continue;
+                }
+                let ri = st.sessions[&relayed[0]].relay.as_ref().expect("relayed");
+                refresh.push((
+                    room.clone(),
+                    UpstreamConfig {
+                        room: room.clone(),
+                        node: ri.node.clone(),
+                        http: ri.http,
+                    },
+                    ri.via.clone(),
+                ));
+            }
+        }
+        for (room, up, via) in refresh {
+            // A failure is recorded in the status and logged once per change.
+            let _ = self.fetch_upstream(&room, &up, via).await;
+        }
+    }
+
+    /// For `/api/sessions`: the relays this node gives, and its upstreams by room.
+    pub fn cascade_snapshot(&self) -> serde_json::Value {
+        let Some(c) = self.cascade.get() else {
+            return serde_json::Value::Null;
+        };
+        let st = self.state.lock().unwrap();
+        let now = Instant::now();
+        let relays: Vec<_> = st
+            .relays_out
+            .values()
+            .map(|r| {
+                serde_json::json!({
+                    "room": r.room, "node": r.node, "publisher": r.publisher,
+                    "to": r.addr.to_string(),
+                    "expires_in_ms": r.expires.saturating_duration_since(now).as_millis() as u64,
+                })
+            })
+            .collect();
+        let upstreams: serde_json::Map<String, serde_json::Value> = c
+            .status
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(room, s)| {
+                let mut v = serde_json::to_value(s).expect("serializes");
+                v["last_ok_ms_ago"] = s
+                    .last_ok
+                    .map(|t| serde_json::json!(now.duration_since(t).as_millis() as u64))
+                    .unwrap_or(serde_json::Value::Null);
+                (room.clone(), v)
+            })
+            .collect();
+        serde_json::json!({"node": c.node, "relays_out": relays, "upstreams": upstreams})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rooms_own_entry_wins_over_the_wildcard() {
+        let u = |room: &str, node: &str| UpstreamConfig {
+            room: room.into(),
+            node: node.into(),
+            http: "127.0.0.1:1".parse().unwrap(),
+        };
+        let d = StaticDirectory(vec![u("*", "any"), u("live", "origin")]);
+        assert_eq!(d.upstream("live").unwrap().node, "origin");
+        assert_eq!(d.upstream("other").unwrap().node, "any");
+        assert!(
+            StaticDirectory(vec![u("live", "o")])
+                .upstream("x")
+                .is_none()
+        );
+    }
+}
