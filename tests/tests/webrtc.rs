@@ -55,7 +55,10 @@ impl Sfu {
 
 impl Drop for Sfu {
     fn drop(&mut self) {
-        self.child.stop();
+        // A test may have killed it already (id 0 then).
+        if self.child.id() != 0 {
+            self.child.stop();
+        }
     }
 }
 
@@ -1451,6 +1454,253 @@ fn forged_replayed_and_truncated_srtp_in_a_live_session_are_dropped_by_reason() 
         after["counters"]["rtp_in"].as_u64() > before["counters"]["rtp_in"].as_u64(),
         "{after}"
     );
+    let _ = publisher.kill();
+    let _ = publisher.wait();
+}
+
+/// Sends a whole IPv4 datagram (our own header, any source) to its destination on
+/// this host: loopback does not take frames injected on AF_PACKET, a raw IP socket
+/// it does.
+fn send_raw_ipv4(datagram: &[u8]) {
+    let dst = u32::from_ne_bytes(datagram[16..20].try_into().unwrap());
+    // SAFETY: plain socket calls on values we own; the fd is closed before return.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW);
+        assert!(
+            fd >= 0,
+            "raw IP socket: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut to: libc::sockaddr_in = std::mem::zeroed();
+        to.sin_family = libc::AF_INET as u16;
+        to.sin_addr.s_addr = dst;
+        let n = libc::sendto(
+            fd,
+            datagram.as_ptr() as *const libc::c_void,
+            datagram.len(),
+            0,
+            &to as *const _ as *const libc::sockaddr,
+            std::mem::size_of_val(&to) as u32,
+        );
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        assert_eq!(n, datagram.len() as isize, "raw send: {err}");
+    }
+}
+
+const CLUSTER_SECRET: &str = "test-cluster-secret-0123456789";
+
+/// A node of a WebRTC cascade on loopback: `[webrtc.cascade]` named `node`, its room
+/// upstream at `upstream` (name, WebRTC http address), if any.
+fn start_cascade_node(node: &str, upstream: Option<(&str, std::net::SocketAddr)>) -> Sfu {
+    let mut extra =
+        format!("[webrtc.cascade]\nnode = \"{node}\"\nsecret = \"{CLUSTER_SECRET}\"\nlapse = 3\n");
+    if let Some((up, http)) = upstream {
+        extra += &format!(
+            "[[webrtc.cascade.upstream]]\nroom = \"*\"\nnode = \"{up}\"\nhttp = \"{http}\"\n"
+        );
+    }
+    start_sfu(None, &extra)
+}
+
+fn http_addr(s: &Sfu) -> std::net::SocketAddr {
+    s.child.ready_addr("webrtc-http")
+}
+
+/// Polls `f` every 200 ms until it holds, for at most `secs`.
+fn wait_until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} within {secs} s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A WebRTC room across three nodes: Chromium publishes via WHIP on node A, a second
+/// Chromium watches via WHEP on node C, which gets the room from B, which gets it from
+/// A (each node its own `edgefwd run`). Frames decode at C; the trunks carry the
+/// publisher's SRTP unchanged, B and C authenticate it with the handed-over keys, and
+/// a forged packet injected on the A→B trunk is dropped and counted at B. The node
+/// API refuses a request without the cluster secret and one that would close a cycle.
+/// When the viewer leaves, demand lapses back up the chain and A stops sending; when
+/// A disappears, B reports its upstream down on its API and metrics.
+#[test]
+fn a_webrtc_room_spans_three_nodes_publish_on_a_watch_on_c_through_b() {
+    edgefwd_tests::require_root();
+    let _k = kernel_lock();
+    let mut a = start_cascade_node("a", None);
+    let b = start_cascade_node("b", Some(("a", http_addr(&a))));
+    let c = start_cascade_node("c", Some(("b", http_addr(&b))));
+    let room = unique("cascade");
+    let mut publisher = chromium_publisher(None, &a.base, &room, 40);
+    wait_for_publisher(&a.base, &room);
+
+    // The node API: no secret, no relay; a request from below naming A is a cycle.
+    let relay_url = format!("{}/node/v1/rooms/{room}/relay", a.base);
+    let body = r#"{"node": "x", "media": "127.0.0.1:9", "via": ["a"]}"#;
+    let status = |r: Result<ureq::http::Response<ureq::Body>, ureq::Error>| match r {
+        Ok(r) => r.status().as_u16(),
+        Err(ureq::Error::StatusCode(s)) => s,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(status(ureq::post(&relay_url).send(body)), 401);
+    let cyc = ureq::post(&relay_url)
+        .header("Authorization", &format!("Bearer {CLUSTER_SECRET}"))
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .send(body)
+        .unwrap();
+    assert_eq!(cyc.status().as_u16(), 409);
+    let msg = cyc.into_body().read_to_string().unwrap();
+    assert!(msg.contains("a -> ") && msg.contains("cycle"), "{msg}");
+
+    // Watch on C in the background; meanwhile the trunk A→B is there to tamper with.
+    let watch = node(
+        None,
+        &[
+            "--base", &c.base, "--room", &room, "--codec", "VP8", "--role", "watch", "--hold", "4",
+        ],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    wait_until(30, "B relays A's publisher", || {
+        get_json(&b.base, "/api/sessions")["rooms"][&room]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|x| x["upstream"] == "a"))
+    });
+    let (a_media, b_media) = (
+        a.child.ready_addr("webrtc-media"),
+        b.child.ready_addr("webrtc-media"),
+    );
+    let frame = std::thread::spawn(move || {
+        let raw = RawSock::open("lo");
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no trunk SRTP from {a_media} to {b_media} seen on lo"
+            );
+            let Some(f) = raw.recv() else { continue };
+            if f.len() < 14 + 20 + 8 + 12 || f[12..14] != [8, 0] || f[23] != 17 {
+                continue;
+            }
+            let (sport, dport) = (
+                u16::from_be_bytes([f[34], f[35]]),
+                u16::from_be_bytes([f[36], f[37]]),
+            );
+            let (b0, b1) = (f[42], f[43] & 0x7f);
+            if sport == a_media.port()
+                && dport == b_media.port()
+                && (0x80..0xc0).contains(&b0)
+                && !(64..96).contains(&b1)
+            {
+                return f;
+            }
+        }
+    })
+    .join()
+    .unwrap();
+    let before = get_json(&b.base, "/api/sessions");
+    let mut forged = frame.clone();
+    let seq = u16::from_be_bytes([forged[44], forged[45]]).wrapping_add(3000);
+    forged[44..46].copy_from_slice(&seq.to_be_bytes());
+    forged[40..42].fill(0);
+    send_raw_ipv4(&forged[14..]);
+    std::thread::sleep(Duration::from_millis(500));
+    let after = get_json(&b.base, "/api/sessions");
+    let drops = |s: &Value, r: &str| s["counters"]["drops"][r].as_u64().unwrap();
+    assert_eq!(
+        drops(&after, "srtp_auth"),
+        drops(&before, "srtp_auth") + 1,
+        "the forged trunk packet is counted at B: {after}"
+    );
+
+    let out = watch.wait_with_output().unwrap();
+    let r = parse_result("watch on C", &out);
+    println!("C's subscriber: {}", r["subscriber"]["inbound"]);
+    assert_subscriber_ok(&r, Some("VP8"));
+    let sa = get_json(&a.base, "/api/sessions");
+    assert!(
+        sa["cascade"]["relays_out"].as_array().is_some_and(|r| r
+            .iter()
+            .any(|x| x["node"] == "b" && x["room"] == room.as_str())),
+        "A relays to B: {}",
+        sa["cascade"]
+    );
+    assert!(
+        sa["counters"]["relay_out"].as_u64().unwrap() > 100,
+        "A's trunk copies: {}",
+        sa["counters"]
+    );
+    let sb = get_json(&b.base, "/api/sessions");
+    assert!(
+        sb["counters"]["relay_out"].as_u64().unwrap() > 100,
+        "B's trunk copies to C: {}",
+        sb["counters"]
+    );
+    assert_eq!(
+        sb["cascade"]["upstreams"][&room]["up"], true,
+        "{}",
+        sb["cascade"]
+    );
+
+    // The viewer left (DELETE): C ends its relayed publisher, B's relay to C lapses,
+    // then B has no demand either and A stops sending.
+    wait_until(
+        20,
+        "A's relays of the room end after the viewer left",
+        || {
+            let s = get_json(&a.base, "/api/sessions");
+            s["cascade"]["relays_out"]
+                .as_array()
+                .is_some_and(|r| r.iter().all(|x| x["room"] != room.as_str()))
+        },
+    );
+    let sent = counter(&a.base, "relay_out");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        counter(&a.base, "relay_out"),
+        sent,
+        "A sends no trunk copy without demand"
+    );
+
+    // A disappears while B still wants the room: a new viewer at B makes B ask again.
+    let mut again = node(
+        None,
+        &[
+            "--base", &b.base, "--room", &room, "--codec", "VP8", "--role", "watch", "--hold", "6",
+        ],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    wait_until(30, "B relays A's publisher again", || {
+        get_json(&b.base, "/api/sessions")["cascade"]["upstreams"][&room]["up"] == true
+            && counter(&b.base, "rtp_out") > 0
+    });
+    a.child.kill9();
+    wait_until(10, "B reports its upstream down", || {
+        get_json(&b.base, "/api/sessions")["cascade"]["upstreams"][&room]["up"] == false
+    });
+    let metrics = ureq::get(&format!("{}/metrics", b.base))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(
+        metrics.contains("edgefwd_webrtc_upstream_up{node=\"a\"} 0"),
+        "{metrics}"
+    );
+    let _ = again.kill();
+    let _ = again.wait();
     let _ = publisher.kill();
     let _ = publisher.wait();
 }

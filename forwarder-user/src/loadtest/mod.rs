@@ -335,9 +335,21 @@ impl Client {
 
     /// DELETE through the same gate as the joins: the SFU caps HTTP connections per
     /// source, and a whole run leaving at once would exceed it.
+    /// The server frees a connection's slot only once it sees the close, so a burst of
+    /// DELETEs on fresh connections can still meet the per-source cap (503, Retry-After):
+    /// retried a few times, as a well-behaved client would.
     async fn leave(&self, gate: &Semaphore, resource: &str) -> Result<(), String> {
         let _permit = gate.acquire().await.expect("the gate is never closed");
-        peer::leave(&self.target, resource).await
+        let mut attempt = 0;
+        loop {
+            match peer::leave(&self.target, resource).await {
+                Err(e) if e.contains(": 503:") && attempt < 5 => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+                }
+                r => return r,
+            }
+        }
     }
 
     /// Leaves (DELETE) and closes DTLS; what the outcome keeps of the session.
