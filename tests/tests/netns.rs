@@ -721,6 +721,19 @@ fn check_config_accepts_the_example_and_says_what_to_fix() {
             "[[listener]]\naddr = \"nowhere\"\n".to_string(),
             "invalid socket address",
         ),
+        (
+            "[webrtc]\nhttp = \"127.0.0.1:8080\"\nmedia = \"127.0.0.1:50000\"\n\
+             [webrtc.cascade]\nnode = \"b\"\nsecret = \"short\"\n"
+                .to_string(),
+            "use at least 16",
+        ),
+        (
+            "[webrtc]\nhttp = \"127.0.0.1:8080\"\nmedia = \"127.0.0.1:50000\"\n\
+             [webrtc.cascade]\nnode = \"b\"\nsecret = \"0123456789abcdef\"\n\
+             [[webrtc.cascade.upstream]]\nroom = \"*\"\nnode = \"b\"\nhttp = \"127.0.0.1:1\"\n"
+                .to_string(),
+            "the upstream is this node",
+        ),
     ] {
         std::fs::write(&bad, body).unwrap();
         let out = std::process::Command::new(&bin)
