@@ -11,7 +11,7 @@ use std::{
 
 use edgefwd_tests::{
     Edgefwd, PinDir, RawSock, edgefwd_bin, kernel_lock,
-    netns::{FWD_A_V4, NetNs, Topology},
+    netns::{FWD_A_V4, NetNs, PUB_V4, Topology},
     spawn_edgefwd, unique,
 };
 use serde_json::Value;
@@ -64,10 +64,15 @@ impl Drop for Sfu {
 
 /// `edgefwd run --datapath user` with WebRTC on loopback, optionally inside `ns`.
 fn start_sfu(ns: Option<&NetNs>, extra_config: &str) -> Sfu {
+    start_sfu_at(ns, "127.0.0.1", extra_config)
+}
+
+/// `edgefwd run --datapath user` with WebRTC on `ip` (free ports), optionally in `ns`.
+fn start_sfu_at(ns: Option<&NetNs>, ip: &str, extra_config: &str) -> Sfu {
     let cfg = std::env::temp_dir().join(format!("{}.toml", unique("edgefwd-webrtc-")));
     std::fs::write(
         &cfg,
-        format!("[webrtc]\nhttp = \"127.0.0.1:0\"\nmedia = \"127.0.0.1:0\"\n{extra_config}"),
+        format!("[webrtc]\nhttp = \"{ip}:0\"\nmedia = \"{ip}:0\"\n{extra_config}"),
     )
     .unwrap();
     let bin = edgefwd_bin();
@@ -816,9 +821,12 @@ fn whip_whep_refuse_bad_requests_clearly() {
     assert_eq!(s, 400, "{m}");
     assert!(m.contains("room name"), "{m}");
     let offer = include_str!("../../forwarder-user/src/webrtc/testdata/chromium-offer.sdp");
-    let (s, m) = post("/whep/nobody", "application/sdp", auth, offer);
-    assert_eq!(s, 404, "{m}");
-    assert!(m.contains("POST /whip/nobody"), "{m}");
+    // A room no one publishes to yet: the viewer's m-lines wait (late tracks), each
+    // answered sendonly under the SSRC a later track will be sent with.
+    let viewer = offer.replace("a=sendonly", "a=recvonly");
+    let (s, m) = post("/whep/nobody", "application/sdp", auth, &viewer);
+    assert_eq!(s, 201, "{m}");
+    assert!(m.contains("a=sendonly") && m.contains("a=ssrc:"), "{m}");
     // An offer whose only video codec we don't carry, and no audio.
     let g722_only: String = offer
         .replace(
@@ -1129,11 +1137,15 @@ fn admin_listener_takes_state_and_metrics_off_the_public_one() {
 /// `edgefwd run` with XDP on the forwarder's veth (native mode) and WebRTC on its
 /// address, media path `datapath` ("auto": AF_XDP workers; "socket": forced fallback).
 fn start_xdp_sfu(t: &Topology, pin: &PinDir, datapath: &str) -> Sfu {
+    start_xdp_sfu_with(t, pin, datapath, "")
+}
+
+fn start_xdp_sfu_with(t: &Topology, pin: &PinDir, datapath: &str, extra: &str) -> Sfu {
     let cfg = std::env::temp_dir().join(format!("{}.toml", unique("edgefwd-xsk-")));
     std::fs::write(
         &cfg,
         format!(
-            "[webrtc]\nhttp = \"{FWD_A_V4}:0\"\nmedia = \"{FWD_A_V4}:0\"\nconsent_timeout = 8\n"
+            "[webrtc]\nhttp = \"{FWD_A_V4}:0\"\nmedia = \"{FWD_A_V4}:0\"\nconsent_timeout = 8\n{extra}"
         ),
     )
     .unwrap();
@@ -1701,6 +1713,121 @@ fn a_webrtc_room_spans_three_nodes_publish_on_a_watch_on_c_through_b() {
     );
     let _ = again.kill();
     let _ = again.wait();
+    let _ = publisher.kill();
+    let _ = publisher.wait();
+}
+
+/// Late tracks: a Chromium viewer joins a room before anyone publishes to it (its
+/// m-lines wait, answered under SSRCs announced at once), then a Chromium publisher
+/// joins; the viewer decodes the publisher's video and audio without renegotiating.
+#[test]
+fn a_viewer_that_joins_before_the_publisher_gets_its_media() {
+    let _k = kernel_lock();
+    let sfu = start_sfu(None, "");
+    let room = unique("late");
+    let watch = node(
+        None,
+        &[
+            "--base",
+            &sfu.base,
+            "--room",
+            &room,
+            "--codec",
+            "VP8",
+            "--role",
+            "watch",
+            "--timeout",
+            "40",
+        ],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    wait_until(30, "the viewer connects to the empty room", || {
+        get_json(&sfu.base, "/api/sessions")["rooms"][&room]
+            .as_array()
+            .is_some_and(|s| {
+                s.iter()
+                    .any(|x| x["role"] == "subscriber" && x["connected"] == true)
+            })
+    });
+    let s = get_json(&sfu.base, "/api/sessions");
+    assert!(
+        s["rooms"][&room]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|x| x["role"] == "subscriber"),
+        "nobody publishes yet: {s}"
+    );
+    let mut publisher = chromium_publisher(None, &sfu.base, &room, 30);
+    let r = parse_result("the early viewer", &watch.wait_with_output().unwrap());
+    println!("early viewer: {}", r["subscriber"]["inbound"]);
+    assert_subscriber_ok(&r, Some("VP8"));
+    let _ = publisher.kill();
+    let _ = publisher.wait();
+}
+
+/// The cascade with the origin on the AF_XDP path: node A runs XDP on its veth with
+/// the media through the workers, node B (socket path) in the other namespace relays
+/// A's room. A Chromium publishes on A, a Chromium watches on B: the trunk copies leave
+/// A's AF_XDP TX ring; B's RTCP (keyframe requests) reaches A's workers through XDP
+/// steering, B's address being bound as a cascade peer.
+#[test]
+fn a_webrtc_room_relayed_from_an_af_xdp_origin() {
+    edgefwd_tests::require_root();
+    let _k = kernel_lock();
+    let t = Topology::new();
+    let pin = PinDir::new();
+    let cascade = |node: &str| {
+        format!("[webrtc.cascade]\nnode = \"{node}\"\nsecret = \"{CLUSTER_SECRET}\"\nlapse = 3\n")
+    };
+    let a = start_xdp_sfu_with(&t, &pin, "auto", &cascade("a"));
+    let sa = ns_json(&t.forwarder, &a.base, "/api/sessions");
+    assert_eq!(sa["media_path"]["path"], "af_xdp", "{sa}");
+    let b = start_sfu_at(
+        Some(&t.publisher),
+        PUB_V4,
+        &format!(
+            "{}[[webrtc.cascade.upstream]]\nroom = \"*\"\nnode = \"a\"\nhttp = \"{}\"\n",
+            cascade("b"),
+            http_addr(&a)
+        ),
+    );
+    let room = unique("xskcascade");
+    let mut publisher = chromium_publisher(Some(&t.publisher), &a.base, &room, 30);
+    {
+        let (base, room) = (a.base.clone(), room.clone());
+        t.forwarder.run(move || wait_for_publisher(&base, &room));
+    }
+    let out = node(
+        Some(&t.publisher),
+        &[
+            "--base", &b.base, "--room", &room, "--codec", "VP8", "--role", "watch",
+        ],
+    )
+    .output()
+    .unwrap();
+    let r = parse_result("watch on B", &out);
+    println!("B's subscriber: {}", r["subscriber"]["inbound"]);
+    assert_subscriber_ok(&r, Some("VP8"));
+    let sa = ns_json(&t.forwarder, &a.base, "/api/sessions");
+    assert!(
+        sa["counters"]["relay_out"].as_u64().unwrap() > 100,
+        "{}",
+        sa["counters"]
+    );
+    let tx: u64 = sa["xsk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q["stats"]["tx"].as_u64().unwrap())
+        .sum();
+    assert!(
+        tx >= sa["counters"]["relay_out"].as_u64().unwrap(),
+        "trunk copies left through AF_XDP: {sa}"
+    );
     let _ = publisher.kill();
     let _ = publisher.wait();
 }

@@ -340,12 +340,13 @@ impl Client {
     /// retried a few times, as a well-behaved client would.
     async fn leave(&self, gate: &Semaphore, resource: &str) -> Result<(), String> {
         let _permit = gate.acquire().await.expect("the gate is never closed");
-        let mut attempt = 0;
+        // Up to the server's own idle-connection timeout (10 s by default), by when
+        // any connection still counted against us has been closed.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(12);
         loop {
             match peer::leave(&self.target, resource).await {
-                Err(e) if e.contains(": 503:") && attempt < 5 => {
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+                Err(e) if e.contains(": 503:") && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
                 }
                 r => return r,
             }

@@ -308,7 +308,23 @@ impl Engine {
                     tx: srtp::Context::new(&tx_key),
                     rx_key: rx,
                 });
-                if s.role == Role::Subscriber {
+                if s.role == Role::Publisher {
+                    // Viewers already waiting for its tracks (they joined first).
+                    let video: Vec<TrackId> = s
+                        .tracks
+                        .iter()
+                        .copied()
+                        .filter(|t| {
+                            self.tracks.get(t).is_some_and(|t| {
+                                t.kind == Kind::Video
+                                    && (!t.downs.is_empty() || !t.trunks.is_empty())
+                            })
+                        })
+                        .collect();
+                    for t in video {
+                        self.request_keyframe(t, now, tx);
+                    }
+                } else if s.role == Role::Subscriber {
                     // A new viewer needs a keyframe now, not at the next periodic one.
                     let video: Vec<TrackId> = s
                         .tracks
@@ -387,6 +403,11 @@ impl Engine {
                     last_ts_out: 0,
                     last_out_at: None,
                 });
+                // A track added to a viewer already connected (it joined first): a
+                // keyframe, or it waits for the next periodic one.
+                if s.srtp.is_some() && t.kind == Kind::Video {
+                    self.request_keyframe(track, now, tx);
+                }
             }
             Command::RemoveSession { id } => {
                 let Some(s) = self.sessions.remove(&id) else {

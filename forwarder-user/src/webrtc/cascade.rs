@@ -459,6 +459,15 @@ impl Sfu {
             Outcome::Ok(b) => serde_json::from_slice::<RelayReply>(&b).map_err(|e| {
                 format!("the answer is not a relay reply ({e}): is {} an edgefwd [webrtc] http address?", up.http)
             }),
+            // The room has no publisher upstream (yet): not a failure. Subscribers here
+            // wait on their m-lines; the next rounds ask again.
+            Outcome::Refused(m) if m.starts_with("404") && m.contains("has no publisher") => {
+                Ok(RelayReply {
+                    node: up.node.clone(),
+                    media: up.http,
+                    publishers: vec![],
+                })
+            }
             Outcome::Refused(m) => Err(format!("refused: {}", m.trim())),
             Outcome::Unreachable(m) => Err(format!("unreachable: {m}")),
         };
@@ -559,7 +568,8 @@ impl Sfu {
             }
             self.register_relay_in(&s, reply.media, rx, trunk, p.streams);
             tracing::info!(event = "joined", session = %s.id, room, upstream = %up.node, "relayed publisher {} from upstream {} joined room {room} as session {}", p.id, up.node, s.id);
-            st.insert(s);
+            let id = st.insert(s);
+            self.fill_slots(&mut st, &id);
         }
     }
 
@@ -595,6 +605,15 @@ impl Sfu {
                     .cloned()
                     .collect();
                 if relayed.is_empty() {
+                    // Viewers waiting for a room no one publishes to here: keep asking
+                    // its upstream, so they get it once someone publishes there.
+                    let waiting = r.publishers.is_empty() && !r.subscribers.is_empty();
+                    if let Some(up) = waiting
+                        .then(|| self.cascade.get().and_then(|c| c.directory.upstream(&room)))
+                        .flatten()
+                    {
+                        refresh.push((room.clone(), up, vec![]));
+                    }
                     continue;
                 }
                 let demand =

@@ -306,6 +306,16 @@ impl OfferMedia {
         self.codecs.iter().find(|c| c.supported(kind))
     }
 
+    /// The codec a receiving m-line with no track yet is answered with: its first one
+    /// we carry. A track published later fills it if its codec is compatible.
+    pub fn reserve_codec(&self) -> Option<&Codec> {
+        let kind = self.kind?;
+        if !matches!(self.direction, Direction::RecvOnly | Direction::SendRecv) {
+            return None;
+        }
+        self.codecs.iter().find(|c| c.supported(kind))
+    }
+
     /// The subscriber's payload type for a publisher's codec.
     pub fn subscribe_codec(&self, published: &Codec) -> Option<&Codec> {
         if !matches!(self.direction, Direction::RecvOnly | Direction::SendRecv) {

@@ -58,6 +58,17 @@ pub struct Subscription {
     pub kind: Kind,
     pub ssrc_out: u32,
     pub pt_out: u8,
+    /// The m-line's codec as answered (a slot back in `reserved` if the publisher goes).
+    pub codec: Codec,
+}
+
+/// A subscriber's m-line answered before any track could fill it (the subscriber
+/// joined before the publisher): a track published later with a compatible codec
+/// gets it, under the SSRC the answer already announced.
+pub struct Slot {
+    pub kind: Kind,
+    pub codec: Codec,
+    pub ssrc_out: u32,
 }
 
 pub struct Session {
@@ -92,6 +103,8 @@ pub struct Session {
     pub downtracks: Vec<Subscription>,
     /// A publisher of an upstream node, relayed here over a cascade trunk.
     pub relay: Option<super::cascade::RelayIn>,
+    /// Subscriber: m-lines waiting for a track.
+    pub reserved: Vec<Slot>,
 }
 
 #[derive(Default)]
@@ -142,10 +155,20 @@ impl State {
                 self.rooms.remove(&s.room);
             }
         }
-        // Subscribers keep their sessions but lose the m-lines of a gone publisher.
+        // Subscribers keep their sessions; the m-lines of a gone publisher wait for
+        // the next one.
         if s.role == Role::Publisher {
             for sub in self.sessions.values_mut() {
-                sub.downtracks.retain(|d| d.src_session != id);
+                let (gone, kept) = std::mem::take(&mut sub.downtracks)
+                    .into_iter()
+                    .partition(|d| d.src_session == id);
+                sub.downtracks = kept;
+                let gone: Vec<Subscription> = gone;
+                sub.reserved.extend(gone.into_iter().map(|d| Slot {
+                    kind: d.kind,
+                    codec: d.codec,
+                    ssrc_out: d.ssrc_out,
+                }));
             }
         }
         Some(s)
@@ -489,6 +512,7 @@ impl Sfu {
             tracks: vec![],
             downtracks: vec![],
             relay: None,
+            reserved: vec![],
         }
     }
 
@@ -576,6 +600,7 @@ impl Sfu {
             tracks: vec![],
             downtracks: vec![],
             relay: None,
+            reserved: vec![],
         }
     }
 
@@ -657,7 +682,9 @@ impl Sfu {
         // answer was built.
         self.admit(&st, room, source)?;
         self.register(&s);
-        Ok((st.insert(s), answer))
+        let id = st.insert(s);
+        self.fill_slots(&mut st, &id);
+        Ok((id, answer))
     }
 
     /// WHEP: a subscriber joins `room` and gets every published track its offer has an
@@ -670,12 +697,12 @@ impl Sfu {
     ) -> Result<(String, String), ApiError> {
         let mut st = self.state.lock().unwrap();
         self.admit(&st, room, source)?;
+        // No publisher yet is fine: the m-lines wait for one (late tracks).
         let publishers = st
             .rooms
             .get(room)
             .map(|r| r.publishers.clone())
-            .filter(|p| !p.is_empty())
-            .ok_or_else(|| ApiError::UnknownRoom(room.to_string()))?;
+            .unwrap_or_default();
         let mut s = self.new_session(room, Role::Subscriber, source, offer);
         // (publisher, track index) not yet given to an m-line.
         let mut available: Vec<(String, usize)> = publishers
@@ -709,8 +736,30 @@ impl Sfu {
                     )),
                 }
             }
+            let offered_kind = available
+                .iter()
+                .any(|(p, i)| st.sessions[p].tracks[*i].kind == kind);
             let Some((n, codec)) = chosen else {
-                media.push(AnswerMedia::Reject);
+                // Nothing of this kind published yet: keep the m-line for a later track,
+                // under an SSRC announced now. (A track of the kind with a codec the
+                // m-line cannot take is a refusal, above, not a wait.)
+                match m.reserve_codec().filter(|_| !offered_kind) {
+                    Some(codec) => {
+                        let ssrc_out = nonzero_u32();
+                        s.reserved.push(Slot {
+                            kind,
+                            codec: codec.clone(),
+                            ssrc_out,
+                        });
+                        media.push(AnswerMedia::Send {
+                            codec: codec.clone(),
+                            ssrc: ssrc_out,
+                            stream_id: format!("room-{room}"),
+                            track_id: format!("{}-pending-{}", kind.as_str(), random_string(6)),
+                        });
+                    }
+                    None => media.push(AnswerMedia::Reject),
+                }
                 continue;
             };
             let (p, i) = available.remove(n);
@@ -722,6 +771,7 @@ impl Sfu {
                 kind,
                 ssrc_out,
                 pt_out: codec.pt,
+                codec: codec.clone(),
             });
             media.push(AnswerMedia::Send {
                 codec,
@@ -730,7 +780,7 @@ impl Sfu {
                 track_id: t.track_id.clone(),
             });
         }
-        if s.downtracks.is_empty() {
+        if s.downtracks.is_empty() && s.reserved.is_empty() {
             return Err(if refusals.is_empty() {
                 ApiError::BadOffer(OfferError::NoUsableMedia)
             } else {
@@ -740,6 +790,57 @@ impl Sfu {
         let answer = self.answer(offer, &s, &media);
         self.register(&s);
         Ok((st.insert(s), answer))
+    }
+
+    /// A new publisher's tracks go to the room's subscribers' waiting m-lines (those
+    /// of the same kind with a compatible codec), as down-tracks under the SSRCs their
+    /// answers announced; the engine asks for a keyframe for a connected viewer.
+    pub(super) fn fill_slots(&self, st: &mut State, publisher: &str) {
+        let Some(p) = st.sessions.get(publisher) else {
+            return;
+        };
+        let tracks: Vec<(TrackId, Kind, Codec)> = p
+            .tracks
+            .iter()
+            .map(|t| (t.media, t.kind, t.codec.clone()))
+            .collect();
+        let subs = st
+            .rooms
+            .get(&p.room)
+            .map(|r| r.subscribers.clone())
+            .unwrap_or_default();
+        for sid in subs {
+            let Some(s) = st.sessions.get_mut(&sid) else {
+                continue;
+            };
+            for (tid, kind, codec) in &tracks {
+                let Some(i) = s
+                    .reserved
+                    .iter()
+                    .position(|r| r.kind == *kind && codec.compatible(&r.codec))
+                else {
+                    continue;
+                };
+                let slot = s.reserved.remove(i);
+                s.downtracks.push(Subscription {
+                    src_session: publisher.to_string(),
+                    track: *tid,
+                    kind: *kind,
+                    ssrc_out: slot.ssrc_out,
+                    pt_out: slot.codec.pt,
+                    codec: slot.codec.clone(),
+                });
+                self.command(Command::AddDownTrack {
+                    track: *tid,
+                    sub: s.media,
+                    ssrc_out: slot.ssrc_out,
+                    pt_out: slot.codec.pt,
+                    seq_delta: rand::thread_rng().r#gen(),
+                    ts_delta: rand::thread_rng().r#gen(),
+                });
+                tracing::info!(event = "late_track", session = %sid, publisher, "session {sid}: {} track of {publisher} fills a waiting m-line", kind.as_str());
+            }
+        }
     }
 
     /// DELETE of a WHIP/WHEP resource.
@@ -1879,13 +1980,61 @@ mod tests {
         assert!(sfu.counters.drops[Drop::UnknownPeer as usize].load(Ordering::Relaxed) >= 20);
     }
 
+    /// A viewer that joins before anyone publishes: its m-lines are answered under
+    /// SSRCs announced at once, and a publisher joining later fills them — a keyframe
+    /// request for the waiting viewer, media under exactly those SSRCs. When the
+    /// publisher leaves, the m-lines wait again.
+    #[tokio::test]
+    async fn a_viewer_that_joins_first_gets_the_tracks_published_later() {
+        let sfu = sfu(Duration::from_secs(30)).await;
+        let _media = started_sfu_socket(&sfu);
+        let mut sub = peer(&sfu, "r", Role::Subscriber, &four_track_subscriber_sdp()).await;
+        let announced: HashSet<u32> = {
+            let st = sfu.state.lock().unwrap();
+            let s = &st.sessions[&sub.session];
+            assert!(s.downtracks.is_empty());
+            assert_eq!(s.reserved.len(), 4, "four m-lines waiting");
+            s.reserved.iter().map(|r| r.ssrc_out).collect()
+        };
+        let mut a = peer(&sfu, "r", Role::Publisher, &publisher_sdp(0xa0a0, 0xa1a1)).await;
+        let mut buf = [0u8; 1500];
+        let n = tokio::time::timeout(Duration::from_secs(1), a.sock.recv(&mut buf))
+            .await
+            .expect("no keyframe request for the waiting viewer")
+            .unwrap();
+        let plain = a.rx.decrypt_rtcp(&buf[..n]).unwrap();
+        assert_eq!(
+            feedback::parse(&plain).unwrap(),
+            vec![Request::KeyFrame { media_ssrc: 0xa1a1 }]
+        );
+        for seq in 100..110 {
+            for (pt, ssrc, tag) in [(111, 0xa0a0, b"audio"), (96, 0xa1a1, b"video")] {
+                let pkt = rtp_packet(pt, seq, ssrc, tag);
+                a.sock.send(&a.tx.encrypt_rtp(&pkt).unwrap()).await.unwrap();
+            }
+        }
+        let got = received(&mut sub, Duration::from_millis(300)).await;
+        assert_eq!(got.len(), 20, "{got:?}");
+        let ssrcs: HashSet<u32> = got.iter().map(|(s, _, _)| *s).collect();
+        assert_eq!(ssrcs.len(), 2);
+        assert!(
+            ssrcs.is_subset(&announced),
+            "{ssrcs:?} not among {announced:?}"
+        );
+        sfu.leave("r", &a.session, Role::Publisher).unwrap();
+        let st = sfu.state.lock().unwrap();
+        assert_eq!(st.sessions[&sub.session].reserved.len(), 4);
+        assert!(st.sessions[&sub.session].downtracks.is_empty());
+    }
+
     #[tokio::test]
     async fn subscribers_get_the_publishers_tracks_with_their_own_payload_types() {
         let sfu = sfu(Duration::from_secs(30)).await;
         let pub_offer = parse_offer(OFFER).unwrap();
+        // A send-only offer has nothing to receive, with or without a publisher.
         assert!(matches!(
             sfu.subscribe("r", LOCAL, &pub_offer),
-            Err(ApiError::UnknownRoom(_))
+            Err(ApiError::BadOffer(OfferError::NoUsableMedia))
         ));
         let (pid, _) = sfu.publish("r", LOCAL, &pub_offer).unwrap();
         // The subscriber numbers VP8 as 120 and offers recvonly.
