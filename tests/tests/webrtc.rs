@@ -1363,6 +1363,31 @@ fn chromium_and_aiortc_through_af_xdp_and_through_the_forced_socket_path() {
 
 /// Rewrites an IPv4/UDP frame's UDP payload length to `len` (IP total length and
 /// header checksum fixed, UDP checksum 0: none, as RFC 768 allows on IPv4).
+/// The first SRTP (not SRTCP) IPv4 frame on `dev` from UDP port `sport` to `dport`,
+/// within 15 s.
+fn capture_srtp(dev: &str, sport: u16, dport: u16) -> Vec<u8> {
+    let raw = RawSock::open(dev);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no SRTP from port {sport} to port {dport} seen on {dev}"
+        );
+        let Some(f) = raw.recv() else { continue };
+        if f.len() < 14 + 20 + 8 + 12 || f[12..14] != [8, 0] || f[23] != 17 {
+            continue;
+        }
+        let ports = (
+            u16::from_be_bytes([f[34], f[35]]),
+            u16::from_be_bytes([f[36], f[37]]),
+        );
+        let (b0, b1) = (f[42], f[43] & 0x7f);
+        if ports == (sport, dport) && (0x80..0xc0).contains(&b0) && !(64..96).contains(&b1) {
+            return f;
+        }
+    }
+}
+
 fn truncate_udp(frame: &mut Vec<u8>, len: usize) {
     frame.truncate(14 + 20 + 8 + len);
     frame[16..18].copy_from_slice(&((20 + 8 + len) as u16).to_be_bytes());
@@ -1403,32 +1428,9 @@ fn forged_replayed_and_truncated_srtp_in_a_live_session_are_dropped_by_reason() 
     let media_port = sfu.child.ready_addr("webrtc-media").port();
     let drops = |s: &Value, r: &str| s["counters"]["drops"][r].as_u64().unwrap();
     // Capture one SRTP (not SRTCP) frame the publisher sent.
-    let frame = t.publisher.run(move || {
-        let raw = RawSock::open("p0");
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no SRTP from {from} seen on p0"
-            );
-            let Some(f) = raw.recv() else { continue };
-            if f.len() < 14 + 20 + 8 + 12 || f[12..14] != [8, 0] || f[23] != 17 {
-                continue;
-            }
-            let (sport, dport) = (
-                u16::from_be_bytes([f[34], f[35]]),
-                u16::from_be_bytes([f[36], f[37]]),
-            );
-            let (b0, b1) = (f[42], f[43] & 0x7f);
-            if sport == from.port()
-                && dport == media_port
-                && (0x80..0xc0).contains(&b0)
-                && !(64..96).contains(&b1)
-            {
-                return f;
-            }
-        }
-    });
+    let frame = t
+        .publisher
+        .run(move || capture_srtp("p0", from.port(), media_port));
     let before = ns_json(&t.forwarder, &sfu.base, "/api/sessions");
     let v_before = verdict(&verdicts(&t, &pin), "drop_unknown_peer");
     // A forgery must carry a sequence number not yet received, or the replay check
@@ -1590,34 +1592,7 @@ fn a_webrtc_room_spans_three_nodes_publish_on_a_watch_on_c_through_b() {
         a.child.ready_addr("webrtc-media"),
         b.child.ready_addr("webrtc-media"),
     );
-    let frame = std::thread::spawn(move || {
-        let raw = RawSock::open("lo");
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
-        loop {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no trunk SRTP from {a_media} to {b_media} seen on lo"
-            );
-            let Some(f) = raw.recv() else { continue };
-            if f.len() < 14 + 20 + 8 + 12 || f[12..14] != [8, 0] || f[23] != 17 {
-                continue;
-            }
-            let (sport, dport) = (
-                u16::from_be_bytes([f[34], f[35]]),
-                u16::from_be_bytes([f[36], f[37]]),
-            );
-            let (b0, b1) = (f[42], f[43] & 0x7f);
-            if sport == a_media.port()
-                && dport == b_media.port()
-                && (0x80..0xc0).contains(&b0)
-                && !(64..96).contains(&b1)
-            {
-                return f;
-            }
-        }
-    })
-    .join()
-    .unwrap();
+    let frame = capture_srtp("lo", a_media.port(), b_media.port());
     let before = get_json(&b.base, "/api/sessions");
     let mut forged = frame.clone();
     let seq = u16::from_be_bytes([forged[44], forged[45]]).wrapping_add(3000);

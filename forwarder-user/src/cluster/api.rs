@@ -52,12 +52,17 @@ fn text(status: StatusCode, msg: impl Into<String>) -> Response {
         .into_response()
 }
 
-fn authorized(api: &NodeApi, headers: &HeaderMap) -> Result<(), Box<Response>> {
-    let got = headers
+/// The `Authorization: Bearer` value of a request ("" without one).
+pub fn bearer(headers: &HeaderMap) -> &str {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+        .unwrap_or("")
+}
+
+fn authorized(api: &NodeApi, headers: &HeaderMap) -> Result<(), Box<Response>> {
+    let got = bearer(headers);
     // Constant time: the comparison must not tell how much of a guess was right.
     if aws_lc_rs::constant_time::verify_slices_are_equal(got.as_bytes(), api.secret.as_bytes())
         .is_err()

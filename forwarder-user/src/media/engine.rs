@@ -308,33 +308,27 @@ impl Engine {
                     tx: srtp::Context::new(&tx_key),
                     rx_key: rx,
                 });
-                if s.role == Role::Publisher {
-                    // Viewers already waiting for its tracks (they joined first).
-                    let video: Vec<TrackId> = s
-                        .tracks
-                        .iter()
-                        .copied()
-                        .filter(|t| {
-                            self.tracks.get(t).is_some_and(|t| {
-                                t.kind == Kind::Video
-                                    && (!t.downs.is_empty() || !t.trunks.is_empty())
-                            })
+                // A keyframe now, not at the next periodic one: for a new viewer's
+                // tracks, or for viewers already waiting on a publisher's (they joined
+                // first). A relay asks through its trunk's own RTCP.
+                let role = s.role;
+                let video: Vec<TrackId> = s
+                    .tracks
+                    .iter()
+                    .copied()
+                    .filter(|t| {
+                        self.tracks.get(t).is_some_and(|t| {
+                            t.kind == Kind::Video
+                                && match role {
+                                    Role::Subscriber => true,
+                                    Role::Publisher => !t.downs.is_empty() || !t.trunks.is_empty(),
+                                    Role::Relay => false,
+                                }
                         })
-                        .collect();
-                    for t in video {
-                        self.request_keyframe(t, now, tx);
-                    }
-                } else if s.role == Role::Subscriber {
-                    // A new viewer needs a keyframe now, not at the next periodic one.
-                    let video: Vec<TrackId> = s
-                        .tracks
-                        .iter()
-                        .copied()
-                        .filter(|t| self.tracks.get(t).is_some_and(|t| t.kind == Kind::Video))
-                        .collect();
-                    for t in video {
-                        self.request_keyframe(t, now, tx);
-                    }
+                    })
+                    .collect();
+                for t in video {
+                    self.request_keyframe(t, now, tx);
                 }
             }
             Command::AddTrack {

@@ -250,11 +250,8 @@ fn check_auth(api: &Api, headers: &HeaderMap) -> Result<(), Response> {
     let Some(want) = &api.token else {
         return Ok(());
     };
-    let got = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if got != Some(want.as_str()) {
+    // The token is never empty (config check), so "" (no header) never matches.
+    if crate::cluster::api::bearer(headers) != want.as_str() {
         let mut r = text(
             StatusCode::UNAUTHORIZED,
             "send the configured token as Authorization: Bearer <token>",
@@ -345,12 +342,7 @@ async fn relay(
             "this node has no [webrtc.cascade] section: it takes no relay requests",
         );
     };
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if !cascade.authorized(bearer) {
+    if !cascade.authorized(crate::cluster::api::bearer(&headers)) {
         return text(
             StatusCode::UNAUTHORIZED,
             "missing or wrong cluster secret: every node of a cascade needs the same \
