@@ -716,6 +716,21 @@ fn chromium_publisher(
     .unwrap()
 }
 
+/// A Chromium WHEP viewer of `room` in the background (VP8), holding `hold` seconds
+/// after it decodes; its JSON result on stdout.
+fn chromium_watcher(base: &str, room: &str, hold: &str) -> std::process::Child {
+    node(
+        None,
+        &[
+            "--base", base, "--room", room, "--codec", "VP8", "--role", "watch", "--hold", hold,
+        ],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap()
+}
+
 fn wait_for_publisher(base: &str, room: &str) {
     for _ in 0..200 {
         let s = get_json(base, "/api/sessions");
@@ -1573,16 +1588,7 @@ fn a_webrtc_room_spans_three_nodes_publish_on_a_watch_on_c_through_b() {
     assert!(msg.contains("a -> ") && msg.contains("cycle"), "{msg}");
 
     // Watch on C in the background; meanwhile the trunk A→B is there to tamper with.
-    let watch = node(
-        None,
-        &[
-            "--base", &c.base, "--room", &room, "--codec", "VP8", "--role", "watch", "--hold", "4",
-        ],
-    )
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped())
-    .spawn()
-    .unwrap();
+    let watch = chromium_watcher(&c.base, &room, "4");
     wait_until(30, "B relays A's publisher", || {
         get_json(&b.base, "/api/sessions")["rooms"][&room]
             .as_array()
@@ -1658,16 +1664,7 @@ fn a_webrtc_room_spans_three_nodes_publish_on_a_watch_on_c_through_b() {
     );
 
     // A disappears while B still wants the room: a new viewer at B makes B ask again.
-    let mut again = node(
-        None,
-        &[
-            "--base", &b.base, "--room", &room, "--codec", "VP8", "--role", "watch", "--hold", "6",
-        ],
-    )
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped())
-    .spawn()
-    .unwrap();
+    let mut again = chromium_watcher(&b.base, &room, "6");
     wait_until(30, "B relays A's publisher again", || {
         get_json(&b.base, "/api/sessions")["cascade"]["upstreams"][&room]["up"] == true
             && counter(&b.base, "rtp_out") > 0
@@ -1700,25 +1697,7 @@ fn a_viewer_that_joins_before_the_publisher_gets_its_media() {
     let _k = kernel_lock();
     let sfu = start_sfu(None, "");
     let room = unique("late");
-    let watch = node(
-        None,
-        &[
-            "--base",
-            &sfu.base,
-            "--room",
-            &room,
-            "--codec",
-            "VP8",
-            "--role",
-            "watch",
-            "--timeout",
-            "40",
-        ],
-    )
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped())
-    .spawn()
-    .unwrap();
+    let watch = chromium_watcher(&sfu.base, &room, "0");
     wait_until(30, "the viewer connects to the empty room", || {
         get_json(&sfu.base, "/api/sessions")["rooms"][&room]
             .as_array()

@@ -336,8 +336,9 @@ impl Client {
     /// DELETE through the same gate as the joins: the SFU caps HTTP connections per
     /// source, and a whole run leaving at once would exceed it.
     /// The server frees a connection's slot only once it sees the close, so a burst of
-    /// DELETEs on fresh connections can still meet the per-source cap (503, Retry-After):
-    /// retried a few times, as a well-behaved client would.
+    /// DELETEs on fresh connections can still meet the per-source cap (a 503, or the
+    /// connection closed before the answer is read): retried, as a well-behaved client
+    /// would, until the server's idle timeout has freed the slots; a 4xx is final.
     async fn leave(&self, gate: &Semaphore, resource: &str) -> Result<(), String> {
         let _permit = gate.acquire().await.expect("the gate is never closed");
         // Up to the server's own idle-connection timeout (10 s by default), by when
@@ -345,7 +346,9 @@ impl Client {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(12);
         loop {
             match peer::leave(&self.target, resource).await {
-                Err(e) if e.contains(": 503:") && tokio::time::Instant::now() < deadline => {
+                // A 4xx is an answer (e.g. already gone); a 503 or a connection the
+                // server closed at its cap before answering ("canceled") is not.
+                Err(e) if !is_4xx(&e) && tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }
                 r => return r,
@@ -837,5 +840,27 @@ impl Report {
                 self.leave_failure_example.as_deref().unwrap_or("-")
             );
         }
+    }
+}
+
+/// Whether a `peer::leave` error is the server's 4xx answer ("DELETE /x: 404: ...").
+fn is_4xx(e: &str) -> bool {
+    e.split(": ").nth(1).is_some_and(|c| {
+        c.len() == 3 && c.starts_with('4') && c.bytes().all(|b| b.is_ascii_digit())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_a_4xx_answer_ends_the_delete_retries() {
+        assert!(super::is_4xx("DELETE /whep/r/x: 404: no such session"));
+        assert!(!super::is_4xx(
+            "DELETE /whep/r/x: 503: your address has as many"
+        ));
+        assert!(!super::is_4xx(
+            "DELETE /whep/r/x: request: operation was canceled"
+        ));
+        assert!(!super::is_4xx("DELETE /whep/r/x: 4xx"));
     }
 }

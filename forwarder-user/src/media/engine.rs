@@ -227,6 +227,20 @@ fn send_rtcp(
     sent
 }
 
+/// Where RTCP about `track` goes: the track, its publisher's address, the track's
+/// SSRC, our RTCP SSRC towards the publisher, and the context that protects it. None
+/// until the publisher is bound, keyed and the SSRC known.
+fn upstream_of<'a>(
+    tracks: &'a mut HashMap<TrackId, UpTrack>,
+    sessions: &'a mut HashMap<SessionId, Session>,
+    track: TrackId,
+) -> Option<(&'a mut UpTrack, SocketAddr, u32, u32, &'a mut srtp::Context)> {
+    let t = tracks.get_mut(&track)?;
+    let p = sessions.get_mut(&t.session)?;
+    let (to, ssrc, rtcp_ssrc) = (p.media_addr()?, t.ssrc?, p.rtcp_ssrc);
+    Some((t, to, ssrc, rtcp_ssrc, &mut p.srtp.as_mut()?.tx))
+}
+
 /// Writes `plain` rewritten for `d` and protected with the subscriber's keys.
 fn send_copy(
     d: &DownTrack,
@@ -709,17 +723,13 @@ impl Engine {
     /// Asks the publisher of `track` for `seqs` (as the subscriber numbered them,
     /// `delta` ahead of the source).
     fn nack_publisher(&mut self, track: TrackId, seqs: &[u16], delta: u16, tx: &mut dyn Transmit) {
-        let Some(t) = self.tracks.get(&track) else {
+        let Some((_, to, ssrc, rtcp_ssrc, ctx)) =
+            upstream_of(&mut self.tracks, &mut self.sessions, track)
+        else {
             return;
         };
-        let Some(p) = self.sessions.get_mut(&t.session) else {
-            return;
-        };
-        let (Some(to), Some(ssrc), Some(srtp)) = (p.media_addr(), t.ssrc, p.srtp.as_mut()) else {
-            return;
-        };
-        let nack = rtcp::translated_nack(p.rtcp_ssrc, ssrc, seqs, delta);
-        send_rtcp(&mut srtp.tx, to, &nack, &self.counters, tx);
+        let nack = rtcp::translated_nack(rtcp_ssrc, ssrc, seqs, delta);
+        send_rtcp(ctx, to, &nack, &self.counters, tx);
     }
 
     /// The subscriber's down-track that sends `ssrc_out`: (track, index in its downs).
@@ -737,13 +747,9 @@ impl Engine {
     /// Sends a PLI for a publisher's track, at most every [`KEYFRAME_INTERVAL`], so a
     /// room of viewers asking at once costs the publisher one keyframe.
     pub fn request_keyframe(&mut self, track: TrackId, now: Instant, tx: &mut dyn Transmit) {
-        let Some(t) = self.tracks.get_mut(&track) else {
-            return;
-        };
-        let Some(p) = self.sessions.get_mut(&t.session) else {
-            return;
-        };
-        let (Some(to), Some(ssrc), Some(srtp)) = (p.media_addr(), t.ssrc, p.srtp.as_mut()) else {
+        let Some((t, to, ssrc, rtcp_ssrc, ctx)) =
+            upstream_of(&mut self.tracks, &mut self.sessions, track)
+        else {
             return;
         };
         if t.last_keyframe_request
@@ -752,13 +758,7 @@ impl Engine {
             return;
         }
         t.last_keyframe_request = Some(now);
-        if send_rtcp(
-            &mut srtp.tx,
-            to,
-            &rtcp::pli(p.rtcp_ssrc, ssrc),
-            &self.counters,
-            tx,
-        ) {
+        if send_rtcp(ctx, to, &rtcp::pli(rtcp_ssrc, ssrc), &self.counters, tx) {
             bump(&self.counters.keyframe_requests);
         }
     }
