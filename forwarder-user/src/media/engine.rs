@@ -516,17 +516,15 @@ impl Engine {
         tx: &mut dyn Transmit,
     ) {
         let is_rtcp = pkt.len() >= 2 && rtp::classify(pkt[0], pkt[1]) == rtp::Class::Rtcp;
-        // A cascade peer's datagrams name their session by SSRC (cleartext in SRTP and
-        // SRTCP alike: RTP bytes 8..12, the RTCP sender at 4..8).
-        let relay = if self.by_relay.is_empty() {
-            None
-        } else {
+        // A browser's address is its session: one lookup for most packets. Only an
+        // address not bound that way may be a cascade peer, whose datagrams name their
+        // session by SSRC (cleartext in SRTP and SRTCP: RTP bytes 8..12, RTCP 4..8).
+        let by_relay = || {
             let at = if is_rtcp { 4 } else { 8 };
-            pkt.get(at..at + 4)
-                .map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")))
-                .and_then(|ssrc| self.by_relay.get(&(from, ssrc)).copied())
+            let ssrc = u32::from_be_bytes(pkt.get(at..at + 4)?.try_into().ok()?);
+            self.by_relay.get(&(from, ssrc)).copied()
         };
-        let Some(id) = relay.or_else(|| self.by_addr.get(&from).copied()) else {
+        let Some(id) = self.by_addr.get(&from).copied().or_else(by_relay) else {
             return self.counters.count(Drop::UnknownPeer);
         };
         if is_rtcp {
