@@ -90,6 +90,50 @@ pub fn header_len(pkt: &[u8]) -> Result<usize, RtpError> {
     Ok(hlen)
 }
 
+/// The value of header extension `id` (RFC 8285, one-byte or two-byte form) of a
+/// packet that passed [`header_len`]; None if absent or malformed. Used to learn which
+/// simulcast encoding (rtp-stream-id, RFC 8852) an SSRC carries.
+pub fn extension(pkt: &[u8], id: u8) -> Option<&[u8]> {
+    if pkt.first()? & 0x10 == 0 || id == 0 {
+        return None;
+    }
+    let at = RTP_FIXED_HEADER_LEN + 4 * (pkt[0] & 0x0f) as usize;
+    let profile = u16::from_be_bytes([*pkt.get(at)?, *pkt.get(at + 1)?]);
+    let words = u16::from_be_bytes([*pkt.get(at + 2)?, *pkt.get(at + 3)?]) as usize;
+    let body = pkt.get(at + 4..at + 4 + 4 * words)?;
+    let two_byte = match profile {
+        0xbede => false,
+        p if p & 0xfff0 == 0x1000 => true,
+        _ => return None,
+    };
+    let mut i = 0;
+    while i < body.len() {
+        let (eid, len, hdr) = if two_byte {
+            if body[i] == 0 {
+                i += 1; // padding
+                continue;
+            }
+            (body[i], *body.get(i + 1)? as usize, 2)
+        } else {
+            let b = body[i];
+            if b == 0 {
+                i += 1; // padding
+                continue;
+            }
+            if b >> 4 == 15 {
+                return None; // reserved id: stop parsing (RFC 8285 §4.2)
+            }
+            (b >> 4, (b & 0x0f) as usize + 1, 1)
+        };
+        let value = body.get(i + hdr..i + hdr + len)?;
+        if eid == id {
+            return Some(value);
+        }
+        i += hdr + len;
+    }
+    None
+}
+
 /// Applies a route's RTP rewrite (payload type, sequence, timestamp, SSRC) in place.
 /// `pkt` must have passed [`validate`].
 pub fn rewrite(pkt: &mut [u8], route: &RouteValue) {
@@ -162,6 +206,37 @@ mod tests {
         p[63] = 52;
         assert_eq!(validate(&p), Ok(12));
         assert_eq!(validate(&[0x80; MAX_RTP_LEN + 1]), Err(RtpError::TooLong));
+    }
+
+    #[test]
+    fn header_extensions_one_and_two_byte_forms() {
+        // One-byte form: id 1 "0" (mid), padding, id 10 "h" (rid), one word of padding.
+        let mut p = [0u8; 40];
+        p[0] = 0x90;
+        p[1] = 96;
+        p[12..16].copy_from_slice(&[0xbe, 0xde, 0, 2]);
+        p[16..24].copy_from_slice(&[0x10, b'0', 0, 0xa0, b'h', 0, 0, 0]);
+        assert_eq!(header_len(&p), Ok(24));
+        assert_eq!(extension(&p, 1), Some(&b"0"[..]));
+        assert_eq!(extension(&p, 10), Some(&b"h"[..]));
+        assert_eq!(extension(&p, 3), None);
+        // Two-byte form, after one CSRC: id 12, length 2.
+        let mut q = [0u8; 40];
+        q[0] = 0x91;
+        q[16..20].copy_from_slice(&[0x10, 0x00, 0, 1]);
+        q[20..24].copy_from_slice(&[12, 2, b'h', b'i']);
+        assert_eq!(extension(&q, 12), Some(&b"hi"[..]));
+        // A length that runs past the block, no extension bit, an unknown profile.
+        let mut bad = p;
+        bad[16] = 0x1f;
+        assert_eq!(extension(&bad, 10), None);
+        let mut none = p;
+        none[0] = 0x80;
+        assert_eq!(extension(&none, 1), None);
+        let mut other = p;
+        other[12] = 0x12;
+        assert_eq!(extension(&other, 1), None);
+        assert_eq!(extension(&p[..20], 10), None, "truncated block");
     }
 
     #[test]

@@ -3,11 +3,14 @@
 //   watch:   a second Chromium process subscribes over WHEP and must decode;
 //   view:    a Chromium opens the page's live view and waits until it shows --expect
 //            connected sessions of the room with traffic, then saves --screenshot.
+//   simulcast: a Chromium publishes three simulcast encodings; two viewers watch, one
+//            capped to the lowest layer through its WHEP resource (PUT .../layers);
+//            once both decode, the cap is lifted and the capped one must move up.
 // Prints one JSON object on stdout (the Rust test asserts on it); exits non-zero
 // with the reason on stderr if the subscriber never decodes.
 //
 //   node whip_whep.mjs --base http://127.0.0.1:8080 --room r1 [--codec VP8|H264]
-//        [--no-pqc] [--role both|publish|watch|view] [--hold SECONDS] [--timeout SECONDS]
+//        [--no-pqc] [--role both|publish|watch|view|simulcast] [--hold SECONDS] [--timeout SECONDS]
 //        [--expect N] [--screenshot PNG]
 import { chromium } from 'playwright-core';
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -64,7 +67,40 @@ const browsers = [];
 let ok = true;
 try {
   let pub, sub;
-  if (role === 'view') {
+  if (role === 'simulcast') {
+    pub = await launch();
+    browsers.push(pub);
+    result.whip = await pub.page.evaluate(([r, c]) => window.publish(r, c, true), [room, codec]);
+    const low = await launch(), high = await launch();
+    browsers.push(low, high);
+    await low.page.evaluate(r => window.watch(r), room);
+    result.capped = await low.page.evaluate(() => window.setLayers({ max_layer: 0 }));
+    await high.page.evaluate(r => window.watch(r), room);
+    const video = async b => (await b.page.evaluate(() => window.summary(window.subPc))).inbound.video || {};
+    // Waits until `done(low, high)` holds for the two viewers' video stats.
+    const until = async (what, done) => {
+      const deadline = Date.now() + timeoutMs;
+      for (;;) {
+        const v = { low: await video(low), high: await video(high) };
+        if (done(v.low, v.high)) return v;
+        if (Date.now() > deadline) throw new Error(`${what} within ${timeoutMs / 1000} s: ${JSON.stringify(v)}`);
+        await sleep(500);
+      }
+    };
+    result.before = await until('the capped viewer did not get a smaller layer than the other',
+      (l, h) => l.framesDecoded > 30 && h.framesDecoded > 30 && l.frameWidth > 0 && h.frameWidth > l.frameWidth);
+    result.publisher = await pub.page.evaluate(() => window.summary(window.pubPc));
+    result.lifted = await low.page.evaluate(() => window.setLayers({ max_layer: null }));
+    const t0 = Date.now();
+    result.after = await until('the viewer did not move up after its cap was lifted',
+      l => l.frameWidth > result.before.low.frameWidth);
+    result.switchMs = Date.now() - t0;
+    // Two more seconds of decoding on the new layer, so a freeze would show.
+    await sleep(2000);
+    result.settled = { low: await video(low), high: await video(high) };
+    result.api = await (await fetch(base + '/api/sessions')).json();
+    for (const b of [low, high, pub]) await b.page.evaluate(() => window.leave());
+  } else if (role === 'view') {
     const v = await launch();
     browsers.push(v);
     const deadline = Date.now() + timeoutMs;
@@ -84,12 +120,12 @@ try {
     }
     result.status = await v.page.evaluate(() => document.getElementById('livestatus').textContent);
     if (screenshot) await v.page.screenshot({ path: screenshot, fullPage: true });
-  } else if (role !== 'watch') {
+  } else if (role !== 'watch' && role !== 'simulcast') {
     pub = await launch();
     browsers.push(pub);
     result.whip = await pub.page.evaluate(([r, c]) => window.publish(r, c), [room, codec]);
   }
-  if (role === 'view') {
+  if (role === 'view' || role === 'simulcast') {
     // Done above.
   } else if (role === 'publish') {
     await sleep(hold * 1000);
@@ -122,7 +158,7 @@ try {
     result.afterDelete = await (await fetch(base + '/api/sessions')).json();
     await sub.page.evaluate(() => window.leave());
   }
-  if (pub) await pub.page.evaluate(() => window.leave());
+  if (pub && role !== 'simulcast') await pub.page.evaluate(() => window.leave());
 } catch (e) {
   ok = false;
   console.error(String(e && e.stack || e));

@@ -27,7 +27,9 @@ use forwarder_common::{
 
 use super::{
     Counters, Drop, Kind, Transmit, bump,
+    codec::{Format, Vp8Descriptor},
     rtcp::{self, Reception, Request},
+    simulcast::{Layer, Layering},
     srtp::{self, MasterKey},
 };
 
@@ -41,6 +43,9 @@ pub const CACHE: usize = 512;
 pub const KEYFRAME_INTERVAL: Duration = Duration::from_millis(300);
 /// How often sender and receiver reports go out.
 pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);
+/// A simulcast encoding with no packet for this long is not chosen for anyone (the
+/// publisher stopped it: bandwidth, CPU, or it was never sent).
+pub const LAYER_IDLE: Duration = Duration::from_millis(1000);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -81,8 +86,13 @@ pub enum Command {
         kind: Kind,
         pt: u8,
         clock_rate: u32,
-        /// From a=ssrc, else learned from the first packet of the track's payload type.
-        ssrc: Option<u32>,
+        format: Format,
+        /// One per encoding, lowest quality first: (rid, SSRC). A plain track has one,
+        /// without rid; its SSRC from a=ssrc, else learned from the first packet of the
+        /// track's payload type. A simulcast encoding's SSRC is learned from the
+        /// rtp-stream-id header extension (`rid_ext`).
+        streams: Vec<(Option<String>, Option<u32>)>,
+        rid_ext: Option<u8>,
     },
     AddDownTrack {
         track: TrackId,
@@ -109,6 +119,14 @@ pub enum Command {
         track: TrackId,
         relay: SessionId,
     },
+    /// A subscriber's cap on the simulcast layer of its down-track of `track`, and
+    /// whether that down-track is paused (a resumed one restarts at a keyframe).
+    SetLayers {
+        sub: SessionId,
+        track: TrackId,
+        max_layer: Layer,
+        paused: bool,
+    },
     /// Continues receive streams another node has been authenticating: per SSRC the
     /// highest packet index it accepted (so a rollover counter above 0 carries over).
     ResumeRx {
@@ -123,26 +141,67 @@ pub struct UpTrack {
     pub kind: Kind,
     pub pt: u8,
     pub clock_rate: u32,
+    pub format: Format,
+    /// Its encodings, lowest quality first: one for a plain track, up to three with
+    /// simulcast. Each is its own RTP stream.
+    pub streams: Vec<Stream>,
+    rid_ext: Option<u8>,
+    pub packets: u64,
+    pub bytes: u64,
+    pub downs: Vec<DownTrack>,
+    /// Relay sessions (downstream nodes) this track's ciphertext is copied to.
+    pub trunks: Vec<SessionId>,
+}
+
+/// One encoding of a track: its own SSRC, sequence space, reports and cache.
+pub struct Stream {
+    pub rid: Option<String>,
     pub ssrc: Option<u32>,
     pub packets: u64,
     pub bytes: u64,
+    last_packet: Option<Instant>,
     reception: Reception,
     /// Last SR of this source: (NTP, RTP, arrival), to carry lip sync to subscribers.
     last_sr: Option<(u64, u32, Instant)>,
     last_keyframe_request: Option<Instant>,
     /// Plaintext packets by source sequence number (video only).
     cache: Vec<Option<(u16, Vec<u8>)>>,
-    pub downs: Vec<DownTrack>,
-    /// Relay sessions (downstream nodes) this track's ciphertext is copied to.
-    pub trunks: Vec<SessionId>,
 }
+
+impl UpTrack {
+    /// The SSRC of a plain track (the first encoding's for simulcast).
+    pub fn ssrc(&self) -> Option<u32> {
+        self.streams.first().and_then(|s| s.ssrc)
+    }
+
+    fn layer_of(&self, ssrc: u32) -> Option<Layer> {
+        self.streams
+            .iter()
+            .position(|s| s.ssrc == Some(ssrc))
+            .map(|i| i as Layer)
+    }
+
+    /// Which encodings are being received now.
+    fn active(&self, now: Instant) -> [bool; MAX_LAYERS] {
+        let mut a = [false; MAX_LAYERS];
+        for (i, s) in self.streams.iter().take(MAX_LAYERS).enumerate() {
+            a[i] = s.last_packet.is_some_and(|at| now - at < LAYER_IDLE);
+        }
+        a
+    }
+}
+
+/// Simulcast encodings per track we take (Chromium and OBS send up to three).
+pub const MAX_LAYERS: usize = 3;
 
 /// What one subscriber receives of one track.
 pub struct DownTrack {
     pub sub: SessionId,
     /// The rewrite half of a data-plane route; the addressing half is the subscriber
-    /// session's bound 5-tuple.
+    /// session's bound 5-tuple. Its deltas move only at a layer switch or a resume.
     pub route: RouteValue,
+    /// Which encoding it gets, the cap, pause, and the numbering across switches.
+    pub layering: Layering,
     pub packets: u32,
     pub octets: u32,
     pub nack_resent: u64,
@@ -153,6 +212,11 @@ pub struct DownTrack {
 impl DownTrack {
     pub fn ssrc_out(&self) -> u32 {
         u32::from_be_bytes(self.route.ssrc_out_be)
+    }
+
+    /// The encoding it is on (the first until a keyframe started it anywhere).
+    pub fn layer(&self) -> Layer {
+        self.layering.current.unwrap_or(0)
     }
 }
 
@@ -227,34 +291,52 @@ fn send_rtcp(
     sent
 }
 
-/// Where RTCP about `track` goes: the track, its publisher's address, the track's
-/// SSRC, our RTCP SSRC towards the publisher, and the context that protects it. None
-/// until the publisher is bound, keyed and the SSRC known.
+/// Where RTCP about encoding `layer` of `track` goes: the stream, its publisher's
+/// address, the stream's SSRC, our RTCP SSRC towards the publisher, and the context
+/// that protects it. None until the publisher is bound, keyed and the SSRC known.
 fn upstream_of<'a>(
     tracks: &'a mut HashMap<TrackId, UpTrack>,
     sessions: &'a mut HashMap<SessionId, Session>,
     track: TrackId,
-) -> Option<(&'a mut UpTrack, SocketAddr, u32, u32, &'a mut srtp::Context)> {
+    layer: Layer,
+) -> Option<(&'a mut Stream, SocketAddr, u32, u32, &'a mut srtp::Context)> {
     let t = tracks.get_mut(&track)?;
     let p = sessions.get_mut(&t.session)?;
-    let (to, ssrc, rtcp_ssrc) = (p.media_addr()?, t.ssrc?, p.rtcp_ssrc);
-    Some((t, to, ssrc, rtcp_ssrc, &mut p.srtp.as_mut()?.tx))
+    let st = t.streams.get_mut(layer as usize)?;
+    let (to, ssrc, rtcp_ssrc) = (p.media_addr()?, st.ssrc?, p.rtcp_ssrc);
+    Some((st, to, ssrc, rtcp_ssrc, &mut p.srtp.as_mut()?.tx))
 }
 
-/// Writes `plain` rewritten for `d` and protected with the subscriber's keys.
+/// Writes `plain` (header `hlen` bytes) rewritten for `d` (VP8 numbering shifted
+/// after a layer switch) and protected with the subscriber's keys.
 fn send_copy(
     d: &DownTrack,
     ctx: &mut srtp::Context,
     to: SocketAddr,
     plain: &[u8],
+    hlen: usize,
+    vp8: Option<&Vp8Descriptor>,
     tx: &mut dyn Transmit,
 ) -> bool {
     tx.transmit(to, &mut |out| {
         let frame = out.get_mut(..plain.len())?;
         frame.copy_from_slice(plain);
         rtp::rewrite(frame, &d.route);
+        if let Some(v) = vp8 {
+            v.shift(
+                &mut frame[hlen..],
+                d.layering.pic_delta,
+                d.layering.tl0_delta,
+            );
+        }
         ctx.protect_rtp(out, plain.len()).ok()
     })
+}
+
+/// Whether a packet of `format` with `payload` may start a subscriber: a keyframe's
+/// first packet; for audio (and codecs whose keyframes we cannot see) any packet.
+fn may_start(format: Format, payload: &[u8]) -> bool {
+    format == Format::Other || format.keyframe_start(payload)
 }
 
 impl Engine {
@@ -342,7 +424,7 @@ impl Engine {
                     })
                     .collect();
                 for t in video {
-                    self.request_keyframe(t, now, tx);
+                    self.request_keyframe(t, None, now, tx);
                 }
             }
             Command::AddTrack {
@@ -351,17 +433,33 @@ impl Engine {
                 kind,
                 pt,
                 clock_rate,
-                ssrc,
+                format,
+                streams,
+                rid_ext,
             } => {
                 let Some(s) = self.sessions.get_mut(&session) else {
                     return;
                 };
                 s.tracks.push(id);
-                let cache = if kind == Kind::Video {
-                    vec![None; CACHE]
-                } else {
-                    vec![]
-                };
+                let streams = streams
+                    .into_iter()
+                    .take(MAX_LAYERS)
+                    .map(|(rid, ssrc)| Stream {
+                        rid,
+                        ssrc,
+                        packets: 0,
+                        bytes: 0,
+                        last_packet: None,
+                        reception: Reception::default(),
+                        last_sr: None,
+                        last_keyframe_request: None,
+                        cache: if kind == Kind::Video {
+                            vec![None; CACHE]
+                        } else {
+                            vec![]
+                        },
+                    })
+                    .collect();
                 self.tracks.insert(
                     id,
                     UpTrack {
@@ -369,13 +467,11 @@ impl Engine {
                         kind,
                         pt,
                         clock_rate,
-                        ssrc,
+                        format,
+                        streams,
+                        rid_ext,
                         packets: 0,
                         bytes: 0,
-                        reception: Reception::default(),
-                        last_sr: None,
-                        last_keyframe_request: None,
-                        cache,
                         downs: vec![],
                         trunks: vec![],
                     },
@@ -405,6 +501,7 @@ impl Engine {
                         flags: FLAG_REWRITE_PT,
                         ..Default::default()
                     },
+                    layering: Layering::default(),
                     packets: 0,
                     octets: 0,
                     nack_resent: 0,
@@ -414,8 +511,24 @@ impl Engine {
                 // A track added to a viewer already connected (it joined first): a
                 // keyframe, or it waits for the next periodic one.
                 if s.srtp.is_some() && t.kind == Kind::Video {
-                    self.request_keyframe(track, now, tx);
+                    self.request_keyframe(track, None, now, tx);
                 }
+            }
+            Command::SetLayers {
+                sub,
+                track,
+                max_layer,
+                paused,
+            } => {
+                let Some(d) = self
+                    .tracks
+                    .get_mut(&track)
+                    .and_then(|t| t.downs.iter_mut().find(|d| d.sub == sub))
+                else {
+                    return;
+                };
+                d.layering.max_layer = max_layer;
+                d.layering.set_paused(paused);
             }
             Command::RemoveSession { id } => {
                 let Some(s) = self.sessions.remove(&id) else {
@@ -481,7 +594,7 @@ impl Engine {
                 }
                 // The new branch's viewers need a keyframe to start decoding.
                 if t.kind == Kind::Video {
-                    self.request_keyframe(track, now, tx);
+                    self.request_keyframe(track, None, now, tx);
                 }
             }
             Command::ResumeRx { id, streams } => {
@@ -567,23 +680,31 @@ impl Engine {
         let ts = u32::from_be_bytes([plain[4], plain[5], plain[6], plain[7]]);
         let ssrc = u32::from_be_bytes([plain[8], plain[9], plain[10], plain[11]]);
         let tracks = &mut self.tracks;
-        let tid = match s
+        let found = s
             .tracks
             .iter()
-            .copied()
-            .find(|t| tracks[t].ssrc == Some(ssrc))
-        {
-            Some(t) => t,
-            // Unsignalled SSRC: the track whose payload type it carries, if still unbound.
-            None => match s
-                .tracks
-                .iter()
-                .copied()
-                .find(|t| tracks[t].ssrc.is_none() && tracks[t].pt == pt)
-            {
-                Some(t) => {
-                    tracks.get_mut(&t).expect("listed").ssrc = Some(ssrc);
-                    t
+            .find_map(|t| Some((*t, tracks[t].layer_of(ssrc)?)));
+        let (tid, layer) = match found {
+            Some(f) => f,
+            // Unsignalled SSRC: the simulcast encoding its rid names, or else the plain
+            // track whose payload type it carries, if still unbound.
+            None => match s.tracks.iter().find_map(|t| {
+                let up = &tracks[t];
+                let i = match up.rid_ext {
+                    Some(id) => {
+                        let rid = rtp::extension(plain, id)?;
+                        up.streams.iter().position(|st| {
+                            st.ssrc.is_none() && st.rid.as_deref().map(str::as_bytes) == Some(rid)
+                        })?
+                    }
+                    None if up.pt == pt && up.streams[0].ssrc.is_none() => 0,
+                    None => return None,
+                };
+                Some((*t, i as Layer))
+            }) {
+                Some((t, i)) => {
+                    tracks.get_mut(&t).expect("listed").streams[i as usize].ssrc = Some(ssrc);
+                    (t, i)
                 }
                 None => return c.count(Drop::UnknownSsrc),
             },
@@ -595,24 +716,53 @@ impl Engine {
         let units = (now.duration_since(self.epoch).as_micros() as u64)
             .wrapping_mul(t.clock_rate as u64)
             / 1_000_000;
-        t.reception.update(seq, ts, units);
-        if !t.cache.is_empty() {
+        let st = &mut t.streams[layer as usize];
+        st.packets += 1;
+        st.bytes += n as u64;
+        st.last_packet = Some(now);
+        st.reception.update(seq, ts, units);
+        if !st.cache.is_empty() {
             // Reuse the slot's buffer rather than allocating one per packet.
-            let slot = &mut t.cache[seq as usize % CACHE];
+            let slot = &mut st.cache[seq as usize % CACHE];
             let mut buf = slot.take().map(|(_, b)| b).unwrap_or_default();
             buf.clear();
             buf.extend_from_slice(plain);
             *slot = Some((seq, buf));
         }
+        // Once per packet, not per copy: what the layer choice needs.
+        let payload = &plain[hlen..];
+        let start = may_start(t.format, payload);
+        let vp8 = (t.format == Format::Vp8)
+            .then(|| Vp8Descriptor::parse(payload))
+            .flatten();
+        let active = t.active(now);
+        // Encodings some subscriber waits for a keyframe of (a bit per layer).
+        let mut wanted = 0u8;
         let sessions = &mut self.sessions;
         for d in &mut t.downs {
+            let target = d.layering.choose(&active[..t.streams.len()]);
+            if !d.layering.accept(
+                layer,
+                target,
+                seq,
+                ts,
+                start,
+                vp8.as_ref(),
+                units,
+                &mut d.route,
+            ) {
+                if let Some(w) = d.layering.waiting() {
+                    wanted |= 1 << w;
+                }
+                continue;
+            }
             let Some(sub) = sessions.get_mut(&d.sub) else {
                 continue;
             };
             let (Some(to), Some(srtp)) = (sub.media_addr(), sub.srtp.as_mut()) else {
                 continue;
             };
-            if send_copy(d, &mut srtp.tx, to, plain, tx) {
+            if send_copy(d, &mut srtp.tx, to, plain, hlen, vp8.as_ref(), tx) {
                 bump(&c.rtp_out);
                 d.packets = d.packets.wrapping_add(1);
                 d.octets = d.octets.wrapping_add((n - hlen) as u32);
@@ -625,6 +775,13 @@ impl Engine {
         for r in &t.trunks {
             if let Some(to) = sessions.get(r).and_then(|s| s.media_addr()) {
                 send_raw(to, &self.scratch, c, tx);
+            }
+        }
+        if wanted != 0 && t.kind == Kind::Video {
+            for l in 0..MAX_LAYERS as Layer {
+                if wanted & (1 << l) != 0 {
+                    self.request_keyframe(tid, Some(l), now, tx);
+                }
             }
         }
     }
@@ -672,20 +829,18 @@ impl Engine {
         for r in requests {
             match (role, r) {
                 (Role::Publisher, Request::SenderReport { ssrc, ntp, rtp }) => {
-                    let tracks = &self.tracks;
-                    let found = self.sessions[&id]
-                        .tracks
-                        .iter()
-                        .copied()
-                        .find(|t| tracks.get(t).is_some_and(|t| t.ssrc == Some(ssrc)));
-                    if let Some(t) = found.and_then(|t| self.tracks.get_mut(&t)) {
-                        t.last_sr = Some((ntp, rtp, now));
-                        t.reception.last_sr = Some(((ntp >> 16) as u32, now));
+                    if let Some((t, l)) = self.stream_of(id, ssrc) {
+                        let st = &mut self.tracks.get_mut(&t).expect("found").streams[l as usize];
+                        st.last_sr = Some((ntp, rtp, now));
+                        st.reception.last_sr = Some(((ntp >> 16) as u32, now));
                     }
                 }
                 (Role::Subscriber, Request::KeyFrame { media_ssrc }) => {
-                    if let Some((tid, _)) = self.downtrack_by_ssrc(id, media_ssrc) {
-                        self.request_keyframe(tid, now, tx);
+                    // The encoding it is on, or the one it waits to start on.
+                    if let Some((tid, i)) = self.downtrack_by_ssrc(id, media_ssrc) {
+                        let l = &self.tracks[&tid].downs[i].layering;
+                        let layer = l.current.or(l.target).unwrap_or(0);
+                        self.request_keyframe(tid, Some(layer), now, tx);
                     }
                 }
                 (Role::Subscriber, Request::Nack { media_ssrc, seqs }) => {
@@ -693,15 +848,15 @@ impl Engine {
                 }
                 // A relay names the publisher's own SSRCs (trunks keep them).
                 (Role::Relay, Request::KeyFrame { media_ssrc }) => {
-                    if let Some(tid) = self.relayed_track(id, media_ssrc) {
-                        self.request_keyframe(tid, now, tx);
+                    if let Some((tid, l)) = self.stream_of(id, media_ssrc) {
+                        self.request_keyframe(tid, Some(l), now, tx);
                     }
                 }
                 (Role::Relay, Request::Nack { media_ssrc, seqs }) => {
                     // What the relay lost on the trunk: the publisher resends it and the
                     // resend goes down the trunk like any packet.
-                    if let Some(tid) = self.relayed_track(id, media_ssrc) {
-                        self.nack_publisher(tid, &seqs, 0, tx);
+                    if let Some((tid, l)) = self.stream_of(id, media_ssrc) {
+                        self.nack_publisher(tid, l, &seqs, tx);
                     }
                 }
                 _ => {}
@@ -709,24 +864,29 @@ impl Engine {
         }
     }
 
-    /// The track of relay session `relay` whose source SSRC is `ssrc`.
-    fn relayed_track(&self, relay: SessionId, ssrc: u32) -> Option<TrackId> {
-        let s = self.sessions.get(&relay)?;
+    /// The track and encoding of session `id`'s tracks (a publisher's own, or those a
+    /// relay gets) whose source SSRC is `ssrc`.
+    fn stream_of(&self, id: SessionId, ssrc: u32) -> Option<(TrackId, Layer)> {
+        let s = self.sessions.get(&id)?;
         s.tracks
             .iter()
-            .copied()
-            .find(|t| self.tracks.get(t).is_some_and(|t| t.ssrc == Some(ssrc)))
+            .find_map(|t| Some((*t, self.tracks.get(t)?.layer_of(ssrc)?)))
     }
 
-    /// Asks the publisher of `track` for `seqs` (as the subscriber numbered them,
-    /// `delta` ahead of the source).
-    fn nack_publisher(&mut self, track: TrackId, seqs: &[u16], delta: u16, tx: &mut dyn Transmit) {
+    /// Asks the publisher of `track` for `seqs` of encoding `layer` (its own numbers).
+    fn nack_publisher(
+        &mut self,
+        track: TrackId,
+        layer: Layer,
+        seqs: &[u16],
+        tx: &mut dyn Transmit,
+    ) {
         let Some((_, to, ssrc, rtcp_ssrc, ctx)) =
-            upstream_of(&mut self.tracks, &mut self.sessions, track)
+            upstream_of(&mut self.tracks, &mut self.sessions, track, layer)
         else {
             return;
         };
-        let nack = rtcp::translated_nack(rtcp_ssrc, ssrc, seqs, delta);
+        let nack = rtcp::translated_nack(rtcp_ssrc, ssrc, seqs, 0);
         send_rtcp(ctx, to, &nack, &self.counters, tx);
     }
 
@@ -742,22 +902,37 @@ impl Engine {
         })
     }
 
-    /// Sends a PLI for a publisher's track, at most every [`KEYFRAME_INTERVAL`], so a
-    /// room of viewers asking at once costs the publisher one keyframe.
-    pub fn request_keyframe(&mut self, track: TrackId, now: Instant, tx: &mut dyn Transmit) {
-        let Some((t, to, ssrc, rtcp_ssrc, ctx)) =
-            upstream_of(&mut self.tracks, &mut self.sessions, track)
-        else {
-            return;
+    /// Sends a PLI for encoding `layer` of a publisher's track (every encoding with
+    /// None), at most every [`KEYFRAME_INTERVAL`] per encoding, so a room of viewers
+    /// asking at once costs the publisher one keyframe.
+    pub fn request_keyframe(
+        &mut self,
+        track: TrackId,
+        layer: Option<Layer>,
+        now: Instant,
+        tx: &mut dyn Transmit,
+    ) {
+        let layers = match (layer, self.tracks.get(&track)) {
+            (Some(l), _) => l..l + 1,
+            (None, Some(t)) => 0..t.streams.len() as Layer,
+            (None, None) => return,
         };
-        if t.last_keyframe_request
-            .is_some_and(|at| now - at < KEYFRAME_INTERVAL)
-        {
-            return;
-        }
-        t.last_keyframe_request = Some(now);
-        if send_rtcp(ctx, to, &rtcp::pli(rtcp_ssrc, ssrc), &self.counters, tx) {
-            bump(&self.counters.keyframe_requests);
+        for l in layers {
+            let Some((st, to, ssrc, rtcp_ssrc, ctx)) =
+                upstream_of(&mut self.tracks, &mut self.sessions, track, l)
+            else {
+                continue;
+            };
+            if st
+                .last_keyframe_request
+                .is_some_and(|at| now - at < KEYFRAME_INTERVAL)
+            {
+                continue;
+            }
+            st.last_keyframe_request = Some(now);
+            if send_rtcp(ctx, to, &rtcp::pli(rtcp_ssrc, ssrc), &self.counters, tx) {
+                bump(&self.counters.keyframe_requests);
+            }
         }
     }
 
@@ -773,26 +948,36 @@ impl Engine {
             return;
         };
         let d = &mut t.downs[i];
+        let layer = d.layer();
+        let cache = &t.streams[layer as usize].cache;
         let mut missing = Vec::new();
-        for &seq in seqs {
-            let src_seq = seq.wrapping_sub(d.route.seq_delta);
-            match t.cache.get(src_seq as usize % CACHE) {
+        // Only packets since the last switch are this encoding's: older ones are lost.
+        for src_seq in seqs
+            .iter()
+            .filter_map(|s| d.layering.source_seq(*s, &d.route))
+        {
+            match cache.get(src_seq as usize % CACHE) {
                 Some(Some((cached, plain))) if *cached == src_seq => {
-                    if send_copy(d, &mut srtp.tx, to, plain, tx) {
+                    let Ok(hlen) = rtp::header_len(plain) else {
+                        continue;
+                    };
+                    let vp8 = (t.format == Format::Vp8)
+                        .then(|| Vp8Descriptor::parse(&plain[hlen..]))
+                        .flatten();
+                    if send_copy(d, &mut srtp.tx, to, plain, hlen, vp8.as_ref(), tx) {
                         d.nack_resent += 1;
                         bump(&c.nack_resent);
                     } else {
                         c.count(Drop::SendFailed);
                     }
                 }
-                _ => missing.push(seq),
+                _ => missing.push(src_seq),
             }
         }
         if missing.is_empty() {
             return;
         }
-        let delta = d.route.seq_delta;
-        self.nack_publisher(tid, &missing, delta, tx);
+        self.nack_publisher(tid, layer, &missing, tx);
     }
 
     /// When [`Engine::handle_timeout`] wants to run next.
@@ -824,7 +1009,7 @@ impl Engine {
                 let (Some(to), Some(srtp)) = (sub.media_addr(), sub.srtp.as_mut()) else {
                     continue;
                 };
-                let (ntp, rtp) = match t.last_sr {
+                let (ntp, rtp) = match t.streams[d.layer() as usize].last_sr {
                     Some((ntp, rtp, at)) => {
                         let el = now - at;
                         (
@@ -851,14 +1036,17 @@ impl Engine {
             if s.role != Role::Publisher {
                 continue;
             }
-            let blocks: Vec<_> = s
-                .tracks
-                .iter()
-                .filter_map(|t| {
-                    let t = self.tracks.get_mut(t)?;
-                    t.reception.report(t.ssrc?, now)
-                })
-                .collect();
+            let mut blocks = Vec::new();
+            for tid in &s.tracks {
+                let Some(t) = self.tracks.get_mut(tid) else {
+                    continue;
+                };
+                for st in &mut t.streams {
+                    if let Some(b) = st.ssrc.and_then(|ssrc| st.reception.report(ssrc, now)) {
+                        blocks.push(b);
+                    }
+                }
+            }
             let (Some(to), Some(srtp)) = (s.media_addr(), s.srtp.as_mut()) else {
                 continue;
             };
@@ -1007,7 +1195,9 @@ mod tests {
                 kind,
                 pt,
                 clock_rate,
-                ssrc,
+                format: Format::Other,
+                streams: vec![(None, ssrc)],
+                rid_ext: None,
             });
             p
         }
@@ -1176,7 +1366,7 @@ mod tests {
             1,
             "an unsignalled SSRC binds by payload type"
         );
-        assert_eq!(f.engine.track(10).unwrap().ssrc, Some(0x77));
+        assert_eq!(f.engine.track(10).unwrap().ssrc(), Some(0x77));
         f.deliver(publisher.addr, &good);
         assert_eq!(f.drops(Drop::SrtpReplay), 1);
         let next = Fixture::protect(&mut publisher, &rtp_packet(111, 6, 0, 0x77, b"opus"));
@@ -1483,7 +1673,9 @@ mod tests {
             kind: Kind::Video,
             pt: 96,
             clock_rate: 90_000,
-            ssrc: Some(0xaaaa),
+            format: Format::Other,
+            streams: vec![(None, Some(0xaaaa))],
+            rid_ext: None,
         });
         b.cmd(Command::BindRelay {
             id: 1,
@@ -1553,5 +1745,204 @@ mod tests {
                 .any(|r| matches!(r, Request::KeyFrame { media_ssrc: 0xaaaa })),
             "a PLI for the publisher's own SSRC"
         );
+    }
+
+    /// An RTP packet with the rid in a one-byte header extension (id 10), as Chromium
+    /// sends the first packets of each simulcast encoding.
+    fn rid_packet(seq: u16, ts: u32, ssrc: u32, rid: &[u8], payload: &[u8]) -> Vec<u8> {
+        let mut p = vec![0x90, 96];
+        p.extend_from_slice(&seq.to_be_bytes());
+        p.extend_from_slice(&ts.to_be_bytes());
+        p.extend_from_slice(&ssrc.to_be_bytes());
+        p.extend_from_slice(&[0xbe, 0xde, 0, 1, 0xa0 | (rid.len() as u8 - 1)]);
+        p.extend_from_slice(rid);
+        p.resize(p.len() + 3 - rid.len(), 0);
+        p.extend_from_slice(payload);
+        p
+    }
+
+    /// Three encodings bound by their rid extension; a capped viewer gets the lowest,
+    /// an uncapped one the highest, each starting at a keyframe of its layer (asked
+    /// for); lifting the cap switches at the next keyframe of the top layer with one
+    /// continuous sequence, timestamp and VP8 picture numbering; pausing stops it.
+    #[test]
+    fn simulcast_viewers_get_their_layer_and_switch_at_keyframes() {
+        use crate::media::codec::tests::vp8;
+        use crate::media::simulcast::UNCAPPED;
+        let mut f = Fixture::new();
+        let mut publisher = f.peer(1, Role::Publisher, Profile::AeadAes128Gcm);
+        f.cmd(Command::AddTrack {
+            id: 10,
+            session: 1,
+            kind: Kind::Video,
+            pt: 96,
+            clock_rate: 90_000,
+            format: Format::Vp8,
+            streams: ["q", "h", "f"]
+                .map(|r| (Some(r.to_string()), None))
+                .to_vec(),
+            rid_ext: Some(10),
+        });
+        let viewer = |f: &mut Fixture, id: SessionId| {
+            let down = Command::AddDownTrack {
+                track: 10,
+                sub: id,
+                ssrc_out: 0x100 + id,
+                pt_out: 96,
+                seq_delta: 0,
+                ts_delta: 0,
+            };
+            f.viewer(id, 10, Profile::AeadAes128Gcm, down)
+        };
+        let mut low = viewer(&mut f, 2);
+        let mut high = viewer(&mut f, 3);
+        f.cmd(Command::SetLayers {
+            sub: 2,
+            track: 10,
+            max_layer: 0,
+            paused: false,
+        });
+        f.sink.out.clear();
+        // Each layer's SSRC is learned from the rid of its first packet; a rid we did
+        // not answer is an unknown SSRC.
+        let ssrcs = [0xa0u32, 0xa1, 0xa2];
+        let rids: [&[u8]; 3] = [b"q", b"h", b"f"];
+        for l in 0..3 {
+            f.send(
+                &mut publisher,
+                &rid_packet(
+                    100,
+                    0,
+                    ssrcs[l],
+                    rids[l],
+                    &vp8(10 * l as u16, 1, 0, true, false),
+                ),
+            );
+        }
+        f.send(
+            &mut publisher,
+            &rid_packet(1, 0, 0xbad, b"x", &vp8(0, 0, 0, true, true)),
+        );
+        assert_eq!(f.drops(Drop::UnknownSsrc), 1);
+        let t = f.engine.track(10).unwrap();
+        assert_eq!(
+            t.streams.iter().map(|s| s.ssrc).collect::<Vec<_>>(),
+            ssrcs.map(Some)
+        );
+        // No keyframe yet: nothing forwarded; a keyframe asked of each layer as it
+        // became the best one received for a viewer.
+        let plis: Vec<u32> = f
+            .sink
+            .out
+            .drain(..)
+            .map(|(to, w)| {
+                assert_eq!(to, publisher.addr);
+                match rtcp::parse(&unprotect(&mut publisher, &w)).unwrap()[0] {
+                    Request::KeyFrame { media_ssrc } => media_ssrc,
+                    ref r => panic!("{r:?}"),
+                }
+            })
+            .collect();
+        assert_eq!(plis, vec![0xa0, 0xa1, 0xa2]);
+        // Keyframes on every layer (SSRCs now known: no extension needed).
+        for l in 0..3u32 {
+            f.send(
+                &mut publisher,
+                &rtp_packet(
+                    96,
+                    101,
+                    3000,
+                    ssrcs[l as usize],
+                    &vp8(10 * l as u16 + 1, 2, 0, true, true),
+                ),
+            );
+        }
+        f.send(
+            &mut publisher,
+            &rtp_packet(96, 102, 6000, 0xa0, &vp8(2, 3, 0, true, false)),
+        );
+        f.send(
+            &mut publisher,
+            &rtp_packet(96, 102, 6000, 0xa2, &vp8(22, 3, 0, true, false)),
+        );
+        let got = |f: &mut Fixture, p: &mut Peer| -> Vec<(u16, u32, u16)> {
+            let addr = p.addr;
+            let mine: Vec<_> = f
+                .sink
+                .out
+                .iter()
+                .filter(|o| o.0 == addr)
+                .map(|o| o.1.clone())
+                .collect();
+            f.sink.out.retain(|o| o.0 != addr);
+            mine.iter()
+                .map(|w| {
+                    let plain = unprotect(p, w);
+                    let hlen = rtp::header_len(&plain).unwrap();
+                    let d = Vp8Descriptor::parse(&plain[hlen..]).unwrap();
+                    (
+                        u16::from_be_bytes([plain[2], plain[3]]),
+                        u32::from_be_bytes(plain[4..8].try_into().unwrap()),
+                        d.picture_id.unwrap().1,
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(
+            got(&mut f, &mut low),
+            vec![(101, 3000, 1), (102, 6000, 2)],
+            "layer 0 from its keyframe"
+        );
+        assert_eq!(
+            got(&mut f, &mut high),
+            vec![(101, 3000, 21), (102, 6000, 22)],
+            "layer 2 from its keyframe"
+        );
+        // The cap lifted: a delta frame of layer 2 waits, its keyframe switches; 30 ms
+        // (2,700 ticks) after the last packet sent.
+        f.cmd(Command::SetLayers {
+            sub: 2,
+            track: 10,
+            max_layer: UNCAPPED,
+            paused: false,
+        });
+        f.send(
+            &mut publisher,
+            &rtp_packet(96, 103, 9000, 0xa2, &vp8(23, 3, 0, true, false)),
+        );
+        f.send(
+            &mut publisher,
+            &rtp_packet(96, 103, 9000, 0xa0, &vp8(3, 3, 0, true, false)),
+        );
+        f.now += Duration::from_millis(30);
+        f.send(
+            &mut publisher,
+            &rtp_packet(96, 104, 12000, 0xa2, &vp8(24, 4, 0, true, true)),
+        );
+        f.send(
+            &mut publisher,
+            &rtp_packet(96, 104, 12000, 0xa0, &vp8(4, 4, 0, true, false)),
+        );
+        assert_eq!(
+            got(&mut f, &mut low),
+            vec![(103, 9000, 3), (104, 11_700, 4)],
+            "continuous across the switch"
+        );
+        assert_eq!(got(&mut f, &mut high).len(), 2);
+        let low_dt = &f.engine.downtracks(2)[0].1.layering;
+        assert_eq!((low_dt.current, low_dt.switches), (Some(2), 2));
+        // Paused: nothing, even at a keyframe.
+        f.cmd(Command::SetLayers {
+            sub: 2,
+            track: 10,
+            max_layer: UNCAPPED,
+            paused: true,
+        });
+        f.send(
+            &mut publisher,
+            &rtp_packet(96, 105, 15000, 0xa2, &vp8(25, 5, 0, true, true)),
+        );
+        assert!(got(&mut f, &mut low).is_empty());
+        assert_eq!(got(&mut f, &mut high).len(), 1);
     }
 }

@@ -160,6 +160,10 @@ pub struct RelayTrack {
     pub mid: String,
     pub track_id: String,
     pub ssrc: u32,
+    /// Every encoding's SSRC, lowest quality first, for a simulcast track (empty for
+    /// a plain one, and from nodes that predate simulcast).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<u32>,
     pub codec: Codec,
 }
 
@@ -295,11 +299,15 @@ impl Sfu {
                 .relay
                 .as_ref()
                 .map_or(pid.clone(), |r| r.upstream_id.clone());
+            // Per track every encoding's SSRC; all must be known (seen or signalled).
             let (handover, ssrcs) = self.with_engine(|e, _| {
-                let ssrcs: Option<Vec<u32>> = s
+                let ssrcs: Option<Vec<Vec<u32>>> = s
                     .tracks
                     .iter()
-                    .map(|t| e.track(t.media).and_then(|m| m.ssrc).or(t.ssrc))
+                    .map(|t| match e.track(t.media) {
+                        Some(m) => m.streams.iter().map(|st| st.ssrc).collect(),
+                        None => t.streams.iter().map(|st| st.1).collect(),
+                    })
                     .collect();
                 (e.relay_handover(s.media), ssrcs)
             });
@@ -310,11 +318,16 @@ impl Sfu {
                 .tracks
                 .iter()
                 .zip(&ssrcs)
-                .map(|(t, ssrc)| RelayTrack {
+                .map(|(t, ssrcs)| RelayTrack {
                     kind: t.kind,
                     mid: t.mid.clone(),
                     track_id: t.track_id.clone(),
-                    ssrc: *ssrc,
+                    ssrc: ssrcs[0],
+                    layers: if ssrcs.len() > 1 {
+                        ssrcs.clone()
+                    } else {
+                        vec![]
+                    },
                     codec: t.codec.clone(),
                 })
                 .collect();
@@ -561,7 +574,13 @@ impl Sfu {
                     kind: t.kind,
                     mid: t.mid.clone(),
                     codec: t.codec.clone(),
-                    ssrc: Some(t.ssrc),
+                    // A relayed simulcast track keeps its encodings (SSRCs known).
+                    streams: if t.layers.len() > 1 {
+                        t.layers.iter().map(|l| (None, Some(*l))).collect()
+                    } else {
+                        vec![(None, Some(t.ssrc))]
+                    },
+                    rid_ext: None,
                     track_id: t.track_id.clone(),
                     media: self.media_id(),
                 });

@@ -55,7 +55,8 @@ pub fn router(api: Arc<Api>, with_admin: bool) -> Router {
             axum::routing::delete(leave_whep)
                 .patch(no_trickle)
                 .options(options),
-        );
+        )
+        .route("/whep/{room}/{id}/layers", axum::routing::put(set_layers));
     let r = if with_admin { with_admin_routes(r) } else { r };
     r.with_state(api)
 }
@@ -210,7 +211,9 @@ fn text(status: StatusCode, msg: impl Into<String>) -> Response {
 fn api_error(e: ApiError) -> Response {
     let status = match e {
         ApiError::BadOffer(_) => StatusCode::BAD_REQUEST,
-        ApiError::UnknownRoom(_) | ApiError::UnknownSession => StatusCode::NOT_FOUND,
+        ApiError::UnknownRoom(_) | ApiError::UnknownSession | ApiError::NoSuchTrack(_) => {
+            StatusCode::NOT_FOUND
+        }
         ApiError::UnsupportedCodec(_) => StatusCode::NOT_ACCEPTABLE,
         ApiError::TooManyFromSource(_) => StatusCode::TOO_MANY_REQUESTS,
         ApiError::Cascade(code, _) => {
@@ -420,6 +423,56 @@ async fn leave_whep(
     headers: HeaderMap,
 ) -> Response {
     leave(&api, &headers, &room, &id, Role::Subscriber).await
+}
+
+/// What a subscriber asks of its down-tracks (`PUT {session}/layers`).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LayersRequest {
+    /// The subscriber's m-line (every down-track without).
+    mid: Option<String>,
+    /// Highest simulcast encoding to get, 0 = lowest; absent or null = no cap.
+    max_layer: Option<u8>,
+    #[serde(default)]
+    paused: bool,
+}
+
+async fn set_layers(
+    State(api): State<Arc<Api>>,
+    Path((room, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = check_auth(&api, &headers) {
+        return r;
+    }
+    let max = crate::media::engine::MAX_LAYERS - 1;
+    let req: LayersRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "the body must be JSON {{\"mid\": \"1\", \"max_layer\": 0..{max} or null, \"paused\": false}} (mid optional: every track): {e}"
+                ),
+            );
+        }
+    };
+    if let Some(l) = req.max_layer.filter(|l| *l as usize > max) {
+        return text(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "max_layer {l} is out of range: simulcast has layers 0 (lowest) to {max}, or null for no cap"
+            ),
+        );
+    }
+    match api
+        .sfu
+        .set_layers(&room, &id, req.mid.as_deref(), req.max_layer, req.paused)
+    {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(e) => api_error(e),
+    }
 }
 
 /// Trickle ICE and ICE restarts (RFC 9725 §4.3) are not supported: clients send every

@@ -152,6 +152,11 @@ pub struct OfferMedia {
     pub codecs: Vec<Codec>,
     /// Media SSRCs (a=ssrc), without the RTX/FEC members of ssrc-groups.
     pub ssrcs: Vec<u32>,
+    /// Header extensions offered (a=extmap): (id, URI).
+    pub extmaps: Vec<(u8, String)>,
+    /// Simulcast encodings the client sends (RFC 8853 a=simulcast:send, RFC 8851
+    /// a=rid), in the offer's order; paused ones (~) included.
+    pub send_rids: Vec<String>,
     /// Kept to write the refusal: the m-line's media name and formats.
     media_name: sdp::description::media::MediaName,
 }
@@ -278,12 +283,25 @@ pub fn parse_offer(text: &str) -> Result<Offer, OfferError> {
                 ssrcs.push(s);
             }
         }
+        let extmaps = m
+            .attributes
+            .iter()
+            .filter(|a| a.key == "extmap")
+            .filter_map(|a| {
+                let mut it = a.value.as_deref()?.split_whitespace();
+                // "<id>[/<direction>] <uri> [attributes]"
+                let id = it.next()?.split('/').next()?.parse().ok()?;
+                Some((id, it.next()?.to_string()))
+            })
+            .collect();
         media.push(OfferMedia {
             mid,
             kind,
             direction,
             codecs,
             ssrcs,
+            extmaps,
+            send_rids: send_rids(m),
             media_name: m.media_name.clone(),
         });
     }
@@ -295,7 +313,70 @@ pub fn parse_offer(text: &str) -> Result<Offer, OfferError> {
     })
 }
 
+/// The rids of `a=simulcast:send` (first alternative of each, `~` dropped), else of the
+/// `a=rid:<id> send` lines.
+fn send_rids(m: &MediaDescription) -> Vec<String> {
+    let simulcast = m.attribute("simulcast").flatten().and_then(|v| {
+        let mut it = v.split_whitespace();
+        while let Some(dir) = it.next() {
+            let list = it.next()?;
+            if dir == "send" {
+                return Some(list);
+            }
+        }
+        None
+    });
+    let rid = |alt: &str| alt.trim_start_matches('~').to_string();
+    match simulcast {
+        Some(list) => list
+            .split(';')
+            .filter_map(|stream| stream.split(',').next())
+            .map(rid)
+            .filter(|r| !r.is_empty())
+            .collect(),
+        None => m
+            .attributes
+            .iter()
+            .filter(|a| a.key == "rid")
+            .filter_map(|a| {
+                let mut it = a.value.as_deref()?.split_whitespace();
+                let (id, dir) = (it.next()?, it.next()?);
+                (dir == "send").then(|| id.to_string())
+            })
+            .collect(),
+    }
+}
+
+/// RFC 8852 header extensions: the m-line's MID and an encoding's RtpStreamId.
+pub const EXT_MID: &str = "urn:ietf:params:rtp-hdrext:sdes:mid";
+pub const EXT_RID: &str = "urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id";
+
 impl OfferMedia {
+    /// The offered id of header extension `uri`.
+    pub fn extmap(&self, uri: &str) -> Option<u8> {
+        self.extmaps
+            .iter()
+            .find(|(_, u)| u == uri)
+            .map(|(id, _)| *id)
+    }
+
+    /// A publisher's simulcast encodings, lowest quality first, and the rid header
+    /// extension's id; None for a plain m-line. The order is the offer's unless the
+    /// rids are the common q/h/f (quarter, half, full), which say their order.
+    pub fn simulcast(&self) -> Option<(Vec<String>, u8)> {
+        if self.send_rids.len() < 2 {
+            return None;
+        }
+        let ext = self.extmap(EXT_RID)?;
+        let mut rids = self.send_rids.clone();
+        let rank = |r: &String| ["q", "h", "f"].iter().position(|x| x == r);
+        if rids.iter().all(|r| rank(r).is_some()) {
+            rids.sort_by_key(rank);
+        }
+        rids.truncate(crate::media::engine::MAX_LAYERS);
+        Some((rids, ext))
+    }
+
     /// The codec a publisher's m-line is received with: the first supported one in the
     /// client's order (the client's preference, e.g. from setCodecPreferences).
     pub fn publish_codec(&self) -> Option<&Codec> {
@@ -328,8 +409,8 @@ impl OfferMedia {
 /// How one offered m-line is answered.
 #[derive(Debug, Clone)]
 pub enum AnswerMedia {
-    /// Receive this codec from the publisher.
-    Receive { codec: Codec },
+    /// Receive this codec from the publisher; with `simulcast`, those encodings.
+    Receive { codec: Codec, simulcast: bool },
     /// Send this codec to the subscriber from `ssrc`, labelled with msid.
     Send {
         codec: Codec,
@@ -380,7 +461,7 @@ pub fn build_answer(p: &AnswerParams<'_>) -> String {
     sd.session_name = "edgefwd".into();
     for (om, am) in p.offer.media.iter().zip(p.media) {
         let (codec, direction) = match am {
-            AnswerMedia::Receive { codec } => (codec, "recvonly"),
+            AnswerMedia::Receive { codec, .. } => (codec, "recvonly"),
             AnswerMedia::Send { codec, .. } => (codec, "sendonly"),
             AnswerMedia::Reject => {
                 let mut md = MediaDescription {
@@ -433,6 +514,25 @@ pub fn build_answer(p: &AnswerParams<'_>) -> String {
             );
         for fb in codec.answer_feedback() {
             md = md.with_value_attribute("rtcp-fb".into(), format!("{} {fb}", codec.pt));
+        }
+        // Simulcast: the MID and rid extensions under the offer's ids, and every rid
+        // received, in the offer's order (RFC 8853 §5.3: the answer mirrors it).
+        if let AnswerMedia::Receive {
+            simulcast: true, ..
+        } = am
+        {
+            for uri in [EXT_MID, EXT_RID] {
+                if let Some(id) = om.extmap(uri) {
+                    md = md.with_value_attribute("extmap".into(), format!("{id} {uri}"));
+                }
+            }
+            for r in &om.send_rids {
+                md = md.with_value_attribute("rid".into(), format!("{r} recv"));
+            }
+            md = md.with_value_attribute(
+                "simulcast".into(),
+                format!("recv {}", om.send_rids.join(";")),
+            );
         }
         if let AnswerMedia::Send {
             ssrc,
@@ -513,9 +613,11 @@ mod tests {
         let media = vec![
             AnswerMedia::Receive {
                 codec: o.media[0].publish_codec().unwrap().clone(),
+                simulcast: false,
             },
             AnswerMedia::Receive {
                 codec: o.media[1].publish_codec().unwrap().clone(),
+                simulcast: false,
             },
             AnswerMedia::Reject,
         ];
@@ -578,5 +680,71 @@ mod tests {
                 .to_string()
                 .contains("a=fingerprint")
         );
+    }
+
+    /// A Chromium simulcast offer (sendEncodings with rids): the rids in layer order,
+    /// the rid extension's id, and an answer that mirrors a=simulcast and a=rid with
+    /// the MID and rid extensions under the offer's ids.
+    #[test]
+    fn simulcast_offer_and_answer() {
+        let text = CHROMIUM_OFFER.replace(
+            "a=mid:1\r\na=sendonly\r\n",
+            "a=mid:1\r\na=sendonly\r\na=extmap:4 urn:ietf:params:rtp-hdrext:sdes:mid\r\n\
+             a=extmap:10 urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id\r\n\
+             a=extmap:11 urn:ietf:params:rtp-hdrext:sdes:repaired-rtp-stream-id\r\n\
+             a=rid:f send\r\na=rid:h send\r\na=rid:q send\r\na=simulcast:send f;h;~q\r\n",
+        );
+        assert_ne!(text, CHROMIUM_OFFER);
+        let o = parse_offer(&text).unwrap();
+        let v = &o.media[1];
+        assert_eq!(v.send_rids, vec!["f", "h", "q"]);
+        assert_eq!(v.extmap(EXT_RID), Some(10));
+        assert_eq!(
+            v.simulcast(),
+            Some((vec!["q".into(), "h".into(), "f".into()], 10)),
+            "q/h/f name their order: lowest first"
+        );
+        assert_eq!(o.media[0].simulcast(), None, "audio has no rids");
+        // Without the rid extension there is no way to tell the encodings apart.
+        let mut no_ext = v.clone();
+        no_ext.extmaps.retain(|(id, _)| *id != 10);
+        assert_eq!(no_ext.simulcast(), None);
+        // Other names keep the offer's order.
+        let mut named = v.clone();
+        named.send_rids = vec!["lo".into(), "mid".into(), "hi".into()];
+        assert_eq!(named.simulcast().unwrap().0, vec!["lo", "mid", "hi"]);
+        let media = vec![
+            AnswerMedia::Receive {
+                codec: o.media[0].publish_codec().unwrap().clone(),
+                simulcast: false,
+            },
+            AnswerMedia::Receive {
+                codec: v.publish_codec().unwrap().clone(),
+                simulcast: true,
+            },
+            AnswerMedia::Reject,
+        ];
+        let cand = ["127.0.0.1:40000".parse().unwrap()];
+        let answer = build_answer(&AnswerParams {
+            offer: &o,
+            ice_ufrag: "uFrG",
+            ice_pwd: "0123456789abcdefghijkl",
+            fingerprint: &[0xAB; 32],
+            candidates: &cand,
+            media: &media,
+            cname: "edgefwd",
+        });
+        let video = &answer[answer.find("m=video").unwrap()..];
+        for want in [
+            "a=extmap:4 urn:ietf:params:rtp-hdrext:sdes:mid\r\n",
+            "a=extmap:10 urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id\r\n",
+            "a=rid:f recv\r\na=rid:h recv\r\na=rid:q recv\r\n",
+            "a=simulcast:recv f;h;q\r\n",
+        ] {
+            assert!(video.contains(want), "answer lacks {want:?}:\n{answer}");
+        }
+        assert!(!video.contains("repaired"), "no RTX: no repaired-rid");
+        let audio = &answer[answer.find("m=audio").unwrap()..answer.find("m=video").unwrap()];
+        assert!(!audio.contains("extmap"), "plain m-lines get no extensions");
     }
 }

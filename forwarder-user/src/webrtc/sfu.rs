@@ -28,7 +28,9 @@ pub use crate::media::engine::Role;
 pub use crate::media::{Counters, Drop};
 use crate::media::{
     Kind, Transmit, bump,
+    codec::Format,
     engine::{Command, Engine, SessionId, TrackId},
+    simulcast::UNCAPPED,
     srtp::{MasterKey, Profile},
 };
 
@@ -42,8 +44,11 @@ pub struct Track {
     pub kind: Kind,
     pub mid: String,
     pub codec: Codec,
-    /// From a=ssrc, if the offer named one.
-    pub ssrc: Option<u32>,
+    /// Its encodings, lowest quality first: (rid, SSRC). A plain track has one, with
+    /// the SSRC of a=ssrc if the offer named one; a simulcast track one per rid.
+    pub streams: Vec<(Option<String>, Option<u32>)>,
+    /// The rtp-stream-id header extension's id (simulcast).
+    pub rid_ext: Option<u8>,
     pub track_id: String,
     /// The engine's handle of this track.
     pub media: TrackId,
@@ -53,6 +58,8 @@ pub struct Track {
 /// payload type the answer announced for it. The engine's down-track is made from
 /// this once (`AddDownTrack`) and holds the rewrite and the counters.
 pub struct Subscription {
+    /// The subscriber's m-line that carries it (how the layer API names it).
+    pub mid: String,
     pub src_session: String,
     pub track: TrackId,
     pub kind: Kind,
@@ -66,6 +73,7 @@ pub struct Subscription {
 /// joined before the publisher): a track published later with a compatible codec
 /// gets it, under the SSRC the answer already announced.
 pub struct Slot {
+    pub mid: String,
     pub kind: Kind,
     pub codec: Codec,
     pub ssrc_out: u32,
@@ -165,6 +173,7 @@ impl State {
                 sub.downtracks = kept;
                 let gone: Vec<Subscription> = gone;
                 sub.reserved.extend(gone.into_iter().map(|d| Slot {
+                    mid: d.mid,
                     kind: d.kind,
                     codec: d.codec,
                     ssrc_out: d.ssrc_out,
@@ -224,6 +233,8 @@ pub enum ApiError {
     UnknownRoom(String),
     UnsupportedCodec(String),
     UnknownSession,
+    /// A layer request names an m-line the session does not receive a track on.
+    NoSuchTrack(String),
     /// (the cap) sessions in total.
     ServerFull(usize),
     /// (room, the cap).
@@ -260,6 +271,10 @@ impl std::fmt::Display for ApiError {
                 "your address already has {n} sessions ([webrtc.limits] max_sessions_per_source); DELETE some first"
             ),
             ApiError::Cascade(_, m) => write!(f, "{m}"),
+            ApiError::NoSuchTrack(mid) => write!(
+                f,
+                "the session receives no track on m-line {mid:?}; GET /api/sessions lists its down-tracks with their mid"
+            ),
         }
     }
 }
@@ -450,7 +465,9 @@ impl Sfu {
                 kind: t.kind,
                 pt: t.codec.pt,
                 clock_rate: t.codec.clock_rate,
-                ssrc: t.ssrc,
+                format: Format::from_name(&t.codec.name),
+                streams: t.streams.clone(),
+                rid_ext: t.rid_ext,
             });
         }
         for d in &s.downtracks {
@@ -531,7 +548,11 @@ impl Sfu {
         self.command(Command::BindRelay {
             id: s.media,
             addr: upstream,
-            ssrcs: s.tracks.iter().filter_map(|t| t.ssrc).collect(),
+            ssrcs: s
+                .tracks
+                .iter()
+                .flat_map(|t| t.streams.iter().filter_map(|(_, ssrc)| *ssrc))
+                .collect(),
         });
         self.command(Command::SetKeys {
             id: s.media,
@@ -658,16 +679,26 @@ impl Sfu {
         for m in &offer.media {
             match (m.kind, m.publish_codec()) {
                 (Some(kind), Some(codec)) => {
+                    let simulcast = m.simulcast().filter(|_| kind == Kind::Video);
+                    let (streams, rid_ext) = match &simulcast {
+                        Some((rids, ext)) => (
+                            rids.iter().map(|r| (Some(r.clone()), None)).collect(),
+                            Some(*ext),
+                        ),
+                        None => (vec![(None, m.ssrcs.first().copied())], None),
+                    };
                     s.tracks.push(Track {
                         kind,
                         mid: m.mid.clone(),
                         codec: codec.clone(),
-                        ssrc: m.ssrcs.first().copied(),
+                        streams,
+                        rid_ext,
                         track_id: format!("{}-{}", kind.as_str(), random_string(6)),
                         media: self.media_id(),
                     });
                     media.push(AnswerMedia::Receive {
                         codec: codec.clone(),
+                        simulcast: simulcast.is_some(),
                     });
                 }
                 _ => media.push(AnswerMedia::Reject),
@@ -747,6 +778,7 @@ impl Sfu {
                     Some(codec) => {
                         let ssrc_out = nonzero_u32();
                         s.reserved.push(Slot {
+                            mid: m.mid.clone(),
                             kind,
                             codec: codec.clone(),
                             ssrc_out,
@@ -766,6 +798,7 @@ impl Sfu {
             let t = &st.sessions[&p].tracks[i];
             let ssrc_out = nonzero_u32();
             s.downtracks.push(Subscription {
+                mid: m.mid.clone(),
                 src_session: p.clone(),
                 track: t.media,
                 kind,
@@ -823,6 +856,7 @@ impl Sfu {
                 };
                 let slot = s.reserved.remove(i);
                 s.downtracks.push(Subscription {
+                    mid: slot.mid.clone(),
                     src_session: publisher.to_string(),
                     track: *tid,
                     kind: *kind,
@@ -841,6 +875,45 @@ impl Sfu {
                 tracing::info!(event = "late_track", session = %sid, publisher, "session {sid}: {} track of {publisher} fills a waiting m-line", kind.as_str());
             }
         }
+    }
+
+    /// A subscriber's layer choice for its down-track on m-line `mid` (every one
+    /// without): at most `max_layer` (0 = lowest encoding; None = no cap), or paused.
+    /// Returns the down-tracks changed, as `/api/sessions` shows them.
+    pub fn set_layers(
+        &self,
+        room: &str,
+        id: &str,
+        mid: Option<&str>,
+        max_layer: Option<u8>,
+        paused: bool,
+    ) -> Result<Vec<serde_json::Value>, ApiError> {
+        let st = self.state.lock().unwrap();
+        let s = match st.sessions.get(id) {
+            Some(s) if s.room == room && s.role == Role::Subscriber => s,
+            _ => return Err(ApiError::UnknownSession),
+        };
+        let chosen: Vec<&Subscription> = s
+            .downtracks
+            .iter()
+            .filter(|d| mid.is_none_or(|m| m == d.mid))
+            .collect();
+        if let (Some(m), true) = (mid, chosen.is_empty()) {
+            return Err(ApiError::NoSuchTrack(m.to_string()));
+        }
+        for d in &chosen {
+            self.command(Command::SetLayers {
+                sub: s.media,
+                track: d.track,
+                max_layer: max_layer.unwrap_or(UNCAPPED),
+                paused,
+            });
+        }
+        tracing::info!(event = "layers", session = %id, room, ?mid, ?max_layer, paused, "session {id}: layer cap {max_layer:?}, paused {paused}");
+        Ok(chosen
+            .iter()
+            .map(|d| serde_json::json!({"mid": d.mid, "kind": d.kind, "max_layer": max_layer, "paused": paused}))
+            .collect())
     }
 
     /// DELETE of a WHIP/WHEP resource.
@@ -1311,8 +1384,12 @@ impl Sfu {
                             let m = engine.track(t.media);
                             serde_json::json!({
                                 "kind": t.kind, "mid": t.mid, "codec": t.codec.name, "pt": t.codec.pt,
-                                "ssrc": m.and_then(|m| m.ssrc).or(t.ssrc),
+                                "ssrc": m.and_then(|m| m.ssrc()).or(t.streams[0].1),
                                 "packets": m.map_or(0, |m| m.packets), "bytes": m.map_or(0, |m| m.bytes),
+                                // Simulcast: each encoding, lowest first.
+                                "layers": m.filter(|m| m.streams.len() > 1).map(|m| m.streams.iter().map(|st| serde_json::json!({
+                                    "rid": st.rid, "ssrc": st.ssrc, "packets": st.packets, "bytes": st.bytes,
+                                })).collect::<Vec<_>>()),
                             })
                         }).collect::<Vec<_>>(),
                         "downtracks": engine.downtracks(s.media).iter().map(|(tid, d)| serde_json::json!({
@@ -1321,6 +1398,11 @@ impl Sfu {
                             "ssrc_out": d.ssrc_out(), "pt_out": d.route.pt_to,
                             "seq_delta": d.route.seq_delta, "ts_delta": d.route.ts_delta,
                             "packets": d.packets, "payload_octets": d.octets, "nack_resent": d.nack_resent,
+                            "mid": s.downtracks.iter().find(|x| x.track == *tid).map(|x| &x.mid),
+                            "layer": d.layering.current, "target_layer": d.layering.target,
+                            "max_layer": (d.layering.max_layer != UNCAPPED).then_some(d.layering.max_layer),
+                            "paused": d.layering.paused, "layer_switches": d.layering.switches,
+                            "layers": engine.track(*tid).map_or(1, |t| t.streams.len()),
                         })).collect::<Vec<_>>(),
                     })
                 })
@@ -1858,11 +1940,18 @@ mod tests {
         )
     }
 
+    /// VP8 (pt 96) payloads open with a keyframe's descriptor and header byte (S=1,
+    /// P=0): a viewer starts on a keyframe.
+    const VP8_KEY: [u8; 2] = [0x10, 0x00];
+
     fn rtp_packet(pt: u8, seq: u16, ssrc: u32, tag: &[u8]) -> Vec<u8> {
         let mut p = vec![0x80, pt];
         p.extend_from_slice(&seq.to_be_bytes());
         p.extend_from_slice(&(seq as u32 * 3000).to_be_bytes());
         p.extend_from_slice(&ssrc.to_be_bytes());
+        if pt == 96 {
+            p.extend_from_slice(&VP8_KEY);
+        }
         p.extend_from_slice(tag);
         p
     }
@@ -1877,7 +1966,8 @@ mod tests {
             }
             let plain = p.rx.decrypt_rtp(&buf[..n]).expect("SFU's SRTP decrypts");
             let ssrc = u32::from_be_bytes(plain[8..12].try_into().unwrap());
-            out.push((ssrc, plain[1] & 0x7f, plain[12..].to_vec()));
+            let tag = plain[12..].strip_prefix(&VP8_KEY).unwrap_or(&plain[12..]);
+            out.push((ssrc, plain[1] & 0x7f, tag.to_vec()));
         }
         out
     }

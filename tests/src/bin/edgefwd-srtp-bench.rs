@@ -246,7 +246,10 @@ fn engine(n: usize, profile: Profile) -> (Engine, Context, SocketAddr) {
             kind: Kind::Video,
             pt: 96,
             clock_rate: 90_000,
-            ssrc: Some(0xaaaa),
+            // Any packet may start a viewer: the bench's payloads are not VP8.
+            format: edgefwd::media::codec::Format::Other,
+            streams: vec![(None, Some(0xaaaa))],
+            rid_ext: None,
         },
     );
     for i in 0..n as u32 {

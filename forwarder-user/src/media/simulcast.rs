@@ -1,0 +1,362 @@
+//! Simulcast for one subscriber of one track: which encoding it gets (the selector)
+//! and how its numbering stays one continuous stream across switches (the munger).
+//!
+//! A publisher sends up to three encodings of a track, each its own RTP stream (SSRC,
+//! sequence and timestamp space, VP8 picture numbering). A subscriber gets one of them
+//! under its own single SSRC. It moves to another only where that encoding starts a
+//! keyframe; at the switch the sequence continues at the last one sent + 1, the
+//! timestamp advances by the wall time since the last packet sent, and VP8's picture
+//! id and TL0PICIDX continue at the last ones + 1. The rewrite itself stays the one
+//! [`forwarder_common::rtp::rewrite`]: a switch only changes the down-track's deltas.
+
+use forwarder_common::routes::RouteValue;
+
+use super::codec::Vp8Descriptor;
+
+/// Layer indices, lowest quality first.
+pub type Layer = u8;
+
+/// "No cap" for [`Layering::max_layer`].
+pub const UNCAPPED: Layer = Layer::MAX;
+
+/// The last packet sent to the subscriber, in its own numbering.
+#[derive(Debug, Clone, Copy)]
+struct Sent {
+    seq: u16,
+    ts: u32,
+    /// When, in the track's clock units.
+    at: u64,
+    pic: Option<u16>,
+    tl0: Option<u8>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Layering {
+    /// The highest layer the subscriber may get (the API's cap).
+    pub max_layer: Layer,
+    /// Nothing forwarded while paused; resuming waits for a keyframe.
+    pub paused: bool,
+    /// The layer being forwarded, once a keyframe of it started the subscriber there.
+    pub current: Option<Layer>,
+    /// What the selector chose last (shown in the API); the switch waits for its keyframe.
+    pub target: Option<Layer>,
+    /// First source sequence number forwarded on `current`: a packet of that layer
+    /// older than the switch (reordered) would collide with the old layer's numbers.
+    since_seq: u16,
+    last: Option<Sent>,
+    /// Added to VP8 picture ids and TL0PICIDX of the current layer.
+    pub pic_delta: u16,
+    pub tl0_delta: u8,
+    pub switches: u64,
+}
+
+impl Default for Layering {
+    fn default() -> Self {
+        Layering {
+            max_layer: UNCAPPED,
+            paused: false,
+            current: None,
+            target: None,
+            since_seq: 0,
+            last: None,
+            pic_delta: 0,
+            tl0_delta: 0,
+            switches: 0,
+        }
+    }
+}
+
+/// `a` is after `b` in 16-bit sequence space.
+fn seq_after(a: u16, b: u16) -> bool {
+    a != b && a.wrapping_sub(b) < 0x8000
+}
+
+impl Layering {
+    /// The layer to be on: the highest active one within the cap; with none active
+    /// within it, the lowest active one (a picture rather than none).
+    pub fn choose(&self, active: &[bool]) -> Option<Layer> {
+        if self.paused {
+            return None;
+        }
+        let within = active
+            .iter()
+            .enumerate()
+            .take((self.max_layer as usize).saturating_add(1))
+            .rev()
+            .find(|(_, a)| **a)
+            .map(|(i, _)| i as Layer);
+        within.or_else(|| active.iter().position(|a| *a).map(|i| i as Layer))
+    }
+
+    /// Whether the subscriber should be asked a keyframe of `target` for: it waits to
+    /// switch there.
+    pub fn waiting(&self) -> Option<Layer> {
+        self.target.filter(|t| Some(*t) != self.current)
+    }
+
+    /// Decides one packet of `layer` (source `seq`, `ts`, whether it starts a keyframe,
+    /// its VP8 descriptor) arriving at `now` (clock units); `target` is what
+    /// [`Layering::choose`] says now. On a switch it moves `route`'s deltas so the
+    /// subscriber's numbering continues. Returns whether to forward the packet.
+    #[allow(clippy::too_many_arguments)]
+    pub fn accept(
+        &mut self,
+        layer: Layer,
+        target: Option<Layer>,
+        seq: u16,
+        ts: u32,
+        keyframe: bool,
+        vp8: Option<&Vp8Descriptor>,
+        now: u64,
+        route: &mut RouteValue,
+    ) -> bool {
+        self.target = target;
+        if self.paused {
+            self.current = None;
+            return false;
+        }
+        if self.current == Some(layer) {
+            if seq_after(self.since_seq, seq) {
+                return false;
+            }
+        } else if target == Some(layer) && keyframe {
+            self.switch(layer, seq, ts, vp8, now, route);
+        } else {
+            return false;
+        }
+        self.sent(seq, ts, vp8, now, route);
+        true
+    }
+
+    fn switch(
+        &mut self,
+        layer: Layer,
+        seq: u16,
+        ts: u32,
+        vp8: Option<&Vp8Descriptor>,
+        now: u64,
+        route: &mut RouteValue,
+    ) {
+        if let Some(last) = self.last {
+            route.seq_delta = last.seq.wrapping_add(1).wrapping_sub(seq);
+            // At least one tick: two frames must not share a timestamp.
+            let gap = now.saturating_sub(last.at).clamp(1, u32::MAX as u64) as u32;
+            route.ts_delta = last.ts.wrapping_add(gap).wrapping_sub(ts);
+            if let (Some(p), Some((_, pic, _))) = (last.pic, vp8.and_then(|d| d.picture_id)) {
+                self.pic_delta = p.wrapping_add(1).wrapping_sub(pic);
+            }
+            if let (Some(t), Some((_, tl0))) = (last.tl0, vp8.and_then(|d| d.tl0)) {
+                self.tl0_delta = t.wrapping_add(1).wrapping_sub(tl0);
+            }
+        }
+        self.current = Some(layer);
+        self.since_seq = seq;
+        self.switches += 1;
+    }
+
+    /// Remembers what the subscriber got, unless it is older than what it had.
+    fn sent(&mut self, seq: u16, ts: u32, vp8: Option<&Vp8Descriptor>, now: u64, r: &RouteValue) {
+        let seq_out = seq.wrapping_add(r.seq_delta);
+        if self.last.is_some_and(|l| !seq_after(seq_out, l.seq)) {
+            return;
+        }
+        self.last = Some(Sent {
+            seq: seq_out,
+            ts: ts.wrapping_add(r.ts_delta),
+            at: now,
+            pic: vp8
+                .and_then(|d| d.picture_id)
+                .map(|(_, p, _)| p.wrapping_add(self.pic_delta) & 0x7fff),
+            tl0: vp8
+                .and_then(|d| d.tl0)
+                .map(|(_, t)| t.wrapping_add(self.tl0_delta)),
+        });
+    }
+
+    /// The source sequence number of `seq_out` on the current layer, if the packet is
+    /// from after the last switch (a NACK for an older one cannot be answered right).
+    pub fn source_seq(&self, seq_out: u16, r: &RouteValue) -> Option<u16> {
+        let seq = seq_out.wrapping_sub(r.seq_delta);
+        (!seq_after(self.since_seq, seq)).then_some(seq)
+    }
+
+    /// Pauses or resumes; a resumed subscriber starts again at a keyframe.
+    pub fn set_paused(&mut self, paused: bool) {
+        self.paused = paused;
+        if paused {
+            self.current = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::media::codec::tests::vp8;
+
+    /// One source packet of a layer: (seq, ts, keyframe start, pic, tl0).
+    struct Src {
+        layer: Layer,
+        seq: u16,
+        ts: u32,
+        key: bool,
+        pic: u16,
+        tl0: u8,
+    }
+
+    /// Feeds packets through `l` as the engine does; returns what the subscriber got:
+    /// (seq, ts, pic, tl0) after the rewrite and the VP8 shift.
+    fn run(
+        l: &mut Layering,
+        r: &mut RouteValue,
+        target: Layer,
+        pkts: &[(Src, u64)],
+    ) -> Vec<(u16, u32, u16, u8)> {
+        let mut out = vec![];
+        for (p, now) in pkts {
+            let mut payload = vp8(p.pic, p.tl0, 0, true, p.key);
+            let d = Vp8Descriptor::parse(&payload).unwrap();
+            if !l.accept(p.layer, Some(target), p.seq, p.ts, p.key, Some(&d), *now, r) {
+                continue;
+            }
+            d.shift(&mut payload, l.pic_delta, l.tl0_delta);
+            let e = Vp8Descriptor::parse(&payload).unwrap();
+            out.push((
+                p.seq.wrapping_add(r.seq_delta),
+                p.ts.wrapping_add(r.ts_delta),
+                e.picture_id.unwrap().1,
+                e.tl0.unwrap().1,
+            ));
+        }
+        out
+    }
+
+    fn src(layer: Layer, seq: u16, ts: u32, key: bool, pic: u16, tl0: u8) -> Src {
+        Src {
+            layer,
+            seq,
+            ts,
+            key,
+            pic,
+            tl0,
+        }
+    }
+
+    #[test]
+    fn choose_highest_active_within_the_cap() {
+        let mut l = Layering::default();
+        assert_eq!(l.choose(&[true, true, true]), Some(2));
+        assert_eq!(
+            l.choose(&[true, true, false]),
+            Some(1),
+            "the top layer stopped"
+        );
+        l.max_layer = 0;
+        assert_eq!(l.choose(&[true, true, true]), Some(0));
+        assert_eq!(
+            l.choose(&[false, true, true]),
+            Some(1),
+            "none within the cap: lowest active"
+        );
+        assert_eq!(l.choose(&[false, false, false]), None);
+        l.set_paused(true);
+        assert_eq!(l.choose(&[true, true, true]), None);
+    }
+
+    /// Starts on a keyframe only; switches up and down at keyframes with sequence,
+    /// timestamp, picture id and TL0PICIDX continuing across the switch, through a
+    /// 16-bit sequence wrap and a 15-bit picture id wrap; the old layer stops at once.
+    #[test]
+    fn switches_keep_one_continuous_numbering_across_wraps() {
+        let mut l = Layering::default();
+        let mut r = RouteValue {
+            seq_delta: 100,
+            ts_delta: 5,
+            ..Default::default()
+        };
+        // Layer 0 (seq near the wrap), layer 1 (other numbering, picture ids near 2^15).
+        let got = run(
+            &mut l,
+            &mut r,
+            0,
+            &[
+                (src(0, 65_533, 1000, false, 10, 3), 0), // no keyframe yet: dropped
+                (src(0, 65_534, 4000, true, 11, 4), 100),
+                (src(0, 65_535, 4000, false, 11, 4), 100),
+                (src(1, 700, 9_000_000, false, 32_766, 200), 110), // not the target
+            ],
+        );
+        assert_eq!(
+            got,
+            vec![(98, 4005, 11, 4), (99, 4005, 11, 4)],
+            "the random start deltas kept"
+        );
+        // Up to layer 1: a delta frame waits, its keyframe switches; layer 0 then stops.
+        let got = run(
+            &mut l,
+            &mut r,
+            1,
+            &[
+                (src(0, 0, 7000, false, 12, 4), 3100),
+                (src(1, 701, 9_000_000, false, 32_766, 200), 3200),
+                (src(1, 702, 9_003_000, true, 32_767, 201), 6100),
+                (src(0, 1, 10_000, false, 13, 4), 6100),
+                (src(1, 703, 9_006_000, false, 0, 201), 9100),
+            ],
+        );
+        assert_eq!(l.current, Some(1));
+        assert_eq!(l.switches, 2);
+        assert_eq!(
+            got,
+            vec![
+                (100, 7005, 12, 4),
+                // 3,000 ticks after the last packet sent; numbering continues.
+                (101, 10_005, 13, 5),
+                (102, 13_005, 14, 5),
+            ]
+        );
+        // A packet of layer 1 from before the switch, reordered: dropped (it would
+        // reuse a number the subscriber already has).
+        assert!(
+            run(
+                &mut l,
+                &mut r,
+                1,
+                &[(src(1, 701, 9_000_000, false, 32_766, 200), 9200)]
+            )
+            .is_empty()
+        );
+        // A NACK maps back to the layer's own numbers only after the switch.
+        assert_eq!(l.source_seq(102, &r), Some(703));
+        assert_eq!(l.source_seq(99, &r), None);
+        // Back down, with loss on the way: the next keyframe of layer 0 switches.
+        let got = run(
+            &mut l,
+            &mut r,
+            0,
+            &[
+                (src(0, 9, 40_000, true, 20, 6), 12_100),
+                (src(1, 705, 9_012_000, false, 2, 202), 12_100),
+            ],
+        );
+        assert_eq!(got, vec![(103, 16_005, 15, 6)]);
+    }
+
+    #[test]
+    fn pause_drops_everything_and_resume_waits_for_a_keyframe() {
+        let mut l = Layering::default();
+        let mut r = RouteValue::default();
+        assert_eq!(
+            run(&mut l, &mut r, 0, &[(src(0, 1, 0, true, 1, 1), 0)]).len(),
+            1
+        );
+        l.set_paused(true);
+        assert!(run(&mut l, &mut r, 0, &[(src(0, 2, 0, true, 2, 1), 10)]).is_empty());
+        l.set_paused(false);
+        assert!(run(&mut l, &mut r, 0, &[(src(0, 3, 0, false, 3, 1), 20)]).is_empty());
+        assert_eq!(
+            run(&mut l, &mut r, 0, &[(src(0, 4, 90, true, 4, 2), 30)]),
+            vec![(2, 30, 2, 2)]
+        );
+    }
+}
