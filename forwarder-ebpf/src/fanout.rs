@@ -1,6 +1,6 @@
 //! TC replicator (clsact ingress): XDP cannot clone, so it validates a packet of a
-//! fan-out stream and passes it up with the stream's copy list in the XDP metadata
-//! (see forwarder-common's `fanout`). Here the TTL drops once, then each copy gets its
+//! fan-out stream and passes it up; here the stream's route is looked up again by the
+//! same key (see forwarder-common's `fanout`). Here the TTL drops once, then each copy gets its
 //! own Ethernet/IP/UDP/RTP fields (checksums updated incrementally from the previous
 //! copy's values) and leaves by `bpf_clone_redirect`; the last copy takes the packet
 //! itself (`bpf_redirect`), saving one clone. Every copy is counted under one copy
@@ -16,8 +16,10 @@ use aya_ebpf::{
 };
 use forwarder_common::{
     csum::Delta,
-    fanout::{CopyVerdict, FANOUT_MAGIC, FanoutMeta, MAX_COPIES, META_IPV6, META_VLAN},
-    routes::RouteValue,
+    fanout::{CopyVerdict, MAX_COPIES},
+    routes::{FLAG_FANOUT, FLAG_IPV6, RouteKey, RouteValue},
+    routes4::RouteKey4,
+    rtp::{Class, classify},
 };
 
 use crate::{maps::*, packet::*};
@@ -44,57 +46,129 @@ pub fn edgefwd_fanout(ctx: TcContext) -> i32 {
     replicate(&ctx)
 }
 
+/// The stream a packet that XDP handed up belongs to: (copy list start, length,
+/// IPv6). XDP handed up exactly the packets this finds: RTP, over UDP without IPv4
+/// options or fragmentation, at most one VLAN tag, with a fan-out route; whatever
+/// else XDP passes (options, fragments, double tags, non-RTP) does not match here,
+/// and what it dropped never arrives. The stack has moved a tag out of the frame
+/// (`vlan_present`) by now.
+#[inline(always)]
+fn stream_of(skb: *mut __sk_buff) -> Option<(u32, u32, bool)> {
+    // SAFETY: reading fields of the context the kernel passed.
+    let (data, end) = unsafe { ((*skb).data as usize, (*skb).data_end as usize) };
+    // The shortest RTP packet either family can carry.
+    if data + ETH + 20 + UDP + RTP > end {
+        return None;
+    }
+    // SAFETY: the ethertype lies inside the bytes checked just above.
+    let proto = u16::from_be(unsafe { ld(data + 12) });
+    let route = if proto == 0x0800 {
+        let (ip, udp) = (data + ETH, data + ETH + 20);
+        let rtp = udp + UDP;
+        if rtp + RTP > end {
+            return None;
+        }
+        // SAFETY: IPv4 (20 bytes), UDP and the fixed RTP header checked just above.
+        unsafe {
+            let vihl = *(ip as *const u8);
+            let frag = ld(ip + 6) & 0x3fffu16.to_be();
+            let l4 = *((ip + 9) as *const u8);
+            if vihl != 0x45 || frag != 0 || l4 != 17 {
+                return None;
+            }
+            if classify(*(rtp as *const u8), *((rtp + 1) as *const u8)) != Class::Rtp {
+                return None;
+            }
+            let mut k = mem::MaybeUninit::<RouteKey4>::uninit();
+            let kp = k.as_mut_ptr() as usize;
+            st32(kp, ld32(ip + 16));
+            st32(kp + 4, ld32(ip + 12));
+            st(kp + 8, ld(udp + 2));
+            st(kp + 10, ld(udp));
+            st32(kp + 12, ld32(rtp + 8));
+            EFWD_ROUTES4_V3.get(&k.assume_init())?
+        }
+    } else if proto == 0x86dd {
+        let (ip, udp) = (data + ETH, data + ETH + 40);
+        let rtp = udp + UDP;
+        if rtp + RTP > end {
+            return None;
+        }
+        // SAFETY: IPv6 (40 bytes), UDP and the fixed RTP header checked just above.
+        unsafe {
+            if *((ip + 6) as *const u8) != 17 {
+                return None;
+            }
+            if classify(*(rtp as *const u8), *((rtp + 1) as *const u8)) != Class::Rtp {
+                return None;
+            }
+            let mut k = mem::MaybeUninit::<RouteKey>::uninit();
+            let kp = k.as_mut_ptr() as usize;
+            let mut i = 0;
+            while i < 4 {
+                st32(kp + 4 * i, ld32(ip + 24 + 4 * i));
+                st32(kp + 16 + 4 * i, ld32(ip + 8 + 4 * i));
+                i += 1;
+            }
+            st(kp + 32, ld(udp + 2));
+            st(kp + 34, ld(udp));
+            st32(kp + 36, ld32(rtp + 8));
+            EFWD_ROUTES6_V3.get(&k.assume_init())?
+        }
+    } else {
+        return None;
+    };
+    if route.flags & FLAG_FANOUT == 0 {
+        return None;
+    }
+    Some((
+        route.fanout_first,
+        route.fanout_count,
+        route.flags & FLAG_IPV6 != 0,
+    ))
+}
+
 #[inline(always)]
 fn replicate(ctx: &TcContext) -> i32 {
     let skb = ctx.skb.skb;
-    // SAFETY: reading fields of the context the kernel passed.
-    let (meta, data) = unsafe { ((*skb).data_meta as usize, (*skb).data as usize) };
-    if meta + mem::size_of::<FanoutMeta>() > data {
+    let Some((first, n, v6)) = stream_of(skb) else {
         return TC_ACT_OK;
-    }
-    // SAFETY: the 16 metadata bytes were bounds-checked just above.
-    let m = unsafe { (meta as *const FanoutMeta).read() };
-    if m.magic != FANOUT_MAGIC {
-        return TC_ACT_OK;
-    }
-    // The clones share this metadata: they must not look like hand-offs to anyone.
-    // SAFETY: as above; TC's prologue made the head private, so the write is ours.
-    unsafe { st32(meta, 0) };
-    if m.count == 0 || m.count > MAX_COPIES {
+    };
+    if n == 0 || n > MAX_COPIES {
         count(CopyVerdict::DropCopyMissing, 0);
         return TC_ACT_SHOT;
     }
-    if m.flags & META_VLAN != 0 {
+    // SAFETY: reading a field of the context the kernel passed.
+    if unsafe { (*skb).vlan_present } != 0 {
         // The copies leave untagged: the route decides the egress, never the ingress.
         // SAFETY: the helper gets the context the kernel gave us.
         if unsafe { bpf_skb_vlan_pop(skb) } != 0 {
-            count(CopyVerdict::DropCopyMalformed, m.count);
+            count(CopyVerdict::DropCopyMalformed, n);
             return TC_ACT_SHOT;
         }
     }
-    let v6 = m.flags & META_IPV6 != 0;
     let Some(orig) = (if v6 {
         prepare::<true>(skb)
     } else {
         prepare::<false>(skb)
     }) else {
-        count(CopyVerdict::DropCopyMalformed, m.count);
+        count(CopyVerdict::DropCopyMalformed, n);
         return TC_ACT_SHOT;
     };
     let mut r = Replication {
         skb,
-        first: m.first,
+        first,
         // SAFETY: reading a field of the context the kernel passed.
         ingress: unsafe { (*skb).ingress_ifindex },
         orig,
         v6: v6 as u8,
         sent: 0,
     };
-    if m.count > 1 {
+    if n > 1 {
         // SAFETY: the callback is a BPF function of this program; `r` outlives the loop.
         unsafe {
             bpf_loop(
-                m.count - 1,
+                n - 1,
                 clone_one as *mut c_void,
                 &mut r as *mut Replication as *mut c_void,
                 0,
@@ -102,7 +176,7 @@ fn replicate(ctx: &TcContext) -> i32 {
         };
     }
     // The last copy is the packet itself.
-    let Some(copy) = EFWD_COPIES_V1.get(m.first + m.count - 1) else {
+    let Some(copy) = EFWD_COPIES_V1.get(first + n - 1) else {
         count(CopyVerdict::DropCopyMissing, 1);
         forwarded(r.sent, skb);
         return TC_ACT_SHOT;

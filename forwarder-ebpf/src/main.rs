@@ -13,15 +13,11 @@ mod packet;
 use core::mem;
 
 use aya_ebpf::{
-    bindings::xdp_action,
-    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_meta},
-    macros::xdp,
-    programs::XdpContext,
+    bindings::xdp_action, helpers::bpf_xdp_adjust_head, macros::xdp, programs::XdpContext,
 };
 use aya_log_ebpf::warn;
 use forwarder_common::{
     csum::Delta,
-    fanout::{FANOUT_MAGIC, FanoutMeta, META_IPV6, META_VLAN},
     ifmac::IFMAC_SET,
     listeners::{FLAG_DROP_NO_ROUTE, FLAG_DROP_UNKNOWN_SOURCE, FLAG_WEBRTC, ListenerKey},
     routes::{FLAG_FANOUT, FLAG_IPV6, FLAG_VLAN, RouteKey, RouteValue},
@@ -200,7 +196,7 @@ fn ipv4(ctx: &XdpContext, l3: usize) -> Verdict {
         return Verdict::DropTtlExceeded;
     }
     if route.flags & FLAG_FANOUT != 0 {
-        return handoff(ctx, route, if l3 != EthHdr::LEN { META_VLAN } else { 0 });
+        return handoff(ctx, route);
     }
     let mut ipd = Delta::new();
     let mut l4d = Delta::new();
@@ -301,8 +297,7 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Verdict {
         return Verdict::DropZeroUdpChecksumV6;
     }
     if route.flags & FLAG_FANOUT != 0 {
-        let vlan = if l3 != EthHdr::LEN { META_VLAN } else { 0 };
-        return handoff(ctx, route, META_IPV6 | vlan);
+        return handoff(ctx, route);
     }
     // IPv6 has no header checksum; the addresses feed the UDP pseudo-header.
     ip.hop_limit -= 1;
@@ -598,36 +593,19 @@ fn source_known(key: &SourceKey) -> bool {
 }
 
 /// A validated packet of a stream with several copies: counted for the stream, then
-/// up to the TC replicator with the copy list in the XDP metadata. The packet itself
-/// is untouched here (TC decrements the TTL once and rewrites per copy).
+/// passed up to the TC replicator, which finds the stream's copy list by the same key
+/// (no XDP metadata: some kernels refuse `bpf_xdp_adjust_meta`, and some drivers keep
+/// none). The packet itself is untouched here (TC decrements the TTL once and
+/// rewrites per copy).
 #[inline(never)]
-fn handoff(ctx: &XdpContext, route: &RouteValue, flags: u32) -> Verdict {
-    let (first, count, slot) = (route.fanout_first, route.fanout_count, route.stats_slot);
-    if let Some(s) = EFWD_RSTATS_V2.get_ptr_mut(slot) {
+fn handoff(ctx: &XdpContext, route: &RouteValue) -> Verdict {
+    if let Some(s) = EFWD_RSTATS_V2.get_ptr_mut(route.stats_slot) {
         // SAFETY: the per-CPU slot is only this CPU's, and the program is not preempted mid-run.
         unsafe {
             (*s).packets += 1;
             (*s).bytes += frame_len(ctx) as u64;
         }
     }
-    let len = mem::size_of::<FanoutMeta>() as i32;
-    // SAFETY: the helper gets the context the kernel gave us.
-    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -len) } != 0 {
-        return Verdict::DropFanoutNoMeta;
-    }
-    let meta = ctx.metadata();
-    if meta + mem::size_of::<FanoutMeta>() > ctx.data() {
-        return Verdict::DropFanoutNoMeta;
-    }
-    // SAFETY: the 16 metadata bytes in front of the packet were checked just above.
-    unsafe {
-        (meta as *mut FanoutMeta).write(FanoutMeta {
-            magic: FANOUT_MAGIC,
-            first,
-            count,
-            flags,
-        })
-    };
     Verdict::ForwardFanout
 }
 

@@ -1464,6 +1464,9 @@ fn fanout_sends_every_copy_rewritten_and_a_removed_copy_stops() {
         assert!(streams.iter().all(|s| s.fanout));
         let mut sim = Simulator::from_parts(ebpf, maps);
         loader::attach_fanout(sim.ebpf(), "f0").expect("attach the replicator");
+        // Real traffic into f0 from its veth peer, XDP in native mode: the path a
+        // publisher's packet takes (this kernel refuses BPF_PROG_TEST_RUN's live frames).
+        loader::attach(sim.ebpf(), forwarder_common::PROG_FORWARD, "f0").expect("attach XDP");
         let back = edgefwd_tests::RawSock::open("f1");
         let out = edgefwd_tests::RawSock::open("d1");
         let rtp = Rtp {
@@ -1474,8 +1477,8 @@ fn fanout_sends_every_copy_rewritten_and_a_removed_copy_stops() {
         let input = from_pub(5004).build(&rtp.bytes());
         let rtp6 = Rtp::new(SSRC_V6, 0xfffe, 5, 100);
         let input6 = from_pub6().build(&rtp6.bytes());
-        sim.inject(&input, f0, 1).unwrap();
-        sim.inject(&input6, f0, 1).unwrap();
+        back.send(&input);
+        back.send(&input6);
 
         // Frames to the copies' destination ports (the veths also carry IPv6 ND).
         let udp_to = |f: &[u8], port: u16| {
@@ -1543,8 +1546,7 @@ fn fanout_sends_every_copy_rewritten_and_a_removed_copy_stops() {
             seq: 0x0013,
             ..rtp.clone()
         };
-        sim.inject(&from_pub(5004).build(&rtp2.bytes()), f0, 1)
-            .unwrap();
+        back.send(&from_pub(5004).build(&rtp2.bytes()));
         let got_back = gather(&back, 1);
         let got_out = gather(&out, 2);
         assert_eq!(

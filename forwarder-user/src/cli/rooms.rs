@@ -85,6 +85,48 @@ pub struct SessionRow {
     pub packets: u64,
     /// Subscriber: packets resent from the cache on its NACKs.
     pub nack_resent: u64,
+    /// Simulcast. Publisher: the rids it sends; subscriber: per down-track the layer
+    /// it gets, its cap and whether paused (e.g. `1/cap1`, `paused`); `-` for none.
+    pub layers: String,
+}
+
+/// What the LAYERS column shows for one session of `/api/sessions`.
+fn layers_of(s: &Value) -> String {
+    let list = |key: &str| s[key].as_array().cloned().unwrap_or_default();
+    let parts: Vec<String> = if s["role"] == "publisher" {
+        list("tracks")
+            .iter()
+            .filter_map(|t| t["layers"].as_array())
+            .map(|ls| {
+                ls.iter()
+                    .filter_map(|l| l["rid"].as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .collect()
+    } else {
+        list("downtracks")
+            .iter()
+            .filter(|d| d["layers"].as_u64().unwrap_or(1) > 1 || d["paused"] == true)
+            .map(|d| {
+                if d["paused"] == true {
+                    return "paused".to_string();
+                }
+                let cur = d["layer"]
+                    .as_u64()
+                    .map_or("-".to_string(), |l| l.to_string());
+                match d["max_layer"].as_u64() {
+                    Some(m) => format!("{cur}/cap{m}"),
+                    None => cur,
+                }
+            })
+            .collect()
+    };
+    if parts.is_empty() {
+        "-".to_string()
+    } else {
+        parts.join(" ")
+    }
 }
 
 fn sum(v: &Value, list: &str, field: &str) -> u64 {
@@ -146,6 +188,7 @@ pub fn session_rows(v: &Value, room: Option<&str>) -> Result<Vec<SessionRow>> {
                     sum(s, "downtracks", "packets")
                 },
                 nack_resent: sum(s, "downtracks", "nack_resent"),
+                layers: layers_of(s),
                 role,
             });
         }
@@ -204,12 +247,12 @@ pub fn print_sessions(rows: &[SessionRow]) {
         return;
     }
     println!(
-        "{:<20} {:<16} {:<10} {:<9} {:<24} {:<22} {:>6} {:>10} {:>6}",
+        "{:<20} {:<16} {:<10} {:<9} {:<24} {:<22} {:>6} {:>10} {:>6}  LAYERS",
         "ROOM", "SESSION", "ROLE", "STATE", "SRTP", "PEER", "TRACKS", "PACKETS", "NACKED"
     );
     for s in rows {
         println!(
-            "{:<20} {:<16} {:<10} {:<9} {:<24} {:<22} {:>6} {:>10} {:>6}",
+            "{:<20} {:<16} {:<10} {:<9} {:<24} {:<22} {:>6} {:>10} {:>6}  {}",
             s.room,
             s.id,
             s.role,
@@ -218,7 +261,8 @@ pub fn print_sessions(rows: &[SessionRow]) {
             s.peer.as_deref().unwrap_or("-"),
             s.tracks,
             s.packets,
-            s.nack_resent
+            s.nack_resent,
+            s.layers
         );
     }
 }
@@ -232,10 +276,11 @@ mod tests {
             "a": [
                 {"id": "p1", "role": "publisher", "connected": true, "srtp_profile": "AEAD_AES_128_GCM",
                  "nominated": "10.0.0.1:5000", "addrs": ["10.0.0.1:5000"],
-                 "tracks": [{"packets": 10}, {"packets": 5}], "downtracks": []},
+                 "tracks": [{"packets": 10}, {"packets": 5, "layers": [{"rid": "q"}, {"rid": "h"}]}], "downtracks": []},
                 {"id": "s1", "role": "subscriber", "connected": true, "srtp_profile": "AEAD_AES_128_GCM",
                  "nominated": null, "addrs": ["10.0.0.2:6000"],
-                 "tracks": [], "downtracks": [{"packets": 9, "nack_resent": 2}, {"packets": 4, "nack_resent": 0}]},
+                 "tracks": [], "downtracks": [{"packets": 9, "nack_resent": 2, "layers": 1},
+                                              {"packets": 4, "nack_resent": 0, "layers": 2, "layer": 0, "max_layer": 0}]},
             ],
             "b": [
                 {"id": "s2", "role": "subscriber", "connected": false, "srtp_profile": null,
@@ -278,6 +323,10 @@ mod tests {
         assert_eq!(
             (s[1].packets, s[1].nack_resent, s[1].peer.as_deref()),
             (13, 2, Some("10.0.0.2:6000"))
+        );
+        assert_eq!(
+            (s[0].layers.as_str(), s[1].layers.as_str()),
+            ("q,h", "0/cap0")
         );
         let e = session_rows(&sample(), Some("zz")).unwrap_err().to_string();
         assert!(
