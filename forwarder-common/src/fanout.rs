@@ -1,7 +1,8 @@
 //! Fan-out (1→N) in the kernel: XDP cannot clone a frame, so XDP validates a packet of a
-//! stream with several copies and passes it up with [`FanoutMeta`] in the XDP metadata;
-//! the TC ingress program (`edgefwd_fanout`) then sends one rewritten copy per entry of
-//! the stream's copy list with `bpf_clone_redirect` (the last with `bpf_redirect`).
+//! stream with several copies and passes it up; the TC ingress program
+//! (`edgefwd_fanout`) finds the stream's route by the same key and sends one rewritten
+//! copy per entry of its copy list with `bpf_clone_redirect` (the last with
+//! `bpf_redirect`). No XDP metadata: some kernels refuse `bpf_xdp_adjust_meta`.
 //!
 //! `EFWD_COPIES_V1`: array of [`crate::routes::RouteValue`], the copy lists. A stream's
 //! list is a contiguous range named by its route value (`fanout_first`,
@@ -14,8 +15,6 @@
 //! [`CopyVerdict`]: every copy the replicator makes or fails to make, counted once.
 //! Each copy also counts in its own `EFWD_RSTATS_V2` slot.
 
-use crate::assert_size;
-
 pub const COPIES_MAP_NAME: &str = "EFWD_COPIES_V1";
 pub const COPY_VERDICT_MAP_NAME: &str = "EFWD_COPYVERDICT_V1";
 /// Slots in the copies array, shared by every stream's list (and during a change, by
@@ -27,23 +26,6 @@ pub const MAX_COPIES: u32 = 4_096;
 /// a replication loop that read the old route value finishes well within this (4,096
 /// copies at ~1 µs each), and XDP hands a packet to TC within the same softirq run.
 pub const GRACE_MS: u64 = 20;
-
-/// Written by XDP in front of the packet (XDP metadata) for the TC replicator.
-pub const FANOUT_MAGIC: u32 = 0x4546_4f31;
-/// The packet is IPv6 (else IPv4).
-pub const META_IPV6: u32 = 1 << 0;
-/// The packet arrived 802.1Q-tagged: the copies leave untagged, so TC pops it.
-pub const META_VLAN: u32 = 1 << 1;
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct FanoutMeta {
-    pub magic: u32,
-    pub first: u32,
-    pub count: u32,
-    pub flags: u32,
-}
-assert_size!(FanoutMeta, 16);
 
 /// What the replicator did with one copy.
 #[repr(u32)]

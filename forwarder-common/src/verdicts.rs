@@ -86,7 +86,7 @@ verdicts! {
     PassNoWorker = 28, "pass_no_worker", Pass, "SRTP/SRTCP of a bound WebRTC peer on a queue with no AF_XDP worker: to the socket path";
     DropUnknownPeer = 29, "drop_unknown_peer", Drop, "SRTP/SRTCP on the WebRTC port from an address ICE has not bound to a session";
     ForwardFanout = 30, "forward_fanout", Forward, "RTP of a stream with several copies, validated and handed to the TC replicator (XDP_PASS with metadata); its copies are counted in the copy verdicts";
-    DropFanoutNoMeta = 31, "drop_fanout_no_meta", Drop, "RTP of a fan-out stream on a driver that keeps no XDP metadata (attach in generic mode there)";
+    DropFanoutNoMeta = 31, "drop_fanout_no_meta", Drop, "no longer counted: the hand-off to the TC replicator needs no XDP metadata (kept for the map layout)";
 }
 
 pub const NUM_VERDICTS: u32 = 32;

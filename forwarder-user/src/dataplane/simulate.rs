@@ -99,27 +99,6 @@ impl Simulator {
 }
 
 impl Simulator {
-    /// Runs the program on `frame` `count` times as if it arrived on `ifindex`, with
-    /// live frames (BPF_F_TEST_XDP_LIVE_FRAMES): what it forwards is really sent, and
-    /// what it passes enters the stack there (TC ingress, the replicator, included).
-    pub fn inject(&mut self, frame: &[u8], ifindex: u32, count: u32) -> Result<()> {
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
-        // egress_ifindex. Live frames want data = 0 and data_end = the frame length.
-        let mut ctx = [0u8; 24];
-        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
-        ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
-        let prog = loader::program(&mut self.ebpf, PROG_FORWARD)?;
-        prog.test_run(TestRunOptions {
-            data_in: Some(frame),
-            ctx_in: Some(&ctx),
-            repeat: count,
-            attrs: aya::programs::TestRunAttrs::new().xdp_live_frames(count.min(64)),
-            ..Default::default()
-        })
-        .context("BPF_PROG_TEST_RUN with live frames (kernel >= 5.18)")?;
-        Ok(())
-    }
-
     /// The loaded object (to attach its programs).
     pub fn ebpf(&mut self) -> &mut Ebpf {
         &mut self.ebpf

@@ -146,8 +146,6 @@ pub struct UpTrack {
     /// simulcast. Each is its own RTP stream.
     pub streams: Vec<Stream>,
     rid_ext: Option<u8>,
-    pub packets: u64,
-    pub bytes: u64,
     pub downs: Vec<DownTrack>,
     /// Relay sessions (downstream nodes) this track's ciphertext is copied to.
     pub trunks: Vec<SessionId>,
@@ -172,6 +170,13 @@ impl UpTrack {
     /// The SSRC of a plain track (the first encoding's for simulcast).
     pub fn ssrc(&self) -> Option<u32> {
         self.streams.first().and_then(|s| s.ssrc)
+    }
+
+    /// RTP packets and bytes received, every encoding together.
+    pub fn totals(&self) -> (u64, u64) {
+        self.streams
+            .iter()
+            .fold((0, 0), |(p, b), s| (p + s.packets, b + s.bytes))
     }
 
     fn layer_of(&self, ssrc: u32) -> Option<Layer> {
@@ -322,12 +327,10 @@ fn send_copy(
         let frame = out.get_mut(..plain.len())?;
         frame.copy_from_slice(plain);
         rtp::rewrite(frame, &d.route);
-        if let Some(v) = vp8 {
-            v.shift(
-                &mut frame[hlen..],
-                d.layering.pic_delta,
-                d.layering.tl0_delta,
-            );
+        // Nothing to shift until a switch or a resume moved the numbering.
+        let l = &d.layering;
+        if let Some(v) = vp8.filter(|_| l.pic_delta != 0 || l.tl0_delta != 0) {
+            v.shift(&mut frame[hlen..], l.pic_delta, l.tl0_delta);
         }
         ctx.protect_rtp(out, plain.len()).ok()
     })
@@ -470,8 +473,6 @@ impl Engine {
                         format,
                         streams,
                         rid_ext,
-                        packets: 0,
-                        bytes: 0,
                         downs: vec![],
                         trunks: vec![],
                     },
@@ -711,8 +712,6 @@ impl Engine {
         };
         bump(&c.rtp_in);
         let t = tracks.get_mut(&tid).expect("listed");
-        t.packets += 1;
-        t.bytes += n as u64;
         let units = (now.duration_since(self.epoch).as_micros() as u64)
             .wrapping_mul(t.clock_rate as u64)
             / 1_000_000;

@@ -570,6 +570,19 @@ mod tests {
     /// several H264 variants, a data channel.
     const CHROMIUM_OFFER: &str = include_str!("testdata/chromium-offer.sdp");
 
+    /// Our answer to `o` on one host candidate, with fixed ICE credentials.
+    fn answer_for(o: &Offer, media: &[AnswerMedia]) -> String {
+        build_answer(&AnswerParams {
+            offer: o,
+            ice_ufrag: "uFrG",
+            ice_pwd: "0123456789abcdefghijkl",
+            fingerprint: &[0xAB; 32],
+            candidates: &["127.0.0.1:40000".parse().unwrap()],
+            media,
+            cname: "edgefwd",
+        })
+    }
+
     #[test]
     fn parses_a_chromium_offer() {
         let o = parse_offer(CHROMIUM_OFFER).unwrap();
@@ -621,16 +634,7 @@ mod tests {
             },
             AnswerMedia::Reject,
         ];
-        let cand = ["127.0.0.1:40000".parse().unwrap()];
-        let text = build_answer(&AnswerParams {
-            offer: &o,
-            ice_ufrag: "uFrG",
-            ice_pwd: "0123456789abcdefghijkl",
-            fingerprint: &[0xAB; 32],
-            candidates: &cand,
-            media: &media,
-            cname: "edgefwd",
-        });
+        let text = answer_for(&o, &media);
         for want in [
             "a=ice-lite",
             "a=group:BUNDLE 0 1\r\n",
@@ -724,16 +728,7 @@ mod tests {
             },
             AnswerMedia::Reject,
         ];
-        let cand = ["127.0.0.1:40000".parse().unwrap()];
-        let answer = build_answer(&AnswerParams {
-            offer: &o,
-            ice_ufrag: "uFrG",
-            ice_pwd: "0123456789abcdefghijkl",
-            fingerprint: &[0xAB; 32],
-            candidates: &cand,
-            media: &media,
-            cname: "edgefwd",
-        });
+        let answer = answer_for(&o, &media);
         let video = &answer[answer.find("m=video").unwrap()..];
         for want in [
             "a=extmap:4 urn:ietf:params:rtp-hdrext:sdes:mid\r\n",

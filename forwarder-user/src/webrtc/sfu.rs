@@ -1385,20 +1385,20 @@ impl Sfu {
                             serde_json::json!({
                                 "kind": t.kind, "mid": t.mid, "codec": t.codec.name, "pt": t.codec.pt,
                                 "ssrc": m.and_then(|m| m.ssrc()).or(t.streams[0].1),
-                                "packets": m.map_or(0, |m| m.packets), "bytes": m.map_or(0, |m| m.bytes),
+                                "packets": m.map_or(0, |m| m.totals().0), "bytes": m.map_or(0, |m| m.totals().1),
                                 // Simulcast: each encoding, lowest first.
                                 "layers": m.filter(|m| m.streams.len() > 1).map(|m| m.streams.iter().map(|st| serde_json::json!({
                                     "rid": st.rid, "ssrc": st.ssrc, "packets": st.packets, "bytes": st.bytes,
                                 })).collect::<Vec<_>>()),
                             })
                         }).collect::<Vec<_>>(),
-                        "downtracks": engine.downtracks(s.media).iter().map(|(tid, d)| serde_json::json!({
-                            "kind": s.downtracks.iter().find(|x| x.track == *tid).map(|x| x.kind),
-                            "from_session": s.downtracks.iter().find(|x| x.track == *tid).map(|x| &x.src_session),
+                        "downtracks": engine.downtracks(s.media).iter().map(|(tid, d)| (s.downtracks.iter().find(|x| x.track == *tid), tid, d)).map(|(sub, tid, d)| serde_json::json!({
+                            "kind": sub.map(|x| x.kind),
+                            "from_session": sub.map(|x| &x.src_session),
                             "ssrc_out": d.ssrc_out(), "pt_out": d.route.pt_to,
                             "seq_delta": d.route.seq_delta, "ts_delta": d.route.ts_delta,
                             "packets": d.packets, "payload_octets": d.octets, "nack_resent": d.nack_resent,
-                            "mid": s.downtracks.iter().find(|x| x.track == *tid).map(|x| &x.mid),
+                            "mid": sub.map(|x| &x.mid),
                             "layer": d.layering.current, "target_layer": d.layering.target,
                             "max_layer": (d.layering.max_layer != UNCAPPED).then_some(d.layering.max_layer),
                             "paused": d.layering.paused, "layer_switches": d.layering.switches,
