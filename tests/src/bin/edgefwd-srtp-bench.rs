@@ -9,9 +9,14 @@
 //!    copy (the socket path), GCM and AES-CM, onto a veth whose other end counts and
 //!    drops them. The worker is pinned to one core.
 //!
+//! 3. Layer selection: the same VP8 stream as one plain encoding and as three
+//!    simulcast encodings (subscriber i capped to layer i % 3, so each packet goes to a
+//!    third of them and the selector runs for all), AF_XDP, GCM, N = 100 and 1,000.
+//!
 //! Timed is the engine call and the flush of its copies, per incoming packet; making
 //! the publisher's packets (encryption at the sender) is outside the timed region.
-//! Results: table on stdout, bench/results/srtp.{csv,json,png}.
+//! Copies are the engine's own count of copies sent.
+//! Results: table on stdout, bench/results/srtp.{csv,json,png} and srtp-layers.json.
 
 use std::{
     net::SocketAddr,
@@ -27,6 +32,7 @@ use edgefwd::{
     },
     media::{
         Counters, Kind, Transmit,
+        codec::Format,
         engine::{Command, Engine, Role},
         srtp::{Context, MasterKey, Profile},
     },
@@ -78,6 +84,34 @@ fn key(profile: Profile, b: u8) -> MasterKey {
 /// A 1,200-byte RTP packet (the tests' own packet builder).
 fn rtp(seq: u16, ssrc: u32) -> Vec<u8> {
     Rtp::new(ssrc, seq, seq as u32 * 3000, PAYLOAD - 12).bytes()
+}
+
+/// What the publisher's video track is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+enum Shape {
+    /// Payloads the engine cannot see into: any packet starts a viewer.
+    Opaque,
+    /// VP8 in this many encodings (1: a plain track), each packet with a VP8
+    /// descriptor, each encoding's first packet a keyframe.
+    Vp8(u8),
+}
+
+const SSRC: u32 = 0xaaaa;
+
+/// Packet `k` of the publisher's stream: (its encoding's SSRC, the packet).
+fn source_packet(shape: Shape, k: u32) -> (u32, Vec<u8>) {
+    let layers = match shape {
+        Shape::Opaque => return (SSRC, rtp(k as u16, SSRC)),
+        Shape::Vp8(l) => l as u32,
+    };
+    let (layer, seq) = (k % layers, (k / layers) as u16);
+    let ssrc = SSRC + layer;
+    let mut p = rtp(seq, ssrc);
+    // X, S, partition 0; I with a 15-bit picture id; the payload header's P bit.
+    let pic = seq & 0x7fff;
+    let key = if seq == 0 { 0x10 } else { 0x11 };
+    p[12..17].copy_from_slice(&[0x90, 0x80, 0x80 | (pic >> 8) as u8, pic as u8, key]);
+    (ssrc, p)
 }
 
 /// ns per protect of a 1,200-byte RTP packet, over `seconds`.
@@ -199,7 +233,7 @@ fn sink_count(r: &Rig) -> u64 {
 
 /// An engine with one publisher (1 video track) and `n` subscribers on `profile`.
 /// Returns it and the publisher's sending context.
-fn engine(n: usize, profile: Profile) -> (Engine, Context, SocketAddr) {
+fn engine(n: usize, profile: Profile, shape: Shape) -> (Engine, Context, SocketAddr) {
     let now = Instant::now();
     let mut e = Engine::new("bench".into(), Arc::new(Counters::default()), now);
     struct Null;
@@ -246,9 +280,14 @@ fn engine(n: usize, profile: Profile) -> (Engine, Context, SocketAddr) {
             kind: Kind::Video,
             pt: 96,
             clock_rate: 90_000,
-            // Any packet may start a viewer: the bench's payloads are not VP8.
-            format: edgefwd::media::codec::Format::Other,
-            streams: vec![(None, Some(0xaaaa))],
+            format: match shape {
+                Shape::Opaque => Format::Other,
+                Shape::Vp8(_) => Format::Vp8,
+            },
+            streams: match shape {
+                Shape::Opaque => vec![(None, Some(SSRC))],
+                Shape::Vp8(l) => (0..l as u32).map(|i| (None, Some(SSRC + i))).collect(),
+            },
             rid_ext: None,
         },
     );
@@ -290,49 +329,69 @@ fn engine(n: usize, profile: Profile) -> (Engine, Context, SocketAddr) {
                 tx: key(profile, 4 + (i % 200) as u8),
             },
         );
+        if let Shape::Vp8(l) = shape {
+            cmds(
+                &mut e,
+                Command::SetLayers {
+                    sub: id,
+                    track: 1,
+                    max_layer: (i % l as u32) as u8,
+                    paused: false,
+                },
+            );
+        }
     }
     (e, Context::new(&key(profile, 1)), publisher)
 }
 
 /// Fans `seconds` worth of the publisher's stream out through `tx`, timing only the
-/// engine and the flush. Returns (copies, timed ns).
+/// engine and the flush. Returns (copies sent, timed ns).
+#[allow(clippy::too_many_arguments)]
 fn drive<T: Transmit>(
     e: &mut Engine,
     src: &mut Context,
     from: SocketAddr,
-    n: usize,
+    shape: Shape,
     seconds: f64,
     tx: &mut T,
     flush: impl Fn(&mut T),
 ) -> (u64, u64) {
     let mut timed = 0u64;
-    let mut seq = 0u16;
-    let mut copies = 0u64;
+    let mut k = 0u32;
+    let sent = |e: &Engine| {
+        e.counters()
+            .rtp_out
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let before = sent(e);
     let wall = Instant::now();
     let mut pkt = vec![0u8; PAYLOAD + 16];
     while wall.elapsed().as_secs_f64() < seconds {
         pkt.resize(PAYLOAD + 16, 0);
-        pkt[..PAYLOAD].copy_from_slice(&rtp(seq, 0xaaaa));
+        pkt[..PAYLOAD].copy_from_slice(&source_packet(shape, k).1);
         let len = src.protect_rtp(&mut pkt, PAYLOAD).unwrap();
         pkt.truncate(len);
-        seq = seq.wrapping_add(1);
+        k += 1;
         let t = Instant::now();
         e.handle_srtp(from, &mut pkt, t, tx);
         // A worker flushes once per receive batch; at saturation batches are full.
-        if seq.is_multiple_of(RX_BATCH) {
+        if k.is_multiple_of(RX_BATCH as u32) {
             flush(tx);
         }
         timed += t.elapsed().as_nanos() as u64;
-        copies += n as u64;
     }
-    (copies, timed)
+    (sent(e) - before, timed)
 }
 
 fn fanout(v: &Rig, path: Path, profile: Profile, n: usize, seconds: f64) -> Row {
+    fanout_of(v, path, profile, n, Shape::Opaque, seconds)
+}
+
+fn fanout_of(v: &Rig, path: Path, profile: Profile, n: usize, shape: Shape, seconds: f64) -> Row {
     let before = sink_count(v);
     let (copies, ns) = v.ns.run(move || {
         pin_to_cpu(WORKER_CPU);
-        let (mut e, mut src, from) = engine(n, profile);
+        let (mut e, mut src, from) = engine(n, profile, shape);
         let local: SocketAddr = format!("{W_ADDR}:4000").parse().unwrap();
         match path {
             Path::AfXdp => {
@@ -340,7 +399,9 @@ fn fanout(v: &Rig, path: Path, profile: Profile, n: usize, seconds: f64) -> Row 
                 let mut q =
                     XskQueue::open(ifindex, 0, local, [2, 0, 0, 0, 0, 1]).expect("AF_XDP on d0");
                 q.set_neighbour(S_ADDR.parse().unwrap(), [2, 0, 0, 0, 0, 2]);
-                let r = drive(&mut e, &mut src, from, n, seconds, &mut q, |q| q.flush());
+                let r = drive(&mut e, &mut src, from, shape, seconds, &mut q, |q| {
+                    q.flush()
+                });
                 // Let the last frames complete before the queue goes.
                 std::thread::sleep(Duration::from_millis(50));
                 q.flush();
@@ -354,7 +415,7 @@ fn fanout(v: &Rig, path: Path, profile: Profile, n: usize, seconds: f64) -> Row 
                     sock: &sock,
                     buf: &mut buf,
                 };
-                drive(&mut e, &mut src, from, n, seconds, &mut tx, |_| {})
+                drive(&mut e, &mut src, from, shape, seconds, &mut tx, |_| {})
             }
         }
     });
@@ -377,6 +438,7 @@ fn main() {
     let mut seconds: f64 = 2.0;
     let mut out = PathBuf::from("bench/results");
     let mut one: Option<String> = None;
+    let mut only_layers = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -389,6 +451,8 @@ fn main() {
             "--out" => out = PathBuf::from(args.next().expect("--out DIR")),
             // One case only, nothing saved (for profiling): --one xsk|socket,gcm|cm,N
             "--one" => one = Some(args.next().expect("--one PATH,PROFILE,N")),
+            // The layer-selection comparison alone (saved as srtp-layers.json).
+            "--layers" => only_layers = true,
             other => panic!("unknown argument {other}; use --seconds S --out DIR"),
         }
     }
@@ -408,6 +472,10 @@ fn main() {
         };
         let r = fanout(&rig(), path, profile, parts[2].parse().expect("N"), seconds);
         println!("{r:?}");
+        return;
+    }
+    if only_layers {
+        layers(&rig(), &out, seconds);
         return;
     }
     println!("SRTP protect alone, {PAYLOAD} B RTP, one core:");
@@ -473,6 +541,41 @@ fn main() {
         }
     }
     save(&out, &crypto, &rows, &summary);
+    layers(&v, &out, seconds);
+}
+
+/// Layer selection against the single-layer case, same run: AF_XDP, GCM.
+fn layers(v: &Rig, out: &std::path::Path, seconds: f64) {
+    println!();
+    println!("Layer selection (AF_XDP, AEAD_AES_128_GCM, VP8):");
+    println!(
+        "{:>6} {:>18} {:>18} {:>10}",
+        "N", "1 layer ns/copy", "3 layers ns/copy", "overhead"
+    );
+    let mut saved = Vec::new();
+    for n in [100, 1000] {
+        let run = |shape| fanout_of(v, Path::AfXdp, Profile::AeadAes128Gcm, n, shape, seconds);
+        let (one, three) = (run(Shape::Vp8(1)), run(Shape::Vp8(3)));
+        let overhead = three.ns_per_copy / one.ns_per_copy - 1.0;
+        println!(
+            "{:>6} {:>18.0} {:>18.0} {:>9.1}%",
+            n,
+            one.ns_per_copy,
+            three.ns_per_copy,
+            overhead * 100.0
+        );
+        saved.push(serde_json::json!({
+            "subscribers": n, "single_layer": one, "simulcast_3_layers": three,
+            "overhead": overhead,
+            "video_subscribers_per_core_single_layer": one.copies_per_sec / 156.25,
+            "video_subscribers_per_core_simulcast": three.copies_per_sec / 156.25,
+        }));
+    }
+    std::fs::write(
+        out.join("srtp-layers.json"),
+        serde_json::to_string_pretty(&saved).unwrap(),
+    )
+    .unwrap();
 }
 
 fn save(dir: &std::path::Path, crypto: &[CryptoRow], rows: &[Row], summary: &[serde_json::Value]) {
