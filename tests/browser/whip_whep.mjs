@@ -109,7 +109,9 @@ try {
         .filter(tr => tr.closest('table').dataset.room === r)
         .map(tr => ({ ...tr.dataset, text: tr.innerText, sparkline: !!tr.querySelector('canvas') })), room);
       // A few seconds of samples, so the sparklines in the screenshot show something.
-      const live = result.rows.filter(x => x.connected === 'true' && Number(x.pps) > 0 && Number(x.samples) >= 4);
+      // A subscriber's row also waits for its first receiver report (loss and RTT).
+      const live = result.rows.filter(x => x.connected === 'true' && Number(x.pps) > 0 && Number(x.samples) >= 4 &&
+        x.loss !== undefined && (x.role !== 'subscriber' || x.rtt !== undefined));
       if (live.length >= expect) break;
       if (Date.now() > deadline) {
         ok = false;

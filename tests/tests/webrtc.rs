@@ -622,7 +622,7 @@ fn load_test_tool_drives_twenty_publishers_and_a_hundred_subscribers() {
 
 /// The built-in page's live view, in real headless Chromium, while a Chromium publisher
 /// and a Chromium subscriber are in a room: it lists both sessions, connected, with
-/// packets per second and a sparkline, from `/api/sessions`. The screenshot is left in
+/// packets per second, loss, the subscriber's RTT and sparklines, from `/api/sessions`. The screenshot is left in
 /// target/page-live-view.png for a person to look at.
 #[test]
 fn the_page_shows_a_running_room_live() {
@@ -632,7 +632,7 @@ fn the_page_shows_a_running_room_live() {
     let mut pair = node(
         None,
         &[
-            "--base", &sfu.base, "--room", &room, "--role", "both", "--hold", "12",
+            "--base", &sfu.base, "--room", &room, "--role", "both", "--hold", "20",
         ],
     )
     .stdout(std::process::Stdio::null())
@@ -683,7 +683,15 @@ fn the_page_shows_a_running_room_live() {
             row["text"].as_str().unwrap().contains("AEAD_AES_128_GCM"),
             "{row}"
         );
+        // Loss in percent: the subscriber's from Chromium's receiver reports, the
+        // publisher's from what the SFU did not receive (veth in one host: ~none).
+        let loss: f64 = row["loss"].as_str().unwrap().parse().unwrap();
+        assert!((0.0..5.0).contains(&loss), "{row}");
     }
+    // The subscriber's RTT: Chromium echoed our sender report's time (LSR/DLSR).
+    let sub = rows.iter().find(|x| x["role"] == "subscriber").unwrap();
+    let rtt: f64 = sub["rtt"].as_str().unwrap().parse().unwrap();
+    assert!((0.0..500.0).contains(&rtt), "{sub}");
     assert!(
         r["status"].as_str().unwrap().contains("media path socket"),
         "{r}"

@@ -70,7 +70,7 @@ pub struct RoomRow {
     pub packets_out: u64,
 }
 
-#[derive(Debug, Serialize, PartialEq, Eq)]
+#[derive(Debug, Serialize, PartialEq)]
 pub struct SessionRow {
     pub room: String,
     pub id: String,
@@ -88,6 +88,19 @@ pub struct SessionRow {
     /// Simulcast. Publisher: the rids it sends; subscriber: per down-track the layer
     /// it gets, its cap and whether paused (e.g. `1/cap1`, `paused`); `-` for none.
     pub layers: String,
+    /// Subscriber: the worst loss (percent, last report interval) and RTT (ms) its
+    /// receiver reports give over its down-tracks; None before the first report.
+    pub loss_percent: Option<f64>,
+    pub rtt_ms: Option<f64>,
+}
+
+/// The largest of `field` over `list`, None if no entry has it.
+fn worst(v: &Value, list: &str, field: &str) -> Option<f64> {
+    v[list]
+        .as_array()?
+        .iter()
+        .filter_map(|x| x[field].as_f64())
+        .reduce(f64::max)
 }
 
 /// What the LAYERS column shows for one session of `/api/sessions`.
@@ -189,6 +202,8 @@ pub fn session_rows(v: &Value, room: Option<&str>) -> Result<Vec<SessionRow>> {
                 },
                 nack_resent: sum(s, "downtracks", "nack_resent"),
                 layers: layers_of(s),
+                loss_percent: worst(s, "downtracks", "loss_percent"),
+                rtt_ms: worst(s, "downtracks", "rtt_ms"),
                 role,
             });
         }
@@ -247,12 +262,24 @@ pub fn print_sessions(rows: &[SessionRow]) {
         return;
     }
     println!(
-        "{:<20} {:<16} {:<10} {:<9} {:<24} {:<22} {:>6} {:>10} {:>6}  LAYERS",
-        "ROOM", "SESSION", "ROLE", "STATE", "SRTP", "PEER", "TRACKS", "PACKETS", "NACKED"
+        "{:<20} {:<16} {:<10} {:<9} {:<24} {:<22} {:>6} {:>10} {:>6} {:>6} {:>6}  LAYERS",
+        "ROOM",
+        "SESSION",
+        "ROLE",
+        "STATE",
+        "SRTP",
+        "PEER",
+        "TRACKS",
+        "PACKETS",
+        "NACKED",
+        "LOSS%",
+        "RTT"
     );
+    let num =
+        |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
     for s in rows {
         println!(
-            "{:<20} {:<16} {:<10} {:<9} {:<24} {:<22} {:>6} {:>10} {:>6}  {}",
+            "{:<20} {:<16} {:<10} {:<9} {:<24} {:<22} {:>6} {:>10} {:>6} {:>6} {:>6}  {}",
             s.room,
             s.id,
             s.role,
@@ -262,6 +289,8 @@ pub fn print_sessions(rows: &[SessionRow]) {
             s.tracks,
             s.packets,
             s.nack_resent,
+            num(s.loss_percent, 1),
+            num(s.rtt_ms, 0),
             s.layers
         );
     }
@@ -279,8 +308,9 @@ mod tests {
                  "tracks": [{"packets": 10}, {"packets": 5, "layers": [{"rid": "q"}, {"rid": "h"}]}], "downtracks": []},
                 {"id": "s1", "role": "subscriber", "connected": true, "srtp_profile": "AEAD_AES_128_GCM",
                  "nominated": null, "addrs": ["10.0.0.2:6000"],
-                 "tracks": [], "downtracks": [{"packets": 9, "nack_resent": 2, "layers": 1},
-                                              {"packets": 4, "nack_resent": 0, "layers": 2, "layer": 0, "max_layer": 0}]},
+                 "tracks": [], "downtracks": [{"packets": 9, "nack_resent": 2, "layers": 1, "loss_percent": 0.5, "rtt_ms": 40.0},
+                                              {"packets": 4, "nack_resent": 0, "layers": 2, "layer": 0, "max_layer": 0,
+                                               "loss_percent": 2.5, "rtt_ms": null}]},
             ],
             "b": [
                 {"id": "s2", "role": "subscriber", "connected": false, "srtp_profile": null,
@@ -328,6 +358,9 @@ mod tests {
             (s[0].layers.as_str(), s[1].layers.as_str()),
             ("q,h", "0/cap0")
         );
+        // The worst of its down-tracks' reports; nothing reported yet: none.
+        assert_eq!((s[1].loss_percent, s[1].rtt_ms), (Some(2.5), Some(40.0)));
+        assert_eq!((s[0].loss_percent, s[0].rtt_ms), (None, None));
         let e = session_rows(&sample(), Some("zz")).unwrap_err().to_string();
         assert!(
             e.contains("no room \"zz\"") && e.contains("rooms: a, b"),

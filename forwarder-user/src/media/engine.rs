@@ -158,7 +158,7 @@ pub struct Stream {
     pub packets: u64,
     pub bytes: u64,
     last_packet: Option<Instant>,
-    reception: Reception,
+    pub reception: Reception,
     /// Last SR of this source: (NTP, RTP, arrival), to carry lip sync to subscribers.
     last_sr: Option<(u64, u32, Instant)>,
     last_keyframe_request: Option<Instant>,
@@ -210,6 +210,8 @@ pub struct DownTrack {
     pub packets: u32,
     pub octets: u32,
     pub nack_resent: u64,
+    /// What the subscriber's receiver reports say of this stream.
+    pub quality: rtcp::Quality,
     last_ts_out: u32,
     last_out_at: Option<Instant>,
 }
@@ -506,6 +508,7 @@ impl Engine {
                     packets: 0,
                     octets: 0,
                     nack_resent: 0,
+                    quality: rtcp::Quality::default(),
                     last_ts_out: 0,
                     last_out_at: None,
                 });
@@ -845,6 +848,13 @@ impl Engine {
                 (Role::Subscriber, Request::Nack { media_ssrc, seqs }) => {
                     self.on_nack(id, media_ssrc, &seqs, tx)
                 }
+                (Role::Subscriber, Request::Reception(b)) => {
+                    if let Some((tid, i)) = self.downtrack_by_ssrc(id, b.media_ssrc) {
+                        let t = self.tracks.get_mut(&tid).expect("found");
+                        let rate = t.clock_rate;
+                        t.downs[i].quality.update(&b, rate, now);
+                    }
+                }
                 // A relay names the publisher's own SSRCs (trunks keep them).
                 (Role::Relay, Request::KeyFrame { media_ssrc }) => {
                     if let Some((tid, l)) = self.stream_of(id, media_ssrc) {
@@ -998,7 +1008,7 @@ impl Engine {
         }
         let c = &*self.counters;
         for t in self.tracks.values_mut() {
-            for d in &t.downs {
+            for d in &mut t.downs {
                 if d.packets == 0 {
                     continue;
                 }
@@ -1029,6 +1039,7 @@ impl Engine {
                 let sr =
                     rtcp::sender_report(d.ssrc_out(), ntp, rtp, d.packets, d.octets, &self.cname);
                 send_rtcp(&mut srtp.tx, to, &sr, c, tx);
+                d.quality.sent_sr(ntp, now);
             }
         }
         for s in self.sessions.values_mut() {
@@ -1564,6 +1575,62 @@ mod tests {
             &out.iter().find(|o| o.0 == pub_addr).unwrap().1,
         );
         assert_eq!(rr[1], 201);
+        // The subscriber's RR about our SR: loss and jitter as reported, the RTT from
+        // its echo of the SR's NTP time minus the time it held it.
+        let lsr = u32::from_be_bytes(sr[10..14].try_into().unwrap());
+        f.now += Duration::from_millis(80);
+        let block = rtcp::ReportBlock {
+            media_ssrc: 6,
+            fraction_lost: 32,
+            total_lost: 3,
+            highest_seq: 1,
+            jitter: 480, // 10 ms at 48 kHz
+            lsr,
+            dlsr: 65536 / 20, // held 50 ms
+        };
+        let report = |b: rtcp::ReportBlock| {
+            rtcp::receiver_report(
+                99,
+                vec![::rtcp::reception_report::ReceptionReport {
+                    ssrc: b.media_ssrc,
+                    fraction_lost: b.fraction_lost,
+                    total_lost: b.total_lost as u32,
+                    last_sequence_number: b.highest_seq,
+                    jitter: b.jitter,
+                    last_sender_report: b.lsr,
+                    delay: b.dlsr,
+                }],
+            )
+        };
+        f.send(&mut sub, &report(block));
+        let q = &f.engine.downtracks(2)[0].1.quality;
+        assert_eq!((q.reports, q.fraction_lost, q.total_lost), (1, 32, 3));
+        assert_eq!(q.loss_percent(), 12.5);
+        assert_eq!(q.jitter, Duration::from_millis(10));
+        let rtt = q.rtt.expect("an RTT from an echoed SR").as_millis();
+        assert!((29..=31).contains(&rtt), "{rtt} ms");
+        // An LSR that is not our last SR's gives no RTT; a block about an SSRC the
+        // subscriber does not get changes nothing.
+        let mut f2 = f.engine.downtracks(2)[0].1.quality.clone();
+        f2.rtt = None;
+        f2.update(
+            &rtcp::ReportBlock {
+                lsr: lsr ^ 1,
+                ..block
+            },
+            48_000,
+            f.now,
+        );
+        assert_eq!(f2.rtt, None);
+        f.send(
+            &mut sub,
+            &report(rtcp::ReportBlock {
+                media_ssrc: 77,
+                fraction_lost: 255,
+                ..block
+            }),
+        );
+        assert_eq!(f.engine.downtracks(2)[0].1.quality.fraction_lost, 32);
         f.sink.full = true;
         f.send(&mut publisher, &rtp_packet(111, 2, 0, 5, b"b"));
         assert_eq!(f.drops(Drop::SendFailed), 1);

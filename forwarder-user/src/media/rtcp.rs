@@ -26,6 +26,42 @@ pub enum Request {
     Nack { media_ssrc: u32, seqs: Vec<u16> },
     /// A sender report from a publisher: (NTP time, RTP time) for lip sync and LSR.
     SenderReport { ssrc: u32, ntp: u64, rtp: u32 },
+    /// A report block (RFC 3550 §6.4.1, in an SR or RR): how the sender of the
+    /// report receives `media_ssrc`.
+    Reception(ReportBlock),
+}
+
+/// One reception report block as received, fields as on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReportBlock {
+    pub media_ssrc: u32,
+    /// Lost since the previous report, in 1/256.
+    pub fraction_lost: u8,
+    /// Cumulative loss (24-bit signed on the wire: duplicates can make it negative).
+    pub total_lost: i32,
+    pub highest_seq: u32,
+    /// Interarrival jitter in RTP timestamp units.
+    pub jitter: u32,
+    /// Middle 32 bits of the NTP time of the last SR it got from us, 0 if none.
+    pub lsr: u32,
+    /// Delay since that SR, in 1/65536 s.
+    pub dlsr: u32,
+}
+
+impl ReportBlock {
+    fn read(b: &[u8]) -> ReportBlock {
+        // 24-bit two's complement: shift into the top of an i32 and back.
+        let lost = (i32::from_be_bytes([b[5], b[6], b[7], 0])) >> 8;
+        ReportBlock {
+            media_ssrc: be32(b, 0),
+            fraction_lost: b[4],
+            total_lost: lost,
+            highest_seq: be32(b, 8),
+            jitter: be32(b, 12),
+            lsr: be32(b, 16),
+            dlsr: be32(b, 20),
+        }
+    }
 }
 
 /// Reads a decrypted RTCP compound packet. The compound is framed here (RFC 3550
@@ -90,6 +126,14 @@ fn read_one(pt: u8, fmt: u8, pkt: &[u8], out: &mut Vec<Request>) -> Result<(), r
                 ntp: (be32(pkt, 8) as u64) << 32 | be32(pkt, 12) as u64,
                 rtp: be32(pkt, 16),
             });
+            blocks(&pkt[28..], rc, out);
+        }
+        // RR: header, SSRC, then RC report blocks.
+        (201, rc) => {
+            if pkt.len() < 8 + 24 * rc as usize {
+                return Err(rtcp::Error::PacketTooShort);
+            }
+            blocks(&pkt[8..], rc, out);
         }
         // Generic NACK (RFC 4585 §6.2.1): sender and media SSRC, then PID/BLP words.
         (205, 1) => {
@@ -135,6 +179,15 @@ fn read_one(pt: u8, fmt: u8, pkt: &[u8], out: &mut Vec<Request>) -> Result<(), r
         _ => {}
     }
     Ok(())
+}
+
+/// The first `rc` report blocks of `b` (the caller checked there are that many).
+fn blocks(b: &[u8], rc: u8, out: &mut Vec<Request>) {
+    out.extend(
+        b.chunks_exact(24)
+            .take(rc as usize)
+            .map(|b| Request::Reception(ReportBlock::read(b))),
+    );
 }
 
 fn marshal(pkts: Vec<Box<dyn Packet + Send + Sync>>) -> Vec<u8> {
@@ -243,6 +296,18 @@ impl Reception {
         self.last_transit = Some(transit);
     }
 
+    /// Packets lost so far (expected but never received; duplicates count against
+    /// it, so never below 0).
+    pub fn lost(&self) -> u32 {
+        if !self.started {
+            return 0;
+        }
+        self.extended_max()
+            .wrapping_sub(self.base_seq as u32)
+            .wrapping_add(1)
+            .saturating_sub(self.received)
+    }
+
     pub fn extended_max(&self) -> u32 {
         self.cycles.wrapping_add(self.max_seq as u32)
     }
@@ -280,6 +345,53 @@ impl Reception {
             last_sender_report: lsr,
             delay: dlsr,
         })
+    }
+}
+
+/// How a receiver says it gets one stream we send it, from its report blocks: loss,
+/// jitter and the round-trip time (RFC 3550 §6.4.1: now − LSR − DLSR, against the
+/// SR we sent). The input of a loss-based bandwidth estimate, and what an operator
+/// looks at first when a viewer complains.
+#[derive(Debug, Default, Clone)]
+pub struct Quality {
+    /// Loss over the receiver's last report interval, in 1/256.
+    pub fraction_lost: u8,
+    pub total_lost: i32,
+    pub jitter: std::time::Duration,
+    pub rtt: Option<std::time::Duration>,
+    pub reports: u64,
+    /// The NTP middle 32 bits of the last SR we sent and when (a receiver echoes
+    /// them as LSR). One is enough: receivers report on the latest SR.
+    sent_sr: Option<(u32, std::time::Instant)>,
+}
+
+impl Quality {
+    /// Notes an SR we send, with its full NTP time.
+    pub fn sent_sr(&mut self, ntp: u64, now: std::time::Instant) {
+        self.sent_sr = Some(((ntp >> 16) as u32, now));
+    }
+
+    /// Takes a report block about this stream; `clock_rate` turns jitter into time.
+    pub fn update(&mut self, b: &ReportBlock, clock_rate: u32, now: std::time::Instant) {
+        self.fraction_lost = b.fraction_lost;
+        self.total_lost = b.total_lost;
+        self.jitter =
+            std::time::Duration::from_secs_f64(b.jitter as f64 / clock_rate.max(1) as f64);
+        self.reports += 1;
+        // An LSR of 0 means no SR received yet; one that is not ours (an older SR)
+        // gives no RTT rather than a wrong one.
+        if let Some((mid, at)) = self.sent_sr
+            && b.lsr != 0
+            && b.lsr == mid
+        {
+            let held = std::time::Duration::from_secs_f64(b.dlsr as f64 / 65536.0);
+            self.rtt = Some(now.saturating_duration_since(at).saturating_sub(held));
+        }
+    }
+
+    /// Loss over the last interval, in percent.
+    pub fn loss_percent(&self) -> f64 {
+        self.fraction_lost as f64 * 100.0 / 256.0
     }
 }
 
@@ -405,6 +517,49 @@ mod tests {
                 rtp: 9000
             }]
         );
+    }
+
+    #[test]
+    fn report_blocks_from_receiver_and_sender_reports() {
+        let block = |ssrc| ReceptionReport {
+            ssrc,
+            fraction_lost: 64,
+            total_lost: 12,
+            last_sequence_number: 0x1_0005,
+            jitter: 90,
+            last_sender_report: 0xdead_beef,
+            delay: 65536 / 2,
+        };
+        let rr = receiver_report(7, vec![block(0x11), block(0x22)]);
+        let got = parse(&rr).unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(
+            got[1],
+            Request::Reception(ReportBlock {
+                media_ssrc: 0x22,
+                fraction_lost: 64,
+                total_lost: 12,
+                highest_seq: 0x1_0005,
+                jitter: 90,
+                lsr: 0xdead_beef,
+                dlsr: 32768,
+            })
+        );
+        // In an SR after the sender info; cumulative loss is signed (duplicates).
+        let mut sr = marshal(vec![Box::new(SenderReport {
+            ssrc: 1,
+            reports: vec![block(0x33)],
+            ..Default::default()
+        })]);
+        sr[28 + 5..28 + 8].copy_from_slice(&[0xff, 0xff, 0xfe]);
+        let got = parse(&sr).unwrap();
+        assert!(
+            matches!(got[1], Request::Reception(b) if b.media_ssrc == 0x33 && b.total_lost == -2)
+        );
+        // RC larger than what follows.
+        let mut short = rr.clone();
+        short[0] = (short[0] & 0xe0) | 3;
+        assert!(parse(&short).is_err());
     }
 
     #[test]

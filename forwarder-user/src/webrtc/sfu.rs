@@ -1387,8 +1387,10 @@ impl Sfu {
                                 "ssrc": m.and_then(|m| m.ssrc()).or(t.streams[0].1),
                                 "packets": m.map_or(0, |m| m.totals().0), "bytes": m.map_or(0, |m| m.totals().1),
                                 // Simulcast: each encoding, lowest first.
+                                // What we never received of it (RFC 3550 A.3), all encodings.
+                                "lost": m.map_or(0, |m| m.streams.iter().map(|st| st.reception.lost() as u64).sum::<u64>()),
                                 "layers": m.filter(|m| m.streams.len() > 1).map(|m| m.streams.iter().map(|st| serde_json::json!({
-                                    "rid": st.rid, "ssrc": st.ssrc, "packets": st.packets, "bytes": st.bytes,
+                                    "rid": st.rid, "ssrc": st.ssrc, "packets": st.packets, "bytes": st.bytes, "lost": st.reception.lost(),
                                 })).collect::<Vec<_>>()),
                             })
                         }).collect::<Vec<_>>(),
@@ -1403,6 +1405,12 @@ impl Sfu {
                             "max_layer": (d.layering.max_layer != UNCAPPED).then_some(d.layering.max_layer),
                             "paused": d.layering.paused, "layer_switches": d.layering.switches,
                             "layers": engine.track(*tid).map_or(1, |t| t.streams.len()),
+                            // From the subscriber's receiver reports (none yet: null).
+                            "reports": d.quality.reports,
+                            "loss_percent": (d.quality.reports > 0).then(|| d.quality.loss_percent()),
+                            "total_lost": (d.quality.reports > 0).then_some(d.quality.total_lost),
+                            "jitter_ms": (d.quality.reports > 0).then_some(d.quality.jitter.as_secs_f64() * 1e3),
+                            "rtt_ms": d.quality.rtt.map(|r| r.as_secs_f64() * 1e3),
                         })).collect::<Vec<_>>(),
                     })
                 })
