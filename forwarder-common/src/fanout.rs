@@ -13,7 +13,7 @@
 //!
 //! `EFWD_COPYVERDICT_V1`: per-CPU array of [`crate::verdicts::VerdictStats`] indexed by
 //! [`CopyVerdict`]: every copy the replicator makes or fails to make, counted once.
-//! Each copy also counts in its own `EFWD_RSTATS_V2` slot.
+//! Each copy also counts in its own `EFWD_RSTATS_V3` slot.
 
 pub const COPIES_MAP_NAME: &str = "EFWD_COPIES_V1";
 pub const COPY_VERDICT_MAP_NAME: &str = "EFWD_COPYVERDICT_V1";

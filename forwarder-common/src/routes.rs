@@ -78,7 +78,7 @@ pub struct RouteValue {
     pub seq_delta: u16,
     pub pt_from: u8,
     pub pt_to: u8,
-    /// Index into `EFWD_RSTATS_V2`.
+    /// Index into `EFWD_RSTATS_V3`.
     pub stats_slot: u32,
     pub flags: u32,
     /// The egress 802.1Q tag control (PCP, DEI, VLAN id) with [`FLAG_VLAN`].

@@ -10,7 +10,7 @@ use core::{ffi::c_void, mem};
 
 use aya_ebpf::{
     bindings::{__sk_buff, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
-    helpers::{bpf_clone_redirect, bpf_loop, bpf_redirect, bpf_skb_vlan_pop},
+    helpers::{bpf_clone_redirect, bpf_ktime_get_ns, bpf_loop, bpf_redirect, bpf_skb_vlan_pop},
     macros::classifier,
     programs::TcContext,
 };
@@ -36,6 +36,8 @@ struct Replication {
     first: u32,
     ingress: u32,
     orig: RtpIn,
+    /// When the packet arrived, for every copy's statistics (one clock read per packet).
+    now: u64,
     v6: u8,
     /// Copies sent so far: counted under `forward_copy` once per packet.
     sent: u32,
@@ -161,6 +163,8 @@ fn replicate(ctx: &TcContext) -> i32 {
         // SAFETY: reading a field of the context the kernel passed.
         ingress: unsafe { (*skb).ingress_ifindex },
         orig,
+        // SAFETY: plain helper call.
+        now: unsafe { bpf_ktime_get_ns() },
         v6: v6 as u8,
         sent: 0,
     };
@@ -196,7 +200,7 @@ fn replicate(ctx: &TcContext) -> i32 {
         forwarded(r.sent, skb);
         return TC_ACT_SHOT;
     }
-    sent(copy, skb);
+    sent(&r, copy);
     forwarded(r.sent + 1, skb);
     action
 }
@@ -222,7 +226,7 @@ extern "C" fn clone_one(i: u64, ctx: *mut c_void) -> i64 {
         dropped(copy);
         return 0;
     }
-    sent(copy, r.skb);
+    sent(r, copy);
     r.sent += 1;
     0
 }
@@ -236,17 +240,15 @@ fn egress_of(r: &Replication, copy: &RouteValue) -> u32 {
     }
 }
 
-/// Counts one copy in its own statistics slot.
+/// Counts one copy in its own statistics slot, with the packet's source numbering:
+/// after the copy is removed, its slot tells what its subscriber got last.
 #[inline(always)]
-fn sent(copy: &RouteValue, skb: *mut __sk_buff) {
+fn sent(r: &Replication, copy: &RouteValue) {
     // SAFETY: reading a field of the context the kernel passed.
-    let len = unsafe { (*skb).len } as u64;
-    if let Some(s) = EFWD_RSTATS_V2.get_ptr_mut(copy.stats_slot) {
+    let len = unsafe { (*r.skb).len } as u64;
+    if let Some(s) = EFWD_RSTATS_V3.get_ptr_mut(copy.stats_slot) {
         // SAFETY: the per-CPU slot is only this CPU's, and the program is not preempted mid-run.
-        unsafe {
-            (*s).packets += 1;
-            (*s).bytes += len;
-        }
+        unsafe { (*s).record(len, r.orig.seq, r.orig.ts, r.now) };
     }
 }
 
@@ -268,7 +270,7 @@ fn forwarded(n: u32, skb: *mut __sk_buff) {
 /// Counts a copy that could not be sent, in its own slot.
 #[inline(always)]
 fn dropped(copy: &RouteValue) {
-    if let Some(s) = EFWD_RSTATS_V2.get_ptr_mut(copy.stats_slot) {
+    if let Some(s) = EFWD_RSTATS_V3.get_ptr_mut(copy.stats_slot) {
         // SAFETY: the per-CPU slot is only this CPU's, and the program is not preempted mid-run.
         unsafe { (*s).drops += 1 };
     }

@@ -13,7 +13,10 @@ mod packet;
 use core::mem;
 
 use aya_ebpf::{
-    bindings::xdp_action, helpers::bpf_xdp_adjust_head, macros::xdp, programs::XdpContext,
+    bindings::xdp_action,
+    helpers::{bpf_ktime_get_ns, bpf_xdp_adjust_head},
+    macros::xdp,
+    programs::XdpContext,
 };
 use aya_log_ebpf::warn;
 use forwarder_common::{
@@ -599,7 +602,8 @@ fn source_known(key: &SourceKey) -> bool {
 /// rewrites per copy).
 #[inline(never)]
 fn handoff(ctx: &XdpContext, route: &RouteValue) -> Verdict {
-    if let Some(s) = EFWD_RSTATS_V2.get_ptr_mut(route.stats_slot) {
+    // The stream's own count; the RTP numbering is recorded per copy, by TC.
+    if let Some(s) = EFWD_RSTATS_V3.get_ptr_mut(route.stats_slot) {
         // SAFETY: the per-CPU slot is only this CPU's, and the program is not preempted mid-run.
         unsafe {
             (*s).packets += 1;
@@ -607,6 +611,18 @@ fn handoff(ctx: &XdpContext, route: &RouteValue) -> Verdict {
         }
     }
     Verdict::ForwardFanout
+}
+
+/// Counts a packet in the route's statistics slot, with its RTP numbering as it
+/// arrived (what a move between streams continues from).
+#[inline(always)]
+fn count_route(ctx: &XdpContext, route: &RouteValue, orig: &RtpIn) {
+    if let Some(s) = EFWD_RSTATS_V3.get_ptr_mut(route.stats_slot) {
+        // SAFETY: plain helper call.
+        let now = unsafe { bpf_ktime_get_ns() };
+        // SAFETY: the per-CPU slot is only this CPU's, and the program is not preempted mid-run.
+        unsafe { (*s).record(frame_len(ctx) as u64, orig.seq, orig.ts, now) };
+    }
 }
 
 /// Rewrites Ethernet, UDP and RTP (the IP header is done by the caller), fixes the UDP
@@ -634,7 +650,7 @@ fn finish(
     let udp = udp as usize;
     let rtp = udp + UdpHdr::LEN;
     // SAFETY: the UDP and RTP headers were bounds-checked by rtp_ssrc on this path.
-    unsafe {
+    let orig = unsafe {
         // Ethernet: destination then source MAC, 3 words each, not checksummed.
         let mut unused = Delta::new();
         replace_words::<6>(data, route.dst_mac.as_ptr() as usize, &mut unused);
@@ -643,9 +659,11 @@ fn finish(
         replace_words::<2>(udp, route.out_src_port_be.as_ptr() as usize, &mut l4d);
 
         // RTP (payload type, sequence, timestamp, SSRC), then the UDP checksum.
-        rewrite_rtp(rtp, RtpIn::read(rtp), route, &mut l4d);
+        let orig = RtpIn::read(rtp);
+        rewrite_rtp(rtp, orig, route, &mut l4d);
         fix_udp_check(udp, v6, &l4d);
-    }
+        orig
+    };
 
     // Last, since moving the frame start invalidates every packet pointer: the route
     // decides the egress encapsulation, never the ingress frame.
@@ -653,13 +671,7 @@ fn finish(
         return v;
     }
 
-    if let Some(s) = EFWD_RSTATS_V2.get_ptr_mut(route.stats_slot) {
-        // SAFETY: the per-CPU slot is only this CPU's, and the program is not preempted mid-run.
-        unsafe {
-            (*s).packets += 1;
-            (*s).bytes += frame_len(ctx) as u64;
-        }
-    }
+    count_route(ctx, route, &orig);
 
     let egress = route.egress_ifindex;
     if egress == 0 || egress == ctx.ingress_ifindex() as u32 {

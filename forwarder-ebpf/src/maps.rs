@@ -36,7 +36,7 @@ pub static EFWD_PEERS_V1: HashMap<SourceKey, PeerValue> = HashMap::with_max_entr
 #[map]
 pub static EFWD_XSKS_V1: XskMap = XskMap::with_max_entries(MAX_QUEUES, 0);
 #[map]
-pub static EFWD_RSTATS_V2: PerCpuArray<RouteStats> = PerCpuArray::with_max_entries(MAX_ROUTES, 0);
+pub static EFWD_RSTATS_V3: PerCpuArray<RouteStats> = PerCpuArray::with_max_entries(MAX_ROUTES, 0);
 #[map]
 pub static EFWD_VERDICT_V4: PerCpuArray<VerdictStats> =
     PerCpuArray::with_max_entries(NUM_VERDICTS, 0);

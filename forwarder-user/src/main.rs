@@ -375,6 +375,24 @@ enum SubsCmd {
         #[arg(long)]
         out_dst: SocketAddr,
     },
+    /// Move the copy to --out-dst to another stream: its receiver's sequence numbers
+    /// and timestamps continue across the move (a channel switch, a re-parented relay).
+    Move {
+        #[command(flatten)]
+        stream: StreamArgs,
+        /// Address:port of the copy to move.
+        #[arg(long)]
+        out_dst: SocketAddr,
+        /// The target stream's publisher address:port.
+        #[arg(long)]
+        to_source: SocketAddr,
+        /// The target stream's SSRC (decimal or 0x-hex).
+        #[arg(long, value_parser = parse_u32)]
+        to_ssrc: u32,
+        /// The target stream's listener (default: the same as --listen).
+        #[arg(long)]
+        to_listen: Option<SocketAddr>,
+    },
 }
 
 /// Where the running daemon's WebRTC API is.
@@ -864,6 +882,29 @@ fn subs_cmd(pin_dir: &std::path::Path, cmd: SubsCmd) -> Result<()> {
                 "copy of {:#010x} from {} on {} -> {out_dst} removed",
                 s.ssrc, s.source, s.listen
             );
+        }
+        SubsCmd::Move {
+            stream: s,
+            out_dst,
+            to_source,
+            to_ssrc,
+            to_listen,
+        } => {
+            let to = Route::key_of(to_listen.unwrap_or(s.listen), to_source, to_ssrc);
+            let m = maps.move_copy(&s.key(), out_dst, &to)?;
+            let r = &m.route;
+            match m.continued_from {
+                Some((seq, ts)) => println!(
+                    "copy -> {out_dst} moved to {:#010x} from {} on {}: continues after seq {seq}, \
+                     ts {ts} (seq delta {}, ts delta {})",
+                    r.ssrc, r.source, r.listen, r.seq_delta, r.ts_delta
+                ),
+                None => println!(
+                    "copy -> {out_dst} moved to {:#010x} from {} on {}, offsets kept (no packet \
+                     on one of the streams yet to continue from)",
+                    r.ssrc, r.source, r.listen
+                ),
+            }
         }
     }
     Ok(())

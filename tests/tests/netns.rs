@@ -749,3 +749,218 @@ fn check_config_accepts_the_example_and_says_what_to_fix() {
     }
     let _ = std::fs::remove_file(&bad);
 }
+
+const SSRC_A: u32 = 0x3333_000a;
+const SSRC_B: u32 = 0x3333_000b;
+/// Packets per stream between moves.
+const LEG: u16 = 100;
+
+/// Two fan-out streams; the viewer at :6001 is on stream A.
+fn move_config() -> String {
+    let copy = |ssrc: u32, port: u16, ssrc_out: u32, seq_delta: u16, ts_delta: u32| {
+        format!(
+            r#"
+[[route]]
+listen = "198.51.100.2:5004"
+source = "198.51.100.1:40000"
+ssrc = {ssrc}
+out_src = "203.0.113.2:5006"
+out_dst = "203.0.113.1:{port}"
+ssrc_out = {ssrc_out}
+seq_delta = {seq_delta}
+ts_delta = {ts_delta}
+"#
+        )
+    };
+    format!(
+        "[[listener]]\naddr = \"198.51.100.2:5004\"\n{}{}{}{}",
+        copy(SSRC_A, 6001, 0x5151_0001, 1000, 7),
+        copy(SSRC_A, 6002, 0x5151_0002, 0, 0),
+        copy(SSRC_B, 6003, 0x5151_0003, 0, 0),
+        copy(SSRC_B, 6004, 0x5151_0004, 0, 0),
+    )
+}
+
+/// Stream A's and B's packet `i`: their own sequence and timestamp spaces (B's
+/// timestamps far from A's, so a move that kept the offsets would jump), and payloads
+/// that say which stream and packet they are.
+fn ab(i: u16, ssrc: u32) -> Rtp {
+    let (seq0, ts0) = if ssrc == SSRC_A {
+        (65_000u16, 1_000u32)
+    } else {
+        (30_000, 3_000_000_000)
+    };
+    let mut r = Rtp::new(ssrc, seq0.wrapping_add(i), ts0 + i as u32 * 3000, 200);
+    r.payload[..4].copy_from_slice(&ssrc.to_be_bytes());
+    r.payload[4..6].copy_from_slice(&i.to_be_bytes());
+    r
+}
+
+/// Every packet until `n` or a quiet second: (sequence, timestamp, SSRC out, the
+/// stream and packet its payload names).
+fn collect(sock: &UdpSocket, n: usize) -> Vec<(u16, u32, u32, u32, u16)> {
+    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 2048];
+    while out.len() < n {
+        let Ok(len) = sock.recv(&mut buf) else { break };
+        let p = &buf[..len];
+        let be32 = |at: usize| u32::from_be_bytes(p[at..at + 4].try_into().unwrap());
+        out.push((
+            u16::from_be_bytes([p[2], p[3]]),
+            be32(4),
+            be32(8),
+            be32(12),
+            u16::from_be_bytes([p[16], p[17]]),
+        ));
+    }
+    out
+}
+
+/// `edgefwd subs move` on the live maps, twice: a viewer moved from stream A (a copy
+/// the TC replicator sends) to stream B and back (A then has one copy, which XDP
+/// forwards itself) sees one sequence, numbered on from where it was, with its own
+/// SSRC and timestamps that never step back; the viewers that stay on A and on B get
+/// every packet of theirs, undisturbed.
+#[test]
+fn a_viewer_moved_between_streams_keeps_one_sequence() {
+    let _k = kernel_lock();
+    let t = Topology::new();
+    let pin = PinDir::new();
+    let _peer_progs = peer_programs(&t);
+    let cfg = std::env::temp_dir().join(format!("{}.toml", unique("edgefwd-move-")));
+    std::fs::write(&cfg, move_config()).unwrap();
+    let _daemon = start_daemon(&t, &pin, cfg.to_str().unwrap(), false);
+    let socks: Vec<UdpSocket> = t.receiver.run(|| {
+        (6001..=6004)
+            .map(|p| UdpSocket::bind(("203.0.113.1", p)).unwrap())
+            .collect()
+    });
+    let mut socks = socks.into_iter();
+    let mover = socks.next().unwrap();
+    let rx: Vec<_> = socks
+        .map(|s| std::thread::spawn(move || collect(&s, 3 * LEG as usize)))
+        .collect();
+    let rx_mover = std::thread::spawn(move || collect(&mover, 3 * LEG as usize));
+    t.settle();
+    let tx = t
+        .publisher
+        .run(|| UdpSocket::bind("198.51.100.1:40000").unwrap());
+    let send = |legs: std::ops::Range<u16>| {
+        for i in legs {
+            for ssrc in [SSRC_A, SSRC_B] {
+                tx.send_to(&ab(i, ssrc).bytes(), "198.51.100.2:5004")
+                    .unwrap();
+            }
+            std::thread::sleep(Duration::from_micros(300));
+        }
+        // Everything sent is through before the next move.
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let move_to = |from: u32, to: u32| -> String {
+        let out = t.forwarder.exec_status(&[
+            edgefwd_bin().to_str().unwrap(),
+            "--pin-dir",
+            pin.path().to_str().unwrap(),
+            "subs",
+            "move",
+            "--listen",
+            "198.51.100.2:5004",
+            "--source",
+            "198.51.100.1:40000",
+            "--ssrc",
+            &from.to_string(),
+            "--out-dst",
+            "203.0.113.1:6001",
+            "--to-source",
+            "198.51.100.1:40000",
+            "--to-ssrc",
+            &to.to_string(),
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "subs move: {text}");
+        text
+    };
+    send(0..LEG);
+    let said = move_to(SSRC_A, SSRC_B);
+    assert!(said.contains("continues after seq"), "{said}");
+    send(LEG..2 * LEG);
+    move_to(SSRC_B, SSRC_A);
+    send(2 * LEG..3 * LEG);
+
+    let got = rx_mover.join().unwrap();
+    assert_eq!(
+        got.len(),
+        3 * LEG as usize,
+        "the moved viewer got every packet"
+    );
+    for (k, w) in got.windows(2).enumerate() {
+        assert_eq!(
+            w[1].0,
+            w[0].0.wrapping_add(1),
+            "sequence continuous at {k}: {w:?}"
+        );
+        assert!(
+            w[1].1.wrapping_sub(w[0].1) < 1 << 31,
+            "timestamp stepped back at {k}: {w:?}"
+        );
+    }
+    // Its numbering starts in its own space (A + 1000) and runs on from there.
+    assert_eq!(got[0].0, 65_000u16.wrapping_add(1000));
+    assert!(
+        got.iter().all(|p| p.2 == 0x5151_0001),
+        "its own SSRC throughout"
+    );
+    let streams: Vec<(u32, u16)> = got.iter().map(|p| (p.3, p.4)).collect();
+    let want: Vec<(u32, u16)> = (0..LEG)
+        .map(|i| (SSRC_A, i))
+        .chain((LEG..2 * LEG).map(|i| (SSRC_B, i)))
+        .chain((2 * LEG..3 * LEG).map(|i| (SSRC_A, i)))
+        .collect();
+    assert_eq!(streams, want, "A, then B, then A again");
+
+    // The others: every packet of their own stream, their numbering untouched.
+    for (h, (ssrc, ssrc_out)) in rx.into_iter().zip([
+        (SSRC_A, 0x5151_0002),
+        (SSRC_B, 0x5151_0003),
+        (SSRC_B, 0x5151_0004),
+    ]) {
+        let got = h.join().unwrap();
+        assert_eq!(
+            got.len(),
+            3 * LEG as usize,
+            "{ssrc_out:#x} got every packet"
+        );
+        for (i, p) in got.iter().enumerate() {
+            let want = ab(i as u16, ssrc);
+            assert_eq!((p.0, p.1, p.2), (want.seq, want.ts, ssrc_out), "packet {i}");
+        }
+    }
+
+    // A move the maps cannot make says why and changes nothing.
+    let out = t.forwarder.exec_status(&[
+        edgefwd_bin().to_str().unwrap(),
+        "--pin-dir",
+        pin.path().to_str().unwrap(),
+        "subs",
+        "move",
+        "--listen",
+        "198.51.100.2:5004",
+        "--source",
+        "198.51.100.1:40000",
+        "--ssrc",
+        &SSRC_A.to_string(),
+        "--out-dst",
+        "203.0.113.1:6001",
+        "--to-source",
+        "198.51.100.1:40000",
+        "--to-ssrc",
+        "0x12345678",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("no stream of SSRC 0x12345678"),
+        "{err}"
+    );
+}

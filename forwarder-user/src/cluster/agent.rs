@@ -114,6 +114,7 @@ async fn run(maps: Maps, manager: Arc<Mutex<LinkManager>>, secret: String) {
                     packets: st.packets_retired,
                     bytes: st.bytes_retired,
                     drops: st.drops_retired,
+                    ..Default::default()
                 };
                 (peer, r)
             })

@@ -43,6 +43,17 @@ use serde::Serialize;
 
 use crate::cluster::{Direction, Link};
 
+/// What [`Maps::move_copy`] did.
+#[derive(Debug)]
+pub struct Moved {
+    /// The copy as it now is, in the target stream.
+    pub route: Route,
+    /// The last (sequence, timestamp) its receiver got before the move, which the
+    /// target stream's numbering continues from; None when either stream had no
+    /// packet yet (the copy then keeps its offsets).
+    pub continued_from: Option<(u16, u32)>,
+}
+
 /// One forwarded stream, as people and configs speak of it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Route {
@@ -547,6 +558,101 @@ impl Maps {
         Ok(Some(self.stats(slot)))
     }
 
+    /// Moves the copy to `out_dst` from the stream of `from` to the stream of `to`
+    /// (a viewer switching channels, a relay re-parented), so that its receiver sees
+    /// one sequence: the first packet of `to` it gets is numbered one after the last
+    /// packet of `from` it got, and its timestamps continue from there. The copy is
+    /// removed first, so no packet of either stream can reach it under a number the
+    /// other already used; packets of `to` that arrive during the move are not sent
+    /// to it and read as a gap (loss), never as a step back. Everything else of the
+    /// copy (addresses, SSRC out, payload type, egress) stays. Both streams must exist.
+    pub fn move_copy(
+        &mut self,
+        from: &RouteKey,
+        out_dst: SocketAddr,
+        to: &RouteKey,
+    ) -> Result<Moved> {
+        let name = |k: &RouteKey| {
+            let r = Route::from_map(k, &RouteValue::default());
+            format!("SSRC {:#010x} from {} on {}", r.ssrc, r.source, r.listen)
+        };
+        let Some(copy) = self
+            .copies_of(from)?
+            .into_iter()
+            .find(|c| c.out_dst == out_dst)
+        else {
+            bail!(
+                "the stream of {} has no copy to {out_dst} (see `edgefwd subs list`)",
+                name(from)
+            );
+        };
+        if from == to {
+            bail!(
+                "the copy to {out_dst} is in the stream of {} already",
+                name(to)
+            );
+        }
+        let target = self.copies_of(to)?;
+        if target.is_empty() {
+            bail!(
+                "no stream of {} to move the copy to: add it first (`edgefwd subs add` or \
+                 `edgefwd routes add`)",
+                name(to)
+            );
+        }
+        if target.iter().any(|c| c.out_dst == out_dst) {
+            bail!(
+                "the stream of {} has a copy to {out_dst} already; `edgefwd subs del` one of \
+                 them first",
+                name(to)
+            );
+        }
+        let last = self
+            .del_copy_counted(from, out_dst)?
+            .context("the copy vanished while moving it (another writer?)")?;
+        // The newest packet of the target stream: its copies' slots record it (XDP for
+        // a stream of one copy, TC per copy for a list).
+        let mut newest = RouteStats::default();
+        if let Some((v, copies)) = self.stream_values(to)? {
+            newest.merge(&self.stats(v.stats_slot));
+            for c in &copies {
+                newest.merge(&self.stats(c.stats_slot));
+            }
+        }
+        let r = Route::from_map(to, &RouteValue::default());
+        let mut moved = Route {
+            listen: r.listen,
+            source: r.source,
+            ssrc: r.ssrc,
+            ..copy.clone()
+        };
+        let continued = match (last.last(), newest.last()) {
+            (Some((seq, ts)), Some((to_seq, to_ts))) => {
+                let (seq_out, ts_out) = (
+                    seq.wrapping_add(copy.seq_delta),
+                    ts.wrapping_add(copy.ts_delta),
+                );
+                // to_seq + 1 becomes seq_out + 1; to_ts becomes ts_out.
+                moved.seq_delta = seq_out.wrapping_sub(to_seq);
+                moved.ts_delta = ts_out.wrapping_sub(to_ts);
+                Some((seq_out, ts_out))
+            }
+            _ => None,
+        };
+        if let Err(e) = self.add_copy(&moved) {
+            // Put it back where it was rather than lose the subscriber.
+            let restored = self.add_copy(&copy);
+            return Err(e).context(match restored {
+                Ok(()) => "moving the copy; it is back in its old stream".to_string(),
+                Err(r) => format!("moving the copy; putting it back failed too: {r:#}"),
+            });
+        }
+        Ok(Moved {
+            route: moved,
+            continued_from: continued,
+        })
+    }
+
     /// Rejects a copy the data plane cannot send, saying what to change; makes sure
     /// its egress interface is in the devmap.
     fn check_copy(&mut self, r: &Route) -> Result<()> {
@@ -863,9 +969,7 @@ impl Maps {
         let mut total = RouteStats::default();
         if let Ok(per_cpu) = self.route_stats.get(&slot, 0) {
             for s in per_cpu.iter() {
-                total.packets += s.packets;
-                total.bytes += s.bytes;
-                total.drops += s.drops;
+                total.merge(s);
             }
         }
         total
