@@ -89,6 +89,10 @@ try {
     };
     result.before = await until('the capped viewer did not get a smaller layer than the other',
       (l, h) => l.framesDecoded > 30 && h.framesDecoded > 30 && l.frameWidth > 0 && h.frameWidth > l.frameWidth);
+    // With the SFU's transport feedback, the publisher's estimate rises and it sends
+    // its top encoding: the uncapped viewer gets to the full-size picture.
+    result.top = await until('the uncapped viewer did not get the top (full-size) layer',
+      (l, h) => h.frameWidth >= 960);
     result.publisher = await pub.page.evaluate(() => window.summary(window.pubPc));
     result.lifted = await low.page.evaluate(() => window.setLayers({ max_layer: null }));
     const t0 = Date.now();

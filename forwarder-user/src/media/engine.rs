@@ -25,6 +25,8 @@ use forwarder_common::{
     rtp,
 };
 
+use interceptor::twcc;
+
 use super::{
     Counters, Drop, Kind, Transmit, bump,
     codec::{Format, Vp8Descriptor},
@@ -43,6 +45,19 @@ pub const CACHE: usize = 512;
 pub const KEYFRAME_INTERVAL: Duration = Duration::from_millis(300);
 /// How often sender and receiver reports go out.
 pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);
+/// Transport feedback to publishers: libwebrtc's receive side sends it every 50–250 ms
+/// depending on rate; 100 ms keeps its delay-based estimate responsive.
+pub const FEEDBACK_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Moves a periodic deadline on by `every`, on a fixed schedule: the caller's timer
+/// fires a little late each time, and `now + every` would then drift and lower the
+/// rate. A deadline far behind (a stalled caller) restarts from now.
+fn advance(deadline: &mut Instant, every: Duration, now: Instant) {
+    *deadline += every;
+    if *deadline <= now {
+        *deadline = now + every;
+    }
+}
 /// A simulcast encoding with no packet for this long is not chosen for anyone (the
 /// publisher stopped it: bandwidth, CPU, or it was never sent).
 pub const LAYER_IDLE: Duration = Duration::from_millis(1000);
@@ -93,6 +108,10 @@ pub enum Command {
         /// rtp-stream-id header extension (`rid_ext`).
         streams: Vec<(Option<String>, Option<u32>)>,
         rid_ext: Option<u8>,
+        /// The transport-wide sequence number extension's id: the engine then sends
+        /// the publisher transport feedback (one recorder per session: the sequence
+        /// is transport-wide, and every m-line of a BUNDLE uses the same id).
+        twcc_ext: Option<u8>,
     },
     AddDownTrack {
         track: TrackId,
@@ -243,6 +262,9 @@ struct Session {
     srtp: Option<Srtp>,
     /// Publisher: its tracks. Subscriber: the tracks it has a down-track of.
     tracks: Vec<TrackId>,
+    /// Publisher: the transport-wide sequence extension's id and the arrivals since
+    /// the last transport feedback.
+    twcc: Option<(u8, twcc::Recorder)>,
 }
 
 impl Session {
@@ -263,6 +285,7 @@ pub struct Engine {
     /// The received ciphertext, kept while a packet with trunk copies is decrypted.
     scratch: Vec<u8>,
     next_report: Instant,
+    next_feedback: Instant,
 }
 
 /// Queues `bytes` unchanged (a trunk copy: still SRTP, still authenticated end to end).
@@ -356,6 +379,7 @@ impl Engine {
             by_relay: HashMap::new(),
             scratch: Vec::new(),
             next_report: now + REPORT_INTERVAL,
+            next_feedback: now + FEEDBACK_INTERVAL,
         }
     }
 
@@ -381,6 +405,7 @@ impl Engine {
                         nominated: None,
                         srtp: None,
                         tracks: vec![],
+                        twcc: None,
                     },
                 );
             }
@@ -441,11 +466,15 @@ impl Engine {
                 format,
                 streams,
                 rid_ext,
+                twcc_ext,
             } => {
                 let Some(s) = self.sessions.get_mut(&session) else {
                     return;
                 };
                 s.tracks.push(id);
+                if let (None, Some(ext)) = (&s.twcc, twcc_ext) {
+                    s.twcc = Some((ext, twcc::Recorder::new(s.rtcp_ssrc)));
+                }
                 let streams = streams
                     .into_iter()
                     .take(MAX_LAYERS)
@@ -680,6 +709,14 @@ impl Engine {
         let Ok(hlen) = rtp::validate(plain) else {
             return c.count(Drop::RtpMalformed);
         };
+        // Every authenticated packet arrived at the transport, whichever stream it is.
+        if let Some((ext, rec)) = s.twcc.as_mut()
+            && let Some(&[a, b]) = rtp::extension(plain, *ext)
+        {
+            let ssrc = u32::from_be_bytes([plain[8], plain[9], plain[10], plain[11]]);
+            let at = now.duration_since(self.epoch).as_micros() as i64;
+            rec.record(ssrc, u16::from_be_bytes([a, b]), at);
+        }
         let (pt, seq) = (plain[1] & 0x7f, u16::from_be_bytes([plain[2], plain[3]]));
         let ts = u32::from_be_bytes([plain[4], plain[5], plain[6], plain[7]]);
         let ssrc = u32::from_be_bytes([plain[8], plain[9], plain[10], plain[11]]);
@@ -991,21 +1028,22 @@ impl Engine {
 
     /// When [`Engine::handle_timeout`] wants to run next.
     pub fn poll_timeout(&self) -> Instant {
-        self.next_report
+        self.next_report.min(self.next_feedback)
     }
 
-    /// Sender reports to subscribers (lip sync carried over from the publisher's SR),
-    /// receiver reports to publishers. `wall` is only for streams no SR has timed yet.
+    /// Transport feedback to publishers every [`FEEDBACK_INTERVAL`]; sender reports
+    /// to subscribers (lip sync carried over from the publisher's SR) and receiver
+    /// reports to publishers every [`REPORT_INTERVAL`]. `wall` is only for streams no
+    /// SR has timed yet.
     pub fn handle_timeout(&mut self, now: Instant, wall: SystemTime, tx: &mut dyn Transmit) {
+        if now >= self.next_feedback {
+            advance(&mut self.next_feedback, FEEDBACK_INTERVAL, now);
+            self.send_feedback(tx);
+        }
         if now < self.next_report {
             return;
         }
-        // On a fixed schedule: the caller's timer fires a little late each time, and
-        // `now + interval` would then miss the next firing and halve the rate.
-        self.next_report += REPORT_INTERVAL;
-        if self.next_report <= now {
-            self.next_report = now + REPORT_INTERVAL;
-        }
+        advance(&mut self.next_report, REPORT_INTERVAL, now);
         let c = &*self.counters;
         for t in self.tracks.values_mut() {
             for d in &mut t.downs {
@@ -1068,6 +1106,26 @@ impl Engine {
                     c,
                     tx,
                 );
+            }
+        }
+    }
+
+    /// What each publisher's packets did on the way (transport-wide sequence numbers
+    /// and arrival times), for its congestion controller.
+    fn send_feedback(&mut self, tx: &mut dyn Transmit) {
+        let c = &*self.counters;
+        for s in self.sessions.values_mut() {
+            let to = s.media_addr();
+            let (Some((_, rec)), Some(to), Some(srtp)) = (s.twcc.as_mut(), to, s.srtp.as_mut())
+            else {
+                continue;
+            };
+            // One datagram each: a second's worth at a high rate outgrows one packet.
+            for fb in rec.build_feedback_packet() {
+                if let Ok(b) = ::rtcp::packet::marshal(std::slice::from_ref(&fb)) {
+                    send_rtcp(&mut srtp.tx, to, &b, c, tx);
+                    bump(&c.transport_feedback);
+                }
             }
         }
     }
@@ -1208,6 +1266,7 @@ mod tests {
                 format: Format::Other,
                 streams: vec![(None, ssrc)],
                 rid_ext: None,
+                twcc_ext: None,
             });
             p
         }
@@ -1557,11 +1616,13 @@ mod tests {
         assert!(f.sink.out.is_empty(), "not due yet");
         // A timer that fires late keeps the schedule: the next report is due one
         // interval after the last one was due, not after the late firing.
-        let due = f.engine.poll_timeout();
+        // (The transport feedback timer, earlier, sends nothing: no twcc here.)
+        assert!(f.engine.poll_timeout() <= f.engine.next_report);
+        let due = f.engine.next_report;
         f.now = due + Duration::from_millis(10);
         f.engine
             .handle_timeout(f.now, SystemTime::now(), &mut f.sink);
-        assert_eq!(f.engine.poll_timeout(), due + REPORT_INTERVAL);
+        assert_eq!(f.engine.next_report, due + REPORT_INTERVAL);
         let out = std::mem::take(&mut f.sink.out);
         assert_eq!(out.len(), 2);
         let (sub_addr, pub_addr) = (sub.addr, publisher.addr);
@@ -1742,6 +1803,7 @@ mod tests {
             format: Format::Other,
             streams: vec![(None, Some(0xaaaa))],
             rid_ext: None,
+            twcc_ext: None,
         });
         b.cmd(Command::BindRelay {
             id: 1,
@@ -1815,6 +1877,84 @@ mod tests {
 
     /// An RTP packet with the rid in a one-byte header extension (id 10), as Chromium
     /// sends the first packets of each simulcast encoding.
+    /// A publisher whose packets carry the transport-wide sequence extension gets,
+    /// every feedback interval, transport feedback (RTCP RTPFB fmt 15) that lists
+    /// them from the first one, across its SSRCs, with nothing before it is due and
+    /// nothing when no packet arrived since.
+    #[test]
+    fn publishers_get_transport_feedback() {
+        let mut f = Fixture::new();
+        let mut publisher = f.peer(1, Role::Publisher, Profile::AeadAes128Gcm);
+        for (id, kind, pt, ssrc) in [(10, Kind::Audio, 111, 5), (11, Kind::Video, 96, 6)] {
+            f.cmd(Command::AddTrack {
+                id,
+                session: 1,
+                kind,
+                pt,
+                clock_rate: if kind == Kind::Video { 90_000 } else { 48_000 },
+                format: Format::Other,
+                streams: vec![(None, Some(ssrc))],
+                rid_ext: None,
+                twcc_ext: Some(3),
+            });
+        }
+        // One-byte header extension, id 3, two bytes: the transport-wide sequence.
+        let twcc_packet = |pt: u8, ssrc: u32, seq: u16, tseq: u16| {
+            let mut p = vec![0x90, pt];
+            p.extend_from_slice(&seq.to_be_bytes());
+            p.extend_from_slice(&[0, 0, 0, 0]);
+            p.extend_from_slice(&ssrc.to_be_bytes());
+            p.extend_from_slice(&[0xbe, 0xde, 0, 1, 0x31]);
+            p.extend_from_slice(&tseq.to_be_bytes());
+            p.push(0);
+            p.extend_from_slice(b"media");
+            p
+        };
+        for (i, tseq) in (65_534u16..=65_535).chain(0..4).enumerate() {
+            let (pt, ssrc) = if i % 2 == 0 { (111, 5) } else { (96, 6) };
+            f.now += Duration::from_millis(5);
+            f.send(&mut publisher, &twcc_packet(pt, ssrc, i as u16, tseq));
+        }
+        f.sink.out.clear();
+        let due = f.engine.poll_timeout();
+        assert!(
+            due <= f.now + FEEDBACK_INTERVAL,
+            "feedback is the next timer"
+        );
+        f.engine.handle_timeout(
+            due - Duration::from_millis(1),
+            SystemTime::now(),
+            &mut f.sink,
+        );
+        assert!(f.sink.out.is_empty(), "not due yet");
+        f.now = due;
+        f.engine
+            .handle_timeout(f.now, SystemTime::now(), &mut f.sink);
+        let out = std::mem::take(&mut f.sink.out);
+        assert_eq!(out.len(), 1, "one feedback packet");
+        assert_eq!(out[0].0, publisher.addr);
+        let plain = unprotect(&mut publisher, &out[0].1);
+        assert_eq!((plain[0] & 0x1f, plain[1]), (15, 205), "RTPFB transport-cc");
+        let fb = <::rtcp::transport_feedbacks::transport_layer_cc::TransportLayerCc as
+            webrtc_util::Unmarshal>::unmarshal(&mut &plain[..])
+        .expect("well-formed transport feedback");
+        assert_eq!(
+            (fb.base_sequence_number, fb.packet_status_count),
+            (65_534, 6),
+            "every packet from the first, across the wrap"
+        );
+        assert_eq!(fb.recv_deltas.len(), 6, "all six received");
+        assert_eq!(
+            f.engine.counters.transport_feedback.load(Ordering::Relaxed),
+            1
+        );
+        // Nothing new arrived: the next interval sends nothing.
+        f.now += FEEDBACK_INTERVAL;
+        f.engine
+            .handle_timeout(f.now, SystemTime::now(), &mut f.sink);
+        assert!(f.sink.out.is_empty(), "no feedback without packets");
+    }
+
     fn rid_packet(seq: u16, ts: u32, ssrc: u32, rid: &[u8], payload: &[u8]) -> Vec<u8> {
         let mut p = vec![0x90, 96];
         p.extend_from_slice(&seq.to_be_bytes());
@@ -1848,6 +1988,7 @@ mod tests {
                 .map(|r| (Some(r.to_string()), None))
                 .to_vec(),
             rid_ext: Some(10),
+            twcc_ext: None,
         });
         let viewer = |f: &mut Fixture, id: SessionId| {
             let down = Command::AddDownTrack {

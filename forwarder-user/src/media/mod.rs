@@ -154,6 +154,8 @@ pub struct Counters {
     pub rtcp_in: AtomicU64,
     pub rtcp_out: AtomicU64,
     pub nack_resent: AtomicU64,
+    /// Transport feedback packets sent to publishers (transport-cc).
+    pub transport_feedback: AtomicU64,
     pub keyframe_requests: AtomicU64,
     pub dtls_handshakes: AtomicU64,
     /// DTLS connections whose tasks are alive (a gauge): one per session that got past

@@ -581,6 +581,8 @@ impl Sfu {
                         vec![(None, Some(t.ssrc))]
                     },
                     rid_ext: None,
+                    // Congestion feedback is between the publisher and its own node.
+                    twcc_ext: None,
                     track_id: t.track_id.clone(),
                     media: self.media_id(),
                 });

@@ -11,7 +11,7 @@ pub mod sfu;
 use std::{
     net::{IpAddr, SocketAddr},
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -341,6 +341,21 @@ pub async fn start(
                 }
             })
         };
+        // The engine's own timers (transport feedback is due every 100 ms), apart from
+        // the second's tick above, whose cascade calls may wait on the network.
+        let engine_timer = {
+            let sfu = sfu.clone();
+            tokio::spawn(async move {
+                loop {
+                    let next = sfu.engine_tick();
+                    // At most a second apart: a new session's timers may be earlier.
+                    let wait = next
+                        .saturating_duration_since(Instant::now())
+                        .clamp(Duration::from_millis(5), Duration::from_secs(1));
+                    tokio::time::sleep(wait).await;
+                }
+            })
+        };
         let media = tokio::spawn(sfu.clone().run_socket());
         let api = Arc::new(http::Api {
             sfu,
@@ -361,6 +376,7 @@ pub async fn start(
             r = media => r.context("media task")?.context("media socket"),
         };
         ticker.abort();
+        engine_timer.abort();
         api.sfu.stop_workers();
         for w in workers {
             let _ = w.join();

@@ -124,7 +124,8 @@ impl Codec {
     }
 
     /// Feedback the forwarder answers: NACK (from the packet cache), PLI, FIR.
-    /// transport-cc and goog-remb need a bandwidth estimator, which we don't run.
+    /// transport-cc is answered on a publisher's m-lines only (see
+    /// [`OfferMedia::twcc`]), goog-remb not at all.
     fn answer_feedback(&self) -> Vec<String> {
         self.feedback
             .iter()
@@ -350,6 +351,9 @@ fn send_rids(m: &MediaDescription) -> Vec<String> {
 /// RFC 8852 header extensions: the m-line's MID and an encoding's RtpStreamId.
 pub const EXT_MID: &str = "urn:ietf:params:rtp-hdrext:sdes:mid";
 pub const EXT_RID: &str = "urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id";
+/// Transport-wide sequence numbers (draft-holmer-rmcat-transport-wide-cc-extensions).
+pub const EXT_TWCC: &str =
+    "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01";
 
 impl OfferMedia {
     /// The offered id of header extension `uri`.
@@ -358,6 +362,20 @@ impl OfferMedia {
             .iter()
             .find(|(_, u)| u == uri)
             .map(|(id, _)| *id)
+    }
+
+    /// The transport-wide sequence number extension's id, when the offer has both it
+    /// and `transport-cc` feedback for `codec`: the SFU then reports every packet's
+    /// arrival to the publisher (transport feedback), so the publisher's own
+    /// congestion controller can raise its rate. Without such feedback Chromium stays
+    /// near its start rate and holds back its top simulcast encodings.
+    pub fn twcc(&self, codec: &Codec) -> Option<u8> {
+        codec
+            .feedback
+            .iter()
+            .any(|f| f == "transport-cc")
+            .then(|| self.extmap(EXT_TWCC))
+            .flatten()
     }
 
     /// A publisher's simulcast encodings, lowest quality first, and the rid header
@@ -515,6 +533,13 @@ pub fn build_answer(p: &AnswerParams<'_>) -> String {
         for fb in codec.answer_feedback() {
             md = md.with_value_attribute("rtcp-fb".into(), format!("{} {fb}", codec.pt));
         }
+        if let AnswerMedia::Receive { .. } = am
+            && let Some(id) = om.twcc(codec)
+        {
+            md = md
+                .with_value_attribute("rtcp-fb".into(), format!("{} transport-cc", codec.pt))
+                .with_value_attribute("extmap".into(), format!("{id} {EXT_TWCC}"));
+        }
         // Simulcast: the MID and rid extensions under the offer's ids, and every rid
         // received, in the offer's order (RFC 8853 §5.3: the answer mirrors it).
         if let AnswerMedia::Receive {
@@ -663,6 +688,68 @@ mod tests {
         // The answer must parse back.
         let back = SessionDescription::unmarshal(&mut Cursor::new(text.as_bytes())).unwrap();
         assert_eq!(back.media_descriptions.len(), 3);
+    }
+
+    /// With the transport-wide sequence extension offered (as Chromium does), a
+    /// publisher's m-lines answer it and transport-cc feedback; a subscriber's don't
+    /// (we do not estimate from its feedback), nor does an offer without the extension.
+    #[test]
+    fn transport_cc_is_answered_to_publishers_that_offer_the_extension() {
+        let with_ext = CHROMIUM_OFFER
+            .replace(
+                "a=mid:0\r\n",
+                &format!("a=mid:0\r\na=extmap:3 {EXT_TWCC}\r\n"),
+            )
+            .replace(
+                "a=mid:1\r\n",
+                &format!("a=mid:1\r\na=extmap:3 {EXT_TWCC}\r\n"),
+            );
+        let o = parse_offer(&with_ext).unwrap();
+        let (audio, video) = (&o.media[0], &o.media[1]);
+        let vp8 = video.publish_codec().unwrap().clone();
+        assert_eq!(video.twcc(&vp8), Some(3));
+        let mut h264 = vp8.clone();
+        h264.feedback.retain(|f| f != "transport-cc");
+        assert_eq!(video.twcc(&h264), None, "only with transport-cc feedback");
+        let media = vec![
+            AnswerMedia::Receive {
+                codec: audio.publish_codec().unwrap().clone(),
+                simulcast: false,
+            },
+            AnswerMedia::Receive {
+                codec: vp8.clone(),
+                simulcast: false,
+            },
+            AnswerMedia::Reject,
+        ];
+        let text = answer_for(&o, &media);
+        for want in [
+            "a=rtcp-fb:111 transport-cc\r\n",
+            "a=rtcp-fb:96 transport-cc\r\n",
+            &format!("a=extmap:3 {EXT_TWCC}\r\n"),
+        ] {
+            assert!(text.contains(want), "answer lacks {want:?}:\n{text}");
+        }
+        assert!(!text.contains("goog-remb"), "{text}");
+        // A subscriber's m-line: nothing of it.
+        let send = vec![AnswerMedia::Send {
+            codec: vp8,
+            ssrc: 7,
+            stream_id: "s".into(),
+            track_id: "t".into(),
+        }];
+        let mut sub = o.clone();
+        sub.media.truncate(1);
+        sub.media[0] = o.media[1].clone();
+        sub.media[0].direction = Direction::RecvOnly;
+        let text = answer_for(&sub, &send);
+        assert!(
+            !text.contains("transport-cc") && !text.contains(EXT_TWCC),
+            "{text}"
+        );
+        // Without the extension in the offer: not answered either.
+        let o = parse_offer(CHROMIUM_OFFER).unwrap();
+        assert_eq!(o.media[1].twcc(o.media[1].publish_codec().unwrap()), None);
     }
 
     #[test]

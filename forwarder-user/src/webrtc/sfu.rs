@@ -49,6 +49,9 @@ pub struct Track {
     pub streams: Vec<(Option<String>, Option<u32>)>,
     /// The rtp-stream-id header extension's id (simulcast).
     pub rid_ext: Option<u8>,
+    /// The transport-wide sequence number extension's id: we send the publisher
+    /// transport feedback.
+    pub twcc_ext: Option<u8>,
     pub track_id: String,
     /// The engine's handle of this track.
     pub media: TrackId,
@@ -468,6 +471,7 @@ impl Sfu {
                 format: Format::from_name(&t.codec.name),
                 streams: t.streams.clone(),
                 rid_ext: t.rid_ext,
+                twcc_ext: t.twcc_ext,
             });
         }
         for d in &s.downtracks {
@@ -693,6 +697,7 @@ impl Sfu {
                         codec: codec.clone(),
                         streams,
                         rid_ext,
+                        twcc_ext: m.twcc(codec),
                         track_id: format!("{}-{}", kind.as_str(), random_string(6)),
                         media: self.media_id(),
                     });
@@ -1179,6 +1184,15 @@ impl Sfu {
         }
     }
 
+    /// The engine's timers when due (transport feedback every 100 ms, SR/RR every
+    /// second); the caller runs this at [`Engine::poll_timeout`]'s pace.
+    pub fn engine_tick(&self) -> Instant {
+        self.with_engine(|e, tx| {
+            e.handle_timeout(Instant::now(), SystemTime::now(), tx);
+            e.poll_timeout()
+        })
+    }
+
     /// Once a second: consent freshness here, the engine's reports (SR to
     /// subscribers, RR to publishers) when they are due.
     pub fn tick(&self) {
@@ -1232,6 +1246,7 @@ impl Sfu {
             ("rtcp_in", &c.rtcp_in),
             ("rtcp_out", &c.rtcp_out),
             ("nack_resent", &c.nack_resent),
+            ("transport_feedback", &c.transport_feedback),
             ("keyframe_requests", &c.keyframe_requests),
             ("dtls_handshakes", &c.dtls_handshakes),
             ("dtls_fragmented_hellos", &c.dtls_fragmented_hellos),
@@ -1446,6 +1461,7 @@ impl Sfu {
                 "rtcp_in": c.rtcp_in.load(Ordering::Relaxed),
                 "rtcp_out": c.rtcp_out.load(Ordering::Relaxed),
                 "nack_resent": c.nack_resent.load(Ordering::Relaxed),
+                "transport_feedback": c.transport_feedback.load(Ordering::Relaxed),
                 "keyframe_requests": c.keyframe_requests.load(Ordering::Relaxed),
                 "dtls_handshakes": c.dtls_handshakes.load(Ordering::Relaxed),
                 "dtls_fragmented_hellos": c.dtls_fragmented_hellos.load(Ordering::Relaxed),

@@ -289,6 +289,7 @@ fn engine(n: usize, profile: Profile, shape: Shape) -> (Engine, Context, SocketA
                 Shape::Vp8(l) => (0..l as u32).map(|i| (None, Some(SSRC + i))).collect(),
             },
             rid_ext: None,
+            twcc_ext: None,
         },
     );
     for i in 0..n as u32 {
