@@ -86,7 +86,8 @@ pub struct SessionRow {
     /// Subscriber: packets resent from the cache on its NACKs.
     pub nack_resent: u64,
     /// Simulcast. Publisher: the rids it sends; subscriber: per down-track the layer
-    /// it gets, its cap and whether paused (e.g. `1/cap1`, `paused`); `-` for none.
+    /// it gets, its cap, its bandwidth limit and whether paused (e.g. `1/cap1`,
+    /// `0/bw0`, `paused`); `-` for none.
     pub layers: String,
     /// Subscriber: the worst loss (percent, last report interval) and RTT (ms) its
     /// receiver reports give over its down-tracks; None before the first report.
@@ -128,10 +129,14 @@ fn layers_of(s: &Value) -> String {
                 let cur = d["layer"]
                     .as_u64()
                     .map_or("-".to_string(), |l| l.to_string());
-                match d["max_layer"].as_u64() {
+                let mut out = match d["max_layer"].as_u64() {
                     Some(m) => format!("{cur}/cap{m}"),
                     None => cur,
+                };
+                if let Some(b) = d["bw_limit"].as_u64() {
+                    out.push_str(&format!("/bw{b}"));
                 }
+                out
             })
             .collect()
     };
@@ -310,7 +315,7 @@ mod tests {
                  "nominated": null, "addrs": ["10.0.0.2:6000"],
                  "tracks": [], "downtracks": [{"packets": 9, "nack_resent": 2, "layers": 1, "loss_percent": 0.5, "rtt_ms": 40.0},
                                               {"packets": 4, "nack_resent": 0, "layers": 2, "layer": 0, "max_layer": 0,
-                                               "loss_percent": 2.5, "rtt_ms": null}]},
+                                               "bw_limit": 0, "loss_percent": 2.5, "rtt_ms": null}]},
             ],
             "b": [
                 {"id": "s2", "role": "subscriber", "connected": false, "srtp_profile": null,
@@ -356,7 +361,7 @@ mod tests {
         );
         assert_eq!(
             (s[0].layers.as_str(), s[1].layers.as_str()),
-            ("q,h", "0/cap0")
+            ("q,h", "0/cap0/bw0")
         );
         // The worst of its down-tracks' reports; nothing reported yet: none.
         assert_eq!((s[1].loss_percent, s[1].rtt_ms), (Some(2.5), Some(40.0)));

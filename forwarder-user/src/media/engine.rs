@@ -28,7 +28,7 @@ use forwarder_common::{
 use interceptor::twcc;
 
 use super::{
-    Counters, Drop, Kind, Transmit, bump,
+    Counters, Drop, Kind, Transmit, bump, bwe,
     codec::{Format, Vp8Descriptor},
     rtcp::{self, Reception, Request},
     simulcast::{Layer, Layering},
@@ -177,6 +177,10 @@ pub struct Stream {
     pub packets: u64,
     pub bytes: u64,
     last_packet: Option<Instant>,
+    /// Bits/s received over the last report interval, and the byte count and time it
+    /// was measured from.
+    pub rate_bps: u64,
+    rate_mark: (u64, Instant),
     pub reception: Reception,
     /// Last SR of this source: (NTP, RTP, arrival), to carry lip sync to subscribers.
     last_sr: Option<(u64, u32, Instant)>,
@@ -231,6 +235,8 @@ pub struct DownTrack {
     pub nack_resent: u64,
     /// What the subscriber's receiver reports say of this stream.
     pub quality: rtcp::Quality,
+    /// Its bandwidth as loss says, and the layer limit that follows (simulcast).
+    pub bwe: bwe::LossBased,
     last_ts_out: u32,
     last_out_at: Option<Instant>,
 }
@@ -484,6 +490,8 @@ impl Engine {
                         packets: 0,
                         bytes: 0,
                         last_packet: None,
+                        rate_bps: 0,
+                        rate_mark: (0, now),
                         reception: Reception::default(),
                         last_sr: None,
                         last_keyframe_request: None,
@@ -538,6 +546,7 @@ impl Engine {
                     octets: 0,
                     nack_resent: 0,
                     quality: rtcp::Quality::default(),
+                    bwe: bwe::LossBased::default(),
                     last_ts_out: 0,
                     last_out_at: None,
                 });
@@ -780,7 +789,7 @@ impl Engine {
         let sessions = &mut self.sessions;
         for d in &mut t.downs {
             let target = d.layering.choose(&active[..t.streams.len()]);
-            if !d.layering.accept(
+            let forward = d.layering.accept(
                 layer,
                 target,
                 seq,
@@ -789,10 +798,13 @@ impl Engine {
                 vp8.as_ref(),
                 units,
                 &mut d.route,
-            ) {
-                if let Some(w) = d.layering.waiting() {
-                    wanted |= 1 << w;
-                }
+            );
+            // Waiting to switch (a cap, a bandwidth limit, a layer that stopped):
+            // its keyframe is asked for, whether the old layer still flows or not.
+            if let Some(w) = d.layering.waiting() {
+                wanted |= 1 << w;
+            }
+            if !forward {
                 continue;
             }
             let Some(sub) = sessions.get_mut(&d.sub) else {
@@ -889,7 +901,21 @@ impl Engine {
                     if let Some((tid, i)) = self.downtrack_by_ssrc(id, b.media_ssrc) {
                         let t = self.tracks.get_mut(&tid).expect("found");
                         let rate = t.clock_rate;
-                        t.downs[i].quality.update(&b, rate, now);
+                        // Rates of the encodings being received (0: not), for the
+                        // layer the viewer's bandwidth carries.
+                        let active = t.active(now);
+                        let rates: Vec<u64> = t
+                            .streams
+                            .iter()
+                            .zip(active)
+                            .map(|(st, a)| if a { st.rate_bps.max(1) } else { 0 })
+                            .collect();
+                        let d = &mut t.downs[i];
+                        d.quality.update(&b, rate, now);
+                        if rates.len() > 1 {
+                            d.layering.bw_limit =
+                                d.bwe.on_report(b.fraction_lost, d.octets, now, &rates);
+                        }
                     }
                 }
                 // A relay names the publisher's own SSRCs (trunks keep them).
@@ -1046,6 +1072,14 @@ impl Engine {
         advance(&mut self.next_report, REPORT_INTERVAL, now);
         let c = &*self.counters;
         for t in self.tracks.values_mut() {
+            for st in &mut t.streams {
+                let (bytes, at) = st.rate_mark;
+                let secs = now.saturating_duration_since(at).as_secs_f64();
+                if secs > 0.0 {
+                    st.rate_bps = ((st.bytes - bytes) as f64 * 8.0 / secs) as u64;
+                }
+                st.rate_mark = (st.bytes, now);
+            }
             for d in &mut t.downs {
                 if d.packets == 0 {
                     continue;
@@ -2151,5 +2185,70 @@ mod tests {
         );
         assert!(got(&mut f, &mut low).is_empty());
         assert_eq!(got(&mut f, &mut high).len(), 1);
+        // Bandwidth: a second on, the encodings' rates measured; the uncapped viewer
+        // reports 70 % loss, and its bandwidth limit takes it down to the lowest
+        // layer, switching at that layer's keyframe (asked for).
+        for k in 0..4u16 {
+            f.now += Duration::from_millis(250);
+            for (l, ssrc) in ssrcs.iter().enumerate() {
+                let pic = 10 * l as u16 + 6 + k;
+                let (seq, ts) = (106 + k, 18000 + 3000 * k as u32);
+                f.send(
+                    &mut publisher,
+                    &rtp_packet(96, seq, ts, *ssrc, &vp8(pic, 6, 0, true, false)),
+                );
+            }
+        }
+        f.engine
+            .handle_timeout(f.now, SystemTime::now(), &mut f.sink);
+        assert!(
+            f.engine
+                .track(10)
+                .unwrap()
+                .streams
+                .iter()
+                .all(|st| st.rate_bps > 0)
+        );
+        f.sink.out.clear();
+        let rr = rtcp::receiver_report(
+            0x333,
+            vec![::rtcp::reception_report::ReceptionReport {
+                ssrc: 0x103,
+                fraction_lost: 180,
+                ..Default::default()
+            }],
+        );
+        f.send(&mut high, &rr);
+        let d = &f.engine.downtracks(3)[0].1;
+        assert_eq!(d.layering.bw_limit, 0, "{:?}", d.bwe);
+        assert!(d.bwe.estimate.is_some());
+        f.send(
+            &mut publisher,
+            &rtp_packet(96, 110, 30000, 0xa2, &vp8(30, 7, 0, true, false)),
+        );
+        let d = &f.engine.downtracks(3)[0].1;
+        assert_eq!(
+            d.layering.target,
+            Some(0),
+            "the limit moves its target down"
+        );
+        let pub_addr = publisher.addr;
+        let plis: Vec<Request> = f
+            .sink
+            .out
+            .drain(..)
+            .filter(|o| o.0 == pub_addr)
+            .flat_map(|(_, w)| rtcp::parse(&unprotect(&mut publisher, &w)).unwrap())
+            .collect();
+        assert!(
+            plis.contains(&Request::KeyFrame { media_ssrc: 0xa0 }),
+            "{plis:?}"
+        );
+        f.send(
+            &mut publisher,
+            &rtp_packet(96, 110, 30000, 0xa0, &vp8(10, 8, 0, true, true)),
+        );
+        assert_eq!(got(&mut f, &mut high).len(), 1, "layer 0's keyframe");
+        assert_eq!(f.engine.downtracks(3)[0].1.layering.current, Some(0));
     }
 }

@@ -5,6 +5,7 @@
 //! write its copies into, and calls it back when [`engine::Engine::poll_timeout`] says.
 //! The control plane (WHIP/WHEP, ICE, DTLS) drives it with [`engine::Command`]s.
 
+pub mod bwe;
 pub mod codec;
 pub mod engine;
 pub mod rtcp;

@@ -34,6 +34,8 @@ struct Sent {
 pub struct Layering {
     /// The highest layer the subscriber may get (the API's cap).
     pub max_layer: Layer,
+    /// The highest layer its bandwidth carries (the estimator's limit).
+    pub bw_limit: Layer,
     /// Nothing forwarded while paused; resuming waits for a keyframe.
     pub paused: bool,
     /// The layer being forwarded, once a keyframe of it started the subscriber there.
@@ -54,6 +56,7 @@ impl Default for Layering {
     fn default() -> Self {
         Layering {
             max_layer: UNCAPPED,
+            bw_limit: UNCAPPED,
             paused: false,
             current: None,
             target: None,
@@ -72,8 +75,9 @@ fn seq_after(a: u16, b: u16) -> bool {
 }
 
 impl Layering {
-    /// The layer to be on: the highest active one within the cap; with none active
-    /// within it, the lowest active one (a picture rather than none).
+    /// The layer to be on: the highest active one within the cap and the bandwidth
+    /// limit; with none active within them, the lowest active one (a picture rather
+    /// than none).
     pub fn choose(&self, active: &[bool]) -> Option<Layer> {
         if self.paused {
             return None;
@@ -81,7 +85,7 @@ impl Layering {
         let within = active
             .iter()
             .enumerate()
-            .take((self.max_layer as usize).saturating_add(1))
+            .take((self.max_layer.min(self.bw_limit) as usize).saturating_add(1))
             .rev()
             .find(|(_, a)| **a)
             .map(|(i, _)| i as Layer);
@@ -259,6 +263,12 @@ mod tests {
             "none within the cap: lowest active"
         );
         assert_eq!(l.choose(&[false, false, false]), None);
+        // The bandwidth limit caps like the API's cap; the lower of the two counts.
+        l.max_layer = UNCAPPED;
+        l.bw_limit = 1;
+        assert_eq!(l.choose(&[true, true, true]), Some(1));
+        l.max_layer = 0;
+        assert_eq!(l.choose(&[true, true, true]), Some(0));
         l.set_paused(true);
         assert_eq!(l.choose(&[true, true, true]), None);
     }

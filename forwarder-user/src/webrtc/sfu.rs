@@ -1405,7 +1405,7 @@ impl Sfu {
                                 // What we never received of it (RFC 3550 A.3), all encodings.
                                 "lost": m.map_or(0, |m| m.streams.iter().map(|st| st.reception.lost() as u64).sum::<u64>()),
                                 "layers": m.filter(|m| m.streams.len() > 1).map(|m| m.streams.iter().map(|st| serde_json::json!({
-                                    "rid": st.rid, "ssrc": st.ssrc, "packets": st.packets, "bytes": st.bytes, "lost": st.reception.lost(),
+                                    "rid": st.rid, "ssrc": st.ssrc, "packets": st.packets, "bytes": st.bytes, "lost": st.reception.lost(), "rate_bps": st.rate_bps,
                                 })).collect::<Vec<_>>()),
                             })
                         }).collect::<Vec<_>>(),
@@ -1426,6 +1426,12 @@ impl Sfu {
                             "total_lost": (d.quality.reports > 0).then_some(d.quality.total_lost),
                             "jitter_ms": (d.quality.reports > 0).then_some(d.quality.jitter.as_secs_f64() * 1e3),
                             "rtt_ms": d.quality.rtt.map(|r| r.as_secs_f64() * 1e3),
+                            // The loss-based estimate and the layer limit it sets
+                            // (simulcast; null: no limit).
+                            "send_rate_bps": d.bwe.send_rate,
+                            "estimate_bps": d.bwe.estimate,
+                            "bw_limit": (d.layering.bw_limit != UNCAPPED).then_some(d.layering.bw_limit),
+                            "probes": d.bwe.probes, "failed_probes": d.bwe.failed_probes,
                         })).collect::<Vec<_>>(),
                     })
                 })

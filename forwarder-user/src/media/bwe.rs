@@ -1,0 +1,279 @@
+//! A viewer's bandwidth, estimated from the loss its receiver reports say (the
+//! loss-based half of Google congestion control, draft-ietf-rmcat-gcc §6), and the
+//! simulcast layer that fits in it. Sans-I/O: reports and rates in, a layer limit out.
+//!
+//! Per report: loss above 10 % means the path is congested, and the estimate becomes
+//! what was being sent times (1 − loss/2); below 2 % it grows by 5 %; in between it
+//! holds; it never grows past 1.5 × what is actually being sent. The layer limit is
+//! the highest encoding whose measured rate fits the estimate, so a viewer behind a
+//! narrow link moves down within a report or two.
+//!
+//! Going up needs evidence the path has room, which loss alone never gives while the
+//! viewer is below its limit: after `hold` clean reports in a row the viewer is moved
+//! one layer up as a probe. If that causes loss the estimate drops it back and the
+//! next probe waits twice as long (up to [`MAX_HOLD`] reports); if it stays clean the
+//! new layer is kept. Without loss on the top layer the estimate grows past 1.4 × its
+//! rate, and then it is dropped (no limit) rather than kept stale.
+//!
+//! Not done: the delay-based half (transport-wide feedback from viewers would show a
+//! queue building before loss does), and probing with padding before a switch.
+
+use std::time::Instant;
+
+use super::simulcast::{Layer, UNCAPPED};
+
+/// Clean reports before the first probe up (receivers report about once a second).
+pub const BASE_HOLD: u32 = 3;
+/// The longest wait between probes, after repeated failures.
+pub const MAX_HOLD: u32 = 24;
+
+const CONGESTED: f64 = 0.10;
+const CLEAN: f64 = 0.02;
+
+#[derive(Debug, Clone)]
+pub struct LossBased {
+    /// Bits/s the path carries, as far as loss says; None: no limit seen.
+    pub estimate: Option<u64>,
+    /// What was sent to the viewer over the last report interval, bits/s.
+    pub send_rate: u64,
+    /// The layer limit it gives ([`UNCAPPED`]: none).
+    pub limit: Layer,
+    /// Clean reports in a row.
+    clean: u32,
+    /// Clean reports needed before the next probe up.
+    hold: u32,
+    /// Probing: the limit before the probe, to go back to if it causes loss.
+    probe_from: Option<Layer>,
+    /// Payload octets sent (the SR's wrapping count) at the last report, and when.
+    last: Option<(u32, Instant)>,
+    pub probes: u64,
+    pub failed_probes: u64,
+}
+
+impl Default for LossBased {
+    fn default() -> Self {
+        LossBased {
+            estimate: None,
+            send_rate: 0,
+            limit: UNCAPPED,
+            clean: 0,
+            hold: BASE_HOLD,
+            probe_from: None,
+            last: None,
+            probes: 0,
+            failed_probes: 0,
+        }
+    }
+}
+
+/// The highest layer whose rate fits `estimate`; the lowest active one if none does.
+/// `rates` holds bits/s per layer, 0 for a layer not being received.
+fn fitting(rates: &[u64], estimate: u64) -> Layer {
+    let active = || rates.iter().enumerate().filter(|(_, r)| **r > 0);
+    active()
+        .filter(|(_, r)| **r <= estimate)
+        .map(|(i, _)| i as Layer)
+        .next_back()
+        .or_else(|| active().map(|(i, _)| i as Layer).next())
+        .unwrap_or(0)
+}
+
+impl LossBased {
+    /// Takes one receiver report: `fraction_lost` (in 1/256) of the viewer's stream,
+    /// `octets_sent` so far to it (wrapping), at `now`; `rates` are the track's layer
+    /// rates (bits/s, 0 for inactive). Returns the new layer limit.
+    pub fn on_report(
+        &mut self,
+        fraction_lost: u8,
+        octets_sent: u32,
+        now: Instant,
+        rates: &[u64],
+    ) -> Layer {
+        if let Some((octets, at)) = self.last {
+            let secs = now.saturating_duration_since(at).as_secs_f64();
+            if secs > 0.05 {
+                self.send_rate = (octets_sent.wrapping_sub(octets) as f64 * 8.0 / secs) as u64;
+            }
+        }
+        self.last = Some((octets_sent, now));
+        let loss = fraction_lost as f64 / 256.0;
+        if loss > CONGESTED {
+            let base = self.send_rate.max(1);
+            self.estimate = Some((base as f64 * (1.0 - loss / 2.0)) as u64);
+            self.clean = 0;
+            if let Some(from) = self.probe_from.take() {
+                // The probe caused it: back down, and wait longer before the next.
+                self.failed_probes += 1;
+                self.hold = (self.hold * 2).min(MAX_HOLD);
+                self.limit = from;
+            }
+        } else if loss < CLEAN {
+            self.clean += 1;
+            // Grow, but not past 1.5 × what is actually sent (as GCC bounds its rate
+            // by the received rate): only a probe shows there is room for more.
+            self.estimate = self
+                .estimate
+                .map(|e| (e + e / 20).min(e.max(self.send_rate * 3 / 2)));
+            if self.probe_from.is_some() && self.clean >= 2 {
+                // The probe held: the layer is kept, and the next probe comes sooner.
+                self.probe_from = None;
+                self.hold = BASE_HOLD;
+            }
+        } else {
+            self.clean = 0;
+        }
+        let Some(estimate) = self.estimate else {
+            self.limit = UNCAPPED;
+            return self.limit;
+        };
+        let top = rates.iter().copied().max().unwrap_or(0);
+        if top > 0 && estimate > top * 7 / 5 {
+            // Room for everything, by a margin: no limit rather than a stale one.
+            self.estimate = None;
+            self.limit = UNCAPPED;
+            return self.limit;
+        }
+        let fits = fitting(rates, estimate);
+        if self.probe_from.is_some() {
+            // A probe in flight keeps its layer until a report decides it.
+            return self.limit;
+        }
+        self.limit = fits;
+        let above = rates
+            .iter()
+            .enumerate()
+            .skip(fits as usize + 1)
+            .find(|(_, r)| **r > 0);
+        if let Some((next, rate)) = above
+            && self.clean >= self.hold
+        {
+            // Probe: one layer up, the estimate raised to carry it.
+            self.probes += 1;
+            self.probe_from = Some(fits);
+            self.limit = next as Layer;
+            self.estimate = Some(estimate.max(*rate));
+            self.clean = 0;
+        }
+        self.limit
+    }
+
+    /// Whether a probe up is being tried.
+    pub fn probing(&self) -> bool {
+        self.probe_from.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Three layers of 150 k, 500 k and 1.5 Mbit/s.
+    const RATES: [u64; 3] = [150_000, 500_000, 1_500_000];
+
+    /// A viewer behind a link of `capacity` bits/s for `secs` seconds, one report a
+    /// second: it is sent its limit's layer, and what exceeds the link is lost.
+    /// Returns the layer sent each second.
+    struct Viewer {
+        b: LossBased,
+        t: Instant,
+        octets: u32,
+    }
+
+    impl Viewer {
+        fn new() -> Viewer {
+            Viewer {
+                b: LossBased::default(),
+                t: Instant::now(),
+                octets: 0,
+            }
+        }
+
+        fn run(&mut self, capacity: u64, secs: usize, rates: &[u64]) -> Vec<Layer> {
+            let mut sent = Vec::new();
+            for _ in 0..secs {
+                let layer = (self.b.limit as usize).min(rates.len() - 1);
+                let rate = rates[layer];
+                sent.push(layer as Layer);
+                let loss = if rate > capacity {
+                    (((rate - capacity) as f64 / rate as f64) * 256.0) as u8
+                } else {
+                    0
+                };
+                self.t += Duration::from_secs(1);
+                self.octets = self.octets.wrapping_add((rate / 8) as u32);
+                self.b.on_report(loss, self.octets, self.t, rates);
+            }
+            sent
+        }
+    }
+
+    #[test]
+    fn a_wide_link_sets_no_limit() {
+        let mut v = Viewer::new();
+        assert!(v.run(10_000_000, 20, &RATES).iter().all(|l| *l == 2));
+        assert_eq!((v.b.limit, v.b.estimate), (UNCAPPED, None));
+        // Moderate loss (2-10 %: random loss, not congestion) sets none either.
+        assert_eq!(
+            v.b.on_report(15, v.octets + 200_000, v.t + Duration::from_secs(1), &RATES),
+            UNCAPPED
+        );
+    }
+
+    /// A 400 kbit/s link: the viewer is down on the lowest layer within two reports;
+    /// probes up fail and back off (each wait twice the last, up to the maximum), so
+    /// it spends little time above; once the link widens it climbs to the top within
+    /// one maximum wait and the limit goes away.
+    #[test]
+    fn a_narrow_link_moves_down_probes_back_off_and_a_wider_one_moves_up() {
+        let mut v = Viewer::new();
+        let sent = v.run(400_000, 120, &RATES);
+        assert_eq!(&sent[..1], &[2]);
+        assert_eq!(sent[3], 0, "down within two reports: {sent:?}");
+        let above = sent[3..].iter().filter(|l| **l > 0).count();
+        assert!(above <= 8, "{above} s above the lowest layer: {sent:?}");
+        assert!(v.b.failed_probes >= 4, "{}", v.b.failed_probes);
+        // Probes were spaced ever further apart.
+        let probes: Vec<usize> = (4..sent.len())
+            .filter(|i| sent[*i] > 0 && sent[*i - 1] == 0)
+            .collect();
+        let gaps: Vec<usize> = probes.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps.windows(2).all(|g| g[1] >= g[0]), "{gaps:?}");
+        assert!(*gaps.last().unwrap() >= MAX_HOLD as usize, "{gaps:?}");
+        // The link widens: up to the top within a maximum wait and a few reports.
+        let sent = v.run(10_000_000, MAX_HOLD as usize + 10, &RATES);
+        assert_eq!(*sent.last().unwrap(), 2, "{sent:?}");
+        let sent = v.run(10_000_000, 20, &RATES);
+        assert!(sent.iter().all(|l| *l == 2), "{sent:?}");
+        assert_eq!(v.b.limit, UNCAPPED);
+    }
+
+    /// A 700 kbit/s link carries the middle layer, not the top: the viewer settles
+    /// there, probing the top now and then.
+    #[test]
+    fn a_middle_link_settles_on_the_middle_layer() {
+        let mut v = Viewer::new();
+        let sent = v.run(700_000, 90, &RATES);
+        let tail = &sent[30..];
+        let middle = tail.iter().filter(|l| **l == 1).count();
+        assert!(middle * 10 >= tail.len() * 8, "{sent:?}");
+    }
+
+    #[test]
+    fn only_received_layers_count() {
+        let rates = [150_000, 0, 1_500_000];
+        assert_eq!(fitting(&rates, 1_000_000), 0);
+        assert_eq!(fitting(&rates, 2_000_000), 2);
+        assert_eq!(
+            fitting(&[0, 0, 1_500_000], 100),
+            2,
+            "nothing fits: the lowest active"
+        );
+        // The middle layer is not being sent: the probe skips it.
+        let mut v = Viewer::new();
+        let sent = v.run(400_000, 12, &rates);
+        assert!(sent.iter().all(|l| *l != 1), "{sent:?}");
+        assert!(sent.contains(&0) && v.b.probes > 0, "{sent:?}");
+    }
+}
