@@ -6,12 +6,15 @@
 //   simulcast: a Chromium publishes three simulcast encodings; two viewers watch, one
 //            capped to the lowest layer through its WHEP resource (PUT .../layers);
 //            once both decode, the cap is lifted and the capped one must move up.
+//   sample:  a Chromium subscribes over WHEP and prints its video stats (decoded frame
+//            size, frames, freezes) as one JSON line a second for --hold seconds.
+// --simulcast makes the publish role send three encodings.
 // Prints one JSON object on stdout (the Rust test asserts on it); exits non-zero
 // with the reason on stderr if the subscriber never decodes.
 //
 //   node whip_whep.mjs --base http://127.0.0.1:8080 --room r1 [--codec VP8|H264]
 //        [--no-pqc] [--role both|publish|watch|view|simulcast] [--hold SECONDS] [--timeout SECONDS]
-//        [--expect N] [--screenshot PNG]
+//        [--expect N] [--screenshot PNG] [--simulcast]
 import { chromium } from 'playwright-core';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -126,12 +129,22 @@ try {
     }
     result.status = await v.page.evaluate(() => document.getElementById('livestatus').textContent);
     if (screenshot) await v.page.screenshot({ path: screenshot, fullPage: true });
+  } else if (role === 'sample') {
+    sub = await launch();
+    browsers.push(sub);
+    result.whep = await sub.page.evaluate(r => window.watch(r), room);
+    const end = Date.now() + hold * 1000;
+    while (Date.now() < end) {
+      const s = await sub.page.evaluate(() => window.summary(window.subPc));
+      console.log(JSON.stringify({ at: Date.now(), video: s.inbound.video || {} }));
+      await sleep(1000);
+    }
   } else if (role !== 'watch' && role !== 'simulcast') {
     pub = await launch();
     browsers.push(pub);
-    result.whip = await pub.page.evaluate(([r, c]) => window.publish(r, c), [room, codec]);
+    result.whip = await pub.page.evaluate(([r, c, sim]) => window.publish(r, c, sim), [room, codec, flag('simulcast')]);
   }
-  if (role === 'view' || role === 'simulcast') {
+  if (role === 'view' || role === 'simulcast' || role === 'sample') {
     // Done above.
   } else if (role === 'publish') {
     await sleep(hold * 1000);

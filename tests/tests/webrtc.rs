@@ -11,7 +11,7 @@ use std::{
 
 use edgefwd_tests::{
     Edgefwd, PinDir, RawSock, edgefwd_bin, kernel_lock,
-    netns::{FWD_A_V4, NetNs, PUB_V4, Topology},
+    netns::{self, FWD_A_V4, NetNs, PUB_V4, Topology},
     spawn_edgefwd, unique,
 };
 use serde_json::Value;
@@ -702,6 +702,134 @@ fn the_page_shows_a_running_room_live() {
         "{} bytes",
         png.len()
     );
+}
+
+/// The video down-track (layer, bandwidth limit) of the subscriber whose media goes
+/// to an address starting with `peer`, in one `/api/sessions` answer.
+fn viewer_video(api: &Value, room: &str, peer: &str) -> Option<Value> {
+    api["rooms"][room]
+        .as_array()?
+        .iter()
+        .filter(|s| s["role"] == "subscriber")
+        .find(|s| s["nominated"].as_str().is_some_and(|a| a.starts_with(peer)))?["downtracks"]
+        .as_array()?
+        .iter()
+        .find(|d| d["kind"] == "video")
+        .cloned()
+}
+
+/// Bandwidth decides the layer: Chromium publishes three simulcast encodings; one
+/// Chromium viewer watches from the SFU's own namespace, another from a namespace
+/// whose link is limited to 250 kbit/s (`tc tbf`; this kernel has no netem). From its
+/// receiver reports' loss the limited viewer's estimate falls and it is moved to the
+/// lowest layer while the other stays on the top one; once the limit is lifted its
+/// probes succeed and it climbs back to the top layer. Both viewers' decoded frame
+/// sizes (getStats) show it.
+#[test]
+fn chromium_viewers_behind_different_bandwidths_get_different_layers() {
+    let _k = kernel_lock();
+    let (sfu_ns, low_ns) = (NetNs::new("bwsfu"), NetNs::new("bwlow"));
+    netns::link(&sfu_ns, "s0", &["10.91.0.1"], &low_ns, "l0", &["10.91.0.2"]);
+    sfu_ns.exec(&[
+        "tc", "qdisc", "add", "dev", "s0", "root", "tbf", "rate", "250kbit", "burst", "4kb",
+        "latency", "100ms",
+    ]);
+    let sfu = start_sfu_at(Some(&sfu_ns), "10.91.0.1", "");
+    let room = unique("bwe");
+    let spawn = |ns: &NetNs, role: &str, hold: &str| {
+        let mut args = vec![
+            "--base", &sfu.base, "--room", &room, "--codec", "VP8", "--role", role, "--hold", hold,
+        ];
+        if role == "publish" {
+            args.push("--simulcast");
+        }
+        node(Some(ns), &args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap()
+    };
+    let mut publisher = spawn(&sfu_ns, "publish", "150");
+    std::thread::sleep(Duration::from_secs(3));
+    let mut high = spawn(&sfu_ns, "sample", "150");
+    let mut low = spawn(&low_ns, "sample", "150");
+    let api = || ns_json(&sfu_ns, &sfu.base, "/api/sessions");
+    // Polls until `done(low, high)` holds for the two viewers' video down-tracks.
+    let until = |what: &str, secs: u64, done: &dyn Fn(&Value, &Value) -> bool| -> (Value, Value) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            let a = api();
+            let (l, h) = (
+                viewer_video(&a, &room, "10.91.0.2").unwrap_or(Value::Null),
+                viewer_video(&a, &room, "10.91.0.1").unwrap_or(Value::Null),
+            );
+            if done(&l, &h) {
+                return (l, h);
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what} within {secs} s: low {l}\nhigh {h}"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    let (l, h) = until(
+        "the limited viewer on layer 0, the other on layer 2",
+        60,
+        &|l, h| l["layer"] == 0 && l["bw_limit"] == 0 && h["layer"] == 2,
+    );
+    println!("limited: low {l}\nhigh {h}");
+    assert!(l["estimate_bps"].as_u64().unwrap() < 1_000_000, "{l}");
+    assert!(l["loss_percent"].as_f64().is_some(), "{l}");
+    assert_eq!(h["bw_limit"], Value::Null, "{h}");
+    // Stays there (a probe may lift it for a report or two, then back).
+    std::thread::sleep(Duration::from_secs(6));
+    let (l, _) = until("the limited viewer back on layer 0", 20, &|l, _| {
+        l["layer"] == 0
+    });
+    println!("still limited: {l}");
+    sfu_ns.exec(&["tc", "qdisc", "del", "dev", "s0", "root"]);
+    let (l, h) = until(
+        "the viewer on the top layer once its link is free",
+        75,
+        &|l, h| l["layer"] == 2 && h["layer"] == 2,
+    );
+    println!("lifted: low {l}\nhigh {h}");
+    assert!(l["probes"].as_u64().unwrap() >= 1, "{l}");
+    // Two more seconds of decoding on the top layer, then the browsers' own view.
+    std::thread::sleep(Duration::from_secs(3));
+    for c in [&mut high, &mut low, &mut publisher] {
+        let _ = c.kill();
+    }
+    let samples = |c: std::process::Child| -> Vec<Value> {
+        let out = c.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["at"].is_number())
+            .map(|v| v["video"].clone())
+            .collect()
+    };
+    let (low, high) = (samples(low), samples(high));
+    let widths = |s: &[Value]| -> Vec<u64> {
+        s.iter()
+            .map(|v| v["frameWidth"].as_u64().unwrap_or(0))
+            .collect()
+    };
+    let (lw, hw) = (widths(&low), widths(&high));
+    println!("frame widths: low {lw:?}\nhigh {hw:?}");
+    // The limited viewer decoded the quarter-size layer, then the full-size one.
+    let first_small = lw
+        .iter()
+        .position(|w| *w == 240)
+        .unwrap_or_else(|| panic!("{lw:?}"));
+    assert!(lw[first_small..].contains(&960), "{lw:?}");
+    assert_eq!(*lw.last().unwrap(), 960, "{lw:?}");
+    assert_eq!(*hw.last().unwrap(), 960, "{hw:?}");
+    // Decoding went on: frames kept coming to the end.
+    let frames =
+        |s: &[Value], back: usize| s[s.len() - back]["framesDecoded"].as_u64().unwrap_or(0);
+    assert!(frames(&low, 1) > frames(&low, 3), "{low:?}");
 }
 
 /// Chromium publishing VP8 into `room` for `hold` seconds, in the background.

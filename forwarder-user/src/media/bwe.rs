@@ -2,30 +2,41 @@
 //! loss-based half of Google congestion control, draft-ietf-rmcat-gcc §6), and the
 //! simulcast layer that fits in it. Sans-I/O: reports and rates in, a layer limit out.
 //!
-//! Per report: loss above 10 % means the path is congested, and the estimate becomes
+//! Receivers report at their own pace (Chromium several times a second when it has
+//! feedback to send, about once a second otherwise), so reports are taken as they
+//! come but judged over windows of at least [`WINDOW`]: the loss of a window is the
+//! growth of the cumulative loss over the growth of the highest sequence number
+//! received, both from the report blocks.
+//!
+//! Per window: loss above 10 % means the path is congested, and the estimate becomes
 //! what was being sent times (1 − loss/2); below 2 % it grows by 5 %; in between it
 //! holds; it never grows past 1.5 × what is actually being sent. The layer limit is
-//! the highest encoding whose measured rate fits the estimate, so a viewer behind a
-//! narrow link moves down within a report or two.
+//! the highest encoding whose measured rate fits the estimate (a quarter more to move
+//! up to it), so a viewer behind a narrow link moves down within a window or two.
 //!
 //! Going up needs evidence the path has room, which loss alone never gives while the
-//! viewer is below its limit: after `hold` clean reports in a row the viewer is moved
-//! one layer up as a probe. If that causes loss the estimate drops it back and the
-//! next probe waits twice as long (up to [`MAX_HOLD`] reports); if it stays clean the
-//! new layer is kept. Without loss on the top layer the estimate grows past 1.4 × its
+//! viewer is below its limit: after `hold` clean windows in a row the viewer is moved
+//! one layer up as a probe. The probe is judged only once the viewer is on that layer
+//! (the switch waits for its keyframe). If it causes loss the estimate drops it back
+//! and the next probe waits twice as long (up to [`MAX_HOLD`] windows); if two windows
+//! on it are clean the new layer is kept. Without loss on the top layer the estimate grows past 1.4 × its
 //! rate, and then it is dropped (no limit) rather than kept stale.
 //!
 //! Not done: the delay-based half (transport-wide feedback from viewers would show a
 //! queue building before loss does), and probing with padding before a switch.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::simulcast::{Layer, UNCAPPED};
 
-/// Clean reports before the first probe up (receivers report about once a second).
+/// The shortest span of reports judged together.
+pub const WINDOW: Duration = Duration::from_secs(1);
+/// Clean windows before the first probe up.
 pub const BASE_HOLD: u32 = 3;
-/// The longest wait between probes, after repeated failures.
+/// The longest wait between probes (in windows), after repeated failures.
 pub const MAX_HOLD: u32 = 24;
+/// A probe whose layer has not started by then (no keyframe came) is dropped.
+const PROBE_START: Duration = Duration::from_secs(4);
 
 const CONGESTED: f64 = 0.10;
 const CLEAN: f64 = 0.02;
@@ -42,10 +53,12 @@ pub struct LossBased {
     clean: u32,
     /// Clean reports needed before the next probe up.
     hold: u32,
-    /// Probing: the limit before the probe, to go back to if it causes loss.
-    probe_from: Option<Layer>,
-    /// Payload octets sent (the SR's wrapping count) at the last report, and when.
-    last: Option<(u32, Instant)>,
+    /// Probing: the limit before the probe, to go back to if it causes loss, and
+    /// when it began.
+    probe_from: Option<(Layer, Instant)>,
+    /// At the start of the current window: the report's cumulative loss and highest
+    /// sequence number, payload octets sent (the SR's wrapping count), and when.
+    window: Option<Mark>,
     pub probes: u64,
     pub failed_probes: u64,
 }
@@ -59,11 +72,19 @@ impl Default for LossBased {
             clean: 0,
             hold: BASE_HOLD,
             probe_from: None,
-            last: None,
+            window: None,
             probes: 0,
             failed_probes: 0,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Mark {
+    lost: i32,
+    highest: u32,
+    octets: u32,
+    at: Instant,
 }
 
 /// The highest layer whose rate fits `estimate`; the lowest active one if none does.
@@ -79,29 +100,60 @@ fn fitting(rates: &[u64], estimate: u64) -> Layer {
 }
 
 impl LossBased {
-    /// Takes one receiver report: `fraction_lost` (in 1/256) of the viewer's stream,
-    /// `octets_sent` so far to it (wrapping), at `now`; `rates` are the track's layer
-    /// rates (bits/s, 0 for inactive). Returns the new layer limit.
+    /// Takes one receiver report block of the viewer's stream (`total_lost` and
+    /// `highest_seq` as reported), with `octets_sent` so far to it (wrapping) and the
+    /// layer it is on, at `now`; `rates` are the track's layer rates (bits/s, 0 for
+    /// not received). Returns the layer limit, which moves only when a window closes.
+    #[allow(clippy::too_many_arguments)]
     pub fn on_report(
         &mut self,
-        fraction_lost: u8,
+        total_lost: i32,
+        highest_seq: u32,
         octets_sent: u32,
+        current: Option<Layer>,
         now: Instant,
         rates: &[u64],
     ) -> Layer {
-        if let Some((octets, at)) = self.last {
-            let secs = now.saturating_duration_since(at).as_secs_f64();
-            if secs > 0.05 {
-                self.send_rate = (octets_sent.wrapping_sub(octets) as f64 * 8.0 / secs) as u64;
+        let mark = Mark {
+            lost: total_lost,
+            highest: highest_seq,
+            octets: octets_sent,
+            at: now,
+        };
+        let Some(start) = self.window else {
+            self.window = Some(mark);
+            return self.limit;
+        };
+        let secs = now.saturating_duration_since(start.at).as_secs_f64();
+        if now.saturating_duration_since(start.at) < WINDOW {
+            return self.limit;
+        }
+        self.window = Some(mark);
+        self.send_rate = (octets_sent.wrapping_sub(start.octets) as f64 * 8.0 / secs) as u64;
+        let expected = highest_seq.wrapping_sub(start.highest);
+        if expected == 0 || expected > 1 << 20 {
+            // Nothing sent (paused, between layers) or a restarted receiver: no verdict.
+            return self.limit;
+        }
+        let lost = (total_lost.wrapping_sub(start.lost)).max(0) as u32;
+        let loss = (lost as f64 / expected as f64).min(1.0);
+        // A probe counts from when its layer flows; one that never starts is dropped.
+        if let Some((from, since)) = self.probe_from {
+            let started = current == Some(self.limit);
+            if !started {
+                if now.saturating_duration_since(since) > PROBE_START {
+                    self.probe_from = None;
+                    self.limit = from;
+                    self.clean = 0;
+                }
+                return self.limit;
             }
         }
-        self.last = Some((octets_sent, now));
-        let loss = fraction_lost as f64 / 256.0;
         if loss > CONGESTED {
             let base = self.send_rate.max(1);
             self.estimate = Some((base as f64 * (1.0 - loss / 2.0)) as u64);
             self.clean = 0;
-            if let Some(from) = self.probe_from.take() {
+            if let Some((from, _)) = self.probe_from.take() {
                 // The probe caused it: back down, and wait longer before the next.
                 self.failed_probes += 1;
                 self.hold = (self.hold * 2).min(MAX_HOLD);
@@ -111,9 +163,12 @@ impl LossBased {
             self.clean += 1;
             // Grow, but not past 1.5 × what is actually sent (as GCC bounds its rate
             // by the received rate): only a probe shows there is room for more.
-            self.estimate = self
-                .estimate
-                .map(|e| (e + e / 20).min(e.max(self.send_rate * 3 / 2)));
+            // And never below what was just carried without loss.
+            self.estimate = self.estimate.map(|e| {
+                (e + e / 20)
+                    .min(e.max(self.send_rate * 3 / 2))
+                    .max(self.send_rate)
+            });
             if self.probe_from.is_some() && self.clean >= 2 {
                 // The probe held: the layer is kept, and the next probe comes sooner.
                 self.probe_from = None;
@@ -133,7 +188,22 @@ impl LossBased {
             self.limit = UNCAPPED;
             return self.limit;
         }
-        let fits = fitting(rates, estimate);
+        // Hysteresis: a layer stays while the estimate carries it; a higher one needs
+        // a quarter more than its rate (layer rates wander with the picture).
+        let keep = fitting(rates, estimate);
+        let mut fits = if self.limit == UNCAPPED || keep <= self.limit {
+            keep
+        } else {
+            fitting(rates, estimate * 4 / 5).max(self.limit)
+        };
+        // A clean window never moves the viewer down: its layer's rate rose, the path
+        // carried it.
+        if loss < CLEAN
+            && let Some(c) = current
+            && c <= self.limit
+        {
+            fits = fits.max(c);
+        }
         if self.probe_from.is_some() {
             // A probe in flight keeps its layer until a report decides it.
             return self.limit;
@@ -149,7 +219,7 @@ impl LossBased {
         {
             // Probe: one layer up, the estimate raised to carry it.
             self.probes += 1;
-            self.probe_from = Some(fits);
+            self.probe_from = Some((fits, now));
             self.limit = next as Layer;
             self.estimate = Some(estimate.max(*rate));
             self.clean = 0;
@@ -179,6 +249,8 @@ mod tests {
         b: LossBased,
         t: Instant,
         octets: u32,
+        lost: i32,
+        highest: u32,
     }
 
     impl Viewer {
@@ -187,7 +259,27 @@ mod tests {
                 b: LossBased::default(),
                 t: Instant::now(),
                 octets: 0,
+                lost: 0,
+                highest: 0,
             }
+        }
+
+        /// A second of `rate` bits/s in 1,000-byte packets, `loss` of them lost, then
+        /// its report.
+        fn second(&mut self, rate: u64, loss: f64, current: Layer, rates: &[u64]) -> Layer {
+            let packets = (rate / 8_000).max(1) as u32;
+            self.t += Duration::from_secs(1);
+            self.octets = self.octets.wrapping_add((rate / 8) as u32);
+            self.highest += packets;
+            self.lost += (packets as f64 * loss).round() as i32;
+            self.b.on_report(
+                self.lost,
+                self.highest,
+                self.octets,
+                Some(current),
+                self.t,
+                rates,
+            )
         }
 
         fn run(&mut self, capacity: u64, secs: usize, rates: &[u64]) -> Vec<Layer> {
@@ -197,13 +289,11 @@ mod tests {
                 let rate = rates[layer];
                 sent.push(layer as Layer);
                 let loss = if rate > capacity {
-                    (((rate - capacity) as f64 / rate as f64) * 256.0) as u8
+                    (rate - capacity) as f64 / rate as f64
                 } else {
-                    0
+                    0.0
                 };
-                self.t += Duration::from_secs(1);
-                self.octets = self.octets.wrapping_add((rate / 8) as u32);
-                self.b.on_report(loss, self.octets, self.t, rates);
+                self.second(rate, loss, layer as Layer, rates);
             }
             sent
         }
@@ -215,10 +305,19 @@ mod tests {
         assert!(v.run(10_000_000, 20, &RATES).iter().all(|l| *l == 2));
         assert_eq!((v.b.limit, v.b.estimate), (UNCAPPED, None));
         // Moderate loss (2-10 %: random loss, not congestion) sets none either.
-        assert_eq!(
-            v.b.on_report(15, v.octets + 200_000, v.t + Duration::from_secs(1), &RATES),
-            UNCAPPED
-        );
+        assert_eq!(v.second(1_500_000, 0.06, 2, &RATES), UNCAPPED);
+        // Reports closer together than a window are judged together: 30 % loss
+        // spread over four quarter-second reports moves nothing until the fourth.
+        for q in 0..4 {
+            v.t += Duration::from_millis(250);
+            v.highest += 47;
+            v.lost += 14;
+            v.octets = v.octets.wrapping_add(46_875);
+            let l =
+                v.b.on_report(v.lost, v.highest, v.octets, Some(2), v.t, &RATES);
+            assert_eq!(l == UNCAPPED, q < 3, "report {q}: {l}");
+        }
+        assert!(v.b.estimate.is_some());
     }
 
     /// A 400 kbit/s link: the viewer is down on the lowest layer within two reports;

@@ -913,8 +913,14 @@ impl Engine {
                         let d = &mut t.downs[i];
                         d.quality.update(&b, rate, now);
                         if rates.len() > 1 {
-                            d.layering.bw_limit =
-                                d.bwe.on_report(b.fraction_lost, d.octets, now, &rates);
+                            d.layering.bw_limit = d.bwe.on_report(
+                                b.total_lost,
+                                b.highest_seq,
+                                d.octets,
+                                d.layering.current,
+                                now,
+                                &rates,
+                            );
                         }
                     }
                 }
@@ -2185,9 +2191,22 @@ mod tests {
         );
         assert!(got(&mut f, &mut low).is_empty());
         assert_eq!(got(&mut f, &mut high).len(), 1);
-        // Bandwidth: a second on, the encodings' rates measured; the uncapped viewer
-        // reports 70 % loss, and its bandwidth limit takes it down to the lowest
-        // layer, switching at that layer's keyframe (asked for).
+        // Bandwidth: over a second, the encodings' rates measured, the uncapped
+        // viewer's reports say 70 % of its packets were lost, and its bandwidth limit
+        // takes it down to the lowest layer, switching at that layer's keyframe
+        // (asked for).
+        let rr = |lost: u32, highest: u32| {
+            rtcp::receiver_report(
+                0x333,
+                vec![::rtcp::reception_report::ReceptionReport {
+                    ssrc: 0x103,
+                    total_lost: lost,
+                    last_sequence_number: highest,
+                    ..Default::default()
+                }],
+            )
+        };
+        f.send(&mut high, &rr(0, 100));
         for k in 0..4u16 {
             f.now += Duration::from_millis(250);
             for (l, ssrc) in ssrcs.iter().enumerate() {
@@ -2210,15 +2229,7 @@ mod tests {
                 .all(|st| st.rate_bps > 0)
         );
         f.sink.out.clear();
-        let rr = rtcp::receiver_report(
-            0x333,
-            vec![::rtcp::reception_report::ReceptionReport {
-                ssrc: 0x103,
-                fraction_lost: 180,
-                ..Default::default()
-            }],
-        );
-        f.send(&mut high, &rr);
+        f.send(&mut high, &rr(70, 200));
         let d = &f.engine.downtracks(3)[0].1;
         assert_eq!(d.layering.bw_limit, 0, "{:?}", d.bwe);
         assert!(d.bwe.estimate.is_some());
