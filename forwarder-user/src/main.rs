@@ -191,6 +191,10 @@ enum Cmd {
         /// Room names are PREFIX-0, PREFIX-1, ... (default: load-<random>).
         #[arg(long)]
         room_prefix: Option<String>,
+        /// Publishers of a room take turns to talk, SECS each (their RFC 6464 audio
+        /// level says voice in their turn): exercises the SFU's active speaker.
+        #[arg(long, value_name = "SECS")]
+        talk: Option<f64>,
         /// Machine-readable report on stdout (progress stays on stderr).
         #[arg(long)]
         json: bool,
@@ -594,6 +598,7 @@ fn real_main(cli: Cli) -> Result<()> {
             concurrency,
             join_timeout,
             room_prefix,
+            talk,
             json,
             quiet,
         } => {
@@ -614,6 +619,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 room_prefix: room_prefix
                     .unwrap_or_else(|| format!("load-{:04x}", rand::random::<u16>())),
                 progress: !quiet,
+                talk: talk.map(|t| secs("talk", t)).transpose()?,
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -14,7 +14,7 @@
 //
 //   node whip_whep.mjs --base http://127.0.0.1:8080 --room r1 [--codec VP8|H264]
 //        [--no-pqc] [--role both|publish|watch|view|simulcast] [--hold SECONDS] [--timeout SECONDS]
-//        [--expect N] [--screenshot PNG] [--simulcast]
+//        [--expect N] [--screenshot PNG] [--simulcast] [--watch-base URL]
 import { chromium } from 'playwright-core';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -34,19 +34,21 @@ const hold = Number(opt('hold', '0'));
 const timeoutMs = Number(opt('timeout', '40')) * 1000;
 const expect = Number(opt('expect', '1'));
 const screenshot = opt('screenshot', '');
+// simulcast: the viewers watch on this node (a cascade: published on --base).
+const watchBase = opt('watch-base', base);
 if (!base) {
   console.error('usage: whip_whep.mjs --base URL [--room R] [--codec VP8|H264] [--no-pqc] [--role both|publish|watch]');
   process.exit(2);
 }
 
 const dirs = [];
-async function launch() {
+async function launch(origin = base) {
   const dir = mkdtempSync(join(tmpdir(), 'edgefwd-chromium-'));
   dirs.push(dir);
   const extra = flag('no-pqc') ? ['--disable-features=WebRtcPqcForDtls'] : [];
   // getUserMedia needs a secure context; off loopback (the SFU in a network
   // namespace) plain http is one only by this flag.
-  extra.push('--unsafely-treat-insecure-origin-as-secure=' + base);
+  extra.push('--unsafely-treat-insecure-origin-as-secure=' + origin);
   // launchPersistentContext owns --user-data-dir: a fresh profile per process.
   const ctx = await chromium.launchPersistentContext(dir, {
     executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
@@ -60,7 +62,7 @@ async function launch() {
   });
   const page = ctx.pages()[0] || await ctx.newPage();
   page.on('console', m => { if (m.type() === 'error') console.error('[page]', m.text()); });
-  await page.goto(base + '/');
+  await page.goto(origin + '/');
   return { ctx, page };
 }
 
@@ -74,7 +76,7 @@ try {
     pub = await launch();
     browsers.push(pub);
     result.whip = await pub.page.evaluate(([r, c]) => window.publish(r, c, true), [room, codec]);
-    const low = await launch(), high = await launch();
+    const low = await launch(watchBase), high = await launch(watchBase);
     browsers.push(low, high);
     await low.page.evaluate(r => window.watch(r), room);
     result.capped = await low.page.evaluate(() => window.setLayers({ max_layer: 0 }));
@@ -105,7 +107,7 @@ try {
     // Two more seconds of decoding on the new layer, so a freeze would show.
     await sleep(2000);
     result.settled = { low: await video(low), high: await video(high) };
-    result.api = await (await fetch(base + '/api/sessions')).json();
+    result.api = await (await fetch(watchBase + '/api/sessions')).json();
     for (const b of [low, high, pub]) await b.page.evaluate(() => window.leave());
   } else if (role === 'view') {
     const v = await launch();

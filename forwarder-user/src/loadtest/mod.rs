@@ -24,7 +24,7 @@ use tokio::sync::{Semaphore, watch};
 
 use forwarder_common::rtp::{Class, classify, header_len};
 use peer::{Failure, Joined, Role, Target};
-use traffic::{Audio, Received, Stamp, Stream, Video, quantile};
+use traffic::{Audio, Received, Stamp, Stream, Talk, Video, quantile};
 
 use crate::{media::rtcp, webrtc::dtls::Identity};
 
@@ -49,6 +49,9 @@ pub struct Options {
     pub room_prefix: String,
     /// Print a progress line every second (to stderr).
     pub progress: bool,
+    /// Publishers of a room take turns to talk, this long each (their audio level
+    /// extension says voice in their turn, silence otherwise); None: all silent.
+    pub talk: Option<Duration>,
 }
 
 impl Options {
@@ -69,6 +72,11 @@ impl Options {
         }
         if self.duration.is_zero() {
             bail!("--duration 0 measures nothing; give seconds, e.g. --duration 10");
+        }
+        if self.talk.is_some_and(|t| t < Duration::from_millis(100)) {
+            bail!(
+                "--talk turns under 0.1 s are shorter than a speaker decision; give e.g. --talk 2"
+            );
         }
         Ok(())
     }
@@ -186,8 +194,13 @@ pub async fn run(opts: Options) -> Result<Report> {
                 timeout: opts.join_timeout,
             };
             let (gate, stop, kbps) = (gate.clone(), stop_pub_rx.clone(), opts.video_kbps);
+            let talk = opts.talk.map(|turn| Talk {
+                turn,
+                index: i,
+                of: opts.publishers,
+            });
             clients.push(tokio::spawn(async move {
-                c.publisher(gate, track, kbps, stop, tx).await
+                c.publisher(gate, track, kbps, talk, stop, tx).await
             }));
         }
     }
@@ -380,6 +393,7 @@ impl Client {
         gate: Arc<Semaphore>,
         track: u32,
         kbps: u32,
+        talk: Option<Talk>,
         mut stop: watch::Receiver<bool>,
         joined: tokio::sync::oneshot::Sender<bool>,
     ) -> Outcome {
@@ -393,6 +407,7 @@ impl Client {
         let _ = joined.send(true);
         let mut audio = Audio {
             stream: Stream::new(j.ssrcs[0], peer::OPUS_PT, track),
+            talk,
         };
         let mut video = Video::new(Stream::new(j.ssrcs[1], peer::VP8_PT, track + 1), kbps);
         let overhead = j.profile.rtp_overhead();

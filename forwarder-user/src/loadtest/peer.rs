@@ -123,6 +123,14 @@ pub fn offer(
             s += &format!("a=rtcp-fb:{pt} nack\r\na=rtcp-fb:{pt} nack pli\r\n");
         } else {
             s += &format!("a=fmtp:{pt} minptime=10;useinbandfec=1\r\n");
+            if role == Role::Publisher {
+                // Every audio packet says its level (RFC 6464), as browsers' do.
+                s += &format!(
+                    "a=extmap:{} {}\r\n",
+                    super::traffic::AUDIO_LEVEL_ID,
+                    crate::webrtc::sdp::EXT_AUDIO_LEVEL
+                );
+            }
         }
         match role {
             Role::Publisher => {

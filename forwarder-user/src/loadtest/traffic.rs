@@ -81,8 +81,10 @@ impl Stream {
         }
     }
 
-    /// Writes one RTP packet of `payload_len` bytes (prefix, stamp, filler) into `buf`;
-    /// returns its length. `buf` must hold the header, the payload and the SRTP tag.
+    /// Writes one RTP packet of `payload_len` bytes (prefix, stamp, filler) into `buf`,
+    /// with a one-byte header extension `ext` (RFC 8285: id, one byte of data) if
+    /// given; returns its length. `buf` must hold the header, the payload and the
+    /// SRTP tag.
     fn packet(
         &mut self,
         buf: &mut [u8],
@@ -90,14 +92,21 @@ impl Stream {
         prefix: &[u8],
         payload_len: usize,
         now_ns: u64,
+        ext: Option<(u8, u8)>,
     ) -> usize {
         let payload_len = payload_len.max(prefix.len() + STAMP_LEN);
-        buf[0] = 0x80;
+        buf[0] = 0x80 | if ext.is_some() { 0x10 } else { 0 };
         buf[1] = self.pt | if marker { 0x80 } else { 0 };
         buf[2..4].copy_from_slice(&self.seq.to_be_bytes());
         buf[4..8].copy_from_slice(&self.ts.to_be_bytes());
         buf[8..12].copy_from_slice(&self.ssrc.to_be_bytes());
-        let p = &mut buf[RTP_FIXED_HEADER_LEN..RTP_FIXED_HEADER_LEN + payload_len];
+        let mut h = RTP_FIXED_HEADER_LEN;
+        if let Some((id, value)) = ext {
+            // 0xBEDE, one word: the element (id, length 1 − 1) and its byte, padding.
+            buf[h..h + 8].copy_from_slice(&[0xbe, 0xde, 0, 1, id << 4, value, 0, 0]);
+            h += 8;
+        }
+        let p = &mut buf[h..h + payload_len];
         p[..prefix.len()].copy_from_slice(prefix);
         Stamp {
             track: self.track,
@@ -110,19 +119,45 @@ impl Stream {
         self.stamp_seq += 1;
         self.packets += 1;
         self.bytes += payload_len as u64;
-        RTP_FIXED_HEADER_LEN + payload_len
+        h + payload_len
     }
 }
 
-/// Opus-sized audio: one packet every 20 ms.
+/// The RFC 6464 audio level extension's id in our offers (Chromium's).
+pub const AUDIO_LEVEL_ID: u8 = 1;
+
+/// Publishers of a room taking turns to talk: publisher `index` of `of` talks
+/// (−30 dBov, voice) in its `turn`-long slot, and is silent otherwise.
+#[derive(Clone, Copy, Debug)]
+pub struct Talk {
+    pub turn: Duration,
+    pub index: usize,
+    pub of: usize,
+}
+
+impl Talk {
+    /// The audio level byte (V bit, −dBov) at `now_ns` into the run.
+    pub fn level(&self, now_ns: u64) -> u8 {
+        let slot = (now_ns / self.turn.as_nanos().max(1) as u64) as usize % self.of.max(1);
+        if slot == self.index { 0x80 | 30 } else { 127 }
+    }
+}
+
+/// Opus-sized audio: one packet every 20 ms, each with its audio level (silence,
+/// unless its publisher takes turns to talk).
 pub struct Audio {
     pub stream: Stream,
+    pub talk: Option<Talk>,
 }
 
 impl Audio {
     /// The next 20 ms packet into `buf`; returns its RTP length.
     pub fn next(&mut self, buf: &mut [u8], now_ns: u64) -> usize {
-        let n = self.stream.packet(buf, false, &[], AUDIO_PAYLOAD, now_ns);
+        let level = self.talk.map_or(127, |t| t.level(now_ns));
+        let ext = Some((AUDIO_LEVEL_ID, level));
+        let n = self
+            .stream
+            .packet(buf, false, &[], AUDIO_PAYLOAD, now_ns, ext);
         self.stream.ts = self.stream.ts.wrapping_add(960);
         n
     }
@@ -182,7 +217,7 @@ impl Video {
             ];
             let len = self
                 .stream
-                .packet(buf, i + 1 == n, &prefix, size / n, now_ns);
+                .packet(buf, i + 1 == n, &prefix, size / n, now_ns, None);
             emit(buf, len);
         }
         self.stream.ts = self.stream.ts.wrapping_add(90_000 / FPS);
@@ -256,16 +291,40 @@ pub fn quantile(v: &mut [u32], q: f64) -> Option<u32> {
 mod tests {
     use super::*;
 
+    /// Two publishers taking 2 s turns: each talks in its own slot only.
+    #[test]
+    fn talking_in_turns() {
+        let talk = |index| Talk {
+            turn: Duration::from_secs(2),
+            index,
+            of: 2,
+        };
+        let s = 1_000_000_000u64;
+        assert_eq!((talk(0).level(s), talk(1).level(s)), (0x80 | 30, 127));
+        assert_eq!(
+            (talk(0).level(3 * s), talk(1).level(3 * s)),
+            (127, 0x80 | 30)
+        );
+        assert_eq!(talk(0).level(5 * s), 0x80 | 30);
+    }
+
     #[test]
     fn stamps_survive_both_payload_shapes() {
         let mut buf = [0u8; 1500];
         let mut a = Audio {
             stream: Stream::new(7, 111, 3),
+            talk: None,
         };
         let n = a.next(&mut buf, 42);
-        assert_eq!(n, RTP_FIXED_HEADER_LEN + AUDIO_PAYLOAD);
+        // The audio level extension (silence) before the payload.
+        let h = forwarder_common::rtp::header_len(&buf[..n]).unwrap();
+        assert_eq!((h, n), (RTP_FIXED_HEADER_LEN + 8, h + AUDIO_PAYLOAD));
         assert_eq!(
-            Stamp::read(&buf[RTP_FIXED_HEADER_LEN..n]),
+            forwarder_common::rtp::extension(&buf[..n], AUDIO_LEVEL_ID),
+            Some(&[127u8][..])
+        );
+        assert_eq!(
+            Stamp::read(&buf[h..n]),
             Some(Stamp {
                 track: 3,
                 seq: 0,

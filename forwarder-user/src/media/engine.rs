@@ -32,6 +32,7 @@ use super::{
     codec::{Format, Vp8Descriptor},
     rtcp::{self, Reception, Request},
     simulcast::{Layer, Layering},
+    speaker::Levels,
     srtp::{self, MasterKey},
 };
 
@@ -112,6 +113,9 @@ pub enum Command {
         /// the publisher transport feedback (one recorder per session: the sequence
         /// is transport-wide, and every m-line of a BUNDLE uses the same id).
         twcc_ext: Option<u8>,
+        /// The RFC 6464 audio level extension's id (audio): the track's loudness is
+        /// kept for the room's active speaker.
+        level_ext: Option<u8>,
     },
     AddDownTrack {
         track: TrackId,
@@ -165,6 +169,9 @@ pub struct UpTrack {
     /// simulcast. Each is its own RTP stream.
     pub streams: Vec<Stream>,
     rid_ext: Option<u8>,
+    /// Audio: the audio level extension's id and the recent levels it carried.
+    level_ext: Option<u8>,
+    pub levels: Levels,
     pub downs: Vec<DownTrack>,
     /// Relay sessions (downstream nodes) this track's ciphertext is copied to.
     pub trunks: Vec<SessionId>,
@@ -473,6 +480,7 @@ impl Engine {
                 streams,
                 rid_ext,
                 twcc_ext,
+                level_ext,
             } => {
                 let Some(s) = self.sessions.get_mut(&session) else {
                     return;
@@ -512,6 +520,8 @@ impl Engine {
                         format,
                         streams,
                         rid_ext,
+                        level_ext: level_ext.filter(|_| kind == Kind::Audio),
+                        levels: Levels::default(),
                         downs: vec![],
                         trunks: vec![],
                     },
@@ -761,6 +771,9 @@ impl Engine {
         };
         bump(&c.rtp_in);
         let t = tracks.get_mut(&tid).expect("listed");
+        if let Some(&[level, ..]) = t.level_ext.and_then(|id| rtp::extension(plain, id)) {
+            t.levels.record(level, now);
+        }
         let units = (now.duration_since(self.epoch).as_micros() as u64)
             .wrapping_mul(t.clock_rate as u64)
             / 1_000_000;
@@ -1307,6 +1320,7 @@ mod tests {
                 streams: vec![(None, ssrc)],
                 rid_ext: None,
                 twcc_ext: None,
+                level_ext: None,
             });
             p
         }
@@ -1844,6 +1858,7 @@ mod tests {
             streams: vec![(None, Some(0xaaaa))],
             rid_ext: None,
             twcc_ext: None,
+            level_ext: None,
         });
         b.cmd(Command::BindRelay {
             id: 1,
@@ -1936,6 +1951,7 @@ mod tests {
                 streams: vec![(None, Some(ssrc))],
                 rid_ext: None,
                 twcc_ext: Some(3),
+                level_ext: None,
             });
         }
         // One-byte header extension, id 3, two bytes: the transport-wide sequence.
@@ -2029,6 +2045,7 @@ mod tests {
                 .to_vec(),
             rid_ext: Some(10),
             twcc_ext: None,
+            level_ext: None,
         });
         let viewer = |f: &mut Fixture, id: SessionId| {
             let down = Command::AddDownTrack {

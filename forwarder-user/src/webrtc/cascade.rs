@@ -583,6 +583,8 @@ impl Sfu {
                     rid_ext: None,
                     // Congestion feedback is between the publisher and its own node.
                     twcc_ext: None,
+                    // Speakers are decided at the publisher's own node.
+                    level_ext: None,
                     track_id: t.track_id.clone(),
                     media: self.media_id(),
                 });

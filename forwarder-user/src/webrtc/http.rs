@@ -69,6 +69,7 @@ pub fn admin_router(api: Arc<Api>) -> Router {
 
 fn with_admin_routes(r: Router<Arc<Api>>) -> Router<Arc<Api>> {
     r.route("/api/sessions", get(sessions))
+        .route("/api/rooms/{room}/events", get(room_events))
         .route("/metrics", get(metrics))
 }
 
@@ -512,6 +513,53 @@ async fn sessions(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
         return r;
     }
     axum::Json(api.sfu.snapshot()).into_response()
+}
+
+/// A room's events as server-sent events: `active_speaker` with the speaking
+/// publisher's session id (`{"speaker": "ID", "changes": N}`, null when nobody), the
+/// current one first. Same token as `/api/sessions`.
+async fn room_events(
+    State(api): State<Arc<Api>>,
+    Path(room): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use futures_util::StreamExt as _;
+    if let Err(r) = check_auth(&api, &headers) {
+        return r;
+    }
+    let rx = api.sfu.events.subscribe();
+    let now = serde_json::json!({ "speaker": api.sfu.active_speaker(&room) });
+    let first = futures_util::stream::once(async move {
+        Ok::<_, std::convert::Infallible>(
+            Event::default()
+                .event("active_speaker")
+                .data(now.to_string()),
+        )
+    });
+    let rest = futures_util::stream::unfold((rx, room), |(mut rx, room)| async move {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            match rx.recv().await {
+                Ok(ev) if ev.room == room => {
+                    let e = Event::default().event(ev.kind).data(ev.data.to_string());
+                    return Some((Ok(e), (rx, room)));
+                }
+                Ok(_) => {}
+                // Too slow a reader: say so, and go on from the newest.
+                Err(RecvError::Lagged(n)) => {
+                    let e = Event::default()
+                        .event("lagged")
+                        .data(serde_json::json!({ "missed": n }).to_string());
+                    return Some((Ok(e), (rx, room)));
+                }
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    });
+    Sse::new(first.chain(rest))
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }
 
 /// Prometheus exposition of the control plane's counters and session gauges (with a

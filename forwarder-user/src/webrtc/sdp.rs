@@ -351,6 +351,8 @@ fn send_rids(m: &MediaDescription) -> Vec<String> {
 /// RFC 8852 header extensions: the m-line's MID and an encoding's RtpStreamId.
 pub const EXT_MID: &str = "urn:ietf:params:rtp-hdrext:sdes:mid";
 pub const EXT_RID: &str = "urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id";
+/// RFC 6464: the audio level of each packet, for the room's active speaker.
+pub const EXT_AUDIO_LEVEL: &str = "urn:ietf:params:rtp-hdrext:ssrc-audio-level";
 /// Transport-wide sequence numbers (draft-holmer-rmcat-transport-wide-cc-extensions).
 pub const EXT_TWCC: &str =
     "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01";
@@ -376,6 +378,12 @@ impl OfferMedia {
             .any(|f| f == "transport-cc")
             .then(|| self.extmap(EXT_TWCC))
             .flatten()
+    }
+
+    /// The audio level extension's id on an audio m-line that offers it.
+    pub fn audio_level(&self) -> Option<u8> {
+        self.extmap(EXT_AUDIO_LEVEL)
+            .filter(|_| self.kind == Some(Kind::Audio))
     }
 
     /// A publisher's simulcast encodings, lowest quality first, and the rid header
@@ -532,6 +540,11 @@ pub fn build_answer(p: &AnswerParams<'_>) -> String {
             );
         for fb in codec.answer_feedback() {
             md = md.with_value_attribute("rtcp-fb".into(), format!("{} {fb}", codec.pt));
+        }
+        if let AnswerMedia::Receive { .. } = am
+            && let Some(id) = om.audio_level()
+        {
+            md = md.with_value_attribute("extmap".into(), format!("{id} {EXT_AUDIO_LEVEL}"));
         }
         if let AnswerMedia::Receive { .. } = am
             && let Some(id) = om.twcc(codec)
@@ -731,6 +744,13 @@ mod tests {
             assert!(text.contains(want), "answer lacks {want:?}:\n{text}");
         }
         assert!(!text.contains("goog-remb"), "{text}");
+        // The audio level extension Chromium offers on its audio m-line is kept there.
+        assert_eq!(audio.audio_level(), Some(1));
+        assert_eq!(video.audio_level(), None);
+        assert!(
+            text.contains(&format!("a=extmap:1 {EXT_AUDIO_LEVEL}\r\n")),
+            "{text}"
+        );
         // A subscriber's m-line: nothing of it.
         let send = vec![AnswerMedia::Send {
             codec: vp8,
@@ -827,6 +847,12 @@ mod tests {
         }
         assert!(!video.contains("repaired"), "no RTX: no repaired-rid");
         let audio = &answer[answer.find("m=audio").unwrap()..answer.find("m=video").unwrap()];
-        assert!(!audio.contains("extmap"), "plain m-lines get no extensions");
+        // A plain m-line gets no MID or rid extension; audio keeps its level.
+        assert_eq!(
+            audio.matches("a=extmap:").collect::<Vec<_>>().len(),
+            1,
+            "{audio}"
+        );
+        assert!(audio.contains(EXT_AUDIO_LEVEL), "{audio}");
     }
 }

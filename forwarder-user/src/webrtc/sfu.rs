@@ -31,6 +31,7 @@ use crate::media::{
     codec::Format,
     engine::{Command, Engine, SessionId, TrackId},
     simulcast::UNCAPPED,
+    speaker::Dominant,
     srtp::{MasterKey, Profile},
 };
 
@@ -52,6 +53,8 @@ pub struct Track {
     /// The transport-wide sequence number extension's id: we send the publisher
     /// transport feedback.
     pub twcc_ext: Option<u8>,
+    /// The audio level extension's id (audio): the room's active speaker.
+    pub level_ext: Option<u8>,
     pub track_id: String,
     /// The engine's handle of this track.
     pub media: TrackId,
@@ -301,6 +304,20 @@ pub struct Sfu {
     stopping: std::sync::atomic::AtomicBool,
     /// `[webrtc.cascade]`, once set at start.
     pub cascade: std::sync::OnceLock<super::cascade::Cascade>,
+    /// Each room's dominant speaker, decided on the engine's timer. Lock order: after
+    /// `state` and `media`; nothing else is taken while it is held.
+    pub speakers: Mutex<HashMap<String, Dominant<String>>>,
+    /// Room events (the active speaker) for `GET /api/rooms/{room}/events`.
+    pub events: tokio::sync::broadcast::Sender<RoomEvent>,
+}
+
+/// Something that happened in a room, for its event stream.
+#[derive(Debug, Clone)]
+pub struct RoomEvent {
+    pub room: String,
+    /// The SSE event name.
+    pub kind: &'static str,
+    pub data: serde_json::Value,
 }
 
 fn random_string(n: usize) -> String {
@@ -375,6 +392,9 @@ impl Sfu {
             path,
             stopping: Default::default(),
             cascade: Default::default(),
+            speakers: Default::default(),
+            // Subscribers that fall this far behind skip events (they are told).
+            events: tokio::sync::broadcast::channel(256).0,
         }))
     }
 
@@ -472,6 +492,7 @@ impl Sfu {
                 streams: t.streams.clone(),
                 rid_ext: t.rid_ext,
                 twcc_ext: t.twcc_ext,
+                level_ext: t.level_ext,
             });
         }
         for d in &s.downtracks {
@@ -698,6 +719,7 @@ impl Sfu {
                         streams,
                         rid_ext,
                         twcc_ext: m.twcc(codec),
+                        level_ext: m.audio_level(),
                         track_id: format!("{}-{}", kind.as_str(), random_string(6)),
                         media: self.media_id(),
                     });
@@ -1187,10 +1209,89 @@ impl Sfu {
     /// The engine's timers when due (transport feedback every 100 ms, SR/RR every
     /// second); the caller runs this at [`Engine::poll_timeout`]'s pace.
     pub fn engine_tick(&self) -> Instant {
-        self.with_engine(|e, tx| {
+        let next = self.with_engine(|e, tx| {
             e.handle_timeout(Instant::now(), SystemTime::now(), tx);
             e.poll_timeout()
-        })
+        });
+        self.decide_speakers(Instant::now());
+        next
+    }
+
+    /// Each room's dominant speaker from its publishers' audio levels; a change is
+    /// logged and sent to the room's event stream.
+    fn decide_speakers(&self, now: Instant) {
+        // Who publishes audio with levels, per room (then the locks are let go).
+        let rooms: Vec<(String, Vec<(String, Vec<TrackId>)>)> = {
+            let st = self.state.lock().unwrap();
+            st.rooms
+                .iter()
+                .map(|(name, r)| {
+                    let pubs = r
+                        .publishers
+                        .iter()
+                        .filter_map(|p| st.sessions.get(p))
+                        .map(|s| {
+                            let audio = s.tracks.iter().filter(|t| t.level_ext.is_some());
+                            (s.id.clone(), audio.map(|t| t.media).collect())
+                        })
+                        .collect();
+                    (name.clone(), pubs)
+                })
+                .collect()
+        };
+        let scored: Vec<(String, Vec<(String, u32)>)> = self.with_engine(|e, _| {
+            rooms
+                .into_iter()
+                .map(|(room, pubs)| {
+                    let scores = pubs
+                        .into_iter()
+                        .map(|(id, tracks)| {
+                            let score = tracks
+                                .iter()
+                                .filter_map(|t| e.track(*t))
+                                .map(|t| t.levels.score(now))
+                                .max()
+                                .unwrap_or(0);
+                            (id, score)
+                        })
+                        .collect();
+                    (room, scores)
+                })
+                .collect()
+        });
+        let mut speakers = self.speakers.lock().unwrap();
+        // A room that ended had its speaker leave: said once, then forgotten.
+        speakers.retain(|room, d| {
+            let open = scored.iter().any(|(r, _)| r == room);
+            if !open && d.current.is_some() {
+                let _ = self.events.send(RoomEvent {
+                    room: room.clone(),
+                    kind: "active_speaker",
+                    data: serde_json::json!({ "speaker": null, "changes": d.changes + 1 }),
+                });
+            }
+            open
+        });
+        for (room, scores) in scored {
+            let d = speakers.entry(room.clone()).or_default();
+            if let Some(speaker) = d.update(&scores, now) {
+                tracing::info!(event = "active_speaker", room, speaker = ?speaker, "room {room}: active speaker now {}", speaker.as_deref().unwrap_or("nobody"));
+                let _ = self.events.send(RoomEvent {
+                    room,
+                    kind: "active_speaker",
+                    data: serde_json::json!({ "speaker": speaker, "changes": d.changes }),
+                });
+            }
+        }
+    }
+
+    /// A room's active speaker now (its publisher session id).
+    pub fn active_speaker(&self, room: &str) -> Option<String> {
+        self.speakers
+            .lock()
+            .unwrap()
+            .get(room)
+            .and_then(|d| d.current.clone())
     }
 
     /// Once a second: consent freshness here, the engine's reports (SR to
@@ -1459,6 +1560,10 @@ impl Sfu {
             "cascade": cascade,
             "xsk": xsk,
             "rooms": rooms,
+            // Per room, the publisher session that speaks (RFC 6464 audio levels).
+            "active_speakers": self.speakers.lock().unwrap().iter()
+                .filter_map(|(r, d)| Some((r.clone(), serde_json::Value::from(d.current.clone()?))))
+                .collect::<serde_json::Map<_, _>>(),
             "counters": {
                 "stun_answered": c.stun_answered.load(Ordering::Relaxed),
                 "rtp_in": c.rtp_in.load(Ordering::Relaxed),

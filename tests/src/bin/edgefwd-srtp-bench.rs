@@ -290,6 +290,7 @@ fn engine(n: usize, profile: Profile, shape: Shape) -> (Engine, Context, SocketA
             },
             rid_ext: None,
             twcc_ext: None,
+            level_ext: None,
         },
     );
     for i in 0..n as u32 {
