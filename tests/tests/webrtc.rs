@@ -1131,6 +1131,16 @@ fn lossy_path_is_repaired_with_nack_and_keyframes() {
         counters["nack_resent"].as_u64().unwrap() > 0,
         "the SFU resent nothing from its cache: {counters}"
     );
+    // Chromium offers RTX: the resends came on the RTX stream, which it counts as
+    // retransmissions (not as media arriving late).
+    assert!(
+        r["subscriber"]["inbound"]["video"]["retransmittedPacketsReceived"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0,
+        "no retransmissions received over RTX: {}",
+        r["subscriber"]["inbound"]["video"]
+    );
 }
 
 /// Bad requests get a 4xx with a message that says what to fix.

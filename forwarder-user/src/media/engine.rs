@@ -122,6 +122,8 @@ pub enum Command {
         sub: SessionId,
         ssrc_out: u32,
         pt_out: u8,
+        /// RTX (RFC 4588) payload type and SSRC, where the subscriber negotiated it.
+        rtx: Option<(u8, u32)>,
         seq_delta: u16,
         ts_delta: u32,
     },
@@ -240,6 +242,8 @@ pub struct DownTrack {
     pub packets: u32,
     pub octets: u32,
     pub nack_resent: u64,
+    /// RTX: payload type, SSRC and the next RTX sequence number.
+    pub rtx: Option<(u8, u32, u16)>,
     /// What the subscriber's receiver reports say of this stream.
     pub quality: rtcp::Quality,
     /// Its bandwidth as loss says, and the layer limit that follows (simulcast).
@@ -352,6 +356,7 @@ fn upstream_of<'a>(
 
 /// Writes `plain` (header `hlen` bytes) rewritten for `d` (VP8 numbering shifted
 /// after a layer switch) and protected with the subscriber's keys.
+#[allow(clippy::too_many_arguments)]
 fn send_copy(
     d: &DownTrack,
     ctx: &mut srtp::Context,
@@ -359,19 +364,41 @@ fn send_copy(
     plain: &[u8],
     hlen: usize,
     vp8: Option<&Vp8Descriptor>,
+    rtx: Option<(u8, u32, u16)>,
     tx: &mut dyn Transmit,
 ) -> bool {
     tx.transmit(to, &mut |out| {
-        let frame = out.get_mut(..plain.len())?;
-        frame.copy_from_slice(plain);
+        let frame = out.get_mut(..plain.len() + 2)?;
+        frame[..plain.len()].copy_from_slice(plain);
+        let frame = &mut frame[..plain.len()];
         rtp::rewrite(frame, &d.route);
         // Nothing to shift until a switch or a resume moved the numbering.
         let l = &d.layering;
         if let Some(v) = vp8.filter(|_| l.pic_delta != 0 || l.tl0_delta != 0) {
             v.shift(&mut frame[hlen..], l.pic_delta, l.tl0_delta);
         }
-        ctx.protect_rtp(out, plain.len()).ok()
+        let Some((pt, ssrc, seq)) = rtx else {
+            return ctx.protect_rtp(out, plain.len()).ok();
+        };
+        // RFC 4588 §4: the same header on the RTX stream (its payload type, sequence
+        // and SSRC), the original sequence number the subscriber knows first in the
+        // payload.
+        let frame = &mut out[..plain.len() + 2];
+        let osn = [frame[2], frame[3]];
+        frame.copy_within(hlen..plain.len(), hlen + 2);
+        frame[hlen..hlen + 2].copy_from_slice(&osn);
+        frame[1] = (frame[1] & 0x80) | (pt & 0x7f);
+        frame[2..4].copy_from_slice(&seq.to_be_bytes());
+        frame[8..12].copy_from_slice(&ssrc.to_be_bytes());
+        ctx.protect_rtp(out, plain.len() + 2).ok()
     })
+}
+
+/// A starting sequence number that differs between streams without a random source
+/// in the engine (which reads no clock and no entropy): a mix of the SSRC.
+fn rand_seq(ssrc: u32) -> u16 {
+    let x = ssrc.wrapping_mul(0x9e37_79b9);
+    (x >> 16) as u16 ^ x as u16
 }
 
 /// Whether a packet of `format` with `payload` may start a subscriber: a keyframe's
@@ -532,6 +559,7 @@ impl Engine {
                 sub,
                 ssrc_out,
                 pt_out,
+                rtx,
                 seq_delta,
                 ts_delta,
             } => {
@@ -555,6 +583,8 @@ impl Engine {
                     packets: 0,
                     octets: 0,
                     nack_resent: 0,
+                    // A random first RTX sequence number, as for any new stream.
+                    rtx: rtx.map(|(pt, ssrc)| (pt, ssrc, rand_seq(ssrc))),
                     quality: rtcp::Quality::default(),
                     bwe: bwe::LossBased::default(),
                     last_ts_out: 0,
@@ -826,7 +856,7 @@ impl Engine {
             let (Some(to), Some(srtp)) = (sub.media_addr(), sub.srtp.as_mut()) else {
                 continue;
             };
-            if send_copy(d, &mut srtp.tx, to, plain, hlen, vp8.as_ref(), tx) {
+            if send_copy(d, &mut srtp.tx, to, plain, hlen, vp8.as_ref(), None, tx) {
                 bump(&c.rtp_out);
                 d.packets = d.packets.wrapping_add(1);
                 d.octets = d.octets.wrapping_add((n - hlen) as u32);
@@ -1055,9 +1085,12 @@ impl Engine {
                     let vp8 = (t.format == Format::Vp8)
                         .then(|| Vp8Descriptor::parse(&plain[hlen..]))
                         .flatten();
-                    if send_copy(d, &mut srtp.tx, to, plain, hlen, vp8.as_ref(), tx) {
+                    if send_copy(d, &mut srtp.tx, to, plain, hlen, vp8.as_ref(), d.rtx, tx) {
                         d.nack_resent += 1;
                         bump(&c.nack_resent);
+                        if let Some((_, _, seq)) = d.rtx.as_mut() {
+                            *seq = seq.wrapping_add(1);
+                        }
                     } else {
                         c.count(Drop::SendFailed);
                     }
@@ -1412,6 +1445,7 @@ mod tests {
                     sub: 100 + i,
                     ssrc_out: 0x1000 + i,
                     pt_out: 100 + (i % 20) as u8,
+                    rtx: None,
                     seq_delta: (i * 1000) as u16,
                     ts_delta: i * 7,
                 };
@@ -1479,6 +1513,7 @@ mod tests {
             sub: 2,
             ssrc_out: 7,
             pt_out: 111,
+            rtx: None,
             seq_delta: 0,
             ts_delta: 0,
         };
@@ -1537,6 +1572,7 @@ mod tests {
             sub: 2,
             ssrc_out: 0x42,
             pt_out: 96,
+            rtx: None,
             seq_delta: 100,
             ts_delta: 0,
         };
@@ -1575,6 +1611,53 @@ mod tests {
         assert_eq!(f.engine.counters.nack_resent.load(Ordering::Relaxed), 2);
     }
 
+    /// With RTX negotiated, a NACKed packet comes back on the RTX stream (RFC 4588):
+    /// its payload type and SSRC, its own consecutive sequence numbers, the original
+    /// sequence number the subscriber knows in front of the original payload, the
+    /// timestamp and marker as they were.
+    #[test]
+    fn retransmissions_go_on_the_rtx_stream_where_negotiated() {
+        let mut f = Fixture::new();
+        let mut publisher = f.publisher(Profile::AeadAes128Gcm, Kind::Video, 96, Some(0xaaaa));
+        let down = Command::AddDownTrack {
+            track: 10,
+            sub: 2,
+            ssrc_out: 0x42,
+            pt_out: 96,
+            rtx: Some((97, 0x4242)),
+            seq_delta: 100,
+            ts_delta: 7,
+        };
+        let mut sub = f.viewer(2, 10, Profile::AeadAes128Gcm, down);
+        for seq in 0..10u16 {
+            let mut p = rtp_packet(96, seq, 3000 * seq as u32, 0xaaaa, &[seq as u8; 30]);
+            p[1] |= 0x80 * (seq == 5) as u8;
+            f.send(&mut publisher, &p);
+        }
+        f.sink.out.clear();
+        f.send(&mut sub, &rtcp::translated_nack(9, 0x42, &[103, 105], 0));
+        f.send(&mut sub, &rtcp::translated_nack(9, 0x42, &[103], 0));
+        let out = std::mem::take(&mut f.sink.out);
+        assert_eq!(out.len(), 3, "{out:?}");
+        let got: Vec<Vec<u8>> = out.iter().map(|(_, w)| unprotect(&mut sub, w)).collect();
+        let rtx_seq = |p: &[u8]| u16::from_be_bytes([p[2], p[3]]);
+        for (p, osn) in got.iter().zip([103u16, 105, 103]) {
+            assert_eq!(p[1] & 0x7f, 97, "RTX payload type");
+            assert_eq!(u32::from_be_bytes(p[8..12].try_into().unwrap()), 0x4242);
+            assert_eq!(u16::from_be_bytes([p[12], p[13]]), osn, "OSN first");
+            let src = (osn - 100) as u8;
+            assert_eq!(&p[14..], &[src; 30], "then the original payload");
+            assert_eq!(
+                u32::from_be_bytes(p[4..8].try_into().unwrap()),
+                3000 * src as u32 + 7
+            );
+            assert_eq!(p[1] & 0x80 != 0, src == 5, "marker as it was");
+        }
+        assert_eq!(rtx_seq(&got[1]), rtx_seq(&got[0]).wrapping_add(1));
+        assert_eq!(rtx_seq(&got[2]), rtx_seq(&got[0]).wrapping_add(2));
+        assert_eq!(f.engine.downtracks(2)[0].1.nack_resent, 3);
+    }
+
     /// Keyframe requests from many subscribers cost the publisher one PLI per interval.
     #[test]
     fn keyframe_requests_are_throttled_per_track() {
@@ -1587,6 +1670,7 @@ mod tests {
                     sub: i,
                     ssrc_out: 0x40 + i,
                     pt_out: 96,
+                    rtx: None,
                     seq_delta: 0,
                     ts_delta: 0,
                 };
@@ -1619,6 +1703,7 @@ mod tests {
             sub: 2,
             ssrc_out: 6,
             pt_out: 111,
+            rtx: None,
             seq_delta: 0,
             ts_delta: 0,
         };
@@ -1659,6 +1744,7 @@ mod tests {
             sub: 2,
             ssrc_out: 6,
             pt_out: 111,
+            rtx: None,
             seq_delta: 0,
             ts_delta: 0,
         };
@@ -1763,6 +1849,7 @@ mod tests {
                 sub: id,
                 ssrc_out: id,
                 pt_out: 111,
+                rtx: None,
                 seq_delta: 0,
                 ts_delta: 0,
             };
@@ -1876,6 +1963,7 @@ mod tests {
             sub: 100,
             ssrc_out: 0xbbbb,
             pt_out: 100,
+            rtx: None,
             seq_delta: 10,
             ts_delta: 0,
         };
@@ -2053,6 +2141,7 @@ mod tests {
                 sub: id,
                 ssrc_out: 0x100 + id,
                 pt_out: 96,
+                rtx: None,
                 seq_delta: 0,
                 ts_delta: 0,
             };

@@ -430,6 +430,22 @@ impl OfferMedia {
         }
         self.codecs.iter().find(|c| published.compatible(c))
     }
+
+    /// The payload type of the RTX (RFC 4588) codec this receiving m-line offers for
+    /// payload type `pt` (`a=fmtp:N apt=pt`): retransmissions to it then go on their
+    /// own SSRC and sequence, so its loss and jitter statistics stay the media's.
+    pub fn rtx_for(&self, pt: u8) -> Option<u8> {
+        if self.kind != Some(Kind::Video) {
+            return None;
+        }
+        self.codecs
+            .iter()
+            .find(|c| {
+                c.name.eq_ignore_ascii_case("rtx")
+                    && c.fmtp_param("apt").and_then(|a| a.parse::<u8>().ok()) == Some(pt)
+            })
+            .map(|c| c.pt)
+    }
 }
 
 /// How one offered m-line is answered.
@@ -437,10 +453,12 @@ impl OfferMedia {
 pub enum AnswerMedia {
     /// Receive this codec from the publisher; with `simulcast`, those encodings.
     Receive { codec: Codec, simulcast: bool },
-    /// Send this codec to the subscriber from `ssrc`, labelled with msid.
+    /// Send this codec to the subscriber from `ssrc`, labelled with msid; with `rtx`
+    /// (payload type, SSRC), retransmissions go that way (RFC 4588).
     Send {
         codec: Codec,
         ssrc: u32,
+        rtx: Option<(u8, u32)>,
         stream_id: String,
         track_id: String,
     },
@@ -574,15 +592,35 @@ pub fn build_answer(p: &AnswerParams<'_>) -> String {
         }
         if let AnswerMedia::Send {
             ssrc,
+            rtx,
             stream_id,
             track_id,
             ..
         } = am
         {
+            if let Some((rtx_pt, rtx_ssrc)) = rtx {
+                md = md
+                    .with_codec(
+                        *rtx_pt,
+                        "rtx".into(),
+                        codec.clock_rate,
+                        0,
+                        format!("apt={}", codec.pt),
+                    )
+                    .with_value_attribute("ssrc-group".into(), format!("FID {ssrc} {rtx_ssrc}"));
+            }
             md = md
                 .with_value_attribute("msid".into(), format!("{stream_id} {track_id}"))
                 .with_value_attribute("ssrc".into(), format!("{ssrc} cname:{}", p.cname))
                 .with_value_attribute("ssrc".into(), format!("{ssrc} msid:{stream_id} {track_id}"));
+            if let Some((_, rtx_ssrc)) = rtx {
+                md = md
+                    .with_value_attribute("ssrc".into(), format!("{rtx_ssrc} cname:{}", p.cname))
+                    .with_value_attribute(
+                        "ssrc".into(),
+                        format!("{rtx_ssrc} msid:{stream_id} {track_id}"),
+                    );
+            }
         }
         for (n, c) in p.candidates.iter().enumerate() {
             // RFC 8445 host priority: type pref 126, local pref by order, component 1.
@@ -755,6 +793,7 @@ mod tests {
         let send = vec![AnswerMedia::Send {
             codec: vp8,
             ssrc: 7,
+            rtx: None,
             stream_id: "s".into(),
             track_id: "t".into(),
         }];
@@ -770,6 +809,40 @@ mod tests {
         // Without the extension in the offer: not answered either.
         let o = parse_offer(CHROMIUM_OFFER).unwrap();
         assert_eq!(o.media[1].twcc(o.media[1].publish_codec().unwrap()), None);
+    }
+
+    /// A viewer's m-line that offers RTX for the codec it gets is answered with it:
+    /// the rtx codec bound to that payload type, and the FID group pairing the media
+    /// SSRC with the retransmission SSRC.
+    #[test]
+    fn rtx_is_answered_to_viewers_that_offer_it() {
+        let o = parse_offer(CHROMIUM_OFFER).unwrap();
+        let mut v = o.media[1].clone();
+        v.direction = Direction::RecvOnly;
+        assert_eq!(v.rtx_for(96), Some(97), "a=fmtp:97 apt=96");
+        assert_eq!(v.rtx_for(45), None, "no rtx offered for it");
+        assert_eq!(o.media[0].rtx_for(111), None, "audio: none");
+        let mut sub = o.clone();
+        sub.media = vec![v.clone()];
+        let text = answer_for(
+            &sub,
+            &[AnswerMedia::Send {
+                codec: v.codecs.iter().find(|c| c.pt == 96).unwrap().clone(),
+                ssrc: 1000,
+                rtx: Some((97, 2000)),
+                stream_id: "s".into(),
+                track_id: "t".into(),
+            }],
+        );
+        for want in [
+            "m=video 40000 UDP/TLS/RTP/SAVPF 96 97\r\n",
+            "a=rtpmap:97 rtx/90000\r\n",
+            "a=fmtp:97 apt=96\r\n",
+            "a=ssrc-group:FID 1000 2000\r\n",
+            "a=ssrc:2000 cname:edgefwd\r\n",
+        ] {
+            assert!(text.contains(want), "answer lacks {want:?}:\n{text}");
+        }
     }
 
     #[test]

@@ -73,6 +73,8 @@ pub struct Subscription {
     pub pt_out: u8,
     /// The m-line's codec as answered (a slot back in `reserved` if the publisher goes).
     pub codec: Codec,
+    /// RTX (payload type, SSRC) as answered, if the m-line offered it.
+    pub rtx: Option<(u8, u32)>,
 }
 
 /// A subscriber's m-line answered before any track could fill it (the subscriber
@@ -83,6 +85,7 @@ pub struct Slot {
     pub kind: Kind,
     pub codec: Codec,
     pub ssrc_out: u32,
+    pub rtx: Option<(u8, u32)>,
 }
 
 pub struct Session {
@@ -183,6 +186,7 @@ impl State {
                     kind: d.kind,
                     codec: d.codec,
                     ssrc_out: d.ssrc_out,
+                    rtx: d.rtx,
                 }));
             }
         }
@@ -501,6 +505,7 @@ impl Sfu {
                 sub: s.media,
                 ssrc_out: d.ssrc_out,
                 pt_out: d.pt_out,
+                rtx: d.rtx,
                 // Random starts, as a fresh sender would pick (RFC 3550 §5.1).
                 seq_delta: rand::thread_rng().r#gen(),
                 ts_delta: rand::thread_rng().r#gen(),
@@ -804,15 +809,18 @@ impl Sfu {
                 match m.reserve_codec().filter(|_| !offered_kind) {
                     Some(codec) => {
                         let ssrc_out = nonzero_u32();
+                        let rtx = m.rtx_for(codec.pt).map(|pt| (pt, nonzero_u32()));
                         s.reserved.push(Slot {
                             mid: m.mid.clone(),
                             kind,
                             codec: codec.clone(),
                             ssrc_out,
+                            rtx,
                         });
                         media.push(AnswerMedia::Send {
                             codec: codec.clone(),
                             ssrc: ssrc_out,
+                            rtx,
                             stream_id: format!("room-{room}"),
                             track_id: format!("{}-pending-{}", kind.as_str(), random_string(6)),
                         });
@@ -824,6 +832,7 @@ impl Sfu {
             let (p, i) = available.remove(n);
             let t = &st.sessions[&p].tracks[i];
             let ssrc_out = nonzero_u32();
+            let rtx = m.rtx_for(codec.pt).map(|pt| (pt, nonzero_u32()));
             s.downtracks.push(Subscription {
                 mid: m.mid.clone(),
                 src_session: p.clone(),
@@ -832,10 +841,12 @@ impl Sfu {
                 ssrc_out,
                 pt_out: codec.pt,
                 codec: codec.clone(),
+                rtx,
             });
             media.push(AnswerMedia::Send {
                 codec,
                 ssrc: ssrc_out,
+                rtx,
                 stream_id: p.clone(),
                 track_id: t.track_id.clone(),
             });
@@ -890,12 +901,14 @@ impl Sfu {
                     ssrc_out: slot.ssrc_out,
                     pt_out: slot.codec.pt,
                     codec: slot.codec.clone(),
+                    rtx: slot.rtx,
                 });
                 self.command(Command::AddDownTrack {
                     track: *tid,
                     sub: s.media,
                     ssrc_out: slot.ssrc_out,
                     pt_out: slot.codec.pt,
+                    rtx: slot.rtx,
                     seq_delta: rand::thread_rng().r#gen(),
                     ts_delta: rand::thread_rng().r#gen(),
                 });

@@ -310,6 +310,7 @@ fn engine(n: usize, profile: Profile, shape: Shape) -> (Engine, Context, SocketA
                 sub: id,
                 ssrc_out: 0x1000 + i,
                 pt_out: 100,
+                rtx: None,
                 seq_delta: i as u16,
                 ts_delta: i,
             },
