@@ -1234,7 +1234,9 @@ impl Sfu {
     /// logged and sent to the room's event stream.
     fn decide_speakers(&self, now: Instant) {
         // Who publishes audio with levels, per room (then the locks are let go).
-        let rooms: Vec<(String, Vec<(String, Vec<TrackId>)>)> = {
+        // Per room: (publisher session, its audio tracks with levels).
+        type Publishers = Vec<(String, Vec<TrackId>)>;
+        let rooms: Vec<(String, Publishers)> = {
             let st = self.state.lock().unwrap();
             st.rooms
                 .iter()
