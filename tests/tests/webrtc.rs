@@ -11,7 +11,7 @@ use std::{
 
 use edgefwd_tests::{
     Edgefwd, PinDir, RawSock, edgefwd_bin, kernel_lock,
-    netns::{self, FWD_A_V4, NetNs, PUB_V4, Topology},
+    netns::{self, FWD_A_V4, FWD_A_V6, NetNs, PUB_V4, Topology},
     spawn_edgefwd, unique,
 };
 use serde_json::Value;
@@ -1494,12 +1494,20 @@ fn start_xdp_sfu(t: &Topology, pin: &PinDir, datapath: &str) -> Sfu {
 }
 
 fn start_xdp_sfu_with(t: &Topology, pin: &PinDir, datapath: &str, extra: &str) -> Sfu {
+    start_xdp_sfu_on(t, pin, datapath, FWD_A_V4, extra)
+}
+
+/// [`start_xdp_sfu_with`] with the WebRTC listeners on `ip` (IPv4 or IPv6).
+fn start_xdp_sfu_on(t: &Topology, pin: &PinDir, datapath: &str, ip: &str, extra: &str) -> Sfu {
+    let ip = if ip.contains(':') {
+        format!("[{ip}]")
+    } else {
+        ip.to_string()
+    };
     let cfg = std::env::temp_dir().join(format!("{}.toml", unique("edgefwd-xsk-")));
     std::fs::write(
         &cfg,
-        format!(
-            "[webrtc]\nhttp = \"{FWD_A_V4}:0\"\nmedia = \"{FWD_A_V4}:0\"\nconsent_timeout = 8\n{extra}"
-        ),
+        format!("[webrtc]\nhttp = \"{ip}:0\"\nmedia = \"{ip}:0\"\nconsent_timeout = 8\n{extra}"),
     )
     .unwrap();
     let bin = edgefwd_bin();
@@ -1520,6 +1528,45 @@ fn start_xdp_sfu_with(t: &Topology, pin: &PinDir, datapath: &str, extra: &str) -
     let child = spawn_edgefwd(cmd);
     let base = format!("http://{}", child.ready_addr("webrtc-http"));
     Sfu { child, base }
+}
+
+/// IPv6 through the fast path: the WebRTC listener on the forwarder's IPv6 address,
+/// Chromium publishing and watching from the publisher namespace over IPv6. XDP steers
+/// the bound peers' SRTP into AF_XDP, the worker writes IPv6 copies with their UDP
+/// checksums (the receiving kernel verifies them), and the viewer decodes.
+#[test]
+fn chromium_over_ipv6_through_af_xdp() {
+    edgefwd_tests::require_root();
+    let _k = kernel_lock();
+    let t = Topology::new();
+    let pin = PinDir::new();
+    let sfu = start_xdp_sfu_on(&t, &pin, "auto", FWD_A_V6, "");
+    assert!(sfu.base.starts_with("http://["), "{}", sfu.base);
+    let s = ns_json(&t.forwarder, &sfu.base, "/api/sessions");
+    assert_eq!(s["media_path"]["path"], "af_xdp", "{s}");
+    let room = unique("xsk6");
+    let out = node(
+        Some(&t.publisher),
+        &["--base", &sfu.base, "--room", &room, "--codec", "VP8"],
+    )
+    .output()
+    .unwrap();
+    let r = parse_result("IPv6 through AF_XDP", &out);
+    println!("IPv6: {}", r["subscriber"]["inbound"]);
+    assert_subscriber_ok(&r, Some("VP8"));
+    let s = ns_json(&t.forwarder, &sfu.base, "/api/sessions");
+    let c = &s["counters"];
+    let q = &s["xsk"].as_array().unwrap()[0]["stats"];
+    assert!(c["rtp_out"].as_u64().unwrap() > 100, "{s}");
+    assert!(
+        q["rx"].as_u64().unwrap() >= c["rtp_in"].as_u64().unwrap()
+            && q["tx"].as_u64().unwrap() >= c["rtp_out"].as_u64().unwrap(),
+        "every SRTP packet in and every copy out went through AF_XDP: {s}"
+    );
+    assert_eq!(c["drops"]["srtp_auth"], 0, "{s}");
+    // The one candidate the answers gave is the IPv6 media address: every packet
+    // above went over IPv6.
+    assert!(sfu.child.ready_addr("webrtc-media").is_ipv6());
 }
 
 /// `GET url` from inside `ns`, parsed as Prometheus parses it, after checking the
