@@ -1024,6 +1024,128 @@ fn simulcast_layers_are_chosen_on_the_relay_node() {
     assert!(downs.iter().all(|d| d["layers"] == 3), "{downs:?}");
 }
 
+/// Only watched encodings cross a trunk: Chromium publishes three encodings on A, one
+/// Chromium viewer watches on B. Uncapped, every encoding reaches B; capped to layer 0
+/// (through B's WHEP resource), B asks A for layer 0 only on its next refresh and the
+/// other two stop arriving at B, while the viewer decodes the quarter-size picture;
+/// the cap lifted, they come back and the viewer returns to the full-size one.
+#[test]
+fn only_watched_layers_cross_the_trunk() {
+    edgefwd_tests::require_root();
+    let _k = kernel_lock();
+    let a = start_cascade_node("a", None);
+    let b = start_cascade_node("b", Some(("a", http_addr(&a))));
+    let room = unique("trunklayers");
+    let spawn = |base: &str, role: &str| {
+        let mut args = vec![
+            "--base", base, "--room", &room, "--codec", "VP8", "--role", role, "--hold", "60",
+        ];
+        if role == "publish" {
+            args.push("--simulcast");
+        }
+        node(None, &args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut publisher = spawn(&a.base, "publish");
+    wait_for_publisher(&a.base, &room);
+    let viewer = spawn(&b.base, "sample");
+    // B's view: the relayed track's per-encoding packets, the viewer's video down-track.
+    let view = || {
+        let api = get_json(&b.base, "/api/sessions");
+        let sessions = api["rooms"][&room].as_array().cloned().unwrap_or_default();
+        let layers: Vec<u64> = sessions
+            .iter()
+            .filter(|s| s["upstream"] == "a")
+            .flat_map(|s| s["tracks"].as_array().cloned().unwrap_or_default())
+            .find(|t| t["kind"] == "video")
+            .and_then(|t| t["layers"].as_array().cloned())
+            .map(|l| l.iter().map(|x| x["packets"].as_u64().unwrap()).collect())
+            .unwrap_or_default();
+        let sub = sessions.iter().find(|s| s["role"] == "subscriber").cloned();
+        let down = sub.as_ref().and_then(|s| {
+            s["downtracks"]
+                .as_array()?
+                .iter()
+                .find(|d| d["kind"] == "video")
+                .cloned()
+        });
+        (layers, sub, down)
+    };
+    let until = |what: &str, done: &dyn Fn(&[u64], &Value) -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let (l, _, d) = view();
+            if let Some(d) = &d
+                && l.len() == 3
+                && done(&l, d)
+            {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "{what}: {l:?} {d:?}");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    };
+    until("the uncapped viewer on B on the top layer", &|_, d| {
+        d["layer"] == 2
+    });
+    let (_, sub, down) = view();
+    let (id, mid) = (
+        sub.unwrap()["id"].as_str().unwrap().to_string(),
+        down.unwrap()["mid"].as_str().unwrap().to_string(),
+    );
+    let put = |max: &str| {
+        ureq::put(&format!("{}/whep/{room}/{id}/layers", b.base))
+            .send(format!(
+                r#"{{"mid": "{mid}", "max_layer": {max}, "paused": false}}"#
+            ))
+            .unwrap_or_else(|e| panic!("PUT layers: {e}"));
+    };
+    // Every encoding arrives while it is uncapped.
+    let grows = |before: &[u64], after: &[u64]| -> Vec<bool> {
+        before.iter().zip(after).map(|(x, y)| y > x).collect()
+    };
+    let (l0, _, _) = view();
+    std::thread::sleep(Duration::from_secs(2));
+    let (l1, _, _) = view();
+    assert_eq!(grows(&l0, &l1), [true, true, true], "{l0:?} -> {l1:?}");
+    put("0");
+    until("the capped viewer on layer 0", &|_, d| d["layer"] == 0);
+    // A refresh or two for A to hear of it; then only layer 0 crosses.
+    std::thread::sleep(Duration::from_secs(3));
+    let (l2, _, _) = view();
+    std::thread::sleep(Duration::from_secs(2));
+    let (l3, _, _) = view();
+    assert_eq!(grows(&l2, &l3), [true, false, false], "{l2:?} -> {l3:?}");
+    put("null");
+    until("the viewer back on the top layer", &|_, d| d["layer"] == 2);
+    let (l4, _, _) = view();
+    std::thread::sleep(Duration::from_secs(2));
+    let (l5, _, _) = view();
+    assert_eq!(grows(&l4, &l5), [true, true, true], "{l4:?} -> {l5:?}");
+    // The viewer's own picture: full size, quarter size while capped, full again.
+    std::thread::sleep(Duration::from_secs(2));
+    let mut viewer = viewer;
+    let _ = viewer.kill();
+    let _ = publisher.kill();
+    let _ = publisher.wait();
+    let out = viewer.wait_with_output().unwrap();
+    let widths: Vec<u64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["at"].is_number())
+        .map(|v| v["video"]["frameWidth"].as_u64().unwrap_or(0))
+        .collect();
+    println!("viewer on B: {widths:?}; layers {l1:?} {l3:?} {l5:?}");
+    let small = widths
+        .iter()
+        .position(|w| *w == 240)
+        .unwrap_or_else(|| panic!("{widths:?}"));
+    assert!(widths[..small].contains(&960), "{widths:?}");
+    assert_eq!(*widths.last().unwrap(), 960, "{widths:?}");
+}
+
 /// Chromium publishing VP8 into `room` for `hold` seconds, in the background.
 fn chromium_publisher(
     ns: Option<&NetNs>,

@@ -31,7 +31,7 @@ use super::{
     Counters, Drop, Kind, Transmit, bump, bwe,
     codec::{Format, Vp8Descriptor},
     rtcp::{self, Reception, Request},
-    simulcast::{Layer, Layering},
+    simulcast::{Layer, Layering, UNCAPPED},
     speaker::Levels,
     srtp::{self, MasterKey},
 };
@@ -152,6 +152,13 @@ pub enum Command {
         max_layer: Layer,
         paused: bool,
     },
+    /// The highest encoding of `track` the node behind trunk `relay` wants
+    /// ([`crate::media::simulcast::UNCAPPED`]: all).
+    SetTrunkLayers {
+        track: TrackId,
+        relay: SessionId,
+        max_layer: Layer,
+    },
     /// Continues receive streams another node has been authenticating: per SSRC the
     /// highest packet index it accepted (so a rollover counter above 0 carries over).
     ResumeRx {
@@ -177,6 +184,9 @@ pub struct UpTrack {
     pub downs: Vec<DownTrack>,
     /// Relay sessions (downstream nodes) this track's ciphertext is copied to.
     pub trunks: Vec<SessionId>,
+    /// Per trunk, the highest encoding its node wants (absent: all): an encoding no
+    /// viewer below watches does not cross the trunk.
+    pub trunk_caps: HashMap<SessionId, Layer>,
 }
 
 /// One encoding of a track: its own SSRC, sequence space, reports and cache.
@@ -551,6 +561,7 @@ impl Engine {
                         levels: Levels::default(),
                         downs: vec![],
                         trunks: vec![],
+                        trunk_caps: HashMap::new(),
                     },
                 );
             }
@@ -627,6 +638,7 @@ impl Engine {
                         for t in &s.tracks {
                             if let Some(t) = self.tracks.get_mut(t) {
                                 t.trunks.retain(|r| *r != id);
+                                t.trunk_caps.remove(&id);
                             }
                         }
                     }
@@ -677,6 +689,29 @@ impl Engine {
                 // The new branch's viewers need a keyframe to start decoding.
                 if t.kind == Kind::Video {
                     self.request_keyframe(track, None, now, tx);
+                }
+            }
+            Command::SetTrunkLayers {
+                track,
+                relay,
+                max_layer,
+            } => {
+                let Some(t) = self.tracks.get_mut(&track) else {
+                    return;
+                };
+                let before = t.trunk_caps.get(&relay).copied().unwrap_or(UNCAPPED);
+                if max_layer == UNCAPPED {
+                    t.trunk_caps.remove(&relay);
+                } else {
+                    t.trunk_caps.insert(relay, max_layer);
+                }
+                // A layer newly wanted below starts at a keyframe there.
+                if max_layer > before || (before != UNCAPPED && max_layer == UNCAPPED) {
+                    let first = before.saturating_add(1);
+                    let last = max_layer.min(t.streams.len().saturating_sub(1) as Layer);
+                    for l in first..=last {
+                        self.request_keyframe(track, Some(l), now, tx);
+                    }
                 }
             }
             Command::ResumeRx { id, streams } => {
@@ -867,6 +902,9 @@ impl Engine {
             }
         }
         for r in &t.trunks {
+            if t.trunk_caps.get(r).is_some_and(|cap| layer > *cap) {
+                continue;
+            }
             if let Some(to) = sessions.get(r).and_then(|s| s.media_addr()) {
                 send_raw(to, &self.scratch, c, tx);
             }

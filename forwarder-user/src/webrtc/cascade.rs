@@ -44,7 +44,8 @@ use super::sfu::{ApiError, Role, Sfu};
 use crate::client::{Outcome, call};
 use crate::media::{
     Kind,
-    engine::{Command, SessionId},
+    engine::{Command, SessionId, TrackId},
+    simulcast::{Layer, UNCAPPED},
     srtp::{MasterKey, Profile},
 };
 
@@ -126,6 +127,10 @@ pub struct RelayRequest {
     /// The nodes below the requester, nearest first (loop detection).
     #[serde(default)]
     pub via: Vec<String>,
+    /// Simulcast: per track id, the highest encoding the requester's viewers (and
+    /// nodes below it) may get; a track not named gets every encoding.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub layers: std::collections::BTreeMap<String, Layer>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -332,6 +337,15 @@ impl Sfu {
                 })
                 .collect();
             let track_ids: Vec<_> = s.tracks.iter().map(|t| t.media).collect();
+            let simulcast: Vec<(TrackId, Layer)> = s
+                .tracks
+                .iter()
+                .filter(|t| t.streams.len() > 1)
+                .map(|t| {
+                    let cap = req.layers.get(&t.track_id).copied();
+                    (t.media, cap.unwrap_or(UNCAPPED))
+                })
+                .collect();
             let k = (req.node.clone(), pid.clone());
             let fresh = match st.relays_out.get_mut(&k) {
                 Some(r) if r.addr == req.media => {
@@ -388,6 +402,14 @@ impl Sfu {
                 st.relays_out.insert(k.clone(), r);
             }
             let r = &st.relays_out[&k];
+            // Encodings nobody below watches stay here (asked again every refresh).
+            for (track, max_layer) in &simulcast {
+                self.command(Command::SetTrunkLayers {
+                    track: *track,
+                    relay: r.media,
+                    max_layer: *max_layer,
+                });
+            }
             out.push(RelayPublisher {
                 id: origin_id,
                 rtcp_ssrc: r.peer_rtcp_ssrc,
@@ -404,6 +426,48 @@ impl Sfu {
             node: cascade.node.clone(),
             media: self.media_addr(),
             publishers: out,
+        })
+    }
+
+    /// Per simulcast track relayed into `room` here, the highest encoding wanted: the
+    /// highest any local viewer may get (its cap and its bandwidth limit; paused
+    /// viewers none), every encoding when nodes below relay the room on, the lowest
+    /// when nobody watches it.
+    fn wanted_layers(&self, room: &str) -> std::collections::BTreeMap<String, Layer> {
+        let st = self.state.lock().unwrap();
+        let Some(r) = st.rooms.get(room) else {
+            return Default::default();
+        };
+        let onward = st.relays_out.values().any(|o| o.room == room);
+        let tracks: Vec<(String, TrackId)> = r
+            .publishers
+            .iter()
+            .filter_map(|p| st.sessions.get(p))
+            .filter(|s| s.relay.is_some())
+            .flat_map(|s| s.tracks.iter())
+            .filter(|t| t.streams.len() > 1)
+            .map(|t| (t.track_id.clone(), t.media))
+            .collect();
+        if onward || tracks.is_empty() {
+            return Default::default();
+        }
+        self.with_engine(|e, _| {
+            tracks
+                .into_iter()
+                .filter_map(|(id, media)| {
+                    let t = e.track(media)?;
+                    let top = t.streams.len().saturating_sub(1) as Layer;
+                    let want = t
+                        .downs
+                        .iter()
+                        .filter(|d| !d.layering.paused)
+                        .map(|d| d.layering.max_layer.min(d.layering.bw_limit).min(top))
+                        .max()
+                        .unwrap_or(0);
+                    // All of them: no need to name it (older upstreams ignore none).
+                    (want < top).then_some((id, want))
+                })
+                .collect()
         })
     }
 
@@ -457,6 +521,7 @@ impl Sfu {
             node: cascade.node.clone(),
             media: self.media_addr(),
             via: via.clone(),
+            layers: self.wanted_layers(room),
         };
         let body = serde_json::to_vec(&req).expect("serializes");
         let path = format!("/node/v1/rooms/{room}/relay");
