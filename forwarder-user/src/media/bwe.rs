@@ -45,6 +45,10 @@ const CLEAN: f64 = 0.02;
 pub struct LossBased {
     /// Bits/s the path carries, as far as loss says; None: no limit seen.
     pub estimate: Option<u64>,
+    /// The viewer's own estimate (REMB), bits/s, if it sends one.
+    pub remb: Option<u64>,
+    /// Whether that estimate counts (a viewer that negotiated only REMB).
+    pub use_remb: bool,
     /// What was sent to the viewer over the last report interval, bits/s.
     pub send_rate: u64,
     /// The layer limit it gives ([`UNCAPPED`]: none).
@@ -67,6 +71,8 @@ impl Default for LossBased {
     fn default() -> Self {
         LossBased {
             estimate: None,
+            remb: None,
+            use_remb: true,
             send_rate: 0,
             limit: UNCAPPED,
             clean: 0,
@@ -100,6 +106,14 @@ fn fitting(rates: &[u64], estimate: u64) -> Layer {
 }
 
 impl LossBased {
+    /// With `use_remb`, the viewer's REMB counts as well as its loss.
+    pub fn new(use_remb: bool) -> LossBased {
+        LossBased {
+            use_remb,
+            ..Default::default()
+        }
+    }
+
     /// Takes one receiver report block of the viewer's stream (`total_lost` and
     /// `highest_seq` as reported), with `octets_sent` so far to it (wrapping) and the
     /// layer it is on, at `now`; `rates` are the track's layer rates (bits/s, 0 for
@@ -149,9 +163,16 @@ impl LossBased {
                 return self.limit;
             }
         }
-        if loss > CONGESTED {
+        // The viewer's own REMB, where well below what it was sent, is congestion too
+        // (never a reason to go up: Chromium's receive-side estimate trails what it
+        // gets, so it would hold a viewer where it is).
+        let remb_cut = self
+            .remb
+            .filter(|r| self.use_remb && *r < self.send_rate * 85 / 100);
+        if loss > CONGESTED || remb_cut.is_some() {
             let base = self.send_rate.max(1);
-            self.estimate = Some((base as f64 * (1.0 - loss / 2.0)) as u64);
+            let by_loss = (loss > CONGESTED).then(|| (base as f64 * (1.0 - loss / 2.0)) as u64);
+            self.estimate = [by_loss, remb_cut].into_iter().flatten().min();
             self.clean = 0;
             if let Some((from, _)) = self.probe_from.take() {
                 // The probe caused it: back down, and wait longer before the next.
@@ -177,14 +198,16 @@ impl LossBased {
         } else {
             self.clean = 0;
         }
+        let top = rates.iter().copied().max().unwrap_or(0);
+        if self.estimate.is_some_and(|e| top > 0 && e > top * 7 / 5) {
+            // Room for everything, by a margin: no limit rather than a stale one.
+            self.estimate = None;
+        }
         let Some(estimate) = self.estimate else {
             self.limit = UNCAPPED;
             return self.limit;
         };
-        let top = rates.iter().copied().max().unwrap_or(0);
         if top > 0 && estimate > top * 7 / 5 {
-            // Room for everything, by a margin: no limit rather than a stale one.
-            self.estimate = None;
             self.limit = UNCAPPED;
             return self.limit;
         }
@@ -199,6 +222,7 @@ impl LossBased {
         // A clean window never moves the viewer down: its layer's rate rose, the path
         // carried it.
         if loss < CLEAN
+            && remb_cut.is_none()
             && let Some(c) = current
             && c <= self.limit
         {
@@ -225,6 +249,11 @@ impl LossBased {
             self.clean = 0;
         }
         self.limit
+    }
+
+    /// Takes the viewer's REMB: applied at the next window.
+    pub fn on_remb(&mut self, bitrate: u64) {
+        self.remb = Some(bitrate);
     }
 
     /// Whether a probe up is being tried.
@@ -357,6 +386,23 @@ mod tests {
         let tail = &sent[30..];
         let middle = tail.iter().filter(|l| **l == 1).count();
         assert!(middle * 10 >= tail.len() * 8, "{sent:?}");
+    }
+
+    /// A viewer's REMB well below what it is sent moves it down like loss would, and
+    /// a probe it cuts short counts as failed; a REMB at or above the rate sent (a
+    /// receive-side estimate trailing what arrives) changes nothing.
+    #[test]
+    fn remb_below_the_send_rate_moves_down() {
+        let mut v = Viewer::new();
+        v.b.on_remb(1_400_000);
+        assert!(v.run(10_000_000, 4, &RATES).iter().all(|l| *l == 2));
+        v.b.on_remb(600_000);
+        let sent = v.run(10_000_000, 3, &RATES);
+        assert_eq!(sent[2], 1, "{sent:?}");
+        // Probes up come, are cut by the REMB, and back off.
+        let sent = v.run(10_000_000, 40, &RATES);
+        assert!(v.b.failed_probes >= 2, "{sent:?}");
+        assert!(sent.iter().filter(|l| **l == 2).count() <= 8, "{sent:?}");
     }
 
     #[test]

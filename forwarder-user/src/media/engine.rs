@@ -124,6 +124,8 @@ pub enum Command {
         pt_out: u8,
         /// RTX (RFC 4588) payload type and SSRC, where the subscriber negotiated it.
         rtx: Option<(u8, u32)>,
+        /// Whether its REMB bounds its layer (negotiated REMB, no transport-cc).
+        remb: bool,
         seq_delta: u16,
         ts_delta: u32,
     },
@@ -571,6 +573,7 @@ impl Engine {
                 ssrc_out,
                 pt_out,
                 rtx,
+                remb,
                 seq_delta,
                 ts_delta,
             } => {
@@ -597,7 +600,7 @@ impl Engine {
                     // A random first RTX sequence number, as for any new stream.
                     rtx: rtx.map(|(pt, ssrc)| (pt, ssrc, rand_seq(ssrc))),
                     quality: rtcp::Quality::default(),
-                    bwe: bwe::LossBased::default(),
+                    bwe: bwe::LossBased::new(remb),
                     last_ts_out: 0,
                     last_out_at: None,
                 });
@@ -977,6 +980,14 @@ impl Engine {
                 }
                 (Role::Subscriber, Request::Nack { media_ssrc, seqs }) => {
                     self.on_nack(id, media_ssrc, &seqs, tx)
+                }
+                (Role::Subscriber, Request::Remb { bitrate, ssrcs }) => {
+                    for ssrc in ssrcs {
+                        if let Some((tid, i)) = self.downtrack_by_ssrc(id, ssrc) {
+                            let t = self.tracks.get_mut(&tid).expect("found");
+                            t.downs[i].bwe.on_remb(bitrate);
+                        }
+                    }
                 }
                 (Role::Subscriber, Request::Reception(b)) => {
                     if let Some((tid, i)) = self.downtrack_by_ssrc(id, b.media_ssrc) {
@@ -1484,6 +1495,7 @@ mod tests {
                     ssrc_out: 0x1000 + i,
                     pt_out: 100 + (i % 20) as u8,
                     rtx: None,
+                    remb: false,
                     seq_delta: (i * 1000) as u16,
                     ts_delta: i * 7,
                 };
@@ -1552,6 +1564,7 @@ mod tests {
             ssrc_out: 7,
             pt_out: 111,
             rtx: None,
+            remb: false,
             seq_delta: 0,
             ts_delta: 0,
         };
@@ -1611,6 +1624,7 @@ mod tests {
             ssrc_out: 0x42,
             pt_out: 96,
             rtx: None,
+            remb: false,
             seq_delta: 100,
             ts_delta: 0,
         };
@@ -1663,6 +1677,7 @@ mod tests {
             ssrc_out: 0x42,
             pt_out: 96,
             rtx: Some((97, 0x4242)),
+            remb: false,
             seq_delta: 100,
             ts_delta: 7,
         };
@@ -1709,6 +1724,7 @@ mod tests {
                     ssrc_out: 0x40 + i,
                     pt_out: 96,
                     rtx: None,
+                    remb: false,
                     seq_delta: 0,
                     ts_delta: 0,
                 };
@@ -1742,6 +1758,7 @@ mod tests {
             ssrc_out: 6,
             pt_out: 111,
             rtx: None,
+            remb: false,
             seq_delta: 0,
             ts_delta: 0,
         };
@@ -1783,6 +1800,7 @@ mod tests {
             ssrc_out: 6,
             pt_out: 111,
             rtx: None,
+            remb: false,
             seq_delta: 0,
             ts_delta: 0,
         };
@@ -1888,6 +1906,7 @@ mod tests {
                 ssrc_out: id,
                 pt_out: 111,
                 rtx: None,
+                remb: false,
                 seq_delta: 0,
                 ts_delta: 0,
             };
@@ -2002,6 +2021,7 @@ mod tests {
             ssrc_out: 0xbbbb,
             pt_out: 100,
             rtx: None,
+            remb: false,
             seq_delta: 10,
             ts_delta: 0,
         };
@@ -2180,6 +2200,7 @@ mod tests {
                 ssrc_out: 0x100 + id,
                 pt_out: 96,
                 rtx: None,
+                remb: false,
                 seq_delta: 0,
                 ts_delta: 0,
             };

@@ -29,6 +29,9 @@ pub enum Request {
     /// A report block (RFC 3550 §6.4.1, in an SR or RR): how the sender of the
     /// report receives `media_ssrc`.
     Reception(ReportBlock),
+    /// REMB (draft-alvestrand-rmcat-remb): the receiver's estimate of what it can
+    /// take, bits/s, for these SSRCs together.
+    Remb { bitrate: u64, ssrcs: Vec<u32> },
 }
 
 /// One reception report block as received, fields as on the wire.
@@ -174,6 +177,25 @@ fn read_one(pt: u8, fmt: u8, pkt: &[u8], out: &mut Vec<Request>) -> Result<(), r
                 out.push(Request::KeyFrame {
                     media_ssrc: be32(e, 0),
                 });
+            }
+        }
+        // REMB: PSFB fmt 15, media SSRC 0, "REMB", SSRC count, 6-bit exponent and
+        // 18-bit mantissa, then the SSRCs. One whose count runs past the packet is
+        // skipped (it claims SSRCs it does not carry).
+        (206, 15) => {
+            if pkt.len() >= 20 && &pkt[12..16] == b"REMB" {
+                let n = pkt[16] as usize;
+                if pkt.len() >= 20 + 4 * n {
+                    let exp = pkt[17] >> 2;
+                    let mantissa = u32::from_be_bytes([0, pkt[17] & 3, pkt[18], pkt[19]]) as u64;
+                    out.push(Request::Remb {
+                        bitrate: mantissa.checked_shl(exp as u32).unwrap_or(u64::MAX),
+                        ssrcs: pkt[20..20 + 4 * n]
+                            .chunks_exact(4)
+                            .map(|c| be32(c, 0))
+                            .collect(),
+                    });
+                }
             }
         }
         _ => {}
@@ -515,6 +537,23 @@ mod tests {
                 ssrc: 0x42,
                 ntp: 0x1122334455667788,
                 rtp: 9000
+            }]
+        );
+    }
+
+    #[test]
+    fn remb_is_read() {
+        // 1.5 Mbit/s = 187,500 × 2^3 for SSRCs 0x11 and 0x22.
+        let (exp, mantissa) = (3u32, 187_500u32);
+        let mut p = vec![0x8f, 206, 0, 6, 0, 0, 0, 9, 0, 0, 0, 0];
+        p.extend_from_slice(b"REMB");
+        p.extend_from_slice(&((2 << 24) | (exp << 18) | mantissa).to_be_bytes());
+        p.extend_from_slice(&[0, 0, 0, 0x11, 0, 0, 0, 0x22]);
+        assert_eq!(
+            parse(&p).unwrap(),
+            vec![Request::Remb {
+                bitrate: 1_500_000,
+                ssrcs: vec![0x11, 0x22]
             }]
         );
     }

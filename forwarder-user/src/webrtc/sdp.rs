@@ -123,6 +123,15 @@ impl Codec {
         }
     }
 
+    /// Whether a viewer's codec offers REMB and not transport-cc: its own bandwidth
+    /// estimate is then answered and acted on. One that offers both (Chromium) sends a
+    /// receive-side estimate anyway, but it trails what arrives and would cut every
+    /// probe up short: shown, not acted on.
+    pub fn remb_only(&self) -> bool {
+        let offers = |fb: &str| self.feedback.iter().any(|f| f == fb);
+        offers("goog-remb") && !offers("transport-cc")
+    }
+
     /// Feedback the forwarder answers: NACK (from the packet cache), PLI, FIR.
     /// transport-cc is answered on a publisher's m-lines only (see
     /// [`OfferMedia::twcc`]), goog-remb not at all.
@@ -559,6 +568,11 @@ pub fn build_answer(p: &AnswerParams<'_>) -> String {
         for fb in codec.answer_feedback() {
             md = md.with_value_attribute("rtcp-fb".into(), format!("{} {fb}", codec.pt));
         }
+        if let AnswerMedia::Send { .. } = am
+            && codec.remb_only()
+        {
+            md = md.with_value_attribute("rtcp-fb".into(), format!("{} goog-remb", codec.pt));
+        }
         if let AnswerMedia::Receive { .. } = am
             && let Some(id) = om.audio_level()
         {
@@ -806,6 +820,17 @@ mod tests {
             !text.contains("transport-cc") && !text.contains(EXT_TWCC),
             "{text}"
         );
+        assert!(
+            !text.contains("goog-remb"),
+            "transport-cc offered too: {text}"
+        );
+        // A viewer that offers REMB only is answered REMB.
+        let mut remb_only = send.clone();
+        if let AnswerMedia::Send { codec, .. } = &mut remb_only[0] {
+            codec.feedback.retain(|f| f != "transport-cc");
+        }
+        let text = answer_for(&sub, &remb_only);
+        assert!(text.contains("a=rtcp-fb:96 goog-remb\r\n"), "{text}");
         // Without the extension in the offer: not answered either.
         let o = parse_offer(CHROMIUM_OFFER).unwrap();
         assert_eq!(o.media[1].twcc(o.media[1].publish_codec().unwrap()), None);

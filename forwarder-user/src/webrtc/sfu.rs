@@ -77,6 +77,13 @@ pub struct Subscription {
     pub rtx: Option<(u8, u32)>,
 }
 
+impl Subscription {
+    /// Whether the viewer's REMB bounds its layer (it negotiated REMB only).
+    fn remb(&self) -> bool {
+        self.codec.remb_only()
+    }
+}
+
 /// A subscriber's m-line answered before any track could fill it (the subscriber
 /// joined before the publisher): a track published later with a compatible codec
 /// gets it, under the SSRC the answer already announced.
@@ -506,6 +513,7 @@ impl Sfu {
                 ssrc_out: d.ssrc_out,
                 pt_out: d.pt_out,
                 rtx: d.rtx,
+                remb: d.remb(),
                 // Random starts, as a fresh sender would pick (RFC 3550 §5.1).
                 seq_delta: rand::thread_rng().r#gen(),
                 ts_delta: rand::thread_rng().r#gen(),
@@ -909,6 +917,7 @@ impl Sfu {
                     ssrc_out: slot.ssrc_out,
                     pt_out: slot.codec.pt,
                     rtx: slot.rtx,
+                    remb: slot.codec.remb_only(),
                     seq_delta: rand::thread_rng().r#gen(),
                     ts_delta: rand::thread_rng().r#gen(),
                 });
@@ -1545,7 +1554,7 @@ impl Sfu {
                             // The loss-based estimate and the layer limit it sets
                             // (simulcast; null: no limit).
                             "send_rate_bps": d.bwe.send_rate,
-                            "estimate_bps": d.bwe.estimate,
+                            "estimate_bps": d.bwe.estimate, "remb_bps": d.bwe.remb,
                             "bw_limit": (d.layering.bw_limit != UNCAPPED).then_some(d.layering.bw_limit),
                             "probes": d.bwe.probes, "failed_probes": d.bwe.failed_probes,
                         })).collect::<Vec<_>>(),

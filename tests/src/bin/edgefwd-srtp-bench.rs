@@ -311,6 +311,7 @@ fn engine(n: usize, profile: Profile, shape: Shape) -> (Engine, Context, SocketA
                 ssrc_out: 0x1000 + i,
                 pt_out: 100,
                 rtx: None,
+                remb: false,
                 seq_delta: i as u16,
                 ts_delta: i,
             },
