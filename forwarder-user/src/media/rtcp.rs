@@ -182,20 +182,18 @@ fn read_one(pt: u8, fmt: u8, pkt: &[u8], out: &mut Vec<Request>) -> Result<(), r
         // REMB: PSFB fmt 15, media SSRC 0, "REMB", SSRC count, 6-bit exponent and
         // 18-bit mantissa, then the SSRCs. One whose count runs past the packet is
         // skipped (it claims SSRCs it does not carry).
-        (206, 15) => {
-            if pkt.len() >= 20 && &pkt[12..16] == b"REMB" {
-                let n = pkt[16] as usize;
-                if pkt.len() >= 20 + 4 * n {
-                    let exp = pkt[17] >> 2;
-                    let mantissa = u32::from_be_bytes([0, pkt[17] & 3, pkt[18], pkt[19]]) as u64;
-                    out.push(Request::Remb {
-                        bitrate: mantissa.checked_shl(exp as u32).unwrap_or(u64::MAX),
-                        ssrcs: pkt[20..20 + 4 * n]
-                            .chunks_exact(4)
-                            .map(|c| be32(c, 0))
-                            .collect(),
-                    });
-                }
+        (206, 15) if pkt.len() >= 20 && &pkt[12..16] == b"REMB" => {
+            let n = pkt[16] as usize;
+            if pkt.len() >= 20 + 4 * n {
+                let exp = pkt[17] >> 2;
+                let mantissa = u32::from_be_bytes([0, pkt[17] & 3, pkt[18], pkt[19]]) as u64;
+                out.push(Request::Remb {
+                    bitrate: mantissa.checked_shl(exp as u32).unwrap_or(u64::MAX),
+                    ssrcs: pkt[20..20 + 4 * n]
+                        .chunks_exact(4)
+                        .map(|c| be32(c, 0))
+                        .collect(),
+                });
             }
         }
         _ => {}
