@@ -857,7 +857,9 @@ fn a_viewer_moved_between_streams_keeps_one_sequence() {
         // Everything sent is through before the next move.
         std::thread::sleep(Duration::from_millis(200));
     };
-    let move_to = |from: u32, to: u32| -> String {
+    // `edgefwd subs move` of the viewer at :6001 from stream `from` to stream `to`:
+    // (succeeded, stdout and stderr).
+    let subs_move = |from: u32, to: u32| -> (bool, String) {
         let out = t.forwarder.exec_status(&[
             edgefwd_bin().to_str().unwrap(),
             "--pin-dir",
@@ -879,7 +881,11 @@ fn a_viewer_moved_between_streams_keeps_one_sequence() {
         ]);
         let text = String::from_utf8_lossy(&out.stdout).to_string()
             + &String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "subs move: {text}");
+        (out.status.success(), text)
+    };
+    let move_to = |from: u32, to: u32| -> String {
+        let (ok, text) = subs_move(from, to);
+        assert!(ok, "subs move: {text}");
         text
     };
     send(0..LEG);
@@ -939,28 +945,6 @@ fn a_viewer_moved_between_streams_keeps_one_sequence() {
     }
 
     // A move the maps cannot make says why and changes nothing.
-    let out = t.forwarder.exec_status(&[
-        edgefwd_bin().to_str().unwrap(),
-        "--pin-dir",
-        pin.path().to_str().unwrap(),
-        "subs",
-        "move",
-        "--listen",
-        "198.51.100.2:5004",
-        "--source",
-        "198.51.100.1:40000",
-        "--ssrc",
-        &SSRC_A.to_string(),
-        "--out-dst",
-        "203.0.113.1:6001",
-        "--to-source",
-        "198.51.100.1:40000",
-        "--to-ssrc",
-        "0x12345678",
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("no stream of SSRC 0x12345678"),
-        "{err}"
-    );
+    let (ok, err) = subs_move(SSRC_A, 0x1234_5678);
+    assert!(!ok && err.contains("no stream of SSRC 0x12345678"), "{err}");
 }

@@ -959,26 +959,7 @@ fn simulcast_layers_are_chosen_on_the_relay_node() {
     let a = start_cascade_node("a", None);
     let b = start_cascade_node("b", Some(("a", http_addr(&a))));
     let room = unique("cascsim");
-    let out = node(
-        None,
-        &[
-            "--base",
-            &a.base,
-            "--watch-base",
-            &b.base,
-            "--room",
-            &room,
-            "--codec",
-            "VP8",
-            "--role",
-            "simulcast",
-            "--timeout",
-            "45",
-        ],
-    )
-    .output()
-    .unwrap();
-    let r = parse_result("simulcast across a cascade", &out);
+    let r = simulcast_scenario(&a.base, Some(&b.base), &room, "VP8");
     let (before, top, settled) = (&r["before"], &r["top"], &r["settled"]);
     println!(
         "on the relay node: before {before} top {top} after {settled} in {} ms",
@@ -1144,6 +1125,32 @@ fn only_watched_layers_cross_the_trunk() {
         .unwrap_or_else(|| panic!("{widths:?}"));
     assert!(widths[..small].contains(&960), "{widths:?}");
     assert_eq!(*widths.last().unwrap(), 960, "{widths:?}");
+}
+
+/// The browser script's simulcast scenario: Chromium publishes three encodings of
+/// `codec` on `base`, two viewers watch on `watch` (default `base`), one capped to
+/// layer 0 and then lifted. Its JSON result.
+fn simulcast_scenario(base: &str, watch: Option<&str>, room: &str, codec: &str) -> Value {
+    let mut args = vec![
+        "--base",
+        base,
+        "--room",
+        room,
+        "--codec",
+        codec,
+        "--role",
+        "simulcast",
+        "--timeout",
+        "45",
+    ];
+    if let Some(w) = watch {
+        args.extend(["--watch-base", w]);
+    }
+    let out = node(None, &args).output().unwrap();
+    parse_result(
+        &format!("simulcast {codec} (watched on {})", watch.unwrap_or(base)),
+        &out,
+    )
 }
 
 /// Chromium publishing VP8 into `room` for `hold` seconds, in the background.
@@ -2306,24 +2313,7 @@ fn chromium_simulcast_viewers_get_their_layer_and_switch_without_freezing() {
     let mut estimates = Vec::new();
     for codec in ["VP8", "H264"] {
         let room = unique("simulcast");
-        let out = node(
-            None,
-            &[
-                "--base",
-                &sfu.base,
-                "--room",
-                &room,
-                "--codec",
-                codec,
-                "--role",
-                "simulcast",
-                "--timeout",
-                "45",
-            ],
-        )
-        .output()
-        .unwrap();
-        let r = parse_result(&format!("simulcast {codec}"), &out);
+        let r = simulcast_scenario(&sfu.base, None, &room, codec);
         println!(
             "simulcast {codec}: estimate {} bit/s, encodings {} before {} after {} in {} ms",
             r["publisher"]["availableOutgoingBitrate"],
