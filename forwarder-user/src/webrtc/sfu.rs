@@ -129,6 +129,10 @@ pub struct Session {
     pub relay: Option<super::cascade::RelayIn>,
     /// Subscriber: m-lines waiting for a track.
     pub reserved: Vec<Slot>,
+    /// Subscriber: the layer cap and pause asked per m-line (mid). They belong to the
+    /// m-line, so a track that fills it later (late, or after its publisher came
+    /// back) starts under them.
+    pub layer_prefs: HashMap<String, (u8, bool)>,
 }
 
 #[derive(Default)]
@@ -568,6 +572,7 @@ impl Sfu {
             downtracks: vec![],
             relay: None,
             reserved: vec![],
+            layer_prefs: HashMap::new(),
         }
     }
 
@@ -660,6 +665,7 @@ impl Sfu {
             downtracks: vec![],
             relay: None,
             reserved: vec![],
+            layer_prefs: HashMap::new(),
         }
     }
 
@@ -921,6 +927,15 @@ impl Sfu {
                     seq_delta: rand::thread_rng().r#gen(),
                     ts_delta: rand::thread_rng().r#gen(),
                 });
+                // A cap asked while the m-line waited holds for its track.
+                if let Some((max_layer, paused)) = s.layer_prefs.get(&slot.mid) {
+                    self.command(Command::SetLayers {
+                        sub: s.media,
+                        track: *tid,
+                        max_layer: *max_layer,
+                        paused: *paused,
+                    });
+                }
                 tracing::info!(event = "late_track", session = %sid, publisher, "session {sid}: {} track of {publisher} fills a waiting m-line", kind.as_str());
             }
         }
@@ -937,31 +952,44 @@ impl Sfu {
         max_layer: Option<u8>,
         paused: bool,
     ) -> Result<Vec<serde_json::Value>, ApiError> {
-        let st = self.state.lock().unwrap();
-        let s = match st.sessions.get(id) {
+        let mut st = self.state.lock().unwrap();
+        let s = match st.sessions.get_mut(id) {
             Some(s) if s.room == room && s.role == Role::Subscriber => s,
             _ => return Err(ApiError::UnknownSession),
         };
-        let chosen: Vec<&Subscription> = s
+        let wanted = |m: &str| mid.is_none_or(|x| x == m);
+        let chosen: Vec<(String, Kind, Option<TrackId>)> = s
             .downtracks
             .iter()
-            .filter(|d| mid.is_none_or(|m| m == d.mid))
+            .filter(|d| wanted(&d.mid))
+            .map(|d| (d.mid.clone(), d.kind, Some(d.track)))
+            .chain(
+                s.reserved
+                    .iter()
+                    .filter(|r| wanted(&r.mid))
+                    .map(|r| (r.mid.clone(), r.kind, None)),
+            )
             .collect();
         if let (Some(m), true) = (mid, chosen.is_empty()) {
             return Err(ApiError::NoSuchTrack(m.to_string()));
         }
-        for d in &chosen {
-            self.command(Command::SetLayers {
-                sub: s.media,
-                track: d.track,
-                max_layer: max_layer.unwrap_or(UNCAPPED),
-                paused,
-            });
+        let cap = max_layer.unwrap_or(UNCAPPED);
+        for (m, _, track) in &chosen {
+            s.layer_prefs.insert(m.clone(), (cap, paused));
+            if let Some(track) = track {
+                self.command(Command::SetLayers {
+                    sub: s.media,
+                    track: *track,
+                    max_layer: cap,
+                    paused,
+                });
+            }
         }
         tracing::info!(event = "layers", session = %id, room, ?mid, ?max_layer, paused, "session {id}: layer cap {max_layer:?}, paused {paused}");
+        // A waiting m-line takes them when a track fills it.
         Ok(chosen
             .iter()
-            .map(|d| serde_json::json!({"mid": d.mid, "kind": d.kind, "max_layer": max_layer, "paused": paused}))
+            .map(|(m, kind, track)| serde_json::json!({"mid": m, "kind": kind, "max_layer": max_layer, "paused": paused, "waiting": track.is_none()}))
             .collect())
     }
 
@@ -2245,7 +2273,32 @@ mod tests {
             assert_eq!(s.reserved.len(), 4, "four m-lines waiting");
             s.reserved.iter().map(|r| r.ssrc_out).collect()
         };
+        // A cap asked for a waiting video m-line holds for the track that fills it.
+        let (mid, ssrc_out) = {
+            let st = sfu.state.lock().unwrap();
+            let r = st.sessions[&sub.session]
+                .reserved
+                .iter()
+                .find(|r| r.kind == Kind::Video)
+                .unwrap();
+            (r.mid.clone(), r.ssrc_out)
+        };
+        let set = sfu
+            .set_layers("r", &sub.session, Some(&mid), Some(0), false)
+            .unwrap();
+        assert_eq!(
+            (set.len(), &set[0]["waiting"]),
+            (1, &serde_json::json!(true))
+        );
         let mut a = peer(&sfu, "r", Role::Publisher, &publisher_sdp(0xa0a0, 0xa1a1)).await;
+        let media = sfu.state.lock().unwrap().sessions[&sub.session].media;
+        let cap = sfu.with_engine(|e, _| {
+            e.downtracks(media)
+                .iter()
+                .find(|(_, d)| d.ssrc_out() == ssrc_out)
+                .map(|(_, d)| d.layering.max_layer)
+        });
+        assert_eq!(cap, Some(0), "the cap asked while it waited");
         let mut buf = [0u8; 1500];
         let n = tokio::time::timeout(Duration::from_secs(1), a.sock.recv(&mut buf))
             .await
