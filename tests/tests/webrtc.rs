@@ -698,6 +698,10 @@ fn the_active_speaker_follows_who_talks() {
         publishers.iter().any(|p| p == now),
         "{now} is not a publisher: {api}"
     );
+    assert!(
+        api["counters"]["speaker_changes"].as_u64().unwrap() >= 2,
+        "{api}"
+    );
     let out = load.wait_with_output().unwrap();
     assert!(
         out.status.success(),
@@ -894,6 +898,31 @@ fn chromium_viewers_behind_different_bandwidths_get_different_layers() {
     );
     println!("limited: low {l}\nhigh {h}");
     assert!(l["estimate_bps"].as_u64().unwrap() < 1_000_000, "{l}");
+    // /metrics says the same: one viewer on layer 0 held there by its bandwidth.
+    let scrape = || {
+        let url = format!("{}/metrics", sfu.base);
+        sfu_ns.run(move || {
+            ureq::get(&url)
+                .call()
+                .unwrap()
+                .body_mut()
+                .read_to_string()
+                .unwrap()
+        })
+    };
+    let text = scrape();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("edgefwd_webrtc_viewer_layers{")
+                && l.contains("layer=\"0\"")
+                && l.contains("limited_by=\"bandwidth\"")
+                && l.ends_with(" 1")),
+        "{}",
+        text.lines()
+            .filter(|l| l.contains("viewer_layers"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     assert!(l["loss_percent"].as_f64().is_some(), "{l}");
     assert_eq!(h["bw_limit"], Value::Null, "{h}");
     // Stays there (a probe may lift it for a report or two, then back).
@@ -910,6 +939,12 @@ fn chromium_viewers_behind_different_bandwidths_get_different_layers() {
     );
     println!("lifted: low {l}\nhigh {h}");
     assert!(l["probes"].as_u64().unwrap() >= 1, "{l}");
+    let text = scrape();
+    let probes = text
+        .lines()
+        .find(|l| l.starts_with("edgefwd_webrtc_events_total{event=\"bwe_probes\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok());
+    assert!(probes.is_some_and(|p| p >= 1), "{probes:?}");
     // Two more seconds of decoding on the top layer, then the browsers' own view.
     std::thread::sleep(Duration::from_secs(3));
     for c in [&mut high, &mut low, &mut publisher] {

@@ -1005,6 +1005,7 @@ impl Engine {
                         let d = &mut t.downs[i];
                         d.quality.update(&b, rate, now);
                         if rates.len() > 1 {
+                            let before = (d.bwe.probes, d.bwe.failed_probes);
                             d.layering.bw_limit = d.bwe.on_report(
                                 b.total_lost,
                                 b.highest_seq,
@@ -1013,6 +1014,10 @@ impl Engine {
                                 now,
                                 &rates,
                             );
+                            let relaxed = std::sync::atomic::Ordering::Relaxed;
+                            c.bwe_probes.fetch_add(d.bwe.probes - before.0, relaxed);
+                            c.bwe_failed_probes
+                                .fetch_add(d.bwe.failed_probes - before.1, relaxed);
                         }
                     }
                 }
@@ -1267,6 +1272,11 @@ impl Engine {
 
     pub fn track(&self, id: TrackId) -> Option<&UpTrack> {
         self.tracks.get(&id)
+    }
+
+    /// Every published track (for gauges over them).
+    pub fn tracks(&self) -> impl Iterator<Item = &UpTrack> {
+        self.tracks.values()
     }
 
     /// A subscriber's down-tracks, with the track each comes from.

@@ -158,6 +158,12 @@ pub struct Counters {
     pub nack_resent: AtomicU64,
     /// Transport feedback packets sent to publishers (transport-cc).
     pub transport_feedback: AtomicU64,
+    /// Viewers moved a layer up to find room (bandwidth probes), and those that
+    /// caused loss and were taken back.
+    pub bwe_probes: AtomicU64,
+    pub bwe_failed_probes: AtomicU64,
+    /// Changes of a room's dominant speaker.
+    pub speaker_changes: AtomicU64,
     pub keyframe_requests: AtomicU64,
     pub dtls_handshakes: AtomicU64,
     /// DTLS connections whose tasks are alive (a gauge): one per session that got past

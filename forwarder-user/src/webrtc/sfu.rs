@@ -1327,6 +1327,7 @@ impl Sfu {
         for (room, scores) in scored {
             let d = speakers.entry(room.clone()).or_default();
             if let Some(speaker) = d.update(&scores, now) {
+                bump(&self.counters.speaker_changes);
                 tracing::info!(event = "active_speaker", room, speaker = ?speaker, "room {room}: active speaker now {}", speaker.as_deref().unwrap_or("nobody"));
                 let _ = self.events.send(RoomEvent {
                     room,
@@ -1400,6 +1401,9 @@ impl Sfu {
             ("rtcp_out", &c.rtcp_out),
             ("nack_resent", &c.nack_resent),
             ("transport_feedback", &c.transport_feedback),
+            ("bwe_probes", &c.bwe_probes),
+            ("bwe_failed_probes", &c.bwe_failed_probes),
+            ("speaker_changes", &c.speaker_changes),
             ("keyframe_requests", &c.keyframe_requests),
             ("dtls_handshakes", &c.dtls_handshakes),
             ("dtls_fragmented_hellos", &c.dtls_fragmented_hellos),
@@ -1496,6 +1500,36 @@ impl Sfu {
                     .inc_by(v);
             }
         }
+        // Simulcast viewers by the layer they get and what holds them below the top:
+        // a cap (the API), their bandwidth, a pause, or nothing.
+        let layers = IntGaugeVec::new(
+            Opts::new(
+                "edgefwd_webrtc_viewer_layers",
+                "Simulcast down-tracks by the layer they get and what limits it (none, cap, bandwidth, paused)",
+            ),
+            &["layer", "limited_by"],
+        )?;
+        {
+            let media = self.media.lock().unwrap();
+            for t in media.engine.tracks().filter(|t| t.streams.len() > 1) {
+                let top = t.streams.len() as u8 - 1;
+                for d in &t.downs {
+                    let l = &d.layering;
+                    let why = if l.paused {
+                        "paused"
+                    } else if l.bw_limit < top && l.bw_limit <= l.max_layer {
+                        "bandwidth"
+                    } else if l.max_layer < top {
+                        "cap"
+                    } else {
+                        "none"
+                    };
+                    let layer = l.current.map_or("none".to_string(), |c| c.to_string());
+                    layers.with_label_values(&[layer.as_str(), why]).inc();
+                }
+            }
+        }
+        registry.register(Box::new(layers))?;
         registry.register(Box::new(path))?;
         registry.register(Box::new(xsk))?;
         registry.register(Box::new(events))?;
@@ -1625,6 +1659,9 @@ impl Sfu {
                 "rtcp_out": c.rtcp_out.load(Ordering::Relaxed),
                 "nack_resent": c.nack_resent.load(Ordering::Relaxed),
                 "transport_feedback": c.transport_feedback.load(Ordering::Relaxed),
+                "bwe_probes": c.bwe_probes.load(Ordering::Relaxed),
+                "bwe_failed_probes": c.bwe_failed_probes.load(Ordering::Relaxed),
+                "speaker_changes": c.speaker_changes.load(Ordering::Relaxed),
                 "keyframe_requests": c.keyframe_requests.load(Ordering::Relaxed),
                 "dtls_handshakes": c.dtls_handshakes.load(Ordering::Relaxed),
                 "dtls_fragmented_hellos": c.dtls_fragmented_hellos.load(Ordering::Relaxed),
