@@ -163,7 +163,7 @@ fn replicate(ctx: &TcContext) -> i32 {
         // SAFETY: reading a field of the context the kernel passed.
         ingress: unsafe { (*skb).ingress_ifindex },
         orig,
-        // SAFETY: plain helper call.
+        // SAFETY: bpf_ktime_get_ns takes no arguments and touches no memory.
         now: unsafe { bpf_ktime_get_ns() },
         v6: v6 as u8,
         sent: 0,

@@ -618,7 +618,7 @@ fn handoff(ctx: &XdpContext, route: &RouteValue) -> Verdict {
 #[inline(always)]
 fn count_route(ctx: &XdpContext, route: &RouteValue, orig: &RtpIn) {
     if let Some(s) = EFWD_RSTATS_V3.get_ptr_mut(route.stats_slot) {
-        // SAFETY: plain helper call.
+        // SAFETY: bpf_ktime_get_ns takes no arguments and touches no memory.
         let now = unsafe { bpf_ktime_get_ns() };
         // SAFETY: the per-CPU slot is only this CPU's, and the program is not preempted mid-run.
         unsafe { (*s).record(frame_len(ctx) as u64, orig.seq, orig.ts, now) };

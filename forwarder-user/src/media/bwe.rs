@@ -72,7 +72,7 @@ impl Default for LossBased {
         LossBased {
             estimate: None,
             remb: None,
-            use_remb: true,
+            use_remb: false,
             send_rate: 0,
             limit: UNCAPPED,
             clean: 0,
@@ -394,6 +394,7 @@ mod tests {
     #[test]
     fn remb_below_the_send_rate_moves_down() {
         let mut v = Viewer::new();
+        v.b = LossBased::new(true);
         v.b.on_remb(1_400_000);
         assert!(v.run(10_000_000, 4, &RATES).iter().all(|l| *l == 2));
         v.b.on_remb(600_000);

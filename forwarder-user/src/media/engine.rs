@@ -122,8 +122,9 @@ pub enum Command {
         sub: SessionId,
         ssrc_out: u32,
         pt_out: u8,
-        /// RTX (RFC 4588) payload type and SSRC, where the subscriber negotiated it.
-        rtx: Option<(u8, u32)>,
+        /// RTX (RFC 4588) payload type, SSRC and first sequence number, where the
+        /// subscriber negotiated it.
+        rtx: Option<(u8, u32, u16)>,
         /// Whether its REMB bounds its layer (negotiated REMB, no transport-cc).
         remb: bool,
         seq_delta: u16,
@@ -380,9 +381,11 @@ fn send_copy(
     tx: &mut dyn Transmit,
 ) -> bool {
     tx.transmit(to, &mut |out| {
-        let frame = out.get_mut(..plain.len() + 2)?;
-        frame[..plain.len()].copy_from_slice(plain);
-        let frame = &mut frame[..plain.len()];
+        // RTX puts the original sequence number in front of the payload: 2 more.
+        let room = plain.len() + if rtx.is_some() { 2 } else { 0 };
+        out.get(..room)?;
+        let frame = &mut out[..plain.len()];
+        frame.copy_from_slice(plain);
         rtp::rewrite(frame, &d.route);
         // Nothing to shift until a switch or a resume moved the numbering.
         let l = &d.layering;
@@ -404,13 +407,6 @@ fn send_copy(
         frame[8..12].copy_from_slice(&ssrc.to_be_bytes());
         ctx.protect_rtp(out, plain.len() + 2).ok()
     })
-}
-
-/// A starting sequence number that differs between streams without a random source
-/// in the engine (which reads no clock and no entropy): a mix of the SSRC.
-fn rand_seq(ssrc: u32) -> u16 {
-    let x = ssrc.wrapping_mul(0x9e37_79b9);
-    (x >> 16) as u16 ^ x as u16
 }
 
 /// Whether a packet of `format` with `payload` may start a subscriber: a keyframe's
@@ -597,8 +593,7 @@ impl Engine {
                     packets: 0,
                     octets: 0,
                     nack_resent: 0,
-                    // A random first RTX sequence number, as for any new stream.
-                    rtx: rtx.map(|(pt, ssrc)| (pt, ssrc, rand_seq(ssrc))),
+                    rtx,
                     quality: rtcp::Quality::default(),
                     bwe: bwe::LossBased::new(remb),
                     last_ts_out: 0,
@@ -996,12 +991,11 @@ impl Engine {
                         // Rates of the encodings being received (0: not), for the
                         // layer the viewer's bandwidth carries.
                         let active = t.active(now);
-                        let rates: Vec<u64> = t
-                            .streams
-                            .iter()
-                            .zip(active)
-                            .map(|(st, a)| if a { st.rate_bps.max(1) } else { 0 })
-                            .collect();
+                        let mut rates = [0u64; MAX_LAYERS];
+                        for ((r, st), a) in rates.iter_mut().zip(&t.streams).zip(active) {
+                            *r = if a { st.rate_bps.max(1) } else { 0 };
+                        }
+                        let rates = &rates[..t.streams.len().min(MAX_LAYERS)];
                         let d = &mut t.downs[i];
                         d.quality.update(&b, rate, now);
                         if rates.len() > 1 {
@@ -1012,7 +1006,7 @@ impl Engine {
                                 d.octets,
                                 d.layering.current,
                                 now,
-                                &rates,
+                                rates,
                             );
                             let relaxed = std::sync::atomic::Ordering::Relaxed;
                             c.bwe_probes.fetch_add(d.bwe.probes - before.0, relaxed);
@@ -1489,6 +1483,32 @@ mod tests {
         b
     }
 
+    /// A VP8 publisher (SSRC 0xaaaa) and one viewer (SSRC 0x42, sequence + 100,
+    /// timestamp + `ts_delta`, `rtx` if given) after source packets 0..10 (timestamp
+    /// 3000 × seq, marker on 5, payload 30 × seq), its copies taken from the sink.
+    fn cached_video(rtx: Option<(u8, u32, u16)>, ts_delta: u32) -> (Fixture, Peer, Peer) {
+        let mut f = Fixture::new();
+        let mut publisher = f.publisher(Profile::AeadAes128Gcm, Kind::Video, 96, Some(0xaaaa));
+        let down = Command::AddDownTrack {
+            track: 10,
+            sub: 2,
+            ssrc_out: 0x42,
+            pt_out: 96,
+            rtx,
+            remb: false,
+            seq_delta: 100,
+            ts_delta,
+        };
+        let sub = f.viewer(2, 10, Profile::AeadAes128Gcm, down);
+        for seq in 0..10u16 {
+            let mut p = rtp_packet(96, seq, 3000 * seq as u32, 0xaaaa, &[seq as u8; 30]);
+            p[1] |= 0x80 * (seq == 5) as u8;
+            f.send(&mut publisher, &p);
+        }
+        f.sink.out.clear();
+        (f, publisher, sub)
+    }
+
     /// One publisher, N subscribers on either profile with their own keys, SSRCs,
     /// offsets and payload types: each gets every packet once, rewritten its way and
     /// decryptable only with its own keys.
@@ -1626,26 +1646,7 @@ mod tests {
     /// what the cache lacks is asked of the publisher in its own sequence space.
     #[test]
     fn nack_from_cache_and_the_rest_from_the_publisher() {
-        let mut f = Fixture::new();
-        let mut publisher = f.publisher(Profile::AeadAes128Gcm, Kind::Video, 96, Some(0xaaaa));
-        let down = Command::AddDownTrack {
-            track: 10,
-            sub: 2,
-            ssrc_out: 0x42,
-            pt_out: 96,
-            rtx: None,
-            remb: false,
-            seq_delta: 100,
-            ts_delta: 0,
-        };
-        let mut sub = f.viewer(2, 10, Profile::AeadAes128Gcm, down);
-        for seq in 0..10u16 {
-            f.send(
-                &mut publisher,
-                &rtp_packet(96, seq, 0, 0xaaaa, &[seq as u8; 30]),
-            );
-        }
-        f.sink.out.clear();
+        let (mut f, mut publisher, mut sub) = cached_video(None, 0);
         // The subscriber lost its 103 and 105 (source 3 and 5), and asks for 1000 too.
         let nack = rtcp::translated_nack(9, 0x42, &[103, 105, 1000], 0);
         f.send(&mut sub, &nack);
@@ -1679,25 +1680,7 @@ mod tests {
     /// timestamp and marker as they were.
     #[test]
     fn retransmissions_go_on_the_rtx_stream_where_negotiated() {
-        let mut f = Fixture::new();
-        let mut publisher = f.publisher(Profile::AeadAes128Gcm, Kind::Video, 96, Some(0xaaaa));
-        let down = Command::AddDownTrack {
-            track: 10,
-            sub: 2,
-            ssrc_out: 0x42,
-            pt_out: 96,
-            rtx: Some((97, 0x4242)),
-            remb: false,
-            seq_delta: 100,
-            ts_delta: 7,
-        };
-        let mut sub = f.viewer(2, 10, Profile::AeadAes128Gcm, down);
-        for seq in 0..10u16 {
-            let mut p = rtp_packet(96, seq, 3000 * seq as u32, 0xaaaa, &[seq as u8; 30]);
-            p[1] |= 0x80 * (seq == 5) as u8;
-            f.send(&mut publisher, &p);
-        }
-        f.sink.out.clear();
+        let (mut f, _publisher, mut sub) = cached_video(Some((97, 0x4242, 65_534)), 7);
         f.send(&mut sub, &rtcp::translated_nack(9, 0x42, &[103, 105], 0));
         f.send(&mut sub, &rtcp::translated_nack(9, 0x42, &[103], 0));
         let out = std::mem::take(&mut f.sink.out);
@@ -1716,6 +1699,11 @@ mod tests {
             );
             assert_eq!(p[1] & 0x80 != 0, src == 5, "marker as it was");
         }
+        assert_eq!(
+            rtx_seq(&got[0]),
+            65_534,
+            "the first RTX sequence number given"
+        );
         assert_eq!(rtx_seq(&got[1]), rtx_seq(&got[0]).wrapping_add(1));
         assert_eq!(rtx_seq(&got[2]), rtx_seq(&got[0]).wrapping_add(2));
         assert_eq!(f.engine.downtracks(2)[0].1.nack_resent, 3);

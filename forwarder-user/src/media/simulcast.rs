@@ -75,6 +75,11 @@ fn seq_after(a: u16, b: u16) -> bool {
 }
 
 impl Layering {
+    /// The highest layer it may get: the API's cap or its bandwidth's, the lower.
+    pub fn cap(&self) -> Layer {
+        self.max_layer.min(self.bw_limit)
+    }
+
     /// The layer to be on: the highest active one within the cap and the bandwidth
     /// limit; with none active within them, the lowest active one (a picture rather
     /// than none).
@@ -85,7 +90,7 @@ impl Layering {
         let within = active
             .iter()
             .enumerate()
-            .take((self.max_layer.min(self.bw_limit) as usize).saturating_add(1))
+            .take((self.cap() as usize).saturating_add(1))
             .rev()
             .find(|(_, a)| **a)
             .map(|(i, _)| i as Layer);

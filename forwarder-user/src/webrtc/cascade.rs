@@ -461,7 +461,7 @@ impl Sfu {
                         .downs
                         .iter()
                         .filter(|d| !d.layering.paused)
-                        .map(|d| d.layering.max_layer.min(d.layering.bw_limit).min(top))
+                        .map(|d| d.layering.cap().min(top))
                         .max()
                         .unwrap_or(0);
                     // All of them: no need to name it (older upstreams ignore none).

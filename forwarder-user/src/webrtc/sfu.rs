@@ -77,13 +77,6 @@ pub struct Subscription {
     pub rtx: Option<(u8, u32)>,
 }
 
-impl Subscription {
-    /// Whether the viewer's REMB bounds its layer (it negotiated REMB only).
-    fn remb(&self) -> bool {
-        self.codec.remb_only()
-    }
-}
-
 /// A subscriber's m-line answered before any track could fill it (the subscriber
 /// joined before the publisher): a track published later with a compatible codec
 /// gets it, under the SSRC the answer already announced.
@@ -490,6 +483,22 @@ impl Sfu {
     }
 
     /// Gives the engine a new session with its tracks or down-tracks.
+    /// The engine's down-track of one subscription: the answer's SSRC, payload type
+    /// and RTX; random starting numbers, as a fresh sender would pick (RFC 3550 §5.1).
+    fn add_downtrack(&self, sub: SessionId, d: &Subscription) {
+        let mut rng = rand::thread_rng();
+        self.command(Command::AddDownTrack {
+            track: d.track,
+            sub,
+            ssrc_out: d.ssrc_out,
+            pt_out: d.pt_out,
+            rtx: d.rtx.map(|(pt, ssrc)| (pt, ssrc, rng.r#gen())),
+            remb: d.codec.remb_only(),
+            seq_delta: rng.r#gen(),
+            ts_delta: rng.r#gen(),
+        });
+    }
+
     fn register(&self, s: &Session) {
         self.command(Command::AddSession {
             id: s.media,
@@ -511,17 +520,7 @@ impl Sfu {
             });
         }
         for d in &s.downtracks {
-            self.command(Command::AddDownTrack {
-                track: d.track,
-                sub: s.media,
-                ssrc_out: d.ssrc_out,
-                pt_out: d.pt_out,
-                rtx: d.rtx,
-                remb: d.remb(),
-                // Random starts, as a fresh sender would pick (RFC 3550 §5.1).
-                seq_delta: rand::thread_rng().r#gen(),
-                ts_delta: rand::thread_rng().r#gen(),
-            });
+            self.add_downtrack(s.media, d);
         }
     }
 
@@ -917,16 +916,7 @@ impl Sfu {
                     codec: slot.codec.clone(),
                     rtx: slot.rtx,
                 });
-                self.command(Command::AddDownTrack {
-                    track: *tid,
-                    sub: s.media,
-                    ssrc_out: slot.ssrc_out,
-                    pt_out: slot.codec.pt,
-                    rtx: slot.rtx,
-                    remb: slot.codec.remb_only(),
-                    seq_delta: rand::thread_rng().r#gen(),
-                    ts_delta: rand::thread_rng().r#gen(),
-                });
+                self.add_downtrack(s.media, s.downtracks.last().expect("pushed"));
                 // A cap asked while the m-line waited holds for its track.
                 if let Some((max_layer, paused)) = s.layer_prefs.get(&slot.mid) {
                     self.command(Command::SetLayers {
@@ -1517,12 +1507,12 @@ impl Sfu {
                     let l = &d.layering;
                     let why = if l.paused {
                         "paused"
-                    } else if l.bw_limit < top && l.bw_limit <= l.max_layer {
-                        "bandwidth"
-                    } else if l.max_layer < top {
-                        "cap"
-                    } else {
+                    } else if l.cap() >= top {
                         "none"
+                    } else if l.bw_limit <= l.max_layer {
+                        "bandwidth"
+                    } else {
+                        "cap"
                     };
                     let layer = l.current.map_or("none".to_string(), |c| c.to_string());
                     layers.with_label_values(&[layer.as_str(), why]).inc();
