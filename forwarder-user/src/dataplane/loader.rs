@@ -486,20 +486,55 @@ pub fn attach_pinned(
     })
 }
 
-/// Removes the pinned links of `iface`, XDP and TC (each detaches once nothing holds
-/// it). Returns whether there was an XDP one.
+/// Detaches and removes the pinned links of `iface`, XDP and TC. Returns whether
+/// there was an XDP one.
 pub fn unpin_link(pin_dir: &Path, iface: &str) -> Result<bool> {
     let tc = pin_dir.join(tc_link_pin_name(iface));
     if tc.exists() {
+        detach_now(&tc)?;
         std::fs::remove_file(&tc).with_context(|| format!("removing {}", tc.display()))?;
     }
     match pinned_link(pin_dir, iface) {
         Some((p, _)) => {
+            detach_now(&p)?;
             std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
             Ok(true)
         }
         None => Ok(false),
     }
+}
+
+/// Detaches the link pinned at `p` from its hook at once (BPF_LINK_DETACH). Removing
+/// the pin alone lets the kernel free the link only after an RCU grace period (bpffs
+/// frees its inodes that way), so the program could still be attached when `edgefwd
+/// down` returns.
+fn detach_now(p: &Path) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let path = std::ffi::CString::new(p.as_os_str().as_bytes())?;
+    // union bpf_attr, zeroed: obj_get is {pathname: u64, bpf_fd: u32, file_flags: u32},
+    // link_detach is {link_fd: u32}.
+    let mut attr = [0u64; 16];
+    attr[0] = path.as_ptr() as u64;
+    // SAFETY: `attr` is a zeroed bpf_attr whose pathname points at `path`, which
+    // outlives the call; the kernel reads only within its 128 bytes.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, attr.as_ptr(), 128usize) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("opening the pinned link {}", p.display()));
+    }
+    let mut attr = [0u64; 16];
+    attr[0] = fd as u32 as u64;
+    // SAFETY: `attr` is a zeroed bpf_attr holding the link fd BPF_OBJ_GET returned.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, attr.as_ptr(), 128usize) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: `fd` is ours (from BPF_OBJ_GET) and closed once, here.
+    unsafe { libc::close(fd as libc::c_int) };
+    if r < 0 {
+        return Err(err).with_context(|| format!("detaching the link pinned at {}", p.display()));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
