@@ -11,6 +11,8 @@
 //! * `cli/` — what the CLI prints from the live maps and the daemon's API.
 //! * `loadtest/` — `edgefwd load-test`: WHIP/WHEP clients with real ICE, DTLS, SRTP.
 //! * `client` — the small HTTP client the link agent and the CLI share.
+// The /api/sessions snapshot is one json! literal per session, deeper than the default.
+#![recursion_limit = "256"]
 
 pub mod cli;
 pub mod client;

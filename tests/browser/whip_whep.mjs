@@ -8,13 +8,17 @@
 //            once both decode, the cap is lifted and the capped one must move up.
 //   sample:  a Chromium subscribes over WHEP and prints its video stats (decoded frame
 //            size, frames, freezes) as one JSON line a second for --hold seconds.
-// --simulcast makes the publish role send three encodings.
+//   svc:     a Chromium publishes one VP9 encoding with spatial and temporal layers
+//            (--svc, e.g. L3T3_KEY); two viewers watch, one capped to spatial layer 0;
+//            the other is then capped to temporal layer 0 (its frame rate must drop)
+//            and the first one's cap is lifted (its picture must grow).
+// --simulcast makes the publish role send three encodings, --svc MODE one scalable one.
 // Prints one JSON object on stdout (the Rust test asserts on it); exits non-zero
 // with the reason on stderr if the subscriber never decodes.
 //
 //   node whip_whep.mjs --base http://127.0.0.1:8080 --room r1 [--codec VP8|H264]
 //        [--no-pqc] [--role both|publish|watch|view|simulcast] [--hold SECONDS] [--timeout SECONDS]
-//        [--expect N] [--screenshot PNG] [--simulcast] [--watch-base URL]
+//        [--expect N] [--screenshot PNG] [--simulcast] [--watch-base URL] [--svc MODE]
 import { chromium } from 'playwright-core';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -36,6 +40,7 @@ const expect = Number(opt('expect', '1'));
 const screenshot = opt('screenshot', '');
 // simulcast: the viewers watch on this node (a cascade: published on --base).
 const watchBase = opt('watch-base', base);
+const svc = opt('svc', '');
 if (!base) {
   console.error('usage: whip_whep.mjs --base URL [--room R] [--codec VP8|H264] [--no-pqc] [--role both|publish|watch]');
   process.exit(2);
@@ -109,6 +114,50 @@ try {
     result.settled = { low: await video(low), high: await video(high) };
     result.api = await (await fetch(watchBase + '/api/sessions')).json();
     for (const b of [low, high, pub]) await b.page.evaluate(() => window.leave());
+  } else if (role === 'svc') {
+    pub = await launch();
+    browsers.push(pub);
+    result.whip = await pub.page.evaluate(([r, c, m]) => window.publish(r, c, false, m), [room, codec, svc]);
+    const low = await launch(watchBase), high = await launch(watchBase);
+    browsers.push(low, high);
+    await low.page.evaluate(r => window.watch(r), room);
+    result.capped = await low.page.evaluate(() => window.setLayers({ max_layer: 0 }));
+    await high.page.evaluate(r => window.watch(r), room);
+    const video = async b => (await b.page.evaluate(() => window.summary(window.subPc))).inbound.video || {};
+    const both = async () => ({ low: await video(low), high: await video(high) });
+    const until = async (what, done) => {
+      const deadline = Date.now() + timeoutMs;
+      for (;;) {
+        const v = await both();
+        if (done(v.low, v.high)) return v;
+        if (Date.now() > deadline) throw new Error(`${what} within ${timeoutMs / 1000} s: ${JSON.stringify(v)}`);
+        await sleep(500);
+      }
+    };
+    // Frames decoded per second by each viewer over `ms`.
+    const rate = async ms => {
+      const a = await both();
+      await sleep(ms);
+      const b = await both();
+      const fps = k => (b[k].framesDecoded - a[k].framesDecoded) * 1000 / ms;
+      return { low: fps('low'), high: fps('high'), at: b };
+    };
+    result.before = await until('the capped viewer did not get a smaller picture than the other',
+      (l, h) => l.framesDecoded > 30 && h.framesDecoded > 30 && l.frameWidth > 0 && h.frameWidth > l.frameWidth);
+    result.top = await until('the uncapped viewer did not get the full-size picture (spatial layer 2)',
+      (l, h) => h.frameWidth >= 960);
+    result.publisher = await pub.page.evaluate(() => window.summary(window.pubPc));
+    result.fullRate = await rate(4000);
+    result.temporalCapped = await high.page.evaluate(() => window.setLayers({ max_temporal: 0 }));
+    await sleep(1000);
+    result.baseRate = await rate(4000);
+    result.lifted = await low.page.evaluate(() => window.setLayers({ max_layer: null }));
+    result.after = await until('the viewer did not get a larger picture after its cap was lifted',
+      l => l.frameWidth > result.before.low.frameWidth);
+    await sleep(2000);
+    result.settled = await both();
+    result.api = await (await fetch(watchBase + '/api/sessions')).json();
+    for (const b of [low, high, pub]) await b.page.evaluate(() => window.leave());
   } else if (role === 'view') {
     const v = await launch();
     browsers.push(v);
@@ -141,12 +190,12 @@ try {
       console.log(JSON.stringify({ at: Date.now(), video: s.inbound.video || {} }));
       await sleep(1000);
     }
-  } else if (role !== 'watch' && role !== 'simulcast') {
+  } else if (role !== 'watch' && role !== 'simulcast' && role !== 'svc') {
     pub = await launch();
     browsers.push(pub);
-    result.whip = await pub.page.evaluate(([r, c, sim]) => window.publish(r, c, sim), [room, codec, flag('simulcast')]);
+    result.whip = await pub.page.evaluate(([r, c, sim, m]) => window.publish(r, c, sim, m), [room, codec, flag('simulcast'), svc]);
   }
-  if (role === 'view' || role === 'simulcast' || role === 'sample') {
+  if (role === 'view' || role === 'simulcast' || role === 'sample' || role === 'svc') {
     // Done above.
   } else if (role === 'publish') {
     await sleep(hold * 1000);
@@ -179,7 +228,7 @@ try {
     result.afterDelete = await (await fetch(base + '/api/sessions')).json();
     await sub.page.evaluate(() => window.leave());
   }
-  if (pub && role !== 'simulcast') await pub.page.evaluate(() => window.leave());
+  if (pub && role !== 'simulcast' && role !== 'svc') await pub.page.evaluate(() => window.leave());
 } catch (e) {
   ok = false;
   console.error(String(e && e.stack || e));

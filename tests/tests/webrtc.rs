@@ -845,6 +845,20 @@ fn viewer_video(api: &Value, room: &str, peer: &str) -> Option<Value> {
 /// sizes (getStats) show it.
 #[test]
 fn chromium_viewers_behind_different_bandwidths_get_different_layers() {
+    viewers_behind_different_bandwidths(false);
+}
+
+/// The same with one VP9 SVC encoding (`L3T3_KEY`): bandwidth chooses the spatial
+/// layer a viewer gets, from each spatial layer's measured rate.
+#[test]
+fn chromium_svc_viewers_behind_different_bandwidths_get_different_spatial_layers() {
+    viewers_behind_different_bandwidths(true);
+}
+
+/// Two Chromium viewers of a three-layer publisher (simulcast, or VP9 SVC with
+/// `svc`), one behind a 250 kbit/s link: it settles on the lowest layer while the
+/// other gets the top one, and climbs to the top once its link is free.
+fn viewers_behind_different_bandwidths(svc: bool) {
     let _k = kernel_lock();
     let (sfu_ns, low_ns) = (NetNs::new("bwsfu"), NetNs::new("bwlow"));
     netns::link(&sfu_ns, "s0", &["10.91.0.1"], &low_ns, "l0", &["10.91.0.2"]);
@@ -854,11 +868,14 @@ fn chromium_viewers_behind_different_bandwidths_get_different_layers() {
     ]);
     let sfu = start_sfu_at(Some(&sfu_ns), "10.91.0.1", "");
     let room = unique("bwe");
+    let codec = if svc { "VP9" } else { "VP8" };
     let spawn = |ns: &NetNs, role: &str, hold: &str| {
         let mut args = vec![
-            "--base", &sfu.base, "--room", &room, "--codec", "VP8", "--role", role, "--hold", hold,
+            "--base", &sfu.base, "--room", &room, "--codec", codec, "--role", role, "--hold", hold,
         ];
-        if role == "publish" {
+        if role == "publish" && svc {
+            args.extend(["--svc", "L3T3_KEY"]);
+        } else if role == "publish" {
             args.push("--simulcast");
         }
         node(Some(ns), &args)
@@ -872,6 +889,8 @@ fn chromium_viewers_behind_different_bandwidths_get_different_layers() {
     let mut high = spawn(&sfu_ns, "sample", "150");
     let mut low = spawn(&low_ns, "sample", "150");
     let api = || ns_json(&sfu_ns, &sfu.base, "/api/sessions");
+    // The layer a viewer gets: its encoding, or with SVC its spatial layer.
+    let field = if svc { "spatial_layer" } else { "layer" };
     // Polls until `done(low, high)` holds for the two viewers' video down-tracks.
     let until = |what: &str, secs: u64, done: &dyn Fn(&Value, &Value) -> bool| -> (Value, Value) {
         let deadline = std::time::Instant::now() + Duration::from_secs(secs);
@@ -894,7 +913,7 @@ fn chromium_viewers_behind_different_bandwidths_get_different_layers() {
     let (l, h) = until(
         "the limited viewer on layer 0, the other on layer 2",
         60,
-        &|l, h| l["layer"] == 0 && l["bw_limit"] == 0 && h["layer"] == 2,
+        &|l, h| l[field] == 0 && l["bw_limit"] == 0 && h[field] == 2,
     );
     println!("limited: low {l}\nhigh {h}");
     assert!(l["estimate_bps"].as_u64().unwrap() < 1_000_000, "{l}");
@@ -928,14 +947,14 @@ fn chromium_viewers_behind_different_bandwidths_get_different_layers() {
     // Stays there (a probe may lift it for a report or two, then back).
     std::thread::sleep(Duration::from_secs(6));
     let (l, _) = until("the limited viewer back on layer 0", 20, &|l, _| {
-        l["layer"] == 0
+        l[field] == 0
     });
     println!("still limited: {l}");
     sfu_ns.exec(&["tc", "qdisc", "del", "dev", "s0", "root"]);
     let (l, h) = until(
         "the viewer on the top layer once its link is free",
         75,
-        &|l, h| l["layer"] == 2 && h["layer"] == 2,
+        &|l, h| l[field] == 2 && h[field] == 2,
     );
     println!("lifted: low {l}\nhigh {h}");
     assert!(l["probes"].as_u64().unwrap() >= 1, "{l}");
@@ -2451,4 +2470,105 @@ fn chromium_simulcast_viewers_get_their_layer_and_switch_without_freezing() {
         estimates.iter().any(|e| *e > 2_000_000.0),
         "the publisher's estimate stayed at {estimates:?} bit/s: no transport feedback?"
     );
+}
+
+/// VP9 SVC (`L3T3_KEY`: three spatial layers, three temporal) from a real Chromium to
+/// two Chromium viewers with different caps: the one capped to spatial layer 0 decodes
+/// the quarter-size picture while the other gets the full size; a temporal cap drops
+/// the other's frame rate to the base layer's; lifting the spatial cap grows the first
+/// one's picture at the next keyframe, without a freeze.
+#[test]
+fn chromium_vp9_svc_viewers_get_the_layers_their_caps_allow() {
+    let _k = kernel_lock();
+    let sfu = start_sfu(None, "");
+    let room = unique("svc");
+    let out = node(
+        None,
+        &[
+            "--base",
+            &sfu.base,
+            "--room",
+            &room,
+            "--codec",
+            "VP9",
+            "--role",
+            "svc",
+            "--svc",
+            "L3T3_KEY",
+            "--timeout",
+            "45",
+        ],
+    )
+    .output()
+    .unwrap();
+    let r = parse_result("VP9 SVC", &out);
+    println!(
+        "svc: before {} full rate {} base rate {} settled {}",
+        r["before"], r["fullRate"], r["baseRate"], r["settled"]
+    );
+    let sent = &r["publisher"]["outbound"]["video"];
+    assert_eq!(
+        sent["scalabilityMode"], "L3T3_KEY",
+        "Chromium did not encode SVC: {sent}"
+    );
+    assert_eq!(sent["codec"], "video/VP9", "{sent}");
+    let w = |v: &Value| v["frameWidth"].as_u64().unwrap_or(0);
+    let (before, settled) = (&r["before"], &r["settled"]);
+    assert!(
+        w(&before["low"]) <= 240 && w(&before["low"]) < w(&before["high"]),
+        "the capped viewer gets spatial layer 0 (a quarter of 960), the other more: {r}"
+    );
+    assert!(w(&r["top"]["high"]) >= 960, "{r}");
+    // Temporal layer 0 of T3 is a quarter of the frames; the other viewer's rate stays.
+    let fps = |k: &str, v: &str| r[k][v].as_f64().unwrap();
+    assert!(
+        fps("baseRate", "high") < 0.6 * fps("fullRate", "high"),
+        "the temporal cap did not lower the frame rate: {} -> {} fps",
+        fps("fullRate", "high"),
+        fps("baseRate", "high")
+    );
+    assert!(
+        fps("baseRate", "high") > 1.0,
+        "base layer frames still decode: {r}"
+    );
+    assert!(
+        fps("baseRate", "low") > 0.6 * fps("fullRate", "low"),
+        "the other viewer's frame rate fell too: {r}"
+    );
+    assert!(w(&settled["low"]) > w(&before["low"]), "moved up: {r}");
+    let frozen = |v: &Value| v["totalFreezesDuration"].as_f64().unwrap_or(0.0);
+    assert!(
+        frozen(&settled["low"]) - frozen(&before["low"]) < 1.0,
+        "a freeze of a second or more across the switch: {r}"
+    );
+    // The API: the publisher's one encoding shows three spatial and temporal layers;
+    // each viewer's down-track the layers it gets and its caps.
+    let sessions = r["api"]["rooms"][&room].as_array().unwrap().clone();
+    let publisher = sessions.iter().find(|s| s["role"] == "publisher").unwrap();
+    let video = publisher["tracks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["kind"] == "video")
+        .unwrap();
+    assert_eq!(video["top_layers"], serde_json::json!([2, 2]), "{video}");
+    assert!(
+        video["spatial_rates_bps"][2].as_u64().unwrap() > 0,
+        "every spatial layer measured: {video}"
+    );
+    let downs: Vec<&Value> = sessions
+        .iter()
+        .filter(|s| s["role"] == "subscriber")
+        .flat_map(|s| s["downtracks"].as_array().unwrap())
+        .filter(|d| d["kind"] == "video")
+        .collect();
+    assert_eq!(downs.len(), 2, "{sessions:?}");
+    let temporal_capped = downs
+        .iter()
+        .find(|d| d["max_temporal"] == 0)
+        .unwrap_or_else(|| panic!("{downs:?}"));
+    assert_eq!(temporal_capped["temporal_layer"], 0, "{temporal_capped}");
+    assert_eq!(temporal_capped["spatial_layer"], 2, "{temporal_capped}");
+    let lifted = downs.iter().find(|d| d["max_temporal"].is_null()).unwrap();
+    assert!(lifted["spatial_layer"].as_u64().unwrap() > 0, "{lifted}");
 }

@@ -85,9 +85,10 @@ pub struct SessionRow {
     pub packets: u64,
     /// Subscriber: packets resent from the cache on its NACKs.
     pub nack_resent: u64,
-    /// Simulcast. Publisher: the rids it sends; subscriber: per down-track the layer
-    /// it gets, its cap, its bandwidth limit and whether paused (e.g. `1/cap1`,
-    /// `0/bw0`, `paused`); `-` for none.
+    /// Simulcast and SVC. Publisher: the rids it sends, or a scalable encoding's
+    /// layers (`L3T3`); subscriber: per down-track the encoding it gets (or `s1t2`: the
+    /// highest spatial and temporal layer), its caps, its bandwidth limit and whether
+    /// paused (e.g. `1/cap1`, `0/bw0`, `s0t2/cap0/tcap2`, `paused`); `-` for none.
     pub layers: String,
     /// Subscriber: the worst loss (percent, last report interval) and RTT (ms) its
     /// receiver reports give over its down-tracks; None before the first report.
@@ -107,36 +108,57 @@ fn worst(v: &Value, list: &str, field: &str) -> Option<f64> {
 /// What the LAYERS column shows for one session of `/api/sessions`.
 fn layers_of(s: &Value) -> String {
     let list = |key: &str| s[key].as_array().cloned().unwrap_or_default();
+    // Layers within one encoding (VP9 SVC, VP8 temporal layers), shown as L<n>T<n>
+    // (publisher: how many there are) or s<i>t<i> (viewer: the highest it gets).
+    let scalable = |v: &Value| -> Option<(u64, u64)> {
+        let a = v.as_array()?;
+        let (s, t) = (a.first()?.as_u64()?, a.get(1)?.as_u64()?);
+        (s > 0 || t > 0).then_some((s, t))
+    };
     let parts: Vec<String> = if s["role"] == "publisher" {
         list("tracks")
             .iter()
-            .filter_map(|t| t["layers"].as_array())
-            .map(|ls| {
-                ls.iter()
-                    .filter_map(|l| l["rid"].as_str())
-                    .collect::<Vec<_>>()
-                    .join(",")
+            .filter_map(|t| match t["layers"].as_array() {
+                Some(ls) => Some(
+                    ls.iter()
+                        .filter_map(|l| l["rid"].as_str())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                ),
+                None => scalable(&t["top_layers"]).map(|(s, t)| format!("L{}T{}", s + 1, t + 1)),
             })
             .collect()
     } else {
         list("downtracks")
             .iter()
-            .filter(|d| d["layers"].as_u64().unwrap_or(1) > 1 || d["paused"] == true)
-            .map(|d| {
+            .filter_map(|d| {
                 if d["paused"] == true {
-                    return "paused".to_string();
+                    return Some("paused".to_string());
                 }
-                let cur = d["layer"]
+                let got = d["spatial_layer"]
                     .as_u64()
-                    .map_or("-".to_string(), |l| l.to_string());
-                let mut out = match d["max_layer"].as_u64() {
-                    Some(m) => format!("{cur}/cap{m}"),
-                    None => cur,
+                    .zip(d["temporal_layer"].as_u64());
+                let svc = d["layers"].as_u64().unwrap_or(1) == 1
+                    && (got.is_some_and(|(s, t)| s > 0 || t > 0) || !d["max_temporal"].is_null());
+                let mut out = if d["layers"].as_u64().unwrap_or(1) > 1 {
+                    d["layer"]
+                        .as_u64()
+                        .map_or("-".to_string(), |l| l.to_string())
+                } else if svc {
+                    got.map_or("-".to_string(), |(s, t)| format!("s{s}t{t}"))
+                } else {
+                    return None;
                 };
+                if let Some(m) = d["max_layer"].as_u64() {
+                    out.push_str(&format!("/cap{m}"));
+                }
+                if let Some(m) = d["max_temporal"].as_u64() {
+                    out.push_str(&format!("/tcap{m}"));
+                }
                 if let Some(b) = d["bw_limit"].as_u64() {
                     out.push_str(&format!("/bw{b}"));
                 }
-                out
+                Some(out)
             })
             .collect()
     };
@@ -310,12 +332,15 @@ mod tests {
             "a": [
                 {"id": "p1", "role": "publisher", "connected": true, "srtp_profile": "AEAD_AES_128_GCM",
                  "nominated": "10.0.0.1:5000", "addrs": ["10.0.0.1:5000"],
-                 "tracks": [{"packets": 10}, {"packets": 5, "layers": [{"rid": "q"}, {"rid": "h"}]}], "downtracks": []},
+                 "tracks": [{"packets": 10}, {"packets": 5, "layers": [{"rid": "q"}, {"rid": "h"}]},
+                            {"packets": 7, "top_layers": [2, 2]}], "downtracks": []},
                 {"id": "s1", "role": "subscriber", "connected": true, "srtp_profile": "AEAD_AES_128_GCM",
                  "nominated": null, "addrs": ["10.0.0.2:6000"],
                  "tracks": [], "downtracks": [{"packets": 9, "nack_resent": 2, "layers": 1, "loss_percent": 0.5, "rtt_ms": 40.0},
                                               {"packets": 4, "nack_resent": 0, "layers": 2, "layer": 0, "max_layer": 0,
-                                               "bw_limit": 0, "loss_percent": 2.5, "rtt_ms": null}]},
+                                               "bw_limit": 0, "loss_percent": 2.5, "rtt_ms": null},
+                                              {"packets": 3, "layers": 1, "spatial_layer": 0, "temporal_layer": 2,
+                                               "max_layer": 0, "max_temporal": null}]},
             ],
             "b": [
                 {"id": "s2", "role": "subscriber", "connected": false, "srtp_profile": null,
@@ -335,9 +360,9 @@ mod tests {
                 publishers: 1,
                 subscribers: 1,
                 connected: 2,
-                tracks: 2,
-                packets_in: 15,
-                packets_out: 13,
+                tracks: 3,
+                packets_in: 22,
+                packets_out: 16,
             }
         );
         assert_eq!(
@@ -352,16 +377,16 @@ mod tests {
         assert_eq!(s.len(), 2);
         assert_eq!(
             (s[0].packets, s[0].peer.as_deref()),
-            (15, Some("10.0.0.1:5000"))
+            (22, Some("10.0.0.1:5000"))
         );
         // No nominated pair yet: the last checked address.
         assert_eq!(
             (s[1].packets, s[1].nack_resent, s[1].peer.as_deref()),
-            (13, 2, Some("10.0.0.2:6000"))
+            (16, 2, Some("10.0.0.2:6000"))
         );
         assert_eq!(
             (s[0].layers.as_str(), s[1].layers.as_str()),
-            ("q,h", "0/cap0/bw0")
+            ("q,h L3T3", "0/cap0/bw0 s0t2/cap0")
         );
         // The worst of its down-tracks' reports; nothing reported yet: none.
         assert_eq!((s[1].loss_percent, s[1].rtt_ms), (Some(2.5), Some(40.0)));

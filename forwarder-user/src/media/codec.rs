@@ -1,7 +1,9 @@
 //! What the forwarder must know of a video payload without decoding it: whether a
 //! packet starts a keyframe (a subscriber may only be switched to another simulcast
-//! encoding there), and where VP8 keeps its picture numbering (rewritten so a
-//! subscriber sees one continuous picture sequence across switches).
+//! encoding there), where VP8 keeps its picture numbering (rewritten so a
+//! subscriber sees one continuous picture sequence across switches), and which
+//! spatial and temporal layer a packet of a scalable stream belongs to (VP8 temporal
+//! layers, VP9 SVC), so the layers a subscriber should not get can be dropped.
 //!
 //! Payload formats: VP8 RFC 7741, VP9 RFC 9628, H264 RFC 6184, AV1 (AOM RTP spec §4.4).
 
@@ -109,6 +111,9 @@ pub struct Vp8Descriptor {
     pub tl0: Option<(usize, u8)>,
     /// Temporal layer index, if present.
     pub tid: Option<u8>,
+    /// Y: this frame depends only on temporal layer 0, so a subscriber can start
+    /// getting its layer here.
+    pub sync: bool,
 }
 
 impl Vp8Descriptor {
@@ -121,6 +126,7 @@ impl Vp8Descriptor {
             picture_id: None,
             tl0: None,
             tid: None,
+            sync: false,
         };
         if b0 & 0x80 == 0 {
             return Some(d);
@@ -143,7 +149,12 @@ impl Vp8Descriptor {
             d.len += 1;
         }
         if x & 0x30 != 0 {
-            d.tid = Some(*p.get(d.len)? >> 6);
+            let b = *p.get(d.len)?;
+            // TID and Y mean something only with T; K alone carries KEYIDX.
+            if x & 0x20 != 0 {
+                d.tid = Some(b >> 6);
+                d.sync = b & 0x20 != 0;
+            }
             d.len += 1;
         }
         (d.len <= p.len()).then_some(d)
@@ -164,6 +175,126 @@ impl Vp8Descriptor {
         if let Some((at, v)) = self.tl0 {
             p[at] = v.wrapping_add(tl0_delta);
         }
+    }
+}
+
+/// Where a temporal up-switch may happen, as the codec marks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpSwitch {
+    #[default]
+    No,
+    /// VP8's Y bit: this frame depends only on layer 0, so its own temporal layer can
+    /// be started here.
+    ThisLayer,
+    /// VP9's U bit: pictures after this one do not depend on earlier pictures of the
+    /// layers above it, so every layer can be started after it (if it was forwarded).
+    Above,
+}
+
+/// Where one packet of a scalable stream sits: what a subscriber's layer caps are
+/// applied to. A stream without layer information is spatial 0, temporal 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LayerIds {
+    pub spatial: u8,
+    pub temporal: u8,
+    /// The first packet of a picture: where what a subscriber gets may change.
+    pub picture_start: bool,
+    /// The last packet of its spatial layer's frame (VP9's E bit): with the layers
+    /// above dropped, it ends the picture for the subscriber (the marker bit).
+    pub layer_end: bool,
+    pub up: UpSwitch,
+    /// The picture id, when the descriptor has one (VP8's is renumbered across
+    /// dropped frames; VP9's references pictures by it and is kept).
+    pub picture: Option<u16>,
+}
+
+impl Format {
+    /// The layer ids of a packet with this payload; None for formats whose layers
+    /// we do not read (H264, AV1 without the dependency descriptor, audio).
+    pub fn layer_ids(self, payload: &[u8], vp8: Option<&Vp8Descriptor>) -> Option<LayerIds> {
+        match self {
+            Format::Vp8 => {
+                let d = vp8?;
+                Some(LayerIds {
+                    spatial: 0,
+                    temporal: d.tid.unwrap_or(0),
+                    picture_start: d.start && d.partition == 0,
+                    layer_end: false,
+                    up: if d.sync {
+                        UpSwitch::ThisLayer
+                    } else {
+                        UpSwitch::No
+                    },
+                    picture: d.picture_id.map(|(_, p, _)| p),
+                })
+            }
+            Format::Vp9 => {
+                let d = Vp9Descriptor::parse(payload)?;
+                Some(LayerIds {
+                    spatial: d.sid,
+                    temporal: d.tid,
+                    picture_start: d.begin && d.sid == 0,
+                    layer_end: d.end,
+                    up: if d.switch_up {
+                        UpSwitch::Above
+                    } else {
+                        UpSwitch::No
+                    },
+                    picture: d.picture_id,
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The VP9 payload descriptor's fields the forwarder reads (RFC 9628 §4.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Vp9Descriptor {
+    /// B: first packet of a spatial layer frame.
+    pub begin: bool,
+    /// E: last packet of a spatial layer frame.
+    pub end: bool,
+    /// P: inter-picture predicted.
+    pub inter: bool,
+    pub picture_id: Option<u16>,
+    /// Spatial and temporal layer ids (0 without the L byte).
+    pub sid: u8,
+    pub tid: u8,
+    /// U: switching up point.
+    pub switch_up: bool,
+}
+
+impl Vp9Descriptor {
+    pub fn parse(p: &[u8]) -> Option<Vp9Descriptor> {
+        let b0 = *p.first()?;
+        let mut d = Vp9Descriptor {
+            begin: b0 & 0x08 != 0,
+            end: b0 & 0x04 != 0,
+            inter: b0 & 0x40 != 0,
+            picture_id: None,
+            sid: 0,
+            tid: 0,
+            switch_up: false,
+        };
+        let mut at = 1;
+        if b0 & 0x80 != 0 {
+            let hi = *p.get(at)?;
+            if hi & 0x80 != 0 {
+                d.picture_id = Some(u16::from_be_bytes([hi & 0x7f, *p.get(at + 1)?]));
+                at += 2;
+            } else {
+                d.picture_id = Some(hi as u16);
+                at += 1;
+            }
+        }
+        if b0 & 0x20 != 0 {
+            let l = *p.get(at)?;
+            d.tid = l >> 5;
+            d.switch_up = l & 0x10 != 0;
+            d.sid = (l >> 1) & 0x07;
+        }
+        Some(d)
     }
 }
 
@@ -250,5 +381,67 @@ pub(crate) mod tests {
         assert!(Format::Av1.keyframe_start(&[0x18]));
         assert!(!Format::Av1.keyframe_start(&[0x10]));
         assert!(!Format::Other.keyframe_start(&[0xff]));
+    }
+
+    /// VP9 descriptor with I (15-bit picture id) and L: B/E per `begin`/`end`, P for
+    /// non-key pictures, TID/U/SID/D; then TL0PICIDX (non-flexible mode) and a byte.
+    pub(crate) fn vp9(
+        pic: u16,
+        sid: u8,
+        tid: u8,
+        begin: bool,
+        end: bool,
+        key: bool,
+        up: bool,
+    ) -> Vec<u8> {
+        let b0 = 0xa0
+            | if key { 0 } else { 0x40 }
+            | if begin { 0x08 } else { 0 }
+            | if end { 0x04 } else { 0 };
+        vec![
+            b0,
+            0x80 | (pic >> 8) as u8,
+            pic as u8,
+            tid << 5 | if up { 0x10 } else { 0 } | sid << 1 | u8::from(sid > 0 && key),
+            7,
+            0xbb,
+        ]
+    }
+
+    #[test]
+    fn layer_ids_of_vp8_and_vp9() {
+        let p = vp9(0x1234, 2, 1, true, true, false, true);
+        let ids = Format::Vp9.layer_ids(&p, None).unwrap();
+        assert_eq!(
+            ids,
+            LayerIds {
+                spatial: 2,
+                temporal: 1,
+                picture_start: false,
+                layer_end: true,
+                up: UpSwitch::Above,
+                picture: Some(0x1234),
+            }
+        );
+        let key = vp9(5, 0, 0, true, false, true, false);
+        assert!(Format::Vp9.keyframe_start(&key));
+        let ids = Format::Vp9.layer_ids(&key, None).unwrap();
+        assert!(ids.picture_start && !ids.layer_end && ids.up == UpSwitch::No);
+        // No L byte: one layer; truncated picture id: nothing.
+        assert_eq!(Format::Vp9.layer_ids(&[0x0c], None).unwrap().spatial, 0);
+        assert_eq!(Format::Vp9.layer_ids(&[0x80], None), None);
+        // VP8: T with Y; K alone carries no temporal id.
+        let mut v = vp8(9, 3, 2, true, false);
+        v[5] |= 0x20;
+        let d = Vp8Descriptor::parse(&v).unwrap();
+        let ids = Format::Vp8.layer_ids(&v, Some(&d)).unwrap();
+        assert_eq!(
+            (ids.temporal, ids.up, ids.picture),
+            (2, UpSwitch::ThisLayer, Some(9))
+        );
+        let k_only = [0x90, 0x10, 0x45, 0x10];
+        let d = Vp8Descriptor::parse(&k_only).unwrap();
+        assert_eq!((d.tid, d.sync, d.len), (None, false, 3));
+        assert_eq!(Format::H264.layer_ids(&[0x65], None), None);
     }
 }

@@ -31,9 +31,10 @@ use super::{
     Counters, Drop, Kind, Transmit, bump, bwe,
     codec::{Format, Vp8Descriptor},
     rtcp::{self, Reception, Request},
-    simulcast::{Layer, Layering, UNCAPPED},
+    simulcast::{Layer, Layering, Out, Packet, UNCAPPED},
     speaker::Levels,
     srtp::{self, MasterKey},
+    svc::Seen,
 };
 
 /// Engine handles, chosen by the control plane so commands need no round trip.
@@ -147,12 +148,14 @@ pub enum Command {
         track: TrackId,
         relay: SessionId,
     },
-    /// A subscriber's cap on the simulcast layer of its down-track of `track`, and
-    /// whether that down-track is paused (a resumed one restarts at a keyframe).
+    /// A subscriber's caps on its down-track of `track`: the simulcast encoding (or
+    /// a scalable stream's spatial layer) and the temporal layer, and whether it is
+    /// paused (a resumed one restarts at a keyframe).
     SetLayers {
         sub: SessionId,
         track: TrackId,
         max_layer: Layer,
+        max_temporal: Layer,
         paused: bool,
     },
     /// The highest encoding of `track` the node behind trunk `relay` wants
@@ -209,6 +212,9 @@ pub struct Stream {
     last_keyframe_request: Option<Instant>,
     /// Plaintext packets by source sequence number (video only).
     cache: Vec<Option<(u16, Vec<u8>)>>,
+    /// Its spatial and temporal layers (a scalable stream: VP9 SVC, VP8 with
+    /// temporal layers).
+    pub seen: Seen,
 }
 
 impl UpTrack {
@@ -367,8 +373,9 @@ fn upstream_of<'a>(
     Some((st, to, ssrc, rtcp_ssrc, &mut p.srtp.as_mut()?.tx))
 }
 
-/// Writes `plain` (header `hlen` bytes) rewritten for `d` (VP8 numbering shifted
-/// after a layer switch) and protected with the subscriber's keys.
+/// Writes `plain` (header `hlen` bytes) rewritten for `d`, numbered as `out` says
+/// (VP8 numbering shifted after a layer switch or dropped frames), and protected with
+/// the subscriber's keys.
 #[allow(clippy::too_many_arguments)]
 fn send_copy(
     d: &DownTrack,
@@ -377,35 +384,44 @@ fn send_copy(
     plain: &[u8],
     hlen: usize,
     vp8: Option<&Vp8Descriptor>,
+    out: Out,
     rtx: Option<(u8, u32, u16)>,
     tx: &mut dyn Transmit,
 ) -> bool {
-    tx.transmit(to, &mut |out| {
+    tx.transmit(to, &mut |buf| {
         // RTX puts the original sequence number in front of the payload: 2 more.
         let room = plain.len() + if rtx.is_some() { 2 } else { 0 };
-        out.get(..room)?;
-        let frame = &mut out[..plain.len()];
+        buf.get(..room)?;
+        let frame = &mut buf[..plain.len()];
         frame.copy_from_slice(plain);
         rtp::rewrite(frame, &d.route);
-        // Nothing to shift until a switch or a resume moved the numbering.
-        let l = &d.layering;
-        if let Some(v) = vp8.filter(|_| l.pic_delta != 0 || l.tl0_delta != 0) {
-            v.shift(&mut frame[hlen..], l.pic_delta, l.tl0_delta);
+        // A late packet from before a dropped one keeps the delta of its place.
+        if out.seq_delta != d.route.seq_delta {
+            let seq = u16::from_be_bytes([plain[2], plain[3]]).wrapping_add(out.seq_delta);
+            frame[2..4].copy_from_slice(&seq.to_be_bytes());
+        }
+        if out.marker {
+            frame[1] |= 0x80;
+        }
+        // Nothing to shift until a switch, a resume or a dropped frame moved it.
+        let tl0 = d.layering.tl0_delta;
+        if let Some(v) = vp8.filter(|_| out.pic_delta != 0 || tl0 != 0) {
+            v.shift(&mut frame[hlen..], out.pic_delta, tl0);
         }
         let Some((pt, ssrc, seq)) = rtx else {
-            return ctx.protect_rtp(out, plain.len()).ok();
+            return ctx.protect_rtp(buf, plain.len()).ok();
         };
         // RFC 4588 §4: the same header on the RTX stream (its payload type, sequence
         // and SSRC), the original sequence number the subscriber knows first in the
         // payload.
-        let frame = &mut out[..plain.len() + 2];
+        let frame = &mut buf[..plain.len() + 2];
         let osn = [frame[2], frame[3]];
         frame.copy_within(hlen..plain.len(), hlen + 2);
         frame[hlen..hlen + 2].copy_from_slice(&osn);
         frame[1] = (frame[1] & 0x80) | (pt & 0x7f);
         frame[2..4].copy_from_slice(&seq.to_be_bytes());
         frame[8..12].copy_from_slice(&ssrc.to_be_bytes());
-        ctx.protect_rtp(out, plain.len() + 2).ok()
+        ctx.protect_rtp(buf, plain.len() + 2).ok()
     })
 }
 
@@ -538,6 +554,7 @@ impl Engine {
                         reception: Reception::default(),
                         last_sr: None,
                         last_keyframe_request: None,
+                        seen: Seen::default(),
                         cache: if kind == Kind::Video {
                             vec![None; CACHE]
                         } else {
@@ -609,6 +626,7 @@ impl Engine {
                 sub,
                 track,
                 max_layer,
+                max_temporal,
                 paused,
             } => {
                 let Some(d) = self
@@ -619,6 +637,7 @@ impl Engine {
                     return;
                 };
                 d.layering.max_layer = max_layer;
+                d.layering.max_temporal = max_temporal;
                 d.layering.set_paused(paused);
             }
             Command::RemoveSession { id } => {
@@ -859,37 +878,54 @@ impl Engine {
         let vp8 = (t.format == Format::Vp8)
             .then(|| Vp8Descriptor::parse(payload))
             .flatten();
+        let ids = t.format.layer_ids(payload, vp8.as_ref());
+        if let Some(ids) = &ids {
+            st.seen.record(ids, n - hlen, now);
+        }
+        let top = st.seen.top(now, LAYER_IDLE);
         let active = t.active(now);
+        let encodings = t.streams.len();
+        let pkt = Packet {
+            layer,
+            seq,
+            ts,
+            keyframe: start,
+            vp8: vp8.as_ref(),
+            ids,
+        };
         // Encodings some subscriber waits for a keyframe of (a bit per layer).
         let mut wanted = 0u8;
         let sessions = &mut self.sessions;
         for d in &mut t.downs {
-            let target = d.layering.choose(&active[..t.streams.len()]);
-            let forward = d.layering.accept(
-                layer,
-                target,
-                seq,
-                ts,
-                start,
-                vp8.as_ref(),
-                units,
-                &mut d.route,
-            );
-            // Waiting to switch (a cap, a bandwidth limit, a layer that stopped):
-            // its keyframe is asked for, whether the old layer still flows or not.
-            if let Some(w) = d.layering.waiting() {
+            let target = d.layering.choose(&active[..encodings]);
+            let want = d.layering.want(encodings);
+            let out = d.layering.accept(&pkt, target, want, units, &mut d.route);
+            // Waiting to switch (a cap, a bandwidth limit, a layer that stopped) or for
+            // more layers of its encoding: a keyframe is asked for, whether the old
+            // layer still flows or not.
+            if let Some(w) = d.layering.waiting(want, top) {
                 wanted |= 1 << w;
             }
-            if !forward {
+            let Some(out) = out else {
                 continue;
-            }
+            };
             let Some(sub) = sessions.get_mut(&d.sub) else {
                 continue;
             };
             let (Some(to), Some(srtp)) = (sub.media_addr(), sub.srtp.as_mut()) else {
                 continue;
             };
-            if send_copy(d, &mut srtp.tx, to, plain, hlen, vp8.as_ref(), None, tx) {
+            if send_copy(
+                d,
+                &mut srtp.tx,
+                to,
+                plain,
+                hlen,
+                vp8.as_ref(),
+                out,
+                None,
+                tx,
+            ) {
                 bump(&c.rtp_out);
                 d.packets = d.packets.wrapping_add(1);
                 d.octets = d.octets.wrapping_add((n - hlen) as u32);
@@ -992,19 +1028,31 @@ impl Engine {
                         // layer the viewer's bandwidth carries.
                         let active = t.active(now);
                         let mut rates = [0u64; MAX_LAYERS];
-                        for ((r, st), a) in rates.iter_mut().zip(&t.streams).zip(active) {
-                            *r = if a { st.rate_bps.max(1) } else { 0 };
-                        }
-                        let rates = &rates[..t.streams.len().min(MAX_LAYERS)];
+                        let top = t.streams[0].seen.top(now, LAYER_IDLE);
+                        let (n, svc) = if t.streams.len() == 1 {
+                            // One scalable encoding: its spatial layers are the choice.
+                            (t.streams[0].seen.cumulative(top.0, &mut rates), true)
+                        } else {
+                            for ((r, st), a) in rates.iter_mut().zip(&t.streams).zip(active) {
+                                *r = if a { st.rate_bps.max(1) } else { 0 };
+                            }
+                            (t.streams.len().min(MAX_LAYERS), false)
+                        };
+                        let rates = &rates[..n];
                         let d = &mut t.downs[i];
                         d.quality.update(&b, rate, now);
                         if rates.len() > 1 {
+                            let on = if svc {
+                                d.layering.got(top).map(|g| g.0)
+                            } else {
+                                d.layering.current
+                            };
                             let before = (d.bwe.probes, d.bwe.failed_probes);
                             d.layering.bw_limit = d.bwe.on_report(
                                 b.total_lost,
                                 b.highest_seq,
                                 d.octets,
-                                d.layering.current,
+                                on,
                                 now,
                                 rates,
                             );
@@ -1120,11 +1168,14 @@ impl Engine {
         let layer = d.layer();
         let cache = &t.streams[layer as usize].cache;
         let mut missing = Vec::new();
-        // Only packets since the last switch are this encoding's: older ones are lost.
-        for src_seq in seqs
-            .iter()
-            .filter_map(|s| d.layering.source_seq(*s, &d.route))
-        {
+        // Only packets since the last switch are this encoding's (older ones are
+        // lost), and only those it was sent (not the numbers of dropped layers).
+        for &seq_out in seqs {
+            // The source number is known once the cached packet's layers are read;
+            // without a cached packet there is nothing to read them from.
+            let Some((src_seq, _)) = d.layering.resend(seq_out, &d.route, None) else {
+                continue;
+            };
             match cache.get(src_seq as usize % CACHE) {
                 Some(Some((cached, plain))) if *cached == src_seq => {
                     let Ok(hlen) = rtp::header_len(plain) else {
@@ -1133,7 +1184,21 @@ impl Engine {
                     let vp8 = (t.format == Format::Vp8)
                         .then(|| Vp8Descriptor::parse(&plain[hlen..]))
                         .flatten();
-                    if send_copy(d, &mut srtp.tx, to, plain, hlen, vp8.as_ref(), d.rtx, tx) {
+                    let ids = t.format.layer_ids(&plain[hlen..], vp8.as_ref());
+                    let Some((_, out)) = d.layering.resend(seq_out, &d.route, ids.as_ref()) else {
+                        continue;
+                    };
+                    if send_copy(
+                        d,
+                        &mut srtp.tx,
+                        to,
+                        plain,
+                        hlen,
+                        vp8.as_ref(),
+                        out,
+                        d.rtx,
+                        tx,
+                    ) {
                         d.nack_resent += 1;
                         bump(&c.nack_resent);
                         if let Some((_, _, seq)) = d.rtx.as_mut() {
@@ -1178,6 +1243,7 @@ impl Engine {
                 if secs > 0.0 {
                     st.rate_bps = ((st.bytes - bytes) as f64 * 8.0 / secs) as u64;
                 }
+                st.seen.tick(secs);
                 st.rate_mark = (st.bytes, now);
             }
             for d in &mut t.downs {
@@ -2210,6 +2276,7 @@ mod tests {
             sub: 2,
             track: 10,
             max_layer: 0,
+            max_temporal: UNCAPPED,
             paused: false,
         });
         f.sink.out.clear();
@@ -2314,6 +2381,7 @@ mod tests {
             sub: 2,
             track: 10,
             max_layer: UNCAPPED,
+            max_temporal: UNCAPPED,
             paused: false,
         });
         f.send(
@@ -2346,6 +2414,7 @@ mod tests {
             sub: 2,
             track: 10,
             max_layer: UNCAPPED,
+            max_temporal: UNCAPPED,
             paused: true,
         });
         f.send(
@@ -2424,5 +2493,292 @@ mod tests {
         );
         assert_eq!(got(&mut f, &mut high).len(), 1, "layer 0's keyframe");
         assert_eq!(f.engine.downtracks(3)[0].1.layering.current, Some(0));
+    }
+
+    /// VP9 SVC (three spatial layers, two temporal) to three viewers: capped to
+    /// spatial layer 0, to temporal layer 0, and uncapped. Each gets one continuous
+    /// numbering across the 16-bit wrap with the layers it does not get taken out, the
+    /// picture ends where its highest layer ends (marker), a NACK maps back to the
+    /// source packet, and a lifted cap takes effect at the next keyframe it asked for.
+    #[test]
+    fn svc_viewers_get_the_layers_their_caps_allow() {
+        use crate::media::codec::tests::vp9;
+        use crate::media::simulcast::UNCAPPED;
+        let mut f = Fixture::new();
+        let mut publisher = f.peer(1, Role::Publisher, Profile::AeadAes128Gcm);
+        f.cmd(Command::AddTrack {
+            id: 10,
+            session: 1,
+            kind: Kind::Video,
+            pt: 98,
+            clock_rate: 90_000,
+            format: Format::Vp9,
+            streams: vec![(None, Some(0xaaaa))],
+            rid_ext: None,
+            twcc_ext: None,
+            level_ext: None,
+        });
+        let mut viewers: Vec<Peer> = (2..5)
+            .map(|id| {
+                let down = Command::AddDownTrack {
+                    track: 10,
+                    sub: id,
+                    ssrc_out: 0x100 + id,
+                    pt_out: 98,
+                    rtx: None,
+                    remb: false,
+                    seq_delta: 0,
+                    ts_delta: 0,
+                };
+                f.viewer(id, 10, Profile::AeadAes128Gcm, down)
+            })
+            .collect();
+        let caps = [(0, UNCAPPED), (UNCAPPED, 0), (UNCAPPED, UNCAPPED)];
+        for (id, (max_layer, max_temporal)) in (2..5).zip(caps) {
+            f.cmd(Command::SetLayers {
+                sub: id,
+                track: 10,
+                max_layer,
+                max_temporal,
+                paused: false,
+            });
+        }
+        // Picture k: three spatial layer frames of one packet each, temporal layer
+        // k % 2, the marker on the last; picture 0 is a keyframe.
+        let mut seq = 65_530u16;
+        let send = |f: &mut Fixture, publisher: &mut Peer, seq: &mut u16, k: u16, key: bool| {
+            for sid in 0..3u8 {
+                let mut p = rtp_packet(
+                    98,
+                    *seq,
+                    3000 * k as u32,
+                    0xaaaa,
+                    &vp9(k, sid, (k % 2) as u8, true, true, key, true),
+                );
+                p[1] |= 0x80 * (sid == 2) as u8;
+                f.send(publisher, &p);
+                *seq = seq.wrapping_add(1);
+            }
+        };
+        for k in 0..6 {
+            send(&mut f, &mut publisher, &mut seq, k, k == 0);
+        }
+        // What each viewer got: (seq, marker, spatial, temporal, picture id).
+        let got = |f: &mut Fixture, v: &mut Peer| -> Vec<(u16, bool, u8, u8, u16)> {
+            let out: Vec<_> = f
+                .sink
+                .out
+                .iter()
+                .filter(|(to, _)| *to == v.addr)
+                .cloned()
+                .collect();
+            f.sink.out.retain(|(to, _)| *to != v.addr);
+            out.iter()
+                .map(|(_, w)| {
+                    let p = unprotect(v, w);
+                    let d = crate::media::codec::Vp9Descriptor::parse(&p[12..]).unwrap();
+                    (
+                        u16::from_be_bytes([p[2], p[3]]),
+                        p[1] & 0x80 != 0,
+                        d.sid,
+                        d.tid,
+                        d.picture_id.unwrap(),
+                    )
+                })
+                .collect()
+        };
+        let low = got(&mut f, &mut viewers[0]);
+        assert_eq!(
+            low,
+            (0..6u16)
+                .map(|k| (65_530u16.wrapping_add(k), true, 0, (k % 2) as u8, k))
+                .collect::<Vec<_>>(),
+            "spatial layer 0 of every picture, each ending its picture"
+        );
+        let slow = got(&mut f, &mut viewers[1]);
+        let want: Vec<_> = [0u16, 2, 4]
+            .iter()
+            .flat_map(|k| (0..3u8).map(move |s| (*k, s)))
+            .enumerate()
+            .map(|(i, (k, s))| (65_530u16.wrapping_add(i as u16), s == 2, s, 0, k))
+            .collect();
+        assert_eq!(
+            slow, want,
+            "temporal layer 0, numbered without the holes; VP9 picture ids kept"
+        );
+        let all = got(&mut f, &mut viewers[2]);
+        assert_eq!(all.len(), 18);
+        assert!(
+            all.iter()
+                .enumerate()
+                .all(|(i, p)| p.0 == 65_530u16.wrapping_add(i as u16))
+        );
+        // A NACK of the capped viewer's fourth packet: the source of picture 3's
+        // spatial layer 0 (not the fourth source packet), marker set as sent.
+        let nack = rtcp::translated_nack(9, 0x102, &[65_533], 0);
+        f.send(&mut viewers[0], &nack);
+        // (A fresh receive context: the one above has seen that index.)
+        let seen = std::mem::replace(
+            &mut viewers[0].rx,
+            Context::new(&key(Profile::AeadAes128Gcm, 2 ^ 0xff)),
+        );
+        assert_eq!(got(&mut f, &mut viewers[0]), [(65_533, true, 0, 1, 3)]);
+        viewers[0].rx = seen;
+        // The cap lifted: a delta picture cannot start layers 1 and 2; a keyframe is
+        // asked for, and it brings them.
+        // (Past the throttle of the keyframe asked when the viewers joined.)
+        f.now += KEYFRAME_INTERVAL;
+        f.sink.out.clear();
+        f.cmd(Command::SetLayers {
+            sub: 2,
+            track: 10,
+            max_layer: UNCAPPED,
+            max_temporal: UNCAPPED,
+            paused: false,
+        });
+        send(&mut f, &mut publisher, &mut seq, 6, false);
+        assert_eq!(got(&mut f, &mut viewers[0]), [(0, true, 0, 0, 6)]);
+        let plis = f
+            .sink
+            .out
+            .iter()
+            .filter(|(to, w)| {
+                *to == publisher.addr
+                    && matches!(
+                        rtcp::parse(&unprotect(&mut publisher, w)).unwrap()[0],
+                        Request::KeyFrame { media_ssrc: 0xaaaa }
+                    )
+            })
+            .count();
+        assert_eq!(plis, 1, "one keyframe asked of the publisher");
+        f.sink.out.clear();
+        send(&mut f, &mut publisher, &mut seq, 7, true);
+        assert_eq!(
+            got(&mut f, &mut viewers[0]),
+            [(1, false, 0, 1, 7), (2, false, 1, 1, 7), (3, true, 2, 1, 7)]
+        );
+    }
+
+    /// VP8 with three temporal layers (0, 2, 1, 2, ...) to viewers capped at temporal
+    /// layers 0 and 1: each gets its frames with one continuous sequence and picture
+    /// id numbering (libwebrtc waits for a missing picture id), TL0PICIDX as sent; a
+    /// lifted cap takes effect at a layer sync frame (Y) of the layer.
+    #[test]
+    fn vp8_temporal_caps_renumber_sequence_and_picture_ids() {
+        use crate::media::codec::tests::vp8;
+        use crate::media::simulcast::UNCAPPED;
+        let mut f = Fixture::new();
+        let mut publisher = f.peer(1, Role::Publisher, Profile::AeadAes128Gcm);
+        f.cmd(Command::AddTrack {
+            id: 10,
+            session: 1,
+            kind: Kind::Video,
+            pt: 96,
+            clock_rate: 90_000,
+            format: Format::Vp8,
+            streams: vec![(None, Some(0xaaaa))],
+            rid_ext: None,
+            twcc_ext: None,
+            level_ext: None,
+        });
+        let mut viewers: Vec<Peer> = (2..4)
+            .map(|id| {
+                let down = Command::AddDownTrack {
+                    track: 10,
+                    sub: id,
+                    ssrc_out: 0x100 + id,
+                    pt_out: 96,
+                    rtx: None,
+                    remb: false,
+                    seq_delta: 1000,
+                    ts_delta: 0,
+                };
+                let v = f.viewer(id, 10, Profile::AeadAes128Gcm, down);
+                f.cmd(Command::SetLayers {
+                    sub: id,
+                    track: 10,
+                    max_layer: UNCAPPED,
+                    max_temporal: id as u8 - 2,
+                    paused: false,
+                });
+                v
+            })
+            .collect();
+        // Frame k (one packet, source seq 10 + k): picture id 32_760 + k (it wraps at
+        // 2^15), temporal layer of the 0, 2, 1, 2 pattern, TL0PICIDX counting TL0s.
+        let frame = |k: u16, sync: bool| {
+            let tid = [0u8, 2, 1, 2][k as usize % 4];
+            let mut payload = vp8((32_760 + k) & 0x7fff, (k / 4) as u8, tid, true, k == 0);
+            if sync {
+                payload[5] |= 0x20;
+            }
+            rtp_packet(96, 10 + k, 3000 * k as u32, 0xaaaa, &payload)
+        };
+        for k in 0..12 {
+            f.send(&mut publisher, &frame(k, false));
+        }
+        let got = |f: &mut Fixture, v: &mut Peer| -> Vec<(u16, u16, u8, u8)> {
+            let out: Vec<_> = f
+                .sink
+                .out
+                .iter()
+                .filter(|(to, _)| *to == v.addr)
+                .cloned()
+                .collect();
+            f.sink.out.retain(|(to, _)| *to != v.addr);
+            out.iter()
+                .map(|(_, w)| {
+                    let p = unprotect(v, w);
+                    let d = Vp8Descriptor::parse(&p[12..]).unwrap();
+                    (
+                        u16::from_be_bytes([p[2], p[3]]),
+                        d.picture_id.unwrap().1,
+                        d.tl0.unwrap().1,
+                        d.tid.unwrap(),
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(
+            got(&mut f, &mut viewers[0]),
+            [
+                (1010, 32_760, 0, 0),
+                (1011, 32_761, 1, 0),
+                (1012, 32_762, 2, 0)
+            ]
+        );
+        assert_eq!(
+            got(&mut f, &mut viewers[1]),
+            [
+                (1010, 32_760, 0, 0),
+                (1011, 32_761, 0, 1),
+                (1012, 32_762, 1, 0),
+                (1013, 32_763, 1, 1),
+                (1014, 32_764, 2, 0),
+                (1015, 32_765, 2, 1),
+            ]
+        );
+        // Lifted to every layer: the next TL2 frame without Y stays dropped, the TL1
+        // sync frame starts layer 1, the TL2 sync frame layer 2; numbering continues
+        // (source picture ids wrap to 0 meanwhile).
+        f.cmd(Command::SetLayers {
+            sub: 2,
+            track: 10,
+            max_layer: UNCAPPED,
+            max_temporal: UNCAPPED,
+            paused: false,
+        });
+        f.sink.out.clear();
+        for (k, sync) in [(12, false), (13, false), (14, true), (15, true)] {
+            f.send(&mut publisher, &frame(k, sync));
+        }
+        assert_eq!(
+            got(&mut f, &mut viewers[0]),
+            [
+                (1013, 32_763, 3, 0),
+                (1014, 32_764, 3, 1),
+                (1015, 32_765, 3, 2)
+            ]
+        );
     }
 }

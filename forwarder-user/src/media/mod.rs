@@ -12,6 +12,7 @@ pub mod rtcp;
 pub mod simulcast;
 pub mod speaker;
 pub mod srtp;
+pub mod svc;
 
 use std::{
     net::SocketAddr,

@@ -11,7 +11,10 @@
 
 use forwarder_common::routes::RouteValue;
 
-use super::codec::Vp8Descriptor;
+use super::{
+    codec::{LayerIds, Vp8Descriptor},
+    svc::{Filter, Gaps, seq_after},
+};
 
 /// Layer indices, lowest quality first.
 pub type Layer = u8;
@@ -30,10 +33,38 @@ struct Sent {
     tl0: Option<u8>,
 }
 
+/// One packet as the layer choice sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Packet<'a> {
+    /// Its encoding.
+    pub layer: Layer,
+    pub seq: u16,
+    pub ts: u32,
+    /// It starts a keyframe.
+    pub keyframe: bool,
+    pub vp8: Option<&'a Vp8Descriptor>,
+    /// Its spatial/temporal layer, for codecs whose layers we read.
+    pub ids: Option<LayerIds>,
+}
+
+/// How a forwarded packet is numbered for its subscriber: the sequence delta (the
+/// route's, or an older one for a late packet), the VP8 picture id delta, and whether
+/// its marker bit must be set (it ends the picture now that the layers above it are
+/// dropped).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Out {
+    pub seq_delta: u16,
+    pub pic_delta: u16,
+    pub marker: bool,
+}
+
 #[derive(Debug, Clone)]
 pub struct Layering {
-    /// The highest layer the subscriber may get (the API's cap).
+    /// The highest layer the subscriber may get (the API's cap): the simulcast
+    /// encoding, or the spatial layer of a one-encoding scalable stream (VP9 SVC).
     pub max_layer: Layer,
+    /// The highest temporal layer it may get (the API's cap).
+    pub max_temporal: Layer,
     /// The highest layer its bandwidth carries (the estimator's limit).
     pub bw_limit: Layer,
     /// Nothing forwarded while paused; resuming waits for a keyframe.
@@ -50,12 +81,17 @@ pub struct Layering {
     pub pic_delta: u16,
     pub tl0_delta: u8,
     pub switches: u64,
+    /// The spatial and temporal layers it gets of the current encoding.
+    pub filter: Filter,
+    /// The renumbering across what the filter drops.
+    gaps: Gaps,
 }
 
 impl Default for Layering {
     fn default() -> Self {
         Layering {
             max_layer: UNCAPPED,
+            max_temporal: UNCAPPED,
             bw_limit: UNCAPPED,
             paused: false,
             current: None,
@@ -65,13 +101,10 @@ impl Default for Layering {
             pic_delta: 0,
             tl0_delta: 0,
             switches: 0,
+            filter: Filter::default(),
+            gaps: Gaps::default(),
         }
     }
-}
-
-/// `a` is after `b` in 16-bit sequence space.
-fn seq_after(a: u16, b: u16) -> bool {
-    a != b && a.wrapping_sub(b) < 0x8000
 }
 
 impl Layering {
@@ -97,44 +130,89 @@ impl Layering {
         within.or_else(|| active.iter().position(|a| *a).map(|i| i as Layer))
     }
 
-    /// Whether the subscriber should be asked a keyframe of `target` for: it waits to
-    /// switch there.
-    pub fn waiting(&self) -> Option<Layer> {
-        self.target.filter(|t| Some(*t) != self.current)
+    /// The highest spatial and temporal layers it should get of a scalable stream of
+    /// `encodings`: the caps (for a one-encoding stream the layer cap and the
+    /// bandwidth limit are its spatial cap; simulcast encodings have one each).
+    pub fn want(&self, encodings: usize) -> (Layer, Layer) {
+        let spatial = if encodings > 1 { 0 } else { self.cap() };
+        (spatial, self.max_temporal)
     }
 
-    /// Decides one packet of `layer` (source `seq`, `ts`, whether it starts a keyframe,
-    /// its VP8 descriptor) arriving at `now` (clock units); `target` is what
-    /// [`Layering::choose`] says now. On a switch it moves `route`'s deltas so the
-    /// subscriber's numbering continues. Returns whether to forward the packet.
-    #[allow(clippy::too_many_arguments)]
+    /// The highest spatial and temporal layer it gets of the current encoding, whose
+    /// packets show layers up to `top` (None before it started).
+    pub fn got(&self, top: (Layer, Layer)) -> Option<(Layer, Layer)> {
+        self.current.map(|_| {
+            (
+                self.filter.spatial.min(top.0),
+                self.filter.temporal.min(top.1),
+            )
+        })
+    }
+
+    /// The encoding whose keyframe the subscriber waits for: to switch there, or to
+    /// get more layers of the one it is on (`want` as [`Layering::want`] says, of
+    /// the layers up to `top` the stream has: none it does not send).
+    pub fn waiting(&self, want: (Layer, Layer), top: (Layer, Layer)) -> Option<Layer> {
+        let want = (want.0.min(top.0), want.1.min(top.1));
+        self.target
+            .filter(|t| Some(*t) != self.current)
+            .or(self.current.filter(|_| self.filter.waiting(want)))
+    }
+
+    /// Decides one packet arriving at `now` (clock units); `target` is what
+    /// [`Layering::choose`] says now, `want` what [`Layering::want`] says. On a switch
+    /// it moves `route`'s deltas so the subscriber's numbering continues; a packet of
+    /// a layer it does not get takes its number out. Returns how to number the packet,
+    /// or None to drop it.
     pub fn accept(
         &mut self,
-        layer: Layer,
+        p: &Packet,
         target: Option<Layer>,
-        seq: u16,
-        ts: u32,
-        keyframe: bool,
-        vp8: Option<&Vp8Descriptor>,
+        want: (Layer, Layer),
         now: u64,
         route: &mut RouteValue,
-    ) -> bool {
+    ) -> Option<Out> {
         self.target = target;
         if self.paused {
             self.current = None;
-            return false;
+            return None;
         }
-        if self.current == Some(layer) {
-            if seq_after(self.since_seq, seq) {
-                return false;
+        if self.current == Some(p.layer) {
+            if seq_after(self.since_seq, p.seq) {
+                return None;
             }
-        } else if target == Some(layer) && keyframe {
-            self.switch(layer, seq, ts, vp8, now, route);
+        } else if target == Some(p.layer) && p.keyframe {
+            self.switch(p.layer, p.seq, p.ts, p.vp8, now, route);
+            self.filter.start(want);
+            self.gaps.reset();
         } else {
-            return false;
+            return None;
         }
-        self.sent(seq, ts, vp8, now, route);
-        true
+        // VP8 picture ids are renumbered across dropped frames (VP9's are kept).
+        let pic = p.vp8.and_then(|d| d.picture_id).map(|(_, v, _)| v);
+        let marker = match &p.ids {
+            Some(ids) => match self.filter.decide(ids, p.keyframe, want) {
+                Some(m) => m,
+                None => {
+                    self.gaps.drop(p.seq, pic, route, &mut self.pic_delta);
+                    return None;
+                }
+            },
+            None => false,
+        };
+        let (seq_delta, pic_delta) = self.gaps.keep(p.seq, pic, route, self.pic_delta)?;
+        self.sent(
+            p.seq.wrapping_add(seq_delta),
+            p.ts.wrapping_add(route.ts_delta),
+            pic.map(|v| v.wrapping_add(pic_delta) & 0x7fff),
+            p.vp8,
+            now,
+        );
+        Some(Out {
+            seq_delta,
+            pic_delta,
+            marker,
+        })
     }
 
     fn switch(
@@ -164,29 +242,47 @@ impl Layering {
     }
 
     /// Remembers what the subscriber got, unless it is older than what it had.
-    fn sent(&mut self, seq: u16, ts: u32, vp8: Option<&Vp8Descriptor>, now: u64, r: &RouteValue) {
-        let seq_out = seq.wrapping_add(r.seq_delta);
+    fn sent(
+        &mut self,
+        seq_out: u16,
+        ts_out: u32,
+        pic_out: Option<u16>,
+        vp8: Option<&Vp8Descriptor>,
+        now: u64,
+    ) {
         if self.last.is_some_and(|l| !seq_after(seq_out, l.seq)) {
             return;
         }
         self.last = Some(Sent {
             seq: seq_out,
-            ts: ts.wrapping_add(r.ts_delta),
+            ts: ts_out,
             at: now,
-            pic: vp8
-                .and_then(|d| d.picture_id)
-                .map(|(_, p, _)| p.wrapping_add(self.pic_delta) & 0x7fff),
+            pic: pic_out,
             tl0: vp8
                 .and_then(|d| d.tl0)
                 .map(|(_, t)| t.wrapping_add(self.tl0_delta)),
         });
     }
 
-    /// The source sequence number of `seq_out` on the current layer, if the packet is
-    /// from after the last switch (a NACK for an older one cannot be answered right).
-    pub fn source_seq(&self, seq_out: u16, r: &RouteValue) -> Option<u16> {
-        let seq = seq_out.wrapping_sub(r.seq_delta);
-        (!seq_after(self.since_seq, seq)).then_some(seq)
+    /// The source sequence number of `seq_out` on the current layer and how it was
+    /// numbered, if a forwarded packet of it had that number after the last switch (a
+    /// NACK for an older one, or for a dropped one's, cannot be answered right).
+    pub fn resend(
+        &self,
+        seq_out: u16,
+        r: &RouteValue,
+        ids: Option<&LayerIds>,
+    ) -> Option<(u16, Out)> {
+        let (seq, seq_delta, pic_delta) = self.gaps.source(seq_out, r, self.pic_delta)?;
+        let marker = ids.is_some_and(|i| i.layer_end && i.spatial == self.filter.spatial);
+        (!seq_after(self.since_seq, seq)).then_some((
+            seq,
+            Out {
+                seq_delta,
+                pic_delta,
+                marker,
+            },
+        ))
     }
 
     /// Pauses or resumes; a resumed subscriber starts again at a keyframe.
@@ -225,13 +321,21 @@ mod tests {
         for (p, now) in pkts {
             let mut payload = vp8(p.pic, p.tl0, 0, true, p.key);
             let d = Vp8Descriptor::parse(&payload).unwrap();
-            if !l.accept(p.layer, Some(target), p.seq, p.ts, p.key, Some(&d), *now, r) {
+            let pkt = Packet {
+                layer: p.layer,
+                seq: p.seq,
+                ts: p.ts,
+                keyframe: p.key,
+                vp8: Some(&d),
+                ids: None,
+            };
+            let Some(o) = l.accept(&pkt, Some(target), (0, 0), *now, r) else {
                 continue;
-            }
-            d.shift(&mut payload, l.pic_delta, l.tl0_delta);
+            };
+            d.shift(&mut payload, o.pic_delta, l.tl0_delta);
             let e = Vp8Descriptor::parse(&payload).unwrap();
             out.push((
-                p.seq.wrapping_add(r.seq_delta),
+                p.seq.wrapping_add(o.seq_delta),
                 p.ts.wrapping_add(r.ts_delta),
                 e.picture_id.unwrap().1,
                 e.tl0.unwrap().1,
@@ -342,8 +446,8 @@ mod tests {
             .is_empty()
         );
         // A NACK maps back to the layer's own numbers only after the switch.
-        assert_eq!(l.source_seq(102, &r), Some(703));
-        assert_eq!(l.source_seq(99, &r), None);
+        assert_eq!(l.resend(102, &r, None).map(|x| x.0), Some(703));
+        assert_eq!(l.resend(99, &r, None), None);
         // Back down, with loss on the way: the next keyframe of layer 0 switches.
         let got = run(
             &mut l,

@@ -432,8 +432,11 @@ async fn leave_whep(
 struct LayersRequest {
     /// The subscriber's m-line (every down-track without).
     mid: Option<String>,
-    /// Highest simulcast encoding to get, 0 = lowest; absent or null = no cap.
+    /// Highest simulcast encoding (or spatial layer of a VP9 SVC stream) to get,
+    /// 0 = lowest; absent or null = no cap.
     max_layer: Option<u8>,
+    /// Highest temporal layer to get (0 = the base frame rate); absent or null = all.
+    max_temporal: Option<u8>,
     #[serde(default)]
     paused: bool,
 }
@@ -454,7 +457,7 @@ async fn set_layers(
             return text(
                 StatusCode::BAD_REQUEST,
                 format!(
-                    "the body must be JSON {{\"mid\": \"1\", \"max_layer\": 0..{max} or null, \"paused\": false}} (mid optional: every track): {e}"
+                    "the body must be JSON {{\"mid\": \"1\", \"max_layer\": 0..{max} or null, \"max_temporal\": 0..{max} or null, \"paused\": false}} (mid optional: every track): {e}"
                 ),
             );
         }
@@ -467,10 +470,22 @@ async fn set_layers(
             ),
         );
     }
-    match api
-        .sfu
-        .set_layers(&room, &id, req.mid.as_deref(), req.max_layer, req.paused)
-    {
+    if let Some(l) = req.max_temporal.filter(|l| *l as usize > max) {
+        return text(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "max_temporal {l} is out of range: temporal layers are 0 (base frame rate) to {max}, or null for all"
+            ),
+        );
+    }
+    match api.sfu.set_layers(
+        &room,
+        &id,
+        req.mid.as_deref(),
+        req.max_layer,
+        req.max_temporal,
+        req.paused,
+    ) {
         Ok(v) => axum::Json(v).into_response(),
         Err(e) => api_error(e),
     }

@@ -29,7 +29,7 @@ pub use crate::media::{Counters, Drop};
 use crate::media::{
     Kind, Transmit, bump,
     codec::Format,
-    engine::{Command, Engine, SessionId, TrackId},
+    engine::{Command, Engine, LAYER_IDLE, SessionId, TrackId},
     simulcast::UNCAPPED,
     speaker::Dominant,
     srtp::{MasterKey, Profile},
@@ -125,7 +125,7 @@ pub struct Session {
     /// Subscriber: the layer cap and pause asked per m-line (mid). They belong to the
     /// m-line, so a track that fills it later (late, or after its publisher came
     /// back) starts under them.
-    pub layer_prefs: HashMap<String, (u8, bool)>,
+    pub layer_prefs: HashMap<String, (u8, u8, bool)>,
 }
 
 #[derive(Default)]
@@ -918,12 +918,13 @@ impl Sfu {
                 });
                 self.add_downtrack(s.media, s.downtracks.last().expect("pushed"));
                 // A cap asked while the m-line waited holds for its track.
-                if let Some((max_layer, paused)) = s.layer_prefs.get(&slot.mid) {
+                if let Some(&(max_layer, max_temporal, paused)) = s.layer_prefs.get(&slot.mid) {
                     self.command(Command::SetLayers {
                         sub: s.media,
                         track: *tid,
-                        max_layer: *max_layer,
-                        paused: *paused,
+                        max_layer,
+                        max_temporal,
+                        paused,
                     });
                 }
                 tracing::info!(event = "late_track", session = %sid, publisher, "session {sid}: {} track of {publisher} fills a waiting m-line", kind.as_str());
@@ -932,7 +933,8 @@ impl Sfu {
     }
 
     /// A subscriber's layer choice for its down-track on m-line `mid` (every one
-    /// without): at most `max_layer` (0 = lowest encoding; None = no cap), or paused.
+    /// without): at most `max_layer` (0 = lowest encoding, or spatial layer of a
+    /// scalable stream; None = no cap) and `max_temporal`, or paused.
     /// Returns the down-tracks changed, as `/api/sessions` shows them.
     pub fn set_layers(
         &self,
@@ -940,6 +942,7 @@ impl Sfu {
         id: &str,
         mid: Option<&str>,
         max_layer: Option<u8>,
+        max_temporal: Option<u8>,
         paused: bool,
     ) -> Result<Vec<serde_json::Value>, ApiError> {
         let mut st = self.state.lock().unwrap();
@@ -964,22 +967,24 @@ impl Sfu {
             return Err(ApiError::NoSuchTrack(m.to_string()));
         }
         let cap = max_layer.unwrap_or(UNCAPPED);
+        let temporal = max_temporal.unwrap_or(UNCAPPED);
         for (m, _, track) in &chosen {
-            s.layer_prefs.insert(m.clone(), (cap, paused));
+            s.layer_prefs.insert(m.clone(), (cap, temporal, paused));
             if let Some(track) = track {
                 self.command(Command::SetLayers {
                     sub: s.media,
                     track: *track,
                     max_layer: cap,
+                    max_temporal: temporal,
                     paused,
                 });
             }
         }
-        tracing::info!(event = "layers", session = %id, room, ?mid, ?max_layer, paused, "session {id}: layer cap {max_layer:?}, paused {paused}");
+        tracing::info!(event = "layers", session = %id, room, ?mid, ?max_layer, ?max_temporal, paused, "session {id}: layer cap {max_layer:?}, temporal cap {max_temporal:?}, paused {paused}");
         // A waiting m-line takes them when a track fills it.
         Ok(chosen
             .iter()
-            .map(|(m, kind, track)| serde_json::json!({"mid": m, "kind": kind, "max_layer": max_layer, "paused": paused, "waiting": track.is_none()}))
+            .map(|(m, kind, track)| serde_json::json!({"mid": m, "kind": kind, "max_layer": max_layer, "max_temporal": max_temporal, "paused": paused, "waiting": track.is_none()}))
             .collect())
     }
 
@@ -1495,14 +1500,21 @@ impl Sfu {
         let layers = IntGaugeVec::new(
             Opts::new(
                 "edgefwd_webrtc_viewer_layers",
-                "Simulcast down-tracks by the layer they get and what limits it (none, cap, bandwidth, paused)",
+                "Simulcast and SVC down-tracks by the layer they get (encoding, or spatial layer) and what limits it (none, cap, bandwidth, paused)",
             ),
             &["layer", "limited_by"],
         )?;
         {
             let media = self.media.lock().unwrap();
-            for t in media.engine.tracks().filter(|t| t.streams.len() > 1) {
-                let top = t.streams.len() as u8 - 1;
+            let now = Instant::now();
+            for t in media.engine.tracks() {
+                // Simulcast: the encodings; one scalable encoding: its spatial layers.
+                let spatial = t.streams[0].seen.top(now, LAYER_IDLE).0;
+                let top = match t.streams.len() {
+                    1 if spatial > 0 => spatial,
+                    1 => continue,
+                    n => n as u8 - 1,
+                };
                 for d in &t.downs {
                     let l = &d.layering;
                     let why = if l.paused {
@@ -1514,7 +1526,11 @@ impl Sfu {
                     } else {
                         "cap"
                     };
-                    let layer = l.current.map_or("none".to_string(), |c| c.to_string());
+                    let on = match t.streams.len() {
+                        1 => l.got((spatial, 0)).map(|g| g.0),
+                        _ => l.current,
+                    };
+                    let layer = on.map_or("none".to_string(), |c| c.to_string());
                     layers.with_label_values(&[layer.as_str(), why]).inc();
                 }
             }
@@ -1554,6 +1570,8 @@ impl Sfu {
         let st = self.state.lock().unwrap();
         let media = self.media.lock().unwrap();
         let engine = &media.engine;
+        // Which layers are present now (the engine itself never reads the clock).
+        let now = Instant::now();
         let mut rooms = serde_json::Map::new();
         for (name, r) in &st.rooms {
             let sessions: Vec<_> = r
@@ -1583,10 +1601,17 @@ impl Sfu {
                                 "lost": m.map_or(0, |m| m.streams.iter().map(|st| st.reception.lost() as u64).sum::<u64>()),
                                 "layers": m.filter(|m| m.streams.len() > 1).map(|m| m.streams.iter().map(|st| serde_json::json!({
                                     "rid": st.rid, "ssrc": st.ssrc, "packets": st.packets, "bytes": st.bytes, "lost": st.reception.lost(), "rate_bps": st.rate_bps,
+                                    "top_layers": st.seen.top(now, LAYER_IDLE),
                                 })).collect::<Vec<_>>()),
+                                // The highest spatial and temporal layer its packets show
+                                // ([0, 0]: not scalable), and each spatial layer's rate.
+                                "top_layers": m.map(|m| m.streams[0].seen.top(now, LAYER_IDLE)),
+                                "spatial_rates_bps": m.filter(|m| m.streams.len() == 1).map(|m| m.streams[0].seen.rates),
                             })
                         }).collect::<Vec<_>>(),
-                        "downtracks": engine.downtracks(s.media).iter().map(|(tid, d)| (s.downtracks.iter().find(|x| x.track == *tid), tid, d)).map(|(sub, tid, d)| serde_json::json!({
+                        "downtracks": engine.downtracks(s.media).iter().map(|(tid, d)| (s.downtracks.iter().find(|x| x.track == *tid), tid, d)).map(|(sub, tid, d)| {
+                            let got = d.layering.got(engine.track(*tid).map_or((0, 0), |t| t.streams[d.layer() as usize].seen.top(now, LAYER_IDLE)));
+                            serde_json::json!({
                             "kind": sub.map(|x| x.kind),
                             "from_session": sub.map(|x| &x.src_session),
                             "ssrc_out": d.ssrc_out(), "pt_out": d.route.pt_to,
@@ -1595,6 +1620,10 @@ impl Sfu {
                             "mid": sub.map(|x| &x.mid),
                             "layer": d.layering.current, "target_layer": d.layering.target,
                             "max_layer": (d.layering.max_layer != UNCAPPED).then_some(d.layering.max_layer),
+                            "max_temporal": (d.layering.max_temporal != UNCAPPED).then_some(d.layering.max_temporal),
+                            // Of a scalable encoding (VP9 SVC, VP8 temporal layers):
+                            // the highest spatial and temporal layer it gets.
+                            "spatial_layer": got.map(|g| g.0), "temporal_layer": got.map(|g| g.1),
                             "paused": d.layering.paused, "layer_switches": d.layering.switches,
                             "layers": engine.track(*tid).map_or(1, |t| t.streams.len()),
                             // From the subscriber's receiver reports (none yet: null).
@@ -1609,7 +1638,7 @@ impl Sfu {
                             "estimate_bps": d.bwe.estimate, "remb_bps": d.bwe.remb,
                             "bw_limit": (d.layering.bw_limit != UNCAPPED).then_some(d.layering.bw_limit),
                             "probes": d.bwe.probes, "failed_probes": d.bwe.failed_probes,
-                        })).collect::<Vec<_>>(),
+                        })}).collect::<Vec<_>>(),
                     })
                 })
                 .collect();
@@ -2311,7 +2340,7 @@ mod tests {
             (r.mid.clone(), r.ssrc_out)
         };
         let set = sfu
-            .set_layers("r", &sub.session, Some(&mid), Some(0), false)
+            .set_layers("r", &sub.session, Some(&mid), Some(0), None, false)
             .unwrap();
         assert_eq!(
             (set.len(), &set[0]["waiting"]),

@@ -340,6 +340,7 @@ fn engine(n: usize, profile: Profile, shape: Shape) -> (Engine, Context, SocketA
                     sub: id,
                     track: 1,
                     max_layer: (i % l as u32) as u8,
+                    max_temporal: edgefwd::media::simulcast::UNCAPPED,
                     paused: false,
                 },
             );
