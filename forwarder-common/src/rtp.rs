@@ -90,17 +90,18 @@ pub fn header_len(pkt: &[u8]) -> Result<usize, RtpError> {
     Ok(hlen)
 }
 
-/// The value of header extension `id` (RFC 8285, one-byte or two-byte form) of a
-/// packet that passed [`header_len`]; None if absent or malformed. Used to learn which
-/// simulcast encoding (rtp-stream-id, RFC 8852) an SSRC carries.
-pub fn extension(pkt: &[u8], id: u8) -> Option<&[u8]> {
+/// Where header extension `id` (RFC 8285, one-byte or two-byte form) of a packet
+/// that passed [`header_len`] is: (its element header's offset, its value's offset,
+/// the value's length, whether the two-byte form); None if absent or malformed.
+fn find_extension(pkt: &[u8], id: u8) -> Option<(usize, usize, usize, bool)> {
     if pkt.first()? & 0x10 == 0 || id == 0 {
         return None;
     }
     let at = RTP_FIXED_HEADER_LEN + 4 * (pkt[0] & 0x0f) as usize;
     let profile = u16::from_be_bytes([*pkt.get(at)?, *pkt.get(at + 1)?]);
     let words = u16::from_be_bytes([*pkt.get(at + 2)?, *pkt.get(at + 3)?]) as usize;
-    let body = pkt.get(at + 4..at + 4 + 4 * words)?;
+    let start = at + 4;
+    let body = pkt.get(start..start + 4 * words)?;
     let two_byte = match profile {
         0xbede => false,
         p if p & 0xfff0 == 0x1000 => true,
@@ -125,13 +126,37 @@ pub fn extension(pkt: &[u8], id: u8) -> Option<&[u8]> {
             }
             (b >> 4, (b & 0x0f) as usize + 1, 1)
         };
-        let value = body.get(i + hdr..i + hdr + len)?;
+        body.get(i + hdr..i + hdr + len)?;
         if eid == id {
-            return Some(value);
+            return Some((start + i, start + i + hdr, len, two_byte));
         }
         i += hdr + len;
     }
     None
+}
+
+/// The value of header extension `id` (RFC 8285, one-byte or two-byte form) of a
+/// packet that passed [`header_len`]; None if absent or malformed. Used to learn which
+/// simulcast encoding (rtp-stream-id, RFC 8852) an SSRC carries, and an AV1 packet's
+/// layers (its dependency descriptor).
+pub fn extension(pkt: &[u8], id: u8) -> Option<&[u8]> {
+    let (_, at, len, _) = find_extension(pkt, id)?;
+    pkt.get(at..at + len)
+}
+
+/// Gives header extension `from` the id `to` (a receiver that negotiated another id
+/// for the same extension), in place; false if it is absent or `to` does not fit the
+/// packet's form (the one-byte form has ids 1 to 14).
+pub fn rename_extension(pkt: &mut [u8], from: u8, to: u8) -> bool {
+    let Some((h, _, _, two_byte)) = find_extension(pkt, from) else {
+        return false;
+    };
+    match (two_byte, to) {
+        (true, 1..) => pkt[h] = to,
+        (false, 1..=14) => pkt[h] = (to << 4) | (pkt[h] & 0x0f),
+        _ => return false,
+    }
+    true
 }
 
 /// Applies a route's RTP rewrite (payload type, sequence, timestamp, SSRC) in place.
@@ -259,5 +284,40 @@ mod tests {
         assert_eq!(u16::from_be_bytes([p[2], p[3]]), 3);
         assert_eq!(u32::from_be_bytes([p[4], p[5], p[6], p[7]]), 0x10);
         assert_eq!(&p[8..12], &0xdead_beefu32.to_be_bytes());
+    }
+
+    #[test]
+    fn extensions_are_found_and_renamed_in_both_forms() {
+        // One-byte form: id 3 (2 bytes), id 12 (3 bytes), padding.
+        let mut p = [
+            0x90, 96, 0, 1, 0, 0, 0, 1, 0, 0, 0, 2, 0xbe, 0xde, 0, 2, 0x31, 0xaa, 0xbb, 0xc2, 1, 2,
+            3, 0, 0x77,
+        ];
+        assert_eq!(extension(&p, 12), Some(&[1, 2, 3][..]));
+        assert!(rename_extension(&mut p, 12, 9));
+        assert_eq!(extension(&p, 12), None);
+        assert_eq!(extension(&p, 9), Some(&[1, 2, 3][..]));
+        assert_eq!(
+            extension(&p, 3),
+            Some(&[0xaa, 0xbb][..]),
+            "the others untouched"
+        );
+        assert!(
+            !rename_extension(&mut p, 9, 15),
+            "no id 15 in the one-byte form"
+        );
+        assert!(!rename_extension(&mut p, 4, 5), "absent");
+        // Two-byte form (0x1000): id 13, 17 bytes.
+        let mut q = [7u8; 36];
+        q[..18].copy_from_slice(&[
+            0x90, 96, 0, 1, 0, 0, 0, 1, 0, 0, 0, 2, 0x10, 0x00, 0, 5, 13, 17,
+        ]);
+        q[35] = 0;
+        assert_eq!(extension(&q, 13).map(|v| v.len()), Some(17));
+        assert!(rename_extension(&mut q, 13, 20));
+        assert_eq!(extension(&q, 20).map(|v| v.len()), Some(17));
+        // A length past the end is malformed: nothing found.
+        q[17] = 30;
+        assert_eq!(extension(&q, 20), None);
     }
 }

@@ -51,6 +51,9 @@ async function launch(origin = base) {
   const dir = mkdtempSync(join(tmpdir(), 'edgefwd-chromium-'));
   dirs.push(dir);
   const extra = flag('no-pqc') ? ['--disable-features=WebRtcPqcForDtls'] : [];
+  // Recvonly transceivers offer AV1's dependency descriptor only with this trial
+  // (a sender offers it for SVC); without it a viewer cannot assemble AV1 SVC frames.
+  extra.push('--force-fieldtrials=WebRTC-DependencyDescriptorAdvertised/Enabled/');
   // getUserMedia needs a secure context; off loopback (the SFU in a network
   // namespace) plain http is one only by this flag.
   extra.push('--unsafely-treat-insecure-origin-as-secure=' + origin);

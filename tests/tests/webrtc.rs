@@ -2479,6 +2479,17 @@ fn chromium_simulcast_viewers_get_their_layer_and_switch_without_freezing() {
 /// one's picture at the next keyframe, without a freeze.
 #[test]
 fn chromium_vp9_svc_viewers_get_the_layers_their_caps_allow() {
+    svc_viewers_with_different_caps("VP9");
+}
+
+/// The same with AV1 (`L3T3_KEY`), whose layers the SFU reads from the dependency
+/// descriptor header extension it negotiates with the publisher.
+#[test]
+fn chromium_av1_svc_viewers_get_the_layers_their_caps_allow() {
+    svc_viewers_with_different_caps("AV1");
+}
+
+fn svc_viewers_with_different_caps(codec: &str) {
     let _k = kernel_lock();
     let sfu = start_sfu(None, "");
     let room = unique("svc");
@@ -2490,7 +2501,7 @@ fn chromium_vp9_svc_viewers_get_the_layers_their_caps_allow() {
             "--room",
             &room,
             "--codec",
-            "VP9",
+            codec,
             "--role",
             "svc",
             "--svc",
@@ -2501,9 +2512,9 @@ fn chromium_vp9_svc_viewers_get_the_layers_their_caps_allow() {
     )
     .output()
     .unwrap();
-    let r = parse_result("VP9 SVC", &out);
+    let r = parse_result(&format!("{codec} SVC"), &out);
     println!(
-        "svc: before {} full rate {} base rate {} settled {}",
+        "{codec} svc: before {} full rate {} base rate {} settled {}",
         r["before"], r["fullRate"], r["baseRate"], r["settled"]
     );
     let sent = &r["publisher"]["outbound"]["video"];
@@ -2511,7 +2522,7 @@ fn chromium_vp9_svc_viewers_get_the_layers_their_caps_allow() {
         sent["scalabilityMode"], "L3T3_KEY",
         "Chromium did not encode SVC: {sent}"
     );
-    assert_eq!(sent["codec"], "video/VP9", "{sent}");
+    assert_eq!(sent["codec"], format!("video/{codec}"), "{sent}");
     let w = |v: &Value| v["frameWidth"].as_u64().unwrap_or(0);
     let (before, settled) = (&r["before"], &r["settled"]);
     assert!(

@@ -298,6 +298,104 @@ impl Vp9Descriptor {
     }
 }
 
+/// Reads bits most significant first, as the dependency descriptor is written.
+struct Bits<'a> {
+    data: &'a [u8],
+    at: usize,
+}
+
+impl Bits<'_> {
+    fn read(&mut self, n: usize) -> Option<u32> {
+        let mut v = 0u32;
+        for _ in 0..n {
+            let byte = *self.data.get(self.at / 8)?;
+            v = (v << 1) | u32::from((byte >> (7 - self.at % 8)) & 1);
+            self.at += 1;
+        }
+        Some(v)
+    }
+}
+
+/// Which spatial and temporal layer each frame dependency template is (the
+/// template structure a keyframe's dependency descriptor carries).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DdStructure {
+    pub template_id_offset: u8,
+    /// Per template: (spatial id, temporal id).
+    pub layers: Vec<(u8, u8)>,
+}
+
+impl DdStructure {
+    /// The layer ids a descriptor's template id stands for under this structure.
+    pub fn layer_ids(&self, d: &DependencyDescriptor) -> Option<LayerIds> {
+        let i = (d.template_id as usize + 64 - self.template_id_offset as usize) % 64;
+        let &(spatial, temporal) = self.layers.get(i)?;
+        Some(LayerIds {
+            spatial,
+            temporal,
+            picture_start: d.start && spatial == 0,
+            layer_end: d.end,
+            up: UpSwitch::No,
+            picture: None,
+        })
+    }
+}
+
+/// The AV1 dependency descriptor's fields the forwarder reads (AV1 RTP specification,
+/// appendix A): the mandatory ones, and the template layers when the structure is
+/// present (keyframes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DependencyDescriptor {
+    /// First and last packet of a layer's frame.
+    pub start: bool,
+    pub end: bool,
+    pub template_id: u8,
+    pub frame_number: u16,
+    pub structure: Option<DdStructure>,
+}
+
+impl DependencyDescriptor {
+    pub fn parse(ext: &[u8]) -> Option<DependencyDescriptor> {
+        let mut b = Bits { data: ext, at: 0 };
+        let mut d = DependencyDescriptor {
+            start: b.read(1)? == 1,
+            end: b.read(1)? == 1,
+            template_id: b.read(6)? as u8,
+            frame_number: b.read(16)? as u16,
+            structure: None,
+        };
+        if ext.len() > 3 && b.read(1)? == 1 {
+            // The other flags (active decode targets, custom DTIs, fdiffs, chains).
+            b.read(4)?;
+            let template_id_offset = b.read(6)? as u8;
+            let _dt_cnt_minus_one = b.read(5)?;
+            let (mut spatial, mut temporal) = (0u8, 0u8);
+            let mut layers = Vec::new();
+            loop {
+                layers.push((spatial, temporal));
+                // A template per layer at most (64 ids): a longer list is malformed.
+                if layers.len() > 64 {
+                    return None;
+                }
+                match b.read(2)? {
+                    0 => {}
+                    1 => temporal += 1,
+                    2 => {
+                        temporal = 0;
+                        spatial += 1;
+                    }
+                    _ => break,
+                }
+            }
+            d.structure = Some(DdStructure {
+                template_id_offset,
+                layers,
+            });
+        }
+        Some(d)
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -443,5 +541,75 @@ pub(crate) mod tests {
         let d = Vp8Descriptor::parse(&k_only).unwrap();
         assert_eq!((d.tid, d.sync, d.len), (None, false, 3));
         assert_eq!(Format::H264.layer_ids(&[0x65], None), None);
+    }
+
+    /// Writes bits most significant first (test dependency descriptors).
+    pub(crate) fn bits(fields: &[(u32, usize)]) -> Vec<u8> {
+        let mut out = vec![];
+        let mut at = 0;
+        for &(v, n) in fields {
+            for i in (0..n).rev() {
+                if at % 8 == 0 {
+                    out.push(0);
+                }
+                *out.last_mut().unwrap() |= (((v >> i) & 1) as u8) << (7 - at % 8);
+                at += 1;
+            }
+        }
+        out
+    }
+
+    /// A dependency descriptor: start/end, template id, frame number; with `layers`,
+    /// the structure (offset 0) whose templates are L3T1 then the given next_layer_idc
+    /// list.
+    pub(crate) fn dd(
+        start: bool,
+        end: bool,
+        template: u8,
+        frame: u16,
+        idcs: Option<&[u32]>,
+    ) -> Vec<u8> {
+        let mut f = vec![
+            (start as u32, 1),
+            (end as u32, 1),
+            (template as u32, 6),
+            (frame as u32, 16),
+        ];
+        if let Some(idcs) = idcs {
+            f.extend([(1, 1), (0, 4), (0, 6), (2, 5)]);
+            f.extend(idcs.iter().map(|i| (*i, 2)));
+        }
+        bits(&f)
+    }
+
+    #[test]
+    fn av1_dependency_descriptor_layers() {
+        // L3T1: three templates, spatial 0, 1, 2.
+        let key = DependencyDescriptor::parse(&dd(true, false, 0, 7, Some(&[2, 2, 3]))).unwrap();
+        let st = key.structure.clone().unwrap();
+        assert_eq!(st.layers, [(0, 0), (1, 0), (2, 0)]);
+        assert_eq!((key.start, key.end, key.frame_number), (true, false, 7));
+        let ids = st.layer_ids(&key).unwrap();
+        assert!(ids.picture_start && ids.spatial == 0 && !ids.layer_end);
+        let d = DependencyDescriptor::parse(&dd(false, true, 2, 9, None)).unwrap();
+        assert_eq!(d.structure, None);
+        let ids = st.layer_ids(&d).unwrap();
+        assert_eq!(
+            (ids.spatial, ids.temporal, ids.layer_end, ids.picture_start),
+            (2, 0, true, false)
+        );
+        // L1T3 templates: 0 -> temporal 1 -> temporal 2.
+        let t = DependencyDescriptor::parse(&dd(true, true, 0, 1, Some(&[1, 1, 3]))).unwrap();
+        assert_eq!(t.structure.unwrap().layers, [(0, 0), (0, 1), (0, 2)]);
+        // A template id the structure lacks; truncated; endless templates.
+        assert_eq!(
+            st.layer_ids(&DependencyDescriptor::parse(&dd(true, true, 5, 1, None)).unwrap()),
+            None
+        );
+        assert_eq!(DependencyDescriptor::parse(&[0x80, 1]), None);
+        assert_eq!(
+            DependencyDescriptor::parse(&dd(true, true, 0, 1, Some(&[0; 80]))),
+            None
+        );
     }
 }

@@ -29,7 +29,7 @@ use interceptor::twcc;
 
 use super::{
     Counters, Drop, Kind, Transmit, bump, bwe,
-    codec::{Format, Vp8Descriptor},
+    codec::{DdStructure, DependencyDescriptor, Format, LayerIds, Vp8Descriptor},
     rtcp::{self, Reception, Request},
     simulcast::{Layer, Layering, Out, Packet, UNCAPPED},
     speaker::Levels,
@@ -117,6 +117,8 @@ pub enum Command {
         /// The RFC 6464 audio level extension's id (audio): the track's loudness is
         /// kept for the room's active speaker.
         level_ext: Option<u8>,
+        /// AV1's dependency descriptor extension's id: the layers of an SVC stream.
+        dd_ext: Option<u8>,
     },
     AddDownTrack {
         track: TrackId,
@@ -128,6 +130,8 @@ pub enum Command {
         rtx: Option<(u8, u32, u16)>,
         /// Whether its REMB bounds its layer (negotiated REMB, no transport-cc).
         remb: bool,
+        /// AV1: the dependency descriptor's id the subscriber negotiated, if any.
+        dd_ext: Option<u8>,
         seq_delta: u16,
         ts_delta: u32,
     },
@@ -187,6 +191,8 @@ pub struct UpTrack {
     /// Audio: the audio level extension's id and the recent levels it carried.
     level_ext: Option<u8>,
     pub levels: Levels,
+    /// AV1: the dependency descriptor extension's id.
+    dd_ext: Option<u8>,
     pub downs: Vec<DownTrack>,
     /// Relay sessions (downstream nodes) this track's ciphertext is copied to.
     pub trunks: Vec<SessionId>,
@@ -215,6 +221,8 @@ pub struct Stream {
     /// Its spatial and temporal layers (a scalable stream: VP9 SVC, VP8 with
     /// temporal layers).
     pub seen: Seen,
+    /// AV1: the template structure of its last keyframe's dependency descriptor.
+    dd: Option<DdStructure>,
 }
 
 impl UpTrack {
@@ -267,6 +275,10 @@ pub struct DownTrack {
     pub quality: rtcp::Quality,
     /// Its bandwidth as loss says, and the layer limit that follows (simulcast).
     pub bwe: bwe::LossBased,
+    /// AV1: the dependency descriptor's id (publisher's, subscriber's) where they differ.
+    dd_rename: Option<(u8, u8)>,
+    /// AV1 without the dependency descriptor: spatial layer 0 only.
+    one_spatial: bool,
     last_ts_out: u32,
     last_out_at: Option<Instant>,
 }
@@ -403,6 +415,9 @@ fn send_copy(
         if out.marker {
             frame[1] |= 0x80;
         }
+        if let Some((from, to)) = d.dd_rename {
+            rtp::rename_extension(frame, from, to);
+        }
         // Nothing to shift until a switch, a resume or a dropped frame moved it.
         let tl0 = d.layering.tl0_delta;
         if let Some(v) = vp8.filter(|_| out.pic_delta != 0 || tl0 != 0) {
@@ -423,6 +438,30 @@ fn send_copy(
         frame[8..12].copy_from_slice(&ssrc.to_be_bytes());
         ctx.protect_rtp(buf, plain.len() + 2).ok()
     })
+}
+
+/// The layer ids of one packet (`plain`, header `hlen` bytes): AV1's from its
+/// dependency descriptor under the template structure `dd` (or the one the packet
+/// carries, returned to be kept), the others' from the payload descriptor.
+fn layer_ids_of(
+    format: Format,
+    dd_ext: Option<u8>,
+    dd: Option<&DdStructure>,
+    plain: &[u8],
+    hlen: usize,
+    vp8: Option<&Vp8Descriptor>,
+) -> (Option<LayerIds>, Option<DdStructure>) {
+    if format != Format::Av1 {
+        return (format.layer_ids(&plain[hlen..], vp8), None);
+    }
+    let Some(d) = dd_ext
+        .and_then(|id| rtp::extension(plain, id))
+        .and_then(DependencyDescriptor::parse)
+    else {
+        return (None, None);
+    };
+    let ids = d.structure.as_ref().or(dd).and_then(|s| s.layer_ids(&d));
+    (ids, d.structure)
 }
 
 /// Whether a packet of `format` with `payload` may start a subscriber: a keyframe's
@@ -532,6 +571,7 @@ impl Engine {
                 rid_ext,
                 twcc_ext,
                 level_ext,
+                dd_ext,
             } => {
                 let Some(s) = self.sessions.get_mut(&session) else {
                     return;
@@ -555,6 +595,7 @@ impl Engine {
                         last_sr: None,
                         last_keyframe_request: None,
                         seen: Seen::default(),
+                        dd: None,
                         cache: if kind == Kind::Video {
                             vec![None; CACHE]
                         } else {
@@ -574,6 +615,7 @@ impl Engine {
                         rid_ext,
                         level_ext: level_ext.filter(|_| kind == Kind::Audio),
                         levels: Levels::default(),
+                        dd_ext: dd_ext.filter(|_| format == Format::Av1),
                         downs: vec![],
                         trunks: vec![],
                         trunk_caps: HashMap::new(),
@@ -587,6 +629,7 @@ impl Engine {
                 pt_out,
                 rtx,
                 remb,
+                dd_ext,
                 seq_delta,
                 ts_delta,
             } => {
@@ -613,6 +656,15 @@ impl Engine {
                     rtx,
                     quality: rtcp::Quality::default(),
                     bwe: bwe::LossBased::new(remb),
+                    // AV1: the publisher's descriptor goes out under the subscriber's
+                    // id; a subscriber without it cannot assemble a picture of several
+                    // spatial layers (measured with Chromium: nothing decodes), so it
+                    // gets one.
+                    dd_rename: match (t.dd_ext, dd_ext) {
+                        (Some(a), Some(b)) if a != b => Some((a, b)),
+                        _ => None,
+                    },
+                    one_spatial: t.format == Format::Av1 && dd_ext.is_none(),
                     last_ts_out: 0,
                     last_out_at: None,
                 });
@@ -878,7 +930,17 @@ impl Engine {
         let vp8 = (t.format == Format::Vp8)
             .then(|| Vp8Descriptor::parse(payload))
             .flatten();
-        let ids = t.format.layer_ids(payload, vp8.as_ref());
+        let (ids, structure) = layer_ids_of(
+            t.format,
+            t.dd_ext,
+            st.dd.as_ref(),
+            plain,
+            hlen,
+            vp8.as_ref(),
+        );
+        if structure.is_some() {
+            st.dd = structure;
+        }
         if let Some(ids) = &ids {
             st.seen.record(ids, n - hlen, now);
         }
@@ -898,7 +960,10 @@ impl Engine {
         let sessions = &mut self.sessions;
         for d in &mut t.downs {
             let target = d.layering.choose(&active[..encodings]);
-            let want = d.layering.want(encodings);
+            let mut want = d.layering.want(encodings);
+            if d.one_spatial {
+                want.0 = 0;
+            }
             let out = d.layering.accept(&pkt, target, want, units, &mut d.route);
             // Waiting to switch (a cap, a bandwidth limit, a layer that stopped) or for
             // more layers of its encoding: a keyframe is asked for, whether the old
@@ -1184,7 +1249,8 @@ impl Engine {
                     let vp8 = (t.format == Format::Vp8)
                         .then(|| Vp8Descriptor::parse(&plain[hlen..]))
                         .flatten();
-                    let ids = t.format.layer_ids(&plain[hlen..], vp8.as_ref());
+                    let dd = t.streams[layer as usize].dd.as_ref();
+                    let (ids, _) = layer_ids_of(t.format, t.dd_ext, dd, plain, hlen, vp8.as_ref());
                     let Some((_, out)) = d.layering.resend(seq_out, &d.route, ids.as_ref()) else {
                         continue;
                     };
@@ -1473,6 +1539,7 @@ mod tests {
                 rid_ext: None,
                 twcc_ext: None,
                 level_ext: None,
+                dd_ext: None,
             });
             p
         }
@@ -1562,6 +1629,7 @@ mod tests {
             pt_out: 96,
             rtx,
             remb: false,
+            dd_ext: None,
             seq_delta: 100,
             ts_delta,
         };
@@ -1592,6 +1660,7 @@ mod tests {
                     pt_out: 100 + (i % 20) as u8,
                     rtx: None,
                     remb: false,
+                    dd_ext: None,
                     seq_delta: (i * 1000) as u16,
                     ts_delta: i * 7,
                 };
@@ -1661,6 +1730,7 @@ mod tests {
             pt_out: 111,
             rtx: None,
             remb: false,
+            dd_ext: None,
             seq_delta: 0,
             ts_delta: 0,
         };
@@ -1789,6 +1859,7 @@ mod tests {
                     pt_out: 96,
                     rtx: None,
                     remb: false,
+                    dd_ext: None,
                     seq_delta: 0,
                     ts_delta: 0,
                 };
@@ -1823,6 +1894,7 @@ mod tests {
             pt_out: 111,
             rtx: None,
             remb: false,
+            dd_ext: None,
             seq_delta: 0,
             ts_delta: 0,
         };
@@ -1865,6 +1937,7 @@ mod tests {
             pt_out: 111,
             rtx: None,
             remb: false,
+            dd_ext: None,
             seq_delta: 0,
             ts_delta: 0,
         };
@@ -1971,6 +2044,7 @@ mod tests {
                 pt_out: 111,
                 rtx: None,
                 remb: false,
+                dd_ext: None,
                 seq_delta: 0,
                 ts_delta: 0,
             };
@@ -2067,6 +2141,7 @@ mod tests {
             rid_ext: None,
             twcc_ext: None,
             level_ext: None,
+            dd_ext: None,
         });
         b.cmd(Command::BindRelay {
             id: 1,
@@ -2086,6 +2161,7 @@ mod tests {
             pt_out: 100,
             rtx: None,
             remb: false,
+            dd_ext: None,
             seq_delta: 10,
             ts_delta: 0,
         };
@@ -2162,6 +2238,7 @@ mod tests {
                 rid_ext: None,
                 twcc_ext: Some(3),
                 level_ext: None,
+                dd_ext: None,
             });
         }
         // One-byte header extension, id 3, two bytes: the transport-wide sequence.
@@ -2256,6 +2333,7 @@ mod tests {
             rid_ext: Some(10),
             twcc_ext: None,
             level_ext: None,
+            dd_ext: None,
         });
         let viewer = |f: &mut Fixture, id: SessionId| {
             let down = Command::AddDownTrack {
@@ -2265,6 +2343,7 @@ mod tests {
                 pt_out: 96,
                 rtx: None,
                 remb: false,
+                dd_ext: None,
                 seq_delta: 0,
                 ts_delta: 0,
             };
@@ -2517,6 +2596,7 @@ mod tests {
             rid_ext: None,
             twcc_ext: None,
             level_ext: None,
+            dd_ext: None,
         });
         let mut viewers: Vec<Peer> = (2..5)
             .map(|id| {
@@ -2527,6 +2607,7 @@ mod tests {
                     pt_out: 98,
                     rtx: None,
                     remb: false,
+                    dd_ext: None,
                     seq_delta: 0,
                     ts_delta: 0,
                 };
@@ -2680,6 +2761,7 @@ mod tests {
             rid_ext: None,
             twcc_ext: None,
             level_ext: None,
+            dd_ext: None,
         });
         let mut viewers: Vec<Peer> = (2..4)
             .map(|id| {
@@ -2690,6 +2772,7 @@ mod tests {
                     pt_out: 96,
                     rtx: None,
                     remb: false,
+                    dd_ext: None,
                     seq_delta: 1000,
                     ts_delta: 0,
                 };
@@ -2780,5 +2863,120 @@ mod tests {
                 (1015, 32_765, 3, 2)
             ]
         );
+    }
+
+    /// AV1 SVC (two spatial layers) read from the dependency descriptor: a viewer
+    /// that negotiated it under the publisher's id gets both layers as sent, one under
+    /// another id gets the descriptor renamed, and one without it gets spatial layer
+    /// 0 only, each of its frames ending its picture.
+    #[test]
+    fn av1_layers_come_from_the_dependency_descriptor() {
+        use crate::media::codec::tests::dd;
+        let mut f = Fixture::new();
+        let mut publisher = f.peer(1, Role::Publisher, Profile::AeadAes128Gcm);
+        f.cmd(Command::AddTrack {
+            id: 10,
+            session: 1,
+            kind: Kind::Video,
+            pt: 45,
+            clock_rate: 90_000,
+            format: Format::Av1,
+            streams: vec![(None, Some(0xaaaa))],
+            rid_ext: None,
+            twcc_ext: None,
+            level_ext: None,
+            dd_ext: Some(12),
+        });
+        let mut viewers: Vec<Peer> = [(2, Some(12)), (3, Some(9)), (4, None)]
+            .into_iter()
+            .map(|(id, dd_ext)| {
+                let down = Command::AddDownTrack {
+                    track: 10,
+                    sub: id,
+                    ssrc_out: 0x100 + id,
+                    pt_out: 45,
+                    rtx: None,
+                    remb: false,
+                    dd_ext,
+                    seq_delta: 0,
+                    ts_delta: 0,
+                };
+                f.viewer(id, 10, Profile::AeadAes128Gcm, down)
+            })
+            .collect();
+        // Two temporal units of two spatial layer frames (one packet each); the first
+        // is a keyframe whose descriptor carries the L2T1 structure.
+        for k in 0..2u16 {
+            for sid in 0..2u8 {
+                let ext = dd(
+                    true,
+                    true,
+                    sid,
+                    2 * k + sid as u16,
+                    (k == 0 && sid == 0).then_some(&[2, 3][..]),
+                );
+                let mut p = vec![0x90, 45 | if sid == 1 { 0x80 } else { 0 }];
+                p.extend_from_slice(&(100 + 2 * k + sid as u16).to_be_bytes());
+                p.extend_from_slice(&(3000 * k as u32).to_be_bytes());
+                p.extend_from_slice(&0xaaaau32.to_be_bytes());
+                let words = (1 + ext.len()).div_ceil(4);
+                p.extend_from_slice(&[0xbe, 0xde, 0, words as u8]);
+                p.push((12 << 4) | (ext.len() as u8 - 1));
+                p.extend_from_slice(&ext);
+                p.resize(16 + 4 * words, 0);
+                // Aggregation header: N on the keyframe's first packet.
+                p.extend_from_slice(&[if k == 0 && sid == 0 { 0x18 } else { 0x10 }, sid]);
+                f.send(&mut publisher, &p);
+            }
+        }
+        let got = |f: &mut Fixture, v: &mut Peer| -> Vec<(u16, bool, Option<u8>, Option<u8>, u8)> {
+            let out: Vec<_> = f
+                .sink
+                .out
+                .iter()
+                .filter(|(to, _)| *to == v.addr)
+                .cloned()
+                .collect();
+            out.iter()
+                .map(|(_, w)| {
+                    let p = unprotect(v, w);
+                    let len = rtp::header_len(&p).unwrap();
+                    let id_of = |id| rtp::extension(&p, id).map(|e| e[0] & 0x3f);
+                    (
+                        u16::from_be_bytes([p[2], p[3]]),
+                        p[1] & 0x80 != 0,
+                        id_of(12),
+                        id_of(9),
+                        p[len + 1],
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(
+            got(&mut f, &mut viewers[0]),
+            [
+                (100, false, Some(0), None, 0),
+                (101, true, Some(1), None, 1),
+                (102, false, Some(0), None, 0),
+                (103, true, Some(1), None, 1)
+            ]
+        );
+        assert_eq!(
+            got(&mut f, &mut viewers[1]),
+            [
+                (100, false, None, Some(0), 0),
+                (101, true, None, Some(1), 1),
+                (102, false, None, Some(0), 0),
+                (103, true, None, Some(1), 1)
+            ],
+            "the descriptor under the subscriber's id"
+        );
+        assert_eq!(
+            got(&mut f, &mut viewers[2]),
+            [(100, true, Some(0), None, 0), (101, true, Some(0), None, 0)],
+            "spatial layer 0, each frame ending its picture"
+        );
+        let t = f.engine.track(10).unwrap();
+        assert_eq!(t.streams[0].seen.top(f.now, LAYER_IDLE), (1, 0));
     }
 }

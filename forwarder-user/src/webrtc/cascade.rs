@@ -170,6 +170,10 @@ pub struct RelayTrack {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub layers: Vec<u32>,
     pub codec: Codec,
+    /// AV1: the dependency descriptor's id in the publisher's packets (the trunk
+    /// carries them as sent), so the relay node reads the SVC layers too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dd_ext: Option<u8>,
 }
 
 /// A publisher session that is an upstream's publisher, relayed here.
@@ -334,6 +338,7 @@ impl Sfu {
                         vec![]
                     },
                     codec: t.codec.clone(),
+                    dd_ext: t.dd_ext,
                 })
                 .collect();
             let track_ids: Vec<_> = s.tracks.iter().map(|t| t.media).collect();
@@ -650,6 +655,7 @@ impl Sfu {
                     twcc_ext: None,
                     // Speakers are decided at the publisher's own node.
                     level_ext: None,
+                    dd_ext: t.dd_ext,
                     track_id: t.track_id.clone(),
                     media: self.media_id(),
                 });

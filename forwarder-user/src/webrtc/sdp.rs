@@ -179,6 +179,9 @@ pub struct Offer {
     /// (hash function, digest bytes) from a=fingerprint.
     pub fingerprint: (String, Vec<u8>),
     pub media: Vec<OfferMedia>,
+    /// RFC 8285 §6 `a=extmap-allow-mixed`: two-byte header extensions may come
+    /// (AV1's dependency descriptor needs them for its template structure).
+    pub allow_mixed: bool,
 }
 
 fn attr<'a>(
@@ -315,11 +318,17 @@ pub fn parse_offer(text: &str) -> Result<Offer, OfferError> {
             media_name: m.media_name.clone(),
         });
     }
+    let allow_mixed = sd.attributes.iter().any(|a| a.key == "extmap-allow-mixed")
+        || sd
+            .media_descriptions
+            .iter()
+            .any(|m| m.attribute("extmap-allow-mixed").is_some());
     Ok(Offer {
         ice_ufrag,
         ice_pwd,
         fingerprint: (alg.to_ascii_lowercase(), digest),
         media,
+        allow_mixed,
     })
 }
 
@@ -366,7 +375,19 @@ pub const EXT_AUDIO_LEVEL: &str = "urn:ietf:params:rtp-hdrext:ssrc-audio-level";
 pub const EXT_TWCC: &str =
     "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01";
 
+/// AV1's dependency descriptor (AV1 RTP spec, appendix A): which spatial and temporal
+/// layer each packet carries, where each layer's frame starts and ends.
+pub const EXT_DD: &str =
+    "https://aomediacodec.github.io/av1-rtp-spec/#dependency-descriptor-rtp-header-extension";
+
 impl OfferMedia {
+    /// The dependency descriptor extension's id, on an m-line whose codec is AV1
+    /// (the only one that needs it to say its layers).
+    pub fn dependency_descriptor(&self, codec: &Codec) -> Option<u8> {
+        self.extmap(EXT_DD)
+            .filter(|_| codec.name.eq_ignore_ascii_case("AV1"))
+    }
+
     /// The offered id of header extension `uri`.
     pub fn extmap(&self, uri: &str) -> Option<u8> {
         self.extmaps
@@ -511,6 +532,10 @@ pub fn build_answer(p: &AnswerParams<'_>) -> String {
         .with_property_attribute("ice-lite".into())
         .with_value_attribute("group".into(), format!("BUNDLE {}", accepted.join(" ")))
         .with_value_attribute("msid-semantic".into(), " WMS *".trim().into());
+    // We read both header extension forms and forward packets as sent.
+    if p.offer.allow_mixed {
+        sd = sd.with_property_attribute("extmap-allow-mixed".into());
+    }
     sd.session_name = "edgefwd".into();
     for (om, am) in p.offer.media.iter().zip(p.media) {
         let (codec, direction) = match am {
@@ -577,6 +602,12 @@ pub fn build_answer(p: &AnswerParams<'_>) -> String {
             && let Some(id) = om.audio_level()
         {
             md = md.with_value_attribute("extmap".into(), format!("{id} {EXT_AUDIO_LEVEL}"));
+        }
+        // AV1: the layers of an SVC stream are read from the dependency descriptor,
+        // and a viewer's decoder assembles its frames by it: both sides get it (the
+        // forwarded packets carry the publisher's).
+        if let Some(id) = om.dependency_descriptor(codec) {
+            md = md.with_value_attribute("extmap".into(), format!("{id} {EXT_DD}"));
         }
         if let AnswerMedia::Receive { .. } = am
             && let Some(id) = om.twcc(codec)
@@ -952,5 +983,45 @@ mod tests {
             "{audio}"
         );
         assert!(audio.contains(EXT_AUDIO_LEVEL), "{audio}");
+    }
+
+    /// AV1's dependency descriptor is answered on AV1 m-lines that offer it (the
+    /// publisher's and the viewer's), never on other codecs'; `extmap-allow-mixed` is
+    /// answered where offered (the descriptor's structure needs two-byte extensions).
+    #[test]
+    fn the_dependency_descriptor_is_answered_for_av1() {
+        let with_dd = CHROMIUM_OFFER.replace(
+            "a=mid:1\r\n",
+            &format!("a=mid:1\r\na=extmap:13 {EXT_DD}\r\n"),
+        );
+        let o = parse_offer(&with_dd).unwrap();
+        assert!(o.allow_mixed, "Chromium offers two-byte extensions");
+        let video = &o.media[1];
+        let vp8 = video.publish_codec().unwrap().clone();
+        assert_eq!(
+            video.dependency_descriptor(&vp8),
+            None,
+            "VP8 says its layers itself"
+        );
+        let mut av1 = vp8.clone();
+        av1.name = "AV1".into();
+        assert_eq!(video.dependency_descriptor(&av1), Some(13));
+        let receive = |codec: &Codec| {
+            vec![
+                AnswerMedia::Reject,
+                AnswerMedia::Receive {
+                    codec: codec.clone(),
+                    simulcast: false,
+                },
+                AnswerMedia::Reject,
+            ]
+        };
+        let line = format!("a=extmap:13 {EXT_DD}\r\n");
+        assert!(answer_for(&o, &receive(&av1)).contains(&line));
+        assert!(!answer_for(&o, &receive(&vp8)).contains(EXT_DD));
+        assert!(answer_for(&o, &receive(&av1)).contains("a=extmap-allow-mixed\r\n"));
+        let one_byte = parse_offer(&with_dd.replace("a=extmap-allow-mixed\r\n", "")).unwrap();
+        assert!(!one_byte.allow_mixed);
+        assert!(!answer_for(&one_byte, &receive(&av1)).contains("extmap-allow-mixed"));
     }
 }

@@ -55,6 +55,8 @@ pub struct Track {
     pub twcc_ext: Option<u8>,
     /// The audio level extension's id (audio): the room's active speaker.
     pub level_ext: Option<u8>,
+    /// AV1's dependency descriptor extension's id: an SVC stream's layers.
+    pub dd_ext: Option<u8>,
     pub track_id: String,
     /// The engine's handle of this track.
     pub media: TrackId,
@@ -75,6 +77,8 @@ pub struct Subscription {
     pub codec: Codec,
     /// RTX (payload type, SSRC) as answered, if the m-line offered it.
     pub rtx: Option<(u8, u32)>,
+    /// AV1: the dependency descriptor's id as answered, if the m-line offered it.
+    pub dd_ext: Option<u8>,
 }
 
 /// A subscriber's m-line answered before any track could fill it (the subscriber
@@ -86,6 +90,7 @@ pub struct Slot {
     pub codec: Codec,
     pub ssrc_out: u32,
     pub rtx: Option<(u8, u32)>,
+    pub dd_ext: Option<u8>,
 }
 
 pub struct Session {
@@ -191,6 +196,7 @@ impl State {
                     codec: d.codec,
                     ssrc_out: d.ssrc_out,
                     rtx: d.rtx,
+                    dd_ext: d.dd_ext,
                 }));
             }
         }
@@ -494,6 +500,7 @@ impl Sfu {
             pt_out: d.pt_out,
             rtx: d.rtx.map(|(pt, ssrc)| (pt, ssrc, rng.r#gen())),
             remb: d.codec.remb_only(),
+            dd_ext: d.dd_ext,
             seq_delta: rng.r#gen(),
             ts_delta: rng.r#gen(),
         });
@@ -517,6 +524,7 @@ impl Sfu {
                 rid_ext: t.rid_ext,
                 twcc_ext: t.twcc_ext,
                 level_ext: t.level_ext,
+                dd_ext: t.dd_ext,
             });
         }
         for d in &s.downtracks {
@@ -738,6 +746,7 @@ impl Sfu {
                         rid_ext,
                         twcc_ext: m.twcc(codec),
                         level_ext: m.audio_level(),
+                        dd_ext: m.dependency_descriptor(codec),
                         track_id: format!("{}-{}", kind.as_str(), random_string(6)),
                         media: self.media_id(),
                     });
@@ -829,6 +838,7 @@ impl Sfu {
                             codec: codec.clone(),
                             ssrc_out,
                             rtx,
+                            dd_ext: m.dependency_descriptor(codec),
                         });
                         media.push(AnswerMedia::Send {
                             codec: codec.clone(),
@@ -855,6 +865,7 @@ impl Sfu {
                 pt_out: codec.pt,
                 codec: codec.clone(),
                 rtx,
+                dd_ext: m.dependency_descriptor(&codec),
             });
             media.push(AnswerMedia::Send {
                 codec,
@@ -915,6 +926,7 @@ impl Sfu {
                     pt_out: slot.codec.pt,
                     codec: slot.codec.clone(),
                     rtx: slot.rtx,
+                    dd_ext: slot.dd_ext,
                 });
                 self.add_downtrack(s.media, s.downtracks.last().expect("pushed"));
                 // A cap asked while the m-line waited holds for its track.

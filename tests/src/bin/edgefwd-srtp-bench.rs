@@ -291,6 +291,7 @@ fn engine(n: usize, profile: Profile, shape: Shape) -> (Engine, Context, SocketA
             rid_ext: None,
             twcc_ext: None,
             level_ext: None,
+            dd_ext: None,
         },
     );
     for i in 0..n as u32 {
@@ -312,6 +313,7 @@ fn engine(n: usize, profile: Profile, shape: Shape) -> (Engine, Context, SocketA
                 pt_out: 100,
                 rtx: None,
                 remb: false,
+                dd_ext: None,
                 seq_delta: i as u16,
                 ts_delta: i,
             },
