@@ -144,6 +144,13 @@ pub fn extension(pkt: &[u8], id: u8) -> Option<&[u8]> {
     pkt.get(at..at + len)
 }
 
+/// Where the value of header extension `id` starts, if the packet carries it with
+/// exactly `len` bytes (to be written in place).
+pub fn extension_value_offset(pkt: &[u8], id: u8, len: usize) -> Option<usize> {
+    let (_, at, n, _) = find_extension(pkt, id)?;
+    (n == len).then_some(at)
+}
+
 /// Gives header extension `from` the id `to` (a receiver that negotiated another id
 /// for the same extension), in place; false if it is absent or `to` does not fit the
 /// packet's form (the one-byte form has ids 1 to 14).
@@ -294,6 +301,8 @@ mod tests {
             3, 0, 0x77,
         ];
         assert_eq!(extension(&p, 12), Some(&[1, 2, 3][..]));
+        assert_eq!(extension_value_offset(&p, 3, 2), Some(17));
+        assert_eq!(extension_value_offset(&p, 12, 2), None, "3 bytes, not 2");
         assert!(rename_extension(&mut p, 12, 9));
         assert_eq!(extension(&p, 12), None);
         assert_eq!(extension(&p, 9), Some(&[1, 2, 3][..]));

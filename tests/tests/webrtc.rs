@@ -822,14 +822,19 @@ fn the_page_shows_a_running_room_live() {
     );
 }
 
-/// The video down-track (layer, bandwidth limit) of the subscriber whose media goes
-/// to an address starting with `peer`, in one `/api/sessions` answer.
-fn viewer_video(api: &Value, room: &str, peer: &str) -> Option<Value> {
+/// The subscriber session whose media goes to an address starting with `peer`, in
+/// one `/api/sessions` answer.
+fn viewer_session<'a>(api: &'a Value, room: &str, peer: &str) -> Option<&'a Value> {
     api["rooms"][room]
         .as_array()?
         .iter()
         .filter(|s| s["role"] == "subscriber")
-        .find(|s| s["nominated"].as_str().is_some_and(|a| a.starts_with(peer)))?["downtracks"]
+        .find(|s| s["nominated"].as_str().is_some_and(|a| a.starts_with(peer)))
+}
+
+/// That subscriber's video down-track (layer, bandwidth limit).
+fn viewer_video(api: &Value, room: &str, peer: &str) -> Option<Value> {
+    viewer_session(api, room, peer)?["downtracks"]
         .as_array()?
         .iter()
         .find(|d| d["kind"] == "video")
@@ -917,6 +922,20 @@ fn viewers_behind_different_bandwidths(svc: bool) {
     );
     println!("limited: low {l}\nhigh {h}");
     assert!(l["estimate_bps"].as_u64().unwrap() < 1_000_000, "{l}");
+    // The delay-based half saw the queue on the limited viewer's path from its
+    // transport-wide feedback (the tbf queue holds up to 100 ms before it drops):
+    // over-use, and an estimate near what the link carries.
+    let a = api();
+    let transport = |peer: &str| viewer_session(&a, &room, peer).unwrap()["transport_cc"].clone();
+    let (lt, ht) = (transport("10.91.0.2"), transport("10.91.0.1"));
+    println!("transport: low {lt}\nhigh {ht}");
+    assert!(lt["overuses"].as_u64().unwrap() >= 1, "{lt}");
+    let delay = lt["estimate_bps"].as_u64().unwrap();
+    assert!((50_000..=400_000).contains(&delay), "250 kbit/s link: {lt}");
+    assert!(
+        ht["received_bps"].as_u64().unwrap() > 0,
+        "the other's feedback flows: {ht}"
+    );
     // /metrics says the same: one viewer on layer 0 held there by its bandwidth.
     let scrape = || {
         let url = format!("{}/metrics", sfu.base);

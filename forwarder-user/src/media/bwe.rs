@@ -22,9 +22,15 @@
 //! on it are clean the new layer is kept. Without loss on the top layer the estimate grows past 1.4 × its
 //! rate, and then it is dropped (no limit) rather than kept stale.
 //!
-//! Not done: the delay-based half (transport-wide feedback from viewers would show a
-//! queue building before loss does), and probing with padding before a switch.
+//! The delay-based half ([`DelayBased`], draft-ietf-rmcat-gcc §5) reads the viewer's
+//! transport-wide feedback: a queue building on its path shows as packets arriving
+//! later and later relative to when they were sent, before any is lost. Where it
+//! sees the path over-used, its estimate (0.85 × what the viewer received) counts
+//! like a REMB below what was sent: congestion, even in a window without loss.
+//!
+//! Not done: probing with padding before a switch.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use super::simulcast::{Layer, UNCAPPED};
@@ -49,6 +55,9 @@ pub struct LossBased {
     pub remb: Option<u64>,
     /// Whether that estimate counts (a viewer that negotiated only REMB).
     pub use_remb: bool,
+    /// The delay-based estimate of the viewer's transport, bits/s (transport-cc),
+    /// once its feedback showed the path over-used.
+    pub delay: Option<u64>,
     /// What was sent to the viewer over the last report interval, bits/s.
     pub send_rate: u64,
     /// The layer limit it gives ([`UNCAPPED`]: none).
@@ -73,6 +82,7 @@ impl Default for LossBased {
             estimate: None,
             remb: None,
             use_remb: false,
+            delay: None,
             send_rate: 0,
             limit: UNCAPPED,
             clean: 0,
@@ -169,6 +179,9 @@ impl LossBased {
         let remb_cut = self
             .remb
             .filter(|r| self.use_remb && *r < self.send_rate * 85 / 100);
+        // A queue building (delay) is congestion before loss is.
+        let delay_cut = self.delay.filter(|d| *d < self.send_rate * 9 / 10);
+        let remb_cut = [remb_cut, delay_cut].into_iter().flatten().min();
         if loss > CONGESTED || remb_cut.is_some() {
             let base = self.send_rate.max(1);
             let by_loss = (loss > CONGESTED).then(|| (base as f64 * (1.0 - loss / 2.0)) as u64);
@@ -260,6 +273,259 @@ impl LossBased {
     pub fn probing(&self) -> bool {
         self.probe_from.is_some()
     }
+}
+
+/// Packets sent within this span of a group's first are one group (a burst).
+const GROUP_US: i64 = 5_000;
+/// Inter-group delay samples the trend is fitted over.
+const TREND_WINDOW: usize = 20;
+const SMOOTHING: f64 = 0.9;
+const TREND_GAIN: f64 = 4.0;
+/// How the over-use threshold follows the trend (up slowly, down fast), per ms.
+const K_UP: f64 = 0.0087;
+const K_DOWN: f64 = 0.039;
+/// Over-use must last this long (ms) before it counts.
+const OVERUSE_MS: f64 = 10.0;
+/// Packets remembered for the received rate.
+const ACKED_SPAN_US: i64 = 1_000_000;
+
+/// What the delay trend says of the path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Usage {
+    #[default]
+    Normal,
+    Over,
+    Under,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Group {
+    first_send: i64,
+    last_send: i64,
+    last_arrival: i64,
+}
+
+/// The delay-based estimate of one viewer's transport (every m-line of its BUNDLE):
+/// packet groups' one-way delay variation, its trend (a least-squares slope over the
+/// last [`TREND_WINDOW`] groups of the smoothed accumulated variation), an adaptive
+/// over-use threshold, and a rate that drops to 0.85 × what was received on over-use
+/// and grows 8 % a second otherwise (never past 1.5 × what is received, never below
+/// what was received without over-use). Times in µs:
+/// ours when sent, the viewer's when it received (its clock; only differences count).
+#[derive(Debug, Clone)]
+pub struct DelayBased {
+    group: Option<Group>,
+    prev: Option<Group>,
+    first_arrival: Option<i64>,
+    accumulated: f64,
+    smoothed: f64,
+    samples: VecDeque<(f64, f64)>,
+    deltas: u32,
+    threshold: f64,
+    last_threshold: Option<i64>,
+    over_ms: f64,
+    over_count: u32,
+    prev_trend: f64,
+    pub trend: f64,
+    pub usage: Usage,
+    acked: VecDeque<(i64, u32)>,
+    acked_bytes: u64,
+    /// What the viewer received over the last second, bits/s.
+    pub received_bps: u64,
+    /// None until the path was first seen over-used: no limit.
+    pub estimate: Option<u64>,
+    last_rate_update: Option<Instant>,
+    pub overuses: u64,
+}
+
+impl Default for DelayBased {
+    fn default() -> Self {
+        DelayBased {
+            group: None,
+            prev: None,
+            first_arrival: None,
+            accumulated: 0.0,
+            smoothed: 0.0,
+            samples: VecDeque::with_capacity(TREND_WINDOW + 1),
+            deltas: 0,
+            threshold: 12.5,
+            last_threshold: None,
+            over_ms: 0.0,
+            over_count: 0,
+            prev_trend: 0.0,
+            trend: 0.0,
+            usage: Usage::Normal,
+            acked: VecDeque::new(),
+            acked_bytes: 0,
+            received_bps: 0,
+            estimate: None,
+            last_rate_update: None,
+            overuses: 0,
+        }
+    }
+}
+
+impl DelayBased {
+    /// Takes one feedback's received packets, in sequence order: (sent, arrived, size).
+    pub fn on_feedback(&mut self, packets: &[(i64, i64, u32)], now: Instant) {
+        for &(sent, arrived, size) in packets {
+            self.acked.push_back((arrived, size));
+            self.acked_bytes += size as u64;
+            self.group_packet(sent, arrived);
+        }
+        if let Some(&(newest, _)) = self.acked.back() {
+            while let Some(&(at, size)) = self.acked.front() {
+                if newest - at <= ACKED_SPAN_US {
+                    break;
+                }
+                self.acked.pop_front();
+                self.acked_bytes -= size as u64;
+            }
+            // Over the span the packets cover (up to a second): the first packet's
+            // bytes arrived before it began.
+            let (oldest, first) = self.acked[0];
+            if newest > oldest {
+                self.received_bps =
+                    (self.acked_bytes - first as u64) * 8 * 1_000_000 / (newest - oldest) as u64;
+            }
+        }
+        self.update_rate(now);
+    }
+
+    fn group_packet(&mut self, sent: i64, arrived: i64) {
+        let Some(g) = self.group.as_mut() else {
+            self.group = Some(Group {
+                first_send: sent,
+                last_send: sent,
+                last_arrival: arrived,
+            });
+            return;
+        };
+        if sent < g.first_send {
+            return; // reordered from an older group: no new information
+        }
+        if sent - g.first_send <= GROUP_US {
+            g.last_send = g.last_send.max(sent);
+            g.last_arrival = g.last_arrival.max(arrived);
+            return;
+        }
+        let done = *g;
+        if let Some(prev) = self.prev {
+            let send_delta = done.last_send - prev.last_send;
+            let arrival_delta = done.last_arrival - prev.last_arrival;
+            self.on_delta(
+                (arrival_delta - send_delta) as f64 / 1000.0,
+                send_delta as f64 / 1000.0,
+                done.last_arrival,
+            );
+        }
+        self.prev = Some(done);
+        self.group = Some(Group {
+            first_send: sent,
+            last_send: sent,
+            last_arrival: arrived,
+        });
+    }
+
+    /// One group's delay variation `d` (ms) after `send_delta` (ms), arrived at `at`.
+    fn on_delta(&mut self, d: f64, send_delta: f64, at: i64) {
+        self.deltas = (self.deltas + 1).min(1000);
+        self.accumulated += d;
+        self.smoothed = SMOOTHING * self.smoothed + (1.0 - SMOOTHING) * self.accumulated;
+        let first = *self.first_arrival.get_or_insert(at);
+        self.samples
+            .push_back(((at - first) as f64 / 1000.0, self.smoothed));
+        if self.samples.len() > TREND_WINDOW {
+            self.samples.pop_front();
+        }
+        if self.samples.len() == TREND_WINDOW
+            && let Some(slope) = slope(&self.samples)
+        {
+            self.trend = self.deltas.min(60) as f64 * slope * TREND_GAIN;
+        }
+        self.detect(send_delta, at);
+    }
+
+    fn detect(&mut self, send_delta: f64, at: i64) {
+        let t = self.trend;
+        if t > self.threshold {
+            self.over_ms += send_delta;
+            self.over_count += 1;
+            if self.over_ms > OVERUSE_MS && self.over_count > 1 && t >= self.prev_trend {
+                if self.usage != Usage::Over {
+                    self.overuses += 1;
+                }
+                self.usage = Usage::Over;
+                self.over_ms = 0.0;
+                self.over_count = 0;
+            }
+        } else {
+            self.over_ms = 0.0;
+            self.over_count = 0;
+            self.usage = if t < -self.threshold {
+                Usage::Under
+            } else {
+                Usage::Normal
+            };
+        }
+        self.prev_trend = t;
+        // The threshold follows the trend, so a path whose delay wanders (or a
+        // competing flow) does not read as over-use forever; a spike does not move it.
+        let dt = self
+            .last_threshold
+            .map_or(0.0, |l| ((at - l) as f64 / 1000.0).min(100.0));
+        self.last_threshold = Some(at);
+        if t.abs() <= self.threshold + 15.0 {
+            let k = if t.abs() < self.threshold {
+                K_DOWN
+            } else {
+                K_UP
+            };
+            self.threshold =
+                (self.threshold + k * (t.abs() - self.threshold) * dt).clamp(6.0, 600.0);
+        }
+    }
+
+    fn update_rate(&mut self, now: Instant) {
+        let dt = self.last_rate_update.map_or(0.0, |l| {
+            now.saturating_duration_since(l).as_secs_f64().min(1.0)
+        });
+        self.last_rate_update = Some(now);
+        match self.usage {
+            Usage::Over if self.received_bps > 0 => {
+                let cut = self.received_bps * 85 / 100;
+                self.estimate = Some(self.estimate.map_or(cut, |e| e.min(cut)));
+            }
+            Usage::Normal => {
+                if let Some(e) = self.estimate {
+                    let grown = (e as f64 * 1.08f64.powf(dt)) as u64 + 1;
+                    // What arrived without a queue building is what the path carries
+                    // (a probe's layer shows it at once; growth alone takes seconds).
+                    self.estimate = Some(
+                        grown
+                            .min(self.received_bps * 3 / 2 + 10_000)
+                            .max(e)
+                            .max(self.received_bps),
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The least-squares slope of `(x, y)` samples; None if the x do not vary.
+fn slope(samples: &VecDeque<(f64, f64)>) -> Option<f64> {
+    let n = samples.len() as f64;
+    let (sx, sy) = samples
+        .iter()
+        .fold((0.0, 0.0), |(a, b), (x, y)| (a + x, b + y));
+    let (mx, my) = (sx / n, sy / n);
+    let (num, den) = samples.iter().fold((0.0, 0.0), |(num, den), (x, y)| {
+        (num + (x - mx) * (y - my), den + (x - mx) * (x - mx))
+    });
+    (den > 0.0).then(|| num / den)
 }
 
 #[cfg(test)]
@@ -421,5 +687,85 @@ mod tests {
         let sent = v.run(400_000, 12, &rates);
         assert!(sent.iter().all(|l| *l != 1), "{sent:?}");
         assert!(sent.contains(&0) && v.b.probes > 0, "{sent:?}");
+    }
+
+    /// `secs` of 1,200-byte packets sent at `rate` bits/s through a link of `capacity`
+    /// bits/s with a queue (no loss), fed back every 100 ms as Chromium does.
+    fn through_link(
+        d: &mut DelayBased,
+        rate: u64,
+        capacity: u64,
+        secs: u64,
+        t: &mut Instant,
+        clock: &mut (i64, i64),
+    ) {
+        let gap = (1_200 * 8 * 1_000_000 / rate) as i64;
+        let serialize = (1_200 * 8 * 1_000_000 / capacity) as i64;
+        let mut batch = vec![];
+        let end = clock.0 + secs as i64 * 1_000_000;
+        while clock.0 < end {
+            let (sent, free) = clock;
+            let arrived = (*sent + 20_000).max(*free) + serialize;
+            batch.push((*sent, arrived, 1_200));
+            *free = arrived;
+            *sent += gap;
+            if batch.len() as i64 * gap >= 100_000 {
+                *t += Duration::from_millis(100);
+                d.on_feedback(&batch, *t);
+                batch.clear();
+            }
+        }
+    }
+
+    /// A queue building shows as over-use within about a second, the estimate
+    /// settling near 0.85 × what gets through; a path with room never sets a limit.
+    #[test]
+    fn delay_growth_is_overuse_before_any_loss() {
+        let (mut t, mut clock) = (Instant::now(), (0i64, 0i64));
+        let mut d = DelayBased::default();
+        through_link(&mut d, 400_000, 1_000_000, 5, &mut t, &mut clock);
+        assert_eq!(
+            (d.usage, d.estimate, d.overuses),
+            (Usage::Normal, None, 0),
+            "{d:?}"
+        );
+        assert!(
+            d.received_bps.abs_diff(400_000) < 40_000,
+            "{}",
+            d.received_bps
+        );
+        // Now 500 kbit/s into 250: the queue grows by 250 kbit each second.
+        through_link(&mut d, 500_000, 250_000, 2, &mut t, &mut clock);
+        assert_eq!(d.overuses, 1, "{d:?}");
+        let e = d.estimate.unwrap();
+        assert!((180_000..=240_000).contains(&e), "{e}");
+        // Back under the capacity: the queue drains (under-use), then it holds still
+        // and the estimate grows again, by at most 8 % a second, never past 1.5 x what
+        // is received.
+        through_link(&mut d, 150_000, 250_000, 3, &mut t, &mut clock);
+        assert_ne!(d.usage, Usage::Over);
+        let drained = d.estimate.unwrap();
+        through_link(&mut d, 150_000, 250_000, 4, &mut t, &mut clock);
+        let later = d.estimate.unwrap();
+        assert!(
+            later > drained && later <= d.received_bps * 3 / 2 + 10_000,
+            "{e} -> {drained} -> {later}"
+        );
+        // A viewer's layer: the delay estimate below what is sent is congestion.
+        let mut l = LossBased {
+            delay: Some(e),
+            ..Default::default()
+        };
+        let now = Instant::now();
+        l.on_report(0, 0, 0, Some(2), now, &RATES);
+        let layer = l.on_report(
+            0,
+            500,
+            500_000 / 8,
+            Some(2),
+            now + Duration::from_secs(1),
+            &RATES,
+        );
+        assert_eq!(layer, 0, "no loss, yet the queue says move down: {l:?}");
     }
 }

@@ -132,6 +132,10 @@ pub enum Command {
         remb: bool,
         /// AV1: the dependency descriptor's id the subscriber negotiated, if any.
         dd_ext: Option<u8>,
+        /// The transport-wide sequence number extension's id the subscriber
+        /// negotiated with transport-cc: its copies are numbered and its feedback
+        /// read (one numbering per session: every m-line of a BUNDLE has the same id).
+        twcc_ext: Option<u8>,
         seq_delta: u16,
         ts_delta: u32,
     },
@@ -313,6 +317,62 @@ struct Session {
     /// Publisher: the transport-wide sequence extension's id and the arrivals since
     /// the last transport feedback.
     twcc: Option<(u8, twcc::Recorder)>,
+    /// Subscriber: the numbering of what we send it and what its feedback says.
+    twcc_out: Option<TwccOut>,
+}
+
+/// Sends remembered for a viewer's transport feedback (a few seconds' worth).
+const TWCC_HISTORY: usize = 4096;
+
+/// A viewer's transport-wide numbering: each copy carries the next number in the
+/// viewer's extension id, and its send time and size are kept until its feedback
+/// says when it arrived.
+pub struct TwccOut {
+    ext: u8,
+    next: u16,
+    sent: Vec<Option<(u16, i64, u32)>>,
+    pub delay: bwe::DelayBased,
+}
+
+impl TwccOut {
+    fn new(ext: u8) -> TwccOut {
+        TwccOut {
+            ext,
+            next: 0,
+            sent: vec![None; TWCC_HISTORY],
+            delay: bwe::DelayBased::default(),
+        }
+    }
+
+    /// Numbers `frame` (rewritten, before protection): the extension under the
+    /// viewer's id if the packet carries it, else the publisher's (`from`) renamed.
+    /// Returns the number given, or None if the packet has no such extension.
+    fn number(&self, frame: &mut [u8], from: Option<u8>) -> Option<u16> {
+        let at = rtp::extension_value_offset(frame, self.ext, 2).or_else(|| {
+            let from = from.filter(|f| *f != self.ext)?;
+            rtp::extension_value_offset(frame, from, 2)?;
+            rtp::rename_extension(frame, from, self.ext)
+                .then(|| rtp::extension_value_offset(frame, self.ext, 2))?
+        })?;
+        frame[at..at + 2].copy_from_slice(&self.next.to_be_bytes());
+        Some(self.next)
+    }
+
+    fn sent(&mut self, seq: u16, at_us: i64, size: usize) {
+        self.sent[seq as usize % TWCC_HISTORY] = Some((seq, at_us, size as u32));
+        self.next = seq.wrapping_add(1);
+    }
+
+    /// What the feedback says arrived: (sent, arrived, size) of the packets we know.
+    fn arrivals(&self, received: &[(u16, i64)]) -> Vec<(i64, i64, u32)> {
+        received
+            .iter()
+            .filter_map(|(seq, at)| match self.sent[*seq as usize % TWCC_HISTORY] {
+                Some((s, sent, size)) if s == *seq => Some((sent, *at, size)),
+                _ => None,
+            })
+            .collect()
+    }
 }
 
 impl Session {
@@ -398,9 +458,11 @@ fn send_copy(
     vp8: Option<&Vp8Descriptor>,
     out: Out,
     rtx: Option<(u8, u32, u16)>,
+    twcc: Option<Numbering>,
     tx: &mut dyn Transmit,
 ) -> bool {
-    tx.transmit(to, &mut |buf| {
+    let mut numbered = None;
+    let sent = tx.transmit(to, &mut |buf| {
         // RTX puts the original sequence number in front of the payload: 2 more.
         let room = plain.len() + if rtx.is_some() { 2 } else { 0 };
         buf.get(..room)?;
@@ -417,6 +479,9 @@ fn send_copy(
         }
         if let Some((from, to)) = d.dd_rename {
             rtp::rename_extension(frame, from, to);
+        }
+        if let Some(n) = &twcc {
+            numbered = n.out.number(frame, n.from);
         }
         // Nothing to shift until a switch, a resume or a dropped frame moved it.
         let tl0 = d.layering.tl0_delta;
@@ -437,7 +502,19 @@ fn send_copy(
         frame[2..4].copy_from_slice(&seq.to_be_bytes());
         frame[8..12].copy_from_slice(&ssrc.to_be_bytes());
         ctx.protect_rtp(buf, plain.len() + 2).ok()
-    })
+    });
+    if sent && let (Some(n), Some(seq)) = (twcc, numbered) {
+        n.out.sent(seq, n.at_us, plain.len());
+    }
+    sent
+}
+
+/// A copy's transport-wide number: the viewer's numbering, the publisher's extension
+/// id (renamed where the viewer's differs), and the send time (µs since the epoch).
+struct Numbering<'a> {
+    out: &'a mut TwccOut,
+    from: Option<u8>,
+    at_us: i64,
 }
 
 /// The layer ids of one packet (`plain`, header `hlen` bytes): AV1's from its
@@ -509,6 +586,7 @@ impl Engine {
                         srtp: None,
                         tracks: vec![],
                         twcc: None,
+                        twcc_out: None,
                     },
                 );
             }
@@ -630,6 +708,7 @@ impl Engine {
                 rtx,
                 remb,
                 dd_ext,
+                twcc_ext,
                 seq_delta,
                 ts_delta,
             } => {
@@ -638,6 +717,9 @@ impl Engine {
                     return;
                 };
                 s.tracks.push(track);
+                if let (None, Some(ext)) = (&s.twcc_out, twcc_ext) {
+                    s.twcc_out = Some(TwccOut::new(ext));
+                }
                 t.downs.push(DownTrack {
                     sub,
                     route: RouteValue {
@@ -863,13 +945,16 @@ impl Engine {
             return c.count(Drop::RtpMalformed);
         };
         // Every authenticated packet arrived at the transport, whichever stream it is.
+        let at_us = now.duration_since(self.epoch).as_micros() as i64;
         if let Some((ext, rec)) = s.twcc.as_mut()
             && let Some(&[a, b]) = rtp::extension(plain, *ext)
         {
             let ssrc = u32::from_be_bytes([plain[8], plain[9], plain[10], plain[11]]);
-            let at = now.duration_since(self.epoch).as_micros() as i64;
-            rec.record(ssrc, u16::from_be_bytes([a, b]), at);
+            rec.record(ssrc, u16::from_be_bytes([a, b]), at_us);
         }
+        // The publisher's transport-wide number is in its copies: each viewer's
+        // replaces it (under the viewer's id).
+        let pub_twcc = s.twcc.as_ref().map(|(id, _)| *id);
         let (pt, seq) = (plain[1] & 0x7f, u16::from_be_bytes([plain[2], plain[3]]));
         let ts = u32::from_be_bytes([plain[4], plain[5], plain[6], plain[7]]);
         let ssrc = u32::from_be_bytes([plain[8], plain[9], plain[10], plain[11]]);
@@ -977,9 +1062,16 @@ impl Engine {
             let Some(sub) = sessions.get_mut(&d.sub) else {
                 continue;
             };
-            let (Some(to), Some(srtp)) = (sub.media_addr(), sub.srtp.as_mut()) else {
+            let to = sub.media_addr();
+            let Session { srtp, twcc_out, .. } = sub;
+            let (Some(to), Some(srtp)) = (to, srtp.as_mut()) else {
                 continue;
             };
+            let twcc = twcc_out.as_mut().map(|out| Numbering {
+                out,
+                from: pub_twcc,
+                at_us,
+            });
             if send_copy(
                 d,
                 &mut srtp.tx,
@@ -989,6 +1081,7 @@ impl Engine {
                 vp8.as_ref(),
                 out,
                 None,
+                twcc,
                 tx,
             ) {
                 bump(&c.rtp_out);
@@ -1075,7 +1168,31 @@ impl Engine {
                     }
                 }
                 (Role::Subscriber, Request::Nack { media_ssrc, seqs }) => {
-                    self.on_nack(id, media_ssrc, &seqs, tx)
+                    self.on_nack(id, media_ssrc, &seqs, now, tx)
+                }
+                (Role::Subscriber, Request::TransportFeedback { received }) => {
+                    let Some(s) = self.sessions.get_mut(&id) else {
+                        continue;
+                    };
+                    let Some(tw) = s.twcc_out.as_mut() else {
+                        continue;
+                    };
+                    let before = tw.delay.overuses;
+                    let arrivals = tw.arrivals(&received);
+                    tw.delay.on_feedback(&arrivals, now);
+                    c.bwe_delay_overuses.fetch_add(
+                        tw.delay.overuses - before,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                    // The transport's estimate bounds each of its down-tracks' layers.
+                    let estimate = tw.delay.estimate;
+                    for tid in &s.tracks {
+                        if let Some(t) = self.tracks.get_mut(tid) {
+                            for d in t.downs.iter_mut().filter(|d| d.sub == id) {
+                                d.bwe.delay = estimate;
+                            }
+                        }
+                    }
                 }
                 (Role::Subscriber, Request::Remb { bitrate, ssrcs }) => {
                     for ssrc in ssrcs {
@@ -1219,14 +1336,28 @@ impl Engine {
     }
 
     /// Resends what the cache has; asks the publisher for the rest.
-    fn on_nack(&mut self, sub: SessionId, ssrc_out: u32, seqs: &[u16], tx: &mut dyn Transmit) {
+    fn on_nack(
+        &mut self,
+        sub: SessionId,
+        ssrc_out: u32,
+        seqs: &[u16],
+        now: Instant,
+        tx: &mut dyn Transmit,
+    ) {
         let Some((tid, i)) = self.downtrack_by_ssrc(sub, ssrc_out) else {
             return;
         };
         let c = &*self.counters;
         let t = self.tracks.get_mut(&tid).expect("found");
+        let pub_twcc = self
+            .sessions
+            .get(&t.session)
+            .and_then(|p| p.twcc.as_ref().map(|(id, _)| *id));
+        let at_us = now.duration_since(self.epoch).as_micros() as i64;
         let s = self.sessions.get_mut(&sub).expect("found");
-        let (Some(to), Some(srtp)) = (s.media_addr(), s.srtp.as_mut()) else {
+        let to = s.media_addr();
+        let Session { srtp, twcc_out, .. } = s;
+        let (Some(to), Some(srtp)) = (to, srtp.as_mut()) else {
             return;
         };
         let d = &mut t.downs[i];
@@ -1263,6 +1394,11 @@ impl Engine {
                         vp8.as_ref(),
                         out,
                         d.rtx,
+                        twcc_out.as_mut().map(|out| Numbering {
+                            out,
+                            from: pub_twcc,
+                            at_us,
+                        }),
                         tx,
                     ) {
                         d.nack_resent += 1;
@@ -1394,6 +1530,11 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// A viewer's delay-based estimate (None unless it negotiated transport-cc).
+    pub fn transport_cc(&self, sub: SessionId) -> Option<&bwe::DelayBased> {
+        Some(&self.sessions.get(&sub)?.twcc_out.as_ref()?.delay)
     }
 
     pub fn track(&self, id: TrackId) -> Option<&UpTrack> {
@@ -1630,6 +1771,7 @@ mod tests {
             rtx,
             remb: false,
             dd_ext: None,
+            twcc_ext: None,
             seq_delta: 100,
             ts_delta,
         };
@@ -1661,6 +1803,7 @@ mod tests {
                     rtx: None,
                     remb: false,
                     dd_ext: None,
+                    twcc_ext: None,
                     seq_delta: (i * 1000) as u16,
                     ts_delta: i * 7,
                 };
@@ -1731,6 +1874,7 @@ mod tests {
             rtx: None,
             remb: false,
             dd_ext: None,
+            twcc_ext: None,
             seq_delta: 0,
             ts_delta: 0,
         };
@@ -1860,6 +2004,7 @@ mod tests {
                     rtx: None,
                     remb: false,
                     dd_ext: None,
+                    twcc_ext: None,
                     seq_delta: 0,
                     ts_delta: 0,
                 };
@@ -1895,6 +2040,7 @@ mod tests {
             rtx: None,
             remb: false,
             dd_ext: None,
+            twcc_ext: None,
             seq_delta: 0,
             ts_delta: 0,
         };
@@ -1938,6 +2084,7 @@ mod tests {
             rtx: None,
             remb: false,
             dd_ext: None,
+            twcc_ext: None,
             seq_delta: 0,
             ts_delta: 0,
         };
@@ -2045,6 +2192,7 @@ mod tests {
                 rtx: None,
                 remb: false,
                 dd_ext: None,
+                twcc_ext: None,
                 seq_delta: 0,
                 ts_delta: 0,
             };
@@ -2162,6 +2310,7 @@ mod tests {
             rtx: None,
             remb: false,
             dd_ext: None,
+            twcc_ext: None,
             seq_delta: 10,
             ts_delta: 0,
         };
@@ -2344,6 +2493,7 @@ mod tests {
                 rtx: None,
                 remb: false,
                 dd_ext: None,
+                twcc_ext: None,
                 seq_delta: 0,
                 ts_delta: 0,
             };
@@ -2608,6 +2758,7 @@ mod tests {
                     rtx: None,
                     remb: false,
                     dd_ext: None,
+                    twcc_ext: None,
                     seq_delta: 0,
                     ts_delta: 0,
                 };
@@ -2773,6 +2924,7 @@ mod tests {
                     rtx: None,
                     remb: false,
                     dd_ext: None,
+                    twcc_ext: None,
                     seq_delta: 1000,
                     ts_delta: 0,
                 };
@@ -2898,6 +3050,7 @@ mod tests {
                     rtx: None,
                     remb: false,
                     dd_ext,
+                    twcc_ext: None,
                     seq_delta: 0,
                     ts_delta: 0,
                 };
@@ -2929,7 +3082,9 @@ mod tests {
                 f.send(&mut publisher, &p);
             }
         }
-        let got = |f: &mut Fixture, v: &mut Peer| -> Vec<(u16, bool, Option<u8>, Option<u8>, u8)> {
+        // (seq, marker, template id under 12, under 9, spatial layer in the payload)
+        type Got = (u16, bool, Option<u8>, Option<u8>, u8);
+        let got = |f: &mut Fixture, v: &mut Peer| -> Vec<Got> {
             let out: Vec<_> = f
                 .sink
                 .out
@@ -2978,5 +3133,118 @@ mod tests {
         );
         let t = f.engine.track(10).unwrap();
         assert_eq!(t.streams[0].seen.top(f.now, LAYER_IDLE), (1, 0));
+    }
+
+    /// Viewers that negotiated transport-cc get their own transport-wide numbering in
+    /// every copy (under their own extension id: renamed where it differs from the
+    /// publisher's), and their feedback drives the delay-based estimate: arrivals that
+    /// fall further and further behind the sends are over-use, which bounds the layer.
+    #[test]
+    fn viewers_transport_feedback_drives_the_delay_estimate() {
+        let mut f = Fixture::new();
+        let mut publisher = f.peer(1, Role::Publisher, Profile::AeadAes128Gcm);
+        f.cmd(Command::AddTrack {
+            id: 10,
+            session: 1,
+            kind: Kind::Video,
+            pt: 96,
+            clock_rate: 90_000,
+            format: Format::Other,
+            streams: vec![(None, Some(0xaaaa))],
+            rid_ext: None,
+            twcc_ext: Some(3),
+            level_ext: None,
+            dd_ext: None,
+        });
+        let mut viewers: Vec<Peer> = [(2, Some(3)), (3, Some(5)), (4, None)]
+            .into_iter()
+            .map(|(id, twcc_ext)| {
+                let down = Command::AddDownTrack {
+                    track: 10,
+                    sub: id,
+                    ssrc_out: 0x100 + id,
+                    pt_out: 96,
+                    rtx: None,
+                    remb: false,
+                    dd_ext: None,
+                    twcc_ext,
+                    seq_delta: 0,
+                    ts_delta: 0,
+                };
+                f.viewer(id, 10, Profile::AeadAes128Gcm, down)
+            })
+            .collect();
+        // 2 s of 1,000-byte packets every 10 ms (800 kbit/s), the publisher's own
+        // transport-wide numbers (from 40,000) in extension 3.
+        // Per viewer: (seq, transport-wide number under id 3, under id 5).
+        type Numbered = (u16, Option<u16>, Option<u16>);
+        let mut got: Vec<Vec<Numbered>> = vec![vec![]; 3];
+        let start = f.now;
+        for i in 0..200u16 {
+            let mut p = vec![0x90, 96];
+            p.extend_from_slice(&i.to_be_bytes());
+            p.extend_from_slice(&(900 * i as u32).to_be_bytes());
+            p.extend_from_slice(&0xaaaau32.to_be_bytes());
+            p.extend_from_slice(&[0xbe, 0xde, 0, 1, 0x31]);
+            p.extend_from_slice(&(40_000 + i).to_be_bytes());
+            p.push(0);
+            p.resize(1_000, 0x5a);
+            f.now = start + Duration::from_millis(10 * i as u64);
+            f.send(&mut publisher, &p);
+            for (k, v) in viewers.iter_mut().enumerate() {
+                let addr = v.addr;
+                for (_, w) in f.sink.out.iter().filter(|(to, _)| *to == addr) {
+                    let p = unprotect(v, w);
+                    let ext = |id| rtp::extension(&p, id).map(|e| u16::from_be_bytes([e[0], e[1]]));
+                    got[k].push((u16::from_be_bytes([p[2], p[3]]), ext(3), ext(5)));
+                }
+            }
+            f.sink.out.clear();
+        }
+        assert!(
+            got[0]
+                .iter()
+                .enumerate()
+                .all(|(i, g)| *g == (i as u16, Some(i as u16), None))
+        );
+        assert!(
+            got[1]
+                .iter()
+                .enumerate()
+                .all(|(i, g)| *g == (i as u16, None, Some(i as u16))),
+            "renamed to the viewer's id"
+        );
+        assert!(
+            got[2]
+                .iter()
+                .enumerate()
+                .all(|(i, g)| *g == (i as u16, Some(40_000 + i as u16), None)),
+            "no transport-cc: as the publisher sent it"
+        );
+        // Viewer 2's feedback every 100 ms: its link delivers 400 kbit/s, so each
+        // packet arrives 20 ms after the one before (sent 10 ms apart): a queue.
+        let mut rec = interceptor::twcc::Recorder::new(0x5002);
+        let mut feedbacks = 0;
+        for i in 0..200u16 {
+            rec.record(0x102, i, 1_000_000 + 20_000 * i as i64);
+            if i % 10 == 9 {
+                let fb = ::rtcp::packet::marshal(&rec.build_feedback_packet()).unwrap();
+                f.now = start + Duration::from_millis(20 * i as u64 + 30);
+                f.send(&mut viewers[0], &fb);
+                feedbacks += 1;
+            }
+        }
+        assert_eq!(feedbacks, 20);
+        let t = f.engine.transport_cc(2).unwrap();
+        assert_eq!(t.usage, bwe::Usage::Over, "{t:?}");
+        assert!(t.overuses >= 1);
+        let e = t.estimate.unwrap();
+        assert!((300_000..=360_000).contains(&e), "0.85 x 400 kbit/s: {e}");
+        assert_eq!(f.engine.downtracks(2)[0].1.bwe.delay, Some(e));
+        assert_eq!(
+            f.engine.counters.bwe_delay_overuses.load(Ordering::Relaxed),
+            t.overuses
+        );
+        assert!(f.engine.transport_cc(4).is_none());
     }
 }

@@ -163,6 +163,8 @@ pub struct Counters {
     /// caused loss and were taken back.
     pub bwe_probes: AtomicU64,
     pub bwe_failed_probes: AtomicU64,
+    /// Viewers' paths seen over-used by the delay-based estimate (a queue building).
+    pub bwe_delay_overuses: AtomicU64,
     /// Changes of a room's dominant speaker.
     pub speaker_changes: AtomicU64,
     pub keyframe_requests: AtomicU64,

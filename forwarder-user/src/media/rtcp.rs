@@ -12,10 +12,12 @@ use rtcp::{
     source_description::{
         SdesType, SourceDescription, SourceDescriptionChunk, SourceDescriptionItem,
     },
+    transport_feedbacks::transport_layer_cc::{PacketStatusChunk, SymbolTypeTcc, TransportLayerCc},
     transport_feedbacks::transport_layer_nack::{
         TransportLayerNack, nack_pairs_from_sequence_numbers,
     },
 };
+use webrtc_util::Unmarshal;
 
 /// Something a receiver asked of the SSRC it receives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +34,10 @@ pub enum Request {
     /// REMB (draft-alvestrand-rmcat-remb): the receiver's estimate of what it can
     /// take, bits/s, for these SSRCs together.
     Remb { bitrate: u64, ssrcs: Vec<u32> },
+    /// Transport-wide feedback (draft-holmer-rmcat-transport-wide-cc-extensions §3.1):
+    /// the transport-wide sequence numbers received and when (µs, the receiver's
+    /// clock), in sequence order; those reported lost are left out.
+    TransportFeedback { received: Vec<(u16, i64)> },
 }
 
 /// One reception report block as received, fields as on the wire.
@@ -105,7 +111,14 @@ pub fn parse(plain: &[u8]) -> Result<Vec<Request>, rtcp::Error> {
         } else {
             len
         };
-        read_one(pkt[1], pkt[0] & 0x1f, &pkt[..body_end], &mut out)?;
+        // Transport feedback is read by the rtcp crate, which takes the packet whole
+        // (it reads the length, padding included, from the header itself).
+        let body = if (pkt[1], pkt[0] & 0x1f) == (205, 15) {
+            pkt
+        } else {
+            &pkt[..body_end]
+        };
+        read_one(pkt[1], pkt[0] & 0x1f, body, &mut out)?;
     }
     Ok(out)
 }
@@ -159,6 +172,12 @@ fn read_one(pt: u8, fmt: u8, pkt: &[u8], out: &mut Vec<Request>) -> Result<(), r
                 seqs,
             });
         }
+        (205, 15) => {
+            let fb = TransportLayerCc::unmarshal(&mut &pkt[..])?;
+            out.push(Request::TransportFeedback {
+                received: transport_feedback(&fb),
+            });
+        }
         // PLI (RFC 4585 §6.3.1): no FCI.
         (206, 1) => {
             if pkt.len() != 12 {
@@ -199,6 +218,43 @@ fn read_one(pt: u8, fmt: u8, pkt: &[u8], out: &mut Vec<Request>) -> Result<(), r
         _ => {}
     }
     Ok(())
+}
+
+/// The packets a transport feedback reports received, with their arrival times:
+/// statuses from its chunks (run lengths and vectors), a delta per received one.
+fn transport_feedback(fb: &TransportLayerCc) -> Vec<(u16, i64)> {
+    let mut statuses = Vec::with_capacity(fb.packet_status_count as usize);
+    for c in &fb.packet_chunks {
+        match c {
+            PacketStatusChunk::RunLengthChunk(r) => statuses.extend(std::iter::repeat_n(
+                r.packet_status_symbol,
+                r.run_length as usize,
+            )),
+            PacketStatusChunk::StatusVectorChunk(v) => {
+                statuses.extend(v.symbol_list.iter().copied())
+            }
+        }
+    }
+    // 24-bit reference time in 64 ms units, then deltas in 250 µs units (the crate
+    // gives them in µs).
+    let mut at = fb.reference_time as i64 * 64_000;
+    let mut deltas = fb.recv_deltas.iter();
+    let mut out = Vec::new();
+    for (i, st) in statuses
+        .into_iter()
+        .take(fb.packet_status_count as usize)
+        .enumerate()
+    {
+        if matches!(
+            st,
+            SymbolTypeTcc::PacketReceivedSmallDelta | SymbolTypeTcc::PacketReceivedLargeDelta
+        ) {
+            let Some(d) = deltas.next() else { break };
+            at += d.delta;
+            out.push((fb.base_sequence_number.wrapping_add(i as u16), at));
+        }
+    }
+    out
 }
 
 /// The first `rc` report blocks of `b` (the caller checked there are that many).
@@ -622,5 +678,40 @@ mod tests {
         r.update(10, 0, 0);
         let rep = r.report(7, t0).unwrap();
         assert_eq!((rep.fraction_lost, rep.total_lost), (0, 2));
+    }
+
+    /// Transport feedback as a real recorder builds it (the interceptor crate's, which
+    /// the engine also sends publishers): the received sequence numbers, in order,
+    /// with their arrival times as sent; the lost ones left out.
+    #[test]
+    fn transport_feedback_lists_what_arrived_and_when() {
+        let mut rec = interceptor::twcc::Recorder::new(5);
+        let arrivals: Vec<(u16, i64)> = (0..10u16)
+            .map(|i| 65_530u16.wrapping_add(i))
+            .filter(|s| *s != 65_533 && *s != 65_534)
+            .enumerate()
+            .map(|(i, s)| {
+                (
+                    s,
+                    1_000_000 + 1_250 * i as i64 + if i > 4 { 70_000 } else { 0 },
+                )
+            })
+            .collect();
+        for (seq, at) in &arrivals {
+            rec.record(0xaa, *seq, *at);
+        }
+        let bytes = rtcp::packet::marshal(&rec.build_feedback_packet()).unwrap();
+        let got = parse(&bytes).unwrap();
+        let [Request::TransportFeedback { received }] = &got[..] else {
+            panic!("{got:?}")
+        };
+        assert_eq!(
+            received.iter().map(|r| r.0).collect::<Vec<_>>(),
+            arrivals.iter().map(|a| a.0).collect::<Vec<_>>()
+        );
+        // Times relative to the first (the reference time is in 64 ms units).
+        let rel = |v: &[(u16, i64)]| v.iter().map(|r| r.1 - v[0].1).collect::<Vec<_>>();
+        assert_eq!(rel(received), rel(&arrivals));
+        assert!(parse(&bytes[..bytes.len() - 4]).is_err(), "truncated");
     }
 }

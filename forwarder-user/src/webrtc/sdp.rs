@@ -133,8 +133,8 @@ impl Codec {
     }
 
     /// Feedback the forwarder answers: NACK (from the packet cache), PLI, FIR.
-    /// transport-cc is answered on a publisher's m-lines only (see
-    /// [`OfferMedia::twcc`]), goog-remb not at all.
+    /// transport-cc is answered where the extension is offered too (see
+    /// [`OfferMedia::twcc`]), goog-remb only to viewers without transport-cc.
     fn answer_feedback(&self) -> Vec<String> {
         self.feedback
             .iter()
@@ -397,10 +397,11 @@ impl OfferMedia {
     }
 
     /// The transport-wide sequence number extension's id, when the offer has both it
-    /// and `transport-cc` feedback for `codec`: the SFU then reports every packet's
-    /// arrival to the publisher (transport feedback), so the publisher's own
-    /// congestion controller can raise its rate. Without such feedback Chromium stays
-    /// near its start rate and holds back its top simulcast encodings.
+    /// and `transport-cc` feedback for `codec`. A publisher's: the SFU reports every
+    /// packet's arrival to it (transport feedback), so its own congestion controller
+    /// can raise its rate (without, Chromium stays near its start rate and holds back
+    /// its top simulcast encodings). A viewer's: the SFU numbers every copy to it and
+    /// estimates its bandwidth from the arrival times it reports back.
     pub fn twcc(&self, codec: &Codec) -> Option<u8> {
         codec
             .feedback
@@ -609,9 +610,9 @@ pub fn build_answer(p: &AnswerParams<'_>) -> String {
         if let Some(id) = om.dependency_descriptor(codec) {
             md = md.with_value_attribute("extmap".into(), format!("{id} {EXT_DD}"));
         }
-        if let AnswerMedia::Receive { .. } = am
-            && let Some(id) = om.twcc(codec)
-        {
+        // Publishers get our transport feedback; viewers send theirs, from which their
+        // bandwidth is estimated by delay (each copy carries our transport-wide number).
+        if let Some(id) = om.twcc(codec) {
             md = md
                 .with_value_attribute("rtcp-fb".into(), format!("{} transport-cc", codec.pt))
                 .with_value_attribute("extmap".into(), format!("{id} {EXT_TWCC}"));
@@ -787,10 +788,11 @@ mod tests {
     }
 
     /// With the transport-wide sequence extension offered (as Chromium does), a
-    /// publisher's m-lines answer it and transport-cc feedback; a subscriber's don't
-    /// (we do not estimate from its feedback), nor does an offer without the extension.
+    /// publisher's m-lines answer it and transport-cc feedback (we send it feedback),
+    /// and so do a viewer's (it sends us feedback); an offer without the extension
+    /// gets neither.
     #[test]
-    fn transport_cc_is_answered_to_publishers_that_offer_the_extension() {
+    fn transport_cc_is_answered_where_the_extension_is_offered() {
         let with_ext = CHROMIUM_OFFER
             .replace(
                 "a=mid:0\r\n",
@@ -834,7 +836,7 @@ mod tests {
             text.contains(&format!("a=extmap:1 {EXT_AUDIO_LEVEL}\r\n")),
             "{text}"
         );
-        // A subscriber's m-line: nothing of it.
+        // A subscriber's m-line: the same (its feedback drives its delay estimate).
         let send = vec![AnswerMedia::Send {
             codec: vp8,
             ssrc: 7,
@@ -848,7 +850,8 @@ mod tests {
         sub.media[0].direction = Direction::RecvOnly;
         let text = answer_for(&sub, &send);
         assert!(
-            !text.contains("transport-cc") && !text.contains(EXT_TWCC),
+            text.contains("a=rtcp-fb:96 transport-cc\r\n")
+                && text.contains(&format!("a=extmap:3 {EXT_TWCC}\r\n")),
             "{text}"
         );
         assert!(
@@ -862,6 +865,7 @@ mod tests {
         }
         let text = answer_for(&sub, &remb_only);
         assert!(text.contains("a=rtcp-fb:96 goog-remb\r\n"), "{text}");
+        assert!(!text.contains("transport-cc"), "{text}");
         // Without the extension in the offer: not answered either.
         let o = parse_offer(CHROMIUM_OFFER).unwrap();
         assert_eq!(o.media[1].twcc(o.media[1].publish_codec().unwrap()), None);

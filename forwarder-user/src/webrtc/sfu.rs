@@ -79,6 +79,8 @@ pub struct Subscription {
     pub rtx: Option<(u8, u32)>,
     /// AV1: the dependency descriptor's id as answered, if the m-line offered it.
     pub dd_ext: Option<u8>,
+    /// The transport-wide sequence extension's id as answered (with transport-cc).
+    pub twcc_ext: Option<u8>,
 }
 
 /// A subscriber's m-line answered before any track could fill it (the subscriber
@@ -91,6 +93,7 @@ pub struct Slot {
     pub ssrc_out: u32,
     pub rtx: Option<(u8, u32)>,
     pub dd_ext: Option<u8>,
+    pub twcc_ext: Option<u8>,
 }
 
 pub struct Session {
@@ -197,6 +200,7 @@ impl State {
                     ssrc_out: d.ssrc_out,
                     rtx: d.rtx,
                     dd_ext: d.dd_ext,
+                    twcc_ext: d.twcc_ext,
                 }));
             }
         }
@@ -501,6 +505,7 @@ impl Sfu {
             rtx: d.rtx.map(|(pt, ssrc)| (pt, ssrc, rng.r#gen())),
             remb: d.codec.remb_only(),
             dd_ext: d.dd_ext,
+            twcc_ext: d.twcc_ext,
             seq_delta: rng.r#gen(),
             ts_delta: rng.r#gen(),
         });
@@ -839,6 +844,7 @@ impl Sfu {
                             ssrc_out,
                             rtx,
                             dd_ext: m.dependency_descriptor(codec),
+                            twcc_ext: m.twcc(codec),
                         });
                         media.push(AnswerMedia::Send {
                             codec: codec.clone(),
@@ -866,6 +872,7 @@ impl Sfu {
                 codec: codec.clone(),
                 rtx,
                 dd_ext: m.dependency_descriptor(&codec),
+                twcc_ext: m.twcc(&codec),
             });
             media.push(AnswerMedia::Send {
                 codec,
@@ -927,6 +934,7 @@ impl Sfu {
                     codec: slot.codec.clone(),
                     rtx: slot.rtx,
                     dd_ext: slot.dd_ext,
+                    twcc_ext: slot.twcc_ext,
                 });
                 self.add_downtrack(s.media, s.downtracks.last().expect("pushed"));
                 // A cap asked while the m-line waited holds for its track.
@@ -1410,6 +1418,7 @@ impl Sfu {
             ("transport_feedback", &c.transport_feedback),
             ("bwe_probes", &c.bwe_probes),
             ("bwe_failed_probes", &c.bwe_failed_probes),
+            ("bwe_delay_overuses", &c.bwe_delay_overuses),
             ("speaker_changes", &c.speaker_changes),
             ("keyframe_requests", &c.keyframe_requests),
             ("dtls_handshakes", &c.dtls_handshakes),
@@ -1621,6 +1630,11 @@ impl Sfu {
                                 "spatial_rates_bps": m.filter(|m| m.streams.len() == 1).map(|m| m.streams[0].seen.rates),
                             })
                         }).collect::<Vec<_>>(),
+                        // A viewer's transport as its transport-wide feedback shows it.
+                        "transport_cc": engine.transport_cc(s.media).map(|t| serde_json::json!({
+                            "received_bps": t.received_bps, "estimate_bps": t.estimate,
+                            "usage": t.usage, "trend": t.trend, "overuses": t.overuses,
+                        })),
                         "downtracks": engine.downtracks(s.media).iter().map(|(tid, d)| (s.downtracks.iter().find(|x| x.track == *tid), tid, d)).map(|(sub, tid, d)| {
                             let got = d.layering.got(engine.track(*tid).map_or((0, 0), |t| t.streams[d.layer() as usize].seen.top(now, LAYER_IDLE)));
                             serde_json::json!({
@@ -1648,6 +1662,7 @@ impl Sfu {
                             // (simulcast; null: no limit).
                             "send_rate_bps": d.bwe.send_rate,
                             "estimate_bps": d.bwe.estimate, "remb_bps": d.bwe.remb,
+                            "delay_estimate_bps": d.bwe.delay,
                             "bw_limit": (d.layering.bw_limit != UNCAPPED).then_some(d.layering.bw_limit),
                             "probes": d.bwe.probes, "failed_probes": d.bwe.failed_probes,
                         })}).collect::<Vec<_>>(),
@@ -1692,6 +1707,7 @@ impl Sfu {
                 "transport_feedback": c.transport_feedback.load(Ordering::Relaxed),
                 "bwe_probes": c.bwe_probes.load(Ordering::Relaxed),
                 "bwe_failed_probes": c.bwe_failed_probes.load(Ordering::Relaxed),
+                "bwe_delay_overuses": c.bwe_delay_overuses.load(Ordering::Relaxed),
                 "speaker_changes": c.speaker_changes.load(Ordering::Relaxed),
                 "keyframe_requests": c.keyframe_requests.load(Ordering::Relaxed),
                 "dtls_handshakes": c.dtls_handshakes.load(Ordering::Relaxed),

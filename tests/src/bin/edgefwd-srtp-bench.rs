@@ -314,6 +314,7 @@ fn engine(n: usize, profile: Profile, shape: Shape) -> (Engine, Context, SocketA
                 rtx: None,
                 remb: false,
                 dd_ext: None,
+                twcc_ext: None,
                 seq_delta: i as u16,
                 ts_delta: i,
             },
