@@ -983,6 +983,12 @@ fn viewers_behind_different_bandwidths(svc: bool) {
         .find(|l| l.starts_with("edgefwd_webrtc_events_total{event=\"bwe_probes\"}"))
         .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok());
     assert!(probes.is_some_and(|p| p >= 1), "{probes:?}");
+    // Chromium negotiates RTX and transport-cc: its probes were padding.
+    let padding = text
+        .lines()
+        .find(|l| l.starts_with("edgefwd_webrtc_events_total{event=\"bwe_padding_packets\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok());
+    assert!(padding.is_some_and(|p| p >= 10), "{padding:?}");
     // Two more seconds of decoding on the top layer, then the browsers' own view.
     std::thread::sleep(Duration::from_secs(3));
     for c in [&mut high, &mut low, &mut publisher] {

@@ -28,7 +28,11 @@
 //! sees the path over-used, its estimate (0.85 × what the viewer received) counts
 //! like a REMB below what was sent: congestion, even in a window without loss.
 //!
-//! Not done: probing with padding before a switch.
+//! A viewer that negotiated RTX and transport-cc is probed with padding instead of
+//! being moved up: for one window the engine sends padding on its RTX stream at
+//! what the next layer would add (and a fifth more); if that window has no loss and
+//! no over-use, the viewer is moved up, otherwise nothing changed for it but a
+//! longer wait before the next probe (no switch up and back, no keyframes).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -56,8 +60,14 @@ pub struct LossBased {
     /// Whether that estimate counts (a viewer that negotiated only REMB).
     pub use_remb: bool,
     /// The delay-based estimate of the viewer's transport, bits/s (transport-cc),
-    /// once its feedback showed the path over-used.
+    /// once its feedback showed the path over-used, and how many over-uses it saw.
     pub delay: Option<u64>,
+    pub delay_overuses: u64,
+    /// Whether a probe can be padding rather than the layer itself (the viewer
+    /// negotiated RTX, whose stream carries padding, and transport-cc, whose feedback
+    /// shows whether the padding built a queue).
+    pub pad_capable: bool,
+    pad_probe: Option<PadProbe>,
     /// What was sent to the viewer over the last report interval, bits/s.
     pub send_rate: u64,
     /// The layer limit it gives ([`UNCAPPED`]: none).
@@ -83,6 +93,9 @@ impl Default for LossBased {
             remb: None,
             use_remb: false,
             delay: None,
+            delay_overuses: 0,
+            pad_capable: false,
+            pad_probe: None,
             send_rate: 0,
             limit: UNCAPPED,
             clean: 0,
@@ -93,6 +106,16 @@ impl Default for LossBased {
             failed_probes: 0,
         }
     }
+}
+
+/// A probe made of padding: the layer it would allow, its rate, the padding rate
+/// that proves it (sent on the RTX stream), and the over-uses seen before it.
+#[derive(Debug, Clone, Copy)]
+struct PadProbe {
+    to: Layer,
+    to_rate: u64,
+    rate: u64,
+    overuses: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -116,10 +139,12 @@ fn fitting(rates: &[u64], estimate: u64) -> Layer {
 }
 
 impl LossBased {
-    /// With `use_remb`, the viewer's REMB counts as well as its loss.
-    pub fn new(use_remb: bool) -> LossBased {
+    /// With `use_remb`, the viewer's REMB counts as well as its loss; with
+    /// `pad_capable`, it is probed with padding.
+    pub fn new(use_remb: bool, pad_capable: bool) -> LossBased {
         LossBased {
             use_remb,
+            pad_capable,
             ..Default::default()
         }
     }
@@ -161,6 +186,23 @@ impl LossBased {
         }
         let lost = (total_lost.wrapping_sub(start.lost)).max(0) as u32;
         let loss = (lost as f64 / expected as f64).min(1.0);
+        // A padding probe is judged after its window: the path carried the padding
+        // without loss or a queue building, so the layer it stood for fits; otherwise
+        // nothing changes for the viewer but a longer wait before the next.
+        if let Some(p) = self.pad_probe.take() {
+            if loss > CONGESTED || self.delay_overuses > p.overuses {
+                self.failed_probes += 1;
+                self.hold = (self.hold * 2).min(MAX_HOLD);
+                self.clean = 0;
+            } else {
+                self.limit = p.to;
+                self.estimate = self.estimate.map(|e| e.max(p.to_rate));
+                self.delay = self.delay.map(|d| d.max(p.to_rate));
+                self.hold = BASE_HOLD;
+                self.clean = 0;
+                return self.limit;
+            }
+        }
         // A probe counts from when its layer flows; one that never starts is dropped.
         if let Some((from, since)) = self.probe_from {
             let started = current == Some(self.limit);
@@ -254,14 +296,40 @@ impl LossBased {
         if let Some((next, rate)) = above
             && self.clean >= self.hold
         {
-            // Probe: one layer up, the estimate raised to carry it.
             self.probes += 1;
-            self.probe_from = Some((fits, now));
-            self.limit = next as Layer;
-            self.estimate = Some(estimate.max(*rate));
             self.clean = 0;
+            if self.pad_capable {
+                // Probe with padding: what the next layer adds, and a fifth more.
+                let rate_now = rates.get(fits as usize).copied().unwrap_or(0);
+                self.probe_with_padding(
+                    next as Layer,
+                    *rate,
+                    rate.saturating_sub(rate_now) * 6 / 5,
+                );
+            } else {
+                // Probe: one layer up, the estimate raised to carry it.
+                self.probe_from = Some((fits, now));
+                self.limit = next as Layer;
+                self.estimate = Some(estimate.max(*rate));
+            }
         }
         self.limit
+    }
+
+    /// Starts a padding probe for layer `to` (of `to_rate` bits/s): `rate` bits/s of
+    /// padding (at least 50 kbit/s) until the next window decides it.
+    pub fn probe_with_padding(&mut self, to: Layer, to_rate: u64, rate: u64) {
+        self.pad_probe = Some(PadProbe {
+            to,
+            to_rate,
+            rate: rate.max(50_000),
+            overuses: self.delay_overuses,
+        });
+    }
+
+    /// The padding rate (bits/s) to send the viewer while a padding probe runs.
+    pub fn padding(&self) -> Option<u64> {
+        self.pad_probe.map(|p| p.rate)
     }
 
     /// Takes the viewer's REMB: applied at the next window.
@@ -271,7 +339,7 @@ impl LossBased {
 
     /// Whether a probe up is being tried.
     pub fn probing(&self) -> bool {
-        self.probe_from.is_some()
+        self.probe_from.is_some() || self.pad_probe.is_some()
     }
 }
 
@@ -583,8 +651,11 @@ mod tests {
                 let layer = (self.b.limit as usize).min(rates.len() - 1);
                 let rate = rates[layer];
                 sent.push(layer as Layer);
-                let loss = if rate > capacity {
-                    (rate - capacity) as f64 / rate as f64
+                // Padding shares the link: a tail-drop queue loses media and padding
+                // alike.
+                let total = rate + self.b.padding().unwrap_or(0);
+                let loss = if total > capacity {
+                    (total - capacity) as f64 / total as f64
                 } else {
                     0.0
                 };
@@ -660,7 +731,7 @@ mod tests {
     #[test]
     fn remb_below_the_send_rate_moves_down() {
         let mut v = Viewer::new();
-        v.b = LossBased::new(true);
+        v.b = LossBased::new(true, false);
         v.b.on_remb(1_400_000);
         assert!(v.run(10_000_000, 4, &RATES).iter().all(|l| *l == 2));
         v.b.on_remb(600_000);
@@ -767,5 +838,35 @@ mod tests {
             &RATES,
         );
         assert_eq!(layer, 0, "no loss, yet the queue says move down: {l:?}");
+    }
+
+    /// With padding probes the viewer behind a narrow link never leaves the layer that
+    /// fits while probing (the padding, not the layer, meets the link), failed probes
+    /// back off as before; once the link widens a padding probe passes and moves it up.
+    #[test]
+    fn padding_probes_test_the_link_without_moving_the_viewer() {
+        let mut v = Viewer::new();
+        v.b.pad_capable = true;
+        let sent = v.run(400_000, 120, &RATES);
+        assert_eq!(sent[3], 0, "down within two reports: {sent:?}");
+        assert!(
+            sent[3..].iter().all(|l| *l == 0),
+            "probing never moved it: {sent:?}"
+        );
+        assert!(v.b.probes >= 4 && v.b.failed_probes >= 4, "{:?}", v.b);
+        let sent = v.run(10_000_000, MAX_HOLD as usize + 10, &RATES);
+        assert_eq!(*sent.last().unwrap(), 2, "{sent:?}");
+        assert_eq!(v.b.padding(), None);
+        // A probe is refused by over-use too (a queue, before loss).
+        let mut v = Viewer::new();
+        v.b.pad_capable = true;
+        v.run(400_000, 10, &RATES);
+        let failed = v.b.failed_probes;
+        while v.b.padding().is_none() {
+            v.run(10_000_000, 1, &RATES);
+        }
+        v.b.delay_overuses += 1;
+        assert_eq!(v.run(10_000_000, 2, &RATES), [0, 0]);
+        assert_eq!(v.b.failed_probes, failed + 1);
     }
 }

@@ -321,6 +321,9 @@ struct Session {
     twcc_out: Option<TwccOut>,
 }
 
+/// Padding octets per padding-only packet (the count is one octet; libwebrtc's 224).
+const PADDING: usize = 224;
+
 /// Sends remembered for a viewer's transport feedback (a few seconds' worth).
 const TWCC_HISTORY: usize = 4096;
 
@@ -737,7 +740,7 @@ impl Engine {
                     nack_resent: 0,
                     rtx,
                     quality: rtcp::Quality::default(),
-                    bwe: bwe::LossBased::new(remb),
+                    bwe: bwe::LossBased::new(remb, rtx.is_some() && s.twcc_out.is_some()),
                     // AV1: the publisher's descriptor goes out under the subscriber's
                     // id; a subscriber without it cannot assemble a picture of several
                     // spatial layers (measured with Chromium: nothing decodes), so it
@@ -1185,11 +1188,12 @@ impl Engine {
                         std::sync::atomic::Ordering::Relaxed,
                     );
                     // The transport's estimate bounds each of its down-tracks' layers.
-                    let estimate = tw.delay.estimate;
+                    let (estimate, overuses) = (tw.delay.estimate, tw.delay.overuses);
                     for tid in &s.tracks {
                         if let Some(t) = self.tracks.get_mut(tid) {
                             for d in t.downs.iter_mut().filter(|d| d.sub == id) {
                                 d.bwe.delay = estimate;
+                                d.bwe.delay_overuses = overuses;
                             }
                         }
                     }
@@ -1432,6 +1436,7 @@ impl Engine {
         if now >= self.next_feedback {
             advance(&mut self.next_feedback, FEEDBACK_INTERVAL, now);
             self.send_feedback(tx);
+            self.send_padding(now, tx);
         }
         if now < self.next_report {
             return;
@@ -1527,6 +1532,62 @@ impl Engine {
                 if let Ok(b) = ::rtcp::packet::marshal(std::slice::from_ref(&fb)) {
                     send_rtcp(&mut srtp.tx, to, &b, c, tx);
                     bump(&c.transport_feedback);
+                }
+            }
+        }
+    }
+
+    /// Padding probes: a [`FEEDBACK_INTERVAL`]'s worth of each probing down-track's
+    /// padding rate, as padding-only packets on its RTX stream (its own sequence
+    /// numbers: the media numbering is untouched), each with a transport-wide number
+    /// so the viewer's feedback shows whether the path carried them.
+    fn send_padding(&mut self, now: Instant, tx: &mut dyn Transmit) {
+        let c = &*self.counters;
+        let at_us = now.duration_since(self.epoch).as_micros() as i64;
+        for t in self.tracks.values_mut() {
+            for d in &mut t.downs {
+                let (Some(rate), Some((pt, ssrc, seq))) = (d.bwe.padding(), d.rtx.as_mut()) else {
+                    continue;
+                };
+                let Some(sub) = self.sessions.get_mut(&d.sub) else {
+                    continue;
+                };
+                let to = sub.media_addr();
+                let Session { srtp, twcc_out, .. } = sub;
+                let (Some(to), Some(srtp), Some(tw)) = (to, srtp.as_mut(), twcc_out.as_mut())
+                else {
+                    continue;
+                };
+                let mut bytes = (rate * FEEDBACK_INTERVAL.as_millis() as u64 / 8_000) as usize;
+                while bytes > 0 {
+                    // RTP padding is counted in one octet; libwebrtc pads by 224.
+                    let pad = bytes.min(PADDING);
+                    let ts = d.last_ts_out;
+                    let mut numbered = None;
+                    let sent = tx.transmit(to, &mut |buf| {
+                        let len = 20 + pad;
+                        let p = buf.get_mut(..len)?;
+                        // V=2, P, X; one one-byte extension: the transport-wide number.
+                        p[..2].copy_from_slice(&[0xb0, *pt & 0x7f]);
+                        p[2..4].copy_from_slice(&seq.to_be_bytes());
+                        p[4..8].copy_from_slice(&ts.to_be_bytes());
+                        p[8..12].copy_from_slice(&ssrc.to_be_bytes());
+                        p[12..20].copy_from_slice(&[0xbe, 0xde, 0, 1, (tw.ext << 4) | 1, 0, 0, 0]);
+                        p[20..].fill(0);
+                        p[len - 1] = pad as u8;
+                        numbered = tw.number(p, None);
+                        srtp.tx.protect_rtp(buf, len).ok()
+                    });
+                    if !sent {
+                        c.count(Drop::SendFailed);
+                        break;
+                    }
+                    if let Some(n) = numbered {
+                        tw.sent(n, at_us, 20 + pad);
+                    }
+                    *seq = seq.wrapping_add(1);
+                    bump(&c.bwe_padding);
+                    bytes -= pad;
                 }
             }
         }
@@ -3246,5 +3307,77 @@ mod tests {
             t.overuses
         );
         assert!(f.engine.transport_cc(4).is_none());
+    }
+
+    /// A padding probe: every feedback interval, its rate's worth of padding-only
+    /// packets on the viewer's RTX stream (RTX payload type, SSRC and sequence, the P
+    /// bit and the padding count, no payload), each with the viewer's next
+    /// transport-wide number; the media numbering untouched.
+    #[test]
+    fn padding_probes_go_on_the_rtx_stream_with_transport_numbers() {
+        let (mut f, mut publisher, _) = cached_video(None, 0);
+        f.add(5, Role::Subscriber);
+        f.cmd(Command::AddDownTrack {
+            track: 10,
+            sub: 5,
+            ssrc_out: 0x55,
+            pt_out: 96,
+            rtx: Some((97, 0x4242, 1_000)),
+            remb: false,
+            dd_ext: None,
+            twcc_ext: Some(3),
+            seq_delta: 0,
+            ts_delta: 0,
+        });
+        let mut v = f.connect(5, Profile::AeadAes128Gcm);
+        f.send(
+            &mut publisher,
+            &rtp_packet(96, 10, 30_000, 0xaaaa, &[1; 30]),
+        );
+        f.sink.out.clear();
+        let d = f
+            .engine
+            .tracks
+            .get_mut(&10)
+            .unwrap()
+            .downs
+            .iter_mut()
+            .find(|d| d.sub == 5)
+            .unwrap();
+        assert!(d.bwe.pad_capable);
+        d.bwe.probe_with_padding(1, 500_000, 400_000);
+        f.now += FEEDBACK_INTERVAL;
+        f.engine
+            .handle_timeout(f.now, SystemTime::now(), &mut f.sink);
+        let addr = v.addr;
+        let pads: Vec<Vec<u8>> = f
+            .sink
+            .out
+            .iter()
+            .filter(|(to, _)| *to == addr)
+            .map(|(_, w)| unprotect(&mut v, w))
+            .collect();
+        // 400 kbit/s for 100 ms: 5,000 octets in packets of 224.
+        assert_eq!(pads.len(), 5_000usize.div_ceil(PADDING), "{}", pads.len());
+        for (i, p) in pads.iter().enumerate() {
+            assert_eq!(p[0] & 0x20, 0x20, "P bit");
+            assert_eq!(p[1], 97);
+            assert_eq!(u16::from_be_bytes([p[2], p[3]]), 1_000 + i as u16);
+            assert_eq!(u32::from_be_bytes([p[8], p[9], p[10], p[11]]), 0x4242);
+            assert_eq!(
+                u32::from_be_bytes([p[4], p[5], p[6], p[7]]),
+                30_000,
+                "the last media timestamp"
+            );
+            let twcc = rtp::extension(p, 3).unwrap();
+            // (The media copy carried no transport-wide extension: not numbered.)
+            assert_eq!(u16::from_be_bytes([twcc[0], twcc[1]]), i as u16);
+            let hlen = rtp::header_len(p).unwrap();
+            assert_eq!(*p.last().unwrap() as usize, p.len() - hlen, "all padding");
+        }
+        assert_eq!(
+            f.engine.counters.bwe_padding.load(Ordering::Relaxed),
+            pads.len() as u64
+        );
     }
 }

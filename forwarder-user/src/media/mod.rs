@@ -165,6 +165,8 @@ pub struct Counters {
     pub bwe_failed_probes: AtomicU64,
     /// Viewers' paths seen over-used by the delay-based estimate (a queue building).
     pub bwe_delay_overuses: AtomicU64,
+    /// Padding-only packets sent to probe a viewer's path before moving it up.
+    pub bwe_padding: AtomicU64,
     /// Changes of a room's dominant speaker.
     pub speaker_changes: AtomicU64,
     pub keyframe_requests: AtomicU64,

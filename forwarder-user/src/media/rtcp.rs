@@ -12,12 +12,10 @@ use rtcp::{
     source_description::{
         SdesType, SourceDescription, SourceDescriptionChunk, SourceDescriptionItem,
     },
-    transport_feedbacks::transport_layer_cc::{PacketStatusChunk, SymbolTypeTcc, TransportLayerCc},
     transport_feedbacks::transport_layer_nack::{
         TransportLayerNack, nack_pairs_from_sequence_numbers,
     },
 };
-use webrtc_util::Unmarshal;
 
 /// Something a receiver asked of the SSRC it receives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,12 +170,9 @@ fn read_one(pt: u8, fmt: u8, pkt: &[u8], out: &mut Vec<Request>) -> Result<(), r
                 seqs,
             });
         }
-        (205, 15) => {
-            let fb = TransportLayerCc::unmarshal(&mut &pkt[..])?;
-            out.push(Request::TransportFeedback {
-                received: transport_feedback(&fb),
-            });
-        }
+        (205, 15) => out.push(Request::TransportFeedback {
+            received: transport_feedback(pkt)?,
+        }),
         // PLI (RFC 4585 §6.3.1): no FCI.
         (206, 1) => {
             if pkt.len() != 12 {
@@ -220,41 +215,63 @@ fn read_one(pt: u8, fmt: u8, pkt: &[u8], out: &mut Vec<Request>) -> Result<(), r
     Ok(())
 }
 
-/// The packets a transport feedback reports received, with their arrival times:
-/// statuses from its chunks (run lengths and vectors), a delta per received one.
-fn transport_feedback(fb: &TransportLayerCc) -> Vec<(u16, i64)> {
-    let mut statuses = Vec::with_capacity(fb.packet_status_count as usize);
-    for c in &fb.packet_chunks {
-        match c {
-            PacketStatusChunk::RunLengthChunk(r) => statuses.extend(std::iter::repeat_n(
-                r.packet_status_symbol,
-                r.run_length as usize,
-            )),
-            PacketStatusChunk::StatusVectorChunk(v) => {
-                statuses.extend(v.symbol_list.iter().copied())
-            }
+/// The packets a transport feedback (header included, padding cut) reports received,
+/// with their arrival times (µs, the receiver's clock), in sequence order.
+///
+/// Read here rather than with the rtcp crate, whose reader overflows (a panic in
+/// debug builds) on a status count near 2^16: the fuzzer found it.
+fn transport_feedback(pkt: &[u8]) -> Result<Vec<(u16, i64)>, rtcp::Error> {
+    // Header, sender and media SSRC, base sequence number, status count, 24-bit
+    // reference time (signed, 64 ms units), feedback packet count.
+    if pkt.len() < 20 {
+        return Err(rtcp::Error::PacketTooShort);
+    }
+    let base = u16::from_be_bytes([pkt[12], pkt[13]]);
+    let count = u16::from_be_bytes([pkt[14], pkt[15]]) as usize;
+    let reference = i32::from_be_bytes([pkt[16], pkt[17], pkt[18], 0]) >> 8;
+    // Status chunks until `count` statuses: a run length (T=0: a 2-bit symbol, a
+    // 13-bit run) or a vector (T=1: fourteen 1-bit or seven 2-bit symbols).
+    let mut statuses: Vec<u8> = Vec::with_capacity(count.min(pkt.len() * 8));
+    let mut at = 20;
+    while statuses.len() < count {
+        let chunk = u16::from_be_bytes([
+            *pkt.get(at).ok_or(rtcp::Error::PacketTooShort)?,
+            *pkt.get(at + 1).ok_or(rtcp::Error::PacketTooShort)?,
+        ]);
+        at += 2;
+        let left = count - statuses.len();
+        if chunk & 0x8000 == 0 {
+            let run = (chunk & 0x1fff) as usize;
+            statuses.extend(std::iter::repeat_n((chunk >> 13) as u8 & 3, run.min(left)));
+        } else if chunk & 0x4000 == 0 {
+            statuses.extend((0..14).rev().map(|i| ((chunk >> i) & 1) as u8).take(left));
+        } else {
+            statuses.extend(
+                (0..7)
+                    .rev()
+                    .map(|i| ((chunk >> (2 * i)) & 3) as u8)
+                    .take(left),
+            );
         }
     }
-    // 24-bit reference time in 64 ms units, then deltas in 250 µs units (the crate
-    // gives them in µs).
-    let mut at = fb.reference_time as i64 * 64_000;
-    let mut deltas = fb.recv_deltas.iter();
+    // A receive delta per received packet: one octet (1: small, unsigned) or two
+    // (2: large, signed), in 250 µs units.
+    let mut time = reference as i64 * 64_000;
     let mut out = Vec::new();
-    for (i, st) in statuses
-        .into_iter()
-        .take(fb.packet_status_count as usize)
-        .enumerate()
-    {
-        if matches!(
-            st,
-            SymbolTypeTcc::PacketReceivedSmallDelta | SymbolTypeTcc::PacketReceivedLargeDelta
-        ) {
-            let Some(d) = deltas.next() else { break };
-            at += d.delta;
-            out.push((fb.base_sequence_number.wrapping_add(i as u16), at));
-        }
+    for (i, st) in statuses.into_iter().enumerate() {
+        let delta = match st {
+            1 => *pkt.get(at).ok_or(rtcp::Error::PacketTooShort)? as i64,
+            2 => i16::from_be_bytes([
+                *pkt.get(at).ok_or(rtcp::Error::PacketTooShort)?,
+                *pkt.get(at + 1).ok_or(rtcp::Error::PacketTooShort)?,
+            ]) as i64,
+            _ => continue,
+        };
+        at += st as usize;
+        time += delta * 250;
+        out.push((base.wrapping_add(i as u16), time));
     }
-    out
+    Ok(out)
 }
 
 /// The first `rc` report blocks of `b` (the caller checked there are that many).
@@ -713,5 +730,45 @@ mod tests {
         let rel = |v: &[(u16, i64)]| v.iter().map(|r| r.1 - v[0].1).collect::<Vec<_>>();
         assert_eq!(rel(received), rel(&arrivals));
         assert!(parse(&bytes[..bytes.len() - 4]).is_err(), "truncated");
+    }
+
+    /// Transport feedback that lies: a status count of 65,535 with a few chunks (the
+    /// fuzzer's find, which panics the rtcp crate's reader), deltas past the end; and
+    /// a vector of two-bit symbols read right. An error or what is there, never a
+    /// panic.
+    #[test]
+    fn lying_transport_feedback_is_an_error() {
+        let mut p = vec![
+            0x8f, 205, 0, 5, 0, 0, 0, 1, 0, 0, 0, 2, 0, 10, 0xff, 0xff, 0, 0, 1, 0,
+        ];
+        p.extend_from_slice(&[0xc0, 0x00, 0xd5, 0x55]);
+        assert!(parse(&p).is_err());
+        // Two statuses (a run of small deltas): 4 × 250 µs, then 0.
+        let mut q = vec![
+            0x8f, 205, 0, 5, 0, 0, 0, 1, 0, 0, 0, 2, 0, 10, 0, 2, 0, 0, 1, 0,
+        ];
+        q.extend_from_slice(&[0x20, 0x02, 4, 0]);
+        assert_eq!(
+            parse(&q).unwrap(),
+            vec![Request::TransportFeedback {
+                received: vec![(10, 64_000 + 1_000), (11, 64_000 + 1_000)]
+            }]
+        );
+        // Two packets reported, one delta there.
+        let mut r = q.clone();
+        r[15] = 3;
+        r[21] = 0x03;
+        assert!(parse(&r).is_err(), "a delta past the end");
+        // A vector of seven two-bit symbols: small (2 ms), large (-1 ms), then none.
+        let mut v = vec![
+            0x8f, 205, 0, 6, 0, 0, 0, 1, 0, 0, 0, 2, 0, 10, 0, 7, 0, 0, 0, 0,
+        ];
+        v.extend_from_slice(&[0b1101_1000, 0, 8, 0xff, 0xfc, 0, 0, 0]);
+        assert_eq!(
+            parse(&v).unwrap(),
+            vec![Request::TransportFeedback {
+                received: vec![(10, 2_000), (11, 1_000)]
+            }]
+        );
     }
 }
