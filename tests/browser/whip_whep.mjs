@@ -75,6 +75,19 @@ async function launch(origin = base) {
 }
 
 const sleep = ms => new Promise(r => setTimeout(r, ms));
+// A viewer's inbound video stats, and both viewers' of a two-viewer scenario.
+const videoOf = async b => (await b.page.evaluate(() => window.summary(window.subPc))).inbound.video || {};
+const videoOfBoth = async (low, high) => ({ low: await videoOf(low), high: await videoOf(high) });
+// Waits until `done(low, high)` holds for the two viewers' video stats.
+async function untilBoth(low, high, what, done) {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await videoOfBoth(low, high);
+    if (done(v.low, v.high)) return v;
+    if (Date.now() > deadline) throw new Error(`${what} within ${timeoutMs / 1000} s: ${JSON.stringify(v)}`);
+    await sleep(500);
+  }
+}
 const result = { codec, pqc: !flag('no-pqc') };
 const browsers = [];
 let ok = true;
@@ -89,17 +102,7 @@ try {
     await low.page.evaluate(r => window.watch(r), room);
     result.capped = await low.page.evaluate(() => window.setLayers({ max_layer: 0 }));
     await high.page.evaluate(r => window.watch(r), room);
-    const video = async b => (await b.page.evaluate(() => window.summary(window.subPc))).inbound.video || {};
-    // Waits until `done(low, high)` holds for the two viewers' video stats.
-    const until = async (what, done) => {
-      const deadline = Date.now() + timeoutMs;
-      for (;;) {
-        const v = { low: await video(low), high: await video(high) };
-        if (done(v.low, v.high)) return v;
-        if (Date.now() > deadline) throw new Error(`${what} within ${timeoutMs / 1000} s: ${JSON.stringify(v)}`);
-        await sleep(500);
-      }
-    };
+    const until = (what, done) => untilBoth(low, high, what, done);
     result.before = await until('the capped viewer did not get a smaller layer than the other',
       (l, h) => l.framesDecoded > 30 && h.framesDecoded > 30 && l.frameWidth > 0 && h.frameWidth > l.frameWidth);
     // With the SFU's transport feedback, the publisher's estimate rises and it sends
@@ -114,7 +117,7 @@ try {
     result.switchMs = Date.now() - t0;
     // Two more seconds of decoding on the new layer, so a freeze would show.
     await sleep(2000);
-    result.settled = { low: await video(low), high: await video(high) };
+    result.settled = await videoOfBoth(low, high);
     result.api = await (await fetch(watchBase + '/api/sessions')).json();
     for (const b of [low, high, pub]) await b.page.evaluate(() => window.leave());
   } else if (role === 'svc') {
@@ -126,17 +129,8 @@ try {
     await low.page.evaluate(r => window.watch(r), room);
     result.capped = await low.page.evaluate(() => window.setLayers({ max_layer: 0 }));
     await high.page.evaluate(r => window.watch(r), room);
-    const video = async b => (await b.page.evaluate(() => window.summary(window.subPc))).inbound.video || {};
-    const both = async () => ({ low: await video(low), high: await video(high) });
-    const until = async (what, done) => {
-      const deadline = Date.now() + timeoutMs;
-      for (;;) {
-        const v = await both();
-        if (done(v.low, v.high)) return v;
-        if (Date.now() > deadline) throw new Error(`${what} within ${timeoutMs / 1000} s: ${JSON.stringify(v)}`);
-        await sleep(500);
-      }
-    };
+    const both = () => videoOfBoth(low, high);
+    const until = (what, done) => untilBoth(low, high, what, done);
     // Frames decoded per second by each viewer over `ms`.
     const rate = async ms => {
       const a = await both();

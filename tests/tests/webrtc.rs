@@ -961,6 +961,17 @@ fn viewers_behind_different_bandwidths(svc: bool) {
             .collect::<Vec<_>>()
             .join("\n")
     );
+    // And the estimates: the limited viewer's within 500 kbit/s, of two viewers.
+    let bucket = |le: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("edgefwd_webrtc_viewer_estimates{{le=\"{le}\"}}")))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+    };
+    assert_eq!(
+        (bucket("500000"), bucket("+Inf")),
+        (Some(1), Some(2)),
+        "{text}"
+    );
     assert!(l["loss_percent"].as_f64().is_some(), "{l}");
     assert_eq!(h["bw_limit"], Value::Null, "{h}");
     // Stays there (a probe may lift it for a report or two, then back).
@@ -1044,18 +1055,7 @@ fn simulcast_layers_are_chosen_on_the_relay_node() {
         "on the relay node: before {before} top {top} after {settled} in {} ms",
         r["switchMs"]
     );
-    let w = |v: &Value| v["frameWidth"].as_u64().unwrap_or(0);
-    assert!(
-        w(&before["low"]) <= 240 && w(&before["low"]) < w(&before["high"]),
-        "{r}"
-    );
-    assert!(w(&top["high"]) >= 960, "{r}");
-    assert!(w(&settled["low"]) > w(&before["low"]), "moved up: {r}");
-    let frozen = |v: &Value| v["totalFreezesDuration"].as_f64().unwrap_or(0.0);
-    assert!(
-        frozen(&settled["low"]) - frozen(&before["low"]) < 1.0,
-        "{r}"
-    );
+    assert_capped_then_lifted(&r);
     // B's view: the publisher is A's, relayed, with three encodings; both viewers'
     // down-tracks are B's own, with their layers.
     let sessions = r["api"]["rooms"][&room].as_array().unwrap().clone();
@@ -1230,6 +1230,26 @@ fn simulcast_scenario(base: &str, watch: Option<&str>, room: &str, codec: &str) 
         &format!("simulcast {codec} (watched on {})", watch.unwrap_or(base)),
         &out,
     )
+}
+
+/// What a capped-then-lifted scenario (`simulcast` or `svc` role) must show: the
+/// capped viewer decoded the quarter-size picture while the other decoded a larger
+/// one, the uncapped one got the full size, and once lifted the capped one moved up
+/// without a freeze of a second or more.
+fn assert_capped_then_lifted(r: &Value) {
+    let w = |v: &Value| v["frameWidth"].as_u64().unwrap_or(0);
+    let (before, settled) = (&r["before"], &r["settled"]);
+    assert!(
+        w(&before["low"]) <= 240 && w(&before["low"]) < w(&before["high"]),
+        "the capped viewer gets the quarter-size picture, the other a larger one: {r}"
+    );
+    assert!(w(&r["top"]["high"]) >= 960, "{r}");
+    assert!(w(&settled["low"]) > w(&before["low"]), "moved up: {r}");
+    let frozen = |v: &Value| v["totalFreezesDuration"].as_f64().unwrap_or(0.0);
+    assert!(
+        frozen(&settled["low"]) - frozen(&before["low"]) < 1.0,
+        "a freeze of a second or more across the switch: {r}"
+    );
 }
 
 /// Chromium publishing VP8 into `room` for `hold` seconds, in the background.
@@ -2548,13 +2568,8 @@ fn svc_viewers_with_different_caps(codec: &str) {
         "Chromium did not encode SVC: {sent}"
     );
     assert_eq!(sent["codec"], format!("video/{codec}"), "{sent}");
-    let w = |v: &Value| v["frameWidth"].as_u64().unwrap_or(0);
-    let (before, settled) = (&r["before"], &r["settled"]);
-    assert!(
-        w(&before["low"]) <= 240 && w(&before["low"]) < w(&before["high"]),
-        "the capped viewer gets spatial layer 0 (a quarter of 960), the other more: {r}"
-    );
-    assert!(w(&r["top"]["high"]) >= 960, "{r}");
+    // Spatial layer 0 is a quarter of 960.
+    assert_capped_then_lifted(&r);
     // Temporal layer 0 of T3 is a quarter of the frames; the other viewer's rate stays.
     let fps = |k: &str, v: &str| r[k][v].as_f64().unwrap();
     assert!(
@@ -2570,12 +2585,6 @@ fn svc_viewers_with_different_caps(codec: &str) {
     assert!(
         fps("baseRate", "low") > 0.6 * fps("fullRate", "low"),
         "the other viewer's frame rate fell too: {r}"
-    );
-    assert!(w(&settled["low"]) > w(&before["low"]), "moved up: {r}");
-    let frozen = |v: &Value| v["totalFreezesDuration"].as_f64().unwrap_or(0.0);
-    assert!(
-        frozen(&settled["low"]) - frozen(&before["low"]) < 1.0,
-        "a freeze of a second or more across the switch: {r}"
     );
     // The API: the publisher's one encoding shows three spatial and temporal layers;
     // each viewer's down-track the layers it gets and its caps.

@@ -94,6 +94,18 @@ pub struct SessionRow {
     /// receiver reports give over its down-tracks; None before the first report.
     pub loss_percent: Option<f64>,
     pub rtt_ms: Option<f64>,
+    /// Subscriber: its bandwidth estimate (kbit/s): the lowest of its down-tracks'
+    /// loss-based and delay-based estimates; None while nothing limits it.
+    pub estimate_kbps: Option<f64>,
+}
+
+/// The smallest of `fields` over `list`, None if no entry has any.
+fn least(v: &Value, list: &str, fields: &[&str]) -> Option<f64> {
+    v[list]
+        .as_array()?
+        .iter()
+        .flat_map(|x| fields.iter().filter_map(|f| x[*f].as_f64()))
+        .reduce(f64::min)
 }
 
 /// The largest of `field` over `list`, None if no entry has it.
@@ -231,6 +243,8 @@ pub fn session_rows(v: &Value, room: Option<&str>) -> Result<Vec<SessionRow>> {
                 layers: layers_of(s),
                 loss_percent: worst(s, "downtracks", "loss_percent"),
                 rtt_ms: worst(s, "downtracks", "rtt_ms"),
+                estimate_kbps: least(s, "downtracks", &["estimate_bps", "delay_estimate_bps"])
+                    .map(|b| b / 1000.0),
                 role,
             });
         }
@@ -289,7 +303,7 @@ pub fn print_sessions(rows: &[SessionRow]) {
         return;
     }
     println!(
-        "{:<20} {:<16} {:<10} {:<9} {:<24} {:<22} {:>6} {:>10} {:>6} {:>6} {:>6}  LAYERS",
+        "{:<20} {:<16} {:<10} {:<9} {:<24} {:<22} {:>6} {:>10} {:>6} {:>6} {:>6} {:>8}  LAYERS",
         "ROOM",
         "SESSION",
         "ROLE",
@@ -300,13 +314,14 @@ pub fn print_sessions(rows: &[SessionRow]) {
         "PACKETS",
         "NACKED",
         "LOSS%",
-        "RTT"
+        "RTT",
+        "EST_KBPS"
     );
     let num =
         |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
     for s in rows {
         println!(
-            "{:<20} {:<16} {:<10} {:<9} {:<24} {:<22} {:>6} {:>10} {:>6} {:>6} {:>6}  {}",
+            "{:<20} {:<16} {:<10} {:<9} {:<24} {:<22} {:>6} {:>10} {:>6} {:>6} {:>6} {:>8}  {}",
             s.room,
             s.id,
             s.role,
@@ -318,6 +333,7 @@ pub fn print_sessions(rows: &[SessionRow]) {
             s.nack_resent,
             num(s.loss_percent, 1),
             num(s.rtt_ms, 0),
+            num(s.estimate_kbps, 0),
             s.layers
         );
     }
@@ -338,7 +354,8 @@ mod tests {
                  "nominated": null, "addrs": ["10.0.0.2:6000"],
                  "tracks": [], "downtracks": [{"packets": 9, "nack_resent": 2, "layers": 1, "loss_percent": 0.5, "rtt_ms": 40.0},
                                               {"packets": 4, "nack_resent": 0, "layers": 2, "layer": 0, "max_layer": 0,
-                                               "bw_limit": 0, "loss_percent": 2.5, "rtt_ms": null},
+                                               "bw_limit": 0, "loss_percent": 2.5, "rtt_ms": null,
+                                               "estimate_bps": 300000, "delay_estimate_bps": 210000},
                                               {"packets": 3, "layers": 1, "spatial_layer": 0, "temporal_layer": 2,
                                                "max_layer": 0, "max_temporal": null}]},
             ],
@@ -391,6 +408,11 @@ mod tests {
         // The worst of its down-tracks' reports; nothing reported yet: none.
         assert_eq!((s[1].loss_percent, s[1].rtt_ms), (Some(2.5), Some(40.0)));
         assert_eq!((s[0].loss_percent, s[0].rtt_ms), (None, None));
+        // The lowest estimate of its down-tracks, by loss or by delay.
+        assert_eq!(
+            (s[1].estimate_kbps, s[0].estimate_kbps),
+            (Some(210.0), None)
+        );
         let e = session_rows(&sample(), Some("zz")).unwrap_err().to_string();
         assert!(
             e.contains("no room \"zz\"") && e.contains("rooms: a, b"),

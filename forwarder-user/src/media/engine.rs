@@ -1767,6 +1767,57 @@ mod tests {
             self.connect(id, profile)
         }
 
+        /// Publisher 1, connected, sending track 10: one video encoding (SSRC
+        /// 0xaaaa) of `format` with these header extension ids.
+        fn video_publisher(
+            &mut self,
+            format: Format,
+            pt: u8,
+            twcc_ext: Option<u8>,
+            dd_ext: Option<u8>,
+        ) -> Peer {
+            let p = self.peer(1, Role::Publisher, Profile::AeadAes128Gcm);
+            self.cmd(Command::AddTrack {
+                id: 10,
+                session: 1,
+                kind: Kind::Video,
+                pt,
+                clock_rate: 90_000,
+                format,
+                streams: vec![(None, Some(0xaaaa))],
+                rid_ext: None,
+                twcc_ext,
+                level_ext: None,
+                dd_ext,
+            });
+            p
+        }
+
+        /// Viewer `id` of track 10: SSRC 0x100 + id, payload type `pt`, sequence +
+        /// `seq_delta`, these header extension ids as it negotiated them.
+        fn track_viewer(
+            &mut self,
+            id: SessionId,
+            pt: u8,
+            seq_delta: u16,
+            dd_ext: Option<u8>,
+            twcc_ext: Option<u8>,
+        ) -> Peer {
+            let down = Command::AddDownTrack {
+                track: 10,
+                sub: id,
+                ssrc_out: 0x100 + id,
+                pt_out: pt,
+                rtx: None,
+                remb: false,
+                dd_ext,
+                twcc_ext,
+                seq_delta,
+                ts_delta: 0,
+            };
+            self.viewer(id, 10, Profile::AeadAes128Gcm, down)
+        }
+
         fn protect(from: &mut Peer, plain: &[u8]) -> Vec<u8> {
             let mut buf = plain.to_vec();
             buf.resize(plain.len() + 20, 0);
@@ -2795,36 +2846,9 @@ mod tests {
         use crate::media::codec::tests::vp9;
         use crate::media::simulcast::UNCAPPED;
         let mut f = Fixture::new();
-        let mut publisher = f.peer(1, Role::Publisher, Profile::AeadAes128Gcm);
-        f.cmd(Command::AddTrack {
-            id: 10,
-            session: 1,
-            kind: Kind::Video,
-            pt: 98,
-            clock_rate: 90_000,
-            format: Format::Vp9,
-            streams: vec![(None, Some(0xaaaa))],
-            rid_ext: None,
-            twcc_ext: None,
-            level_ext: None,
-            dd_ext: None,
-        });
+        let mut publisher = f.video_publisher(Format::Vp9, 98, None, None);
         let mut viewers: Vec<Peer> = (2..5)
-            .map(|id| {
-                let down = Command::AddDownTrack {
-                    track: 10,
-                    sub: id,
-                    ssrc_out: 0x100 + id,
-                    pt_out: 98,
-                    rtx: None,
-                    remb: false,
-                    dd_ext: None,
-                    twcc_ext: None,
-                    seq_delta: 0,
-                    ts_delta: 0,
-                };
-                f.viewer(id, 10, Profile::AeadAes128Gcm, down)
-            })
+            .map(|id| f.track_viewer(id, 98, 0, None, None))
             .collect();
         let caps = [(0, UNCAPPED), (UNCAPPED, 0), (UNCAPPED, UNCAPPED)];
         for (id, (max_layer, max_temporal)) in (2..5).zip(caps) {
@@ -2961,35 +2985,10 @@ mod tests {
         use crate::media::codec::tests::vp8;
         use crate::media::simulcast::UNCAPPED;
         let mut f = Fixture::new();
-        let mut publisher = f.peer(1, Role::Publisher, Profile::AeadAes128Gcm);
-        f.cmd(Command::AddTrack {
-            id: 10,
-            session: 1,
-            kind: Kind::Video,
-            pt: 96,
-            clock_rate: 90_000,
-            format: Format::Vp8,
-            streams: vec![(None, Some(0xaaaa))],
-            rid_ext: None,
-            twcc_ext: None,
-            level_ext: None,
-            dd_ext: None,
-        });
+        let mut publisher = f.video_publisher(Format::Vp8, 96, None, None);
         let mut viewers: Vec<Peer> = (2..4)
             .map(|id| {
-                let down = Command::AddDownTrack {
-                    track: 10,
-                    sub: id,
-                    ssrc_out: 0x100 + id,
-                    pt_out: 96,
-                    rtx: None,
-                    remb: false,
-                    dd_ext: None,
-                    twcc_ext: None,
-                    seq_delta: 1000,
-                    ts_delta: 0,
-                };
-                let v = f.viewer(id, 10, Profile::AeadAes128Gcm, down);
+                let v = f.track_viewer(id, 96, 1000, None, None);
                 f.cmd(Command::SetLayers {
                     sub: id,
                     track: 10,
@@ -3086,37 +3085,10 @@ mod tests {
     fn av1_layers_come_from_the_dependency_descriptor() {
         use crate::media::codec::tests::dd;
         let mut f = Fixture::new();
-        let mut publisher = f.peer(1, Role::Publisher, Profile::AeadAes128Gcm);
-        f.cmd(Command::AddTrack {
-            id: 10,
-            session: 1,
-            kind: Kind::Video,
-            pt: 45,
-            clock_rate: 90_000,
-            format: Format::Av1,
-            streams: vec![(None, Some(0xaaaa))],
-            rid_ext: None,
-            twcc_ext: None,
-            level_ext: None,
-            dd_ext: Some(12),
-        });
+        let mut publisher = f.video_publisher(Format::Av1, 45, None, Some(12));
         let mut viewers: Vec<Peer> = [(2, Some(12)), (3, Some(9)), (4, None)]
             .into_iter()
-            .map(|(id, dd_ext)| {
-                let down = Command::AddDownTrack {
-                    track: 10,
-                    sub: id,
-                    ssrc_out: 0x100 + id,
-                    pt_out: 45,
-                    rtx: None,
-                    remb: false,
-                    dd_ext,
-                    twcc_ext: None,
-                    seq_delta: 0,
-                    ts_delta: 0,
-                };
-                f.viewer(id, 10, Profile::AeadAes128Gcm, down)
-            })
+            .map(|(id, dd_ext)| f.track_viewer(id, 45, 0, dd_ext, None))
             .collect();
         // Two temporal units of two spatial layer frames (one packet each); the first
         // is a keyframe whose descriptor carries the L2T1 structure.
@@ -3203,37 +3175,10 @@ mod tests {
     #[test]
     fn viewers_transport_feedback_drives_the_delay_estimate() {
         let mut f = Fixture::new();
-        let mut publisher = f.peer(1, Role::Publisher, Profile::AeadAes128Gcm);
-        f.cmd(Command::AddTrack {
-            id: 10,
-            session: 1,
-            kind: Kind::Video,
-            pt: 96,
-            clock_rate: 90_000,
-            format: Format::Other,
-            streams: vec![(None, Some(0xaaaa))],
-            rid_ext: None,
-            twcc_ext: Some(3),
-            level_ext: None,
-            dd_ext: None,
-        });
+        let mut publisher = f.video_publisher(Format::Other, 96, Some(3), None);
         let mut viewers: Vec<Peer> = [(2, Some(3)), (3, Some(5)), (4, None)]
             .into_iter()
-            .map(|(id, twcc_ext)| {
-                let down = Command::AddDownTrack {
-                    track: 10,
-                    sub: id,
-                    ssrc_out: 0x100 + id,
-                    pt_out: 96,
-                    rtx: None,
-                    remb: false,
-                    dd_ext: None,
-                    twcc_ext,
-                    seq_delta: 0,
-                    ts_delta: 0,
-                };
-                f.viewer(id, 10, Profile::AeadAes128Gcm, down)
-            })
+            .map(|(id, twcc_ext)| f.track_viewer(id, 96, 0, None, twcc_ext))
             .collect();
         // 2 s of 1,000-byte packets every 10 ms (800 kbit/s), the publisher's own
         // transport-wide numbers (from 40,000) in extension 3.

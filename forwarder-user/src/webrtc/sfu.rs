@@ -1526,9 +1526,33 @@ impl Sfu {
             ),
             &["layer", "limited_by"],
         )?;
+        // Viewers' bandwidth estimates as cumulative buckets (a per-viewer series
+        // would grow with the audience).
+        let estimates = IntGaugeVec::new(
+            Opts::new(
+                "edgefwd_webrtc_viewer_estimates",
+                "Video down-tracks whose bandwidth estimate (the lower of the loss- and delay-based ones) is at most `le` bits/s; le=\"+Inf\" counts them all, limited or not",
+            ),
+            &["le"],
+        )?;
+        const BUCKETS: [u64; 6] = [100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000];
         {
             let media = self.media.lock().unwrap();
             let now = Instant::now();
+            for b in BUCKETS {
+                estimates
+                    .with_label_values(&[b.to_string().as_str()])
+                    .set(0);
+            }
+            for t in media.engine.tracks().filter(|t| t.kind == Kind::Video) {
+                for d in &t.downs {
+                    estimates.with_label_values(&["+Inf"]).inc();
+                    let est = [d.bwe.estimate, d.bwe.delay].into_iter().flatten().min();
+                    for b in BUCKETS.iter().filter(|b| est.is_some_and(|e| e <= **b)) {
+                        estimates.with_label_values(&[b.to_string().as_str()]).inc();
+                    }
+                }
+            }
             for t in media.engine.tracks() {
                 // Simulcast: the encodings; one scalable encoding: its spatial layers.
                 let spatial = t.streams[0].seen.top(now, LAYER_IDLE).0;
@@ -1558,6 +1582,7 @@ impl Sfu {
             }
         }
         registry.register(Box::new(layers))?;
+        registry.register(Box::new(estimates))?;
         registry.register(Box::new(path))?;
         registry.register(Box::new(xsk))?;
         registry.register(Box::new(events))?;
