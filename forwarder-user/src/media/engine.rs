@@ -1047,6 +1047,16 @@ impl Engine {
         let mut wanted = 0u8;
         let sessions = &mut self.sessions;
         for d in &mut t.downs {
+            // A viewer on another encoding that still flows has nothing to decide at
+            // this one's packets but its keyframes (where it may switch here): its
+            // choice is made at its own encoding's packets.
+            if !start
+                && d.layering
+                    .current
+                    .is_some_and(|c| c != layer && active.get(c as usize) == Some(&true))
+            {
+                continue;
+            }
             let target = d.layering.choose(&active[..encodings]);
             let mut want = d.layering.want(encodings);
             if d.one_spatial {
