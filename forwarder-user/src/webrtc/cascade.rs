@@ -117,9 +117,10 @@ impl Directory for StaticDirectory {
     }
 }
 
-/// The request a downstream node sends.
+/// The request a downstream node sends. Fields a newer node adds are ignored, not
+/// refused: nodes are upgraded one at a time, and a relay must keep its room while
+/// its upstream is older (operator-written config stays strict).
 #[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RelayRequest {
     pub node: String,
     /// Where trunk copies go: the downstream's media address.
@@ -792,5 +793,20 @@ mod tests {
                 .upstream("x")
                 .is_none()
         );
+    }
+
+    /// A request from a newer node, with a field this one does not know, is taken:
+    /// the known fields as sent.
+    #[test]
+    fn a_newer_nodes_request_is_taken() {
+        let r: RelayRequest = serde_json::from_str(
+            r#"{"node": "b", "media": "10.0.0.2:5000", "via": ["c"], "layers": {"t1": 0}, "added_later": [1, 2]}"#,
+        )
+        .unwrap();
+        assert_eq!((r.node.as_str(), r.via.len(), r.layers["t1"]), ("b", 1, 0));
+        // Without the optional fields (an older node's request).
+        let r: RelayRequest =
+            serde_json::from_str(r#"{"node": "b", "media": "10.0.0.2:5000"}"#).unwrap();
+        assert!(r.via.is_empty() && r.layers.is_empty());
     }
 }

@@ -776,11 +776,11 @@ mod tests {
         }
         assert!(
             !text.contains("transport-cc"),
-            "we run no bandwidth estimator, so don't offer its feedback"
+            "this offer has no transport-wide extension: no transport-cc"
         );
         assert!(
             !text.contains("rtx"),
-            "no RTX: retransmissions reuse the media SSRC"
+            "a publisher is not offered RTX: its resends reuse the media SSRC"
         );
         // The answer must parse back.
         let back = SessionDescription::unmarshal(&mut Cursor::new(text.as_bytes())).unwrap();
