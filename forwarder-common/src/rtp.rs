@@ -151,6 +151,43 @@ pub fn extension_value_offset(pkt: &[u8], id: u8, len: usize) -> Option<usize> {
     (n == len).then_some(at)
 }
 
+/// Adds header extension `id` with a 2-byte `value` to the packet of `len` bytes at
+/// the start of `buf` (header and payload move up; `buf` must have the room): a new
+/// one-byte block where it has none, else one more element in its block. Returns the
+/// new length, or None if it does not fit (no room, an id the form cannot carry, a
+/// profile that is not RFC 8285's).
+pub fn insert_extension(buf: &mut [u8], len: usize, id: u8, value: [u8; 2]) -> Option<usize> {
+    let base = RTP_FIXED_HEADER_LEN + 4 * (*buf.first()? & 0x0f) as usize;
+    let (at, grow, element): (usize, usize, [u8; 8]) = if buf[0] & 0x10 == 0 {
+        if !(1..=14).contains(&id) {
+            return None;
+        }
+        let e = [0xbe, 0xde, 0, 1, (id << 4) | 1, value[0], value[1], 0];
+        (base, 8, e)
+    } else {
+        let profile = u16::from_be_bytes([*buf.get(base)?, *buf.get(base + 1)?]);
+        let words = u16::from_be_bytes([*buf.get(base + 2)?, *buf.get(base + 3)?]);
+        let e = match profile {
+            0xbede if (1..=14).contains(&id) => [(id << 4) | 1, value[0], value[1], 0, 0, 0, 0, 0],
+            p if p & 0xfff0 == 0x1000 && id > 0 => [id, 2, value[0], value[1], 0, 0, 0, 0],
+            _ => return None,
+        };
+        (base + 4 + 4 * words as usize, 4, e)
+    };
+    if len < at || buf.len() < len + grow {
+        return None;
+    }
+    if grow == 4 {
+        // One more word in the block (checked: the block ends within `len`).
+        let words = u16::from_be_bytes([buf[base + 2], buf[base + 3]]).checked_add(1)?;
+        buf[base + 2..base + 4].copy_from_slice(&words.to_be_bytes());
+    }
+    buf.copy_within(at..len, at + grow);
+    buf[at..at + grow].copy_from_slice(&element[..grow]);
+    buf[0] |= 0x10;
+    Some(len + grow)
+}
+
 /// Gives header extension `from` the id `to` (a receiver that negotiated another id
 /// for the same extension), in place; false if it is absent or `to` does not fit the
 /// packet's form (the one-byte form has ids 1 to 14).
@@ -328,5 +365,45 @@ mod tests {
         // A length past the end is malformed: nothing found.
         q[17] = 30;
         assert_eq!(extension(&q, 20), None);
+    }
+
+    #[test]
+    fn an_extension_is_inserted_in_every_form() {
+        // No extension: a one-byte block of its own; the payload moves up.
+        let mut b = [0u8; 64];
+        b[..14].copy_from_slice(&[0x80, 96, 0, 1, 0, 0, 0, 1, 0, 0, 0, 2, 0xaa, 0xbb]);
+        let n = insert_extension(&mut b, 14, 3, [0x12, 0x34]).unwrap();
+        assert_eq!(n, 22);
+        assert_eq!(header_len(&b[..n]), Ok(20));
+        assert_eq!(extension(&b[..n], 3), Some(&[0x12, 0x34][..]));
+        assert_eq!(&b[20..22], &[0xaa, 0xbb]);
+        // A one-byte block: one more element, the others kept.
+        let m = insert_extension(&mut b, n, 5, [0x56, 0x78]).unwrap();
+        assert_eq!((m, header_len(&b[..m])), (26, Ok(24)));
+        assert_eq!(extension(&b[..m], 3), Some(&[0x12, 0x34][..]));
+        assert_eq!(extension(&b[..m], 5), Some(&[0x56, 0x78][..]));
+        assert_eq!(&b[24..26], &[0xaa, 0xbb]);
+        assert_eq!(
+            insert_extension(&mut b, m, 15, [0, 0]),
+            None,
+            "no id 15 in one byte"
+        );
+        // A two-byte block takes any id.
+        let mut t = [0u8; 64];
+        t[..22].copy_from_slice(&[
+            0x90, 96, 0, 1, 0, 0, 0, 1, 0, 0, 0, 2, 0x10, 0x00, 0, 1, 13, 1, 9, 0, 0xcc, 0xdd,
+        ]);
+        let n = insert_extension(&mut t, 22, 20, [1, 2]).unwrap();
+        assert_eq!(extension(&t[..n], 20), Some(&[1, 2][..]));
+        assert_eq!(extension(&t[..n], 13), Some(&[9][..]));
+        assert_eq!(&t[n - 2..n], &[0xcc, 0xdd]);
+        // No room left in the buffer: nothing changed.
+        let mut small = [0u8; 16];
+        small[..14].copy_from_slice(&[0x80, 96, 0, 1, 0, 0, 0, 1, 0, 0, 0, 2, 0xaa, 0xbb]);
+        assert_eq!(insert_extension(&mut small, 14, 3, [0, 0]), None);
+        let mut full = t;
+        let before = full;
+        assert_eq!(insert_extension(&mut full[..n], n, 21, [3, 4]), None);
+        assert_eq!(full, before, "untouched");
     }
 }

@@ -347,18 +347,27 @@ impl TwccOut {
         }
     }
 
-    /// Numbers `frame` (rewritten, before protection): the extension under the
-    /// viewer's id if the packet carries it, else the publisher's (`from`) renamed.
-    /// Returns the number given, or None if the packet has no such extension.
-    fn number(&self, frame: &mut [u8], from: Option<u8>) -> Option<u16> {
+    /// Numbers the packet of `len` bytes at the start of `buf` (rewritten, before
+    /// protection): the extension under the viewer's id if the packet carries it,
+    /// else the publisher's (`from`) renamed, else one added (the header grows; `buf`
+    /// has the frame's room). Returns the number given and the packet's length, or
+    /// None if it could not be numbered.
+    fn number(&self, buf: &mut [u8], len: usize, from: Option<u8>) -> Option<(u16, usize)> {
+        let value = self.next.to_be_bytes();
+        let frame = buf.get_mut(..len)?;
         let at = rtp::extension_value_offset(frame, self.ext, 2).or_else(|| {
             let from = from.filter(|f| *f != self.ext)?;
             rtp::extension_value_offset(frame, from, 2)?;
             rtp::rename_extension(frame, from, self.ext)
                 .then(|| rtp::extension_value_offset(frame, self.ext, 2))?
-        })?;
-        frame[at..at + 2].copy_from_slice(&self.next.to_be_bytes());
-        Some(self.next)
+        });
+        match at {
+            Some(at) => {
+                frame[at..at + 2].copy_from_slice(&value);
+                Some((self.next, len))
+            }
+            None => Some((self.next, rtp::insert_extension(buf, len, self.ext, value)?)),
+        }
     }
 
     fn sent(&mut self, seq: u16, at_us: i64, size: usize) {
@@ -483,28 +492,34 @@ fn send_copy(
         if let Some((from, to)) = d.dd_rename {
             rtp::rename_extension(frame, from, to);
         }
-        if let Some(n) = &twcc {
-            numbered = n.out.number(frame, n.from);
-        }
         // Nothing to shift until a switch, a resume or a dropped frame moved it.
         let tl0 = d.layering.tl0_delta;
         if let Some(v) = vp8.filter(|_| out.pic_delta != 0 || tl0 != 0) {
             v.shift(&mut frame[hlen..], out.pic_delta, tl0);
         }
+        // The transport-wide number, which may add an extension (the header grows).
+        let (mut len, mut hlen) = (plain.len(), hlen);
+        if let Some(n) = &twcc
+            && let Some((seq, grown)) = n.out.number(buf, len, n.from)
+        {
+            numbered = Some(seq);
+            hlen += grown - len;
+            len = grown;
+        }
         let Some((pt, ssrc, seq)) = rtx else {
-            return ctx.protect_rtp(buf, plain.len()).ok();
+            return ctx.protect_rtp(buf, len).ok();
         };
         // RFC 4588 §4: the same header on the RTX stream (its payload type, sequence
         // and SSRC), the original sequence number the subscriber knows first in the
         // payload.
-        let frame = &mut buf[..plain.len() + 2];
+        let frame = buf.get_mut(..len + 2)?;
         let osn = [frame[2], frame[3]];
-        frame.copy_within(hlen..plain.len(), hlen + 2);
+        frame.copy_within(hlen..len, hlen + 2);
         frame[hlen..hlen + 2].copy_from_slice(&osn);
         frame[1] = (frame[1] & 0x80) | (pt & 0x7f);
         frame[2..4].copy_from_slice(&seq.to_be_bytes());
         frame[8..12].copy_from_slice(&ssrc.to_be_bytes());
-        ctx.protect_rtp(buf, plain.len() + 2).ok()
+        ctx.protect_rtp(buf, len + 2).ok()
     });
     if sent && let (Some(n), Some(seq)) = (twcc, numbered) {
         n.out.sent(seq, n.at_us, plain.len());
@@ -1585,7 +1600,7 @@ impl Engine {
                         p[12..20].copy_from_slice(&[0xbe, 0xde, 0, 1, (tw.ext << 4) | 1, 0, 0, 0]);
                         p[20..].fill(0);
                         p[len - 1] = pad as u8;
-                        numbered = tw.number(p, None);
+                        numbered = tw.number(buf, len, None).map(|(n, _)| n);
                         srtp.tx.protect_rtp(buf, len).ok()
                     });
                     if !sent {
@@ -3285,10 +3300,26 @@ mod tests {
             ts_delta: 0,
         });
         let mut v = f.connect(5, Profile::AeadAes128Gcm);
+        // The publisher's packet has no transport-wide extension: the copy gets one
+        // (number 0), the payload moved up behind it.
         f.send(
             &mut publisher,
             &rtp_packet(96, 10, 30_000, 0xaaaa, &[1; 30]),
         );
+        let addr = v.addr;
+        let media: Vec<Vec<u8>> = f
+            .sink
+            .out
+            .iter()
+            .filter(|(to, _)| *to == addr)
+            .map(|(_, w)| unprotect(&mut v, w))
+            .collect();
+        let [copy] = &media[..] else {
+            panic!("{media:?}")
+        };
+        assert_eq!(rtp::extension(copy, 3), Some(&[0, 0][..]));
+        let hlen = rtp::header_len(copy).unwrap();
+        assert_eq!((hlen, &copy[hlen..]), (20, &[1u8; 30][..]));
         f.sink.out.clear();
         let d = f
             .engine
@@ -3304,7 +3335,6 @@ mod tests {
         f.now += FEEDBACK_INTERVAL;
         f.engine
             .handle_timeout(f.now, SystemTime::now(), &mut f.sink);
-        let addr = v.addr;
         let pads: Vec<Vec<u8>> = f
             .sink
             .out
@@ -3325,14 +3355,37 @@ mod tests {
                 "the last media timestamp"
             );
             let twcc = rtp::extension(p, 3).unwrap();
-            // (The media copy carried no transport-wide extension: not numbered.)
-            assert_eq!(u16::from_be_bytes([twcc[0], twcc[1]]), i as u16);
+            // After the media copy's 0.
+            assert_eq!(u16::from_be_bytes([twcc[0], twcc[1]]), 1 + i as u16);
             let hlen = rtp::header_len(p).unwrap();
             assert_eq!(*p.last().unwrap() as usize, p.len() - hlen, "all padding");
         }
         assert_eq!(
             f.engine.counters.bwe_padding.load(Ordering::Relaxed),
             pads.len() as u64
+        );
+        // A NACK of the media copy: resent on RTX, its transport-wide extension added
+        // in front of the original sequence number and payload.
+        f.sink.out.clear();
+        f.send(&mut v, &rtcp::translated_nack(9, 0x55, &[10], 0));
+        let resent: Vec<Vec<u8>> = f
+            .sink
+            .out
+            .iter()
+            .filter(|(to, _)| *to == addr)
+            .map(|(_, w)| unprotect(&mut v, w))
+            .collect();
+        let [r] = &resent[..] else {
+            panic!("{resent:?}")
+        };
+        let hlen = rtp::header_len(r).unwrap();
+        assert_eq!((r[1] & 0x7f, hlen), (97, 20));
+        assert_eq!(&r[hlen..hlen + 2], &10u16.to_be_bytes(), "OSN");
+        assert_eq!(&r[hlen + 2..], &[1u8; 30][..]);
+        let twcc = rtp::extension(r, 3).unwrap();
+        assert_eq!(
+            u16::from_be_bytes([twcc[0], twcc[1]]),
+            1 + pads.len() as u16
         );
     }
 }
