@@ -1074,12 +1074,7 @@ fn simulcast_layers_are_chosen_on_the_relay_node() {
         Some(3),
         "{video}"
     );
-    let downs: Vec<&Value> = sessions
-        .iter()
-        .filter(|s| s["role"] == "subscriber")
-        .flat_map(|s| s["downtracks"].as_array().unwrap())
-        .filter(|d| d["kind"] == "video")
-        .collect();
+    let downs = video_downtracks(&sessions);
     assert_eq!(downs.len(), 2, "{sessions:?}");
     assert!(downs.iter().all(|d| d["layers"] == 3), "{downs:?}");
 }
@@ -1230,6 +1225,16 @@ fn simulcast_scenario(base: &str, watch: Option<&str>, room: &str, codec: &str) 
         &format!("simulcast {codec} (watched on {})", watch.unwrap_or(base)),
         &out,
     )
+}
+
+/// Every subscriber's video down-track in one room's `/api/sessions` list.
+fn video_downtracks(sessions: &[Value]) -> Vec<&Value> {
+    sessions
+        .iter()
+        .filter(|s| s["role"] == "subscriber")
+        .flat_map(|s| s["downtracks"].as_array().unwrap())
+        .filter(|d| d["kind"] == "video")
+        .collect()
 }
 
 /// What a capped-then-lifted scenario (`simulcast` or `svc` role) must show: the
@@ -2488,12 +2493,7 @@ fn chromium_simulcast_viewers_get_their_layer_and_switch_without_freezing() {
             "{}",
             r["api"]["counters"]
         );
-        let downs: Vec<&Value> = sessions
-            .iter()
-            .filter(|s| s["role"] == "subscriber")
-            .flat_map(|s| s["downtracks"].as_array().unwrap())
-            .filter(|d| d["kind"] == "video")
-            .collect();
+        let downs = video_downtracks(&sessions);
         assert_eq!(downs.len(), 2, "{sessions:?}");
         assert!(
             downs
@@ -2601,12 +2601,7 @@ fn svc_viewers_with_different_caps(codec: &str) {
         video["spatial_rates_bps"][2].as_u64().unwrap() > 0,
         "every spatial layer measured: {video}"
     );
-    let downs: Vec<&Value> = sessions
-        .iter()
-        .filter(|s| s["role"] == "subscriber")
-        .flat_map(|s| s["downtracks"].as_array().unwrap())
-        .filter(|d| d["kind"] == "video")
-        .collect();
+    let downs = video_downtracks(&sessions);
     assert_eq!(downs.len(), 2, "{sessions:?}");
     let temporal_capped = downs
         .iter()

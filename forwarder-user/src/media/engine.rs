@@ -1843,6 +1843,16 @@ mod tests {
             self.viewer(id, 10, Profile::AeadAes128Gcm, down)
         }
 
+        /// What was sent to `v` since the last look, decrypted with its keys (and
+        /// taken out of the sink).
+        fn take_for(&mut self, v: &mut Peer) -> Vec<Vec<u8>> {
+            let (mine, rest) = std::mem::take(&mut self.sink.out)
+                .into_iter()
+                .partition(|(to, _)| *to == v.addr);
+            self.sink.out = rest;
+            mine.into_iter().map(|(_, w)| unprotect(v, &w)).collect()
+        }
+
         fn protect(from: &mut Peer, plain: &[u8]) -> Vec<u8> {
             let mut buf = plain.to_vec();
             buf.resize(plain.len() + 20, 0);
@@ -2907,17 +2917,9 @@ mod tests {
         }
         // What each viewer got: (seq, marker, spatial, temporal, picture id).
         let got = |f: &mut Fixture, v: &mut Peer| -> Vec<(u16, bool, u8, u8, u16)> {
-            let out: Vec<_> = f
-                .sink
-                .out
-                .iter()
-                .filter(|(to, _)| *to == v.addr)
-                .cloned()
-                .collect();
-            f.sink.out.retain(|(to, _)| *to != v.addr);
-            out.iter()
-                .map(|(_, w)| {
-                    let p = unprotect(v, w);
+            f.take_for(v)
+                .into_iter()
+                .map(|p| {
                     let d = crate::media::codec::Vp9Descriptor::parse(&p[12..]).unwrap();
                     (
                         u16::from_be_bytes([p[2], p[3]]),
@@ -3038,17 +3040,9 @@ mod tests {
             f.send(&mut publisher, &frame(k, false));
         }
         let got = |f: &mut Fixture, v: &mut Peer| -> Vec<(u16, u16, u8, u8)> {
-            let out: Vec<_> = f
-                .sink
-                .out
-                .iter()
-                .filter(|(to, _)| *to == v.addr)
-                .cloned()
-                .collect();
-            f.sink.out.retain(|(to, _)| *to != v.addr);
-            out.iter()
-                .map(|(_, w)| {
-                    let p = unprotect(v, w);
+            f.take_for(v)
+                .into_iter()
+                .map(|p| {
                     let d = Vp8Descriptor::parse(&p[12..]).unwrap();
                     (
                         u16::from_be_bytes([p[2], p[3]]),
@@ -3143,16 +3137,9 @@ mod tests {
         // (seq, marker, template id under 12, under 9, spatial layer in the payload)
         type Got = (u16, bool, Option<u8>, Option<u8>, u8);
         let got = |f: &mut Fixture, v: &mut Peer| -> Vec<Got> {
-            let out: Vec<_> = f
-                .sink
-                .out
-                .iter()
-                .filter(|(to, _)| *to == v.addr)
-                .cloned()
-                .collect();
-            out.iter()
-                .map(|(_, w)| {
-                    let p = unprotect(v, w);
+            f.take_for(v)
+                .into_iter()
+                .map(|p| {
                     let len = rtp::header_len(&p).unwrap();
                     let id_of = |id| rtp::extension(&p, id).map(|e| e[0] & 0x3f);
                     (
@@ -3223,9 +3210,7 @@ mod tests {
             f.now = start + Duration::from_millis(10 * i as u64);
             f.send(&mut publisher, &p);
             for (k, v) in viewers.iter_mut().enumerate() {
-                let addr = v.addr;
-                for (_, w) in f.sink.out.iter().filter(|(to, _)| *to == addr) {
-                    let p = unprotect(v, w);
+                for p in f.take_for(v) {
                     let ext = |id| rtp::extension(&p, id).map(|e| u16::from_be_bytes([e[0], e[1]]));
                     got[k].push((u16::from_be_bytes([p[2], p[3]]), ext(3), ext(5)));
                 }
@@ -3306,14 +3291,7 @@ mod tests {
             &mut publisher,
             &rtp_packet(96, 10, 30_000, 0xaaaa, &[1; 30]),
         );
-        let addr = v.addr;
-        let media: Vec<Vec<u8>> = f
-            .sink
-            .out
-            .iter()
-            .filter(|(to, _)| *to == addr)
-            .map(|(_, w)| unprotect(&mut v, w))
-            .collect();
+        let media: Vec<Vec<u8>> = f.take_for(&mut v);
         let [copy] = &media[..] else {
             panic!("{media:?}")
         };
@@ -3335,13 +3313,7 @@ mod tests {
         f.now += FEEDBACK_INTERVAL;
         f.engine
             .handle_timeout(f.now, SystemTime::now(), &mut f.sink);
-        let pads: Vec<Vec<u8>> = f
-            .sink
-            .out
-            .iter()
-            .filter(|(to, _)| *to == addr)
-            .map(|(_, w)| unprotect(&mut v, w))
-            .collect();
+        let pads: Vec<Vec<u8>> = f.take_for(&mut v);
         // 400 kbit/s for 100 ms: 5,000 octets in packets of 224.
         assert_eq!(pads.len(), 5_000usize.div_ceil(PADDING), "{}", pads.len());
         for (i, p) in pads.iter().enumerate() {
@@ -3368,13 +3340,7 @@ mod tests {
         // in front of the original sequence number and payload.
         f.sink.out.clear();
         f.send(&mut v, &rtcp::translated_nack(9, 0x55, &[10], 0));
-        let resent: Vec<Vec<u8>> = f
-            .sink
-            .out
-            .iter()
-            .filter(|(to, _)| *to == addr)
-            .map(|(_, w)| unprotect(&mut v, w))
-            .collect();
+        let resent: Vec<Vec<u8>> = f.take_for(&mut v);
         let [r] = &resent[..] else {
             panic!("{resent:?}")
         };
