@@ -194,18 +194,25 @@ pub const RCV_V6: &str = "2001:db8:b::1";
 
 impl Topology {
     pub fn new() -> Topology {
+        Self::with_queues(1)
+    }
+
+    /// The topology with `queues` receive and transmit queues on the publisher's link
+    /// (p0/f0): one AF_XDP socket, worker and engine per queue at the forwarder.
+    pub fn with_queues(queues: u32) -> Topology {
         let t = Topology {
             publisher: NetNs::new("pub"),
             forwarder: NetNs::new("fwd"),
             receiver: NetNs::new("rcv"),
         };
-        link(
+        link_with_queues(
             &t.publisher,
             "p0",
             &[PUB_V4, PUB_V6],
             &t.forwarder,
             "f0",
             &[FWD_A_V4, FWD_A_V6],
+            queues,
         );
         link(
             &t.receiver,
@@ -269,8 +276,42 @@ impl Default for Topology {
 }
 
 pub fn link(a: &NetNs, an: &str, aaddrs: &[&str], b: &NetNs, bn: &str, baddrs: &[&str]) {
+    link_with_queues(a, an, aaddrs, b, bn, baddrs, 1)
+}
+
+/// [`link`] with `queues` receive and transmit queues on both ends (a veth frame
+/// arrives on the receive queue numbered as the transmit queue it left by).
+pub fn link_with_queues(
+    a: &NetNs,
+    an: &str,
+    aaddrs: &[&str],
+    b: &NetNs,
+    bn: &str,
+    baddrs: &[&str],
+    queues: u32,
+) {
+    let q = queues.to_string();
     ip(&[
-        "link", "add", an, "netns", &a.name, "type", "veth", "peer", "name", bn, "netns", &b.name,
+        "link",
+        "add",
+        an,
+        "netns",
+        &a.name,
+        "numtxqueues",
+        &q,
+        "numrxqueues",
+        &q,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        bn,
+        "netns",
+        &b.name,
+        "numtxqueues",
+        &q,
+        "numrxqueues",
+        &q,
     ]);
     for (ns, dev, addrs) in [(a, an, aaddrs), (b, bn, baddrs)] {
         for addr in addrs {

@@ -6,7 +6,7 @@
 use std::{
     path::PathBuf,
     process::{Command, Output},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use edgefwd_tests::{
@@ -2611,4 +2611,123 @@ fn svc_viewers_with_different_caps(codec: &str) {
     assert_eq!(temporal_capped["spatial_layer"], 2, "{temporal_capped}");
     let lifted = downs.iter().find(|d| d["max_temporal"].is_null()).unwrap();
     assert!(lifted["spatial_layer"].as_u64().unwrap() > 0, "{lifted}");
+}
+
+/// The daemon's room placement (FNV-1a of the name, modulo the engines): the test
+/// picks a room for each engine with it, and checks the API agrees.
+fn shard_of_room(room: &str, shards: u64) -> u64 {
+    let h = room.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    h % shards
+}
+
+/// One engine per receive queue and core: the forwarder's link has two queues, and
+/// everything the browsers' namespace sends is steered to queue 1 (XPS on its side of
+/// the link). Two rooms at once, one per engine: the room of engine 1 is handled where
+/// it arrives; the room of engine 0 is handed by worker 1 to worker 0, whose copies
+/// leave by queue 0's TX ring. Both viewers decode; the sockets' counters show the
+/// hand-off and each engine's own transmit.
+#[test]
+fn two_rooms_on_two_engines_with_hand_off_between_af_xdp_workers() {
+    edgefwd_tests::require_root();
+    let _k = kernel_lock();
+    let t = Topology::with_queues(2);
+    // XPS: every CPU of the browsers' namespace transmits on p0's queue 1 (so the
+    // frames arrive on f0's receive queue 1). `ip netns exec` shows the namespace's
+    // own /sys.
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let xps = format!(
+        "echo 0 > /sys/class/net/p0/queues/tx-0/xps_cpus && echo {:x} > /sys/class/net/p0/queues/tx-1/xps_cpus",
+        (1u64 << cpus) - 1
+    );
+    let out = Command::new("ip")
+        .args(["netns", "exec", &t.publisher.name, "sh", "-c", &xps])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{xps}: {out:?}");
+    let pin = PinDir::new();
+    let sfu = start_xdp_sfu(&t, &pin, "auto");
+    let s = ns_json(&t.forwarder, &sfu.base, "/api/sessions");
+    assert_eq!(s["media_path"]["path"], "af_xdp", "{s}");
+    assert_eq!(s["shards"], 2, "one engine per queue: {s}");
+    let rooms: Vec<String> = (0..2)
+        .map(|want| {
+            loop {
+                let r = unique("shard");
+                if shard_of_room(&r, 2) == want {
+                    break r;
+                }
+            }
+        })
+        .collect();
+    let runs: Vec<_> = rooms
+        .iter()
+        .map(|room| {
+            node(
+                Some(&t.publisher),
+                &["--base", &sfu.base, "--room", room, "--codec", "VP8"],
+            )
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+        })
+        .collect();
+    // While both rooms have their publisher and viewer: each room's sessions are on
+    // its engine.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = ns_json(&t.forwarder, &sfu.base, "/api/sessions");
+        let placed: Vec<Vec<u64>> = rooms
+            .iter()
+            .map(|r| {
+                s["rooms"][r]
+                    .as_array()
+                    .map(|ss| ss.iter().map(|x| x["shard"].as_u64().unwrap()).collect())
+                    .unwrap_or_default()
+            })
+            .collect();
+        if placed.iter().all(|p| p.len() >= 2) {
+            for (i, p) in placed.iter().enumerate() {
+                assert!(p.iter().all(|x| *x == i as u64), "room {i}: {placed:?}");
+            }
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "both rooms never had two sessions: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for (room, run) in rooms.iter().zip(runs) {
+        let out = run.wait_with_output().unwrap();
+        let r = parse_result(&format!("room {room}"), &out);
+        println!("{room}: {}", r["subscriber"]["inbound"]);
+        assert_subscriber_ok(&r, Some("VP8"));
+    }
+    let s = ns_json(&t.forwarder, &sfu.base, "/api/sessions");
+    let c = &s["counters"];
+    let xsk = s["xsk"].as_array().unwrap();
+    println!("xsk: {xsk:?}");
+    let q = |i: usize, k: &str| xsk[i]["stats"][k].as_u64().unwrap();
+    assert_eq!(
+        (xsk[0]["queue"].as_u64(), xsk[1]["queue"].as_u64()),
+        (Some(0), Some(1))
+    );
+    assert_eq!(q(0, "rx"), 0, "everything arrived on queue 1: {s}");
+    assert!(q(1, "rx") > 300, "{s}");
+    assert!(
+        q(1, "handed_off") > 100,
+        "engine 0's room went to worker 0: {s}"
+    );
+    assert_eq!(q(0, "taken_over"), q(1, "handed_off"), "{s}");
+    assert!(
+        q(0, "tx") > 100 && q(1, "tx") > 100,
+        "each engine's copies leave by its own queue: {s}"
+    );
+    assert_eq!(c["drops"]["handoff_full"], 0, "{s}");
+    assert_eq!(c["drops"]["srtp_auth"], 0, "{s}");
+    let v = verdicts(&t, &pin);
+    assert!(verdict(&v, "forward_xsk") >= q(1, "rx"), "{v}");
 }

@@ -229,10 +229,14 @@ pub struct Stats {
     /// Copies to a peer whose MAC address is not known yet.
     pub tx_no_neighbour: u64,
     pub kicks: u64,
+    /// Received here for a room another worker's engine holds: handed to it.
+    pub handed_off: u64,
+    /// Handled here for a room of this worker's engine, received on another queue.
+    pub taken_over: u64,
 }
 
 impl Stats {
-    pub fn named(&self) -> [(&'static str, u64); 7] {
+    pub fn named(&self) -> [(&'static str, u64); 9] {
         [
             ("rx", self.rx),
             ("tx", self.tx),
@@ -241,6 +245,8 @@ impl Stats {
             ("tx_waits", self.tx_waits),
             ("tx_no_neighbour", self.tx_no_neighbour),
             ("kicks", self.kicks),
+            ("handed_off", self.handed_off),
+            ("taken_over", self.taken_over),
         ]
     }
 }
@@ -499,14 +505,18 @@ impl XskQueue {
 
 /// Waits up to `timeout_ms` for `fd` to have received frames (no busy spin: a shared
 /// core's NAPI must run too).
-pub fn wait_readable(fd: RawFd, timeout_ms: i32) {
-    let mut p = libc::pollfd {
-        fd,
+pub fn wait_readable(fds: &[RawFd], timeout_ms: i32) {
+    let mut p = [libc::pollfd {
+        fd: -1,
         events: libc::POLLIN,
         revents: 0,
-    };
-    // SAFETY: one valid pollfd for the duration of the call.
-    unsafe { libc::poll(&mut p, 1, timeout_ms) };
+    }; 2];
+    let n = fds.len().min(p.len());
+    for (p, fd) in p.iter_mut().zip(fds) {
+        p.fd = *fd;
+    }
+    // SAFETY: n valid pollfds in a live array for the duration of the call.
+    unsafe { libc::poll(p.as_mut_ptr(), n as libc::nfds_t, timeout_ms) };
 }
 
 /// Pins the calling thread to one CPU (a worker per core); a failure only costs

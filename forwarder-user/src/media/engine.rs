@@ -30,6 +30,7 @@ use interceptor::twcc;
 use super::{
     Counters, Drop, Kind, Transmit, bump, bwe,
     codec::{DdStructure, DependencyDescriptor, Format, LayerIds, Vp8Descriptor},
+    demux::Demux,
     rtcp::{self, Reception, Request},
     simulcast::{Layer, Layering, Out, Packet, UNCAPPED},
     speaker::Levels,
@@ -179,6 +180,24 @@ pub enum Command {
         id: SessionId,
         streams: Vec<(u32, u64)>,
     },
+}
+
+impl Command {
+    /// The session the command is about. A control plane running several engines
+    /// hands each command to the engine that holds this session (and so its room).
+    pub fn session(&self) -> SessionId {
+        match self {
+            Command::AddSession { id, .. }
+            | Command::Bind { id, .. }
+            | Command::SetKeys { id, .. }
+            | Command::RemoveSession { id }
+            | Command::BindRelay { id, .. }
+            | Command::ResumeRx { id, .. } => *id,
+            Command::AddTrack { session, .. } => *session,
+            Command::AddDownTrack { sub, .. } | Command::SetLayers { sub, .. } => *sub,
+            Command::AddTrunk { relay, .. } | Command::SetTrunkLayers { relay, .. } => *relay,
+        }
+    }
 }
 
 /// A track a publisher sends, with everything the fan-out needs of it.
@@ -399,9 +418,8 @@ pub struct Engine {
     counters: Arc<Counters>,
     sessions: HashMap<SessionId, Session>,
     tracks: HashMap<TrackId, UpTrack>,
-    by_addr: HashMap<SocketAddr, SessionId>,
-    /// Cascade peers: (address, SSRC) → session, for addresses many sessions share.
-    by_relay: HashMap<(SocketAddr, u32), SessionId>,
+    /// Which session a datagram is (by address, or a cascade peer's by SSRC).
+    demux: Demux,
     /// The received ciphertext, kept while a packet with trunk copies is decrypted.
     scratch: Vec<u8>,
     next_report: Instant,
@@ -573,8 +591,7 @@ impl Engine {
             counters,
             sessions: HashMap::new(),
             tracks: HashMap::new(),
-            by_addr: HashMap::new(),
-            by_relay: HashMap::new(),
+            demux: Demux::default(),
             scratch: Vec::new(),
             next_report: now + REPORT_INTERVAL,
             next_feedback: now + FEEDBACK_INTERVAL,
@@ -622,7 +639,7 @@ impl Engine {
                 if nominated {
                     s.nominated = Some(addr);
                 }
-                self.by_addr.insert(addr, id);
+                self.demux.bind(addr, id);
             }
             Command::SetKeys { id, rx, tx: tx_key } => {
                 let Some(s) = self.sessions.get_mut(&id) else {
@@ -796,12 +813,7 @@ impl Engine {
                 let Some(s) = self.sessions.remove(&id) else {
                     return;
                 };
-                for a in &s.addrs {
-                    if self.by_addr.get(a) == Some(&id) {
-                        self.by_addr.remove(a);
-                    }
-                }
-                self.by_relay.retain(|_, v| *v != id);
+                self.demux.remove(id);
                 match s.role {
                     Role::Relay => {
                         for t in &s.tracks {
@@ -841,9 +853,7 @@ impl Engine {
                     s.addrs.push(addr);
                 }
                 s.nominated = Some(addr);
-                for ssrc in ssrcs {
-                    self.by_relay.insert((addr, ssrc), id);
-                }
+                self.demux.bind_relay(addr, &ssrcs, id);
             }
             Command::AddTrunk { track, relay } => {
                 let (Some(t), Some(s)) =
@@ -915,15 +925,7 @@ impl Engine {
         tx: &mut dyn Transmit,
     ) {
         let is_rtcp = pkt.len() >= 2 && rtp::classify(pkt[0], pkt[1]) == rtp::Class::Rtcp;
-        // A browser's address is its session: one lookup for most packets. Only an
-        // address not bound that way may be a cascade peer, whose datagrams name their
-        // session by SSRC (cleartext in SRTP and SRTCP: RTP bytes 8..12, RTCP 4..8).
-        let by_relay = || {
-            let at = if is_rtcp { 4 } else { 8 };
-            let ssrc = u32::from_be_bytes(pkt.get(at..at + 4)?.try_into().ok()?);
-            self.by_relay.get(&(from, ssrc)).copied()
-        };
-        let Some(id) = self.by_addr.get(&from).copied().or_else(by_relay) else {
+        let Some(id) = self.demux.lookup(from, pkt) else {
             return self.counters.count(Drop::UnknownPeer);
         };
         if is_rtcp {
@@ -938,7 +940,7 @@ impl Engine {
         let s = self
             .sessions
             .get_mut(&id)
-            .expect("by_addr points at live sessions");
+            .expect("the demux points at live sessions");
         if s.role != Role::Publisher {
             return c.count(Drop::UnexpectedRtp);
         }
@@ -1143,7 +1145,7 @@ impl Engine {
         let s = self
             .sessions
             .get_mut(&id)
-            .expect("by_addr points at live sessions");
+            .expect("the demux points at live sessions");
         let Some(srtp) = s.srtp.as_mut() else {
             return c.count(Drop::NotConnected);
         };

@@ -7,6 +7,7 @@
 
 pub mod bwe;
 pub mod codec;
+pub mod demux;
 pub mod engine;
 pub mod rtcp;
 pub mod simulcast;
@@ -88,10 +89,13 @@ pub enum Drop {
     SendFailed,
     /// Lost in the kernel: the media socket's receive queue was full (SO_RXQ_OVFL).
     SocketOverflow,
+    /// Received on one AF_XDP queue for a room another worker's engine owns, whose
+    /// hand-off queue was full (that worker's core is overloaded).
+    HandoffFull,
 }
 
 impl Drop {
-    pub const ALL: [Drop; 16] = [
+    pub const ALL: [Drop; 17] = [
         Drop::UnknownProtocol,
         Drop::StunMalformed,
         Drop::StunUnknownUfrag,
@@ -108,6 +112,7 @@ impl Drop {
         Drop::RtcpMalformed,
         Drop::SendFailed,
         Drop::SocketOverflow,
+        Drop::HandoffFull,
     ];
 
     pub fn name(self) -> &'static str {
@@ -128,6 +133,7 @@ impl Drop {
             Drop::RtcpMalformed => "rtcp_malformed",
             Drop::SendFailed => "send_failed",
             Drop::SocketOverflow => "socket_overflow",
+            Drop::HandoffFull => "handoff_full",
         }
     }
 

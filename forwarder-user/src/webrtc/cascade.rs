@@ -310,7 +310,7 @@ impl Sfu {
                 .as_ref()
                 .map_or(pid.clone(), |r| r.upstream_id.clone());
             // Per track every encoding's SSRC; all must be known (seen or signalled).
-            let (handover, ssrcs) = self.with_engine(|e, _| {
+            let (handover, ssrcs) = self.with_shard(self.shard_of(s.media), |e, _| {
                 let ssrcs: Option<Vec<Vec<u32>>> = s
                     .tracks
                     .iter()
@@ -368,7 +368,7 @@ impl Sfu {
                     room: room.to_string(),
                     node: req.node.clone(),
                     publisher: pid.clone(),
-                    media: self.media_id(),
+                    media: self.media_id(room),
                     addr: req.media,
                     peer_rtcp_ssrc: rand::thread_rng().gen_range(1..=u32::MAX),
                     trunk_key: random_key(profile),
@@ -457,7 +457,7 @@ impl Sfu {
         if onward || tracks.is_empty() {
             return Default::default();
         }
-        self.with_engine(|e, _| {
+        self.with_shard(self.shard_of_room(room), |e, _| {
             tracks
                 .into_iter()
                 .filter_map(|(id, media)| {
@@ -658,7 +658,7 @@ impl Sfu {
                     level_ext: None,
                     dd_ext: t.dd_ext,
                     track_id: t.track_id.clone(),
-                    media: self.media_id(),
+                    media: self.media_id(&s.room),
                 });
             }
             self.register_relay_in(&s, reply.media, rx, trunk, p.streams);

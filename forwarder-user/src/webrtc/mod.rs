@@ -341,7 +341,8 @@ pub async fn start(
                 }
             })
         };
-        // The engine's own timers (transport feedback is due every 100 ms), apart from
+        // The socket path's engine timers (transport feedback is due every 100 ms;
+        // AF_XDP workers run their engines' own) and the active speakers, apart from
         // the second's tick above, whose cascade calls may wait on the network.
         let engine_timer = {
             let sfu = sfu.clone();

@@ -1,11 +1,18 @@
 //! The SFU's signaling state and the media socket (the socket data path).
 //!
 //! The control plane holds rooms and sessions as signaling knows them (ICE, DTLS, the
-//! m-lines of each offer); everything per packet lives in the media engine
+//! m-lines of each offer); everything per packet lives in the media engines
 //! ([`crate::media::engine`]), which this module programs with commands as sessions
 //! join, bind, key and leave. The socket path drives that engine: one UDP socket,
 //! demultiplexed by first byte (RFC 7983); STUN and DTLS are handled here, SRTP and
 //! SRTCP go to the engine, whose copies go out through the same socket.
+//!
+//! Shards: on the AF_XDP path there is one engine per receive queue, each run by its
+//! queue's worker on its own core. A room lives in one shard (by a hash of its name),
+//! so a stream's packets and all its copies are handled on one core; the ids of a
+//! room's sessions and tracks name their shard (`id % shards`). Commands are queued
+//! to their shard and applied before its next batch: the control plane never waits
+//! for media, and media waits for no control-plane work but the commands themselves.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -22,13 +29,14 @@ use rand::{Rng, distributions::Alphanumeric};
 use serde::Serialize;
 use tokio::{net::UdpSocket, sync::mpsc};
 
-use crate::datapath::{socket::SocketTx, xsk::XskQueue};
+use crate::datapath::{handoff::Inbox, socket::SocketTx, xsk::XskQueue};
 use crate::dataplane::maps::PeerTable;
 pub use crate::media::engine::Role;
 pub use crate::media::{Counters, Drop};
 use crate::media::{
     Kind, Transmit, bump,
     codec::Format,
+    demux::Demux,
     engine::{Command, Engine, LAYER_IDLE, SessionId, TrackId},
     simulcast::UNCAPPED,
     speaker::Dominant,
@@ -208,19 +216,61 @@ impl State {
     }
 }
 
-/// Where the engine's copies go.
+/// Where a shard's copies go.
 enum Io {
     /// The media socket, from one reused buffer (jumbo frames fit).
     Socket(Vec<u8>),
-    /// The AF_XDP sockets, one per receive queue; copies the control plane causes
-    /// (keyframe requests, reports) and socket-path fallbacks leave through queue 0.
-    Xsk(Vec<XskQueue>),
+    /// The AF_XDP socket of the shard's receive queue: every copy its engine makes
+    /// leaves on its TX ring, whichever queue the packet came in on.
+    Xsk(Box<XskQueue>),
 }
 
-/// The media engine and its output, behind one lock taken per receive batch.
+/// One shard's engine and its output, locked by its worker per batch (and by the
+/// control plane for timers and views).
 struct Media {
     engine: Engine,
     io: Io,
+    /// Commands queued by the control plane, applied before anything else touches
+    /// the engine, so they keep their order.
+    commands: std::sync::mpsc::Receiver<Command>,
+}
+
+/// The rooms hashed to one core: their engine, and what is handed to it.
+struct Shard {
+    media: Mutex<Media>,
+    commands: std::sync::mpsc::Sender<Command>,
+    /// AF_XDP: datagrams for this shard received on other queues, and its wake-up.
+    inbox: Option<Inbox>,
+    /// Its worker runs the engine's timers (else the control plane's timer task does).
+    own_timers: std::sync::atomic::AtomicBool,
+}
+
+/// Applies what the control plane queued for a shard, in order.
+fn catch_up(
+    engine: &mut Engine,
+    commands: &std::sync::mpsc::Receiver<Command>,
+    tx: &mut dyn Transmit,
+) {
+    let mut now = None;
+    while let Ok(cmd) = commands.try_recv() {
+        let now = *now.get_or_insert_with(Instant::now);
+        engine.apply(cmd, now, tx);
+    }
+}
+
+/// The `k`th engine id of a shard: `id % shards == shard`, never 0; after 2^32 / shards
+/// ids they come round again (long gone by then).
+fn engine_id(k: u32, shard: usize, shards: usize) -> u32 {
+    let n = shards as u32;
+    (k % (u32::MAX / n - 1) + 1) * n + shard as u32
+}
+
+/// A room's shard: a stable hash of its name (FNV-1a), the same on every start.
+fn shard_of_room(room: &str, shards: usize) -> usize {
+    let h = room.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    (h % shards as u64) as usize
 }
 
 /// The AF_XDP fast path as the control plane programs it.
@@ -313,8 +363,13 @@ pub struct Sfu {
     pub cname: String,
     pub state: Mutex<State>,
     pub counters: Arc<Counters>,
-    /// Lock order: `state`, then `media`, then `fast.peers`; never the other way.
-    media: Mutex<Media>,
+    /// The engines, one per AF_XDP queue (one on the socket path). Lock order:
+    /// `state`, then one shard's media, then `router`, then `fast.peers`; never two
+    /// shards at once, never the other way.
+    shards: Vec<Shard>,
+    /// AF_XDP with several shards: which session (so which shard) a datagram is, for
+    /// the worker that received it; made from the same commands as the engines' own.
+    router: std::sync::RwLock<Demux>,
     next_media_id: AtomicU32,
     fast: Option<FastPath>,
     pub path: PathInfo,
@@ -368,13 +423,12 @@ impl Sfu {
         let sender = socket.try_clone()?;
         let counters = Arc::new(Counters::default());
         let cname = format!("edgefwd-{}", random_string(8));
-        let engine = Engine::new(cname.clone(), counters.clone(), Instant::now());
         let (io, fast, path) = match fast {
             Ok(f) => {
                 let path = PathInfo {
                     path: "af_xdp",
                     detail: format!(
-                        "{} mode, {} queue(s)",
+                        "{} mode, {} queue(s), a worker and engine per queue",
                         f.queues.first().map_or("?", |q| q.mode().name()),
                         f.queues.len()
                     ),
@@ -383,10 +437,17 @@ impl Sfu {
                     peers: Mutex::new(f.peers),
                     listen: f.listen,
                 };
-                (Io::Xsk(f.queues), Some(fast), path)
+                (
+                    f.queues.into_iter().map(|q| Io::Xsk(Box::new(q))).collect(),
+                    Some(fast),
+                    path,
+                )
             }
             Err(why) => (
-                Io::Socket(vec![0u8; forwarder_common::rtp::MAX_RTP_LEN + 64]),
+                vec![Io::Socket(vec![
+                    0u8;
+                    forwarder_common::rtp::MAX_RTP_LEN + 64
+                ])],
                 None,
                 PathInfo {
                     path: "socket",
@@ -394,6 +455,30 @@ impl Sfu {
                 },
             ),
         };
+        let several = io.len() > 1;
+        let shards = io
+            .into_iter()
+            .map(|io| {
+                let (commands, rx) = std::sync::mpsc::channel();
+                let engine = Engine::new(cname.clone(), counters.clone(), Instant::now());
+                let inbox = match (&io, several) {
+                    (Io::Xsk(_), true) => Some(Inbox::new().map_err(|e| {
+                        anyhow::anyhow!("creating an AF_XDP worker's eventfd: {e}")
+                    })?),
+                    _ => None,
+                };
+                Ok(Shard {
+                    media: Mutex::new(Media {
+                        engine,
+                        io,
+                        commands: rx,
+                    }),
+                    commands,
+                    inbox,
+                    own_timers: Default::default(),
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Arc::new(Sfu {
             socket: Arc::new(UdpSocket::from_std(socket)?),
             sender,
@@ -404,7 +489,8 @@ impl Sfu {
             cname,
             state: Mutex::new(State::default()),
             counters,
-            media: Mutex::new(Media { engine, io }),
+            shards,
+            router: Default::default(),
             next_media_id: AtomicU32::new(1),
             fast,
             path,
@@ -416,33 +502,67 @@ impl Sfu {
         }))
     }
 
-    /// Runs `f` on the engine with the current data path as its transmit.
-    pub(super) fn with_engine<R>(&self, f: impl FnOnce(&mut Engine, &mut dyn Transmit) -> R) -> R {
-        let mut m = self.media.lock().unwrap();
-        let Media { engine, io } = &mut *m;
+    /// Runs `f` on shard `i`'s engine (its queued commands applied first) with the
+    /// shard's data path as its transmit.
+    pub(super) fn with_shard<R>(
+        &self,
+        i: usize,
+        f: impl FnOnce(&mut Engine, &mut dyn Transmit) -> R,
+    ) -> R {
+        let mut m = self.shards[i].media.lock().unwrap();
+        self.run(&mut m, f)
+    }
+
+    fn run<R>(&self, m: &mut Media, f: impl FnOnce(&mut Engine, &mut dyn Transmit) -> R) -> R {
+        let Media {
+            engine,
+            io,
+            commands,
+        } = m;
         match io {
-            Io::Socket(buf) => f(
-                engine,
-                &mut SocketTx {
+            Io::Socket(buf) => {
+                let tx = &mut SocketTx {
                     sock: &self.sender,
                     buf,
-                },
-            ),
-            Io::Xsk(queues) => {
-                let r = f(engine, &mut queues[0]);
-                queues[0].flush();
+                };
+                catch_up(engine, commands, tx);
+                f(engine, tx)
+            }
+            Io::Xsk(q) => {
+                let q = &mut **q;
+                catch_up(engine, commands, q);
+                let r = f(engine, q);
+                q.flush();
                 r
             }
         }
     }
 
-    /// Starts one AF_XDP worker thread per queue (none on the socket path). Each
-    /// waits for frames without spinning, then handles a batch under the media lock.
+    /// How many engines there are (AF_XDP: one per queue; socket path: one).
+    pub fn shards(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// The shard of a room, and of every session and track in it.
+    pub fn shard_of_room(&self, room: &str) -> usize {
+        shard_of_room(room, self.shards.len())
+    }
+
+    /// The shard whose engine holds session or track `id`.
+    pub fn shard_of(&self, id: u32) -> usize {
+        id as usize % self.shards.len()
+    }
+
+    /// Starts one AF_XDP worker thread per queue (none on the socket path), each
+    /// pinned to a core. Each waits for frames or hand-offs without spinning, then
+    /// handles a batch under its shard's lock.
     pub fn start_workers(self: &Arc<Self>) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
-        let fds: Vec<(usize, std::os::fd::RawFd)> = match &self.media.lock().unwrap().io {
-            Io::Socket(_) => return Ok(vec![]),
-            Io::Xsk(qs) => qs.iter().enumerate().map(|(i, q)| (i, q.fd())).collect(),
-        };
+        let mut fds = Vec::new();
+        for (i, sh) in self.shards.iter().enumerate() {
+            if let Io::Xsk(q) = &sh.media.lock().unwrap().io {
+                fds.push((i, q.fd()));
+            }
+        }
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut out = Vec::new();
         for (i, fd) in fds {
@@ -462,34 +582,119 @@ impl Sfu {
         self.stopping.store(true, Ordering::Relaxed);
     }
 
-    fn worker(&self, q: usize, fd: std::os::fd::RawFd) {
-        let mut descs = Vec::with_capacity(crate::datapath::xsk::BATCH);
+    fn worker(&self, me: usize, fd: std::os::fd::RawFd) {
+        use crate::datapath::xsk::{BATCH, wait_readable};
+        let shard = &self.shards[me];
+        let mut descs = Vec::with_capacity(BATCH);
+        // Per frame of a batch: the shard whose engine holds its session.
+        let mut owners: Vec<usize> = Vec::with_capacity(BATCH);
+        let mut frames = Vec::with_capacity(BATCH);
+        let mut woken = vec![false; self.shards.len()];
+        // The engine's timers run here, on its core, between batches.
+        shard.own_timers.store(true, Ordering::Relaxed);
+        let mut due = Instant::now();
         while !self.stopping.load(Ordering::Relaxed) {
-            crate::datapath::xsk::wait_readable(fd, 20);
-            let mut m = self.media.lock().unwrap();
-            let Media { engine, io } = &mut *m;
-            let Io::Xsk(queues) = io else { return };
-            let xq = &mut queues[q];
-            descs.clear();
-            xq.receive(crate::datapath::xsk::BATCH as u32, &mut descs);
+            let wait = due
+                .saturating_duration_since(Instant::now())
+                .as_millis()
+                .min(20) as i32;
+            match &shard.inbox {
+                Some(inbox) => {
+                    wait_readable(&[fd, inbox.fd()], wait);
+                    inbox.clear_wake();
+                }
+                None => wait_readable(&[fd], wait),
+            }
+            let mut m = shard.media.lock().unwrap();
+            let Media {
+                engine,
+                io,
+                commands,
+            } = &mut *m;
+            let Io::Xsk(xq) = io else { return };
+            let xq = &mut **xq;
+            catch_up(engine, commands, xq);
             let now = Instant::now();
-            for d in &descs {
-                match xq.datagram(d) {
-                    Some((g, frame)) => engine.handle_srtp(g.from, &mut frame[g.payload], now, xq),
+            if let Some(inbox) = &shard.inbox {
+                xq.stats.taken_over += inbox.take(|from, mac, pkt| {
+                    xq.set_neighbour(from.ip(), mac);
+                    engine.handle_srtp(from, pkt, now, xq)
+                });
+            }
+            descs.clear();
+            xq.receive(BATCH as u32, &mut descs);
+            // Each frame parsed once (its sender's MAC learned, a bad one counted).
+            frames.clear();
+            frames.extend(descs.iter().map(|d| xq.datagram(d)));
+            owners.clear();
+            if self.shards.len() > 1 && !frames.is_empty() {
+                // Looked up first, so the router is not held while the engine works.
+                let router = self.router.read().unwrap();
+                owners.extend(frames.iter().map(|f| {
+                    f.as_ref()
+                        .and_then(|(g, frame)| router.lookup(g.from, &frame[g.payload.clone()]))
+                        .map_or(me, |id| self.shard_of(id))
+                }));
+            } else {
+                owners.resize(frames.len(), me);
+            }
+            for (f, &owner) in frames.drain(..).zip(&owners) {
+                match f {
+                    Some((g, frame)) if owner == me => {
+                        engine.handle_srtp(g.from, &mut frame[g.payload], now, xq)
+                    }
+                    Some((g, frame)) => {
+                        let to = self.shards[owner].inbox.as_ref().expect("several shards");
+                        if to.give(g.from, g.src_mac, &frame[g.payload]) {
+                            xq.stats.handed_off += 1;
+                            woken[owner] = true;
+                        } else {
+                            self.counters.count(Drop::HandoffFull);
+                        }
+                    }
                     None => self.counters.count(Drop::UnknownProtocol),
                 }
             }
+            let now = Instant::now();
+            if now >= due {
+                engine.handle_timeout(now, SystemTime::now(), xq);
+                due = engine.poll_timeout().max(now + Duration::from_millis(1));
+            }
             xq.recycle(&descs);
             xq.flush();
+            drop(m);
+            for (i, w) in woken.iter_mut().enumerate().filter(|(_, w)| **w) {
+                *w = false;
+                if let Some(inbox) = &self.shards[i].inbox {
+                    inbox.wake();
+                }
+            }
         }
     }
 
+    /// Queues a command for the engine that holds its session: applied now if that
+    /// engine is idle, else by its worker before its next batch (never waited for).
     pub(super) fn command(&self, cmd: Command) {
-        self.with_engine(|e, tx| e.apply(cmd, Instant::now(), tx));
+        if self.shards.len() > 1 {
+            self.router.write().unwrap().apply(&cmd);
+        }
+        let shard = &self.shards[self.shard_of(cmd.session())];
+        // The receiver lives as long as the shard (both are the Sfu's).
+        let _ = shard.commands.send(cmd);
+        match shard.media.try_lock() {
+            Ok(mut m) => self.run(&mut m, |_, _| ()),
+            Err(_) => {
+                if let Some(inbox) = &shard.inbox {
+                    inbox.wake();
+                }
+            }
+        }
     }
 
-    pub(super) fn media_id(&self) -> u32 {
-        self.next_media_id.fetch_add(1, Ordering::Relaxed)
+    /// A new engine id (session or track) in `room`'s shard.
+    pub(super) fn media_id(&self, room: &str) -> u32 {
+        let k = self.next_media_id.fetch_add(1, Ordering::Relaxed);
+        engine_id(k, self.shard_of_room(room), self.shards.len())
     }
 
     /// Gives the engine a new session with its tracks or down-tracks.
@@ -563,7 +768,7 @@ impl Sfu {
     pub(super) fn relay_session(&self, room: &str, rtcp_ssrc: u32, profile: Profile) -> Session {
         Session {
             id: random_string(16),
-            media: self.media_id(),
+            media: self.media_id(room),
             room: room.to_string(),
             role: Role::Publisher,
             http_source: std::net::IpAddr::from([0, 0, 0, 0]),
@@ -636,8 +841,8 @@ impl Sfu {
                 .and_then(|(dev, hop)| crate::dataplane::resolve::neighbour_mac(hop, &dev, local));
             match mac {
                 Ok(mac) => {
-                    if let Io::Xsk(qs) = &mut sfu.media.lock().unwrap().io {
-                        for q in qs {
+                    for sh in &sfu.shards {
+                        if let Io::Xsk(q) = &mut sh.media.lock().unwrap().io {
                             q.set_neighbour(addr.ip(), mac);
                         }
                     }
@@ -656,7 +861,7 @@ impl Sfu {
     ) -> Session {
         Session {
             id: random_string(16),
-            media: self.media_id(),
+            media: self.media_id(room),
             room: room.to_string(),
             role,
             http_source: source,
@@ -753,7 +958,7 @@ impl Sfu {
                         level_ext: m.audio_level(),
                         dd_ext: m.dependency_descriptor(codec),
                         track_id: format!("{}-{}", kind.as_str(), random_string(6)),
-                        media: self.media_id(),
+                        media: self.media_id(&s.room),
                     });
                     media.push(AnswerMedia::Receive {
                         codec: codec.clone(),
@@ -1060,7 +1265,17 @@ impl Sfu {
             Class::Stun => self.on_stun(buf, from),
             Class::Dtls => self.on_dtls(buf, from),
             Class::Rtp | Class::Rtcp => {
-                self.with_engine(|e, tx| e.handle_srtp(from, buf, Instant::now(), tx))
+                // With AF_XDP, only what XDP does not steer yet (a peer not bound there).
+                let shard = match self.shards.len() {
+                    1 => 0,
+                    _ => self
+                        .router
+                        .read()
+                        .unwrap()
+                        .lookup(from, buf)
+                        .map_or(0, |id| self.shard_of(id)),
+                };
+                self.with_shard(shard, |e, tx| e.handle_srtp(from, buf, Instant::now(), tx))
             }
             Class::TurnChannel | Class::Unknown => self.counters.count(Drop::UnknownProtocol),
         }
@@ -1274,12 +1489,24 @@ impl Sfu {
     /// The engine's timers when due (transport feedback every 100 ms, SR/RR every
     /// second); the caller runs this at [`Engine::poll_timeout`]'s pace.
     pub fn engine_tick(&self) -> Instant {
-        let next = self.with_engine(|e, tx| {
-            e.handle_timeout(Instant::now(), SystemTime::now(), tx);
-            e.poll_timeout()
-        });
+        let next = self
+            .shards_without_worker()
+            .map(|i| {
+                self.with_shard(i, |e, tx| {
+                    e.handle_timeout(Instant::now(), SystemTime::now(), tx);
+                    e.poll_timeout()
+                })
+            })
+            .min()
+            // Every engine has a worker: the speakers' pace.
+            .unwrap_or_else(|| Instant::now() + Duration::from_millis(100));
         self.decide_speakers(Instant::now());
         next
+    }
+
+    /// The shards whose timers the control plane runs (the socket path's).
+    fn shards_without_worker(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.shards.len()).filter(|i| !self.shards[*i].own_timers.load(Ordering::Relaxed))
     }
 
     /// Each room's dominant speaker from its publishers' audio levels; a change is
@@ -1306,12 +1533,11 @@ impl Sfu {
                 })
                 .collect()
         };
-        let scored: Vec<(String, Vec<(String, u32)>)> = self.with_engine(|e, _| {
-            rooms
-                .into_iter()
-                .map(|(room, pubs)| {
-                    let scores = pubs
-                        .into_iter()
+        let scored: Vec<(String, Vec<(String, u32)>)> = rooms
+            .into_iter()
+            .map(|(room, pubs)| {
+                let scores = self.with_shard(self.shard_of_room(&room), |e, _| {
+                    pubs.into_iter()
                         .map(|(id, tracks)| {
                             let score = tracks
                                 .iter()
@@ -1321,11 +1547,11 @@ impl Sfu {
                                 .unwrap_or(0);
                             (id, score)
                         })
-                        .collect();
-                    (room, scores)
-                })
-                .collect()
-        });
+                        .collect()
+                });
+                (room, scores)
+            })
+            .collect();
         let mut speakers = self.speakers.lock().unwrap();
         // A room that ended had its speaker leave: said once, then forgotten.
         speakers.retain(|room, d| {
@@ -1391,7 +1617,9 @@ impl Sfu {
             self.remove(&mut st, &id);
         }
         drop(st);
-        self.with_engine(|e, tx| e.handle_timeout(now, SystemTime::now(), tx));
+        for i in self.shards_without_worker() {
+            self.with_shard(i, |e, tx| e.handle_timeout(now, SystemTime::now(), tx));
+        }
     }
 
     /// Prometheus text: counters by name, drops by reason, sessions by role.
@@ -1536,49 +1764,33 @@ impl Sfu {
             &["le"],
         )?;
         const BUCKETS: [u64; 6] = [100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000];
-        {
-            let media = self.media.lock().unwrap();
+        for b in BUCKETS {
+            estimates
+                .with_label_values(&[b.to_string().as_str()])
+                .set(0);
+        }
+        // Per shard: its numbers read under its lock (no label work there), then
+        // counted into the series.
+        for i in 0..self.shards.len() {
             let now = Instant::now();
-            for b in BUCKETS {
-                estimates
-                    .with_label_values(&[b.to_string().as_str()])
-                    .set(0);
-            }
-            for t in media.engine.tracks().filter(|t| t.kind == Kind::Video) {
-                for d in &t.downs {
-                    estimates.with_label_values(&["+Inf"]).inc();
-                    let est = [d.bwe.estimate, d.bwe.delay].into_iter().flatten().min();
-                    for b in BUCKETS.iter().filter(|b| est.is_some_and(|e| e <= **b)) {
-                        estimates.with_label_values(&[b.to_string().as_str()]).inc();
-                    }
+            let (ests, viewers) = self.with_shard(i, |engine, _| {
+                let ests: Vec<Option<u64>> = engine
+                    .tracks()
+                    .filter(|t| t.kind == Kind::Video)
+                    .flat_map(|t| &t.downs)
+                    .map(|d| [d.bwe.estimate, d.bwe.delay].into_iter().flatten().min())
+                    .collect();
+                (ests, Self::viewer_layers(engine, now))
+            });
+            for est in ests {
+                estimates.with_label_values(&["+Inf"]).inc();
+                for b in BUCKETS.iter().filter(|b| est.is_some_and(|e| e <= **b)) {
+                    estimates.with_label_values(&[b.to_string().as_str()]).inc();
                 }
             }
-            for t in media.engine.tracks() {
-                // Simulcast: the encodings; one scalable encoding: its spatial layers.
-                let spatial = t.streams[0].seen.top(now, LAYER_IDLE).0;
-                let top = match t.streams.len() {
-                    1 if spatial > 0 => spatial,
-                    1 => continue,
-                    n => n as u8 - 1,
-                };
-                for d in &t.downs {
-                    let l = &d.layering;
-                    let why = if l.paused {
-                        "paused"
-                    } else if l.cap() >= top {
-                        "none"
-                    } else if l.bw_limit <= l.max_layer {
-                        "bandwidth"
-                    } else {
-                        "cap"
-                    };
-                    let on = match t.streams.len() {
-                        1 => l.got((spatial, 0)).map(|g| g.0),
-                        _ => l.current,
-                    };
-                    let layer = on.map_or("none".to_string(), |c| c.to_string());
-                    layers.with_label_values(&[layer.as_str(), why]).inc();
-                }
+            for (layer, why) in viewers {
+                let layer = layer.map_or("none".to_string(), |c| c.to_string());
+                layers.with_label_values(&[layer.as_str(), why]).inc();
             }
         }
         registry.register(Box::new(layers))?;
@@ -1590,6 +1802,39 @@ impl Sfu {
         registry.register(Box::new(sessions))?;
         registry.register(Box::new(conns))?;
         Ok(())
+    }
+
+    /// Per video down-track of a shard's engine: the layer it gets now and what
+    /// holds it below the top ("none", "cap", "bandwidth", "paused").
+    fn viewer_layers(engine: &Engine, now: Instant) -> Vec<(Option<u8>, &'static str)> {
+        let mut out = Vec::new();
+        for t in engine.tracks() {
+            // Simulcast: the encodings; one scalable encoding: its spatial layers.
+            let spatial = t.streams[0].seen.top(now, LAYER_IDLE).0;
+            let top = match t.streams.len() {
+                1 if spatial > 0 => spatial,
+                1 => continue,
+                n => n as u8 - 1,
+            };
+            for d in &t.downs {
+                let l = &d.layering;
+                let why = if l.paused {
+                    "paused"
+                } else if l.cap() >= top {
+                    "none"
+                } else if l.bw_limit <= l.max_layer {
+                    "bandwidth"
+                } else {
+                    "cap"
+                };
+                let on = match t.streams.len() {
+                    1 => l.got((spatial, 0)).map(|g| g.0),
+                    _ => l.current,
+                };
+                out.push((on, why));
+            }
+        }
+        out
     }
 
     /// The WebRTC series alone, as exposition text (unit tests).
@@ -1605,19 +1850,20 @@ impl Sfu {
 
     /// Per AF_XDP queue: its socket's counters (none on the socket path).
     pub fn xsk_stats(&self) -> Vec<(u32, crate::datapath::xsk::Stats)> {
-        match &self.media.lock().unwrap().io {
-            Io::Socket(_) => vec![],
-            Io::Xsk(qs) => qs.iter().map(|q| (q.queue, q.stats)).collect(),
-        }
+        self.shards
+            .iter()
+            .filter_map(|sh| match &sh.media.lock().unwrap().io {
+                Io::Socket(_) => None,
+                Io::Xsk(q) => Some((q.queue, q.stats)),
+            })
+            .collect()
     }
 
     /// A JSON view of the state model (the `/api/sessions` body).
     pub fn snapshot(&self) -> serde_json::Value {
         let cascade = self.cascade_snapshot();
         let st = self.state.lock().unwrap();
-        let media = self.media.lock().unwrap();
-        let engine = &media.engine;
-        // Which layers are present now (the engine itself never reads the clock).
+        // Which layers are present now (the engines themselves never read the clock).
         let now = Instant::now();
         let mut rooms = serde_json::Map::new();
         for (name, r) in &st.rooms {
@@ -1626,9 +1872,12 @@ impl Sfu {
                 .iter()
                 .chain(&r.subscribers)
                 .filter_map(|id| st.sessions.get(id))
-                .map(|s| {
+                // One session at a time under its shard's lock: a large room's view
+                // never holds an engine for more than one session's worth.
+                .map(|s| self.with_shard(self.shard_of(s.media), |engine, _| {
                     serde_json::json!({
                         "id": s.id,
+                        "shard": self.shard_of(s.media),
                         "role": s.role,
                         "upstream": s.relay.as_ref().map(|r| &r.node),
                         "connected": s.profile.is_some(),
@@ -1693,7 +1942,7 @@ impl Sfu {
                             "probes": d.bwe.probes, "failed_probes": d.bwe.failed_probes,
                         })}).collect::<Vec<_>>(),
                     })
-                })
+                }))
                 .collect();
             rooms.insert(name.clone(), serde_json::Value::Array(sessions));
         }
@@ -1707,7 +1956,6 @@ impl Sfu {
                 )
             })
             .collect();
-        drop(media);
         let xsk: Vec<_> = self
             .xsk_stats()
             .into_iter()
@@ -1715,6 +1963,8 @@ impl Sfu {
             .collect();
         serde_json::json!({
             "media_path": self.path,
+            // Engines (one per AF_XDP queue and core); a room's sessions share one.
+            "shards": self.shards.len(),
             "cascade": cascade,
             "xsk": xsk,
             "rooms": rooms,
@@ -1990,6 +2240,69 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("session {id} never got its SRTP keys");
+    }
+
+    #[test]
+    fn ids_name_their_rooms_shard_and_rooms_spread() {
+        for n in 1..=8usize {
+            for shard in 0..n {
+                let top = u32::MAX / n as u32;
+                for k in [0, 1, 2, top - 2, top - 1, top, u32::MAX - 1, u32::MAX] {
+                    let id = engine_id(k, shard, n);
+                    assert!(id != 0 && id as usize % n == shard, "k {k} n {n}: {id}");
+                }
+                assert_ne!(engine_id(1, shard, n), engine_id(2, shard, n));
+            }
+        }
+        let on_0 = (0..1000)
+            .filter(|i| shard_of_room(&format!("room-{i}"), 2) == 0)
+            .count();
+        assert!(
+            (400..=600).contains(&on_0),
+            "{on_0} of 1000 rooms on shard 0"
+        );
+        assert_eq!(shard_of_room("lobby", 4), shard_of_room("lobby", 4));
+    }
+
+    /// A worker mid-batch holds its engine: the control plane's commands do not wait
+    /// for it, and the engine applies them, in order, before it is used again.
+    #[tokio::test]
+    async fn commands_never_wait_for_a_busy_engine_and_keep_their_order() {
+        let sfu = sfu(Duration::from_secs(30)).await;
+        let (session, track) = (sfu.media_id("r"), sfu.media_id("r"));
+        let shard = sfu.shard_of(track);
+        assert_eq!(shard, sfu.shard_of(session));
+        let busy = sfu.shards[shard].media.lock().unwrap();
+        let (done, returned) = std::sync::mpsc::channel();
+        let control = sfu.clone();
+        std::thread::spawn(move || {
+            control.command(Command::AddSession {
+                id: session,
+                role: Role::Publisher,
+                rtcp_ssrc: 1,
+            });
+            control.command(Command::AddTrack {
+                id: track,
+                session,
+                kind: Kind::Video,
+                pt: 96,
+                clock_rate: 90_000,
+                format: Format::from_name("VP8"),
+                streams: vec![(None, Some(0x1234))],
+                rid_ext: None,
+                twcc_ext: None,
+                level_ext: None,
+                dd_ext: None,
+            });
+            done.send(()).unwrap();
+        });
+        returned
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the commands waited for the busy engine");
+        drop(busy);
+        // The track needed its session first: both applied, in order.
+        let ssrc = sfu.with_shard(shard, |e, _| e.track(track).and_then(|t| t.ssrc()));
+        assert_eq!(ssrc, Some(0x1234));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2403,7 +2716,7 @@ mod tests {
         );
         let mut a = peer(&sfu, "r", Role::Publisher, &publisher_sdp(0xa0a0, 0xa1a1)).await;
         let media = sfu.state.lock().unwrap().sessions[&sub.session].media;
-        let cap = sfu.with_engine(|e, _| {
+        let cap = sfu.with_shard(sfu.shard_of(media), |e, _| {
             e.downtracks(media)
                 .iter()
                 .find(|(_, d)| d.ssrc_out() == ssrc_out)
