@@ -2692,6 +2692,21 @@ fn two_rooms_on_two_engines_with_hand_off_between_af_xdp_workers() {
             for (i, p) in placed.iter().enumerate() {
                 assert!(p.iter().all(|x| *x == i as u64), "room {i}: {placed:?}");
             }
+            // The CLI's ENGINE column says the same.
+            let out = t
+                .forwarder
+                .command(edgefwd_bin().to_str().unwrap())
+                .args(["rooms", "--api", &sfu.base])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            for (i, room) in rooms.iter().enumerate() {
+                let line = text
+                    .lines()
+                    .find(|l| l.split_whitespace().next() == Some(room.as_str()));
+                let engine = line.and_then(|l| l.split_whitespace().last());
+                assert_eq!(engine, Some(i.to_string().as_str()), "{text}");
+            }
             break;
         }
         assert!(

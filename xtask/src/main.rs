@@ -52,7 +52,9 @@ enum Cmd {
     /// worker's SRTP copies per second per core, AF_XDP against the socket path;
     /// `fanout` copies per second per core for 1→N in the kernel against userspace;
     /// `joins` WHIP+WHEP joins per second (ICE, DTLS, SRTP) driven by `edgefwd load-test`;
-    /// `viewers` WHEP subscribers per core at a target bitrate, socket path against AF_XDP.
+    /// `viewers` WHEP subscribers per core at a target bitrate, socket path against AF_XDP;
+    /// `churn` steady viewers' loss and latency while other clients join and leave
+    /// (with EDGEFWD_BASELINE_BIN=PATH, also against that build of edgefwd).
     Bench {
         #[arg(default_value = "forward")]
         which: String,
@@ -109,9 +111,10 @@ fn run(cli: Cli) -> Result<()> {
             sh(Command::new(root().join("target/release/edgefwd-demo")).arg(seconds.to_string()))
         }
         Cmd::Bench { which, seconds } => {
-            if !["forward", "srtp", "fanout", "joins", "viewers"].contains(&which.as_str()) {
+            if !["forward", "srtp", "fanout", "joins", "viewers", "churn"].contains(&which.as_str())
+            {
                 bail!(
-                    "unknown benchmark {which:?}; available: forward, srtp, fanout, joins, viewers"
+                    "unknown benchmark {which:?}; available: forward, srtp, fanout, joins, viewers, churn"
                 );
             }
             setup()?;
@@ -123,6 +126,16 @@ fn run(cli: Cli) -> Result<()> {
                 )
                 .args(["--seconds", &seconds.to_string(), "--out"])
                 .arg(root().join("bench/results")));
+            }
+            if which == "churn" {
+                // EDGEFWD_BASELINE_BIN: another build of edgefwd measured in the same run.
+                let mut c = Command::new(root().join("target/release/edgefwd-viewers-bench"));
+                c.args(["--churn", "--seconds", &seconds.to_string(), "--out"])
+                    .arg(root().join("bench/results"));
+                if let Some(b) = std::env::var_os("EDGEFWD_BASELINE_BIN") {
+                    c.arg("--baseline-bin").arg(b);
+                }
+                return sh(&mut c);
             }
             if which == "joins" {
                 return sh(

@@ -68,6 +68,8 @@ pub struct RoomRow {
     pub packets_in: u64,
     /// RTP copies sent to the room's subscribers.
     pub packets_out: u64,
+    /// The media engine (AF_XDP worker, one per queue and core) the room lives on.
+    pub engine: Option<u64>,
 }
 
 #[derive(Debug, Serialize, PartialEq)]
@@ -75,6 +77,8 @@ pub struct SessionRow {
     pub room: String,
     pub id: String,
     pub role: String,
+    /// Its media engine (a room's sessions share one).
+    pub engine: Option<u64>,
     pub connected: bool,
     pub srtp_profile: Option<String>,
     /// Where its media goes (the nominated ICE pair), else the last checked address.
@@ -223,6 +227,7 @@ pub fn session_rows(v: &Value, room: Option<&str>) -> Result<Vec<SessionRow>> {
             out.push(SessionRow {
                 room: name.clone(),
                 id: s["id"].as_str().unwrap_or("?").to_string(),
+                engine: s["shard"].as_u64(),
                 connected: s["connected"].as_bool().unwrap_or(false),
                 srtp_profile: s["srtp_profile"].as_str().map(str::to_string),
                 peer: s["nominated"]
@@ -264,6 +269,7 @@ pub fn room_rows(v: &Value) -> Result<Vec<RoomRow>> {
                 tracks: 0,
                 packets_in: 0,
                 packets_out: 0,
+                engine: s.engine,
             });
         }
         let r = out.last_mut().expect("pushed above");
@@ -286,13 +292,27 @@ pub fn print_rooms(rows: &[RoomRow]) {
         return;
     }
     println!(
-        "{:<24} {:>10} {:>11} {:>9} {:>6} {:>12} {:>12}",
-        "ROOM", "PUBLISHERS", "SUBSCRIBERS", "CONNECTED", "TRACKS", "PACKETS IN", "PACKETS OUT"
+        "{:<24} {:>10} {:>11} {:>9} {:>6} {:>12} {:>12} {:>6}",
+        "ROOM",
+        "PUBLISHERS",
+        "SUBSCRIBERS",
+        "CONNECTED",
+        "TRACKS",
+        "PACKETS IN",
+        "PACKETS OUT",
+        "ENGINE"
     );
     for r in rows {
         println!(
-            "{:<24} {:>10} {:>11} {:>9} {:>6} {:>12} {:>12}",
-            r.room, r.publishers, r.subscribers, r.connected, r.tracks, r.packets_in, r.packets_out
+            "{:<24} {:>10} {:>11} {:>9} {:>6} {:>12} {:>12} {:>6}",
+            r.room,
+            r.publishers,
+            r.subscribers,
+            r.connected,
+            r.tracks,
+            r.packets_in,
+            r.packets_out,
+            r.engine.map_or("-".to_string(), |e| e.to_string())
         );
     }
 }
@@ -346,11 +366,11 @@ mod tests {
     fn sample() -> Value {
         serde_json::json!({"rooms": {
             "a": [
-                {"id": "p1", "role": "publisher", "connected": true, "srtp_profile": "AEAD_AES_128_GCM",
+                {"id": "p1", "role": "publisher", "shard": 1, "connected": true, "srtp_profile": "AEAD_AES_128_GCM",
                  "nominated": "10.0.0.1:5000", "addrs": ["10.0.0.1:5000"],
                  "tracks": [{"packets": 10}, {"packets": 5, "layers": [{"rid": "q"}, {"rid": "h"}]},
                             {"packets": 7, "top_layers": [2, 2]}], "downtracks": []},
-                {"id": "s1", "role": "subscriber", "connected": true, "srtp_profile": "AEAD_AES_128_GCM",
+                {"id": "s1", "role": "subscriber", "shard": 1, "connected": true, "srtp_profile": "AEAD_AES_128_GCM",
                  "nominated": null, "addrs": ["10.0.0.2:6000"],
                  "tracks": [], "downtracks": [{"packets": 9, "nack_resent": 2, "layers": 1, "loss_percent": 0.5, "rtt_ms": 40.0},
                                               {"packets": 4, "nack_resent": 0, "layers": 2, "layer": 0, "max_layer": 0,
@@ -380,6 +400,7 @@ mod tests {
                 tracks: 3,
                 packets_in: 22,
                 packets_out: 16,
+                engine: Some(1),
             }
         );
         assert_eq!(

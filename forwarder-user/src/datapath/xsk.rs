@@ -381,6 +381,13 @@ impl XskQueue {
         self.neighbours.insert(ip, mac);
     }
 
+    /// What a received frame showed of its sender (per packet: no write unless new).
+    pub fn learn_neighbour(&mut self, ip: IpAddr, mac: [u8; 6]) {
+        if self.neighbours.get(&ip) != Some(&mac) {
+            self.neighbours.insert(ip, mac);
+        }
+    }
+
     fn frame_mut(&mut self, addr: u64) -> &'static mut [u8] {
         let base = addr & !(FRAME as u64 - 1);
         debug_assert!(base + FRAME as u64 <= self.area.len as u64);
@@ -415,9 +422,7 @@ impl XskQueue {
             self.stats.rx_unparsed += 1;
             return None;
         };
-        if self.neighbours.get(&g.from.ip()) != Some(&g.src_mac) {
-            self.neighbours.insert(g.from.ip(), g.src_mac);
-        }
+        self.learn_neighbour(g.from.ip(), g.src_mac);
         Some((g, frame))
     }
 

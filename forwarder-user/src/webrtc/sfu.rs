@@ -594,9 +594,11 @@ impl Sfu {
         shard.own_timers.store(true, Ordering::Relaxed);
         let mut due = Instant::now();
         while !self.stopping.load(Ordering::Relaxed) {
+            // Whole milliseconds, rounded up: no spinning before a timer.
             let wait = due
                 .saturating_duration_since(Instant::now())
-                .as_millis()
+                .as_micros()
+                .div_ceil(1000)
                 .min(20) as i32;
             match &shard.inbox {
                 Some(inbox) => {
@@ -617,7 +619,7 @@ impl Sfu {
             let now = Instant::now();
             if let Some(inbox) = &shard.inbox {
                 xq.stats.taken_over += inbox.take(|from, mac, pkt| {
-                    xq.set_neighbour(from.ip(), mac);
+                    xq.learn_neighbour(from.ip(), mac);
                     engine.handle_srtp(from, pkt, now, xq)
                 });
             }

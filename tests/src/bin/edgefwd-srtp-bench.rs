@@ -13,6 +13,12 @@
 //!    simulcast encodings (subscriber i capped to layer i % 3, so each packet goes to a
 //!    third of them and the selector runs for all), AF_XDP, GCM, N = 100 and 1,000.
 //!
+//! 4. The hand-off between workers: the same fan-out (AF_XDP, GCM) with every incoming
+//!    packet received by a worker on the other core and handed to this one through
+//!    its inbox (`datapath::handoff`, as when the NIC put the room's flow on another
+//!    worker's queue), against direct. Timed on the owner: taking the packet and the
+//!    fan-out; on the giver: the copy into the inbox.
+//!
 //! Timed is the engine call and the flush of its copies, per incoming packet; making
 //! the publisher's packets (encryption at the sender) is outside the timed region.
 //! Copies are the engine's own count of copies sent.
@@ -27,6 +33,7 @@ use std::{
 
 use edgefwd::{
     datapath::{
+        handoff::Inbox,
         socket::SocketTx,
         xsk::{XskQueue, pin_to_cpu},
     },
@@ -447,6 +454,7 @@ fn main() {
     let mut out = PathBuf::from("bench/results");
     let mut one: Option<String> = None;
     let mut only_layers = false;
+    let mut only_handoff = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -461,6 +469,8 @@ fn main() {
             "--one" => one = Some(args.next().expect("--one PATH,PROFILE,N")),
             // The layer-selection comparison alone (saved as srtp-layers.json).
             "--layers" => only_layers = true,
+            // The hand-off comparison alone (saved as srtp-handoff.json).
+            "--handoff" => only_handoff = true,
             other => panic!("unknown argument {other}; use --seconds S --out DIR"),
         }
     }
@@ -484,6 +494,10 @@ fn main() {
     }
     if only_layers {
         layers(&rig(), &out, seconds);
+        return;
+    }
+    if only_handoff {
+        handoffs(&rig(), &out, seconds);
         return;
     }
     println!("SRTP protect alone, {PAYLOAD} B RTP, one core:");
@@ -550,6 +564,134 @@ fn main() {
     }
     save(&out, &crypto, &rows, &summary);
     layers(&v, &out, seconds);
+    handoffs(&v, &out, seconds);
+}
+
+/// The core that receives for another worker in the hand-off case.
+const GIVER_CPU: usize = 0;
+
+/// The fan-out of `n` copies per packet with each packet handed over from a worker on
+/// the other core: (row on the owner, ns per packet on the giver).
+fn handed_off(v: &Rig, n: usize, seconds: f64) -> (Row, f64) {
+    let profile = Profile::AeadAes128Gcm;
+    let before = sink_count(v);
+    let (copies, ns, give_ns) = v.ns.run(move || {
+        pin_to_cpu(WORKER_CPU);
+        let (mut e, mut src, from) = engine(n, profile, Shape::Opaque);
+        let local: SocketAddr = format!("{W_ADDR}:4000").parse().unwrap();
+        let ifindex = edgefwd::dataplane::preflight::ifindex("d0").unwrap();
+        let mut q = XskQueue::open(ifindex, 0, local, [2, 0, 0, 0, 0, 1]).expect("AF_XDP on d0");
+        q.set_neighbour(S_ADDR.parse().unwrap(), [2, 0, 0, 0, 0, 2]);
+        let inbox = Arc::new(Inbox::new().unwrap());
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let giver = {
+            let (inbox, stop) = (inbox.clone(), stop.clone());
+            std::thread::spawn(move || {
+                pin_to_cpu(GIVER_CPU);
+                let (mut given, mut timed, mut k) = (0u64, 0u64, 0u32);
+                let mut pkt = vec![0u8; PAYLOAD + 16];
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    pkt.resize(PAYLOAD + 16, 0);
+                    pkt[..PAYLOAD].copy_from_slice(&source_packet(Shape::Opaque, k).1);
+                    let len = src.protect_rtp(&mut pkt, PAYLOAD).unwrap();
+                    pkt.truncate(len);
+                    // A full inbox: the owner is behind; the packet waits (not lost:
+                    // the owner's rate is what is measured).
+                    loop {
+                        let t = Instant::now();
+                        let ok = inbox.give(from, [2, 0, 0, 0, 0, 2], &pkt);
+                        if ok {
+                            timed += t.elapsed().as_nanos() as u64;
+                            break;
+                        }
+                        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            break;
+                        }
+                        std::thread::yield_now();
+                    }
+                    inbox.wake();
+                    given += 1;
+                    k += 1;
+                }
+                timed as f64 / given.max(1) as f64
+            })
+        };
+        let sent = |e: &Engine| {
+            e.counters()
+                .rtp_out
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let start = sent(&e);
+        let (wall, mut timed, mut since_flush) = (Instant::now(), 0u64, 0u64);
+        while wall.elapsed().as_secs_f64() < seconds {
+            let t = Instant::now();
+            let got = inbox.take(|f, _, p| e.handle_srtp(f, p, t, &mut q));
+            since_flush += got;
+            if since_flush >= RX_BATCH as u64 {
+                q.flush();
+                since_flush = 0;
+            }
+            if got > 0 {
+                timed += t.elapsed().as_nanos() as u64;
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let give_ns = giver.join().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        q.flush();
+        (sent(&e) - start, timed, give_ns)
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let delivered = sink_count(v) - before;
+    let ns_per_copy = ns as f64 / copies as f64;
+    let row = Row {
+        path: Path::AfXdp,
+        profile: profile.name(),
+        subscribers: n,
+        copies,
+        delivered,
+        ns_per_copy,
+        copies_per_sec: 1e9 / ns_per_copy,
+        seconds,
+    };
+    (row, give_ns)
+}
+
+/// Direct against handed over, same run: AF_XDP, GCM.
+fn handoffs(v: &Rig, out: &std::path::Path, seconds: f64) {
+    println!();
+    println!("Hand-off between workers (AF_XDP, AEAD_AES_128_GCM):");
+    println!(
+        "{:>6} {:>16} {:>18} {:>14} {:>18}",
+        "N", "direct ns/copy", "handed ns/copy", "owner extra", "giver ns/packet"
+    );
+    let mut saved = Vec::new();
+    for n in [1, 10, 100] {
+        let direct = fanout(v, Path::AfXdp, Profile::AeadAes128Gcm, n, seconds);
+        let (handed, give_ns) = handed_off(v, n, seconds);
+        let extra = handed.ns_per_copy / direct.ns_per_copy - 1.0;
+        println!(
+            "{:>6} {:>16.0} {:>18.0} {:>13.1}% {:>18.0}",
+            n,
+            direct.ns_per_copy,
+            handed.ns_per_copy,
+            extra * 100.0,
+            give_ns
+        );
+        saved.push(serde_json::json!({
+            "subscribers": n, "direct": direct, "handed_off": handed,
+            "owner_extra": extra, "giver_ns_per_packet": give_ns,
+        }));
+    }
+    std::fs::write(
+        out.join("srtp-handoff.json"),
+        serde_json::to_string_pretty(&serde_json::json!({
+            "date": edgefwd_tests::bench::utc_stamp(), "machine": edgefwd_tests::bench::machine(),
+            "seconds": seconds, "rows": saved,
+        }))
+        .unwrap(),
+    )
+    .unwrap();
 }
 
 /// Layer selection against the single-layer case, same run: AF_XDP, GCM.

@@ -12,6 +12,16 @@
 //! (XDP steering into the workers) in network namespaces over veth, copy mode.
 //!
 //! Results: table on stdout, bench/results/viewers.{csv,json,png}.
+//!
+//! `--churn` (`cargo xtask bench churn`): does churn stall media? AF_XDP path, one
+//! queue (so one engine holds every room), 100 steady subscribers measured by the load
+//! tool, once quiet and once while other clients keep joining and leaving another room
+//! (load-test runs of 20 subscribers, back to back) and `/api/sessions` is read over
+//! and over (10 ms between reads). The daemon's signalling runs on core 1 with the load
+//! tools, its worker alone on core 0 (it pins itself there), so what the worker waits
+//! for is locks, not CPU. With `--baseline-bin PATH` the same cases run against another
+//! build of edgefwd in the same run (e.g. the commit before the per-core engines).
+//! Results: bench/results/churn.json.
 
 use std::{
     path::PathBuf,
@@ -93,6 +103,11 @@ fn sample(t: &Target) -> (u64, usize, serde_json::Value) {
 }
 
 fn load_test(t: &Target, subs: usize, seconds: u64) -> Child {
+    load_test_in(t, "steady", subs, seconds)
+}
+
+/// `edgefwd load-test` on core 1: one room PREFIX-0, one publisher, `subs` subscribers.
+fn load_test_in(t: &Target, prefix: &str, subs: usize, seconds: u64) -> Child {
     let mut cmd = match t.ns {
         Some(ns) => ns.command("taskset"),
         None => Command::new("taskset"),
@@ -100,6 +115,7 @@ fn load_test(t: &Target, subs: usize, seconds: u64) -> Child {
     cmd.args(["-c", "1"])
         .arg(edgefwd_bin())
         .args(["load-test", "--url", &t.base, "--rooms", "1"])
+        .args(["--room-prefix", prefix])
         .args(["--publishers", "1", "--subscribers", &subs.to_string()])
         .args(["--video-bitrate", &VIDEO_KBPS.to_string()])
         .args(["--duration", &seconds.to_string(), "--concurrency", "32"])
@@ -111,6 +127,96 @@ fn load_test(t: &Target, subs: usize, seconds: u64) -> Child {
 }
 
 fn run_case(t: &Target, subs: usize, window: u64) -> serde_json::Value {
+    run_case_with(t, subs, window, None)
+}
+
+/// Clients joining and leaving, and API reads, until told to stop (the churn case).
+struct Churn {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<u64>>,
+}
+
+impl Churn {
+    fn start(t: &Target) -> Churn {
+        use std::sync::{Arc, atomic::AtomicBool};
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        // Back-to-back load-test runs of 20 subscribers in a room of their own: each
+        // one 21 joins (ICE, DTLS, keys, down-tracks) and 21 leaves.
+        {
+            let (stop, base, ns) = (stop.clone(), t.base.clone(), t.ns.map(|n| n.name.clone()));
+            threads.push(std::thread::spawn(move || {
+                let mut joins = 0u64;
+                let mut k = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let mut cmd = match &ns {
+                        Some(ns) => {
+                            let mut c = Command::new("ip");
+                            c.args(["netns", "exec", ns, "taskset"]);
+                            c
+                        }
+                        None => Command::new("taskset"),
+                    };
+                    let o = cmd
+                        .args(["-c", "1"])
+                        .arg(edgefwd_bin())
+                        .args(["load-test", "--url", &base, "--rooms", "1"])
+                        .args(["--room-prefix", &format!("churn{k}")])
+                        .args(["--publishers", "1", "--subscribers", "20"])
+                        .args(["--video-bitrate", "100", "--duration", "1"])
+                        .args(["--concurrency", "21", "--json", "--quiet"])
+                        .env_remove("EDGEFWD_TOKEN")
+                        .output()
+                        .expect("edgefwd load-test (churn)");
+                    assert!(o.status.success(), "churn load-test: {o:?}");
+                    joins += 21;
+                    k += 1;
+                }
+                joins
+            }));
+        }
+        // A dashboard polling the session list (every session of every room).
+        {
+            let (stop, url) = (stop.clone(), format!("{}/api/sessions", t.base));
+            let ns = t.ns.map(|n| n.name.clone());
+            threads.push(std::thread::spawn(move || {
+                let mut reads = 0u64;
+                let get = || {
+                    ureq::get(&url)
+                        .call()
+                        .expect("/api/sessions")
+                        .body_mut()
+                        .read_to_string()
+                        .expect("body");
+                };
+                if let Some(ns) = ns {
+                    edgefwd_tests::netns::enter(&format!("/run/netns/{ns}"));
+                }
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    get();
+                    reads += 1;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                reads
+            }));
+        }
+        Churn { stop, threads }
+    }
+
+    /// (joins, API reads) done.
+    fn stop(self) -> (u64, u64) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut done = self.threads.into_iter().map(|h| h.join().unwrap());
+        (done.next().unwrap(), done.next().unwrap())
+    }
+}
+
+fn run_case_with(
+    t: &Target,
+    subs: usize,
+    window: u64,
+    churn: Option<&dyn Fn() -> Churn>,
+) -> serde_json::Value {
     // Joins first, then `window` seconds of steady media inside the tool's duration.
     let mut tool = load_test(t, subs, window + 3);
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -123,6 +229,7 @@ fn run_case(t: &Target, subs: usize, window: u64) -> serde_json::Value {
         assert!(tool.try_wait().unwrap().is_none(), "load-test ended early");
         std::thread::sleep(Duration::from_millis(100));
     }
+    let churning = churn.map(|c| (c(), Instant::now()));
     // Past the joins' keyframe burst.
     std::thread::sleep(Duration::from_secs(1));
     let threads = process_threads(t.daemon.id());
@@ -132,6 +239,11 @@ fn run_case(t: &Target, subs: usize, window: u64) -> serde_json::Value {
     let (c1, _, daemon_counters) = sample(t);
     let (cpu1, at1) = (cpu_time(&process_threads(t.daemon.id())), Instant::now());
     let o = tool.wait_with_output().unwrap();
+    let churned = churning.map(|(c, at)| {
+        let secs = at.elapsed().as_secs_f64();
+        let (joins, reads) = c.stop();
+        serde_json::json!({"joins_per_s": joins as f64 / secs, "api_reads_per_s": reads as f64 / secs})
+    });
     let link_drops = drops(t) - d0;
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
         panic!(
@@ -157,6 +269,7 @@ fn run_case(t: &Target, subs: usize, window: u64) -> serde_json::Value {
         "latency_ms_p99": r["total"]["latency_ms"]["p99"],
         "kbps_per_subscriber": r["total"]["kbps_per_subscriber"],
         "link_drops": link_drops,
+        "churn": churned,
         "daemon": daemon_counters,
         "load_test_total": r["total"],
     })
@@ -172,9 +285,136 @@ fn config(ip: &str) -> PathBuf {
     cfg
 }
 
+/// The AF_XDP case's namespaces (the load tool runs in the publisher's, whose veth
+/// end needs an XDP program of its own for the workers' frames to arrive: attached
+/// while the returned object lives), a pin directory and the daemon's config.
+fn af_xdp_setup() -> (Topology, aya::Ebpf, edgefwd_tests::PinDir, PathBuf) {
+    let topo = Topology::new();
+    let pass = topo.publisher.run(|| {
+        let mut e = edgefwd::dataplane::loader::load_tools().expect("load");
+        edgefwd::dataplane::loader::attach(&mut e, PROG_PASS, "p0").expect("attach");
+        e
+    });
+    topo.settle();
+    (
+        topo,
+        pass,
+        edgefwd_tests::PinDir::new(),
+        config("198.51.100.2"),
+    )
+}
+
+/// `bin` as the daemon in the forwarder namespace, XDP on f0; `pinned`: the whole
+/// process on core 0, else its signalling on core 1 (with the load tools) and its
+/// worker alone on core 0 (the worker pins itself there).
+fn af_xdp_target<'a>(
+    topo: &'a Topology,
+    pin: &edgefwd_tests::PinDir,
+    cfg: &std::path::Path,
+    bin: &std::path::Path,
+    pinned: bool,
+) -> Target<'a> {
+    let mut cmd = topo.forwarder.command("taskset");
+    cmd.args(["-c", if pinned { "0" } else { "1" }])
+        .arg(bin)
+        .args(["--pin-dir", pin.path().to_str().unwrap()])
+        .args(["run", "--iface", "f0", "--config"])
+        .arg(cfg)
+        .env("RUST_LOG", "warn");
+    let t = Target {
+        path: "af_xdp",
+        base: "http://198.51.100.2:8080".into(),
+        ns: Some(&topo.publisher),
+        daemon: spawn_edgefwd(cmd),
+        links: vec![(&topo.publisher, "p0"), (&topo.forwarder, "f0")],
+    };
+    let url = format!("{}/api/sessions", t.base);
+    let mp: serde_json::Value = topo.forwarder.run(move || {
+        ureq::get(&url)
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_json()
+            .unwrap()
+    });
+    assert_eq!(
+        mp["media_path"]["path"], "af_xdp",
+        "the daemon fell back to the socket path: {}",
+        mp["media_path"]
+    );
+    t
+}
+
+/// 100 steady subscribers, quiet and under churn, per build (this one, and the
+/// baseline if given), all in one run.
+fn churn_cases(out: &std::path::Path, window: u64, baseline: Option<PathBuf>) {
+    const SUBS: usize = 100;
+    let mut builds = vec![("this build", edgefwd_bin())];
+    if let Some(b) = baseline {
+        builds.push(("baseline", b));
+    }
+    println!(
+        "{:>10} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10}",
+        "BUILD",
+        "CHURN",
+        "FAILED",
+        "LOSS %",
+        "p50 ms",
+        "p99 ms",
+        "JOINS/S",
+        "READS/S",
+        "LINK DROPS"
+    );
+    let mut rows = Vec::new();
+    for (name, bin) in &builds {
+        // A namespace set per build: a killed daemon leaves its XDP link pinned.
+        let (topo, _pass, pin, cfg) = af_xdp_setup();
+        let t = af_xdp_target(&topo, &pin, &cfg, bin, false);
+        for churn in [false, true] {
+            let start = || Churn::start(&t);
+            let mut r = run_case_with(
+                &t,
+                SUBS,
+                window,
+                churn.then_some(&start as &dyn Fn() -> Churn),
+            );
+            let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+            let c = |k: &str| r["churn"][k].as_f64().unwrap_or(0.0);
+            println!(
+                "{:>10} {:>6} {:>8} {:>8.3} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>10}",
+                name,
+                churn,
+                r["failed"].as_u64().unwrap_or(0),
+                f("loss_pct"),
+                f("latency_ms_p50"),
+                f("latency_ms_p99"),
+                c("joins_per_s"),
+                c("api_reads_per_s"),
+                r["link_drops"].as_u64().unwrap_or(0)
+            );
+            r["build"] = (*name).into();
+            r["binary"] = bin.display().to_string().into();
+            rows.push(r);
+        }
+        let _ = std::fs::remove_file(&cfg);
+    }
+    std::fs::create_dir_all(out).unwrap();
+    std::fs::write(
+        out.join("churn.json"),
+        serde_json::to_string_pretty(&serde_json::json!({
+            "date": utc_stamp(), "machine": machine(), "video_kbps": VIDEO_KBPS,
+            "window_s": window, "subscribers": SUBS, "rows": rows,
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+    println!("saved {}/churn.json", out.display());
+}
+
 fn main() {
     let mut out = PathBuf::from("bench/results");
     let mut window = 5;
+    let (mut churn, mut baseline) = (false, None);
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -185,8 +425,17 @@ fn main() {
                     .and_then(|s| s.parse().ok())
                     .expect("--seconds N")
             }
-            other => panic!("unknown argument {other}; use --out DIR, --seconds N"),
+            "--churn" => churn = true,
+            "--baseline-bin" => {
+                baseline = Some(PathBuf::from(args.next().expect("--baseline-bin PATH")))
+            }
+            other => panic!(
+                "unknown argument {other}; use --out DIR, --seconds N, --churn [--baseline-bin PATH]"
+            ),
         }
+    }
+    if churn {
+        return churn_cases(&out, window, baseline);
     }
     let cases = [25, 100, 200];
     let mut rows = Vec::new();
@@ -243,47 +492,10 @@ fn main() {
         let _ = std::fs::remove_file(&cfg);
     }
 
-    // AF_XDP path: the daemon's XDP program on its veth steers SRTP to the workers;
-    // the load tool runs in the publisher namespace, whose veth end needs an XDP
-    // program of its own for the workers' frames to arrive.
+    // AF_XDP path: the daemon's XDP program on its veth steers SRTP to the workers.
     {
-        let topo = Topology::new();
-        let _pass = topo.publisher.run(|| {
-            let mut e = edgefwd::dataplane::loader::load_tools().expect("load");
-            edgefwd::dataplane::loader::attach(&mut e, PROG_PASS, "p0").expect("attach");
-            e
-        });
-        topo.settle();
-        let pin = edgefwd_tests::PinDir::new();
-        let cfg = config("198.51.100.2");
-        let mut cmd = topo.forwarder.command("taskset");
-        cmd.args(["-c", "0"])
-            .arg(edgefwd_bin())
-            .args(["--pin-dir", pin.path().to_str().unwrap()])
-            .args(["run", "--iface", "f0", "--config"])
-            .arg(&cfg)
-            .env("RUST_LOG", "warn");
-        let t = Target {
-            path: "af_xdp",
-            base: "http://198.51.100.2:8080".into(),
-            ns: Some(&topo.publisher),
-            daemon: spawn_edgefwd(cmd),
-            links: vec![(&topo.publisher, "p0"), (&topo.forwarder, "f0")],
-        };
-        let url = format!("{}/api/sessions", t.base);
-        let mp: serde_json::Value = topo.forwarder.run(move || {
-            ureq::get(&url)
-                .call()
-                .unwrap()
-                .body_mut()
-                .read_json()
-                .unwrap()
-        });
-        assert_eq!(
-            mp["media_path"]["path"], "af_xdp",
-            "the daemon fell back to the socket path: {}",
-            mp["media_path"]
-        );
+        let (topo, _pass, pin, cfg) = af_xdp_setup();
+        let t = af_xdp_target(&topo, &pin, &cfg, &edgefwd_bin(), true);
         for subs in cases {
             print(&run_case(&t, subs, window));
         }
