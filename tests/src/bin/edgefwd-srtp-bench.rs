@@ -434,18 +434,33 @@ fn fanout_of(v: &Rig, path: Path, profile: Profile, n: usize, shape: Shape, seco
             }
         }
     });
-    std::thread::sleep(Duration::from_millis(100));
-    let delivered = sink_count(v) - before;
-    let ns_per_copy = ns as f64 / copies as f64;
-    Row {
-        path,
-        profile: profile.name(),
-        subscribers: n,
-        copies,
-        delivered,
-        ns_per_copy,
-        copies_per_sec: 1e9 / ns_per_copy,
-        seconds,
+    Row::measured(v, before, (path, profile, n), copies, ns, seconds)
+}
+
+impl Row {
+    /// A case's row: `copies` the engine sent in `ns` timed, and what the sink got
+    /// since it counted `before` (once the last frames are through).
+    fn measured(
+        v: &Rig,
+        before: u64,
+        (path, profile, n): (Path, Profile, usize),
+        copies: u64,
+        ns: u64,
+        seconds: f64,
+    ) -> Row {
+        std::thread::sleep(Duration::from_millis(100));
+        let delivered = sink_count(v) - before;
+        let ns_per_copy = ns as f64 / copies as f64;
+        Row {
+            path,
+            profile: profile.name(),
+            subscribers: n,
+            copies,
+            delivered,
+            ns_per_copy,
+            copies_per_sec: 1e9 / ns_per_copy,
+            seconds,
+        }
     }
 }
 
@@ -641,19 +656,7 @@ fn handed_off(v: &Rig, n: usize, seconds: f64) -> (Row, f64) {
         q.flush();
         (sent(&e) - start, timed, give_ns)
     });
-    std::thread::sleep(Duration::from_millis(100));
-    let delivered = sink_count(v) - before;
-    let ns_per_copy = ns as f64 / copies as f64;
-    let row = Row {
-        path: Path::AfXdp,
-        profile: profile.name(),
-        subscribers: n,
-        copies,
-        delivered,
-        ns_per_copy,
-        copies_per_sec: 1e9 / ns_per_copy,
-        seconds,
-    };
+    let row = Row::measured(v, before, (Path::AfXdp, profile, n), copies, ns, seconds);
     (row, give_ns)
 }
 
