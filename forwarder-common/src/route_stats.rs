@@ -17,8 +17,10 @@ pub struct RouteStats {
     pub bytes: u64,
     /// Copies the replicator could not send (clone or redirect refused, too short).
     pub drops: u64,
-    /// `bpf_ktime_get_ns` when the last packet was counted here (0: none yet), so the
-    /// newest of the per-CPU `last_*` can be told.
+    /// `bpf_ktime_get_coarse_ns` when the last packet was counted here (0: none yet), so
+    /// the newest of the per-CPU `last_*` can be told. The coarse clock (the last
+    /// timer tick, a few ms apart) costs the data path far less per packet than the
+    /// precise one; slots of the same tick are told apart by their sequence numbers.
     pub last_ns: u64,
     /// The last counted packet's RTP timestamp and sequence number, source numbering.
     pub last_ts: u32,
@@ -38,12 +40,16 @@ impl RouteStats {
         self.last_seq = seq;
     }
 
-    /// Adds another CPU's counters; the newest `last_*` of the two stays.
+    /// Adds another CPU's counters; the newest `last_*` of the two stays: the later
+    /// tick, or in the same tick the later sequence number (a stream's packets within
+    /// a few ms are far inside half the sequence space).
     pub fn merge(&mut self, o: &RouteStats) {
         self.packets += o.packets;
         self.bytes += o.bytes;
         self.drops += o.drops;
-        if o.last_ns > self.last_ns {
+        let later_seq =
+            o.last_seq != self.last_seq && o.last_seq.wrapping_sub(self.last_seq) < 0x8000;
+        if o.last_ns > self.last_ns || (o.last_ns == self.last_ns && o.last_ns != 0 && later_seq) {
             (self.last_ns, self.last_ts, self.last_seq) = (o.last_ns, o.last_ts, o.last_seq);
         }
     }
@@ -76,5 +82,18 @@ mod tests {
         t.merge(&a);
         assert_eq!((t.packets, t.bytes, t.drops), (2, 110, 1));
         assert_eq!(t.last(), Some((9, 900)));
+    }
+
+    #[test]
+    fn in_the_same_tick_the_later_sequence_number_is_the_newest_across_a_wrap() {
+        let (mut a, mut b) = (RouteStats::default(), RouteStats::default());
+        a.record(100, 65_535, 700, 50);
+        b.record(100, 2, 900, 50);
+        for (x, y) in [(a, b), (b, a)] {
+            let mut t = RouteStats::default();
+            t.merge(&x);
+            t.merge(&y);
+            assert_eq!(t.last(), Some((2, 900)), "seq 2 follows 65535");
+        }
     }
 }

@@ -10,7 +10,9 @@ use core::{ffi::c_void, mem};
 
 use aya_ebpf::{
     bindings::{__sk_buff, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
-    helpers::{bpf_clone_redirect, bpf_ktime_get_ns, bpf_loop, bpf_redirect, bpf_skb_vlan_pop},
+    helpers::{
+        bpf_clone_redirect, bpf_ktime_get_coarse_ns, bpf_loop, bpf_redirect, bpf_skb_vlan_pop,
+    },
     macros::classifier,
     programs::TcContext,
 };
@@ -163,8 +165,8 @@ fn replicate(ctx: &TcContext) -> i32 {
         // SAFETY: reading a field of the context the kernel passed.
         ingress: unsafe { (*skb).ingress_ifindex },
         orig,
-        // SAFETY: bpf_ktime_get_ns takes no arguments and touches no memory.
-        now: unsafe { bpf_ktime_get_ns() },
+        // SAFETY: bpf_ktime_get_coarse_ns takes no arguments and touches no memory.
+        now: unsafe { bpf_ktime_get_coarse_ns() },
         v6: v6 as u8,
         sent: 0,
     };

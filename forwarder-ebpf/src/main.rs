@@ -14,7 +14,7 @@ use core::mem;
 
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::{bpf_ktime_get_ns, bpf_xdp_adjust_head},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_xdp_adjust_head},
     macros::xdp,
     programs::XdpContext,
 };
@@ -618,8 +618,8 @@ fn handoff(ctx: &XdpContext, route: &RouteValue) -> Verdict {
 #[inline(always)]
 fn count_route(ctx: &XdpContext, route: &RouteValue, orig: &RtpIn) {
     if let Some(s) = EFWD_RSTATS_V3.get_ptr_mut(route.stats_slot) {
-        // SAFETY: bpf_ktime_get_ns takes no arguments and touches no memory.
-        let now = unsafe { bpf_ktime_get_ns() };
+        // SAFETY: bpf_ktime_get_coarse_ns takes no arguments and touches no memory.
+        let now = unsafe { bpf_ktime_get_coarse_ns() };
         // SAFETY: the per-CPU slot is only this CPU's, and the program is not preempted mid-run.
         unsafe { (*s).record(frame_len(ctx) as u64, orig.seq, orig.ts, now) };
     }

@@ -70,6 +70,20 @@ struct {
 	__type(value, __u32);
 } REF_EGRESS SEC(".maps");
 
+/* The MAC registered per ingress interface (the router's "addressed to us" check). */
+struct ref_ifmac {
+	__u8 mac[6];
+	__u8 flags; /* 1: set */
+	__u8 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, struct ref_ifmac);
+} REF_IFMAC SEC(".maps");
+
 /* One's complement: accumulate ~old + new per changed 16-bit word, fold at the end. */
 static __always_inline __u32 csum_word(__u32 sum, __u16 old, __u16 new)
 {
@@ -171,6 +185,31 @@ int ref_forward(struct xdp_md *ctx)
 	};
 	struct ref_route *r = bpf_map_lookup_elem(&REF_ROUTES, &key);
 	if (!r)
+		return XDP_DROP;
+	/* The router's checks edgefwd makes before it forwards (RFC 1812): unicast to the
+	 * ingress interface's MAC, no IP options, no reserved flag or martian source, a
+	 * right header checksum, TTL above 1. */
+	if (eth->h_dest[0] & 1)
+		return XDP_DROP;
+	__u32 ifindex = ctx->ingress_ifindex;
+	struct ref_ifmac *m = bpf_map_lookup_elem(&REF_IFMAC, &ifindex);
+	if (m && (m->flags & 1) &&
+	    (*(__u32 *)m->mac != *(__u32 *)eth->h_dest ||
+	     *(__u16 *)(m->mac + 4) != *(__u16 *)(eth->h_dest + 4)))
+		return XDP_DROP;
+	if (ihl != sizeof(*ip))
+		return XDP_PASS;
+	__u8 src0 = ((__u8 *)&ip->saddr)[0];
+	if ((ip->frag_off & bpf_htons(0x8000)) || src0 == 0 || src0 == 127 || src0 >= 224)
+		return XDP_DROP;
+	__u32 hsum = 0;
+	__u16 *hw = (__u16 *)ip;
+#pragma unroll
+	for (int i = 0; i < 10; i++)
+		hsum += hw[i];
+	hsum = (hsum & 0xffff) + (hsum >> 16);
+	hsum = (hsum & 0xffff) + (hsum >> 16);
+	if (hsum != 0xffff)
 		return XDP_DROP;
 	if (ip->ttl <= 1)
 		return XDP_DROP;
