@@ -16,6 +16,8 @@ pub const INBOX: usize = 1024;
 
 pub struct Handoff {
     pub from: SocketAddr,
+    /// Its session, as the giver's router found it (the owner looks it up no more).
+    pub session: u32,
     /// The sender's next-hop MAC as the frame showed it: the owner's copies go there.
     pub mac: [u8; 6],
     pub buf: Vec<u8>,
@@ -45,11 +47,16 @@ impl Inbox {
 
     /// Copies `pkt` in; false when the inbox is full (the datagram is dropped: the
     /// caller counts it). The owner is not woken here: [`Inbox::wake`] once per batch.
-    pub fn give(&self, from: SocketAddr, mac: [u8; 6], pkt: &[u8]) -> bool {
+    pub fn give(&self, from: SocketAddr, session: u32, mac: [u8; 6], pkt: &[u8]) -> bool {
         let mut buf = self.spare.pop().unwrap_or_default();
         buf.clear();
         buf.extend_from_slice(pkt);
-        match self.queue.push(Handoff { from, mac, buf }) {
+        match self.queue.push(Handoff {
+            from,
+            session,
+            mac,
+            buf,
+        }) {
             Ok(()) => true,
             Err(h) => {
                 let _ = self.spare.push(h.buf);
@@ -60,10 +67,10 @@ impl Inbox {
 
     /// Hands each waiting datagram to `f`, oldest first (a flow's order is kept);
     /// returns how many.
-    pub fn take(&self, mut f: impl FnMut(SocketAddr, [u8; 6], &mut [u8])) -> u64 {
+    pub fn take(&self, mut f: impl FnMut(SocketAddr, u32, [u8; 6], &mut [u8])) -> u64 {
         let mut n = 0;
         while let Some(mut h) = self.queue.pop() {
-            f(h.from, h.mac, &mut h.buf);
+            f(h.from, h.session, h.mac, &mut h.buf);
             let _ = self.spare.push(h.buf);
             n += 1;
         }
@@ -100,24 +107,24 @@ mod tests {
         let from: SocketAddr = "192.0.2.1:5000".parse().unwrap();
         let mac = [2, 0, 0, 0, 0, 1];
         for i in 0..INBOX {
-            assert!(inbox.give(from, mac, &(i as u32).to_be_bytes()));
+            assert!(inbox.give(from, i as u32, mac, &(i as u32).to_be_bytes()));
         }
         assert!(
-            !inbox.give(from, mac, b"one too many"),
+            !inbox.give(from, 0, mac, b"one too many"),
             "a full inbox refuses"
         );
         inbox.wake();
         crate::datapath::xsk::wait_readable(&[inbox.fd()], 1000);
         inbox.clear_wake();
         let mut next = 0u32;
-        let n = inbox.take(|f, m, b| {
-            assert_eq!((f, m, &*b), (from, mac, &next.to_be_bytes()[..]));
+        let n = inbox.take(|f, id, m, b| {
+            assert_eq!((f, id, m, &*b), (from, next, mac, &next.to_be_bytes()[..]));
             next += 1;
         });
         assert_eq!(n, INBOX as u64);
         // The spare buffers are used again, with the new contents only.
-        assert!(inbox.give(from, mac, b"again"));
-        inbox.take(|_, _, b| assert_eq!(b, b"again"));
-        assert_eq!(inbox.take(|_, _, _| panic!("empty")), 0);
+        assert!(inbox.give(from, 0, mac, b"again"));
+        inbox.take(|_, _, _, b| assert_eq!(b, b"again"));
+        assert_eq!(inbox.take(|_, _, _, _| panic!("empty")), 0);
     }
 }

@@ -14,6 +14,9 @@ pub struct Demux {
     by_addr: HashMap<SocketAddr, SessionId>,
     /// Cascade peers: (address, SSRC) → session, for addresses many sessions share.
     by_relay: HashMap<(SocketAddr, u32), SessionId>,
+    /// What each session bound, so a leave touches only its own entries (not a scan
+    /// of every session's while an engine is locked).
+    bound: HashMap<SessionId, Vec<(SocketAddr, Option<u32>)>>,
 }
 
 impl Demux {
@@ -32,19 +35,45 @@ impl Demux {
 
     pub fn bind(&mut self, addr: SocketAddr, id: SessionId) {
         self.by_addr.insert(addr, id);
+        self.note(id, (addr, None));
     }
 
     pub fn bind_relay(&mut self, addr: SocketAddr, ssrcs: &[u32], id: SessionId) {
         for ssrc in ssrcs {
             self.by_relay.insert((addr, *ssrc), id);
+            self.note(id, (addr, Some(*ssrc)));
+        }
+    }
+
+    fn note(&mut self, id: SessionId, key: (SocketAddr, Option<u32>)) {
+        let keys = self.bound.entry(id).or_default();
+        if !keys.contains(&key) {
+            keys.push(key);
         }
     }
 
     /// Forgets every binding of `id`; an address rebound to another session since
     /// stays that session's.
     pub fn remove(&mut self, id: SessionId) {
-        self.by_addr.retain(|_, v| *v != id);
-        self.by_relay.retain(|_, v| *v != id);
+        for (addr, ssrc) in self.bound.remove(&id).unwrap_or_default() {
+            match ssrc {
+                None if self.by_addr.get(&addr) == Some(&id) => {
+                    self.by_addr.remove(&addr);
+                }
+                Some(ssrc) if self.by_relay.get(&(addr, ssrc)) == Some(&id) => {
+                    self.by_relay.remove(&(addr, ssrc));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Whether a command makes or ends bindings (the others leave the table alone).
+    pub fn binds(cmd: &Command) -> bool {
+        matches!(
+            cmd,
+            Command::Bind { .. } | Command::BindRelay { .. } | Command::RemoveSession { .. }
+        )
     }
 
     /// The bindings a command makes or ends (the router's copy of the engines'
@@ -100,5 +129,9 @@ mod tests {
         rtp[10] = 0x22;
         assert_eq!(d.lookup(trunk, &rtp), None);
         assert_eq!(d.len(), 2);
+        assert!(!d.bound.contains_key(&1) && !d.bound.contains_key(&2));
+        d.apply(&Command::RemoveSession { id: 4 });
+        d.apply(&Command::RemoveSession { id: 3 });
+        assert!(d.is_empty() && d.bound.is_empty());
     }
 }

@@ -924,10 +924,27 @@ impl Engine {
         now: Instant,
         tx: &mut dyn Transmit,
     ) {
-        let is_rtcp = pkt.len() >= 2 && rtp::classify(pkt[0], pkt[1]) == rtp::Class::Rtcp;
-        let Some(id) = self.demux.lookup(from, pkt) else {
+        match self.demux.lookup(from, pkt) {
+            Some(id) => self.handle_srtp_of(id, pkt, now, tx),
+            None => self.counters.count(Drop::UnknownPeer),
+        }
+    }
+
+    /// [`Engine::handle_srtp`] for a datagram whose session a router already looked
+    /// up (the AF_XDP workers, by the same [`Demux`] fed by the same commands): one
+    /// lookup per packet. A session this engine does not hold (yet, or any longer) is
+    /// an unknown peer, as an unbound address is.
+    pub fn handle_srtp_of(
+        &mut self,
+        id: SessionId,
+        pkt: &mut [u8],
+        now: Instant,
+        tx: &mut dyn Transmit,
+    ) {
+        if !self.sessions.contains_key(&id) {
             return self.counters.count(Drop::UnknownPeer);
-        };
+        }
+        let is_rtcp = pkt.len() >= 2 && rtp::classify(pkt[0], pkt[1]) == rtp::Class::Rtcp;
         if is_rtcp {
             self.on_rtcp(id, pkt, now, tx)
         } else {
@@ -2052,6 +2069,11 @@ mod tests {
         );
         f.deliver(addr(999), &good);
         assert_eq!(f.drops(Drop::UnknownPeer), 1);
+        // A router's session this engine does not hold is an unknown peer too.
+        let mut routed = good.clone();
+        f.engine
+            .handle_srtp_of(4242, &mut routed, Instant::now(), &mut f.sink);
+        assert_eq!(f.drops(Drop::UnknownPeer), 2);
         f.send(&mut publisher, &rtp_packet(8, 7, 0, 0x99, b"?"));
         assert_eq!(f.drops(Drop::UnknownSsrc), 1);
         f.send(&mut sub, &rtp_packet(111, 1, 0, 0x88, b"?"));

@@ -586,8 +586,8 @@ impl Sfu {
         use crate::datapath::xsk::{BATCH, wait_readable};
         let shard = &self.shards[me];
         let mut descs = Vec::with_capacity(BATCH);
-        // Per frame of a batch: the shard whose engine holds its session.
-        let mut owners: Vec<usize> = Vec::with_capacity(BATCH);
+        // Per frame of a batch: its session as the router found it (several shards).
+        let mut sessions: Vec<Option<SessionId>> = Vec::with_capacity(BATCH);
         let mut frames = Vec::with_capacity(BATCH);
         let mut woken = vec![false; self.shards.len()];
         // The engine's timers run here, on its core, between batches.
@@ -618,9 +618,9 @@ impl Sfu {
             catch_up(engine, commands, xq);
             let now = Instant::now();
             if let Some(inbox) = &shard.inbox {
-                xq.stats.taken_over += inbox.take(|from, mac, pkt| {
+                xq.stats.taken_over += inbox.take(|from, session, mac, pkt| {
                     xq.learn_neighbour(from.ip(), mac);
-                    engine.handle_srtp(from, pkt, now, xq)
+                    engine.handle_srtp_of(session, pkt, now, xq)
                 });
             }
             descs.clear();
@@ -628,33 +628,39 @@ impl Sfu {
             // Each frame parsed once (its sender's MAC learned, a bad one counted).
             frames.clear();
             frames.extend(descs.iter().map(|d| xq.datagram(d)));
-            owners.clear();
+            sessions.clear();
             if self.shards.len() > 1 && !frames.is_empty() {
-                // Looked up first, so the router is not held while the engine works.
+                // Looked up first, so the router is not held while the engine works;
+                // the session found is the engine's too (one lookup per packet).
                 let router = self.router.read().unwrap();
-                owners.extend(frames.iter().map(|f| {
+                sessions.extend(frames.iter().map(|f| {
                     f.as_ref()
                         .and_then(|(g, frame)| router.lookup(g.from, &frame[g.payload.clone()]))
-                        .map_or(me, |id| self.shard_of(id))
                 }));
             } else {
-                owners.resize(frames.len(), me);
+                sessions.resize(frames.len(), None);
             }
-            for (f, &owner) in frames.drain(..).zip(&owners) {
-                match f {
-                    Some((g, frame)) if owner == me => {
+            for (f, &session) in frames.drain(..).zip(&sessions) {
+                let owner = session.map_or(me, |id| self.shard_of(id));
+                match (f, session) {
+                    (Some((g, frame)), Some(id)) if owner == me => {
+                        engine.handle_srtp_of(id, &mut frame[g.payload], now, xq)
+                    }
+                    // One engine (no router), or a source the router does not know:
+                    // the engine's own lookup decides (and counts an unknown peer).
+                    (Some((g, frame)), None) => {
                         engine.handle_srtp(g.from, &mut frame[g.payload], now, xq)
                     }
-                    Some((g, frame)) => {
+                    (Some((g, frame)), Some(id)) => {
                         let to = self.shards[owner].inbox.as_ref().expect("several shards");
-                        if to.give(g.from, g.src_mac, &frame[g.payload]) {
+                        if to.give(g.from, id, g.src_mac, &frame[g.payload]) {
                             xq.stats.handed_off += 1;
                             woken[owner] = true;
                         } else {
                             self.counters.count(Drop::HandoffFull);
                         }
                     }
-                    None => self.counters.count(Drop::UnknownProtocol),
+                    (None, _) => self.counters.count(Drop::UnknownProtocol),
                 }
             }
             let now = Instant::now();
@@ -677,7 +683,8 @@ impl Sfu {
     /// Queues a command for the engine that holds its session: applied now if that
     /// engine is idle, else by its worker before its next batch (never waited for).
     pub(super) fn command(&self, cmd: Command) {
-        if self.shards.len() > 1 {
+        // Only binding changes take the router's write lock (workers read it per batch).
+        if self.shards.len() > 1 && Demux::binds(&cmd) {
             self.router.write().unwrap().apply(&cmd);
         }
         let shard = &self.shards[self.shard_of(cmd.session())];
@@ -1268,16 +1275,18 @@ impl Sfu {
             Class::Dtls => self.on_dtls(buf, from),
             Class::Rtp | Class::Rtcp => {
                 // With AF_XDP, only what XDP does not steer yet (a peer not bound there).
-                let shard = match self.shards.len() {
-                    1 => 0,
-                    _ => self
-                        .router
-                        .read()
-                        .unwrap()
-                        .lookup(from, buf)
-                        .map_or(0, |id| self.shard_of(id)),
+                let routed = match self.shards.len() {
+                    1 => None,
+                    _ => self.router.read().unwrap().lookup(from, buf),
                 };
-                self.with_shard(shard, |e, tx| e.handle_srtp(from, buf, Instant::now(), tx))
+                match routed {
+                    Some(id) => self.with_shard(self.shard_of(id), |e, tx| {
+                        e.handle_srtp_of(id, buf, Instant::now(), tx)
+                    }),
+                    None => {
+                        self.with_shard(0, |e, tx| e.handle_srtp(from, buf, Instant::now(), tx))
+                    }
+                }
             }
             Class::TurnChannel | Class::Unknown => self.counters.count(Drop::UnknownProtocol),
         }

@@ -614,7 +614,7 @@ fn handed_off(v: &Rig, n: usize, seconds: f64) -> (Row, f64) {
                     // the owner's rate is what is measured).
                     loop {
                         let t = Instant::now();
-                        let ok = inbox.give(from, [2, 0, 0, 0, 0, 2], &pkt);
+                        let ok = inbox.give(from, 1, [2, 0, 0, 0, 0, 2], &pkt);
                         if ok {
                             timed += t.elapsed().as_nanos() as u64;
                             break;
@@ -640,7 +640,7 @@ fn handed_off(v: &Rig, n: usize, seconds: f64) -> (Row, f64) {
         let (wall, mut timed, mut since_flush) = (Instant::now(), 0u64, 0u64);
         while wall.elapsed().as_secs_f64() < seconds {
             let t = Instant::now();
-            let got = inbox.take(|f, _, p| e.handle_srtp(f, p, t, &mut q));
+            let got = inbox.take(|_, session, _, p| e.handle_srtp_of(session, p, t, &mut q));
             since_flush += got;
             if since_flush >= RX_BATCH as u64 {
                 q.flush();
