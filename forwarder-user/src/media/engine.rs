@@ -1672,6 +1672,8 @@ mod tests {
     use crate::media::srtp::{Context, Profile};
     use std::sync::atomic::Ordering;
 
+    mod long_stream;
+
     /// The sink of a test: every datagram queued, in order; refuses when `full`.
     #[derive(Default)]
     struct Sink {

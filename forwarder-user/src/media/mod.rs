@@ -10,6 +10,7 @@ pub mod codec;
 pub mod demux;
 pub mod engine;
 pub mod rtcp;
+pub mod seq;
 pub mod simulcast;
 pub mod speaker;
 pub mod srtp;

@@ -13,7 +13,8 @@ use forwarder_common::routes::RouteValue;
 
 use super::{
     codec::{LayerIds, Vp8Descriptor},
-    svc::{Filter, Gaps, seq_after},
+    seq::seq_after,
+    svc::{Filter, Gaps},
 };
 
 /// Layer indices, lowest quality first.
@@ -73,9 +74,11 @@ pub struct Layering {
     pub current: Option<Layer>,
     /// What the selector chose last (shown in the API); the switch waits for its keyframe.
     pub target: Option<Layer>,
-    /// First source sequence number forwarded on `current`: a packet of that layer
-    /// older than the switch (reordered) would collide with the old layer's numbers.
-    since_seq: u16,
+    /// First source sequence number forwarded on `current`, extended (it is kept for
+    /// as long as the viewer stays on the layer: minutes, many 16-bit wraps): a packet
+    /// of that layer older than the switch (reordered) would collide with the old
+    /// layer's numbers.
+    since: u64,
     last: Option<Sent>,
     /// Added to VP8 picture ids and TL0PICIDX of the current layer.
     pub pic_delta: u16,
@@ -96,7 +99,7 @@ impl Default for Layering {
             paused: false,
             current: None,
             target: None,
-            since_seq: 0,
+            since: 0,
             last: None,
             pic_delta: 0,
             tl0_delta: 0,
@@ -178,13 +181,13 @@ impl Layering {
             return None;
         }
         if self.current == Some(p.layer) {
-            if seq_after(self.since_seq, p.seq) {
+            if self.gaps.extend(p.seq) < self.since {
                 return None;
             }
         } else if target == Some(p.layer) && p.keyframe {
+            self.gaps.reset();
             self.switch(p.layer, p.seq, p.ts, p.vp8, now, route);
             self.filter.start(want);
-            self.gaps.reset();
         } else {
             return None;
         }
@@ -237,7 +240,7 @@ impl Layering {
             }
         }
         self.current = Some(layer);
-        self.since_seq = seq;
+        self.since = self.gaps.extend(seq);
         self.switches += 1;
     }
 
@@ -275,7 +278,7 @@ impl Layering {
     ) -> Option<(u16, Out)> {
         let (seq, seq_delta, pic_delta) = self.gaps.source(seq_out, r, self.pic_delta)?;
         let marker = ids.is_some_and(|i| i.layer_end && i.spatial == self.filter.spatial);
-        (!seq_after(self.since_seq, seq)).then_some((
+        (self.gaps.extend(seq) >= self.since).then_some((
             seq,
             Out {
                 seq_delta,

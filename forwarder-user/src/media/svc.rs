@@ -23,6 +23,7 @@ use forwarder_common::routes::RouteValue;
 
 use super::{
     codec::{LayerIds, UpSwitch},
+    seq::Unwrap,
     simulcast::Layer,
 };
 
@@ -132,12 +133,14 @@ impl Seen {
     }
 }
 
-/// A run of dropped packets: source sequence numbers `from..=to`, and the sequence
-/// and picture deltas in force before it (what packets older than it still use).
+/// A run of dropped packets: source sequence numbers `from..=to` (extended: a gap is
+/// kept for as long as it is among the last [`GAPS`], however many packets that is),
+/// and the sequence and picture deltas in force before it (what packets older than
+/// it still use).
 #[derive(Debug, Clone, Copy)]
 struct Gap {
-    from: u16,
-    to: u16,
+    from: u64,
+    to: u64,
     seq_before: u16,
     pic_before: u16,
 }
@@ -146,34 +149,36 @@ struct Gap {
 /// resent for a NACK): about a second of temporal-layer drops.
 const GAPS: usize = 32;
 
-/// `a` is after `b` in 16-bit sequence space.
-pub(crate) fn seq_after(a: u16, b: u16) -> bool {
-    a != b && a.wrapping_sub(b) < 0x8000
-}
-
 /// The renumbering of one layer of one subscriber across the packets it does not
 /// get. The route's `seq_delta` is the delta of the newest packets; each in-order
 /// drop lowers it by one (and the picture delta by one per dropped VP8 frame).
 #[derive(Debug, Clone, Default)]
 pub struct Gaps {
     gaps: VecDeque<Gap>,
-    /// The newest source sequence number seen (forwarded or dropped).
-    highest: Option<u16>,
+    /// The layer's source sequence numbers, extended against the newest seen
+    /// (forwarded or dropped).
+    seqs: Unwrap,
     /// The picture id of the newest packet seen (VP8).
     picture: Option<u16>,
     /// Packets at or before this are too old to number: their gaps were forgotten.
-    floor: Option<u16>,
+    floor: Option<u64>,
 }
 
 impl Gaps {
     /// A new layer (a simulcast switch): its own sequence space.
     pub fn reset(&mut self) {
         self.gaps.clear();
-        (self.highest, self.picture, self.floor) = (None, None, None);
+        self.seqs.reset();
+        (self.picture, self.floor) = (None, None);
     }
 
-    fn in_order(&self, seq: u16) -> bool {
-        self.highest.is_none_or(|h| seq_after(seq, h))
+    /// The extended number of `seq` of this layer (not remembered).
+    pub fn extend(&self, seq: u16) -> u64 {
+        self.seqs.extend(seq)
+    }
+
+    fn in_order(&self, e: u64) -> bool {
+        self.seqs.highest().is_none_or(|h| e > h)
     }
 
     /// Takes a dropped packet's number out of the subscriber's numbering (and its
@@ -186,15 +191,16 @@ impl Gaps {
         route: &mut RouteValue,
         pic_delta: &mut u16,
     ) {
-        if !self.in_order(seq) {
+        let e = self.seqs.extend(seq);
+        if !self.in_order(e) {
             return;
         }
         match self.gaps.back_mut() {
-            Some(g) if Some(g.to) == self.highest && g.to.wrapping_add(1) == seq => g.to = seq,
+            Some(g) if Some(g.to) == self.seqs.highest() && g.to + 1 == e => g.to = e,
             _ => {
                 self.gaps.push_back(Gap {
-                    from: seq,
-                    to: seq,
+                    from: e,
+                    to: e,
                     seq_before: route.seq_delta,
                     pic_before: *pic_delta,
                 });
@@ -209,7 +215,7 @@ impl Gaps {
         {
             *pic_delta = pic_delta.wrapping_sub(1);
         }
-        self.highest = Some(seq);
+        self.seqs.update(seq);
         self.picture = picture.or(self.picture);
     }
 
@@ -223,18 +229,19 @@ impl Gaps {
         route: &RouteValue,
         pic_delta: u16,
     ) -> Option<(u16, u16)> {
-        if self.floor.is_some_and(|f| !seq_after(seq, f)) {
+        let e = self.seqs.extend(seq);
+        if self.floor.is_some_and(|f| e <= f) {
             return None;
         }
-        if self.in_order(seq) {
-            self.highest = Some(seq);
+        if self.in_order(e) {
+            self.seqs.update(seq);
             self.picture = picture.or(self.picture);
             return Some((route.seq_delta, pic_delta));
         }
         Some(
             self.gaps
                 .iter()
-                .find(|g| seq_after(g.from, seq))
+                .find(|g| g.from > e)
                 .map_or((route.seq_delta, pic_delta), |g| {
                     (g.seq_before, g.pic_before)
                 }),
@@ -248,15 +255,16 @@ impl Gaps {
         // Newest first: after the last gap the current deltas, before each gap the
         // deltas it recorded; a candidate must fall between its neighbouring gaps.
         let mut delta = (route.seq_delta, pic_delta);
-        let mut upper: Option<u16> = None;
+        let mut upper: Option<u64> = None;
         for i in (0..=self.gaps.len()).rev() {
             let lower = match i {
                 0 => self.floor,
                 _ => Some(self.gaps[i - 1].to),
             };
             let seq = out.wrapping_sub(delta.0);
+            let e = self.seqs.extend(seq);
             // (After the newest: not received yet; the publisher may have it.)
-            if lower.is_none_or(|l| seq_after(seq, l)) && upper.is_none_or(|u| seq_after(u, seq)) {
+            if lower.is_none_or(|l| e > l) && upper.is_none_or(|u| u > e) {
                 return Some((seq, delta.0, delta.1));
             }
             if i > 0 {
