@@ -195,6 +195,16 @@ enum Cmd {
         /// level says voice in their turn): exercises the SFU's active speaker.
         #[arg(long, value_name = "SECS")]
         talk: Option<f64>,
+        /// Fail (exit 1) if any subscriber lost more than PCT per cent of a track,
+        /// counted against what its publisher sent from the subscriber's first packet
+        /// to the publisher's last.
+        #[arg(long, value_name = "PCT", default_value_t = 2.0)]
+        max_loss: f64,
+        /// Fail (exit 1) if any subscriber went more than SECS without a packet of a
+        /// track: from its join to the first, between two, or from its last to the
+        /// publisher's last.
+        #[arg(long, value_name = "SECS", default_value_t = 2.0)]
+        max_gap: f64,
         /// Machine-readable report on stdout (progress stays on stderr).
         #[arg(long)]
         json: bool,
@@ -599,6 +609,8 @@ fn real_main(cli: Cli) -> Result<()> {
             join_timeout,
             room_prefix,
             talk,
+            max_loss,
+            max_gap,
             json,
             quiet,
         } => {
@@ -620,6 +632,8 @@ fn real_main(cli: Cli) -> Result<()> {
                     .unwrap_or_else(|| format!("load-{:04x}", rand::random::<u16>())),
                 progress: !quiet,
                 talk: talk.map(|t| secs("talk", t)).transpose()?,
+                max_loss_pct: max_loss,
+                max_gap: secs("max-gap", max_gap)?,
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -635,6 +649,15 @@ fn real_main(cli: Cli) -> Result<()> {
                     "{} of {} client(s) failed (reasons above)",
                     report.failed,
                     report.clients
+                );
+            }
+            if !report.over_limits.is_empty() {
+                bail!(
+                    "{} subscriber track(s) over --max-loss {} % or --max-gap {} s (listed above); \
+                     raise the limits if that is expected",
+                    report.over_limits.len(),
+                    max_loss,
+                    max_gap
                 );
             }
             Ok(())

@@ -16,6 +16,9 @@ use edgefwd_tests::{
 };
 use serde_json::Value;
 
+#[path = "webrtc/long_calls.rs"]
+mod long_calls;
+
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()

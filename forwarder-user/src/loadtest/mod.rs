@@ -52,6 +52,12 @@ pub struct Options {
     /// Publishers of a room take turns to talk, this long each (their audio level
     /// extension says voice in their turn, silence otherwise); None: all silent.
     pub talk: Option<Duration>,
+    /// A subscriber that lost more than this of a track (per cent of what its
+    /// publisher sent from the subscriber's first packet on) fails the run.
+    pub max_loss_pct: f64,
+    /// A subscriber that went longer than this without a packet of a track (join to
+    /// first packet, between two, last to the publisher's last) fails the run.
+    pub max_gap: Duration,
 }
 
 impl Options {
@@ -73,12 +79,49 @@ impl Options {
         if self.duration.is_zero() {
             bail!("--duration 0 measures nothing; give seconds, e.g. --duration 10");
         }
+        if !(0.0..=100.0).contains(&self.max_loss_pct) {
+            bail!(
+                "--max-loss {} is not a percentage; give 0 to 100 (e.g. --max-loss 0.5)",
+                self.max_loss_pct
+            );
+        }
+        if self.max_gap.is_zero() {
+            bail!("--max-gap 0 fails every run; give seconds, e.g. --max-gap 1");
+        }
         if self.talk.is_some_and(|t| t < Duration::from_millis(100)) {
             bail!(
                 "--talk turns under 0.1 s are shorter than a speaker decision; give e.g. --talk 2"
             );
         }
         Ok(())
+    }
+}
+
+impl Options {
+    /// What of `r` (subscriber `who`'s track `track`) is over the limits.
+    fn over_limits(&self, who: &str, track: &(String, &str), r: &Received) -> Vec<String> {
+        let mut over = Vec::new();
+        if r.loss_pct() > self.max_loss_pct {
+            over.push(format!(
+                "{who}: {}/{} lost {:.2} % ({} of {} sent), over --max-loss {} %",
+                track.0,
+                track.1,
+                r.loss_pct(),
+                r.expected - r.packets.min(r.expected),
+                r.expected,
+                self.max_loss_pct
+            ));
+        }
+        if r.longest_gap_ns as u128 > self.max_gap.as_nanos() {
+            over.push(format!(
+                "{who}: {}/{} went {:.2} s without a packet, over --max-gap {} s",
+                track.0,
+                track.1,
+                r.longest_gap_ns as f64 / 1e9,
+                self.max_gap.as_secs_f64()
+            ));
+        }
+        over
     }
 }
 
@@ -101,8 +144,10 @@ struct Outcome {
     room: usize,
     join: Result<Duration, Failure>,
     profile: Option<&'static str>,
-    /// Publisher: its two streams' (track number, packets sent).
-    sent: Vec<(u32, u64)>,
+    /// Publisher: its two streams' (track number, packets sent, when the last was).
+    sent: Vec<(u32, u64, u64)>,
+    /// Subscriber: when its join completed (run clock).
+    joined_ns: u64,
     keyframes: u64,
     plis: u64,
     /// Subscriber: by track number.
@@ -120,6 +165,7 @@ impl Outcome {
             join: Err(f),
             profile: None,
             sent: vec![],
+            joined_ns: 0,
             keyframes: 0,
             plis: 0,
             received: HashMap::new(),
@@ -473,10 +519,10 @@ impl Client {
             room: self.room,
             join,
             profile,
-            sent: vec![
-                (audio.stream.track, audio.stream.packets),
-                (video.stream.track, video.stream.packets),
-            ],
+            sent: [&audio.stream, &video.stream]
+                .map(|s| (s.track, s.packets, s.last_ns))
+                .to_vec(),
+            joined_ns: 0,
             keyframes: video.keyframes,
             plis,
             received: HashMap::new(),
@@ -506,6 +552,7 @@ impl Client {
             Ok(j) => j,
             Err(f) => return Outcome::failed(Role::Subscriber, self.room, f),
         };
+        let joined_ns = self.now_ns();
         let mut received: HashMap<u32, Received> = HashMap::new();
         let mut buf = vec![0u8; 2048];
         let mut consent = tokio::time::interval(CONSENT_INTERVAL);
@@ -542,6 +589,7 @@ impl Client {
             join,
             profile,
             sent: vec![],
+            joined_ns,
             keyframes: 0,
             plis: 0,
             received,
@@ -600,10 +648,19 @@ pub struct TrackRow {
     pub sent: u64,
     pub received: u64,
     pub expected: u64,
+    /// Over all its subscribers: packets lost of what the publisher sent from each
+    /// one's first packet on (a tail that never came counts).
     pub loss_pct: f64,
+    /// The subscriber that lost most.
+    pub worst_loss_pct: f64,
+    /// The longest any subscriber went without a packet (join to first, between two,
+    /// last to the publisher's last).
+    pub longest_gap_ms: f64,
     /// Payload kbit/s one subscriber received, averaged over subscribers.
     pub kbps_per_subscriber: f64,
     pub latency_ms: Quantiles,
+    /// From a subscriber's join (SRTP keys) to its first packet of the track.
+    pub first_media_ms: Quantiles,
 }
 
 #[derive(Debug, Serialize)]
@@ -641,6 +698,11 @@ pub struct Report {
     /// DELETEs that failed (sessions left for the SFU's consent timeout).
     pub leave_failures: usize,
     pub leave_failure_example: Option<String>,
+    /// The limits every subscriber's every track was held to.
+    pub max_loss_pct: f64,
+    pub max_gap_ms: f64,
+    /// Each subscriber's track over a limit: the run fails.
+    pub over_limits: Vec<String>,
 }
 
 impl Report {
@@ -655,10 +717,17 @@ impl Report {
         };
         let (mut jp, mut js) = (vec![], vec![]);
         let mut profiles: BTreeMap<String, usize> = BTreeMap::new();
-        let mut sent: HashMap<u32, u64> = HashMap::new();
+        // What the publishers sent comes first: subscribers are counted against it.
+        let sent: HashMap<u32, (u64, u64)> = outcomes
+            .iter()
+            .filter(|o| o.role == Role::Publisher)
+            .flat_map(|o| o.sent.iter().map(|(t, n, last)| (*t, (*n, *last))))
+            .collect();
         let mut by_track: BTreeMap<u32, Vec<Received>> = BTreeMap::new();
         let (mut keyframes, mut plis, mut leave_failures) = (0, 0, 0);
         let mut leave_example = None;
+        let mut over_limits = Vec::new();
+        let mut subscriber_no = vec![0usize; opts.rooms];
         for o in outcomes {
             let us = match o.join {
                 Err(f) => {
@@ -679,23 +748,31 @@ impl Report {
                     jp.push(us);
                     keyframes += o.keyframes;
                     plis += o.plis;
-                    sent.extend(o.sent);
                 }
                 Role::Subscriber => {
                     js.push(us);
+                    let who = format!(
+                        "subscriber {} of room {}-{}",
+                        subscriber_no[o.room], opts.room_prefix, o.room
+                    );
+                    subscriber_no[o.room] += 1;
                     if o.received.len() < o.given {
                         fail(
                             "no_media",
                             format!(
-                                "a subscriber of room {}-{} received {} of the {} tracks it was given",
-                                opts.room_prefix,
-                                o.room,
+                                "{who} received {} of the {} tracks it was given",
                                 o.received.len(),
                                 o.given
                             ),
                         );
                     }
-                    for (t, r) in o.received {
+                    let mut tracks: Vec<_> = o.received.into_iter().collect();
+                    tracks.sort_unstable_by_key(|(t, _)| *t);
+                    for (t, mut r) in tracks {
+                        if let Some(&(n, last)) = sent.get(&t) {
+                            r.settle(o.joined_ns, n, last);
+                        }
+                        over_limits.extend(opts.over_limits(&who, &track_name(opts, t), &r));
                         by_track.entry(t).or_default().push(r);
                     }
                 }
@@ -707,6 +784,10 @@ impl Report {
             let mut lat: Vec<u32> = rs
                 .iter()
                 .flat_map(|r| r.latency_us.iter().copied())
+                .collect();
+            let mut first: Vec<u32> = rs
+                .iter()
+                .map(|r| (r.first_media_ns / 1000).min(u32::MAX as u64) as u32)
                 .collect();
             let kbps: f64 = rs
                 .iter()
@@ -732,8 +813,11 @@ impl Report {
                 } else {
                     0.0
                 },
+                worst_loss_pct: rs.iter().map(Received::loss_pct).fold(0.0, f64::max),
+                longest_gap_ms: rs.iter().map(|r| r.longest_gap_ns).max().unwrap_or(0) as f64 / 1e6,
                 kbps_per_subscriber: kbps,
                 latency_ms: Quantiles::of(&mut lat, 1e-3),
+                first_media_ms: Quantiles::of(&mut first, 1e-3),
             }
         };
         let mut tracks = Vec::new();
@@ -743,10 +827,15 @@ impl Report {
         for t in tracks_sent {
             let rs = by_track.get(&t).map(Vec::as_slice).unwrap_or_default();
             let (name, kind) = track_name(opts, t);
-            tracks.push(row(format!("{name}/{kind}"), kind, rs, sent[&t]));
+            tracks.push(row(format!("{name}/{kind}"), kind, rs, sent[&t].0));
             all.extend(rs.iter().cloned());
         }
-        let mut total = row("total".into(), "all", &all, sent.values().sum());
+        let mut total = row(
+            "total".into(),
+            "all",
+            &all,
+            sent.values().map(|(n, _)| n).sum(),
+        );
         total.subscribers = js.len();
         total.kbps_per_subscriber = tracks
             .iter()
@@ -778,6 +867,9 @@ impl Report {
             total,
             leave_failures,
             leave_failure_example: leave_example,
+            max_loss_pct: opts.max_loss_pct,
+            max_gap_ms: opts.max_gap.as_secs_f64() * 1e3,
+            over_limits,
         }
     }
 
@@ -825,21 +917,45 @@ impl Report {
         );
         println!();
         println!(
-            "{:<28} {:>5} {:>9} {:>10} {:>7} {:>10} {:>10} {:>10}",
-            "TRACK", "SUBS", "SENT", "RECEIVED", "LOSS%", "KBIT/S/SUB", "LAT p50 ms", "LAT p99 ms"
+            "{:<28} {:>5} {:>9} {:>10} {:>7} {:>7} {:>8} {:>10} {:>10} {:>10} {:>9}",
+            "TRACK",
+            "SUBS",
+            "SENT",
+            "RECEIVED",
+            "LOSS%",
+            "WORST%",
+            "GAP ms",
+            "KBIT/S/SUB",
+            "LAT p50 ms",
+            "LAT p99 ms",
+            "FIRST ms"
         );
         for t in self.tracks.iter().chain(std::iter::once(&self.total)) {
             println!(
-                "{:<28} {:>5} {:>9} {:>10} {:>7.2} {:>10.0} {:>10} {:>10}",
+                "{:<28} {:>5} {:>9} {:>10} {:>7.2} {:>7.2} {:>8.0} {:>10.0} {:>10} {:>10} {:>9}",
                 t.track,
                 t.subscribers,
                 t.sent,
                 t.received,
                 t.loss_pct,
+                t.worst_loss_pct,
+                t.longest_gap_ms,
                 t.kbps_per_subscriber,
                 ms(&t.latency_ms.median),
-                ms(&t.latency_ms.p99)
+                ms(&t.latency_ms.p99),
+                ms(&t.first_media_ms.max)
             );
+        }
+        if !self.over_limits.is_empty() {
+            println!();
+            println!(
+                "over the limits (--max-loss {} %, --max-gap {} s):",
+                self.max_loss_pct,
+                self.max_gap_ms / 1e3
+            );
+            for o in &self.over_limits {
+                println!("  {o}");
+            }
         }
         if !self.failures.is_empty() {
             println!();

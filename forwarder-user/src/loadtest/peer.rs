@@ -209,6 +209,14 @@ pub async fn join(
     let sock = UdpSocket::bind(bind)
         .await
         .map_err(|e| fail("ice", format!("binding a UDP socket: {e}")))?;
+    // Room for a keyframe's burst at tens of Mbit/s while the client's thread is busy
+    // (the default ~200 KiB is one such frame): loss is the SFU's to show, not ours.
+    // The FORCE option passes net.core.rmem_max where we may (root); else the plain.
+    {
+        use std::os::fd::AsFd as _;
+        let set = |opt| crate::datapath::rxq::set_int(sock.as_fd(), opt, 4 << 20).is_ok();
+        let _ = set(libc::SO_RCVBUFFORCE) || set(libc::SO_RCVBUF);
+    }
     sock.connect(media)
         .await
         .map_err(|e| fail("ice", format!("connecting to {media}: {e}")))?;

@@ -65,6 +65,8 @@ pub struct Stream {
     stamp_seq: u32,
     pub packets: u64,
     pub bytes: u64,
+    /// When the last packet was stamped (run clock): where a subscriber's tail ends.
+    pub last_ns: u64,
 }
 
 impl Stream {
@@ -78,6 +80,7 @@ impl Stream {
             stamp_seq: 0,
             packets: 0,
             bytes: 0,
+            last_ns: 0,
         }
     }
 
@@ -119,6 +122,7 @@ impl Stream {
         self.stamp_seq += 1;
         self.packets += 1;
         self.bytes += payload_len as u64;
+        self.last_ns = now_ns;
         h + payload_len
     }
 }
@@ -228,16 +232,27 @@ impl Video {
 /// Most latency samples one track keeps per subscriber (then reservoir sampling).
 const MAX_SAMPLES: usize = 100_000;
 
-/// What a subscriber received of one published track.
+/// What a subscriber received of one published track. Replayed packets never get
+/// here (SRTP refuses them), so `packets` counts distinct ones.
 #[derive(Default, Clone, Debug)]
 pub struct Received {
     pub packets: u64,
-    /// Packets the stamps' sequence says were sent from the first received on.
+    /// While running: packets the stamps say were sent from the first received to the
+    /// newest received (the live progress line). In the report: packets the publisher
+    /// sent from the first received on, to its last ([`Received::settle`]), so a lost
+    /// tail counts.
     pub expected: u64,
     pub bytes: u64,
+    /// The stamp sequence of the first packet received.
+    first_seq: Option<u32>,
     max_seq: Option<u32>,
     pub first_ns: u64,
     pub last_ns: u64,
+    /// The longest time without a packet: between two, or (once settled) from the
+    /// join to the first, or from the last to the publisher's last.
+    pub longest_gap_ns: u64,
+    /// From the join to the first packet (once settled).
+    pub first_media_ns: u64,
     /// One-way latency in µs (sampled).
     pub latency_us: Vec<u32>,
     seen: u64,
@@ -249,6 +264,7 @@ impl Received {
         let grew = match self.max_seq {
             None => {
                 self.first_ns = now_ns;
+                self.first_seq = Some(s.seq);
                 self.max_seq = Some(s.seq);
                 1
             }
@@ -260,6 +276,9 @@ impl Received {
             Some(_) => 0,
         };
         self.expected += grew;
+        if self.packets > 0 {
+            self.longest_gap_ns = self.longest_gap_ns.max(now_ns.saturating_sub(self.last_ns));
+        }
         self.packets += 1;
         self.bytes += payload_bytes as u64;
         self.last_ns = now_ns;
@@ -274,6 +293,28 @@ impl Received {
             }
         }
         grew
+    }
+
+    /// At the end: counts against what the publisher sent (`sent` packets, the last
+    /// at `sent_last_ns`) rather than what arrived, and takes the wait from the join
+    /// (`joined_ns`) to the first packet and from the last to the publisher's last
+    /// into the longest gap. A tail that never came is loss and a gap.
+    pub fn settle(&mut self, joined_ns: u64, sent: u64, sent_last_ns: u64) {
+        let Some(first) = self.first_seq else { return };
+        self.expected = sent.saturating_sub(first as u64).max(self.packets);
+        self.first_media_ns = self.first_ns.saturating_sub(joined_ns);
+        self.longest_gap_ns = self
+            .longest_gap_ns
+            .max(self.first_media_ns)
+            .max(sent_last_ns.saturating_sub(self.last_ns));
+    }
+
+    /// Loss in per cent of what was expected.
+    pub fn loss_pct(&self) -> f64 {
+        if self.expected == 0 {
+            return 0.0;
+        }
+        100.0 * self.expected.saturating_sub(self.packets) as f64 / self.expected as f64
     }
 }
 
@@ -376,5 +417,43 @@ mod tests {
         // 10..=16 expected, 14 and 15 lost.
         assert_eq!((r.expected, r.packets), (7, 5));
         assert_eq!(quantile(&mut r.latency_us, 0.5), Some(1));
+    }
+
+    /// A subscriber that stops receiving while the publisher goes on: the tail it
+    /// never got is loss, and the time from its last packet to the publisher's last
+    /// is its longest gap (a count between the first and last received saw none).
+    #[test]
+    fn a_lost_tail_is_loss_and_a_gap() {
+        let mut r = Received::default();
+        let ms = 1_000_000;
+        for seq in 100..200u32 {
+            let s = Stamp {
+                track: 1,
+                seq,
+                sent_ns: 0,
+            };
+            r.on_packet(s, 100, 1_000 * ms + (seq as u64 - 100) * 20 * ms);
+        }
+        assert_eq!((r.packets, r.expected, r.loss_pct()), (100, 100, 0.0));
+        assert_eq!(r.longest_gap_ns, 20 * ms);
+        // Joined at 900 ms; the publisher sent 1,000 packets, its last at 28 s.
+        r.settle(900 * ms, 1_000, 28_000 * ms);
+        assert_eq!(r.expected, 900, "from the first received (stamp 100) on");
+        assert!((r.loss_pct() - 800.0 / 9.0).abs() < 1e-9);
+        assert_eq!(r.longest_gap_ns, 28_000 * ms - (1_000 + 99 * 20) * ms);
+        // A subscriber that got all of it: no loss, its longest gap the wait for
+        // the first packet.
+        let mut all = Received::default();
+        for seq in 0..10u32 {
+            let s = Stamp {
+                track: 1,
+                seq,
+                sent_ns: 0,
+            };
+            all.on_packet(s, 100, 500 * ms + seq as u64 * 20 * ms);
+        }
+        all.settle(100 * ms, 10, 680 * ms);
+        assert_eq!((all.expected, all.loss_pct()), (10, 0.0));
+        assert_eq!(all.longest_gap_ns, 400 * ms);
     }
 }

@@ -165,6 +165,8 @@ impl Churn {
                         .args(["--publishers", "1", "--subscribers", "20"])
                         .args(["--video-bitrate", "100", "--duration", "1"])
                         .args(["--concurrency", "21", "--json", "--quiet"])
+                        // Churners are load, not what is measured: no limits.
+                        .args(["--max-loss", "100", "--max-gap", "3600"])
                         .env_remove("EDGEFWD_TOKEN")
                         .output()
                         .expect("edgefwd load-test (churn)");
@@ -265,6 +267,8 @@ fn run_case_with(
         "ns_per_copy": ns_per_copy,
         "subscribers_per_core": 1e9 / ns_per_copy / copies_per_sub_s.max(1e-9),
         "loss_pct": r["total"]["loss_pct"],
+        "worst_loss_pct": r["total"]["worst_loss_pct"],
+        "longest_gap_ms": r["total"]["longest_gap_ms"],
         "latency_ms_p50": r["total"]["latency_ms"]["median"],
         "latency_ms_p99": r["total"]["latency_ms"]["p99"],
         "kbps_per_subscriber": r["total"]["kbps_per_subscriber"],

@@ -1,0 +1,211 @@
+//! Calls as long as users hold them, made short by a high packet rate: more than
+//! 65,536 packets per viewer, so every 16-bit sequence number and the SRTP rollover
+//! counter wrap at least once, checked by an independent SRTP implementation (aiortc
+//! with libsrtp) beside the load-test's own subscriber, and counted against what the
+//! publisher sent. And the load test's gate itself: a subscriber whose media stops
+//! before the publisher's fails the run.
+
+use super::*;
+
+/// Video of the long call: 24 Mbit/s of load-test video is about 2,700 packets/s,
+/// so 30 s is about 80,000 packets.
+const LONG_KBPS: &str = "24000";
+const LONG_SECS: u64 = 30;
+
+fn in_ns(ns: Option<&NetNs>, program: &std::path::Path) -> Command {
+    match ns {
+        Some(ns) => ns.command(program.to_str().unwrap()),
+        None => Command::new(program),
+    }
+}
+
+/// One publisher and one load-test subscriber for [`LONG_SECS`] at [`LONG_KBPS`], and
+/// aiortc watching the same room from when the publisher is up to when media stops;
+/// every client in `ns`, the SFU at `base`. Asserts both viewers got every packet
+/// sent from their first on, past a 16-bit wrap, with no SRTP failure.
+fn long_call(ns: Option<&NetNs>, base: &str, what: &str) {
+    let prefix = unique("long");
+    let room = format!("{prefix}-0");
+    let tool = in_ns(ns, &edgefwd_bin())
+        .args(["load-test", "--url", base, "--rooms", "1"])
+        .args(["--publishers", "1", "--subscribers", "1"])
+        .args(["--video-bitrate", LONG_KBPS])
+        .args(["--duration", &LONG_SECS.to_string()])
+        .args(["--room-prefix", &prefix])
+        // Not one packet lost, never a second without one.
+        .args(["--max-loss", "0", "--max-gap", "1", "--json", "--quiet"])
+        .env_remove("EDGEFWD_TOKEN")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        let (base, room) = (base.to_string(), room.clone());
+        match ns {
+            Some(ns) => ns.run(move || wait_for_publisher(&base, &room)),
+            None => wait_for_publisher(&base, &room),
+        }
+    }
+    let viewer = in_ns(ns, &aiortc_python())
+        .arg(repo().join("tests/clients/aiortc_counter.py"))
+        .args(["--base", base, "--room", &room])
+        .args(["--seconds", &(LONG_SECS + 30).to_string()])
+        .output()
+        .unwrap();
+    let out = tool.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let r: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{what}: load-test printed no JSON ({e}): {stderr}"));
+    assert!(
+        out.status.success(),
+        "{what}: load-test over its limits: {:#}\n{stderr}",
+        r["over_limits"]
+    );
+    let tracks = r["tracks"].as_array().unwrap();
+    let sent = |kind: &str| {
+        tracks
+            .iter()
+            .find(|t| t["kind"] == kind)
+            .and_then(|t| t["sent"].as_u64())
+            .unwrap()
+    };
+    let video_sent = sent("video");
+    assert!(
+        video_sent > 65_536 + 10_000,
+        "{what}: {video_sent} video packets is too few to wrap a viewer's numbering"
+    );
+    for t in tracks {
+        assert_eq!(t["subscribers"], 1, "{what}: {t:#}");
+        assert_eq!(t["worst_loss_pct"], 0.0, "{what}: {t:#}");
+    }
+
+    let a = parse_result(&format!("{what}: aiortc counter"), &viewer);
+    println!("{what}: load-test {:#}\naiortc {a:#}", r["total"]);
+    assert_eq!(
+        a["srtp_errors"]["rtp"], 0,
+        "{what}: libsrtp refused RTP: {a:#}"
+    );
+    assert_eq!(
+        a["srtp_errors"]["rtcp"], 0,
+        "{what}: libsrtp refused RTCP: {a:#}"
+    );
+    let streams: Vec<&Value> = a["streams"].as_object().unwrap().values().collect();
+    for (kind, sent) in [("audio", sent("audio")), ("video", video_sent)] {
+        // Track numbers: the publisher's audio is even, its video odd.
+        let odd = kind == "video";
+        let s = streams
+            .iter()
+            .find(|s| s["track"].as_u64().is_some_and(|t| (t % 2 == 1) == odd))
+            .unwrap_or_else(|| panic!("{what}: aiortc got no {kind}: {a:#}"));
+        let (first, last) = (
+            s["first_stamp"].as_u64().unwrap(),
+            s["last_stamp"].as_u64().unwrap(),
+        );
+        assert_eq!(last + 1, sent, "{what}: aiortc's {kind} ended early: {s}");
+        assert_eq!(s["holes"], 0, "{what}: aiortc's {kind} had holes: {s}");
+        assert_eq!(
+            s["packets"].as_u64().unwrap(),
+            last - first + 1,
+            "{what}: aiortc's {kind}: every packet from its first on, once: {s}"
+        );
+        if odd {
+            assert!(
+                s["span"].as_u64().unwrap() > 65_536 && s["wraps"].as_u64().unwrap() >= 1,
+                "{what}: aiortc's video wrapped its sequence numbers: {s}"
+            );
+        }
+    }
+}
+
+/// The socket path and the AF_XDP workers (veth, XDP steering), each with a long
+/// call; the SFU counts no SRTP failure either.
+#[test]
+fn a_long_call_past_sequence_and_rollover_wraps_loses_nothing() {
+    edgefwd_tests::require_root();
+    let _k = kernel_lock();
+    let sfu = start_sfu(None, "");
+    long_call(None, &sfu.base, "socket path");
+    let c = get_json(&sfu.base, "/api/sessions")["counters"].clone();
+    assert_eq!(c["drops"]["srtp_auth"], 0, "{c}");
+    assert_eq!(c["drops"]["srtp_replay"], 0, "{c}");
+    drop(sfu);
+
+    let t = Topology::new();
+    let pin = PinDir::new();
+    let sfu = start_xdp_sfu(&t, &pin, "auto");
+    long_call(Some(&t.publisher), &sfu.base, "AF_XDP");
+    let s = ns_json(&t.forwarder, &sfu.base, "/api/sessions");
+    assert_eq!(s["media_path"]["path"], "af_xdp", "{s}");
+    let c = &s["counters"];
+    assert_eq!(c["drops"]["srtp_auth"], 0, "{s}");
+    assert_eq!(c["drops"]["srtp_replay"], 0, "{s}");
+    let q = &s["xsk"][0]["stats"];
+    assert!(
+        q["tx"].as_u64().unwrap() > 2 * 65_536,
+        "the copies left through AF_XDP: {s}"
+    );
+}
+
+/// The daemon stopped (SIGSTOP) over the last seconds of a load test: its
+/// subscribers' media ends before the publisher's. That tail is loss and a gap, and
+/// the run fails saying so; a count between the first and last packet received
+/// would have seen no loss at all.
+#[test]
+fn a_load_test_whose_media_stops_early_fails() {
+    let _k = kernel_lock();
+    let sfu = start_sfu(None, "");
+    let tool = Command::new(edgefwd_bin())
+        .args(["load-test", "--url", &sfu.base, "--rooms", "1"])
+        .args(["--publishers", "1", "--subscribers", "2"])
+        .args(["--video-bitrate", "300", "--duration", "6"])
+        .args(["--max-gap", "2", "--json", "--quiet"])
+        .env_remove("EDGEFWD_TOKEN")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Joined and flowing; then nothing from the SFU until after the run's media.
+    wait_until(20, "two subscribers connected", || {
+        counter(&sfu.base, "rtp_out") > 200
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let pid = sfu.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    std::thread::sleep(Duration::from_secs(8));
+    assert!(
+        Command::new("kill")
+            .args(["-CONT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = tool.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let r: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("load-test printed no JSON ({e}): {stderr}"));
+    assert!(!out.status.success(), "the run must fail: {r:#}");
+    assert!(stderr.contains("over --max-loss"), "{stderr}");
+    let over = r["over_limits"].as_array().unwrap();
+    for kind in ["audio", "video"] {
+        for sub in 0..2 {
+            let who = format!("subscriber {sub} of room");
+            assert!(
+                over.iter().any(|o| {
+                    let o = o.as_str().unwrap();
+                    o.starts_with(&who) && o.contains(&format!("/{kind} went"))
+                }),
+                "{who}'s {kind} gap: {over:#?}"
+            );
+        }
+    }
+    for t in r["tracks"].as_array().unwrap() {
+        assert!(t["worst_loss_pct"].as_f64().unwrap() > 20.0, "{t:#}");
+        assert!(t["longest_gap_ms"].as_f64().unwrap() > 2_000.0, "{t:#}");
+    }
+}
