@@ -32,7 +32,7 @@ use super::{
     codec::{DdStructure, DependencyDescriptor, Format, LayerIds, Vp8Descriptor},
     demux::Demux,
     rtcp::{self, Reception, Request},
-    simulcast::{Layer, Layering, Out, Packet, UNCAPPED},
+    simulcast::{Continuation, Layer, Layering, Out, Packet, UNCAPPED},
     speaker::Levels,
     srtp::{self, MasterKey},
     svc::Seen,
@@ -315,6 +315,35 @@ impl DownTrack {
     pub fn layer(&self) -> Layer {
         self.layering.current.unwrap_or(0)
     }
+
+    /// Where it stands, for the next down-track on its SSRC (its track, of
+    /// `clock_rate`, ended).
+    fn ended(&self, clock_rate: u32) -> Ended {
+        Ended {
+            numbering: self.layering.continuation(clock_rate),
+            packets: self.packets,
+            octets: self.octets,
+            rtx: self.rtx.map(|(_, ssrc, seq)| (ssrc, seq)),
+            last_ts_out: self.last_ts_out,
+            last_out_at: self.last_out_at,
+        }
+    }
+
+    /// Continues an ended down-track of the same SSRC: its numbering from the first
+    /// packet on, its sender-report counts, and its RTX numbering if the RTX SSRC is
+    /// the same (this track's clock: `clock_rate`).
+    fn continue_from(&mut self, e: Ended, clock_rate: u32) {
+        if let Some(n) = e.numbering {
+            self.layering.continue_from(n, clock_rate);
+        }
+        (self.packets, self.octets) = (e.packets, e.octets);
+        (self.last_ts_out, self.last_out_at) = (e.last_ts_out, e.last_out_at);
+        if let (Some((_, ssrc, seq)), Some((old_ssrc, next))) = (self.rtx.as_mut(), e.rtx)
+            && *ssrc == old_ssrc
+        {
+            *seq = next;
+        }
+    }
 }
 
 struct Srtp {
@@ -338,6 +367,20 @@ struct Session {
     twcc: Option<(u8, twcc::Recorder)>,
     /// Subscriber: the numbering of what we send it and what its feedback says.
     twcc_out: Option<TwccOut>,
+    /// Subscriber: per SSRC of a down-track whose publisher left, where it stood: the
+    /// track that refills the m-line (same SSRC) continues it.
+    ended: HashMap<u32, Ended>,
+}
+
+/// A down-track whose publisher left, as the next one on its SSRC continues it.
+struct Ended {
+    numbering: Option<Continuation>,
+    packets: u32,
+    octets: u32,
+    /// RTX SSRC and its next sequence number.
+    rtx: Option<(u32, u16)>,
+    last_ts_out: u32,
+    last_out_at: Option<Instant>,
 }
 
 /// Padding octets per padding-only packet (the count is one octet; libwebrtc's 224).
@@ -622,6 +665,7 @@ impl Engine {
                         tracks: vec![],
                         twcc: None,
                         twcc_out: None,
+                        ended: HashMap::new(),
                     },
                 );
             }
@@ -755,6 +799,7 @@ impl Engine {
                 if let (None, Some(ext)) = (&s.twcc_out, twcc_ext) {
                     s.twcc_out = Some(TwccOut::new(ext));
                 }
+                let ended = s.ended.remove(&ssrc_out);
                 t.downs.push(DownTrack {
                     sub,
                     route: RouteValue {
@@ -785,6 +830,9 @@ impl Engine {
                     last_ts_out: 0,
                     last_out_at: None,
                 });
+                if let (Some(e), Some(d)) = (ended, t.downs.last_mut()) {
+                    d.continue_from(e, t.clock_rate);
+                }
                 // A track added to a viewer already connected (it joined first): a
                 // keyframe, or it waits for the next periodic one.
                 if s.srtp.is_some() && t.kind == Kind::Video {
@@ -831,11 +879,17 @@ impl Engine {
                         }
                     }
                     Role::Publisher => {
-                        // Subscribers stay, without the down-tracks of a gone publisher.
+                        // Subscribers stay, without the down-tracks of a gone publisher;
+                        // each remembers where its SSRCs' numbering stood.
                         for tid in &s.tracks {
                             let Some(t) = self.tracks.remove(tid) else {
                                 continue;
                             };
+                            for d in &t.downs {
+                                if let Some(sub) = self.sessions.get_mut(&d.sub) {
+                                    sub.ended.insert(d.ssrc_out(), d.ended(t.clock_rate));
+                                }
+                            }
                             for sub in t.downs.iter().map(|d| d.sub).chain(t.trunks) {
                                 if let Some(sub) = self.sessions.get_mut(&sub) {
                                     sub.tracks.retain(|x| x != tid);
@@ -1673,6 +1727,7 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     mod long_stream;
+    mod reused_ssrc;
 
     /// The sink of a test: every datagram queued, in order; refuses when `full`.
     #[derive(Default)]

@@ -34,6 +34,17 @@ struct Sent {
     tl0: Option<u8>,
 }
 
+/// Where a subscriber's numbering stood when its track ended (its publisher left),
+/// for the track that refills the same SSRC: its first packet continues from here as
+/// at a simulcast switch. A fresh start would land behind the old numbering about
+/// half the time, and the viewer's SRTP drops every packet behind as a replay.
+#[derive(Debug, Clone, Copy)]
+pub struct Continuation {
+    last: Sent,
+    /// The old track's clock rate: `last.at` is in its units.
+    clock_rate: u32,
+}
+
 /// One packet as the layer choice sees it.
 #[derive(Debug, Clone, Copy)]
 pub struct Packet<'a> {
@@ -286,6 +297,22 @@ impl Layering {
                 marker,
             },
         ))
+    }
+
+    /// What the next track on this subscriber's SSRC continues from, if anything was
+    /// sent (`clock_rate`: this track's).
+    pub fn continuation(&self, clock_rate: u32) -> Option<Continuation> {
+        self.last.map(|last| Continuation { last, clock_rate })
+    }
+
+    /// Continues the numbering of an ended track on the same SSRC at the first packet
+    /// (a track of `clock_rate`).
+    pub fn continue_from(&mut self, c: Continuation, clock_rate: u32) {
+        let mut last = c.last;
+        if c.clock_rate != clock_rate && c.clock_rate > 0 {
+            last.at = (last.at as u128 * clock_rate as u128 / c.clock_rate as u128) as u64;
+        }
+        self.last = Some(last);
     }
 
     /// Pauses or resumes; a resumed subscriber starts again at a keyframe.
