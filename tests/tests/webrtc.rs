@@ -463,6 +463,20 @@ fn session_lifecycle_is_logged_as_json_lines() {
         .unwrap();
     let r = parse_result("aiortc publish+watch", &out);
     assert_eq!(r["delete_status"], serde_json::json!([200, 200]), "{r}");
+    // Routine control calls log nothing at info: a viewer's layer caps, set again
+    // and again (a client's quality menu), are debug lines.
+    let offer = include_str!("../../forwarder-user/src/webrtc/testdata/chromium-offer.sdp")
+        .replace("a=sendonly", "a=recvonly");
+    let resp = ureq::post(&format!("{}/whep/{room}-caps", sfu.base))
+        .header("Content-Type", "application/sdp")
+        .send(&offer)
+        .unwrap();
+    let location = resp.headers()["location"].to_str().unwrap().to_string();
+    for cap in 0..3 {
+        ureq::put(&format!("{}{location}/layers", sfu.base))
+            .send_json(serde_json::json!({ "max_layer": cap }))
+            .unwrap();
+    }
     // The DELETEs are answered before their log lines are flushed.
     std::thread::sleep(Duration::from_millis(300));
     let text = std::fs::read_to_string(&log).unwrap();
@@ -486,6 +500,10 @@ fn session_lifecycle_is_logged_as_json_lines() {
         joined.len(),
         2,
         "a publisher and a subscriber joined: {text}"
+    );
+    assert!(
+        !lines.iter().any(|l| l["event"] == "layers"),
+        "layer caps logged at info: {text}"
     );
     for j in joined {
         let id = j["session"].as_str().unwrap();

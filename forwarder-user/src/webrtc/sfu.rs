@@ -1214,7 +1214,7 @@ impl Sfu {
                 });
             }
         }
-        tracing::info!(event = "layers", session = %id, room, ?mid, ?max_layer, ?max_temporal, paused, "session {id}: layer cap {max_layer:?}, temporal cap {max_temporal:?}, paused {paused}");
+        tracing::debug!(event = "layers", session = %id, room, ?mid, ?max_layer, ?max_temporal, paused, "session {id}: layer cap {max_layer:?}, temporal cap {max_temporal:?}, paused {paused}");
         // A waiting m-line takes them when a track fills it.
         Ok(chosen
             .iter()
