@@ -508,6 +508,35 @@ async fn start_webrtc(
     }
 }
 
+/// An XDP daemon killed without `edgefwd down` leaves its program attached (the link
+/// is pinned) and its WebRTC listener in the maps: XDP would go on steering this
+/// socket-path daemon's media to AF_XDP sockets that are gone, and a new call would
+/// get nothing. Our socket bound `media`, so no live daemon serves it: the listener
+/// entry is removed and the kernel passes the media to us.
+fn forget_stale_steering(pin_dir: &std::path::Path, media: SocketAddr) -> Result<()> {
+    let attached = loader::pinned_links(pin_dir);
+    if attached.is_empty() {
+        return Ok(());
+    }
+    let ifaces: Vec<&str> = attached.iter().map(|(i, _)| i.as_str()).collect();
+    let mut maps = Maps::open_pinned(pin_dir).with_context(|| {
+        format!(
+            "an XDP program pinned in {} is still attached to {ifaces:?} and may steer what              this daemon serves, but its maps cannot be read: run `edgefwd --pin-dir {} down`              first",
+            pin_dir.display(),
+            pin_dir.display()
+        )
+    })?;
+    for l in maps.forget_webrtc_listener(media)? {
+        log::warn!(
+            "removed the XDP steering of {} left attached to {ifaces:?} by a daemon that did              not stop cleanly (its link is pinned in {}); `edgefwd --pin-dir {} down`              detaches the program",
+            l.addr,
+            pin_dir.display(),
+            pin_dir.display()
+        );
+    }
+    Ok(())
+}
+
 /// What the ready line adds after "forwarding on ...": every address the daemon
 /// listens on, as bound (so a config with port 0 tells its callers where to go).
 fn ready_addresses(metrics: Option<SocketAddr>, webrtc: Option<edgefwd::webrtc::Bound>) -> String {
@@ -570,7 +599,7 @@ fn real_main(cli: Cli) -> Result<()> {
                     let iface = iface.context("--iface is required with --datapath xdp")?;
                     rt.block_on(run_xdp(cli.pin_dir, iface, cfg, metrics, duration))
                 }
-                Datapath::User => rt.block_on(run_user(cfg, metrics, duration)),
+                Datapath::User => rt.block_on(run_user(cfg, &cli.pin_dir, metrics, duration)),
             }
         }
         Cmd::Routes { cmd } => routes_cmd(&cli.pin_dir, cmd),
@@ -1094,6 +1123,7 @@ async fn run_xdp(
 
 async fn run_user(
     cfg: Config,
+    pin_dir: &std::path::Path,
     metrics_addr: Option<SocketAddr>,
     duration: Option<u64>,
 ) -> Result<()> {
@@ -1127,6 +1157,9 @@ async fn run_user(
     let scrape = metrics::Scrape::new(metrics::Source::User(counters.clone()));
     let metrics_bound = spawn_metrics(metrics_addr, scrape.clone()).await?;
     let (webrtc_bound, cfg_webrtc) = start_webrtc(cfg_webrtc, None, scrape).await?;
+    if let Some(w) = &webrtc_bound {
+        forget_stale_steering(pin_dir, w.media)?;
+    }
     println!(
         "edgefwd: forwarding on {} listener(s) (userspace datapath){}",
         listeners.len(),

@@ -18,6 +18,8 @@ use serde_json::Value;
 
 #[path = "webrtc/long_calls.rs"]
 mod long_calls;
+#[path = "webrtc/restarts.rs"]
+mod restarts;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -455,6 +455,29 @@ impl Maps {
             .with_context(|| format!("adding listener {}", l.addr))
     }
 
+    /// Removes the WebRTC listener on `media` (an unspecified address matches every
+    /// address on its port) and the peer bindings steered through it: the kernel then
+    /// passes that traffic to the stack. Returns the listeners removed.
+    pub fn forget_webrtc_listener(&mut self, media: SocketAddr) -> Result<Vec<Listener>> {
+        let hit = |a: SocketAddr| {
+            media.port() == a.port() && (media.ip() == a.ip() || media.ip().is_unspecified())
+        };
+        let gone: Vec<Listener> = self
+            .listeners()?
+            .into_iter()
+            .filter(|l| l.webrtc && hit(l.addr))
+            .collect();
+        for l in &gone {
+            self.listeners
+                .remove(&l.key())
+                .with_context(|| format!("removing listener {}", l.addr))?;
+        }
+        if !gone.is_empty() {
+            self.peers.clear()?;
+        }
+        Ok(gone)
+    }
+
     pub fn listeners(&self) -> Result<Vec<Listener>> {
         let mut out = Vec::new();
         for item in self.listeners.iter() {
