@@ -88,7 +88,7 @@ enum Cmd {
         /// Interface the media arrives on (XDP attaches here).
         #[arg(long)]
         iface: Option<String>,
-        /// TOML file of listeners and routes (see README).
+        /// TOML file of listeners and routes (docs/operations.md).
         #[arg(long)]
         config: Option<PathBuf>,
         /// Which data path forwards the media.
