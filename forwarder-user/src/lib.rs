@@ -10,19 +10,23 @@
 //! * `cluster/` — cascades between nodes: links, their demand, the node-to-node API.
 //! * `cli/` — what the CLI prints from the live maps and the daemon's API.
 //! * `loadtest/` — `edgefwd load-test`: WHIP/WHEP clients with real ICE, DTLS, SRTP.
-//! * `client` — the small HTTP client the link agent and the CLI share.
+//! * `http/` — HTTP plumbing every part shares: a small client, the server loop with
+//!   connection limits, the bearer token.
 // The /api/sessions snapshot is one json! literal per session, deeper than the default.
 #![recursion_limit = "256"]
 
 pub mod cli;
-pub mod client;
 pub mod cluster;
 pub mod daemon;
 pub mod datapath;
 pub mod dataplane;
+pub mod http;
 pub mod loadtest;
 pub mod media;
 pub mod webrtc;
+
+#[cfg(test)]
+mod layering;
 
 /// The XDP object built by build.rs (aya-build), embedded in the binary.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/forwarder"));

@@ -501,7 +501,13 @@ async fn start_webrtc(
 ) -> Result<(Option<edgefwd::webrtc::Bound>, Option<WebrtcServer>)> {
     match cfg {
         Some(w) => {
-            let (bound, serve) = edgefwd::webrtc::start(w, xdp, scrape).await?;
+            // The WebRTC listener's /metrics serves the daemon's one scrape, which
+            // reads the SFU once it has started.
+            let served = scrape.clone();
+            let render: edgefwd::webrtc::http::Metrics =
+                std::sync::Arc::new(move || Box::pin(metrics::scrape(served.clone())));
+            let (bound, sfu, serve) = edgefwd::webrtc::start(w, xdp, render).await?;
+            let _ = scrape.sfu.set(sfu);
             Ok((Some(bound), Some(Box::pin(serve))))
         }
         None => Ok((None, None)),
@@ -864,7 +870,7 @@ fn links_cmd(pin_dir: &std::path::Path, cmd: LinksCmd) -> Result<()> {
     let mut maps = Maps::open_pinned(pin_dir)?;
     match cmd {
         LinksCmd::List { json } => {
-            let rows = stats::link_rows(&maps)?;
+            let rows = edgefwd::cluster::status::link_rows(&maps)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
@@ -888,8 +894,16 @@ fn links_cmd(pin_dir: &std::path::Path, cmd: LinksCmd) -> Result<()> {
                 remote,
                 api,
             };
-            // The node's own name is the daemon's; the CLI checks everything else.
-            maps.put_link("", &l)?;
+            // The node's own name is the daemon's; the CLI checks everything else:
+            // with this one in place of any to the same peer, still a tree.
+            let mut all: Vec<_> = maps
+                .links()?
+                .into_iter()
+                .filter(|o| o.peer != l.peer)
+                .collect();
+            all.push(l.clone());
+            edgefwd::cluster::check_links("", &all)?;
+            maps.put_link(&l)?;
             println!("link to {} ({:?}) set", l.peer, l.direction);
         }
         LinksCmd::Del { peer } => {
@@ -1063,7 +1077,8 @@ async fn run_xdp(
         down.contains(&(r.out_src, r.out_dst))
     })?;
     let node = cfg.cluster.as_ref().map(|c| c.node.as_str()).unwrap_or("");
-    maps.reconcile_links(node, &cfg.links)?;
+    edgefwd::cluster::check_links(node, &cfg.links)?;
+    maps.reconcile_links(&cfg.links)?;
     maps.set_interface_mac(
         edgefwd::dataplane::preflight::ifindex(&iface)?,
         resolve::iface_mac(&iface)?,

@@ -7,7 +7,7 @@ use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::client::{Outcome, call};
+use crate::http::client::{Outcome, call};
 
 /// `http://HOST:PORT[/]` or `HOST:PORT`: the address the daemon's ready line shows as
 /// `webrtc-http` or `webrtc-admin`.

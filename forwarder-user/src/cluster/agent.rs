@@ -21,7 +21,7 @@ use super::{
     links::{LinkManager, Plan, State, Trunk},
 };
 use crate::{
-    daemon::config::RouteConfig,
+    dataplane::config::RouteConfig,
     dataplane::{
         maps::{Maps, Route},
         resolve,
@@ -62,13 +62,13 @@ pub async fn start(
                 secret: secret.clone(),
                 pin_dir: pin_dir.clone(),
             }));
-            let limits = Arc::new(crate::webrtc::http::ConnLimits::with(
+            let limits = Arc::new(crate::http::server::ConnLimits::with(
                 256,
                 64,
                 Duration::from_secs(5),
             ));
             tokio::spawn(async move {
-                if let Err(e) = crate::webrtc::http::serve(listener, app, limits).await {
+                if let Err(e) = crate::http::server::serve(listener, app, limits).await {
                     log::error!("node API stopped: {e:#}");
                 }
             });

@@ -24,11 +24,12 @@ use axum::{
     routing::{get, put},
 };
 
-pub use crate::client::Outcome;
-use crate::client::call;
+pub use crate::http::client::Outcome;
+use crate::http::{client::call, server::bearer};
 
 use super::links::{DemandReply, DemandRequest, LinkManager};
-use crate::{cli::stats, dataplane::maps::Maps};
+use super::status;
+use crate::dataplane::maps::Maps;
 
 pub struct NodeApi {
     pub manager: Arc<Mutex<LinkManager>>,
@@ -50,15 +51,6 @@ fn text(status: StatusCode, msg: impl Into<String>) -> Response {
         format!("{}\n", msg.into()),
     )
         .into_response()
-}
-
-/// The `Authorization: Bearer` value of a request ("" without one).
-pub fn bearer(headers: &HeaderMap) -> &str {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("")
 }
 
 fn authorized(api: &NodeApi, headers: &HeaderMap) -> Result<(), Box<Response>> {
@@ -122,7 +114,7 @@ async fn links(State(api): State<Arc<NodeApi>>, headers: HeaderMap) -> Response 
     let dir = api.pin_dir.clone();
     let rows = tokio::task::spawn_blocking(move || {
         let maps = Maps::open_pinned(&dir)?;
-        stats::link_rows(&maps)
+        status::link_rows(&maps)
     })
     .await;
     match rows {

@@ -22,6 +22,7 @@
 pub mod agent;
 pub mod api;
 pub mod links;
+pub mod status;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -30,8 +31,9 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use forwarder_common::links::NAME_LEN;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
+
+pub use crate::dataplane::links::{Direction, Link, check_name};
 
 /// A cluster secret from a config section: `secret_file` (trimmed) or `secret`, at
 /// least 16 bytes. Shared by `[cluster]` and `[webrtc.cascade]`.
@@ -85,32 +87,6 @@ fn default_lapse() -> u64 {
     5
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Direction {
-    /// The peer feeds us.
-    Up,
-    /// We feed the peer.
-    Down,
-}
-
-/// One link, as configs and the CLI speak of it. The two nodes' entries for one link
-/// carry the same two media addresses, swapped.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Link {
-    /// The peer node's name.
-    pub peer: String,
-    pub direction: Direction,
-    /// Up: our listener the trunk arrives at. Down: the address trunk copies leave from.
-    pub local: SocketAddr,
-    /// Up: the address the upstream's trunk copies leave from. Down: the downstream's
-    /// listener.
-    pub remote: SocketAddr,
-    /// Up links: the upstream's node API.
-    pub api: Option<SocketAddr>,
-}
-
 /// `[[stream]]`: a stream this node receives and offers on its down links even with
 /// no local subscriber (an origin's publishers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -119,48 +95,6 @@ pub struct StreamConfig {
     pub listen: SocketAddr,
     pub source: SocketAddr,
     pub ssrc: u32,
-}
-
-/// A node name is what keys the maps and the node API's paths: 1-32 bytes of letters,
-/// digits, `-`, `_`, `.`.
-pub fn check_name(name: &str) -> Result<()> {
-    if name.is_empty()
-        || name.len() > NAME_LEN
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-    {
-        bail!("node name {name:?}: use 1-{NAME_LEN} letters, digits, '-', '_' or '.'");
-    }
-    Ok(())
-}
-
-impl Link {
-    /// Rejects a link that cannot work on its own, saying what to change.
-    pub fn check(&self) -> Result<()> {
-        check_name(&self.peer)?;
-        if self.local.is_ipv6() != self.remote.is_ipv6() {
-            bail!(
-                "link {}: local {} and remote {} are of different IP families",
-                self.peer,
-                self.local,
-                self.remote
-            );
-        }
-        match (self.direction, self.api) {
-            (Direction::Up, None) => bail!(
-                "link {}: an up link needs `api`, the upstream's node API address (its \
-                 [cluster] api), where this node sends its demand",
-                self.peer
-            ),
-            (Direction::Down, Some(_)) => bail!(
-                "link {}: `api` is for up links; a down link's peer calls us (drop it)",
-                self.peer
-            ),
-            _ => {}
-        }
-        Ok(())
-    }
 }
 
 /// Rejects a set of links that would not be a tree node, naming what to fix: a link

@@ -1,4 +1,7 @@
-//! TOML configuration: media listeners and routes.
+//! The TOML configuration, every part's section in one file: the data plane's
+//! listeners and routes (`dataplane::config`), the cluster's links and streams, and
+//! the WebRTC control plane. Each part defines its own section's types; this module
+//! puts them together and checks what spans parts.
 //!
 //! ```toml
 //! [[listener]]
@@ -64,6 +67,7 @@ use anyhow::{Context as _, Result, bail};
 use serde::Deserialize;
 
 use crate::cluster::{ClusterConfig, Direction, Link, StreamConfig};
+pub use crate::dataplane::config::{ListenerConfig, RouteConfig, fmt_mac, parse_mac};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -80,42 +84,6 @@ pub struct Config {
     pub links: Vec<Link>,
     #[serde(default, rename = "stream")]
     pub streams: Vec<StreamConfig>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ListenerConfig {
-    pub addr: SocketAddr,
-    #[serde(default = "yes")]
-    pub drop_unknown_source: bool,
-    #[serde(default)]
-    pub drop_no_route: bool,
-}
-
-fn yes() -> bool {
-    true
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RouteConfig {
-    pub listen: SocketAddr,
-    pub source: SocketAddr,
-    pub ssrc: u32,
-    pub out_src: SocketAddr,
-    pub out_dst: SocketAddr,
-    pub ssrc_out: Option<u32>,
-    #[serde(default)]
-    pub seq_delta: u16,
-    #[serde(default)]
-    pub ts_delta: u32,
-    pub pt_from: Option<u8>,
-    pub pt_to: Option<u8>,
-    pub egress: Option<String>,
-    pub dst_mac: Option<String>,
-    /// 802.1Q VLAN id the copy leaves with (1-4094); default: untagged. The ingress
-    /// frame's tag never leaks to the egress.
-    pub vlan: Option<u16>,
 }
 
 impl Config {
@@ -217,26 +185,6 @@ impl Config {
         }
         Ok(())
     }
-}
-
-pub fn parse_mac(s: &str) -> Result<[u8; 6]> {
-    let parts: Vec<&str> = s.split(':').collect();
-    let mut mac = [0u8; 6];
-    if parts.len() != 6 {
-        bail!("{s:?} is not a MAC address (want six hex bytes like 02:00:5e:10:00:01)");
-    }
-    for (b, p) in mac.iter_mut().zip(parts) {
-        *b = u8::from_str_radix(p, 16)
-            .with_context(|| format!("{s:?} is not a MAC address (bad byte {p:?})"))?;
-    }
-    Ok(mac)
-}
-
-pub fn fmt_mac(m: &[u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 #[cfg(test)]

@@ -173,7 +173,7 @@ fn link_metrics(registry: &Registry, maps: &Maps) -> Result<()> {
         "edgefwd_link_drops_total",
         "Trunk copies the replicator could not send",
     )?;
-    for r in crate::cli::stats::link_rows(maps)? {
+    for r in crate::cluster::status::link_rows(maps)? {
         let dir = format!("{:?}", r.direction).to_lowercase();
         let l = [r.peer.as_str(), dir.as_str()];
         up.with_label_values(&l).set((r.state == "up") as i64);

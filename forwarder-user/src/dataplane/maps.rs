@@ -28,7 +28,7 @@ use forwarder_common::{
     egress,
     fanout::{self, CopyVerdict, MAX_COPIES},
     ifmac::{self, IFMAC_SET, IfMac},
-    links::{self, DIR_DOWN, DIR_UP, LinkKey, LinkState, LinkValue},
+    links::{LinkKey, LinkState, LinkValue},
     listeners::{
         self, FLAG_DROP_NO_ROUTE, FLAG_DROP_UNKNOWN_SOURCE, FLAG_WEBRTC, ListenerKey, ListenerValue,
     },
@@ -40,8 +40,6 @@ use forwarder_common::{
     verdicts::{self, Verdict, VerdictStats},
 };
 use serde::Serialize;
-
-use crate::cluster::{Direction, Link};
 
 /// What [`Maps::move_copy`] did.
 #[derive(Debug)]
@@ -93,7 +91,7 @@ pub fn ip_from16(a: [u8; 16]) -> IpAddr {
     }
 }
 
-fn sock(a: [u8; 16], port_be: [u8; 2]) -> SocketAddr {
+pub(super) fn sock(a: [u8; 16], port_be: [u8; 2]) -> SocketAddr {
     SocketAddr::new(ip_from16(a), u16::from_be_bytes(port_be))
 }
 
@@ -419,8 +417,8 @@ impl Maps {
             copies: get(fanout::COPIES_MAP_NAME)?.try_into()?,
             copy_verdicts: get(fanout::COPY_VERDICT_MAP_NAME)?.try_into()?,
             peers: PeerTable(get(peers::MAP_NAME)?.try_into()?),
-            links: get(links::MAP_NAME)?.try_into()?,
-            link_states: get(links::STATE_MAP_NAME)?.try_into()?,
+            links: get(forwarder_common::links::MAP_NAME)?.try_into()?,
+            link_states: get(forwarder_common::links::STATE_MAP_NAME)?.try_into()?,
             xsks: None,
         })
     }
@@ -1073,154 +1071,6 @@ impl Maps {
     }
 }
 
-fn link_key(peer: &str) -> Result<LinkKey> {
-    crate::cluster::check_name(peer)?;
-    let mut k = LinkKey::default();
-    k.name[..peer.len()].copy_from_slice(peer.as_bytes());
-    Ok(k)
-}
-
-fn link_name(k: &LinkKey) -> String {
-    let end = k.name.iter().position(|b| *b == 0).unwrap_or(k.name.len());
-    String::from_utf8_lossy(&k.name[..end]).into_owned()
-}
-
-impl Link {
-    fn value(&self) -> LinkValue {
-        let api = self.api.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
-        LinkValue {
-            local_addr: addr16(self.local.ip()),
-            remote_addr: addr16(self.remote.ip()),
-            api_addr: addr16(api.ip()),
-            local_port_be: self.local.port().to_be_bytes(),
-            remote_port_be: self.remote.port().to_be_bytes(),
-            api_port_be: api.port().to_be_bytes(),
-            direction: match self.direction {
-                Direction::Up => DIR_UP,
-                Direction::Down => DIR_DOWN,
-            },
-            _pad: 0,
-        }
-    }
-
-    fn from_map(k: &LinkKey, v: &LinkValue) -> Link {
-        let up = v.direction == DIR_UP;
-        Link {
-            peer: link_name(k),
-            direction: if up { Direction::Up } else { Direction::Down },
-            local: sock(v.local_addr, v.local_port_be),
-            remote: sock(v.remote_addr, v.remote_port_be),
-            api: up.then(|| sock(v.api_addr, v.api_port_be)),
-        }
-    }
-}
-
-/// The cascade links (`EFWD_LINKS_V1`) and their states: userspace state beside the
-/// forwarding maps, so the daemon, the CLI and /metrics see the same links.
-impl Maps {
-    pub fn links(&self) -> Result<Vec<Link>> {
-        let mut out = Vec::new();
-        for item in self.links.iter() {
-            let (k, v) = item?;
-            out.push(Link::from_map(&k, &v));
-        }
-        out.sort_by(|a, b| a.peer.cmp(&b.peer));
-        Ok(out)
-    }
-
-    /// Adds a link, or replaces the one to the same peer; refuses one that would make
-    /// this node's links no tree.
-    pub fn put_link(&mut self, node: &str, l: &Link) -> Result<()> {
-        let mut all: Vec<Link> = self
-            .links()?
-            .into_iter()
-            .filter(|o| o.peer != l.peer)
-            .collect();
-        all.push(l.clone());
-        crate::cluster::check_links(node, &all)?;
-        if let Some(old) = self.links()?.into_iter().find(|o| o.peer == l.peer)
-            && old != *l
-        {
-            self.drop_trunks(&old)?;
-        }
-        self.links
-            .insert(link_key(&l.peer)?, l.value(), 0)
-            .map_err(|e| full_or(e, "links", links::MAX_LINKS))
-            .with_context(|| format!("adding link {}", l.peer))
-    }
-
-    /// Removes the link to `peer` with its state and its trunk copies: after this
-    /// returns, the peer gets nothing more from us. False if there was none.
-    pub fn del_link(&mut self, peer: &str) -> Result<bool> {
-        let Some(l) = self.links()?.into_iter().find(|o| o.peer == peer) else {
-            return Ok(false);
-        };
-        let k = link_key(peer)?;
-        let _ = self.links.remove(&k);
-        let _ = self.link_states.remove(&k);
-        self.drop_trunks(&l)?;
-        Ok(true)
-    }
-
-    /// Makes the link table hold exactly `want` (a starting daemon's config).
-    pub fn reconcile_links(&mut self, node: &str, want: &[Link]) -> Result<()> {
-        crate::cluster::check_links(node, want)?;
-        for l in self.links()? {
-            if !want.contains(&l) {
-                self.del_link(&l.peer)?;
-            }
-        }
-        for l in want {
-            self.links
-                .insert(link_key(&l.peer)?, l.value(), 0)
-                .map_err(|e| full_or(e, "links", links::MAX_LINKS))
-                .with_context(|| format!("adding link {}", l.peer))?;
-        }
-        Ok(())
-    }
-
-    /// The trunk copies of a down link: copies leaving from its local address to its
-    /// remote, as (stream key, out_dst).
-    pub fn trunks_of(&self, l: &Link) -> Result<Vec<(RouteKey, SocketAddr)>> {
-        if l.direction != Direction::Down {
-            return Ok(Vec::new());
-        }
-        Ok(self
-            .routes()?
-            .into_iter()
-            .filter(|(r, _)| (r.out_src, r.out_dst) == (l.local, l.remote))
-            .map(|(r, _)| (r.key(), r.out_dst))
-            .collect())
-    }
-
-    fn drop_trunks(&mut self, l: &Link) -> Result<()> {
-        for (k, dst) in self.trunks_of(l)? {
-            self.del_copy(&k, dst)?;
-        }
-        Ok(())
-    }
-
-    pub fn link_states(&self) -> Result<std::collections::BTreeMap<String, LinkState>> {
-        let mut out = std::collections::BTreeMap::new();
-        for item in self.link_states.iter() {
-            let (k, v) = item?;
-            out.insert(link_name(&k), v);
-        }
-        Ok(out)
-    }
-
-    /// The daemon's view of a link (only for a link the table has).
-    pub fn set_link_state(&mut self, peer: &str, st: &LinkState) -> Result<()> {
-        let k = link_key(peer)?;
-        if self.links.get(&k, 0).is_err() {
-            return Ok(());
-        }
-        self.link_states
-            .insert(k, *st, 0)
-            .with_context(|| format!("writing the state of link {peer}"))
-    }
-}
-
 /// Rejects a stream's copies the data plane cannot send together, saying what to
 /// change (each copy is checked on its own by [`Route::validate`]). Pure: `edgefwd
 /// check-config` uses it without maps.
@@ -1370,7 +1220,7 @@ fn ncpus() -> Result<usize> {
     nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))
 }
 
-fn full_or(e: MapError, what: &str, max: u32) -> anyhow::Error {
+pub(super) fn full_or(e: MapError, what: &str, max: u32) -> anyhow::Error {
     if let MapError::SyscallError(s) = &e
         && s.io_error.raw_os_error() == Some(libc::E2BIG)
     {

@@ -42,8 +42,8 @@ pub fn decode(frame: &[u8]) -> Decoded {
         }
     };
     if let Some(LinkSlice::Ethernet2(e)) = &p.link {
-        d.eth_src = Some(crate::daemon::config::fmt_mac(&e.source()));
-        d.eth_dst = Some(crate::daemon::config::fmt_mac(&e.destination()));
+        d.eth_src = Some(crate::dataplane::config::fmt_mac(&e.source()));
+        d.eth_dst = Some(crate::dataplane::config::fmt_mac(&e.destination()));
     }
     if let Some(v) = p.vlan_ids().first() {
         d.vlan = Some(v.value());

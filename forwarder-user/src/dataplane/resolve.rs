@@ -12,7 +12,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use serde_json::Value;
 
 use crate::{
-    daemon::config::{RouteConfig, parse_mac},
+    dataplane::config::{RouteConfig, parse_mac},
     dataplane::maps::Route,
     dataplane::preflight,
 };

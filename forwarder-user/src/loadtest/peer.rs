@@ -17,7 +17,7 @@ use webrtc_dtls::{
 };
 
 use crate::{
-    client::{Outcome, Request, exchange},
+    http::client::{Outcome, Request, exchange},
     media::srtp::{Context, MasterKey, Profile},
     webrtc::{
         dtls::{DemuxConn, Identity, sha256},

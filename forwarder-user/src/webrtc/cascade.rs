@@ -41,7 +41,7 @@ use serde::{Deserialize, Serialize};
 
 use super::sdp::Codec;
 use super::sfu::{ApiError, Role, Sfu};
-use crate::client::{Outcome, call};
+use crate::http::client::{Outcome, call};
 use crate::media::{
     Kind,
     engine::{Command, SessionId, TrackId},

@@ -251,13 +251,17 @@ impl std::fmt::Display for Bound {
 /// Binds the media socket and the HTTP listeners (so errors surface at start-up and
 /// clients can connect once this returns), then returns where they are bound and the
 /// future that serves.
-/// `scrape` is the daemon's one metrics scrape: the SFU joins it, and the WebRTC
-/// listener's `/metrics` serves it whole.
+/// `metrics` is what the WebRTC listener's `/metrics` serves (the daemon's one
+/// scrape); the SFU returned is for the daemon to read into that scrape.
 pub async fn start(
     mut cfg: WebrtcConfig,
     xdp: Option<XdpOffer>,
-    scrape: crate::daemon::metrics::Scrape,
-) -> Result<(Bound, impl std::future::Future<Output = Result<()>>)> {
+    metrics: http::Metrics,
+) -> Result<(
+    Bound,
+    Arc<sfu::Sfu>,
+    impl std::future::Future<Output = Result<()>>,
+)> {
     cfg.check()?;
     let socket = std::net::UdpSocket::bind(cfg.media).with_context(|| {
         format!(
@@ -318,7 +322,6 @@ pub async fn start(
         let _ = sfu.cascade.set(c);
     }
     let workers = sfu.start_workers()?;
-    let _ = scrape.sfu.set(sfu.clone());
     log::info!("WebRTC media path: {} ({})", sfu.path.path, sfu.path.detail);
     log::info!(
         "WebRTC: WHIP/WHEP on http://{}/ , media on udp {} (candidates {:?}){}",
@@ -329,7 +332,7 @@ pub async fn start(
             .map(|a| format!(", admin API on http://{a}/"))
             .unwrap_or_default()
     );
-    Ok((bound, async move {
+    Ok((bound, sfu.clone(), async move {
         let ticker = {
             let sfu = sfu.clone();
             tokio::spawn(async move {
@@ -361,18 +364,25 @@ pub async fn start(
         let api = Arc::new(http::Api {
             sfu,
             token: cfg.token.clone(),
-            scrape,
+            metrics,
         });
-        let limits = Arc::new(http::ConnLimits::new(&cfg.limits));
+        let limits = Arc::new(crate::http::server::ConnLimits::with(
+            cfg.limits.http_max_connections,
+            cfg.limits.http_max_connections_per_source,
+            Duration::from_secs(cfg.limits.http_header_timeout),
+        ));
         let public = http::router(api.clone(), admin_listener.is_none());
         let admin = async {
             match admin_listener {
-                Some(l) => http::serve(l, http::admin_router(api.clone()), limits.clone()).await,
+                Some(l) => {
+                    crate::http::server::serve(l, http::admin_router(api.clone()), limits.clone())
+                        .await
+                }
                 None => std::future::pending().await,
             }
         };
         let res = tokio::select! {
-            r = http::serve(listener, public, limits.clone()) => r.context("WHIP/WHEP HTTP server"),
+            r = crate::http::server::serve(listener, public, limits.clone()) => r.context("WHIP/WHEP HTTP server"),
             r = admin => r.context("admin HTTP server"),
             r = media => r.context("media task")?.context("media socket"),
         };
