@@ -36,7 +36,9 @@ pub struct ListenerValue {
 }
 assert_size!(ListenerValue, 4);
 
+// SAFETY: #[repr(C)], byte arrays with explicit padding (size asserted): every bit pattern is a valid value.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for ListenerKey {}
+// SAFETY: #[repr(C)], one u32: every bit pattern is a valid value.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for ListenerValue {}

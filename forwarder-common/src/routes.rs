@@ -91,7 +91,9 @@ pub struct RouteValue {
 }
 assert_size!(RouteValue, 84);
 
+// SAFETY: #[repr(C)], byte arrays only, no padding (size asserted): every bit pattern is a valid value.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for RouteKey {}
+// SAFETY: #[repr(C)], integers and byte arrays with explicit padding (size asserted): every bit pattern is a valid value.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for RouteValue {}

@@ -42,6 +42,7 @@ impl RouteKey4 {
     }
 }
 
+// SAFETY: #[repr(C)], byte arrays only, no padding (size asserted): every bit pattern is a valid value.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for RouteKey4 {}
 

@@ -28,7 +28,9 @@ pub struct SourceValue {
 }
 assert_size!(SourceValue, 4);
 
+// SAFETY: #[repr(C)], byte arrays only, no padding (size asserted): every bit pattern is a valid value.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for SourceKey {}
+// SAFETY: #[repr(C)], one u32: every bit pattern is a valid value.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for SourceValue {}

@@ -15,6 +15,7 @@ pub struct VerdictStats {
 }
 assert_size!(VerdictStats, 16);
 
+// SAFETY: #[repr(C)], two u64s, no padding (size asserted): every bit pattern is a valid value.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for VerdictStats {}
 

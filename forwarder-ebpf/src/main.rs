@@ -323,6 +323,9 @@ trait Key {
     fn ports(&self) -> (u16, u16);
     /// Writes the listen or the source address at `p` as 16 bytes, v4-mapped for IPv4
     /// (the listener and sources maps hold both families that way).
+    ///
+    /// # Safety
+    /// `p..p + 16` must be writable memory of a key being built (the stack).
     unsafe fn put_addr(&self, p: usize, source: bool);
 
     /// Only built on a miss.
@@ -423,6 +426,9 @@ impl Key for RouteKey {
 }
 
 /// ::ffff:a.b.c.d at `p`, a word at a time (LLVM makes array literals memset calls).
+///
+/// # Safety
+/// `p..p + 16` must be writable.
 #[inline(always)]
 unsafe fn st_mapped(p: usize, v4: u32) {
     // SAFETY: the caller passes 16 writable bytes at `p`.

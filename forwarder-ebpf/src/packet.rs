@@ -29,12 +29,21 @@ pub(crate) fn frame_len(ctx: &XdpContext) -> usize {
 /// at even offsets from an at least 2-byte aligned frame start, and map values are
 /// 4-byte aligned; word access keeps the checksum arithmetic to one add per word
 /// (byte access made LLVM spill past the 512-byte stack).
+///
+/// # Safety
+/// `p..p + 2` must be readable: packet bytes checked against `data_end`, or a live
+/// map value.
 #[inline(always)]
 pub(crate) unsafe fn ld(p: usize) -> u16 {
     // SAFETY: the caller checked 2 readable bytes at `p` (packet or map memory).
     unsafe { (p as *const u16).read() }
 }
 
+/// Stores a 16-bit word (see [`ld`]).
+///
+/// # Safety
+/// `p..p + 2` must be writable packet bytes checked against `data_end`, or a live map
+/// value.
 #[inline(always)]
 pub(crate) unsafe fn st(p: usize, v: u16) {
     // SAFETY: the caller checked 2 writable bytes at `p`.
@@ -43,18 +52,30 @@ pub(crate) unsafe fn st(p: usize, v: u16) {
 
 /// 32-bit access for addresses and the SSRC: x86 and arm64 JITs allow unaligned packet
 /// loads, and the verifier only enforces alignment on architectures that need it.
+///
+/// # Safety
+/// `p..p + 4` must be readable, as for [`ld`].
 #[inline(always)]
 pub(crate) unsafe fn ld32(p: usize) -> u32 {
     // SAFETY: the caller checked 4 readable bytes at `p`.
     unsafe { (p as *const u32).read() }
 }
 
+/// Stores a 32-bit word (see [`ld32`]).
+///
+/// # Safety
+/// `p..p + 4` must be writable, as for [`st`].
 #[inline(always)]
 pub(crate) unsafe fn st32(p: usize, v: u32) {
     // SAFETY: the caller checked 4 writable bytes at `p`.
     unsafe { (p as *mut u32).write(v) }
 }
 
+/// Copies `N` 32-bit words from `src` to `dst`.
+///
+/// # Safety
+/// `4 * N` bytes must be readable at `src` and writable at `dst`, as for [`ld32`]
+/// and [`st32`].
 #[inline(always)]
 pub(crate) unsafe fn copy_words32<const N: usize>(dst: usize, src: usize) {
     let mut i = 0;
@@ -66,6 +87,9 @@ pub(crate) unsafe fn copy_words32<const N: usize>(dst: usize, src: usize) {
 }
 
 /// Replaces `N` words at `dst` with those at `src`, folding the change into `d`.
+///
+/// # Safety
+/// `2 * N` bytes must be readable at `src` and readable and writable at `dst`.
 #[inline(always)]
 pub(crate) unsafe fn replace_words<const N: usize>(dst: usize, src: usize, d: &mut Delta) {
     let mut i = 0;
@@ -94,6 +118,10 @@ pub(crate) struct RtpIn {
 
 impl RtpIn {
     /// Reads them from the fixed RTP header at `rtp`.
+    ///
+    /// # Safety
+    /// The 12-byte fixed RTP header at `rtp` must be within the packet (checked
+    /// against `data_end`).
     #[inline(always)]
     pub(crate) unsafe fn read(rtp: usize) -> RtpIn {
         // SAFETY: the caller checked the 12-byte fixed header at `rtp`.
@@ -112,6 +140,10 @@ impl RtpIn {
 /// against what the header holds now (the original in XDP, the previous copy's in the
 /// TC replicator): the one RTP rewrite of both programs, the kernel twin of
 /// forwarder-common's `rtp::rewrite`.
+///
+/// # Safety
+/// The 12-byte fixed RTP header at `rtp` must be within the packet and writable
+/// (checked against `data_end`).
 #[inline(always)]
 pub(crate) unsafe fn rewrite_rtp(rtp: usize, orig: RtpIn, route: &RouteValue, d: &mut Delta) {
     // SAFETY: the caller checked the 12-byte fixed header at `rtp`; `route` is map memory.

@@ -89,6 +89,7 @@ pub fn paced_send(ns: &NetNs, payload: &[u8], pps: f64, seconds: f64) -> (u64, f
             .collect();
         let mut msgs: Vec<libc::mmsghdr> = (0..B)
             .map(|i| {
+                // SAFETY: mmsghdr is plain C data; all-zero is a valid empty header, filled in below.
                 let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
                 m.msg_hdr.msg_iov = &mut iov[i];
                 m.msg_hdr.msg_iovlen = 1;
@@ -105,6 +106,7 @@ pub fn paced_send(ns: &NetNs, payload: &[u8], pps: f64, seconds: f64) -> (u64, f
             let due = (el * pps) as u64;
             while sent < due {
                 let n = ((due - sent) as usize).min(B);
+                // SAFETY: msgs holds n ≤ B initialised headers whose iovecs point into buffers alive for the call.
                 let r = unsafe { libc::sendmmsg(s.as_raw_fd(), msgs.as_mut_ptr(), n as u32, 0) };
                 if r <= 0 {
                     // ENOBUFS and friends: the generator is saturated; try again later.
@@ -123,6 +125,7 @@ pub fn start_daemon(ns: &NetNs, pin: &Path, config: &str, extra: &[&str]) -> Edg
 }
 
 pub fn set_affinity(pid: i32, cpu: usize) -> bool {
+    // SAFETY: cpu_set_t is plain data, zeroed is its empty set; sched_setaffinity reads it for its size.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);

@@ -66,6 +66,7 @@ fn sweep_pin_dirs() {
 
 pub fn require_root() {
     assert!(
+        // SAFETY: geteuid(2) has no preconditions and cannot fail.
         unsafe { libc::geteuid() } == 0,
         "this test loads XDP programs and creates network namespaces: run it as root \
          (cargo xtask test does)"
@@ -126,6 +127,7 @@ pub fn edgefwd_bin() -> PathBuf {
 /// guard.
 pub fn spawn_edgefwd(mut cmd: Command) -> Edgefwd {
     use std::os::unix::process::CommandExt;
+    // SAFETY: the pre_exec closure only calls prctl (async-signal-safe) between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
@@ -247,6 +249,7 @@ impl Edgefwd {
     pub fn stop_timed(&mut self) -> (std::process::ExitStatus, std::time::Duration) {
         let mut child = self.0.take().expect("edgefwd already stopped");
         let start = std::time::Instant::now();
+        // SAFETY: kill(2) with the pid of our own child, which has not been reaped yet.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         for _ in 0..10_000 {
             if let Some(status) = child.try_wait().expect("waiting for edgefwd") {

@@ -97,6 +97,8 @@ impl NetNs {
     pub fn command(&self, program: &str) -> Command {
         let path = CString::new(format!("/run/netns/{}", self.name)).unwrap();
         let mut c = Command::new(program);
+        // SAFETY: the pre_exec closure only calls open, setns and close (async-signal-safe)
+        // on a path made before the fork.
         unsafe {
             c.pre_exec(move || {
                 let fd = libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
@@ -159,6 +161,7 @@ impl NetNs {
 
 pub fn enter(path: &str) {
     let f = File::open(path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+    // SAFETY: setns on a file descriptor we opened and hold; it only changes this thread's namespace.
     let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
     assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
 }

@@ -100,6 +100,7 @@ fn sent(i: u16, ssrc: u32) -> Rtp {
 fn receive(sock: &UdpSocket, n: u16, ssrc_in: u32, e: Expect) -> u16 {
     sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let size: libc::c_int = 4 << 20;
+    // SAFETY: a socket we own, a c_int option value and its exact size.
     unsafe {
         libc::setsockopt(
             std::os::fd::AsRawFd::as_raw_fd(sock),

@@ -87,6 +87,22 @@ fn run(cli: Cli) -> Result<()> {
             require_root("the tests load XDP programs and create network namespaces")?;
             // The namespace tests start the real daemon binary.
             cargo(&["build", "--package", "forwarder-user"])?;
+            if args.is_empty() {
+                // The workspace's deny lints (a `// SAFETY:` line on every unsafe
+                // block and impl) fail the suite like a failing test.
+                cargo(&[
+                    "clippy",
+                    "--package",
+                    "forwarder-user",
+                    "--package",
+                    "forwarder-common",
+                    "--package",
+                    "edgefwd-tests",
+                    "--package",
+                    "xtask",
+                    "--all-targets",
+                ])?;
+            }
             let mut a = vec!["test"];
             a.extend(args.iter().map(String::as_str));
             cargo(&a)?;
@@ -430,6 +446,13 @@ fn setup() -> Result<()> {
             "--toolchain",
             "nightly",
         ]))?;
+    }
+
+    // clippy on the default toolchain: the suite runs it (a minimal rustup profile
+    // has none).
+    if output(Command::new("cargo").args(["clippy", "--version"])).is_none() {
+        step("adding clippy to the default toolchain");
+        sh(Command::new("rustup").args(["component", "add", "clippy"]))?;
     }
 
     // 2. bpf-linker, built against the nightly's own libLLVM (no system LLVM needed).

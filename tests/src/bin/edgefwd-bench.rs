@@ -384,6 +384,8 @@ struct CRefKey {
     src_port: [u8; 2],
     ssrc: [u8; 4],
 }
+// SAFETY: #[repr(C)], byte arrays only, no padding (size asserted below): any bits
+// are a valid value.
 unsafe impl aya::Pod for CRefKey {}
 
 /// Its `struct ref_route`.
@@ -404,6 +406,8 @@ struct CRefRoute {
     egress_ifindex: u32,
     stats_slot: u32,
 }
+// SAFETY: #[repr(C)], integers and byte arrays laid out without padding (size
+// asserted below): any bits are a valid value.
 unsafe impl aya::Pod for CRefRoute {}
 const _: () = assert!(std::mem::size_of::<CRefKey>() == 16);
 const _: () = assert!(std::mem::size_of::<CRefRoute>() == 44);
