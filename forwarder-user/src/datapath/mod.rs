@@ -4,6 +4,7 @@
 //! engine holds their room. For plain RTP routes: the socket relay of `--datapath user`
 //! (`userpath`), with `rxq` counting what the kernel dropped on full socket queues.
 
+pub mod engines;
 pub mod handoff;
 pub mod rxq;
 pub mod socket;

@@ -321,7 +321,7 @@ pub async fn start(
         );
         let _ = sfu.cascade.set(c);
     }
-    let workers = sfu.start_workers()?;
+    let workers = sfu.engines.start_workers()?;
     log::info!("WebRTC media path: {} ({})", sfu.path.path, sfu.path.detail);
     log::info!(
         "WebRTC: WHIP/WHEP on http://{}/ , media on udp {} (candidates {:?}){}",
@@ -388,7 +388,7 @@ pub async fn start(
         };
         ticker.abort();
         engine_timer.abort();
-        api.sfu.stop_workers();
+        api.sfu.engines.stop_workers();
         for w in workers {
             let _ = w.join();
         }

@@ -1,18 +1,12 @@
-//! The SFU's signaling state and the media socket (the socket data path).
+//! The SFU's signalling state: rooms and sessions as signalling knows them (ICE,
+//! DTLS, the m-lines of each offer), and the commands that program the media engines
+//! as sessions join, bind, key and leave.
 //!
-//! The control plane holds rooms and sessions as signaling knows them (ICE, DTLS, the
-//! m-lines of each offer); everything per packet lives in the media engines
-//! ([`crate::media::engine`]), which this module programs with commands as sessions
-//! join, bind, key and leave. The socket path drives that engine: one UDP socket,
-//! demultiplexed by first byte (RFC 7983); STUN and DTLS are handled here, SRTP and
-//! SRTCP go to the engine, whose copies go out through the same socket.
-//!
-//! Shards: on the AF_XDP path there is one engine per receive queue, each run by its
-//! queue's worker on its own core. A room lives in one shard (by a hash of its name),
-//! so a stream's packets and all its copies are handled on one core; the ids of a
-//! room's sessions and tracks name their shard (`id % shards`). Commands are queued
-//! to their shard and applied before its next batch: the control plane never waits
-//! for media, and media waits for no control-plane work but the commands themselves.
+//! Everything per packet lives in the engines and the loops that drive them
+//! ([`crate::datapath::engines`]): this module only queues commands to them, reads
+//! them for the API and /metrics, and answers the STUN and DTLS the socket hands up
+//! ([`Signalling`]). The control plane never waits for media: a command goes to its
+//! room's engine queue and is applied before that engine's next batch.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -21,22 +15,23 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU32, Ordering},
     },
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
-use forwarder_common::rtp::{self, Class};
 use rand::{Rng, distributions::Alphanumeric};
 use serde::Serialize;
 use tokio::{net::UdpSocket, sync::mpsc};
 
-use crate::datapath::{handoff::Inbox, socket::SocketTx, xsk::XskQueue};
+use crate::datapath::{
+    engines::{Engines, Signalling},
+    xsk::XskQueue,
+};
 use crate::dataplane::maps::PeerTable;
 pub use crate::media::engine::Role;
 pub use crate::media::{Counters, Drop};
 use crate::media::{
     Kind, Transmit, bump,
     codec::Format,
-    demux::Demux,
     engine::{Command, Engine, LAYER_IDLE, SessionId, TrackId},
     simulcast::UNCAPPED,
     speaker::Dominant,
@@ -216,63 +211,6 @@ impl State {
     }
 }
 
-/// Where a shard's copies go.
-enum Io {
-    /// The media socket, from one reused buffer (jumbo frames fit).
-    Socket(Vec<u8>),
-    /// The AF_XDP socket of the shard's receive queue: every copy its engine makes
-    /// leaves on its TX ring, whichever queue the packet came in on.
-    Xsk(Box<XskQueue>),
-}
-
-/// One shard's engine and its output, locked by its worker per batch (and by the
-/// control plane for timers and views).
-struct Media {
-    engine: Engine,
-    io: Io,
-    /// Commands queued by the control plane, applied before anything else touches
-    /// the engine, so they keep their order.
-    commands: std::sync::mpsc::Receiver<Command>,
-}
-
-/// The rooms hashed to one core: their engine, and what is handed to it.
-struct Shard {
-    media: Mutex<Media>,
-    commands: std::sync::mpsc::Sender<Command>,
-    /// AF_XDP: datagrams for this shard received on other queues, and its wake-up.
-    inbox: Option<Inbox>,
-    /// Its worker runs the engine's timers (else the control plane's timer task does).
-    own_timers: std::sync::atomic::AtomicBool,
-}
-
-/// Applies what the control plane queued for a shard, in order.
-fn catch_up(
-    engine: &mut Engine,
-    commands: &std::sync::mpsc::Receiver<Command>,
-    tx: &mut dyn Transmit,
-) {
-    let mut now = None;
-    while let Ok(cmd) = commands.try_recv() {
-        let now = *now.get_or_insert_with(Instant::now);
-        engine.apply(cmd, now, tx);
-    }
-}
-
-/// The `k`th engine id of a shard: `id % shards == shard`, never 0; after 2^32 / shards
-/// ids they come round again (long gone by then).
-fn engine_id(k: u32, shard: usize, shards: usize) -> u32 {
-    let n = shards as u32;
-    (k % (u32::MAX / n - 1) + 1) * n + shard as u32
-}
-
-/// A room's shard: a stable hash of its name (FNV-1a), the same on every start.
-fn shard_of_room(room: &str, shards: usize) -> usize {
-    let h = room.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
-    (h % shards as u64) as usize
-}
-
 /// The AF_XDP fast path as the control plane programs it.
 pub struct FastPath {
     /// `EFWD_PEERS_V1`: the control plane binds a peer there when ICE binds it.
@@ -363,18 +301,13 @@ pub struct Sfu {
     pub cname: String,
     pub state: Mutex<State>,
     pub counters: Arc<Counters>,
-    /// The engines, one per AF_XDP queue (one on the socket path). Lock order:
-    /// `state`, then one shard's media, then `router`, then `fast.peers`; never two
-    /// shards at once, never the other way.
-    shards: Vec<Shard>,
-    /// AF_XDP with several shards: which session (so which shard) a datagram is, for
-    /// the worker that received it; made from the same commands as the engines' own.
-    router: std::sync::RwLock<Demux>,
+    /// The engines, one per AF_XDP queue (one on the socket path), and what drives
+    /// them. Lock order: `state`, then one shard's media (then its router), then
+    /// `fast.peers`; never two shards at once, never the other way.
+    pub engines: Arc<Engines>,
     next_media_id: AtomicU32,
     fast: Option<FastPath>,
     pub path: PathInfo,
-    /// Tells the AF_XDP workers to end.
-    stopping: std::sync::atomic::AtomicBool,
     /// `[webrtc.cascade]`, once set at start.
     pub cascade: std::sync::OnceLock<super::cascade::Cascade>,
     /// Each room's dominant speaker, decided on the engine's timer. Lock order: after
@@ -423,7 +356,7 @@ impl Sfu {
         let sender = socket.try_clone()?;
         let counters = Arc::new(Counters::default());
         let cname = format!("edgefwd-{}", random_string(8));
-        let (io, fast, path) = match fast {
+        let (queues, fast, path) = match fast {
             Ok(f) => {
                 let path = PathInfo {
                     path: "af_xdp",
@@ -437,17 +370,10 @@ impl Sfu {
                     peers: Mutex::new(f.peers),
                     listen: f.listen,
                 };
-                (
-                    f.queues.into_iter().map(|q| Io::Xsk(Box::new(q))).collect(),
-                    Some(fast),
-                    path,
-                )
+                (Some(f.queues), Some(fast), path)
             }
             Err(why) => (
-                vec![Io::Socket(vec![
-                    0u8;
-                    forwarder_common::rtp::MAX_RTP_LEN + 64
-                ])],
+                None,
                 None,
                 PathInfo {
                     path: "socket",
@@ -455,30 +381,7 @@ impl Sfu {
                 },
             ),
         };
-        let several = io.len() > 1;
-        let shards = io
-            .into_iter()
-            .map(|io| {
-                let (commands, rx) = std::sync::mpsc::channel();
-                let engine = Engine::new(cname.clone(), counters.clone(), Instant::now());
-                let inbox = match (&io, several) {
-                    (Io::Xsk(_), true) => Some(Inbox::new().map_err(|e| {
-                        anyhow::anyhow!("creating an AF_XDP worker's eventfd: {e}")
-                    })?),
-                    _ => None,
-                };
-                Ok(Shard {
-                    media: Mutex::new(Media {
-                        engine,
-                        io,
-                        commands: rx,
-                    }),
-                    commands,
-                    inbox,
-                    own_timers: Default::default(),
-                })
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let engines = Engines::new(&cname, counters.clone(), socket.try_clone()?, queues)?;
         Ok(Arc::new(Sfu {
             socket: Arc::new(UdpSocket::from_std(socket)?),
             sender,
@@ -489,12 +392,10 @@ impl Sfu {
             cname,
             state: Mutex::new(State::default()),
             counters,
-            shards,
-            router: Default::default(),
+            engines: Arc::new(engines),
             next_media_id: AtomicU32::new(1),
             fast,
             path,
-            stopping: Default::default(),
             cascade: Default::default(),
             speakers: Default::default(),
             // Subscribers that fall this far behind skip events (they are told).
@@ -502,208 +403,39 @@ impl Sfu {
         }))
     }
 
-    /// Runs `f` on shard `i`'s engine (its queued commands applied first) with the
-    /// shard's data path as its transmit.
+    /// Runs `f` on shard `i`'s engine (its queued commands applied first).
     pub(super) fn with_shard<R>(
         &self,
         i: usize,
         f: impl FnOnce(&mut Engine, &mut dyn Transmit) -> R,
     ) -> R {
-        let mut m = self.shards[i].media.lock().unwrap();
-        self.run(&mut m, f)
+        self.engines.with_shard(i, f)
     }
 
-    fn run<R>(&self, m: &mut Media, f: impl FnOnce(&mut Engine, &mut dyn Transmit) -> R) -> R {
-        let Media {
-            engine,
-            io,
-            commands,
-        } = m;
-        match io {
-            Io::Socket(buf) => {
-                let tx = &mut SocketTx {
-                    sock: &self.sender,
-                    buf,
-                };
-                catch_up(engine, commands, tx);
-                f(engine, tx)
-            }
-            Io::Xsk(q) => {
-                let q = &mut **q;
-                catch_up(engine, commands, q);
-                let r = f(engine, q);
-                q.flush();
-                r
-            }
-        }
+    /// Queues a command for the engine that holds its session (never waited for).
+    pub(super) fn command(&self, cmd: Command) {
+        self.engines.command(cmd)
     }
 
     /// How many engines there are (AF_XDP: one per queue; socket path: one).
     pub fn shards(&self) -> usize {
-        self.shards.len()
+        self.engines.shards()
     }
 
     /// The shard of a room, and of every session and track in it.
     pub fn shard_of_room(&self, room: &str) -> usize {
-        shard_of_room(room, self.shards.len())
+        self.engines.shard_of_room(room)
     }
 
     /// The shard whose engine holds session or track `id`.
     pub fn shard_of(&self, id: u32) -> usize {
-        id as usize % self.shards.len()
-    }
-
-    /// Starts one AF_XDP worker thread per queue (none on the socket path), each
-    /// pinned to a core. Each waits for frames or hand-offs without spinning, then
-    /// handles a batch under its shard's lock.
-    pub fn start_workers(self: &Arc<Self>) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
-        let mut fds = Vec::new();
-        for (i, sh) in self.shards.iter().enumerate() {
-            if let Io::Xsk(q) = &sh.media.lock().unwrap().io {
-                fds.push((i, q.fd()));
-            }
-        }
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let mut out = Vec::new();
-        for (i, fd) in fds {
-            let sfu = self.clone();
-            let h = std::thread::Builder::new()
-                .name(format!("edgefwd-xsk{i}"))
-                .spawn(move || {
-                    crate::datapath::xsk::pin_to_cpu(i % cpus);
-                    sfu.worker(i, fd)
-                })?;
-            out.push(h);
-        }
-        Ok(out)
-    }
-
-    pub fn stop_workers(&self) {
-        self.stopping.store(true, Ordering::Relaxed);
-    }
-
-    fn worker(&self, me: usize, fd: std::os::fd::RawFd) {
-        use crate::datapath::xsk::{BATCH, wait_readable};
-        let shard = &self.shards[me];
-        let mut descs = Vec::with_capacity(BATCH);
-        // Per frame of a batch: its session as the router found it (several shards).
-        let mut sessions: Vec<Option<SessionId>> = Vec::with_capacity(BATCH);
-        let mut frames = Vec::with_capacity(BATCH);
-        let mut woken = vec![false; self.shards.len()];
-        // The engine's timers run here, on its core, between batches.
-        shard.own_timers.store(true, Ordering::Relaxed);
-        let mut due = Instant::now();
-        while !self.stopping.load(Ordering::Relaxed) {
-            // Whole milliseconds, rounded up: no spinning before a timer.
-            let wait = due
-                .saturating_duration_since(Instant::now())
-                .as_micros()
-                .div_ceil(1000)
-                .min(20) as i32;
-            match &shard.inbox {
-                Some(inbox) => {
-                    wait_readable(&[fd, inbox.fd()], wait);
-                    inbox.clear_wake();
-                }
-                None => wait_readable(&[fd], wait),
-            }
-            let mut m = shard.media.lock().unwrap();
-            let Media {
-                engine,
-                io,
-                commands,
-            } = &mut *m;
-            let Io::Xsk(xq) = io else { return };
-            let xq = &mut **xq;
-            catch_up(engine, commands, xq);
-            let now = Instant::now();
-            if let Some(inbox) = &shard.inbox {
-                xq.stats.taken_over += inbox.take(|from, session, mac, pkt| {
-                    xq.learn_neighbour(from.ip(), mac);
-                    engine.handle_srtp_of(session, pkt, now, xq)
-                });
-            }
-            descs.clear();
-            xq.receive(BATCH as u32, &mut descs);
-            // Each frame parsed once (its sender's MAC learned, a bad one counted).
-            frames.clear();
-            frames.extend(descs.iter().map(|d| xq.datagram(d)));
-            sessions.clear();
-            if self.shards.len() > 1 && !frames.is_empty() {
-                // Looked up first, so the router is not held while the engine works;
-                // the session found is the engine's too (one lookup per packet).
-                let router = self.router.read().unwrap();
-                sessions.extend(frames.iter().map(|f| {
-                    f.as_ref()
-                        .and_then(|(g, frame)| router.lookup(g.from, &frame[g.payload.clone()]))
-                }));
-            } else {
-                sessions.resize(frames.len(), None);
-            }
-            for (f, &session) in frames.drain(..).zip(&sessions) {
-                let owner = session.map_or(me, |id| self.shard_of(id));
-                match (f, session) {
-                    (Some((g, frame)), Some(id)) if owner == me => {
-                        engine.handle_srtp_of(id, &mut frame[g.payload], now, xq)
-                    }
-                    // One engine (no router), or a source the router does not know:
-                    // the engine's own lookup decides (and counts an unknown peer).
-                    (Some((g, frame)), None) => {
-                        engine.handle_srtp(g.from, &mut frame[g.payload], now, xq)
-                    }
-                    (Some((g, frame)), Some(id)) => {
-                        let to = self.shards[owner].inbox.as_ref().expect("several shards");
-                        if to.give(g.from, id, g.src_mac, &frame[g.payload]) {
-                            xq.stats.handed_off += 1;
-                            woken[owner] = true;
-                        } else {
-                            self.counters.count(Drop::HandoffFull);
-                        }
-                    }
-                    (None, _) => self.counters.count(Drop::UnknownProtocol),
-                }
-            }
-            let now = Instant::now();
-            if now >= due {
-                engine.handle_timeout(now, SystemTime::now(), xq);
-                due = engine.poll_timeout().max(now + Duration::from_millis(1));
-            }
-            xq.recycle(&descs);
-            xq.flush();
-            drop(m);
-            for (i, w) in woken.iter_mut().enumerate().filter(|(_, w)| **w) {
-                *w = false;
-                if let Some(inbox) = &self.shards[i].inbox {
-                    inbox.wake();
-                }
-            }
-        }
-    }
-
-    /// Queues a command for the engine that holds its session: applied now if that
-    /// engine is idle, else by its worker before its next batch (never waited for).
-    pub(super) fn command(&self, cmd: Command) {
-        // Only binding changes take the router's write lock (workers read it per batch).
-        if self.shards.len() > 1 && Demux::binds(&cmd) {
-            self.router.write().unwrap().apply(&cmd);
-        }
-        let shard = &self.shards[self.shard_of(cmd.session())];
-        // The receiver lives as long as the shard (both are the Sfu's).
-        let _ = shard.commands.send(cmd);
-        match shard.media.try_lock() {
-            Ok(mut m) => self.run(&mut m, |_, _| ()),
-            Err(_) => {
-                if let Some(inbox) = &shard.inbox {
-                    inbox.wake();
-                }
-            }
-        }
+        self.engines.shard_of(id)
     }
 
     /// A new engine id (session or track) in `room`'s shard.
     pub(super) fn media_id(&self, room: &str) -> u32 {
         let k = self.next_media_id.fetch_add(1, Ordering::Relaxed);
-        engine_id(k, self.shard_of_room(room), self.shards.len())
+        self.engines.engine_id(k, room)
     }
 
     /// Gives the engine a new session with its tracks or down-tracks.
@@ -849,13 +581,7 @@ impl Sfu {
             let mac = crate::dataplane::resolve::route_get(addr.ip())
                 .and_then(|(dev, hop)| crate::dataplane::resolve::neighbour_mac(hop, &dev, local));
             match mac {
-                Ok(mac) => {
-                    for sh in &sfu.shards {
-                        if let Io::Xsk(q) = &mut sh.media.lock().unwrap().io {
-                            q.set_neighbour(addr.ip(), mac);
-                        }
-                    }
-                }
+                Ok(mac) => sfu.engines.set_neighbour(addr.ip(), mac),
                 Err(e) => log::warn!("peer {addr}: {e:#}; copies wait until it sends"),
             }
         });
@@ -1245,140 +971,16 @@ impl Sfu {
         }
     }
 
-    /// Receives from the media socket until it fails.
+    /// Receives from the media socket until it fails (the socket path; on the AF_XDP
+    /// path STUN and DTLS arrive here too).
     pub async fn run_socket(self: Arc<Self>) -> anyhow::Result<()> {
-        use std::os::fd::AsFd as _;
-        let mut buf = vec![0u8; 2048];
-        let (mut control, mut overflow_seen) = (crate::datapath::rxq::Control::default(), 0u32);
-        loop {
-            let (n, from, overflow) = self
-                .socket
-                .async_io(tokio::io::Interest::READABLE, || {
-                    crate::datapath::rxq::recv_from(self.socket.as_fd(), &mut buf, &mut control)
-                })
-                .await?;
-            if let Some(d) = overflow {
-                let total = &self.counters.drops[Drop::SocketOverflow as usize];
-                crate::datapath::rxq::observe(total, &mut overflow_seen, d);
-            }
-            self.on_datagram(&mut buf[..n], from);
-        }
+        let engines = self.engines.clone();
+        engines.run_socket(self.socket.clone(), self).await
     }
 
     /// One datagram on the media port; SRTP is decrypted in place in `buf`.
     pub fn on_datagram(self: &Arc<Self>, buf: &mut [u8], from: SocketAddr) {
-        if buf.len() < 2 {
-            return self.counters.count(Drop::UnknownProtocol);
-        }
-        match rtp::classify(buf[0], buf[1]) {
-            Class::Stun => self.on_stun(buf, from),
-            Class::Dtls => self.on_dtls(buf, from),
-            Class::Rtp | Class::Rtcp => {
-                // With AF_XDP, only what XDP does not steer yet (a peer not bound there).
-                let routed = match self.shards.len() {
-                    1 => None,
-                    _ => self.router.read().unwrap().lookup(from, buf),
-                };
-                match routed {
-                    Some(id) => self.with_shard(self.shard_of(id), |e, tx| {
-                        e.handle_srtp_of(id, buf, Instant::now(), tx)
-                    }),
-                    None => {
-                        self.with_shard(0, |e, tx| e.handle_srtp(from, buf, Instant::now(), tx))
-                    }
-                }
-            }
-            Class::TurnChannel | Class::Unknown => self.counters.count(Drop::UnknownProtocol),
-        }
-    }
-
-    fn on_stun(self: &Arc<Self>, buf: &[u8], from: SocketAddr) {
-        let check = match super::ice::parse_check(buf) {
-            Ok(c) => c,
-            Err(_) => return self.counters.count(Drop::StunMalformed),
-        };
-        let mut st = self.state.lock().unwrap();
-        let Some(id) = st.by_ufrag.get(&check.local_ufrag).cloned() else {
-            return self.counters.count(Drop::StunUnknownUfrag);
-        };
-        let s = st
-            .sessions
-            .get_mut(&*id)
-            .expect("by_ufrag points at live sessions");
-        if check.remote_ufrag != s.remote_ufrag {
-            return self.counters.count(Drop::StunUnauthenticated);
-        }
-        let nominate = check.use_candidate;
-        let resp = match check.answer(&s.ice_pwd, from) {
-            Ok(r) => r,
-            Err(_) => return self.counters.count(Drop::StunUnauthenticated),
-        };
-        s.last_consent = Some(Instant::now());
-        let newly_nominated = nominate && s.nominated != Some(from);
-        if newly_nominated {
-            tracing::info!(event = "nominated", session = %id, room = %s.room, addr = %from, "session {id}: client nominated {from}");
-            s.nominated = Some(from);
-        }
-        let new_addr = !s.addrs.contains(&from);
-        if new_addr {
-            if s.addrs.is_empty() {
-                tracing::info!(event = "ice_bound", session = %id, room = %s.room, addr = %from, "session {id}: first valid ICE check from {from}");
-            }
-            s.addrs.push(from);
-        }
-        if new_addr || newly_nominated {
-            self.command(Command::Bind {
-                id: s.media,
-                addr: from,
-                nominated: newly_nominated,
-            });
-        }
-        let media = s.media;
-        if new_addr {
-            st.by_addr.insert(from, id);
-        }
-        drop(st);
-        if new_addr {
-            self.bind_fast(media, from);
-        }
-        if self.send(&resp, from) {
-            self.counters.stun_answered.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    fn on_dtls(self: &Arc<Self>, buf: &[u8], from: SocketAddr) {
-        let mut st = self.state.lock().unwrap();
-        let Some(id) = st.by_addr.get(&from).cloned() else {
-            return self.counters.count(Drop::UnknownPeer);
-        };
-        if !dtls::well_framed(buf) {
-            return self.counters.count(Drop::DtlsMalformed);
-        }
-        let s = st
-            .sessions
-            .get_mut(&*id)
-            .expect("by_addr points at live sessions");
-        *s.dtls_peer.lock().unwrap() = from;
-        let tx = match &s.dtls_in {
-            Some(tx) => tx.clone(),
-            None => {
-                let (tx, rx) = mpsc::channel(64);
-                s.dtls_in = Some(tx.clone());
-                let sfu = self.clone();
-                let peer = s.dtls_peer.clone();
-                let fp = s.remote_fingerprint.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = sfu.clone().dtls_session(id.to_string(), rx, peer, fp).await {
-                        log::warn!("session {id}: {e:#}; closing it");
-                    }
-                    sfu.remove(&mut sfu.state.lock().unwrap(), &id);
-                });
-                tx
-            }
-        };
-        drop(st);
-        // A full queue means the handshake task is stuck; DTLS retransmits anyway.
-        let _ = tx.try_send(buf.to_vec());
+        self.engines.on_datagram(self, buf, from)
     }
 
     /// One session's DTLS: read the ClientHello's profiles, handshake, key SRTP, then
@@ -1501,23 +1103,12 @@ impl Sfu {
     /// second); the caller runs this at [`Engine::poll_timeout`]'s pace.
     pub fn engine_tick(&self) -> Instant {
         let next = self
-            .shards_without_worker()
-            .map(|i| {
-                self.with_shard(i, |e, tx| {
-                    e.handle_timeout(Instant::now(), SystemTime::now(), tx);
-                    e.poll_timeout()
-                })
-            })
-            .min()
+            .engines
+            .run_timers()
             // Every engine has a worker: the speakers' pace.
             .unwrap_or_else(|| Instant::now() + Duration::from_millis(100));
         self.decide_speakers(Instant::now());
         next
-    }
-
-    /// The shards whose timers the control plane runs (the socket path's).
-    fn shards_without_worker(&self) -> impl Iterator<Item = usize> + '_ {
-        (0..self.shards.len()).filter(|i| !self.shards[*i].own_timers.load(Ordering::Relaxed))
     }
 
     /// Each room's dominant speaker from its publishers' audio levels; a change is
@@ -1628,9 +1219,7 @@ impl Sfu {
             self.remove(&mut st, &id);
         }
         drop(st);
-        for i in self.shards_without_worker() {
-            self.with_shard(i, |e, tx| e.handle_timeout(now, SystemTime::now(), tx));
-        }
+        self.engines.run_timers();
     }
 
     /// Prometheus text: counters by name, drops by reason, sessions by role.
@@ -1750,7 +1339,7 @@ impl Sfu {
             ),
             &["queue", "event"],
         )?;
-        for (q, st) in self.xsk_stats() {
+        for (q, st) in self.engines.xsk_stats() {
             for (name, v) in st.named() {
                 xsk.with_label_values(&[q.to_string().as_str(), name])
                     .inc_by(v);
@@ -1782,7 +1371,7 @@ impl Sfu {
         }
         // Per shard: its numbers read under its lock (no label work there), then
         // counted into the series.
-        for i in 0..self.shards.len() {
+        for i in 0..self.shards() {
             let now = Instant::now();
             let (ests, viewers) = self.with_shard(i, |engine, _| {
                 let ests: Vec<Option<u64>> = engine
@@ -1857,17 +1446,6 @@ impl Sfu {
         let mut buf = Vec::new();
         prometheus::TextEncoder::new().encode(&registry.gather(), &mut buf)?;
         Ok(String::from_utf8(buf)?)
-    }
-
-    /// Per AF_XDP queue: its socket's counters (none on the socket path).
-    pub fn xsk_stats(&self) -> Vec<(u32, crate::datapath::xsk::Stats)> {
-        self.shards
-            .iter()
-            .filter_map(|sh| match &sh.media.lock().unwrap().io {
-                Io::Socket(_) => None,
-                Io::Xsk(q) => Some((q.queue, q.stats)),
-            })
-            .collect()
     }
 
     /// A JSON view of the state model (the `/api/sessions` body).
@@ -1968,6 +1546,7 @@ impl Sfu {
             })
             .collect();
         let xsk: Vec<_> = self
+            .engines
             .xsk_stats()
             .into_iter()
             .map(|(q, st)| serde_json::json!({"queue": q, "stats": st}))
@@ -1975,7 +1554,7 @@ impl Sfu {
         serde_json::json!({
             "media_path": self.path,
             // Engines (one per AF_XDP queue and core); a room's sessions share one.
-            "shards": self.shards.len(),
+            "shards": self.shards(),
             "cascade": cascade,
             "xsk": xsk,
             "rooms": rooms,
@@ -2004,6 +1583,97 @@ impl Sfu {
                 "drops": drops,
             }
         })
+    }
+}
+
+impl Signalling for Sfu {
+    fn on_stun(self: &Arc<Self>, buf: &[u8], from: SocketAddr) {
+        let check = match super::ice::parse_check(buf) {
+            Ok(c) => c,
+            Err(_) => return self.counters.count(Drop::StunMalformed),
+        };
+        let mut st = self.state.lock().unwrap();
+        let Some(id) = st.by_ufrag.get(&check.local_ufrag).cloned() else {
+            return self.counters.count(Drop::StunUnknownUfrag);
+        };
+        let s = st
+            .sessions
+            .get_mut(&*id)
+            .expect("by_ufrag points at live sessions");
+        if check.remote_ufrag != s.remote_ufrag {
+            return self.counters.count(Drop::StunUnauthenticated);
+        }
+        let nominate = check.use_candidate;
+        let resp = match check.answer(&s.ice_pwd, from) {
+            Ok(r) => r,
+            Err(_) => return self.counters.count(Drop::StunUnauthenticated),
+        };
+        s.last_consent = Some(Instant::now());
+        let newly_nominated = nominate && s.nominated != Some(from);
+        if newly_nominated {
+            tracing::info!(event = "nominated", session = %id, room = %s.room, addr = %from, "session {id}: client nominated {from}");
+            s.nominated = Some(from);
+        }
+        let new_addr = !s.addrs.contains(&from);
+        if new_addr {
+            if s.addrs.is_empty() {
+                tracing::info!(event = "ice_bound", session = %id, room = %s.room, addr = %from, "session {id}: first valid ICE check from {from}");
+            }
+            s.addrs.push(from);
+        }
+        if new_addr || newly_nominated {
+            self.command(Command::Bind {
+                id: s.media,
+                addr: from,
+                nominated: newly_nominated,
+            });
+        }
+        let media = s.media;
+        if new_addr {
+            st.by_addr.insert(from, id);
+        }
+        drop(st);
+        if new_addr {
+            self.bind_fast(media, from);
+        }
+        if self.send(&resp, from) {
+            self.counters.stun_answered.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn on_dtls(self: &Arc<Self>, buf: &[u8], from: SocketAddr) {
+        let mut st = self.state.lock().unwrap();
+        let Some(id) = st.by_addr.get(&from).cloned() else {
+            return self.counters.count(Drop::UnknownPeer);
+        };
+        if !dtls::well_framed(buf) {
+            return self.counters.count(Drop::DtlsMalformed);
+        }
+        let s = st
+            .sessions
+            .get_mut(&*id)
+            .expect("by_addr points at live sessions");
+        *s.dtls_peer.lock().unwrap() = from;
+        let tx = match &s.dtls_in {
+            Some(tx) => tx.clone(),
+            None => {
+                let (tx, rx) = mpsc::channel(64);
+                s.dtls_in = Some(tx.clone());
+                let sfu = self.clone();
+                let peer = s.dtls_peer.clone();
+                let fp = s.remote_fingerprint.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = sfu.clone().dtls_session(id.to_string(), rx, peer, fp).await {
+                        log::warn!("session {id}: {e:#}; closing it");
+                    }
+                    sfu.remove(&mut sfu.state.lock().unwrap(), &id);
+                });
+                tx
+            }
+        };
+        drop(st);
+        // A full queue means the handshake task is stuck; DTLS retransmits anyway.
+        let _ = tx.try_send(buf.to_vec());
     }
 }
 

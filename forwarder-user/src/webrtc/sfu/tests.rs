@@ -2,8 +2,10 @@
 //! and engines, commands queued while a worker holds its engine.
 
 use super::*;
+use crate::datapath::engines::{engine_id, shard_of_room};
 use crate::media::rtcp::{self as feedback, Request};
 use crate::webrtc::{ice::tests::request, sdp::parse_offer};
+use forwarder_common::rtp::{self, Class};
 use std::collections::HashSet;
 use webrtc_srtp::{context::Context, protection_profile::ProtectionProfile};
 
@@ -275,7 +277,7 @@ async fn commands_never_wait_for_a_busy_engine_and_keep_their_order() {
     let (session, track) = (sfu.media_id("r"), sfu.media_id("r"));
     let shard = sfu.shard_of(track);
     assert_eq!(shard, sfu.shard_of(session));
-    let busy = sfu.shards[shard].media.lock().unwrap();
+    let busy = sfu.engines.hold(shard);
     let (done, returned) = std::sync::mpsc::channel();
     let control = sfu.clone();
     std::thread::spawn(move || {
