@@ -53,14 +53,14 @@ mod tests {
     #[test]
     fn mapped_round_trip() {
         let k = RouteKey {
-            listen_addr: v4_mapped([10, 0, 0, 1]),
+            listen_addr: v4_mapped([192, 0, 2, 1]),
             src_addr: v4_mapped([192, 0, 2, 7]),
             listen_port_be: 5004u16.to_be_bytes(),
             src_port_be: 40000u16.to_be_bytes(),
             ssrc_be: 0x1234_5678u32.to_be_bytes(),
         };
         let k4 = RouteKey4::from_mapped(&k).unwrap();
-        assert_eq!(k4.listen_addr, [10, 0, 0, 1]);
+        assert_eq!(k4.listen_addr, [192, 0, 2, 1]);
         assert_eq!(k4.src_addr, [192, 0, 2, 7]);
         assert_eq!(k4.to_mapped(), k);
         let mut v6 = k;

@@ -318,7 +318,11 @@ pub fn link_with_queues(
     ]);
     for (ns, dev, addrs) in [(a, an, aaddrs), (b, bn, baddrs)] {
         for addr in addrs {
-            let cidr = if addr.contains(':') {
+            // An address may name its prefix (a.b.c.d/26: several links share one
+            // documentation /24); else /24 or /64.
+            let cidr = if addr.contains('/') {
+                addr.to_string()
+            } else if addr.contains(':') {
                 format!("{addr}/64")
             } else {
                 format!("{addr}/24")

@@ -37,18 +37,30 @@ const VIEWERS: usize = 10;
 
 const LAPSE: u64 = 2;
 
+/// Trunk link `k`'s end `h` (k = 0: publisher to origin): 198.51.100.0/24 in /27s,
+/// one per link.
+fn trunk(k: usize, h: usize) -> String {
+    format!("198.51.100.{}", k * 32 + h)
+}
+
+/// Relay `k`'s viewer link, end `h`: 203.0.113.0/24 in /27s.
+fn edge(k: usize, h: usize) -> String {
+    format!("203.0.113.{}", k * 32 + h)
+}
+
 fn origin_config(secret: &std::path::Path) -> String {
     let mut c = format!(
-        "[[listener]]\naddr = \"10.77.0.2:5004\"\ndrop_unknown_source = true\ndrop_no_route = true\n\
+        "[[listener]]\naddr = \"198.51.100.2:5004\"\ndrop_unknown_source = true\ndrop_no_route = true\n\
          [cluster]\nnode = \"origin\"\napi = \"0.0.0.0:7000\"\nsecret_file = \"{}\"\nlapse = {LAPSE}\n\
-         [[stream]]\nlisten = \"10.77.0.2:5004\"\nsource = \"10.77.0.1:40000\"\nssrc = {SSRC}\n",
+         [[stream]]\nlisten = \"198.51.100.2:5004\"\nsource = \"198.51.100.1:40000\"\nssrc = {SSRC}\n",
         secret.display()
     );
     for k in 1..=RELAYS {
         // A trunk per relay; it carries what the relay asks for.
+        let (o, r) = (trunk(k, 1), trunk(k, 2));
         c += &format!(
-            "\n[[link]]\npeer = \"relay{k}\"\ndirection = \"down\"\nlocal = \"10.77.{k}.1:5004\"\n\
-             remote = \"10.77.{k}.2:5004\"\n"
+            "\n[[link]]\npeer = \"relay{k}\"\ndirection = \"down\"\nlocal = \"{o}:5004\"\n\
+             remote = \"{r}:5004\"\n"
         );
     }
     c
@@ -63,17 +75,18 @@ fn viewer_seq_delta(k: usize, j: usize) -> u16 {
 }
 
 fn relay_config(k: usize, secret: &std::path::Path) -> String {
+    let (o, r, e, v) = (trunk(k, 1), trunk(k, 2), edge(k, 1), edge(k, 2));
     let mut c = format!(
-        "[[listener]]\naddr = \"10.77.{k}.2:5004\"\ndrop_unknown_source = true\ndrop_no_route = true\n\
+        "[[listener]]\naddr = \"{r}:5004\"\ndrop_unknown_source = true\ndrop_no_route = true\n\
          [cluster]\nnode = \"relay{k}\"\nsecret_file = \"{}\"\nlapse = {LAPSE}\n\
-         [[link]]\npeer = \"origin\"\ndirection = \"up\"\nlocal = \"10.77.{k}.2:5004\"\n\
-         remote = \"10.77.{k}.1:5004\"\napi = \"10.77.{k}.1:7000\"\n",
+         [[link]]\npeer = \"origin\"\ndirection = \"up\"\nlocal = \"{r}:5004\"\n\
+         remote = \"{o}:5004\"\napi = \"{o}:7000\"\n",
         secret.display()
     );
     for j in 0..VIEWERS {
         c += &format!(
-            "\n[[route]]\nlisten = \"10.77.{k}.2:5004\"\nsource = \"10.77.{k}.1:5004\"\nssrc = {SSRC}\n\
-             out_src = \"10.78.{k}.1:5006\"\nout_dst = \"10.78.{k}.2:{}\"\nssrc_out = {}\n\
+            "\n[[route]]\nlisten = \"{r}:5004\"\nsource = \"{o}:5004\"\nssrc = {SSRC}\n\
+             out_src = \"{e}:5006\"\nout_dst = \"{v}:{}\"\nssrc_out = {}\n\
              seq_delta = {}\nts_delta = {}\n",
             6000 + j,
             viewer_ssrc(k, j),
@@ -169,7 +182,7 @@ fn put_demand(ns: &NetNs, node: &str, auth: Option<&str>) -> String {
         .unwrap_or_default();
     http(
         ns,
-        "10.77.0.2:7000",
+        "198.51.100.2:7000",
         format!(
             "PUT /node/v1/links/{node}/demand HTTP/1.0\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
@@ -189,13 +202,13 @@ fn origin_three_relays_thirty_receivers_demand_lapse_and_a_removed_subscriber() 
     link(
         &publisher,
         "p0",
-        &["10.77.0.1"],
+        &["198.51.100.1/27"],
         &origin,
         "o0",
-        &["10.77.0.2"],
+        &["198.51.100.2/27"],
     );
     for k in 1..=RELAYS {
-        let (a, b) = (format!("10.77.{k}.1"), format!("10.77.{k}.2"));
+        let (a, b) = (format!("{}/27", trunk(k, 1)), format!("{}/27", trunk(k, 2)));
         link(
             &origin,
             &format!("o{k}"),
@@ -204,7 +217,7 @@ fn origin_three_relays_thirty_receivers_demand_lapse_and_a_removed_subscriber() 
             "i0",
             &[&b],
         );
-        let (a, b) = (format!("10.78.{k}.1"), format!("10.78.{k}.2"));
+        let (a, b) = (format!("{}/27", edge(k, 1)), format!("{}/27", edge(k, 2)));
         link(&relays[k - 1], "e0", &[&a], &viewers[k - 1], "v0", &[&b]);
     }
     let secret = std::env::temp_dir().join(edgefwd_tests::unique("cascade-secret"));
@@ -214,7 +227,7 @@ fn origin_three_relays_thirty_receivers_demand_lapse_and_a_removed_subscriber() 
         .map(|k| {
             (0..VIEWERS)
                 .map(|j| {
-                    let addr: SocketAddr = format!("10.78.{k}.2:{}", 6000 + j).parse().unwrap();
+                    let addr: SocketAddr = format!("{}:{}", edge(k, 2), 6000 + j).parse().unwrap();
                     viewers[k - 1].run(move || {
                         let s = UdpSocket::bind(addr).unwrap();
                         s.set_read_timeout(Some(Duration::from_millis(150)))
@@ -288,11 +301,11 @@ fn origin_three_relays_thirty_receivers_demand_lapse_and_a_removed_subscriber() 
         "{r}"
     );
 
-    let tx = publisher.run(|| UdpSocket::bind("10.77.0.1:40000").unwrap());
+    let tx = publisher.run(|| UdpSocket::bind("198.51.100.1:40000").unwrap());
     let send = |range: std::ops::Range<u16>| {
         for i in range {
             let r = Rtp::new(SSRC, 65_000u16.wrapping_add(i), 1000 + i as u32 * 3000, 400);
-            tx.send_to(&r.bytes(), "10.77.0.2:5004").unwrap();
+            tx.send_to(&r.bytes(), "198.51.100.2:5004").unwrap();
             std::thread::sleep(Duration::from_micros(500));
         }
     };
@@ -306,13 +319,13 @@ fn origin_three_relays_thirty_receivers_demand_lapse_and_a_removed_subscriber() 
             "subs",
             "del",
             "--listen",
-            "10.77.1.2:5004",
+            "198.51.100.34:5004",
             "--source",
-            "10.77.1.1:5004",
+            "198.51.100.33:5004",
             "--ssrc",
             &SSRC.to_string(),
             "--out-dst",
-            "10.78.1.2:6003",
+            "203.0.113.34:6003",
         ],
     );
     send(N / 2..N);
@@ -326,9 +339,9 @@ fn origin_three_relays_thirty_receivers_demand_lapse_and_a_removed_subscriber() 
             "routes",
             "del",
             "--listen",
-            "10.77.3.2:5004",
+            "198.51.100.98:5004",
             "--source",
-            "10.77.3.1:5004",
+            "198.51.100.97:5004",
             "--ssrc",
             &SSRC.to_string(),
         ],
@@ -352,7 +365,7 @@ fn origin_three_relays_thirty_receivers_demand_lapse_and_a_removed_subscriber() 
             let mut seen = vec![false; (N + EXTRA) as usize];
             let mut buf = [0u8; 2048];
             while let Ok((len, from)) = s.recv_from(&mut buf) {
-                assert_eq!(from, format!("10.78.{k}.1:5006").parse().unwrap());
+                assert_eq!(from, format!("{}:5006", edge(k, 1)).parse().unwrap());
                 let p = &buf[..len];
                 assert_eq!(
                     u32::from_be_bytes([p[8], p[9], p[10], p[11]]),
@@ -496,10 +509,10 @@ fn a_cycle_of_links_is_refused_and_named() {
     std::fs::create_dir_all(&dir).unwrap();
     let secret = dir.join("secret");
     std::fs::write(&secret, SECRET).unwrap();
-    // node i feeds node i+1 over 10.90.i.0/24; `closing` adds c -> a.
+    // node i feeds node i+1 over 192.0.2.16i/28; `closing` adds c -> a.
     let config = |name: &str, links: &[(&str, &str, &str, &str)], api: bool| {
         let mut c = format!(
-            "[[listener]]\naddr = \"10.90.9.9:5004\"\n[cluster]\nnode = \"{name}\"\nsecret_file = \"{}\"\n",
+            "[[listener]]\naddr = \"192.0.2.153:5004\"\n[cluster]\nnode = \"{name}\"\nsecret_file = \"{}\"\n",
             secret.display()
         );
         if api {
@@ -510,7 +523,7 @@ fn a_cycle_of_links_is_refused_and_named() {
                 "[[link]]\npeer = \"{peer}\"\ndirection = \"{dir}\"\nlocal = \"{local}\"\nremote = \"{remote}\"\n"
             );
             if *dir == "up" {
-                c += "api = \"10.90.0.1:7000\"\n";
+                c += "api = \"192.0.2.1:7000\"\n";
             }
         }
         c
@@ -520,12 +533,12 @@ fn a_cycle_of_links_is_refused_and_named() {
         std::fs::write(&p, text).unwrap();
         p
     };
-    let ab = ("b", "down", "10.90.1.1:5004", "10.90.1.2:5004");
-    let ba = ("a", "up", "10.90.1.2:5004", "10.90.1.1:5004");
-    let bc = ("c", "down", "10.90.2.1:5004", "10.90.2.2:5004");
-    let cb = ("b", "up", "10.90.2.2:5004", "10.90.2.1:5004");
-    let ca = ("a", "down", "10.90.3.1:5004", "10.90.3.2:5004");
-    let ac = ("c", "up", "10.90.3.2:5004", "10.90.3.1:5004");
+    let ab = ("b", "down", "192.0.2.17:5004", "192.0.2.18:5004");
+    let ba = ("a", "up", "192.0.2.18:5004", "192.0.2.17:5004");
+    let bc = ("c", "down", "192.0.2.33:5004", "192.0.2.34:5004");
+    let cb = ("b", "up", "192.0.2.34:5004", "192.0.2.33:5004");
+    let ca = ("a", "down", "192.0.2.49:5004", "192.0.2.50:5004");
+    let ac = ("c", "up", "192.0.2.50:5004", "192.0.2.49:5004");
     let check = |files: &[&std::path::Path]| {
         std::process::Command::new(edgefwd_bin())
             .arg("check-config")
@@ -533,7 +546,7 @@ fn a_cycle_of_links_is_refused_and_named() {
             .output()
             .unwrap()
     };
-    // The listener the up links need is 10.90.9.9:5004 in every file: make the up
+    // The listener the up links need is 192.0.2.153:5004 in every file: make the up
     // links' local that address by giving each node the listener it needs.
     let fix = |text: String, locals: &[&str]| {
         let mut t = text;
@@ -571,10 +584,10 @@ fn a_cycle_of_links_is_refused_and_named() {
         fix(
             config(
                 "a",
-                &[ab, ("b", "up", "10.90.1.1:5004", "10.90.1.2:5004")],
+                &[ab, ("b", "up", "192.0.2.17:5004", "192.0.2.18:5004")],
                 true,
             ),
-            &["10.90.1.1:5004"],
+            &["192.0.2.17:5004"],
         ),
     );
     let out = std::process::Command::new(edgefwd_bin())

@@ -889,12 +889,19 @@ fn chromium_svc_viewers_behind_different_bandwidths_get_different_spatial_layers
 fn viewers_behind_different_bandwidths(svc: bool) {
     let _k = kernel_lock();
     let (sfu_ns, low_ns) = (NetNs::new("bwsfu"), NetNs::new("bwlow"));
-    netns::link(&sfu_ns, "s0", &["10.91.0.1"], &low_ns, "l0", &["10.91.0.2"]);
+    netns::link(
+        &sfu_ns,
+        "s0",
+        &["203.0.113.1"],
+        &low_ns,
+        "l0",
+        &["203.0.113.2"],
+    );
     sfu_ns.exec(&[
         "tc", "qdisc", "add", "dev", "s0", "root", "tbf", "rate", "250kbit", "burst", "4kb",
         "latency", "100ms",
     ]);
-    let sfu = start_sfu_at(Some(&sfu_ns), "10.91.0.1", "");
+    let sfu = start_sfu_at(Some(&sfu_ns), "203.0.113.1", "");
     let room = unique("bwe");
     let codec = if svc { "VP9" } else { "VP8" };
     let spawn = |ns: &NetNs, role: &str, hold: &str| {
@@ -925,8 +932,8 @@ fn viewers_behind_different_bandwidths(svc: bool) {
         loop {
             let a = api();
             let (l, h) = (
-                viewer_video(&a, &room, "10.91.0.2").unwrap_or(Value::Null),
-                viewer_video(&a, &room, "10.91.0.1").unwrap_or(Value::Null),
+                viewer_video(&a, &room, "203.0.113.2").unwrap_or(Value::Null),
+                viewer_video(&a, &room, "203.0.113.1").unwrap_or(Value::Null),
             );
             if done(&l, &h) {
                 return (l, h);
@@ -950,7 +957,7 @@ fn viewers_behind_different_bandwidths(svc: bool) {
     // over-use, and an estimate near what the link carries.
     let a = api();
     let transport = |peer: &str| viewer_session(&a, &room, peer).unwrap()["transport_cc"].clone();
-    let (lt, ht) = (transport("10.91.0.2"), transport("10.91.0.1"));
+    let (lt, ht) = (transport("203.0.113.2"), transport("203.0.113.1"));
     println!("transport: low {lt}\nhigh {ht}");
     assert!(lt["overuses"].as_u64().unwrap() >= 1, "{lt}");
     let delay = lt["estimate_bps"].as_u64().unwrap();

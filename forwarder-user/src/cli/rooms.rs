@@ -367,11 +367,11 @@ mod tests {
         serde_json::json!({"rooms": {
             "a": [
                 {"id": "p1", "role": "publisher", "shard": 1, "connected": true, "srtp_profile": "AEAD_AES_128_GCM",
-                 "nominated": "10.0.0.1:5000", "addrs": ["10.0.0.1:5000"],
+                 "nominated": "192.0.2.1:5000", "addrs": ["192.0.2.1:5000"],
                  "tracks": [{"packets": 10}, {"packets": 5, "layers": [{"rid": "q"}, {"rid": "h"}]},
                             {"packets": 7, "top_layers": [2, 2]}], "downtracks": []},
                 {"id": "s1", "role": "subscriber", "shard": 1, "connected": true, "srtp_profile": "AEAD_AES_128_GCM",
-                 "nominated": null, "addrs": ["10.0.0.2:6000"],
+                 "nominated": null, "addrs": ["192.0.2.2:6000"],
                  "tracks": [], "downtracks": [{"packets": 9, "nack_resent": 2, "layers": 1, "loss_percent": 0.5, "rtt_ms": 40.0},
                                               {"packets": 4, "nack_resent": 0, "layers": 2, "layer": 0, "max_layer": 0,
                                                "bw_limit": 0, "loss_percent": 2.5, "rtt_ms": null,
@@ -415,12 +415,12 @@ mod tests {
         assert_eq!(s.len(), 2);
         assert_eq!(
             (s[0].packets, s[0].peer.as_deref()),
-            (22, Some("10.0.0.1:5000"))
+            (22, Some("192.0.2.1:5000"))
         );
         // No nominated pair yet: the last checked address.
         assert_eq!(
             (s[1].packets, s[1].nack_resent, s[1].peer.as_deref()),
-            (16, 2, Some("10.0.0.2:6000"))
+            (16, 2, Some("192.0.2.2:6000"))
         );
         assert_eq!(
             (s[0].layers.as_str(), s[1].layers.as_str()),

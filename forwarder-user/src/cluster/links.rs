@@ -414,7 +414,7 @@ mod tests {
             direction: Direction::Up,
             local: a(local),
             remote: a(remote),
-            api: Some(a("10.0.0.1:7000")),
+            api: Some(a("192.0.2.1:7000")),
         }
     }
 
@@ -460,7 +460,7 @@ mod tests {
         }
     }
 
-    const PUB: (&str, &str) = ("10.0.0.2:5004", "10.0.0.9:40000");
+    const PUB: (&str, &str) = ("192.0.2.2:5004", "192.0.2.9:40000");
 
     #[test]
     fn an_origin_sends_only_what_is_demanded_and_stops_when_demand_lapses() {
@@ -471,8 +471,8 @@ mod tests {
             vec![(a(PUB.0), a(PUB.1), 1), (a(PUB.0), a(PUB.1), 2)],
         );
         m.set_links(vec![
-            down("r1", "10.0.1.1:5004", "10.0.1.2:5004"),
-            down("r2", "10.0.2.1:5004", "10.0.2.2:5004"),
+            down("r1", "192.0.2.17:5004", "192.0.2.18:5004"),
+            down("r2", "192.0.2.33:5004", "192.0.2.34:5004"),
         ]);
         let p = m.plan(t0, &[]);
         assert!(p.trunks.is_empty(), "no demand, no trunk copies");
@@ -486,7 +486,7 @@ mod tests {
         let p = m.plan(t0 + Duration::from_secs(1), &[]);
         let trunks: Vec<_> = p.trunks.iter().map(|t| (t.ssrc, t.out_dst)).collect();
         // SSRC 7 exists nowhere here, and there is no upstream to ask.
-        assert_eq!(trunks, vec![(2, a("10.0.1.2:5004"))]);
+        assert_eq!(trunks, vec![(2, a("192.0.2.18:5004"))]);
         assert_eq!((p.states["r1"].state, p.states["r1"].demand), (STATE_UP, 2));
         assert_eq!((p.states["r2"].state, p.states["r2"].copies), (STATE_UP, 0));
 
@@ -506,8 +506,8 @@ mod tests {
         let t0 = Instant::now();
         let mut m = LinkManager::new("b", Duration::from_secs(5), vec![]);
         m.set_links(vec![
-            up("a", "10.0.1.2:5004", "10.0.1.1:5004"),
-            down("c", "10.0.2.1:5004", "10.0.2.2:5004"),
+            up("a", "192.0.2.18:5004", "192.0.2.17:5004"),
+            down("c", "192.0.2.33:5004", "192.0.2.34:5004"),
         ]);
         let e = m.on_demand("x", req("x", &[1]), t0).unwrap_err();
         assert_eq!(e.status, 404);
@@ -564,24 +564,24 @@ mod tests {
     fn a_relay_asks_upstream_for_its_subscribers_and_its_downstreams_demand() {
         let t0 = Instant::now();
         let mut m = LinkManager::new("r1", Duration::from_secs(5), vec![]);
-        let upl = up("origin", "10.0.1.2:5004", "10.0.1.1:5004");
+        let upl = up("origin", "192.0.2.18:5004", "192.0.2.17:5004");
         m.set_links(vec![
             upl.clone(),
-            down("r2", "10.0.3.1:5004", "10.0.3.2:5004"),
+            down("r2", "192.0.2.49:5004", "192.0.2.50:5004"),
         ]);
         // A local subscriber to SSRC 1 from upstream; a local publisher's SSRC 9.
         let streams = vec![
             stream(
-                "10.0.1.2:5004",
-                "10.0.1.1:5004",
+                "192.0.2.18:5004",
+                "192.0.2.17:5004",
                 1,
-                &[("10.0.9.1:6000", "10.0.9.2:6000")],
+                &[("192.0.2.145:6000", "192.0.2.146:6000")],
             ),
             stream(
-                "10.0.5.1:5004",
-                "10.0.5.9:4000",
+                "192.0.2.81:5004",
+                "192.0.2.89:4000",
                 9,
-                &[("10.0.9.1:6000", "10.0.9.3:6000")],
+                &[("192.0.2.145:6000", "192.0.2.147:6000")],
             ),
         ];
         let p = m.plan(t0, &streams);
@@ -601,18 +601,18 @@ mod tests {
         assert_eq!(
             sources,
             vec![
-                (1, a("10.0.1.2:5004"), a("10.0.1.1:5004")),
-                (2, a("10.0.1.2:5004"), a("10.0.1.1:5004")),
-                (9, a("10.0.5.1:5004"), a("10.0.5.9:4000")),
+                (1, a("192.0.2.18:5004"), a("192.0.2.17:5004")),
+                (2, a("192.0.2.18:5004"), a("192.0.2.17:5004")),
+                (9, a("192.0.2.81:5004"), a("192.0.2.89:4000")),
             ]
         );
         // The local subscriber leaves; the trunk copy to r2 alone does not keep 1 wanted
         // by itself, r2's demand does.
         let only_trunk = vec![stream(
-            "10.0.1.2:5004",
-            "10.0.1.1:5004",
+            "192.0.2.18:5004",
+            "192.0.2.17:5004",
             1,
-            &[("10.0.3.1:5004", "10.0.3.2:5004")],
+            &[("192.0.2.49:5004", "192.0.2.50:5004")],
         )];
         let later = t0 + Duration::from_secs(6);
         let p = m.plan(later, &only_trunk);
@@ -627,7 +627,7 @@ mod tests {
             },
             t0,
         );
-        m.upstream_unreachable("origin at 10.0.0.1:7000: connection refused".into());
+        m.upstream_unreachable("origin at 192.0.2.1:7000: connection refused".into());
         let p = m.plan(later, &[]);
         assert_eq!(p.states["origin"].state, STATE_DOWN);
         assert_eq!(p.states["origin"].last_ok, Some(t0));

@@ -231,33 +231,33 @@ mod tests {
             direction: d,
             local: local.parse().unwrap(),
             remote: remote.parse().unwrap(),
-            api: (d == Direction::Up).then(|| "10.0.0.1:7000".parse().unwrap()),
+            api: (d == Direction::Up).then(|| "192.0.2.1:7000".parse().unwrap()),
         }
     }
 
     #[test]
     fn a_node_refuses_what_is_not_a_tree() {
-        let a = link("b", Direction::Down, "10.0.0.1:5004", "10.0.0.2:5004");
+        let a = link("b", Direction::Down, "192.0.2.1:5004", "192.0.2.2:5004");
         check_links("a", std::slice::from_ref(&a)).unwrap();
-        let back = link("b", Direction::Up, "10.0.0.1:5004", "10.0.0.2:5004");
+        let back = link("b", Direction::Up, "192.0.2.1:5004", "192.0.2.2:5004");
         let e = check_links("a", &[a.clone(), back])
             .unwrap_err()
             .to_string();
         assert!(e.contains("cycle: a -> b -> a"), "{e}");
         let e = check_links(
             "a",
-            &[link("a", Direction::Down, "10.0.0.1:1", "10.0.0.2:1")],
+            &[link("a", Direction::Down, "192.0.2.1:1", "192.0.2.2:1")],
         )
         .unwrap_err()
         .to_string();
         assert!(e.contains("own name"), "{e}");
         let two_ups = [
-            link("x", Direction::Up, "10.0.0.1:1", "10.0.0.2:1"),
-            link("y", Direction::Up, "10.0.0.1:2", "10.0.0.3:1"),
+            link("x", Direction::Up, "192.0.2.1:1", "192.0.2.2:1"),
+            link("y", Direction::Up, "192.0.2.1:2", "192.0.2.3:1"),
         ];
         let e = check_links("a", &two_ups).unwrap_err().to_string();
         assert!(e.contains("2 up links (x, y)"), "{e}");
-        let mut no_api = link("x", Direction::Up, "10.0.0.1:1", "10.0.0.2:1");
+        let mut no_api = link("x", Direction::Up, "192.0.2.1:1", "192.0.2.2:1");
         no_api.api = None;
         assert!(
             no_api
@@ -273,10 +273,10 @@ mod tests {
 
     #[test]
     fn a_set_of_configs_is_checked_as_one_tree_and_a_cycle_is_named() {
-        let ab = link("b", Direction::Down, "10.0.1.1:5004", "10.0.1.2:5004");
-        let ba = link("a", Direction::Up, "10.0.1.2:5004", "10.0.1.1:5004");
-        let bc = link("c", Direction::Down, "10.0.2.1:5004", "10.0.2.2:5004");
-        let cb = link("b", Direction::Up, "10.0.2.2:5004", "10.0.2.1:5004");
+        let ab = link("b", Direction::Down, "192.0.2.17:5004", "192.0.2.18:5004");
+        let ba = link("a", Direction::Up, "192.0.2.18:5004", "192.0.2.17:5004");
+        let bc = link("c", Direction::Down, "192.0.2.33:5004", "192.0.2.34:5004");
+        let cb = link("b", Direction::Up, "192.0.2.34:5004", "192.0.2.33:5004");
         let tree = vec![
             ("a".to_string(), vec![ab.clone()]),
             ("b".to_string(), vec![ba.clone(), bc.clone()]),
@@ -284,8 +284,8 @@ mod tests {
         ];
         check_topology(&tree).unwrap();
         // c feeds a: a -> b -> c -> a.
-        let ca = link("a", Direction::Down, "10.0.3.1:5004", "10.0.3.2:5004");
-        let ac = link("c", Direction::Up, "10.0.3.2:5004", "10.0.3.1:5004");
+        let ca = link("a", Direction::Down, "192.0.2.49:5004", "192.0.2.50:5004");
+        let ac = link("c", Direction::Up, "192.0.2.50:5004", "192.0.2.49:5004");
         let cyclic = vec![
             ("a".to_string(), vec![ab.clone(), ac]),
             ("b".to_string(), vec![ba.clone(), bc.clone()]),
@@ -300,7 +300,7 @@ mod tests {
         );
         // The two ends disagree on the addresses.
         let mut wrong = ba.clone();
-        wrong.remote = "10.0.1.9:5004".parse().unwrap();
+        wrong.remote = "192.0.2.25:5004".parse().unwrap();
         let e = check_topology(&[
             ("a".to_string(), vec![ab.clone()]),
             ("b".to_string(), vec![wrong]),

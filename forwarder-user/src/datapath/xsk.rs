@@ -597,7 +597,7 @@ mod tests {
     #[test]
     fn headers_round_trip() {
         for (from, to) in [
-            ("10.0.0.1:4000", "10.0.0.2:5000"),
+            ("192.0.2.1:4000", "192.0.2.2:5000"),
             ("[fd00::1]:4000", "[fd00::2]:5000"),
         ] {
             let (from, to): (SocketAddr, SocketAddr) = (from.parse().unwrap(), to.parse().unwrap());

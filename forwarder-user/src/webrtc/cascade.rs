@@ -800,13 +800,13 @@ mod tests {
     #[test]
     fn a_newer_nodes_request_is_taken() {
         let r: RelayRequest = serde_json::from_str(
-            r#"{"node": "b", "media": "10.0.0.2:5000", "via": ["c"], "layers": {"t1": 0}, "added_later": [1, 2]}"#,
+            r#"{"node": "b", "media": "192.0.2.2:5000", "via": ["c"], "layers": {"t1": 0}, "added_later": [1, 2]}"#,
         )
         .unwrap();
         assert_eq!((r.node.as_str(), r.via.len(), r.layers["t1"]), ("b", 1, 0));
         // Without the optional fields (an older node's request).
         let r: RelayRequest =
-            serde_json::from_str(r#"{"node": "b", "media": "10.0.0.2:5000"}"#).unwrap();
+            serde_json::from_str(r#"{"node": "b", "media": "192.0.2.2:5000"}"#).unwrap();
         assert!(r.via.is_empty() && r.layers.is_empty());
     }
 }

@@ -51,8 +51,8 @@ const PAYLOAD: usize = 1200;
 const FANOUTS: [usize; 4] = [1, 10, 100, 1000];
 /// Incoming packets per worker batch (one flush per batch), as `datapath::xsk::BATCH`.
 const RX_BATCH: u16 = 64;
-const W_ADDR: &str = "10.99.0.1";
-const S_ADDR: &str = "10.99.0.2";
+const W_ADDR: &str = "192.0.2.1";
+const S_ADDR: &str = "192.0.2.2";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 enum Path {
@@ -170,8 +170,8 @@ fn crypto(seconds: f64) -> Vec<CryptoRow> {
     out
 }
 
-/// The worker's namespace, its veth `d0` (10.99.0.1/24) and the subscribers' end `s0`
-/// (10.99.0.2, one port each) in the same namespace, where an nftables ingress rule
+/// The worker's namespace, its veth `d0` (192.0.2.1/24) and the subscribers' end `s0`
+/// (192.0.2.2, one port each) in the same namespace, where an nftables ingress rule
 /// drops every frame. What s0 received is what the worker put on the wire. The drop
 /// runs in the softirq of the sending core, so it is in the worker's time, alike for
 /// both paths: a receiver on the other core (threaded NAPI, XDP) caps near 0.3 M

@@ -37,7 +37,7 @@ impl Transmit for Sink {
 }
 
 fn addr(n: u16) -> SocketAddr {
-    SocketAddr::from(([10, 0, 0, 1], 10_000 + n))
+    SocketAddr::from(([192, 0, 2, 1], 10_000 + n))
 }
 
 fn key(profile: Profile, b: u8) -> MasterKey {
