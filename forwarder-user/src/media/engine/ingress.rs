@@ -1,0 +1,253 @@
+//! SRTP in: authenticate and decrypt each publisher packet once, read what the layer
+//! choice needs, and fan it out to every down-track (and trunk) that takes it.
+
+use super::*;
+
+impl Engine {
+    /// One SRTP or SRTCP datagram from `from`, decrypted in place in `pkt`.
+    pub fn handle_srtp(
+        &mut self,
+        from: SocketAddr,
+        pkt: &mut [u8],
+        now: Instant,
+        tx: &mut dyn Transmit,
+    ) {
+        match self.demux.lookup(from, pkt) {
+            Some(id) => self.handle_srtp_of(id, pkt, now, tx),
+            None => self.counters.count(Drop::UnknownPeer),
+        }
+    }
+
+    /// [`Engine::handle_srtp`] for a datagram whose session a router already looked
+    /// up (the AF_XDP workers, by the same [`Demux`] fed by the same commands): one
+    /// lookup per packet. A session this engine does not hold (yet, or any longer) is
+    /// an unknown peer, as an unbound address is.
+    pub fn handle_srtp_of(
+        &mut self,
+        id: SessionId,
+        pkt: &mut [u8],
+        now: Instant,
+        tx: &mut dyn Transmit,
+    ) {
+        if !self.sessions.contains_key(&id) {
+            return self.counters.count(Drop::UnknownPeer);
+        }
+        let is_rtcp = pkt.len() >= 2 && rtp::classify(pkt[0], pkt[1]) == rtp::Class::Rtcp;
+        if is_rtcp {
+            self.on_rtcp(id, pkt, now, tx)
+        } else {
+            self.on_rtp(id, pkt, now, tx)
+        }
+    }
+
+    pub(super) fn on_rtp(
+        &mut self,
+        id: SessionId,
+        pkt: &mut [u8],
+        now: Instant,
+        tx: &mut dyn Transmit,
+    ) {
+        let c = &*self.counters;
+        let s = self
+            .sessions
+            .get_mut(&id)
+            .expect("the demux points at live sessions");
+        if s.role != Role::Publisher {
+            return c.count(Drop::UnexpectedRtp);
+        }
+        let Some(srtp) = s.srtp.as_mut() else {
+            return c.count(Drop::NotConnected);
+        };
+        // Trunk copies are the ciphertext: kept before the in-place decryption.
+        let relayed = s
+            .tracks
+            .iter()
+            .any(|t| self.tracks.get(t).is_some_and(|t| !t.trunks.is_empty()));
+        if relayed {
+            self.scratch.clear();
+            self.scratch.extend_from_slice(pkt);
+        }
+        let n = match srtp.rx.unprotect_rtp(pkt) {
+            Ok(n) => n,
+            Err(e) => return c.count(Drop::from_srtp(e)),
+        };
+        let plain = &pkt[..n];
+        let Ok(hlen) = rtp::validate(plain) else {
+            return c.count(Drop::RtpMalformed);
+        };
+        // Every authenticated packet arrived at the transport, whichever stream it is.
+        let at_us = now.duration_since(self.epoch).as_micros() as i64;
+        if let Some((ext, rec)) = s.twcc.as_mut()
+            && let Some(&[a, b]) = rtp::extension(plain, *ext)
+        {
+            let ssrc = u32::from_be_bytes([plain[8], plain[9], plain[10], plain[11]]);
+            rec.record(ssrc, u16::from_be_bytes([a, b]), at_us);
+        }
+        // The publisher's transport-wide number is in its copies: each viewer's
+        // replaces it (under the viewer's id).
+        let pub_twcc = s.twcc.as_ref().map(|(id, _)| *id);
+        let (pt, seq) = (plain[1] & 0x7f, u16::from_be_bytes([plain[2], plain[3]]));
+        let ts = u32::from_be_bytes([plain[4], plain[5], plain[6], plain[7]]);
+        let ssrc = u32::from_be_bytes([plain[8], plain[9], plain[10], plain[11]]);
+        let tracks = &mut self.tracks;
+        let found = s
+            .tracks
+            .iter()
+            .find_map(|t| Some((*t, tracks[t].layer_of(ssrc)?)));
+        let (tid, layer) = match found {
+            Some(f) => f,
+            // Unsignalled SSRC: the simulcast encoding its rid names, or else the plain
+            // track whose payload type it carries, if still unbound.
+            None => match s.tracks.iter().find_map(|t| {
+                let up = &tracks[t];
+                let i = match up.rid_ext {
+                    Some(id) => {
+                        let rid = rtp::extension(plain, id)?;
+                        up.streams.iter().position(|st| {
+                            st.ssrc.is_none() && st.rid.as_deref().map(str::as_bytes) == Some(rid)
+                        })?
+                    }
+                    None if up.pt == pt && up.streams[0].ssrc.is_none() => 0,
+                    None => return None,
+                };
+                Some((*t, i as Layer))
+            }) {
+                Some((t, i)) => {
+                    tracks.get_mut(&t).expect("listed").streams[i as usize].ssrc = Some(ssrc);
+                    (t, i)
+                }
+                None => return c.count(Drop::UnknownSsrc),
+            },
+        };
+        bump(&c.rtp_in);
+        let t = tracks.get_mut(&tid).expect("listed");
+        if let Some(&[level, ..]) = t.level_ext.and_then(|id| rtp::extension(plain, id)) {
+            t.levels.record(level, now);
+        }
+        let units = (now.duration_since(self.epoch).as_micros() as u64)
+            .wrapping_mul(t.clock_rate as u64)
+            / 1_000_000;
+        let st = &mut t.streams[layer as usize];
+        st.packets += 1;
+        st.bytes += n as u64;
+        st.last_packet = Some(now);
+        st.reception.update(seq, ts, units);
+        if !st.cache.is_empty() {
+            // Reuse the slot's buffer rather than allocating one per packet.
+            let slot = &mut st.cache[seq as usize % CACHE];
+            let mut buf = slot.take().map(|(_, b)| b).unwrap_or_default();
+            buf.clear();
+            buf.extend_from_slice(plain);
+            *slot = Some((seq, buf));
+        }
+        // Once per packet, not per copy: what the layer choice needs.
+        let payload = &plain[hlen..];
+        let start = may_start(t.format, payload);
+        let vp8 = (t.format == Format::Vp8)
+            .then(|| Vp8Descriptor::parse(payload))
+            .flatten();
+        let (ids, structure) = layer_ids_of(
+            t.format,
+            t.dd_ext,
+            st.dd.as_ref(),
+            plain,
+            hlen,
+            vp8.as_ref(),
+        );
+        if structure.is_some() {
+            st.dd = structure;
+        }
+        if let Some(ids) = &ids {
+            st.seen.record(ids, n - hlen, now);
+        }
+        let top = st.seen.top(now, LAYER_IDLE);
+        let active = t.active(now);
+        let encodings = t.streams.len();
+        let pkt = Packet {
+            layer,
+            seq,
+            ts,
+            keyframe: start,
+            vp8: vp8.as_ref(),
+            ids,
+        };
+        // Encodings some subscriber waits for a keyframe of (a bit per layer).
+        let mut wanted = 0u8;
+        let sessions = &mut self.sessions;
+        for d in &mut t.downs {
+            // A viewer on another encoding that still flows has nothing to decide at
+            // this one's packets but its keyframes (where it may switch here): its
+            // choice is made at its own encoding's packets.
+            if !start
+                && d.layering
+                    .current
+                    .is_some_and(|c| c != layer && active.get(c as usize) == Some(&true))
+            {
+                continue;
+            }
+            let target = d.layering.choose(&active[..encodings]);
+            let mut want = d.layering.want(encodings);
+            if d.one_spatial {
+                want.0 = 0;
+            }
+            let out = d.layering.accept(&pkt, target, want, units, &mut d.route);
+            // Waiting to switch (a cap, a bandwidth limit, a layer that stopped) or for
+            // more layers of its encoding: a keyframe is asked for, whether the old
+            // layer still flows or not.
+            if let Some(w) = d.layering.waiting(want, top) {
+                wanted |= 1 << w;
+            }
+            let Some(out) = out else {
+                continue;
+            };
+            let Some(sub) = sessions.get_mut(&d.sub) else {
+                continue;
+            };
+            let to = sub.media_addr();
+            let Session { srtp, twcc_out, .. } = sub;
+            let (Some(to), Some(srtp)) = (to, srtp.as_mut()) else {
+                continue;
+            };
+            let twcc = twcc_out.as_mut().map(|out| Numbering {
+                out,
+                from: pub_twcc,
+                at_us,
+            });
+            if send_copy(
+                d,
+                &mut srtp.tx,
+                to,
+                plain,
+                hlen,
+                vp8.as_ref(),
+                out,
+                None,
+                twcc,
+                tx,
+            ) {
+                bump(&c.rtp_out);
+                d.packets = d.packets.wrapping_add(1);
+                d.octets = d.octets.wrapping_add((n - hlen) as u32);
+                d.last_ts_out = ts.wrapping_add(d.route.ts_delta);
+                d.last_out_at = Some(now);
+            } else {
+                c.count(Drop::SendFailed);
+            }
+        }
+        for r in &t.trunks {
+            if t.trunk_caps.get(r).is_some_and(|cap| layer > *cap) {
+                continue;
+            }
+            if let Some(to) = sessions.get(r).and_then(|s| s.media_addr()) {
+                send_raw(to, &self.scratch, c, tx);
+            }
+        }
+        if wanted != 0 && t.kind == Kind::Video {
+            for l in 0..MAX_LAYERS as Layer {
+                if wanted & (1 << l) != 0 {
+                    self.request_keyframe(tid, Some(l), now, tx);
+                }
+            }
+        }
+    }
+}
