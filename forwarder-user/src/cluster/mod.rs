@@ -18,9 +18,13 @@
 //!   out, link states for the maps.
 //! * [`api`] — the node-to-node HTTP API (cluster secret) and its client.
 //! * [`agent`] — the daemon's driver: the manager's plan applied to the maps.
+//! * [`directory`] — where a WebRTC room is served from (the [`directory::Directory`]
+//!   trait and the config's static list); WebRTC rooms across nodes ask it.
+//! * [`status`] — each link as the node sees it, for the CLI, the node API, /metrics.
 
 pub mod agent;
 pub mod api;
+pub mod directory;
 pub mod links;
 pub mod status;
 

@@ -41,6 +41,7 @@ use serde::{Deserialize, Serialize};
 
 use super::sdp::Codec;
 use super::sfu::{ApiError, Role, Sfu};
+use crate::cluster::directory::{Directory, StaticDirectory, UpstreamConfig};
 use crate::http::client::{Outcome, call};
 use crate::media::{
     Kind,
@@ -70,16 +71,6 @@ fn default_lapse() -> u64 {
     5
 }
 
-/// `[[webrtc.cascade.upstream]]`: a room (or `"*"`, every room) comes from a node.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct UpstreamConfig {
-    pub room: String,
-    pub node: String,
-    /// The upstream's `[webrtc] http` address (its node API is served there).
-    pub http: SocketAddr,
-}
-
 impl CascadeConfig {
     pub fn check(&self) -> Result<()> {
         if self.node.is_empty() {
@@ -99,21 +90,6 @@ impl CascadeConfig {
             bail!("[webrtc.cascade] lapse = 0 would end every relay at once; give seconds ≥ 1");
         }
         Ok(())
-    }
-}
-
-/// Where a room's media comes from when this node has no publisher of it.
-pub trait Directory: Send + Sync {
-    fn upstream(&self, room: &str) -> Option<UpstreamConfig>;
-}
-
-/// The config's `[[webrtc.cascade.upstream]]` list: the room's own entry, else `"*"`.
-pub struct StaticDirectory(pub Vec<UpstreamConfig>);
-
-impl Directory for StaticDirectory {
-    fn upstream(&self, room: &str) -> Option<UpstreamConfig> {
-        let find = |r: &str| self.0.iter().find(|u| u.room == r).cloned();
-        find(room).or_else(|| find("*"))
     }
 }
 
