@@ -65,6 +65,18 @@ struct Shard {
     own_timers: std::sync::atomic::AtomicBool,
 }
 
+/// A shard's engine, locked. After a panic while it was held (a bug), the lock is
+/// taken back rather than left poisoned: a panic mid-batch must not stop the shard's
+/// worker and every later command for good. The engine's state is per session and
+/// track, so what one batch left half done is lost at most.
+fn lock(m: &Mutex<Media>) -> std::sync::MutexGuard<'_, Media> {
+    m.lock().unwrap_or_else(|e| {
+        log::error!("a media engine panicked while in use; it goes on with its state as left");
+        m.clear_poison();
+        e.into_inner()
+    })
+}
+
 /// Applies what the control plane queued for a shard, in order.
 fn catch_up(
     engine: &mut Engine,
@@ -169,7 +181,7 @@ impl Engines {
         i: usize,
         f: impl FnOnce(&mut Engine, &mut dyn Transmit) -> R,
     ) -> R {
-        let mut m = self.shards[i].media.lock().unwrap();
+        let mut m = lock(&self.shards[i].media);
         self.run(&mut m, f)
     }
 
@@ -219,7 +231,7 @@ impl Engines {
     pub fn start_workers(self: &Arc<Self>) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
         let mut fds = Vec::new();
         for (i, sh) in self.shards.iter().enumerate() {
-            if let Io::Xsk(q) = &sh.media.lock().unwrap().io {
+            if let Io::Xsk(q) = &lock(&sh.media).io {
                 fds.push((i, q.fd()));
             }
         }
@@ -255,11 +267,15 @@ impl Engines {
         let mut due = Instant::now();
         while !self.stopping.load(Ordering::Relaxed) {
             // Whole milliseconds, rounded up: no spinning before a timer.
-            let wait = due
-                .saturating_duration_since(Instant::now())
-                .as_micros()
-                .div_ceil(1000)
-                .min(20) as i32;
+            // Hand-offs left over from the last batch: look again at once.
+            let wait = if shard.inbox.as_ref().is_some_and(|i| i.pending()) {
+                0
+            } else {
+                due.saturating_duration_since(Instant::now())
+                    .as_micros()
+                    .div_ceil(1000)
+                    .min(20) as i32
+            };
             match &shard.inbox {
                 Some(inbox) => {
                     wait_readable(&[fd, inbox.fd()], wait);
@@ -267,7 +283,7 @@ impl Engines {
                 }
                 None => wait_readable(&[fd], wait),
             }
-            let mut m = shard.media.lock().unwrap();
+            let mut m = lock(&shard.media);
             let Media {
                 engine,
                 io,
@@ -278,7 +294,7 @@ impl Engines {
             catch_up(engine, commands, xq);
             let now = Instant::now();
             if let Some(inbox) = &shard.inbox {
-                xq.stats.taken_over += inbox.take(|from, session, mac, pkt| {
+                xq.stats.taken_over += inbox.take(BATCH, |from, session, mac, pkt| {
                     xq.learn_neighbour(from.ip(), mac);
                     engine.handle_srtp_of(session, pkt, now, xq)
                 });
@@ -364,7 +380,7 @@ impl Engines {
     pub fn xsk_stats(&self) -> Vec<(u32, crate::datapath::xsk::Stats)> {
         self.shards
             .iter()
-            .filter_map(|sh| match &sh.media.lock().unwrap().io {
+            .filter_map(|sh| match &lock(&sh.media).io {
                 Io::Socket(_) => None,
                 Io::Xsk(q) => Some((q.queue, q.stats)),
             })
@@ -439,7 +455,7 @@ impl Engines {
     /// The next hop's MAC of peer `ip`, for every AF_XDP queue's copies.
     pub fn set_neighbour(&self, ip: std::net::IpAddr, mac: [u8; 6]) {
         for sh in &self.shards {
-            if let Io::Xsk(q) = &mut sh.media.lock().unwrap().io {
+            if let Io::Xsk(q) = &mut lock(&sh.media).io {
                 q.set_neighbour(ip, mac);
             }
         }
@@ -449,6 +465,6 @@ impl Engines {
     /// wait for it).
     #[cfg(test)]
     pub(crate) fn hold(&self, i: usize) -> impl Sized + '_ {
-        self.shards[i].media.lock().unwrap()
+        lock(&self.shards[i].media)
     }
 }

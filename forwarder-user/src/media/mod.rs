@@ -1,9 +1,10 @@
 //! The media engine and its packet operations: SRTP, the fan-out, the NACK cache, RTCP.
 //!
-//! No sockets and no clock reads here: a data path (the socket path today, AF_XDP
-//! workers next) feeds datagrams in with the time, gives the engine a [`Transmit`] to
-//! write its copies into, and calls it back when [`engine::Engine::poll_timeout`] says.
-//! The control plane (WHIP/WHEP, ICE, DTLS) drives it with [`engine::Command`]s.
+//! No sockets and no clock reads here: a data path (an AF_XDP worker, or the socket
+//! path; `datapath::engines`) feeds datagrams in with the time, gives the engine a
+//! [`Transmit`] to write its copies into, and calls it back when
+//! [`engine::Engine::poll_timeout`] says. The control plane (WHIP/WHEP, ICE, DTLS)
+//! programs it with [`engine::Command`]s, queued to the engine that holds the room.
 
 pub mod bwe;
 pub mod codec;

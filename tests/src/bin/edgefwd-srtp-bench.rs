@@ -640,7 +640,9 @@ fn handed_off(v: &Rig, n: usize, seconds: f64) -> (Row, f64) {
         let (wall, mut timed, mut since_flush) = (Instant::now(), 0u64, 0u64);
         while wall.elapsed().as_secs_f64() < seconds {
             let t = Instant::now();
-            let got = inbox.take(|_, session, _, p| e.handle_srtp_of(session, p, t, &mut q));
+            let got = inbox.take(RX_BATCH as usize, |_, session, _, p| {
+                e.handle_srtp_of(session, p, t, &mut q)
+            });
             since_flush += got;
             if since_flush >= RX_BATCH as u64 {
                 q.flush();

@@ -13,10 +13,10 @@ impl Engine {
         tx: &mut dyn Transmit,
     ) {
         let c = self.counters.clone();
-        let s = self
-            .sessions
-            .get_mut(&id)
-            .expect("the demux points at live sessions");
+        // The demux and the sessions agree unless a command raced a packet: counted.
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return c.count(Drop::UnknownPeer);
+        };
         let Some(srtp) = s.srtp.as_mut() else {
             return c.count(Drop::NotConnected);
         };
@@ -54,17 +54,21 @@ impl Engine {
         for r in requests {
             match (role, r) {
                 (Role::Publisher, Request::SenderReport { ssrc, ntp, rtp }) => {
-                    if let Some((t, l)) = self.stream_of(id, ssrc) {
-                        let st = &mut self.tracks.get_mut(&t).expect("found").streams[l as usize];
+                    if let Some(st) = self
+                        .stream_of(id, ssrc)
+                        .and_then(|(t, l)| self.tracks.get_mut(&t)?.streams.get_mut(l as usize))
+                    {
                         st.last_sr = Some((ntp, rtp, now));
                         st.reception.last_sr = Some(((ntp >> 16) as u32, now));
                     }
                 }
                 (Role::Subscriber, Request::KeyFrame { media_ssrc }) => {
                     // The encoding it is on, or the one it waits to start on.
-                    if let Some((tid, i)) = self.downtrack_by_ssrc(id, media_ssrc) {
-                        let l = &self.tracks[&tid].downs[i].layering;
-                        let layer = l.current.or(l.target).unwrap_or(0);
+                    let found = self.downtrack_by_ssrc(id, media_ssrc).and_then(|(tid, i)| {
+                        let l = &self.tracks.get(&tid)?.downs.get(i)?.layering;
+                        Some((tid, l.current.or(l.target).unwrap_or(0)))
+                    });
+                    if let Some((tid, layer)) = found {
                         self.request_keyframe(tid, Some(layer), now, tx);
                     }
                 }
@@ -98,15 +102,18 @@ impl Engine {
                 }
                 (Role::Subscriber, Request::Remb { bitrate, ssrcs }) => {
                     for ssrc in ssrcs {
-                        if let Some((tid, i)) = self.downtrack_by_ssrc(id, ssrc) {
-                            let t = self.tracks.get_mut(&tid).expect("found");
-                            t.downs[i].bwe.on_remb(bitrate);
+                        if let Some(d) = self
+                            .downtrack_by_ssrc(id, ssrc)
+                            .and_then(|(tid, i)| self.tracks.get_mut(&tid)?.downs.get_mut(i))
+                        {
+                            d.bwe.on_remb(bitrate);
                         }
                     }
                 }
                 (Role::Subscriber, Request::Reception(b)) => {
-                    if let Some((tid, i)) = self.downtrack_by_ssrc(id, b.media_ssrc) {
-                        let t = self.tracks.get_mut(&tid).expect("found");
+                    if let Some((tid, i)) = self.downtrack_by_ssrc(id, b.media_ssrc)
+                        && let Some(t) = self.tracks.get_mut(&tid)
+                    {
                         let rate = t.clock_rate;
                         // Rates of the encodings being received (0: not), for the
                         // layer the viewer's bandwidth carries.
@@ -254,13 +261,17 @@ impl Engine {
             return;
         };
         let c = &*self.counters;
-        let t = self.tracks.get_mut(&tid).expect("found");
+        let Some(t) = self.tracks.get_mut(&tid) else {
+            return;
+        };
         let pub_twcc = self
             .sessions
             .get(&t.session)
             .and_then(|p| p.twcc.as_ref().map(|(id, _)| *id));
         let at_us = now.duration_since(self.epoch).as_micros() as i64;
-        let s = self.sessions.get_mut(&sub).expect("found");
+        let Some(s) = self.sessions.get_mut(&sub) else {
+            return;
+        };
         let to = s.media_addr();
         let Session { srtp, twcc_out, .. } = s;
         let (Some(to), Some(srtp)) = (to, srtp.as_mut()) else {

@@ -48,10 +48,10 @@ impl Engine {
         tx: &mut dyn Transmit,
     ) {
         let c = &*self.counters;
-        let s = self
-            .sessions
-            .get_mut(&id)
-            .expect("the demux points at live sessions");
+        // The demux and the sessions agree unless a command raced a packet: counted.
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return c.count(Drop::UnknownPeer);
+        };
         if s.role != Role::Publisher {
             return c.count(Drop::UnexpectedRtp);
         }
@@ -93,13 +93,13 @@ impl Engine {
         let found = s
             .tracks
             .iter()
-            .find_map(|t| Some((*t, tracks[t].layer_of(ssrc)?)));
+            .find_map(|t| Some((*t, tracks.get(t)?.layer_of(ssrc)?)));
         let (tid, layer) = match found {
             Some(f) => f,
             // Unsignalled SSRC: the simulcast encoding its rid names, or else the plain
             // track whose payload type it carries, if still unbound.
             None => match s.tracks.iter().find_map(|t| {
-                let up = &tracks[t];
+                let up = tracks.get(t)?;
                 let i = match up.rid_ext {
                     Some(id) => {
                         let rid = rtp::extension(plain, id)?;
@@ -113,14 +113,21 @@ impl Engine {
                 Some((*t, i as Layer))
             }) {
                 Some((t, i)) => {
-                    tracks.get_mut(&t).expect("listed").streams[i as usize].ssrc = Some(ssrc);
+                    if let Some(st) = tracks
+                        .get_mut(&t)
+                        .and_then(|t| t.streams.get_mut(i as usize))
+                    {
+                        st.ssrc = Some(ssrc);
+                    }
                     (t, i)
                 }
                 None => return c.count(Drop::UnknownSsrc),
             },
         };
         bump(&c.rtp_in);
-        let t = tracks.get_mut(&tid).expect("listed");
+        let Some(t) = tracks.get_mut(&tid) else {
+            return c.count(Drop::UnknownSsrc);
+        };
         if let Some(&[level, ..]) = t.level_ext.and_then(|id| rtp::extension(plain, id)) {
             t.levels.record(level, now);
         }
