@@ -2234,6 +2234,36 @@ fn a_webrtc_room_spans_three_nodes_publish_on_a_watch_on_c_through_b() {
     assert_eq!(cyc.status().as_u16(), 409);
     let msg = cyc.into_body().read_to_string().unwrap();
     assert!(msg.contains("a -> ") && msg.contains("cycle"), "{msg}");
+    // Holders of the secret are held to the node rules too: names as [cluster] has
+    // them (no newline to forge a log line, no megabyte), one node per media address.
+    let ask = |body: String| {
+        let r = ureq::post(&relay_url)
+            .header("Authorization", &format!("Bearer {CLUSTER_SECRET}"))
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .send(&body)
+            .unwrap();
+        let code = r.status().as_u16();
+        (code, r.into_body().read_to_string().unwrap())
+    };
+    let req = |node: &str, via: &str, media: &str| {
+        serde_json::json!({ "node": node, "media": media, "via": [via] }).to_string()
+    };
+    for (node, via) in [
+        ("x\ny", "d"),
+        ("d", "evil\nline"),
+        (&*"x".repeat(1 << 20), "d"),
+    ] {
+        let (code, msg) = ask(req(node, via, "127.0.0.1:9"));
+        assert_eq!(code, 400, "{msg}");
+        assert!(msg.contains("node name") && msg.len() < 400, "{msg}");
+    }
+    let (code, msg) = ask(req("d1", "e", "127.0.0.1:9"));
+    assert_eq!(code, 200, "{msg}");
+    let (code, msg) = ask(req("d2", "e", "127.0.0.1:9"));
+    assert_eq!(code, 409, "{msg}");
+    assert!(msg.contains("one address is one node"), "{msg}");
 
     // Watch on C in the background; meanwhile the trunk A→B is there to tamper with.
     let watch = chromium_watcher(&c.base, &room, "4");

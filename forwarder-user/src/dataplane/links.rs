@@ -49,7 +49,13 @@ pub fn check_name(name: &str) -> Result<()> {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
     {
-        bail!("node name {name:?}: use 1-{NAME_LEN} letters, digits, '-', '_' or '.'");
+        // Shown cut short: a name is attacker-controlled on the node API.
+        let shown: String = name.chars().take(40).collect();
+        let more = if shown.len() < name.len() { "…" } else { "" };
+        bail!(
+            "node name {shown:?}{more} ({} bytes): use 1-{NAME_LEN} letters, digits, '-', '_' or '.'",
+            name.len()
+        );
     }
     Ok(())
 }

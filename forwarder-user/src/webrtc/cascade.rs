@@ -249,6 +249,26 @@ impl Sfu {
         req: RelayRequest,
     ) -> Result<RelayReply, ApiError> {
         let cascade = self.cascade_or_404()?;
+        // Names go into logs, maps and other nodes' chains: the cluster's rule for
+        // node names, checked before anything else (a newline would forge log lines).
+        for n in std::iter::once(&req.node).chain(&req.via) {
+            crate::cluster::check_name(n).map_err(|e| {
+                refused(
+                    400,
+                    format!("{e:#} (relay requests name nodes as [cluster] does)"),
+                )
+            })?;
+        }
+        if req.via.len() >= crate::cluster::MAX_DEPTH {
+            return Err(refused(
+                409,
+                format!(
+                    "the chain below is {} nodes long; a cascade is at most {} deep",
+                    req.via.len(),
+                    crate::cluster::MAX_DEPTH
+                ),
+            ));
+        }
         if req.node == cascade.node || req.via.contains(&cascade.node) {
             let mut chain = vec![cascade.node.clone()];
             chain.extend(req.via.iter().rev().cloned());
@@ -267,6 +287,21 @@ impl Sfu {
         self.ensure_upstream(room, via).await?;
         let now = Instant::now();
         let mut st = self.state.lock().unwrap();
+        // One media address is one node: trunks to one address under many names
+        // would multiply the copies it receives.
+        if let Some(other) = st
+            .relays_out
+            .values()
+            .find(|r| r.addr == req.media && r.node != req.node)
+        {
+            return Err(refused(
+                409,
+                format!(
+                    "media address {} takes node {}'s relays already; one address is one node",
+                    req.media, other.node
+                ),
+            ));
+        }
         let publishers: Vec<String> = st
             .rooms
             .get(room)
@@ -336,6 +371,16 @@ impl Sfu {
                 }
                 _ => Some(()),
             };
+            if fresh.is_some() && st.relays_out.len() >= self.limits.max_sessions {
+                return Err(refused(
+                    503,
+                    format!(
+                        "this node relays {} publishers to other nodes already, as many as \
+                         [webrtc.limits] max_sessions allows",
+                        st.relays_out.len()
+                    ),
+                ));
+            }
             if fresh.is_some() {
                 if let Some(old) = st.relays_out.remove(&k) {
                     self.end_relay_out(&st, old);

@@ -1,5 +1,7 @@
-//! WebRTC control plane: WHIP/WHEP signaling, ICE-lite, DTLS-SRTP, RTCP, and a
-//! userspace relay that re-encrypts per subscriber.
+//! WebRTC control plane: WHIP/WHEP signalling, ICE-lite, DTLS-SRTP keying, sessions
+//! and rooms, rooms across nodes. It programs the media engines (`datapath::engines`)
+//! with commands; the per-packet work (decrypt once, re-encrypt per subscriber) is
+//! theirs.
 
 pub mod cascade;
 pub mod dtls;
