@@ -209,20 +209,7 @@ fn listeners_of_audio_get_every_packet_past_three_sequence_wraps() {
 #[test]
 fn simulcast_viewers_get_every_packet_past_three_sequence_wraps() {
     let mut f = Fixture::new();
-    let mut publisher = f.peer(1, Role::Publisher, Profile::AeadAes128Gcm);
-    f.cmd(Command::AddTrack {
-        id: 10,
-        session: 1,
-        kind: Kind::Video,
-        pt: 96,
-        clock_rate: 90_000,
-        format: Format::Vp8,
-        streams: vec![(Some("q".into()), None), (Some("f".into()), None)],
-        rid_ext: Some(10),
-        twcc_ext: None,
-        level_ext: None,
-        dd_ext: None,
-    });
+    let mut publisher = f.simulcast_publisher(&["q", "f"]);
     let mut low = f.track_viewer(2, 96, 1_234, None, None);
     let mut high = f.track_viewer(3, 96, 50_000, None, None);
     f.cmd(Command::SetLayers {

@@ -126,6 +126,26 @@ impl Fixture {
         p
     }
 
+    /// Publisher 1, connected, sending track 10: VP8 simulcast, one encoding per rid
+    /// (lowest first), bound by the rid extension (id 10) as their packets arrive.
+    fn simulcast_publisher(&mut self, rids: &[&str]) -> Peer {
+        let p = self.peer(1, Role::Publisher, Profile::AeadAes128Gcm);
+        self.cmd(Command::AddTrack {
+            id: 10,
+            session: 1,
+            kind: Kind::Video,
+            pt: 96,
+            clock_rate: 90_000,
+            format: Format::Vp8,
+            streams: rids.iter().map(|r| (Some(r.to_string()), None)).collect(),
+            rid_ext: Some(10),
+            twcc_ext: None,
+            level_ext: None,
+            dd_ext: None,
+        });
+        p
+    }
+
     fn peer(&mut self, id: SessionId, role: Role, profile: Profile) -> Peer {
         self.add(id, role);
         self.connect(id, profile)
@@ -968,22 +988,7 @@ fn simulcast_viewers_get_their_layer_and_switch_at_keyframes() {
     use crate::media::codec::tests::vp8;
     use crate::media::simulcast::UNCAPPED;
     let mut f = Fixture::new();
-    let mut publisher = f.peer(1, Role::Publisher, Profile::AeadAes128Gcm);
-    f.cmd(Command::AddTrack {
-        id: 10,
-        session: 1,
-        kind: Kind::Video,
-        pt: 96,
-        clock_rate: 90_000,
-        format: Format::Vp8,
-        streams: ["q", "h", "f"]
-            .map(|r| (Some(r.to_string()), None))
-            .to_vec(),
-        rid_ext: Some(10),
-        twcc_ext: None,
-        level_ext: None,
-        dd_ext: None,
-    });
+    let mut publisher = f.simulcast_publisher(&["q", "h", "f"]);
     let viewer = |f: &mut Fixture, id: SessionId| {
         let down = Command::AddDownTrack {
             track: 10,
