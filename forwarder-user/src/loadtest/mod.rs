@@ -2,8 +2,9 @@
 //! SFU, every one doing real ICE, DTLS and SRTP (the project's own crates on the client
 //! side) and decoding nothing, so one core drives hundreds. Publishers send synthetic
 //! video and Opus-sized audio stamped with a sequence and the send time; subscribers
-//! measure loss and latency from the stamps. Bounded by `--duration`; every session is
-//! DELETEd at the end or on Ctrl-C.
+//! measure latency and gaps from the stamps, and loss against what their publishers
+//! sent (the same process), so a lost tail counts; `--max-loss` and `--max-gap` fail
+//! the run. Bounded by `--duration`; every session is DELETEd at the end or on Ctrl-C.
 
 mod client;
 pub mod peer;
