@@ -2351,6 +2351,19 @@ fn a_webrtc_room_spans_three_nodes_publish_on_a_watch_on_c_through_b() {
     wait_until(10, "B reports its upstream down", || {
         get_json(&b.base, "/api/sessions")["cascade"]["upstreams"][&room]["up"] == false
     });
+    // Its relayed publisher is not connected any more (its keys stay until the
+    // room's relay ends), in the API and in /metrics alike.
+    let sb = get_json(&b.base, "/api/sessions");
+    let relayed: Vec<&Value> = sb["rooms"][&room]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x["upstream"] == "a")
+        .collect();
+    assert!(
+        !relayed.is_empty() && relayed.iter().all(|x| x["connected"] == false),
+        "{sb}"
+    );
     let metrics = ureq::get(&format!("{}/metrics", b.base))
         .call()
         .unwrap()
@@ -2359,6 +2372,11 @@ fn a_webrtc_room_spans_three_nodes_publish_on_a_watch_on_c_through_b() {
         .unwrap();
     assert!(
         metrics.contains("edgefwd_webrtc_upstream_up{node=\"a\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .contains("edgefwd_webrtc_sessions{connected=\"false\",role=\"relayed_publisher\"} 1"),
         "{metrics}"
     );
     let _ = again.kill();

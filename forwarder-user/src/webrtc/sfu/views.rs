@@ -61,6 +61,7 @@ impl Sfu {
             &["role", "connected"],
         )?;
         {
+            let down = self.upstreams_down();
             let st = self.state.lock().unwrap();
             for s in st.sessions.values() {
                 let role = match (s.role, s.relay.is_some()) {
@@ -70,7 +71,7 @@ impl Sfu {
                     (Role::Relay, _) => "relay",
                 };
                 sessions
-                    .with_label_values(&[role, if s.profile.is_some() { "true" } else { "false" }])
+                    .with_label_values(&[role, if connected(s, &down) { "true" } else { "false" }])
                     .inc();
             }
         }
@@ -232,9 +233,26 @@ impl Sfu {
         Ok(String::from_utf8(buf)?)
     }
 
+    /// Rooms whose upstream did not answer its last refresh (taken before the state
+    /// lock, and let go: never both at once).
+    fn upstreams_down(&self) -> std::collections::BTreeSet<String> {
+        self.cascade
+            .get()
+            .map(|c| {
+                let status = c.status.lock().unwrap();
+                status
+                    .iter()
+                    .filter(|(_, u)| !u.up)
+                    .map(|(r, _)| r.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// A JSON view of the state model (the `/api/sessions` body).
     pub fn snapshot(&self) -> serde_json::Value {
         let cascade = self.cascade_snapshot();
+        let down = self.upstreams_down();
         let st = self.state.lock().unwrap();
         // Which layers are present now (the engines themselves never read the clock).
         let now = Instant::now();
@@ -253,7 +271,7 @@ impl Sfu {
                         "shard": self.shard_of(s.media),
                         "role": s.role,
                         "upstream": s.relay.as_ref().map(|r| &r.node),
-                        "connected": s.profile.is_some(),
+                        "connected": connected(s, &down),
                         "srtp_profile": s.profile.map(|p| p.name()),
                         "client_hello_datagrams": s.hello.as_ref().map(|h| h.0),
                         "client_srtp_profiles": s.hello.as_ref().map(|h| h.1.iter().map(|p| dtls::profile_name(*p)).collect::<Vec<_>>()),
@@ -368,4 +386,11 @@ impl Sfu {
             }
         })
     }
+}
+
+/// Whether a session is connected: keyed by DTLS (or, relayed, by its upstream's
+/// handover) and, for a relayed publisher, its upstream answering (one whose node
+/// died is not connected, though its keys stay until the room's relay ends).
+fn connected(s: &Session, upstreams_down: &std::collections::BTreeSet<String>) -> bool {
+    s.profile.is_some() && !(s.relay.is_some() && upstreams_down.contains(&s.room))
 }
