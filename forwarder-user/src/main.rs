@@ -114,6 +114,7 @@ fn real_main(cli: Cli) -> Result<()> {
         }
         Cmd::LoadTest {
             url,
+            subscribe_url,
             token,
             rooms,
             publishers,
@@ -135,6 +136,7 @@ fn real_main(cli: Cli) -> Result<()> {
             };
             let opts = edgefwd::loadtest::Options {
                 url,
+                subscribe_url,
                 token,
                 rooms,
                 publishers,

@@ -16,6 +16,8 @@ use edgefwd_tests::{
 };
 use serde_json::Value;
 
+#[path = "webrtc/cascade_faults.rs"]
+mod cascade_faults;
 #[path = "webrtc/long_calls.rs"]
 mod long_calls;
 #[path = "webrtc/restarts.rs"]

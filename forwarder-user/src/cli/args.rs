@@ -143,6 +143,10 @@ pub enum Cmd {
         /// The SFU's WHIP/WHEP address (its ready line's webrtc-http).
         #[arg(long, env = "EDGEFWD_API", default_value = "http://127.0.0.1:8080")]
         url: String,
+        /// Subscribers join here instead (WHEP on another node of a cascade: the room
+        /// reaches them through its trunks).
+        #[arg(long, value_name = "URL")]
+        subscribe_url: Option<String>,
         /// The [webrtc] token, if the SFU has one.
         #[arg(long, env = "EDGEFWD_TOKEN", hide_env_values = true)]
         token: Option<String>,

@@ -24,7 +24,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 use tokio::sync::{Semaphore, watch};
 
@@ -38,6 +38,8 @@ use crate::{media::rtcp, webrtc::dtls::Identity};
 #[derive(Clone, Debug)]
 pub struct Options {
     pub url: String,
+    /// Where subscribers join, when not at `url` (another node of a cascade).
+    pub subscribe_url: Option<String>,
     pub token: Option<String>,
     pub rooms: usize,
     /// Per room.
@@ -175,6 +177,13 @@ pub async fn run(opts: Options) -> Result<Report> {
         http,
         token: opts.token.clone(),
     });
+    let sub_target = match &opts.subscribe_url {
+        Some(u) => Arc::new(Target {
+            http: crate::cli::rooms::parse_api(u).context("--subscribe-url")?,
+            token: opts.token.clone(),
+        }),
+        None => target.clone(),
+    };
     let identity = Arc::new(Identity::generate()?);
     let live = Arc::new(Live::default());
     let epoch = Instant::now();
@@ -237,7 +246,7 @@ pub async fn run(opts: Options) -> Result<Report> {
     for (room, &sources) in sources.iter().enumerate() {
         for _ in 0..opts.subscribers {
             let c = Client {
-                target: target.clone(),
+                target: sub_target.clone(),
                 identity: identity.clone(),
                 live: live.clone(),
                 epoch,

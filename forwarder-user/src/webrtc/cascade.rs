@@ -28,10 +28,13 @@
 //! them from the wire: run the node API on a private network (or TLS in front).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::SocketAddr,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -65,10 +68,18 @@ pub struct CascadeConfig {
     /// Which upstream node serves which room.
     #[serde(default)]
     pub upstream: Vec<UpstreamConfig>,
+    /// Rooms new to this node asked of upstreams per second, at most (default 20):
+    /// each anonymous WHEP for an unknown room would otherwise cost an upstream call.
+    #[serde(default = "default_new_rooms")]
+    pub new_rooms_per_second: u32,
 }
 
 fn default_lapse() -> u64 {
     5
+}
+
+fn default_new_rooms() -> u32 {
+    20
 }
 
 impl CascadeConfig {
@@ -88,6 +99,12 @@ impl CascadeConfig {
         }
         if self.lapse == 0 {
             bail!("[webrtc.cascade] lapse = 0 would end every relay at once; give seconds ≥ 1");
+        }
+        if self.new_rooms_per_second == 0 {
+            bail!(
+                "[webrtc.cascade] new_rooms_per_second = 0 would never ask an upstream for a \
+                 room; give at least 1 (default 20)"
+            );
         }
         Ok(())
     }
@@ -161,6 +178,10 @@ pub struct RelayIn {
     pub upstream_id: String,
     /// The chain below us when the relay was asked for.
     pub via: Vec<String>,
+    /// The RTCP SSRC and trunk key (key, salt) the upstream gave: when a refresh
+    /// brings others, the upstream re-made its relay (ours had lapsed there) and this
+    /// session is re-made with them, or our RTCP would no longer authenticate there.
+    pub trunk: (u32, Vec<u8>, Vec<u8>),
 }
 
 /// Trunk copies of one publisher to one downstream node.
@@ -193,6 +214,43 @@ pub struct Cascade {
     directory: Box<dyn Directory>,
     pub lapse: Duration,
     pub status: Mutex<BTreeMap<String, UpstreamStatus>>,
+    /// Per room, held while its upstream is asked: one call per room at a time
+    /// (viewers arriving together share it; a slow upstream's refreshes do not pile
+    /// up), and rooms asked concurrently, so one slow upstream starves no other.
+    fetching: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Calls for rooms new to this node (a WHEP, a relay request from below).
+    new_rooms: Mutex<Bucket>,
+    /// Upstream calls made, for the snapshot: all, and those for rooms new here.
+    pub calls: AtomicU64,
+    pub new_room_calls: AtomicU64,
+}
+
+/// A token bucket: `rate` per second, at most `rate * 2` at once.
+struct Bucket {
+    tokens: f64,
+    rate: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn new(rate: u32) -> Bucket {
+        Bucket {
+            tokens: 2.0 * rate as f64,
+            rate: rate as f64,
+            last: Instant::now(),
+        }
+    }
+
+    fn take(&mut self, now: Instant) -> bool {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * self.rate).min(2.0 * self.rate);
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
+    }
 }
 
 impl Cascade {
@@ -204,7 +262,42 @@ impl Cascade {
             directory: Box::new(StaticDirectory(cfg.upstream.clone())),
             lapse: Duration::from_secs(cfg.lapse),
             status: Mutex::new(BTreeMap::new()),
+            fetching: Mutex::new(HashMap::new()),
+            new_rooms: Mutex::new(Bucket::new(cfg.new_rooms_per_second)),
+            calls: AtomicU64::new(0),
+            new_room_calls: AtomicU64::new(0),
         })
+    }
+
+    /// The room's fetch lock (made on first use; dropped by the round once unused).
+    fn fetch_lock(&self, room: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.fetching
+            .lock()
+            .unwrap()
+            .entry(room.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Whether the room's upstream answered within the last second: a viewer that
+    /// waited for another's call takes its answer instead of asking again.
+    fn answered_just_now(&self, room: &str, now: Instant) -> bool {
+        self.status.lock().unwrap().get(room).is_some_and(|s| {
+            s.up && s
+                .last_ok
+                .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1))
+        })
+    }
+
+    /// Forgets what no room here needs any more: the state of rooms this node has no
+    /// session of (an anonymous WHEP for a room that does not exist leaves nothing).
+    fn expire(&self, live: impl Fn(&str) -> bool) {
+        self.status.lock().unwrap().retain(|room, _| live(room));
+        // A lock someone holds or waits on has other references.
+        self.fetching
+            .lock()
+            .unwrap()
+            .retain(|room, l| live(room) || Arc::strong_count(l) > 1);
     }
 
     /// Whether `bearer` is the cluster secret (constant time).
@@ -365,7 +458,9 @@ impl Sfu {
                 .collect();
             let k = (req.node.clone(), pid.clone());
             let fresh = match st.relays_out.get_mut(&k) {
-                Some(r) if r.addr == req.media => {
+                // A lapsed request is gone even if the round has not ended it yet:
+                // the requester learns the new trunk key from this answer.
+                Some(r) if r.addr == req.media && r.expires > now => {
                     r.expires = now + cascade.lapse;
                     None
                 }
@@ -524,16 +619,33 @@ impl Sfu {
         let Some(cascade) = self.cascade.get() else {
             return Ok(());
         };
-        let has = {
-            let st = self.state.lock().unwrap();
-            st.rooms.get(room).is_some_and(|r| !r.publishers.is_empty())
-        };
-        if has {
-            return Ok(());
-        }
         let Some(up) = cascade.directory.upstream(room) else {
             return Ok(());
         };
+        let has = || {
+            let st = self.state.lock().unwrap();
+            st.rooms.get(room).is_some_and(|r| !r.publishers.is_empty())
+        };
+        if has() {
+            return Ok(());
+        }
+        let lock = cascade.fetch_lock(room);
+        let _one_at_a_time = lock.lock().await;
+        let now = Instant::now();
+        if has() || cascade.answered_just_now(room, now) {
+            return Ok(());
+        }
+        if !cascade.new_rooms.lock().unwrap().take(now) {
+            return Err(refused(
+                503,
+                format!(
+                    "this node asks its upstreams for rooms new to it at most {} times a second \
+                     ([webrtc.cascade] new_rooms_per_second); retry in a second",
+                    cascade.new_rooms.lock().unwrap().rate
+                ),
+            ));
+        }
+        cascade.new_room_calls.fetch_add(1, Ordering::Relaxed);
         self.fetch_upstream(room, &up, via).await
     }
 
@@ -552,6 +664,7 @@ impl Sfu {
         };
         let body = serde_json::to_vec(&req).expect("serializes");
         let path = format!("/node/v1/rooms/{room}/relay");
+        cascade.calls.fetch_add(1, Ordering::Relaxed);
         let out = call(
             up.http,
             Some(&cascade.secret),
@@ -627,14 +740,25 @@ impl Sfu {
                 (r.node == up.node).then(|| (id.clone(), r.upstream_id.clone()))
             })
             .collect();
+        let mut kept = Vec::new();
         for (id, upstream_id) in &existing {
-            if !reply.publishers.iter().any(|p| &p.id == upstream_id) {
+            let Some(p) = reply.publishers.iter().find(|p| &p.id == upstream_id) else {
                 tracing::info!(event = "left", session = %id, room, "relayed publisher {upstream_id} left upstream {}", up.node);
                 self.remove(&mut st, id);
+                continue;
+            };
+            let trunk = &st.sessions[id].relay.as_ref().expect("relayed").trunk;
+            if *trunk == (p.rtcp_ssrc, p.trunk_key.clone(), p.trunk_salt.clone()) {
+                kept.push(upstream_id.clone());
+                continue;
             }
+            // The upstream re-made our relay (it had lapsed there): its RTCP SSRC and
+            // trunk key are new, so is the session (viewers keep their numbering).
+            tracing::info!(event = "left", session = %id, room, "relayed publisher {upstream_id}: upstream {} re-made the relay with a new trunk key; session re-made", up.node);
+            self.remove(&mut st, id);
         }
         for p in reply.publishers {
-            if existing.iter().any(|(_, u)| *u == p.id) {
+            if kept.contains(&p.id) {
                 continue;
             }
             let keys = Profile::from_dtls(p.profile).and_then(|profile| {
@@ -658,6 +782,7 @@ impl Sfu {
                 http: up.http,
                 upstream_id: p.id.clone(),
                 via: via.clone(),
+                trunk: (p.rtcp_ssrc, p.trunk_key.clone(), p.trunk_salt.clone()),
             });
             s.addrs = vec![reply.media];
             s.nominated = Some(reply.media);
@@ -692,7 +817,7 @@ impl Sfu {
     /// The cascade's once-a-second round: refreshes the relays this node takes while
     /// it has demand for them (ends them when it has none), ends the relays it gives
     /// whose requests lapsed.
-    pub async fn cascade_tick(self: &Arc<Self>) {
+    pub fn cascade_tick(self: &Arc<Self>) {
         let Some(_) = self.cascade.get() else {
             return;
         };
@@ -753,9 +878,24 @@ impl Sfu {
                 ));
             }
         }
+        let cascade = self.cascade.get().expect("checked above");
+        {
+            let st = self.state.lock().unwrap();
+            cascade.expire(|room| st.rooms.contains_key(room));
+        }
         for (room, up, via) in refresh {
-            // A failure is recorded in the status and logged once per change.
-            let _ = self.fetch_upstream(&room, &up, via).await;
+            // Each room on its own task: an unreachable upstream's calls wait out
+            // their timeouts without delaying other rooms, or this round. A room whose
+            // last call is still out is skipped (no pile of calls to a slow upstream).
+            let Ok(guard) = cascade.fetch_lock(&room).try_lock_owned() else {
+                continue;
+            };
+            let sfu = self.clone();
+            tokio::spawn(async move {
+                // A failure is recorded in the status and logged once per change.
+                let _ = sfu.fetch_upstream(&room, &up, via).await;
+                drop(guard);
+            });
         }
     }
 
@@ -791,7 +931,11 @@ impl Sfu {
                 (room.clone(), v)
             })
             .collect();
-        serde_json::json!({"node": c.node, "relays_out": relays, "upstreams": upstreams})
+        serde_json::json!({
+            "node": c.node, "relays_out": relays, "upstreams": upstreams,
+            "upstream_calls": c.calls.load(Ordering::Relaxed),
+            "new_room_calls": c.new_room_calls.load(Ordering::Relaxed),
+        })
     }
 }
 

@@ -201,11 +201,16 @@ async fn whep(
     if let Err(r) = check_room(&room).and_then(|_| check_auth(&api, &headers)) {
         return r;
     }
+    // The offer before anything else: a bad request costs no upstream call.
+    let offer = match read_offer(&headers, &body) {
+        Ok(o) => o,
+        Err(r) => return r,
+    };
     // A room served by an upstream node: its tracks first, then the answer.
     if let Err(e) = api.sfu.ensure_upstream(&room, vec![]).await {
         return api_error(e);
     }
-    join(&api, peer.ip(), &room, &headers, &body, Role::Subscriber)
+    answer(&api, peer.ip(), &room, &offer, Role::Subscriber)
 }
 
 /// The node API: a downstream node asks for a room's publishers (cluster secret).
@@ -260,13 +265,23 @@ fn join(
     if let Err(r) = check_room(room).and_then(|_| check_auth(api, headers)) {
         return r;
     }
-    let offer = match read_offer(headers, body) {
-        Ok(o) => o,
-        Err(r) => return r,
-    };
+    match read_offer(headers, body) {
+        Ok(offer) => answer(api, source, room, &offer, role),
+        Err(r) => r,
+    }
+}
+
+/// The session for a checked offer, and its answer.
+fn answer(
+    api: &Api,
+    source: IpAddr,
+    room: &str,
+    offer: &super::sdp::Offer,
+    role: Role,
+) -> Response {
     let (joined, kind) = match role {
-        Role::Publisher => (api.sfu.publish(room, source, &offer), "whip"),
-        Role::Subscriber => (api.sfu.subscribe(room, source, &offer), "whep"),
+        Role::Publisher => (api.sfu.publish(room, source, offer), "whip"),
+        Role::Subscriber => (api.sfu.subscribe(room, source, offer), "whep"),
         Role::Relay => unreachable!("relays are made by the node API, not WHIP/WHEP"),
     };
     match joined {

@@ -342,13 +342,13 @@ pub async fn start(
                 loop {
                     every.tick().await;
                     sfu.tick();
-                    sfu.cascade_tick().await;
+                    sfu.cascade_tick();
                 }
             })
         };
         // The socket path's engine timers (transport feedback is due every 100 ms;
-        // AF_XDP workers run their engines' own) and the active speakers, apart from
-        // the second's tick above, whose cascade calls may wait on the network.
+        // AF_XDP workers run their engines' own) and the active speakers, on a task of
+        // their own: due every few ms, they never wait on the second's tick above.
         let engine_timer = {
             let sfu = sfu.clone();
             tokio::spawn(async move {
