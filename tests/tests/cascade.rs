@@ -175,16 +175,24 @@ fn http(ns: &NetNs, addr: &str, request: String) -> String {
     })
 }
 
-fn put_demand(ns: &NetNs, node: &str, auth: Option<&str>) -> String {
+/// A link's demand as node `node`, signed with `secret` (none: unsigned).
+fn put_demand(ns: &NetNs, node: &str, secret: Option<&str>) -> String {
     let body = format!("{{\"node\":\"{node}\",\"ssrcs\":[{SSRC}]}}");
-    let auth = auth
-        .map(|a| format!("Authorization: Bearer {a}\r\n"))
+    let path = format!("/node/v1/links/{node}/demand");
+    let auth = secret
+        .map(|s| {
+            let me = edgefwd::cluster::identity::Identity::new(node, s).unwrap();
+            format!(
+                "Authorization: {}\r\n",
+                me.sign("PUT", &path, body.as_bytes())
+            )
+        })
         .unwrap_or_default();
     http(
         ns,
         "198.51.100.2:7000",
         format!(
-            "PUT /node/v1/links/{node}/demand HTTP/1.0\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            "PUT {path} HTTP/1.0\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         ),
     )
@@ -286,7 +294,7 @@ fn origin_three_relays_thirty_receivers_demand_lapse_and_a_removed_subscriber() 
         |l| l["origin"]["state"] == "up" && l["origin"]["demand"] == 1,
     );
 
-    // The node API wants the cluster secret, and knows its links.
+    // The node API wants requests signed with the cluster secret, and knows its links.
     let r = put_demand(&publisher, "relay1", None);
     assert!(
         r.starts_with("HTTP/1.0 401") || r.starts_with("HTTP/1.1 401"),
@@ -294,7 +302,7 @@ fn origin_three_relays_thirty_receivers_demand_lapse_and_a_removed_subscriber() 
     );
     assert!(r.contains("cluster secret"), "{r}");
     let r = put_demand(&publisher, "relay1", Some("not-the-secret-at-all"));
-    assert!(r.contains(" 401 "), "{r}");
+    assert!(r.contains(" 401 ") && r.contains("does not verify"), "{r}");
     let r = put_demand(&publisher, "relay9", Some(SECRET));
     assert!(
         r.contains(" 404 ") && r.contains("no down link to relay9"),

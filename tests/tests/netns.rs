@@ -724,16 +724,30 @@ fn check_config_accepts_the_example_and_says_what_to_fix() {
         ),
         (
             "[webrtc]\nhttp = \"127.0.0.1:8080\"\nmedia = \"127.0.0.1:50000\"\n\
-             [webrtc.cascade]\nnode = \"b\"\nsecret = \"short\"\n"
+             [cluster]\nnode = \"b\"\nsecret = \"short\"\n"
                 .to_string(),
             "use at least 16",
         ),
         (
             "[webrtc]\nhttp = \"127.0.0.1:8080\"\nmedia = \"127.0.0.1:50000\"\n\
-             [webrtc.cascade]\nnode = \"b\"\nsecret = \"0123456789abcdef\"\n\
-             [[webrtc.cascade.upstream]]\nroom = \"*\"\nnode = \"b\"\nhttp = \"127.0.0.1:1\"\n"
+             [cluster]\nnode = \"b\"\nsecret = \"0123456789abcdef\"\n\
+             [[cluster.upstream]]\nroom = \"*\"\nnode = \"b\"\napi = \"127.0.0.1:1\"\n"
                 .to_string(),
             "the upstream is this node",
+        ),
+        (
+            "[cluster]\nnode = \"b\"\nsecret = \"0123456789abcdef\"\n\
+             [[cluster.upstream]]\nroom = \"*\"\nnode = \"a\"\napi = \"127.0.0.1:1\"\n"
+                .to_string(),
+            "no [webrtc] section",
+        ),
+        // The old section, refused with the lines to write instead.
+        (
+            "[webrtc]\nhttp = \"127.0.0.1:8080\"\nmedia = \"127.0.0.1:50000\"\n\
+             [webrtc.cascade]\nnode = \"b\"\nsecret_file = \"/etc/s\"\n\
+             [[webrtc.cascade.upstream]]\nroom = \"*\"\nnode = \"a\"\nhttp = \"127.0.0.1:1\"\n"
+                .to_string(),
+            "[[cluster.upstream]]\nroom = \"*\"\nnode = \"a\"\napi = \"<a's [cluster] api>\"",
         ),
     ] {
         std::fs::write(&bad, body).unwrap();

@@ -1079,7 +1079,7 @@ fn simulcast_layers_are_chosen_on_the_relay_node() {
     edgefwd_tests::require_root();
     let _k = kernel_lock();
     let a = start_cascade_node("a", None);
-    let b = start_cascade_node("b", Some(("a", http_addr(&a))));
+    let b = start_cascade_node("b", Some(("a", node_api(&a))));
     let room = unique("cascsim");
     let r = simulcast_scenario(&a.base, Some(&b.base), &room, "VP8");
     let (before, top, settled) = (&r["before"], &r["top"], &r["settled"]);
@@ -1121,7 +1121,7 @@ fn only_watched_layers_cross_the_trunk() {
     edgefwd_tests::require_root();
     let _k = kernel_lock();
     let a = start_cascade_node("a", None);
-    let b = start_cascade_node("b", Some(("a", http_addr(&a))));
+    let b = start_cascade_node("b", Some(("a", node_api(&a))));
     let room = unique("trunklayers");
     let spawn = |base: &str, role: &str| {
         let mut args = vec![
@@ -2169,21 +2169,46 @@ fn send_raw_ipv4(datagram: &[u8]) {
 
 const CLUSTER_SECRET: &str = "test-cluster-secret-0123456789";
 
-/// A node of a WebRTC cascade on loopback: `[webrtc.cascade]` named `node`, its room
-/// upstream at `upstream` (name, WebRTC http address), if any.
-fn start_cascade_node(node: &str, upstream: Option<(&str, std::net::SocketAddr)>) -> Sfu {
-    let mut extra =
-        format!("[webrtc.cascade]\nnode = \"{node}\"\nsecret = \"{CLUSTER_SECRET}\"\nlapse = 3\n");
-    if let Some((up, http)) = upstream {
-        extra += &format!(
-            "[[webrtc.cascade.upstream]]\nroom = \"*\"\nnode = \"{up}\"\nhttp = \"{http}\"\n"
-        );
+/// `[cluster]` for node `node` with its node API on `ip` (a free port), and its rooms'
+/// upstreams: (room, node, node API address).
+fn cluster_section(
+    node: &str,
+    ip: &str,
+    upstreams: &[(&str, &str, std::net::SocketAddr)],
+) -> String {
+    let mut s = format!(
+        "[cluster]\nnode = \"{node}\"\nsecret = \"{CLUSTER_SECRET}\"\nlapse = 3\napi = \"{ip}:0\"\n"
+    );
+    for (room, up, api) in upstreams {
+        s +=
+            &format!("[[cluster.upstream]]\nroom = \"{room}\"\nnode = \"{up}\"\napi = \"{api}\"\n");
     }
-    start_sfu(None, &extra)
+    s
 }
 
-fn http_addr(s: &Sfu) -> std::net::SocketAddr {
-    s.child.ready_addr("webrtc-http")
+/// A node of a WebRTC cascade on loopback: `[cluster]` named `node`, every room from
+/// `upstream` (name, node API address), if any.
+fn start_cascade_node(node: &str, upstream: Option<(&str, std::net::SocketAddr)>) -> Sfu {
+    let ups: Vec<_> = upstream.iter().map(|(n, a)| ("*", *n, *a)).collect();
+    start_sfu(None, &cluster_section(node, "127.0.0.1", &ups))
+}
+
+/// Where a node's node API listens (its ready line).
+fn node_api(s: &Sfu) -> std::net::SocketAddr {
+    s.child.ready_addr("node-api")
+}
+
+/// A node API request signed as node `by` with the cluster secret: (status, body).
+fn signed_post(api: std::net::SocketAddr, by: &str, path: &str, body: &str) -> (u16, String) {
+    let me = edgefwd::cluster::identity::Identity::new(by, CLUSTER_SECRET).unwrap();
+    let mut r = ureq::post(&format!("http://{api}{path}"))
+        .header("Authorization", &me.sign("POST", path, body.as_bytes()))
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .send(body)
+        .unwrap();
+    (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
 }
 
 /// Polls `f` every 200 ms until it holds, for at most `secs`.
@@ -2203,7 +2228,8 @@ fn wait_until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
 /// A (each node its own `edgefwd run`). Frames decode at C; the trunks carry the
 /// publisher's SRTP unchanged, B and C authenticate it with the handed-over keys, and
 /// a forged packet injected on the A→B trunk is dropped and counted at B. The node
-/// API refuses a request without the cluster secret and one that would close a cycle.
+/// API (its own listener) refuses a request not signed with the cluster secret, one
+/// for another node and one that would close a cycle; its answer's keys are sealed.
 /// When the viewer leaves, demand lapses back up the chain and A stops sending; when
 /// A disappears, B reports its upstream down on its API and metrics.
 #[test]
@@ -2211,59 +2237,79 @@ fn a_webrtc_room_spans_three_nodes_publish_on_a_watch_on_c_through_b() {
     edgefwd_tests::require_root();
     let _k = kernel_lock();
     let mut a = start_cascade_node("a", None);
-    let b = start_cascade_node("b", Some(("a", http_addr(&a))));
-    let c = start_cascade_node("c", Some(("b", http_addr(&b))));
+    let b = start_cascade_node("b", Some(("a", node_api(&a))));
+    let c = start_cascade_node("c", Some(("b", node_api(&b))));
     let room = unique("cascade");
     let mut publisher = chromium_publisher(None, &a.base, &room, 40);
     wait_for_publisher(&a.base, &room);
 
-    // The node API: no secret, no relay; a request from below naming A is a cycle.
-    let relay_url = format!("{}/node/v1/rooms/{room}/relay", a.base);
+    // The node API, on its own listener: not on the WHIP one any more; a bearer secret
+    // (which would cross the network) or no signature, no relay; a request from below
+    // naming A is a cycle.
+    let path = format!("/node/v1/rooms/{room}/relay");
+    let api = node_api(&a);
     let body = r#"{"node": "x", "media": "127.0.0.1:9", "via": ["a"]}"#;
     let status = |r: Result<ureq::http::Response<ureq::Body>, ureq::Error>| match r {
         Ok(r) => r.status().as_u16(),
         Err(ureq::Error::StatusCode(s)) => s,
         Err(e) => panic!("{e}"),
     };
-    assert_eq!(status(ureq::post(&relay_url).send(body)), 401);
-    let cyc = ureq::post(&relay_url)
+    assert_eq!(
+        status(ureq::post(&format!("{}{path}", a.base)).send(body)),
+        404
+    );
+    assert_eq!(
+        status(ureq::post(&format!("http://{api}{path}")).send(body)),
+        401
+    );
+    let mut bearer = ureq::post(&format!("http://{api}{path}"))
         .header("Authorization", &format!("Bearer {CLUSTER_SECRET}"))
         .config()
         .http_status_as_error(false)
         .build()
         .send(body)
         .unwrap();
-    assert_eq!(cyc.status().as_u16(), 409);
-    let msg = cyc.into_body().read_to_string().unwrap();
+    assert_eq!(bearer.status().as_u16(), 401);
+    let msg = bearer.body_mut().read_to_string().unwrap();
+    assert!(msg.contains("signed"), "{msg}");
+    let (code, msg) = signed_post(api, "x", &path, body);
+    assert_eq!(code, 409, "{msg}");
     assert!(msg.contains("a -> ") && msg.contains("cycle"), "{msg}");
-    // Holders of the secret are held to the node rules too: names as [cluster] has
-    // them (no newline to forge a log line, no megabyte), one node per media address.
-    let ask = |body: String| {
-        let r = ureq::post(&relay_url)
-            .header("Authorization", &format!("Bearer {CLUSTER_SECRET}"))
-            .config()
-            .http_status_as_error(false)
-            .build()
-            .send(&body)
-            .unwrap();
-        let code = r.status().as_u16();
-        (code, r.into_body().read_to_string().unwrap())
-    };
+    // A node speaks only for itself; holders of the secret are held to the node rules
+    // too: names as [cluster] has them (no newline to forge a log line, no megabyte),
+    // one node per media address.
     let req = |node: &str, via: &str, media: &str| {
         serde_json::json!({ "node": node, "media": media, "via": [via] }).to_string()
     };
-    for (node, via) in [
-        ("x\ny", "d"),
-        ("d", "evil\nline"),
-        (&*"x".repeat(1 << 20), "d"),
-    ] {
-        let (code, msg) = ask(req(node, via, "127.0.0.1:9"));
-        assert_eq!(code, 400, "{msg}");
-        assert!(msg.contains("node name") && msg.len() < 400, "{msg}");
+    for node in ["x\ny", &*"x".repeat(1 << 20), "d2"] {
+        let (code, msg) = signed_post(api, "d", &path, &req(node, "e", "127.0.0.1:9"));
+        assert_eq!(code, 403, "{msg}");
+        assert!(msg.contains("only for itself") && msg.len() < 400, "{msg}");
     }
-    let (code, msg) = ask(req("d1", "e", "127.0.0.1:9"));
+    let (code, msg) = signed_post(api, "d", &path, &req("d", "evil\nline", "127.0.0.1:9"));
+    assert_eq!(code, 400, "{msg}");
+    assert!(msg.contains("node name"), "{msg}");
+    let (code, msg) = signed_post(api, "d1", &path, &req("d1", "e", "127.0.0.1:9"));
     assert_eq!(code, 200, "{msg}");
-    let (code, msg) = ask(req("d2", "e", "127.0.0.1:9"));
+    // The answer carries no key in the clear: sealed for d1, bound to room, node and
+    // publisher; another node's name does not open it.
+    let reply: Value = serde_json::from_str(&msg).unwrap();
+    let p = &reply["publishers"][0];
+    for k in ["key", "salt", "trunk_key", "trunk_salt"] {
+        assert!(p.get(k).is_none(), "{k} in the clear: {p}");
+    }
+    let sealed = p["keys"].as_str().unwrap();
+    let ctx = |node: &str| {
+        format!(
+            "edgefwd relay keys\n{room}\n{node}\n{}",
+            p["id"].as_str().unwrap()
+        )
+    };
+    let d1 = edgefwd::cluster::identity::Identity::new("d1", CLUSTER_SECRET).unwrap();
+    let keys: Value = serde_json::from_slice(&d1.open(&ctx("d1"), sealed).unwrap()).unwrap();
+    assert_eq!(keys["key"].as_array().unwrap().len(), 16, "{keys}");
+    assert!(d1.open(&ctx("d2"), sealed).is_err());
+    let (code, msg) = signed_post(api, "d2", &path, &req("d2", "e", "127.0.0.1:9"));
     assert_eq!(code, 409, "{msg}");
     assert!(msg.contains("one address is one node"), "{msg}");
 
@@ -2432,20 +2478,13 @@ fn a_webrtc_room_relayed_from_an_af_xdp_origin() {
     let _k = kernel_lock();
     let t = Topology::new();
     let pin = PinDir::new();
-    let cascade = |node: &str| {
-        format!("[webrtc.cascade]\nnode = \"{node}\"\nsecret = \"{CLUSTER_SECRET}\"\nlapse = 3\n")
-    };
-    let a = start_xdp_sfu_with(&t, &pin, "auto", &cascade("a"));
+    let a = start_xdp_sfu_with(&t, &pin, "auto", &cluster_section("a", FWD_A_V4, &[]));
     let sa = ns_json(&t.forwarder, &a.base, "/api/sessions");
     assert_eq!(sa["media_path"]["path"], "af_xdp", "{sa}");
     let b = start_sfu_at(
         Some(&t.publisher),
         PUB_V4,
-        &format!(
-            "{}[[webrtc.cascade.upstream]]\nroom = \"*\"\nnode = \"a\"\nhttp = \"{}\"\n",
-            cascade("b"),
-            http_addr(&a)
-        ),
+        &cluster_section("b", PUB_V4, &[("*", "a", node_api(&a))]),
     );
     let room = unique("xskcascade");
     let mut publisher = chromium_publisher(Some(&t.publisher), &a.base, &room, 30);

@@ -106,7 +106,7 @@ pub fn check_config(files: &[PathBuf]) -> Result<()> {
             w.check().with_context(ctx)?;
         }
         if let Some(c) = &cfg.cluster {
-            crate::cluster::agent::secret(c).with_context(ctx)?;
+            c.identity().with_context(ctx)?;
             nodes.push((c.node.clone(), cfg.links.clone()));
         }
         let routes: Vec<Route> = cfg.routes.iter().map(resolve::unresolved).collect();

@@ -7,7 +7,7 @@ use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::http::client::{Outcome, call};
+use crate::http::client::{Auth, Outcome, call};
 
 /// `http://HOST:PORT[/]` or `HOST:PORT`: the address the daemon's ready line shows as
 /// `webrtc-http` or `webrtc-admin`.
@@ -35,7 +35,7 @@ pub fn fetch(api: &str, token: Option<&str>) -> Result<Value> {
         .build()?;
     let got = rt.block_on(call(
         addr,
-        token,
+        Auth::bearer(token),
         hyper::Method::GET,
         "/api/sessions",
         vec![],

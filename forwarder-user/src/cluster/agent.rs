@@ -6,7 +6,6 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::SocketAddr,
-    path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -17,7 +16,8 @@ use forwarder_common::route_stats::RouteStats;
 
 use super::{
     ClusterConfig, Direction, Link,
-    api::{self, NodeApi, Outcome},
+    api::{self, Outcome},
+    identity::Identity,
     links::{LinkManager, Plan, State, Trunk},
 };
 use crate::{
@@ -31,61 +31,21 @@ use crate::{
 /// How often demand is refreshed and the plan applied: a few times per lapse.
 pub const TICK: Duration = Duration::from_millis(500);
 
-/// The cluster secret from `[cluster]`: `secret_file` (trimmed) or `secret`.
-pub fn secret(c: &ClusterConfig) -> Result<String> {
-    super::read_secret(&c.secret, &c.secret_file, "[cluster]")
-}
-
-pub struct Agent {
-    pub manager: Arc<Mutex<LinkManager>>,
-    pub api: Option<SocketAddr>,
-}
-
-/// Starts the node API (if `[cluster] api`) and the tick loop.
-pub async fn start(
-    pin_dir: PathBuf,
+/// Starts the tick loop; returns the link manager the node API feeds.
+pub fn start(
+    pin_dir: &std::path::Path,
     cfg: &ClusterConfig,
+    identity: Arc<Identity>,
     offered: Vec<(SocketAddr, SocketAddr, u32)>,
-) -> Result<Agent> {
-    let secret = secret(cfg)?;
+) -> Result<Arc<Mutex<LinkManager>>> {
     let manager = Arc::new(Mutex::new(LinkManager::new(
         &cfg.node,
         Duration::from_secs(cfg.lapse),
         offered,
     )));
-    let bound = match cfg.api {
-        Some(addr) => {
-            let listener = api::bind(addr).await?;
-            let local = listener.local_addr()?;
-            let app = api::router(Arc::new(NodeApi {
-                manager: manager.clone(),
-                secret: secret.clone(),
-                pin_dir: pin_dir.clone(),
-            }));
-            let limits = Arc::new(crate::http::server::ConnLimits::with(
-                256,
-                64,
-                Duration::from_secs(5),
-            ));
-            tokio::spawn(async move {
-                if let Err(e) = crate::http::server::serve(listener, app, limits).await {
-                    log::error!("node API stopped: {e:#}");
-                }
-            });
-            log::info!(
-                "node API for the cascade on http://{local}/node/v1/ (node {})",
-                cfg.node
-            );
-            Some(local)
-        }
-        None => None,
-    };
-    let maps = Maps::open_pinned(&pin_dir)?;
-    tokio::spawn(run(maps, manager.clone(), secret));
-    Ok(Agent {
-        manager,
-        api: bound,
-    })
+    let maps = Maps::open_pinned(pin_dir)?;
+    tokio::spawn(run(maps, manager.clone(), identity));
+    Ok(manager)
 }
 
 /// Where a trunk copy leaves: egress ifindex, source MAC, next-hop MAC.
@@ -105,7 +65,7 @@ struct Tick {
     retired: HashMap<String, RouteStats>,
 }
 
-async fn run(maps: Maps, manager: Arc<Mutex<LinkManager>>, secret: String) {
+async fn run(maps: Maps, manager: Arc<Mutex<LinkManager>>, identity: Arc<Identity>) {
     let retired = match maps.link_states() {
         Ok(s) => s
             .into_iter()
@@ -145,7 +105,7 @@ async fn run(maps: Maps, manager: Arc<Mutex<LinkManager>>, secret: String) {
         t = Some(tick);
         if let Some((link, req)) = upstream {
             let api = link.api.expect("up links have an api (checked)");
-            let out = api::put_demand(api, &secret, &req).await;
+            let out = api::put_demand(api, &identity, &req).await;
             let mut m = manager.lock().unwrap();
             match out {
                 Outcome::Ok(reply) => m.upstream_ok(reply, Instant::now()),

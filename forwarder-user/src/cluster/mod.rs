@@ -1,4 +1,10 @@
-//! Cascades between edgefwd nodes: links (trunks), their demand, the node-to-node API.
+//! Cascades between edgefwd nodes: one node identity, one node API, the directory of
+//! which node serves which room, and the plain-RTP links (trunks) with their demand.
+//!
+//! Two kinds of trunk share them. WebRTC rooms are relayed over the node API's
+//! `/node/v1/rooms/{room}/relay` (the webrtc module implements [`relay::RoomRelay`]
+//! and asks its upstream through [`relay::ask`]); plain-RTP streams go over
+//! configured `[[link]]`s, described below.
 //!
 //! A link joins an upstream node to a downstream one. The upstream sends the
 //! downstream trunk copies: fan-out copies that keep the RTP packet as it is (SSRC,
@@ -14,9 +20,14 @@
 //! answer carries the upstream's chain of ancestors, so a node learns the chain above
 //! it and a cycle shows as a node finding itself there.
 //!
+//! * [`identity`] — the node's name and the keys derived from the cluster secret:
+//!   signed requests, sealed key material.
+//! * [`api`] — the node API on its own listener (`[cluster] api`): links' demand and
+//!   rooms' relays, every request signed.
+//! * [`relay`] — the room relay's side of the node API: the trait WebRTC implements,
+//!   and the client a downstream node asks its upstream with.
 //! * [`links`] — the sans-I/O link manager: demand in, trunk copies and our own demand
 //!   out, link states for the maps.
-//! * [`api`] — the node-to-node HTTP API (cluster secret) and its client.
 //! * [`agent`] — the daemon's driver: the manager's plan applied to the maps.
 //! * [`directory`] — where a WebRTC room is served from (the [`directory::Directory`]
 //!   trait and the config's static list); WebRTC rooms across nodes ask it.
@@ -25,7 +36,9 @@
 pub mod agent;
 pub mod api;
 pub mod directory;
+pub mod identity;
 pub mod links;
+pub mod relay;
 pub mod status;
 
 use std::{
@@ -39,8 +52,8 @@ use serde::Deserialize;
 
 pub use crate::dataplane::links::{Direction, Link, check_name};
 
-/// A cluster secret from a config section: `secret_file` (trimmed) or `secret`, at
-/// least 16 bytes. Shared by `[cluster]` and `[webrtc.cascade]`.
+/// The cluster secret from `[cluster]`: `secret_file` (trimmed) or `secret`, at least
+/// 16 bytes.
 pub fn read_secret(
     secret: &Option<String>,
     file: &Option<PathBuf>,
@@ -70,25 +83,77 @@ pub fn read_secret(
 /// Longest cascade (nodes from the origin to the farthest leaf) a node accepts.
 pub const MAX_DEPTH: usize = 32;
 
-/// `[cluster]`: this node in a cascade.
+/// `[cluster]`: this node among the others, for both kinds of trunk.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
-    /// This node's name; its peers' `[[link]] peer` name it.
+    /// This node's name; its peers' `[[link]] peer` and `[[cluster.upstream]] node`
+    /// name it.
     pub node: String,
-    /// Where the node API listens (downstream nodes send their demand here).
+    /// Where the node API listens: downstream nodes send their links' demand and ask
+    /// for rooms here. Bind a private address; absent, this node serves no other.
     pub api: Option<SocketAddr>,
     /// The cluster secret, shared by every node of the cascade. Prefer `secret_file`.
     pub secret: Option<String>,
     /// A file holding the cluster secret (surrounding whitespace ignored).
     pub secret_file: Option<PathBuf>,
-    /// Seconds a downstream's demand lasts without a refresh (default 5).
+    /// Seconds a downstream's demand (or room relay) lasts without a refresh
+    /// (default 5).
     #[serde(default = "default_lapse")]
     pub lapse: u64,
+    /// Rooms new to this node asked of upstreams per second, at most (default 20):
+    /// each anonymous WHEP for an unknown room would otherwise cost an upstream call.
+    #[serde(default = "default_new_rooms")]
+    pub new_rooms_per_second: u32,
+    /// `[[cluster.upstream]]`: which node serves which WebRTC room.
+    #[serde(default)]
+    pub upstream: Vec<directory::UpstreamConfig>,
 }
 
 fn default_lapse() -> u64 {
     5
+}
+
+fn default_new_rooms() -> u32 {
+    20
+}
+
+impl ClusterConfig {
+    /// What holds within the section: names, secret, timings, upstreams. (Links are
+    /// checked with the listeners they need, in the daemon's config.)
+    pub fn check(&self) -> Result<()> {
+        check_name(&self.node).context("[cluster] node")?;
+        read_secret(&self.secret, &self.secret_file, "[cluster]")?;
+        if self.lapse == 0 {
+            bail!("[cluster] lapse = 0: demand must last at least a second (default 5)");
+        }
+        if self.new_rooms_per_second == 0 {
+            bail!(
+                "[cluster] new_rooms_per_second = 0 would never ask an upstream for a room; \
+                 give at least 1 (default 20)"
+            );
+        }
+        for u in &self.upstream {
+            check_name(&u.node)
+                .with_context(|| format!("[[cluster.upstream]] room {:?} node", u.room))?;
+            if u.node == self.node {
+                bail!(
+                    "[[cluster.upstream]] room {:?}: the upstream is this node ({}) itself",
+                    u.room,
+                    u.node
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// This node's identity: its name and the keys from the secret.
+    pub fn identity(&self) -> Result<identity::Identity> {
+        identity::Identity::new(
+            &self.node,
+            &read_secret(&self.secret, &self.secret_file, "[cluster]")?,
+        )
+    }
 }
 
 /// `[[stream]]`: a stream this node receives and offers on its down links even with

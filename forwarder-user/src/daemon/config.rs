@@ -35,12 +35,19 @@
 //! out_src = "203.0.113.2:5006"
 //! out_dst = "203.0.113.9:6000"
 //!
-//! # Cascade (see cluster/): this node's name, its node API and the shared secret.
+//! # Cluster (see cluster/): this node's name, its node API and the shared secret,
+//! # for both kinds of trunk (plain-RTP links, WebRTC rooms).
 //! [cluster]
 //! node = "origin"
-//! api = "203.0.113.2:7000"        # downstream nodes send their demand here
+//! api = "203.0.113.2:7000"        # the node API: links' demand, rooms' relays (private)
 //! secret_file = "/etc/edgefwd/cluster.secret"
 //! lapse = 5                       # s a downstream's demand lasts without refresh
+//! new_rooms_per_second = 20       # rooms new here asked of upstreams, at most
+//!
+//! [[cluster.upstream]]            # WebRTC: room (or "*") from node, at its node API
+//! room = "*"
+//! node = "origin-2"
+//! api = "203.0.113.5:7000"
 //!
 //! [[stream]]                      # offered on down links without a local subscriber
 //! listen = "198.51.100.2:5004"
@@ -157,15 +164,12 @@ impl Config {
             }
             return Ok(());
         };
-        crate::cluster::check_name(&c.node).context("[cluster] node")?;
-        if c.secret.is_some() == c.secret_file.is_some() {
+        c.check()?;
+        if !c.upstream.is_empty() && self.webrtc.is_none() {
             bail!(
-                "[cluster]: set secret_file (or secret), exactly one: the secret every node of \
-                 the cascade shares"
+                "[[cluster.upstream]] names where WebRTC rooms come from, and this config has \
+                 no [webrtc] section to serve them; add one or remove the upstreams"
             );
-        }
-        if c.lapse == 0 {
-            bail!("[cluster] lapse = 0: demand must last at least a second (default 5)");
         }
         crate::cluster::check_links(&c.node, &self.links)?;
         for l in &self.links {

@@ -15,6 +15,12 @@ use anyhow::{Context as _, Result, bail};
 use forwarder_common::PROG_FORWARD;
 
 use crate::{
+    cluster::{
+        ClusterConfig,
+        api::{Links, NodeApi},
+        identity::Identity,
+        relay::RoomRelay,
+    },
     daemon::config::Config,
     daemon::metrics,
     datapath::userpath,
@@ -44,11 +50,57 @@ async fn spawn_metrics(
 
 type WebrtcServer = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>;
 
+/// This node in the cluster, when `[cluster]` is set: its identity (made once, for
+/// every part) and its section.
+struct ClusterPart {
+    identity: Arc<Identity>,
+    cfg: ClusterConfig,
+    /// The plain-RTP links' manager, on an XDP node that has links or streams.
+    links: Option<Links>,
+}
+
+fn cluster_part(cfg: &Config) -> Result<Option<ClusterPart>> {
+    let Some(c) = &cfg.cluster else {
+        return Ok(None);
+    };
+    Ok(Some(ClusterPart {
+        identity: Arc::new(c.identity()?),
+        cfg: c.clone(),
+        links: None,
+    }))
+}
+
+/// Serves the node API (`[cluster] api`) once every part it serves has started:
+/// links' demand, rooms' relays. Returns the bound address for the ready line.
+async fn start_node_api(
+    cluster: Option<ClusterPart>,
+    scrape: &metrics::Scrape,
+) -> Result<Option<SocketAddr>> {
+    let Some(c) = cluster else { return Ok(None) };
+    let Some(addr) = c.cfg.api else {
+        if c.links.is_some() {
+            log::info!("[cluster] has no api: no downstream node can ask this one for anything");
+        }
+        return Ok(None);
+    };
+    let rooms = scrape
+        .sfu
+        .get()
+        .map(|s| Arc::new(crate::webrtc::cascade::Rooms(s.clone())) as Arc<dyn RoomRelay>);
+    let api = NodeApi {
+        identity: c.identity,
+        links: c.links,
+        rooms,
+    };
+    Ok(Some(crate::cluster::api::serve(addr, api).await?))
+}
+
 /// Binds the WebRTC sockets now, before the daemon says it is ready.
 async fn start_webrtc(
     cfg: Option<WebrtcConfig>,
     xdp: Option<crate::webrtc::XdpOffer>,
     scrape: metrics::Scrape,
+    cluster: Option<&ClusterPart>,
 ) -> Result<(Option<crate::webrtc::Bound>, Option<WebrtcServer>)> {
     match cfg {
         Some(w) => {
@@ -57,7 +109,8 @@ async fn start_webrtc(
             let served = scrape.clone();
             let render: crate::webrtc::http::Metrics =
                 std::sync::Arc::new(move || Box::pin(metrics::scrape(served.clone())));
-            let (bound, sfu, serve) = crate::webrtc::start(w, xdp, render).await?;
+            let cluster = cluster.map(|c| (c.identity.clone(), c.cfg.clone()));
+            let (bound, sfu, serve) = crate::webrtc::start(w, xdp, render, cluster).await?;
             let _ = scrape.sfu.set(sfu);
             Ok((Some(bound), Some(Box::pin(serve))))
         }
@@ -96,13 +149,20 @@ fn forget_stale_steering(pin_dir: &std::path::Path, media: SocketAddr) -> Result
 
 /// What the ready line adds after "forwarding on ...": every address the daemon
 /// listens on, as bound (so a config with port 0 tells its callers where to go).
-fn ready_addresses(metrics: Option<SocketAddr>, webrtc: Option<crate::webrtc::Bound>) -> String {
+fn ready_addresses(
+    metrics: Option<SocketAddr>,
+    webrtc: Option<crate::webrtc::Bound>,
+    node_api: Option<SocketAddr>,
+) -> String {
     let mut s = String::new();
     if let Some(m) = metrics {
         s.push_str(&format!(" metrics={m}"));
     }
     if let Some(w) = webrtc {
         s.push_str(&format!(" {w}"));
+    }
+    if let Some(a) = node_api {
+        s.push_str(&format!(" node-api={a}"));
     }
     s
 }
@@ -229,30 +289,29 @@ pub async fn run_xdp(
     );
     let scrape = metrics::Scrape::new(metrics::Source::Pinned(pin_dir.clone()));
     let metrics_bound = spawn_metrics(metrics_addr, scrape.clone()).await?;
-    let node_api = match &cfg.cluster {
-        Some(c) => {
-            let offered = cfg
-                .streams
-                .iter()
-                .map(|s| (s.listen, s.source, s.ssrc))
-                .collect();
-            crate::cluster::agent::start(pin_dir.clone(), c, offered)
-                .await?
-                .api
-        }
-        None => None,
-    };
+    let mut cluster = cluster_part(&cfg)?;
+    if let Some(c) = cluster.as_mut() {
+        let offered = cfg
+            .streams
+            .iter()
+            .map(|s| (s.listen, s.source, s.ssrc))
+            .collect();
+        let manager = crate::cluster::agent::start(&pin_dir, &c.cfg, c.identity.clone(), offered)?;
+        c.links = Some(Links {
+            manager,
+            pin_dir: pin_dir.clone(),
+        });
+    }
     let offer = crate::webrtc::XdpOffer {
         iface: iface.clone(),
         maps,
     };
-    let (webrtc_bound, cfg_webrtc) = start_webrtc(cfg_webrtc, Some(offer), scrape).await?;
+    let (webrtc_bound, cfg_webrtc) =
+        start_webrtc(cfg_webrtc, Some(offer), scrape.clone(), cluster.as_ref()).await?;
+    let node_api = start_node_api(cluster, &scrape).await?;
     println!(
-        "edgefwd: forwarding on {iface} ({attached}){}{}",
-        ready_addresses(metrics_bound, webrtc_bound),
-        node_api
-            .map(|a| format!(" node-api={a}"))
-            .unwrap_or_default()
+        "edgefwd: forwarding on {iface} ({attached}){}",
+        ready_addresses(metrics_bound, webrtc_bound, node_api),
     );
     shutdown_signal(duration, cfg_webrtc).await?;
     // The pinned link keeps XDP attached with the routes in the pinned maps: the next
@@ -267,12 +326,14 @@ pub async fn run_user(
     metrics_addr: Option<SocketAddr>,
     duration: Option<u64>,
 ) -> Result<()> {
-    if !cfg.links.is_empty() || cfg.cluster.is_some() {
+    if !cfg.links.is_empty() || !cfg.streams.is_empty() {
         bail!(
-            "[cluster] and [[link]] need --datapath xdp: trunk copies are written into the \
-             kernel's maps, which the socket path does not read"
+            "[[link]] and [[stream]] need --datapath xdp: plain-RTP trunk copies are written \
+             into the kernel's maps, which the socket path does not read (WebRTC rooms across \
+             nodes, [[cluster.upstream]], work on either path)"
         );
     }
+    let cluster = cluster_part(&cfg)?;
     let cfg_webrtc = cfg.webrtc.clone();
     // No resolution: L2 and the egress interface are the kernel's job on this path.
     let routes: Vec<Route> = cfg.routes.iter().map(resolve::unresolved).collect();
@@ -296,14 +357,16 @@ pub async fn run_user(
     let handles = userpath::run_all(&listeners, &routes, stop.clone(), counters.clone())?;
     let scrape = metrics::Scrape::new(metrics::Source::User(counters.clone()));
     let metrics_bound = spawn_metrics(metrics_addr, scrape.clone()).await?;
-    let (webrtc_bound, cfg_webrtc) = start_webrtc(cfg_webrtc, None, scrape).await?;
+    let (webrtc_bound, cfg_webrtc) =
+        start_webrtc(cfg_webrtc, None, scrape.clone(), cluster.as_ref()).await?;
+    let node_api = start_node_api(cluster, &scrape).await?;
     if let Some(w) = &webrtc_bound {
         forget_stale_steering(pin_dir, w.media)?;
     }
     println!(
         "edgefwd: forwarding on {} listener(s) (userspace datapath){}",
         listeners.len(),
-        ready_addresses(metrics_bound, webrtc_bound)
+        ready_addresses(metrics_bound, webrtc_bound, node_api)
     );
     shutdown_signal(duration, cfg_webrtc).await?;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -1,5 +1,5 @@
-//! A small HTTP/1 client, one request per connection: the link agent's demand to its
-//! upstream, the CLI's reads of a running daemon's API, and the load-test clients'
+//! A small HTTP/1 client, one request per connection: the node API's calls between
+//! nodes (signed), the CLI's reads of a running daemon's API, and the load-test clients'
 //! WHIP/WHEP offers and DELETEs.
 
 use std::{net::SocketAddr, time::Duration};
@@ -21,10 +21,27 @@ pub enum Outcome<T> {
 /// How long one exchange may take: well under a demand lapse.
 const TIMEOUT: Duration = Duration::from_secs(2);
 
-/// One request on a fresh connection, with `Authorization: Bearer` when given.
+/// How a request authenticates.
+#[derive(Clone, Copy)]
+pub enum Auth<'a> {
+    None,
+    /// `Authorization: Bearer <token>` (the `[webrtc]` token).
+    Bearer(&'a str),
+    /// An `Authorization` value as given (a node API signature).
+    Header(&'a str),
+}
+
+impl<'a> Auth<'a> {
+    /// A bearer token if there is one.
+    pub fn bearer(token: Option<&'a str>) -> Auth<'a> {
+        token.map_or(Auth::None, Auth::Bearer)
+    }
+}
+
+/// One request on a fresh connection.
 pub async fn call(
     addr: SocketAddr,
-    bearer: Option<&str>,
+    auth: Auth<'_>,
     method: hyper::Method,
     path: &str,
     body: Vec<u8>,
@@ -36,7 +53,7 @@ pub async fn call(
         body,
         timeout: TIMEOUT,
     };
-    match exchange(addr, bearer, req).await {
+    match exchange(addr, auth, req).await {
         Outcome::Ok(r) => Outcome::Ok(r.body),
         Outcome::Refused(e) => Outcome::Refused(e),
         Outcome::Unreachable(e) => Outcome::Unreachable(e),
@@ -58,7 +75,7 @@ pub struct Response {
 }
 
 /// One request on a fresh connection; a non-2xx status is `Refused` with its body.
-pub async fn exchange(addr: SocketAddr, bearer: Option<&str>, r: Request<'_>) -> Outcome<Response> {
+pub async fn exchange(addr: SocketAddr, auth: Auth<'_>, r: Request<'_>) -> Outcome<Response> {
     let timeout = r.timeout;
     let exchange = async {
         let tcp = tokio::net::TcpStream::connect(addr)
@@ -75,8 +92,10 @@ pub async fn exchange(addr: SocketAddr, bearer: Option<&str>, r: Request<'_>) ->
             .uri(r.path)
             .header(header::HOST, addr.to_string())
             .header(header::CONTENT_TYPE, r.content_type);
-        if let Some(b) = bearer {
-            req = req.header(header::AUTHORIZATION, format!("Bearer {b}"));
+        match auth {
+            Auth::None => {}
+            Auth::Bearer(b) => req = req.header(header::AUTHORIZATION, format!("Bearer {b}")),
+            Auth::Header(h) => req = req.header(header::AUTHORIZATION, h),
         }
         let req = req
             .body(Full::new(Bytes::from(r.body)))

@@ -17,7 +17,7 @@ use webrtc_dtls::{
 };
 
 use crate::{
-    http::client::{Outcome, Request, exchange},
+    http::client::{Auth, Outcome, Request, exchange},
     media::srtp::{Context, MasterKey, Profile},
     webrtc::{
         dtls::{DemuxConn, Identity, sha256},
@@ -178,7 +178,7 @@ pub async fn join(
     };
     let posted = exchange(
         target.http,
-        target.token.as_deref(),
+        Auth::bearer(target.token.as_deref()),
         Request {
             method: hyper::Method::POST,
             path: &path,
@@ -336,7 +336,7 @@ pub async fn join(
 pub async fn leave(target: &Target, resource: &str) -> Result<(), String> {
     match exchange(
         target.http,
-        target.token.as_deref(),
+        Auth::bearer(target.token.as_deref()),
         Request {
             method: hyper::Method::DELETE,
             path: resource,

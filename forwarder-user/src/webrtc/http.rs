@@ -48,7 +48,6 @@ pub fn router(api: Arc<Api>, with_admin: bool) -> Router {
         .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .route("/whip/{room}", post(whip).options(options))
         .route("/whep/{room}", post(whep).options(options))
-        .route("/node/v1/rooms/{room}/relay", post(relay))
         .route(
             "/whip/{room}/{id}",
             axum::routing::delete(leave_whip)
@@ -88,18 +87,7 @@ fn text(status: StatusCode, msg: impl Into<String>) -> Response {
 }
 
 fn api_error(e: ApiError) -> Response {
-    let status = match e {
-        ApiError::BadOffer(_) => StatusCode::BAD_REQUEST,
-        ApiError::UnknownRoom(_) | ApiError::UnknownSession | ApiError::NoSuchTrack(_) => {
-            StatusCode::NOT_FOUND
-        }
-        ApiError::UnsupportedCodec(_) => StatusCode::NOT_ACCEPTABLE,
-        ApiError::TooManyFromSource(_) => StatusCode::TOO_MANY_REQUESTS,
-        ApiError::Cascade(code, _) => {
-            StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
-        }
-        ApiError::ServerFull(_) | ApiError::RoomFull(..) => StatusCode::SERVICE_UNAVAILABLE,
-    };
+    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
     let retry = matches!(
         e,
         ApiError::TooManyFromSource(_) | ApiError::ServerFull(_) | ApiError::RoomFull(..)
@@ -211,46 +199,6 @@ async fn whep(
         return api_error(e);
     }
     answer(&api, peer.ip(), &room, &offer, Role::Subscriber)
-}
-
-/// The node API: a downstream node asks for a room's publishers (cluster secret).
-async fn relay(
-    State(api): State<Arc<Api>>,
-    Path(room): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    if let Err(r) = check_room(&room) {
-        return r;
-    }
-    let Some(cascade) = api.sfu.cascade.get() else {
-        return text(
-            StatusCode::NOT_FOUND,
-            "this node has no [webrtc.cascade] section: it takes no relay requests",
-        );
-    };
-    if !cascade.authorized(crate::http::server::bearer(&headers)) {
-        return text(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong cluster secret: every node of a cascade needs the same \
-             [webrtc.cascade] secret_file, sent as Authorization: Bearer <secret>",
-        );
-    }
-    let req: crate::webrtc::cascade::RelayRequest = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            return text(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "the relay request is not JSON {{\"node\": NAME, \"media\": \"IP:PORT\", \"via\": [..]}}: {e}"
-                ),
-            );
-        }
-    };
-    match api.sfu.relay_request(&room, req).await {
-        Ok(reply) => axum::Json(reply).into_response(),
-        Err(e) => api_error(e),
-    }
 }
 
 /// WHIP (publish) or WHEP (subscribe): checks, offer, answer.

@@ -46,9 +46,32 @@ pub struct WebrtcConfig {
     /// interface and AF_XDP works there, else the socket; "socket": always the socket.
     #[serde(default)]
     pub datapath: MediaPath,
-    /// Rooms across nodes: this node's name, the cluster secret, which upstream
-    /// serves which room.
-    pub cascade: Option<cascade::CascadeConfig>,
+    /// The old `[webrtc.cascade]`: rooms across nodes are configured in `[cluster]`
+    /// now; kept only to refuse it with the lines to write instead.
+    pub cascade: Option<toml::Table>,
+}
+
+/// The `[cluster]` lines that replace an old `[webrtc.cascade]` section.
+fn cascade_moved(old: &toml::Table) -> String {
+    let mut s = String::from("[cluster]\n");
+    for key in ["node", "secret_file", "secret", "lapse"] {
+        if let Some(v) = old.get(key) {
+            s += &format!("{key} = {v}\n");
+        }
+    }
+    s += "api = \"<a private address of this node>:7000\"   # the node API, on its own listener\n";
+    let ups = old.get("upstream").and_then(|u| u.as_array());
+    for u in ups.into_iter().flatten() {
+        let get = |k: &str| u.get(k).map_or("?".to_string(), |v| v.to_string());
+        s += &format!(
+            "[[cluster.upstream]]\nroom = {}\nnode = {}\napi = \"<{}'s [cluster] api>\"   # was http = {}\n",
+            get("room"),
+            get("node"),
+            get("node").trim_matches('"'),
+            get("http")
+        );
+    }
+    s
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -202,8 +225,13 @@ impl WebrtcConfig {
                 "[webrtc] consent_timeout = 0 would drop every session at once; give seconds ≥ 1"
             );
         }
-        if let Some(c) = &self.cascade {
-            c.check()?;
+        if let Some(old) = &self.cascade {
+            bail!(
+                "[webrtc.cascade] moved into [cluster], with the node API on its own listener \
+                 (no longer on [webrtc] http) and signed requests; every node of the cascade \
+                 needs the new version and these lines instead:\n{}",
+                cascade_moved(old)
+            );
         }
         if self.token.as_deref() == Some("") {
             bail!(
@@ -259,6 +287,10 @@ pub async fn start(
     mut cfg: WebrtcConfig,
     xdp: Option<XdpOffer>,
     metrics: http::Metrics,
+    cluster: Option<(
+        Arc<crate::cluster::identity::Identity>,
+        crate::cluster::ClusterConfig,
+    )>,
 ) -> Result<(
     Bound,
     Arc<sfu::Sfu>,
@@ -314,14 +346,13 @@ pub async fn start(
         cfg.limits.clone(),
         fast,
     )?;
-    if let Some(c) = &cfg.cascade {
-        let c = cascade::Cascade::new(c)?;
+    if let Some((identity, c)) = cluster {
         log::info!(
-            "WebRTC cascade: node {}, node API on http://{}/node/v1/rooms/",
-            c.node,
-            cfg.http
+            "WebRTC rooms across nodes: node {}, {} upstream entr(y/ies)",
+            identity.node,
+            c.upstream.len()
         );
-        let _ = sfu.cascade.set(c);
+        let _ = sfu.cascade.set(cascade::Cascade::new(identity, &c));
     }
     let workers = sfu.engines.start_workers()?;
     log::info!("WebRTC media path: {} ({})", sfu.path.path, sfu.path.detail);

@@ -257,6 +257,20 @@ pub enum ApiError {
     TooManyFromSource(usize),
 }
 
+impl ApiError {
+    /// The HTTP status it is answered with.
+    pub fn status(&self) -> u16 {
+        match self {
+            ApiError::BadOffer(_) => 400,
+            ApiError::UnknownRoom(_) | ApiError::UnknownSession | ApiError::NoSuchTrack(_) => 404,
+            ApiError::UnsupportedCodec(_) => 406,
+            ApiError::TooManyFromSource(_) => 429,
+            ApiError::Cascade(code, _) => *code,
+            ApiError::ServerFull(_) | ApiError::RoomFull(..) => 503,
+        }
+    }
+}
+
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -308,7 +322,7 @@ pub struct Sfu {
     next_media_id: AtomicU32,
     fast: Option<FastPath>,
     pub path: PathInfo,
-    /// `[webrtc.cascade]`, once set at start.
+    /// Rooms across nodes (`[cluster]`), once set at start.
     pub cascade: std::sync::OnceLock<super::cascade::Cascade>,
     /// Each room's dominant speaker, decided on the engine's timer. Lock order: after
     /// `state` and `media`; nothing else is taken while it is held.

@@ -54,7 +54,7 @@ fn relays_out(base: &str) -> usize {
 #[test]
 fn a_relay_takes_the_new_trunk_key_after_its_relay_lapsed() {
     let a = start_cascade_node("a", None);
-    let b = start_cascade_node("b", Some(("a", http_addr(&a))));
+    let b = start_cascade_node("b", Some(("a", node_api(&a))));
     let prefix = unique("rekey");
     let room = format!("{prefix}-0");
     let load = cascade_load(&a.base, &b.base, &prefix, 1, 25);
@@ -126,12 +126,13 @@ fn one_unreachable_upstream_starves_no_other_room() {
     let (p1, p2) = (unique("slow"), unique("healthy"));
     let b = start_sfu(
         None,
-        &format!(
-            "[webrtc.cascade]\nnode = \"b\"\nsecret = \"{CLUSTER_SECRET}\"\nlapse = 3\n\
-             [[webrtc.cascade.upstream]]\nroom = \"{p2}-0\"\nnode = \"a2\"\nhttp = \"{}\"\n\
-             [[webrtc.cascade.upstream]]\nroom = \"*\"\nnode = \"a1\"\nhttp = \"{}\"\n",
-            http_addr(&a2),
-            http_addr(&a1)
+        &cluster_section(
+            "b",
+            "127.0.0.1",
+            &[
+                (&format!("{p2}-0"), "a2", node_api(&a2)),
+                ("*", "a1", node_api(&a1)),
+            ],
         ),
     );
     let slow = cascade_load(&a1.base, &b.base, &p1, 4, 40);
@@ -219,12 +220,8 @@ fn anonymous_whep_for_unknown_rooms_is_bounded() {
     let a = start_cascade_node("a", None);
     let b = start_sfu(
         None,
-        &format!(
-            "[webrtc.cascade]\nnode = \"b\"\nsecret = \"{CLUSTER_SECRET}\"\nlapse = 3\n\
-             new_rooms_per_second = 5\n\
-             [[webrtc.cascade.upstream]]\nroom = \"*\"\nnode = \"a\"\nhttp = \"{}\"\n",
-            http_addr(&a)
-        ),
+        &cluster_section("b", "127.0.0.1", &[("*", "a", node_api(&a))])
+            .replace("lapse = 3\n", "lapse = 3\nnew_rooms_per_second = 5\n"),
     );
     let calls = |what: &str| {
         get_json(&b.base, "/api/sessions")["cascade"][what]
