@@ -7,7 +7,8 @@
 //            capped to the lowest layer through its WHEP resource (PUT .../layers);
 //            once both decode, the cap is lifted and the capped one must move up.
 //   sample:  a Chromium subscribes over WHEP and prints its video stats (decoded frame
-//            size, frames, freezes) as one JSON line a second for --hold seconds.
+//            size, frames, freezes) and connection states as one JSON line a second
+//            for --hold seconds.
 //   svc:     a Chromium publishes one VP9 encoding with spatial and temporal layers
 //            (--svc, e.g. L3T3_KEY); two viewers watch, one capped to spatial layer 0;
 //            the other is then capped to temporal layer 0 (its frame rate must drop)
@@ -184,7 +185,8 @@ try {
     const end = Date.now() + hold * 1000;
     while (Date.now() < end) {
       const s = await sub.page.evaluate(() => window.summary(window.subPc));
-      console.log(JSON.stringify({ at: Date.now(), video: s.inbound.video || {} }));
+      const state = await sub.page.evaluate(() => [window.subPc.connectionState, window.subPc.iceConnectionState]);
+      console.log(JSON.stringify({ at: Date.now(), video: s.inbound.video || {}, state: state[0], ice: state[1] }));
       await sleep(1000);
     }
   } else if (role !== 'watch' && role !== 'simulcast' && role !== 'svc') {

@@ -211,6 +211,13 @@ pub async fn serve(listener: tokio::net::TcpListener, source: Scrape) -> Result<
         "serving Prometheus metrics on http://{}/metrics",
         listener.local_addr()?
     );
-    axum::serve(listener, app).await?;
-    Ok(())
+    // Its own small budget, like the admin listener's: a scrape gets through whatever
+    // the public listener suffers.
+    let (max, per_source) = crate::http::server::ADMIN_CONNECTIONS;
+    let limits = std::sync::Arc::new(crate::http::server::ConnLimits::with(
+        max,
+        per_source,
+        std::time::Duration::from_secs(10),
+    ));
+    crate::http::server::serve(listener, app, limits).await
 }

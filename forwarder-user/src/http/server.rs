@@ -1,7 +1,9 @@
 //! Serving HTTP with limits every listener of the daemon needs: a cap on open
-//! connections (in total and per client address) and a header timeout, so idle or
-//! greedy clients cannot hold its file descriptors. The WHIP/WHEP listener, its admin
-//! listener and the node API all serve through [`serve`].
+//! connections (in total and per client address), a header timeout and a request
+//! timeout (body read and answer), so idle, greedy or slow clients cannot hold its file
+//! descriptors. Every listener (WHIP/WHEP, admin, node API, `--metrics`) serves
+//! through [`serve`] with its own [`ConnLimits`]: what one suffers, the others do not,
+//! and together they stay below the open-file limit ([`fd_limit`], [`RESERVED_FDS`]).
 
 use std::{
     collections::HashMap,
@@ -17,11 +19,66 @@ use axum::{
 };
 use tokio::net::TcpListener;
 
-/// Open HTTP connections, in total and per client address.
+/// File descriptors kept for everything but HTTP connections: sockets, maps, AF_XDP,
+/// logs, and a margin for the moment a limit is reached.
+pub const RESERVED_FDS: usize = 256;
+
+/// The admin listener's and the `--metrics` listener's caps (total, per source):
+/// operators and scrapers are few.
+pub const ADMIN_CONNECTIONS: (usize, usize) = (64, 32);
+/// The node API's caps: nodes are few, each makes a call per room per second.
+pub const NODE_API_CONNECTIONS: (usize, usize) = (256, 64);
+
+/// The process's open-file limit (soft), if it can be read.
+pub fn fd_limit() -> Option<usize> {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct we pass and nothing else.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) } != 0 {
+        return None;
+    }
+    Some(usize::try_from(l.rlim_cur).unwrap_or(usize::MAX))
+}
+
+/// The public listener's connection cap: `configured`, or less when the open-file
+/// limit leaves less after [`RESERVED_FDS`] and the other listeners' caps (`others`);
+/// with a note saying so. An error when it leaves almost nothing.
+pub fn public_cap(configured: usize, others: usize) -> anyhow::Result<(usize, Option<String>)> {
+    let Some(limit) = fd_limit() else {
+        return Ok((configured, None));
+    };
+    let room = limit.saturating_sub(RESERVED_FDS + others);
+    if room < 16 {
+        anyhow::bail!(
+            "the open-file limit ({limit}) leaves {room} descriptors for WHIP/WHEP connections \
+             after {RESERVED_FDS} reserved and {others} for the other listeners; raise it \
+             (LimitNOFILE= in the service unit, or ulimit -n)"
+        );
+    }
+    if configured <= room {
+        return Ok((configured, None));
+    }
+    Ok((
+        room,
+        Some(format!(
+            "[webrtc.limits] http_max_connections = {configured} is more than the open-file \
+             limit ({limit}) leaves after {RESERVED_FDS} reserved and {others} for the other \
+             listeners: using {room}, so the daemon never runs out of descriptors (raise \
+             LimitNOFILE= for more)"
+        )),
+    ))
+}
+
+/// Open HTTP connections, in total and per client address, and how long a client may
+/// take.
 pub struct ConnLimits {
     max: usize,
     max_per_source: usize,
     header_timeout: Duration,
+    /// From the end of the headers to the answer's head: the body and the handler.
+    request_timeout: Duration,
     open: Mutex<(usize, HashMap<IpAddr, usize>)>,
 }
 
@@ -50,8 +107,15 @@ impl ConnLimits {
             max,
             max_per_source,
             header_timeout,
+            request_timeout: header_timeout,
             open: Mutex::new((0, HashMap::new())),
         }
+    }
+
+    /// The same with another request timeout (body read and answer).
+    pub fn request_timeout(mut self, t: Duration) -> ConnLimits {
+        self.request_timeout = t;
+        self
     }
 
     /// A place for a connection from `ip`, or why there is none.
@@ -116,13 +180,21 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
-        let header_timeout = limits.header_timeout;
+        let (header_timeout, request_timeout) = (limits.header_timeout, limits.request_timeout);
         tokio::spawn(async move {
             let _slot = slot;
             let svc = hyper::service::service_fn(
                 move |mut req: hyper::Request<hyper::body::Incoming>| {
                     req.extensions_mut().insert(ConnectInfo(peer));
-                    tower::ServiceExt::oneshot(app.clone(), req)
+                    // A body sent slowly (or a handler stuck) holds a connection only
+                    // this long; a streamed answer (events) is not cut: its head is out.
+                    let answer = tower::ServiceExt::oneshot(app.clone(), req);
+                    async move {
+                        match tokio::time::timeout(request_timeout, answer).await {
+                            Ok(r) => r,
+                            Err(_) => Ok(too_slow(request_timeout)),
+                        }
+                    }
                 },
             );
             let conn = hyper::server::conn::http1::Builder::new()
@@ -134,6 +206,25 @@ pub async fn serve(
             }
         });
     }
+}
+
+/// 408 for a request whose body (or answer) took longer than `t`; the connection
+/// closes with it.
+fn too_slow(t: Duration) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    (
+        axum::http::StatusCode::REQUEST_TIMEOUT,
+        [
+            (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+            (header::CONNECTION, "close"),
+        ],
+        format!(
+            "the request took longer than {} s to arrive (its body) or to be answered; \
+             send it at once\n",
+            t.as_secs()
+        ),
+    )
+        .into_response()
 }
 
 /// The `Authorization: Bearer` value of a request ("" without one).

@@ -158,6 +158,9 @@ impl Drop {
 pub struct Counters {
     pub drops: [AtomicU64; Drop::ALL.len()],
     pub stun_answered: AtomicU64,
+    /// Checks of sessions this node no longer has, answered with a signed 400 so the
+    /// client rejoins (each also counted as `stun_unknown_ufrag`).
+    pub stun_refused: AtomicU64,
     pub rtp_in: AtomicU64,
     pub rtp_out: AtomicU64,
     /// Trunk copies to downstream nodes (ciphertext as received).

@@ -36,6 +36,10 @@ pub struct Api {
     pub token: Option<String>,
     /// Served at `/metrics`.
     pub metrics: Metrics,
+    /// Places for event streams (`[webrtc.limits] http_max_streams`).
+    pub streams: Arc<tokio::sync::Semaphore>,
+    /// How long one event stream lasts.
+    pub stream_lifetime: std::time::Duration,
 }
 
 const PAGE: &str = include_str!("page.html");
@@ -384,6 +388,16 @@ async fn room_events(
     if let Err(r) = check_auth(&api, &headers) {
         return r;
     }
+    // Its own budget: streams last, and must not take every connection (or fd).
+    let Ok(place) = api.streams.clone().try_acquire_owned() else {
+        let mut r = text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "as many event streams are open as [webrtc.limits] http_max_streams allows; retry later",
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("10"));
+        return r;
+    };
     let rx = api.sfu.events.subscribe();
     let now = serde_json::json!({ "speaker": api.sfu.active_speaker(&room) });
     let first = futures_util::stream::once(async move {
@@ -413,9 +427,19 @@ async fn room_events(
             }
         }
     });
-    Sse::new(first.chain(rest))
+    // It ends after its lifetime (the client reconnects), giving its place back.
+    let end = tokio::time::sleep(api.stream_lifetime);
+    let stream = first.chain(rest).take_until(end).map(move |e| {
+        let _ = &place;
+        e
+    });
+    let mut r = Sse::new(stream)
         .keep_alive(KeepAlive::default())
-        .into_response()
+        .into_response();
+    // The connection closes with the stream: its descriptor goes too.
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
 }
 
 /// Prometheus exposition of the control plane's counters and session gauges (with a

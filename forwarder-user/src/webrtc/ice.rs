@@ -1,8 +1,18 @@
 //! ICE-lite (RFC 8445 §2.5): we never send checks, we answer them. A valid check
 //! (USERNAME ours:theirs, MESSAGE-INTEGRITY with our ice-pwd, FINGERPRINT) proves the
 //! 5-tuple belongs to the session and refreshes consent (RFC 7675).
+//!
+//! Our ice-pwd is derived from the ufrag with a key kept on disk ([`Passwords`]), so
+//! after a restart the daemon can still authenticate a check of a session it no
+//! longer has, and refuse it with an error response the client believes (a browser
+//! drops error responses without our MESSAGE-INTEGRITY): the client's pair fails at
+//! once and it rejoins, instead of sitting "connected" with no media until its own
+//! consent timeout.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, path::Path};
+
+use anyhow::{Context as _, Result};
+use aws_lc_rs::hmac;
 
 use stun::{
     attributes::{ATTR_USE_CANDIDATE, ATTR_USERNAME},
@@ -59,31 +69,113 @@ pub fn parse_check(buf: &[u8]) -> Result<Check, CheckError> {
     })
 }
 
+/// Our ICE passwords: HMAC-SHA256 of the ufrag under a key that outlives the
+/// process (`[webrtc] state_dir`/ice.key).
+pub struct Passwords(hmac::Key);
+
+impl Passwords {
+    /// The key in `path`, made (32 random bytes, mode 0600) when there is none.
+    pub fn load_or_create(path: &Path) -> Result<Passwords> {
+        let key = match std::fs::read(path) {
+            Ok(k) if k.len() >= 32 => k,
+            Ok(k) => anyhow::bail!(
+                "{} holds {} bytes, not an ICE key of 32: remove it (a new one is made)",
+                path.display(),
+                k.len()
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                use std::os::unix::fs::OpenOptionsExt as _;
+                let k: [u8; 32] = rand::random();
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)
+                        .with_context(|| format!("making {}", dir.display()))?;
+                }
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(path)
+                    .with_context(|| format!("writing the ICE key {}", path.display()))?;
+                std::io::Write::write_all(&mut f, &k)?;
+                k.to_vec()
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        Ok(Passwords(hmac::Key::new(hmac::HMAC_SHA256, &key)))
+    }
+
+    /// A key for this process only: sessions of an earlier process cannot be refused.
+    pub fn ephemeral() -> Passwords {
+        Passwords(hmac::Key::new(
+            hmac::HMAC_SHA256,
+            &rand::random::<[u8; 32]>(),
+        ))
+    }
+
+    /// The ice-pwd of ufrag `ufrag`: 32 hex characters (128 bits).
+    pub fn for_ufrag(&self, ufrag: &str) -> String {
+        let tag = hmac::sign(&self.0, ufrag.as_bytes());
+        hex::encode(&tag.as_ref()[..16])
+    }
+}
+
 impl Check {
-    /// Authenticates the check with our password and builds the success response
-    /// carrying the address the request came from.
-    pub fn answer(mut self, local_pwd: &str, from: SocketAddr) -> Result<Vec<u8>, CheckError> {
+    /// Checks FINGERPRINT and our MESSAGE-INTEGRITY; the request for the response.
+    fn authenticate(mut self, local_pwd: &str) -> Result<Message, CheckError> {
         FINGERPRINT
             .check(&self.msg)
             .map_err(|_| CheckError::BadFingerprint)?;
         MessageIntegrity::new_short_term_integrity(local_pwd.to_string())
             .check(&mut self.msg)
             .map_err(|_| CheckError::BadIntegrity)?;
+        Ok(self.msg)
+    }
+
+    /// The response to `req`: its transaction ID, `attrs`, our MESSAGE-INTEGRITY and a
+    /// FINGERPRINT.
+    fn respond(
+        req: Message,
+        local_pwd: &str,
+        attrs: Vec<Box<dyn Setter>>,
+    ) -> Result<Vec<u8>, CheckError> {
+        let mut setters: Vec<Box<dyn Setter>> = vec![Box::new(req)];
+        setters.extend(attrs);
+        setters.push(Box::new(MessageIntegrity::new_short_term_integrity(
+            local_pwd.to_string(),
+        )));
+        setters.push(Box::new(FINGERPRINT));
         let mut resp = Message::new();
-        let setters: Vec<Box<dyn Setter>> = vec![
-            Box::new(self.msg.clone()), // copies the transaction ID
+        resp.build(&setters).map_err(|_| CheckError::NotStun)?;
+        Ok(resp.raw)
+    }
+
+    /// Authenticates the check with our password and builds the success response
+    /// carrying the address the request came from.
+    pub fn answer(self, local_pwd: &str, from: SocketAddr) -> Result<Vec<u8>, CheckError> {
+        let req = self.authenticate(local_pwd)?;
+        let attrs: Vec<Box<dyn Setter>> = vec![
             Box::new(BINDING_SUCCESS),
             Box::new(XorMappedAddress {
                 ip: from.ip(),
                 port: from.port(),
             }),
-            Box::new(MessageIntegrity::new_short_term_integrity(
-                local_pwd.to_string(),
-            )),
-            Box::new(FINGERPRINT),
         ];
-        resp.build(&setters).map_err(|_| CheckError::NotStun)?;
-        Ok(resp.raw)
+        Self::respond(req, local_pwd, attrs)
+    }
+
+    /// Authenticates the check with our password and builds an error response (400,
+    /// signed and fingerprinted, so the client acts on it) for a session this node no
+    /// longer has: Chromium fails the candidate pair on a 400 (it retries on 401).
+    pub fn refuse(self, local_pwd: &str) -> Result<Vec<u8>, CheckError> {
+        let req = self.authenticate(local_pwd)?;
+        let attrs: Vec<Box<dyn Setter>> = vec![
+            Box::new(stun::message::BINDING_ERROR),
+            Box::new(stun::error_code::ErrorCodeAttribute {
+                code: stun::error_code::CODE_BAD_REQUEST,
+                reason: b"session unknown here (the server restarted): rejoin".to_vec(),
+            }),
+        ];
+        Self::respond(req, local_pwd, attrs)
     }
 }
 
@@ -163,6 +255,40 @@ pub(crate) mod tests {
             .check(&mut resp)
             .unwrap();
         FINGERPRINT.check(&resp).unwrap();
+    }
+
+    /// A session this node no longer has: its check (signed with the password derived
+    /// from the same key) gets a signed 400; a check with another password, nothing.
+    #[test]
+    fn a_check_of_a_forgotten_session_gets_a_signed_400() {
+        let dir = std::env::temp_dir().join(format!("edgefwd-ice-{}", rand::random::<u64>()));
+        let path = dir.join("ice.key");
+        let before = Passwords::load_or_create(&path).unwrap();
+        let pwd = before.for_ufrag("abcd1234");
+        assert_eq!(pwd.len(), 32);
+        // The key outlives the process: a later one derives the same password.
+        let after = Passwords::load_or_create(&path).unwrap();
+        assert_eq!(after.for_ufrag("abcd1234"), pwd);
+        assert_ne!(after.for_ufrag("abcd1235"), pwd);
+        assert_ne!(Passwords::ephemeral().for_ufrag("abcd1234"), pwd);
+        let req = request("abcd1234:cli1", &pwd, false);
+        let raw = parse_check(&req).unwrap().refuse(&pwd).unwrap();
+        let mut resp = Message::new();
+        resp.unmarshal_binary(&raw).unwrap();
+        assert_eq!(resp.typ, stun::message::BINDING_ERROR);
+        let mut code = stun::error_code::ErrorCodeAttribute::default();
+        code.get_from(&resp).unwrap();
+        assert_eq!(code.code.0, 400);
+        MessageIntegrity::new_short_term_integrity(pwd.clone())
+            .check(&mut resp)
+            .unwrap();
+        FINGERPRINT.check(&resp).unwrap();
+        let forged = request("abcd1234:cli1", "another-password-123456", false);
+        assert_eq!(
+            parse_check(&forged).unwrap().refuse(&pwd).unwrap_err(),
+            CheckError::BadIntegrity
+        );
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -46,6 +46,10 @@ pub struct WebrtcConfig {
     /// interface and AF_XDP works there, else the socket; "socket": always the socket.
     #[serde(default)]
     pub datapath: MediaPath,
+    /// Where the daemon keeps what must outlive it (the ICE key); default
+    /// /var/lib/edgefwd (systemd's StateDirectory=edgefwd).
+    #[serde(default = "default_state_dir")]
+    pub state_dir: std::path::PathBuf,
     /// The old `[webrtc.cascade]`: rooms across nodes are configured in `[cluster]`
     /// now; kept only to refuse it with the lines to write instead.
     pub cascade: Option<toml::Table>,
@@ -138,6 +142,36 @@ fn default_consent() -> u64 {
     30
 }
 
+fn default_state_dir() -> std::path::PathBuf {
+    "/var/lib/edgefwd".into()
+}
+
+/// The public listener's caps within the open-file limit, beside the other listeners'
+/// own (admin, `--metrics`, node API); event streams at most half the connections of
+/// the listener that serves them (the admin one when there is one).
+fn fit_http_caps(
+    l: &mut Limits,
+    admin: bool,
+    cluster: &Option<(
+        Arc<crate::cluster::identity::Identity>,
+        crate::cluster::ClusterConfig,
+    )>,
+) -> Result<()> {
+    use crate::http::server::{ADMIN_CONNECTIONS, NODE_API_CONNECTIONS, public_cap};
+    let node_api = cluster.as_ref().is_some_and(|(_, c)| c.api.is_some());
+    // `--metrics` may be on too: always counted.
+    let others = ADMIN_CONNECTIONS.0 * (1 + admin as usize)
+        + if node_api { NODE_API_CONNECTIONS.0 } else { 0 };
+    let (cap, note) = public_cap(l.http_max_connections, others)?;
+    if let Some(n) = note {
+        log::warn!("{n}");
+    }
+    l.http_max_connections = cap;
+    let serving = if admin { ADMIN_CONNECTIONS.0 } else { cap };
+    l.http_max_streams = l.http_max_streams.min(serving / 2).max(1);
+    Ok(())
+}
+
 /// `[webrtc.limits]`: what one client, one room, or everyone together may take.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -160,6 +194,16 @@ pub struct Limits {
     /// Seconds a client has to send a request's headers, also between requests on
     /// a kept-alive connection; then the connection is closed.
     pub http_header_timeout: u64,
+    /// Seconds from a request's headers to its answer (its body included); then 408
+    /// and the connection closes.
+    pub http_body_timeout: u64,
+    /// Event streams (`/api/rooms/{room}/events`) open at once; beyond it 503. At most
+    /// half the connections of the listener serving them (32 on an admin listener),
+    /// so streams never take every one.
+    pub http_max_streams: usize,
+    /// Seconds an event stream lasts; then it ends and the client reconnects
+    /// (EventSource does on its own), so no client holds a descriptor for good.
+    pub http_stream_lifetime: u64,
 }
 
 impl Default for Limits {
@@ -172,6 +216,9 @@ impl Default for Limits {
             http_max_connections: 1_024,
             http_max_connections_per_source: 64,
             http_header_timeout: 10,
+            http_body_timeout: 10,
+            http_max_streams: 256,
+            http_stream_lifetime: 300,
         }
     }
 }
@@ -188,6 +235,7 @@ impl WebrtcConfig {
             admin: None,
             limits: Limits::default(),
             datapath: MediaPath::Auto,
+            state_dir: default_state_dir(),
             cascade: None,
         }
     }
@@ -205,6 +253,7 @@ impl WebrtcConfig {
                 "http_max_connections_per_source",
                 l.http_max_connections_per_source,
             ),
+            ("http_max_streams", l.http_max_streams),
         ] {
             if v == 0 {
                 bail!("[webrtc.limits] {name} = 0 would refuse every client; set it to at least 1");
@@ -213,6 +262,8 @@ impl WebrtcConfig {
         for (name, v) in [
             ("ice_timeout", l.ice_timeout),
             ("http_header_timeout", l.http_header_timeout),
+            ("http_body_timeout", l.http_body_timeout),
+            ("http_stream_lifetime", l.http_stream_lifetime),
         ] {
             if v == 0 {
                 bail!(
@@ -339,12 +390,23 @@ pub async fn start(
         }
         (MediaPath::Auto, Some(x)) => open_fast(cfg.media, x).map_err(|e| format!("{e:#}")),
     };
+    fit_http_caps(&mut cfg.limits, admin_listener.is_some(), &cluster)?;
+    let key = cfg.state_dir.join("ice.key");
+    let passwords = ice::Passwords::load_or_create(&key).unwrap_or_else(|e| {
+        log::warn!(
+            "{e:#}: ICE passwords are this process's own, so after a restart the old one's \
+             clients wait out their consent timeout instead of rejoining at once (give \
+             [webrtc] state_dir a writable directory)"
+        );
+        ice::Passwords::ephemeral()
+    });
     let sfu = sfu::Sfu::new(
         socket,
         candidates.clone(),
         Duration::from_secs(cfg.consent_timeout),
         cfg.limits.clone(),
         fast,
+        passwords,
     )?;
     if let Some((identity, c)) = cluster {
         log::info!(
@@ -394,21 +456,35 @@ pub async fn start(
             })
         };
         let media = tokio::spawn(sfu.clone().run_socket());
+        let l = &cfg.limits;
         let api = Arc::new(http::Api {
             sfu,
             token: cfg.token.clone(),
             metrics,
+            streams: Arc::new(tokio::sync::Semaphore::new(l.http_max_streams)),
+            stream_lifetime: Duration::from_secs(l.http_stream_lifetime),
         });
-        let limits = Arc::new(crate::http::server::ConnLimits::with(
-            cfg.limits.http_max_connections,
-            cfg.limits.http_max_connections_per_source,
-            Duration::from_secs(cfg.limits.http_header_timeout),
-        ));
+        let header_timeout = Duration::from_secs(l.http_header_timeout);
+        let body_timeout = Duration::from_secs(l.http_body_timeout);
+        let limits = Arc::new(
+            crate::http::server::ConnLimits::with(
+                l.http_max_connections,
+                l.http_max_connections_per_source,
+                header_timeout,
+            )
+            .request_timeout(body_timeout),
+        );
+        // The admin listener's own budget: it answers whatever the public one suffers.
+        let (admin_max, admin_per_source) = crate::http::server::ADMIN_CONNECTIONS;
+        let admin_limits = Arc::new(
+            crate::http::server::ConnLimits::with(admin_max, admin_per_source, header_timeout)
+                .request_timeout(body_timeout),
+        );
         let public = http::router(api.clone(), admin_listener.is_none());
         let admin = async {
             match admin_listener {
                 Some(l) => {
-                    crate::http::server::serve(l, http::admin_router(api.clone()), limits.clone())
+                    crate::http::server::serve(l, http::admin_router(api.clone()), admin_limits)
                         .await
                 }
                 None => std::future::pending().await,

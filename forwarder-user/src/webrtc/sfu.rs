@@ -322,6 +322,8 @@ pub struct Sfu {
     next_media_id: AtomicU32,
     fast: Option<FastPath>,
     pub path: PathInfo,
+    /// Our ICE passwords (derived from the ufrag with a key on disk).
+    pub passwords: super::ice::Passwords,
     /// Rooms across nodes (`[cluster]`), once set at start.
     pub cascade: std::sync::OnceLock<super::cascade::Cascade>,
     /// Each room's dominant speaker, decided on the engine's timer. Lock order: after
@@ -360,6 +362,7 @@ impl Sfu {
         consent_timeout: Duration,
         limits: super::Limits,
         fast: Result<FastPathSetup, String>,
+        passwords: super::ice::Passwords,
     ) -> anyhow::Result<Arc<Sfu>> {
         socket.set_nonblocking(true)?;
         crate::datapath::userpath::set_buf(&socket, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, 8 << 20);
@@ -411,6 +414,7 @@ impl Sfu {
             fast,
             path,
             cascade: Default::default(),
+            passwords,
             speakers: Default::default(),
             // Subscribers that fall this far behind skip events (they are told).
             events: tokio::sync::broadcast::channel(256).0,
@@ -608,14 +612,15 @@ impl Sfu {
         source: std::net::IpAddr,
         offer: &Offer,
     ) -> Session {
+        let ufrag = random_string(8);
         Session {
             id: random_string(16),
             media: self.media_id(room),
             room: room.to_string(),
             role,
             http_source: source,
-            ice_ufrag: random_string(8),
-            ice_pwd: random_string(24),
+            ice_ufrag: ufrag.clone(),
+            ice_pwd: self.passwords.for_ufrag(&ufrag),
             remote_ufrag: offer.ice_ufrag.clone(),
             remote_fingerprint: offer.fingerprint.clone(),
             created: Instant::now(),
@@ -1237,6 +1242,21 @@ impl Sfu {
     }
 }
 
+impl Sfu {
+    /// A check for a ufrag no session has: if it authenticates with the password we
+    /// would have given that ufrag (a session of this node before a restart, or one
+    /// just removed), a signed 400 tells the client to give up the pair and rejoin.
+    fn refuse_forgotten(&self, check: super::ice::Check, from: SocketAddr) {
+        self.counters.count(Drop::StunUnknownUfrag);
+        let pwd = self.passwords.for_ufrag(&check.local_ufrag);
+        if let Ok(resp) = check.refuse(&pwd)
+            && self.send(&resp, from)
+        {
+            self.counters.stun_refused.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 impl Signalling for Sfu {
     fn on_stun(self: &Arc<Self>, buf: &[u8], from: SocketAddr) {
         let check = match super::ice::parse_check(buf) {
@@ -1245,7 +1265,8 @@ impl Signalling for Sfu {
         };
         let mut st = self.state.lock().unwrap();
         let Some(id) = st.by_ufrag.get(&check.local_ufrag).cloned() else {
-            return self.counters.count(Drop::StunUnknownUfrag);
+            drop(st);
+            return self.refuse_forgotten(check, from);
         };
         let s = st
             .sessions

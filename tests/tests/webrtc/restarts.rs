@@ -66,3 +66,95 @@ fn a_socket_path_daemon_after_a_killed_af_xdp_one_gets_media() {
     assert_eq!(r["total"]["worst_loss_pct"], 0.0, "{r:#}");
     let _ = std::fs::remove_file(&cfg);
 }
+
+/// A free TCP and UDP port on loopback (bound, then let go).
+fn free_port() -> u16 {
+    let t = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = t.local_addr().unwrap().port();
+    std::net::UdpSocket::bind(("127.0.0.1", port)).map_or_else(|_| free_port(), |_| port)
+}
+
+/// A Chromium viewer connected to a daemon that is killed and started again on the
+/// same addresses: the new daemon does not know its session, but its ICE checks
+/// authenticate with the password derived from the ufrag under the key in
+/// `state_dir`, so it answers them with a signed 400 and Chromium fails the pair at
+/// once (connectionState "failed" within seconds) instead of sitting "connected"
+/// without media until its consent times out (30 s). Before, the checks went
+/// unanswered.
+#[test]
+fn a_viewer_of_a_restarted_daemon_fails_fast() {
+    let _k = kernel_lock();
+    let state = std::env::temp_dir().join(unique("edgefwd-state-"));
+    let port = free_port();
+    let cfg = std::env::temp_dir().join(format!("{}.toml", unique("edgefwd-restart-")));
+    std::fs::write(
+        &cfg,
+        format!(
+            "[webrtc]\nhttp = \"127.0.0.1:{port}\"\nmedia = \"127.0.0.1:{port}\"\nstate_dir = \"{}\"\n",
+            state.display()
+        ),
+    )
+    .unwrap();
+    let start = || {
+        let mut cmd = Command::new(edgefwd_bin());
+        cmd.args(["run", "--datapath", "user", "--config"])
+            .arg(&cfg);
+        spawn_edgefwd(cmd)
+    };
+    let mut first = start();
+    let base = format!("http://127.0.0.1:{port}");
+    let room = unique("restart");
+    let mut viewer = node(
+        None,
+        &[
+            "--base", &base, "--room", &room, "--role", "sample", "--hold", "40",
+        ],
+    )
+    .stdout(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(viewer.stdout.take().unwrap()));
+    let mut next = || -> Value {
+        let l = lines.next().expect("the viewer's next sample").unwrap();
+        serde_json::from_str(&l).unwrap_or_else(|e| panic!("{e}: {l}"))
+    };
+    let mut s = next();
+    for _ in 0..20 {
+        if s["state"] == "connected" {
+            break;
+        }
+        s = next();
+    }
+    assert_eq!(s["state"], "connected", "{s}");
+
+    first.kill9();
+    let second = start();
+    let restarted = std::time::Instant::now();
+    let mut failed_after = None;
+    for _ in 0..30 {
+        let s = next();
+        if s["state"] == "failed" {
+            failed_after = Some(restarted.elapsed());
+            break;
+        }
+    }
+    let c = get_json(&base, "/api/sessions")["counters"].clone();
+    let _ = viewer.kill();
+    let _ = viewer.wait();
+    let failed_after = failed_after.expect("the viewer's connection failed within 30 s");
+    println!("the viewer failed {failed_after:?} after the restart; {c}");
+    assert!(
+        failed_after < Duration::from_secs(10),
+        "failed fast, not at its consent timeout: {failed_after:?}"
+    );
+    assert!(c["stun_refused"].as_u64().unwrap() > 0, "{c}");
+    assert!(
+        get_json(&base, "/api/sessions")["rooms"]
+            .as_object()
+            .unwrap()
+            .is_empty(),
+        "the new daemon made no session of the old client's checks"
+    );
+    drop(second);
+    let _ = std::fs::remove_dir_all(&state);
+}

@@ -28,6 +28,7 @@ async fn sfu(consent: Duration) -> Arc<Sfu> {
         consent,
         crate::webrtc::Limits::default(),
         Err("unit test".into()),
+        crate::webrtc::ice::Passwords::ephemeral(),
     )
     .unwrap()
 }
@@ -438,11 +439,12 @@ async fn session_caps_refuse_by_total_room_and_source_and_unconnected_ones_are_r
         Duration::from_secs(30),
         limits,
         Err("test".into()),
+        crate::webrtc::ice::Passwords::ephemeral(),
     )
     .unwrap();
     let offer = parse_offer(OFFER).unwrap();
     let watch = parse_offer(&OFFER.replace("a=sendonly", "a=recvonly")).unwrap();
-    let ip = |n: u8| std::net::IpAddr::from([10, 0, 0, n]);
+    let ip = |n: u8| std::net::IpAddr::from([192, 0, 2, n]);
     sfu.publish("a", ip(1), &offer).unwrap();
     sfu.publish("a", ip(1), &offer).unwrap();
     assert!(matches!(

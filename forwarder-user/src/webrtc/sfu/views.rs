@@ -21,6 +21,7 @@ impl Sfu {
         )?;
         for (name, v) in [
             ("stun_answered", &c.stun_answered),
+            ("stun_refused", &c.stun_refused),
             ("rtp_in", &c.rtp_in),
             ("rtp_out", &c.rtp_out),
             ("relay_out", &c.relay_out),
@@ -366,6 +367,7 @@ impl Sfu {
                 .collect::<serde_json::Map<_, _>>(),
             "counters": {
                 "stun_answered": c.stun_answered.load(Ordering::Relaxed),
+                "stun_refused": c.stun_refused.load(Ordering::Relaxed),
                 "rtp_in": c.rtp_in.load(Ordering::Relaxed),
                 "rtp_out": c.rtp_out.load(Ordering::Relaxed),
                 "relay_out": c.relay_out.load(Ordering::Relaxed),
