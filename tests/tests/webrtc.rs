@@ -2314,6 +2314,20 @@ fn a_webrtc_room_spans_three_nodes_publish_on_a_watch_on_c_through_b() {
     let (code, msg) = signed_post(api, "d2", &path, &req("d2", "e", "127.0.0.1:9"));
     assert_eq!(code, 409, "{msg}");
     assert!(msg.contains("one address is one node"), "{msg}");
+    // Many names from one host, each with its own port: at most 8 per IP address.
+    let answers: Vec<(u16, String)> = (0..10)
+        .map(|i| {
+            let (n, media) = (format!("n{i}"), format!("127.0.0.2:{}", 20_000 + i));
+            signed_post(api, &n, &path, &req(&n, "e", &media))
+        })
+        .collect();
+    let codes: Vec<u16> = answers.iter().map(|a| a.0).collect();
+    assert_eq!(codes, [200, 200, 200, 200, 200, 200, 200, 200, 409, 409]);
+    assert!(
+        answers[8].1.contains("at most 8 per address"),
+        "{}",
+        answers[8].1
+    );
 
     // Watch on C in the background; meanwhile the trunk A→B is there to tamper with.
     let watch = chromium_watcher(&c.base, &room, "4");

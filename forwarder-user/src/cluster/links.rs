@@ -102,7 +102,15 @@ pub struct LinkManager {
     offered: Vec<(SocketAddr, SocketAddr, u32)>,
     demand: BTreeMap<String, Demand>,
     upstream: Upstream,
+    /// SSRCs this node has without its upstream, as of the last plan.
+    local: BTreeSet<u32>,
+    /// SSRCs our upstream said it serves us, as of its last answer.
+    upstream_serving: BTreeSet<u32>,
 }
+
+/// SSRCs one demand may name: a trunk tree's streams, with room to spare; a bound on
+/// what a holder of the secret can make a node keep.
+pub const MAX_DEMAND: usize = 4096;
 
 impl LinkManager {
     pub fn new(node: &str, lapse: Duration, offered: Vec<(SocketAddr, SocketAddr, u32)>) -> Self {
@@ -113,6 +121,8 @@ impl LinkManager {
             offered,
             demand: BTreeMap::new(),
             upstream: Upstream::Unknown,
+            local: BTreeSet::new(),
+            upstream_serving: BTreeSet::new(),
         }
     }
 
@@ -130,6 +140,7 @@ impl LinkManager {
         let up = |ls: &[Link]| ls.iter().find(|l| l.direction == Direction::Up).cloned();
         if up(&links) != up(&self.links) {
             self.upstream = Upstream::Unknown;
+            self.upstream_serving.clear();
         }
         self.links = links;
     }
@@ -190,8 +201,23 @@ impl LinkManager {
                 ),
             });
         }
+        if req.ssrcs.len() > MAX_DEMAND {
+            return Err(Refusal {
+                status: 413,
+                message: format!(
+                    "the demand names {} SSRCs; a link carries at most {MAX_DEMAND}",
+                    req.ssrcs.len()
+                ),
+            });
+        }
         let ssrcs: BTreeSet<u32> = req.ssrcs.into_iter().collect();
-        let serving = ssrcs.iter().copied().collect();
+        // What we have, or our upstream sends us: not an echo of the demand. The rest
+        // stays demanded (asked upstream) and is served once it arrives.
+        let serving = ssrcs
+            .iter()
+            .copied()
+            .filter(|s| self.local.contains(s) || self.upstream_serving.contains(s))
+            .collect();
         self.demand
             .insert(peer.to_string(), Demand { ssrcs, at: now });
         let mut chain = vec![self.node.clone()];
@@ -227,6 +253,7 @@ impl LinkManager {
             ));
             return;
         }
+        self.upstream_serving = reply.serving.into_iter().collect();
         self.upstream = Upstream::Up {
             at: now,
             chain: reply.chain,
@@ -243,6 +270,7 @@ impl LinkManager {
 
     /// The upstream did not answer (connection, timeout).
     pub fn upstream_unreachable(&mut self, message: String) {
+        self.upstream_serving.clear();
         self.upstream = Upstream::Down {
             message,
             last_ok: self.last_ok(),
@@ -251,6 +279,7 @@ impl LinkManager {
 
     /// The upstream answered with a refusal (secret, unknown link, cycle).
     pub fn upstream_refused(&mut self, message: String) {
+        self.upstream_serving.clear();
         self.upstream = Upstream::Refused {
             message,
             last_ok: self.last_ok(),
@@ -262,8 +291,9 @@ impl LinkManager {
     }
 
     /// What the maps should hold and what to ask upstream for, from the streams the
-    /// maps hold now.
-    pub fn plan(&self, now: Instant, streams: &[Stream]) -> Plan {
+    /// maps hold now (and which of them this node has without its upstream, for the
+    /// answers to demand).
+    pub fn plan(&mut self, now: Instant, streams: &[Stream]) -> Plan {
         let mut plan = Plan::default();
         let down: Vec<&Link> = self
             .links
@@ -274,7 +304,8 @@ impl LinkManager {
             down.iter()
                 .any(|l| (l.local, l.remote) == (out_src, out_dst))
         };
-        let up = self.up_link();
+        let up = self.up_link().cloned();
+        let up = up.as_ref();
         let fed_by_up = |listen: SocketAddr, source: SocketAddr| {
             up.is_some_and(|u| (u.local, u.remote) == (listen, source))
         };
@@ -292,6 +323,7 @@ impl LinkManager {
                     .insert((s.listen, s.source));
             }
         }
+        self.local = local.keys().copied().collect();
         let mut wanted_upstream: BTreeSet<u32> = BTreeSet::new();
         for l in &down {
             let fresh = self
@@ -590,7 +622,8 @@ mod tests {
         assert_eq!(r, req("r1", &[1]));
         assert_eq!(p.states["origin"].state, STATE_UNKNOWN);
         // r2 wants 1 (already here), 2 (from upstream) and 9 (a local publisher).
-        m.on_demand("r2", req("r2", &[1, 2, 9]), t0).unwrap();
+        let r = m.on_demand("r2", req("r2", &[1, 2, 9]), t0).unwrap();
+        assert_eq!(r.serving, vec![9], "only what this node has: no echo");
         let p = m.plan(t0, &streams);
         assert_eq!(p.upstream.unwrap().1, req("r1", &[1, 2]));
         let sources: Vec<_> = p
@@ -617,6 +650,24 @@ mod tests {
         let later = t0 + Duration::from_secs(6);
         let p = m.plan(later, &only_trunk);
         assert!(p.trunks.is_empty(), "r2's demand lapsed");
+        // What the upstream serves is served on: 1 (upstream serves it), not 2 or 77.
+        m.upstream_ok(
+            DemandReply {
+                node: "origin".into(),
+                chain: vec!["origin".into()],
+                serving: vec![1],
+            },
+            later,
+        );
+        let r = m.on_demand("r2", req("r2", &[1, 2, 77]), later).unwrap();
+        assert_eq!(r.serving, vec![1]);
+        let many: Vec<u32> = (0..=MAX_DEMAND as u32).collect();
+        assert_eq!(
+            m.on_demand("r2", req("r2", &many), later)
+                .unwrap_err()
+                .status,
+            413
+        );
         assert_eq!(p.upstream.unwrap().1, req("r1", &[]));
         // Upstream unreachable: reported with the last good contact kept.
         m.upstream_ok(

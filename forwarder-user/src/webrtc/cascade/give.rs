@@ -38,6 +38,46 @@ fn seal_keys(
         .seal(&seal_context(room, node, publisher), &plain)
 }
 
+/// Nodes per IP address that may take relays from this one: a few nodes behind one
+/// address happen, hundreds of names from one host are someone multiplying copies.
+const NODES_PER_IP: usize = 8;
+
+/// One media address is one node (trunks to one address under many names would
+/// multiply the copies it receives), and one IP holds at most [`NODES_PER_IP`].
+fn check_peer_addresses(st: &State, req: &RelayRequest) -> Result<(), ApiError> {
+    if let Some(other) = st
+        .relays_out
+        .values()
+        .find(|r| r.addr == req.media && r.node != req.node)
+    {
+        return Err(refused(
+            409,
+            format!(
+                "media address {} takes node {}'s relays already; one address is one node",
+                req.media, other.node
+            ),
+        ));
+    }
+    let known = st.relays_out.values().any(|r| r.node == req.node);
+    let at_ip: std::collections::BTreeSet<&str> = st
+        .relays_out
+        .values()
+        .filter(|r| r.addr.ip() == req.media.ip())
+        .map(|r| r.node.as_str())
+        .collect();
+    if !known && at_ip.len() >= NODES_PER_IP {
+        return Err(refused(
+            409,
+            format!(
+                "{} nodes at {} take relays from this node already; at most {NODES_PER_IP} per address",
+                at_ip.len(),
+                req.media.ip()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl Sfu {
     fn cascade_or_404(&self) -> Result<&Cascade, ApiError> {
         self.cascade.get().ok_or_else(|| {
@@ -99,21 +139,7 @@ impl Sfu {
         self.ensure_upstream(room, via).await?;
         let now = Instant::now();
         let mut st = self.state.lock().unwrap();
-        // One media address is one node: trunks to one address under many names
-        // would multiply the copies it receives.
-        if let Some(other) = st
-            .relays_out
-            .values()
-            .find(|r| r.addr == req.media && r.node != req.node)
-        {
-            return Err(refused(
-                409,
-                format!(
-                    "media address {} takes node {}'s relays already; one address is one node",
-                    req.media, other.node
-                ),
-            ));
-        }
+        check_peer_addresses(&st, &req)?;
         let publishers: Vec<String> = st
             .rooms
             .get(room)
