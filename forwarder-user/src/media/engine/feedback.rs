@@ -76,29 +76,7 @@ impl Engine {
                     self.on_nack(id, media_ssrc, &seqs, now, tx)
                 }
                 (Role::Subscriber, Request::TransportFeedback { received }) => {
-                    let Some(s) = self.sessions.get_mut(&id) else {
-                        continue;
-                    };
-                    let Some(tw) = s.twcc_out.as_mut() else {
-                        continue;
-                    };
-                    let before = tw.delay.overuses;
-                    let arrivals = tw.arrivals(&received);
-                    tw.delay.on_feedback(&arrivals, now);
-                    c.bwe_delay_overuses.fetch_add(
-                        tw.delay.overuses - before,
-                        std::sync::atomic::Ordering::Relaxed,
-                    );
-                    // The transport's estimate bounds each of its down-tracks' layers.
-                    let (estimate, overuses) = (tw.delay.estimate, tw.delay.overuses);
-                    for tid in &s.tracks {
-                        if let Some(t) = self.tracks.get_mut(tid) {
-                            for d in t.downs.iter_mut().filter(|d| d.sub == id) {
-                                d.bwe.delay = estimate;
-                                d.bwe.delay_overuses = overuses;
-                            }
-                        }
-                    }
+                    self.on_transport_feedback(id, &received, now)
                 }
                 (Role::Subscriber, Request::Remb { bitrate, ssrcs }) => {
                     for ssrc in ssrcs {
@@ -110,50 +88,7 @@ impl Engine {
                         }
                     }
                 }
-                (Role::Subscriber, Request::Reception(b)) => {
-                    if let Some((tid, i)) = self.downtrack_by_ssrc(id, b.media_ssrc)
-                        && let Some(t) = self.tracks.get_mut(&tid)
-                    {
-                        let rate = t.clock_rate;
-                        // Rates of the encodings being received (0: not), for the
-                        // layer the viewer's bandwidth carries.
-                        let active = t.active(now);
-                        let mut rates = [0u64; MAX_LAYERS];
-                        let top = t.streams[0].seen.top(now, LAYER_IDLE);
-                        let (n, svc) = if t.streams.len() == 1 {
-                            // One scalable encoding: its spatial layers are the choice.
-                            (t.streams[0].seen.cumulative(top.0, &mut rates), true)
-                        } else {
-                            for ((r, st), a) in rates.iter_mut().zip(&t.streams).zip(active) {
-                                *r = if a { st.rate_bps.max(1) } else { 0 };
-                            }
-                            (t.streams.len().min(MAX_LAYERS), false)
-                        };
-                        let rates = &rates[..n];
-                        let d = &mut t.downs[i];
-                        d.quality.update(&b, rate, now);
-                        if rates.len() > 1 {
-                            let on = if svc {
-                                d.layering.got(top).map(|g| g.0)
-                            } else {
-                                d.layering.current
-                            };
-                            let before = (d.bwe.probes, d.bwe.failed_probes);
-                            d.layering.bw_limit = d.bwe.on_report(
-                                b.total_lost,
-                                b.highest_seq,
-                                d.octets,
-                                on,
-                                now,
-                                rates,
-                            );
-                            let relaxed = std::sync::atomic::Ordering::Relaxed;
-                            c.bwe_probes.fetch_add(d.bwe.probes - before.0, relaxed);
-                            c.bwe_failed_probes
-                                .fetch_add(d.bwe.failed_probes - before.1, relaxed);
-                        }
-                    }
-                }
+                (Role::Subscriber, Request::Reception(b)) => self.on_reception(id, &b, now),
                 // A relay names the publisher's own SSRCs (trunks keep them).
                 (Role::Relay, Request::KeyFrame { media_ssrc }) => {
                     if let Some((tid, l)) = self.stream_of(id, media_ssrc) {
@@ -168,6 +103,80 @@ impl Engine {
                     }
                 }
                 _ => {}
+            }
+        }
+    }
+
+    /// A viewer's transport feedback: its delay-based estimate, which bounds the layers
+    /// of each of its down-tracks.
+    fn on_transport_feedback(&mut self, id: SessionId, received: &[(u16, i64)], now: Instant) {
+        let c = self.counters.clone();
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        let Some(tw) = s.twcc_out.as_mut() else {
+            return;
+        };
+        let before = tw.delay.overuses;
+        let arrivals = tw.arrivals(received);
+        tw.delay.on_feedback(&arrivals, now);
+        c.bwe_delay_overuses.fetch_add(
+            tw.delay.overuses - before,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        // The transport's estimate bounds each of its down-tracks' layers.
+        let (estimate, overuses) = (tw.delay.estimate, tw.delay.overuses);
+        for tid in &s.tracks {
+            if let Some(t) = self.tracks.get_mut(tid) {
+                for d in t.downs.iter_mut().filter(|d| d.sub == id) {
+                    d.bwe.delay = estimate;
+                    d.bwe.delay_overuses = overuses;
+                }
+            }
+        }
+    }
+
+    /// A viewer's reception report on one of its down-tracks: its quality figures and,
+    /// for a track with layers, the loss-based estimate that bounds its layer.
+    fn on_reception(&mut self, id: SessionId, b: &rtcp::ReportBlock, now: Instant) {
+        let c = self.counters.clone();
+        if let Some((tid, i)) = self.downtrack_by_ssrc(id, b.media_ssrc)
+            && let Some(t) = self.tracks.get_mut(&tid)
+        {
+            let rate = t.clock_rate;
+            // Rates of the encodings being received (0: not), for the
+            // layer the viewer's bandwidth carries.
+            let active = t.active(now);
+            let mut rates = [0u64; MAX_LAYERS];
+            let top = t.streams[0].seen.top(now, LAYER_IDLE);
+            let (n, svc) = if t.streams.len() == 1 {
+                // One scalable encoding: its spatial layers are the choice.
+                (t.streams[0].seen.cumulative(top.0, &mut rates), true)
+            } else {
+                for ((r, st), a) in rates.iter_mut().zip(&t.streams).zip(active) {
+                    *r = if a { st.rate_bps.max(1) } else { 0 };
+                }
+                (t.streams.len().min(MAX_LAYERS), false)
+            };
+            let rates = &rates[..n];
+            let Some(d) = t.downs.get_mut(i) else {
+                return;
+            };
+            d.quality.update(b, rate, now);
+            if rates.len() > 1 {
+                let on = if svc {
+                    d.layering.got(top).map(|g| g.0)
+                } else {
+                    d.layering.current
+                };
+                let before = (d.bwe.probes, d.bwe.failed_probes);
+                d.layering.bw_limit =
+                    d.bwe
+                        .on_report(b.total_lost, b.highest_seq, d.octets, on, now, rates);
+                let relaxed = std::sync::atomic::Ordering::Relaxed;
+                c.bwe_probes.fetch_add(d.bwe.probes - before.0, relaxed);
+                c.bwe_failed_probes
+                    .fetch_add(d.bwe.failed_probes - before.1, relaxed);
             }
         }
     }
