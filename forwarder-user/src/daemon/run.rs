@@ -95,6 +95,19 @@ async fn start_node_api(
     Ok(Some(crate::cluster::api::serve(addr, api).await?))
 }
 
+/// The config's plain-RTP listeners (the WebRTC one is added by the control plane).
+fn plain_listeners(cfg: &Config) -> Vec<Listener> {
+    cfg.listeners
+        .iter()
+        .map(|l| Listener {
+            addr: l.addr,
+            drop_unknown_source: l.drop_unknown_source,
+            drop_no_route: l.drop_no_route,
+            webrtc: false,
+        })
+        .collect()
+}
+
 /// Binds the WebRTC sockets now, before the daemon says it is ready.
 async fn start_webrtc(
     cfg: Option<WebrtcConfig>,
@@ -227,16 +240,7 @@ pub async fn run_xdp(
     // The maps first: an adopted link keeps forwarding with the old program until the
     // new one replaces it, and both read the same pinned maps.
     let mut maps = Maps::from_ebpf(&mut ebpf)?;
-    let listeners: Vec<Listener> = cfg
-        .listeners
-        .iter()
-        .map(|l| Listener {
-            addr: l.addr,
-            drop_unknown_source: l.drop_unknown_source,
-            drop_no_route: l.drop_no_route,
-            webrtc: false,
-        })
-        .collect();
+    let listeners = plain_listeners(&cfg);
     let mut routes = Vec::new();
     for rc in &cfg.routes {
         let route =
@@ -337,16 +341,7 @@ pub async fn run_user(
     let cfg_webrtc = cfg.webrtc.clone();
     // No resolution: L2 and the egress interface are the kernel's job on this path.
     let routes: Vec<Route> = cfg.routes.iter().map(resolve::unresolved).collect();
-    let listeners: Vec<Listener> = cfg
-        .listeners
-        .iter()
-        .map(|l| Listener {
-            addr: l.addr,
-            drop_unknown_source: l.drop_unknown_source,
-            drop_no_route: l.drop_no_route,
-            webrtc: false,
-        })
-        .collect();
+    let listeners = plain_listeners(&cfg);
     let stop = Arc::new(AtomicBool::new(false));
     let counters = Arc::new(userpath::UserCounters::default());
     if listeners.is_empty() && cfg_webrtc.is_none() {

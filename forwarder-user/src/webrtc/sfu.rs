@@ -531,13 +531,24 @@ impl Sfu {
     /// keys come over the node API), connected from the start.
     pub(super) fn relay_session(&self, room: &str, rtcp_ssrc: u32, profile: Profile) -> Session {
         Session {
+            profile: Some(profile),
+            rtcp_ssrc,
+            ..self.blank_session(room, Role::Publisher, std::net::IpAddr::from([0, 0, 0, 0]))
+        }
+    }
+
+    /// A session of `room` with nothing negotiated yet: fresh ids, our ICE credentials
+    /// (the password derived from the ufrag), no keys, no tracks.
+    fn blank_session(&self, room: &str, role: Role, source: std::net::IpAddr) -> Session {
+        let ufrag = random_string(8);
+        Session {
             id: random_string(16),
             media: self.media_id(room),
             room: room.to_string(),
-            role: Role::Publisher,
-            http_source: std::net::IpAddr::from([0, 0, 0, 0]),
-            ice_ufrag: random_string(8),
-            ice_pwd: random_string(24),
+            role,
+            http_source: source,
+            ice_pwd: self.passwords.for_ufrag(&ufrag),
+            ice_ufrag: ufrag,
             remote_ufrag: String::new(),
             remote_fingerprint: (String::new(), vec![]),
             created: Instant::now(),
@@ -546,9 +557,9 @@ impl Sfu {
             nominated: None,
             dtls_peer: Arc::new(Mutex::new(SocketAddr::from(([0, 0, 0, 0], 0)))),
             dtls_in: None,
-            profile: Some(profile),
+            profile: None,
             hello: None,
-            rtcp_ssrc,
+            rtcp_ssrc: nonzero_u32(),
             tracks: vec![],
             downtracks: vec![],
             relay: None,

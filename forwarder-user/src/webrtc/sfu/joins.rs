@@ -12,31 +12,10 @@ impl Sfu {
         source: std::net::IpAddr,
         offer: &Offer,
     ) -> Session {
-        let ufrag = random_string(8);
         Session {
-            id: random_string(16),
-            media: self.media_id(room),
-            room: room.to_string(),
-            role,
-            http_source: source,
-            ice_ufrag: ufrag.clone(),
-            ice_pwd: self.passwords.for_ufrag(&ufrag),
             remote_ufrag: offer.ice_ufrag.clone(),
             remote_fingerprint: offer.fingerprint.clone(),
-            created: Instant::now(),
-            last_consent: None,
-            addrs: vec![],
-            nominated: None,
-            dtls_peer: Arc::new(Mutex::new(SocketAddr::from(([0, 0, 0, 0], 0)))),
-            dtls_in: None,
-            profile: None,
-            hello: None,
-            rtcp_ssrc: nonzero_u32(),
-            tracks: vec![],
-            downtracks: vec![],
-            relay: None,
-            reserved: vec![],
-            layer_prefs: HashMap::new(),
+            ..self.blank_session(room, role, source)
         }
     }
 
