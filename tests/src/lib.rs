@@ -333,6 +333,74 @@ pub fn register_chart_font() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// A real `redis-server` (Debian's, installed by `cargo xtask setup`) on a free
+/// loopback port, without persistence; stopped on drop.
+pub struct RedisServer {
+    child: Child,
+    pub port: u16,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        Self::start_on(port)
+    }
+
+    /// A new, empty server on the port a killed one had (Redis restarted, its data
+    /// lost).
+    pub fn restart(&mut self) {
+        self.kill();
+        let fresh = Self::start_on(self.port);
+        *self = fresh;
+    }
+
+    fn start_on(port: u16) -> RedisServer {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server (cargo xtask setup installs it)");
+        let r = RedisServer { child, port };
+        for _ in 0..100 {
+            if r.cli(&["PING"]).trim() == "PONG" {
+                return r;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("redis-server on port {port} did not answer PING within 5 s");
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// `redis-cli` against it: its output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Stops it (SIGKILL), as a crash or a partition would take it away.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,6 +18,8 @@ use serde_json::Value;
 
 #[path = "webrtc/cascade_faults.rs"]
 mod cascade_faults;
+#[path = "webrtc/cluster.rs"]
+mod cluster;
 #[path = "webrtc/http_limits.rs"]
 mod http_limits;
 #[path = "webrtc/long_calls.rs"]

@@ -398,7 +398,8 @@ fn output(cmd: &mut Command) -> Option<String> {
 // chromium: the browser the WebRTC tests publish and watch with (playwright-core drives
 // it; no browser download). nftables: random loss on a namespace's loopback (this
 // kernel has no netem). clang, libbpf-dev: the C reference forwarder the benchmark
-// compares against in the same run.
+// compares against in the same run. redis-server: the cluster's directory, started by
+// the tests that need it.
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
@@ -410,6 +411,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "python3-venv",
     "clang",
     "libbpf-dev",
+    "redis-server",
 ];
 
 /// Where `setup` puts aiortc, the second WebRTC implementation the tests use.

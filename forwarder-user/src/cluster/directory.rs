@@ -1,9 +1,14 @@
 //! Where a room is served from: the directory a node asks when it has no publisher of
-//! a room. Today's implementation is the static list of the config
-//! (`[[cluster.upstream]]`); a Redis-backed one will sit beside it, behind the same
-//! trait.
+//! a room. Two implementations behind one trait: the static list of the config
+//! (`[[cluster.upstream]]`), and [`Layered`], the room's own static entry, else the
+//! cluster's Redis, else the static `"*"`.
 
-use std::net::SocketAddr;
+use std::{
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, OnceLock},
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -15,20 +20,67 @@ pub struct UpstreamConfig {
     pub node: String,
     /// The upstream's node API (its `[cluster] api`).
     pub api: SocketAddr,
+    /// The origin's epoch in the cluster's directory, when it came from there: the
+    /// upstream refuses a request naming a stale one.
+    #[serde(skip)]
+    pub epoch: Option<u64>,
 }
 
-/// Where a room's media comes from when this node has no publisher of it.
+/// An answer to come from a directory.
+pub type Lookup<'a> = Pin<Box<dyn Future<Output = Option<UpstreamConfig>> + Send + 'a>>;
+
+/// Where a room's media comes from when this node has no publisher of it (None: from
+/// nowhere else; this node is, or may become, its origin).
 pub trait Directory: Send + Sync {
-    fn upstream(&self, room: &str) -> Option<UpstreamConfig>;
+    fn upstream<'a>(&'a self, room: &'a str) -> Lookup<'a>;
 }
 
 /// The config's `[[cluster.upstream]]` list: the room's own entry, else `"*"`.
 pub struct StaticDirectory(pub Vec<UpstreamConfig>);
 
+impl StaticDirectory {
+    /// The room's own entry.
+    pub fn exact(&self, room: &str) -> Option<UpstreamConfig> {
+        self.0.iter().find(|u| u.room == room).cloned()
+    }
+
+    /// The room's own entry, else `"*"`.
+    pub fn find(&self, room: &str) -> Option<UpstreamConfig> {
+        self.exact(room).or_else(|| self.exact("*"))
+    }
+}
+
 impl Directory for StaticDirectory {
-    fn upstream(&self, room: &str) -> Option<UpstreamConfig> {
-        let find = |r: &str| self.0.iter().find(|u| u.room == r).cloned();
-        find(room).or_else(|| find("*"))
+    fn upstream<'a>(&'a self, room: &'a str) -> Lookup<'a> {
+        let found = self.find(room);
+        Box::pin(async move { found })
+    }
+}
+
+/// The room's own `[[cluster.upstream]]` entry, else the cluster's Redis (the room's
+/// origin when it is another live node), else the static `"*"` entry. Redis away or
+/// not connected yet: the static entries alone (and a warning).
+pub struct Layered {
+    pub config: StaticDirectory,
+    pub redis: Arc<OnceLock<super::redis::Directory>>,
+}
+
+impl Directory for Layered {
+    fn upstream<'a>(&'a self, room: &'a str) -> Lookup<'a> {
+        Box::pin(async move {
+            if let Some(u) = self.config.exact(room) {
+                return Some(u);
+            }
+            if let Some(d) = self.redis.get() {
+                match d.upstream(room).await {
+                    Ok(Some(u)) => return Some(u),
+                    // Ours, or no one's yet: no upstream.
+                    Ok(None) => return None,
+                    Err(e) => log::warn!("{e:#}; room {room:?} from the config's entries only"),
+                }
+            }
+            self.config.find(room)
+        })
     }
 }
 
@@ -42,14 +94,11 @@ mod tests {
             room: room.into(),
             node: node.into(),
             api: "127.0.0.1:1".parse().unwrap(),
+            epoch: None,
         };
         let d = StaticDirectory(vec![u("*", "any"), u("live", "origin")]);
-        assert_eq!(d.upstream("live").unwrap().node, "origin");
-        assert_eq!(d.upstream("other").unwrap().node, "any");
-        assert!(
-            StaticDirectory(vec![u("live", "o")])
-                .upstream("x")
-                .is_none()
-        );
+        assert_eq!(d.find("live").unwrap().node, "origin");
+        assert_eq!(d.find("other").unwrap().node, "any");
+        assert!(StaticDirectory(vec![u("live", "o")]).find("x").is_none());
     }
 }

@@ -30,14 +30,20 @@
 //!   out, link states for the maps.
 //! * [`agent`] — the daemon's driver: the manager's plan applied to the maps.
 //! * [`directory`] — where a WebRTC room is served from (the [`directory::Directory`]
-//!   trait and the config's static list); WebRTC rooms across nodes ask it.
+//!   trait: the config's static list, and the Redis directory); WebRTC rooms across
+//!   nodes ask it.
+//! * [`lease`] — this node's lease in Redis, renewed once a second.
+//! * [`redis`] — the cluster's truth in Redis: node leases, room origins fenced by
+//!   epochs.
 //! * [`status`] — each link as the node sees it, for the CLI, the node API, /metrics.
 
 pub mod agent;
 pub mod api;
 pub mod directory;
 pub mod identity;
+pub mod lease;
 pub mod links;
+pub mod redis;
 pub mod relay;
 pub mod status;
 
@@ -45,6 +51,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
     path::PathBuf,
+    sync::{Arc, OnceLock},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -108,6 +115,22 @@ pub struct ClusterConfig {
     /// `[[cluster.upstream]]`: which node serves which WebRTC room.
     #[serde(default)]
     pub upstream: Vec<directory::UpstreamConfig>,
+    /// The cluster's Redis (`redis://host:port/`): node leases and the room directory,
+    /// so any node takes any join. Absent: rooms come from `[[cluster.upstream]]` only.
+    pub redis_url: Option<String>,
+    /// This node's region, announced in its lease.
+    #[serde(default)]
+    pub region: String,
+}
+
+/// This node in the cluster, as every part that serves it shares it.
+#[derive(Clone)]
+pub struct Membership {
+    pub identity: Arc<identity::Identity>,
+    pub cfg: ClusterConfig,
+    /// The cluster's Redis, once connected (the lease task connects and keeps it);
+    /// empty without `redis_url` or while Redis has not answered yet.
+    pub redis: Arc<OnceLock<redis::Directory>>,
 }
 
 fn default_lapse() -> u64 {
@@ -131,6 +154,12 @@ impl ClusterConfig {
             bail!(
                 "[cluster] new_rooms_per_second = 0 would never ask an upstream for a room; \
                  give at least 1 (default 20)"
+            );
+        }
+        if self.redis_url.is_some() && self.api.is_none() {
+            bail!(
+                "[cluster] redis_url needs api: the other nodes ask this one for its rooms \
+                 at its node API (e.g. api = \"198.51.100.7:7000\", a private address)"
             );
         }
         for u in &self.upstream {

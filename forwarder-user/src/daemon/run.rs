@@ -16,9 +16,8 @@ use forwarder_common::PROG_FORWARD;
 
 use crate::{
     cluster::{
-        ClusterConfig,
+        Membership,
         api::{Links, NodeApi},
-        identity::Identity,
         relay::RoomRelay,
     },
     daemon::config::Config,
@@ -50,11 +49,10 @@ async fn spawn_metrics(
 
 type WebrtcServer = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>;
 
-/// This node in the cluster, when `[cluster]` is set: its identity (made once, for
-/// every part) and its section.
+/// This node in the cluster, when `[cluster]` is set: its membership (identity made
+/// once, for every part; the cluster's Redis once connected) and its links.
 struct ClusterPart {
-    identity: Arc<Identity>,
-    cfg: ClusterConfig,
+    m: Membership,
     /// The plain-RTP links' manager, on an XDP node that has links or streams.
     links: Option<Links>,
 }
@@ -64,8 +62,11 @@ fn cluster_part(cfg: &Config) -> Result<Option<ClusterPart>> {
         return Ok(None);
     };
     Ok(Some(ClusterPart {
-        identity: Arc::new(c.identity()?),
-        cfg: c.clone(),
+        m: Membership {
+            identity: Arc::new(c.identity()?),
+            cfg: c.clone(),
+            redis: Default::default(),
+        },
         links: None,
     }))
 }
@@ -75,9 +76,10 @@ fn cluster_part(cfg: &Config) -> Result<Option<ClusterPart>> {
 async fn start_node_api(
     cluster: Option<ClusterPart>,
     scrape: &metrics::Scrape,
+    webrtc: Option<crate::webrtc::Bound>,
 ) -> Result<Option<SocketAddr>> {
     let Some(c) = cluster else { return Ok(None) };
-    let Some(addr) = c.cfg.api else {
+    let Some(addr) = c.m.cfg.api else {
         if c.links.is_some() {
             log::info!("[cluster] has no api: no downstream node can ask this one for anything");
         }
@@ -88,11 +90,33 @@ async fn start_node_api(
         .get()
         .map(|s| Arc::new(crate::webrtc::cascade::Rooms(s.clone())) as Arc<dyn RoomRelay>);
     let api = NodeApi {
-        identity: c.identity,
+        identity: c.m.identity.clone(),
         links: c.links,
         rooms,
     };
-    Ok(Some(crate::cluster::api::serve(addr, api).await?))
+    let bound = crate::cluster::api::serve(addr, api).await?;
+    if let Some(url) = &c.m.cfg.redis_url {
+        let sfu = scrape.sfu.get().cloned();
+        // Where clients reach our WHIP/WHEP: the bound port at the first candidate's
+        // address when the listener is a wildcard.
+        let http = webrtc.zip(sfu.as_ref()).map(|(w, s)| {
+            let ip = match w.http.ip() {
+                ip if ip.is_unspecified() => s.candidates[0].ip(),
+                ip => ip,
+            };
+            format!("http://{}", SocketAddr::new(ip, w.http.port()))
+        });
+        let load: crate::cluster::lease::Load =
+            Arc::new(move || sfu.as_ref().map_or(0, |s| s.session_count() as u64));
+        tokio::spawn(crate::cluster::lease::run(
+            c.m.clone(),
+            url.clone(),
+            bound,
+            http,
+            load,
+        ));
+    }
+    Ok(Some(bound))
 }
 
 /// The config's plain-RTP listeners (the WebRTC one is added by the control plane).
@@ -122,7 +146,7 @@ async fn start_webrtc(
             let served = scrape.clone();
             let render: crate::webrtc::http::Metrics =
                 std::sync::Arc::new(move || Box::pin(metrics::scrape(served.clone())));
-            let cluster = cluster.map(|c| (c.identity.clone(), c.cfg.clone()));
+            let cluster = cluster.map(|c| c.m.clone());
             let (bound, sfu, serve) = crate::webrtc::start(w, xdp, render, cluster).await?;
             let _ = scrape.sfu.set(sfu);
             Ok((Some(bound), Some(Box::pin(serve))))
@@ -300,7 +324,8 @@ pub async fn run_xdp(
             .iter()
             .map(|s| (s.listen, s.source, s.ssrc))
             .collect();
-        let manager = crate::cluster::agent::start(&pin_dir, &c.cfg, c.identity.clone(), offered)?;
+        let manager =
+            crate::cluster::agent::start(&pin_dir, &c.m.cfg, c.m.identity.clone(), offered)?;
         c.links = Some(Links {
             manager,
             pin_dir: pin_dir.clone(),
@@ -312,7 +337,7 @@ pub async fn run_xdp(
     };
     let (webrtc_bound, cfg_webrtc) =
         start_webrtc(cfg_webrtc, Some(offer), scrape.clone(), cluster.as_ref()).await?;
-    let node_api = start_node_api(cluster, &scrape).await?;
+    let node_api = start_node_api(cluster, &scrape, webrtc_bound).await?;
     println!(
         "edgefwd: forwarding on {iface} ({attached}){}",
         ready_addresses(metrics_bound, webrtc_bound, node_api),
@@ -354,7 +379,7 @@ pub async fn run_user(
     let metrics_bound = spawn_metrics(metrics_addr, scrape.clone()).await?;
     let (webrtc_bound, cfg_webrtc) =
         start_webrtc(cfg_webrtc, None, scrape.clone(), cluster.as_ref()).await?;
-    let node_api = start_node_api(cluster, &scrape).await?;
+    let node_api = start_node_api(cluster, &scrape, webrtc_bound).await?;
     if let Some(w) = &webrtc_bound {
         forget_stale_steering(pin_dir, w.media)?;
     }

@@ -180,7 +180,36 @@ async fn whip(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    join(&api, peer.ip(), &room, &headers, &body, Role::Publisher)
+    if let Err(r) = check_room(&room).and_then(|_| check_auth(&api, &headers)) {
+        return r;
+    }
+    let offer = match read_offer(&headers, &body) {
+        Ok(o) => o,
+        Err(r) => return r,
+    };
+    // With the cluster's directory: the room is this node's, or another's to publish
+    // at (RFC 9725 allows a redirect).
+    match api.sfu.claim_room(&room).await {
+        Ok(None) => answer(&api, peer.ip(), &room, &offer, Role::Publisher),
+        Ok(Some(url)) => redirect(&url),
+        Err(e) => api_error(e),
+    }
+}
+
+/// 307 to the room's origin node: the client repeats its POST there.
+fn redirect(url: &str) -> Response {
+    let mut r = text(
+        StatusCode::TEMPORARY_REDIRECT,
+        format!("this room is published at another node: POST the offer to {url}"),
+    );
+    if let Ok(v) = HeaderValue::from_str(url) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r.headers_mut().insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static("Location"),
+    );
+    r
 }
 
 async fn whep(
@@ -203,24 +232,6 @@ async fn whep(
         return api_error(e);
     }
     answer(&api, peer.ip(), &room, &offer, Role::Subscriber)
-}
-
-/// WHIP (publish) or WHEP (subscribe): checks, offer, answer.
-fn join(
-    api: &Api,
-    source: IpAddr,
-    room: &str,
-    headers: &HeaderMap,
-    body: &[u8],
-    role: Role,
-) -> Response {
-    if let Err(r) = check_room(room).and_then(|_| check_auth(api, headers)) {
-        return r;
-    }
-    match read_offer(headers, body) {
-        Ok(offer) => answer(api, source, room, &offer, role),
-        Err(r) => r,
-    }
 }
 
 /// The session for a checked offer, and its answer.

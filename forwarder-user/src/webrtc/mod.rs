@@ -152,13 +152,10 @@ fn default_state_dir() -> std::path::PathBuf {
 fn fit_http_caps(
     l: &mut Limits,
     admin: bool,
-    cluster: &Option<(
-        Arc<crate::cluster::identity::Identity>,
-        crate::cluster::ClusterConfig,
-    )>,
+    cluster: &Option<crate::cluster::Membership>,
 ) -> Result<()> {
     use crate::http::server::{ADMIN_CONNECTIONS, NODE_API_CONNECTIONS, public_cap};
-    let node_api = cluster.as_ref().is_some_and(|(_, c)| c.api.is_some());
+    let node_api = cluster.as_ref().is_some_and(|m| m.cfg.api.is_some());
     // `--metrics` may be on too: always counted.
     let others = ADMIN_CONNECTIONS.0 * (1 + admin as usize)
         + if node_api { NODE_API_CONNECTIONS.0 } else { 0 };
@@ -338,10 +335,7 @@ pub async fn start(
     mut cfg: WebrtcConfig,
     xdp: Option<XdpOffer>,
     metrics: http::Metrics,
-    cluster: Option<(
-        Arc<crate::cluster::identity::Identity>,
-        crate::cluster::ClusterConfig,
-    )>,
+    cluster: Option<crate::cluster::Membership>,
 ) -> Result<(
     Bound,
     Arc<sfu::Sfu>,
@@ -408,13 +402,18 @@ pub async fn start(
         fast,
         passwords,
     )?;
-    if let Some((identity, c)) = cluster {
+    if let Some(m) = cluster {
         log::info!(
-            "WebRTC rooms across nodes: node {}, {} upstream entr(y/ies)",
-            identity.node,
-            c.upstream.len()
+            "WebRTC rooms across nodes: node {}, {} upstream entr(y/ies){}",
+            m.identity.node,
+            m.cfg.upstream.len(),
+            if m.cfg.redis_url.is_some() {
+                ", rooms placed through the cluster's Redis"
+            } else {
+                ""
+            }
         );
-        let _ = sfu.cascade.set(cascade::Cascade::new(identity, &c));
+        let _ = sfu.cascade.set(cascade::Cascade::new(&m));
     }
     let workers = sfu.engines.start_workers()?;
     log::info!("WebRTC media path: {} ({})", sfu.path.path, sfu.path.detail);

@@ -142,6 +142,7 @@ impl Sfu {
     ) -> Result<RelayReply, ApiError> {
         let cascade = self.cascade_or_404()?;
         check_request(cascade.node(), room, &req)?;
+        self.check_epoch(cascade, room, &req)?;
         let mut via = req.via.clone();
         via.push(req.node.clone());
         self.ensure_upstream(room, via).await?;

@@ -23,7 +23,9 @@
 //!
 //! Loop-free: each request carries the chain of nodes below (`via`); a node that
 //! finds itself there refuses (409, naming the cycle). Which upstream serves a room
-//! is the cluster's [`Directory`] (from config today; a cluster directory later).
+//! is the cluster's [`Directory`]: the config's entries, and with `[cluster]
+//! redis_url` the cluster's Redis, where a WHIP publisher claims the room for its node
+//! ([`Sfu::claim_room`]) and other nodes find its origin.
 //!
 //! * [`give`] — the upstream's side: relay requests in, trunk copies out.
 //! * [`take`] — the downstream's side: asking, refreshing, relayed publishers.
@@ -35,7 +37,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     net::SocketAddr,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -47,8 +49,8 @@ use serde::{Deserialize, Serialize};
 use super::sdp::Codec;
 use super::sfu::{ApiError, Sfu};
 use crate::cluster::{
-    ClusterConfig,
-    directory::{Directory, StaticDirectory},
+    Membership,
+    directory::{Directory, Layered, StaticDirectory},
     identity::Identity,
     links::Refusal,
     relay::{Answer, RoomRelay},
@@ -75,6 +77,11 @@ pub struct RelayRequest {
     /// nodes below it) may get; a track not named gets every encoding.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub layers: std::collections::BTreeMap<String, Layer>,
+    /// The origin's epoch in the cluster's directory, as the requester found it: an
+    /// origin whose own claim has another refuses (409), so a node acting on stale
+    /// directory state never gets a relay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -142,6 +149,8 @@ pub struct RelayIn {
     pub node: String,
     /// The upstream's node API.
     pub api: SocketAddr,
+    /// The origin's epoch the directory gave (refreshes name it).
+    pub epoch: Option<u64>,
     /// The origin's session id.
     pub upstream_id: String,
     /// The chain below us when the relay was asked for.
@@ -179,7 +188,12 @@ pub struct UpstreamStatus {
 pub struct Cascade {
     /// This node: its name, and the keys that sign its requests and seal its keys.
     pub identity: Arc<Identity>,
-    directory: Box<dyn Directory>,
+    pub(super) directory: Box<dyn Directory>,
+    /// The cluster's Redis, once connected.
+    redis: Arc<OnceLock<crate::cluster::redis::Directory>>,
+    /// Rooms this node claimed in the cluster's directory, with the epoch: relay
+    /// requests naming another are stale.
+    claims: Mutex<HashMap<String, u64>>,
     pub lapse: Duration,
     pub status: Mutex<BTreeMap<String, UpstreamStatus>>,
     /// Per room, held while its upstream is asked: one call per room at a time
@@ -222,10 +236,22 @@ impl Bucket {
 }
 
 impl Cascade {
-    pub fn new(identity: Arc<Identity>, cfg: &ClusterConfig) -> Cascade {
+    pub fn new(m: &Membership) -> Cascade {
+        let cfg = &m.cfg;
+        let config = StaticDirectory(cfg.upstream.clone());
+        let directory: Box<dyn Directory> = if cfg.redis_url.is_some() {
+            Box::new(Layered {
+                config,
+                redis: m.redis.clone(),
+            })
+        } else {
+            Box::new(config)
+        };
         Cascade {
-            identity,
-            directory: Box::new(StaticDirectory(cfg.upstream.clone())),
+            identity: m.identity.clone(),
+            directory,
+            redis: m.redis.clone(),
+            claims: Mutex::new(HashMap::new()),
             lapse: Duration::from_secs(cfg.lapse),
             status: Mutex::new(BTreeMap::new()),
             fetching: Mutex::new(HashMap::new()),
@@ -237,6 +263,25 @@ impl Cascade {
 
     pub fn node(&self) -> &str {
         &self.identity.node
+    }
+
+    /// Rooms with publishers of this node's own (not relayed), when the cluster's
+    /// directory is connected: claimed again every round, so a room published before
+    /// Redis answered, or kept through a Redis that lost its data, is announced (one
+    /// Lua call per room and second; a claim this node holds is a no-op).
+    fn published_here(&self, st: &super::sfu::State) -> Vec<String> {
+        if self.redis.get().is_none() {
+            return vec![];
+        }
+        st.rooms
+            .iter()
+            .filter(|(_, r)| {
+                r.publishers
+                    .iter()
+                    .any(|p| st.sessions.get(p).is_some_and(|s| s.relay.is_none()))
+            })
+            .map(|(room, _)| room.clone())
+            .collect()
     }
 
     /// The room's fetch lock (made on first use; dropped by the round once unused).
@@ -263,6 +308,7 @@ impl Cascade {
     /// session of (an anonymous WHEP for a room that does not exist leaves nothing).
     fn expire(&self, live: impl Fn(&str) -> bool) {
         self.status.lock().unwrap().retain(|room, _| live(room));
+        self.claims.lock().unwrap().retain(|room, _| live(room));
         // A lock someone holds or waits on has other references.
         self.fetching
             .lock()
@@ -281,6 +327,80 @@ fn random_key(profile: Profile) -> MasterKey {
     rand::thread_rng().fill(&mut key[..]);
     rand::thread_rng().fill(&mut salt[..]);
     MasterKey::new(profile, &key, &salt).expect("lengths of the profile")
+}
+
+impl Sfu {
+    /// WHIP's question to the cluster's directory: may this node be the room's origin?
+    /// Ok(None): yes (claimed, or no Redis: rooms are placed where they are published);
+    /// Ok(Some(url)): the room is another live node's, publish at its WHIP `url`.
+    pub async fn claim_room(&self, room: &str) -> Result<Option<String>, ApiError> {
+        let Some(c) = self.cascade.get() else {
+            return Ok(None);
+        };
+        let Some(d) = c.redis.get() else {
+            return Ok(None);
+        };
+        let origin = match d.claim(room).await {
+            Ok(o) => o,
+            Err(e) => {
+                // Redis away: serve it here; the epochs sort it out once Redis is back.
+                log::warn!("{e:#}; room {room:?} is published on this node meanwhile");
+                return Ok(None);
+            }
+        };
+        if origin.node == d.me() {
+            c.claims
+                .lock()
+                .unwrap()
+                .insert(room.to_string(), origin.epoch);
+            return Ok(None);
+        }
+        match d.lease(&origin.node).await {
+            Ok(Some(l)) => match l.http {
+                Some(http) => Ok(Some(format!("{http}/whip/{room}"))),
+                None => Err(ApiError::Cascade(
+                    503,
+                    format!(
+                        "room {room:?} is node {}'s, which serves no WHIP; publish there",
+                        origin.node
+                    ),
+                )),
+            },
+            // It lapsed between the claim and now: the next claim takes it over.
+            _ => Err(ApiError::Cascade(
+                503,
+                format!("room {room:?} is changing nodes; retry in a second"),
+            )),
+        }
+    }
+
+    /// Whether a relay request's epoch (if any) is the one of this node's claim.
+    pub(super) fn check_epoch(
+        &self,
+        c: &Cascade,
+        room: &str,
+        req: &RelayRequest,
+    ) -> Result<(), ApiError> {
+        let Some(want) = req.epoch else {
+            return Ok(());
+        };
+        match c.claims.lock().unwrap().get(room) {
+            Some(have) if *have == want => Ok(()),
+            have => Err(ApiError::Cascade(
+                409,
+                format!(
+                    "stale epoch: {} asks for room {room:?} at epoch {want}, this node holds it at {}",
+                    req.node,
+                    have.map_or("none".to_string(), |h| h.to_string())
+                ),
+            )),
+        }
+    }
+
+    /// Sessions now, for this node's lease.
+    pub fn session_count(&self) -> usize {
+        self.state.lock().unwrap().sessions.len()
+    }
 }
 
 /// The WebRTC rooms as the node API serves them.

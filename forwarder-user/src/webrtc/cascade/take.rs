@@ -22,6 +22,13 @@ use crate::media::{
 };
 use crate::webrtc::sfu::{ApiError, Session, Sfu, Track};
 
+/// The cascade of an SFU that has one (the callers checked).
+fn cascade_of(sfu: &Sfu) -> &super::Cascade {
+    sfu.cascade
+        .get()
+        .expect("cascade set at start, before any round")
+}
+
 /// A relayed publisher's keys, opened and checked against its profile.
 struct Opened {
     profile: Profile,
@@ -111,7 +118,7 @@ impl Sfu {
         let Some(cascade) = self.cascade.get() else {
             return Ok(());
         };
-        let Some(up) = cascade.directory.upstream(room) else {
+        let Some(up) = cascade.directory.upstream(room).await else {
             return Ok(());
         };
         let has = || {
@@ -153,6 +160,7 @@ impl Sfu {
             media: self.media_addr(),
             via: via.clone(),
             layers: self.wanted_layers(room),
+            epoch: up.epoch,
         };
         let body = serde_json::to_vec(&req).expect("serializes");
         cascade.calls.fetch_add(1, Ordering::Relaxed);
@@ -290,6 +298,7 @@ impl Sfu {
         s.relay = Some(RelayIn {
             node: up.node.clone(),
             api: up.api,
+            epoch: up.epoch,
             upstream_id: p.id.clone(),
             via: via.to_vec(),
             trunk: k.trunk_id(p.rtcp_ssrc),
@@ -328,7 +337,8 @@ impl Sfu {
             return;
         };
         let now = Instant::now();
-        let mut refresh: Vec<(String, UpstreamConfig, Vec<String>)> = Vec::new();
+        // (room, its upstream or None to look it up, the chain below).
+        let mut refresh: Vec<(String, Option<UpstreamConfig>, Vec<String>)> = Vec::new();
         {
             let mut st = self.state.lock().unwrap();
             let lapsed: Vec<_> = st
@@ -354,12 +364,8 @@ impl Sfu {
                 if relayed.is_empty() {
                     // Viewers waiting for a room no one publishes to here: keep asking
                     // its upstream, so they get it once someone publishes there.
-                    let waiting = r.publishers.is_empty() && !r.subscribers.is_empty();
-                    if let Some(up) = waiting
-                        .then(|| self.cascade.get().and_then(|c| c.directory.upstream(&room)))
-                        .flatten()
-                    {
-                        refresh.push((room.clone(), up, vec![]));
+                    if r.publishers.is_empty() && !r.subscribers.is_empty() {
+                        refresh.push((room.clone(), None, vec![]));
                     }
                     continue;
                 }
@@ -375,19 +381,32 @@ impl Sfu {
                 let ri = st.sessions[&relayed[0]].relay.as_ref().expect("relayed");
                 refresh.push((
                     room.clone(),
-                    UpstreamConfig {
+                    Some(UpstreamConfig {
                         room: room.clone(),
                         node: ri.node.clone(),
                         api: ri.api,
-                    },
+                        epoch: ri.epoch,
+                    }),
                     ri.via.clone(),
                 ));
             }
         }
         let cascade = self.cascade.get().expect("checked above");
-        {
+        let published = {
             let st = self.state.lock().unwrap();
             cascade.expire(|room| st.rooms.contains_key(room));
+            cascade.published_here(&st)
+        };
+        for room in published {
+            let sfu = self.clone();
+            tokio::spawn(async move {
+                if let Ok(Some(url)) = sfu.claim_room(&room).await {
+                    log::debug!(
+                        "room {room:?} has publishers here, but the cluster's directory names \
+                         another origin ({url}); its viewers elsewhere get that one's"
+                    );
+                }
+            });
         }
         for (room, up, via) in refresh {
             // Each room on its own task: an unreachable upstream's calls wait out
@@ -398,8 +417,14 @@ impl Sfu {
             };
             let sfu = self.clone();
             tokio::spawn(async move {
+                let up = match up {
+                    Some(up) => Some(up),
+                    None => cascade_of(&sfu).directory.upstream(&room).await,
+                };
                 // A failure is recorded in the status and logged once per change.
-                let _ = sfu.fetch_upstream(&room, &up, via).await;
+                if let Some(up) = up {
+                    let _ = sfu.fetch_upstream(&room, &up, via).await;
+                }
                 drop(guard);
             });
         }

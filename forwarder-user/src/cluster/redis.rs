@@ -1,0 +1,211 @@
+//! The cluster's truth in Redis (7.0, or Valkey: only commands both have): node
+//! leases and the room directory, claims fenced by epochs. Read at join time and by
+//! the control plane's rounds, never on the packet path.
+//!
+//! Keys (a room's keys carry its name as a hash tag, so Redis Cluster can hold them):
+//! * `edgefwd:node:NAME` — the node's [`Lease`] as JSON, expiring [`LEASE`] after its
+//!   last renewal (once a second): a node whose key is gone is dead for placement.
+//! * `edgefwd:nodes` — a set of the names ever seen, to list the leases.
+//! * `edgefwd:room:{ROOM}` — a hash: `node` (the room's origin) and `epoch`.
+//!
+//! A claim is one Lua script, so atomic: the room goes to the claimant when it has no
+//! origin, or its origin's lease has lapsed, and every change of origin bumps the
+//! epoch. So a room never has two live origins, and a node holding an older epoch
+//! learns it is stale: the node API refuses requests that name one.
+
+use std::{net::SocketAddr, time::Duration};
+
+use anyhow::{Context as _, Result};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::{Deserialize, Serialize};
+
+use super::directory::UpstreamConfig;
+
+/// How long a lease lives without renewal (renewed every second).
+pub const LEASE: Duration = Duration::from_secs(3);
+
+/// What a node announces about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub node: String,
+    /// Its node API (`[cluster] api`): where other nodes ask it for rooms.
+    pub api: SocketAddr,
+    /// Its WHIP/WHEP address as clients reach it, if it serves WebRTC.
+    #[serde(default)]
+    pub http: Option<String>,
+    #[serde(default)]
+    pub region: String,
+    /// Load: its sessions now.
+    #[serde(default)]
+    pub sessions: u64,
+}
+
+/// A room's origin as the directory has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub node: String,
+    pub epoch: u64,
+}
+
+fn node_key(node: &str) -> String {
+    format!("edgefwd:node:{node}")
+}
+
+fn room_key(room: &str) -> String {
+    format!("edgefwd:room:{{{room}}}")
+}
+
+/// KEYS[1] the room, ARGV[1] the claimant, ARGV[2] the lease key prefix. The room
+/// stays with a live origin; else it is the claimant's, one epoch on.
+const CLAIM: &str = r#"
+local cur = redis.call('HGET', KEYS[1], 'node')
+local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0')
+if cur then
+  if cur == ARGV[1] or redis.call('EXISTS', ARGV[2] .. cur) == 1 then
+    return {cur, epoch}
+  end
+end
+epoch = epoch + 1
+redis.call('HSET', KEYS[1], 'node', ARGV[1], 'epoch', epoch)
+return {ARGV[1], epoch}
+"#;
+
+/// This node's connection to the cluster's Redis.
+#[derive(Clone)]
+pub struct Directory {
+    con: ConnectionManager,
+    me: String,
+}
+
+impl Directory {
+    /// Connects to `url` (`redis://host:port/`; RESP3 is asked for). The connection
+    /// manager reconnects by itself; each call fails fast while Redis is away.
+    pub async fn connect(url: &str, me: &str) -> Result<Directory> {
+        let url = if url.contains("protocol=") {
+            url.to_string()
+        } else if url.contains('?') {
+            format!("{url}&protocol=resp3")
+        } else {
+            format!("{url}?protocol=resp3")
+        };
+        let client = redis::Client::open(url.as_str())
+            .with_context(|| format!("[cluster] redis_url {url:?} is not a Redis URL"))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(Duration::from_secs(1)))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(1))
+            // Nothing is subscribed yet; the resubscription (and the push sender it
+            // needs) are on so channels added later survive reconnects.
+            .set_push_sender(|_: redis::PushInfo| Ok::<(), redis::aio::SendError>(()))
+            .set_automatic_resubscription();
+        let con = ConnectionManager::new_with_config(client, config)
+            .await
+            .with_context(|| format!("connecting to Redis at {url}: is it running?"))?;
+        Ok(Directory {
+            con,
+            me: me.to_string(),
+        })
+    }
+
+    /// Renews this node's lease.
+    pub async fn renew(&self, lease: &Lease) -> Result<()> {
+        let mut con = self.con.clone();
+        let json = serde_json::to_string(lease).expect("a lease serializes");
+        redis::pipe()
+            .atomic()
+            .cmd("SET")
+            .arg(node_key(&lease.node))
+            .arg(json)
+            .arg("PX")
+            .arg(LEASE.as_millis() as u64)
+            .ignore()
+            .cmd("SADD")
+            .arg("edgefwd:nodes")
+            .arg(&lease.node)
+            .ignore()
+            .query_async::<()>(&mut con)
+            .await
+            .context("renewing this node's lease in Redis")
+    }
+
+    /// A node's lease, if it is alive.
+    pub async fn lease(&self, node: &str) -> Result<Option<Lease>> {
+        let mut con = self.con.clone();
+        let json: Option<String> = redis::cmd("GET")
+            .arg(node_key(node))
+            .query_async(&mut con)
+            .await
+            .context("reading a node's lease from Redis")?;
+        Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
+    }
+
+    /// Every live node's lease.
+    pub async fn live_nodes(&self) -> Result<Vec<Lease>> {
+        let mut con = self.con.clone();
+        let names: Vec<String> = redis::cmd("SMEMBERS")
+            .arg("edgefwd:nodes")
+            .query_async(&mut con)
+            .await
+            .context("listing the nodes in Redis")?;
+        let mut out = Vec::new();
+        for n in names {
+            if let Some(l) = self.lease(&n).await? {
+                out.push(l);
+            }
+        }
+        out.sort_by(|a, b| a.node.cmp(&b.node));
+        Ok(out)
+    }
+
+    /// Claims `room` for this node: its origin afterwards (this node, or the live node
+    /// that holds it) with the epoch.
+    pub async fn claim(&self, room: &str) -> Result<Origin> {
+        let mut con = self.con.clone();
+        let (node, epoch): (String, u64) = redis::Script::new(CLAIM)
+            .key(room_key(room))
+            .arg(&self.me)
+            .arg("edgefwd:node:")
+            .invoke_async(&mut con)
+            .await
+            .with_context(|| format!("claiming room {room:?} in Redis"))?;
+        Ok(Origin { node, epoch })
+    }
+
+    /// The room's origin, if it has one.
+    pub async fn origin(&self, room: &str) -> Result<Option<Origin>> {
+        let mut con = self.con.clone();
+        let (node, epoch): (Option<String>, Option<u64>) = redis::cmd("HMGET")
+            .arg(room_key(room))
+            .arg("node")
+            .arg("epoch")
+            .query_async(&mut con)
+            .await
+            .with_context(|| format!("reading room {room:?} from Redis"))?;
+        Ok(node.map(|node| Origin {
+            node,
+            epoch: epoch.unwrap_or(0),
+        }))
+    }
+
+    pub fn me(&self) -> &str {
+        &self.me
+    }
+
+    /// Where this node gets `room` from: its origin, when that is another live node
+    /// (None when the room is ours or no one's yet).
+    pub async fn upstream(&self, room: &str) -> Result<Option<UpstreamConfig>> {
+        let Some(o) = self.origin(room).await? else {
+            return Ok(None);
+        };
+        if o.node == self.me {
+            return Ok(None);
+        }
+        Ok(self.lease(&o.node).await?.map(|l| UpstreamConfig {
+            room: room.to_string(),
+            node: o.node,
+            api: l.api,
+            epoch: Some(o.epoch),
+        }))
+    }
+}

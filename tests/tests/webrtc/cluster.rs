@@ -1,0 +1,201 @@
+//! Nodes that share a real Redis (`redis-server`, started here): node leases and the
+//! room directory. No node is configured with an upstream: a room is claimed by the
+//! node it is published on, and any other node finds it there.
+
+use super::*;
+use edgefwd::cluster::redis::{Directory, Lease};
+use edgefwd_tests::RedisServer;
+
+/// A node of the cluster on loopback: `[cluster]` with the Redis at `redis`.
+fn cluster_node(node: &str, redis: &RedisServer) -> Sfu {
+    start_sfu(
+        None,
+        &format!(
+            "{}redis_url = \"{}\"\n",
+            cluster_section(node, "127.0.0.1", &[]),
+            redis.url()
+        ),
+    )
+}
+
+/// Waits until every node in `nodes` has its lease in `redis`.
+fn wait_for_leases(redis: &RedisServer, nodes: &[&str]) {
+    wait_until(10, "the nodes' leases in Redis", || {
+        nodes
+            .iter()
+            .all(|n| redis.cli(&["EXISTS", &format!("edgefwd:node:{n}")]).trim() == "1")
+    });
+}
+
+/// One load-test publisher on `publish`, two subscribers on `watch`, for `secs`, with
+/// the gate on: at most 1 % lost, never 2 s without media.
+fn directory_load(publish: &Sfu, watch: &Sfu, prefix: &str, secs: u64) -> std::process::Child {
+    Command::new(edgefwd_bin())
+        .args([
+            "load-test",
+            "--url",
+            &publish.base,
+            "--subscribe-url",
+            &watch.base,
+        ])
+        .args(["--rooms", "1", "--publishers", "1", "--subscribers", "2"])
+        .args(["--video-bitrate", "500", "--duration", &secs.to_string()])
+        .args(["--room-prefix", prefix, "--json", "--quiet"])
+        .args(["--max-loss", "1", "--max-gap", "2"])
+        .env_remove("EDGEFWD_TOKEN")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// The load test's report; fails the test if its gate failed.
+fn passed(load: std::process::Child, what: &str) -> Value {
+    let out = load.wait_with_output().unwrap();
+    let r: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("no JSON ({e}): {}", String::from_utf8_lossy(&out.stderr)));
+    assert!(out.status.success(), "{what}: {:#}", r["over_limits"]);
+    r
+}
+
+/// Three nodes, none configured with an upstream. A load-test publisher on A claims
+/// the room for A (epoch 1 in Redis); its subscribers join on B, which finds A in the
+/// directory and gets the room over A's node API: every packet counted against what
+/// was sent. A WHIP offer for the room at C is redirected (307) to A's WHIP. A relay
+/// request naming a stale epoch is refused by A.
+#[test]
+fn any_node_takes_any_join_through_the_redis_directory() {
+    let redis = RedisServer::start();
+    let a = cluster_node("a", &redis);
+    let b = cluster_node("b", &redis);
+    let c = cluster_node("c", &redis);
+    wait_for_leases(&redis, &["a", "b", "c"]);
+    let prefix = unique("dir");
+    let room = format!("{prefix}-0");
+    let load = directory_load(&a, &b, &prefix, 8);
+    wait_for_publisher(&a.base, &room);
+    let origin = redis.cli(&["HGETALL", &format!("edgefwd:room:{{{room}}}")]);
+    let origin: Vec<&str> = origin.lines().collect();
+    assert_eq!(origin, ["node", "a", "epoch", "1"], "one origin, epoch 1");
+
+    // WHIP at C: the room is A's.
+    let offer = include_str!("../../../forwarder-user/src/webrtc/testdata/chromium-offer.sdp");
+    let r = ureq::post(&format!("{}/whip/{room}", c.base))
+        .header("Content-Type", "application/sdp")
+        .config()
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .build()
+        .send(offer)
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 307);
+    let location = r.headers()["location"].to_str().unwrap().to_string();
+    assert_eq!(location, format!("{}/whip/{room}", a.base));
+
+    // A stale epoch is refused on A's node API.
+    let path = format!("/node/v1/rooms/{room}/relay");
+    let body = serde_json::json!({"node": "d", "media": "127.0.0.1:9", "epoch": 7}).to_string();
+    let (code, msg) = signed_post(node_api(&a), "d", &path, &body);
+    assert_eq!(code, 409, "{msg}");
+    assert!(msg.contains("stale epoch") && msg.contains("at 1"), "{msg}");
+
+    let r = passed(load, "B's subscribers got A's room");
+    for t in r["tracks"].as_array().unwrap() {
+        assert_eq!(t["subscribers"], 2, "{t:#}");
+    }
+    let sb = get_json(&b.base, "/api/sessions");
+    assert_eq!(sb["cascade"]["upstreams"][&room]["node"], "a", "{sb}");
+}
+
+/// 50 nodes claim one room at once against real Redis: exactly one origin, the same
+/// answer for all, epoch 1. Once the origin's lease is gone, the next claim moves the
+/// room, one epoch on, and the old origin learns it is no longer the origin.
+#[test]
+fn fifty_concurrent_claims_make_one_origin() {
+    let redis = RedisServer::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut dirs = Vec::new();
+        for i in 0..50 {
+            let name = format!("n{i}");
+            let d = Directory::connect(&redis.url(), &name).await.unwrap();
+            d.renew(&Lease {
+                node: name,
+                api: "127.0.0.1:9".parse().unwrap(),
+                http: None,
+                region: String::new(),
+                sessions: 0,
+            })
+            .await
+            .unwrap();
+            dirs.push(d);
+        }
+        let claims = dirs.iter().map(|d| d.claim("big-event"));
+        let origins = futures_util::future::join_all(claims).await;
+        let origins: Vec<_> = origins.into_iter().map(Result::unwrap).collect();
+        let first = origins[0].clone();
+        assert!(origins.iter().all(|o| *o == first), "{origins:?}");
+        assert_eq!(first.epoch, 1);
+        assert_eq!(dirs.iter().filter(|d| d.me() == first.node).count(), 1);
+        assert_eq!(dirs[0].live_nodes().await.unwrap().len(), 50);
+
+        // The origin dies (its lease goes): another claim takes the room over.
+        redis.cli(&["DEL", &format!("edgefwd:node:{}", first.node)]);
+        let other = dirs.iter().find(|d| d.me() != first.node).unwrap();
+        let moved = other.claim("big-event").await.unwrap();
+        assert_eq!((moved.node.as_str(), moved.epoch), (other.me(), 2));
+        let old = dirs.iter().find(|d| d.me() == first.node).unwrap();
+        assert_eq!(
+            old.claim("big-event").await.unwrap(),
+            moved,
+            "no second origin"
+        );
+    });
+}
+
+/// Redis killed mid-call: the call between A (publisher) and B (viewers) goes on
+/// without a gap, a WHIP offer for a new room at B is served at B, and once a new,
+/// empty Redis answers on the same address the nodes announce their leases and rooms
+/// again: each room has one origin, the node its publisher is on.
+#[test]
+fn redis_away_keeps_calls_and_new_rooms_and_its_return_rebuilds_the_directory() {
+    let mut redis = RedisServer::start();
+    let a = cluster_node("a", &redis);
+    let b = cluster_node("b", &redis);
+    wait_for_leases(&redis, &["a", "b"]);
+    let prefix = unique("away");
+    let room = format!("{prefix}-0");
+    let load = directory_load(&a, &b, &prefix, 12);
+    wait_for_publisher(&b.base, &room);
+    std::thread::sleep(Duration::from_secs(2));
+    redis.kill();
+
+    // A new room while Redis is away: served where it is published.
+    let offer = include_str!("../../../forwarder-user/src/webrtc/testdata/chromium-offer.sdp");
+    let lonely = unique("lonely");
+    let (status, msg, _) = send(
+        ureq::post(&format!("{}/whip/{lonely}", b.base)).header("Content-Type", "application/sdp"),
+        offer,
+    );
+    assert_eq!(status, 201, "{msg}");
+
+    std::thread::sleep(Duration::from_secs(3));
+    redis.restart();
+    let origin = |r: &str| {
+        redis
+            .cli(&["HGET", &format!("edgefwd:room:{{{r}}}"), "node"])
+            .trim()
+            .to_string()
+    };
+    wait_until(
+        10,
+        "the rooms claimed again by their publishers' nodes",
+        || origin(&room) == "a" && origin(&lonely) == "b",
+    );
+    assert!(
+        redis.cli(&["EXISTS", "edgefwd:node:a"]).trim() == "1",
+        "A's lease is back"
+    );
+
+    passed(load, "the call went on through the outage");
+}
