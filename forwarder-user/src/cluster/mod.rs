@@ -33,6 +33,8 @@
 //!   trait: the config's static list, and the Redis directory); WebRTC rooms across
 //!   nodes ask it.
 //! * [`lease`] — this node's lease in Redis, renewed once a second.
+//! * [`placement`] — where a new room goes: rendezvous hashing over the live nodes,
+//!   bounded by load.
 //! * [`redis`] — the cluster's truth in Redis: node leases, room origins fenced by
 //!   epochs.
 //! * [`status`] — each link as the node sees it, for the CLI, the node API, /metrics.
@@ -43,6 +45,7 @@ pub mod directory;
 pub mod identity;
 pub mod lease;
 pub mod links;
+pub mod placement;
 pub mod redis;
 pub mod relay;
 pub mod status;

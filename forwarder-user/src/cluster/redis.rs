@@ -192,6 +192,25 @@ impl Directory {
         &self.me
     }
 
+    /// Where a room that no live node holds should be published, if not here: the
+    /// placement's choice among the live nodes that serve WHIP (and this one).
+    pub async fn placed_elsewhere(&self, room: &str) -> Result<Option<Lease>> {
+        if let Some(o) = self.origin(room).await?
+            && (o.node == self.me || self.lease(&o.node).await?.is_some())
+        {
+            return Ok(None);
+        }
+        let leases: Vec<Lease> = self
+            .live_nodes()
+            .await?
+            .into_iter()
+            .filter(|l| l.http.is_some() || l.node == self.me)
+            .collect();
+        Ok(super::placement::choose(room, &leases)
+            .filter(|l| l.node != self.me)
+            .cloned())
+    }
+
     /// Where this node gets `room` from: its origin, when that is another live node
     /// (None when the room is ours or no one's yet).
     pub async fn upstream(&self, room: &str) -> Result<Option<UpstreamConfig>> {

@@ -54,6 +54,11 @@ pub async fn call(
         timeout: TIMEOUT,
     };
     match exchange(addr, auth, req).await {
+        Outcome::Ok(r) if r.status >= 300 => Outcome::Refused(format!(
+            "{}: redirected to {}",
+            r.status,
+            r.location.unwrap_or_default()
+        )),
         Outcome::Ok(r) => Outcome::Ok(r.body),
         Outcome::Refused(e) => Outcome::Refused(e),
         Outcome::Unreachable(e) => Outcome::Unreachable(e),
@@ -68,13 +73,16 @@ pub struct Request<'a> {
     pub timeout: Duration,
 }
 
-/// A successful answer: its Location header (a WHIP/WHEP resource) and body.
+/// A successful answer (2xx), or a redirect (3xx with a Location): its status, its
+/// Location header (a WHIP/WHEP resource, or where to go) and body.
 pub struct Response {
+    pub status: u16,
     pub location: Option<String>,
     pub body: Vec<u8>,
 }
 
-/// One request on a fresh connection; a non-2xx status is `Refused` with its body.
+/// One request on a fresh connection; a non-2xx status is `Refused` with its body, but
+/// a redirect with a Location is returned for the caller to follow.
 pub async fn exchange(addr: SocketAddr, auth: Auth<'_>, r: Request<'_>) -> Outcome<Response> {
     let timeout = r.timeout;
     let exchange = async {
@@ -117,12 +125,20 @@ pub async fn exchange(addr: SocketAddr, auth: Auth<'_>, r: Request<'_>) -> Outco
             .map_err(|e| format!("reading the answer: {e}"))?
             .to_bytes()
             .to_vec();
-        Ok::<_, String>((status, Response { location, body }))
+        Ok::<_, String>((
+            status,
+            Response {
+                status: status.as_u16(),
+                location,
+                body,
+            },
+        ))
     };
     match tokio::time::timeout(timeout, exchange).await {
         Err(_) => Outcome::Unreachable(format!("no answer within {} s", timeout.as_secs_f64())),
         Ok(Err(e)) => Outcome::Unreachable(e),
         Ok(Ok((s, r))) if s.is_success() => Outcome::Ok(r),
+        Ok(Ok((s, r))) if s.is_redirection() && r.location.is_some() => Outcome::Ok(r),
         Ok(Ok((s, r))) => Outcome::Refused(format!(
             "{}: {}",
             s.as_u16(),

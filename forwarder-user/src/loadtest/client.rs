@@ -45,13 +45,23 @@ impl Client {
     /// DELETEs on fresh connections can still meet the per-source cap (a 503, or the
     /// connection closed before the answer is read): retried, as a well-behaved client
     /// would, until the server's idle timeout has freed the slots; a 4xx is final.
-    async fn leave(&self, gate: &Semaphore, resource: &str) -> Result<(), String> {
+    async fn leave(
+        &self,
+        gate: &Semaphore,
+        node: std::net::SocketAddr,
+        resource: &str,
+    ) -> Result<(), String> {
+        // At the node that took the offer (another one after a redirect).
+        let at = Target {
+            http: node,
+            token: self.target.token.clone(),
+        };
         let _permit = gate.acquire().await.expect("the gate is never closed");
         // Up to the server's own idle-connection timeout (10 s by default), by when
         // any connection still counted against us has been closed.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(12);
         loop {
-            match peer::leave(&self.target, resource).await {
+            match peer::leave(&at, resource).await {
                 // A 4xx is an answer (e.g. already gone); a 503 or a connection the
                 // server closed at its cap before answering ("canceled") is not.
                 Err(e) if !is_4xx(&e) && tokio::time::Instant::now() < deadline => {
@@ -72,7 +82,7 @@ impl Client {
         Option<&'static str>,
         Result<(), String>,
     ) {
-        let left = self.leave(gate, &j.resource).await;
+        let left = self.leave(gate, j.node, &j.resource).await;
         let _ = j.dtls.close().await;
         (Ok(j.join_time), Some(j.profile.name()), left)
     }

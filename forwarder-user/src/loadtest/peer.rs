@@ -66,7 +66,9 @@ pub struct Joined {
     pub tx: Context,
     pub rx: Context,
     pub profile: Profile,
-    /// The WHIP/WHEP resource, for DELETE.
+    /// The node that took the offer (another than the target's after a redirect), and
+    /// the WHIP/WHEP resource there, for DELETE.
+    pub node: SocketAddr,
     pub resource: String,
     /// USERNAME and password of our consent checks.
     pub ice_user: String,
@@ -176,27 +178,7 @@ pub async fn join(
         Role::Publisher => format!("/whip/{room}"),
         Role::Subscriber => format!("/whep/{room}"),
     };
-    let posted = exchange(
-        target.http,
-        Auth::bearer(target.token.as_deref()),
-        Request {
-            method: hyper::Method::POST,
-            path: &path,
-            content_type: "application/sdp",
-            body: sdp.into_bytes(),
-            timeout,
-        },
-    )
-    .await;
-    let (resource, answer) = match posted {
-        Outcome::Ok(r) => (
-            r.location
-                .ok_or_else(|| fail("http", "201 without a Location header"))?,
-            String::from_utf8(r.body).map_err(|_| fail("http", "answer is not UTF-8"))?,
-        ),
-        Outcome::Refused(why) => return Err(fail("http", format!("POST {path}: {why}"))),
-        Outcome::Unreachable(why) => return Err(fail("http", format!("POST {path}: {why}"))),
-    };
+    let (node, resource, answer) = post_offer(target, path, sdp, timeout).await?;
     let remote = parse_offer(&answer).map_err(|e| fail("sdp", format!("the answer: {e}")))?;
     let media = candidate(&answer).ok_or_else(|| fail("sdp", "the answer has no UDP candidate"))?;
 
@@ -324,12 +306,64 @@ pub async fn join(
         tx,
         rx,
         profile,
+        node,
         resource,
         ice_user,
         ice_pwd: remote.ice_pwd,
         ssrcs,
         join_time: started.elapsed(),
     })
+}
+
+/// POSTs the offer, following redirects to another node (a cluster places rooms by
+/// their name: RFC 9725 allows a 307), at most three: the node that answered, the
+/// resource there and the SDP answer.
+async fn post_offer(
+    target: &Target,
+    mut path: String,
+    sdp: String,
+    timeout: Duration,
+) -> Result<(SocketAddr, String, String), Failure> {
+    let mut http = target.http;
+    for _ in 0..4 {
+        let posted = exchange(
+            http,
+            Auth::bearer(target.token.as_deref()),
+            Request {
+                method: hyper::Method::POST,
+                path: &path,
+                content_type: "application/sdp",
+                body: sdp.clone().into_bytes(),
+                timeout,
+            },
+        )
+        .await;
+        let r = match posted {
+            Outcome::Ok(r) => r,
+            Outcome::Refused(why) | Outcome::Unreachable(why) => {
+                return Err(fail("http", format!("POST {path} at {http}: {why}")));
+            }
+        };
+        let location = r
+            .location
+            .ok_or_else(|| fail("http", format!("{} without a Location header", r.status)))?;
+        if r.status < 300 {
+            let answer =
+                String::from_utf8(r.body).map_err(|_| fail("http", "answer is not UTF-8"))?;
+            return Ok((http, location, answer));
+        }
+        // http://HOST:PORT/PATH: the node to ask instead.
+        let rest = location.strip_prefix("http://").unwrap_or(&location);
+        let (host, p) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        http = host.parse().map_err(|_| {
+            fail(
+                "http",
+                format!("redirected to {location:?}: not http://IP:PORT/"),
+            )
+        })?;
+        path = p.to_string();
+    }
+    Err(fail("http", format!("POST {path}: more than 3 redirects")))
 }
 
 /// DELETE of the client's resource: the session ends now rather than at consent loss.

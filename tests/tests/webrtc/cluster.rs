@@ -18,6 +18,40 @@ fn cluster_node(node: &str, redis: &RedisServer) -> Sfu {
     )
 }
 
+/// A load-test room prefix whose room (`PREFIX-0`) the placement puts on `node` among
+/// `nodes` (equal loads): so a publisher at `node` is not redirected.
+fn prefix_placed_on(node: &str, nodes: &[&str], tag: &str) -> (String, String) {
+    loop {
+        let prefix = unique(tag);
+        let room = format!("{prefix}-0");
+        if edgefwd::cluster::placement::rank(&room, nodes.iter().copied())[0] == node {
+            return (prefix, room);
+        }
+    }
+}
+
+/// A WHIP POST of `offer` at `base` for `room`, redirects not followed: (status, body,
+/// Location).
+fn whip_at(base: &str, room: &str, offer: &str) -> (u16, String, Option<String>) {
+    let mut r = ureq::post(&format!("{base}/whip/{room}"))
+        .header("Content-Type", "application/sdp")
+        .config()
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .build()
+        .send(offer)
+        .unwrap();
+    let location = r
+        .headers()
+        .get("location")
+        .map(|v| v.to_str().unwrap().to_string());
+    (
+        r.status().as_u16(),
+        r.body_mut().read_to_string().unwrap(),
+        location,
+    )
+}
+
 /// Waits until every node in `nodes` has its lease in `redis`.
 fn wait_for_leases(redis: &RedisServer, nodes: &[&str]) {
     wait_until(10, "the nodes' leases in Redis", || {
@@ -59,10 +93,11 @@ fn passed(load: std::process::Child, what: &str) -> Value {
 }
 
 /// Three nodes, none configured with an upstream. A load-test publisher on A claims
-/// the room for A (epoch 1 in Redis); its subscribers join on B, which finds A in the
-/// directory and gets the room over A's node API: every packet counted against what
-/// was sent. A WHIP offer for the room at C is redirected (307) to A's WHIP. A relay
-/// request naming a stale epoch is refused by A.
+/// the room for A (the placement's choice; epoch 1 in Redis); its subscribers join on
+/// B, which finds A in the directory and gets the room over A's node API: every packet
+/// counted against what was sent. A WHIP offer for the room at C is redirected (307)
+/// to A's WHIP; new rooms offered at C go to the first node of their rendezvous order,
+/// spread over the three. A relay request naming a stale epoch is refused by A.
 #[test]
 fn any_node_takes_any_join_through_the_redis_directory() {
     let redis = RedisServer::start();
@@ -70,9 +105,9 @@ fn any_node_takes_any_join_through_the_redis_directory() {
     let b = cluster_node("b", &redis);
     let c = cluster_node("c", &redis);
     wait_for_leases(&redis, &["a", "b", "c"]);
-    let prefix = unique("dir");
-    let room = format!("{prefix}-0");
-    let load = directory_load(&a, &b, &prefix, 8);
+    let (prefix, room) = prefix_placed_on("a", &["a", "b", "c"], "dir");
+    // Published at C, which redirects the load test's WHIP to A (followed).
+    let load = directory_load(&c, &b, &prefix, 8);
     wait_for_publisher(&a.base, &room);
     let origin = redis.cli(&["HGETALL", &format!("edgefwd:room:{{{room}}}")]);
     let origin: Vec<&str> = origin.lines().collect();
@@ -80,17 +115,31 @@ fn any_node_takes_any_join_through_the_redis_directory() {
 
     // WHIP at C: the room is A's.
     let offer = include_str!("../../../forwarder-user/src/webrtc/testdata/chromium-offer.sdp");
-    let r = ureq::post(&format!("{}/whip/{room}", c.base))
-        .header("Content-Type", "application/sdp")
-        .config()
-        .http_status_as_error(false)
-        .max_redirects(0)
-        .build()
-        .send(offer)
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 307);
-    let location = r.headers()["location"].to_str().unwrap().to_string();
-    assert_eq!(location, format!("{}/whip/{room}", a.base));
+    let (status, msg, location) = whip_at(&c.base, &room, offer);
+    assert_eq!(status, 307, "{msg}");
+    assert_eq!(location.unwrap(), format!("{}/whip/{room}", a.base));
+
+    // New rooms offered at C go where the placement puts them: each to the first node
+    // of its rendezvous order (C itself answers 201), spread over the three.
+    let bases = [("a", &a.base), ("b", &b.base), ("c", &c.base)];
+    let mut placed = std::collections::BTreeSet::new();
+    for i in 0..9 {
+        let r = unique(&format!("spread{i}"));
+        let first = edgefwd::cluster::placement::rank(&r, ["a", "b", "c"])[0];
+        let want = bases.iter().find(|(n, _)| *n == first).unwrap().1;
+        let (status, msg, location) = whip_at(&c.base, &r, offer);
+        if first == "c" {
+            assert_eq!(status, 201, "{msg}");
+        } else {
+            assert_eq!(status, 307, "{msg}");
+            let url = location.unwrap();
+            assert_eq!(url, format!("{want}/whip/{r}"));
+            let (status, msg, _) = whip_at(want, &r, offer);
+            assert_eq!(status, 201, "the placed node takes it: {msg}");
+        }
+        placed.insert(first);
+    }
+    assert!(placed.len() >= 2, "rooms spread over the nodes: {placed:?}");
 
     // A stale epoch is refused on A's node API.
     let path = format!("/node/v1/rooms/{room}/relay");
@@ -163,8 +212,7 @@ fn redis_away_keeps_calls_and_new_rooms_and_its_return_rebuilds_the_directory() 
     let a = cluster_node("a", &redis);
     let b = cluster_node("b", &redis);
     wait_for_leases(&redis, &["a", "b"]);
-    let prefix = unique("away");
-    let room = format!("{prefix}-0");
+    let (prefix, room) = prefix_placed_on("a", &["a", "b"], "away");
     let load = directory_load(&a, &b, &prefix, 12);
     wait_for_publisher(&b.base, &room);
     std::thread::sleep(Duration::from_secs(2));

@@ -340,6 +340,22 @@ impl Sfu {
         let Some(d) = c.redis.get() else {
             return Ok(None);
         };
+        // A room no live node holds goes where the placement puts it.
+        let has_publisher = {
+            let st = self.state.lock().unwrap();
+            st.rooms.get(room).is_some_and(|r| !r.publishers.is_empty())
+        };
+        if !has_publisher {
+            match d.placed_elsewhere(room).await {
+                Ok(Some(l)) => {
+                    if let Some(http) = l.http {
+                        return Ok(Some(format!("{http}/whip/{room}")));
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => log::warn!("{e:#}; room {room:?} is placed on this node"),
+            }
+        }
         let origin = match d.claim(room).await {
             Ok(o) => o,
             Err(e) => {
