@@ -92,6 +92,7 @@ fn real_main(cli: Cli) -> Result<()> {
         Cmd::Subs { cmd } => subs_cmd(&cli.pin_dir, cmd),
         Cmd::CheckConfig { files } => check_config(&files),
         Cmd::Links { cmd } => links_cmd(&cli.pin_dir, cmd),
+        Cmd::Cluster { cmd } => edgefwd::cli::cluster::run(cmd),
         Cmd::Rooms { api, json } => {
             let v = rooms::fetch(&api.api, api.token.as_deref())?;
             let rows = rooms::room_rows(&v)?;

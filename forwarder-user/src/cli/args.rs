@@ -114,6 +114,12 @@ pub enum Cmd {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// The cluster as its Redis has it: the live nodes (leases, load) and the rooms'
+    /// origins with their epochs.
+    Cluster {
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+    },
     /// Cascade links to other edgefwd nodes: list (with state and traffic), add, delete.
     Links {
         #[command(subcommand)]
@@ -389,6 +395,29 @@ pub enum SubsCmd {
         /// The target stream's listener (default: the same as --listen).
         #[arg(long)]
         to_listen: Option<SocketAddr>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ClusterCmd {
+    /// Live nodes: node API, WHIP/WHEP URL, region, sessions, lease time left.
+    Nodes {
+        /// The cluster's Redis ([cluster] redis_url).
+        #[arg(long, env = "EDGEFWD_REDIS", default_value = "redis://127.0.0.1:6379/")]
+        redis: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rooms (or one) with their origin node, epoch, and whether the origin is alive.
+    Rooms {
+        room: Option<String>,
+        /// The cluster's Redis ([cluster] redis_url).
+        #[arg(long, env = "EDGEFWD_REDIS", default_value = "redis://127.0.0.1:6379/")]
+        redis: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
     },
 }
 

@@ -3,6 +3,7 @@
 //! (`rooms`) and from the maps (`stats`), and how it prints them.
 
 pub mod args;
+pub mod cluster;
 pub mod commands;
 pub mod rooms;
 pub mod stats;

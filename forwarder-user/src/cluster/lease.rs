@@ -48,7 +48,15 @@ pub async fn run(m: Membership, url: String, api: SocketAddr, http: Option<Strin
             region: m.cfg.region.clone(),
             sessions: load(),
         };
-        match dir.renew(&lease).await {
+        let renewed = dir.renew(&lease).await;
+        let relaxed = std::sync::atomic::Ordering::Relaxed;
+        m.health.redis_up.store(renewed.is_ok(), relaxed);
+        if renewed.is_ok()
+            && let Ok(n) = dir.live_nodes().await
+        {
+            m.health.live_nodes.store(n.len() as u64, relaxed);
+        }
+        match renewed {
             Ok(()) if !up => {
                 log::info!("node {me}: the cluster's Redis answers again; lease renewed");
                 up = true;

@@ -134,6 +134,17 @@ pub struct Membership {
     /// The cluster's Redis, once connected (the lease task connects and keeps it);
     /// empty without `redis_url` or while Redis has not answered yet.
     pub redis: Arc<OnceLock<redis::Directory>>,
+    /// What the lease task saw last, for /metrics.
+    pub health: Arc<Health>,
+}
+
+/// The cluster as this node's lease task last saw it.
+#[derive(Default)]
+pub struct Health {
+    /// The last lease renewal reached Redis.
+    pub redis_up: std::sync::atomic::AtomicBool,
+    /// Live nodes (leases) at the last count.
+    pub live_nodes: std::sync::atomic::AtomicU64,
 }
 
 fn default_lapse() -> u64 {

@@ -188,6 +188,54 @@ impl Directory {
         }))
     }
 
+    /// Milliseconds left on a node's lease (negative: none).
+    pub async fn lease_ttl_ms(&self, node: &str) -> Result<i64> {
+        let mut con = self.con.clone();
+        redis::cmd("PTTL")
+            .arg(node_key(node))
+            .query_async(&mut con)
+            .await
+            .context("reading a lease's time left from Redis")
+    }
+
+    /// Every room with an origin, by name.
+    pub async fn rooms(&self) -> Result<Vec<(String, Origin)>> {
+        let mut con = self.con.clone();
+        let mut keys: Vec<String> = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg("edgefwd:room:*")
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut con)
+                .await
+                .context("listing the rooms in Redis")?;
+            keys.extend(batch);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        let mut out = Vec::new();
+        for k in keys {
+            // edgefwd:room:{NAME}
+            let Some(name) = k
+                .strip_prefix("edgefwd:room:{")
+                .and_then(|r| r.strip_suffix('}'))
+            else {
+                continue;
+            };
+            if let Some(o) = self.origin(name).await? {
+                out.push((name.to_string(), o));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
     pub fn me(&self) -> &str {
         &self.me
     }

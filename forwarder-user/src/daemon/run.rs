@@ -66,6 +66,7 @@ fn cluster_part(cfg: &Config) -> Result<Option<ClusterPart>> {
             identity: Arc::new(c.identity()?),
             cfg: c.clone(),
             redis: Default::default(),
+            health: Default::default(),
         },
         links: None,
     }))

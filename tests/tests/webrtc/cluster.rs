@@ -5,6 +5,7 @@
 use super::*;
 use edgefwd::cluster::redis::{Directory, Lease};
 use edgefwd_tests::RedisServer;
+use serde_json::json;
 
 /// A node of the cluster on loopback: `[cluster]` with the Redis at `redis`.
 fn cluster_node(node: &str, redis: &RedisServer) -> Sfu {
@@ -152,6 +153,56 @@ fn any_node_takes_any_join_through_the_redis_directory() {
     for t in r["tracks"].as_array().unwrap() {
         assert_eq!(t["subscribers"], 2, "{t:#}");
     }
+    // The operator's view: `edgefwd cluster` from Redis, and /metrics.
+    let cli = |args: &[&str]| -> Value {
+        let out = Command::new(edgefwd_bin())
+            .arg("cluster")
+            .args(args)
+            .args(["--redis", &redis.url(), "--json"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let nodes = cli(&["nodes"]);
+    let names: Vec<&str> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["node"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["a", "b", "c"], "{nodes:#}");
+    assert!(nodes[0]["lease_ms_left"].as_i64().unwrap() > 0, "{nodes:#}");
+    assert_eq!(nodes[0]["http"], a.base.as_str(), "{nodes:#}");
+    let rooms = cli(&["rooms", &room]);
+    assert_eq!(
+        (
+            &rooms[0]["origin"],
+            &rooms[0]["epoch"],
+            &rooms[0]["origin_alive"]
+        ),
+        (&json!("a"), &json!(1), &json!(true)),
+        "{rooms:#}"
+    );
+    let m = ureq::get(&format!("{}/metrics", a.base))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    for line in ["edgefwd_cluster_redis_up 1", "edgefwd_cluster_nodes_live 3"] {
+        assert!(m.lines().any(|l| l == line), "{line} in A's /metrics");
+    }
+    let held = m
+        .lines()
+        .find_map(|l| l.strip_prefix("edgefwd_cluster_rooms_origin "))
+        .unwrap();
+    assert!(held.parse::<u64>().unwrap() >= 1, "{held}");
+
     let sb = get_json(&b.base, "/api/sessions");
     assert_eq!(sb["cascade"]["upstreams"][&room]["node"], "a", "{sb}");
 }

@@ -194,6 +194,8 @@ pub struct Cascade {
     /// Rooms this node claimed in the cluster's directory, with the epoch: relay
     /// requests naming another are stale.
     claims: Mutex<HashMap<String, u64>>,
+    /// The lease task's view of the cluster (Redis up, live nodes), for /metrics.
+    pub health: Arc<crate::cluster::Health>,
     pub lapse: Duration,
     pub status: Mutex<BTreeMap<String, UpstreamStatus>>,
     /// Per room, held while its upstream is asked: one call per room at a time
@@ -252,6 +254,7 @@ impl Cascade {
             directory,
             redis: m.redis.clone(),
             claims: Mutex::new(HashMap::new()),
+            health: m.health.clone(),
             lapse: Duration::from_secs(cfg.lapse),
             status: Mutex::new(BTreeMap::new()),
             fetching: Mutex::new(HashMap::new()),
@@ -411,6 +414,13 @@ impl Sfu {
                 ),
             )),
         }
+    }
+
+    /// Rooms this node holds as origin in the cluster's directory.
+    pub fn rooms_held(&self) -> usize {
+        self.cascade
+            .get()
+            .map_or(0, |c| c.claims.lock().unwrap().len())
     }
 
     /// Sessions now, for this node's lease.

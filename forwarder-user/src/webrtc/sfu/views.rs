@@ -104,6 +104,30 @@ impl Sfu {
         }
         registry.register(Box::new(relays))?;
         registry.register(Box::new(upstream))?;
+        if let Some(c) = self.cascade.get() {
+            use std::sync::atomic::Ordering::Relaxed;
+            for (name, help, v) in [
+                (
+                    "edgefwd_cluster_redis_up",
+                    "Whether this node's last lease renewal reached the cluster's Redis (1) or not (0)",
+                    c.health.redis_up.load(Relaxed) as i64,
+                ),
+                (
+                    "edgefwd_cluster_nodes_live",
+                    "Live nodes in the cluster's Redis (leases) at this node's last count",
+                    c.health.live_nodes.load(Relaxed) as i64,
+                ),
+                (
+                    "edgefwd_cluster_rooms_origin",
+                    "Rooms this node holds as origin in the cluster's directory",
+                    self.rooms_held() as i64,
+                ),
+            ] {
+                let g = prometheus::IntGauge::new(name, help)?;
+                g.set(v);
+                registry.register(Box::new(g))?;
+            }
+        }
         let conns = prometheus::IntGauge::new(
             "edgefwd_webrtc_dtls_connections",
             "DTLS connections whose tasks are alive (past the ClientHello)",
