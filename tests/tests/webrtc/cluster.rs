@@ -154,19 +154,12 @@ fn any_node_takes_any_join_through_the_redis_directory() {
         assert_eq!(t["subscribers"], 2, "{t:#}");
     }
     // The operator's view: `edgefwd cluster` from Redis, and /metrics.
+    let url = redis.url();
     let cli = |args: &[&str]| -> Value {
-        let out = Command::new(edgefwd_bin())
-            .arg("cluster")
-            .args(args)
-            .args(["--redis", &redis.url(), "--json"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
+        let mut all = vec!["cluster"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--redis", &url]);
+        edgefwd_cli_json(&all)
     };
     let nodes = cli(&["nodes"]);
     let names: Vec<&str> = nodes
