@@ -124,6 +124,15 @@ pub struct ClusterConfig {
     /// This node's region, announced in its lease.
     #[serde(default)]
     pub region: String,
+    /// New rooms placed on one node per second, at most (default 50): past it, a room
+    /// goes to the next node of its order (a burst of new rooms would otherwise land
+    /// on one node between two load reports).
+    #[serde(default = "default_placements")]
+    pub placements_per_second: u32,
+}
+
+fn default_placements() -> u32 {
+    50
 }
 
 /// This node in the cluster, as every part that serves it shares it.
@@ -168,6 +177,12 @@ impl ClusterConfig {
             bail!(
                 "[cluster] new_rooms_per_second = 0 would never ask an upstream for a room; \
                  give at least 1 (default 20)"
+            );
+        }
+        if self.placements_per_second == 0 {
+            bail!(
+                "[cluster] placements_per_second = 0 would place no room anywhere; give at \
+                 least 1 (default 50)"
             );
         }
         if self.redis_url.is_some() && self.api.is_none() {

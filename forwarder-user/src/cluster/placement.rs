@@ -41,21 +41,28 @@ pub fn rank<'a>(room: &str, nodes: impl IntoIterator<Item = &'a str>) -> Vec<&'a
     v.into_iter().map(|(_, n)| n).collect()
 }
 
-/// The node a new `room` goes to: the first in its preference order whose load is
-/// under the bound; the first of all when every node is over it.
-pub fn choose<'a>(room: &str, leases: &'a [Lease]) -> Option<&'a Lease> {
+/// The nodes a new `room` may go to, best first: those under the load bound in the
+/// room's preference order, then the others in that order. (The caller takes the first
+/// that still has placements left this second.)
+pub fn candidates<'a>(room: &str, leases: &'a [Lease]) -> Vec<&'a Lease> {
     if leases.is_empty() {
-        return None;
+        return vec![];
     }
     let mean = leases.iter().map(|l| l.sessions as f64).sum::<f64>() / leases.len() as f64;
     let bound = mean * LOAD_BOUND + LOAD_SLACK;
     let order = rank(room, leases.iter().map(|l| l.node.as_str()));
     let of = |n: &str| leases.iter().find(|l| l.node == n);
-    order
+    let (under, over): (Vec<&Lease>, Vec<&Lease>) = order
         .iter()
         .filter_map(|n| of(n))
-        .find(|l| (l.sessions as f64) <= bound)
-        .or_else(|| of(order[0]))
+        .partition(|l| (l.sessions as f64) <= bound);
+    under.into_iter().chain(over).collect()
+}
+
+/// The node a new `room` goes to when no node is out of placements: the first
+/// candidate.
+pub fn choose<'a>(room: &str, leases: &'a [Lease]) -> Option<&'a Lease> {
+    candidates(room, leases).into_iter().next()
 }
 
 #[cfg(test)]

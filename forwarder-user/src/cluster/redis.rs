@@ -70,6 +70,27 @@ redis.call('HSET', KEYS[1], 'node', ARGV[1], 'epoch', epoch)
 return {ARGV[1], epoch}
 "#;
 
+/// Places a room no live node holds on a candidate, if it has placements left this
+/// second. KEYS[1] the room; ARGV[1] the candidate, ARGV[2] the lease key prefix,
+/// ARGV[3] placements per node and second, ARGV[4] the counter key prefix. Returns the
+/// room's origin, or {"", 0} when the candidate is out of placements.
+const PLACE: &str = r#"
+local cur = redis.call('HGET', KEYS[1], 'node')
+local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0')
+if cur and redis.call('EXISTS', ARGV[2] .. cur) == 1 then
+  return {cur, epoch}
+end
+local k = ARGV[4] .. ARGV[1] .. ':' .. redis.call('TIME')[1]
+local n = redis.call('INCR', k)
+redis.call('EXPIRE', k, 2)
+if n > tonumber(ARGV[3]) then
+  return {'', 0}
+end
+epoch = epoch + 1
+redis.call('HSET', KEYS[1], 'node', ARGV[1], 'epoch', epoch)
+return {ARGV[1], epoch}
+"#;
+
 /// This node's connection to the cluster's Redis.
 #[derive(Clone)]
 pub struct Directory {
@@ -240,13 +261,16 @@ impl Directory {
         &self.me
     }
 
-    /// Where a room that no live node holds should be published, if not here: the
-    /// placement's choice among the live nodes that serve WHIP (and this one).
-    pub async fn placed_elsewhere(&self, room: &str) -> Result<Option<Lease>> {
+    /// The origin of a room about to be published: its live origin if it has one,
+    /// else the node the placement puts it on, claimed for that node now (so an offer
+    /// redirected there, and any other node asked meanwhile, agree): the first
+    /// candidate among the live nodes serving WHIP (and this one) that has placements
+    /// left this second (`per_second`), else the first candidate.
+    pub async fn place(&self, room: &str, per_second: u32) -> Result<Origin> {
         if let Some(o) = self.origin(room).await?
             && (o.node == self.me || self.lease(&o.node).await?.is_some())
         {
-            return Ok(None);
+            return Ok(o);
         }
         let leases: Vec<Lease> = self
             .live_nodes()
@@ -254,9 +278,39 @@ impl Directory {
             .into_iter()
             .filter(|l| l.http.is_some() || l.node == self.me)
             .collect();
-        Ok(super::placement::choose(room, &leases)
-            .filter(|l| l.node != self.me)
-            .cloned())
+        let candidates = super::placement::candidates(room, &leases);
+        let mut con = self.con.clone();
+        for l in &candidates {
+            let (node, epoch): (String, u64) = redis::Script::new(PLACE)
+                .key(room_key(room))
+                .arg(&l.node)
+                .arg("edgefwd:node:")
+                .arg(per_second)
+                .arg("edgefwd:placed:")
+                .invoke_async(&mut con)
+                .await
+                .with_context(|| format!("placing room {room:?} in Redis"))?;
+            if !node.is_empty() {
+                return Ok(Origin { node, epoch });
+            }
+        }
+        // Every node out of placements this second (or none live): the first
+        // candidate all the same, else this node.
+        match candidates.first() {
+            Some(l) => {
+                let (node, epoch): (String, u64) = redis::Script::new(PLACE)
+                    .key(room_key(room))
+                    .arg(&l.node)
+                    .arg("edgefwd:node:")
+                    .arg(u32::MAX)
+                    .arg("edgefwd:placed:")
+                    .invoke_async(&mut con)
+                    .await
+                    .with_context(|| format!("placing room {room:?} in Redis"))?;
+                Ok(Origin { node, epoch })
+            }
+            None => self.claim(room).await,
+        }
     }
 
     /// Where this node gets `room` from: its origin, when that is another live node

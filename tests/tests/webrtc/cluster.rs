@@ -9,10 +9,15 @@ use serde_json::json;
 
 /// A node of the cluster on loopback: `[cluster]` with the Redis at `redis`.
 fn cluster_node(node: &str, redis: &RedisServer) -> Sfu {
+    cluster_node_with(node, redis, "")
+}
+
+/// [`cluster_node`] with more `[cluster]` keys.
+fn cluster_node_with(node: &str, redis: &RedisServer, extra: &str) -> Sfu {
     start_sfu(
         None,
         &format!(
-            "{}redis_url = \"{}\"\n",
+            "{}redis_url = \"{}\"\n{extra}",
             cluster_section(node, "127.0.0.1", &[]),
             redis.url()
         ),
@@ -290,4 +295,43 @@ fn redis_away_keeps_calls_and_new_rooms_and_its_return_rebuilds_the_directory() 
     );
 
     passed(load, "the call went on through the outage");
+}
+
+/// A burst of new rooms that all prefer node A, offered at B with
+/// `placements_per_second = 2`: A takes two in a second (a burst straddling a second
+/// boundary, four at most), the rest go to the next node of each room's order; every
+/// redirect names the node the directory holds the room for.
+#[test]
+fn a_burst_of_new_rooms_spills_past_a_nodes_placements_per_second() {
+    let redis = RedisServer::start();
+    let nodes: Vec<Sfu> = ["a", "b", "c"]
+        .iter()
+        .map(|n| cluster_node_with(n, &redis, "placements_per_second = 2\n"))
+        .collect();
+    wait_for_leases(&redis, &["a", "b", "c"]);
+    let base_of = |n: &str| &nodes[(n.as_bytes()[0] - b'a') as usize].base;
+    let offer = include_str!("../../../forwarder-user/src/webrtc/testdata/chromium-offer.sdp");
+    let mut on_a = 0;
+    for i in 0..8 {
+        let (_, room) = prefix_placed_on("a", &["a", "b", "c"], &format!("burst{i}"));
+        let (status, msg, location) = whip_at(base_of("b"), &room, offer);
+        let origin = redis
+            .cli(&["HGET", &format!("edgefwd:room:{{{room}}}"), "node"])
+            .trim()
+            .to_string();
+        match (status, origin.as_str()) {
+            (201, "b") => {}
+            (307, o) => assert_eq!(
+                location.unwrap(),
+                format!("{}/whip/{room}", base_of(o)),
+                "redirected to the node the directory holds it for"
+            ),
+            _ => panic!("room {room}: {status} {msg}, origin {origin:?}"),
+        }
+        on_a += (origin == "a") as usize;
+    }
+    assert!(
+        (2..=4).contains(&on_a),
+        "A took {on_a} of 8 rooms that all prefer it, at 2 a second"
+    );
 }

@@ -196,6 +196,8 @@ pub struct Cascade {
     claims: Mutex<HashMap<String, u64>>,
     /// The lease task's view of the cluster (Redis up, live nodes), for /metrics.
     pub health: Arc<crate::cluster::Health>,
+    /// `[cluster] placements_per_second`.
+    placements_per_second: u32,
     pub lapse: Duration,
     pub status: Mutex<BTreeMap<String, UpstreamStatus>>,
     /// Per room, held while its upstream is asked: one call per room at a time
@@ -255,6 +257,7 @@ impl Cascade {
             redis: m.redis.clone(),
             claims: Mutex::new(HashMap::new()),
             health: m.health.clone(),
+            placements_per_second: cfg.placements_per_second,
             lapse: Duration::from_secs(cfg.lapse),
             status: Mutex::new(BTreeMap::new()),
             fetching: Mutex::new(HashMap::new()),
@@ -343,23 +346,18 @@ impl Sfu {
         let Some(d) = c.redis.get() else {
             return Ok(None);
         };
-        // A room no live node holds goes where the placement puts it.
+        // A room published here already stays (claimed again); a room no live node
+        // holds goes where the placement puts it.
         let has_publisher = {
             let st = self.state.lock().unwrap();
             st.rooms.get(room).is_some_and(|r| !r.publishers.is_empty())
         };
-        if !has_publisher {
-            match d.placed_elsewhere(room).await {
-                Ok(Some(l)) => {
-                    if let Some(http) = l.http {
-                        return Ok(Some(format!("{http}/whip/{room}")));
-                    }
-                }
-                Ok(None) => {}
-                Err(e) => log::warn!("{e:#}; room {room:?} is placed on this node"),
-            }
-        }
-        let origin = match d.claim(room).await {
+        let origin = if has_publisher {
+            d.claim(room).await
+        } else {
+            d.place(room, c.placements_per_second).await
+        };
+        let origin = match origin {
             Ok(o) => o,
             Err(e) => {
                 // Redis away: serve it here; the epochs sort it out once Redis is back.
