@@ -1,10 +1,89 @@
 //! Joining and leaving: a WHIP publisher's or WHEP subscriber's session from its
-//! offer (admission caps, tracks, the answer), a publisher's tracks filling the
-//! subscribers' m-lines, layer requests, and leaving.
+//! offer (admission caps, tracks, the answer), an upstream's publisher relayed here,
+//! a publisher's tracks filling the subscribers' m-lines, layer requests, and leaving.
 
 use super::*;
 
 impl Sfu {
+    /// A publisher session for a publisher of an upstream node: no ICE, no DTLS (its
+    /// keys come over the node API), connected from the start.
+    pub(in crate::webrtc) fn relay_session(
+        &self,
+        room: &str,
+        rtcp_ssrc: u32,
+        profile: Profile,
+    ) -> Session {
+        Session {
+            profile: Some(profile),
+            rtcp_ssrc,
+            ..self.blank_session(room, Role::Publisher, std::net::IpAddr::from([0, 0, 0, 0]))
+        }
+    }
+
+    /// A session of `room` with nothing negotiated yet: fresh ids, our ICE credentials
+    /// (the password derived from the ufrag), no keys, no tracks.
+    fn blank_session(&self, room: &str, role: Role, source: std::net::IpAddr) -> Session {
+        let ufrag = random_string(8);
+        Session {
+            id: random_string(16),
+            media: self.media_id(room),
+            room: room.to_string(),
+            role,
+            http_source: source,
+            ice_pwd: self.passwords.for_ufrag(&ufrag),
+            ice_ufrag: ufrag,
+            remote_ufrag: String::new(),
+            remote_fingerprint: (String::new(), vec![]),
+            created: Instant::now(),
+            last_consent: None,
+            addrs: vec![],
+            nominated: None,
+            dtls_peer: Arc::new(Mutex::new(SocketAddr::from(([0, 0, 0, 0], 0)))),
+            dtls_in: None,
+            profile: None,
+            hello: None,
+            rtcp_ssrc: nonzero_u32(),
+            tracks: vec![],
+            downtracks: vec![],
+            relay: None,
+            reserved: vec![],
+            layer_prefs: HashMap::new(),
+        }
+    }
+
+    /// Gives the engine a relayed publisher: its tracks, bound by their SSRCs at the
+    /// upstream's address, decrypted with the publisher's key from where the upstream
+    /// left off, RTCP back with the trunk key.
+    pub(in crate::webrtc) fn register_relay_in(
+        self: &Arc<Self>,
+        s: &Session,
+        upstream: SocketAddr,
+        rx: MasterKey,
+        trunk: MasterKey,
+        streams: Vec<(u32, u64)>,
+    ) {
+        self.register(s);
+        self.command(Command::BindRelay {
+            id: s.media,
+            addr: upstream,
+            ssrcs: s
+                .tracks
+                .iter()
+                .flat_map(|t| t.streams.iter().filter_map(|(_, ssrc)| *ssrc))
+                .collect(),
+        });
+        self.command(Command::SetKeys {
+            id: s.media,
+            rx,
+            tx: trunk,
+        });
+        self.command(Command::ResumeRx {
+            id: s.media,
+            streams,
+        });
+        self.bind_fast(s.media, upstream);
+    }
+
     fn new_session(
         &self,
         room: &str,
