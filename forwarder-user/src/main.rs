@@ -116,6 +116,7 @@ fn real_main(cli: Cli) -> Result<()> {
         Cmd::LoadTest {
             url,
             subscribe_url,
+            edges,
             token,
             rooms,
             publishers,
@@ -138,6 +139,7 @@ fn real_main(cli: Cli) -> Result<()> {
             let opts = edgefwd::loadtest::Options {
                 url,
                 subscribe_url,
+                edges,
                 token,
                 rooms,
                 publishers,

@@ -153,6 +153,10 @@ pub enum Cmd {
         /// reaches them through its trunks).
         #[arg(long, value_name = "URL")]
         subscribe_url: Option<String>,
+        /// Subscribers choose their node as the page does: candidates from
+        /// /v1/edges (at --subscribe-url, else --url), each probed, the fastest joined.
+        #[arg(long)]
+        edges: bool,
         /// The [webrtc] token, if the SFU has one.
         #[arg(long, env = "EDGEFWD_TOKEN", hide_env_values = true)]
         token: Option<String>,

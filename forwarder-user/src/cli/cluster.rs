@@ -1,5 +1,6 @@
 //! `edgefwd cluster nodes|rooms`: the cluster as its Redis has it, read directly (no
-//! daemon needed): the live nodes' leases and the rooms' origins with their epochs.
+//! daemon needed): the live nodes' leases with the RTTs they measured, and the rooms'
+//! origins with their epochs and trees.
 
 use anyhow::Result;
 use serde_json::json;
@@ -24,9 +25,12 @@ async fn nodes(url: &str, as_json: bool) -> Result<()> {
     let mut rows = Vec::new();
     for l in d.live_nodes().await? {
         let ttl = d.lease_ttl_ms(&l.node).await?;
+        let rtt = d.rtt_row(&l.node).await?;
         rows.push(json!({
             "node": l.node, "api": l.api.to_string(), "http": l.http, "region": l.region,
-            "sessions": l.sessions, "lease_ms_left": ttl,
+            "media": l.media.map(|m| m.to_string()),
+            "sessions": l.sessions, "viewers": l.viewers, "capacity": l.capacity,
+            "lease_ms_left": ttl, "rtt_us": rtt,
         }));
     }
     if as_json {
@@ -34,18 +38,32 @@ async fn nodes(url: &str, as_json: bool) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<16} {:<22} {:<28} {:<10} {:>8} {:>9}",
-        "NODE", "NODE API", "WHIP/WHEP", "REGION", "SESSIONS", "LEASE ms"
+        "{:<16} {:<22} {:<28} {:<10} {:>8} {:>9} {:>9}  RTT ms",
+        "NODE", "NODE API", "WHIP/WHEP", "REGION", "SESSIONS", "VIEWERS", "LEASE ms"
     );
     for r in &rows {
+        let viewers = match r["capacity"].as_u64() {
+            Some(c) => format!("{}/{c}", r["viewers"]),
+            None => r["viewers"].to_string(),
+        };
+        let rtt: Vec<String> = r["rtt_us"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(n, us)| format!("{n} {:.2}", us.as_f64().unwrap_or(0.0) / 1000.0))
+                    .collect()
+            })
+            .unwrap_or_default();
         println!(
-            "{:<16} {:<22} {:<28} {:<10} {:>8} {:>9}",
+            "{:<16} {:<22} {:<28} {:<10} {:>8} {:>9} {:>9}  {}",
             r["node"].as_str().unwrap_or(""),
             r["api"].as_str().unwrap_or(""),
             r["http"].as_str().unwrap_or("-"),
             r["region"].as_str().unwrap_or(""),
             r["sessions"],
-            r["lease_ms_left"]
+            viewers,
+            r["lease_ms_left"],
+            rtt.join(", ")
         );
     }
     Ok(())
@@ -59,7 +77,22 @@ async fn rooms(url: &str, only: Option<String>, as_json: bool) -> Result<()> {
             continue;
         }
         let alive = d.lease(&o.node).await?.is_some();
-        rows.push(json!({"room": room, "origin": o.node, "epoch": o.epoch, "origin_alive": alive}));
+        let (tree, epoch) = d.tree(&room).await?;
+        // A tree built for another epoch is the old origin's: not this one's.
+        let tree = if epoch == o.epoch {
+            tree
+        } else {
+            Default::default()
+        };
+        let depths = crate::cluster::tree::depths(&o.node, &tree);
+        let tree: Vec<_> = tree
+            .iter()
+            .map(|(n, p)| json!({"node": n, "parent": p, "depth": depths.get(n)}))
+            .collect();
+        rows.push(json!({
+            "room": room, "origin": o.node, "epoch": o.epoch, "origin_alive": alive,
+            "tree": tree, "depth": depths.values().max().copied().unwrap_or(0),
+        }));
     }
     if let Some(r) = &only
         && rows.is_empty()
@@ -71,12 +104,12 @@ async fn rooms(url: &str, only: Option<String>, as_json: bool) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<32} {:<16} {:>6} {:>6}",
-        "ROOM", "ORIGIN", "EPOCH", "ALIVE"
+        "{:<32} {:<16} {:>6} {:>6} {:>6}",
+        "ROOM", "ORIGIN", "EPOCH", "ALIVE", "DEPTH"
     );
     for r in &rows {
         println!(
-            "{:<32} {:<16} {:>6} {:>6}",
+            "{:<32} {:<16} {:>6} {:>6} {:>6}",
             r["room"].as_str().unwrap_or(""),
             r["origin"].as_str().unwrap_or(""),
             r["epoch"],
@@ -84,8 +117,30 @@ async fn rooms(url: &str, only: Option<String>, as_json: bool) -> Result<()> {
                 "yes"
             } else {
                 "no"
-            }
+            },
+            r["depth"]
         );
+        // With one room asked for: its tree, each node under its parent.
+        if only.is_some() {
+            print_tree(r["origin"].as_str().unwrap_or(""), &r["tree"], 1);
+        }
     }
     Ok(())
+}
+
+/// `node`'s children in `tree` (a list of {node, parent}), indented by depth.
+fn print_tree(node: &str, tree: &serde_json::Value, depth: usize) {
+    if depth == 1 {
+        println!("  {node} (origin)");
+    }
+    let Some(members) = tree.as_array() else {
+        return;
+    };
+    for m in members.iter().filter(|m| m["parent"] == node) {
+        let child = m["node"].as_str().unwrap_or("");
+        println!("  {}└─ {child}", "   ".repeat(depth - 1));
+        if depth < crate::cluster::MAX_DEPTH {
+            print_tree(child, tree, depth + 1);
+        }
+    }
 }

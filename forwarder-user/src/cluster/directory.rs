@@ -63,6 +63,8 @@ impl Directory for StaticDirectory {
 pub struct Layered {
     pub config: StaticDirectory,
     pub redis: Arc<OnceLock<super::redis::Directory>>,
+    /// `[cluster] tree_degree`: children per node in a room's tree.
+    pub degree: u32,
 }
 
 impl Directory for Layered {
@@ -72,7 +74,7 @@ impl Directory for Layered {
                 return Some(u);
             }
             if let Some(d) = self.redis.get() {
-                match d.upstream(room).await {
+                match d.upstream(room, self.degree).await {
                     Ok(Some(u)) => return Some(u),
                     // Ours, or no one's yet: no upstream.
                     Ok(None) => return None,

@@ -26,7 +26,13 @@ pub struct Identity {
     pub node: String,
     auth: hmac::Key,
     seal: aead::RandomizedNonceKey,
+    /// The ICE password of the nodes' RTT probes (STUN to each other's media port).
+    pub probe_pwd: String,
 }
+
+/// The ufrag of the nodes' RTT probes: a binding request to this ufrag, signed with
+/// [`Identity::probe_pwd`], is answered by any node of the cluster.
+pub const PROBE_UFRAG: &str = "edgefwd-probe";
 
 fn derive(secret: &[u8], label: &[u8]) -> [u8; 32] {
     let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"edgefwd cluster v1").extract(secret);
@@ -58,6 +64,10 @@ impl Identity {
                 &derive(secret.as_bytes(), b"node api requests"),
             ),
             seal,
+            probe_pwd: derive(secret.as_bytes(), b"rtt probes")[..16]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
         })
     }
 

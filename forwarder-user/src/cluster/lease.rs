@@ -11,12 +11,21 @@ use super::{
     redis::{Directory, Lease},
 };
 
-/// The node's load now (its sessions), for its lease.
-pub type Load = Arc<dyn Fn() -> u64 + Send + Sync>;
+/// The node's load now, for its lease: its sessions, and its WHEP viewers.
+pub type Load = Arc<dyn Fn() -> (u64, u64) + Send + Sync>;
 
-/// Runs for the daemon's life: `api` is the bound node API, `http` the WHIP/WHEP URL
-/// clients reach this node at (if it serves WebRTC).
-pub async fn run(m: Membership, url: String, api: SocketAddr, http: Option<String>, load: Load) {
+/// Where clients and other nodes reach this node.
+pub struct Addresses {
+    /// The bound node API.
+    pub api: SocketAddr,
+    /// The WHIP/WHEP URL clients reach this node at (if it serves WebRTC).
+    pub http: Option<String>,
+    /// Its media address as peers reach it (if it serves WebRTC).
+    pub media: Option<SocketAddr>,
+}
+
+/// Runs for the daemon's life.
+pub async fn run(m: Membership, url: String, at: Addresses, load: Load) {
     let me = m.identity.node.clone();
     let mut warned = false;
     let dir = loop {
@@ -41,12 +50,16 @@ pub async fn run(m: Membership, url: String, api: SocketAddr, http: Option<Strin
     let mut every = tokio::time::interval(Duration::from_secs(1));
     loop {
         every.tick().await;
+        let (sessions, viewers) = load();
         let lease = Lease {
             node: me.clone(),
-            api,
-            http: http.clone(),
+            api: at.api,
+            http: at.http.clone(),
             region: m.cfg.region.clone(),
-            sessions: load(),
+            sessions,
+            media: at.media,
+            viewers,
+            capacity: m.cfg.capacity,
         };
         let renewed = dir.renew(&lease).await;
         let relaxed = std::sync::atomic::Ordering::Relaxed;

@@ -49,6 +49,7 @@ pub mod placement;
 pub mod redis;
 pub mod relay;
 pub mod status;
+pub mod tree;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -129,6 +130,17 @@ pub struct ClusterConfig {
     /// on one node between two load reports).
     #[serde(default = "default_placements")]
     pub placements_per_second: u32,
+    /// WHEP viewers this node takes (absent: its session limits): past it, new viewers
+    /// are sent to other nodes (`307`, and `/v1/edges` leaves it out), which carry the
+    /// room in its tree.
+    pub capacity: Option<u64>,
+    /// Children per node in a room's tree of nodes, at most (default 8).
+    #[serde(default = "default_degree")]
+    pub tree_degree: u32,
+}
+
+fn default_degree() -> u32 {
+    8
 }
 
 fn default_placements() -> u32 {
@@ -184,6 +196,14 @@ impl ClusterConfig {
                 "[cluster] placements_per_second = 0 would place no room anywhere; give at \
                  least 1 (default 50)"
             );
+        }
+        if self.tree_degree == 0 {
+            bail!(
+                "[cluster] tree_degree = 0 would let no node relay a room to another; give at least 1 (default 8)"
+            );
+        }
+        if self.capacity == Some(0) {
+            bail!("[cluster] capacity = 0 would send every viewer away; leave it out for no bound");
         }
         if self.redis_url.is_some() && self.api.is_none() {
             bail!(

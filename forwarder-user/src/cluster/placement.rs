@@ -76,6 +76,9 @@ mod tests {
             http: None,
             region: String::new(),
             sessions,
+            media: None,
+            viewers: 0,
+            capacity: None,
         }
     }
 

@@ -38,6 +38,22 @@ pub struct Lease {
     /// Load: its sessions now.
     #[serde(default)]
     pub sessions: u64,
+    /// Its media address as other nodes reach it (RTT probes go there).
+    #[serde(default)]
+    pub media: Option<SocketAddr>,
+    /// Its WHEP viewers now, and how many it takes (`[cluster] capacity`; None: no
+    /// bound but its session limits).
+    #[serde(default)]
+    pub viewers: u64,
+    #[serde(default)]
+    pub capacity: Option<u64>,
+}
+
+impl Lease {
+    /// Whether it takes another viewer.
+    pub fn has_room(&self) -> bool {
+        self.capacity.is_none_or(|c| self.viewers < c)
+    }
 }
 
 /// A room's origin as the directory has it.
@@ -47,11 +63,18 @@ pub struct Origin {
     pub epoch: u64,
 }
 
+fn rtt_key(node: &str) -> String {
+    format!("edgefwd:rtt:{node}")
+}
+
+/// How long a node's RTT row lives without being measured again.
+const RTT_TTL: Duration = Duration::from_secs(30);
+
 fn node_key(node: &str) -> String {
     format!("edgefwd:node:{node}")
 }
 
-fn room_key(room: &str) -> String {
+pub(super) fn room_key(room: &str) -> String {
     format!("edgefwd:room:{{{room}}}")
 }
 
@@ -127,6 +150,44 @@ impl Directory {
             con,
             me: me.to_string(),
         })
+    }
+
+    /// A connection for one call (the manager's handle: cheap to clone).
+    pub(super) fn con(&self) -> ConnectionManager {
+        self.con.clone()
+    }
+
+    /// Stores the RTTs this node measured to its peers (microseconds), replacing the
+    /// last row.
+    pub async fn set_rtt(&self, row: &std::collections::BTreeMap<String, u64>) -> Result<()> {
+        let mut con = self.con.clone();
+        let key = rtt_key(&self.me);
+        let mut p = redis::pipe();
+        p.atomic().cmd("DEL").arg(&key).ignore();
+        if !row.is_empty() {
+            p.cmd("HSET").arg(&key);
+            for (n, us) in row {
+                p.arg(n).arg(*us);
+            }
+            p.ignore();
+            p.cmd("PEXPIRE")
+                .arg(&key)
+                .arg(RTT_TTL.as_millis() as u64)
+                .ignore();
+        }
+        p.query_async::<()>(&mut con)
+            .await
+            .context("storing this node's RTTs in Redis")
+    }
+
+    /// The RTTs `node` measured to its peers, microseconds.
+    pub async fn rtt_row(&self, node: &str) -> Result<std::collections::BTreeMap<String, u64>> {
+        let mut con = self.con.clone();
+        redis::cmd("HGETALL")
+            .arg(rtt_key(node))
+            .query_async(&mut con)
+            .await
+            .context("reading a node's RTTs from Redis")
     }
 
     /// Renews this node's lease.
@@ -313,20 +374,24 @@ impl Directory {
         }
     }
 
-    /// Where this node gets `room` from: its origin, when that is another live node
-    /// (None when the room is ours or no one's yet).
-    pub async fn upstream(&self, room: &str) -> Result<Option<UpstreamConfig>> {
+    /// Where this node gets `room` from: its parent in the room's tree (attached now
+    /// if need be, under at most `degree` children per node), when the room's origin
+    /// is another live node (None when the room is ours or no one's yet).
+    pub async fn upstream(&self, room: &str, degree: u32) -> Result<Option<UpstreamConfig>> {
         let Some(o) = self.origin(room).await? else {
             return Ok(None);
         };
-        if o.node == self.me {
+        if o.node == self.me || self.lease(&o.node).await?.is_none() {
             return Ok(None);
         }
-        Ok(self.lease(&o.node).await?.map(|l| UpstreamConfig {
+        let Some(parent) = self.attach(room, degree).await? else {
+            return Ok(None);
+        };
+        Ok(self.lease(&parent.node).await?.map(|l| UpstreamConfig {
             room: room.to_string(),
-            node: o.node,
+            node: parent.node,
             api: l.api,
-            epoch: Some(o.epoch),
+            epoch: Some(parent.epoch),
         }))
     }
 }

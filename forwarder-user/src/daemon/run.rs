@@ -107,13 +107,20 @@ async fn start_node_api(
             };
             format!("http://{}", SocketAddr::new(ip, w.http.port()))
         });
-        let load: crate::cluster::lease::Load =
-            Arc::new(move || sfu.as_ref().map_or(0, |s| s.session_count() as u64));
+        let at = crate::cluster::lease::Addresses {
+            api: bound,
+            http,
+            media: sfu.as_ref().map(|s| s.candidates[0]),
+        };
+        let load: crate::cluster::lease::Load = Arc::new(move || {
+            sfu.as_ref().map_or((0, 0), |s| {
+                (s.session_count() as u64, s.viewer_count() as u64)
+            })
+        });
         tokio::spawn(crate::cluster::lease::run(
             c.m.clone(),
             url.clone(),
-            bound,
-            http,
+            at,
             load,
         ));
     }

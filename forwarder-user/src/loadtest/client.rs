@@ -55,6 +55,7 @@ impl Client {
         let at = Target {
             http: node,
             token: self.target.token.clone(),
+            edges: false,
         };
         let _permit = gate.acquire().await.expect("the gate is never closed");
         // Up to the server's own idle-connection timeout (10 s by default), by when

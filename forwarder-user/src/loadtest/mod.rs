@@ -40,6 +40,9 @@ pub struct Options {
     pub url: String,
     /// Where subscribers join, when not at `url` (another node of a cascade).
     pub subscribe_url: Option<String>,
+    /// Subscribers choose their node through `/v1/edges` (at `subscribe_url`, else
+    /// `url`): candidates probed, the fastest joined.
+    pub edges: bool,
     pub token: Option<String>,
     pub rooms: usize,
     /// Per room.
@@ -176,14 +179,16 @@ pub async fn run(opts: Options) -> Result<Report> {
     let target = Arc::new(Target {
         http,
         token: opts.token.clone(),
+        edges: false,
     });
-    let sub_target = match &opts.subscribe_url {
-        Some(u) => Arc::new(Target {
-            http: crate::cli::rooms::parse_api(u).context("--subscribe-url")?,
-            token: opts.token.clone(),
-        }),
-        None => target.clone(),
-    };
+    let sub_target = Arc::new(Target {
+        http: match &opts.subscribe_url {
+            Some(u) => crate::cli::rooms::parse_api(u).context("--subscribe-url")?,
+            None => http,
+        },
+        token: opts.token.clone(),
+        edges: opts.edges,
+    });
     let identity = Arc::new(Identity::generate()?);
     let live = Arc::new(Live::default());
     let epoch = Instant::now();

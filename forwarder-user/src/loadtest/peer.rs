@@ -30,6 +30,9 @@ use crate::{
 pub struct Target {
     pub http: SocketAddr,
     pub token: Option<String>,
+    /// Subscribers ask this node for candidates (`/v1/edges`), probe them and join the
+    /// fastest, as the page's `edges.js` does.
+    pub edges: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -178,7 +181,16 @@ pub async fn join(
         Role::Publisher => format!("/whip/{room}"),
         Role::Subscriber => format!("/whep/{room}"),
     };
-    let (node, resource, answer) = post_offer(target, path, sdp, timeout).await?;
+    let (node, resource, answer) = if target.edges && role == Role::Subscriber {
+        let at = Target {
+            http: choose_edge(target, room, timeout).await?,
+            token: target.token.clone(),
+            edges: false,
+        };
+        post_offer(&at, path, sdp, timeout).await?
+    } else {
+        post_offer(target, path, sdp, timeout).await?
+    };
     let remote = parse_offer(&answer).map_err(|e| fail("sdp", format!("the answer: {e}")))?;
     let media = candidate(&answer).ok_or_else(|| fail("sdp", "the answer has no UDP candidate"))?;
 
@@ -315,8 +327,105 @@ pub async fn join(
     })
 }
 
+/// `http://IP:PORT/...` to IP:PORT.
+fn host_of(url: &str) -> Option<SocketAddr> {
+    let rest = url.strip_prefix("http://")?;
+    rest[..rest.find('/').unwrap_or(rest.len())].parse().ok()
+}
+
+/// The node to watch `room` from: the candidates of `target`'s `/v1/edges`, each
+/// probed once (`GET` its probe URL), the fastest taken; the choice and the RTTs are
+/// reported to it.
+async fn choose_edge(
+    target: &Target,
+    room: &str,
+    timeout: Duration,
+) -> Result<SocketAddr, Failure> {
+    let get = |at: SocketAddr, path: String| async move {
+        exchange(
+            at,
+            Auth::bearer(target.token.as_deref()),
+            Request {
+                method: hyper::Method::GET,
+                path: &path,
+                content_type: "text/plain",
+                body: vec![],
+                timeout,
+            },
+        )
+        .await
+    };
+    let r = match get(target.http, format!("/v1/edges?room={room}")).await {
+        Outcome::Ok(r) => r,
+        Outcome::Refused(why) | Outcome::Unreachable(why) => {
+            return Err(fail(
+                "edges",
+                format!("GET /v1/edges at {}: {why}", target.http),
+            ));
+        }
+    };
+    let v: serde_json::Value = serde_json::from_slice(&r.body)
+        .map_err(|e| fail("edges", format!("/v1/edges answered no JSON: {e}")))?;
+    let edges: Vec<(String, SocketAddr, String)> = v["edges"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            let probe = e["probe"].as_str()?;
+            let at = host_of(probe)?;
+            let path = probe.strip_prefix("http://")?;
+            let path = path[path.find('/')?..].to_string();
+            Some((e["node"].as_str()?.to_string(), at, path))
+        })
+        .collect();
+    let Some(first) = edges.first() else {
+        return Err(fail(
+            "edges",
+            format!("no node has room for a viewer of {room}"),
+        ));
+    };
+    let timed = edges.iter().map(|(node, at, path)| async move {
+        let t = Instant::now();
+        match get(*at, path.clone()).await {
+            Outcome::Ok(_) => Some((node.clone(), *at, t.elapsed())),
+            _ => None,
+        }
+    });
+    let measured: Vec<_> = futures_util::future::join_all(timed)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    let (chosen, at) = measured
+        .iter()
+        .min_by_key(|m| m.2)
+        .map_or((first.0.clone(), first.1), |m| (m.0.clone(), m.1));
+    let rtts: serde_json::Map<String, serde_json::Value> = measured
+        .iter()
+        .map(|(n, _, d)| (n.clone(), serde_json::json!(d.as_secs_f64() * 1e3)))
+        .collect();
+    let body = serde_json::json!({"room": room, "chosen": chosen, "rtt_ms": rtts});
+    let _ = exchange(
+        at,
+        Auth::bearer(target.token.as_deref()),
+        Request {
+            method: hyper::Method::POST,
+            path: "/v1/edges/report",
+            content_type: "application/json",
+            body: body.to_string().into_bytes(),
+            timeout,
+        },
+    )
+    .await;
+    Ok(at)
+}
+
+/// Redirects followed at most (a full node sends a viewer on, and each node tried is
+/// named in the next URL, so a cluster of n nodes needs at most n - 1).
+const MAX_REDIRECTS: usize = 8;
+
 /// POSTs the offer, following redirects to another node (a cluster places rooms by
-/// their name: RFC 9725 allows a 307), at most three: the node that answered, the
+/// their name: RFC 9725 allows a 307), at most [`MAX_REDIRECTS`]: the node that answered, the
 /// resource there and the SDP answer.
 async fn post_offer(
     target: &Target,
@@ -325,7 +434,7 @@ async fn post_offer(
     timeout: Duration,
 ) -> Result<(SocketAddr, String, String), Failure> {
     let mut http = target.http;
-    for _ in 0..4 {
+    for _ in 0..=MAX_REDIRECTS {
         let posted = exchange(
             http,
             Auth::bearer(target.token.as_deref()),
@@ -363,7 +472,10 @@ async fn post_offer(
         })?;
         path = p.to_string();
     }
-    Err(fail("http", format!("POST {path}: more than 3 redirects")))
+    Err(fail(
+        "http",
+        format!("POST {path}: more than {MAX_REDIRECTS} redirects"),
+    ))
 }
 
 /// DELETE of the client's resource: the session ends now rather than at consent loss.

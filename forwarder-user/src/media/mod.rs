@@ -161,6 +161,8 @@ pub struct Counters {
     /// Checks of sessions this node no longer has, answered with a signed 400 so the
     /// client rejoins (each also counted as `stun_unknown_ufrag`).
     pub stun_refused: AtomicU64,
+    /// Other nodes' RTT probes answered (signed with the cluster's probe password).
+    pub stun_probes: AtomicU64,
     pub rtp_in: AtomicU64,
     pub rtp_out: AtomicU64,
     /// Trunk copies to downstream nodes (ciphertext as received).

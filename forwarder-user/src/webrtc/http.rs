@@ -65,6 +65,7 @@ pub fn router(api: Arc<Api>, with_admin: bool) -> Router {
                 .options(options),
         )
         .route("/whep/{room}/{id}/layers", axum::routing::put(set_layers));
+    let r = super::edges::routes(r);
     let r = if with_admin { with_admin_routes(r) } else { r };
     r.with_state(api)
 }
@@ -81,7 +82,7 @@ fn with_admin_routes(r: Router<Arc<Api>>) -> Router<Arc<Api>> {
         .route("/metrics", get(metrics))
 }
 
-fn text(status: StatusCode, msg: impl Into<String>) -> Response {
+pub(super) fn text(status: StatusCode, msg: impl Into<String>) -> Response {
     let mut r = (status, format!("{}\n", msg.into())).into_response();
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -90,7 +91,7 @@ fn text(status: StatusCode, msg: impl Into<String>) -> Response {
     r
 }
 
-fn api_error(e: ApiError) -> Response {
+pub(super) fn api_error(e: ApiError) -> Response {
     let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
     let retry = matches!(
         e,
@@ -105,7 +106,7 @@ fn api_error(e: ApiError) -> Response {
 }
 
 /// Room names become URL path segments and log fields: keep them plain.
-fn check_room(room: &str) -> Result<(), Response> {
+pub(super) fn check_room(room: &str) -> Result<(), Response> {
     if room.is_empty()
         || room.len() > 64
         || !room
@@ -120,7 +121,7 @@ fn check_room(room: &str) -> Result<(), Response> {
     Ok(())
 }
 
-fn check_auth(api: &Api, headers: &HeaderMap) -> Result<(), Response> {
+pub(super) fn check_auth(api: &Api, headers: &HeaderMap) -> Result<(), Response> {
     let Some(want) = &api.token else {
         return Ok(());
     };
@@ -197,10 +198,10 @@ async fn whip(
 }
 
 /// 307 to the room's origin node: the client repeats its POST there.
-fn redirect(url: &str) -> Response {
+pub(super) fn redirect(url: &str) -> Response {
     let mut r = text(
         StatusCode::TEMPORARY_REDIRECT,
-        format!("this room is published at another node: POST the offer to {url}"),
+        format!("this room is served at another node: POST the offer to {url}"),
     );
     if let Ok(v) = HeaderValue::from_str(url) {
         r.headers_mut().insert(header::LOCATION, v);
@@ -216,6 +217,7 @@ async fn whep(
     State(api): State<Arc<Api>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(room): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<super::edges::Tried>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -227,6 +229,9 @@ async fn whep(
         Ok(o) => o,
         Err(r) => return r,
     };
+    if api.sfu.at_capacity() {
+        return super::edges::elsewhere(&api, &room, q).await;
+    }
     // A room served by an upstream node: its tracks first, then the answer.
     if let Err(e) = api.sfu.ensure_upstream(&room, vec![]).await {
         return api_error(e);
@@ -359,16 +364,16 @@ async fn no_trickle() -> Response {
     r
 }
 
-async fn options() -> Response {
+pub(super) async fn options() -> Response {
     let mut r = StatusCode::NO_CONTENT.into_response();
     let h = r.headers_mut();
     h.insert(
         header::ALLOW,
-        HeaderValue::from_static("POST, DELETE, OPTIONS"),
+        HeaderValue::from_static("GET, POST, DELETE, OPTIONS"),
     );
     h.insert(
         header::ACCESS_CONTROL_ALLOW_METHODS,
-        HeaderValue::from_static("POST, DELETE, OPTIONS"),
+        HeaderValue::from_static("GET, POST, DELETE, OPTIONS"),
     );
     h.insert(
         header::ACCESS_CONTROL_ALLOW_HEADERS,

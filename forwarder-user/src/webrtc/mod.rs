@@ -5,6 +5,7 @@
 
 pub mod cascade;
 pub mod dtls;
+pub mod edges;
 pub mod http;
 pub mod ice;
 pub mod sdp;
@@ -426,6 +427,9 @@ pub async fn start(
             .map(|a| format!(", admin API on http://{a}/"))
             .unwrap_or_default()
     );
+    if sfu.cascade.get().is_some_and(|c| c.redis_configured) {
+        tokio::spawn(cascade::probe::run(sfu.clone()));
+    }
     Ok((bound, sfu.clone(), async move {
         let ticker = {
             let sfu = sfu.clone();

@@ -176,7 +176,7 @@ fn one_unreachable_upstream_starves_no_other_room() {
 }
 
 /// A minimal offer a WHEP endpoint takes (one recvonly video m-line).
-fn whep_offer() -> String {
+pub(super) fn whep_offer() -> String {
     [
         "v=0",
         "o=- 1 1 IN IP4 127.0.0.1",

@@ -223,6 +223,9 @@ fn fifty_concurrent_claims_make_one_origin() {
                 http: None,
                 region: String::new(),
                 sessions: 0,
+                media: None,
+                viewers: 0,
+                capacity: None,
             })
             .await
             .unwrap();

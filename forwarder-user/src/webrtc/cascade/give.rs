@@ -129,7 +129,7 @@ impl Sfu {
     }
 
     /// Our media address as peers reach it.
-    pub(super) fn media_addr(&self) -> SocketAddr {
+    pub fn media_addr(&self) -> SocketAddr {
         self.candidates[0]
     }
 

@@ -27,10 +27,14 @@
 //! redis_url` the cluster's Redis, where a WHIP publisher claims the room for its node
 //! ([`Sfu::claim_room`]) and other nodes find its origin.
 //!
+//! * [`edges`] — which nodes a viewer should try, and a full node's redirect.
+//! * [`probe`] — RTT to the other nodes over the media path, for the trees.
 //! * [`give`] — the upstream's side: relay requests in, trunk copies out.
 //! * [`take`] — the downstream's side: asking, refreshing, relayed publishers.
 
+pub mod edges;
 mod give;
+pub mod probe;
 mod take;
 
 use std::{
@@ -198,6 +202,18 @@ pub struct Cascade {
     pub health: Arc<crate::cluster::Health>,
     /// `[cluster] placements_per_second`.
     placements_per_second: u32,
+    /// Whether `[cluster] redis_url` is set (the directory may connect later).
+    pub redis_configured: bool,
+    /// `[cluster] capacity`: WHEP viewers this node takes.
+    pub capacity: Option<u64>,
+    /// Rooms this node took from its parent in the room's tree (the directory's).
+    in_trees: Mutex<std::collections::HashSet<String>>,
+    /// Rooms whose tree this node is leaving, with the rounds tried.
+    leaving: Mutex<HashMap<String, u8>>,
+    /// The RTT to each other node measured last (microseconds), by [`probe`].
+    pub rtt: Mutex<BTreeMap<String, u64>>,
+    /// Viewers' reports of their edge probes, per node.
+    pub edge_stats: Mutex<BTreeMap<String, edges::EdgeStat>>,
     pub lapse: Duration,
     pub status: Mutex<BTreeMap<String, UpstreamStatus>>,
     /// Per room, held while its upstream is asked: one call per room at a time
@@ -247,6 +263,7 @@ impl Cascade {
             Box::new(Layered {
                 config,
                 redis: m.redis.clone(),
+                degree: cfg.tree_degree,
             })
         } else {
             Box::new(config)
@@ -258,6 +275,12 @@ impl Cascade {
             claims: Mutex::new(HashMap::new()),
             health: m.health.clone(),
             placements_per_second: cfg.placements_per_second,
+            capacity: cfg.capacity,
+            redis_configured: cfg.redis_url.is_some(),
+            edge_stats: Mutex::new(BTreeMap::new()),
+            rtt: Mutex::new(BTreeMap::new()),
+            leaving: Mutex::new(HashMap::new()),
+            in_trees: Mutex::new(Default::default()),
             lapse: Duration::from_secs(cfg.lapse),
             status: Mutex::new(BTreeMap::new()),
             fetching: Mutex::new(HashMap::new()),
@@ -401,19 +424,45 @@ impl Sfu {
         let Some(want) = req.epoch else {
             return Ok(());
         };
-        match c.claims.lock().unwrap().get(room) {
-            Some(have) if *have == want => Ok(()),
-            have => Err(ApiError::Cascade(
-                409,
-                format!(
-                    "stale epoch: {} asks for room {room:?} at epoch {want}, this node holds it at {}",
-                    req.node,
-                    have.map_or("none".to_string(), |h| h.to_string())
-                ),
-            )),
+        // The origin's epoch as this node knows it: its own claim, else (a node
+        // inside the room's tree) the epoch its relayed publishers came with. A node
+        // that knows neither takes the room from its own parent first, as named in
+        // the directory now.
+        let claimed = c.claims.lock().unwrap().get(room).copied();
+        let have = claimed.or_else(|| {
+            let st = self.state.lock().unwrap();
+            st.rooms.get(room).and_then(|r| {
+                r.publishers
+                    .iter()
+                    .filter_map(|p| st.sessions.get(p)?.relay.as_ref()?.epoch)
+                    .max()
+            })
+        });
+        let Some(have) = have else {
+            return if c.redis.get().is_some() {
+                Ok(())
+            } else {
+                Err(stale(room, &req.node, want, None))
+            };
+        };
+        if have == want {
+            return Ok(());
         }
+        Err(stale(room, &req.node, want, Some(have)))
     }
+}
 
+fn stale(room: &str, node: &str, want: u64, have: Option<u64>) -> ApiError {
+    ApiError::Cascade(
+        409,
+        format!(
+            "stale epoch: {node} asks for room {room:?} at epoch {want}, this node holds it at {}",
+            have.map_or("none".to_string(), |h| h.to_string())
+        ),
+    )
+}
+
+impl Sfu {
     /// Rooms this node holds as origin in the cluster's directory.
     pub fn rooms_held(&self) -> usize {
         self.cascade
@@ -424,6 +473,15 @@ impl Sfu {
     /// Sessions now, for this node's lease.
     pub fn session_count(&self) -> usize {
         self.state.lock().unwrap().sessions.len()
+    }
+
+    /// WHEP viewers now, for this node's lease (its `[cluster] capacity` bounds them).
+    pub fn viewer_count(&self) -> usize {
+        let st = self.state.lock().unwrap();
+        st.sessions
+            .values()
+            .filter(|s| s.role == super::sfu::Role::Subscriber)
+            .count()
     }
 }
 
@@ -503,7 +561,6 @@ impl Sfu {
     }
 }
 
-#[cfg(test)]
 #[cfg(test)]
 mod tests {
     use super::*;

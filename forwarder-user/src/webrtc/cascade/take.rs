@@ -22,6 +22,9 @@ use crate::media::{
 };
 use crate::webrtc::sfu::{ApiError, Session, Sfu, Track};
 
+/// Rounds a node tries to leave a room's tree (nodes below leave first).
+const LEAVE_TRIES: u8 = 30;
+
 /// The cascade of an SFU that has one (the callers checked).
 fn cascade_of(sfu: &Sfu) -> &super::Cascade {
     sfu.cascade
@@ -200,6 +203,10 @@ impl Sfu {
                 entry.last_ok = Some(Instant::now());
                 entry.publishers = reply.publishers.len();
                 drop(status);
+                if up.epoch.is_some() {
+                    // From the cluster's directory: this node is in the room's tree.
+                    cascade.in_trees.lock().unwrap().insert(room.to_string());
+                }
                 self.apply_relay_reply(room, up, via, reply);
                 Ok(())
             }
@@ -329,6 +336,64 @@ impl Sfu {
         s
     }
 
+    /// Leaves the trees of the rooms this node stopped carrying (found now, and those
+    /// still waiting): a node leaves only once no node below hangs on it, and the
+    /// nodes below leave first, each in its own round, so it tries again each round
+    /// (for up to [`LEAVE_TRIES`]) unless it relays the room again meanwhile.
+    fn leave_trees(self: &Arc<Self>) {
+        let cascade = cascade_of(self);
+        let Some(d) = cascade.redis.get() else {
+            return;
+        };
+        let rooms: Vec<String> = {
+            let st = self.state.lock().unwrap();
+            // A room this node took from its tree and no longer carries: no relayed
+            // publisher (ended for lack of demand, or gone upstream), no viewer, no
+            // node below.
+            let carried = |room: &str| {
+                st.rooms.get(room).is_some_and(|r| {
+                    !r.subscribers.is_empty()
+                        || r.publishers
+                            .iter()
+                            .any(|p| st.sessions.get(p).is_some_and(|s| s.relay.is_some()))
+                }) || st.relays_out.values().any(|o| o.room == room)
+            };
+            let mut leaving = cascade.leaving.lock().unwrap();
+            cascade.in_trees.lock().unwrap().retain(|room| {
+                if carried(room) {
+                    return true;
+                }
+                leaving.insert(room.clone(), 0);
+                false
+            });
+            leaving.retain(|room, tries| {
+                *tries += 1;
+                *tries <= LEAVE_TRIES
+                    && !st.rooms.get(room).is_some_and(|r| {
+                        r.publishers
+                            .iter()
+                            .any(|p| st.sessions.get(p).is_some_and(|s| s.relay.is_some()))
+                    })
+            });
+            leaving.keys().cloned().collect()
+        };
+        if rooms.is_empty() {
+            return;
+        }
+        let (d, sfu) = (d.clone(), self.clone());
+        tokio::spawn(async move {
+            for room in rooms {
+                match d.detach(&room).await {
+                    Ok(true) => {
+                        cascade_of(&sfu).leaving.lock().unwrap().remove(&room);
+                    }
+                    Ok(false) => {} // nodes below still: next round
+                    Err(e) => log::debug!("{e:#}; tried again next round"),
+                }
+            }
+        });
+    }
+
     /// The cascade's once-a-second round: refreshes the relays this node takes while
     /// it has demand for them (ends them when it has none), ends the relays it gives
     /// whose requests lapsed.
@@ -379,16 +444,26 @@ impl Sfu {
                     continue;
                 }
                 let ri = st.sessions[&relayed[0]].relay.as_ref().expect("relayed");
-                refresh.push((
-                    room.clone(),
-                    Some(UpstreamConfig {
-                        room: room.clone(),
-                        node: ri.node.clone(),
-                        api: ri.api,
-                        epoch: ri.epoch,
-                    }),
-                    ri.via.clone(),
-                ));
+                // An upstream that has not answered for a lapse is looked up again
+                // (the directory may name another parent by now).
+                let lost = cascade_of(self)
+                    .status
+                    .lock()
+                    .unwrap()
+                    .get(&room)
+                    .is_some_and(|s| {
+                        !s.up
+                            && s.last_ok.is_none_or(|t| {
+                                now.saturating_duration_since(t) > cascade_of(self).lapse
+                            })
+                    });
+                let up = (!lost).then(|| UpstreamConfig {
+                    room: room.clone(),
+                    node: ri.node.clone(),
+                    api: ri.api,
+                    epoch: ri.epoch,
+                });
+                refresh.push((room.clone(), up, ri.via.clone()));
             }
         }
         let cascade = self.cascade.get().expect("checked above");
@@ -408,6 +483,7 @@ impl Sfu {
                 }
             });
         }
+        self.leave_trees();
         for (room, up, via) in refresh {
             // Each room on its own task: an unreachable upstream's calls wait out
             // their timeouts without delaying other rooms, or this round. A room whose

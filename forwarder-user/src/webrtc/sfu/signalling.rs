@@ -137,12 +137,34 @@ impl Sfu {
     }
 }
 
+impl Sfu {
+    /// Another node's RTT probe (signed with the cluster's probe password): answered
+    /// like an ICE check, on the media path it measures. Unsigned or wrongly signed
+    /// ones are dropped, so the port reflects nothing for strangers.
+    fn answer_probe(&self, check: crate::webrtc::ice::Check, from: SocketAddr) {
+        let Some(c) = self.cascade.get() else {
+            return self.counters.count(Drop::StunUnknownUfrag);
+        };
+        match check.answer(&c.identity.probe_pwd, from) {
+            Ok(resp) => {
+                if self.send(&resp, from) {
+                    self.counters.stun_probes.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(_) => self.counters.count(Drop::StunUnauthenticated),
+        }
+    }
+}
+
 impl Signalling for Sfu {
     fn on_stun(self: &Arc<Self>, buf: &[u8], from: SocketAddr) {
         let check = match crate::webrtc::ice::parse_check(buf) {
             Ok(c) => c,
             Err(_) => return self.counters.count(Drop::StunMalformed),
         };
+        if check.local_ufrag == crate::cluster::identity::PROBE_UFRAG {
+            return self.answer_probe(check, from);
+        }
         let mut st = self.state.lock().unwrap();
         let Some(id) = st.by_ufrag.get(&check.local_ufrag).cloned() else {
             drop(st);

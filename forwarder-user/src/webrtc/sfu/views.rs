@@ -22,6 +22,7 @@ impl Sfu {
         for (name, v) in [
             ("stun_answered", &c.stun_answered),
             ("stun_refused", &c.stun_refused),
+            ("stun_probes", &c.stun_probes),
             ("rtp_in", &c.rtp_in),
             ("rtp_out", &c.rtp_out),
             ("relay_out", &c.relay_out),
@@ -127,6 +128,37 @@ impl Sfu {
                 g.set(v);
                 registry.register(Box::new(g))?;
             }
+            let chosen = IntCounterVec::new(
+                Opts::new(
+                    "edgefwd_edge_chosen_total",
+                    "Viewers' reports: the node each chose after racing probes (/v1/edges), by node",
+                ),
+                &["node"],
+            )?;
+            let probes = IntCounterVec::new(
+                Opts::new(
+                    "edgefwd_edge_probe_rtt_count",
+                    "Viewers' probe round trips reported, by the node probed",
+                ),
+                &["node"],
+            )?;
+            let rtt_sum = prometheus::GaugeVec::new(
+                Opts::new(
+                    "edgefwd_edge_probe_rtt_ms_sum",
+                    "Sum of the viewers' reported probe round trips in ms, by the node probed (divide by _count)",
+                ),
+                &["node"],
+            )?;
+            for (node, s) in c.edge_stats.lock().unwrap().iter() {
+                chosen.with_label_values(&[node.as_str()]).inc_by(s.chosen);
+                probes.with_label_values(&[node.as_str()]).inc_by(s.probes);
+                rtt_sum
+                    .with_label_values(&[node.as_str()])
+                    .set(s.rtt_ms_sum);
+            }
+            registry.register(Box::new(chosen))?;
+            registry.register(Box::new(probes))?;
+            registry.register(Box::new(rtt_sum))?;
         }
         let conns = prometheus::IntGauge::new(
             "edgefwd_webrtc_dtls_connections",
@@ -392,6 +424,7 @@ impl Sfu {
             "counters": {
                 "stun_answered": c.stun_answered.load(Ordering::Relaxed),
                 "stun_refused": c.stun_refused.load(Ordering::Relaxed),
+                "stun_probes": c.stun_probes.load(Ordering::Relaxed),
                 "rtp_in": c.rtp_in.load(Ordering::Relaxed),
                 "rtp_out": c.rtp_out.load(Ordering::Relaxed),
                 "relay_out": c.relay_out.load(Ordering::Relaxed),

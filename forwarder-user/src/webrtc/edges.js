@@ -1,0 +1,74 @@
+// edgefwd edge choice: which node should this viewer watch a room from?
+//
+// Served by every node at /edges.js (an ES module). Usage:
+//
+//   import { chooseEdge } from "http://NODE/edges.js";
+//   const edge = await chooseEdge("http://NODE", "my-room", { token });
+//   // edge.whep: POST the WHEP offer there; edge.rtts: {node: ms} as measured
+//
+// It asks NODE for 2-3 candidates (GET /v1/edges?room=ROOM), races a probe to each
+// (GET its probe URL, three times, the fastest counts: the first may pay for a new
+// connection), takes the fastest node that answered, and reports the choice and
+// every RTT to that node (POST /v1/edges/report), where they are logged and counted
+// in /metrics (edgefwd_edge_chosen_total, edgefwd_edge_probe_rtt_ms_sum/_count).
+
+const PROBES = 3;
+const PROBE_TIMEOUT_MS = 2000;
+
+async function probeOnce(url) {
+  const ctl = new AbortController();
+  const timer = setTimeout(() => ctl.abort(), PROBE_TIMEOUT_MS);
+  const t0 = performance.now();
+  try {
+    const r = await fetch(url, { cache: "no-store", signal: ctl.signal });
+    if (!r.ok) throw new Error(`probe ${url}: HTTP ${r.status}`);
+    return performance.now() - t0;
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/// The fastest of PROBES round trips to `url` (ms), or null if none answered.
+export async function probe(url) {
+  let best = null;
+  for (let i = 0; i < PROBES; i++) {
+    try {
+      const ms = await probeOnce(url);
+      best = best === null ? ms : Math.min(best, ms);
+    } catch (_) {
+      // One lost probe is not a dead node; all lost is.
+    }
+  }
+  return best;
+}
+
+/// Asks `base` (a node's http URL) for candidates for `room`, probes them all at
+/// once, reports, and returns {node, whep, rtts} of the fastest.
+export async function chooseEdge(base, room, opts = {}) {
+  const headers = opts.token ? { Authorization: `Bearer ${opts.token}` } : {};
+  const r = await fetch(`${base}/v1/edges?room=${encodeURIComponent(room)}`, { headers });
+  if (!r.ok) throw new Error(`/v1/edges: HTTP ${r.status}: ${await r.text()}`);
+  const { edges } = await r.json();
+  if (!edges.length) throw new Error(`no node has room for another viewer of ${room}`);
+  const measured = await Promise.all(edges.map((e) => probe(e.probe)));
+  const rtts = {};
+  let best = null;
+  edges.forEach((e, i) => {
+    if (measured[i] === null) return;
+    rtts[e.node] = Math.round(measured[i] * 100) / 100;
+    if (best === null || measured[i] < measured[best]) best = i;
+  });
+  // Nothing answered a probe: the first candidate, as the server ordered them.
+  const chosen = edges[best === null ? 0 : best];
+  const origin = new URL(chosen.whep).origin;
+  try {
+    await fetch(`${origin}/v1/edges/report`, {
+      method: "POST",
+      headers: { ...headers, "Content-Type": "application/json" },
+      body: JSON.stringify({ room, chosen: chosen.node, rtt_ms: rtts }),
+    });
+  } catch (_) {
+    // The report is for the operator; the viewer goes on without it.
+  }
+  return { node: chosen.node, whep: chosen.whep, rtts, edges };
+}
