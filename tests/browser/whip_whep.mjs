@@ -19,7 +19,7 @@
 //
 //   node whip_whep.mjs --base http://127.0.0.1:8080 --room r1 [--codec VP8|H264]
 //        [--no-pqc] [--role both|publish|watch|view|simulcast] [--hold SECONDS] [--timeout SECONDS]
-//        [--expect N] [--screenshot PNG] [--simulcast] [--watch-base URL] [--svc MODE]
+//        [--expect N] [--screenshot PNG] [--simulcast] [--watch-base URL] [--svc MODE] [--edges]
 import { chromium } from 'playwright-core';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -202,7 +202,8 @@ try {
   } else {
     sub = await launch();
     browsers.push(sub);
-    result.whep = await sub.page.evaluate(r => window.watch(r), room);
+    // --edges: the node chosen as the page does, by probes to /v1/edges' candidates.
+    result.whep = await sub.page.evaluate(([r, e]) => window.watch(r, e), [room, flag('edges')]);
     const deadline = Date.now() + timeoutMs;
     let s;
     for (;;) {

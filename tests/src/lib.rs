@@ -338,6 +338,9 @@ pub fn register_chart_font() -> Result<(), Box<dyn std::error::Error>> {
 pub struct RedisServer {
     child: Child,
     pub port: u16,
+    /// Where it listens, and the network namespace it runs in (None: this one).
+    host: String,
+    netns: Option<String>,
 }
 
 impl RedisServer {
@@ -346,25 +349,50 @@ impl RedisServer {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        Self::start_on(port)
+        Self::start_on(port, "127.0.0.1", None)
+    }
+
+    /// A server in network namespace `ns` on `ip`:6379, for nodes in other namespaces
+    /// that reach `ip`.
+    pub fn start_in(ns: &netns::NetNs, ip: &str) -> RedisServer {
+        Self::start_on(6379, ip, Some(ns.name.clone()))
+    }
+
+    fn command(&self, program: &str) -> Command {
+        match &self.netns {
+            Some(n) => netns::command_in(n, program),
+            None => Command::new(program),
+        }
     }
 
     /// A new, empty server on the port a killed one had (Redis restarted, its data
     /// lost).
     pub fn restart(&mut self) {
         self.kill();
-        let fresh = Self::start_on(self.port);
+        let fresh = Self::start_on(self.port, &self.host, self.netns.clone());
         *self = fresh;
     }
 
-    fn start_on(port: u16) -> RedisServer {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+    fn start_on(port: u16, host: &str, netns: Option<String>) -> RedisServer {
+        let mut cmd = match &netns {
+            Some(n) => netns::command_in(n, "redis-server"),
+            None => Command::new("redis-server"),
+        };
+        let child = cmd
+            .args(["--port", &port.to_string(), "--bind", host])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            // Nodes in other namespaces connect over the test's bridge (it holds only
+            // test addresses); protected mode would refuse all but loopback.
+            .args(["--protected-mode", "no"])
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server (cargo xtask setup installs it)");
-        let r = RedisServer { child, port };
+        let r = RedisServer {
+            child,
+            port,
+            host: host.to_string(),
+            netns,
+        };
         for _ in 0..100 {
             if r.cli(&["PING"]).trim() == "PONG" {
                 return r;
@@ -375,13 +403,14 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        format!("redis://{}:{}/", self.host, self.port)
     }
 
     /// `redis-cli` against it: its output.
     pub fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
+        let out = self
+            .command("redis-cli")
+            .args(["-h", &self.host, "-p", &self.port.to_string()])
             .args(args)
             .output()
             .expect("redis-cli");

@@ -95,21 +95,7 @@ impl NetNs {
     /// A command that runs in this network namespace. Unlike `ip netns exec`, it keeps
     /// the caller's mount namespace, so /sys/fs/bpf (and pinned maps) stay visible.
     pub fn command(&self, program: &str) -> Command {
-        let path = CString::new(format!("/run/netns/{}", self.name)).unwrap();
-        let mut c = Command::new(program);
-        // SAFETY: the pre_exec closure only calls open, setns and close (async-signal-safe)
-        // on a path made before the fork.
-        unsafe {
-            c.pre_exec(move || {
-                let fd = libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
-                if fd < 0 || libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                libc::close(fd);
-                Ok(())
-            });
-        }
-        c
+        command_in(&self.name, program)
     }
 
     /// Runs `f` on a thread that has entered this namespace (sockets, ifindexes and
@@ -341,4 +327,23 @@ pub fn link_with_queues(
         ns.exec(&["ethtool", "-K", dev, "tx", "off"]);
         ns.exec(&["ip", "link", "set", dev, "up"]);
     }
+}
+
+/// A command that runs in the network namespace named `name` (see [`NetNs::command`]).
+pub fn command_in(name: &str, program: &str) -> Command {
+    let path = CString::new(format!("/run/netns/{name}")).unwrap();
+    let mut c = Command::new(program);
+    // SAFETY: the pre_exec closure only calls open, setns and close (async-signal-safe)
+    // on a path made before the fork.
+    unsafe {
+        c.pre_exec(move || {
+            let fd = libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+            if fd < 0 || libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::close(fd);
+            Ok(())
+        });
+    }
+    c
 }

@@ -20,6 +20,8 @@ use serde_json::Value;
 mod cascade_faults;
 #[path = "webrtc/cluster.rs"]
 mod cluster;
+#[path = "webrtc/cluster_netns.rs"]
+mod cluster_netns;
 #[path = "webrtc/cluster_trees.rs"]
 mod cluster_trees;
 #[path = "webrtc/http_limits.rs"]

@@ -72,27 +72,13 @@ async fn nodes(url: &str, as_json: bool) -> Result<()> {
 async fn rooms(url: &str, only: Option<String>, as_json: bool) -> Result<()> {
     let d = Directory::connect(url, "edgefwd-cli").await?;
     let mut rows = Vec::new();
-    for (room, o) in d.rooms().await? {
+    for (room, _) in d.rooms().await? {
         if only.as_ref().is_some_and(|r| *r != room) {
             continue;
         }
-        let alive = d.lease(&o.node).await?.is_some();
-        let (tree, epoch) = d.tree(&room).await?;
-        // A tree built for another epoch is the old origin's: not this one's.
-        let tree = if epoch == o.epoch {
-            tree
-        } else {
-            Default::default()
-        };
-        let depths = crate::cluster::tree::depths(&o.node, &tree);
-        let tree: Vec<_> = tree
-            .iter()
-            .map(|(n, p)| json!({"node": n, "parent": p, "depth": depths.get(n)}))
-            .collect();
-        rows.push(json!({
-            "room": room, "origin": o.node, "epoch": o.epoch, "origin_alive": alive,
-            "tree": tree, "depth": depths.values().max().copied().unwrap_or(0),
-        }));
+        if let Some(v) = crate::cluster::tree::room_view(&d, &room).await? {
+            rows.push(v);
+        }
     }
     if let Some(r) = &only
         && rows.is_empty()

@@ -180,6 +180,32 @@ impl Directory {
     }
 }
 
+/// A room as the operator sees it (the CLI's `cluster rooms`, the page): origin,
+/// epoch, whether the origin is alive, and its tree with each member's parent and
+/// depth. None when the room has no origin.
+pub async fn room_view(d: &Directory, room: &str) -> Result<Option<serde_json::Value>> {
+    let Some(o) = d.origin(room).await? else {
+        return Ok(None);
+    };
+    let alive = d.lease(&o.node).await?.is_some();
+    let (tree, epoch) = d.tree(room).await?;
+    // A tree built for another epoch is the old origin's: not this one's.
+    let tree = if epoch == o.epoch {
+        tree
+    } else {
+        Default::default()
+    };
+    let depths = depths(&o.node, &tree);
+    let members: Vec<_> = tree
+        .iter()
+        .map(|(n, p)| serde_json::json!({"node": n, "parent": p, "depth": depths.get(n)}))
+        .collect();
+    Ok(Some(serde_json::json!({
+        "room": room, "origin": o.node, "epoch": o.epoch, "origin_alive": alive,
+        "tree": members, "depth": depths.values().max().copied().unwrap_or(0),
+    })))
+}
+
 /// Each member's depth below the origin (1 for its children), for the operator view.
 pub fn depths(origin: &str, tree: &BTreeMap<String, String>) -> BTreeMap<String, usize> {
     let mut out = BTreeMap::new();

@@ -1,7 +1,8 @@
 //! The edge-choice endpoints of the public listener: `GET /v1/edges?room=R` (the
 //! candidates, [`crate::webrtc::cascade::edges`]), `GET /v1/probe` (answered at once,
 //! for the client's RTT race), `POST /v1/edges/report` (what it measured and chose),
-//! and `/edges.js`, the module that does the race for the page and other clients.
+//! and `/edges.js`, the module that does the race for the page and other clients; on
+//! the admin side `GET /api/cluster/rooms/{room}`, the room's tree for the page.
 //! All of them, WHIP and WHEP allow any origin: a page from one node talks to others.
 
 use std::{net::SocketAddr, sync::Arc};
@@ -167,5 +168,30 @@ pub async fn elsewhere(api: &Api, room: &str, q: Tried) -> Response {
             )),
         },
         Err(e) => api_error(e),
+    }
+}
+
+/// The room's origin, epoch and tree in the cluster's directory (404 without one).
+pub async fn room_tree(
+    State(api): State<Arc<Api>>,
+    axum::extract::Path(room): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = check_room(&room).and_then(|_| check_auth(&api, &headers)) {
+        return r;
+    }
+    let Some(d) = api.sfu.cascade.get().and_then(|c| c.redis()) else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "this node has no cluster directory ([cluster] redis_url), or it has not answered yet",
+        );
+    };
+    match crate::cluster::tree::room_view(d, &room).await {
+        Ok(Some(v)) => Json(v).into_response(),
+        Ok(None) => text(
+            StatusCode::NOT_FOUND,
+            format!("room {room:?} has no origin in the cluster's directory"),
+        ),
+        Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")),
     }
 }

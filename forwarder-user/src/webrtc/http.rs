@@ -78,6 +78,7 @@ pub fn admin_router(api: Arc<Api>) -> Router {
 
 fn with_admin_routes(r: Router<Arc<Api>>) -> Router<Arc<Api>> {
     r.route("/api/sessions", get(sessions))
+        .route("/api/cluster/rooms/{room}", get(super::edges::room_tree))
         .route("/api/rooms/{room}/events", get(room_events))
         .route("/metrics", get(metrics))
 }

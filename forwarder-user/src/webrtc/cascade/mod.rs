@@ -294,6 +294,11 @@ impl Cascade {
         &self.identity.node
     }
 
+    /// The cluster's Redis, once connected.
+    pub fn redis(&self) -> Option<&crate::cluster::redis::Directory> {
+        self.redis.get()
+    }
+
     /// Rooms with publishers of this node's own (not relayed), when the cluster's
     /// directory is connected: claimed again every round, so a room published before
     /// Redis answered, or kept through a Redis that lost its data, is announced (one

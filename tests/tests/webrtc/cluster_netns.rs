@@ -1,0 +1,177 @@
+//! Five nodes, each its own `edgefwd run` in its own network namespace, joined by a
+//! bridge in a hub namespace that also holds the cluster's Redis and the browsers
+//! (198.51.100.0/24). No node is configured with an upstream: the directory alone
+//! makes them one SFU.
+
+use super::*;
+use edgefwd_tests::RedisServer;
+
+/// The hub (bridge at 198.51.100.1, Redis, Chromium) and the nodes' namespaces; all
+/// deleted on drop, which deletes their links too.
+struct Fabric {
+    hub: NetNs,
+    nodes: Vec<NetNs>,
+}
+
+fn ip_of(i: usize) -> String {
+    format!("198.51.100.{}", 11 + i)
+}
+
+fn name_of(i: usize) -> String {
+    format!("n{}", i + 1)
+}
+
+impl Fabric {
+    fn new(n: usize) -> Fabric {
+        let hub = NetNs::new("hub");
+        hub.exec(&["ip", "link", "add", "br0", "type", "bridge"]);
+        hub.exec(&["ip", "addr", "add", "198.51.100.1/24", "dev", "br0"]);
+        hub.exec(&["ip", "link", "set", "br0", "up"]);
+        let nodes: Vec<NetNs> = (0..n)
+            .map(|i| {
+                let ns = NetNs::new("node");
+                let port = format!("v{i}");
+                hub.exec(&[
+                    "ip", "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
+                    &ns.name,
+                ]);
+                hub.exec(&["ip", "link", "set", &port, "master", "br0"]);
+                hub.exec(&["ip", "link", "set", &port, "up"]);
+                ns.exec(&[
+                    "ip",
+                    "addr",
+                    "add",
+                    &format!("{}/24", ip_of(i)),
+                    "dev",
+                    "eth0",
+                ]);
+                ns.exec(&["ip", "link", "set", "eth0", "up"]);
+                ns
+            })
+            .collect();
+        Fabric { hub, nodes }
+    }
+
+    /// `GET base/path` as JSON, from the hub.
+    fn get_json(&self, base: &str, path: &str) -> Value {
+        let (base, path) = (base.to_string(), path.to_string());
+        self.hub.run(move || get_json(&base, &path))
+    }
+
+    /// `GET base/metrics`, from the hub.
+    fn metrics(&self, base: &str) -> String {
+        let url = format!("{base}/metrics");
+        self.hub.run(move || {
+            ureq::get(&url)
+                .call()
+                .unwrap()
+                .body_mut()
+                .read_to_string()
+                .unwrap()
+        })
+    }
+}
+
+/// A Chromium viewer of `room` at `base`, from the hub: its JSON result (it decoded,
+/// or the script failed).
+fn chromium_viewer(f: &Fabric, base: &str, room: &str, edges: bool) -> Value {
+    let mut args = vec![
+        "--base", base, "--room", room, "--codec", "VP8", "--role", "watch", "--hold", "2",
+    ];
+    if edges {
+        args.push("--edges");
+    }
+    let out = node(Some(&f.hub), &args).output().unwrap();
+    parse_result("the Chromium viewer", &out)
+}
+
+/// Chromium publishes via WHIP at node 1 (the room is placed by its name: maybe
+/// redirected to its origin); Chromium watches via WHEP at a node that is not the
+/// origin (the room reaches it through the directory), and another Chromium picks
+/// its node as the page does (probes to `/v1/edges`' candidates). Both decode; the
+/// directory holds one origin at epoch 1; the viewer's report of its probes is in
+/// the chosen node's /metrics.
+#[test]
+fn five_nodes_in_five_namespaces_serve_one_room_through_the_directory() {
+    edgefwd_tests::require_root();
+    let f = Fabric::new(5);
+    let redis = RedisServer::start_in(&f.hub, "198.51.100.1");
+    let nodes: Vec<Sfu> = (0..5)
+        .map(|i| {
+            let cfg = format!(
+                "{}redis_url = \"{}\"\n",
+                cluster_section(&name_of(i), &ip_of(i), &[]),
+                redis.url()
+            );
+            start_sfu_at(Some(&f.nodes[i]), &ip_of(i), &cfg)
+        })
+        .collect();
+    wait_until(15, "five leases in Redis", || {
+        (0..5).all(|i| {
+            redis
+                .cli(&["EXISTS", &format!("edgefwd:node:{}", name_of(i))])
+                .trim()
+                == "1"
+        })
+    });
+    let room = unique("fleet");
+    let mut publisher = chromium_publisher(Some(&f.hub), &nodes[0].base, &room, 90);
+    let key = format!("edgefwd:room:{{{room}}}");
+    let mut origin = String::new();
+    wait_until(40, "the publisher connected at the room's origin", || {
+        origin = redis.cli(&["HGET", &key, "node"]).trim().to_string();
+        let Some(i) = (0..5).find(|i| name_of(*i) == origin) else {
+            return false;
+        };
+        let s = f.get_json(&nodes[i].base, "/api/sessions");
+        s["rooms"][&room].as_array().is_some_and(|a| {
+            a.iter()
+                .any(|x| x["role"] == "publisher" && x["connected"] == true)
+        })
+    });
+    let o = (0..5).find(|i| name_of(*i) == origin).unwrap();
+
+    // WHEP at a node that is not the origin: decoded (the script checks frames).
+    let watch = (o + 2) % 5;
+    let direct = chromium_viewer(&f, &nodes[watch].base, &room, false);
+    assert!(
+        direct["subscriber"]["inbound"]["video"]["framesDecoded"].as_u64() > Some(30),
+        "{direct:#}"
+    );
+    // The page's own choice, asked at yet another node.
+    let ask = (o + 3) % 5;
+    let chosen = chromium_viewer(&f, &nodes[ask].base, &room, true);
+    assert!(
+        chosen["subscriber"]["inbound"]["video"]["framesDecoded"].as_u64() > Some(30),
+        "{chosen:#}"
+    );
+
+    // One origin, epoch 1.
+    let out = f
+        .hub
+        .command(edgefwd_bin().to_str().unwrap())
+        .args(["cluster", "rooms", &room, "--json", "--redis", &redis.url()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rooms: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rooms[0]["origin"], origin.as_str(), "{rooms:#}");
+    assert_eq!(rooms[0]["epoch"], 1, "{rooms:#}");
+    let total: u64 = nodes
+        .iter()
+        .map(|n| {
+            f.metrics(&n.base)
+                .lines()
+                .filter(|l| l.starts_with("edgefwd_edge_chosen_total{"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum();
+    assert_eq!(total, 1, "the page's report of its probes reached /metrics");
+    let _ = publisher.kill();
+    let _ = publisher.wait();
+}
