@@ -347,3 +347,71 @@ pub fn command_in(name: &str, program: &str) -> Command {
     }
     c
 }
+
+/// A hub namespace with a bridge at 198.51.100.1/24 (where a test puts Redis and its
+/// clients) and `n` node namespaces on it at 198.51.100.11, .12, ... (each `eth0`);
+/// all deleted on drop, which deletes their links too.
+pub struct Fabric {
+    pub hub: NetNs,
+    pub nodes: Vec<NetNs>,
+}
+
+impl Fabric {
+    /// The hub's address on the bridge.
+    pub const HUB: &'static str = "198.51.100.1";
+
+    /// Node `i`'s address.
+    pub fn ip_of(i: usize) -> String {
+        format!("198.51.100.{}", 11 + i)
+    }
+
+    pub fn new(n: usize) -> Fabric {
+        let hub = NetNs::new("hub");
+        hub.exec(&["ip", "link", "add", "br0", "type", "bridge"]);
+        hub.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/24", Self::HUB),
+            "dev",
+            "br0",
+        ]);
+        hub.exec(&["ip", "link", "set", "br0", "up"]);
+        let nodes: Vec<NetNs> = (0..n)
+            .map(|i| {
+                let ns = NetNs::new("node");
+                let port = format!("v{i}");
+                hub.exec(&[
+                    "ip", "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
+                    &ns.name,
+                ]);
+                hub.exec(&["ip", "link", "set", &port, "master", "br0"]);
+                hub.exec(&["ip", "link", "set", &port, "up"]);
+                ns.exec(&[
+                    "ip",
+                    "addr",
+                    "add",
+                    &format!("{}/24", Self::ip_of(i)),
+                    "dev",
+                    "eth0",
+                ]);
+                ns.exec(&["ip", "link", "set", "eth0", "up"]);
+                ns
+            })
+            .collect();
+        Fabric { hub, nodes }
+    }
+
+    /// `GET url` from the hub: the body.
+    pub fn get(&self, url: &str) -> String {
+        let url = url.to_string();
+        self.hub.run(move || {
+            ureq::get(&url)
+                .call()
+                .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+                .body_mut()
+                .read_to_string()
+                .unwrap()
+        })
+    }
+}

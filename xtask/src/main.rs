@@ -54,7 +54,9 @@ enum Cmd {
     /// `joins` WHIP+WHEP joins per second (ICE, DTLS, SRTP) driven by `edgefwd load-test`;
     /// `viewers` WHEP subscribers per core at a target bitrate, socket path against AF_XDP;
     /// `churn` steady viewers' loss and latency while other clients join and leave
-    /// (with EDGEFWD_BASELINE_BIN=PATH, also against that build of edgefwd).
+    /// (with EDGEFWD_BASELINE_BIN=PATH, also against that build of edgefwd);
+    /// `cluster` the directory's latency against real Redis, joins through a non-origin
+    /// node against joins at the origin, a cold node's first media, latency per tree hop.
     Bench {
         #[arg(default_value = "forward")]
         which: String,
@@ -127,16 +129,19 @@ fn run(cli: Cli) -> Result<()> {
             sh(Command::new(root().join("target/release/edgefwd-demo")).arg(seconds.to_string()))
         }
         Cmd::Bench { which, seconds } => {
-            if !["forward", "srtp", "fanout", "joins", "viewers", "churn"].contains(&which.as_str())
+            if ![
+                "forward", "srtp", "fanout", "joins", "viewers", "churn", "cluster",
+            ]
+            .contains(&which.as_str())
             {
                 bail!(
-                    "unknown benchmark {which:?}; available: forward, srtp, fanout, joins, viewers, churn"
+                    "unknown benchmark {which:?}; available: forward, srtp, fanout, joins, viewers, churn, cluster"
                 );
             }
             setup()?;
             require_root("the benchmark creates network namespaces and attaches XDP")?;
             build_release_tools()?;
-            if which == "fanout" || which == "viewers" {
+            if which == "fanout" || which == "viewers" || which == "cluster" {
                 return sh(Command::new(
                     root().join(format!("target/release/edgefwd-{which}-bench")),
                 )

@@ -60,9 +60,9 @@ async fn nodes(url: &str, as_json: bool) -> Result<()> {
             r["api"].as_str().unwrap_or(""),
             r["http"].as_str().unwrap_or("-"),
             r["region"].as_str().unwrap_or(""),
-            r["sessions"],
+            r["sessions"].to_string(),
             viewers,
-            r["lease_ms_left"],
+            r["lease_ms_left"].to_string(),
             rtt.join(", ")
         );
     }
@@ -98,13 +98,13 @@ async fn rooms(url: &str, only: Option<String>, as_json: bool) -> Result<()> {
             "{:<32} {:<16} {:>6} {:>6} {:>6}",
             r["room"].as_str().unwrap_or(""),
             r["origin"].as_str().unwrap_or(""),
-            r["epoch"],
+            r["epoch"].to_string(),
             if r["origin_alive"] == true {
                 "yes"
             } else {
                 "no"
             },
-            r["depth"]
+            r["depth"].to_string()
         );
         // With one room asked for: its tree, each node under its parent.
         if only.is_some() {

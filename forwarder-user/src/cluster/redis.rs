@@ -50,6 +50,21 @@ pub struct Lease {
 }
 
 impl Lease {
+    /// A node's lease with its node API only (no WebRTC, no load): for tools and tests
+    /// that take part in the directory without serving media.
+    pub fn bare(node: &str, api: SocketAddr) -> Lease {
+        Lease {
+            node: node.to_string(),
+            api,
+            http: None,
+            region: String::new(),
+            sessions: 0,
+            media: None,
+            viewers: 0,
+            capacity: None,
+        }
+    }
+
     /// Whether it takes another viewer.
     pub fn has_room(&self) -> bool {
         self.capacity.is_none_or(|c| self.viewers < c)
@@ -230,12 +245,22 @@ impl Directory {
             .query_async(&mut con)
             .await
             .context("listing the nodes in Redis")?;
-        let mut out = Vec::new();
-        for n in names {
-            if let Some(l) = self.lease(&n).await? {
-                out.push(l);
-            }
+        if names.is_empty() {
+            return Ok(vec![]);
         }
+        // One round trip for all of them (a lapsed lease reads as nil). Under Redis
+        // Cluster the node keys would need one hash tag; today one Redis holds all.
+        let keys: Vec<String> = names.iter().map(|n| node_key(n)).collect();
+        let jsons: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(&keys)
+            .query_async(&mut con)
+            .await
+            .context("reading the nodes' leases from Redis")?;
+        let mut out: Vec<Lease> = jsons
+            .into_iter()
+            .flatten()
+            .filter_map(|j| serde_json::from_str(&j).ok())
+            .collect();
         out.sort_by(|a, b| a.node.cmp(&b.node));
         Ok(out)
     }

@@ -1,7 +1,9 @@
 //! `cargo xtask demo`: a live RTP relay through the XDP forwarder in network
 //! namespaces, then a WebRTC room through the same daemon (a headless Chromium
 //! publishes over WHIP, a second one watches over WHEP, media through the AF_XDP
-//! workers), printing per-second rates of both, ending by itself.
+//! workers), then two nodes sharing a room through the cluster's Redis (published on
+//! one, watched on the other, no upstream configured), printing per-second rates of
+//! each, ending by itself.
 
 use std::{
     net::UdpSocket,
@@ -13,7 +15,12 @@ use std::{
 };
 
 use edgefwd::{dataplane::loader, dataplane::maps::Maps};
-use edgefwd_tests::{PinDir, edgefwd_bin, netns::Topology, pkt::Rtp, spawn_edgefwd};
+use edgefwd_tests::{
+    PinDir, RedisServer, edgefwd_bin,
+    netns::{Fabric, Topology},
+    pkt::Rtp,
+    spawn_edgefwd,
+};
 use forwarder_common::{PROG_PASS, verdicts::Action};
 
 const PPS: u64 = 20_000;
@@ -131,6 +138,169 @@ fn webrtc_room(t: &Topology, seconds: u64) -> bool {
             .as_str()
             .unwrap_or("?")
     );
+    out.status.success() && v["framesDecoded"].as_u64().unwrap_or(0) > 0
+}
+
+/// A node's counters from its /api/sessions, read from the hub: (RTP in, RTP out,
+/// trunk copies out, connected sessions).
+fn node_totals(f: &Fabric, i: usize) -> (u64, u64, u64, usize) {
+    let v: serde_json::Value =
+        serde_json::from_str(&f.get(&format!("http://{}:8080/api/sessions", Fabric::ip_of(i))))
+            .unwrap_or_default();
+    let c = &v["counters"];
+    let connected = v["rooms"].as_object().map_or(0, |r| {
+        r.values()
+            .flat_map(|s| s.as_array().cloned().unwrap_or_default())
+            .filter(|s| s["connected"] == true)
+            .count()
+    });
+    let n = |k: &str| c[k].as_u64().unwrap_or(0);
+    (n("rtp_in"), n("rtp_out"), n("relay_out"), connected)
+}
+
+/// Part three: two nodes, each its own `edgefwd run` in its own namespace, sharing
+/// Redis and no config about each other. Chromium publishes at node-1 (placed there,
+/// or redirected to where the room's name puts it) and watches at the other node,
+/// which finds the room's origin in the directory and takes it over a trunk. Returns
+/// whether the watcher decoded video.
+fn cluster_room(seconds: u64) -> bool {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/browser/whip_whep.mjs");
+    println!(
+        "\nCluster: node-1 at {} and node-2 at {}, each its own daemon in its own namespace, \
+         share the cluster's Redis at {}:6379; Chromium publishes room cluster-demo at node-1 \
+         and watches it at the node that is not its origin.",
+        Fabric::ip_of(0),
+        Fabric::ip_of(1),
+        Fabric::HUB
+    );
+    let f = Fabric::new(2);
+    let redis = RedisServer::start_in(&f.hub, Fabric::HUB);
+    let mut daemons = Vec::new();
+    let mut cfgs = Vec::new();
+    for i in 0..2 {
+        let ip = Fabric::ip_of(i);
+        let cfg =
+            std::env::temp_dir().join(format!("edgefwd-demo-n{i}-{}.toml", std::process::id()));
+        std::fs::write(
+            &cfg,
+            format!(
+                "[webrtc]\nhttp = \"{ip}:8080\"\nmedia = \"{ip}:50000\"\n\n[cluster]\n\
+                 node = \"node-{}\"\nsecret = \"the demo's cluster secret\"\n\
+                 api = \"{ip}:7000\"\nredis_url = \"{}\"\n",
+                i + 1,
+                redis.url()
+            ),
+        )
+        .unwrap();
+        let mut cmd = f.nodes[i].command(edgefwd_bin().to_str().unwrap());
+        cmd.args(["run", "--datapath", "user", "--config"])
+            .arg(&cfg);
+        daemons.push(spawn_edgefwd(cmd));
+        cfgs.push(cfg);
+    }
+    let cli = |args: &[&str]| {
+        let out = f
+            .hub
+            .command(edgefwd_bin().to_str().unwrap())
+            .args(["cluster"])
+            .args(args)
+            .args(["--redis", &redis.url()])
+            .output()
+            .expect("edgefwd cluster");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    for _ in 0..50 {
+        if cli(&["nodes", "--json"]).matches("\"node\"").count() == 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("\n$ edgefwd cluster nodes\n{}", cli(&["nodes"]));
+    let browser = |base: String, role: &str, hold: u64| {
+        f.hub
+            .command("node")
+            .arg(script)
+            .args(["--base", &base, "--room", "cluster-demo", "--codec", "VP8"])
+            .args(["--role", role, "--hold", &hold.to_string()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("node (installed by cargo xtask setup)")
+    };
+    let mut publisher = browser(
+        format!("http://{}:8080", Fabric::ip_of(0)),
+        "publish",
+        seconds + 40,
+    );
+    let mut origin = String::new();
+    for _ in 0..150 {
+        origin = redis
+            .cli(&["HGET", "edgefwd:room:{cluster-demo}", "node"])
+            .trim()
+            .to_string();
+        if !origin.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let o = usize::from(origin == "node-2");
+    let w = 1 - o;
+    println!(
+        "room cluster-demo: origin {origin} (from the directory); watching at node-{}",
+        w + 1
+    );
+    let mut watcher = browser(
+        format!("http://{}:8080", Fabric::ip_of(w)),
+        "watch",
+        seconds,
+    );
+    println!(
+        "{:>4} {:>14} {:>14} {:>16} {:>16}",
+        "SEC", "ORIGIN RTP IN/s", "TRUNK OUT/s", "RELAY RTP IN/s", "RELAY COPIES/s"
+    );
+    let (mut lo, mut lw) = (node_totals(&f, o), node_totals(&f, w));
+    let mut sec = 0;
+    while watcher.try_wait().expect("wait").is_none() && sec < seconds + 60 {
+        std::thread::sleep(Duration::from_secs(1));
+        sec += 1;
+        let (no, nw) = (node_totals(&f, o), node_totals(&f, w));
+        println!(
+            "{sec:>4} {:>14} {:>14} {:>16} {:>16}",
+            no.0 - lo.0,
+            no.2 - lo.2,
+            nw.0 - lw.0,
+            nw.1 - lw.1
+        );
+        (lo, lw) = (no, nw);
+        if sec == 3 {
+            println!(
+                "\n$ edgefwd cluster rooms cluster-demo\n{}",
+                cli(&["rooms", "cluster-demo"])
+            );
+        }
+    }
+    let out = watcher.wait_with_output().expect("node");
+    let r: serde_json::Value = serde_json::from_str(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or(""),
+    )
+    .unwrap_or_default();
+    let v = &r["subscriber"]["inbound"]["video"];
+    println!(
+        "watcher at node-{}: {} video frames decoded, relayed from {origin}",
+        w + 1,
+        v["framesDecoded"]
+    );
+    let _ = publisher.kill();
+    let _ = publisher.wait();
+    for mut d in daemons {
+        d.stop();
+    }
+    for c in cfgs {
+        let _ = std::fs::remove_file(c);
+    }
     out.status.success() && v["framesDecoded"].as_u64().unwrap_or(0) > 0
 }
 
@@ -271,12 +441,17 @@ fn main() {
     daemon.stop();
     let _ = std::fs::remove_file(&cfg);
     drop(keep);
+    let shared = cluster_room(seconds);
     if r == 0 {
         eprintln!("demo failed: nothing was relayed");
         std::process::exit(1);
     }
     if !watched {
         eprintln!("demo failed: the WebRTC watcher decoded no video");
+        std::process::exit(1);
+    }
+    if !shared {
+        eprintln!("demo failed: the watcher on the second node decoded no video");
         std::process::exit(1);
     }
 }

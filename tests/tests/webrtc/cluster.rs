@@ -39,7 +39,12 @@ fn prefix_placed_on(node: &str, nodes: &[&str], tag: &str) -> (String, String) {
 /// A WHIP POST of `offer` at `base` for `room`, redirects not followed: (status, body,
 /// Location).
 fn whip_at(base: &str, room: &str, offer: &str) -> (u16, String, Option<String>) {
-    let mut r = ureq::post(&format!("{base}/whip/{room}"))
+    post_sdp(&format!("{base}/whip/{room}"), offer)
+}
+
+/// An SDP offer POSTed to `url`, redirects not followed: (status, body, Location).
+pub(super) fn post_sdp(url: &str, offer: &str) -> (u16, String, Option<String>) {
+    let mut r = ureq::post(url)
         .header("Content-Type", "application/sdp")
         .config()
         .http_status_as_error(false)
@@ -217,18 +222,9 @@ fn fifty_concurrent_claims_make_one_origin() {
         for i in 0..50 {
             let name = format!("n{i}");
             let d = Directory::connect(&redis.url(), &name).await.unwrap();
-            d.renew(&Lease {
-                node: name,
-                api: "127.0.0.1:9".parse().unwrap(),
-                http: None,
-                region: String::new(),
-                sessions: 0,
-                media: None,
-                viewers: 0,
-                capacity: None,
-            })
-            .await
-            .unwrap();
+            d.renew(&Lease::bare(&name, "127.0.0.1:9".parse().unwrap()))
+                .await
+                .unwrap();
             dirs.push(d);
         }
         let claims = dirs.iter().map(|d| d.claim("big-event"));

@@ -1,75 +1,17 @@
 //! Five nodes, each its own `edgefwd run` in its own network namespace, joined by a
 //! bridge in a hub namespace that also holds the cluster's Redis and the browsers
-//! (198.51.100.0/24). No node is configured with an upstream: the directory alone
+//! (198.51.100.0/24: [`Fabric`]). No node is configured with an upstream: the directory alone
 //! makes them one SFU.
 
 use super::*;
-use edgefwd_tests::RedisServer;
-
-/// The hub (bridge at 198.51.100.1, Redis, Chromium) and the nodes' namespaces; all
-/// deleted on drop, which deletes their links too.
-struct Fabric {
-    hub: NetNs,
-    nodes: Vec<NetNs>,
-}
+use edgefwd_tests::{RedisServer, netns::Fabric};
 
 fn ip_of(i: usize) -> String {
-    format!("198.51.100.{}", 11 + i)
+    Fabric::ip_of(i)
 }
 
 fn name_of(i: usize) -> String {
     format!("n{}", i + 1)
-}
-
-impl Fabric {
-    fn new(n: usize) -> Fabric {
-        let hub = NetNs::new("hub");
-        hub.exec(&["ip", "link", "add", "br0", "type", "bridge"]);
-        hub.exec(&["ip", "addr", "add", "198.51.100.1/24", "dev", "br0"]);
-        hub.exec(&["ip", "link", "set", "br0", "up"]);
-        let nodes: Vec<NetNs> = (0..n)
-            .map(|i| {
-                let ns = NetNs::new("node");
-                let port = format!("v{i}");
-                hub.exec(&[
-                    "ip", "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
-                    &ns.name,
-                ]);
-                hub.exec(&["ip", "link", "set", &port, "master", "br0"]);
-                hub.exec(&["ip", "link", "set", &port, "up"]);
-                ns.exec(&[
-                    "ip",
-                    "addr",
-                    "add",
-                    &format!("{}/24", ip_of(i)),
-                    "dev",
-                    "eth0",
-                ]);
-                ns.exec(&["ip", "link", "set", "eth0", "up"]);
-                ns
-            })
-            .collect();
-        Fabric { hub, nodes }
-    }
-
-    /// `GET base/path` as JSON, from the hub.
-    fn get_json(&self, base: &str, path: &str) -> Value {
-        let (base, path) = (base.to_string(), path.to_string());
-        self.hub.run(move || get_json(&base, &path))
-    }
-
-    /// `GET base/metrics`, from the hub.
-    fn metrics(&self, base: &str) -> String {
-        let url = format!("{base}/metrics");
-        self.hub.run(move || {
-            ureq::get(&url)
-                .call()
-                .unwrap()
-                .body_mut()
-                .read_to_string()
-                .unwrap()
-        })
-    }
 }
 
 /// A Chromium viewer of `room` at `base`, from the hub: its JSON result (it decoded,
@@ -123,7 +65,8 @@ fn five_nodes_in_five_namespaces_serve_one_room_through_the_directory() {
         let Some(i) = (0..5).find(|i| name_of(*i) == origin) else {
             return false;
         };
-        let s = f.get_json(&nodes[i].base, "/api/sessions");
+        let s: Value =
+            serde_json::from_str(&f.get(&format!("{}/api/sessions", nodes[i].base))).unwrap();
         s["rooms"][&room].as_array().is_some_and(|a| {
             a.iter()
                 .any(|x| x["role"] == "publisher" && x["connected"] == true)
@@ -164,7 +107,7 @@ fn five_nodes_in_five_namespaces_serve_one_room_through_the_directory() {
     let total: u64 = nodes
         .iter()
         .map(|n| {
-            f.metrics(&n.base)
+            f.get(&format!("{}/metrics", n.base))
                 .lines()
                 .filter(|l| l.starts_with("edgefwd_edge_chosen_total{"))
                 .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())

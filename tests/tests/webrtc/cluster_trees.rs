@@ -4,8 +4,8 @@
 //! the page does); past a node's capacity they go elsewhere, and the nodes carrying
 //! the room form a tree whose edges the directory holds.
 
-use super::cascade_faults::whep_offer;
 use super::*;
+use super::{cascade_faults::whep_offer, cluster::post_sdp};
 use edgefwd_tests::RedisServer;
 
 const NODES: [&str; 5] = ["t1", "t2", "t3", "t4", "t5"];
@@ -201,23 +201,8 @@ fn edges_answer_candidates_and_a_full_node_redirects() {
     // t1 takes one viewer (capacity 1); the next offer there is sent to another node.
     let room = unique("full");
     let post = |base: &str| {
-        let mut r = ureq::post(&format!("{base}/whep/{room}"))
-            .header("Content-Type", "application/sdp")
-            .config()
-            .http_status_as_error(false)
-            .max_redirects(0)
-            .build()
-            .send(&whep_offer())
-            .unwrap();
-        let location = r
-            .headers()
-            .get("location")
-            .map(|v| v.to_str().unwrap().to_string());
-        (
-            r.status().as_u16(),
-            location,
-            r.body_mut().read_to_string().unwrap(),
-        )
+        let (status, body, location) = post_sdp(&format!("{base}/whep/{room}"), &whep_offer());
+        (status, location, body)
     };
     let (status, _, body) = post(&nodes[0].base);
     assert_eq!(status, 201, "{body}");

@@ -559,7 +559,8 @@ impl Sfu {
             })
             .collect();
         serde_json::json!({
-            "node": c.node(), "relays_out": relays, "upstreams": upstreams,
+            "node": c.node(), "directory": c.redis.get().is_some(),
+            "relays_out": relays, "upstreams": upstreams,
             "upstream_calls": c.calls.load(Ordering::Relaxed),
             "new_room_calls": c.new_room_calls.load(Ordering::Relaxed),
         })

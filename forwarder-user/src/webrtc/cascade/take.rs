@@ -121,16 +121,17 @@ impl Sfu {
         let Some(cascade) = self.cascade.get() else {
             return Ok(());
         };
-        let Some(up) = cascade.directory.upstream(room).await else {
-            return Ok(());
-        };
         let has = || {
             let st = self.state.lock().unwrap();
             st.rooms.get(room).is_some_and(|r| !r.publishers.is_empty())
         };
+        // A room this node carries already costs its viewers no directory call.
         if has() {
             return Ok(());
         }
+        let Some(up) = cascade.directory.upstream(room).await else {
+            return Ok(());
+        };
         let lock = cascade.fetch_lock(room);
         let _one_at_a_time = lock.lock().await;
         let now = Instant::now();
