@@ -30,6 +30,7 @@ async fn nodes(url: &str, as_json: bool) -> Result<()> {
             "node": l.node, "api": l.api.to_string(), "http": l.http, "region": l.region,
             "media": l.media.map(|m| m.to_string()),
             "sessions": l.sessions, "viewers": l.viewers, "capacity": l.capacity,
+            "copies_per_s": l.copies_per_s, "cpu_pct": l.cpu_pct,
             "lease_ms_left": ttl, "rtt_us": rtt,
         }));
     }
@@ -38,8 +39,16 @@ async fn nodes(url: &str, as_json: bool) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<16} {:<22} {:<28} {:<10} {:>8} {:>9} {:>9}  RTT ms",
-        "NODE", "NODE API", "WHIP/WHEP", "REGION", "SESSIONS", "VIEWERS", "LEASE ms"
+        "{:<16} {:<22} {:<28} {:<10} {:>8} {:>9} {:>9} {:>6} {:>9}  RTT ms",
+        "NODE",
+        "NODE API",
+        "WHIP/WHEP",
+        "REGION",
+        "SESSIONS",
+        "VIEWERS",
+        "COPIES/s",
+        "CPU %",
+        "LEASE ms"
     );
     for r in &rows {
         let viewers = match r["capacity"].as_u64() {
@@ -55,13 +64,15 @@ async fn nodes(url: &str, as_json: bool) -> Result<()> {
             })
             .unwrap_or_default();
         println!(
-            "{:<16} {:<22} {:<28} {:<10} {:>8} {:>9} {:>9}  {}",
+            "{:<16} {:<22} {:<28} {:<10} {:>8} {:>9} {:>9} {:>6} {:>9}  {}",
             r["node"].as_str().unwrap_or(""),
             r["api"].as_str().unwrap_or(""),
             r["http"].as_str().unwrap_or("-"),
             r["region"].as_str().unwrap_or(""),
             r["sessions"].to_string(),
             viewers,
+            r["copies_per_s"].to_string(),
+            r["cpu_pct"].to_string(),
             r["lease_ms_left"].to_string(),
             rtt.join(", ")
         );

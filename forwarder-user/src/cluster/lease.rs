@@ -11,8 +11,29 @@ use super::{
     redis::{Directory, Lease},
 };
 
-/// The node's load now, for its lease: its sessions, and its WHEP viewers.
-pub type Load = Arc<dyn Fn() -> (u64, u64) + Send + Sync>;
+/// The node's load now, for its lease.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadNow {
+    pub sessions: u64,
+    /// WHEP viewers.
+    pub viewers: u64,
+    /// RTP copies sent since the start (viewers and trunks): a counter.
+    pub copies: u64,
+}
+
+pub type Load = Arc<dyn Fn() -> LoadNow + Send + Sync>;
+
+/// This process's CPU time (user + system), from /proc/self/stat.
+fn cpu_time() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command's closing parenthesis; utime and stime are 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf reads a constant of the system; no memory is passed.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(Duration::from_micros(ticks * 1_000_000 / hz))
+}
 
 /// Where clients and other nodes reach this node.
 pub struct Addresses {
@@ -48,18 +69,29 @@ pub async fn run(m: Membership, url: String, at: Addresses, load: Load) {
     let _ = m.redis.set(dir.clone());
     let mut up = true;
     let mut every = tokio::time::interval(Duration::from_secs(1));
+    let mut last = (std::time::Instant::now(), load().copies, cpu_time());
     loop {
         every.tick().await;
-        let (sessions, viewers) = load();
+        let now = load();
+        let (when, cpu) = (std::time::Instant::now(), cpu_time());
+        let secs = when.duration_since(last.0).as_secs_f64().max(1e-3);
+        let copies_per_s = (now.copies.saturating_sub(last.1) as f64 / secs) as u64;
+        let cpu_pct = match (cpu, last.2) {
+            (Some(c), Some(l)) => c.saturating_sub(l).as_secs_f64() / secs * 100.0,
+            _ => 0.0,
+        };
+        last = (when, now.copies, cpu);
         let lease = Lease {
             node: me.clone(),
             api: at.api,
             http: at.http.clone(),
             region: m.cfg.region.clone(),
-            sessions,
+            sessions: now.sessions,
             media: at.media,
-            viewers,
+            viewers: now.viewers,
             capacity: m.cfg.capacity,
+            copies_per_s,
+            cpu_pct: (cpu_pct * 10.0).round() / 10.0,
         };
         let renewed = dir.renew(&lease).await;
         let relaxed = std::sync::atomic::Ordering::Relaxed;

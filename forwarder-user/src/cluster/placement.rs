@@ -71,14 +71,8 @@ mod tests {
 
     fn lease(node: &str, sessions: u64) -> Lease {
         Lease {
-            node: node.into(),
-            api: "127.0.0.1:9".parse().unwrap(),
-            http: None,
-            region: String::new(),
             sessions,
-            media: None,
-            viewers: 0,
-            capacity: None,
+            ..Lease::bare(node, "127.0.0.1:9".parse().unwrap())
         }
     }
 

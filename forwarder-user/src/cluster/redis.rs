@@ -25,7 +25,7 @@ use super::directory::UpstreamConfig;
 pub const LEASE: Duration = Duration::from_secs(3);
 
 /// What a node announces about itself.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Lease {
     pub node: String,
     /// Its node API (`[cluster] api`): where other nodes ask it for rooms.
@@ -47,6 +47,12 @@ pub struct Lease {
     pub viewers: u64,
     #[serde(default)]
     pub capacity: Option<u64>,
+    /// Copies it sent per second (RTP to viewers and trunks), over the last second.
+    #[serde(default)]
+    pub copies_per_s: u64,
+    /// Its process's CPU use over the last second, per cent of one core.
+    #[serde(default)]
+    pub cpu_pct: f64,
 }
 
 impl Lease {
@@ -62,6 +68,8 @@ impl Lease {
             media: None,
             viewers: 0,
             capacity: None,
+            copies_per_s: 0,
+            cpu_pct: 0.0,
         }
     }
 

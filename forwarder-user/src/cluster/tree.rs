@@ -233,14 +233,8 @@ mod tests {
 
     fn lease(node: &str, sessions: u64) -> Lease {
         Lease {
-            node: node.into(),
-            api: "127.0.0.1:1".parse().unwrap(),
             sessions,
-            http: None,
-            region: String::new(),
-            media: None,
-            viewers: 0,
-            capacity: None,
+            ..Lease::bare(node, "127.0.0.1:1".parse().unwrap())
         }
     }
 

@@ -113,9 +113,13 @@ async fn start_node_api(
             media: sfu.as_ref().map(|s| s.candidates[0]),
         };
         let load: crate::cluster::lease::Load = Arc::new(move || {
-            sfu.as_ref().map_or((0, 0), |s| {
-                (s.session_count() as u64, s.viewer_count() as u64)
-            })
+            let relaxed = std::sync::atomic::Ordering::Relaxed;
+            sfu.as_ref()
+                .map_or(Default::default(), |s| crate::cluster::lease::LoadNow {
+                    sessions: s.session_count() as u64,
+                    viewers: s.viewer_count() as u64,
+                    copies: s.counters.rtp_out.load(relaxed) + s.counters.relay_out.load(relaxed),
+                })
         });
         tokio::spawn(crate::cluster::lease::run(
             c.m.clone(),

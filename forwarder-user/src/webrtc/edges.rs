@@ -5,6 +5,9 @@
 //! the admin side `GET /api/cluster/rooms/{room}`, the room's tree for the page.
 //! All of them, WHIP and WHEP allow any origin: a page from one node talks to others.
 
+// The checks return the finished HTTP reply as their error (as in `http`).
+#![allow(clippy::result_large_err)]
+
 use std::{net::SocketAddr, sync::Arc};
 
 use axum::{

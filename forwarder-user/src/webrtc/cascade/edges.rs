@@ -188,14 +188,12 @@ mod tests {
 
     fn lease(node: &str, region: &str, viewers: u64, cap: Option<u64>) -> Lease {
         Lease {
-            node: node.into(),
-            api: "127.0.0.1:1".parse().unwrap(),
             http: Some(format!("http://{node}")),
             region: region.into(),
             sessions: viewers,
-            media: None,
             viewers,
             capacity: cap,
+            ..Lease::bare(node, "127.0.0.1:1".parse().unwrap())
         }
     }
 
