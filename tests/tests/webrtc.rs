@@ -24,6 +24,8 @@ mod cluster;
 mod cluster_netns;
 #[path = "webrtc/cluster_trees.rs"]
 mod cluster_trees;
+#[path = "webrtc/failover.rs"]
+mod failover;
 #[path = "webrtc/http_limits.rs"]
 mod http_limits;
 #[path = "webrtc/long_calls.rs"]

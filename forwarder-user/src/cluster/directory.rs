@@ -30,9 +30,11 @@ pub struct UpstreamConfig {
 pub type Lookup<'a> = Pin<Box<dyn Future<Output = Option<UpstreamConfig>> + Send + 'a>>;
 
 /// Where a room's media comes from when this node has no publisher of it (None: from
-/// nowhere else; this node is, or may become, its origin).
+/// nowhere else; this node is, or may become, its origin). `avoid`: nodes this one
+/// suspects dead (their probes went unanswered), passed over where the directory
+/// chooses (a room's tree), not where the config names them.
 pub trait Directory: Send + Sync {
-    fn upstream<'a>(&'a self, room: &'a str) -> Lookup<'a>;
+    fn upstream<'a>(&'a self, room: &'a str, avoid: &'a [String]) -> Lookup<'a>;
 }
 
 /// The config's `[[cluster.upstream]]` list: the room's own entry, else `"*"`.
@@ -51,7 +53,7 @@ impl StaticDirectory {
 }
 
 impl Directory for StaticDirectory {
-    fn upstream<'a>(&'a self, room: &'a str) -> Lookup<'a> {
+    fn upstream<'a>(&'a self, room: &'a str, _avoid: &'a [String]) -> Lookup<'a> {
         let found = self.find(room);
         Box::pin(async move { found })
     }
@@ -68,13 +70,13 @@ pub struct Layered {
 }
 
 impl Directory for Layered {
-    fn upstream<'a>(&'a self, room: &'a str) -> Lookup<'a> {
+    fn upstream<'a>(&'a self, room: &'a str, avoid: &'a [String]) -> Lookup<'a> {
         Box::pin(async move {
             if let Some(u) = self.config.exact(room) {
                 return Some(u);
             }
             if let Some(d) = self.redis.get() {
-                match d.upstream(room, self.degree).await {
+                match d.upstream(room, self.degree, avoid).await {
                     Ok(Some(u)) => return Some(u),
                     // Ours, or no one's yet: no upstream.
                     Ok(None) => return None,

@@ -408,16 +408,22 @@ impl Directory {
     }
 
     /// Where this node gets `room` from: its parent in the room's tree (attached now
-    /// if need be, under at most `degree` children per node), when the room's origin
-    /// is another live node (None when the room is ours or no one's yet).
-    pub async fn upstream(&self, room: &str, degree: u32) -> Result<Option<UpstreamConfig>> {
+    /// if need be, under at most `degree` children per node, never under a node of
+    /// `avoid`), when the room's origin is another live node (None when the room is
+    /// ours or no one's yet).
+    pub async fn upstream(
+        &self,
+        room: &str,
+        degree: u32,
+        avoid: &[String],
+    ) -> Result<Option<UpstreamConfig>> {
         let Some(o) = self.origin(room).await? else {
             return Ok(None);
         };
         if o.node == self.me || self.lease(&o.node).await?.is_none() {
             return Ok(None);
         }
-        let Some(parent) = self.attach(room, degree).await? else {
+        let Some(parent) = self.attach(room, degree, avoid).await? else {
             return Ok(None);
         };
         Ok(self.lease(&parent.node).await?.map(|l| UpstreamConfig {

@@ -124,9 +124,17 @@ pub fn parent_order<'a>(
 
 impl Directory {
     /// This node's parent in `room`'s tree (attached now if it was not, or if its
-    /// parent left): None when the room has no origin or is ours.
-    pub async fn attach(&self, room: &str, degree: u32) -> Result<Option<Origin>> {
-        let live = self.live_nodes().await?;
+    /// parent left or is in `avoid`): None when the room has no origin or is ours.
+    /// A node of `avoid` counts as dead here: it leaves the tree, its children attach
+    /// again when they next ask (the origin is never avoided: it is the room).
+    pub async fn attach(
+        &self,
+        room: &str,
+        degree: u32,
+        avoid: &[String],
+    ) -> Result<Option<Origin>> {
+        let mut live = self.live_nodes().await?;
+        live.retain(|l| !avoid.contains(&l.node));
         let rtt = self.rtt_row(self.me()).await.unwrap_or_default();
         let order = parent_order(self.me(), &live, &rtt);
         let mut con = self.con();

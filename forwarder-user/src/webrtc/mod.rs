@@ -430,6 +430,9 @@ pub async fn start(
     if sfu.cascade.get().is_some_and(|c| c.redis_configured) {
         tokio::spawn(cascade::probe::run(sfu.clone()));
     }
+    if sfu.cascade.get().is_some() {
+        tokio::spawn(cascade::probe::watch_parents(sfu.clone()));
+    }
     Ok((bound, sfu.clone(), async move {
         let ticker = {
             let sfu = sfu.clone();

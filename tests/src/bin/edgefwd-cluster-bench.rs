@@ -76,7 +76,7 @@ async fn directory_latency(url: &str, n: usize) -> Vec<(&'static str, f64, f64)>
         get.push(timed(a.lease("bench-b")).await);
         claim.push(timed(a.claim(r)).await);
         origin.push(timed(b.origin(r)).await);
-        join.push(timed(b.upstream(r, 8)).await);
+        join.push(timed(b.upstream(r, 8, &[])).await);
     }
     let mut out = Vec::new();
     for (what, v) in [

@@ -206,6 +206,11 @@ pub struct Cascade {
     pub redis_configured: bool,
     /// `[cluster] capacity`: WHEP viewers this node takes.
     pub capacity: Option<u64>,
+    /// Nodes whose RTT probes went unanswered for [`probe::SUSPECT`] while this node
+    /// takes rooms from them, since when: passed over when a room's parent is chosen.
+    pub suspects: Mutex<HashMap<String, Instant>>,
+    /// Suspicions raised, for /metrics.
+    pub suspicions: AtomicU64,
     /// Rooms this node took from its parent in the room's tree (the directory's).
     in_trees: Mutex<std::collections::HashSet<String>>,
     /// Rooms whose tree this node is leaving, with the rounds tried.
@@ -280,6 +285,8 @@ impl Cascade {
             edge_stats: Mutex::new(BTreeMap::new()),
             rtt: Mutex::new(BTreeMap::new()),
             leaving: Mutex::new(HashMap::new()),
+            suspects: Mutex::new(HashMap::new()),
+            suspicions: AtomicU64::new(0),
             in_trees: Mutex::new(Default::default()),
             lapse: Duration::from_secs(cfg.lapse),
             status: Mutex::new(BTreeMap::new()),
@@ -292,6 +299,15 @@ impl Cascade {
 
     pub fn node(&self) -> &str {
         &self.identity.node
+    }
+
+    /// The nodes suspected dead now (they answer again, or their suspicion is
+    /// [`probe::FORGET`] old: no longer).
+    pub fn avoid(&self) -> Vec<String> {
+        let now = Instant::now();
+        let mut s = self.suspects.lock().unwrap();
+        s.retain(|_, since| now.saturating_duration_since(*since) < probe::FORGET);
+        s.keys().cloned().collect()
     }
 
     /// The cluster's Redis, once connected.
@@ -560,6 +576,7 @@ impl Sfu {
             .collect();
         serde_json::json!({
             "node": c.node(), "directory": c.redis.get().is_some(),
+            "suspects": c.avoid(), "suspicions": c.suspicions.load(Ordering::Relaxed),
             "relays_out": relays, "upstreams": upstreams,
             "upstream_calls": c.calls.load(Ordering::Relaxed),
             "new_room_calls": c.new_room_calls.load(Ordering::Relaxed),

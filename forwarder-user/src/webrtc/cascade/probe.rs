@@ -4,6 +4,11 @@
 //! answers ICE checks) and times the answer. The row it measured goes to the cluster's
 //! Redis (`edgefwd:rtt:ME`), where every node's rows make the matrix that orders
 //! parents in a room's tree ([`crate::cluster::tree::parent_order`]).
+//!
+//! The nodes this one takes rooms from (its parents) are probed every [`WATCH`]: one
+//! that answers none for [`SUSPECT`] is suspected dead at once (a lapsed lease would
+//! take seconds to confirm it), and each room from it is asked of another parent
+//! straight away; its viewers keep their sessions.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -21,6 +26,12 @@ use crate::webrtc::{ice, sfu::Sfu};
 pub const EVERY: Duration = Duration::from_secs(3);
 /// How long an answer is waited for.
 const WAIT: Duration = Duration::from_secs(1);
+/// How often a parent is probed.
+pub const WATCH: Duration = Duration::from_millis(100);
+/// A parent silent this long is suspected dead.
+pub const SUSPECT: Duration = Duration::from_millis(300);
+/// A suspicion lasts this long unless the node answers again.
+pub const FORGET: Duration = Duration::from_secs(10);
 
 /// Runs for the daemon's life (does nothing until the cluster's Redis is connected).
 pub async fn run(sfu: Arc<Sfu>) {
@@ -106,4 +117,97 @@ async fn measure(
 /// A STUN message's transaction id (bytes 8..20).
 fn transaction_id(b: &[u8]) -> Option<[u8; 12]> {
     b.get(8..20)?.try_into().ok()
+}
+
+/// The parents this node takes rooms from: node -> its media address (where the
+/// relayed sessions' media comes from), and the rooms from each.
+fn parents(sfu: &Sfu) -> HashMap<String, (SocketAddr, Vec<String>)> {
+    let st = sfu.state.lock().unwrap();
+    let mut out: HashMap<String, (SocketAddr, Vec<String>)> = HashMap::new();
+    for s in st.sessions.values() {
+        if let (Some(r), Some(addr)) = (&s.relay, s.addrs.first()) {
+            let e = out.entry(r.node.clone()).or_insert((*addr, vec![]));
+            if !e.1.contains(&s.room) {
+                e.1.push(s.room.clone());
+            }
+        }
+    }
+    out
+}
+
+/// Runs for the daemon's life: probes this node's parents every [`WATCH`], suspects
+/// one silent for [`SUSPECT`], and moves its rooms to other parents at once.
+pub async fn watch_parents(sfu: Arc<Sfu>) {
+    let Some(c) = sfu.cascade.get() else {
+        return;
+    };
+    let local = SocketAddr::new(sfu.media_addr().ip(), 0);
+    let Ok(sock) = UdpSocket::bind(local).await else {
+        log::warn!("parent watch: cannot bind {local}; a dead parent is found by its lapse");
+        return;
+    };
+    let user = format!("{PROBE_UFRAG}:{}", c.node());
+    // Per parent: when it last answered (or since when it is watched).
+    let mut heard: HashMap<String, Instant> = HashMap::new();
+    let mut sent: HashMap<[u8; 12], String> = HashMap::new();
+    let mut every = tokio::time::interval(WATCH);
+    let mut buf = [0u8; 1500];
+    loop {
+        tokio::select! {
+            _ = every.tick() => {
+                let now = Instant::now();
+                let parents = parents(&sfu);
+                heard.retain(|n, _| parents.contains_key(n));
+                sent.clear();
+                for (node, (addr, rooms)) in &parents {
+                    let last = *heard.entry(node.clone()).or_insert(now);
+                    let suspected = c.suspects.lock().unwrap().contains_key(node);
+                    if !suspected && now.saturating_duration_since(last) >= SUSPECT {
+                        suspect(&sfu, node, rooms, now.saturating_duration_since(last));
+                    }
+                    let req = ice::binding_request(&user, &c.identity.probe_pwd, false);
+                    if let Some(tid) = transaction_id(&req)
+                        && sock.send_to(&req, addr).await.is_ok()
+                    {
+                        sent.insert(tid, node.clone());
+                    }
+                }
+            }
+            r = sock.recv_from(&mut buf) => {
+                let Ok((n, _)) = r else { continue };
+                let b = &buf[..n];
+                if let Some(node) = transaction_id(b).and_then(|t| sent.remove(&t))
+                    && ice::is_binding_success(b)
+                {
+                    heard.insert(node.clone(), Instant::now());
+                    if c.suspects.lock().unwrap().remove(&node).is_some() {
+                        log::info!("node {node} answers its probes again; no longer suspected");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `node` went silent: suspected dead, and each of `rooms` asked of another parent now.
+fn suspect(sfu: &Arc<Sfu>, node: &str, rooms: &[String], silent: Duration) {
+    let c = sfu.cascade.get().expect("watched with a cascade");
+    c.suspects
+        .lock()
+        .unwrap()
+        .insert(node.to_string(), Instant::now());
+    c.suspicions
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::warn!(
+        event = "suspect",
+        node,
+        silent_ms = silent.as_millis() as u64,
+        "node {node} answered no probe for {} ms: suspected dead; its {} room(s) here are asked of another parent",
+        silent.as_millis(),
+        rooms.len()
+    );
+    for room in rooms {
+        let (sfu, room) = (sfu.clone(), room.clone());
+        tokio::spawn(async move { sfu.reparent(&room).await });
+    }
 }

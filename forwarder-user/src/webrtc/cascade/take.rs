@@ -129,7 +129,8 @@ impl Sfu {
         if has() {
             return Ok(());
         }
-        let Some(up) = cascade.directory.upstream(room).await else {
+        let avoid = cascade.avoid();
+        let Some(up) = cascade.directory.upstream(room, &avoid).await else {
             return Ok(());
         };
         let lock = cascade.fetch_lock(room);
@@ -233,7 +234,7 @@ impl Sfu {
     ) {
         let cascade = self.cascade.get().expect("checked by the callers");
         let mut st = self.state.lock().unwrap();
-        let existing: Vec<(String, String)> = st
+        let relayed: Vec<(String, String, String)> = st
             .rooms
             .get(room)
             .map(|r| r.publishers.clone())
@@ -241,8 +242,20 @@ impl Sfu {
             .into_iter()
             .filter_map(|id| {
                 let r = st.sessions[&id].relay.as_ref()?;
-                (r.node == up.node).then(|| (id.clone(), r.upstream_id.clone()))
+                Some((id.clone(), r.upstream_id.clone(), r.node.clone()))
             })
+            .collect();
+        // A room comes from one upstream: the sessions from another are a parent this
+        // node left (dead, suspected, re-homed). They go; the new parent's publishers
+        // take their viewers' slots (numbering continues, a keyframe is asked).
+        for (id, upstream_id, node) in relayed.iter().filter(|r| r.2 != up.node) {
+            tracing::info!(event = "left", session = %id, room, "relayed publisher {upstream_id}: room {room} now comes from {} instead of {node}; session re-made", up.node);
+            self.remove(&mut st, id);
+        }
+        let existing: Vec<(String, String)> = relayed
+            .into_iter()
+            .filter(|r| r.2 == up.node)
+            .map(|r| (r.0, r.1))
             .collect();
         let me = cascade.node().to_string();
         let publishers: Vec<(RelayPublisher, Option<Opened>)> = reply
@@ -395,6 +408,31 @@ impl Sfu {
         });
     }
 
+    /// Asks `room` of a parent none of the suspected nodes, now: a suspected parent's
+    /// rooms (the call in flight for the room, if any, is waited for).
+    pub async fn reparent(self: &Arc<Self>, room: &str) {
+        let c = cascade_of(self);
+        let lock = c.fetch_lock(room);
+        let _one_at_a_time = lock.lock().await;
+        let avoid = c.avoid();
+        let via = {
+            let st = self.state.lock().unwrap();
+            st.sessions
+                .values()
+                .filter(|s| s.room == room)
+                .find_map(|s| s.relay.as_ref().map(|r| r.via.clone()))
+                .unwrap_or_default()
+        };
+        let Some(up) = c.directory.upstream(room, &avoid).await else {
+            return;
+        };
+        if avoid.contains(&up.node) {
+            // The config names it: there is no other to ask.
+            return;
+        }
+        let _ = self.fetch_upstream(room, &up, via).await;
+    }
+
     /// The cascade's once-a-second round: refreshes the relays this node takes while
     /// it has demand for them (ends them when it has none), ends the relays it gives
     /// whose requests lapsed.
@@ -445,18 +483,15 @@ impl Sfu {
                     continue;
                 }
                 let ri = st.sessions[&relayed[0]].relay.as_ref().expect("relayed");
-                // An upstream that has not answered for a lapse is looked up again
-                // (the directory may name another parent by now).
-                let lost = cascade_of(self)
-                    .status
-                    .lock()
-                    .unwrap()
-                    .get(&room)
-                    .is_some_and(|s| {
+                // An upstream suspected dead, or that has not answered for a lapse, is
+                // looked up again (the directory may name another parent by now).
+                let c = cascade_of(self);
+                let suspect = c.suspects.lock().unwrap().contains_key(&ri.node);
+                let lost = suspect
+                    || c.status.lock().unwrap().get(&room).is_some_and(|s| {
                         !s.up
-                            && s.last_ok.is_none_or(|t| {
-                                now.saturating_duration_since(t) > cascade_of(self).lapse
-                            })
+                            && s.last_ok
+                                .is_none_or(|t| now.saturating_duration_since(t) > c.lapse)
                     });
                 let up = (!lost).then(|| UpstreamConfig {
                     room: room.clone(),
@@ -496,7 +531,10 @@ impl Sfu {
             tokio::spawn(async move {
                 let up = match up {
                     Some(up) => Some(up),
-                    None => cascade_of(&sfu).directory.upstream(&room).await,
+                    None => {
+                        let avoid = cascade_of(&sfu).avoid();
+                        cascade_of(&sfu).directory.upstream(&room, &avoid).await
+                    }
                 };
                 // A failure is recorded in the status and logged once per change.
                 if let Some(up) = up {

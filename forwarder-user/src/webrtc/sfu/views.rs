@@ -123,6 +123,16 @@ impl Sfu {
                     "Rooms this node holds as origin in the cluster's directory",
                     self.rooms_held() as i64,
                 ),
+                (
+                    "edgefwd_cluster_suspects",
+                    "Nodes this node suspects dead now (their probes unanswered for 300 ms while it takes rooms from them)",
+                    c.avoid().len() as i64,
+                ),
+                (
+                    "edgefwd_cluster_suspicions",
+                    "Times this node suspected a parent dead since it started",
+                    c.suspicions.load(Relaxed) as i64,
+                ),
             ] {
                 let g = prometheus::IntGauge::new(name, help)?;
                 g.set(v);
