@@ -13,6 +13,10 @@
 //            (--svc, e.g. L3T3_KEY); two viewers watch, one capped to spatial layer 0;
 //            the other is then capped to temporal layer 0 (its frame rate must drop)
 //            and the first one's cap is lifted (its picture must grow).
+//   move:    a Chromium watches through /v1/edges (the page's edge choice); once it
+//            decodes it prints {"whep": RESOURCE}; the caller kills that node, and
+//            the page must move to another node and decode there.
+// --edges makes the watch role choose its node the same way.
 // --simulcast makes the publish role send three encodings, --svc MODE one scalable one.
 // Prints one JSON object on stdout (the Rust test asserts on it); exits non-zero
 // with the reason on stderr if the subscriber never decodes.
@@ -178,6 +182,31 @@ try {
     }
     result.status = await v.page.evaluate(() => document.getElementById('livestatus').textContent);
     if (screenshot) await v.page.screenshot({ path: screenshot, fullPage: true });
+  } else if (role === 'move') {
+    // A viewer through /v1/edges that must survive its node: once it decodes it
+    // prints {"whep": RESOURCE} (the test kills that node), then waits until the page
+    // moved to another node and decodes there.
+    sub = await launch();
+    browsers.push(sub);
+    result.whep = await sub.page.evaluate(r => window.watch(r, true), room);
+    const frames = async () => ((await sub.page.evaluate(() => window.summary(window.subPc))).inbound.video || {}).framesDecoded || 0;
+    const deadline = Date.now() + timeoutMs;
+    while (await frames() <= 30) {
+      if (Date.now() > deadline) throw new Error('the viewer did not decode before its node was killed');
+      await sleep(250);
+    }
+    console.log(JSON.stringify({ whep: result.whep }));
+    const killedAt = Date.now();
+    for (;;) {
+      const moves = await sub.page.evaluate(() => window.moves);
+      if (moves > 0 && await frames() > 30) break;
+      if (Date.now() > deadline + 30000) throw new Error('the viewer did not move and decode at another node');
+      await sleep(100);
+    }
+    result.movedMs = Date.now() - killedAt;
+    result.moves = await sub.page.evaluate(() => window.moves);
+    result.subscriber = await sub.page.evaluate(() => window.summary(window.subPc));
+    result.log = await sub.page.evaluate(() => document.getElementById('log').textContent);
   } else if (role === 'sample') {
     sub = await launch();
     browsers.push(sub);
@@ -189,12 +218,12 @@ try {
       console.log(JSON.stringify({ at: Date.now(), video: s.inbound.video || {}, state: state[0], ice: state[1] }));
       await sleep(1000);
     }
-  } else if (role !== 'watch' && role !== 'simulcast' && role !== 'svc') {
+  } else if (role !== 'watch' && role !== 'simulcast' && role !== 'svc' && role !== 'move') {
     pub = await launch();
     browsers.push(pub);
     result.whip = await pub.page.evaluate(([r, c, sim, m]) => window.publish(r, c, sim, m), [room, codec, flag('simulcast'), svc]);
   }
-  if (role === 'view' || role === 'simulcast' || role === 'sample' || role === 'svc') {
+  if (role === 'view' || role === 'simulcast' || role === 'sample' || role === 'svc' || role === 'move') {
     // Done above.
   } else if (role === 'publish') {
     await sleep(hold * 1000);

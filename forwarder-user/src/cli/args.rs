@@ -157,6 +157,11 @@ pub enum Cmd {
         /// /v1/edges (at --subscribe-url, else --url), each probed, the fastest joined.
         #[arg(long)]
         edges: bool,
+        /// Publishers live through their node's loss: after a second without anything
+        /// from its node a publisher publishes again at --url (the room goes where the
+        /// cluster re-homes it). Viewers that choose through --edges move by themselves.
+        #[arg(long)]
+        failover: bool,
         /// The [webrtc] token, if the SFU has one.
         #[arg(long, env = "EDGEFWD_TOKEN", hide_env_values = true)]
         token: Option<String>,

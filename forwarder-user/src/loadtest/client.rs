@@ -12,10 +12,22 @@ pub(super) struct Client {
     pub(super) room: usize,
     pub(super) room_name: String,
     pub(super) timeout: Duration,
+    /// No progress lines (`--quiet`).
+    pub(super) quiet: bool,
 }
 
 /// Consent freshness (RFC 7675): a check every couple of seconds.
 const CONSENT_INTERVAL: Duration = Duration::from_secs(2);
+
+/// A subscriber that chose its node through `/v1/edges` and gets nothing for this
+/// long joins another node, as the page does (its node may be gone).
+const STALL: Duration = Duration::from_secs(1);
+
+/// With `--failover`, publishers check consent this often (a silent node shows fast).
+const FAILOVER_CONSENT: Duration = Duration::from_millis(250);
+
+/// New sessions a subscriber tries after a stall before it gives up.
+const RECONNECT_TRIES: u32 = 5;
 
 impl Client {
     async fn join(&self, gate: &Semaphore, role: Role, sources: usize) -> Result<Joined, Failure> {
@@ -56,6 +68,7 @@ impl Client {
             http: node,
             token: self.target.token.clone(),
             edges: false,
+            failover: false,
         };
         let _permit = gate.acquire().await.expect("the gate is never closed");
         // Up to the server's own idle-connection timeout (10 s by default), by when
@@ -119,13 +132,35 @@ impl Client {
         let mut buf = vec![0u8; 2048];
         let (mut next_audio, mut next_video) =
             (tokio::time::Instant::now(), tokio::time::Instant::now());
-        let mut next_consent = tokio::time::Instant::now() + CONSENT_INTERVAL;
+        let failover = self.target.failover;
+        // With failover: consent checks often, so a silent node shows within a second.
+        let consent_every = if failover {
+            FAILOVER_CONSENT
+        } else {
+            CONSENT_INTERVAL
+        };
+        let mut next_consent = tokio::time::Instant::now() + consent_every;
+        let mut last_heard = tokio::time::Instant::now();
         let mut plis = 0;
+        let mut reconnects = 0;
         let live = self.live.clone();
         loop {
             let due = next_audio.min(next_video).min(next_consent);
             tokio::select! {
                 _ = stop.changed() => break,
+                _ = tokio::time::sleep_until(last_heard + STALL), if failover => {
+                    // Its node is silent (gone?): publish again where the cluster puts
+                    // the room now; the streams' stamps go on, so viewers count the gap.
+                    match self.republish(&gate, &mut stop, j).await {
+                        Some(n) => j = n,
+                        None => return self.stopped_publisher(audio, video, plis, reconnects),
+                    }
+                    audio.stream.ssrc = j.ssrcs[0];
+                    video.stream.ssrc = j.ssrcs[1];
+                    video.key_requested = true;
+                    reconnects += 1;
+                    last_heard = tokio::time::Instant::now();
+                }
                 _ = tokio::time::sleep_until(due) => {
                     let now = tokio::time::Instant::now();
                     let now_ns = self.now_ns();
@@ -146,7 +181,7 @@ impl Client {
                     }
                     if now >= next_consent {
                         let _ = j.sock.send(&crate::webrtc::ice::binding_request(&j.ice_user, &j.ice_pwd, false)).await;
-                        next_consent += CONSENT_INTERVAL;
+                        next_consent += consent_every;
                     }
                     // Behind by more than a frame (an overloaded machine): skip, don't burst.
                     let late = now.checked_duration_since(next_video).unwrap_or_default();
@@ -156,6 +191,7 @@ impl Client {
                     }
                 }
                 r = j.sock.recv(&mut buf) => if let Ok(n) = r {
+                    last_heard = tokio::time::Instant::now();
                     match classify_datagram(&buf[..n]) {
                         Class::Rtcp => if let Ok(len) = j.rx.unprotect_rtcp(&mut buf[..n]) {
                             for req in rtcp::parse(&buf[..len]).unwrap_or_default() {
@@ -186,6 +222,75 @@ impl Client {
             received: HashMap::new(),
             given: 0,
             left,
+            reconnects,
+        }
+    }
+
+    /// A new WHIP session for a publisher whose node went silent, tried every 300 ms
+    /// until it is made or the run stops (None). The old one is left in the background.
+    async fn republish(
+        &self,
+        gate: &Semaphore,
+        stop: &mut watch::Receiver<bool>,
+        old: Joined,
+    ) -> Option<Joined> {
+        let at = Target {
+            http: old.node,
+            token: self.target.token.clone(),
+            edges: false,
+            failover: false,
+        };
+        let resource = old.resource.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(2), peer::leave(&at, &resource)).await;
+            let _ = old.dtls.close().await;
+        });
+        loop {
+            let attempt = async {
+                let _permit = gate.acquire().await.expect("the gate is never closed");
+                peer::join(
+                    &self.target,
+                    Role::Publisher,
+                    &self.room_name,
+                    1,
+                    &self.identity,
+                    self.timeout,
+                    self.live.dtls_conns.clone(),
+                )
+                .await
+            };
+            tokio::select! {
+                _ = stop.changed() => return None,
+                r = attempt => match r {
+                    Ok(j) => return Some(j),
+                    Err(f) => {
+                        if !self.quiet {
+                            eprintln!("edgefwd load-test: republishing {}: {}", self.room_name, f.detail);
+                        }
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// A publisher's outcome when the run stopped while it was republishing.
+    fn stopped_publisher(&self, audio: Audio, video: Video, plis: u64, reconnects: u32) -> Outcome {
+        Outcome {
+            role: Role::Publisher,
+            room: self.room,
+            join: Ok(Duration::ZERO),
+            profile: None,
+            sent: [&audio.stream, &video.stream]
+                .map(|s| (s.track, s.packets, s.last_ns))
+                .to_vec(),
+            joined_ns: 0,
+            keyframes: video.keyframes,
+            plis,
+            received: HashMap::new(),
+            given: 0,
+            left: Ok(()),
+            reconnects,
         }
     }
 
@@ -211,13 +316,31 @@ impl Client {
             Err(f) => return Outcome::failed(Role::Subscriber, self.room, f),
         };
         let joined_ns = self.now_ns();
+        let first_join = (j.join_time, Some(j.profile.name()));
         let mut received: HashMap<u32, Received> = HashMap::new();
         let mut buf = vec![0u8; 2048];
         let mut consent = tokio::time::interval(CONSENT_INTERVAL);
         let live = self.live.clone();
+        let mut last_media = tokio::time::Instant::now();
+        let mut reconnects = 0;
         loop {
+            let stalled = tokio::time::sleep_until(last_media + STALL);
             tokio::select! {
                 _ = stop.changed() => break,
+                _ = stalled, if self.target.edges && reconnects < RECONNECT_TRIES => {
+                    match self.reconnect(&gate, sources, j).await {
+                        Ok(n) => j = n,
+                        Err(f) => {
+                            // Nowhere to go: what it got so far is its outcome.
+                            if !self.quiet {
+                                eprintln!("edgefwd load-test: a subscriber of {} found no node to reconnect to: {}", self.room_name, f.detail);
+                            }
+                            return self.stalled_outcome(first_join, joined_ns, received, sources, reconnects + 1);
+                        }
+                    }
+                    reconnects += 1;
+                    last_media = tokio::time::Instant::now();
+                }
                 _ = consent.tick() => {
                     let _ = j.sock.send(&crate::webrtc::ice::binding_request(&j.ice_user, &j.ice_pwd, false)).await;
                 }
@@ -228,6 +351,7 @@ impl Client {
                             let Ok(h) = header_len(rtp) else { continue };
                             if let Some(s) = Stamp::read(&rtp[h..]) {
                                 let payload = len - h;
+                                last_media = tokio::time::Instant::now();
                                 let grew = received.entry(s.track).or_default().on_packet(s, payload, self.now_ns());
                                 live.received.fetch_add(1, Ordering::Relaxed);
                                 live.expected.fetch_add(grew, Ordering::Relaxed);
@@ -253,6 +377,74 @@ impl Client {
             received,
             given: 2 * sources,
             left,
+            reconnects,
+        }
+    }
+
+    /// A new session at another node for a subscriber whose node stopped sending: the
+    /// old one is left in the background (its node may not answer), the new one is
+    /// chosen through `/v1/edges` again (a dead node fails its probe).
+    async fn reconnect(
+        &self,
+        gate: &Semaphore,
+        sources: usize,
+        old: Joined,
+    ) -> Result<Joined, Failure> {
+        let at = Target {
+            http: old.node,
+            token: self.target.token.clone(),
+            edges: false,
+            failover: false,
+        };
+        let resource = old.resource.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(2), peer::leave(&at, &resource)).await;
+            let _ = old.dtls.close().await;
+        });
+        let mut last = None;
+        for _ in 0..3 {
+            let _permit = gate.acquire().await.expect("the gate is never closed");
+            match peer::join(
+                &self.target,
+                Role::Subscriber,
+                &self.room_name,
+                sources,
+                &self.identity,
+                self.timeout,
+                self.live.dtls_conns.clone(),
+            )
+            .await
+            {
+                Ok(j) => return Ok(j),
+                Err(f) => last = Some(f),
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        Err(last.expect("tried at least once"))
+    }
+
+    /// The outcome of a subscriber that stalled and found no node to go to.
+    fn stalled_outcome(
+        &self,
+        (join, profile): (Duration, Option<&'static str>),
+        joined_ns: u64,
+        received: HashMap<u32, Received>,
+        sources: usize,
+        reconnects: u32,
+    ) -> Outcome {
+        Outcome {
+            role: Role::Subscriber,
+            room: self.room,
+            join: Ok(join),
+            profile,
+            sent: vec![],
+            joined_ns,
+            keyframes: 0,
+            plis: 0,
+            received,
+            given: 2 * sources,
+            left: Ok(()),
+            reconnects,
         }
     }
 }

@@ -43,6 +43,9 @@ pub struct Options {
     /// Subscribers choose their node through `/v1/edges` (at `subscribe_url`, else
     /// `url`): candidates probed, the fastest joined.
     pub edges: bool,
+    /// Publishers live through their node's loss: after a second of silence they
+    /// publish again at `url` (where the cluster re-homes the room).
+    pub failover: bool,
     pub token: Option<String>,
     pub rooms: usize,
     /// Per room.
@@ -138,6 +141,8 @@ struct Outcome {
     /// Subscriber: tracks its answer gave it.
     given: usize,
     left: Result<(), String>,
+    /// Subscriber: new sessions it made after its node stopped sending (`--edges`).
+    reconnects: u32,
 }
 
 impl Outcome {
@@ -154,6 +159,7 @@ impl Outcome {
             received: HashMap::new(),
             given: 0,
             left: Ok(()),
+            reconnects: 0,
         }
     }
 }
@@ -180,6 +186,7 @@ pub async fn run(opts: Options) -> Result<Report> {
         http,
         token: opts.token.clone(),
         edges: false,
+        failover: opts.failover,
     });
     let sub_target = Arc::new(Target {
         http: match &opts.subscribe_url {
@@ -188,6 +195,7 @@ pub async fn run(opts: Options) -> Result<Report> {
         },
         token: opts.token.clone(),
         edges: opts.edges,
+        failover: opts.failover,
     });
     let identity = Arc::new(Identity::generate()?);
     let live = Arc::new(Live::default());
@@ -223,6 +231,7 @@ pub async fn run(opts: Options) -> Result<Report> {
             joined_rx.push((room, rx));
             let track = ((room * opts.publishers + i) * 2) as u32;
             let c = Client {
+                quiet: !opts.progress,
                 target: target.clone(),
                 identity: identity.clone(),
                 live: live.clone(),
@@ -251,6 +260,7 @@ pub async fn run(opts: Options) -> Result<Report> {
     for (room, &sources) in sources.iter().enumerate() {
         for _ in 0..opts.subscribers {
             let c = Client {
+                quiet: !opts.progress,
                 target: sub_target.clone(),
                 identity: identity.clone(),
                 live: live.clone(),

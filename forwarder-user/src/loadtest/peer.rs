@@ -33,6 +33,9 @@ pub struct Target {
     /// Subscribers ask this node for candidates (`/v1/edges`), probe them and join the
     /// fastest, as the page's `edges.js` does.
     pub edges: bool,
+    /// Publishers publish again when their node goes silent: a node's loss, as a
+    /// WHIP client of a cluster lives through it (viewers move with `edges`).
+    pub failover: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -186,6 +189,7 @@ pub async fn join(
             http: choose_edge(target, room, timeout).await?,
             token: target.token.clone(),
             edges: false,
+            failover: false,
         };
         post_offer(&at, path, sdp, timeout).await?
     } else {

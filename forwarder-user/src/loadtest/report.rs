@@ -108,6 +108,8 @@ pub struct Report {
     pub total: TrackRow,
     /// DELETEs that failed (sessions left for the SFU's consent timeout).
     pub leave_failures: usize,
+    /// Subscribers' new sessions at another node after theirs stopped sending.
+    pub reconnects: u64,
     pub leave_failure_example: Option<String>,
     /// The limits every subscriber's every track was held to.
     pub max_loss_pct: f64,
@@ -135,7 +137,7 @@ impl Report {
             .flat_map(|o| o.sent.iter().map(|(t, n, last)| (*t, (*n, *last))))
             .collect();
         let mut by_track: BTreeMap<u32, Vec<Received>> = BTreeMap::new();
-        let (mut keyframes, mut plis, mut leave_failures) = (0, 0, 0);
+        let (mut keyframes, mut plis, mut leave_failures, mut reconnects) = (0, 0, 0, 0);
         let mut leave_example = None;
         let mut over_limits = Vec::new();
         let mut subscriber_no = vec![0usize; opts.rooms];
@@ -154,6 +156,7 @@ impl Report {
                 leave_failures += 1;
                 leave_example.get_or_insert(e);
             }
+            reconnects += u64::from(o.reconnects);
             match o.role {
                 Role::Publisher => {
                     jp.push(us);
@@ -277,6 +280,7 @@ impl Report {
             tracks,
             total,
             leave_failures,
+            reconnects,
             leave_failure_example: leave_example,
             max_loss_pct: opts.max_loss_pct,
             max_gap_ms: opts.max_gap.as_secs_f64() * 1e3,
@@ -374,6 +378,12 @@ impl Report {
             for (why, f) in &self.failures {
                 println!("  {why:<14} {:>5}  e.g. {}", f.count, f.example);
             }
+        }
+        if self.reconnects > 0 {
+            println!(
+                "{} reconnect(s): subscribers whose node stopped sending joined another",
+                self.reconnects
+            );
         }
         if self.leave_failures > 0 {
             println!(

@@ -11,6 +11,12 @@
 // connection), takes the fastest node that answered, and reports the choice and
 // every RTT to that node (POST /v1/edges/report), where they are logged and counted
 // in /metrics (edgefwd_edge_chosen_total, edgefwd_edge_probe_rtt_ms_sum/_count).
+//
+// When the chosen node dies, ask again with the answer you had: chooseEdge(base, room,
+// { avoid: [edge.node], fallbacks: edge.edges }) skips the dead node and, if `base`
+// itself does not answer, asks the other candidates for their lists. The built-in
+// page does this on ICE failure or two seconds without video (make-before-break:
+// the new session plays before the old one is closed).
 
 const PROBES = 3;
 const PROBE_TIMEOUT_MS = 2000;
@@ -46,9 +52,21 @@ export async function probe(url) {
 /// once, reports, and returns {node, whep, rtts} of the fastest.
 export async function chooseEdge(base, room, opts = {}) {
   const headers = opts.token ? { Authorization: `Bearer ${opts.token}` } : {};
-  const r = await fetch(`${base}/v1/edges?room=${encodeURIComponent(room)}`, { headers });
-  if (!r.ok) throw new Error(`/v1/edges: HTTP ${r.status}: ${await r.text()}`);
-  const { edges } = await r.json();
+  const avoid = opts.avoid || [];
+  // Where to ask: `base`, then (if it does not answer) the fallbacks' nodes.
+  const askAt = [base, ...(opts.fallbacks || []).filter(e => !avoid.includes(e.node)).map(e => new URL(e.whep).origin)];
+  let edges = null, lastError = null;
+  for (const at of askAt) {
+    try {
+      const r = await fetch(`${at}/v1/edges?room=${encodeURIComponent(room)}`, { headers });
+      if (!r.ok) throw new Error(`${at}/v1/edges: HTTP ${r.status}: ${await r.text()}`);
+      edges = (await r.json()).edges.filter(e => !avoid.includes(e.node));
+      break;
+    } catch (e) {
+      lastError = e;
+    }
+  }
+  if (edges === null) throw lastError;
   if (!edges.length) throw new Error(`no node has room for another viewer of ${room}`);
   const measured = await Promise.all(edges.map((e) => probe(e.probe)));
   const rtts = {};

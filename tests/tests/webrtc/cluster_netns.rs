@@ -118,3 +118,99 @@ fn five_nodes_in_five_namespaces_serve_one_room_through_the_directory() {
     let _ = publisher.kill();
     let _ = publisher.wait();
 }
+
+/// A Chromium viewer whose edge dies moves to another node by itself: three nodes in
+/// their namespaces, the room's origin n1 full (`capacity = 1`, taken by a session
+/// that never connects), so the page's edge choice puts the viewer at n2 or n3. Once
+/// it decodes, that node is killed with SIGKILL; the page sees its video stall, asks
+/// `/v1/edges` again (the dead node fails its probe) and decodes at the other node,
+/// without a reload.
+#[test]
+fn a_chromium_viewer_whose_edge_dies_moves_to_another_node() {
+    edgefwd_tests::require_root();
+    let f = Fabric::new(3);
+    let redis = RedisServer::start_in(&f.hub, "198.51.100.1");
+    let mut nodes: Vec<Sfu> = (0..3)
+        .map(|i| {
+            let cfg = format!(
+                "{}redis_url = \"{}\"\ncapacity = 1\n[webrtc.limits]\nice_timeout = 120\n",
+                cluster_section(&name_of(i), &ip_of(i), &[]),
+                redis.url()
+            );
+            start_sfu_at(Some(&f.nodes[i]), &ip_of(i), &cfg)
+        })
+        .collect();
+    wait_until(15, "three leases in Redis", || {
+        (0..3).all(|i| {
+            redis
+                .cli(&["EXISTS", &format!("edgefwd:node:{}", name_of(i))])
+                .trim()
+                == "1"
+        })
+    });
+    let room = unique("move");
+    redis.cli(&[
+        "HSET",
+        &format!("edgefwd:room:{{{room}}}"),
+        "node",
+        "n1",
+        "epoch",
+        "1",
+    ]);
+    // n1's one viewer place taken by a session that never connects.
+    let (base, offer) = (nodes[0].base.clone(), super::cascade_faults::whep_offer());
+    let url = format!("{base}/whep/{room}");
+    let (status, body, _) = f.hub.run(move || super::cluster::post_sdp(&url, &offer));
+    assert_eq!(status, 201, "{body}");
+    let mut publisher = chromium_publisher(Some(&f.hub), &nodes[0].base, &room, 120);
+    let mut viewer = node(
+        Some(&f.hub),
+        &[
+            "--base",
+            &nodes[0].base,
+            "--room",
+            &room,
+            "--codec",
+            "VP8",
+            "--role",
+            "move",
+            "--timeout",
+            "60",
+        ],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    // Its first line names the resource: the node to kill.
+    let mut out = std::io::BufReader::new(viewer.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    let first: Value = serde_json::from_str(line.trim())
+        .unwrap_or_else(|e| panic!("the viewer's first line ({e}): {line:?}"));
+    let whep = first["whep"].as_str().unwrap().to_string();
+    let edge = (1..3)
+        .find(|i| whep.starts_with(&nodes[*i].base))
+        .unwrap_or_else(|| panic!("the viewer is at n2 or n3 (n1 is full): {whep}"));
+    nodes[edge].child.kill9();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    let status = viewer.wait().unwrap();
+    let r: Value = serde_json::from_str(rest.lines().last().unwrap_or("")).unwrap_or_default();
+    let mut err = String::new();
+    if let Some(mut e) = viewer.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut err);
+    }
+    assert!(
+        status.success(),
+        "the viewer moved and decoded: {err}\n{r:#}"
+    );
+    assert!(r["moves"].as_u64() >= Some(1), "{r:#}");
+    eprintln!(
+        "Chromium viewer: node {} killed, decoding at another node {} ms later",
+        name_of(edge),
+        r["movedMs"]
+    );
+    let _ = publisher.kill();
+    let _ = publisher.wait();
+}

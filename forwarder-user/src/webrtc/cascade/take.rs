@@ -408,6 +408,31 @@ impl Sfu {
         });
     }
 
+    /// A room this node has a publisher of, and no upstream: its relayed publishers
+    /// are an old origin's (the room was re-homed here). They end; the viewers' slots
+    /// go to the room's own publishers.
+    fn end_relays_of_own_room(&self, room: &str) {
+        let mut st = self.state.lock().unwrap();
+        let Some(r) = st.rooms.get(room) else {
+            return;
+        };
+        let (relayed, own): (Vec<String>, Vec<String>) = r
+            .publishers
+            .iter()
+            .cloned()
+            .partition(|p| st.sessions.get(p).is_some_and(|s| s.relay.is_some()));
+        if own.is_empty() {
+            return;
+        }
+        for id in relayed {
+            tracing::info!(event = "left", session = %id, room, "room {room} is this node's now: relayed publisher session {id} from its old origin ended");
+            self.remove(&mut st, &id);
+        }
+        for id in own {
+            self.fill_slots(&mut st, &id);
+        }
+    }
+
     /// Asks `room` of a parent none of the suspected nodes, now: a suspected parent's
     /// rooms (the call in flight for the room, if any, is waited for).
     pub async fn reparent(self: &Arc<Self>, room: &str) {
@@ -537,8 +562,11 @@ impl Sfu {
                     }
                 };
                 // A failure is recorded in the status and logged once per change.
-                if let Some(up) = up {
-                    let _ = sfu.fetch_upstream(&room, &up, via).await;
+                match up {
+                    Some(up) => {
+                        let _ = sfu.fetch_upstream(&room, &up, via).await;
+                    }
+                    None => sfu.end_relays_of_own_room(&room),
                 }
                 drop(guard);
             });
