@@ -103,6 +103,11 @@ fn real_main(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Drain {
+            api,
+            deadline,
+            no_wait,
+        } => rooms::drain(&api.api, api.token.as_deref(), deadline, !no_wait),
         Cmd::Sessions { room, api, json } => {
             let v = rooms::fetch(&api.api, api.token.as_deref())?;
             let rows = rooms::session_rows(&v, room.as_deref())?;

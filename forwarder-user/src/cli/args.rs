@@ -133,6 +133,19 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Drains a running daemon before maintenance: no new rooms or viewers there, its
+    /// viewers and publishers move to other nodes, then it exits (POST /api/drain;
+    /// SIGUSR1 does the same). For systemd's ExecStop.
+    Drain {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Seconds until the daemon exits even with sessions left.
+        #[arg(long, default_value_t = 300)]
+        deadline: u64,
+        /// Return at once instead of waiting until the daemon has exited.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// WebRTC sessions of a running daemon, of one room or of all (from its API).
     Sessions {
         /// Only this room's sessions.

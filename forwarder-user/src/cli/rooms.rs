@@ -55,6 +55,61 @@ pub fn fetch(api: &str, token: Option<&str>) -> Result<Value> {
     }
 }
 
+/// `edgefwd drain`: POST /api/drain to the daemon at `api`, then (with `wait`) until
+/// its API no longer answers (it exited) or the deadline and a margin passed.
+pub fn drain(api: &str, token: Option<&str>, deadline: u64, wait: bool) -> Result<()> {
+    let addr = parse_api(api)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let path = format!("/api/drain?deadline={deadline}");
+    match rt.block_on(call(
+        addr,
+        Auth::bearer(token),
+        hyper::Method::POST,
+        &path,
+        vec![],
+    )) {
+        Outcome::Ok(body) => print!("{}", String::from_utf8_lossy(&body)),
+        Outcome::Refused(why) if why.starts_with("409") => {
+            println!("the daemon at {addr} is draining already")
+        }
+        Outcome::Refused(why) if why.starts_with("401") => bail!(
+            "the daemon at {addr} wants its [webrtc] token: pass --token or set EDGEFWD_TOKEN ({why})"
+        ),
+        Outcome::Refused(why) if why.starts_with("404") => bail!(
+            "{addr} has no /api/drain: give the daemon's webrtc-admin address if it has one ({why})"
+        ),
+        Outcome::Refused(why) => bail!("the daemon at {addr} refused to drain: {why}"),
+        Outcome::Unreachable(why) => bail!(
+            "cannot reach a daemon's API at {addr} ({why}): pass --api with the webrtc-http \
+             (or webrtc-admin) address of its ready line"
+        ),
+    }
+    if !wait {
+        return Ok(());
+    }
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(deadline + 10);
+    while std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let got = rt.block_on(call(
+            addr,
+            Auth::bearer(token),
+            hyper::Method::GET,
+            "/api/sessions",
+            vec![],
+        ));
+        if let Outcome::Unreachable(_) = got {
+            println!("the daemon at {addr} drained and exited");
+            return Ok(());
+        }
+    }
+    bail!(
+        "the daemon at {addr} still answers {} s after its drain deadline",
+        10
+    )
+}
+
 #[derive(Debug, Serialize, PartialEq, Eq)]
 pub struct RoomRow {
     pub room: String,

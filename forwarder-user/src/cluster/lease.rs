@@ -19,6 +19,8 @@ pub struct LoadNow {
     pub viewers: u64,
     /// RTP copies sent since the start (viewers and trunks): a counter.
     pub copies: u64,
+    /// Draining (`edgefwd drain`).
+    pub draining: bool,
 }
 
 pub type Load = Arc<dyn Fn() -> LoadNow + Send + Sync>;
@@ -92,6 +94,7 @@ pub async fn run(m: Membership, url: String, at: Addresses, load: Load) {
             capacity: m.cfg.capacity,
             copies_per_s,
             cpu_pct: (cpu_pct * 10.0).round() / 10.0,
+            draining: now.draining,
         };
         let renewed = dir.renew(&lease).await;
         let relaxed = std::sync::atomic::Ordering::Relaxed;

@@ -53,6 +53,10 @@ pub struct Lease {
     /// Its process's CPU use over the last second, per cent of one core.
     #[serde(default)]
     pub cpu_pct: f64,
+    /// Draining: no new rooms, viewers or children (placement, edges and trees pass
+    /// it over).
+    #[serde(default)]
+    pub draining: bool,
 }
 
 impl Lease {
@@ -70,12 +74,13 @@ impl Lease {
             capacity: None,
             copies_per_s: 0,
             cpu_pct: 0.0,
+            draining: false,
         }
     }
 
     /// Whether it takes another viewer.
     pub fn has_room(&self) -> bool {
-        self.capacity.is_none_or(|c| self.viewers < c)
+        !self.draining && self.capacity.is_none_or(|c| self.viewers < c)
     }
 }
 
@@ -370,7 +375,7 @@ impl Directory {
             .live_nodes()
             .await?
             .into_iter()
-            .filter(|l| l.http.is_some() || l.node == self.me)
+            .filter(|l| (l.http.is_some() || l.node == self.me) && !l.draining)
             .collect();
         let candidates = super::placement::candidates(room, &leases);
         let mut con = self.con.clone();

@@ -134,7 +134,8 @@ impl Directory {
         avoid: &[String],
     ) -> Result<Option<Origin>> {
         let mut live = self.live_nodes().await?;
-        live.retain(|l| !avoid.contains(&l.node));
+        // A draining node takes no children (it leaves the tree as they move).
+        live.retain(|l| !avoid.contains(&l.node) && !l.draining);
         let rtt = self.rtt_row(self.me()).await.unwrap_or_default();
         let order = parent_order(self.me(), &live, &rtt);
         let mut con = self.con();

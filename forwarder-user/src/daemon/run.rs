@@ -119,6 +119,7 @@ async fn start_node_api(
                     sessions: s.session_count() as u64,
                     viewers: s.viewer_count() as u64,
                     copies: s.counters.rtp_out.load(relaxed) + s.counters.relay_out.load(relaxed),
+                    draining: s.draining(),
                 })
         });
         tokio::spawn(crate::cluster::lease::run(

@@ -79,6 +79,7 @@ pub fn admin_router(api: Arc<Api>) -> Router {
 fn with_admin_routes(r: Router<Arc<Api>>) -> Router<Arc<Api>> {
     r.route("/api/sessions", get(sessions))
         .route("/api/cluster/rooms/{room}", get(super::edges::room_tree))
+        .route("/api/drain", post(drain))
         .route("/api/rooms/{room}/events", get(room_events))
         .route("/metrics", get(metrics))
 }
@@ -230,7 +231,7 @@ async fn whep(
         Ok(o) => o,
         Err(r) => return r,
     };
-    if api.sfu.at_capacity() {
+    if api.sfu.at_capacity() || api.sfu.draining() {
         return super::edges::elsewhere(&api, &room, q).await;
     }
     // A room served by an upstream node: its tracks first, then the answer.
@@ -474,4 +475,38 @@ async fn metrics(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
         );
     }
     r
+}
+
+#[derive(serde::Deserialize)]
+struct DrainQuery {
+    /// Seconds until the daemon exits even with sessions left.
+    deadline: Option<u64>,
+}
+
+/// `POST /api/drain[?deadline=SECS]`: the node drains ([`super::drain`]); 202, or 409
+/// if it drains already.
+async fn drain(
+    State(api): State<Arc<Api>>,
+    axum::extract::Query(q): axum::extract::Query<DrainQuery>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = check_auth(&api, &headers) {
+        return r;
+    }
+    let deadline = q.deadline.map_or(
+        super::drain::DEFAULT_DEADLINE,
+        std::time::Duration::from_secs,
+    );
+    if api.sfu.start_drain(deadline) {
+        text(
+            StatusCode::ACCEPTED,
+            format!(
+                "draining: sessions end in {} s, the daemon exits when empty or in {} s",
+                super::drain::HANDOFF.as_secs(),
+                deadline.as_secs()
+            ),
+        )
+    } else {
+        text(StatusCode::CONFLICT, "this node is draining already")
+    }
 }

@@ -4,6 +4,7 @@
 //! theirs.
 
 pub mod cascade;
+pub mod drain;
 pub mod dtls;
 pub mod edges;
 pub mod http;
@@ -433,6 +434,18 @@ pub async fn start(
     if sfu.cascade.get().is_some() {
         tokio::spawn(cascade::probe::watch_parents(sfu.clone()));
     }
+    // SIGUSR1 drains, as `edgefwd drain` (POST /api/drain) does.
+    {
+        let sfu = sfu.clone();
+        let mut usr1 =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+                .context("listening for SIGUSR1 (drain)")?;
+        tokio::spawn(async move {
+            while usr1.recv().await.is_some() {
+                sfu.start_drain(drain::DEFAULT_DEADLINE);
+            }
+        });
+    }
     Ok((bound, sfu.clone(), async move {
         let ticker = {
             let sfu = sfu.clone();
@@ -496,7 +509,9 @@ pub async fn start(
                 None => std::future::pending().await,
             }
         };
+        let drained = api.sfu.clone();
         let res = tokio::select! {
+            _ = drained.drained.notified() => Ok(()),
             r = crate::http::server::serve(listener, public, limits.clone()) => r.context("WHIP/WHEP HTTP server"),
             r = admin => r.context("admin HTTP server"),
             r = media => r.context("media task")?.context("media socket"),

@@ -337,6 +337,10 @@ pub struct Sfu {
     pub speakers: Mutex<HashMap<String, Dominant<String>>>,
     /// Room events (the active speaker) for `GET /api/rooms/{room}/events`.
     pub events: tokio::sync::broadcast::Sender<RoomEvent>,
+    /// Draining ([`super::drain`]): no new rooms or viewers here.
+    pub draining: std::sync::atomic::AtomicBool,
+    /// Told when a drain is done: the daemon exits.
+    pub drained: tokio::sync::Notify,
 }
 
 /// Something that happened in a room, for its event stream.
@@ -424,6 +428,8 @@ impl Sfu {
             speakers: Default::default(),
             // Subscribers that fall this far behind skip events (they are told).
             events: tokio::sync::broadcast::channel(256).0,
+            draining: Default::default(),
+            drained: Default::default(),
         }))
     }
 

@@ -277,3 +277,100 @@ fn the_origin_dies_the_room_is_re_homed_and_viewers_elsewhere_continue() {
         r["total"]["longest_gap_ms"]
     );
 }
+
+/// Draining an edge: four load-test viewers over three nodes (as above); the edge with
+/// most of them is drained (`edgefwd drain`). Its lease says so at once, new viewers
+/// are sent elsewhere, its viewers' sessions end after the hand-off and they join
+/// another node (each once, no viewer 3 s without media), and the daemon exits by
+/// itself well before the deadline.
+#[test]
+fn a_drained_edge_moves_its_viewers_and_exits() {
+    let redis = RedisServer::start();
+    let node = |n: &str| {
+        start_sfu(
+            None,
+            &format!(
+                "{}redis_url = \"{}\"\ncapacity = 2\n",
+                cluster_section(n, "127.0.0.1", &[]),
+                redis.url()
+            ),
+        )
+    };
+    let a = node("a");
+    let b = node("b");
+    let c = node("c");
+    wait_until(10, "three leases in Redis", || {
+        ["a", "b", "c"]
+            .iter()
+            .all(|n| redis.cli(&["EXISTS", &format!("edgefwd:node:{n}")]).trim() == "1")
+    });
+    let prefix = unique("drain");
+    let room = format!("{prefix}-0");
+    redis.cli(&[
+        "HSET",
+        &format!("edgefwd:room:{{{room}}}"),
+        "node",
+        "a",
+        "epoch",
+        "1",
+    ]);
+    let load = Command::new(edgefwd_bin())
+        .args(["load-test", "--url", &a.base, "--edges"])
+        .args(["--rooms", "1", "--publishers", "1", "--subscribers", "4"])
+        .args([
+            "--concurrency",
+            "1",
+            "--video-bitrate",
+            "500",
+            "--duration",
+            "16",
+        ])
+        .args(["--room-prefix", &prefix, "--json", "--quiet"])
+        .args(["--max-loss", "40", "--max-gap", "3"])
+        .env_remove("EDGEFWD_TOKEN")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let viewers = |n: &Sfu| {
+        get_json(&n.base, "/api/sessions")["rooms"][&room]
+            .as_array()
+            .map_or(0, |a| {
+                a.iter()
+                    .filter(|x| x["role"] == "subscriber" && x["connected"] == true)
+                    .count()
+            })
+    };
+    wait_until(20, "four viewers connected", || {
+        viewers(&a) + viewers(&b) + viewers(&c) == 4
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let (on_b, on_c) = (viewers(&b), viewers(&c));
+    let (drained, name) = if on_b >= on_c { (&b, "b") } else { (&c, "c") };
+    let moved = on_b.max(on_c);
+    assert!(moved > 0, "a takes two at most: one edge has viewers");
+    let (ok, out, err) = edgefwd_cli(&["drain", "--api", &drained.base, "--deadline", "30"]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("drained and exited"), "{out}");
+    // The daemon exited by itself; while it drained its lease said so.
+    assert!(
+        ureq::get(&format!("{}/api/sessions", drained.base))
+            .call()
+            .is_err(),
+        "node {name} still answers"
+    );
+    let out = load.wait_with_output().unwrap();
+    let r: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("no JSON ({e}): {}", String::from_utf8_lossy(&out.stderr)));
+    assert!(
+        out.status.success(),
+        "the drained edge's viewers moved within 3 s: {:#}\n{:#}",
+        r["over_limits"],
+        r["tracks"]
+    );
+    assert_eq!(r["reconnects"], moved, "{r:#}");
+    eprintln!(
+        "drained node {name}: {moved} viewer(s) moved; longest gap at any viewer {} ms",
+        r["total"]["longest_gap_ms"]
+    );
+}

@@ -206,6 +206,9 @@ pub struct Cascade {
     pub redis_configured: bool,
     /// `[cluster] capacity`: WHEP viewers this node takes.
     pub capacity: Option<u64>,
+    /// Nodes whose leases say they are draining (read with the RTT probes' leases):
+    /// passed over like suspects, their children move away while they still send.
+    pub draining_nodes: Mutex<std::collections::BTreeSet<String>>,
     /// Nodes whose RTT probes went unanswered for [`probe::SUSPECT`] while this node
     /// takes rooms from them, since when: passed over when a room's parent is chosen.
     pub suspects: Mutex<HashMap<String, Instant>>,
@@ -286,6 +289,7 @@ impl Cascade {
             rtt: Mutex::new(BTreeMap::new()),
             leaving: Mutex::new(HashMap::new()),
             suspects: Mutex::new(HashMap::new()),
+            draining_nodes: Mutex::new(Default::default()),
             suspicions: AtomicU64::new(0),
             in_trees: Mutex::new(Default::default()),
             lapse: Duration::from_secs(cfg.lapse),
@@ -307,7 +311,9 @@ impl Cascade {
         let now = Instant::now();
         let mut s = self.suspects.lock().unwrap();
         s.retain(|_, since| now.saturating_duration_since(*since) < probe::FORGET);
-        s.keys().cloned().collect()
+        let mut out: Vec<String> = s.keys().cloned().collect();
+        out.extend(self.draining_nodes.lock().unwrap().iter().cloned());
+        out
     }
 
     /// The cluster's Redis, once connected.
@@ -388,7 +394,14 @@ impl Sfu {
             return Ok(None);
         };
         let Some(d) = c.redis.get() else {
-            return Ok(None);
+            return if self.draining() {
+                Err(ApiError::Cascade(
+                    503,
+                    "this node is draining: publish at another node".into(),
+                ))
+            } else {
+                Ok(None)
+            };
         };
         // A room published here already stays (claimed again); a room no live node
         // holds goes where the placement puts it.
@@ -409,6 +422,13 @@ impl Sfu {
                 return Ok(None);
             }
         };
+        if origin.node == d.me() && self.draining() {
+            // The lease saying so has not reached the others yet.
+            return Err(ApiError::Cascade(
+                503,
+                format!("room {room:?}: this node is draining; retry in a second"),
+            ));
+        }
         if origin.node == d.me() {
             c.claims
                 .lock()

@@ -56,6 +56,11 @@ pub async fn run(sfu: Arc<Sfu>) {
         let Ok(live) = d.live_nodes().await else {
             continue;
         };
+        *c.draining_nodes.lock().unwrap() = live
+            .iter()
+            .filter(|l| l.draining && l.node != c.node())
+            .map(|l| l.node.clone())
+            .collect();
         let peers: Vec<(String, SocketAddr)> = live
             .into_iter()
             .filter(|l| l.node != c.node())
@@ -150,6 +155,8 @@ pub async fn watch_parents(sfu: Arc<Sfu>) {
     // Per parent: when it last answered (or since when it is watched).
     let mut heard: HashMap<String, Instant> = HashMap::new();
     let mut sent: HashMap<[u8; 12], String> = HashMap::new();
+    // Per room, when it was last asked of another parent because its parent drains.
+    let mut moved: HashMap<String, Instant> = HashMap::new();
     let mut every = tokio::time::interval(WATCH);
     let mut buf = [0u8; 1500];
     loop {
@@ -158,12 +165,25 @@ pub async fn watch_parents(sfu: Arc<Sfu>) {
                 let now = Instant::now();
                 let parents = parents(&sfu);
                 heard.retain(|n, _| parents.contains_key(n));
+                moved.retain(|r, _| parents.values().any(|p| p.1.contains(r)));
                 sent.clear();
                 for (node, (addr, rooms)) in &parents {
                     let last = *heard.entry(node.clone()).or_insert(now);
                     let suspected = c.suspects.lock().unwrap().contains_key(node);
                     if !suspected && now.saturating_duration_since(last) >= SUSPECT {
                         suspect(&sfu, node, rooms, now.saturating_duration_since(last));
+                    } else if c.draining_nodes.lock().unwrap().contains(node) {
+                        // Make-before-break: the rooms move while it still sends (at
+                        // most once a second per room: a draining origin stays).
+                        let due: Vec<String> = rooms
+                            .iter()
+                            .filter(|r| moved.get(*r).is_none_or(|t| now.saturating_duration_since(*t) >= Duration::from_secs(1)))
+                            .cloned()
+                            .collect();
+                        for r in &due {
+                            moved.insert(r.clone(), now);
+                        }
+                        move_away(&sfu, node, &due);
                     }
                     let req = ice::binding_request(&user, &c.identity.probe_pwd, false);
                     if let Some(tid) = transaction_id(&req)
@@ -207,6 +227,21 @@ fn suspect(sfu: &Arc<Sfu>, node: &str, rooms: &[String], silent: Duration) {
         rooms.len()
     );
     for room in rooms {
+        let (sfu, room) = (sfu.clone(), room.clone());
+        tokio::spawn(async move { sfu.reparent(&room).await });
+    }
+}
+
+/// `node` drains: each of `rooms` is asked of another parent now (once per round while
+/// the room still comes from it; the room's fetch lock keeps it to one call).
+fn move_away(sfu: &Arc<Sfu>, node: &str, rooms: &[String]) {
+    let c = sfu.cascade.get().expect("watched with a cascade");
+    for room in rooms {
+        let Ok(guard) = c.fetch_lock(room).try_lock_owned() else {
+            continue; // a call for the room is out already
+        };
+        drop(guard);
+        tracing::info!(event = "move_away", node, room = %room, "node {node} drains: room {room} asked of another parent");
         let (sfu, room) = (sfu.clone(), room.clone());
         tokio::spawn(async move { sfu.reparent(&room).await });
     }
