@@ -56,7 +56,9 @@ enum Cmd {
     /// `churn` steady viewers' loss and latency while other clients join and leave
     /// (with EDGEFWD_BASELINE_BIN=PATH, also against that build of edgefwd);
     /// `cluster` the directory's latency against real Redis, joins through a non-origin
-    /// node against joins at the origin, a cold node's first media, latency per tree hop.
+    /// node against joins at the origin, a cold node's first media, latency per tree hop;
+    /// `failover` the media gap viewers see when a relay, an edge or the origin dies or
+    /// an edge is drained, against the same call with no failure.
     Bench {
         #[arg(default_value = "forward")]
         which: String,
@@ -130,18 +132,18 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Bench { which, seconds } => {
             if ![
-                "forward", "srtp", "fanout", "joins", "viewers", "churn", "cluster",
+                "forward", "srtp", "fanout", "joins", "viewers", "churn", "cluster", "failover",
             ]
             .contains(&which.as_str())
             {
                 bail!(
-                    "unknown benchmark {which:?}; available: forward, srtp, fanout, joins, viewers, churn, cluster"
+                    "unknown benchmark {which:?}; available: forward, srtp, fanout, joins, viewers, churn, cluster, failover"
                 );
             }
             setup()?;
             require_root("the benchmark creates network namespaces and attaches XDP")?;
             build_release_tools()?;
-            if which == "fanout" || which == "viewers" || which == "cluster" {
+            if ["fanout", "viewers", "cluster", "failover"].contains(&which.as_str()) {
                 return sh(Command::new(
                     root().join(format!("target/release/edgefwd-{which}-bench")),
                 )

@@ -31,17 +31,7 @@ const RECONNECT_TRIES: u32 = 5;
 
 impl Client {
     async fn join(&self, gate: &Semaphore, role: Role, sources: usize) -> Result<Joined, Failure> {
-        let _permit = gate.acquire().await.expect("the gate is never closed");
-        let r = peer::join(
-            &self.target,
-            role,
-            &self.room_name,
-            sources,
-            &self.identity,
-            self.timeout,
-            self.live.dtls_conns.clone(),
-        )
-        .await;
+        let r = self.join_again(gate, role, sources).await;
         let counter = match (&r, role) {
             (Err(_), _) => &self.live.failed,
             (Ok(_), Role::Publisher) => &self.live.joined_publishers,
@@ -226,14 +216,9 @@ impl Client {
         }
     }
 
-    /// A new WHIP session for a publisher whose node went silent, tried every 300 ms
-    /// until it is made or the run stops (None). The old one is left in the background.
-    async fn republish(
-        &self,
-        gate: &Semaphore,
-        stop: &mut watch::Receiver<bool>,
-        old: Joined,
-    ) -> Option<Joined> {
+    /// Leaves a session whose node went silent, in the background (it may never
+    /// answer the DELETE).
+    fn abandon(&self, old: Joined) {
         let at = Target {
             http: old.node,
             token: self.target.token.clone(),
@@ -245,20 +230,40 @@ impl Client {
             let _ = tokio::time::timeout(Duration::from_secs(2), peer::leave(&at, &resource)).await;
             let _ = old.dtls.close().await;
         });
+    }
+
+    /// A join as `role` through the gate, not counted (the first join counts itself;
+    /// one after a node's loss is a reconnect).
+    async fn join_again(
+        &self,
+        gate: &Semaphore,
+        role: Role,
+        sources: usize,
+    ) -> Result<Joined, Failure> {
+        let _permit = gate.acquire().await.expect("the gate is never closed");
+        peer::join(
+            &self.target,
+            role,
+            &self.room_name,
+            sources,
+            &self.identity,
+            self.timeout,
+            self.live.dtls_conns.clone(),
+        )
+        .await
+    }
+
+    /// A new WHIP session for a publisher whose node went silent, tried every 300 ms
+    /// until it is made or the run stops (None). The old one is left in the background.
+    async fn republish(
+        &self,
+        gate: &Semaphore,
+        stop: &mut watch::Receiver<bool>,
+        old: Joined,
+    ) -> Option<Joined> {
+        self.abandon(old);
         loop {
-            let attempt = async {
-                let _permit = gate.acquire().await.expect("the gate is never closed");
-                peer::join(
-                    &self.target,
-                    Role::Publisher,
-                    &self.room_name,
-                    1,
-                    &self.identity,
-                    self.timeout,
-                    self.live.dtls_conns.clone(),
-                )
-                .await
-            };
+            let attempt = self.join_again(gate, Role::Publisher, 1);
             tokio::select! {
                 _ = stop.changed() => return None,
                 r = attempt => match r {
@@ -390,31 +395,10 @@ impl Client {
         sources: usize,
         old: Joined,
     ) -> Result<Joined, Failure> {
-        let at = Target {
-            http: old.node,
-            token: self.target.token.clone(),
-            edges: false,
-            failover: false,
-        };
-        let resource = old.resource.clone();
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(2), peer::leave(&at, &resource)).await;
-            let _ = old.dtls.close().await;
-        });
+        self.abandon(old);
         let mut last = None;
         for _ in 0..3 {
-            let _permit = gate.acquire().await.expect("the gate is never closed");
-            match peer::join(
-                &self.target,
-                Role::Subscriber,
-                &self.room_name,
-                sources,
-                &self.identity,
-                self.timeout,
-                self.live.dtls_conns.clone(),
-            )
-            .await
-            {
+            match self.join_again(gate, Role::Subscriber, sources).await {
                 Ok(j) => return Ok(j),
                 Err(f) => last = Some(f),
             }
