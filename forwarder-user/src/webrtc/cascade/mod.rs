@@ -27,11 +27,13 @@
 //! redis_url` the cluster's Redis, where a WHIP publisher claims the room for its node
 //! ([`Sfu::claim_room`]) and other nodes find its origin.
 //!
+//! * [`claims`] — WHIP's claim of a room in the directory, epochs checked.
 //! * [`edges`] — which nodes a viewer should try, and a full node's redirect.
 //! * [`probe`] — RTT to the other nodes over the media path, for the trees.
 //! * [`give`] — the upstream's side: relay requests in, trunk copies out.
 //! * [`take`] — the downstream's side: asking, refreshing, relayed publishers.
 
+mod claims;
 pub mod edges;
 mod give;
 pub mod probe;
@@ -383,147 +385,6 @@ fn random_key(profile: Profile) -> MasterKey {
     rand::thread_rng().fill(&mut key[..]);
     rand::thread_rng().fill(&mut salt[..]);
     MasterKey::new(profile, &key, &salt).expect("lengths of the profile")
-}
-
-impl Sfu {
-    /// WHIP's question to the cluster's directory: may this node be the room's origin?
-    /// Ok(None): yes (claimed, or no Redis: rooms are placed where they are published);
-    /// Ok(Some(url)): the room is another live node's, publish at its WHIP `url`.
-    pub async fn claim_room(&self, room: &str) -> Result<Option<String>, ApiError> {
-        let Some(c) = self.cascade.get() else {
-            return Ok(None);
-        };
-        let Some(d) = c.redis.get() else {
-            return if self.draining() {
-                Err(ApiError::Cascade(
-                    503,
-                    "this node is draining: publish at another node".into(),
-                ))
-            } else {
-                Ok(None)
-            };
-        };
-        // A room published here already stays (claimed again); a room no live node
-        // holds goes where the placement puts it.
-        let has_publisher = {
-            let st = self.state.lock().unwrap();
-            st.rooms.get(room).is_some_and(|r| !r.publishers.is_empty())
-        };
-        let origin = if has_publisher {
-            d.claim(room).await
-        } else {
-            d.place(room, c.placements_per_second).await
-        };
-        let origin = match origin {
-            Ok(o) => o,
-            Err(e) => {
-                // Redis away: serve it here; the epochs sort it out once Redis is back.
-                log::warn!("{e:#}; room {room:?} is published on this node meanwhile");
-                return Ok(None);
-            }
-        };
-        if origin.node == d.me() && self.draining() {
-            // The lease saying so has not reached the others yet.
-            return Err(ApiError::Cascade(
-                503,
-                format!("room {room:?}: this node is draining; retry in a second"),
-            ));
-        }
-        if origin.node == d.me() {
-            c.claims
-                .lock()
-                .unwrap()
-                .insert(room.to_string(), origin.epoch);
-            return Ok(None);
-        }
-        match d.lease(&origin.node).await {
-            Ok(Some(l)) => match l.http {
-                Some(http) => Ok(Some(format!("{http}/whip/{room}"))),
-                None => Err(ApiError::Cascade(
-                    503,
-                    format!(
-                        "room {room:?} is node {}'s, which serves no WHIP; publish there",
-                        origin.node
-                    ),
-                )),
-            },
-            // It lapsed between the claim and now: the next claim takes it over.
-            _ => Err(ApiError::Cascade(
-                503,
-                format!("room {room:?} is changing nodes; retry in a second"),
-            )),
-        }
-    }
-
-    /// Whether a relay request's epoch (if any) is the one of this node's claim.
-    pub(super) fn check_epoch(
-        &self,
-        c: &Cascade,
-        room: &str,
-        req: &RelayRequest,
-    ) -> Result<(), ApiError> {
-        let Some(want) = req.epoch else {
-            return Ok(());
-        };
-        // The origin's epoch as this node knows it: its own claim, else (a node
-        // inside the room's tree) the epoch its relayed publishers came with. A node
-        // that knows neither takes the room from its own parent first, as named in
-        // the directory now.
-        let claimed = c.claims.lock().unwrap().get(room).copied();
-        let have = claimed.or_else(|| {
-            let st = self.state.lock().unwrap();
-            st.rooms.get(room).and_then(|r| {
-                r.publishers
-                    .iter()
-                    .filter_map(|p| st.sessions.get(p)?.relay.as_ref()?.epoch)
-                    .max()
-            })
-        });
-        let Some(have) = have else {
-            return if c.redis.get().is_some() {
-                Ok(())
-            } else {
-                Err(stale(room, &req.node, want, None))
-            };
-        };
-        if have == want {
-            return Ok(());
-        }
-        Err(stale(room, &req.node, want, Some(have)))
-    }
-}
-
-fn stale(room: &str, node: &str, want: u64, have: Option<u64>) -> ApiError {
-    ApiError::Cascade(
-        409,
-        format!(
-            "stale epoch: {node} asks for room {room:?} at epoch {want}, this node holds it at {}",
-            have.map_or("none".to_string(), |h| h.to_string())
-        ),
-    )
-}
-
-impl Sfu {
-    /// Rooms this node holds as origin in the cluster's directory.
-    pub fn rooms_held(&self) -> usize {
-        self.cascade
-            .get()
-            .map_or(0, |c| c.claims.lock().unwrap().len())
-    }
-
-    /// Sessions now, for this node's lease.
-    pub fn session_count(&self) -> usize {
-        self.state.lock().unwrap().sessions.len()
-    }
-
-    /// WHEP viewers now, for this node's lease (its `[cluster] capacity` bounds them).
-    pub fn viewer_count(&self) -> usize {
-        let st = self.state.lock().unwrap();
-        st.sessions
-            .values()
-            .filter(|s| s.role == super::sfu::Role::Subscriber)
-            .count()
-    }
 }
 
 /// The WebRTC rooms as the node API serves them.
