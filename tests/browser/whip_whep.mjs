@@ -163,6 +163,8 @@ try {
   } else if (role === 'view') {
     const v = await launch();
     browsers.push(v);
+    // The page shows this room's tree of nodes (with a cluster directory).
+    await v.page.evaluate(r => { document.getElementById('room').value = r; }, room);
     const deadline = Date.now() + timeoutMs;
     for (;;) {
       result.rows = await v.page.evaluate(r => [...document.querySelectorAll('table[data-room] tr[data-session]')]
@@ -181,6 +183,7 @@ try {
       await sleep(500);
     }
     result.status = await v.page.evaluate(() => document.getElementById('livestatus').textContent);
+    result.tree = await v.page.evaluate(() => document.getElementById('tree').textContent);
     if (screenshot) await v.page.screenshot({ path: screenshot, fullPage: true });
   } else if (role === 'move') {
     // A viewer through /v1/edges that must survive its node: once it decodes it

@@ -30,7 +30,7 @@ async fn nodes(url: &str, as_json: bool) -> Result<()> {
             "node": l.node, "api": l.api.to_string(), "http": l.http, "region": l.region,
             "media": l.media.map(|m| m.to_string()),
             "sessions": l.sessions, "viewers": l.viewers, "capacity": l.capacity,
-            "copies_per_s": l.copies_per_s, "cpu_pct": l.cpu_pct,
+            "copies_per_s": l.copies_per_s, "cpu_pct": l.cpu_pct, "draining": l.draining,
             "lease_ms_left": ttl, "rtt_us": rtt,
         }));
     }
@@ -38,6 +38,7 @@ async fn nodes(url: &str, as_json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
+    // VIEWERS: now/capacity, "D" when the node drains.
     println!(
         "{:<16} {:<22} {:<28} {:<10} {:>8} {:>9} {:>9} {:>6} {:>9}  RTT ms",
         "NODE",
@@ -51,10 +52,13 @@ async fn nodes(url: &str, as_json: bool) -> Result<()> {
         "LEASE ms"
     );
     for r in &rows {
-        let viewers = match r["capacity"].as_u64() {
+        let mut viewers = match r["capacity"].as_u64() {
             Some(c) => format!("{}/{c}", r["viewers"]),
             None => r["viewers"].to_string(),
         };
+        if r["draining"] == true {
+            viewers += " D";
+        }
         let rtt: Vec<String> = r["rtt_us"]
             .as_object()
             .map(|m| {

@@ -104,6 +104,28 @@ fn five_nodes_in_five_namespaces_serve_one_room_through_the_directory() {
     let rooms: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(rooms[0]["origin"], origin.as_str(), "{rooms:#}");
     assert_eq!(rooms[0]["epoch"], 1, "{rooms:#}");
+    // The origin's page draws the room's tree.
+    let out = node(
+        Some(&f.hub),
+        &[
+            "--base",
+            &nodes[o].base,
+            "--room",
+            &room,
+            "--role",
+            "view",
+            "--expect",
+            "1",
+        ],
+    )
+    .output()
+    .unwrap();
+    let view = parse_result("the origin's live page", &out);
+    let tree = view["tree"].as_str().unwrap_or("");
+    assert!(
+        tree.contains(&format!("origin {origin} (epoch 1")),
+        "the page's tree: {tree:?}"
+    );
     let total: u64 = nodes
         .iter()
         .map(|n| {

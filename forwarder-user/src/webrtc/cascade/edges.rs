@@ -177,6 +177,10 @@ impl Sfu {
             }
         }
         drop(stats);
+        // Counted always; logged at most 10 a second (anyone may send reports).
+        if !c.report_log.lock().unwrap().take(std::time::Instant::now()) {
+            return;
+        }
         let room: String = r.room.chars().take(64).collect();
         tracing::info!(event = "edge_chosen", room = %room, node = %r.chosen, client = %from, rtt_ms = ?r.rtt_ms, "a viewer of room {room:?} at {from} chose node {} (probe RTTs ms: {:?})", r.chosen, r.rtt_ms);
     }

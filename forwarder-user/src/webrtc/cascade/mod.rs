@@ -224,6 +224,8 @@ pub struct Cascade {
     pub rtt: Mutex<BTreeMap<String, u64>>,
     /// Viewers' reports of their edge probes, per node.
     pub edge_stats: Mutex<BTreeMap<String, edges::EdgeStat>>,
+    /// Edge reports logged, at most 10 a second (the counters take them all).
+    report_log: Mutex<Bucket>,
     pub lapse: Duration,
     pub status: Mutex<BTreeMap<String, UpstreamStatus>>,
     /// Per room, held while its upstream is asked: one call per room at a time
@@ -288,6 +290,7 @@ impl Cascade {
             capacity: cfg.capacity,
             redis_configured: cfg.redis_url.is_some(),
             edge_stats: Mutex::new(BTreeMap::new()),
+            report_log: Mutex::new(Bucket::new(5)),
             rtt: Mutex::new(BTreeMap::new()),
             leaving: Mutex::new(HashMap::new()),
             suspects: Mutex::new(HashMap::new()),
