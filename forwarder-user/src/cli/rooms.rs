@@ -30,17 +30,8 @@ pub fn parse_api(api: &str) -> Result<SocketAddr> {
 /// `GET /api/sessions` of the daemon at `api`.
 pub fn fetch(api: &str, token: Option<&str>) -> Result<Value> {
     let addr = parse_api(api)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let got = rt.block_on(call(
-        addr,
-        Auth::bearer(token),
-        hyper::Method::GET,
-        "/api/sessions",
-        vec![],
-    ));
-    match got {
+    let rt = runtime()?;
+    match get_sessions(&rt, addr, token) {
         Outcome::Ok(body) => serde_json::from_slice(&body).with_context(|| {
             format!("{addr} answered /api/sessions with something else than JSON: is it an edgefwd [webrtc] http address?")
         }),
@@ -55,13 +46,31 @@ pub fn fetch(api: &str, token: Option<&str>) -> Result<Value> {
     }
 }
 
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn get_sessions(
+    rt: &tokio::runtime::Runtime,
+    addr: SocketAddr,
+    token: Option<&str>,
+) -> Outcome<Vec<u8>> {
+    rt.block_on(call(
+        addr,
+        Auth::bearer(token),
+        hyper::Method::GET,
+        "/api/sessions",
+        vec![],
+    ))
+}
+
 /// `edgefwd drain`: POST /api/drain to the daemon at `api`, then (with `wait`) until
 /// its API no longer answers (it exited) or the deadline and a margin passed.
 pub fn drain(api: &str, token: Option<&str>, deadline: u64, wait: bool) -> Result<()> {
     let addr = parse_api(api)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let rt = runtime()?;
     let path = format!("/api/drain?deadline={deadline}");
     match rt.block_on(call(
         addr,
@@ -92,22 +101,12 @@ pub fn drain(api: &str, token: Option<&str>, deadline: u64, wait: bool) -> Resul
     let until = std::time::Instant::now() + std::time::Duration::from_secs(deadline + 10);
     while std::time::Instant::now() < until {
         std::thread::sleep(std::time::Duration::from_millis(500));
-        let got = rt.block_on(call(
-            addr,
-            Auth::bearer(token),
-            hyper::Method::GET,
-            "/api/sessions",
-            vec![],
-        ));
-        if let Outcome::Unreachable(_) = got {
+        if let Outcome::Unreachable(_) = get_sessions(&rt, addr, token) {
             println!("the daemon at {addr} drained and exited");
             return Ok(());
         }
     }
-    bail!(
-        "the daemon at {addr} still answers {} s after its drain deadline",
-        10
-    )
+    bail!("the daemon at {addr} still answers 10 s after its drain deadline")
 }
 
 #[derive(Debug, Serialize, PartialEq, Eq)]

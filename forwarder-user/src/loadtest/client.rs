@@ -112,6 +112,7 @@ impl Client {
             }
         };
         let _ = joined.send(true);
+        let first_join = (j.join_time, Some(j.profile.name()));
         let mut audio = Audio {
             stream: Stream::new(j.ssrcs[0], peer::OPUS_PT, track),
             talk,
@@ -143,7 +144,10 @@ impl Client {
                     // the room now; the streams' stamps go on, so viewers count the gap.
                     match self.republish(&gate, &mut stop, j).await {
                         Some(n) => j = n,
-                        None => return self.stopped_publisher(audio, video, plis, reconnects),
+                        // The run stopped while it republished: its first join stands.
+                        None => return self.publisher_outcome(
+                            (Ok(first_join.0), first_join.1, Ok(())), &audio, &video, plis, reconnects,
+                        ),
                     }
                     audio.stream.ssrc = j.ssrcs[0];
                     video.stream.ssrc = j.ssrcs[1];
@@ -198,6 +202,22 @@ impl Client {
             }
         }
         let (join, profile, left) = self.finish(&gate, j).await;
+        self.publisher_outcome((join, profile, left), &audio, &video, plis, reconnects)
+    }
+
+    /// What a publisher came to: its join (time, SRTP profile, DELETE), what it sent.
+    fn publisher_outcome(
+        &self,
+        (join, profile, left): (
+            Result<Duration, Failure>,
+            Option<&'static str>,
+            Result<(), String>,
+        ),
+        audio: &Audio,
+        video: &Video,
+        plis: u64,
+        reconnects: u32,
+    ) -> Outcome {
         Outcome {
             role: Role::Publisher,
             room: self.room,
@@ -276,26 +296,6 @@ impl Client {
                     }
                 }
             }
-        }
-    }
-
-    /// A publisher's outcome when the run stopped while it was republishing.
-    fn stopped_publisher(&self, audio: Audio, video: Video, plis: u64, reconnects: u32) -> Outcome {
-        Outcome {
-            role: Role::Publisher,
-            room: self.room,
-            join: Ok(Duration::ZERO),
-            profile: None,
-            sent: [&audio.stream, &video.stream]
-                .map(|s| (s.track, s.packets, s.last_ns))
-                .to_vec(),
-            joined_ns: 0,
-            keyframes: video.keyframes,
-            plis,
-            received: HashMap::new(),
-            given: 0,
-            left: Ok(()),
-            reconnects,
         }
     }
 
