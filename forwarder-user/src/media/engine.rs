@@ -97,6 +97,13 @@ pub enum Command {
         id: SessionId,
         rx: MasterKey,
         tx: MasterKey,
+        /// A session that outlives its process sends only under persisted indices.
+        reserve: Option<Reserve>,
+    },
+    /// More SRTP indices session `id` may send under, persisted first.
+    Reserve {
+        id: SessionId,
+        up_to: crate::media::srtp::Marks,
     },
     AddTrack {
         id: TrackId,
@@ -139,6 +146,9 @@ pub enum Command {
         twcc_ext: Option<u8>,
         seq_delta: u16,
         ts_delta: u32,
+        /// Numbering from a persisted start instead (the deltas are then set at the
+        /// first packet, as at a switch).
+        resume: Option<Resume>,
     },
     RemoveSession {
         id: SessionId,
@@ -192,7 +202,8 @@ impl Command {
             | Command::SetKeys { id, .. }
             | Command::RemoveSession { id }
             | Command::BindRelay { id, .. }
-            | Command::ResumeRx { id, .. } => *id,
+            | Command::ResumeRx { id, .. }
+            | Command::Reserve { id, .. } => *id,
             Command::AddTrack { session, .. } => *session,
             Command::AddDownTrack { sub, .. } | Command::SetLayers { sub, .. } => *sub,
             Command::AddTrunk { relay, .. } | Command::SetTrunkLayers { relay, .. } => *relay,
@@ -533,8 +544,11 @@ impl Engine {
 mod apply;
 mod feedback;
 mod ingress;
+mod resume;
 mod send;
 mod timers;
+
+pub use resume::{DownMark, Persisted, Reserve, Resume};
 
 use send::*;
 

@@ -94,10 +94,13 @@ pub enum Drop {
     /// Received on one AF_XDP queue for a room another worker's engine owns, whose
     /// hand-off queue was full (that worker's core is overloaded).
     HandoffFull,
+    /// A copy or report past the SRTP indices persisted for its stream (restart
+    /// safety: the writer of the high-water marks fell behind).
+    SrtpUnreserved,
 }
 
 impl Drop {
-    pub const ALL: [Drop; 17] = [
+    pub const ALL: [Drop; 18] = [
         Drop::UnknownProtocol,
         Drop::StunMalformed,
         Drop::StunUnknownUfrag,
@@ -115,6 +118,7 @@ impl Drop {
         Drop::SendFailed,
         Drop::SocketOverflow,
         Drop::HandoffFull,
+        Drop::SrtpUnreserved,
     ];
 
     pub fn name(self) -> &'static str {
@@ -136,6 +140,7 @@ impl Drop {
             Drop::SendFailed => "send_failed",
             Drop::SocketOverflow => "socket_overflow",
             Drop::HandoffFull => "handoff_full",
+            Drop::SrtpUnreserved => "srtp_unreserved",
         }
     }
 
@@ -149,6 +154,7 @@ impl Drop {
             srtp::Error::NoRoom | srtp::Error::TooManyStreams | srtp::Error::KeyLength => {
                 Drop::SendFailed
             }
+            srtp::Error::Unreserved => Drop::SrtpUnreserved,
         }
     }
 }

@@ -45,6 +45,16 @@ pub struct Continuation {
     clock_rate: u32,
 }
 
+/// The last packet a subscriber got, in its numbering, without the clock it was
+/// taken on: what a restarted process continues from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Numbered {
+    pub seq: u16,
+    pub ts: u32,
+    pub pic: Option<u16>,
+    pub tl0: Option<u8>,
+}
+
 /// One packet as the layer choice sees it.
 #[derive(Debug, Clone, Copy)]
 pub struct Packet<'a> {
@@ -313,6 +323,34 @@ impl Layering {
             last.at = (last.at as u128 * clock_rate as u128 / c.clock_rate as u128) as u64;
         }
         self.last = Some(last);
+    }
+
+    /// The last packet sent in portable form (for a restart), with when (clock units).
+    pub fn numbered(&self) -> Option<(Numbered, u64)> {
+        self.last.map(|l| {
+            (
+                Numbered {
+                    seq: l.seq,
+                    ts: l.ts,
+                    pic: l.pic,
+                    tl0: l.tl0,
+                },
+                l.at,
+            )
+        })
+    }
+
+    /// Continues from `n`, sent at `at` (this track's clock units), at the first
+    /// packet: as after a switch, so a restored or freshly numbered viewer starts at
+    /// a keyframe one number past `n`.
+    pub fn resume(&mut self, n: Numbered, at: u64) {
+        self.last = Some(Sent {
+            seq: n.seq,
+            ts: n.ts,
+            at,
+            pic: n.pic,
+            tl0: n.tl0,
+        });
     }
 
     /// Pauses or resumes; a resumed subscriber starts again at a keyframe.

@@ -98,6 +98,8 @@ pub enum Error {
     TooManyStreams,
     #[error("master key or salt of the wrong length for the profile")]
     KeyLength,
+    #[error("past the indices reserved for this stream (the high-water mark not yet persisted)")]
+    Unreserved,
 }
 
 /// A master key and salt as DTLS exports them (RFC 5764 §4.2).
@@ -354,6 +356,8 @@ pub struct Context {
     rtcp_streams: HashMap<u32, Window>,
     /// Next SRTCP index we send (31 bits).
     srtcp_index: u32,
+    /// Send side of a session that survives restarts: the indices it may use.
+    reserved: Option<Box<reserve::Reserved>>,
 }
 
 impl Context {
@@ -365,6 +369,7 @@ impl Context {
             rtp_streams: HashMap::new(),
             rtcp_streams: HashMap::new(),
             srtcp_index: 0,
+            reserved: None,
         }
     }
 
@@ -377,6 +382,7 @@ impl Context {
             rtp_streams: HashMap::new(),
             rtcp_streams: HashMap::new(),
             srtcp_index: 0,
+            reserved: None,
         }
     }
 
@@ -435,6 +441,9 @@ impl Context {
         } else {
             seq as u64
         };
+        if let Some(r) = &self.reserved {
+            r.allows_rtp(ssrc, index)?;
+        }
         if !w.started || index > w.highest {
             w.highest = index;
             w.started = true;
@@ -520,6 +529,9 @@ impl Context {
         }
         let ssrc = u32::from_be_bytes(buf[4..8].try_into().expect("4 bytes"));
         let index = self.srtcp_index;
+        if let Some(r) = &self.reserved {
+            r.allows_rtcp(index)?;
+        }
         self.srtcp_index = (index + 1) & !E_FLAG;
         let word = (E_FLAG | index).to_be_bytes();
         match &self.rtcp {
@@ -606,6 +618,9 @@ fn rtp_ids(buf: &[u8]) -> (u16, u32) {
         u32::from_be_bytes([buf[8], buf[9], buf[10], buf[11]]),
     )
 }
+
+mod reserve;
+pub use reserve::Marks;
 
 #[cfg(test)]
 mod tests;

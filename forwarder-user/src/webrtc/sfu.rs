@@ -484,6 +484,7 @@ impl Sfu {
             twcc_ext: d.twcc_ext,
             seq_delta: rng.r#gen(),
             ts_delta: rng.r#gen(),
+            resume: None,
         });
     }
 

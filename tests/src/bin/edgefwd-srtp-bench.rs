@@ -277,6 +277,7 @@ fn engine(n: usize, profile: Profile, shape: Shape) -> (Engine, Context, SocketA
             id: 1,
             rx: key(profile, 1),
             tx: key(profile, 2),
+            reserve: None,
         },
     );
     cmds(
@@ -324,6 +325,7 @@ fn engine(n: usize, profile: Profile, shape: Shape) -> (Engine, Context, SocketA
                 twcc_ext: None,
                 seq_delta: i as u16,
                 ts_delta: i,
+                resume: None,
             },
         );
         let addr: SocketAddr = format!("{S_ADDR}:{}", 10_000 + i).parse().unwrap();
@@ -341,6 +343,7 @@ fn engine(n: usize, profile: Profile, shape: Shape) -> (Engine, Context, SocketA
                 id,
                 rx: key(profile, 3),
                 tx: key(profile, 4 + (i % 200) as u8),
+                reserve: None,
             },
         );
         if let Shape::Vp8(l) = shape {

@@ -114,6 +114,7 @@ impl Engine {
                     }
                 }
             }
+            Command::Reserve { id, up_to } => self.reserve(id, &up_to),
             Command::ResumeRx { id, streams } => {
                 if let Some(srtp) = self.sessions.get_mut(&id).and_then(|s| s.srtp.as_mut()) {
                     for (ssrc, highest) in streams {
@@ -127,15 +128,29 @@ impl Engine {
     /// DTLS finished: the session's SRTP contexts, and a keyframe for the video it
     /// watches or that is waited for.
     fn set_keys(&mut self, cmd: Command, now: Instant, tx: &mut dyn Transmit) {
-        let Command::SetKeys { id, rx, tx: tx_key } = cmd else {
+        let Command::SetKeys {
+            id,
+            rx,
+            tx: tx_key,
+            reserve,
+        } = cmd
+        else {
             return;
         };
         let Some(s) = self.sessions.get_mut(&id) else {
             return;
         };
+        let mut tx_ctx = srtp::Context::new(&tx_key);
+        if let Some(r) = reserve {
+            tx_ctx.require_reservations();
+            if let Some(after) = &r.after {
+                after.resume_into(&mut tx_ctx);
+            }
+            tx_ctx.reserve(&r.up_to.rtp, r.up_to.rtcp);
+        }
         s.srtp = Some(Srtp {
             rx: srtp::Context::new(&rx),
-            tx: srtp::Context::new(&tx_key),
+            tx: tx_ctx,
             rx_key: rx,
         });
         // A keyframe now, not at the next periodic one: for a new viewer's
@@ -244,10 +259,12 @@ impl Engine {
             twcc_ext,
             seq_delta,
             ts_delta,
+            resume,
         } = cmd
         else {
             return;
         };
+        let units = self.units(now, self.tracks.get(&track).map_or(0, |t| t.clock_rate));
         let (Some(t), Some(s)) = (self.tracks.get_mut(&track), self.sessions.get_mut(&sub)) else {
             return;
         };
@@ -288,6 +305,8 @@ impl Engine {
         });
         if let (Some(e), Some(d)) = (ended, t.downs.last_mut()) {
             d.continue_from(e, t.clock_rate);
+        } else if let (Some(r), Some(d)) = (resume, t.downs.last_mut()) {
+            d.resume(&r, t.clock_rate, units, s.srtp.as_mut().map(|x| &mut x.tx));
         }
         // A track added to a viewer already connected (it joined first): a
         // keyframe, or it waits for the next periodic one.

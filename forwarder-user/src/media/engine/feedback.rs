@@ -311,7 +311,7 @@ impl Engine {
                     let Some((_, out)) = d.layering.resend(seq_out, &d.route, ids.as_ref()) else {
                         continue;
                     };
-                    if send_copy(
+                    let sent = send_copy(
                         d,
                         &mut srtp.tx,
                         to,
@@ -326,14 +326,15 @@ impl Engine {
                             at_us,
                         }),
                         tx,
-                    ) {
+                    );
+                    if sent.is_ok() {
                         d.nack_resent += 1;
                         bump(&c.nack_resent);
                         if let Some((_, _, seq)) = d.rtx.as_mut() {
                             *seq = seq.wrapping_add(1);
                         }
-                    } else {
-                        c.count(Drop::SendFailed);
+                    } else if let Err(why) = sent {
+                        c.count(why);
                     }
                 }
                 _ => missing.push(src_seq),

@@ -303,7 +303,7 @@ fn fan_out(
             from: arrival.pub_twcc,
             at_us: arrival.at_us,
         });
-        if send_copy(
+        let sent = send_copy(
             d,
             &mut srtp.tx,
             to,
@@ -314,14 +314,15 @@ fn fan_out(
             None,
             twcc,
             tx,
-        ) {
+        );
+        if sent.is_ok() {
             bump(&c.rtp_out);
             d.packets = d.packets.wrapping_add(1);
             d.octets = d.octets.wrapping_add((n - hlen) as u32);
             d.last_ts_out = pkt.ts.wrapping_add(d.route.ts_delta);
             d.last_out_at = Some(arrival.now);
-        } else {
-            c.count(Drop::SendFailed);
+        } else if let Err(why) = sent {
+            c.count(why);
         }
     }
     wanted

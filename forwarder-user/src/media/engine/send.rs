@@ -24,14 +24,17 @@ pub(super) fn send_rtcp(
     c: &Counters,
     tx: &mut dyn Transmit,
 ) -> bool {
+    let mut why = Drop::SendFailed;
     let sent = tx.transmit(to, &mut |out| {
         out.get_mut(..plain.len())?.copy_from_slice(plain);
-        ctx.protect_rtcp(out, plain.len()).ok()
+        ctx.protect_rtcp(out, plain.len())
+            .map_err(|e| why = Drop::from_srtp(e))
+            .ok()
     });
     if sent {
         bump(&c.rtcp_out);
     } else {
-        c.count(Drop::SendFailed);
+        c.count(why);
     }
     sent
 }
@@ -54,7 +57,7 @@ pub(super) fn upstream_of<'a>(
 
 /// Writes `plain` (header `hlen` bytes) rewritten for `d`, numbered as `out` says
 /// (VP8 numbering shifted after a layer switch or dropped frames), and protected with
-/// the subscriber's keys.
+/// the subscriber's keys. Refused: why (counted by the caller).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn send_copy(
     d: &DownTrack,
@@ -67,8 +70,9 @@ pub(super) fn send_copy(
     rtx: Option<(u8, u32, u16)>,
     twcc: Option<Numbering>,
     tx: &mut dyn Transmit,
-) -> bool {
+) -> Result<(), Drop> {
     let mut numbered = None;
+    let mut why = Drop::SendFailed;
     let sent = tx.transmit(to, &mut |buf| {
         // RTX puts the original sequence number in front of the payload: 2 more.
         let room = plain.len() + if rtx.is_some() { 2 } else { 0 };
@@ -102,7 +106,10 @@ pub(super) fn send_copy(
             len = grown;
         }
         let Some((pt, ssrc, seq)) = rtx else {
-            return ctx.protect_rtp(buf, len).ok();
+            return ctx
+                .protect_rtp(buf, len)
+                .map_err(|e| why = Drop::from_srtp(e))
+                .ok();
         };
         // RFC 4588 §4: the same header on the RTX stream (its payload type, sequence
         // and SSRC), the original sequence number the subscriber knows first in the
@@ -114,12 +121,17 @@ pub(super) fn send_copy(
         frame[1] = (frame[1] & 0x80) | (pt & 0x7f);
         frame[2..4].copy_from_slice(&seq.to_be_bytes());
         frame[8..12].copy_from_slice(&ssrc.to_be_bytes());
-        ctx.protect_rtp(buf, len + 2).ok()
+        ctx.protect_rtp(buf, len + 2)
+            .map_err(|e| why = Drop::from_srtp(e))
+            .ok()
     });
-    if sent && let (Some(n), Some(seq)) = (twcc, numbered) {
+    if !sent {
+        return Err(why);
+    }
+    if let (Some(n), Some(seq)) = (twcc, numbered) {
         n.out.sent(seq, n.at_us, plain.len());
     }
-    sent
+    Ok(())
 }
 
 /// A copy's transport-wide number: the viewer's numbering, the publisher's extension

@@ -145,6 +145,7 @@ impl Engine {
                     let pad = bytes.min(PADDING);
                     let ts = d.last_ts_out;
                     let mut numbered = None;
+                    let mut why = Drop::SendFailed;
                     let sent = tx.transmit(to, &mut |buf| {
                         let len = 20 + pad;
                         let p = buf.get_mut(..len)?;
@@ -157,10 +158,13 @@ impl Engine {
                         p[20..].fill(0);
                         p[len - 1] = pad as u8;
                         numbered = tw.number(buf, len, None).map(|(n, _)| n);
-                        srtp.tx.protect_rtp(buf, len).ok()
+                        srtp.tx
+                            .protect_rtp(buf, len)
+                            .map_err(|e| why = Drop::from_srtp(e))
+                            .ok()
                     });
                     if !sent {
-                        c.count(Drop::SendFailed);
+                        c.count(why);
                         break;
                     }
                     if let Some(n) = numbered {

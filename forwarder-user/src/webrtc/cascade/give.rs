@@ -281,6 +281,7 @@ impl Sfu {
                 id: r.media,
                 rx: r.trunk_key.clone(),
                 tx: r.trunk_key.clone(),
+                reserve: None,
             });
             for t in &track_ids {
                 self.command(Command::AddTrunk {

@@ -76,6 +76,7 @@ impl Sfu {
             id: s.media,
             rx,
             tx: trunk,
+            reserve: None,
         });
         self.command(Command::ResumeRx {
             id: s.media,

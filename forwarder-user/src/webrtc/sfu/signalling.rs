@@ -90,6 +90,7 @@ impl Sfu {
                 id: s.media,
                 rx,
                 tx,
+                reserve: None,
             });
             bump(&self.counters.dtls_handshakes);
             tracing::info!(

@@ -519,6 +519,7 @@ async fn peer(sfu: &Arc<Sfu>, room: &str, role: Role, sdp: &str) -> Peer {
         id,
         rx: master(&kc, &sc),
         tx: master(&ks, &ss),
+        reserve: None,
     });
     Peer {
         sock,

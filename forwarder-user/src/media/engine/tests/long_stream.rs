@@ -112,6 +112,7 @@ fn one_track(format: Format) {
         twcc_ext: None,
         seq_delta: 40_000,
         ts_delta: 0,
+        resume: None,
     };
     let mut viewers = vec![f.viewer(2, 10, Profile::AeadAes128Gcm, down)];
     for (id, delta) in [(3, 600u16), (4, 7)] {

@@ -97,6 +97,7 @@ impl Fixture {
             id,
             rx: up.clone(),
             tx: down.clone(),
+            reserve: None,
         });
         Peer {
             id,
@@ -208,6 +209,7 @@ impl Fixture {
             twcc_ext,
             seq_delta,
             ts_delta: 0,
+            resume: None,
         };
         self.viewer(id, 10, Profile::AeadAes128Gcm, down)
     }
@@ -290,6 +292,7 @@ fn cached_video(rtx: Option<(u8, u32, u16)>, ts_delta: u32) -> (Fixture, Peer, P
         twcc_ext: None,
         seq_delta: 100,
         ts_delta,
+        resume: None,
     };
     let sub = f.viewer(2, 10, Profile::AeadAes128Gcm, down);
     for seq in 0..10u16 {
@@ -322,6 +325,7 @@ fn fan_out_to_n_subscribers_with_their_own_keys_and_rewrite() {
                 twcc_ext: None,
                 seq_delta: (i * 1000) as u16,
                 ts_delta: i * 7,
+                resume: None,
             };
             f.viewer(100 + i, 10, Profile::ALL[i as usize % 2], down)
         })
@@ -393,6 +397,7 @@ fn bad_srtp_is_dropped_and_counted_by_reason() {
         twcc_ext: None,
         seq_delta: 0,
         ts_delta: 0,
+        resume: None,
     };
     let mut sub = f.viewer(2, 10, Profile::AeadAes128Gcm, down);
     let good = f.send(&mut publisher, &rtp_packet(111, 5, 0, 0x77, b"opus"));
@@ -528,6 +533,7 @@ fn keyframe_requests_are_throttled_per_track() {
                 twcc_ext: None,
                 seq_delta: 0,
                 ts_delta: 0,
+                resume: None,
             };
             f.viewer(i, 10, Profile::AeadAes128Gcm, down)
         })
@@ -564,6 +570,7 @@ fn rekey_replaces_the_contexts() {
         twcc_ext: None,
         seq_delta: 0,
         ts_delta: 0,
+        resume: None,
     };
     let mut sub = f.viewer(2, 10, Profile::AeadAes128Gcm, down);
     f.send(&mut publisher, &rtp_packet(111, 1, 0, 5, b"a"));
@@ -575,6 +582,7 @@ fn rekey_replaces_the_contexts() {
         id: 1,
         rx: up.clone(),
         tx: down,
+        reserve: None,
     });
     f.send(&mut publisher, &rtp_packet(111, 2, 0, 5, b"b"));
     assert_eq!(
@@ -608,6 +616,7 @@ fn reports_and_a_full_sink() {
         twcc_ext: None,
         seq_delta: 0,
         ts_delta: 0,
+        resume: None,
     };
     let mut sub = f.viewer(2, 10, Profile::AeadAes128Gcm, down);
     f.send(&mut publisher, &rtp_packet(111, 1, 0, 5, b"a"));
@@ -716,6 +725,7 @@ fn sessions_leaving() {
             twcc_ext: None,
             seq_delta: 0,
             ts_delta: 0,
+            resume: None,
         };
         f.viewer(id, 10, Profile::AeadAes128Gcm, down);
     }
@@ -768,6 +778,7 @@ fn a_trunk_carries_ciphertext_and_the_relay_node_authenticates_and_fans_out() {
         id: 50,
         rx: trunk.clone(),
         tx: trunk.clone(),
+        reserve: None,
     });
     a.sink.out.clear();
     a.cmd(Command::AddTrunk {
@@ -820,6 +831,7 @@ fn a_trunk_carries_ciphertext_and_the_relay_node_authenticates_and_fans_out() {
         id: 1,
         rx: pub_key,
         tx: trunk.clone(),
+        reserve: None,
     });
     b.cmd(Command::ResumeRx { id: 1, streams });
     let down = Command::AddDownTrack {
@@ -833,6 +845,7 @@ fn a_trunk_carries_ciphertext_and_the_relay_node_authenticates_and_fans_out() {
         twcc_ext: None,
         seq_delta: 10,
         ts_delta: 0,
+        resume: None,
     };
     let mut viewer = b.viewer(100, 10, Profile::AesCm128HmacSha1_80, down);
     // The viewer's keyframe request goes up the trunk, to A's media address.
@@ -1001,6 +1014,7 @@ fn simulcast_viewers_get_their_layer_and_switch_at_keyframes() {
             twcc_ext: None,
             seq_delta: 0,
             ts_delta: 0,
+            resume: None,
         };
         f.viewer(id, 10, Profile::AeadAes128Gcm, down)
     };
@@ -1641,6 +1655,7 @@ fn padding_probes_go_on_the_rtx_stream_with_transport_numbers() {
         twcc_ext: Some(3),
         seq_delta: 0,
         ts_delta: 0,
+        resume: None,
     });
     let mut v = f.connect(5, Profile::AeadAes128Gcm);
     // The publisher's packet has no transport-wide extension: the copy gets one

@@ -37,6 +37,7 @@ fn down(track: TrackId, seq_delta: u16, rtx_seq: u16) -> Command {
         twcc_ext: None,
         seq_delta,
         ts_delta: 0,
+        resume: None,
     }
 }
 
