@@ -217,6 +217,22 @@ fn ready_addresses(
     s
 }
 
+/// A stop that is not a drain's end may be a restart: the WebRTC sessions are sealed
+/// and saved for the next process, which takes them up if it starts within the
+/// clients' consent timeout.
+fn keep_sessions(scrape: &metrics::Scrape) {
+    if let Some(sfu) = scrape.sfu.get() {
+        let n = sfu.keep_on_stop();
+        if n > 0 {
+            log::info!(
+                "{n} WebRTC session(s) saved for the next process (it takes them up if it starts \
+                 within {} s)",
+                sfu.consent_timeout.as_secs()
+            );
+        }
+    }
+}
+
 /// Waits for a stop signal, the --duration, or the WebRTC control plane failing.
 async fn shutdown_signal(duration: Option<u64>, webrtc: Option<WebrtcServer>) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
@@ -356,6 +372,7 @@ pub async fn run_xdp(
         ready_addresses(metrics_bound, webrtc_bound, node_api),
     );
     shutdown_signal(duration, cfg_webrtc).await?;
+    keep_sessions(&scrape);
     // The pinned link keeps XDP attached with the routes in the pinned maps: the next
     // daemon takes over without a gap (`edgefwd down` detaches).
     drop(ebpf);
@@ -402,6 +419,7 @@ pub async fn run_user(
         ready_addresses(metrics_bound, webrtc_bound, node_api)
     );
     shutdown_signal(duration, cfg_webrtc).await?;
+    keep_sessions(&scrape);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for h in handles {
         h.join()

@@ -67,6 +67,9 @@ pub struct TrackRow {
     /// The longest any subscriber went without a packet (join to first, between two,
     /// last to the publisher's last).
     pub longest_gap_ms: f64,
+    /// The longest any subscriber went without a packet between two (a stream
+    /// interrupted once flowing: restarts, failovers).
+    pub longest_stall_ms: f64,
     /// Payload kbit/s one subscriber received, averaged over subscribers.
     pub kbps_per_subscriber: f64,
     pub latency_ms: Quantiles,
@@ -229,6 +232,8 @@ impl Report {
                 },
                 worst_loss_pct: rs.iter().map(Received::loss_pct).fold(0.0, f64::max),
                 longest_gap_ms: rs.iter().map(|r| r.longest_gap_ns).max().unwrap_or(0) as f64 / 1e6,
+                longest_stall_ms: rs.iter().map(|r| r.longest_stall_ns).max().unwrap_or(0) as f64
+                    / 1e6,
                 kbps_per_subscriber: kbps,
                 latency_ms: Quantiles::of(&mut lat, 1e-3),
                 first_media_ms: Quantiles::of(&mut first, 1e-3),

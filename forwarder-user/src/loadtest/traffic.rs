@@ -251,6 +251,9 @@ pub struct Received {
     /// The longest time without a packet: between two, or (once settled) from the
     /// join to the first, or from the last to the publisher's last.
     pub longest_gap_ns: u64,
+    /// The longest time between two packets only: an interruption of a flowing
+    /// stream (a server restart, a failover), without the wait for the first.
+    pub longest_stall_ns: u64,
     /// From the join to the first packet (once settled).
     pub first_media_ns: u64,
     /// One-way latency in µs (sampled).
@@ -277,7 +280,9 @@ impl Received {
         };
         self.expected += grew;
         if self.packets > 0 {
-            self.longest_gap_ns = self.longest_gap_ns.max(now_ns.saturating_sub(self.last_ns));
+            let gap = now_ns.saturating_sub(self.last_ns);
+            self.longest_gap_ns = self.longest_gap_ns.max(gap);
+            self.longest_stall_ns = self.longest_stall_ns.max(gap);
         }
         self.packets += 1;
         self.bytes += payload_bytes as u64;

@@ -65,7 +65,7 @@ fn advance(deadline: &mut Instant, every: Duration, now: Instant) {
 /// publisher stopped it: bandwidth, CPU, or it was never sent).
 pub const LAYER_IDLE: Duration = Duration::from_millis(1000);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Publisher,

@@ -52,6 +52,11 @@ pub struct WebrtcConfig {
     /// /var/lib/edgefwd (systemd's StateDirectory=edgefwd).
     #[serde(default = "default_state_dir")]
     pub state_dir: std::path::PathBuf,
+    /// Where sessions are kept across restarts (keys included: a tmpfs, root only);
+    /// default /run/edgefwd (systemd's RuntimeDirectory=edgefwd). Sessions are kept
+    /// only with a fixed media port, which the next process binds again.
+    #[serde(default = "default_runtime_dir")]
+    pub runtime_dir: std::path::PathBuf,
     /// The old `[webrtc.cascade]`: rooms across nodes are configured in `[cluster]`
     /// now; kept only to refuse it with the lines to write instead.
     pub cascade: Option<toml::Table>,
@@ -148,6 +153,31 @@ fn default_state_dir() -> std::path::PathBuf {
     "/var/lib/edgefwd".into()
 }
 
+fn default_runtime_dir() -> std::path::PathBuf {
+    "/run/edgefwd".into()
+}
+
+/// Where this daemon keeps its sessions for the next process, if it can.
+fn keeper(cfg: &WebrtcConfig) -> Option<sfu::keep::Keeper> {
+    if cfg.media.port() == 0 {
+        log::info!(
+            "[webrtc] media port 0 (any free port): sessions end with this process (a fixed \
+             port lets the next process take them up)"
+        );
+        return None;
+    }
+    match sfu::keep::Keeper::open(&cfg.runtime_dir, cfg.media.port()) {
+        Ok(k) => Some(k),
+        Err(e) => {
+            log::warn!(
+                "{e:#}: sessions end with this process (give [webrtc] runtime_dir a writable \
+                 directory, a tmpfs such as /run/edgefwd)"
+            );
+            None
+        }
+    }
+}
+
 /// The public listener's caps within the open-file limit, beside the other listeners'
 /// own (admin, `--metrics`, node API); event streams at most half the connections of
 /// the listener that serves them (the admin one when there is one).
@@ -235,6 +265,7 @@ impl WebrtcConfig {
             limits: Limits::default(),
             datapath: MediaPath::Auto,
             state_dir: default_state_dir(),
+            runtime_dir: default_runtime_dir(),
             cascade: None,
         }
     }
@@ -344,6 +375,8 @@ pub async fn start(
     impl std::future::Future<Output = Result<()>>,
 )> {
     cfg.check()?;
+    // Before the port is bound: 0 there means any port, and nothing is kept.
+    let keep = keeper(&cfg);
     let socket = std::net::UdpSocket::bind(cfg.media).with_context(|| {
         format!(
             "binding the WebRTC media port {} (in use? pick another with [webrtc] media)",
@@ -403,6 +436,7 @@ pub async fn start(
         cfg.limits.clone(),
         fast,
         passwords,
+        keep,
     )?;
     if let Some(m) = cluster {
         log::info!(
@@ -416,6 +450,27 @@ pub async fn start(
             }
         );
         let _ = sfu.cascade.set(cascade::Cascade::new(&m));
+    }
+    let restored = sfu.restore();
+    if restored.publishers + restored.subscribers + restored.refused > 0 {
+        log::info!(
+            "sessions of the earlier process taken up: {} publisher(s), {} subscriber(s) (saved \
+             up to {} ms ago), {} refused",
+            restored.publishers,
+            restored.subscribers,
+            restored.oldest_ms,
+            restored.refused
+        );
+    }
+    if sfu.keep.is_some() {
+        let sfu = sfu.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(sfu::keep::TICK).await;
+                let s = sfu.clone();
+                let _ = tokio::task::spawn_blocking(move || s.keep_tick()).await;
+            }
+        });
     }
     let workers = sfu.engines.start_workers()?;
     log::info!("WebRTC media path: {} ({})", sfu.path.path, sfu.path.detail);

@@ -38,7 +38,7 @@ pub use crate::media::{Counters, Drop};
 use crate::media::{
     Kind, Transmit, bump,
     codec::Format,
-    engine::{Command, Engine, LAYER_IDLE, SessionId, TrackId},
+    engine::{Command, Engine, LAYER_IDLE, Resume, SessionId, TrackId},
     simulcast::UNCAPPED,
     speaker::Dominant,
     srtp::{MasterKey, Profile},
@@ -50,6 +50,7 @@ use super::{
 };
 
 /// A track a publisher sends us, as its offer described it.
+#[derive(Clone, Serialize, serde::Deserialize)]
 pub struct Track {
     pub kind: Kind,
     pub mid: String,
@@ -74,6 +75,7 @@ pub struct Track {
 /// Which publisher's track one of a subscriber's m-lines carries, with the SSRC and
 /// payload type the answer announced for it. The engine's down-track is made from
 /// this once (`AddDownTrack`) and holds the rewrite and the counters.
+#[derive(Clone, Serialize, serde::Deserialize)]
 pub struct Subscription {
     /// The subscriber's m-line that carries it (how the layer API names it).
     pub mid: String,
@@ -90,11 +92,15 @@ pub struct Subscription {
     pub dd_ext: Option<u8>,
     /// The transport-wide sequence extension's id as answered (with transport-cc).
     pub twcc_ext: Option<u8>,
+    /// Where its numbering starts (chosen at the answer, so the SRTP indices it will
+    /// use can be reserved before the first is).
+    pub start: Resume,
 }
 
 /// A subscriber's m-line answered before any track could fill it (the subscriber
 /// joined before the publisher): a track published later with a compatible codec
 /// gets it, under the SSRC the answer already announced.
+#[derive(Clone, Serialize, serde::Deserialize)]
 pub struct Slot {
     pub mid: String,
     pub kind: Kind,
@@ -103,6 +109,7 @@ pub struct Slot {
     pub rtx: Option<(u8, u32)>,
     pub dd_ext: Option<u8>,
     pub twcc_ext: Option<u8>,
+    pub start: Resume,
 }
 
 pub struct Session {
@@ -143,6 +150,11 @@ pub struct Session {
     /// m-line, so a track that fills it later (late, or after its publisher came
     /// back) starts under them.
     pub layer_prefs: HashMap<String, (u8, u8, bool)>,
+    /// Kept across restarts ([`keep`]): its keys and reserved send indices.
+    pub kept: Option<keep::Kept>,
+    /// Taken up from an earlier process (no DTLS connection of ours: a DTLS alert
+    /// from its client ends it).
+    pub restored: bool,
 }
 
 #[derive(Default)]
@@ -202,6 +214,9 @@ impl State {
                     .partition(|d| d.src_session == id);
                 sub.downtracks = kept;
                 let gone: Vec<Subscription> = gone;
+                if let (Some(k), false) = (sub.kept.as_mut(), gone.is_empty()) {
+                    k.dirty = true;
+                }
                 sub.reserved.extend(gone.into_iter().map(|d| Slot {
                     mid: d.mid,
                     kind: d.kind,
@@ -210,6 +225,7 @@ impl State {
                     rtx: d.rtx,
                     dd_ext: d.dd_ext,
                     twcc_ext: d.twcc_ext,
+                    start: d.start,
                 }));
             }
         }
@@ -341,6 +357,9 @@ pub struct Sfu {
     pub draining: std::sync::atomic::AtomicBool,
     /// Told when a drain is done: the daemon exits.
     pub drained: tokio::sync::Notify,
+    /// Sessions kept across restarts (None: the media port is not fixed, or the
+    /// runtime directory is not writable).
+    pub keep: Option<keep::Keeper>,
 }
 
 /// Something that happened in a room, for its event stream.
@@ -373,6 +392,7 @@ impl Sfu {
         limits: super::Limits,
         fast: Result<FastPathSetup, String>,
         passwords: super::ice::Passwords,
+        keep: Option<keep::Keeper>,
     ) -> anyhow::Result<Arc<Sfu>> {
         socket.set_nonblocking(true)?;
         crate::datapath::userpath::set_buf(&socket, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, 8 << 20);
@@ -430,6 +450,7 @@ impl Sfu {
             events: tokio::sync::broadcast::channel(256).0,
             draining: Default::default(),
             drained: Default::default(),
+            keep,
         }))
     }
 
@@ -484,7 +505,7 @@ impl Sfu {
             twcc_ext: d.twcc_ext,
             seq_delta: rng.r#gen(),
             ts_delta: rng.r#gen(),
-            resume: None,
+            resume: Some(d.start),
         });
     }
 
@@ -518,6 +539,9 @@ impl Sfu {
     pub(super) fn remove(&self, st: &mut State, id: &str) -> Option<Session> {
         let s = st.remove(id)?;
         self.command(Command::RemoveSession { id: s.media });
+        if let Some(k) = &self.keep {
+            k.forget(id);
+        }
         for a in &s.addrs {
             self.unbind_fast_unless_used(st, *a);
         }
@@ -579,6 +603,8 @@ impl Sfu {
 }
 
 mod joins;
+pub mod keep;
+pub mod restore;
 mod signalling;
 mod timers;
 mod views;

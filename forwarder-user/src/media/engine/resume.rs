@@ -117,6 +117,15 @@ impl Engine {
         Some(p)
     }
 
+    /// Session `id` as [`Engine::persisted`] says, sealed: it sends nothing more, so
+    /// its marks are exact (a planned restart's hand-over).
+    pub fn seal(&mut self, id: SessionId, now: Instant) -> Option<Persisted> {
+        let p = self.persisted(id, now)?;
+        let srtp = self.sessions.get_mut(&id)?.srtp.as_mut()?;
+        srtp.tx.seal();
+        Some(p)
+    }
+
     /// `now` in a clock of `rate` Hz since the engine started.
     pub(super) fn units(&self, now: Instant, rate: u32) -> u64 {
         (now.duration_since(self.epoch).as_micros() as u64).wrapping_mul(rate as u64) / 1_000_000

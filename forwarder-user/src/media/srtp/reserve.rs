@@ -97,6 +97,18 @@ impl Context {
         }
     }
 
+    /// Nothing more may be sent: the reservation comes down to what was used, so a
+    /// process that hands its sessions over can persist the exact marks and the next
+    /// one resumes one past them (no jump).
+    pub fn seal(&mut self) -> Marks {
+        let used = self.tx_marks();
+        self.reserved = Some(Box::new(Reserved {
+            rtp: used.rtp.iter().copied().collect(),
+            rtcp: used.rtcp,
+        }));
+        used
+    }
+
     /// Where this send context stands: per SSRC the highest index sent, and SRTCP's.
     pub fn tx_marks(&self) -> Marks {
         let mut rtp = self.rtp_highest();
@@ -330,5 +342,9 @@ mod tests {
                 rtcp: Some(0)
             }
         );
+        // Sealed: nothing more, whatever was reserved beyond.
+        ctx.reserve(&[(SSRC, 100)], Some(100));
+        assert_eq!(ctx.seal().rtp, vec![(SSRC, 10)]);
+        assert_eq!(ctx.protect_rtp(&mut next, len), Err(Error::Unreserved));
     }
 }

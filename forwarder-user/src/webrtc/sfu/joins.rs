@@ -22,7 +22,12 @@ impl Sfu {
 
     /// A session of `room` with nothing negotiated yet: fresh ids, our ICE credentials
     /// (the password derived from the ufrag), no keys, no tracks.
-    fn blank_session(&self, room: &str, role: Role, source: std::net::IpAddr) -> Session {
+    pub(super) fn blank_session(
+        &self,
+        room: &str,
+        role: Role,
+        source: std::net::IpAddr,
+    ) -> Session {
         let ufrag = random_string(8);
         Session {
             id: random_string(16),
@@ -48,6 +53,8 @@ impl Sfu {
             relay: None,
             reserved: vec![],
             layer_prefs: HashMap::new(),
+            kept: None,
+            restored: false,
         }
     }
 
@@ -263,6 +270,7 @@ impl Sfu {
                             rtx,
                             dd_ext: m.dependency_descriptor(codec),
                             twcc_ext: m.twcc(codec),
+                            start: Resume::fresh(rtx.is_some()),
                         });
                         media.push(AnswerMedia::Send {
                             codec: codec.clone(),
@@ -291,6 +299,7 @@ impl Sfu {
                 rtx,
                 dd_ext: m.dependency_descriptor(&codec),
                 twcc_ext: m.twcc(&codec),
+                start: Resume::fresh(rtx.is_some()),
             });
             media.push(AnswerMedia::Send {
                 codec,
@@ -342,6 +351,9 @@ impl Sfu {
                     continue;
                 };
                 let slot = s.reserved.remove(i);
+                if let Some(k) = s.kept.as_mut() {
+                    k.dirty = true;
+                }
                 s.downtracks.push(Subscription {
                     mid: slot.mid.clone(),
                     src_session: publisher.to_string(),
@@ -353,6 +365,7 @@ impl Sfu {
                     rtx: slot.rtx,
                     dd_ext: slot.dd_ext,
                     twcc_ext: slot.twcc_ext,
+                    start: slot.start,
                 });
                 self.add_downtrack(s.media, s.downtracks.last().expect("pushed"));
                 // A cap asked while the m-line waited holds for its track.
@@ -408,6 +421,9 @@ impl Sfu {
         let temporal = max_temporal.unwrap_or(UNCAPPED);
         for (m, _, track) in &chosen {
             s.layer_prefs.insert(m.clone(), (cap, temporal, paused));
+            if let Some(k) = s.kept.as_mut() {
+                k.dirty = true;
+            }
             if let Some(track) = track {
                 self.command(Command::SetLayers {
                     sub: s.media,

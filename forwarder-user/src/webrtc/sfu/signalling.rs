@@ -85,12 +85,13 @@ impl Sfu {
                 .get_mut(&id)
                 .ok_or_else(|| anyhow::anyhow!("session deleted during DTLS"))?;
             s.profile = Some(srtp);
+            let reserve = self.keep_first(s, &rx, &tx);
             // A subscriber's keys also ask its publishers for keyframes (the engine).
             self.command(Command::SetKeys {
                 id: s.media,
                 rx,
                 tx,
-                reserve: None,
+                reserve,
             });
             bump(&self.counters.dtls_handshakes);
             tracing::info!(
@@ -197,6 +198,9 @@ impl Signalling for Sfu {
             s.addrs.push(from);
         }
         if new_addr || newly_nominated {
+            if let Some(k) = s.kept.as_mut() {
+                k.dirty = true;
+            }
             self.command(Command::Bind {
                 id: s.media,
                 addr: from,
@@ -228,6 +232,15 @@ impl Signalling for Sfu {
             .sessions
             .get_mut(&*id)
             .expect("by_addr points at live sessions");
+        // A restored session has no DTLS connection here: its client's alert
+        // (close_notify as the page closes) is all that may still come, and ends it.
+        if s.restored {
+            if buf.first() == Some(&21) {
+                tracing::info!(event = "dtls_ended", session = %id, "session {id}: DTLS alert from the client of a restored session; removing it");
+                self.remove(&mut st, &id);
+            }
+            return;
+        }
         *s.dtls_peer.lock().unwrap() = from;
         let tx = match &s.dtls_in {
             Some(tx) => tx.clone(),

@@ -29,6 +29,7 @@ async fn sfu(consent: Duration) -> Arc<Sfu> {
         crate::webrtc::Limits::default(),
         Err("unit test".into()),
         crate::webrtc::ice::Passwords::ephemeral(),
+        None,
     )
     .unwrap()
 }
@@ -440,6 +441,7 @@ async fn session_caps_refuse_by_total_room_and_source_and_unconnected_ones_are_r
         limits,
         Err("test".into()),
         crate::webrtc::ice::Passwords::ephemeral(),
+        None,
     )
     .unwrap();
     let offer = parse_offer(OFFER).unwrap();
