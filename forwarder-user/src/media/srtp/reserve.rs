@@ -25,10 +25,17 @@ use super::{Context, E_FLAG, Error};
 pub(super) struct Reserved {
     rtp: HashMap<u32, u64>,
     rtcp: Option<u32>,
+    /// Per SSRC resumed here: the index it resumed after. Anything at or below it
+    /// may have been sent by an earlier process (a late packet renumbered into the
+    /// past, an answer to a NACK): refused, never sent twice.
+    floor: HashMap<u32, u64>,
 }
 
 impl Reserved {
     pub(super) fn allows_rtp(&self, ssrc: u32, index: u64) -> Result<(), Error> {
+        if self.floor.get(&ssrc).is_some_and(|f| index <= *f) {
+            return Err(Error::Unreserved);
+        }
         match self.rtp.get(&ssrc) {
             Some(&up_to) if index <= up_to => Ok(()),
             _ => Err(Error::Unreserved),
@@ -76,9 +83,12 @@ impl Context {
 
     /// Send stream `ssrc` continues after index `highest`: its next packet with
     /// sequence number `highest as u16 + 1` is index `highest + 1`, whatever the
-    /// rollover counter.
+    /// rollover counter; with reservations, nothing at or below `highest` is sent.
     pub fn start_tx(&mut self, ssrc: u32, highest: u64) {
         self.resume_rtp(ssrc, highest);
+        if let Some(r) = self.reserved.as_mut() {
+            r.floor.insert(ssrc, highest);
+        }
     }
 
     /// Raises what may be sent (never lowers it): RTP per SSRC up to its index, and
@@ -105,6 +115,7 @@ impl Context {
         self.reserved = Some(Box::new(Reserved {
             rtp: used.rtp.iter().copied().collect(),
             rtcp: used.rtcp,
+            floor: HashMap::new(),
         }));
         used
     }

@@ -6,6 +6,7 @@ use crate::media::srtp::{Context, Profile};
 use std::sync::atomic::Ordering;
 
 mod long_stream;
+mod restart;
 mod reused_ssrc;
 
 /// The sink of a test: every datagram queued, in order; refuses when `full`.
