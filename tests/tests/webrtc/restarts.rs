@@ -331,3 +331,83 @@ fn a_call_continues_through_a_restart_and_through_kill_9() {
         assert_eq!(c["drops"]["srtp_unreserved"], 0, "{c}");
     }
 }
+
+/// Chromium publishes, another Chromium watches (its own SRTP, jitter buffer and
+/// decoder: the independent check); the daemon is restarted (SIGTERM, then a new
+/// process on the same ports) and then killed with SIGKILL and started again. Both
+/// times the new process takes the sessions up: the viewer's connection never leaves
+/// "connected", no new WHIP/WHEP is made (the same session ids), and frames keep
+/// decoding; the time Chromium counts as frozen across each restart is printed and
+/// must stay under a second.
+#[test]
+fn chromium_keeps_decoding_through_a_restart_and_a_kill_9() {
+    let _k = kernel_lock();
+    let f = Fixed::new("");
+    let mut d = f.start();
+    let room = unique("kept-chromium");
+    let mut publisher = node(
+        None,
+        &[
+            "--base", &f.base, "--room", &room, "--role", "publish", "--hold", "60",
+        ],
+    )
+    .stdout(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
+    wait_until(30, "the publisher connected", || f.connected() == 1);
+    let mut viewer = node(
+        None,
+        &[
+            "--base", &f.base, "--room", &room, "--role", "sample", "--hold", "40",
+        ],
+    )
+    .stdout(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(viewer.stdout.take().unwrap()));
+    let mut next = || -> Value {
+        let l = lines.next().expect("the viewer's next sample").unwrap();
+        serde_json::from_str(&l).unwrap_or_else(|e| panic!("{e}: {l}"))
+    };
+    let frames = |s: &Value| s["video"]["framesDecoded"].as_u64().unwrap_or(0);
+    let frozen = |s: &Value| s["video"]["totalFreezesDuration"].as_f64().unwrap_or(0.0);
+    let mut s = next();
+    for _ in 0..30 {
+        if frames(&s) > 60 {
+            break;
+        }
+        s = next();
+    }
+    assert!(
+        frames(&s) > 60,
+        "the viewer decodes before any restart: {s}"
+    );
+    let before = f.sessions();
+    assert_eq!(before.len(), 2, "{before:?}");
+    for kind in ["planned restart (SIGTERM)", "kill -9 and restart"] {
+        let (f0, z0) = (frames(&s), frozen(&s));
+        if kind.starts_with("planned") {
+            assert!(d.stop().success());
+        } else {
+            d.kill9();
+        }
+        d = f.start();
+        for _ in 0..4 {
+            s = next();
+            assert_eq!(s["state"], "connected", "{kind}: {s}");
+        }
+        assert_eq!(f.sessions(), before, "{kind}: the same sessions, taken up");
+        let (f1, z1) = (frames(&s), frozen(&s));
+        eprintln!(
+            "{kind}: {} frames decoded in the 4 s after, {:.0} ms more frozen",
+            f1 - f0,
+            (z1 - z0) * 1000.0
+        );
+        assert!(f1 - f0 > 60, "{kind}: frames keep decoding: {f0} -> {f1}");
+        assert!(z1 - z0 < 1.0, "{kind}: frozen {:.2} s more", z1 - z0);
+    }
+    let _ = viewer.kill();
+    let _ = publisher.kill();
+    let _ = viewer.wait();
+    let _ = publisher.wait();
+}
