@@ -135,7 +135,8 @@ pub enum Cmd {
     },
     /// Drains a running daemon before maintenance: no new rooms or viewers there, its
     /// viewers and publishers move to other nodes, then it exits (POST /api/drain;
-    /// SIGUSR1 does the same). For systemd's ExecStop.
+    /// SIGUSR1 does the same). Run it before `systemctl stop` to take a node out; a
+    /// plain stop or restart keeps the sessions for the next process instead.
     Drain {
         #[command(flatten)]
         api: ApiArgs,

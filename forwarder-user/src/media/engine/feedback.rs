@@ -250,8 +250,11 @@ impl Engine {
             {
                 continue;
             }
-            st.last_keyframe_request = Some(now);
+            // Only a request that went out holds the next one back: one that could
+            // not be sent (the publisher's next hop not resolved yet, as right after a
+            // restart on the AF_XDP path) is tried again at the next packet.
             if send_rtcp(ctx, to, &rtcp::pli(rtcp_ssrc, ssrc), &self.counters, tx) {
+                st.last_keyframe_request = Some(now);
                 bump(&self.counters.keyframe_requests);
             }
         }
