@@ -8,12 +8,17 @@
 //! * relay: a tree a -> b -> c, viewers at c, b killed with SIGKILL;
 //! * edge: viewers through `/v1/edges` (capacity 2), the edge with most killed;
 //! * origin: the origin killed, the publisher publishes again, viewers at b;
-//! * drain: as edge, the edge drained (`edgefwd drain`) instead of killed.
+//! * drain: as edge, the edge drained (`edgefwd drain`) instead of killed;
+//! * restart: one node on fixed ports (publisher and viewers there) stopped with
+//!   SIGTERM and started again: the new process takes the sessions up;
+//! * kill9: the same with SIGKILL and an immediate start.
 //!
-//! The figure is the longest gap any viewer saw in the run (load-test's own count,
+//! The figures are the longest gap any viewer saw in the run (load-test's own count,
 //! packets stamped at the publisher; a failure's gap spans from the failure to the
-//! viewer's next packet), p50 and p99 over the runs. Results: table on stdout and
-//! bench/results/failover.{csv,json}.
+//! viewer's next packet; it includes the wait from a join to the first packet, which
+//! is the no-failure row's) and the longest stall (between two packets only: what a
+//! restart costs a viewer already watching), p50 and p99 over the runs. Results:
+//! table on stdout and bench/results/failover.{csv,json}.
 
 use std::{
     path::PathBuf,
@@ -51,7 +56,11 @@ fn node(name: &str, redis: &RedisServer, extra: &str) -> Node {
 }
 
 fn viewers(n: &Node, room: &str) -> usize {
-    let Ok(mut r) = ureq::get(&format!("{}/api/sessions", n.base)).call() else {
+    viewers_at(&n.base, room)
+}
+
+fn viewers_at(base: &str, room: &str) -> usize {
+    let Ok(mut r) = ureq::get(&format!("{base}/api/sessions")).call() else {
         return 0;
     };
     let v: Value = r.body_mut().read_json().unwrap_or_default();
@@ -70,8 +79,102 @@ fn wait(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// One run of `kind`: the longest gap any viewer saw (ms), and the load test's loss.
-fn run(kind: &str) -> (f64, f64) {
+/// A free TCP and UDP port on loopback (bound, then let go).
+fn free_port() -> u16 {
+    let t = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = t.local_addr().unwrap().port();
+    std::net::UdpSocket::bind(("127.0.0.1", port)).map_or_else(|_| free_port(), |_| port)
+}
+
+/// One node on fixed ports, a call there, the node restarted (SIGTERM, or SIGKILL
+/// for `kill9`) two seconds in: (gap, stall, loss) as [`run`] gives them.
+fn restart_run(kind: &str) -> (f64, f64, f64) {
+    let port = free_port();
+    let runtime = std::env::temp_dir().join(unique("edgefwd-bench-run-"));
+    let cfg = std::env::temp_dir().join(format!("{}.toml", unique("edgefwd-failover-")));
+    std::fs::write(
+        &cfg,
+        format!(
+            "[webrtc]\nhttp = \"127.0.0.1:{port}\"\nmedia = \"127.0.0.1:{port}\"\n\
+             runtime_dir = \"{}\"\n",
+            runtime.display()
+        ),
+    )
+    .unwrap();
+    let start = || {
+        let mut cmd = Command::new(edgefwd_bin());
+        cmd.args(["run", "--datapath", "user", "--config"])
+            .env("RUST_LOG", "warn")
+            .arg(&cfg);
+        spawn_edgefwd(cmd)
+    };
+    let mut child = start();
+    let base = format!("http://127.0.0.1:{port}");
+    let prefix = unique(&format!("bench-{kind}"));
+    let load = load_test(&base, &base, "4", &[], &prefix);
+    wait("the viewers connected", 30, || {
+        viewers_at(&base, &format!("{prefix}-0")) == 4
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    if kind == "restart" {
+        child.stop();
+    } else {
+        child.kill9();
+    }
+    let _child = start();
+    let r = report(kind, load);
+    let _ = std::fs::remove_dir_all(&runtime);
+    let _ = std::fs::remove_file(&cfg);
+    r
+}
+
+/// One run of `kind`: the longest gap and stall any viewer saw (ms), and the load
+/// test's loss.
+/// The call: one publisher at `url`, `subs` viewers at `sub`, 12 s, ungated.
+fn load_test(
+    url: &str,
+    sub: &str,
+    subs: &str,
+    extra: &[&str],
+    prefix: &str,
+) -> std::process::Child {
+    Command::new(edgefwd_bin())
+        .args(["load-test", "--url", url, "--subscribe-url", sub])
+        .args(extra)
+        .args(["--rooms", "1", "--publishers", "1", "--subscribers", subs])
+        .args([
+            "--concurrency",
+            "1",
+            "--video-bitrate",
+            "500",
+            "--duration",
+            "12",
+        ])
+        .args(["--room-prefix", prefix, "--json", "--quiet"])
+        .args(["--max-loss", "100", "--max-gap", "3600"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// The load test's (longest gap, longest stall, loss).
+fn report(kind: &str, load: std::process::Child) -> (f64, f64, f64) {
+    let out = load.wait_with_output().unwrap();
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{kind}: load-test gave no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let f = |k: &str| r["total"][k].as_f64().unwrap_or(f64::NAN);
+    (f("longest_gap_ms"), f("longest_stall_ms"), f("loss_pct"))
+}
+
+fn run(kind: &str) -> (f64, f64, f64) {
+    if kind == "restart" || kind == "kill9" {
+        return restart_run(kind);
+    }
     let redis = RedisServer::start();
     let extra = match kind {
         "relay" => "tree_degree = 1\n",
@@ -115,24 +218,7 @@ fn run(kind: &str) -> (f64, f64) {
         "origin" => (&nodes[2].base, &nodes[1].base, "2", &["--failover"]),
         _ => (&nodes[0].base, &nodes[1].base, "2", &[]),
     };
-    let load = Command::new(edgefwd_bin())
-        .args(["load-test", "--url", url, "--subscribe-url", sub])
-        .args(extra_args)
-        .args(["--rooms", "1", "--publishers", "1", "--subscribers", subs])
-        .args([
-            "--concurrency",
-            "1",
-            "--video-bitrate",
-            "500",
-            "--duration",
-            "12",
-        ])
-        .args(["--room-prefix", &prefix, "--json", "--quiet"])
-        .args(["--max-loss", "100", "--max-gap", "3600"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let load = load_test(url, sub, subs, extra_args, &prefix);
     let want: usize = subs.parse().unwrap();
     wait("the viewers connected", 30, || {
         nodes.iter().map(|n| viewers(n, &room)).sum::<usize>() == want
@@ -170,17 +256,7 @@ fn run(kind: &str) -> (f64, f64) {
         }
         _ => {}
     }
-    let out = load.wait_with_output().unwrap();
-    let r: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{kind}: load-test gave no JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    (
-        r["total"]["longest_gap_ms"].as_f64().unwrap_or(f64::NAN),
-        r["total"]["loss_pct"].as_f64().unwrap_or(f64::NAN),
-    )
+    report(kind, load)
 }
 
 fn quantile(v: &mut [f64], q: f64) -> f64 {
@@ -203,37 +279,49 @@ fn main() {
             other => panic!("unknown argument {other}; use --out DIR --runs N"),
         }
     }
-    let kinds = ["none", "relay", "edge", "origin", "drain"];
+    let kinds = [
+        "none", "relay", "edge", "origin", "drain", "restart", "kill9",
+    ];
     let mut rows = Vec::new();
     for kind in kinds {
-        let mut gaps = Vec::new();
-        let mut losses = Vec::new();
+        let (mut gaps, mut stalls, mut losses) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..runs {
-            let (g, l) = run(kind);
+            let (g, st, l) = run(kind);
             gaps.push(g);
+            stalls.push(st);
             losses.push(l);
         }
         let (p50, p99) = (quantile(&mut gaps, 0.5), quantile(&mut gaps, 0.99));
+        let stall = (quantile(&mut stalls, 0.5), quantile(&mut stalls, 0.99));
         let loss = losses.iter().sum::<f64>() / losses.len() as f64;
-        rows.push((kind, p50, p99, loss, gaps));
+        rows.push((kind, p50, p99, loss, gaps, stall));
     }
-    let base = rows[0].1;
+    let (base, base_stall) = (rows[0].1, rows[0].5.0);
     println!(
-        "{:<8} {:>14} {:>14} {:>14} {:>8}",
-        "FAILURE", "GAP p50 ms", "GAP p99 ms", "p50 / none", "LOSS %"
+        "{:<8} {:>11} {:>11} {:>11} {:>13} {:>13} {:>13} {:>7}",
+        "FAILURE",
+        "GAP p50 ms",
+        "GAP p99 ms",
+        "p50 / none",
+        "STALL p50 ms",
+        "STALL p99 ms",
+        "p50 / none",
+        "LOSS %"
     );
-    for (kind, p50, p99, loss, _) in &rows {
+    for (kind, p50, p99, loss, _, (s50, s99)) in &rows {
         println!(
-            "{kind:<8} {p50:>14.1} {p99:>14.1} {:>14.1} {loss:>8.2}",
-            p50 / base
+            "{kind:<8} {p50:>11.1} {p99:>11.1} {:>11.1} {s50:>13.1} {s99:>13.1} {:>13.1} {loss:>7.2}",
+            p50 / base,
+            s50 / base_stall
         );
     }
     let result = json!({
         "machine": edgefwd_tests::bench::machine(),
         "at": edgefwd_tests::bench::utc_stamp(),
         "runs": runs,
-        "kinds": rows.iter().map(|(k, p50, p99, loss, gaps)| json!({
+        "kinds": rows.iter().map(|(k, p50, p99, loss, gaps, (s50, s99))| json!({
             "kind": k, "gap_p50_ms": p50, "gap_p99_ms": p99, "loss_pct": loss, "gaps_ms": gaps,
+            "stall_p50_ms": s50, "stall_p99_ms": s99,
         })).collect::<Vec<_>>(),
     });
     std::fs::create_dir_all(&out).unwrap();
@@ -242,9 +330,9 @@ fn main() {
         serde_json::to_string_pretty(&result).unwrap(),
     )
     .unwrap();
-    let mut csv = String::from("kind,gap_p50_ms,gap_p99_ms,loss_pct\n");
-    for (kind, p50, p99, loss, _) in &rows {
-        csv += &format!("{kind},{p50:.1},{p99:.1},{loss:.2}\n");
+    let mut csv = String::from("kind,gap_p50_ms,gap_p99_ms,stall_p50_ms,stall_p99_ms,loss_pct\n");
+    for (kind, p50, p99, loss, _, (s50, s99)) in &rows {
+        csv += &format!("{kind},{p50:.1},{p99:.1},{s50:.1},{s99:.1},{loss:.2}\n");
     }
     std::fs::write(out.join("failover.csv"), csv).unwrap();
     println!("\nresults: {}/failover.{{csv,json}}", out.display());
