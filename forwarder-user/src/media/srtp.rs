@@ -390,35 +390,6 @@ impl Context {
         self.profile
     }
 
-    /// Sets the next SRTCP index this context sends (tests; a restarted session).
-    pub fn set_srtcp_index(&mut self, index: u32) {
-        self.srtcp_index = index & !E_FLAG;
-    }
-
-    /// Per receive SSRC, the highest packet index authenticated (ROC << 16 | seq).
-    pub fn rtp_highest(&self) -> Vec<(u32, u64)> {
-        self.rtp_streams
-            .iter()
-            .filter(|(_, w)| w.started)
-            .map(|(s, w)| (*s, w.highest))
-            .collect()
-    }
-
-    /// Continues a receive stream another context has been authenticating, from its
-    /// highest index: the rollover counter carries over, and packets at or below it
-    /// within the replay window are still taken once (this context never saw them).
-    pub fn resume_rtp(&mut self, ssrc: u32, highest: u64) {
-        if self.rtp_streams.len() >= MAX_STREAMS && !self.rtp_streams.contains_key(&ssrc) {
-            return;
-        }
-        let w = self.rtp_streams.entry(ssrc).or_default();
-        *w = Window {
-            started: true,
-            highest,
-            bits: Default::default(),
-        };
-    }
-
     fn stream(map: &mut HashMap<u32, Window>, ssrc: u32) -> Result<&mut Window, Error> {
         if map.len() >= MAX_STREAMS && !map.contains_key(&ssrc) {
             return Err(Error::TooManyStreams);

@@ -44,6 +44,8 @@ use crate::media::{
     srtp::{MasterKey, Profile},
 };
 
+pub use api_error::ApiError;
+
 use super::{
     dtls::{self, ClientHelloReader, DemuxConn, HelloState, Identity},
     sdp::{AnswerMedia, AnswerParams, Codec, Offer, OfferError, build_answer},
@@ -95,6 +97,22 @@ pub struct Subscription {
     /// Where its numbering starts (chosen at the answer, so the SRTP indices it will
     /// use can be reserved before the first is).
     pub start: Resume,
+}
+
+impl Subscription {
+    /// Its m-line waiting again (its publisher left), under the same SSRC.
+    pub fn into_slot(self) -> Slot {
+        Slot {
+            mid: self.mid,
+            kind: self.kind,
+            codec: self.codec,
+            ssrc_out: self.ssrc_out,
+            rtx: self.rtx,
+            dd_ext: self.dd_ext,
+            twcc_ext: self.twcc_ext,
+            start: self.start,
+        }
+    }
 }
 
 /// A subscriber's m-line answered before any track could fill it (the subscriber
@@ -217,16 +235,8 @@ impl State {
                 if let (Some(k), false) = (sub.kept.as_mut(), gone.is_empty()) {
                     k.dirty = true;
                 }
-                sub.reserved.extend(gone.into_iter().map(|d| Slot {
-                    mid: d.mid,
-                    kind: d.kind,
-                    codec: d.codec,
-                    ssrc_out: d.ssrc_out,
-                    rtx: d.rtx,
-                    dd_ext: d.dd_ext,
-                    twcc_ext: d.twcc_ext,
-                    start: d.start,
-                }));
+                sub.reserved
+                    .extend(gone.into_iter().map(Subscription::into_slot));
             }
         }
         Some(s)
@@ -258,73 +268,6 @@ pub struct PathInfo {
     pub path: &'static str,
     /// AF_XDP: "copy" or "zero-copy" mode and the queue count; socket: why not AF_XDP.
     pub detail: String,
-}
-
-/// Why a WHIP/WHEP request is refused; maps to an HTTP status.
-#[derive(Debug)]
-pub enum ApiError {
-    BadOffer(OfferError),
-    UnknownRoom(String),
-    UnsupportedCodec(String),
-    UnknownSession,
-    /// A layer request names an m-line the session does not receive a track on.
-    NoSuchTrack(String),
-    /// (the cap) sessions in total.
-    ServerFull(usize),
-    /// (room, the cap).
-    RoomFull(String, usize),
-    /// A cascade request refused or failed: (HTTP status, what to fix).
-    Cascade(u16, String),
-    /// (the cap) sessions from the requesting address.
-    TooManyFromSource(usize),
-}
-
-impl ApiError {
-    /// The HTTP status it is answered with.
-    pub fn status(&self) -> u16 {
-        match self {
-            ApiError::BadOffer(_) => 400,
-            ApiError::UnknownRoom(_) | ApiError::UnknownSession | ApiError::NoSuchTrack(_) => 404,
-            ApiError::UnsupportedCodec(_) => 406,
-            ApiError::TooManyFromSource(_) => 429,
-            ApiError::Cascade(code, _) => *code,
-            ApiError::ServerFull(_) | ApiError::RoomFull(..) => 503,
-        }
-    }
-}
-
-impl std::fmt::Display for ApiError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ApiError::BadOffer(e) => write!(f, "{e}"),
-            ApiError::UnknownRoom(r) => write!(
-                f,
-                "room {r:?} has no publisher; publish to it first with POST /whip/{r}"
-            ),
-            ApiError::UnsupportedCodec(e) => write!(f, "{e}"),
-            ApiError::UnknownSession => write!(
-                f,
-                "no such session (already deleted, or timed out without ICE consent)"
-            ),
-            ApiError::ServerFull(n) => write!(
-                f,
-                "the server has its maximum of {n} sessions ([webrtc.limits] max_sessions); retry later"
-            ),
-            ApiError::RoomFull(r, n) => write!(
-                f,
-                "room {r:?} has its maximum of {n} sessions ([webrtc.limits] max_sessions_per_room)"
-            ),
-            ApiError::TooManyFromSource(n) => write!(
-                f,
-                "your address already has {n} sessions ([webrtc.limits] max_sessions_per_source); DELETE some first"
-            ),
-            ApiError::Cascade(_, m) => write!(f, "{m}"),
-            ApiError::NoSuchTrack(mid) => write!(
-                f,
-                "the session receives no track on m-line {mid:?}; GET /api/sessions lists its down-tracks with their mid"
-            ),
-        }
-    }
 }
 
 pub struct Sfu {
@@ -602,6 +545,7 @@ impl Sfu {
     }
 }
 
+mod api_error;
 mod joins;
 pub mod keep;
 pub mod restore;

@@ -94,7 +94,7 @@ fn load(
 }
 
 /// The load test's report, its gate passed (else the test fails saying `what`).
-fn passed(load: std::process::Child, what: &str) -> Value {
+pub(super) fn passed(load: std::process::Child, what: &str) -> Value {
     let out = load.wait_with_output().unwrap();
     let r: Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("no JSON ({e}): {}", String::from_utf8_lossy(&out.stderr)));

@@ -261,20 +261,6 @@ fn call(base: &str, subs: usize, secs: u64, max_gap: f64) -> std::process::Child
         .unwrap()
 }
 
-fn report(load: std::process::Child, what: &str) -> Value {
-    let out = load.wait_with_output().unwrap();
-    let r: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("no JSON ({e}): {}", String::from_utf8_lossy(&out.stderr)));
-    assert!(
-        out.status.success(),
-        "{what}: {:#}\n{:#}\n{}",
-        r["over_limits"],
-        r["tracks"],
-        String::from_utf8_lossy(&out.stderr)
-    );
-    r
-}
-
 /// A call (one publisher, four viewers: load-test, its own SRTP check of every
 /// packet) through a planned restart (SIGTERM, a new process on the same ports) and
 /// then through kill -9 and an immediate restart: the new process takes the sessions
@@ -310,7 +296,7 @@ fn a_call_continues_through_a_restart_and_through_kill_9() {
             t0.elapsed()
         );
         assert_eq!(f.sessions(), before, "{kind}: the same sessions, taken up");
-        let r = report(load, kind);
+        let r = super::failover::passed(load, kind);
         assert_eq!(r["joined_subscribers"], 4, "{r:#}");
         assert_eq!(r["reconnects"], 0, "{r:#}");
         assert_eq!(r["failed"], 0, "{r:#}");
@@ -519,7 +505,7 @@ fn a_call_continues_through_restarts_on_the_af_xdp_path() {
             before,
             "{kind}: the same sessions, taken up"
         );
-        let r = report(load, kind);
+        let r = super::failover::passed(load, kind);
         assert_eq!(r["joined_subscribers"], 4, "{r:#}");
         assert_eq!(r["reconnects"], 0, "{r:#}");
         let stall = r["total"]["longest_stall_ms"].as_f64().unwrap();

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Context, E_FLAG, Error};
+use super::{Context, E_FLAG, Error, MAX_STREAMS, Window};
 
 /// What a send context may use: per SSRC the highest RTP index, and the highest
 /// SRTCP index (None: no SRTCP yet).
@@ -69,6 +69,38 @@ impl Marks {
             ctx.start_tx(ssrc, up_to);
         }
         ctx.set_srtcp_index(self.rtcp.map_or(0, |r| r.wrapping_add(1)));
+    }
+}
+
+/// Where a context's streams stand, read and resumed (a cascade hand-over, a restart).
+impl Context {
+    /// Sets the next SRTCP index this context sends (tests; a restarted session).
+    pub fn set_srtcp_index(&mut self, index: u32) {
+        self.srtcp_index = index & !E_FLAG;
+    }
+
+    /// Per receive SSRC, the highest packet index authenticated (ROC << 16 | seq).
+    pub fn rtp_highest(&self) -> Vec<(u32, u64)> {
+        self.rtp_streams
+            .iter()
+            .filter(|(_, w)| w.started)
+            .map(|(s, w)| (*s, w.highest))
+            .collect()
+    }
+
+    /// Continues a receive stream another context has been authenticating, from its
+    /// highest index: the rollover counter carries over, and packets at or below it
+    /// within the replay window are still taken once (this context never saw them).
+    pub fn resume_rtp(&mut self, ssrc: u32, highest: u64) {
+        if self.rtp_streams.len() >= MAX_STREAMS && !self.rtp_streams.contains_key(&ssrc) {
+            return;
+        }
+        let w = self.rtp_streams.entry(ssrc).or_default();
+        *w = Window {
+            started: true,
+            highest,
+            bits: Default::default(),
+        };
     }
 }
 
@@ -344,7 +376,7 @@ mod tests {
         assert_eq!(ctx.protect_rtp(&mut next, len), Err(Error::Unreserved));
         let mut rtcp = vec![0x81, 201, 0, 1, 0, 0, 0, 9];
         rtcp.resize(8 + 30, 0);
-        assert_eq!(ctx.protect_rtcp(&mut rtcp.clone(), 8).is_ok(), true);
+        assert!(ctx.protect_rtcp(&mut rtcp.clone(), 8).is_ok());
         assert_eq!(ctx.protect_rtcp(&mut rtcp, 8), Err(Error::Unreserved));
         assert_eq!(
             ctx.tx_marks(),

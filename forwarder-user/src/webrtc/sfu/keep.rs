@@ -33,6 +33,8 @@ pub const AHEAD: u64 = 2048;
 pub const TICK: Duration = Duration::from_millis(50);
 /// A kept session is saved again at least this often (its numbering moves on).
 const REFRESH: Duration = Duration::from_secs(5);
+/// Sessions read from one engine per hold of its lock.
+const CHUNK: usize = 64;
 /// The file format; another one is not read back.
 const VERSION: u32 = 1;
 
@@ -307,8 +309,8 @@ impl Sfu {
         let mut writes = Vec::new();
         {
             let st = self.state.lock().unwrap();
-            for (media, p) in views {
-                let Some(s) = st.sessions.values().find(|s| s.media == media) else {
+            for (id, media, p) in views {
+                let Some(s) = st.sessions.get(&id).filter(|s| s.media == media) else {
                     continue;
                 };
                 let Some(k) = &s.kept else { continue };
@@ -347,38 +349,38 @@ impl Sfu {
         }
     }
 
-    /// Each kept session's engine view (sealed: nothing more is sent).
-    fn engine_views(&self, now: Instant, seal: bool) -> Vec<(SessionId, Persisted)> {
-        let kept: Vec<SessionId> = {
+    /// Each kept session's engine view (sealed: nothing more is sent). A shard's
+    /// engine is held for [`CHUNK`] sessions at a time, so its worker waits
+    /// microseconds, not a pass over every session.
+    fn engine_views(&self, now: Instant, seal: bool) -> Vec<(String, SessionId, Persisted)> {
+        let kept: Vec<(String, SessionId)> = {
             let st = self.state.lock().unwrap();
             st.sessions
                 .values()
                 .filter(|s| s.kept.is_some())
-                .map(|s| s.media)
+                .map(|s| (s.id.clone(), s.media))
                 .collect()
         };
         let mut out = Vec::new();
         for shard in 0..self.shards() {
-            let mine: Vec<SessionId> = kept
+            let mine: Vec<&(String, SessionId)> = kept
                 .iter()
-                .copied()
-                .filter(|m| self.shard_of(*m) == shard)
+                .filter(|(_, m)| self.shard_of(*m) == shard)
                 .collect();
-            if mine.is_empty() {
-                continue;
-            }
-            self.with_shard(shard, |e, _| {
-                for m in mine {
-                    let p = if seal {
-                        e.seal(m, now)
-                    } else {
-                        e.persisted(m, now)
-                    };
-                    if let Some(p) = p {
-                        out.push((m, p));
+            for chunk in mine.chunks(CHUNK) {
+                self.with_shard(shard, |e, _| {
+                    for (id, m) in chunk {
+                        let p = if seal {
+                            e.seal(*m, now)
+                        } else {
+                            e.persisted(*m, now)
+                        };
+                        if let Some(p) = p {
+                            out.push((id.clone(), *m, p));
+                        }
                     }
-                }
-            });
+                });
+            }
         }
         out
     }
@@ -392,8 +394,8 @@ impl Sfu {
         let views = self.engine_views(Instant::now(), true);
         let st = self.state.lock().unwrap();
         let mut n = 0;
-        for (media, p) in views {
-            let Some(s) = st.sessions.values().find(|s| s.media == media) else {
+        for (id, media, p) in views {
+            let Some(s) = st.sessions.get(&id).filter(|s| s.media == media) else {
                 continue;
             };
             let Some(k) = &s.kept else { continue };

@@ -131,16 +131,7 @@ impl Sfu {
                 }
                 // Its publisher did not come back (or came over a cascade trunk, which
                 // is set up again): the m-line waits for the next track.
-                _ => s.reserved.push(Slot {
-                    mid: d.mid,
-                    kind: d.kind,
-                    codec: d.codec,
-                    ssrc_out: d.ssrc_out,
-                    rtx: d.rtx,
-                    dd_ext: d.dd_ext,
-                    twcc_ext: d.twcc_ext,
-                    start: d.start,
-                }),
+                _ => s.reserved.push(d.into_slot()),
             }
         }
         drop(st_guard);
