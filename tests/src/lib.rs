@@ -238,6 +238,21 @@ impl Edgefwd {
         let _ = child.wait();
     }
 
+    /// Waits up to `timeout` for the daemon to exit by itself (it handed its sessions
+    /// over to a new process); None if it still runs.
+    pub fn wait_exit(&mut self, timeout: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let child = self.0.as_mut().expect("edgefwd already stopped");
+        let until = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < until {
+            if let Some(status) = child.try_wait().expect("waiting for edgefwd") {
+                self.0 = None;
+                return Some(status);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        None
+    }
+
     /// SIGTERM, then waits: the daemon exits (XDP stays attached through its pinned
     /// link; `edgefwd down` removes it). SIGKILL after 10 s, so
     /// a hung daemon fails the caller instead of hanging it.

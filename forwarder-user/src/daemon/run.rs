@@ -345,7 +345,6 @@ pub async fn run_xdp(
         pin_dir.display()
     );
     let scrape = metrics::Scrape::new(metrics::Source::Pinned(pin_dir.clone()));
-    let metrics_bound = spawn_metrics(metrics_addr, scrape.clone()).await?;
     let mut cluster = cluster_part(&cfg)?;
     if let Some(c) = cluster.as_mut() {
         let offered = cfg
@@ -366,6 +365,8 @@ pub async fn run_xdp(
     };
     let (webrtc_bound, cfg_webrtc) =
         start_webrtc(cfg_webrtc, Some(offer), scrape.clone(), cluster.as_ref()).await?;
+    // After WebRTC: a daemon it took over from held these ports until it exited.
+    let metrics_bound = spawn_metrics(metrics_addr, scrape.clone()).await?;
     let node_api = start_node_api(cluster, &scrape, webrtc_bound).await?;
     println!(
         "edgefwd: forwarding on {iface} ({attached}){}",
@@ -406,9 +407,10 @@ pub async fn run_user(
     }
     let handles = userpath::run_all(&listeners, &routes, stop.clone(), counters.clone())?;
     let scrape = metrics::Scrape::new(metrics::Source::User(counters.clone()));
-    let metrics_bound = spawn_metrics(metrics_addr, scrape.clone()).await?;
     let (webrtc_bound, cfg_webrtc) =
         start_webrtc(cfg_webrtc, None, scrape.clone(), cluster.as_ref()).await?;
+    // After WebRTC: a daemon it took over from held these ports until it exited.
+    let metrics_bound = spawn_metrics(metrics_addr, scrape.clone()).await?;
     let node_api = start_node_api(cluster, &scrape, webrtc_bound).await?;
     if let Some(w) = &webrtc_bound {
         forget_stale_steering(pin_dir, w.media)?;

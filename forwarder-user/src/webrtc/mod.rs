@@ -7,6 +7,7 @@ pub mod cascade;
 pub mod drain;
 pub mod dtls;
 pub mod edges;
+pub mod handover;
 pub mod http;
 pub mod ice;
 pub mod sdp;
@@ -116,9 +117,7 @@ fn open_fast(media: SocketAddr, offer: XdpOffer) -> Result<sfu::FastPathSetup> {
     let n = crate::dataplane::resolve::rx_queues(&iface)?;
     let mut queues = Vec::new();
     for q in 0..n {
-        queues.push(crate::datapath::xsk::XskQueue::open(
-            ifindex, q, media, mac,
-        )?);
+        queues.push(open_queue(ifindex, q, media, mac)?);
     }
     let xsks = maps
         .xsks
@@ -143,6 +142,29 @@ fn open_fast(media: SocketAddr, offer: XdpOffer) -> Result<sfu::FastPathSetup> {
         peers: maps.peers,
         listen: media,
     })
+}
+
+/// Opens queue `q`'s AF_XDP socket. Busy is retried for a second: a daemon this one
+/// took over from has just exited, and the kernel frees its sockets' queues a moment
+/// after its process is gone.
+fn open_queue(
+    ifindex: u32,
+    q: u32,
+    media: SocketAddr,
+    mac: [u8; 6],
+) -> Result<crate::datapath::xsk::XskQueue> {
+    let until = Instant::now() + Duration::from_secs(1);
+    loop {
+        match crate::datapath::xsk::XskQueue::open(ifindex, q, media, mac) {
+            Err(e)
+                if format!("{e:#}").contains("Device or resource busy")
+                    && Instant::now() < until =>
+            {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            r => return r,
+        }
+    }
 }
 
 fn default_consent() -> u64 {
@@ -377,12 +399,30 @@ pub async fn start(
     cfg.check()?;
     // Before the port is bound: 0 there means any port, and nothing is kept.
     let keep = keeper(&cfg);
-    let socket = std::net::UdpSocket::bind(cfg.media).with_context(|| {
-        format!(
-            "binding the WebRTC media port {} (in use? pick another with [webrtc] media)",
-            cfg.media
-        )
-    })?;
+    // A daemon on this port hands its media socket and sessions over, then exits.
+    let taken = match keep.as_ref().map(|k| k.dir().to_path_buf()) {
+        Some(dir) => tokio::task::spawn_blocking(move || handover::take(&dir)).await??,
+        None => None,
+    };
+    let socket = match taken {
+        Some(s) => {
+            let at = s.local_addr()?;
+            if at != cfg.media {
+                bail!(
+                    "the daemon this one took over from served media on {at}, not on [webrtc] \
+                     media = {}: its sessions' clients send to {at}; set media to it",
+                    cfg.media
+                );
+            }
+            s
+        }
+        None => std::net::UdpSocket::bind(cfg.media).with_context(|| {
+            format!(
+                "binding the WebRTC media port {} (in use? pick another with [webrtc] media)",
+                cfg.media
+            )
+        })?,
+    };
     let bind = |addr: SocketAddr, what: &'static str| async move {
         tokio::net::TcpListener::bind(addr).await.with_context(|| {
             format!(
@@ -462,7 +502,8 @@ pub async fn start(
             restored.refused
         );
     }
-    if sfu.keep.is_some() {
+    if let Some(k) = &sfu.keep {
+        handover::serve(sfu.clone(), k.dir().to_path_buf())?;
         let sfu = sfu.clone();
         tokio::spawn(async move {
             loop {

@@ -532,6 +532,11 @@ impl Sfu {
         }
     }
 
+    /// The media socket's descriptor (for a hand-over to the next process).
+    pub fn media_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.sender)
+    }
+
     /// Receives from the media socket until it fails (the socket path; on the AF_XDP
     /// path STUN and DTLS arrive here too).
     pub async fn run_socket(self: Arc<Self>) -> anyhow::Result<()> {
