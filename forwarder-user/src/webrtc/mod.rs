@@ -527,6 +527,26 @@ pub async fn start(
     if sfu.cascade.get().is_some_and(|c| c.redis_configured) {
         tokio::spawn(cascade::probe::run(sfu.clone()));
     }
+    // Viewers taken up in rooms whose publishers came over a cascade trunk (not kept):
+    // the room is asked of its upstream again, and its tracks fill their m-lines.
+    if sfu.cascade.get().is_some() && restored.subscribers > 0 {
+        for room in sfu.rooms_without_publishers() {
+            let sfu = sfu.clone();
+            // Until it has one: right after the start the cluster's Redis may not
+            // answer yet (the second's tick asks again after that).
+            tokio::spawn(async move {
+                for _ in 0..40 {
+                    if let Err(e) = sfu.ensure_upstream(&room, vec![]).await {
+                        log::warn!("room {room} of taken-up viewers: {e}; asking again");
+                    }
+                    if !sfu.rooms_without_publishers().contains(&room) {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+            });
+        }
+    }
     if sfu.cascade.get().is_some() {
         tokio::spawn(cascade::probe::watch_parents(sfu.clone()));
     }

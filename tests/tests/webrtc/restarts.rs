@@ -545,3 +545,93 @@ fn a_call_continues_through_restarts_on_the_af_xdp_path() {
     }
     let _ = std::fs::remove_file(&cfg);
 }
+
+/// A cluster node restarts under its viewers: the room's origin a (the publisher
+/// there), two load-test viewers at b, which takes the room from a over a trunk. b
+/// is restarted (SIGTERM, a new process on the same ports): it takes its viewers'
+/// sessions up (the relayed publisher is not kept) and asks a for the room again, whose
+/// tracks fill the viewers' m-lines under their old SSRCs, numbering one past the
+/// persisted marks. The viewers never reconnect; their longest stall is printed and
+/// gated at 800 ms. (When a gave the new relay session the trunk key the old one had
+/// used, its SRTCP restarted at index 0 under that key: a dropped it as replays, and
+/// the viewers' video waited 1.3 s for the publisher's next periodic keyframe.)
+#[test]
+fn a_cluster_node_restarts_and_its_viewers_keep_the_room() {
+    let _k = kernel_lock();
+    let redis = edgefwd_tests::RedisServer::start();
+    let cluster = |n: &str| {
+        format!(
+            "{}redis_url = \"{}\"\n",
+            cluster_section(n, "127.0.0.1", &[]),
+            redis.url()
+        )
+    };
+    let a = start_sfu(None, &cluster("a"));
+    let b = Fixed::new(&cluster("b"));
+    let mut bd = b.start();
+    wait_until(10, "both leases in Redis", || {
+        ["a", "b"]
+            .iter()
+            .all(|n| redis.cli(&["EXISTS", &format!("edgefwd:node:{n}")]).trim() == "1")
+    });
+    let prefix = unique("kept-cluster");
+    let room = format!("{prefix}-0");
+    redis.cli(&[
+        "HSET",
+        &format!("edgefwd:room:{{{room}}}"),
+        "node",
+        "a",
+        "epoch",
+        "1",
+    ]);
+    let load = Command::new(edgefwd_bin())
+        .args(["load-test", "--url", &a.base, "--subscribe-url", &b.base])
+        .args(["--rooms", "1", "--publishers", "1", "--subscribers", "2"])
+        .args([
+            "--concurrency",
+            "1",
+            "--video-bitrate",
+            "500",
+            "--duration",
+            "12",
+        ])
+        .args(["--room-prefix", &prefix, "--json", "--quiet"])
+        .args(["--max-loss", "50", "--max-gap", "2"])
+        .env_remove("EDGEFWD_TOKEN")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let viewers = || -> Vec<String> {
+        let s = get_json(&b.base, "/api/sessions");
+        let mut ids: Vec<String> = s["rooms"][&room]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|x| x["role"] == "subscriber" && x["connected"] == true)
+                    .map(|x| x["id"].as_str().unwrap().to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        ids.sort();
+        ids
+    };
+    wait_until(20, "two viewers at b", || viewers().len() == 2);
+    let before = viewers();
+    std::thread::sleep(Duration::from_secs(3));
+    bd = restart("planned restart (SIGTERM)", bd, || b.start());
+    assert_eq!(viewers(), before, "b's viewers taken up");
+    wait_until(5, "b carries the room from a again", || {
+        get_json(&b.base, "/api/sessions")["cascade"]["upstreams"][&room]["node"] == "a"
+    });
+    let r = super::failover::passed(load, "the viewers at the restarted node");
+    assert_eq!(r["reconnects"], 0, "{r:#}");
+    let stall = r["total"]["longest_stall_ms"].as_f64().unwrap();
+    eprintln!(
+        "a cluster node restarted: its viewers' longest stall {stall:.0} ms (audio {:.0}, video {:.0})",
+        r["tracks"][0]["longest_stall_ms"].as_f64().unwrap(),
+        r["tracks"][1]["longest_stall_ms"].as_f64().unwrap(),
+    );
+    assert!(stall < 800.0, "a stall of {stall} ms");
+    drop(bd);
+}

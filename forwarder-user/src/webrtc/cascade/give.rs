@@ -237,7 +237,11 @@ impl Sfu {
         let fresh = match st.relays_out.get_mut(&k) {
             // A lapsed request is gone even if the round has not ended it yet:
             // the requester learns the new trunk key from this answer.
-            Some(r) if r.addr == req.media && r.expires > now => {
+            Some(r)
+                if r.addr == req.media
+                    && r.expires > now
+                    && req.holding.as_ref().is_none_or(|h| h.contains(&origin_id)) =>
+            {
                 r.expires = now + cascade.lapse;
                 None
             }

@@ -88,6 +88,13 @@ pub struct RelayRequest {
     /// directory state never gets a relay.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epoch: Option<u64>,
+    /// The publishers (origin session ids) the requester holds relay sessions of now:
+    /// only theirs keep their trunk keys; any other gets a fresh one. A relay session
+    /// made anew (its node restarted, or it ended and was asked for again) starts its
+    /// SRTCP at index 0 and must never do so under a key an earlier one used. None
+    /// (an older node): keys are kept while the relay lives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holding: Option<Vec<String>>,
 }
 
 #[derive(Serialize, Deserialize)]

@@ -153,6 +153,20 @@ impl Sfu {
         self.fetch_upstream(room, &up, via).await
     }
 
+    /// The origin ids of the publishers of `room` relayed here from `node` now.
+    fn relayed_from(&self, room: &str, node: &str) -> Vec<String> {
+        let st = self.state.lock().unwrap();
+        let Some(r) = st.rooms.get(room) else {
+            return vec![];
+        };
+        r.publishers
+            .iter()
+            .filter_map(|p| st.sessions.get(p)?.relay.as_ref())
+            .filter(|r| r.node == node)
+            .map(|r| r.upstream_id.clone())
+            .collect()
+    }
+
     async fn fetch_upstream(
         self: &Arc<Self>,
         room: &str,
@@ -166,6 +180,7 @@ impl Sfu {
             via: via.clone(),
             layers: self.wanted_layers(room),
             epoch: up.epoch,
+            holding: Some(self.relayed_from(room, &up.node)),
         };
         let body = serde_json::to_vec(&req).expect("serializes");
         cascade.calls.fetch_add(1, Ordering::Relaxed);

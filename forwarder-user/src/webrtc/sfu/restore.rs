@@ -66,6 +66,16 @@ impl Sfu {
         out
     }
 
+    /// Rooms with sessions here but no publisher (viewers waiting for one).
+    pub fn rooms_without_publishers(&self) -> Vec<String> {
+        let st = self.state.lock().unwrap();
+        st.rooms
+            .iter()
+            .filter(|(_, r)| r.publishers.is_empty() && !r.subscribers.is_empty())
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
     fn restore_one(
         self: &Arc<Self>,
         saved: Saved,
