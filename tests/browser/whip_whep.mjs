@@ -208,6 +208,7 @@ try {
     }
     result.movedMs = Date.now() - killedAt;
     result.moves = await sub.page.evaluate(() => window.moves);
+    result.moveReasons = await sub.page.evaluate(() => window.moveReasons);
     result.subscriber = await sub.page.evaluate(() => window.summary(window.subPc));
     result.log = await sub.page.evaluate(() => document.getElementById('log').textContent);
   } else if (role === 'sample') {

@@ -328,13 +328,33 @@ impl Client {
         let live = self.live.clone();
         let mut last_media = tokio::time::Instant::now();
         let mut reconnects = 0;
+        // With edge choice: the session's event stream says when its node drains.
+        let mut moved = self.follow_moves(&j);
         loop {
             let stalled = tokio::time::sleep_until(last_media + STALL);
             tokio::select! {
                 _ = stop.changed() => break,
+                _ = &mut moved, if self.target.edges && reconnects < RECONNECT_TRIES => {
+                    // Make-before-break: the old node still sends while we join.
+                    match self.join_again(&gate, Role::Subscriber, sources).await {
+                        Ok(n) => {
+                            self.abandon(std::mem::replace(&mut j, n));
+                            reconnects += 1;
+                            last_media = tokio::time::Instant::now();
+                        }
+                        Err(f) => if !self.quiet {
+                            eprintln!("edgefwd load-test: a subscriber of {} told to move found no node: {}", self.room_name, f.detail);
+                        }
+                    }
+                    moved = self.follow_moves(&j);
+                }
                 _ = stalled, if self.target.edges && reconnects < RECONNECT_TRIES => {
+                    moved.abort();
                     match self.reconnect(&gate, sources, j).await {
-                        Ok(n) => j = n,
+                        Ok(n) => {
+                            j = n;
+                            moved = self.follow_moves(&j);
+                        }
                         Err(f) => {
                             // Nowhere to go: what it got so far is its outcome.
                             if !self.quiet {
@@ -369,6 +389,7 @@ impl Client {
                 },
             }
         }
+        moved.abort();
         let (join, profile, left) = self.finish(&gate, j).await;
         Outcome {
             role: Role::Subscriber,
@@ -384,6 +405,18 @@ impl Client {
             left,
             reconnects,
         }
+    }
+
+    /// A task that ends when session `j` is told to move (never without edge choice).
+    fn follow_moves(&self, j: &Joined) -> tokio::task::JoinHandle<()> {
+        if !self.target.edges {
+            return tokio::spawn(std::future::pending());
+        }
+        tokio::spawn(peer::move_asked(
+            j.node,
+            self.target.token.clone(),
+            j.resource.clone(),
+        ))
     }
 
     /// A new session at another node for a subscriber whose node stopped sending: the

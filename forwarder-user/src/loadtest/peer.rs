@@ -483,6 +483,40 @@ async fn post_offer(
 }
 
 /// DELETE of the client's resource: the session ends now rather than at consent loss.
+/// Returns when WHEP session `resource` at `node` is told to move (a `move` event on
+/// its event stream: the node drains); never, if none comes or the stream cannot be
+/// read (the stall check still moves the viewer).
+pub async fn move_asked(node: SocketAddr, token: Option<String>, resource: String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let never = std::future::pending::<()>();
+    let Ok(mut s) = tokio::net::TcpStream::connect(node).await else {
+        return never.await;
+    };
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let req = format!(
+        "GET {resource}/events HTTP/1.1\r\nHost: {node}\r\nAccept: text/event-stream\r\n{auth}\r\n"
+    );
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return never.await;
+    }
+    const MOVE: &[u8] = b"event: move";
+    let (mut seen, mut buf) = (Vec::new(), [0u8; 2048]);
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return never.await,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+        if seen.windows(MOVE.len()).any(|w| w == MOVE) {
+            return;
+        }
+        // Keep-alives only: what could start an event is all that is kept.
+        let keep = seen.len().saturating_sub(MOVE.len());
+        seen.drain(..keep);
+    }
+}
+
 pub async fn leave(target: &Target, resource: &str) -> Result<(), String> {
     match exchange(
         target.http,

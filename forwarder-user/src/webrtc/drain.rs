@@ -42,9 +42,41 @@ impl Sfu {
             HANDOFF.as_secs(),
             deadline.as_secs()
         );
+        // Viewers with an event stream move now, while this node still sends
+        // (make-before-break); the others notice their session's end.
+        if let Some(data) = self.move_notice() {
+            let rooms: Vec<String> = {
+                let st = self.state.lock().unwrap();
+                st.rooms
+                    .iter()
+                    .filter(|(_, r)| !r.subscribers.is_empty())
+                    .map(|(name, _)| name.clone())
+                    .collect()
+            };
+            for room in rooms {
+                let _ = self.events.send(super::sfu::RoomEvent {
+                    room,
+                    kind: "move",
+                    data: data.clone(),
+                });
+            }
+        }
         let sfu = self.clone();
         tokio::spawn(async move { sfu.drain(deadline).await });
         true
+    }
+
+    /// What a viewer's `move` event says while this node drains (None otherwise).
+    pub fn move_notice(&self) -> Option<serde_json::Value> {
+        self.draining().then(|| {
+            serde_json::json!({ "reason": "draining", "ends_in_ms": HANDOFF.as_millis() as u64 })
+        })
+    }
+
+    /// Whether session `id` is one of `room`'s.
+    pub fn has_session(&self, room: &str, id: &str) -> bool {
+        let st = self.state.lock().unwrap();
+        st.sessions.get(id).is_some_and(|s| s.room == room)
     }
 
     async fn drain(self: Arc<Self>, deadline: Duration) {

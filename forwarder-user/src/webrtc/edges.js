@@ -17,6 +17,14 @@
 // itself does not answer, asks the other candidates for their lists. The built-in
 // page does this on ICE failure or two seconds without video (make-before-break:
 // the new session plays before the old one is closed).
+//
+// A node that drains tells its viewers to move before it ends their sessions:
+//
+//   const stop = followMoves(resource, { token, onMove: (why) => ... });
+//
+// reads the WHEP session's event stream (GET RESOURCE/events) and calls onMove once
+// with {reason, ends_in_ms} when its node asks; move then as above (the old session
+// still plays meanwhile). stop() ends the stream.
 
 const PROBES = 3;
 const PROBE_TIMEOUT_MS = 2000;
@@ -46,6 +54,41 @@ export async function probe(url) {
     }
   }
   return best;
+}
+
+/// Follows WHEP session `resource` (its URL): calls `opts.onMove(data)` once when its
+/// node says to move. Returns a function that stops following.
+export function followMoves(resource, opts = {}) {
+  const ctl = new AbortController();
+  const headers = opts.token ? { Authorization: `Bearer ${opts.token}` } : {};
+  (async () => {
+    const r = await fetch(`${resource}/events`, { headers, signal: ctl.signal, cache: "no-store" });
+    if (!r.ok || !r.body) return;
+    const reader = r.body.getReader();
+    const text = new TextDecoder();
+    let buf = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buf += text.decode(value, { stream: true });
+      // Server-sent events: blank-line separated, "event:" and "data:" lines.
+      let end;
+      while ((end = buf.indexOf("\n\n")) >= 0) {
+        const block = buf.slice(0, end);
+        buf = buf.slice(end + 2);
+        const event = /^event: ?(.*)$/m.exec(block)?.[1];
+        const data = /^data: ?(.*)$/m.exec(block)?.[1];
+        if (event === "move") {
+          ctl.abort();
+          let parsed = {};
+          try { parsed = JSON.parse(data || "{}"); } catch (_) { /* reason unknown */ }
+          opts.onMove?.(parsed);
+          return;
+        }
+      }
+    }
+  })().catch(() => { /* aborted, or the node is gone: the stall check covers it */ });
+  return () => ctl.abort();
 }
 
 /// Asks `base` (a node's http URL) for candidates for `room`, probes them all at

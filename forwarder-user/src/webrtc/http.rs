@@ -64,7 +64,8 @@ pub fn router(api: Arc<Api>, with_admin: bool) -> Router {
                 .patch(no_trickle)
                 .options(options),
         )
-        .route("/whep/{room}/{id}/layers", axum::routing::put(set_layers));
+        .route("/whep/{room}/{id}/layers", axum::routing::put(set_layers))
+        .route("/whep/{room}/{id}/events", get(session_events));
     let r = super::edges::routes(r);
     let r = if with_admin { with_admin_routes(r) } else { r };
     r.with_state(api)
@@ -395,17 +396,56 @@ async fn sessions(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
 
 /// A room's events as server-sent events: `active_speaker` with the speaking
 /// publisher's session id (`{"speaker": "ID", "changes": N}`, null when nobody), the
-/// current one first. Same token as `/api/sessions`.
+/// current one first, and `move` when the node drains. Same token as `/api/sessions`.
 async fn room_events(
     State(api): State<Arc<Api>>,
     Path(room): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    use axum::response::sse::{Event, KeepAlive, Sse};
-    use futures_util::StreamExt as _;
+    use axum::response::sse::Event;
     if let Err(r) = check_auth(&api, &headers) {
         return r;
     }
+    let now = serde_json::json!({ "speaker": api.sfu.active_speaker(&room) });
+    let first = Event::default()
+        .event("active_speaker")
+        .data(now.to_string());
+    event_stream(&api, room, vec![first], None)
+}
+
+/// A WHEP session's events as server-sent events, for its client alone (public, same
+/// token as DELETE): `move` (`{"reason": "draining", "ends_in_ms": N}`) when it should
+/// watch the room at another node: this one drains, and ends the session in N ms.
+/// Sent at once to a client that connects while the node drains.
+async fn session_events(
+    State(api): State<Arc<Api>>,
+    Path((room, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    use axum::response::sse::Event;
+    if let Err(r) = check_auth(&api, &headers) {
+        return r;
+    }
+    if !api.sfu.has_session(&room, &id) {
+        return api_error(ApiError::UnknownSession);
+    }
+    let first = match api.sfu.move_notice() {
+        Some(data) => vec![Event::default().event("move").data(data.to_string())],
+        None => vec![],
+    };
+    event_stream(&api, room, first, Some("move"))
+}
+
+/// `first`, then the room's events (of kind `only`, if given) as server-sent events,
+/// each stream within the streams' budget and lifetime.
+fn event_stream(
+    api: &Api,
+    room: String,
+    first: Vec<axum::response::sse::Event>,
+    only: Option<&'static str>,
+) -> Response {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use futures_util::StreamExt as _;
     // Its own budget: streams last, and must not take every connection (or fd).
     let Ok(place) = api.streams.clone().try_acquire_owned() else {
         let mut r = text(
@@ -417,19 +457,13 @@ async fn room_events(
         return r;
     };
     let rx = api.sfu.events.subscribe();
-    let now = serde_json::json!({ "speaker": api.sfu.active_speaker(&room) });
-    let first = futures_util::stream::once(async move {
-        Ok::<_, std::convert::Infallible>(
-            Event::default()
-                .event("active_speaker")
-                .data(now.to_string()),
-        )
-    });
-    let rest = futures_util::stream::unfold((rx, room), |(mut rx, room)| async move {
+    let first =
+        futures_util::stream::iter(first.into_iter().map(Ok::<_, std::convert::Infallible>));
+    let rest = futures_util::stream::unfold((rx, room), move |(mut rx, room)| async move {
         use tokio::sync::broadcast::error::RecvError;
         loop {
             match rx.recv().await {
-                Ok(ev) if ev.room == room => {
+                Ok(ev) if ev.room == room && only.is_none_or(|k| k == ev.kind) => {
                     let e = Event::default().event(ev.kind).data(ev.data.to_string());
                     return Some((Ok(e), (rx, room)));
                 }

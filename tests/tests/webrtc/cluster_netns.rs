@@ -149,6 +149,47 @@ fn five_nodes_in_five_namespaces_serve_one_room_through_the_directory() {
 /// without a reload.
 #[test]
 fn a_chromium_viewer_whose_edge_dies_moves_to_another_node() {
+    let (r, edge) = chromium_viewer_moves(|_, n| n.child.kill9());
+    assert!(r["moves"].as_u64() >= Some(1), "{r:#}");
+    eprintln!(
+        "Chromium viewer: node {edge} killed, decoding at another node {} ms later",
+        r["movedMs"]
+    );
+}
+
+/// As above, the edge drained instead (`edgefwd drain`): the page follows its WHEP
+/// session's event stream (`followMoves` in edges.js), is told to move, and plays at
+/// another node before the draining one ends its session (4 s): its one move says
+/// why.
+#[test]
+fn a_chromium_viewer_whose_edge_drains_moves_when_told() {
+    let (r, edge) = chromium_viewer_moves(|f, n| {
+        let api = n.base.clone();
+        let out = f
+            .hub
+            .command(edgefwd_bin().to_str().unwrap())
+            .args(["drain", "--no-wait", "--api", &api, "--deadline", "30"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+    assert_eq!(r["moveReasons"], serde_json::json!(["draining"]), "{r:#}");
+    let ms = r["movedMs"].as_u64().unwrap();
+    eprintln!("Chromium viewer: node {edge} drained, decoding at another node {ms} ms later");
+    assert!(
+        ms < 4000,
+        "moved before the drained node ended the session: {ms} ms"
+    );
+}
+
+/// A Chromium viewer (the page's edge choice) of a room on n1 (full: its one viewer
+/// place taken), at n2 or n3; `end` ends that edge once it decodes. Returns the
+/// viewer's result (it moved and decoded at another node) and the edge's name.
+fn chromium_viewer_moves(end: impl FnOnce(&Fabric, &mut Sfu)) -> (Value, String) {
     edgefwd_tests::require_root();
     let f = Fabric::new(3);
     let redis = RedisServer::start_in(&f.hub, "198.51.100.1");
@@ -214,7 +255,7 @@ fn a_chromium_viewer_whose_edge_dies_moves_to_another_node() {
     let edge = (1..3)
         .find(|i| whep.starts_with(&nodes[*i].base))
         .unwrap_or_else(|| panic!("the viewer is at n2 or n3 (n1 is full): {whep}"));
-    nodes[edge].child.kill9();
+    end(&f, &mut nodes[edge]);
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
     let status = viewer.wait().unwrap();
@@ -227,12 +268,7 @@ fn a_chromium_viewer_whose_edge_dies_moves_to_another_node() {
         status.success(),
         "the viewer moved and decoded: {err}\n{r:#}"
     );
-    assert!(r["moves"].as_u64() >= Some(1), "{r:#}");
-    eprintln!(
-        "Chromium viewer: node {} killed, decoding at another node {} ms later",
-        name_of(edge),
-        r["movedMs"]
-    );
     let _ = publisher.kill();
     let _ = publisher.wait();
+    (r, name_of(edge))
 }
