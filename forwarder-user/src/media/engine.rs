@@ -105,6 +105,11 @@ pub enum Command {
         id: SessionId,
         up_to: crate::media::srtp::Marks,
     },
+    /// Session `id` is no longer kept for a next process (its record is gone): it
+    /// sends without reservations.
+    Unkeep {
+        id: SessionId,
+    },
     AddTrack {
         id: TrackId,
         session: SessionId,
@@ -203,7 +208,8 @@ impl Command {
             | Command::RemoveSession { id }
             | Command::BindRelay { id, .. }
             | Command::ResumeRx { id, .. }
-            | Command::Reserve { id, .. } => *id,
+            | Command::Reserve { id, .. }
+            | Command::Unkeep { id } => *id,
             Command::AddTrack { session, .. } => *session,
             Command::AddDownTrack { sub, .. } | Command::SetLayers { sub, .. } => *sub,
             Command::AddTrunk { relay, .. } | Command::SetTrunkLayers { relay, .. } => *relay,

@@ -65,7 +65,10 @@ pub fn router(api: Arc<Api>, with_admin: bool) -> Router {
                 .options(options),
         )
         .route("/whep/{room}/{id}/layers", axum::routing::put(set_layers))
-        .route("/whep/{room}/{id}/events", get(session_events));
+        .route(
+            "/whep/{room}/{id}/events",
+            get(session_events).options(options),
+        );
     let r = super::edges::routes(r);
     let r = if with_admin { with_admin_routes(r) } else { r };
     r.with_state(api)

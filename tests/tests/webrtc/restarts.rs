@@ -635,3 +635,78 @@ fn a_cluster_node_restarts_and_its_viewers_keep_the_room() {
     assert!(stall < 800.0, "a stall of {stall} ms");
     drop(bd);
 }
+
+/// The runtime directory goes away mid-call (replaced by a file, so no record can be
+/// written): the sessions stop being kept rather than stall at their reservation. A
+/// 4 Mbit/s call runs past two reservations' worth of packets (2,048 each) with
+/// no copy refused (`srtp_unreserved`), and the load test's gate holds.
+#[test]
+fn a_call_goes_on_when_its_sessions_cannot_be_kept() {
+    let _k = kernel_lock();
+    let f = Fixed::new("");
+    let _d = f.start();
+    let runtime = f.dirs[1].clone();
+    let load = Command::new(edgefwd_bin())
+        .args([
+            "load-test",
+            "--url",
+            &f.base,
+            "--rooms",
+            "1",
+            "--publishers",
+            "1",
+        ])
+        .args([
+            "--subscribers",
+            "2",
+            "--concurrency",
+            "1",
+            "--video-bitrate",
+            "4000",
+        ])
+        .args([
+            "--duration",
+            "12",
+            "--room-prefix",
+            &unique("unkept"),
+            "--json",
+            "--quiet",
+        ])
+        .args(["--max-loss", "2", "--max-gap", "2"])
+        .env_remove("EDGEFWD_TOKEN")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until(20, "the publisher and two viewers connected", || {
+        f.connected() == 3
+    });
+    let dir = std::fs::read_dir(&runtime)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.is_dir())
+        .expect("the sessions' directory");
+    let records = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .count();
+    assert_eq!(records, 3, "a record per session");
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::write(&dir, b"not a directory").unwrap();
+    let r = super::failover::passed(load, "the call with its records gone");
+    let sent: u64 = r["tracks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["kind"] == "video")
+        .map(|t| t["sent"].as_u64().unwrap())
+        .sum();
+    assert!(
+        sent > 2 * 2048,
+        "past two reservations: {sent} video packets"
+    );
+    let c = get_json(&f.base, "/api/sessions")["counters"].clone();
+    assert_eq!(c["drops"]["srtp_unreserved"], 0, "{c}");
+}

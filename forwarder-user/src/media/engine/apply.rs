@@ -115,6 +115,11 @@ impl Engine {
                 }
             }
             Command::Reserve { id, up_to } => self.reserve(id, &up_to),
+            Command::Unkeep { id } => {
+                if let Some(srtp) = self.sessions.get_mut(&id).and_then(|s| s.srtp.as_mut()) {
+                    srtp.tx.release();
+                }
+            }
             Command::ResumeRx { id, streams } => {
                 if let Some(srtp) = self.sessions.get_mut(&id).and_then(|s| s.srtp.as_mut()) {
                     for (ssrc, highest) in streams {

@@ -139,6 +139,12 @@ impl Context {
         }
     }
 
+    /// Sends under any index again: no record will ever resume these keys (the owner
+    /// removed it), so there is nothing a later process could reuse.
+    pub fn release(&mut self) {
+        self.reserved = None;
+    }
+
     /// Nothing more may be sent: the reservation comes down to what was used, so a
     /// process that hands its sessions over can persist the exact marks and the next
     /// one resumes one past them (no jump).

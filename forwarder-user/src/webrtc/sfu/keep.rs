@@ -186,7 +186,23 @@ impl Keeper {
     }
 
     pub fn forget(&self, id: &str) {
-        let _ = std::fs::remove_file(self.path(id));
+        let _ = self.remove(id);
+    }
+
+    /// Removes session `id`'s record (none is fine).
+    pub fn remove(&self, id: &str) -> anyhow::Result<()> {
+        match std::fs::remove_file(self.path(id)) {
+            // Gone with its directory too (ENOTDIR: something else stands there).
+            Err(e)
+                if !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                ) =>
+            {
+                Err(e).with_context(|| format!("removing {}", self.path(id).display()))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Every session file younger than `max_age`; older or unreadable ones are
@@ -327,7 +343,7 @@ impl Sfu {
         }
         for (id, media, saved, up_to) in writes {
             if let Err(e) = keeper.save(&saved) {
-                log::warn!("session {id}: {e:#}; its reservation stays where it was");
+                self.unkeep(keeper, &id, media, &e);
                 continue;
             }
             self.command(Command::Reserve {
@@ -346,6 +362,29 @@ impl Sfu {
                 k.saved_at = now;
                 k.dirty = false;
             }
+        }
+    }
+
+    /// A session whose record could not be written (a full or read-only runtime
+    /// directory): rather than stall it at its reservation, it stops being kept. Its
+    /// record is removed first; only if that worked may it send past what the record
+    /// said (no later process can resume its keys then). It ends with this process.
+    fn unkeep(&self, keeper: &Keeper, id: &str, media: SessionId, e: &anyhow::Error) {
+        match keeper.remove(id) {
+            Ok(()) => {
+                log::warn!(
+                    "session {id}: {e:#}; it is no longer kept for the next process (it ends \
+                     with this one); give [webrtc] runtime_dir room"
+                );
+                self.command(Command::Unkeep { id: media });
+                if let Some(s) = self.state.lock().unwrap().sessions.get_mut(id) {
+                    s.kept = None;
+                }
+            }
+            Err(r) => log::error!(
+                "session {id}: {e:#}, and its old record cannot be removed ({r:#}): it sends \
+                 only what that record covers, then stalls (fix [webrtc] runtime_dir)"
+            ),
         }
     }
 
