@@ -204,28 +204,28 @@ impl Fixed {
 
     /// The session ids the daemon has, sorted.
     fn sessions(&self) -> Vec<String> {
-        let s = get_json(&self.base, "/api/sessions");
-        let mut ids: Vec<String> = s["rooms"]
-            .as_object()
-            .unwrap()
-            .values()
-            .flat_map(|r| r.as_array().unwrap().iter())
-            .map(|x| x["id"].as_str().unwrap().to_string())
-            .collect();
-        ids.sort();
-        ids
+        session_ids(&get_json(&self.base, "/api/sessions")).0
     }
 
     fn connected(&self) -> usize {
-        let s = get_json(&self.base, "/api/sessions");
-        s["rooms"]
-            .as_object()
-            .unwrap()
-            .values()
-            .flat_map(|r| r.as_array().unwrap().iter())
-            .filter(|x| x["connected"] == true)
-            .count()
+        session_ids(&get_json(&self.base, "/api/sessions")).1
     }
+}
+
+/// The session ids in `/api/sessions` (sorted), and how many are connected.
+fn session_ids(s: &Value) -> (Vec<String>, usize) {
+    let all: Vec<&Value> = s["rooms"]
+        .as_object()
+        .unwrap()
+        .values()
+        .flat_map(|r| r.as_array().unwrap().iter())
+        .collect();
+    let mut ids: Vec<String> = all
+        .iter()
+        .map(|x| x["id"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    (ids, all.iter().filter(|x| x["connected"] == true).count())
 }
 
 impl Drop for Fixed {
@@ -460,23 +460,13 @@ fn a_call_continues_through_restarts_on_the_af_xdp_path() {
     let sessions = |what: &str| -> (Vec<String>, usize) {
         let s = ns_json(&t.forwarder, &base, "/api/sessions");
         assert_eq!(s["media_path"]["path"], "af_xdp", "{what}: {s}");
-        let all: Vec<&Value> = s["rooms"]
-            .as_object()
-            .unwrap()
-            .values()
-            .flat_map(|r| r.as_array().unwrap().iter())
-            .collect();
-        let mut ids: Vec<String> = all
-            .iter()
-            .map(|x| x["id"].as_str().unwrap().to_string())
-            .collect();
-        ids.sort();
-        (ids, all.iter().filter(|x| x["connected"] == true).count())
+        session_ids(&s)
     };
     let mut d = start();
     // Planned: 400 ms, not the 200 ms target. The new daemon loads and attaches its
     // XDP program before it takes the sessions up (~140 ms here), and the old one's
-    // AF_XDP sockets are gone by then; handing the sockets over would close that gap.
+    // AF_XDP sockets are gone by then; a take-over (the old one serving meanwhile)
+    // closes that gap.
     for (kind, limit_ms) in [
         ("planned restart (SIGTERM)", 400.0),
         ("kill -9 and restart", 1000.0),
