@@ -7,9 +7,11 @@
 //! The writer runs every [`TICK`] off the packet path: it reads each session's send
 //! marks from its engine, and where a stream has used half of what is reserved, it
 //! persists a mark [`AHEAD`] further and only then hands it to the engine
-//! (`Command::Reserve`). A stop for a restart seals every send context first (nothing
-//! more is sent), so the marks saved then are exact and the next process continues
-//! one number on.
+//! (`Command::Reserve`). A stop for a restart (SIGTERM, or a take-over by a new
+//! process: `webrtc/handover.rs`) seals every send context first (nothing more is
+//! sent), so the marks saved then are exact and the next process continues one
+//! number on. A record that cannot be written is removed and its session is no longer
+//! kept (its sends released) rather than stalled at its reservation.
 
 use std::{
     io::Write as _,
