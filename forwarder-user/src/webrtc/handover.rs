@@ -3,7 +3,8 @@
 //!
 //! The new `edgefwd run` does its slow start (loading and attaching the XDP program)
 //! while the old one still serves, then connects to the old one's hand-over socket
-//! (`<runtime_dir>/sessions-<port>/handover.sock`, root only). The old one seals and
+//! (`<runtime_dir>/sessions-<netns>-<ip>-<port>/handover.sock`, root only: one per
+//! namespace and media address). The old one seals and
 //! saves its sessions (as for SIGTERM), passes its media socket over the Unix socket
 //! (SCM_RIGHTS) and exits; the new one waits until it is gone (its AF_XDP sockets are
 //! closed with it, so the queues are free), then takes the sessions up on the same

@@ -105,7 +105,7 @@ fn keeper(cfg: &WebrtcConfig) -> Option<sfu::keep::Keeper> {
         );
         return None;
     }
-    match sfu::keep::Keeper::open(&cfg.runtime_dir, cfg.media.port()) {
+    match sfu::keep::Keeper::open(&cfg.runtime_dir, cfg.media) {
         Ok(k) => Some(k),
         Err(e) => {
             log::warn!(

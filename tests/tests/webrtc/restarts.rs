@@ -700,3 +700,44 @@ fn a_call_goes_on_when_its_sessions_cannot_be_kept() {
     let c = get_json(&f.base, "/api/sessions")["counters"].clone();
     assert_eq!(c["drops"]["srtp_unreserved"], 0, "{c}");
 }
+
+/// Two daemons on one host with the same ports on different addresses (as in the
+/// demo's namespaces) and one runtime directory: each keeps its own sessions, and the
+/// second takes nothing over from the first (both keep running and answering).
+#[test]
+fn daemons_beside_each_other_keep_their_own_sessions() {
+    let _k = kernel_lock();
+    let port = free_port();
+    let runtime = std::env::temp_dir().join(unique("edgefwd-run-"));
+    let start = |ip: &str| {
+        let cfg = std::env::temp_dir().join(format!("{}.toml", unique("edgefwd-beside-")));
+        std::fs::write(
+            &cfg,
+            format!(
+                "[webrtc]\nhttp = \"{ip}:{port}\"\nmedia = \"{ip}:{port}\"\nruntime_dir = \"{}\"\n",
+                runtime.display()
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new(edgefwd_bin());
+        cmd.args(["run", "--datapath", "user", "--config"])
+            .arg(&cfg);
+        (spawn_edgefwd(cmd), cfg)
+    };
+    let (mut first, c1) = start("127.0.0.1");
+    let (second, c2) = start("127.0.0.2");
+    assert!(
+        first.wait_exit(Duration::from_secs(1)).is_none(),
+        "the first daemon was not taken over by one on another address"
+    );
+    for ip in ["127.0.0.1", "127.0.0.2"] {
+        get_json(&format!("http://{ip}:{port}"), "/api/sessions");
+    }
+    let dirs = std::fs::read_dir(&runtime).unwrap().count();
+    assert_eq!(dirs, 2, "a sessions directory per address");
+    drop((first, second));
+    for p in [c1, c2] {
+        let _ = std::fs::remove_file(p);
+    }
+    let _ = std::fs::remove_dir_all(&runtime);
+}

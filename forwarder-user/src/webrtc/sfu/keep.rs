@@ -148,9 +148,17 @@ pub struct Keeper {
 }
 
 impl Keeper {
-    /// `<runtime_dir>/sessions-<port>`, made (mode 0700) if missing.
-    pub fn open(runtime_dir: &Path, port: u16) -> anyhow::Result<Keeper> {
-        let dir = runtime_dir.join(format!("sessions-{port}"));
+    /// `<runtime_dir>/sessions-<netns>-<ip>-<port>` for the media address `media`,
+    /// made (mode 0700) if missing. The network namespace (its inode) and the address
+    /// are part of the name: daemons on one host in other namespaces, or on other
+    /// addresses of the same port, each keep their own sessions (and a new daemon
+    /// takes over only the one it replaces).
+    pub fn open(runtime_dir: &Path, media: SocketAddr) -> anyhow::Result<Keeper> {
+        use std::os::unix::fs::MetadataExt as _;
+        let ns = std::fs::metadata("/proc/self/ns/net")
+            .map(|m| m.ino())
+            .context("reading this process's network namespace (/proc/self/ns/net)")?;
+        let dir = runtime_dir.join(format!("sessions-{ns}-{}-{}", media.ip(), media.port()));
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
