@@ -125,6 +125,14 @@ pub fn edgefwd_bin() -> PathBuf {
 /// when the calling thread ends, so a test or bench killed by a signal (no unwinding,
 /// no guard drop) does not leave it running: call this from the thread that owns the
 /// guard.
+/// A free TCP and UDP port on loopback (bound, then let go): for a daemon on fixed
+/// ports, which a restarted one binds again.
+pub fn free_port() -> u16 {
+    let t = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = t.local_addr().unwrap().port();
+    std::net::UdpSocket::bind(("127.0.0.1", port)).map_or_else(|_| free_port(), |_| port)
+}
+
 pub fn spawn_edgefwd(mut cmd: Command) -> Edgefwd {
     use std::os::unix::process::CommandExt;
     // SAFETY: the pre_exec closure only calls prctl (async-signal-safe) between fork and exec.

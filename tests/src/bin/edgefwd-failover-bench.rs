@@ -26,7 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use edgefwd_tests::{Edgefwd, RedisServer, edgefwd_bin, spawn_edgefwd, unique};
+use edgefwd_tests::{Edgefwd, RedisServer, edgefwd_bin, free_port, spawn_edgefwd, unique};
 use serde_json::{Value, json};
 
 struct Node {
@@ -77,13 +77,6 @@ fn wait(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
         assert!(Instant::now() < until, "{what} within {secs} s");
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-/// A free TCP and UDP port on loopback (bound, then let go).
-fn free_port() -> u16 {
-    let t = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = t.local_addr().unwrap().port();
-    std::net::UdpSocket::bind(("127.0.0.1", port)).map_or_else(|_| free_port(), |_| port)
 }
 
 /// One node on fixed ports, a call there, the node restarted (SIGTERM, or SIGKILL

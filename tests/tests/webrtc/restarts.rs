@@ -1,6 +1,7 @@
 //! Daemons that did not stop cleanly, and the daemon that comes after them.
 
 use super::*;
+use edgefwd_tests::free_port;
 
 /// `kill -9` of an AF_XDP daemon leaves its XDP program attached (the link is pinned)
 /// with the media address still steered to AF_XDP sockets that are gone. A daemon
@@ -65,13 +66,6 @@ fn a_socket_path_daemon_after_a_killed_af_xdp_one_gets_media() {
     );
     assert_eq!(r["total"]["worst_loss_pct"], 0.0, "{r:#}");
     let _ = std::fs::remove_file(&cfg);
-}
-
-/// A free TCP and UDP port on loopback (bound, then let go).
-fn free_port() -> u16 {
-    let t = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = t.local_addr().unwrap().port();
-    std::net::UdpSocket::bind(("127.0.0.1", port)).map_or_else(|_| free_port(), |_| port)
 }
 
 /// A Chromium viewer connected to a daemon that is killed and started again on the

@@ -23,21 +23,29 @@ use super::{Context, E_FLAG, Error, MAX_STREAMS, Window};
 /// SRTCP index (None: no SRTCP yet).
 #[derive(Default)]
 pub(super) struct Reserved {
-    rtp: HashMap<u32, u64>,
+    /// One lookup per packet: an SSRC's whole allowance.
+    rtp: HashMap<u32, Span>,
     rtcp: Option<u32>,
-    /// Per SSRC resumed here: the index it resumed after. Anything at or below it
-    /// may have been sent by an earlier process (a late packet renumbered into the
-    /// past, an answer to a NACK): refused, never sent twice.
-    floor: HashMap<u32, u64>,
+}
+
+/// The RTP indices one SSRC may use: above `floor`, up to `up_to`.
+#[derive(Default, Clone, Copy)]
+struct Span {
+    /// Resumed here: the index it resumed after. Anything at or below it may have
+    /// been sent by an earlier process (a late packet renumbered into the past, an
+    /// answer to a NACK): refused, never sent twice.
+    floor: Option<u64>,
+    /// The highest reserved (None: nothing yet).
+    up_to: Option<u64>,
 }
 
 impl Reserved {
     pub(super) fn allows_rtp(&self, ssrc: u32, index: u64) -> Result<(), Error> {
-        if self.floor.get(&ssrc).is_some_and(|f| index <= *f) {
-            return Err(Error::Unreserved);
-        }
         match self.rtp.get(&ssrc) {
-            Some(&up_to) if index <= up_to => Ok(()),
+            Some(Span {
+                floor,
+                up_to: Some(up_to),
+            }) if index <= *up_to && floor.is_none_or(|f| index > f) => Ok(()),
             _ => Err(Error::Unreserved),
         }
     }
@@ -119,7 +127,7 @@ impl Context {
     pub fn start_tx(&mut self, ssrc: u32, highest: u64) {
         self.resume_rtp(ssrc, highest);
         if let Some(r) = self.reserved.as_mut() {
-            r.floor.insert(ssrc, highest);
+            r.rtp.entry(ssrc).or_default().floor = Some(highest);
         }
     }
 
@@ -130,8 +138,8 @@ impl Context {
             return;
         };
         for &(ssrc, up_to) in rtp {
-            let e = r.rtp.entry(ssrc).or_insert(up_to);
-            *e = (*e).max(up_to);
+            let span = r.rtp.entry(ssrc).or_default();
+            span.up_to = Some(span.up_to.map_or(up_to, |x| x.max(up_to)));
         }
         if let Some(up_to) = rtcp {
             let up_to = up_to & !E_FLAG;
@@ -151,9 +159,21 @@ impl Context {
     pub fn seal(&mut self) -> Marks {
         let used = self.tx_marks();
         self.reserved = Some(Box::new(Reserved {
-            rtp: used.rtp.iter().copied().collect(),
+            rtp: used
+                .rtp
+                .iter()
+                .map(|&(ssrc, used)| {
+                    let floor = self.reserved.as_ref().and_then(|r| r.rtp.get(&ssrc)?.floor);
+                    (
+                        ssrc,
+                        Span {
+                            floor,
+                            up_to: Some(used),
+                        },
+                    )
+                })
+                .collect(),
             rtcp: used.rtcp,
-            floor: HashMap::new(),
         }));
         used
     }
