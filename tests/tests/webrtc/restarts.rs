@@ -160,14 +160,14 @@ fn a_viewer_of_a_restarted_daemon_fails_fast() {
 
 /// A daemon's config on fixed ports (the next process binds the same ones) with its
 /// own state and runtime directories, removed on drop.
-struct Fixed {
+pub(super) struct Fixed {
     cfg: std::path::PathBuf,
     dirs: Vec<std::path::PathBuf>,
-    base: String,
+    pub(super) base: String,
 }
 
 impl Fixed {
-    fn new(extra: &str) -> Fixed {
+    pub(super) fn new(extra: &str) -> Fixed {
         let port = free_port();
         let state = std::env::temp_dir().join(unique("edgefwd-state-"));
         let runtime = std::env::temp_dir().join(unique("edgefwd-run-"));
@@ -189,7 +189,7 @@ impl Fixed {
         }
     }
 
-    fn start(&self) -> edgefwd_tests::Edgefwd {
+    pub(super) fn start(&self) -> edgefwd_tests::Edgefwd {
         let mut cmd = Command::new(edgefwd_bin());
         cmd.args(["run", "--datapath", "user", "--config"])
             .arg(&self.cfg);
@@ -197,11 +197,11 @@ impl Fixed {
     }
 
     /// The session ids the daemon has, sorted.
-    fn sessions(&self) -> Vec<String> {
+    pub(super) fn sessions(&self) -> Vec<String> {
         session_ids(&get_json(&self.base, "/api/sessions")).0
     }
 
-    fn connected(&self) -> usize {
+    pub(super) fn connected(&self) -> usize {
         session_ids(&get_json(&self.base, "/api/sessions")).1
     }
 }
@@ -259,7 +259,7 @@ fn call(base: &str, subs: usize, secs: u64, max_gap: f64) -> std::process::Child
 /// then a new process ("planned"), SIGKILL then a new process ("kill"), or a new
 /// process started while the old one serves, which hands its sessions over and exits
 /// by itself ("take-over").
-fn restart(
+pub(super) fn restart(
     kind: &str,
     mut old: edgefwd_tests::Edgefwd,
     start: impl FnOnce() -> edgefwd_tests::Edgefwd,
