@@ -232,6 +232,8 @@ try {
   } else if (role === 'publish') {
     await sleep(hold * 1000);
     result.publisher = await pub.page.evaluate(() => window.summary(window.pubPc));
+    result.pubMoves = await pub.page.evaluate(() => window.pubMoves);
+    result.pubMoveReasons = await pub.page.evaluate(() => window.pubMoveReasons);
   } else {
     sub = await launch();
     browsers.push(sub);

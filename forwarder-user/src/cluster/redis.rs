@@ -142,6 +142,20 @@ redis.call('HSET', KEYS[1], 'node', ARGV[1], 'epoch', epoch)
 return {ARGV[1], epoch}
 "#;
 
+/// Hands a room over from its draining origin. KEYS[1] the room; ARGV[1] the new
+/// origin, ARGV[2] the old one, ARGV[3] the old epoch. The room is the new origin's,
+/// one epoch on, only if it is still the old one's at that epoch (else unchanged).
+const TAKE_OVER: &str = r#"
+local cur = redis.call('HGET', KEYS[1], 'node')
+local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0')
+if cur == ARGV[2] and epoch == tonumber(ARGV[3]) then
+  epoch = epoch + 1
+  redis.call('HSET', KEYS[1], 'node', ARGV[1], 'epoch', epoch)
+  return {ARGV[1], epoch}
+end
+return {cur or '', epoch}
+"#;
+
 /// This node's connection to the cluster's Redis.
 #[derive(Clone)]
 pub struct Directory {
@@ -237,6 +251,16 @@ impl Directory {
             .query_async::<()>(&mut con)
             .await
             .context("renewing this node's lease in Redis")
+    }
+
+    /// Says in this node's lease that it drains now, rather than at the next renewal
+    /// (clients told to move ask other nodes at once, which must not send them back).
+    pub async fn mark_draining(&self) -> Result<()> {
+        if let Some(mut l) = self.lease(&self.me).await? {
+            l.draining = true;
+            self.renew(&l).await?;
+        }
+        Ok(())
     }
 
     /// A node's lease, if it is alive.
@@ -410,6 +434,37 @@ impl Directory {
             }
             None => self.claim(room).await,
         }
+    }
+
+    /// Where `room` goes when its origin drains: the first placement candidate among
+    /// the live nodes that serve WHIP (or this one, unless `draining_here`: its lease
+    /// may not say so yet) and do not drain (None: no such node is live).
+    pub async fn successor(&self, room: &str, draining_here: bool) -> Result<Option<Lease>> {
+        let leases: Vec<Lease> = self
+            .live_nodes()
+            .await?
+            .into_iter()
+            .filter(|l| (l.http.is_some() || l.node == self.me) && !l.draining)
+            .filter(|l| !(draining_here && l.node == self.me))
+            .collect();
+        Ok(super::placement::candidates(room, &leases)
+            .first()
+            .map(|l| (*l).clone()))
+    }
+
+    /// Takes `room` over from `from`, its draining origin, for this node: the room's
+    /// origin afterwards (this node one epoch on, or whoever got it meanwhile).
+    pub async fn take_over(&self, room: &str, from: &Origin) -> Result<Origin> {
+        let mut con = self.con.clone();
+        let (node, epoch): (String, u64) = redis::Script::new(TAKE_OVER)
+            .key(room_key(room))
+            .arg(&self.me)
+            .arg(&from.node)
+            .arg(from.epoch)
+            .invoke_async(&mut con)
+            .await
+            .with_context(|| format!("taking room {room:?} over in Redis"))?;
+        Ok(Origin { node, epoch })
     }
 
     /// Where this node gets `room` from: its parent in the room's tree (attached now

@@ -29,6 +29,15 @@ const FAILOVER_CONSENT: Duration = Duration::from_millis(250);
 /// New sessions a subscriber tries after a stall before it gives up.
 const RECONNECT_TRIES: u32 = 5;
 
+/// A publisher's new session being made while it still sends on its old one.
+type Joining<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Joined, Failure>> + Send + 'a>>;
+
+/// A publisher told to move sends to its old session as well for this long (the
+/// draining node's hand-off: it ends the session then), so the nodes below switch to
+/// the room's new origin while the old one still has the media.
+const MOVE_OVERLAP: Duration = Duration::from_secs(4);
+
 impl Client {
     async fn join(&self, gate: &Semaphore, role: Role, sources: usize) -> Result<Joined, Failure> {
         let r = self.join_again(gate, role, sources).await;
@@ -135,10 +144,54 @@ impl Client {
         let mut plis = 0;
         let mut reconnects = 0;
         let live = self.live.clone();
+        let mut moved = self.publisher_moves(&j);
+        // Told to move: the new session being made (media goes on meanwhile), then the
+        // old session it still sends to, until when.
+        let mut joining: Option<Joining<'_>> = None;
+        let mut old: Option<(Joined, tokio::time::Instant)> = None;
         loop {
             let due = next_audio.min(next_video).min(next_consent);
+            let old_until = old.as_ref().map(|o| o.1);
             tokio::select! {
                 _ = stop.changed() => break,
+                _ = &mut moved, if joining.is_none() => {
+                    // Its node drains: publish again at the room's next node while the
+                    // old session still carries the media (make-before-break).
+                    joining = Some(Box::pin(self.join_again(&gate, Role::Publisher, 1)));
+                    moved = tokio::spawn(std::future::pending());
+                }
+                r = async { joining.as_mut().expect("guarded").await }, if joining.is_some() => {
+                    let n = match r {
+                        Ok(n) => n,
+                        Err(f) => {
+                            if !self.quiet {
+                                eprintln!("edgefwd load-test: publishing {} again: {}", self.room_name, f.detail);
+                            }
+                            let (me, gate) = (&self, &gate);
+                            joining = Some(Box::pin(async move {
+                                tokio::time::sleep(Duration::from_millis(300)).await;
+                                me.join_again(gate, Role::Publisher, 1).await
+                            }));
+                            continue;
+                        }
+                    };
+                    joining = None;
+                    let was = std::mem::replace(&mut j, n);
+                    if let Some((o, _)) = old.replace((was, tokio::time::Instant::now() + MOVE_OVERLAP)) {
+                        self.abandon(o);
+                    }
+                    audio.stream.ssrc = j.ssrcs[0];
+                    video.stream.ssrc = j.ssrcs[1];
+                    video.key_requested = true;
+                    reconnects += 1;
+                    last_heard = tokio::time::Instant::now();
+                    moved = self.publisher_moves(&j);
+                }
+                _ = tokio::time::sleep_until(old_until.unwrap_or(due)), if old_until.is_some() => {
+                    if let Some((o, _)) = old.take() {
+                        self.abandon(o);
+                    }
+                }
                 _ = tokio::time::sleep_until(last_heard + STALL), if failover => {
                     // Its node is silent (gone?): publish again where the cluster puts
                     // the room now; the streams' stamps go on, so viewers count the gap.
@@ -160,6 +213,9 @@ impl Client {
                     let now_ns = self.now_ns();
                     if now >= next_audio {
                         let n = audio.next(&mut out, now_ns);
+                        if let Some((o, _)) = old.as_mut() {
+                            send_copy(o, 0, &out[..n], overhead).await;
+                        }
                         send_srtp(&j.sock, &mut j.tx, &mut out, n, overhead, &live).await;
                         next_audio += traffic::AUDIO_INTERVAL;
                     }
@@ -168,6 +224,9 @@ impl Client {
                         video.next_frame(&mut out, now_ns, |b, len| frame.push(b[..len].to_vec()));
                         for mut p in frame {
                             let n = p.len();
+                            if let Some((o, _)) = old.as_mut() {
+                                send_copy(o, 1, &p, overhead).await;
+                            }
                             p.resize(n + overhead, 0);
                             send_srtp(&j.sock, &mut j.tx, &mut p, n, overhead, &live).await;
                         }
@@ -201,8 +260,24 @@ impl Client {
                 },
             }
         }
+        if let Some((o, _)) = old.take() {
+            self.abandon(o);
+        }
         let (join, profile, left) = self.finish(&gate, j).await;
         self.publisher_outcome((join, profile, left), &audio, &video, plis, reconnects)
+    }
+
+    /// A task that ends when publisher session `j` is told to move (followed with
+    /// `--edges` or `--failover`, as the shipped JS module does).
+    fn publisher_moves(&self, j: &Joined) -> tokio::task::JoinHandle<()> {
+        if !self.target.edges && !self.target.failover {
+            return tokio::spawn(std::future::pending());
+        }
+        tokio::spawn(peer::move_asked(
+            j.node,
+            self.target.token.clone(),
+            j.resource.clone(),
+        ))
     }
 
     /// What a publisher came to: its join (time, SRTP profile, DELETE), what it sent.

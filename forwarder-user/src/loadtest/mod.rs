@@ -382,6 +382,18 @@ async fn send_srtp(
     }
 }
 
+/// A copy of plain RTP packet `plain` to publisher session `old` (one told to move,
+/// still sending until its node lets go), as its stream `which` (0 audio, 1 video):
+/// its SSRC, its keys; the numbering is the stream's own, so it continues on both.
+async fn send_copy(old: &mut peer::Joined, which: usize, plain: &[u8], overhead: usize) {
+    let mut b = plain.to_vec();
+    b[8..12].copy_from_slice(&old.ssrcs[which].to_be_bytes());
+    b.resize(plain.len() + overhead, 0);
+    if let Ok(n) = old.tx.protect_rtp(&mut b, plain.len()) {
+        let _ = old.sock.send(&b[..n]).await;
+    }
+}
+
 /// Whether a `peer::leave` error is the server's 4xx answer ("DELETE /x: 404: ...").
 fn is_4xx(e: &str) -> bool {
     e.split(": ").nth(1).is_some_and(|c| {

@@ -2,11 +2,13 @@
 //! /api/drain`, SIGUSR1): the node stops taking new rooms and viewers (its lease says
 //! `draining`, so placement, `/v1/edges` and the trees pass it over, and its own WHIP
 //! and WHEP send new offers elsewhere with a 307); the nodes that take rooms from it
-//! move to other parents while it still sends (they see the lease); after
-//! [`HANDOFF`] it ends its viewers' sessions (the page, `edges.js` and `load-test
-//! --edges` join another node at once) and its publishers' (WHIP clients publish
-//! again, the room goes to another node), and the daemon exits once nothing is left
-//! or at the deadline.
+//! move to other parents while it still sends (they see the lease). Its clients are
+//! told to move on their sessions' event streams: viewers join another node, and
+//! publishers publish again (at the room's next node, which takes the room over in the
+//! directory once their new keys are up, one epoch on) while still sending here, so
+//! the nodes below switch to a parent that has the media already. After [`HANDOFF`] it
+//! ends the sessions left (clients without an event stream notice the end), and the
+//! daemon exits once nothing is left or at the deadline.
 
 use std::{
     sync::{Arc, atomic::Ordering},
@@ -42,14 +44,44 @@ impl Sfu {
             HANDOFF.as_secs(),
             deadline.as_secs()
         );
-        // Viewers with an event stream move now, while this node still sends
-        // (make-before-break); the others notice their session's end.
+        // Clients with an event stream move now, while this node still sends and
+        // receives (make-before-break): viewers watch at another node, publishers
+        // publish at the room's next node too (which takes the room over once their
+        // keys are up). The others notice their session's end.
+        let sfu = self.clone();
+        tokio::spawn(async move {
+            sfu.mark_draining().await;
+            sfu.tell_clients_to_move();
+            sfu.drain(deadline).await
+        });
+        true
+    }
+
+    /// The lease says `draining` before any client is told to move (the node it asks
+    /// next reads the lease); at most half a second, then the renewal says it.
+    async fn mark_draining(&self) {
+        let Some(d) = self.cascade.get().and_then(|c| c.redis()) else {
+            return;
+        };
+        match tokio::time::timeout(Duration::from_millis(500), d.mark_draining()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => log::warn!("{e:#}; the lease says so at its next renewal"),
+            Err(_) => log::warn!("Redis is slow; the lease says this node drains at its next renewal"),
+        }
+    }
+
+    fn tell_clients_to_move(&self) {
         if let Some(data) = self.move_notice() {
             let rooms: Vec<String> = {
                 let st = self.state.lock().unwrap();
                 st.rooms
                     .iter()
-                    .filter(|(_, r)| !r.subscribers.is_empty())
+                    .filter(|(_, r)| {
+                        !r.subscribers.is_empty()
+                            || r.publishers
+                                .iter()
+                                .any(|p| st.sessions.get(p).is_some_and(|s| s.relay.is_none()))
+                    })
                     .map(|(name, _)| name.clone())
                     .collect()
             };
@@ -61,9 +93,6 @@ impl Sfu {
                 });
             }
         }
-        let sfu = self.clone();
-        tokio::spawn(async move { sfu.drain(deadline).await });
-        true
     }
 
     /// What a viewer's `move` event says while this node drains (None otherwise).

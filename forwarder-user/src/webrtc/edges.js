@@ -24,7 +24,10 @@
 //
 // reads the WHEP session's event stream (GET RESOURCE/events) and calls onMove once
 // with {reason, ends_in_ms} when its node asks; move then as above (the old session
-// still plays meanwhile). stop() ends the stream.
+// still plays meanwhile). stop() ends the stream. A WHIP session's stream says the
+// same to a publisher: publish again at the room's WHIP URL (the room's next node
+// takes the room over once the new session's keys are up) and keep sending on the
+// old session for ends_in_ms, as the built-in page does.
 
 const PROBES = 3;
 const PROBE_TIMEOUT_MS = 2000;
@@ -56,8 +59,8 @@ export async function probe(url) {
   return best;
 }
 
-/// Follows WHEP session `resource` (its URL): calls `opts.onMove(data)` once when its
-/// node says to move. Returns a function that stops following.
+/// Follows WHEP or WHIP session `resource` (its URL): calls `opts.onMove(data)` once
+/// when its node says to move. Returns a function that stops following.
 export function followMoves(resource, opts = {}) {
   const ctl = new AbortController();
   const headers = opts.token ? { Authorization: `Bearer ${opts.token}` } : {};

@@ -64,6 +64,10 @@ pub fn router(api: Arc<Api>, with_admin: bool) -> Router {
                 .patch(no_trickle)
                 .options(options),
         )
+        .route(
+            "/whip/{room}/{id}/events",
+            get(session_events).options(options),
+        )
         .route("/whep/{room}/{id}/layers", axum::routing::put(set_layers))
         .route(
             "/whep/{room}/{id}/events",
@@ -416,10 +420,12 @@ async fn room_events(
     event_stream(&api, room, vec![first], None)
 }
 
-/// A WHEP session's events as server-sent events, for its client alone (public, same
-/// token as DELETE): `move` (`{"reason": "draining", "ends_in_ms": N}`) when it should
-/// watch the room at another node: this one drains, and ends the session in N ms.
-/// Sent at once to a client that connects while the node drains.
+/// A WHEP or WHIP session's events as server-sent events, for its client alone
+/// (public, same token as DELETE): `move` (`{"reason": "draining", "ends_in_ms": N}`)
+/// when it should watch (or publish) the room at another node: this one drains, and
+/// ends the session in N ms. A publisher publishes again at its WHIP URL and keeps
+/// sending here until then. Sent at once to a client that connects while the node
+/// drains.
 async fn session_events(
     State(api): State<Arc<Api>>,
     Path((room, id)): Path<(String, String)>,

@@ -26,7 +26,7 @@ fn cluster_node_with(node: &str, redis: &RedisServer, extra: &str) -> Sfu {
 
 /// A load-test room prefix whose room (`PREFIX-0`) the placement puts on `node` among
 /// `nodes` (equal loads): so a publisher at `node` is not redirected.
-fn prefix_placed_on(node: &str, nodes: &[&str], tag: &str) -> (String, String) {
+pub(super) fn prefix_placed_on(node: &str, nodes: &[&str], tag: &str) -> (String, String) {
     loop {
         let prefix = unique(tag);
         let room = format!("{prefix}-0");

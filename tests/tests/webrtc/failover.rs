@@ -30,7 +30,11 @@ fn three_nodes(redis: &RedisServer, extra: &str) -> [Sfu; 3] {
 /// A load-test prefix whose room (returned too) is claimed for node a, as if a had
 /// placed it: the publisher's offer goes there wherever it is made.
 fn room_on_a(redis: &RedisServer, tag: &str) -> (String, String) {
-    let prefix = unique(tag);
+    claimed_for_a(redis, (unique(tag), String::new()))
+}
+
+/// `prefix` (and its room) with the room claimed for node a.
+fn claimed_for_a(redis: &RedisServer, (prefix, _): (String, String)) -> (String, String) {
     let room = format!("{prefix}-0");
     redis.cli(&[
         "HSET",
@@ -260,4 +264,123 @@ fn a_drained_edge_moves_its_viewers_and_exits() {
         stall < 500.0,
         "told to move, the viewers moved before their sessions ended: {stall} ms"
     );
+}
+
+/// Draining a room's origin: origin a (the publisher's WHIP at c was redirected
+/// there), viewers at b. a is drained: its publisher is told to move and publishes
+/// again at c while still sending to a; the room's next node takes the room over in
+/// the directory (epoch 2) once the new session's keys are up, and b, whose parent
+/// drains, takes the room from it while a still sends (or, when b is the next node,
+/// its own new publisher takes its viewers' m-lines). b's viewers never rejoin and
+/// their longest stall stays under 500 ms (a re-publish after the session's end
+/// stalled them for seconds); a exits by itself. Once with each of c and b next.
+#[test]
+fn a_drained_origin_hands_its_room_over_while_its_publisher_still_sends() {
+    for next in ["c", "b"] {
+        origin_drain(next);
+    }
+}
+
+fn origin_drain(next: &str) {
+    let redis = RedisServer::start();
+    let [a, b, c] = three_nodes(&redis, "");
+    let placed = super::cluster::prefix_placed_on(next, &["b", "c"], "origin-drain");
+    let (prefix, room) = claimed_for_a(&redis, placed);
+    let room_key = format!("edgefwd:room:{{{room}}}");
+    let run = load(&c.base, &b.base, &prefix, 2, 14, 3, &["--failover"]);
+    wait_until(20, "b's viewers connected, the room from a", || {
+        viewers(&b, &room) == 2
+            && get_json(&b.base, "/api/sessions")["cascade"]["upstreams"][&room]["node"] == "a"
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let (ok, out, err) = edgefwd_cli(&["drain", "--api", &a.base, "--deadline", "30"]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("drained and exited"), "{out}");
+    assert_eq!(redis.cli(&["HGET", &room_key, "epoch"]).trim(), "2");
+    assert_eq!(redis.cli(&["HGET", &room_key, "node"]).trim(), next);
+    let r = passed(run, "b's viewers kept the room through its origin's drain");
+    assert_eq!(r["joined_subscribers"], 2, "{r:#}");
+    assert_eq!(
+        r["reconnects"], 1,
+        "the publisher published once more, the viewers never: {r:#}"
+    );
+    let stall = r["total"]["longest_stall_ms"].as_f64().unwrap();
+    eprintln!(
+        "origin a drained; room on {next} at epoch 2; longest stall at b's viewers {stall:.0} ms (loss {:.2} %)",
+        r["total"]["loss_pct"].as_f64().unwrap()
+    );
+    assert!(
+        stall < 500.0,
+        "room to {next}: it moved before its old origin let go: {stall} ms"
+    );
+}
+
+/// The page's publisher through its origin's drain: Chromium publishes (at c,
+/// redirected to origin a), another Chromium watches at b; a is drained. The page is
+/// told to move on its WHIP session's event stream, publishes again (c, the room's
+/// next node, takes the room over) and keeps sending to a meanwhile: the viewer never leaves
+/// "connected", keeps decoding, and freezes under 500 ms more across the drain; the
+/// publisher moved once, because its node drained.
+#[test]
+fn chromium_keeps_decoding_through_its_origin_s_drain() {
+    let redis = RedisServer::start();
+    let [a, b, c] = three_nodes(&redis, "");
+    // The next node is c: b's viewer gets the room over a new parent (the harder case).
+    let placed = super::cluster::prefix_placed_on("c", &["b", "c"], "origin-drain-chromium");
+    let (_, room) = claimed_for_a(&redis, placed);
+    let room_key = format!("edgefwd:room:{{{room}}}");
+    let publisher = chromium_publisher(None, &c.base, &room, 25);
+    wait_until(30, "the publisher connected at a", || {
+        get_json(&a.base, "/api/sessions")["rooms"][&room]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|x| x["role"] == "publisher" && x["connected"] == true))
+    });
+    let mut viewer = node(
+        None,
+        &["--base", &b.base, "--room", &room, "--role", "sample", "--hold", "20"],
+    )
+    .stdout(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(viewer.stdout.take().unwrap()));
+    let mut next = || -> Value {
+        let l = lines.next().expect("the viewer's next sample").unwrap();
+        serde_json::from_str(&l).unwrap_or_else(|e| panic!("{e}: {l}"))
+    };
+    let frames = |s: &Value| s["video"]["framesDecoded"].as_u64().unwrap_or(0);
+    let frozen = |s: &Value| s["video"]["totalFreezesDuration"].as_f64().unwrap_or(0.0);
+    let mut s = next();
+    for _ in 0..30 {
+        if frames(&s) > 60 {
+            break;
+        }
+        s = next();
+    }
+    assert!(frames(&s) > 60, "the viewer decodes before the drain: {s}");
+    let (f0, z0) = (frames(&s), frozen(&s));
+    let (ok, out, err) = edgefwd_cli(&["drain", "--api", &a.base, "--deadline", "30"]);
+    assert!(ok, "{out}{err}");
+    for _ in 0..6 {
+        s = next();
+        assert_eq!(s["state"], "connected", "{s}");
+    }
+    let (f1, z1) = (frames(&s), frozen(&s));
+    let origin = redis.cli(&["HGET", &room_key, "node"]).trim().to_string();
+    eprintln!(
+        "origin a drained (room now on {origin}): {} frames decoded in the 6 s after, {:.0} ms more frozen",
+        f1 - f0,
+        (z1 - z0) * 1000.0
+    );
+    assert_eq!(origin, "c");
+    assert!(f1 - f0 > 60, "frames keep decoding: {f0} -> {f1}");
+    assert!(z1 - z0 < 0.5, "frozen {:.2} s more", z1 - z0);
+    let _ = viewer.kill();
+    let _ = viewer.wait();
+    let out = publisher.wait_with_output().unwrap();
+    let p: Value = serde_json::from_str(
+        String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or(""),
+    )
+    .unwrap_or_default();
+    assert_eq!(p["pubMoves"], 1, "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(p["pubMoveReasons"], serde_json::json!(["draining"]), "{p}");
 }

@@ -3,6 +3,8 @@
 //! requests are checked against the origin's epoch this node knows, and the load the
 //! node's lease announces.
 
+use std::sync::Arc;
+
 use super::{ApiError, Cascade, RelayRequest};
 use crate::webrtc::sfu::Sfu;
 
@@ -44,11 +46,8 @@ impl Sfu {
             }
         };
         if origin.node == d.me() && self.draining() {
-            // The lease saying so has not reached the others yet.
-            return Err(ApiError::Cascade(
-                503,
-                format!("room {room:?}: this node is draining; retry in a second"),
-            ));
+            // Its publisher publishes again as told: at the node that succeeds this one.
+            return self.successor_url(d, room).await;
         }
         if origin.node == d.me() {
             c.claims
@@ -58,6 +57,15 @@ impl Sfu {
             return Ok(None);
         }
         match d.lease(&origin.node).await {
+            Ok(Some(l)) if l.draining => {
+                // The origin drains: the room goes to its successor, which takes it
+                // over once the new publisher's media can flow (both publish meanwhile).
+                let url = self.successor_url(d, room).await?;
+                if url.is_none() {
+                    c.takeovers.lock().unwrap().insert(room.to_string(), origin);
+                }
+                Ok(url)
+            }
             Ok(Some(l)) => match l.http {
                 Some(http) => Ok(Some(format!("{http}/whip/{room}"))),
                 None => Err(ApiError::Cascade(
@@ -74,6 +82,84 @@ impl Sfu {
                 format!("room {room:?} is changing nodes; retry in a second"),
             )),
         }
+    }
+
+    /// Where a room of a draining origin is published now: here (None), or the WHIP
+    /// URL of the node that succeeds it.
+    async fn successor_url(
+        &self,
+        d: &crate::cluster::redis::Directory,
+        room: &str,
+    ) -> Result<Option<String>, ApiError> {
+        let busy = |m: String| Err(ApiError::Cascade(503, m));
+        match d.successor(room, self.draining()).await {
+            Ok(Some(l)) if l.node == d.me() => Ok(None),
+            Ok(Some(l)) => match l.http {
+                Some(http) => Ok(Some(format!("{http}/whip/{room}"))),
+                None => busy(format!("room {room:?}: its next node {} serves no WHIP", l.node)),
+            },
+            Ok(None) => busy(format!(
+                "room {room:?}: its origin drains and no other node is live to take it; retry later"
+            )),
+            Err(e) => busy(format!("room {room:?}: {e:#}; retry in a second")),
+        }
+    }
+
+    /// A publisher's keys are up: if its room's draining origin is handed to this node
+    /// (its successor), the directory says so now, one epoch on. The room's relayed
+    /// publishers (from the old origin) end and this node's publishers take their
+    /// viewers' m-lines (numbering continues, a keyframe is asked); nodes below, which
+    /// look for a new parent while theirs drains, find this node.
+    pub fn take_over_if_due(self: &Arc<Self>, room: &str) {
+        let Some(c) = self.cascade.get() else { return };
+        let Some(from) = c.takeovers.lock().unwrap().get(room).cloned() else {
+            return;
+        };
+        let Some(d) = c.redis.get().cloned() else { return };
+        let (sfu, room) = (self.clone(), room.to_string());
+        tokio::spawn(async move {
+            let c = sfu.cascade.get().expect("checked above");
+            let now = match d.take_over(&room, &from).await {
+                Ok(o) => o,
+                Err(e) => {
+                    log::warn!("{e:#}; the next publisher's keys try again");
+                    return;
+                }
+            };
+            c.takeovers.lock().unwrap().remove(&room);
+            if now.node != d.me() {
+                log::warn!(
+                    "room {room:?} went to node {} (epoch {}) while this node took it over from {}; its publisher here stays until it is told",
+                    now.node, now.epoch, from.node
+                );
+                return;
+            }
+            c.claims.lock().unwrap().insert(room.clone(), now.epoch);
+            tracing::info!(
+                event = "took_over",
+                room = %room,
+                from = %from.node,
+                epoch = now.epoch,
+                "room {room:?} taken over from draining node {} at epoch {}",
+                from.node,
+                now.epoch
+            );
+            let mut st = sfu.state.lock().unwrap();
+            let (relayed, local): (Vec<String>, Vec<String>) = st
+                .rooms
+                .get(&room)
+                .map(|r| r.publishers.clone())
+                .unwrap_or_default()
+                .into_iter()
+                .partition(|id| st.sessions.get(id).is_some_and(|s| s.relay.is_some()));
+            for id in relayed {
+                tracing::info!(event = "left", session = %id, room = %room, "relayed publisher session {id} ended: room {room} is this node's now");
+                sfu.remove(&mut st, &id);
+            }
+            for id in local {
+                sfu.fill_slots(&mut st, &id);
+            }
+        });
     }
 
     /// Whether a relay request's epoch (if any) is the one of this node's claim.

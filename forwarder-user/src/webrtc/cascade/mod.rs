@@ -207,6 +207,9 @@ pub struct Cascade {
     /// Rooms this node claimed in the cluster's directory, with the epoch: relay
     /// requests naming another are stale.
     claims: Mutex<HashMap<String, u64>>,
+    /// Rooms whose draining origin this node succeeds: published here already, taken
+    /// over in the directory once the publisher's keys are up (make-before-break).
+    takeovers: Mutex<HashMap<String, crate::cluster::redis::Origin>>,
     /// The lease task's view of the cluster (Redis up, live nodes), for /metrics.
     pub health: Arc<crate::cluster::Health>,
     /// `[cluster] placements_per_second`.
@@ -292,6 +295,7 @@ impl Cascade {
             directory,
             redis: m.redis.clone(),
             claims: Mutex::new(HashMap::new()),
+            takeovers: Mutex::new(HashMap::new()),
             health: m.health.clone(),
             placements_per_second: cfg.placements_per_second,
             capacity: cfg.capacity,
@@ -377,6 +381,7 @@ impl Cascade {
     fn expire(&self, live: impl Fn(&str) -> bool) {
         self.status.lock().unwrap().retain(|room, _| live(room));
         self.claims.lock().unwrap().retain(|room, _| live(room));
+        self.takeovers.lock().unwrap().retain(|room, _| live(room));
         // A lock someone holds or waits on has other references.
         self.fetching
             .lock()

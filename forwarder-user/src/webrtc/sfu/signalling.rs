@@ -104,6 +104,10 @@ impl Sfu {
                 offered,
                 s.hello.as_ref().map_or(0, |h| h.0)
             );
+            if s.role == Role::Publisher {
+                // A room handed over from a draining origin is this node's from now.
+                self.take_over_if_due(&s.room.clone());
+            }
         }
         let mut buf = vec![0u8; 2048];
         loop {
