@@ -189,11 +189,13 @@ pub enum Command {
         relay: SessionId,
         max_layer: Layer,
     },
-    /// Continues receive streams another node has been authenticating: per SSRC the
-    /// highest packet index it accepted (so a rollover counter above 0 carries over).
+    /// Continues receive streams another node (or process) has been authenticating:
+    /// per SSRC the highest packet index it accepted (so a rollover counter above 0
+    /// carries over), and per sender the highest SRTCP index.
     ResumeRx {
         id: SessionId,
         streams: Vec<(u32, u64)>,
+        rtcp: Vec<(u32, u64)>,
     },
 }
 

@@ -9,6 +9,8 @@
 //! * edge: viewers through `/v1/edges` (capacity 2), the edge with most killed;
 //! * origin: the origin killed, the publisher publishes again, viewers at b;
 //! * drain: as edge, the edge drained (`edgefwd drain`) instead of killed;
+//! * origin-drain: as origin, the origin drained instead of killed (the publisher is
+//!   told to move, publishes again and the room's next node takes the room over);
 //! * restart: one node on fixed ports (publisher and viewers there) stopped with
 //!   SIGTERM and started again: the new process takes the sessions up;
 //! * kill9: the same with SIGKILL and an immediate start.
@@ -208,7 +210,7 @@ fn run(kind: &str) -> (f64, f64, f64) {
     let (url, sub, subs, extra_args): (&str, &str, &str, &[&str]) = match kind {
         "relay" => (&nodes[0].base, &nodes[2].base, "2", &[]),
         "edge" | "drain" => (&nodes[0].base, &nodes[0].base, "4", &["--edges"]),
-        "origin" => (&nodes[2].base, &nodes[1].base, "2", &["--failover"]),
+        "origin" | "origin-drain" => (&nodes[2].base, &nodes[1].base, "2", &["--failover"]),
         _ => (&nodes[0].base, &nodes[1].base, "2", &[]),
     };
     let load = load_test(url, sub, subs, extra_args, &prefix);
@@ -220,6 +222,7 @@ fn run(kind: &str) -> (f64, f64, f64) {
     match kind {
         "relay" => nodes[1].child.kill9(),
         "origin" => nodes[0].child.kill9(),
+        "origin-drain" => drain(&nodes[0].base),
         "edge" | "drain" => {
             let i = if viewers(&nodes[1], &room) >= viewers(&nodes[2], &room) {
                 1
@@ -229,27 +232,25 @@ fn run(kind: &str) -> (f64, f64, f64) {
             if kind == "edge" {
                 nodes[i].child.kill9();
             } else {
-                let out = Command::new(edgefwd_bin())
-                    .args([
-                        "drain",
-                        "--no-wait",
-                        "--api",
-                        &nodes[i].base,
-                        "--deadline",
-                        "30",
-                    ])
-                    .output()
-                    .unwrap();
-                assert!(
-                    out.status.success(),
-                    "{}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
+                drain(&nodes[i].base);
             }
         }
         _ => {}
     }
     report(kind, load)
+}
+
+/// `edgefwd drain` of the node at `base`, not waiting for its exit.
+fn drain(base: &str) {
+    let out = Command::new(edgefwd_bin())
+        .args(["drain", "--no-wait", "--api", base, "--deadline", "30"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn quantile(v: &mut [f64], q: f64) -> f64 {
@@ -273,7 +274,7 @@ fn main() {
         }
     }
     let kinds = [
-        "none", "relay", "edge", "origin", "drain", "restart", "kill9",
+        "none", "relay", "edge", "origin", "drain", "origin-drain", "restart", "kill9",
     ];
     let mut rows = Vec::new();
     for kind in kinds {
@@ -291,7 +292,7 @@ fn main() {
     }
     let (base, base_stall) = (rows[0].1, rows[0].5.0);
     println!(
-        "{:<8} {:>11} {:>11} {:>11} {:>13} {:>13} {:>13} {:>7}",
+        "{:<12} {:>11} {:>11} {:>11} {:>13} {:>13} {:>13} {:>7}",
         "FAILURE",
         "GAP p50 ms",
         "GAP p99 ms",
@@ -303,7 +304,7 @@ fn main() {
     );
     for (kind, p50, p99, loss, _, (s50, s99)) in &rows {
         println!(
-            "{kind:<8} {p50:>11.1} {p99:>11.1} {:>11.1} {s50:>13.1} {s99:>13.1} {:>13.1} {loss:>7.2}",
+            "{kind:<12} {p50:>11.1} {p99:>11.1} {:>11.1} {s50:>13.1} {s99:>13.1} {:>13.1} {loss:>7.2}",
             p50 / base,
             s50 / base_stall
         );

@@ -120,10 +120,13 @@ impl Engine {
                     srtp.tx.release();
                 }
             }
-            Command::ResumeRx { id, streams } => {
+            Command::ResumeRx { id, streams, rtcp } => {
                 if let Some(srtp) = self.sessions.get_mut(&id).and_then(|s| s.srtp.as_mut()) {
                     for (ssrc, highest) in streams {
                         srtp.rx.resume_rtp(ssrc, highest);
+                    }
+                    for (ssrc, highest) in rtcp {
+                        srtp.rx.resume_rtcp(ssrc, highest);
                     }
                 }
             }

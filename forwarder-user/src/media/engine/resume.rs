@@ -71,6 +71,10 @@ pub struct Persisted {
     pub tx: Marks,
     /// Receive side: per SSRC the highest index authenticated.
     pub rx: Vec<(u32, u64)>,
+    /// Receive side: per sender the highest SRTCP index authenticated (records
+    /// written before it was kept have none).
+    #[serde(default)]
+    pub rx_rtcp: Vec<(u32, u64)>,
     /// Publisher: each track's SSRC per encoding as learned (a browser stops sending
     /// the rid once it has seen reports).
     pub streams: Vec<(TrackId, Vec<Option<u32>>)>,
@@ -84,9 +88,12 @@ impl Engine {
         let srtp = s.srtp.as_ref()?;
         let mut rx = srtp.rx.rtp_highest();
         rx.sort_unstable();
+        let mut rx_rtcp = srtp.rx.rtcp_highest();
+        rx_rtcp.sort_unstable();
         let mut p = Persisted {
             tx: srtp.tx.tx_marks(),
             rx,
+            rx_rtcp,
             ..Default::default()
         };
         for tid in &s.tracks {

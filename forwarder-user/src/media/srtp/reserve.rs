@@ -89,27 +89,45 @@ impl Context {
 
     /// Per receive SSRC, the highest packet index authenticated (ROC << 16 | seq).
     pub fn rtp_highest(&self) -> Vec<(u32, u64)> {
-        self.rtp_streams
-            .iter()
-            .filter(|(_, w)| w.started)
-            .map(|(s, w)| (*s, w.highest))
-            .collect()
+        highest(&self.rtp_streams)
+    }
+
+    /// Per receive SSRC, the highest SRTCP index authenticated.
+    pub fn rtcp_highest(&self) -> Vec<(u32, u64)> {
+        highest(&self.rtcp_streams)
     }
 
     /// Continues a receive stream another context has been authenticating, from its
     /// highest index: the rollover counter carries over, and packets at or below it
     /// within the replay window are still taken once (this context never saw them).
     pub fn resume_rtp(&mut self, ssrc: u32, highest: u64) {
-        if self.rtp_streams.len() >= MAX_STREAMS && !self.rtp_streams.contains_key(&ssrc) {
-            return;
-        }
-        let w = self.rtp_streams.entry(ssrc).or_default();
-        *w = Window {
-            started: true,
-            highest,
-            bits: Default::default(),
-        };
+        resume(&mut self.rtp_streams, ssrc, highest);
     }
+
+    /// As [`Context::resume_rtp`], for a sender's SRTCP: a restarted process refuses
+    /// what is older than the replay window, as the one before it did.
+    pub fn resume_rtcp(&mut self, ssrc: u32, highest: u64) {
+        resume(&mut self.rtcp_streams, ssrc, highest);
+    }
+}
+
+fn highest(streams: &HashMap<u32, Window>) -> Vec<(u32, u64)> {
+    streams
+        .iter()
+        .filter(|(_, w)| w.started)
+        .map(|(s, w)| (*s, w.highest))
+        .collect()
+}
+
+fn resume(streams: &mut HashMap<u32, Window>, ssrc: u32, highest: u64) {
+    if streams.len() >= MAX_STREAMS && !streams.contains_key(&ssrc) {
+        return;
+    }
+    *streams.entry(ssrc).or_default() = Window {
+        started: true,
+        highest,
+        bits: Default::default(),
+    };
 }
 
 impl Context {

@@ -260,3 +260,50 @@ fn wrong_key_lengths_are_refused() {
         Err(Error::NoRoom)
     );
 }
+
+/// A restarted process's receive context, resumed from the persisted highest SRTCP
+/// index, refuses a sender's SRTCP older than the replay window (a fresh one took
+/// anything) and takes what follows.
+#[test]
+fn resumed_srtcp_refuses_what_is_older_than_the_window() {
+    for profile in Profile::ALL {
+        let m = MasterKey::new(profile, &[3; 16], &vec![5; profile.master_salt_len()]).unwrap();
+        let (mut tx, mut rx) = (Context::new(&m), Context::new(&m));
+        let report = |i: u32| {
+            let mut r = vec![0x80, 201, 0, 1, 0, 0, 0, 42];
+            r.extend_from_slice(&i.to_be_bytes());
+            r
+        };
+        let wire: Vec<Vec<u8>> = (0..1300u32)
+            .map(|i| {
+                let plain = report(i);
+                let mut b = plain.clone();
+                b.resize(plain.len() + profile.rtcp_overhead(), 0);
+                let n = tx.protect_rtcp(&mut b, plain.len()).unwrap();
+                b.truncate(n);
+                b
+            })
+            .collect();
+        for w in &wire[..1200] {
+            rx.unprotect_rtcp(&mut w.clone()).unwrap();
+        }
+        let kept = rx.rtcp_highest();
+        assert_eq!(kept, vec![(42, 1199)]);
+        assert!(
+            Context::new(&m).unprotect_rtcp(&mut wire[5].clone()).is_ok(),
+            "a context not resumed takes an old report"
+        );
+        let mut fresh = Context::new(&m);
+        for (ssrc, highest) in kept {
+            fresh.resume_rtcp(ssrc, highest);
+        }
+        assert_eq!(
+            fresh.unprotect_rtcp(&mut wire[5].clone()),
+            Err(Error::Replay),
+            "older than the window"
+        );
+        for w in &wire[1200..] {
+            assert!(fresh.unprotect_rtcp(&mut w.clone()).is_ok());
+        }
+    }
+}

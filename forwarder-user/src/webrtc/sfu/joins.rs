@@ -88,6 +88,7 @@ impl Sfu {
         self.command(Command::ResumeRx {
             id: s.media,
             streams,
+            rtcp: vec![],
         });
         self.bind_fast(s.media, upstream);
     }

@@ -172,10 +172,11 @@ impl Sfu {
                 up_to,
             }),
         });
-        if !engine.rx.is_empty() {
+        if !engine.rx.is_empty() || !engine.rx_rtcp.is_empty() {
             self.command(Command::ResumeRx {
                 id: s.media,
                 streams: engine.rx,
+                rtcp: engine.rx_rtcp,
             });
         }
         for a in &addrs {

@@ -834,7 +834,11 @@ fn a_trunk_carries_ciphertext_and_the_relay_node_authenticates_and_fans_out() {
         tx: trunk.clone(),
         reserve: None,
     });
-    b.cmd(Command::ResumeRx { id: 1, streams });
+    b.cmd(Command::ResumeRx {
+        id: 1,
+        streams,
+        rtcp: vec![],
+    });
     let down = Command::AddDownTrack {
         track: 10,
         sub: 100,

@@ -60,6 +60,7 @@ fn build(
         f.cmd(Command::ResumeRx {
             id: 1,
             streams: rx.to_vec(),
+            rtcp: vec![],
         });
     }
     f.add(2, Role::Subscriber);
@@ -196,7 +197,11 @@ fn a_viewer_s_stream_survives_a_crash_and_a_sealed_restart_across_a_rollover() {
                 store.view.rx.clone()
             };
             if !rx.is_empty() {
-                g.cmd(Command::ResumeRx { id: 1, streams: rx });
+                g.cmd(Command::ResumeRx {
+                    id: 1,
+                    streams: rx,
+                    rtcp: vec![],
+                });
             }
             // The new engine's publisher session takes the same publisher's packets.
             let mut p2 = Peer {
