@@ -1319,6 +1319,62 @@ fn chromium_publisher(
     .unwrap()
 }
 
+/// A Chromium viewer (the page's `sample` role) of `room` at `base` for `hold`
+/// seconds, read one sample a second: its video stats and connection state.
+struct Sampler {
+    child: std::process::Child,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl Sampler {
+    fn start(base: &str, room: &str, hold: &str) -> Sampler {
+        let mut child = node(
+            None,
+            &["--base", base, "--room", room, "--role", "sample", "--hold", hold],
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        Sampler {
+            child,
+            lines: std::io::BufRead::lines(out),
+        }
+    }
+
+    fn next(&mut self) -> Value {
+        let l = self.lines.next().expect("the viewer's next sample").unwrap();
+        serde_json::from_str(&l).unwrap_or_else(|e| panic!("{e}: {l}"))
+    }
+
+    /// The first sample with more than `frames` decoded (within 30 samples).
+    fn decoding(&mut self, frames: u64) -> Value {
+        for _ in 0..30 {
+            let s = self.next();
+            if Sampler::frames(&s) > frames {
+                return s;
+            }
+        }
+        panic!("the viewer did not decode {frames} frames in 30 s");
+    }
+
+    fn frames(s: &Value) -> u64 {
+        s["video"]["framesDecoded"].as_u64().unwrap_or(0)
+    }
+
+    /// Seconds Chromium counted as frozen.
+    fn frozen(s: &Value) -> f64 {
+        s["video"]["totalFreezesDuration"].as_f64().unwrap_or(0.0)
+    }
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A Chromium WHEP viewer of `room` in the background (VP8), holding `hold` seconds
 /// after it decodes; its JSON result on stdout.
 fn chromium_watcher(base: &str, room: &str, hold: &str) -> std::process::Child {

@@ -335,33 +335,14 @@ fn chromium_keeps_decoding_through_its_origin_s_drain() {
             .as_array()
             .is_some_and(|s| s.iter().any(|x| x["role"] == "publisher" && x["connected"] == true))
     });
-    let mut viewer = node(
-        None,
-        &["--base", &b.base, "--room", &room, "--role", "sample", "--hold", "20"],
-    )
-    .stdout(std::process::Stdio::piped())
-    .spawn()
-    .unwrap();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(viewer.stdout.take().unwrap()));
-    let mut next = || -> Value {
-        let l = lines.next().expect("the viewer's next sample").unwrap();
-        serde_json::from_str(&l).unwrap_or_else(|e| panic!("{e}: {l}"))
-    };
-    let frames = |s: &Value| s["video"]["framesDecoded"].as_u64().unwrap_or(0);
-    let frozen = |s: &Value| s["video"]["totalFreezesDuration"].as_f64().unwrap_or(0.0);
-    let mut s = next();
-    for _ in 0..30 {
-        if frames(&s) > 60 {
-            break;
-        }
-        s = next();
-    }
-    assert!(frames(&s) > 60, "the viewer decodes before the drain: {s}");
+    let mut viewer = Sampler::start(&b.base, &room, "20");
+    let (frames, frozen) = (Sampler::frames, Sampler::frozen);
+    let mut s = viewer.decoding(60);
     let (f0, z0) = (frames(&s), frozen(&s));
     let (ok, out, err) = edgefwd_cli(&["drain", "--api", &a.base, "--deadline", "30"]);
     assert!(ok, "{out}{err}");
     for _ in 0..6 {
-        s = next();
+        s = viewer.next();
         assert_eq!(s["state"], "connected", "{s}");
     }
     let (f1, z1) = (frames(&s), frozen(&s));
@@ -374,8 +355,7 @@ fn chromium_keeps_decoding_through_its_origin_s_drain() {
     assert_eq!(origin, "c");
     assert!(f1 - f0 > 60, "frames keep decoding: {f0} -> {f1}");
     assert!(z1 - z0 < 0.5, "frozen {:.2} s more", z1 - z0);
-    let _ = viewer.kill();
-    let _ = viewer.wait();
+    drop(viewer);
     let out = publisher.wait_with_output().unwrap();
     let p: Value = serde_json::from_str(
         String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or(""),

@@ -102,26 +102,13 @@ fn a_viewer_of_a_restarted_daemon_fails_fast() {
     let mut first = start();
     let base = format!("http://127.0.0.1:{port}");
     let room = unique("restart");
-    let mut viewer = node(
-        None,
-        &[
-            "--base", &base, "--room", &room, "--role", "sample", "--hold", "40",
-        ],
-    )
-    .stdout(std::process::Stdio::piped())
-    .spawn()
-    .unwrap();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(viewer.stdout.take().unwrap()));
-    let mut next = || -> Value {
-        let l = lines.next().expect("the viewer's next sample").unwrap();
-        serde_json::from_str(&l).unwrap_or_else(|e| panic!("{e}: {l}"))
-    };
-    let mut s = next();
+    let mut viewer = Sampler::start(&base, &room, "40");
+    let mut s = viewer.next();
     for _ in 0..20 {
         if s["state"] == "connected" {
             break;
         }
-        s = next();
+        s = viewer.next();
     }
     assert_eq!(s["state"], "connected", "{s}");
 
@@ -131,15 +118,14 @@ fn a_viewer_of_a_restarted_daemon_fails_fast() {
     let restarted = std::time::Instant::now();
     let mut failed_after = None;
     for _ in 0..30 {
-        let s = next();
+        let s = viewer.next();
         if s["state"] == "failed" {
             failed_after = Some(restarted.elapsed());
             break;
         }
     }
     let c = get_json(&base, "/api/sessions")["counters"].clone();
-    let _ = viewer.kill();
-    let _ = viewer.wait();
+    drop(viewer);
     let failed_after = failed_after.expect("the viewer's connection failed within 30 s");
     println!("the viewer failed {failed_after:?} after the restart; {c}");
     assert!(
@@ -360,33 +346,9 @@ fn chromium_keeps_decoding_through_a_restart_and_a_kill_9() {
     .spawn()
     .unwrap();
     wait_until(30, "the publisher connected", || f.connected() == 1);
-    let mut viewer = node(
-        None,
-        &[
-            "--base", &f.base, "--room", &room, "--role", "sample", "--hold", "40",
-        ],
-    )
-    .stdout(std::process::Stdio::piped())
-    .spawn()
-    .unwrap();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(viewer.stdout.take().unwrap()));
-    let mut next = || -> Value {
-        let l = lines.next().expect("the viewer's next sample").unwrap();
-        serde_json::from_str(&l).unwrap_or_else(|e| panic!("{e}: {l}"))
-    };
-    let frames = |s: &Value| s["video"]["framesDecoded"].as_u64().unwrap_or(0);
-    let frozen = |s: &Value| s["video"]["totalFreezesDuration"].as_f64().unwrap_or(0.0);
-    let mut s = next();
-    for _ in 0..30 {
-        if frames(&s) > 60 {
-            break;
-        }
-        s = next();
-    }
-    assert!(
-        frames(&s) > 60,
-        "the viewer decodes before any restart: {s}"
-    );
+    let mut viewer = Sampler::start(&f.base, &room, "40");
+    let (frames, frozen) = (Sampler::frames, Sampler::frozen);
+    let mut s = viewer.decoding(60);
     let before = f.sessions();
     assert_eq!(before.len(), 2, "{before:?}");
     for kind in ["planned restart (SIGTERM)", "kill -9 and restart"] {
@@ -398,7 +360,7 @@ fn chromium_keeps_decoding_through_a_restart_and_a_kill_9() {
         }
         d = f.start();
         for _ in 0..4 {
-            s = next();
+            s = viewer.next();
             assert_eq!(s["state"], "connected", "{kind}: {s}");
         }
         assert_eq!(f.sessions(), before, "{kind}: the same sessions, taken up");
@@ -411,9 +373,8 @@ fn chromium_keeps_decoding_through_a_restart_and_a_kill_9() {
         assert!(f1 - f0 > 60, "{kind}: frames keep decoding: {f0} -> {f1}");
         assert!(z1 - z0 < 1.0, "{kind}: frozen {:.2} s more", z1 - z0);
     }
-    let _ = viewer.kill();
+    drop(viewer);
     let _ = publisher.kill();
-    let _ = viewer.wait();
     let _ = publisher.wait();
 }
 
