@@ -423,7 +423,8 @@ pub enum SubsCmd {
 
 #[derive(Subcommand)]
 pub enum ClusterCmd {
-    /// Live nodes: node API, WHIP/WHEP URL, region, sessions, lease time left.
+    /// Live nodes (node API, WHIP/WHEP URL, region, sessions, lease time left, which
+    /// nodes suspect them dead), then nodes whose lease lapsed.
     Nodes {
         /// The cluster's Redis ([cluster] redis_url).
         #[arg(long, env = "EDGEFWD_REDIS", default_value = "redis://127.0.0.1:6379/")]

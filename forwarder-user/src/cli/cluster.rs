@@ -20,10 +20,20 @@ pub fn run(cmd: ClusterCmd) -> Result<()> {
     })
 }
 
+/// The live nodes' leases, then the nodes whose lease lapsed (dead, or gone for good):
+/// each with the live nodes that suspect it now (its probes unanswered for 300 ms: the
+/// media path's first word on a death, seconds before the lease lapses).
 async fn nodes(url: &str, as_json: bool) -> Result<()> {
     let d = Directory::connect(url, "edgefwd-cli").await?;
+    let live = d.live_nodes().await?;
+    let suspected_by = |node: &str| -> Vec<&str> {
+        live.iter()
+            .filter(|l| l.suspects.iter().any(|s| s == node))
+            .map(|l| l.node.as_str())
+            .collect()
+    };
     let mut rows = Vec::new();
-    for l in d.live_nodes().await? {
+    for l in &live {
         let ttl = d.lease_ttl_ms(&l.node).await?;
         let rtt = d.rtt_row(&l.node).await?;
         rows.push(json!({
@@ -31,10 +41,18 @@ async fn nodes(url: &str, as_json: bool) -> Result<()> {
             "media": l.media.map(|m| m.to_string()),
             "sessions": l.sessions, "viewers": l.viewers, "capacity": l.capacity,
             "copies_per_s": l.copies_per_s, "cpu_pct": l.cpu_pct, "draining": l.draining,
-            "lease_ms_left": ttl, "rtt_us": rtt,
+            "lease_ms_left": ttl, "rtt_us": rtt, "suspected_by": suspected_by(&l.node),
         }));
     }
+    let lapsed: Vec<serde_json::Value> = d
+        .known_nodes()
+        .await?
+        .into_iter()
+        .filter(|n| !live.iter().any(|l| &l.node == n))
+        .map(|n| json!({ "node": n, "lease": "lapsed", "suspected_by": suspected_by(&n) }))
+        .collect();
     if as_json {
+        rows.extend(lapsed);
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
@@ -80,8 +98,21 @@ async fn nodes(url: &str, as_json: bool) -> Result<()> {
             r["lease_ms_left"].to_string(),
             rtt.join(", ")
         );
+        if let Some(by) = names(&r["suspected_by"]) {
+            println!("{:<16} ^ suspected dead by {by}: its probes go unanswered", "");
+        }
+    }
+    for r in &lapsed {
+        let by = names(&r["suspected_by"]).map_or(String::new(), |b| format!(", suspected by {b}"));
+        println!("{:<16} lease lapsed (dead, or gone for good){by}", r["node"].as_str().unwrap_or(""));
     }
     Ok(())
+}
+
+/// A JSON list of names as "a, b" (None when empty).
+fn names(v: &serde_json::Value) -> Option<String> {
+    let list: Vec<&str> = v.as_array()?.iter().filter_map(|n| n.as_str()).collect();
+    (!list.is_empty()).then(|| list.join(", "))
 }
 
 async fn rooms(url: &str, only: Option<String>, as_json: bool) -> Result<()> {

@@ -12,7 +12,7 @@ use super::{
 };
 
 /// The node's load now, for its lease.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct LoadNow {
     pub sessions: u64,
     /// WHEP viewers.
@@ -21,6 +21,8 @@ pub struct LoadNow {
     pub copies: u64,
     /// Draining (`edgefwd drain`).
     pub draining: bool,
+    /// Nodes this one suspects dead now (their probes unanswered).
+    pub suspects: Vec<String>,
 }
 
 pub type Load = Arc<dyn Fn() -> LoadNow + Send + Sync>;
@@ -95,6 +97,7 @@ pub async fn run(m: Membership, url: String, at: Addresses, load: Load) {
             copies_per_s,
             cpu_pct: (cpu_pct * 10.0).round() / 10.0,
             draining: now.draining,
+            suspects: now.suspects,
         };
         let renewed = dir.renew(&lease).await;
         let relaxed = std::sync::atomic::Ordering::Relaxed;

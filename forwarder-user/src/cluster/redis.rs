@@ -57,6 +57,10 @@ pub struct Lease {
     /// it over).
     #[serde(default)]
     pub draining: bool,
+    /// Nodes it suspects dead now: their probes went unanswered for 300 ms while it
+    /// takes rooms from them (their lapsed lease confirms it, 3 s on).
+    #[serde(default)]
+    pub suspects: Vec<String>,
 }
 
 impl Lease {
@@ -75,6 +79,7 @@ impl Lease {
             copies_per_s: 0,
             cpu_pct: 0.0,
             draining: false,
+            suspects: vec![],
         }
     }
 
@@ -274,14 +279,22 @@ impl Directory {
         Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
     }
 
-    /// Every live node's lease.
-    pub async fn live_nodes(&self) -> Result<Vec<Lease>> {
+    /// Every node name ever seen, sorted (lapsed ones too).
+    pub async fn known_nodes(&self) -> Result<Vec<String>> {
         let mut con = self.con.clone();
-        let names: Vec<String> = redis::cmd("SMEMBERS")
+        let mut names: Vec<String> = redis::cmd("SMEMBERS")
             .arg("edgefwd:nodes")
             .query_async(&mut con)
             .await
             .context("listing the nodes in Redis")?;
+        names.sort();
+        Ok(names)
+    }
+
+    /// Every live node's lease.
+    pub async fn live_nodes(&self) -> Result<Vec<Lease>> {
+        let mut con = self.con.clone();
+        let names = self.known_nodes().await?;
         if names.is_empty() {
             return Ok(vec![]);
         }

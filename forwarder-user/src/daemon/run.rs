@@ -120,6 +120,7 @@ async fn start_node_api(
                     viewers: s.viewer_count() as u64,
                     copies: s.counters.rtp_out.load(relaxed) + s.counters.relay_out.load(relaxed),
                     draining: s.draining(),
+                    suspects: s.cascade.get().map_or(vec![], |c| c.suspected()),
                 })
         });
         tokio::spawn(crate::cluster::lease::run(

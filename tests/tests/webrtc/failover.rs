@@ -133,7 +133,8 @@ fn busiest_edge<'a>(nodes: &'a mut [Sfu; 3], room: &str) -> (&'a mut Sfu, usize)
 /// killed with SIGKILL mid-call. c's probes to b go unanswered, it suspects b within
 /// 300 ms and takes the room from a at once: the viewers never rejoin and their
 /// longest gap stays under a second (the load test's gate), the tree has c under a,
-/// and c's /metrics counts the suspicion.
+/// c's /metrics counts the suspicion, and `edgefwd cluster nodes` shows b suspected by
+/// c and then its lease lapsed.
 #[test]
 fn a_killed_relay_s_subtree_gets_media_back_within_a_second_without_rejoining() {
     let redis = RedisServer::start();
@@ -151,6 +152,19 @@ fn a_killed_relay_s_subtree_gets_media_back_within_a_second_without_rejoining() 
     // c hangs under a now (while the call goes on: it leaves the tree after it).
     wait_until(5, "c re-attached under a", || {
         redis.cli(&["HGET", &tree_key, "c"]).trim() == "a"
+    });
+    // The operator's view: c's lease says it suspects b, then b's lease lapses.
+    let b_row = || {
+        let rows = edgefwd_cli_json(&["cluster", "nodes", "--redis", &redis.url()]);
+        rows.as_array()
+            .and_then(|r| r.iter().find(|n| n["node"] == "b").cloned())
+            .unwrap_or_default()
+    };
+    wait_until(5, "`edgefwd cluster nodes`: b suspected by c", || {
+        b_row()["suspected_by"] == serde_json::json!(["c"])
+    });
+    wait_until(5, "`edgefwd cluster nodes`: b's lease lapsed", || {
+        b_row()["lease"] == "lapsed"
     });
     let r = passed(run, "the viewers' media came back within a second");
     assert_eq!(r["joined_subscribers"], 2, "{r:#}");

@@ -324,11 +324,18 @@ impl Cascade {
     /// The nodes suspected dead now (they answer again, or their suspicion is
     /// [`probe::FORGET`] old: no longer).
     pub fn avoid(&self) -> Vec<String> {
+        let mut out = self.suspected();
+        out.extend(self.draining_nodes.lock().unwrap().iter().cloned());
+        out
+    }
+
+    /// The nodes suspected dead now, sorted (this node's lease says so).
+    pub fn suspected(&self) -> Vec<String> {
         let now = Instant::now();
         let mut s = self.suspects.lock().unwrap();
         s.retain(|_, since| now.saturating_duration_since(*since) < probe::FORGET);
         let mut out: Vec<String> = s.keys().cloned().collect();
-        out.extend(self.draining_nodes.lock().unwrap().iter().cloned());
+        out.sort();
         out
     }
 
