@@ -28,6 +28,8 @@ mod cluster_trees;
 mod failover;
 #[path = "webrtc/http_limits.rs"]
 mod http_limits;
+#[path = "webrtc/ice_tcp.rs"]
+mod ice_tcp;
 #[path = "webrtc/long_calls.rs"]
 mod long_calls;
 #[path = "webrtc/restarts.rs"]

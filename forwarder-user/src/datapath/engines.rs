@@ -130,7 +130,13 @@ impl Engines {
         queues: Option<Vec<XskQueue>>,
     ) -> anyhow::Result<Engines> {
         let io: Vec<Io> = match queues {
-            Some(qs) => qs.into_iter().map(|q| Io::Xsk(Box::new(q))).collect(),
+            Some(qs) => qs
+                .into_iter()
+                .map(|mut q| {
+                    q.local_out = Some(super::socket::LocalOut::new(sender.try_clone()?));
+                    Ok(Io::Xsk(Box::new(q)))
+                })
+                .collect::<std::io::Result<_>>()?,
             None => vec![Io::Socket(vec![
                 0u8;
                 forwarder_common::rtp::MAX_RTP_LEN + 64

@@ -271,6 +271,8 @@ pub struct XskQueue {
     tx_free: Vec<u64>,
     pending: Vec<XdpDesc>,
     pub stats: Stats,
+    /// Copies to this host's own media address (ICE-TCP legs) take the media socket.
+    pub local_out: Option<super::socket::LocalOut>,
 }
 
 // SAFETY: the raw UMEM pointer and the rings are used only by the thread holding the
@@ -366,6 +368,7 @@ impl XskQueue {
             tx_free: (FRAMES / 2..FRAMES).map(|i| (i * FRAME) as u64).collect(),
             pending: Vec::with_capacity(BATCH),
             stats: Stats::default(),
+            local_out: None,
         })
     }
 
@@ -548,6 +551,9 @@ impl Transmit for XskQueue {
         fill: &mut dyn FnMut(&mut [u8]) -> Option<usize>,
     ) -> bool {
         let Some(&dst_mac) = self.neighbours.get(&to.ip()) else {
+            if let Some(out) = self.local_out.as_mut().filter(|_| to.ip() == self.local.ip()) {
+                return out.transmit(to, fill);
+            }
             self.stats.tx_no_neighbour += 1;
             return false;
         };

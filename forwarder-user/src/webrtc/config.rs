@@ -18,6 +18,10 @@ pub struct WebrtcConfig {
     /// address, which then must not be a wildcard.
     #[serde(default)]
     pub candidates: Vec<IpAddr>,
+    /// ICE over TCP (RFC 6544 passive candidates) for clients whose networks block
+    /// UDP, e.g. "0.0.0.0:443": announced after the UDP candidates at a lower
+    /// priority; its media takes the socket path. Unset: UDP only.
+    pub ice_tcp: Option<SocketAddr>,
     /// If set, every endpoint that reveals or changes state (WHIP/WHEP POST and
     /// DELETE, `/api/sessions`, `/metrics`) needs `Authorization: Bearer <token>`.
     pub token: Option<String>,
@@ -122,6 +126,10 @@ pub struct Limits {
     /// Seconds an event stream lasts; then it ends and the client reconnects
     /// (EventSource does on its own), so no client holds a descriptor for good.
     pub http_stream_lifetime: u64,
+    /// ICE-TCP connections open at once; beyond it new ones are closed.
+    pub ice_tcp_max_connections: usize,
+    /// ICE-TCP connections open at once from one client IP address.
+    pub ice_tcp_max_per_source: usize,
 }
 
 impl Default for Limits {
@@ -137,6 +145,8 @@ impl Default for Limits {
             http_body_timeout: 10,
             http_max_streams: 256,
             http_stream_lifetime: 300,
+            ice_tcp_max_connections: 1_024,
+            ice_tcp_max_per_source: 16,
         }
     }
 }
@@ -148,6 +158,7 @@ impl WebrtcConfig {
             http,
             media,
             candidates: vec![],
+            ice_tcp: None,
             token: None,
             consent_timeout: default_consent(),
             admin: None,
@@ -173,6 +184,8 @@ impl WebrtcConfig {
                 l.http_max_connections_per_source,
             ),
             ("http_max_streams", l.http_max_streams),
+            ("ice_tcp_max_connections", l.ice_tcp_max_connections),
+            ("ice_tcp_max_per_source", l.ice_tcp_max_per_source),
         ] {
             if v == 0 {
                 bail!("[webrtc.limits] {name} = 0 would refuse every client; set it to at least 1");

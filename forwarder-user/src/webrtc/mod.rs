@@ -13,6 +13,7 @@ pub mod http;
 pub mod ice;
 pub mod sdp;
 pub mod sfu;
+pub mod tcp;
 
 use std::{
     net::SocketAddr,
@@ -146,6 +147,7 @@ pub struct Bound {
     pub http: SocketAddr,
     pub media: SocketAddr,
     pub admin: Option<SocketAddr>,
+    pub ice_tcp: Option<SocketAddr>,
 }
 
 impl std::fmt::Display for Bound {
@@ -154,6 +156,9 @@ impl std::fmt::Display for Bound {
         write!(f, "webrtc-http={} webrtc-media={}", self.http, self.media)?;
         if let Some(a) = self.admin {
             write!(f, " webrtc-admin={a}")?;
+        }
+        if let Some(t) = self.ice_tcp {
+            write!(f, " webrtc-ice-tcp={t}")?;
         }
         Ok(())
     }
@@ -218,6 +223,12 @@ pub async fn start(
         Some(a) => Some(bind(a, "the admin API").await?),
         None => None,
     };
+    let tcp_listener = match cfg.ice_tcp {
+        Some(a) => Some(tokio::net::TcpListener::bind(a).await.with_context(|| {
+            format!("binding ICE-TCP on {a} (in use? pick another with [webrtc] ice_tcp)")
+        })?),
+        None => None,
+    };
     // The bound ports, not the configured ones: candidates announce the real port.
     cfg.media = socket.local_addr()?;
     cfg.http = listener.local_addr()?;
@@ -229,6 +240,10 @@ pub async fn start(
         http: cfg.http,
         media: cfg.media,
         admin: cfg.admin,
+        ice_tcp: match &tcp_listener {
+            Some(l) => Some(l.local_addr()?),
+            None => None,
+        },
     };
     let fast = match (cfg.datapath, xdp) {
         (MediaPath::Socket, _) => Err("[webrtc] datapath = \"socket\"".to_string()),
@@ -268,6 +283,19 @@ pub async fn start(
             }
         );
         let _ = sfu.cascade.set(cascade::Cascade::new(&m));
+    }
+    if let Some(l) = tcp_listener {
+        let port = l.local_addr()?.port();
+        let state = Arc::new(tcp::IceTcp::new(
+            candidates.iter().map(|c| SocketAddr::new(c.ip(), port)).collect(),
+        ));
+        let _ = sfu.ice_tcp.set(state.clone());
+        let limits = tcp::TcpLimits {
+            max_connections: cfg.limits.ice_tcp_max_connections,
+            max_per_source: cfg.limits.ice_tcp_max_per_source,
+            idle: Duration::from_secs(cfg.consent_timeout),
+        };
+        tokio::spawn(tcp::serve(l, sfu.media_addr(), state, limits));
     }
     let restored = sfu.restore();
     if restored.publishers + restored.subscribers + restored.refused > 0 {

@@ -291,6 +291,8 @@ pub struct Sfu {
     pub passwords: super::ice::Passwords,
     /// Rooms across nodes (`[cluster]`), once set at start.
     pub cascade: std::sync::OnceLock<super::cascade::Cascade>,
+    /// ICE over TCP (`[webrtc] ice_tcp`), once its listener is bound at start.
+    pub ice_tcp: std::sync::OnceLock<Arc<super::tcp::IceTcp>>,
     /// Each room's dominant speaker, decided on the engine's timer. Lock order: after
     /// `state` and `media`; nothing else is taken while it is held.
     pub speakers: Mutex<HashMap<String, Dominant<String>>>,
@@ -387,6 +389,7 @@ impl Sfu {
             fast,
             path,
             cascade: Default::default(),
+            ice_tcp: Default::default(),
             passwords,
             speakers: Default::default(),
             // Subscribers that fall this far behind skip events (they are told).
@@ -507,6 +510,11 @@ impl Sfu {
     /// a neighbour resolution).
     pub(super) fn bind_fast(self: &Arc<Self>, media: SessionId, addr: SocketAddr) {
         let Some(f) = &self.fast else { return };
+        // An ICE-TCP leg is on this host: XDP never sees it (the engine's copies to it
+        // take the media socket).
+        if self.ice_tcp.get().is_some_and(|t| t.client_of(&addr).is_some()) {
+            return;
+        }
         if let Err(e) = f.peers.lock().unwrap().bind(f.listen, addr, media) {
             log::warn!("{e:#}; its media stays on the socket path");
             return;

@@ -28,6 +28,8 @@ pub struct AnswerParams<'a> {
     /// SHA-256 of our DTLS certificate.
     pub fingerprint: &'a [u8],
     pub candidates: &'a [SocketAddr],
+    /// ICE-TCP passive candidates (RFC 6544), announced after the UDP ones.
+    pub tcp_candidates: &'a [SocketAddr],
     pub media: &'a [AnswerMedia],
     pub cname: &'a str,
 }
@@ -198,6 +200,17 @@ pub fn build_answer(p: &AnswerParams<'_>) -> String {
             md = md.with_candidate(format!(
                 "{} 1 udp {prio} {} {} typ host",
                 n + 1,
+                c.ip(),
+                c.port()
+            ));
+        }
+        for (n, c) in p.tcp_candidates.iter().enumerate() {
+            // Type preference 90: below every UDP host candidate (126), so a browser
+            // takes TCP only when UDP fails.
+            let prio = (90u32 << 24) | ((65535 - n as u32) << 8) | 255;
+            md = md.with_candidate(format!(
+                "{} 1 tcp {prio} {} {} typ host tcptype passive",
+                p.candidates.len() + n + 1,
                 c.ip(),
                 c.port()
             ));

@@ -14,6 +14,7 @@ fn answer_for(o: &Offer, media: &[AnswerMedia]) -> String {
         ice_pwd: "0123456789abcdefghijkl",
         fingerprint: &[0xAB; 32],
         candidates: &["127.0.0.1:40000".parse().unwrap()],
+        tcp_candidates: &[],
         media,
         cname: "edgefwd",
     })

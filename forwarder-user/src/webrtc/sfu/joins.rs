@@ -114,6 +114,7 @@ impl Sfu {
             ice_pwd: &s.ice_pwd,
             fingerprint: &self.identity.fingerprint,
             candidates: &self.candidates,
+            tcp_candidates: self.ice_tcp.get().map_or(&[], |t| &t.candidates),
             media,
             cname: &self.cname,
         })

@@ -105,6 +105,9 @@ impl Sfu {
         }
         registry.register(Box::new(relays))?;
         registry.register(Box::new(upstream))?;
+        if let Some(t) = self.ice_tcp.get() {
+            self.register_ice_tcp(registry, t)?;
+        }
         if let Some(c) = self.cascade.get() {
             use std::sync::atomic::Ordering::Relaxed;
             for (name, help, v) in [
@@ -302,6 +305,47 @@ impl Sfu {
 
     /// Rooms whose upstream did not answer its last refresh (taken before the state
     /// lock, and let go: never both at once).
+    /// ICE-TCP: connections open, refusals by reason, datagrams a slow reader lost.
+    fn register_ice_tcp(
+        &self,
+        registry: &prometheus::Registry,
+        t: &super::super::tcp::IceTcp,
+    ) -> anyhow::Result<()> {
+        use super::super::tcp::Refusal;
+        use prometheus::{IntCounter, IntCounterVec, Opts};
+        use std::sync::atomic::Ordering::Relaxed;
+        let open = prometheus::IntGauge::new(
+            "edgefwd_webrtc_ice_tcp_connections",
+            "ICE-TCP connections open now (clients whose networks block UDP)",
+        )?;
+        open.set(t.open() as i64);
+        registry.register(Box::new(open))?;
+        let accepted = IntCounter::new(
+            "edgefwd_webrtc_ice_tcp_accepted_total",
+            "ICE-TCP connections accepted under the caps",
+        )?;
+        accepted.inc_by(t.accepted.load(Relaxed));
+        registry.register(Box::new(accepted))?;
+        let refused = IntCounterVec::new(
+            Opts::new(
+                "edgefwd_webrtc_ice_tcp_refused_total",
+                "ICE-TCP connections refused or closed early, by reason",
+            ),
+            &["reason"],
+        )?;
+        for r in Refusal::ALL {
+            refused.with_label_values(&[r.name()]).inc_by(t.refused(r));
+        }
+        registry.register(Box::new(refused))?;
+        let drops = IntCounter::new(
+            "edgefwd_webrtc_ice_tcp_queue_drops_total",
+            "Datagrams dropped towards ICE-TCP clients that read too slowly",
+        )?;
+        drops.inc_by(t.queue_drops.load(Relaxed));
+        registry.register(Box::new(drops))?;
+        Ok(())
+    }
+
     fn upstreams_down(&self) -> std::collections::BTreeSet<String> {
         self.cascade
             .get()
@@ -320,6 +364,10 @@ impl Sfu {
     pub fn snapshot(&self) -> serde_json::Value {
         let cascade = self.cascade_snapshot();
         let down = self.upstreams_down();
+        let tcp = self.ice_tcp.get();
+        let tcp_client = |s: &Session| -> Option<SocketAddr> {
+            tcp.and_then(|t| t.client_of(&s.nominated.or(s.addrs.first().copied())?))
+        };
         let st = self.state.lock().unwrap();
         // Which layers are present now (the engines themselves never read the clock).
         let now = Instant::now();
@@ -344,6 +392,9 @@ impl Sfu {
                         "client_srtp_profiles": s.hello.as_ref().map(|h| h.1.iter().map(|p| dtls::profile_name(*p)).collect::<Vec<_>>()),
                         "nominated": s.nominated.map(|a| a.to_string()),
                         "addrs": s.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                        // ICE over TCP: the session's peer is a leg, the client behind it.
+                        "transport": if tcp_client(s).is_some() { "tcp" } else { "udp" },
+                        "tcp_client": tcp_client(s).map(|a| a.to_string()),
                         "tracks": s.tracks.iter().map(|t| {
                             let m = engine.track(t.media);
                             serde_json::json!({

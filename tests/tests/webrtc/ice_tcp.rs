@@ -1,0 +1,118 @@
+//! ICE over TCP for clients whose networks block UDP: Chromium in a namespace whose
+//! nftables drop every UDP datagram joins over the SFU's passive TCP candidate
+//! (RFC 6544), publishes and watches, and decodes; the SFU's view says which
+//! sessions came over TCP and from where.
+
+use super::*;
+
+/// nftables in `ns` dropping every UDP datagram in and out (a hotel or corporate
+/// network that lets only TCP through).
+fn block_udp(ns: &NetNs) {
+    let nft = |args: &[&str]| {
+        let out = ns.command("nft").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "nft {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    nft(&["add", "table", "inet", "noudp"]);
+    for (chain, hook) in [("in", "input"), ("out", "output")] {
+        nft(&[
+            "add", "chain", "inet", "noudp", chain, "{", "type", "filter", "hook", hook,
+            "priority", "0", ";", "}",
+        ]);
+        nft(&["add", "rule", "inet", "noudp", chain, "meta", "l4proto", "udp", "drop"]);
+    }
+}
+
+/// Chromium publishes and watches from a namespace without UDP, on the socket path
+/// and on the AF_XDP path (the legs' copies take the media socket there): both
+/// sessions are nominated on TCP legs (the client's address behind each), the viewer
+/// decodes VP8 and audio, and `/metrics` counts the connections. A run without the
+/// TCP listener fails to connect at all (the namespace really blocks UDP).
+#[test]
+fn chromium_without_udp_joins_over_ice_tcp() {
+    edgefwd_tests::require_root();
+    let _k = kernel_lock();
+    let t = Topology::new();
+    block_udp(&t.publisher);
+    let tcp = format!("ice_tcp = \"{FWD_A_V4}:0\"\n");
+    let room = over_tcp(&t, start_sfu_at(Some(&t.forwarder), FWD_A_V4, &tcp), "socket path");
+    let pin = PinDir::new();
+    let sfu = start_xdp_sfu_with(&t, &pin, "auto", &tcp);
+    let s = ns_json(&t.forwarder, &sfu.base, "/api/sessions");
+    assert_eq!(s["media_path"]["path"], "af_xdp", "{s}");
+    over_tcp(&t, sfu, "AF_XDP path");
+
+    // Without the TCP listener: nothing gets through.
+    let udp_only = start_sfu_at(Some(&t.forwarder), FWD_A_V4, "");
+    let out = node(
+        Some(&t.publisher),
+        &[
+            "--base", &udp_only.base, "--room", &room, "--codec", "VP8", "--timeout", "10",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(
+        !out.status.success(),
+        "joined without UDP and without ICE-TCP: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let s = ns_json(&t.forwarder, &udp_only.base, "/api/sessions");
+    assert_eq!(s["counters"]["rtp_in"], 0, "{s}");
+}
+
+/// Chromium (publisher and viewer) from `t.publisher` at `sfu`, over TCP; the room.
+fn over_tcp(t: &Topology, sfu: Sfu, what: &str) -> String {
+    let room = unique("tcp");
+    let both = node(
+        Some(&t.publisher),
+        &["--base", &sfu.base, "--room", &room, "--codec", "VP8", "--hold", "4"],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let sessions = || ns_json(&t.forwarder, &sfu.base, "/api/sessions");
+    let connected_over_tcp = |s: &Value| -> Vec<Value> {
+        s["rooms"][&room]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|x| x["connected"] == true && x["transport"] == "tcp")
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    wait_until(40, "publisher and viewer connected over TCP", || {
+        connected_over_tcp(&sessions()).len() == 2
+    });
+    for x in connected_over_tcp(&sessions()) {
+        let client = x["tcp_client"].as_str().unwrap();
+        assert!(client.starts_with(PUB_V4), "the client's own address: {x}");
+    }
+    let out = both.wait_with_output().unwrap();
+    let r = parse_result(&format!("Chromium over ICE-TCP, {what}"), &out);
+    println!("over TCP, {what}: {}", r["subscriber"]["inbound"]);
+    assert_subscriber_ok(&r, Some("VP8"));
+    let m = t.forwarder.run({
+        let base = sfu.base.clone();
+        move || {
+            ureq::get(&format!("{base}/metrics"))
+                .call()
+                .unwrap()
+                .body_mut()
+                .read_to_string()
+                .unwrap()
+        }
+    });
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("edgefwd_webrtc_ice_tcp_accepted_total ") && !l.ends_with(" 0")),
+        "{m}"
+    );
+    room
+}
