@@ -196,7 +196,7 @@ impl Drop for Slot {
 }
 
 /// Reads one RFC 4571 frame into `buf`: its length, or None at a clean end of stream.
-async fn read_frame(
+pub async fn read_frame(
     r: &mut (impl tokio::io::AsyncRead + Unpin),
     buf: &mut [u8; MAX_FRAME],
 ) -> anyhow::Result<Option<usize>> {
