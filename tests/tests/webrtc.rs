@@ -1332,7 +1332,9 @@ impl Sampler {
     fn start(base: &str, room: &str, hold: &str) -> Sampler {
         let mut child = node(
             None,
-            &["--base", base, "--room", room, "--role", "sample", "--hold", hold],
+            &[
+                "--base", base, "--room", room, "--role", "sample", "--hold", hold,
+            ],
         )
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -1345,7 +1347,11 @@ impl Sampler {
     }
 
     fn next(&mut self) -> Value {
-        let l = self.lines.next().expect("the viewer's next sample").unwrap();
+        let l = self
+            .lines
+            .next()
+            .expect("the viewer's next sample")
+            .unwrap();
         serde_json::from_str(&l).unwrap_or_else(|e| panic!("{e}: {l}"))
     }
 

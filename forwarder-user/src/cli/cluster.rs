@@ -99,12 +99,18 @@ async fn nodes(url: &str, as_json: bool) -> Result<()> {
             rtt.join(", ")
         );
         if let Some(by) = names(&r["suspected_by"]) {
-            println!("{:<16} ^ suspected dead by {by}: its probes go unanswered", "");
+            println!(
+                "{:<16} ^ suspected dead by {by}: its probes go unanswered",
+                ""
+            );
         }
     }
     for r in &lapsed {
         let by = names(&r["suspected_by"]).map_or(String::new(), |b| format!(", suspected by {b}"));
-        println!("{:<16} lease lapsed (dead, or gone for good){by}", r["node"].as_str().unwrap_or(""));
+        println!(
+            "{:<16} lease lapsed (dead, or gone for good){by}",
+            r["node"].as_str().unwrap_or("")
+        );
     }
     Ok(())
 }

@@ -551,7 +551,8 @@ impl Transmit for XskQueue {
         fill: &mut dyn FnMut(&mut [u8]) -> Option<usize>,
     ) -> bool {
         let Some(&dst_mac) = self.neighbours.get(&to.ip()) else {
-            if let Some(out) = self.local_out.as_mut().filter(|_| to.ip() == self.local.ip()) {
+            let local = to.ip() == self.local.ip() || to.ip().is_loopback();
+            if let Some(out) = self.local_out.as_mut().filter(|_| local) {
                 return out.transmit(to, fill);
             }
             self.stats.tx_no_neighbour += 1;

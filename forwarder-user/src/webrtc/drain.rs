@@ -66,7 +66,9 @@ impl Sfu {
         match tokio::time::timeout(Duration::from_millis(500), d.mark_draining()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => log::warn!("{e:#}; the lease says so at its next renewal"),
-            Err(_) => log::warn!("Redis is slow; the lease says this node drains at its next renewal"),
+            Err(_) => {
+                log::warn!("Redis is slow; the lease says this node drains at its next renewal")
+            }
         }
     }
 

@@ -287,7 +287,10 @@ pub async fn start(
     if let Some(l) = tcp_listener {
         let port = l.local_addr()?.port();
         let state = Arc::new(tcp::IceTcp::new(
-            candidates.iter().map(|c| SocketAddr::new(c.ip(), port)).collect(),
+            candidates
+                .iter()
+                .map(|c| SocketAddr::new(c.ip(), port))
+                .collect(),
         ));
         let _ = sfu.ice_tcp.set(state.clone());
         let limits = tcp::TcpLimits {
@@ -295,7 +298,18 @@ pub async fn start(
             max_per_source: cfg.limits.ice_tcp_max_per_source,
             idle: Duration::from_secs(cfg.consent_timeout),
         };
-        tokio::spawn(tcp::serve(l, sfu.media_addr(), state, limits));
+        // The legs send to the media socket as bound (on a wildcard: over loopback;
+        // the announced address may be a NAT's, not this host's).
+        let to = match cfg.media.ip() {
+            ip if ip.is_unspecified() && ip.is_ipv4() => {
+                SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), cfg.media.port())
+            }
+            ip if ip.is_unspecified() => {
+                SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), cfg.media.port())
+            }
+            _ => cfg.media,
+        };
+        tokio::spawn(tcp::serve(l, to, state, limits));
     }
     let restored = sfu.restore();
     if restored.publishers + restored.subscribers + restored.refused > 0 {

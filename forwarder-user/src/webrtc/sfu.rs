@@ -512,7 +512,11 @@ impl Sfu {
         let Some(f) = &self.fast else { return };
         // An ICE-TCP leg is on this host: XDP never sees it (the engine's copies to it
         // take the media socket).
-        if self.ice_tcp.get().is_some_and(|t| t.client_of(&addr).is_some()) {
+        if self
+            .ice_tcp
+            .get()
+            .is_some_and(|t| t.client_of(&addr).is_some())
+        {
             return;
         }
         if let Err(e) = f.peers.lock().unwrap().bind(f.listen, addr, media) {

@@ -127,7 +127,12 @@ pub struct TcpLimits {
 }
 
 /// Accepts connections for the daemon's life; each is served on its own task.
-pub async fn serve(listener: TcpListener, media: SocketAddr, state: Arc<IceTcp>, limits: TcpLimits) {
+pub async fn serve(
+    listener: TcpListener,
+    media: SocketAddr,
+    state: Arc<IceTcp>,
+    limits: TcpLimits,
+) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -259,7 +264,9 @@ async fn serve_one(
             let mut b = [0u8; 2048];
             loop {
                 // An error is one ICMP report (the media port restarting): go on.
-                let Ok(n) = sock.recv(&mut b).await else { continue };
+                let Ok(n) = sock.recv(&mut b).await else {
+                    continue;
+                };
                 if n > MAX_FRAME {
                     continue;
                 }
@@ -331,7 +338,12 @@ mod tests {
             max_per_source: 2,
             idle: Duration::from_secs(5),
         };
-        tokio::spawn(serve(listener, media.local_addr().unwrap(), state.clone(), limits));
+        tokio::spawn(serve(
+            listener,
+            media.local_addr().unwrap(),
+            state.clone(),
+            limits,
+        ));
 
         let check = crate::webrtc::ice::binding_request("ours:theirs", "pwd", false);
         let mut c = TcpStream::connect(at).await.unwrap();

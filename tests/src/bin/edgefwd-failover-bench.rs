@@ -274,7 +274,14 @@ fn main() {
         }
     }
     let kinds = [
-        "none", "relay", "edge", "origin", "drain", "origin-drain", "restart", "kill9",
+        "none",
+        "relay",
+        "edge",
+        "origin",
+        "drain",
+        "origin-drain",
+        "restart",
+        "kill9",
     ];
     let mut rows = Vec::new();
     for kind in kinds {

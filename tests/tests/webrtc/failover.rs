@@ -347,7 +347,10 @@ fn chromium_keeps_decoding_through_its_origin_s_drain() {
     wait_until(30, "the publisher connected at a", || {
         get_json(&a.base, "/api/sessions")["rooms"][&room]
             .as_array()
-            .is_some_and(|s| s.iter().any(|x| x["role"] == "publisher" && x["connected"] == true))
+            .is_some_and(|s| {
+                s.iter()
+                    .any(|x| x["role"] == "publisher" && x["connected"] == true)
+            })
     });
     let mut viewer = Sampler::start(&b.base, &room, "20");
     let (frames, frozen) = (Sampler::frames, Sampler::frozen);
@@ -372,7 +375,10 @@ fn chromium_keeps_decoding_through_its_origin_s_drain() {
     drop(viewer);
     let out = publisher.wait_with_output().unwrap();
     let p: Value = serde_json::from_str(
-        String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or(""),
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or(""),
     )
     .unwrap_or_default();
     assert_eq!(p["pubMoves"], 1, "{}", String::from_utf8_lossy(&out.stderr));

@@ -22,7 +22,9 @@ fn block_udp(ns: &NetNs) {
             "add", "chain", "inet", "noudp", chain, "{", "type", "filter", "hook", hook,
             "priority", "0", ";", "}",
         ]);
-        nft(&["add", "rule", "inet", "noudp", chain, "meta", "l4proto", "udp", "drop"]);
+        nft(&[
+            "add", "rule", "inet", "noudp", chain, "meta", "l4proto", "udp", "drop",
+        ]);
     }
 }
 
@@ -38,7 +40,11 @@ fn chromium_without_udp_joins_over_ice_tcp() {
     let t = Topology::new();
     block_udp(&t.publisher);
     let tcp = format!("ice_tcp = \"{FWD_A_V4}:0\"\n");
-    let room = over_tcp(&t, start_sfu_at(Some(&t.forwarder), FWD_A_V4, &tcp), "socket path");
+    let room = over_tcp(
+        &t,
+        start_sfu_at(Some(&t.forwarder), FWD_A_V4, &tcp),
+        "socket path",
+    );
     let pin = PinDir::new();
     let sfu = start_xdp_sfu_with(&t, &pin, "auto", &tcp);
     let s = ns_json(&t.forwarder, &sfu.base, "/api/sessions");
@@ -50,7 +56,14 @@ fn chromium_without_udp_joins_over_ice_tcp() {
     let out = node(
         Some(&t.publisher),
         &[
-            "--base", &udp_only.base, "--room", &room, "--codec", "VP8", "--timeout", "10",
+            "--base",
+            &udp_only.base,
+            "--room",
+            &room,
+            "--codec",
+            "VP8",
+            "--timeout",
+            "10",
         ],
     )
     .output()
@@ -69,7 +82,9 @@ fn over_tcp(t: &Topology, sfu: Sfu, what: &str) -> String {
     let room = unique("tcp");
     let both = node(
         Some(&t.publisher),
-        &["--base", &sfu.base, "--room", &room, "--codec", "VP8", "--hold", "4"],
+        &[
+            "--base", &sfu.base, "--room", &room, "--codec", "VP8", "--hold", "4",
+        ],
     )
     .stdout(std::process::Stdio::piped())
     .stderr(std::process::Stdio::piped())
@@ -115,4 +130,63 @@ fn over_tcp(t: &Topology, sfu: Sfu, what: &str) -> String {
         "{m}"
     );
     room
+}
+
+/// A daemon whose media socket is on the wildcard address (as the packaged config
+/// has it): its legs reach the media port over loopback. A raw client posts a WHEP
+/// offer, reads the passive TCP candidate from the answer, connects, and its framed
+/// ICE check (signed with the answer's password) is answered, framed, over TCP.
+#[test]
+fn a_check_over_tcp_is_answered_with_a_wildcard_media_socket() {
+    use std::io::{Read as _, Write as _};
+    let _k = kernel_lock();
+    let cfg = std::env::temp_dir().join(format!("{}.toml", unique("edgefwd-tcp-")));
+    std::fs::write(
+        &cfg,
+        "[webrtc]\nhttp = \"127.0.0.1:0\"\nmedia = \"0.0.0.0:0\"\ncandidates = [\"127.0.0.1\"]\n\
+         ice_tcp = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    let mut cmd = Command::new(edgefwd_bin());
+    cmd.args(["run", "--datapath", "user", "--config"])
+        .arg(&cfg);
+    let child = spawn_edgefwd(cmd);
+    let base = format!("http://{}", child.ready_addr("webrtc-http"));
+    let (status, answer, _) = super::cluster::post_sdp(
+        &format!("{base}/whep/{}", unique("tcp")),
+        &super::cascade_faults::whep_offer(),
+    );
+    assert_eq!(status, 201, "{answer}");
+    let attr = |name: &str| {
+        answer
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {answer}"))
+            .to_string()
+    };
+    let (ufrag, pwd) = (attr("a=ice-ufrag:"), attr("a=ice-pwd:"));
+    let tcp = answer
+        .lines()
+        .find(|l| l.contains(" tcp ") && l.contains("tcptype passive"))
+        .unwrap_or_else(|| panic!("no passive TCP candidate: {answer}"));
+    let f: Vec<&str> = tcp.split_whitespace().collect();
+    let at: std::net::SocketAddr = format!("{}:{}", f[4], f[5]).parse().unwrap();
+    let mut c = std::net::TcpStream::connect(at).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let check = edgefwd::webrtc::ice::binding_request(&format!("{ufrag}:abcd"), &pwd, true);
+    c.write_all(&(check.len() as u16).to_be_bytes()).unwrap();
+    c.write_all(&check).unwrap();
+    let mut len = [0u8; 2];
+    c.read_exact(&mut len).unwrap();
+    let mut got = vec![0u8; u16::from_be_bytes(len) as usize];
+    c.read_exact(&mut got).unwrap();
+    assert!(
+        edgefwd::webrtc::ice::is_binding_success(&got),
+        "a binding success, framed: {got:02x?}"
+    );
+    let s = get_json(&base, "/api/sessions");
+    let x = &s["rooms"].as_object().unwrap().values().next().unwrap()[0];
+    assert_eq!(x["transport"], "tcp", "{s}");
+    assert_eq!(x["tcp_client"], c.local_addr().unwrap().to_string(), "{s}");
+    let _ = std::fs::remove_file(&cfg);
 }

@@ -132,7 +132,9 @@ fn long_call(ns: Option<&NetNs>, base: &str, what: &str, allowed: Allowed, durin
             .checked_sub(packets)
             .unwrap_or_else(|| panic!("{what}: aiortc's {kind}: a packet twice: {s}"));
         let holes = s["holes"].as_u64().unwrap();
-        println!("{what}: aiortc's {kind}: {lost} of {sent} lost, {holes} sequence numbers not seen");
+        println!(
+            "{what}: aiortc's {kind}: {lost} of {sent} lost, {holes} sequence numbers not seen"
+        );
         assert!(
             lost <= allowed.lost,
             "{what}: aiortc's {kind}: every packet from its first on (but {} a restart \

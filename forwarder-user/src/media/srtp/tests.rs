@@ -290,7 +290,9 @@ fn resumed_srtcp_refuses_what_is_older_than_the_window() {
         let kept = rx.rtcp_highest();
         assert_eq!(kept, vec![(42, 1199)]);
         assert!(
-            Context::new(&m).unprotect_rtcp(&mut wire[5].clone()).is_ok(),
+            Context::new(&m)
+                .unprotect_rtcp(&mut wire[5].clone())
+                .is_ok(),
             "a context not resumed takes an old report"
         );
         let mut fresh = Context::new(&m);

@@ -96,7 +96,10 @@ impl Sfu {
             Ok(Some(l)) if l.node == d.me() => Ok(None),
             Ok(Some(l)) => match l.http {
                 Some(http) => Ok(Some(format!("{http}/whip/{room}"))),
-                None => busy(format!("room {room:?}: its next node {} serves no WHIP", l.node)),
+                None => busy(format!(
+                    "room {room:?}: its next node {} serves no WHIP",
+                    l.node
+                )),
             },
             Ok(None) => busy(format!(
                 "room {room:?}: its origin drains and no other node is live to take it; retry later"
@@ -115,7 +118,9 @@ impl Sfu {
         let Some(from) = c.takeovers.lock().unwrap().get(room).cloned() else {
             return;
         };
-        let Some(d) = c.redis.get().cloned() else { return };
+        let Some(d) = c.redis.get().cloned() else {
+            return;
+        };
         let (sfu, room) = (self.clone(), room.to_string());
         tokio::spawn(async move {
             let c = sfu.cascade.get().expect("checked above");
@@ -130,7 +135,9 @@ impl Sfu {
             if now.node != d.me() {
                 log::warn!(
                     "room {room:?} went to node {} (epoch {}) while this node took it over from {}; its publisher here stays until it is told",
-                    now.node, now.epoch, from.node
+                    now.node,
+                    now.epoch,
+                    from.node
                 );
                 return;
             }
