@@ -40,16 +40,35 @@ fn chromium_without_udp_joins_over_ice_tcp() {
     let t = Topology::new();
     block_udp(&t.publisher);
     let tcp = format!("ice_tcp = \"{FWD_A_V4}:0\"\n");
-    let room = over_tcp(
-        &t,
-        start_sfu_at(Some(&t.forwarder), FWD_A_V4, &tcp),
-        "socket path",
-    );
+    // On a fixed media port, so sessions would be kept across restarts: TCP ones are
+    // not (their connections end with the process).
+    let runtime = std::env::temp_dir().join(unique("edgefwd-run-"));
+    let cfg = std::env::temp_dir().join(format!("{}.toml", unique("edgefwd-tcp-")));
+    std::fs::write(
+        &cfg,
+        format!(
+            "[webrtc]\nhttp = \"{FWD_A_V4}:0\"\nmedia = \"{FWD_A_V4}:47311\"\n\
+             runtime_dir = \"{}\"\n{tcp}",
+            runtime.display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = t.forwarder.command(edgefwd_bin().to_str().unwrap());
+    cmd.args(["run", "--datapath", "user", "--config"])
+        .arg(&cfg);
+    let child = spawn_edgefwd(cmd);
+    let sfu = Sfu {
+        base: format!("http://{}", child.ready_addr("webrtc-http")),
+        child,
+    };
+    let room = over_tcp(&t, sfu, "socket path", Some(&runtime));
+    let _ = std::fs::remove_dir_all(&runtime);
+    let _ = std::fs::remove_file(&cfg);
     let pin = PinDir::new();
     let sfu = start_xdp_sfu_with(&t, &pin, "auto", &tcp);
     let s = ns_json(&t.forwarder, &sfu.base, "/api/sessions");
     assert_eq!(s["media_path"]["path"], "af_xdp", "{s}");
-    over_tcp(&t, sfu, "AF_XDP path");
+    over_tcp(&t, sfu, "AF_XDP path", None);
 
     // Without the TCP listener: nothing gets through.
     let udp_only = start_sfu_at(Some(&t.forwarder), FWD_A_V4, "");
@@ -78,7 +97,8 @@ fn chromium_without_udp_joins_over_ice_tcp() {
 }
 
 /// Chromium (publisher and viewer) from `t.publisher` at `sfu`, over TCP; the room.
-fn over_tcp(t: &Topology, sfu: Sfu, what: &str) -> String {
+/// With `runtime` (the daemon's runtime directory), no session record is written.
+fn over_tcp(t: &Topology, sfu: Sfu, what: &str, runtime: Option<&std::path::Path>) -> String {
     let room = unique("tcp");
     let both = node(
         Some(&t.publisher),
@@ -108,6 +128,18 @@ fn over_tcp(t: &Topology, sfu: Sfu, what: &str) -> String {
     for x in connected_over_tcp(&sessions()) {
         let client = x["tcp_client"].as_str().unwrap();
         assert!(client.starts_with(PUB_V4), "the client's own address: {x}");
+    }
+    if let Some(dir) = runtime {
+        std::thread::sleep(Duration::from_millis(300)); // past a writer round
+        let records: Vec<_> = walk(dir)
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "json"))
+            .collect();
+        assert!(records.is_empty(), "TCP sessions are not kept: {records:?}");
+        assert!(
+            !walk(dir).is_empty(),
+            "the daemon keeps sessions on this port at all (its hand-over socket)"
+        );
     }
     let out = both.wait_with_output().unwrap();
     let r = parse_result(&format!("Chromium over ICE-TCP, {what}"), &out);
@@ -189,4 +221,18 @@ fn a_check_over_tcp_is_answered_with_a_wildcard_media_socket() {
     assert_eq!(x["transport"], "tcp", "{s}");
     assert_eq!(x["tcp_client"], c.local_addr().unwrap().to_string(), "{s}");
     let _ = std::fs::remove_file(&cfg);
+}
+
+/// Every file under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }

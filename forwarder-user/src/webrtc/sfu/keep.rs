@@ -303,7 +303,9 @@ fn first_reservation(s: &Session) -> Marks {
 
 impl Sfu {
     /// DTLS keyed session `s`: saved with its first reservation, which its keys then
-    /// carry. None (the session is not kept) without a keeper or when the save fails.
+    /// carry. None (the session is not kept) without a keeper, when the save fails, or
+    /// for a session over ICE-TCP (its connection ends with this process; the client
+    /// joins again).
     pub(super) fn keep_first(
         &self,
         s: &mut Session,
@@ -311,6 +313,11 @@ impl Sfu {
         tx: &MasterKey,
     ) -> Option<crate::media::engine::Reserve> {
         let keeper = self.keep.as_ref()?;
+        if let Some(t) = self.ice_tcp.get()
+            && s.addrs.iter().any(|a| t.client_of(a).is_some())
+        {
+            return None;
+        }
         let kept = Kept::new(rx.clone(), tx.clone(), first_reservation(s));
         let saved = Saved::of(s, &kept, kept.reserved.clone(), Persisted::default());
         if let Err(e) = keeper.save(&saved) {
