@@ -176,6 +176,10 @@ pub enum Cmd {
         /// cluster re-homes it). Viewers that choose through --edges move by themselves.
         #[arg(long)]
         failover: bool,
+        /// Clients connect over ICE-TCP (the answer's passive TCP candidate, RFC 4571
+        /// framing) instead of UDP, as browsers behind UDP-blocking networks do.
+        #[arg(long)]
+        tcp: bool,
         /// The [webrtc] token, if the SFU has one.
         #[arg(long, env = "EDGEFWD_TOKEN", hide_env_values = true)]
         token: Option<String>,

@@ -68,6 +68,7 @@ impl Client {
             token: self.target.token.clone(),
             edges: false,
             failover: false,
+            tcp: false,
         };
         let _permit = gate.acquire().await.expect("the gate is never closed");
         // Up to the server's own idle-connection timeout (10 s by default), by when
@@ -319,6 +320,7 @@ impl Client {
             token: self.target.token.clone(),
             edges: false,
             failover: false,
+            tcp: false,
         };
         let resource = old.resource.clone();
         tokio::spawn(async move {

@@ -9,6 +9,7 @@
 mod client;
 pub mod peer;
 mod report;
+mod tcp;
 pub mod traffic;
 
 use client::Client;
@@ -46,6 +47,8 @@ pub struct Options {
     /// Publishers live through their node's loss: after a second of silence they
     /// publish again at `url` (where the cluster re-homes the room).
     pub failover: bool,
+    /// Clients connect over ICE-TCP instead of UDP.
+    pub tcp: bool,
     pub token: Option<String>,
     pub rooms: usize,
     /// Per room.
@@ -187,6 +190,7 @@ pub async fn run(opts: Options) -> Result<Report> {
         token: opts.token.clone(),
         edges: false,
         failover: opts.failover,
+        tcp: opts.tcp,
     });
     let sub_target = Arc::new(Target {
         http: match &opts.subscribe_url {
@@ -196,6 +200,7 @@ pub async fn run(opts: Options) -> Result<Report> {
         token: opts.token.clone(),
         edges: opts.edges,
         failover: opts.failover,
+        tcp: opts.tcp,
     });
     let identity = Arc::new(Identity::generate()?);
     let live = Arc::new(Live::default());

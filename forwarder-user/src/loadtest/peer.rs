@@ -36,6 +36,8 @@ pub struct Target {
     /// Publishers publish again when their node goes silent: a node's loss, as a
     /// WHIP client of a cluster lives through it (viewers move with `edges`).
     pub failover: bool,
+    /// Over ICE-TCP (the answer's passive TCP candidate) instead of UDP.
+    pub tcp: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -166,6 +168,18 @@ fn candidate(answer: &str) -> Option<SocketAddr> {
     })
 }
 
+/// The first passive TCP candidate of an answer (RFC 6544).
+fn tcp_candidate(answer: &str) -> Option<SocketAddr> {
+    answer.lines().find_map(|l| {
+        let c = l.trim().strip_prefix("a=candidate:")?;
+        let f: Vec<&str> = c.split_whitespace().collect();
+        if f.len() < 10 || !f[2].eq_ignore_ascii_case("tcp") || f[9] != "passive" {
+            return None;
+        }
+        Some(SocketAddr::new(f[4].parse().ok()?, f[5].parse().ok()?))
+    })
+}
+
 /// Joins `room` as `role`: POST, ICE, DTLS, SRTP keys. Gives up after `timeout`.
 pub async fn join(
     target: &Target,
@@ -190,13 +204,26 @@ pub async fn join(
             token: target.token.clone(),
             edges: false,
             failover: false,
+            tcp: target.tcp,
         };
         post_offer(&at, path, sdp, timeout).await?
     } else {
         post_offer(target, path, sdp, timeout).await?
     };
     let remote = parse_offer(&answer).map_err(|e| fail("sdp", format!("the answer: {e}")))?;
-    let media = candidate(&answer).ok_or_else(|| fail("sdp", "the answer has no UDP candidate"))?;
+    let media = if target.tcp {
+        let server = tcp_candidate(&answer).ok_or_else(|| {
+            fail(
+                "sdp",
+                "the answer has no passive TCP candidate (ice_tcp unset?)",
+            )
+        })?;
+        super::tcp::bridge(server)
+            .await
+            .map_err(|e| fail("ice", format!("ICE-TCP to {server}: {e}")))?
+    } else {
+        candidate(&answer).ok_or_else(|| fail("sdp", "the answer has no UDP candidate"))?
+    };
 
     // ICE: checks every 100 ms until one is answered.
     let bind: SocketAddr = if media.is_ipv4() {

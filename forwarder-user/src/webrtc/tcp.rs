@@ -200,6 +200,15 @@ impl Drop for Slot {
     }
 }
 
+/// Room for a keyframe's burst from the media port while the leg's task waits for
+/// its turn (the default ~200 KiB is one frame at tens of Mbit/s); past net.core.rmem_max
+/// where we may (root).
+pub fn grow_receive_buffer(sock: &UdpSocket) {
+    use std::os::fd::AsFd as _;
+    let set = |opt| crate::datapath::rxq::set_int(sock.as_fd(), opt, 2 << 20).is_ok();
+    let _ = set(libc::SO_RCVBUFFORCE) || set(libc::SO_RCVBUF);
+}
+
 /// Reads one RFC 4571 frame into `buf`: its length, or None at a clean end of stream.
 pub async fn read_frame(
     r: &mut (impl tokio::io::AsyncRead + Unpin),
@@ -248,6 +257,7 @@ async fn serve_one(
     }
     // The leg: from the media address's IP, so replies route like any local peer's.
     let sock = UdpSocket::bind(SocketAddr::new(media.ip(), 0)).await?;
+    grow_receive_buffer(&sock);
     sock.connect(media).await?;
     let leg = sock.local_addr()?;
     state.legs.lock().unwrap().insert(leg, peer);
@@ -277,11 +287,20 @@ async fn serve_one(
         })
     };
     let writer = tokio::spawn(async move {
+        // Whatever is queued goes in one write (a keyframe's burst: one syscall, not
+        // one per datagram), up to 64 KiB.
+        let mut out = Vec::with_capacity(64 << 10);
         while let Some(d) = rx.recv().await {
-            let mut framed = Vec::with_capacity(d.len() + 2);
-            framed.extend_from_slice(&(d.len() as u16).to_be_bytes());
-            framed.extend_from_slice(&d);
-            if wr.write_all(&framed).await.is_err() {
+            out.clear();
+            let mut next = Some(d);
+            while let Some(d) = next.take() {
+                out.extend_from_slice(&(d.len() as u16).to_be_bytes());
+                out.extend_from_slice(&d);
+                if out.len() < 62 << 10 {
+                    next = rx.try_recv().ok();
+                }
+            }
+            if wr.write_all(&out).await.is_err() {
                 break;
             }
         }

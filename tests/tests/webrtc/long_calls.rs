@@ -40,7 +40,14 @@ const NOTHING: Allowed = Allowed {
 /// every client in `ns`, the SFU at `base`; `during` runs while the call is on.
 /// Asserts both viewers got every packet sent from their first on (but what
 /// `allowed` allows), past a 16-bit wrap, with no SRTP failure.
-fn long_call(ns: Option<&NetNs>, base: &str, what: &str, allowed: Allowed, during: impl FnOnce()) {
+fn long_call(
+    ns: Option<&NetNs>,
+    base: &str,
+    what: &str,
+    allowed: Allowed,
+    tool_args: &[&str],
+    during: impl FnOnce(),
+) {
     let prefix = unique("long");
     let room = format!("{prefix}-0");
     let tool = in_ns(ns, &edgefwd_bin())
@@ -52,6 +59,7 @@ fn long_call(ns: Option<&NetNs>, base: &str, what: &str, allowed: Allowed, durin
         // Not one packet lost (but what a restart may cost), never a second without one.
         .args(["--max-loss", if allowed.lost == 0 { "0" } else { "1" }])
         .args(["--max-gap", "1", "--json", "--quiet"])
+        .args(tool_args)
         .env_remove("EDGEFWD_TOKEN")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -161,7 +169,7 @@ fn a_long_call_past_sequence_and_rollover_wraps_loses_nothing() {
     edgefwd_tests::require_root();
     let _k = kernel_lock();
     let sfu = start_sfu(None, "");
-    long_call(None, &sfu.base, "socket path", NOTHING, || {});
+    long_call(None, &sfu.base, "socket path", NOTHING, &[], || {});
     let c = get_json(&sfu.base, "/api/sessions")["counters"].clone();
     assert_eq!(c["drops"]["srtp_auth"], 0, "{c}");
     assert_eq!(c["drops"]["srtp_replay"], 0, "{c}");
@@ -170,7 +178,7 @@ fn a_long_call_past_sequence_and_rollover_wraps_loses_nothing() {
     let t = Topology::new();
     let pin = PinDir::new();
     let sfu = start_xdp_sfu(&t, &pin, "auto");
-    long_call(Some(&t.publisher), &sfu.base, "AF_XDP", NOTHING, || {});
+    long_call(Some(&t.publisher), &sfu.base, "AF_XDP", NOTHING, &[], || {});
     let s = ns_json(&t.forwarder, &sfu.base, "/api/sessions");
     assert_eq!(s["media_path"]["path"], "af_xdp", "{s}");
     let c = &s["counters"];
@@ -263,7 +271,7 @@ fn a_long_call_wraps_through_a_restart_and_a_kill_9() {
         lost: 3_000,
         skipped: 2_048 + 16,
     };
-    long_call(None, &f.base, "restarted", allowed, || {
+    long_call(None, &f.base, "restarted", allowed, &[], || {
         wait_until(20, "the publisher and two viewers connected", || {
             f.connected() == 3
         });
@@ -279,4 +287,33 @@ fn a_long_call_wraps_through_a_restart_and_a_kill_9() {
     assert_eq!(c["drops"]["srtp_unreserved"], 0, "{c}");
     assert_eq!(c["drops"]["srtp_auth"], 0, "{c}");
     assert_eq!(c["drops"]["srtp_replay"], 0, "{c}");
+}
+
+/// The long call with its load-test publisher and subscriber over ICE-TCP (aiortc, over
+/// UDP, watches the same room): every packet past the wraps, none lost, no SRTP failure
+/// at either viewer; the SFU counts the TCP connections and no queue drop.
+#[test]
+fn a_long_call_over_ice_tcp_loses_nothing() {
+    let _k = kernel_lock();
+    let sfu = start_sfu(None, "ice_tcp = \"127.0.0.1:0\"\n");
+    long_call(None, &sfu.base, "over ICE-TCP", NOTHING, &["--tcp"], || {});
+    let c = get_json(&sfu.base, "/api/sessions")["counters"].clone();
+    assert_eq!(c["drops"]["srtp_auth"], 0, "{c}");
+    assert_eq!(c["drops"]["srtp_replay"], 0, "{c}");
+    let m = ureq::get(&format!("{}/metrics", sfu.base))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(
+        m.lines()
+            .any(|l| l == "edgefwd_webrtc_ice_tcp_accepted_total 2"),
+        "the publisher and the load-test subscriber came over TCP: {m}"
+    );
+    assert!(
+        m.lines()
+            .any(|l| l == "edgefwd_webrtc_ice_tcp_queue_drops_total 0"),
+        "{m}"
+    );
 }
