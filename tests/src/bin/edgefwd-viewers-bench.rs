@@ -9,7 +9,9 @@
 //! latency, so a case where the daemon fell behind shows as loss, not as a good rate.
 //!
 //! Two data paths in the same run: the socket path on loopback, and the AF_XDP path
-//! (XDP steering into the workers) in network namespaces over veth, copy mode.
+//! (XDP steering into the workers) in network namespaces over veth, copy mode; and the
+//! socket path's clients over ICE-TCP (`tcp` rows: `load-test --tcp`, whose bridge
+//! hop is the load tool's cost; the daemon's ns/copy includes its TCP legs).
 //!
 //! Results: table on stdout, bench/results/viewers.{csv,json,png}.
 //!
@@ -40,7 +42,7 @@ use forwarder_common::PROG_PASS;
 
 const VIDEO_KBPS: u32 = 1000;
 const LIMITS: &str = "[webrtc.limits]\nmax_sessions_per_source = 5000\n\
-                      http_max_connections_per_source = 1024\n";
+                      http_max_connections_per_source = 1024\nice_tcp_max_per_source = 1024\n";
 
 /// Where a daemon under test is, and how to reach it.
 struct Target<'a> {
@@ -52,6 +54,8 @@ struct Target<'a> {
     daemon: Edgefwd,
     /// Links whose drops are counted per case: (namespace, device).
     links: Vec<(&'a NetNs, &'static str)>,
+    /// Its clients over ICE-TCP (`load-test --tcp`) instead of UDP.
+    tcp: bool,
 }
 
 /// Packets a link dropped so far (rx + tx, from the kernel's stats64): a veth's
@@ -120,6 +124,7 @@ fn load_test_in(t: &Target, prefix: &str, subs: usize, seconds: u64) -> Child {
         .args(["--video-bitrate", &VIDEO_KBPS.to_string()])
         .args(["--duration", &seconds.to_string(), "--concurrency", "32"])
         .args(["--json", "--quiet"])
+        .args(if t.tcp { &["--tcp"][..] } else { &[] })
         .env_remove("EDGEFWD_TOKEN")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -283,7 +288,9 @@ fn config(ip: &str) -> PathBuf {
     let cfg = std::env::temp_dir().join(format!("{}.toml", unique("edgefwd-viewers-")));
     std::fs::write(
         &cfg,
-        format!("[webrtc]\nhttp = \"{ip}:8080\"\nmedia = \"{ip}:50000\"\n{LIMITS}"),
+        format!(
+            "[webrtc]\nhttp = \"{ip}:8080\"\nmedia = \"{ip}:50000\"\nice_tcp = \"{ip}:8443\"\n{LIMITS}"
+        ),
     )
     .unwrap();
     cfg
@@ -331,6 +338,7 @@ fn af_xdp_target<'a>(
         ns: Some(&topo.publisher),
         daemon: spawn_edgefwd(cmd),
         links: vec![(&topo.publisher, "p0"), (&topo.forwarder, "f0")],
+        tcp: false,
     };
     let url = format!("{}/api/sessions", t.base);
     let mp: serde_json::Value = topo.forwarder.run(move || {
@@ -474,7 +482,8 @@ fn main() {
         rows.push(r.clone());
     };
 
-    // Socket path on loopback.
+    // Socket path on loopback, its clients over UDP and then over ICE-TCP (the same
+    // daemon: its TCP listener on 8443).
     {
         let cfg = config("127.0.0.1");
         let mut cmd = Command::new("taskset");
@@ -483,13 +492,18 @@ fn main() {
             .args(["run", "--datapath", "user", "--config"])
             .arg(&cfg)
             .env("RUST_LOG", "warn");
-        let t = Target {
+        let mut t = Target {
             path: "socket",
             base: "http://127.0.0.1:8080".into(),
             ns: None,
             daemon: spawn_edgefwd(cmd),
             links: Vec::new(),
+            tcp: false,
         };
+        for subs in cases {
+            print(&run_case(&t, subs, window));
+        }
+        (t.path, t.tcp) = ("tcp", true);
         for subs in cases {
             print(&run_case(&t, subs, window));
         }
