@@ -142,6 +142,16 @@ fn get_json(base: &str, path: &str) -> Value {
         .unwrap()
 }
 
+/// `base`'s `/metrics` text.
+fn metrics_text(base: &str) -> String {
+    ureq::get(&format!("{base}/metrics"))
+        .call()
+        .unwrap_or_else(|e| panic!("GET {base}/metrics: {e}"))
+        .body_mut()
+        .read_to_string()
+        .unwrap()
+}
+
 fn counter(base: &str, name: &str) -> u64 {
     get_json(base, "/api/sessions")["counters"][name]
         .as_u64()
@@ -269,12 +279,7 @@ fn chromium_publishes_and_chromium_watches_vp8_h264_vp9_with_and_without_pqc() {
         );
     }
     // The same counters for Prometheus, with every drop reason present.
-    let text = ureq::get(&format!("{}/metrics", sfu.base))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let text = metrics_text(&sfu.base);
     let handshakes = counter(&sfu.base, "dtls_handshakes");
     assert!(
         text.contains(&format!(
@@ -2500,12 +2505,7 @@ fn a_webrtc_room_spans_three_nodes_publish_on_a_watch_on_c_through_b() {
         !relayed.is_empty() && relayed.iter().all(|x| x["connected"] == false),
         "{sb}"
     );
-    let metrics = ureq::get(&format!("{}/metrics", b.base))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let metrics = metrics_text(&b.base);
     assert!(
         metrics.contains("edgefwd_webrtc_upstream_up{node=\"a\"} 0"),
         "{metrics}"

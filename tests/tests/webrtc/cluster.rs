@@ -191,12 +191,7 @@ fn any_node_takes_any_join_through_the_redis_directory() {
         (&json!("a"), &json!(1), &json!(true)),
         "{rooms:#}"
     );
-    let m = ureq::get(&format!("{}/metrics", a.base))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let m = metrics_text(&a.base);
     for line in ["edgefwd_cluster_redis_up 1", "edgefwd_cluster_nodes_live 3"] {
         assert!(m.lines().any(|l| l == line), "{line} in A's /metrics");
     }

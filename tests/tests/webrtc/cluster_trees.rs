@@ -120,12 +120,7 @@ fn viewers_placed_through_edges_form_a_tree_of_depth_two() {
     let chosen: u64 = nodes
         .iter()
         .map(|n| {
-            let m = ureq::get(&format!("{}/metrics", n.base))
-                .call()
-                .unwrap()
-                .body_mut()
-                .read_to_string()
-                .unwrap();
+            let m = metrics_text(&n.base);
             m.lines()
                 .filter(|l| l.starts_with("edgefwd_edge_chosen_total{"))
                 .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())

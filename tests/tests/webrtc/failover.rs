@@ -172,12 +172,7 @@ fn a_killed_relay_s_subtree_gets_media_back_within_a_second_without_rejoining() 
         "longest gap at c's viewers after b was killed: {} ms",
         r["total"]["longest_gap_ms"]
     );
-    let m = ureq::get(&format!("{}/metrics", c.base))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let m = metrics_text(&c.base);
     assert!(
         m.lines()
             .any(|l| l.starts_with("edgefwd_cluster_suspicions ") && !l.ends_with(" 0")),

@@ -147,14 +147,7 @@ fn over_tcp(t: &Topology, sfu: Sfu, what: &str, runtime: Option<&std::path::Path
     assert_subscriber_ok(&r, Some("VP8"));
     let m = t.forwarder.run({
         let base = sfu.base.clone();
-        move || {
-            ureq::get(&format!("{base}/metrics"))
-                .call()
-                .unwrap()
-                .body_mut()
-                .read_to_string()
-                .unwrap()
-        }
+        move || metrics_text(&base)
     });
     assert!(
         m.lines()

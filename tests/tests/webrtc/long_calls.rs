@@ -308,12 +308,7 @@ fn a_long_call_over_ice_tcp_loses_nothing() {
     let c = get_json(&sfu.base, "/api/sessions")["counters"].clone();
     assert_eq!(c["drops"]["srtp_auth"], 0, "{c}");
     assert_eq!(c["drops"]["srtp_replay"], 0, "{c}");
-    let m = ureq::get(&format!("{}/metrics", sfu.base))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let m = metrics_text(&sfu.base);
     assert!(
         m.lines()
             .any(|l| l == "edgefwd_webrtc_ice_tcp_accepted_total 2"),
