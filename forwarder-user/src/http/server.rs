@@ -82,8 +82,15 @@ pub struct ConnLimits {
     open: Mutex<(usize, HashMap<IpAddr, usize>)>,
 }
 
+/// Which connection cap refused a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Full {
+    Total,
+    PerSource,
+}
+
 /// One admitted connection; gives its place back on drop.
-struct ConnSlot {
+pub struct ConnSlot {
     limits: Arc<ConnLimits>,
     ip: IpAddr,
 }
@@ -118,25 +125,34 @@ impl ConnLimits {
         self
     }
 
-    /// A place for a connection from `ip`, or why there is none.
-    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnSlot, &'static str> {
+    /// A place for a connection from `ip`, or which cap is full (any listener that
+    /// caps connections in total and per client address: HTTP, ICE-TCP).
+    pub fn take(self: &Arc<Self>, ip: IpAddr) -> Result<ConnSlot, Full> {
         let mut open = self.open.lock().unwrap();
         if open.0 >= self.max {
-            return Err(
-                "the server has as many HTTP connections open as it allows (http_max_connections); retry shortly",
-            );
+            return Err(Full::Total);
         }
         let n = open.1.entry(ip).or_default();
         if *n >= self.max_per_source {
-            return Err(
-                "your address has as many HTTP connections open as one client may (http_max_connections_per_source); close some or reuse them",
-            );
+            return Err(Full::PerSource);
         }
         *n += 1;
         open.0 += 1;
         Ok(ConnSlot {
             limits: self.clone(),
             ip,
+        })
+    }
+
+    /// A place for an HTTP connection from `ip`, or what to tell the client.
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnSlot, &'static str> {
+        self.take(ip).map_err(|f| match f {
+            Full::Total => {
+                "the server has as many HTTP connections open as it allows (http_max_connections); retry shortly"
+            }
+            Full::PerSource => {
+                "your address has as many HTTP connections open as one client may (http_max_connections_per_source); close some or reuse them"
+            }
         })
     }
 }

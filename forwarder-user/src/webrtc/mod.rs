@@ -293,11 +293,11 @@ pub async fn start(
                 .collect(),
         ));
         let _ = sfu.ice_tcp.set(state.clone());
-        let limits = tcp::TcpLimits {
-            max_connections: cfg.limits.ice_tcp_max_connections,
-            max_per_source: cfg.limits.ice_tcp_max_per_source,
-            idle: Duration::from_secs(cfg.consent_timeout),
-        };
+        let limits = tcp::TcpLimits::new(
+            cfg.limits.ice_tcp_max_connections,
+            cfg.limits.ice_tcp_max_per_source,
+            Duration::from_secs(cfg.consent_timeout),
+        );
         // The legs send to the media socket as bound (on a wildcard: over loopback;
         // the announced address may be a NAT's, not this host's).
         let to = match cfg.media.ip() {

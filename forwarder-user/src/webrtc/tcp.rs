@@ -18,7 +18,7 @@
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -26,6 +26,7 @@ use std::{
     time::Duration,
 };
 
+use crate::http::server::{ConnLimits, ConnSlot, Full};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream, UdpSocket},
@@ -81,7 +82,6 @@ pub struct IceTcp {
     pub candidates: Vec<SocketAddr>,
     /// Open legs: the leg's UDP address (what the SFU sees) → the client's address.
     legs: Mutex<HashMap<SocketAddr, SocketAddr>>,
-    per_source: Mutex<HashMap<IpAddr, usize>>,
     refused: [AtomicU64; Refusal::ALL.len()],
     /// Datagrams dropped because the client read too slowly.
     pub queue_drops: AtomicU64,
@@ -118,12 +118,26 @@ impl IceTcp {
 }
 
 /// The limits the listener enforces.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct TcpLimits {
-    pub max_connections: usize,
-    pub max_per_source: usize,
+    /// Connections open at once, in total and per client address (the HTTP
+    /// listener's caps, with the ICE-TCP numbers).
+    pub conns: Arc<ConnLimits>,
     /// Idle time after which a connection is closed (the consent timeout).
     pub idle: Duration,
+}
+
+impl TcpLimits {
+    pub fn new(max_connections: usize, max_per_source: usize, idle: Duration) -> TcpLimits {
+        TcpLimits {
+            conns: Arc::new(ConnLimits::with(
+                max_connections,
+                max_per_source,
+                FIRST_FRAME,
+            )),
+            idle,
+        }
+    }
 }
 
 /// Accepts connections for the daemon's life; each is served on its own task.
@@ -143,59 +157,44 @@ pub async fn serve(
                 continue;
             }
         };
-        let Some(slot) = Slot::take(&state, peer, &limits) else {
-            continue;
+        let conn = match limits.conns.take(peer.ip()) {
+            Ok(c) => c,
+            Err(Full::Total) => {
+                state.refuse(Refusal::TooMany, peer);
+                continue;
+            }
+            Err(Full::PerSource) => {
+                state.refuse(Refusal::PerSource, peer);
+                continue;
+            }
         };
-        let state = state.clone();
+        state.accepted.fetch_add(1, Ordering::Relaxed);
+        let (state, idle) = (state.clone(), limits.idle);
         tokio::spawn(async move {
-            if let Err(e) = serve_one(stream, peer, media, &state, limits, slot).await {
+            let mut leg = Leg {
+                state: state.clone(),
+                addr: None,
+                _conn: conn,
+            };
+            if let Err(e) = serve_one(stream, peer, media, &state, idle, &mut leg).await {
                 log::debug!("ICE-TCP connection from {peer}: {e:#}");
             }
         });
     }
 }
 
-/// A connection's place under the caps, given back on drop.
-struct Slot {
+/// A connection's leg (listed while it is open) and its place under the caps, both
+/// given back on drop.
+struct Leg {
     state: Arc<IceTcp>,
-    peer: SocketAddr,
-    leg: Option<SocketAddr>,
+    addr: Option<SocketAddr>,
+    _conn: ConnSlot,
 }
 
-impl Slot {
-    fn take(state: &Arc<IceTcp>, peer: SocketAddr, limits: &TcpLimits) -> Option<Slot> {
-        let mut per = state.per_source.lock().unwrap();
-        let total: usize = per.values().sum();
-        if total >= limits.max_connections {
-            state.refuse(Refusal::TooMany, peer);
-            return None;
-        }
-        let n = per.entry(peer.ip()).or_default();
-        if *n >= limits.max_per_source {
-            state.refuse(Refusal::PerSource, peer);
-            return None;
-        }
-        *n += 1;
-        state.accepted.fetch_add(1, Ordering::Relaxed);
-        Some(Slot {
-            state: state.clone(),
-            peer,
-            leg: None,
-        })
-    }
-}
-
-impl Drop for Slot {
+impl Drop for Leg {
     fn drop(&mut self) {
-        if let Some(leg) = self.leg {
-            self.state.legs.lock().unwrap().remove(&leg);
-        }
-        let mut per = self.state.per_source.lock().unwrap();
-        if let Some(n) = per.get_mut(&self.peer.ip()) {
-            *n -= 1;
-            if *n == 0 {
-                per.remove(&self.peer.ip());
-            }
+        if let Some(a) = self.addr {
+            self.state.legs.lock().unwrap().remove(&a);
         }
     }
 }
@@ -233,8 +232,8 @@ async fn serve_one(
     peer: SocketAddr,
     media: SocketAddr,
     state: &Arc<IceTcp>,
-    limits: TcpLimits,
-    mut slot: Slot,
+    idle: Duration,
+    leg_slot: &mut Leg,
 ) -> anyhow::Result<()> {
     let _ = stream.set_nodelay(true);
     let (mut rd, mut wr) = stream.into_split();
@@ -261,7 +260,7 @@ async fn serve_one(
     sock.connect(media).await?;
     let leg = sock.local_addr()?;
     state.legs.lock().unwrap().insert(leg, peer);
-    slot.leg = Some(leg);
+    leg_slot.addr = Some(leg);
     let sock = Arc::new(sock);
     sock.send(&buf[..first]).await?;
 
@@ -307,7 +306,7 @@ async fn serve_one(
     });
     // Client → media port, until the client closes, errs or idles out.
     let result = loop {
-        match tokio::time::timeout(limits.idle, read_frame(&mut rd, &mut buf)).await {
+        match tokio::time::timeout(idle, read_frame(&mut rd, &mut buf)).await {
             Err(_) => break Ok(()),
             Ok(Ok(None)) => break Ok(()),
             Ok(Err(e)) => {
@@ -352,11 +351,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let at = listener.local_addr().unwrap();
         let state = Arc::new(IceTcp::new(vec![at]));
-        let limits = TcpLimits {
-            max_connections: 100,
-            max_per_source: 2,
-            idle: Duration::from_secs(5),
-        };
+        let limits = TcpLimits::new(100, 2, Duration::from_secs(5));
         tokio::spawn(serve(
             listener,
             media.local_addr().unwrap(),
